@@ -1,0 +1,1 @@
+"""zorba-server: the aggregation server and block-activation scheduler of zorba-edge."""

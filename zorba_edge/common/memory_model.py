@@ -1,0 +1,168 @@
+"""What a client needs in memory to train a given set of blocks (DESIGN §4).
+
+    M_n(A) = W_frozen + sum_{b in A} P_b * (bytes_train + bytes_snapshot - bytes_frozen)
+             + W_embed_head + M_activations(batch, seq_len) + M_runtime
+
+The model is *linear* in the assignment: a fixed part (every block held frozen, plus
+embeddings, activations and runtime) and a per-block increment for activating block b.
+That linearity is what lets the scheduler state budgets as MILP constraints, so this
+module exposes both the total and its linear decomposition. The scheduler (server) and
+the client's own admission check both call it; nothing else estimates memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+# Storage cost per parameter of each precision a block can be held in. nf4 packs two
+# weights per byte plus one fp32 absmax per 64-weight block (bitsandbytes' default).
+BYTES_PER_PARAM: dict[str, float] = {
+    "fp32": 4.0,
+    "bf16": 2.0,
+    "fp16": 2.0,
+    "int8": 1.0 + 4.0 / 4096,  # LLM.int8 row-wise scale, amortised (rows of >= 4096 bytes)
+    "nf4": 0.5 + 4.0 / 64,
+}
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """Sizes of one causal LM, as the loader reports them (parameter counts only)."""
+
+    block_params: tuple[int, ...]
+    """Parameters of each transformer block, in block order."""
+    quantizable_block_params: tuple[int, ...]
+    """Of those, the ones in Linear layers (the rest, norms and biases, stay in bytes_frozen_other)."""
+    embed_head_params: int
+    """Embeddings, final norm and LM head (tied weights counted once)."""
+    hidden_size: int
+    vocab_size: int
+    num_layers: int
+    intermediate_size: int
+
+    def __post_init__(self) -> None:
+        if len(self.block_params) != len(self.quantizable_block_params):
+            raise ValueError("block_params and quantizable_block_params must have one entry per block")
+        if len(self.block_params) != self.num_layers:
+            raise ValueError(f"{len(self.block_params)} blocks given for a {self.num_layers}-layer model")
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_params)
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """How a client holds the model and what it computes with."""
+
+    train_dtype: str = "fp32"
+    frozen_dtype: str = "nf4"
+    frozen_other_dtype: str = "fp32"
+    """Precision of a frozen block's non-Linear parameters (norms, biases)."""
+    embed_dtype: str = "fp32"
+    snapshot_dtype: str | None = "fp32"
+    """Host copy of each trainable block for the exact round-end revert (None: no copy)."""
+    batch_size: int = 8
+    seq_len: int = 64
+    runtime_bytes: int = 350 * 2**20
+    """Interpreter, torch, transformers and allocator overhead, measured on CPU (calibrated)."""
+    calibration: float = 1.0
+    """Multiplier learned from the client's measured peaks (server-side calibration)."""
+
+    def __post_init__(self) -> None:
+        for name in ("train_dtype", "frozen_dtype", "frozen_other_dtype", "embed_dtype"):
+            value = getattr(self, name)
+            if value not in BYTES_PER_PARAM:
+                raise ValueError(f"{name}={value!r}: expected one of {sorted(BYTES_PER_PARAM)}")
+        if self.snapshot_dtype is not None and self.snapshot_dtype not in BYTES_PER_PARAM:
+            raise ValueError(f"snapshot_dtype={self.snapshot_dtype!r}: expected one of {sorted(BYTES_PER_PARAM)}")
+        if self.batch_size < 1 or self.seq_len < 1:
+            raise ValueError("batch_size and seq_len must be positive")
+        if self.calibration <= 0:
+            raise ValueError("calibration must be positive")
+
+
+@dataclass(frozen=True)
+class LinearMemoryModel:
+    """M(A) = fixed_bytes + sum_{b in A} block_bytes[b]: the form the scheduler's MILP uses."""
+
+    fixed_bytes: int
+    block_bytes: tuple[int, ...] = field(default_factory=tuple)
+
+    def total(self, assignment: Iterable[int]) -> int:
+        return self.fixed_bytes + sum(self.block_bytes[b] for b in set(assignment))
+
+
+def frozen_block_bytes(footprint: ModelFootprint, settings: MemorySettings, block: int) -> float:
+    quantizable = footprint.quantizable_block_params[block]
+    other = footprint.block_params[block] - quantizable
+    return (
+        quantizable * BYTES_PER_PARAM[settings.frozen_dtype]
+        + other * BYTES_PER_PARAM[settings.frozen_other_dtype]
+    )
+
+
+def trainable_block_bytes(footprint: ModelFootprint, settings: MemorySettings, block: int) -> float:
+    params = footprint.block_params[block]
+    snapshot = BYTES_PER_PARAM[settings.snapshot_dtype] if settings.snapshot_dtype else 0.0
+    return params * (BYTES_PER_PARAM[settings.train_dtype] + snapshot)
+
+
+def activation_bytes(footprint: ModelFootprint, settings: MemorySettings) -> float:
+    """Peak activations of a no-grad forward pass.
+
+    Without autograd only one block's intermediates live at a time; the logits
+    (tokens x vocab, fp32, plus the log-softmax the loss takes of them) dominate
+    for small models with large vocabularies.
+    """
+    tokens = settings.batch_size * settings.seq_len
+    hidden_states = tokens * footprint.hidden_size * 4 * 6
+    mlp = tokens * footprint.intermediate_size * 4 * 3
+    logits = tokens * footprint.vocab_size * 4 * 2
+    return hidden_states + mlp + logits
+
+
+def linear_memory_model(footprint: ModelFootprint, settings: MemorySettings) -> LinearMemoryModel:
+    """Decompose M(A) into its fixed part and its per-activated-block increments."""
+    frozen = [frozen_block_bytes(footprint, settings, b) for b in range(footprint.num_blocks)]
+    trainable = [trainable_block_bytes(footprint, settings, b) for b in range(footprint.num_blocks)]
+    fixed = (
+        sum(frozen)
+        + footprint.embed_head_params * BYTES_PER_PARAM[settings.embed_dtype]
+        + activation_bytes(footprint, settings)
+        + settings.runtime_bytes
+    )
+    scale = settings.calibration
+    return LinearMemoryModel(
+        fixed_bytes=int(round(fixed * scale)),
+        block_bytes=tuple(int(round((t - f) * scale)) for t, f in zip(trainable, frozen)),
+    )
+
+
+def client_memory_bytes(
+    footprint: ModelFootprint, settings: MemorySettings, assignment: Iterable[int]
+) -> int:
+    """M_n(A): the bytes a client needs to train `assignment` with everything else frozen."""
+    blocks = set(assignment)
+    unknown = sorted(b for b in blocks if not 0 <= b < footprint.num_blocks)
+    if unknown:
+        raise ValueError(f"blocks {unknown} do not exist: the model has {footprint.num_blocks} blocks")
+    return linear_memory_model(footprint, settings).total(blocks)
+
+
+def max_blocks_within(
+    footprint: ModelFootprint, settings: MemorySettings, budget_bytes: int
+) -> int:
+    """How many blocks (the cheapest first) fit a budget; -1 if not even the frozen model fits."""
+    model = linear_memory_model(footprint, settings)
+    room = budget_bytes - model.fixed_bytes
+    if room < 0:
+        return -1
+    count = 0
+    for cost in sorted(model.block_bytes):
+        if cost > room:
+            break
+        room -= cost
+        count += 1
+    return count

@@ -1,0 +1,132 @@
+"""Portable seeded perturbation directions z[k, b] (DESIGN §3).
+
+Every device of a federation must regenerate the same direction from (run seed, pool
+index k, block b), whatever its processor: torch's generators give different streams on
+CPU, CUDA and MPS, so seeding them would silently make clients disagree on the model.
+Here each element of z[k, b] is a Rademacher sign that is a pure function of
+(run_seed, k, b, element index), computed with int64 tensor ops on the tensor's own
+device. Every product stays below 2**63 (32-bit state times a constant below 2**31), so
+no step relies on overflow behaviour, and the result is bit-identical everywhere.
+
+Element indices run over block b's parameters concatenated in the order of their names
+(relative to the block), so a direction does not depend on module construction order.
+
+This module is the single source of truth for the directions: the client engine, the
+server's export and every test import it. `tests/test_noise.py` pins golden values;
+changing anything here changes the directions of every past run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+# Odd multipliers below 2**31 (so x * C < 2**63 for any 32-bit x).
+_INDEX_MULTIPLIER = 0x2C1B3C6D
+_MIX_MULTIPLIER_1 = 0x7FEB352D
+_MIX_MULTIPLIER_2 = 0x5F356495
+_CHUNK = 1 << 16  # hash words per chunk (2M elements): bounds the scratch to a few MiB
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return value ^ (value >> 31)
+
+
+def direction_keys(run_seed: int, k: int, block: int) -> tuple[int, int]:
+    """Two 32-bit keys that identify direction z[k, block] of a run (pure Python ints)."""
+    for name, value in (("run_seed", run_seed), ("k", k), ("block", block)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    state = _splitmix64(run_seed & 0xFFFFFFFFFFFFFFFF)
+    state = _splitmix64(state ^ k)
+    state = _splitmix64(state ^ (block << 32))
+    return state & _MASK32, state >> 32
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """In-place 32-bit avalanche (xorshift-multiply, lowbias32 shape) on int64 storage."""
+    x.bitwise_xor_(x >> 16)
+    x.mul_(_MIX_MULTIPLIER_1).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(_MIX_MULTIPLIER_2).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 16)
+    return x
+
+
+def _sign_table(device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """Row v holds the 8 signs of byte v, least significant bit first (bit 1 -> -1)."""
+    bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
+    return (1 - 2 * bits).to(dtype)
+
+
+def rademacher(
+    run_seed: int,
+    k: int,
+    block: int,
+    start: int,
+    count: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.int8,
+) -> torch.Tensor:
+    """Elements [start, start + count) of z[k, block] as +1/-1 in `dtype`, made on `device`.
+
+    Element i is bit (i mod 32) of the 32-bit hash of word i // 32: one hash serves 32
+    elements, and a 256-row table turns each hash byte into 8 signs. Hashing per element
+    would cost ~12 int64 passes per element; this costs under one.
+    """
+    if start < 0 or count < 0 or start + count > 1 << 32:
+        raise ValueError(f"element range [{start}, {start + count}) is outside [0, 2**32)")
+    key_index, key_mix = direction_keys(run_seed, k, block)
+    table = _sign_table(device, dtype)
+    byte_shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64, device=device)
+    out = torch.empty(count, dtype=dtype, device=device)
+    first_word = start // 32
+    last_word = (start + count + 31) // 32  # exclusive
+    for word in range(first_word, last_word, _CHUNK):
+        words = min(_CHUNK, last_word - word)
+        x = torch.arange(word, word + words, dtype=torch.int64, device=device)
+        x.mul_(_INDEX_MULTIPLIER).add_(key_index).bitwise_and_(_MASK32)
+        _mix32_(x)
+        x.bitwise_xor_(key_mix)
+        _mix32_(x)
+        byte_values = (x.unsqueeze(1) >> byte_shifts).bitwise_and_(0xFF).view(-1)
+        signs = table.index_select(0, byte_values).view(-1)  # 32 signs per word
+        lo = max(start, word * 32)
+        hi = min(start + count, (word + words) * 32)
+        out[lo - start : hi - start] = signs[lo - word * 32 : hi - word * 32]
+    return out
+
+
+def ordered_names(names: Iterable[str]) -> list[str]:
+    """The canonical parameter order of a block: by name."""
+    return sorted(names)
+
+
+def block_direction(
+    run_seed: int,
+    k: int,
+    block: int,
+    shapes: Sequence[tuple[str, torch.Size]],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.int8,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """z[k, block] split into tensors shaped like the block's parameters, in canonical order.
+
+    `shapes` lists every full-precision parameter of the block (name relative to the
+    block, shape); the element index of a parameter starts where the previous one, in
+    name order, ended.
+    """
+    by_name = dict(shapes)
+    if len(by_name) != len(shapes):
+        raise ValueError("duplicate parameter names in a block")
+    start = 0
+    for name in ordered_names(by_name):
+        shape = by_name[name]
+        count = shape.numel()
+        yield name, rademacher(run_seed, k, block, start, count, device, dtype).view(shape)
+        start += count

@@ -1,0 +1,1 @@
+"""The seeded zeroth-order engine: perturb, forward, perturb, forward, restore, update."""
