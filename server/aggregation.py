@@ -1,0 +1,136 @@
+"""Turning one round's reports into alpha increments (DESIGN §2). Pure functions, no I/O.
+
+Mean (the default): for each pool index k and block b,
+
+    delta[k, b] = lr * sum_{n: b in A_n} w_n * s[n, k] / sum_{n: b in A_n} w_n,
+    s[n, k]     = sum_{t: k_t = k} g[n, t],
+
+the sample-weighted average of the clients' local updates (FedAvg of their model deltas):
+a client that trains b but took fewer steps contributes 0 for the steps it did not take.
+Because alpha enters the model with a minus sign (theta = theta0 - sum alpha z) and the
+client's local step is theta -= lr g z, increments are +lr * mean.
+
+Robust modes (`trimmed_mean`, `median`) aggregate, per (k, b), the unweighted s[n, k] of
+the clients that hold b *and took step k* (a client that did not take the step has no
+opinion on it); scalars are clipped first when `clip` is set. A weighted median would let a
+client buy influence with its sample count, which is what robust mode is meant to resist.
+
+Determinism: contributions are ordered by client id and every sum runs in a fixed order,
+so the same reports give bit-identical increments whatever order they arrived in (a
+restarted server recomputes exactly what an uninterrupted one would have).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from zorba_server.config import AggregationConfig
+
+from zorba_edge.errors import InvalidScalarError
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One accepted report, as aggregation sees it."""
+
+    client_id: str
+    blocks: tuple[int, ...]
+    weight: float
+    steps: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class RoundDelta:
+    """alpha[pool_indices[i], blocks[j]] += values[i, j]."""
+
+    pool_indices: tuple[int, ...]
+    blocks: tuple[int, ...]
+    values: np.ndarray
+    """float32, len(pool_indices) x len(blocks)."""
+
+
+def check_scalars(steps: Iterable[tuple[int, float]], max_abs: float) -> None:
+    """Refuse NaN, infinite or out-of-range projected gradients, naming the first bad step."""
+    for t, (_, g) in enumerate(steps):
+        if not math.isfinite(g):
+            raise InvalidScalarError(f"step {t}: projected gradient {g} is not finite")
+        if abs(g) > max_abs:
+            raise InvalidScalarError(
+                f"step {t}: projected gradient {g:.6g} exceeds the run's limit {max_abs:.6g}; "
+                "the loss difference is implausible (lower lr or mu, or check the data)"
+            )
+
+
+def aggregate(contributions: Sequence[Contribution], lr: float,
+              config: AggregationConfig) -> RoundDelta:
+    """The increments of one round; an empty delta when nothing was contributed."""
+    ordered = sorted(contributions, key=lambda c: c.client_id)
+    ordered = [c for c in ordered if c.blocks and c.steps and c.weight > 0]
+    if not ordered:
+        return RoundDelta((), (), np.zeros((0, 0), dtype=np.float32))
+    # Flat arrays, one entry per (client, step) and per (client, block): no Python loop
+    # over every scalar (a round of 1,000 clients x 64 steps is 64,000 of them).
+    step_counts = [len(c.steps) for c in ordered]
+    step_client = np.repeat(np.arange(len(ordered)), step_counts)
+    step_k = np.fromiter((k for c in ordered for k, _ in c.steps), np.int64, sum(step_counts))
+    step_g = np.fromiter((g for c in ordered for _, g in c.steps), np.float64, sum(step_counts))
+    if config.clip is not None:
+        step_g = np.clip(step_g, -config.clip, config.clip)
+    ks, step_col = np.unique(step_k, return_inverse=True)
+    block_counts = [len(c.blocks) for c in ordered]
+    block_client = np.repeat(np.arange(len(ordered)), block_counts)
+    block_ids = np.fromiter((b for c in ordered for b in c.blocks), np.int64, sum(block_counts))
+    blocks, block_col = np.unique(block_ids, return_inverse=True)
+
+    sums = np.zeros((len(ordered), len(ks)))
+    np.add.at(sums, (step_client, step_col), step_g)  # in step order: deterministic
+    took = np.zeros((len(ordered), len(ks)), dtype=bool)
+    took[step_client, step_col] = True
+    holds = np.zeros((len(ordered), len(blocks)), dtype=bool)
+    holds[block_client, block_col] = True
+
+    if config.method == "mean":
+        weights = np.array([c.weight for c in ordered], dtype=np.float64)
+        mean = _weighted_mean(sums, weights, holds)
+    else:
+        mean = _robust_mean(sums, took, holds, config)
+    values = (lr * mean).astype(np.float32)
+    return RoundDelta(tuple(int(k) for k in ks), tuple(int(b) for b in blocks), values)
+
+
+def _weighted_mean(sums: np.ndarray, weights: np.ndarray, holds: np.ndarray) -> np.ndarray:
+    # einsum without BLAS: a fixed summation order, so results do not depend on threads.
+    numerator = np.einsum("nk,nb->kb", sums * weights[:, None], holds.astype(np.float64),
+                          optimize=False)
+    denominator = np.einsum("n,nb->b", weights, holds.astype(np.float64), optimize=False)
+    return numerator / denominator[None, :]
+
+
+def _robust_mean(sums: np.ndarray, took: np.ndarray, holds: np.ndarray,
+                 config: AggregationConfig) -> np.ndarray:
+    out = np.zeros((sums.shape[1], holds.shape[1]))
+    for j in range(holds.shape[1]):
+        for i in range(sums.shape[1]):
+            voters = holds[:, j] & took[:, i]
+            if voters.any():
+                out[i, j] = _robust_value(np.sort(sums[voters, i]), config)
+    return out
+
+
+def _robust_value(sorted_values: np.ndarray, config: AggregationConfig) -> float:
+    if config.method == "median":
+        return float(np.median(sorted_values))
+    cut = int(math.floor(config.trim_fraction * sorted_values.size))
+    kept = sorted_values[cut: sorted_values.size - cut]
+    return float(kept.mean())
+
+
+def apply_delta(alpha: np.ndarray, delta: RoundDelta) -> np.ndarray:
+    """A new table alpha + delta (float64; the delta's float32 values are exact in it)."""
+    out = alpha.copy()
+    if delta.pool_indices:
+        out[np.ix_(delta.pool_indices, delta.blocks)] += delta.values.astype(np.float64)
+    return out

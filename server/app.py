@@ -1,0 +1,227 @@
+"""The HTTP API (aiohttp): routing, body limits, auth, and msgpack errors for every refusal.
+
+Handlers only translate HTTP to coordinator calls; state hangs on the application
+(`app[SERVICES]`), never in globals. Any refusal, whoever raises it (our validation,
+the coordinator, or aiohttp itself for an unknown route or an oversized body), leaves as
+a 4xx with the msgpack body {"error": code, "message": ...}.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from aiohttp import web
+from zorba_server import errors, metrics, status_page, storage
+from zorba_server.committer import Committer
+from zorba_server.config import ServerConfig
+from zorba_server.coordinator import Coordinator, SolveFn
+from zorba_server.errors import ApiError
+from zorba_server.scheduler import solve_schedule
+
+from zorba_edge.common.schema import (
+    CONTENT_TYPE,
+    MAX_REGISTER_BYTES,
+    MAX_REPORT_BYTES,
+    ErrorBody,
+    RegisterRequest,
+    Report,
+    SchemaError,
+    decode,
+    encode,
+)
+
+log = logging.getLogger("zorba_server")
+M = TypeVar("M")
+
+
+@dataclass
+class Services:
+    """What the handlers use; filled in when the application starts."""
+
+    config: ServerConfig
+    solve: SolveFn = solve_schedule
+    clock: Callable[[], float] = time.time
+    stats: metrics.RequestStats = field(default_factory=metrics.RequestStats)
+    committer: Committer | None = None
+    coordinator: Coordinator | None = None
+
+    @property
+    def running(self) -> Coordinator:
+        if self.coordinator is None:
+            raise ApiError(503, "starting", "the server is starting: retry in a moment")
+        return self.coordinator
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def create_app(config: ServerConfig, *, solve: SolveFn = solve_schedule,
+               clock: Callable[[], float] = time.time) -> web.Application:
+    # aiohttp refuses bodies over client_max_size itself (413, turned into msgpack by the
+    # middleware); each endpoint then applies its own, smaller limit.
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_REPORT_BYTES)
+    app[SERVICES] = Services(config, solve, clock)
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_post("/v1/clients", register)
+    app.router.add_get("/v1/rounds/next", next_round)
+    app.router.add_post(r"/v1/rounds/{round:\d+}/reports", submit_report)
+    app.router.add_get("/v1/state", state)
+    app.router.add_get("/v1/status", status_json)
+    app.router.add_get("/metrics", metrics_text)
+    app.router.add_get("/", index)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    conn = storage.connect(services.config.storage.path, services.config.storage.synchronous)
+    committer = Committer(conn)
+    committer.start()
+    coordinator = Coordinator(services.config, committer, solve=services.solve,
+                              clock=services.clock)
+    try:
+        await coordinator.start()
+    except BaseException:
+        await committer.stop()
+        conn.close()
+        raise
+    services.committer, services.coordinator = committer, coordinator
+    yield
+    services.coordinator = None
+    await coordinator.stop()
+    await committer.stop()
+    conn.close()
+
+
+# ---------------------------------------------------------------------------- plumbing
+
+
+def msgpack_response(message: Any, status: int = 200) -> web.Response:
+    return web.Response(body=encode(message), status=status, content_type=CONTENT_TYPE)
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return msgpack_response(ErrorBody(code, message[:4096]), status)
+
+
+_AIOHTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                           ) -> web.StreamResponse:
+    stats = request.app[SERVICES].stats
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    try:
+        response = await handler(request)
+        stats.responses[(route, response.status)] += 1
+        return response
+    except ApiError as exc:
+        status, code, message = exc.status, exc.code, exc.message
+    except SchemaError as exc:
+        status = {"too_large": 413, "invalid_scalar": 422}.get(exc.code, 400)
+        code, message = exc.code, str(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        status, code = exc.status, _AIOHTTP_CODES.get(exc.status, "http_error")
+        message = f"{exc.reason}: {request.method} {request.path}"
+        if exc.status == 413:
+            message += f" ({exc.text})"
+    except sqlite3.Error:
+        log.exception("storage failed during %s %s", request.method, request.path)
+        status, code = 503, "storage_unavailable"
+        message = "the server could not store the request: nothing was saved; retry"
+    except Exception:
+        log.exception("unexpected failure during %s %s", request.method, request.path)
+        status, code = 500, "internal_error"
+        message = "the server failed on this request; retry (a report: with the same key)"
+    stats.responses[(route, status)] += 1
+    stats.refusals[code] += 1
+    return error_response(status, code, message)
+
+
+async def read_message(request: web.Request, cls: type[M], limit: int) -> M:
+    if request.content_type != CONTENT_TYPE:
+        raise ApiError(415, "unsupported_media_type",
+                       f"send the body as {CONTENT_TYPE}, not {request.content_type or 'nothing'}")
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.too_large(f"body of {request.content_length} bytes exceeds the "
+                               f"{limit}-byte limit of {cls.__name__}")
+    body = await request.read()
+    return decode(cls, body, max_bytes=limit)
+
+
+def bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def _query_number(request: web.Request, name: str, default: float, *, integer: bool) -> float:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        value = -1
+    if value < 0 or not math.isfinite(value):
+        kind = "a non-negative integer" if integer else "a non-negative number of seconds"
+        raise errors.bad_request("bad_query", f"query parameter {name}={raw!r}: expected {kind}")
+    return value
+
+
+# ---------------------------------------------------------------------------- handlers
+
+
+async def register(request: web.Request) -> web.Response:
+    coordinator = request.app[SERVICES].running
+    message = await read_message(request, RegisterRequest, MAX_REGISTER_BYTES)
+    return msgpack_response(await coordinator.register(message), status=201)
+
+
+async def next_round(request: web.Request) -> web.Response:
+    coordinator = request.app[SERVICES].running
+    member = coordinator.authenticate(bearer(request))
+    version = int(_query_number(request, "version", 0, integer=True))
+    wait = _query_number(request, "wait", coordinator.config.run.poll_timeout_s, integer=False)
+    return msgpack_response(await coordinator.next_round(member, version, wait))
+
+
+async def submit_report(request: web.Request) -> web.Response:
+    coordinator = request.app[SERVICES].running
+    member = coordinator.authenticate(bearer(request))
+    round_ = int(request.match_info["round"])
+    report = await read_message(request, Report, MAX_REPORT_BYTES)
+    return msgpack_response(await coordinator.submit_report(member, round_, report))
+
+
+async def state(request: web.Request) -> web.Response:
+    coordinator = request.app[SERVICES].running
+    coordinator.authenticate(bearer(request))
+    return web.Response(body=coordinator.state(), content_type=CONTENT_TYPE)
+
+
+async def status_json(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SERVICES].running.status())
+
+
+async def metrics_text(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    assert services.committer is not None
+    body = metrics.render(services.running, services.committer, services.stats)
+    return web.Response(text=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+async def index(request: web.Request) -> web.Response:
+    page = status_page.render(request.app[SERVICES].running.status())
+    return web.Response(text=page, content_type="text/html")

@@ -1,0 +1,255 @@
+"""The server's configuration: one TOML file, with command-line flags on top.
+
+    [server]      host, port, tls_cert, tls_key
+    [storage]     path, synchronous
+    [run]         seed, pool_size, lr, mu, batch_size, seq_len, round/membership timing,
+                  min_reports, min_clients, max_rounds, model_fingerprint, [run.footprint]
+    [aggregation] method, clip, trim_fraction, max_abs_scalar
+    [scheduler]   min_cover, epsilon, max_perturbed_params, stability_bonus, time_limit_s
+
+The enrolment secret is never a flag (it would show in `ps`): it comes from the file,
+from `enrolment_secret_file`, or from the ZORBA_ENROLMENT_SECRET environment variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zorba_edge.common.memory_model import ModelFootprint
+from zorba_edge.errors import ZorbaError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the stdlib parser arrived in 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+SECRET_ENV = "ZORBA_ENROLMENT_SECRET"
+
+
+class ConfigError(ZorbaError, ValueError):
+    """A configuration value that is missing, unknown or out of range."""
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 8470
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(
+                "server.tls_cert and server.tls_key go together: give both or neither")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"server.port={self.port} is not a TCP port")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: str = "zorba-server.sqlite3"
+    synchronous: str = "full"
+    """sqlite's synchronous mode: `full` survives power loss, `normal` only process crashes."""
+
+    def __post_init__(self) -> None:
+        if self.synchronous not in ("full", "normal"):
+            raise ConfigError(f"storage.synchronous={self.synchronous!r}: use 'full' or 'normal'")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    pool_size: int = 1024
+    lr: float = 1e-6
+    mu: float = 1e-3
+    batch_size: int = 8
+    seq_len: int = 64
+    round_duration_s: float = 300.0
+    """From a round's opening to its deadline; local steps are sized to fit it."""
+    min_reports: int = 1
+    """Fewer reports by the deadline: the round applies nothing and is re-run."""
+    min_clients: int = 1
+    """Active clients needed before a round opens."""
+    max_rounds: int = 0
+    """Applied rounds after which the run is finished (0: never)."""
+    member_timeout_s: float = 0.0
+    """A client unseen for this long leaves the schedule (0: 2 x round_duration_s + 60)."""
+    poll_timeout_s: float = 25.0
+    """Longest a GET /v1/rounds/next waits for a round before answering `wait`."""
+    compute_fraction: float = 0.8
+    """Share of the round a client's local steps may take (the rest: sync, report, network)."""
+    min_steps: int = 1
+    max_steps: int = 256
+    catch_up_rounds: int = 64
+    """Deltas kept for syncing; a client further behind fetches /v1/state."""
+    model_fingerprint: str | None = None
+    """Pin the base model; None: the first client's model is pinned."""
+    footprint: ModelFootprint | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.seed >= 0, "run.seed must be >= 0"),
+            (self.pool_size >= 1, "run.pool_size must be >= 1"),
+            (self.lr > 0 and self.mu > 0, "run.lr and run.mu must be > 0"),
+            (self.batch_size >= 1 and self.seq_len >= 1,
+             "run.batch_size and run.seq_len must be >= 1"),
+            (self.round_duration_s > 0, "run.round_duration_s must be > 0"),
+            (self.min_reports >= 1, "run.min_reports must be >= 1"),
+            (self.min_clients >= 1, "run.min_clients must be >= 1"),
+            (self.max_rounds >= 0, "run.max_rounds must be >= 0 (0: no limit)"),
+            (self.poll_timeout_s > 0, "run.poll_timeout_s must be > 0"),
+            (0 < self.compute_fraction <= 1, "run.compute_fraction must be in (0, 1]"),
+            (1 <= self.min_steps <= self.max_steps, "run needs 1 <= min_steps <= max_steps"),
+            (self.max_steps <= 65_536, "run.max_steps must be <= 65536 (the report size limit)"),
+            (self.catch_up_rounds >= 1, "run.catch_up_rounds must be >= 1"),
+            ((self.model_fingerprint is None) == (self.footprint is None),
+             "run.model_fingerprint and [run.footprint] pin the model together: give both "
+             "or neither (neither: the first client's model is pinned)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def membership_timeout_s(self) -> float:
+        return self.member_timeout_s or 2 * self.round_duration_s + 60.0
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    method: str = "mean"
+    """`mean` (the weighted mean of DESIGN §2), `trimmed_mean` or `median` (robust)."""
+    clip: float | None = None
+    """Clip every scalar to [-clip, clip] before aggregating (robust mode)."""
+    trim_fraction: float = 0.1
+    max_abs_scalar: float = 1e6
+    """A report with |g| above this is refused: no real loss difference gets there."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("mean", "trimmed_mean", "median"):
+            raise ConfigError(
+                f"aggregation.method={self.method!r}: use mean, trimmed_mean or median")
+        if self.clip is not None and self.clip <= 0:
+            raise ConfigError("aggregation.clip must be > 0 (or absent)")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError("aggregation.trim_fraction must be in [0, 0.5)")
+        if self.max_abs_scalar <= 0:
+            raise ConfigError("aggregation.max_abs_scalar must be > 0")
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    min_cover: int = 1
+    epsilon: float = 0.05
+    max_perturbed_params: int | None = None
+    stability_bonus: float = 0.1
+    time_limit_s: float = 10.0
+    milp_max_clients: int = 200
+    """Above this many clients the scheduler's greedy heuristic alone (see docs/scheduler.md)."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    enrolment_secret: str
+    server: ListenConfig = ListenConfig()
+    storage: StorageConfig = StorageConfig()
+    run: RunConfig = RunConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    scheduler: SchedulerSettings = SchedulerSettings()
+
+    def __post_init__(self) -> None:
+        if len(self.enrolment_secret) < 8:
+            raise ConfigError(
+                "the enrolment secret must have at least 8 characters: set enrolment_secret, "
+                f"enrolment_secret_file or {SECRET_ENV}"
+            )
+
+
+SECTIONS = {
+    "server": ListenConfig,
+    "storage": StorageConfig,
+    "run": RunConfig,
+    "aggregation": AggregationConfig,
+    "scheduler": SchedulerSettings,
+}
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+                environ: typing.Mapping[str, str] | None = None) -> ServerConfig:
+    """Config from a TOML file (optional), then `overrides` {section: {key: value}} on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    return config_from_dict(data, base_dir=Path(path).parent if path else Path.cwd(),
+                            environ=os.environ if environ is None else environ)
+
+
+def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None,
+                     environ: typing.Mapping[str, str] | None = None) -> ServerConfig:
+    data = dict(data)
+    base_dir = Path.cwd() if base_dir is None else base_dir
+    secret = data.pop("enrolment_secret", None)
+    secret_file = data.pop("enrolment_secret_file", None)
+    if secret is None and secret_file is not None:
+        try:
+            secret = (base_dir / secret_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read enrolment_secret_file {secret_file}: {exc}") from None
+    if secret is None and environ is not None:
+        secret = environ.get(SECRET_ENV)
+    if secret is None:
+        raise ConfigError(
+            f"no enrolment secret: set enrolment_secret or enrolment_secret_file in the config "
+            f"file, or the {SECRET_ENV} environment variable"
+        )
+    sections: dict[str, Any] = {}
+    for name, values in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown config section [{name}]; known: {sorted(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        sections[name] = _build(SECTIONS[name], values, name)
+    return ServerConfig(enrolment_secret=str(secret), **sections)
+
+
+def _build(cls: type, values: dict[str, Any], section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [{section}]; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{section}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[{section}]: {exc}") from None
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_args(tp) and type(None) in typing.get_args(tp):
+        tp = args[0]
+    if tp is ModelFootprint:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a table of ModelFootprint fields")
+        return _build(ModelFootprint, {k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in value.items()}, name)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str) and type(value) is not tp:
+        raise ConfigError(f"{name} = {value!r}: expected {tp.__name__}")
+    return value

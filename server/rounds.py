@@ -1,0 +1,176 @@
+"""The round state machine (pure: no I/O, no clock of its own).
+
+A round is *open* from the moment its plan is stored until its deadline passes or every
+assigned client has reported; it then *closes* as
+
+- `applied`: at least `min_reports` reports; their increments are added to alpha and the
+  alpha version goes up by one;
+- `failed`: too few reports; nothing is applied and the next round re-runs the work
+  (new round number, same base version, so reports cannot leak between attempts).
+
+Rounds are numbered 1, 2, ... in opening order; alpha versions count applied rounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from zorba_server import errors
+from zorba_server.aggregation import Contribution, RoundDelta, aggregate, check_scalars
+from zorba_server.config import AggregationConfig
+
+from zorba_edge.common.schema import Assignment, HyperParams, Report
+from zorba_edge.errors import InvalidScalarError
+
+APPLIED, FAILED, OPEN = "applied", "failed", "open"
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    blocks: tuple[int, ...]
+    num_steps: int
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Everything decided when a round opens; stored before any client sees it."""
+
+    round: int
+    base_version: int
+    opened_at: float
+    deadline: float
+    hyper: HyperParams
+    pool_indices: tuple[int, ...]
+    """k_t for the longest client; each client gets its own prefix."""
+    clients: Mapping[str, ClientPlan]
+    excluded: Mapping[str, str] = field(default_factory=dict)
+    """Members the scheduler left out, with its reason."""
+    uncovered_blocks: tuple[int, ...] = ()
+    schedule_method: str = ""
+
+    def assignment_for(self, client_id: str, now: float) -> Assignment:
+        plan = self.clients[client_id]
+        return Assignment(
+            round=self.round,
+            base_version=self.base_version,
+            blocks=plan.blocks,
+            pool_indices=self.pool_indices[: plan.num_steps],
+            hyper=self.hyper,
+            deadline_in_s=max(0.0, self.deadline - now),
+            deadline_unix=self.deadline,
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "base_version": self.base_version,
+            "opened_at": self.opened_at,
+            "deadline": self.deadline,
+            "hyper": [self.hyper.lr, self.hyper.mu, self.hyper.batch_size, self.hyper.seq_len],
+            "pool_indices": list(self.pool_indices),
+            "clients": {cid: [list(p.blocks), p.num_steps] for cid, p in self.clients.items()},
+            "excluded": dict(self.excluded),
+            "uncovered_blocks": list(self.uncovered_blocks),
+            "schedule_method": self.schedule_method,
+        }
+
+    @staticmethod
+    def from_record(rec: Mapping[str, Any]) -> RoundPlan:
+        lr, mu, batch_size, seq_len = rec["hyper"]
+        return RoundPlan(
+            round=rec["round"],
+            base_version=rec["base_version"],
+            opened_at=rec["opened_at"],
+            deadline=rec["deadline"],
+            hyper=HyperParams(lr, mu, batch_size, seq_len),
+            pool_indices=tuple(rec["pool_indices"]),
+            clients={cid: ClientPlan(tuple(b), n) for cid, (b, n) in rec["clients"].items()},
+            excluded=dict(rec["excluded"]),
+            uncovered_blocks=tuple(rec["uncovered_blocks"]),
+            schedule_method=rec["schedule_method"],
+        )
+
+
+@dataclass
+class ReceivedReport:
+    client_id: str
+    report: Report
+    body_hash: bytes
+    received_at: float
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    round: int
+    status: str
+    reports: int
+    message: str
+    delta: RoundDelta | None
+    loss: float | None
+    """Sample-weighted mean of the reports' loss_mean (None without reports)."""
+
+
+def check_report(plan: RoundPlan, client_id: str, report: Report, *, max_abs_scalar: float) -> None:
+    """Refuse a report that does not fit this round's plan (raises ApiError, changes nothing)."""
+    own = plan.clients.get(client_id)
+    if own is None:
+        raise errors.conflict(
+            "not_assigned",
+            f"client {client_id} has no assignment in round {plan.round}; poll GET /v1/rounds/next",
+        )
+    if report.base_version != plan.base_version:
+        raise errors.conflict(
+            "stale_version",
+            f"round {plan.round} trains on alpha version {plan.base_version}, the report says "
+            f"{report.base_version}: sync to the round's base version and train again",
+        )
+    if len(report.steps) > own.num_steps:
+        raise errors.unprocessable(
+            "wrong_steps",
+            f"{len(report.steps)} steps reported, the assignment has {own.num_steps}",
+        )
+    for t, (k, _) in enumerate(report.steps):
+        if k != plan.pool_indices[t]:
+            raise errors.unprocessable(
+                "wrong_steps",
+                f"step {t} reports pool index {k}, the assignment gave {plan.pool_indices[t]}: "
+                "report steps in the order of the assignment's pool_indices",
+            )
+    try:
+        check_scalars(report.steps, max_abs_scalar)
+    except InvalidScalarError as exc:
+        raise errors.unprocessable("invalid_scalar", str(exc)) from None
+
+
+def close_round(plan: RoundPlan, reports: Mapping[str, ReceivedReport],
+                weights: Mapping[str, float], *, min_reports: int,
+                aggregation: AggregationConfig) -> RoundOutcome:
+    """Decide a closing round's fate and, when it applies, its increments."""
+    count = len(reports)
+    loss = _weighted_loss(reports, weights)
+    if count < min_reports:
+        return RoundOutcome(
+            plan.round, FAILED, count,
+            f"{count} of {len(plan.clients)} assigned clients reported by the deadline, "
+            f"{min_reports} needed: nothing applied, the work is re-run in the next round",
+            None, loss,
+        )
+    contributions = [
+        Contribution(cid, plan.clients[cid].blocks, weights[cid], r.report.steps)
+        for cid, r in reports.items()
+    ]
+    delta = aggregate(contributions, plan.hyper.lr, aggregation)
+    return RoundOutcome(
+        plan.round, APPLIED, count,
+        f"{count} of {len(plan.clients)} assigned clients reported", delta, loss,
+    )
+
+
+def _weighted_loss(reports: Mapping[str, ReceivedReport],
+                   weights: Mapping[str, float]) -> float | None:
+    total = sum(weights[cid] for cid in reports)
+    if not reports or total <= 0:
+        return None
+    return sum(weights[cid] * r.report.loss_mean for cid, r in sorted(reports.items())) / total

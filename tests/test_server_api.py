@@ -1,0 +1,418 @@
+"""The server end to end, in process: rounds, aggregation, idempotency, refusals, restart."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from server_fakes import (
+    SECRET,
+    FakeClient,
+    config_dict,
+    db_fingerprint,
+    make_report,
+    post,
+    profile,
+)
+from zorba_server.app import SERVICES, create_app
+from zorba_server.config import ConfigError, config_from_dict
+from zorba_server.scheduler import solve_schedule
+
+from zorba_edge.common.memory_model import ModelFootprint
+from zorba_edge.common.schema import (
+    FINISHED,
+    MAX_STEPS_PER_REPORT,
+    TRAIN,
+    WAIT,
+    RegisterRequest,
+    ReportAck,
+    encode,
+)
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+def start(tmp_path: Path, aiohttp_client: Any) -> Any:
+    """start(**run_settings) -> (http client, app); one database per test."""
+    db = tmp_path / "server.sqlite3"
+
+    async def _start(solve: Any = solve_schedule, **run: Any) -> tuple[Any, Any]:
+        app = create_app(config_from_dict(config_dict(db, **run)), solve=solve)
+        return await aiohttp_client(app), app
+
+    _start.db = db  # type: ignore[attr-defined]
+    return _start
+
+
+async def joined(http: Any, n: int, samples: list[int] | None = None) -> list[FakeClient]:
+    clients = []
+    for i in range(n):
+        c = FakeClient(http)
+        answer = await c.register(profile(samples[i] if samples else 100, name=f"dev{i}"))
+        assert answer.status == 201, answer.body
+        clients.append(c)
+    return clients
+
+
+def reference_increment(assignments: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+                        grads: dict[str, list[float]], weights: dict[str, float], lr: float,
+                        shape: tuple[int, int]) -> np.ndarray:
+    """DESIGN §2 written out with loops: lr * sum_n w_n sum_{t: k_t=k} g / sum_n w_n, per (k, b)."""
+    out = np.zeros(shape)
+    for b in range(shape[1]):
+        holders = [cid for cid, (blocks, _) in assignments.items() if b in blocks]
+        if not holders:
+            continue
+        total = sum(weights[cid] for cid in holders)
+        for cid in holders:
+            for k, g in zip(assignments[cid][1], grads[cid], strict=False):
+                out[k, b] += lr * weights[cid] * g / total
+    return out
+
+
+async def test_a_round_applies_the_sample_weighted_mean_and_clients_sync_to_it(start: Any) -> None:
+    http, _ = await start(min_clients=3, min_reports=3)
+    clients = await joined(http, 3, samples=[100, 300, 600])
+    answers = [await c.poll() for c in clients]
+    assert all(a.status == TRAIN for a in answers)
+    assert len({a.assignment.pool_indices for a in answers}) == 1  # one k list per round
+    grads = {}
+    for i, (c, a) in enumerate(zip(clients, answers, strict=True)):
+        steps = len(a.assignment.pool_indices)
+        grads[c.client_id] = [0.5 * (i + 1) - 0.1 * t for t in range(steps)]
+        ack = await c.report(a.assignment.round, make_report(a.assignment, grads[c.client_id]))
+        assert ack.status == 200, ack.body
+    nxt = await clients[0].poll()
+    assert nxt.version == 1 and len(nxt.deltas) == 1
+    state = await clients[0].state()
+    expected = reference_increment(
+        {c.client_id: (a.assignment.blocks, a.assignment.pool_indices)
+         for c, a in zip(clients, answers, strict=True)},
+        grads, {c.client_id: w for c, w in zip(clients, [100, 300, 600], strict=True)},
+        lr=0.01, shape=(64, 4))
+    np.testing.assert_allclose(state.matrix(), expected, rtol=1e-6, atol=1e-12)
+    assert np.abs(state.matrix()).sum() > 0
+    # A client that applied the deltas holds exactly the server's table.
+    np.testing.assert_array_equal(clients[0].alpha, state.matrix())
+
+
+async def test_retry_with_the_same_key_returns_the_original_ack_and_counts_once(start: Any) -> None:
+    http, _ = await start(min_clients=2, min_reports=2)
+    a, b = await joined(http, 2)
+    assignment = (await a.poll()).assignment
+    report = make_report(assignment, key="k-1")
+    first = await a.report(assignment.round, report)
+    again = await a.report(assignment.round, report)
+    assert first.status == again.status == 200
+    assert first.body == again.body  # same received_at: the original answer
+    before = db_fingerprint(start.db)
+    assert before["reports"] == 1
+    other = make_report(assignment, [9.0] * len(assignment.pool_indices), key="k-1")
+    conflict = await a.report(assignment.round, other)
+    assert (conflict.status, conflict.error) == (409, "idempotency_conflict")
+    second = await a.report(assignment.round, make_report(assignment, key="k-2"))
+    assert (second.status, second.error) == (409, "already_reported")
+    assert db_fingerprint(start.db) == before
+    # After the round closed, the retry still gets the original ack, and alpha moved once.
+    await b.report(assignment.round, make_report((await b.poll()).assignment))
+    await a.poll()
+    assert a.version == 1
+    late_retry = await a.report(assignment.round, report)
+    assert (late_retry.status, late_retry.body) == (200, first.body)
+    assert db_fingerprint(start.db)["version"] == 1
+
+
+async def test_a_late_report_is_refused_and_never_merged(start: Any) -> None:
+    http, _ = await start(min_clients=2, min_reports=1, round_duration_s=1.0)
+    fast, slow = await joined(http, 2)
+    a_fast, a_slow = (await fast.poll()).assignment, (await slow.poll()).assignment
+    assert (await fast.report(1, make_report(a_fast))).status == 200
+    await asyncio.sleep(1.2)
+    late = await slow.report(1, make_report(a_slow, [5.0] * len(a_slow.pool_indices)))
+    assert (late.status, late.error) == (409, "round_closed")
+    assert "round 1 closed" in late.body["message"]
+    await fast.poll(wait=2)
+    state = await fast.state()
+    alone = reference_increment({"f": (a_fast.blocks, a_fast.pool_indices)},
+                                {"f": [0.1 * (t + 1) for t in range(len(a_fast.pool_indices))]},
+                                {"f": 100.0}, 0.01, (64, 4))
+    np.testing.assert_allclose(state.matrix(), alone, rtol=1e-6)
+
+
+async def test_too_few_reports_fail_the_round_which_is_re_run(start: Any) -> None:
+    http, _ = await start(min_clients=2, min_reports=2, round_duration_s=1.0)
+    one, _two = await joined(http, 2)
+    first = (await one.poll()).assignment
+    assert (await one.report(first.round, make_report(first))).status == 200
+    await asyncio.sleep(1.2)
+    rerun = await one.poll(wait=3)
+    assert rerun.status == TRAIN and rerun.assignment.round == 2
+    assert rerun.assignment.base_version == 0 and rerun.version == 0
+    status = await (await http.get("/v1/status")).json()
+    failed = status["rounds"][0]
+    assert failed["status"] == "failed" and "re-run" in failed["message"]
+    assert db_fingerprint(start.db)["increments"] == 0
+
+
+async def test_long_poll_returns_as_soon_as_a_round_opens(start: Any) -> None:
+    http, _ = await start(min_clients=2)
+    first = FakeClient(http)
+    await first.register()
+    waiting = asyncio.ensure_future(first.poll(wait=5))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    await FakeClient(http).register()
+    answer = await asyncio.wait_for(waiting, 2)
+    assert answer.status == TRAIN
+
+
+async def test_poll_without_a_round_answers_wait_with_the_reason(start: Any) -> None:
+    http, _ = await start(min_clients=3)
+    (c,) = await joined(http, 1)
+    answer = await c.poll(wait=0.1)
+    assert answer.status == WAIT and "1 active, 3 needed" in answer.reason
+
+
+async def test_schedule_is_solved_again_only_when_membership_changes(start: Any) -> None:
+    calls: list[int] = []
+
+    def counting(clients: Any, blocks: Any, config: Any) -> Any:
+        calls.append(len(clients))
+        return solve_schedule(clients, blocks, config)
+
+    http, _ = await start(solve=counting, min_clients=2, min_reports=1)
+    a, b = await joined(http, 2)
+    for _ in range(2):
+        for c in (a, b):
+            assignment = (await c.poll()).assignment
+            assert (await c.report(assignment.round, make_report(assignment))).status == 200
+    assert calls == [2]  # round 3 is open now, still with two clients
+    await joined(http, 1)
+    for c in (a, b):
+        assignment = (await c.poll()).assignment
+        assert assignment.round == 3
+        await c.report(assignment.round, make_report(assignment))
+    assert (await a.poll()).assignment.round == 4
+    assert calls == [2, 3]
+
+
+async def test_a_far_behind_client_is_told_to_catch_up_from_state(start: Any) -> None:
+    http, _ = await start(catch_up_rounds=1, min_reports=1)
+    (c,) = await joined(http, 1)
+    for _ in range(3):
+        a = (await c.poll()).assignment
+        await c.report(a.round, make_report(a))
+    assert (await c.poll()).version == 3
+    stale = FakeClient(http)
+    stale.token, stale.version = c.token, 0
+    resp = await http.get("/v1/rounds/next?version=0&wait=0",
+                          headers={"Authorization": f"Bearer {c.token}"})
+    body = msgpack.unpackb(await resp.read())
+    assert body["catch_up"] is True and body["deltas"] == []
+    synced = await stale.poll(wait=0)
+    assert stale.version == synced.version == 3
+    np.testing.assert_array_equal(stale.alpha, c.alpha)
+
+
+async def test_the_run_finishes_after_max_rounds(start: Any) -> None:
+    http, _ = await start(max_rounds=1)
+    (c,) = await joined(http, 1)
+    a = (await c.poll()).assignment
+    await c.report(a.round, make_report(a))
+    answer = await c.poll()
+    assert answer.status == FINISHED and answer.version == 1
+
+
+def _raw(http: Any, path: str, data: bytes, token: str | None, ctype: str) -> Any:
+    headers = {"Content-Type": ctype}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return http.post(path, data=data, headers=headers)
+
+
+BAD_REPORTS: dict[str, tuple[Any, int, str]] = {
+    # name: (mutation of the valid report dict or raw bytes, status, code)
+    "not msgpack": (b"\xc1\x00garbage", 400, "invalid_message"),
+    "not a map": (encode([1, 2, 3]), 400, "invalid_message"),
+    "missing field": ({"drop": "steps"}, 400, "invalid_message"),
+    "unknown field": ({"set": ("extra", 1)}, 400, "invalid_message"),
+    "string for int": ({"set": ("num_samples", "8")}, 400, "invalid_message"),
+    "bool for int": ({"set": ("peak_memory_bytes", True)}, 400, "invalid_message"),
+    "negative count": ({"set": ("num_samples", -1)}, 400, "invalid_message"),
+    "nan scalar": ({"grad": float("nan")}, 422, "invalid_scalar"),
+    "inf scalar": ({"grad": float("inf")}, 422, "invalid_scalar"),
+    "out of range scalar": ({"grad": 1e9}, 422, "invalid_scalar"),
+    "wrong pool index": ({"k": 999}, 422, "wrong_steps"),
+    "too many steps": ({"extra_steps": 1}, 422, "wrong_steps"),
+    "no steps": ({"set": ("steps", [])}, 400, "invalid_message"),
+    "stale base version": ({"set": ("base_version", 7)}, 409, "stale_version"),
+    "oversized": ({"set": ("steps", [[0, 0.0]] * (MAX_STEPS_PER_REPORT + 1))}, 413, "too_large"),
+    "huge body": (b"\x00" * (3 * 2**20), 413, "too_large"),
+    "wrong content type": ({"ctype": "application/json"}, 415, "unsupported_media_type"),
+    "no token": ({"token": None}, 401, "unauthorized"),
+    "wrong token": ({"token": "not-a-token"}, 401, "unauthorized"),
+    "unknown round": ({"round": 99}, 404, "unknown_round"),
+    "past round": ({"round": 0}, 404, "unknown_round"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REPORTS))
+async def test_a_bad_report_is_refused_with_a_clear_error_and_changes_nothing(
+        start: Any, case: str) -> None:
+    http, app = await start(min_clients=2, min_reports=2)
+    a, _b = await joined(http, 2)
+    assignment = (await a.poll()).assignment
+    valid = msgpack.unpackb(encode(make_report(assignment)))
+    mutation, status, code = BAD_REPORTS[case]
+    token, ctype, round_ = a.token, "application/msgpack", assignment.round
+    if isinstance(mutation, bytes):
+        data = mutation
+    else:
+        body = dict(valid)
+        if "drop" in mutation:
+            del body[mutation["drop"]]
+        if "set" in mutation:
+            body[mutation["set"][0]] = mutation["set"][1]
+        if "grad" in mutation:
+            body["steps"] = [[k, mutation["grad"]] for k, _ in body["steps"]]
+        if "k" in mutation:
+            body["steps"] = [[mutation["k"], g] for _, g in body["steps"]]
+        if "extra_steps" in mutation:
+            body["steps"] = body["steps"] + [[0, 0.1]]
+        token = mutation.get("token", token)
+        ctype = mutation.get("ctype", ctype)
+        round_ = mutation.get("round", round_)
+        data = msgpack.packb(body)
+    before = db_fingerprint(start.db)
+    resp = await _raw(http, f"/v1/rounds/{round_}/reports", data, token, ctype)
+    body = msgpack.unpackb(await resp.read())
+    assert (resp.status, body["error"]) == (status, code), body
+    assert len(body["message"]) > 10
+    assert db_fingerprint(start.db) == before
+    coordinator = app[SERVICES].coordinator
+    assert not coordinator.open.received and not coordinator.open.pending
+    # The client can still send its real report afterwards.
+    good = await a.report(assignment.round, make_report(assignment))
+    assert good.status == 200
+
+
+async def test_registration_refusals_name_the_problem_and_register_nobody(start: Any) -> None:
+    http, _ = await start()
+    c = FakeClient(http)
+    assert (await c.register()).status == 201  # pins the run's model
+    before = db_fingerprint(start.db)
+    other_shape = ModelFootprint((10, 10), (8, 8), 50, 8, 10, 2, 16)
+    cases = [
+        (dict(secret="wrong-secret"), 403, "forbidden"),
+        (dict(prof=profile(fingerprint="another-model")), 409, "model_mismatch"),
+        (dict(prof=profile(footprint=other_shape)), 409, "model_mismatch"),
+        (dict(prof=profile(budget=1000)), 422, "budget_too_small"),
+    ]
+    for kwargs, status, code in cases:
+        answer = await FakeClient(http).register(**kwargs)
+        assert (answer.status, answer.error) == (status, code), answer.body
+    old = await post(http, "/v1/clients", RegisterRequest(SECRET, profile(), protocol=2), ReportAck)
+    assert (old.status, old.error) == (400, "protocol_version")
+    assert db_fingerprint(start.db) == before
+
+
+async def test_unknown_routes_and_methods_answer_msgpack_errors(start: Any) -> None:
+    http, _ = await start()
+    for method, path, status in (("GET", "/v1/nothing", 404), ("PUT", "/v1/clients", 405),
+                                 ("POST", "/v1/rounds/x/reports", 404)):
+        resp = await http.request(method, path)
+        assert resp.status == status
+        assert msgpack.unpackb(await resp.read())["error"] in ("not_found", "method_not_allowed")
+    resp = await http.get("/v1/rounds/next?version=abc", headers={"Authorization": "Bearer x"})
+    assert resp.status == 401  # authentication comes first
+    (c,) = await joined(http, 1)
+    auth = {"Authorization": f"Bearer {c.token}"}
+    resp = await http.get("/v1/rounds/next?version=-1", headers=auth)
+    assert (resp.status, msgpack.unpackb(await resp.read())["error"]) == (400, "bad_query")
+    resp = await http.get("/v1/rounds/next?version=5", headers=auth)
+    assert (resp.status, msgpack.unpackb(await resp.read())["error"]) == (409, "version_ahead")
+
+
+async def test_measured_peaks_calibrate_the_memory_model(start: Any) -> None:
+    http, app = await start()
+    (c,) = await joined(http, 1)
+    a = (await c.poll()).assignment
+    coordinator = app[SERVICES].coordinator
+    member = coordinator.members[c.client_id]
+    predicted = coordinator._memory_model(member.profile, 1.0).total(a.blocks)
+    await c.report(a.round, make_report(a, peak=2 * predicted))
+    await c.poll()
+    assert member.calibration == pytest.approx(1.5)
+
+
+async def test_status_page_metrics_and_status_json_show_the_run(start: Any) -> None:
+    http, _ = await start()
+    (c,) = await joined(http, 1)
+    for loss in (2.0, 1.5):
+        a = (await c.poll()).assignment
+        await c.report(a.round, make_report(a, loss=loss))
+    await c.poll()
+    status = await (await http.get("/v1/status")).json()
+    assert [r["loss"] for r in status["rounds"]] == [2.0, 1.5]
+    assert status["version"] == 2 and status["clients"][0]["rounds_reported"] == 2
+    page = await (await http.get("/")).text()
+    assert "<polyline" in page and c.client_id in page
+    metrics = await (await http.get("/metrics")).text()
+    assert 'zorba_rounds_total{status="applied"} 2' in metrics
+    assert "zorba_reports_accepted_total 2" in metrics
+
+
+async def test_a_restarted_server_resumes_the_open_round_with_its_reports(
+        tmp_path: Path, aiohttp_client: Any) -> None:
+    db = tmp_path / "s.sqlite3"
+    config = config_from_dict(config_dict(db, min_clients=2, min_reports=2))
+    http = await aiohttp_client(create_app(config))
+    a, b = await joined(http, 2)
+    asg_a, asg_b = (await a.poll()).assignment, (await b.poll()).assignment
+    report_a = make_report(asg_a, key="a-1")
+    first = await a.report(1, report_a)
+    await http.close()  # graceful stop; test_server_durability kills with SIGKILL
+
+    http = await aiohttp_client(create_app(config))
+    a.http = b.http = http
+    status = await (await http.get("/v1/status")).json()
+    assert status["current_round"]["round"] == 1 and status["current_round"]["reported"] == 1
+    assert (await a.report(1, report_a)).body == first.body
+    assert (await b.report(1, make_report(asg_b))).status == 200
+    await a.poll()
+    assert a.version == 1
+
+
+async def test_no_round_opens_that_could_only_fail_for_lack_of_reports(start: Any) -> None:
+    http, _ = await start(min_clients=1, min_reports=2)
+    (c,) = await joined(http, 1)
+    answer = await c.poll(wait=0.2)
+    assert answer.status == WAIT and "fewer than min_reports=2" in answer.reason
+    await joined(http, 1)
+    assert (await c.poll(wait=3)).status == TRAIN
+
+
+async def test_a_model_pinned_by_the_config_refuses_the_first_client_of_another(
+        start: Any) -> None:
+    pinned = {"block_params": [10, 10], "quantizable_block_params": [8, 8],
+              "embed_head_params": 50, "hidden_size": 8, "vocab_size": 10, "num_layers": 2,
+              "intermediate_size": 16}
+    http, _ = await start(model_fingerprint="the-run-model", footprint=pinned)
+    answer = await FakeClient(http).register()
+    assert (answer.status, answer.error) == (409, "model_mismatch")
+    assert "the-run-model" in answer.body["message"]
+    assert db_fingerprint(start.db)["clients"] == 0
+
+
+async def test_restarting_on_a_database_of_another_run_is_refused(
+        tmp_path: Path, aiohttp_client: Any) -> None:
+    db = tmp_path / "s.sqlite3"
+    http = await aiohttp_client(create_app(config_from_dict(config_dict(db, seed=1))))
+    await http.close()
+    with pytest.raises(ConfigError, match="seed=1"):
+        await aiohttp_client(create_app(config_from_dict(config_dict(db, seed=2))))

@@ -1,0 +1,84 @@
+"""Server configuration: TOML plus flags, and errors that say what to change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from zorba_server.cli import config_from_args, parse_args
+from zorba_server.config import SECRET_ENV, ConfigError, load_config
+
+TOML = """
+enrolment_secret = "from-the-file"
+[server]
+port = 9000
+[storage]
+path = "run.sqlite3"
+synchronous = "normal"
+[run]
+seed = 7
+lr = 1
+min_reports = 2
+model_fingerprint = "tiny"
+[run.footprint]
+block_params = [10, 10]
+quantizable_block_params = [8, 8]
+embed_head_params = 50
+hidden_size = 8
+vocab_size = 10
+num_layers = 2
+intermediate_size = 16
+[aggregation]
+method = "median"
+clip = 5.0
+"""
+
+
+def test_a_toml_file_fills_every_section(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text(TOML)
+    config = load_config(path, environ={})
+    assert config.enrolment_secret == "from-the-file"
+    assert config.server.port == 9000 and config.storage.synchronous == "normal"
+    assert config.run.seed == 7 and config.run.lr == 1.0 and config.run.min_reports == 2
+    assert config.run.footprint is not None and config.run.footprint.block_params == (10, 10)
+    assert config.aggregation.method == "median" and config.aggregation.clip == 5.0
+
+
+def test_flags_override_the_file_and_the_secret_can_come_from_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text("[run]\nseed = 1\n")
+    monkeypatch.setenv(SECRET_ENV, "from-the-environment")
+    config = config_from_args(parse_args(["--config", str(path), "--seed", "9", "--port", "0",
+                                          "--db", "x.sqlite3", "--min-reports", "3"]))
+    assert config.run.seed == 9 and config.server.port == 0 and config.storage.path == "x.sqlite3"
+    assert config.run.min_reports == 3 and config.enrolment_secret == "from-the-environment"
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("[run]\nseed = 1\n", "no enrolment secret"),
+    ('enrolment_secret = "short"\n', "at least 8 characters"),
+    ('enrolment_secret = "long-enough"\n[runn]\n', "unknown config section [runn]"),
+    ('enrolment_secret = "long-enough"\n[run]\nsead = 1\n', "unknown key(s) ['sead'] in [run]"),
+    ('enrolment_secret = "long-enough"\n[run]\nseed = "one"\n', "run.seed = 'one': expected int"),
+    ('enrolment_secret = "long-enough"\n[run]\nmin_reports = 0\n', "run.min_reports must be >= 1"),
+    ('enrolment_secret = "long-enough"\n[aggregation]\nmethod = "max"\n', "use mean, trimmed_mean"),
+    ('enrolment_secret = "long-enough"\n[server]\ntls_cert = "c.pem"\n', "go together"),
+    ("enrolment_secret = \n", "not valid TOML"),
+    ('enrolment_secret = "long-enough"\n[run]\nmodel_fingerprint = "m"\n', "give both"),
+])
+def test_bad_settings_are_refused_with_what_to_change(tmp_path: Path, text: str,
+                                                      needle: str) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert needle in str(err.value)
+
+
+def test_the_secret_can_be_read_from_a_file_next_to_the_config(tmp_path: Path) -> None:
+    (tmp_path / "secret.txt").write_text("  file-secret-123\n")
+    path = tmp_path / "server.toml"
+    path.write_text('enrolment_secret_file = "secret.txt"\n')
+    assert load_config(path, environ={}).enrolment_secret == "file-secret-123"

@@ -1,0 +1,57 @@
+"""TLS: given a certificate and key, the server speaks HTTPS only."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from server_fakes import config_dict
+from zorba_server.app import create_app
+from zorba_server.cli import ssl_context
+from zorba_server.config import ConfigError, config_from_dict
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+         "-out", str(cert)],
+        check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.asyncio
+async def test_with_a_certificate_the_api_is_served_over_https(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    data = config_dict(tmp_path / "db.sqlite3")
+    data["server"] = {"tls_cert": str(cert), "tls_key": str(key)}
+    config = config_from_dict(data)
+    runner = web.AppRunner(create_app(config))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context(config))
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        trusting = ssl.create_default_context(cafile=str(cert))
+        async with aiohttp.ClientSession() as http:
+            resp = await http.get(f"https://127.0.0.1:{port}/v1/status", ssl=trusting)
+            assert resp.status == 200 and (await resp.json())["version"] == 0
+            with pytest.raises(aiohttp.ClientError):
+                await http.get(f"http://127.0.0.1:{port}/v1/status")
+    finally:
+        await runner.cleanup()
+
+
+def test_an_unreadable_certificate_is_a_config_error(tmp_path: Path) -> None:
+    data = config_dict(tmp_path / "db.sqlite3")
+    data["server"] = {"tls_cert": str(tmp_path / "missing.pem"), "tls_key": str(tmp_path / "k")}
+    with pytest.raises(ConfigError, match="cannot load the TLS certificate"):
+        ssl_context(config_from_dict(data))
