@@ -149,7 +149,7 @@ class SchedulerSettings:
     max_perturbed_params: int | None = None
     stability_bonus: float = 0.1
     time_limit_s: float = 10.0
-    milp_max_clients: int = 200
+    milp_max_clients: int = 32
     """Above this many clients the scheduler's greedy heuristic alone (see docs/scheduler.md)."""
 
 

@@ -11,10 +11,11 @@ sizes, and returns a `Schedule`:
   * stage 2 keeps t >= (1 - epsilon) t* and minimises the perturbed parameters, less a
     small bonus for keeping last round's pairs, with every client on at least one block.
 
-Up to `milp_max_clients` clients each stage is a MILP (scipy/HiGHS, `scheduler_milp`);
-beyond, or when HiGHS runs out of time, the greedy of `scheduler_heuristic`. The
-heuristic also runs on the MILP path, as the fallback and as a floor: the schedule
-returned is never worse than the greedy one. docs/scheduler.md has the formulation.
+The greedy of `scheduler_heuristic` always runs (milliseconds to a second). Up to
+`milp_max_clients` admitted clients, each stage is then also a MILP (scipy/HiGHS,
+`scheduler_milp`) seeded with the heuristic's value as a bound, under `time_limit_s`:
+the schedule returned is never worse than the greedy one, and optimal where HiGHS
+proves it. docs/scheduler.md has the formulation, the reasons and the measurements.
 """
 
 from __future__ import annotations
@@ -167,12 +168,8 @@ def solve_schedule(
     """Assign blocks to clients for one round (see the module docstring)."""
     started = time.perf_counter()
     block_params = tuple(int(p) for p in block_params)
-    _check_inputs(clients, block_params)
     cap = math.inf if config.max_perturbed_params is None else float(config.max_perturbed_params)
-    excluded = _exclusions(clients, block_params, cap, config)
-    admitted = [c for c in clients if c.client_id not in excluded]
-    problem = _build_problem(admitted, clients, block_params, cap, config)
-
+    excluded, admitted, problem = _prepare(clients, block_params, cap, config)
     result = _solve(problem, config, started)
 
     a, required = result.a, result.required
@@ -217,16 +214,26 @@ def coverage_upper_bound(
     """An upper bound on the stage-1 optimum t* for `required_blocks` (a Schedule's
     `required_blocks`), from the LP relaxation: how far from optimal a schedule can be."""
     block_params = tuple(int(p) for p in block_params)
-    _check_inputs(clients, block_params)
     cap = math.inf if config.max_perturbed_params is None else float(config.max_perturbed_params)
-    excluded = _exclusions(clients, block_params, cap, config)
-    admitted = [c for c in clients if c.client_id not in excluded]
-    problem = _build_problem(admitted, clients, block_params, cap, config)
+    problem = _prepare(clients, block_params, cap, config)[2]
     required = np.isin(np.arange(len(block_params)), list(required_blocks))
     return exact.coverage_lp_bound(problem, required)
 
 
 # --- inputs -----------------------------------------------------------------------------
+
+
+def _prepare(
+    clients: Sequence[ClientSpec],
+    block_params: tuple[int, ...],
+    cap: float,
+    config: SchedulerConfig,
+) -> tuple[dict[str, str], list[ClientSpec], Problem]:
+    """Check the inputs, exclude who cannot take part, and build the admitted problem."""
+    _check_inputs(clients, block_params)
+    excluded = _exclusions(clients, block_params, cap, config)
+    admitted = [c for c in clients if c.client_id not in excluded]
+    return excluded, admitted, _build_problem(admitted, clients, block_params, cap, config)
 
 
 def _check_inputs(clients: Sequence[ClientSpec], block_params: tuple[int, ...]) -> None:

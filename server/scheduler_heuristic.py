@@ -1,13 +1,14 @@
-"""Greedy scheduler for federations too large for the MILP (and its fallback).
+"""The greedy scheduler: all of it beyond `milp_max_clients`, the MILP's seed below.
 
 Stage 1 (maximise the least data-weighted coverage t):
   1. `fill`: clients in decreasing weight (the LPT rule for max-min allocation) each take
      the blocks they can afford, least-covered first, blocks still short of their client
      count first. Filling every client is right for stage 1: coverage only grows with a.
-  2. `repair_counts`: blocks still short of `target` clients take a client by a swap
-     from a block that has clients to spare.
-  3. `raise_minimum`: local search that moves one client from a well-covered block to
-     the least-covered one while that strictly raises the sorted coverage vector.
+  2. `repair_counts`: blocks still short of `target` clients take a client, by a swap
+     from a block that has clients to spare if need be.
+  3. `raise_minimum`: local search on the least-covered block: shift one client onto it,
+     or exchange a heavier client for a lighter one, while that strictly raises the
+     sorted coverage vector.
 Stage 2 (`trim`): starting from the stage-1 assignment, drop client-block pairs, the
 largest blocks and lightest clients first, while every required block keeps coverage
 >= (1 - eps) t* and its client count, and every client keeps one block.

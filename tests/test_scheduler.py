@@ -46,13 +46,6 @@ def random_clients(rng: np.random.Generator, n: int, blocks: int) -> list[Client
     return out
 
 
-def assignment_matrix(schedule: Schedule, clients: list[ClientSpec], blocks: int) -> np.ndarray:
-    a = np.zeros((len(clients), blocks), dtype=bool)
-    for i, c in enumerate(clients):
-        a[i, list(schedule.assignments.get(c.client_id, ()))] = True
-    return a
-
-
 def check_feasible(
     schedule: Schedule, clients: list[ClientSpec], block_params: list[int], config: SchedulerConfig
 ) -> None:
