@@ -87,3 +87,29 @@ def test_bad_keys_are_refused(bad: tuple) -> None:
 def test_out_of_range_elements_are_refused() -> None:
     with pytest.raises(ValueError, match="outside"):
         rademacher(0, 0, 0, 2**32 - 1, 2)
+
+
+def accelerators() -> list[str]:
+    found = []
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+@pytest.mark.skipif(not accelerators(), reason="no CUDA or MPS device here (CI has none)")
+@pytest.mark.parametrize("key", sorted(GOLDEN))
+def test_accelerator_directions_and_updates_are_bit_identical_to_cpu(key: tuple[int, int, int]) -> None:
+    from zorba_edge.engine.directions import add_direction_
+
+    for device in accelerators():
+        cpu = rademacher(*key, 12_345, 3_000_001)
+        assert torch.equal(rademacher(*key, 12_345, 3_000_001, device=device).cpu(), cpu), device
+        for dtype in (torch.float32, torch.bfloat16):
+            start = torch.randn(1000, 700, generator=torch.Generator().manual_seed(0)).to(dtype)
+            on_cpu, on_device = start.clone(), start.to(device)
+            for scale in (1e-3, -2e-3, 1e-3, -3.7e-6):
+                add_direction_([("w", on_cpu)], *key, scale)
+                add_direction_([("w", on_device)], *key, scale)
+            assert torch.equal(on_device.cpu(), on_cpu), (device, dtype)

@@ -147,7 +147,7 @@ def test_materialising_from_scratch_matches_incremental_sync() -> None:
     for _ in range(40):  # rounds of increments, some pool indices repeating
         ks = torch.randint(0, 64, (8,), generator=rng).tolist()
         deltas = (torch.randn(8, 2, generator=rng) * 1e-4).tolist()
-        increments = [AlphaIncrement(k, b, d[b]) for k, d in zip(ks, deltas) for b in (0, 1)]
+        increments = [AlphaIncrement(k, b, d[b]) for k, d in zip(ks, deltas, strict=True) for b in (0, 1)]
         apply_increments_(blocks, 11, increments)
         table.apply(increments)
 

@@ -76,7 +76,8 @@ class MemorySettings:
             if value not in BYTES_PER_PARAM:
                 raise ValueError(f"{name}={value!r}: expected one of {sorted(BYTES_PER_PARAM)}")
         if self.snapshot_dtype is not None and self.snapshot_dtype not in BYTES_PER_PARAM:
-            raise ValueError(f"snapshot_dtype={self.snapshot_dtype!r}: expected one of {sorted(BYTES_PER_PARAM)}")
+            raise ValueError(
+                f"snapshot_dtype={self.snapshot_dtype!r}: expected one of {sorted(BYTES_PER_PARAM)}")
         if self.batch_size < 1 or self.seq_len < 1:
             raise ValueError("batch_size and seq_len must be positive")
         if self.calibration <= 0:
@@ -136,7 +137,7 @@ def linear_memory_model(footprint: ModelFootprint, settings: MemorySettings) -> 
     scale = settings.calibration
     return LinearMemoryModel(
         fixed_bytes=int(round(fixed * scale)),
-        block_bytes=tuple(int(round((t - f) * scale)) for t, f in zip(trainable, frozen)),
+        block_bytes=tuple(int(round((t - f) * scale)) for t, f in zip(trainable, frozen, strict=True)),
     )
 
 

@@ -36,7 +36,8 @@ class CoefficientTable:
     def __init__(self, pool_size: int, num_blocks: int, values: np.ndarray | None = None,
                  version: int = 0) -> None:
         if pool_size < 1 or num_blocks < 1:
-            raise ValueError(f"a table needs pool_size >= 1 and num_blocks >= 1, got {pool_size} x {num_blocks}")
+            raise ValueError(
+                f"a table needs pool_size >= 1 and num_blocks >= 1, got {pool_size} x {num_blocks}")
         if values is None:
             values = np.zeros((pool_size, num_blocks), dtype=np.float64)
         values = np.asarray(values, dtype=np.float64)
@@ -62,7 +63,8 @@ class CoefficientTable:
             if not 0 <= inc.k < self.pool_size:
                 raise AssignmentError(f"pool index {inc.k} is outside the pool of {self.pool_size} seeds")
             if not 0 <= inc.block < self.num_blocks:
-                raise AssignmentError(f"block {inc.block} does not exist: the model has {self.num_blocks} blocks")
+                raise AssignmentError(
+                    f"block {inc.block} does not exist: the model has {self.num_blocks} blocks")
             if not math.isfinite(inc.delta):
                 raise InvalidScalarError(f"increment for (k={inc.k}, block={inc.block}) is {inc.delta}")
         return checked

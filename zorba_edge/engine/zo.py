@@ -111,5 +111,5 @@ class RoundSnapshot:
     def revert(self) -> None:
         """Put every assigned tensor back to its round-start value, bit for bit."""
         for block, tensors in self._blocks.items():
-            for (_, tensor), saved in zip(tensors, self._saved[block]):
+            for (_, tensor), saved in zip(tensors, self._saved[block], strict=True):
                 tensor.copy_(saved)

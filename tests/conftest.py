@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random causal LMs built in code (never downloaded).
+
+The builders live in tests/tiny_models.py (importable as `tiny_models`); these fixtures hand
+them out, and `tiny_model_dir` saves a model into the test's temporary directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from tiny_models import save_tiny_model, tiny_config, tiny_llama_config
+from transformers import PretrainedConfig
+
+
+@pytest.fixture
+def tiny_config_factory() -> Callable[..., PretrainedConfig]:
+    """`factory(family="llama", num_layers=2, hidden=64, vocab=128, **overrides)`."""
+    return tiny_config
+
+
+@pytest.fixture
+def tiny_llama_config_factory() -> Callable[..., PretrainedConfig]:
+    """`factory(num_layers=4, hidden=64, **overrides)`: a tiny LlamaConfig."""
+    return tiny_llama_config
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Callable[..., Path]:
+    """`factory(config=None, seed=0, name="model")`: save a random model, return its directory.
+
+    Without a config it saves a 4-layer tiny Llama.
+    """
+
+    def make(config: PretrainedConfig | None = None, seed: int = 0, name: str = "model") -> Path:
+        return save_tiny_model(config or tiny_llama_config(), tmp_path / name, seed=seed)
+
+    return make

@@ -1,0 +1,81 @@
+"""Export base + alpha as a standard transformers checkpoint (sharded safetensors).
+
+The fine-tuned model is never held whole: each block is rebuilt from its base weights
+plus the coefficient table's column and written to its own shard, and an index file ties
+the shards together, so `AutoModelForCausalLM.from_pretrained(out_dir)` loads it and
+exporting needs about one block of extra memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from zorba_edge.engine.coefficients import CoefficientTable, block_materializer
+from zorba_edge.errors import ModelSourceError
+from zorba_edge.model.families import family_of
+from zorba_edge.model.skeleton import build_skeleton
+from zorba_edge.model.sources import SAFETENSORS_INDEX, ModelSource
+
+Progress = Callable[[int, int], None]
+"""progress(done, total) in blocks."""
+
+
+def export_checkpoint(
+    source: ModelSource,
+    table: CoefficientTable,
+    run_seed: int,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    save_tokenizer: bool = True,
+    progress: Progress | None = None,
+) -> Path:
+    """Write theta0 + alpha to `out_dir`; returns the directory."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise ModelSourceError(f"{out} exists and is not empty: choose a new directory for the export")
+    family = family_of(build_skeleton(source.config))
+    num_blocks = source.config.num_hidden_layers if hasattr(source.config, "num_hidden_layers") else None
+    if num_blocks != table.num_blocks:
+        raise ModelSourceError(
+            f"the coefficient table has {table.num_blocks} blocks but the model has {num_blocks}: "
+            "is this the run's base model?"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    materialize = block_materializer(source.block_state_dict, table, run_seed)
+    weight_map: dict[str, str] = {}
+    total_bytes = 0
+
+    def write_shard(filename: str, state: dict[str, torch.Tensor]) -> None:
+        nonlocal total_bytes
+        tensors = {name: tensor.to(dtype).contiguous() for name, tensor in state.items()}
+        save_file(tensors, str(out / filename), metadata={"format": "pt"})
+        for name, tensor in tensors.items():
+            weight_map[name] = filename
+            total_bytes += tensor.numel() * tensor.element_size()
+
+    shards = table.num_blocks + 1
+    write_shard(f"model-{0:05d}-of-{shards:05d}.safetensors", source.non_block_state_dict())
+    for block in range(table.num_blocks):
+        prefix = family.block_prefix(block)
+        state = {prefix + name: tensor for name, tensor in materialize(block).items()}
+        write_shard(f"model-{block + 1:05d}-of-{shards:05d}.safetensors", state)
+        if progress is not None:
+            progress(block + 1, table.num_blocks)
+
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    config = source.config.__class__.from_dict(source.config.to_dict())
+    config.torch_dtype = dtype
+    config.save_pretrained(out)
+    if save_tokenizer:
+        try:
+            source.tokenizer().save_pretrained(out)
+        except ModelSourceError:
+            pass  # a config-only source (tests) has no tokenizer to ship
+    return out

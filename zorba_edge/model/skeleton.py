@@ -1,0 +1,114 @@
+"""A model's structure without its weights, and the sizes the memory model needs.
+
+The skeleton is built the way transformers' own `from_pretrained` builds one before
+loading: every parameter on the meta device (shape and dtype, no storage) and the
+non-persistent buffers (rotary frequencies, causal masks, embedding scales) real on CPU,
+since no checkpoint holds them. Everything here works on a skeleton, so the server can
+size a model without holding its weights.
+
+Thread safety: transformers' `init_empty_weights` gets parameters onto the meta device by
+swapping `nn.Module.register_parameter` *process-wide* while the model is constructed, so
+a parameter that any other thread registers meanwhile lands on the meta device too, and
+two overlapping constructions can leave the swap in place for good. (A plain
+`torch.device("meta")` context is thread-local but would put the buffers on the meta
+device as well, and they cannot be recomputed generically.) So skeleton construction and
+the loader's own parameter installation both run under `registration_lock()`: several
+clients loading in one process (a simulation, the tests) then cannot catch each other's
+swap. Code outside this package that registers parameters while a skeleton is built is
+not covered, as with transformers' own `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.integrations.accelerate import init_empty_weights
+from transformers.pytorch_utils import Conv1D
+
+from zorba_edge.common.memory_model import ModelFootprint
+from zorba_edge.errors import AssignmentError, UnsupportedArchitectureError
+from zorba_edge.model.families import family_of, find_blocks
+
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+"""Layers a frozen block holds quantised. GPT-2's Conv1D is a Linear with its weight transposed."""
+
+
+_REGISTRATION_LOCK = threading.RLock()
+
+
+def registration_lock() -> AbstractContextManager[bool]:
+    """Held while building a skeleton and while installing parameters (see module doc)."""
+    return _REGISTRATION_LOCK
+
+
+def build_skeleton(config: PretrainedConfig) -> PreTrainedModel:
+    """The causal LM for `config`, parameters on the meta device, in eval mode, no grads."""
+    try:
+        with registration_lock(), init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as error:
+        raise UnsupportedArchitectureError(
+            f"transformers has no causal LM for {type(config).__name__} "
+            f"(model_type {getattr(config, 'model_type', '?')!r}): {error}"
+        ) from error
+    family_of(model)
+    # Built empty, the head is not tied yet (from_pretrained ties after loading): tie it
+    # now, or a tied head would look like a parameter of its own.
+    model.tie_weights()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def linear_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """The Linear-like layers inside `module`, by path relative to it, in module order."""
+    return {name: sub for name, sub in module.named_modules() if isinstance(sub, LINEAR_TYPES)}
+
+
+def non_block_parameter_names(model: nn.Module) -> list[str]:
+    """Parameters outside the blocks (embeddings, final norm, untied head), tied ones once."""
+    block_params = {id(p) for p in find_blocks(model).parameters()}
+    return [name for name, p in model.named_parameters() if id(p) not in block_params]
+
+
+def model_footprint(model: nn.Module) -> ModelFootprint:
+    """Parameter counts of a skeleton (or any full-precision model) for the memory model."""
+    blocks = find_blocks(model)
+    block_params = tuple(sum(p.numel() for p in block.parameters()) for block in blocks)
+    quantizable = tuple(
+        sum(layer.weight.numel() for layer in linear_layers(block).values()) for block in blocks
+    )
+    # named_parameters() yields a tied parameter once, so a tied head is not counted twice.
+    params = dict(model.named_parameters())
+    embed_head = sum(params[name].numel() for name in non_block_parameter_names(model))
+    config = model.config
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+    return ModelFootprint(
+        block_params=block_params,
+        quantizable_block_params=quantizable,
+        embed_head_params=embed_head,
+        hidden_size=hidden,
+        vocab_size=config.vocab_size,
+        num_layers=len(blocks),
+        intermediate_size=intermediate or 4 * hidden,
+    )
+
+
+def normalize_assignment(assignment: Iterable[int], num_blocks: int) -> tuple[int, ...]:
+    """Sorted unique block indices, or AssignmentError naming the bad block and the count."""
+    blocks = []
+    for block in assignment:
+        if isinstance(block, bool) or not isinstance(block, int):
+            raise AssignmentError(f"assignment entry {block!r} is not a block index (an int)")
+        if not 0 <= block < num_blocks:
+            raise AssignmentError(
+                f"block {block} does not exist: the model has {num_blocks} blocks "
+                f"(0..{num_blocks - 1})"
+            )
+        blocks.append(block)
+    return tuple(sorted(set(blocks)))
