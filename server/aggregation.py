@@ -27,9 +27,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from zorba_server.config import AggregationConfig
 
 from zorba_edge.errors import InvalidScalarError
+from zorba_server.config import AggregationConfig
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiohttp import web
-from zorba_server import errors, metrics, status_page, storage
-from zorba_server.committer import Committer
-from zorba_server.config import ServerConfig
-from zorba_server.coordinator import Coordinator, SolveFn
-from zorba_server.errors import ApiError
-from zorba_server.scheduler import solve_schedule
 
 from zorba_edge.common.schema import (
     CONTENT_TYPE,
@@ -35,6 +29,12 @@ from zorba_edge.common.schema import (
     decode,
     encode,
 )
+from zorba_server import errors, metrics, status_page, storage
+from zorba_server.committer import Committer
+from zorba_server.config import ServerConfig
+from zorba_server.coordinator import Coordinator, SolveFn
+from zorba_server.errors import ApiError
+from zorba_server.scheduler import solve_schedule
 
 log = logging.getLogger("zorba_server")
 M = TypeVar("M")

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from aiohttp import web
+
 from zorba_server.app import create_app
 from zorba_server.config import ConfigError, ServerConfig, load_config
 
@@ -23,20 +24,40 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "Flags override the config file; the enrolment secret comes from the file or the "
         "ZORBA_ENROLMENT_SECRET environment variable.",
     )
-    p.add_argument("--config", help="TOML config file")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int, help="TCP port (0: any free port; the real one is printed)")
-    p.add_argument("--db", help="SQLite database path (storage.path)")
-    p.add_argument("--tls-cert")
-    p.add_argument("--tls-key")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--pool-size", type=int)
-    p.add_argument("--min-clients", type=int)
-    p.add_argument("--min-reports", type=int)
-    p.add_argument("--round-duration", type=float,
-                   help="seconds from a round's opening to its deadline")
-    p.add_argument("--max-rounds", type=int)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML config file with [server], [storage], [run], [aggregation] and "
+                   "[scheduler] sections (see docs/protocol.md); flags below override it")
+    g = p.add_argument_group("listening")
+    g.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for a LAN)")
+    g.add_argument("--port", type=int, help="TCP port (default 8470; 0: any free port, printed)")
+    g.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: serve HTTPS only")
+    g.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    g = p.add_argument_group("storage")
+    g.add_argument("--db", metavar="FILE",
+                   help="SQLite database (default zorba-server.sqlite3); an existing one resumes its run")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, help="run seed of the perturbation directions (default 0)")
+    g.add_argument("--pool-size", type=int, help="K, seeds in the pool (default 1024)")
+    g.add_argument("--lr", type=float, help="learning rate of the ZO steps (default 1e-6)")
+    g.add_argument("--mu", type=float, help="perturbation scale (default 1e-3)")
+    g.add_argument("--batch-size", type=int, help="examples per local step (default 8)")
+    g.add_argument("--seq-len", type=int, help="tokens per example (default 64)")
+    g.add_argument("--min-clients", type=int,
+                   help="registered clients needed before the first round opens (default 1)")
+    g.add_argument("--min-reports", type=int,
+                   help="reports a round needs to be applied; fewer: it is re-run (default 1)")
+    g.add_argument("--round-duration", type=float, metavar="SECONDS",
+                   help="seconds from a round's opening to its deadline (default 300)")
+    g.add_argument("--max-rounds", type=int, help="stop after this many applied rounds (0: never)")
+    g = p.add_argument_group("aggregation and scheduling")
+    g.add_argument("--aggregation", choices=["mean", "median", "trimmed_mean"],
+                   help="per-(k, block) rule: sample-weighted mean (default) or a robust one")
+    g.add_argument("--clip", type=float, help="clip each projected gradient to [-clip, clip] first")
+    g.add_argument("--epsilon", type=float,
+                   help="share of the best coverage the memory stage may give up (default 0.05)")
+    g.add_argument("--min-cover", type=int, help="clients wanted per block (default 1)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="default INFO")
     return p.parse_args(argv)
 
 
@@ -45,9 +66,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "server": {"host": args.host, "port": args.port, "tls_cert": args.tls_cert,
                    "tls_key": args.tls_key},
         "storage": {"path": args.db},
-        "run": {"seed": args.seed, "pool_size": args.pool_size, "min_clients": args.min_clients,
-                "min_reports": args.min_reports, "round_duration_s": args.round_duration,
-                "max_rounds": args.max_rounds},
+        "run": {"seed": args.seed, "pool_size": args.pool_size, "lr": args.lr, "mu": args.mu,
+                "batch_size": args.batch_size, "seq_len": args.seq_len,
+                "min_clients": args.min_clients, "min_reports": args.min_reports,
+                "round_duration_s": args.round_duration, "max_rounds": args.max_rounds},
+        "aggregation": {"method": args.aggregation, "clip": args.clip},
+        "scheduler": {"epsilon": args.epsilon, "min_cover": args.min_cover},
     })
 
 

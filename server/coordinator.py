@@ -27,6 +27,25 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+
+from zorba_edge.common.memory_model import LinearMemoryModel, ModelFootprint, linear_memory_model
+from zorba_edge.common.schema import (
+    FINISHED,
+    PROTOCOL_VERSION,
+    TRAIN,
+    WAIT,
+    AlphaDelta,
+    AlphaState,
+    DeviceProfile,
+    HyperParams,
+    NextRound,
+    RegisterRequest,
+    RegisterResponse,
+    Report,
+    ReportAck,
+    RunInfo,
+    encode,
+)
 from zorba_server import errors, storage
 from zorba_server.aggregation import apply_delta
 from zorba_server.committer import Committer
@@ -48,25 +67,6 @@ from zorba_server.scheduler import (
     SchedulerConfig,
     local_steps,
     solve_schedule,
-)
-
-from zorba_edge.common.memory_model import LinearMemoryModel, ModelFootprint, linear_memory_model
-from zorba_edge.common.schema import (
-    FINISHED,
-    PROTOCOL_VERSION,
-    TRAIN,
-    WAIT,
-    AlphaDelta,
-    AlphaState,
-    DeviceProfile,
-    HyperParams,
-    NextRound,
-    RegisterRequest,
-    RegisterResponse,
-    Report,
-    ReportAck,
-    RunInfo,
-    encode,
 )
 
 log = logging.getLogger("zorba_server")

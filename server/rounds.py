@@ -17,12 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from zorba_edge.common.schema import Assignment, HyperParams, Report
+from zorba_edge.errors import InvalidScalarError
 from zorba_server import errors
 from zorba_server.aggregation import Contribution, RoundDelta, aggregate, check_scalars
 from zorba_server.config import AggregationConfig
-
-from zorba_edge.common.schema import Assignment, HyperParams, Report
-from zorba_edge.errors import InvalidScalarError
 
 APPLIED, FAILED, OPEN = "applied", "failed", "open"
 

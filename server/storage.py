@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 
 import msgpack
 import numpy as np
-from zorba_server.rounds import APPLIED, FAILED, OPEN, ReceivedReport, RoundPlan
 
 from zorba_edge.common.memory_model import ModelFootprint
 from zorba_edge.common.schema import AlphaDelta, DeviceProfile, Report, decode, encode
+from zorba_server.rounds import APPLIED, FAILED, OPEN, ReceivedReport, RoundPlan
 
 SCHEMA_VERSION = 1
 _UNLIMITED = 1 << 40  # our own rows: trusted, sized by the schema limits when written

@@ -6,6 +6,9 @@ import random
 
 import numpy as np
 import pytest
+
+from zorba_edge.common.schema import HyperParams, Report
+from zorba_edge.errors import InvalidScalarError
 from zorba_server.aggregation import Contribution, aggregate, apply_delta, check_scalars
 from zorba_server.config import AggregationConfig
 from zorba_server.errors import ApiError
@@ -19,9 +22,6 @@ from zorba_server.rounds import (
     check_report,
     close_round,
 )
-
-from zorba_edge.common.schema import HyperParams, Report
-from zorba_edge.errors import InvalidScalarError
 
 MEAN = AggregationConfig()
 

@@ -18,9 +18,6 @@ from server_fakes import (
     post,
     profile,
 )
-from zorba_server.app import SERVICES, create_app
-from zorba_server.config import ConfigError, config_from_dict
-from zorba_server.scheduler import solve_schedule
 
 from zorba_edge.common.memory_model import ModelFootprint
 from zorba_edge.common.schema import (
@@ -32,6 +29,9 @@ from zorba_edge.common.schema import (
     ReportAck,
     encode,
 )
+from zorba_server.app import SERVICES, create_app
+from zorba_server.config import ConfigError, config_from_dict
+from zorba_server.scheduler import solve_schedule
 
 pytestmark = pytest.mark.asyncio
 

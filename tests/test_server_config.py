@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from zorba_server.cli import config_from_args, parse_args
 from zorba_server.config import SECRET_ENV, ConfigError, load_config
 

@@ -21,11 +21,11 @@ import msgpack
 import numpy as np
 import pytest
 from server_fakes import SECRET, FakeClient, make_report, profile
+
+from zorba_edge.common.schema import Report, decode
 from zorba_server.aggregation import Contribution, aggregate, apply_delta
 from zorba_server.config import AggregationConfig
 from zorba_server.rounds import RoundPlan
-
-from zorba_edge.common.schema import Report, decode
 
 pytestmark = pytest.mark.asyncio
 LR = 0.01

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from server_fakes import FOOTPRINT, profile
+
+from zorba_edge.common.schema import AlphaDelta, HyperParams, Report
 from zorba_server import storage
 from zorba_server.committer import Committer
 from zorba_server.rounds import ClientPlan, ReceivedReport, RoundPlan
-
-from zorba_edge.common.schema import AlphaDelta, HyperParams, Report
 
 PLAN = RoundPlan(1, 0, 0.0, 5.0, HyperParams(0.1, 1e-3, 8, 64), (3, 4),
                  {"c-1": ClientPlan((0,), 2)})

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from server_fakes import config_dict
+
 from zorba_server.app import create_app
 from zorba_server.cli import ssl_context
 from zorba_server.config import ConfigError, config_from_dict

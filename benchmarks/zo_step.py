@@ -1,0 +1,214 @@
+"""Cost of one zeroth-order step against inference, on SmolLM2-135M-Instruct.
+
+For 1, 4 and all 30 blocks assigned, with frozen blocks in nf4 and in fp32, it measures
+(each configuration in fresh processes, so that peak memory is the configuration's own):
+- step_over_forward: one ZO step's time divided by one forward pass's time, both measured
+  in the same process on the same batch (two forward passes are the floor);
+- peak_over_inference: the peak RSS of a training process (model, round snapshot, steps)
+  divided by that of an inference-only process that holds the model in the same
+  precisions and runs forward passes on the same batch;
+- load_peak_over_steady: the peak RSS while loading divided by the RSS once loaded.
+Peaks are read from VmHWM after resetting it (`/proc/self/clear_refs`), so the loading peak
+does not hide the peak of the phase that follows. Linux only.
+
+    python benchmarks/zo_step.py --json        # one JSON object on stdout, progress on stderr
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BATCH_SIZE = 8
+SEQ_LEN = 64
+
+
+@dataclass(frozen=True)
+class Measurement:
+    role: str
+    assigned: int
+    frozen: str
+    load_s: float
+    load_peak_rss: int
+    steady_rss: int
+    phase_peak_rss: int
+    forward_s: float
+    step_s: float | None
+
+
+def read_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def evenly_spaced(count: int, total: int) -> list[int]:
+    if count >= total:
+        return list(range(total))
+    return sorted({round(i * (total - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+def worker(args: argparse.Namespace) -> Measurement:
+    """One process: load, then either ZO steps (train) or forward passes (infer)."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from zorba_edge.data.collate import ClassificationCollator
+    from zorba_edge.data.movie_reviews import load_movie_reviews
+    from zorba_edge.data.templates import SENTIMENT_TEMPLATE
+    from zorba_edge.engine.losses import classification_loss
+    from zorba_edge.engine.zo import RoundSnapshot, ZOConfig, zo_step
+    from zorba_edge.model.loading import LoadConfig, load_model, release_freed_memory
+    from zorba_edge.model.sources import open_source
+
+    source = open_source(args.model)
+    num_blocks = source.config.num_hidden_layers
+    assignment = evenly_spaced(args.assigned, num_blocks)
+    # The batch is made before loading so that tokeniser and data are in both baselines.
+    reviews = load_movie_reviews()
+    rng = np.random.default_rng(0)
+    chosen = [reviews[i] for i in rng.choice(len(reviews), BATCH_SIZE, replace=False)]
+    batch = ClassificationCollator(source.tokenizer(), SENTIMENT_TEMPLATE, seq_len=SEQ_LEN)(chosen)
+    del reviews
+    release_freed_memory()
+
+    reset_peak_rss()
+    start = time.perf_counter()
+    loaded = load_model(source, assignment, LoadConfig(frozen_dtype=args.frozen))
+    load_s = time.perf_counter() - start
+    release_freed_memory()
+    load_peak, steady = read_status_kib("VmHWM"), read_status_kib("VmRSS")
+    model = loaded.model.eval()
+
+    reset_peak_rss()
+    forward_times = []
+    with torch.no_grad():
+        for _ in range(args.repeats + 1):
+            t0 = time.perf_counter()
+            classification_loss(model, batch)
+            forward_times.append(time.perf_counter() - t0)
+    step_s = None
+    if args.role == "train":
+        blocks = {b: loaded.trainable_parameters(b) for b in assignment}
+        snapshot = RoundSnapshot(blocks)
+        config = ZOConfig(mu=1e-3, lr=1e-6)
+        step_times = []
+        for k in range(args.repeats + 1):
+            t0 = time.perf_counter()
+            zo_step(model, blocks, classification_loss, batch, run_seed=0, k=k, config=config)
+            step_times.append(time.perf_counter() - t0)
+        snapshot.revert()
+        step_s = statistics.median(step_times[1:])
+    return Measurement(
+        role=args.role, assigned=len(assignment), frozen=args.frozen, load_s=load_s,
+        load_peak_rss=load_peak, steady_rss=steady, phase_peak_rss=read_status_kib("VmHWM"),
+        forward_s=statistics.median(forward_times[1:]), step_s=step_s,
+    )
+
+
+def run_worker(args: argparse.Namespace, role: str, assigned: int, frozen: str) -> Measurement:
+    command = [
+        sys.executable, __file__, "--worker", role, "--assigned", str(assigned), "--frozen", frozen,
+        "--model", str(args.model), "--threads", str(args.threads), "--repeats", str(args.repeats),
+    ]
+    out = subprocess.run(command, check=True, capture_output=True, text=True)
+    return Measurement(**json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model directory or .gguf (default: the packaged SmolLM2-135M-Instruct)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process (default 2)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed repetitions after one warm-up (default 5)")
+    parser.add_argument("--assigned-counts", type=int, nargs="+", default=[1, 4, 30],
+                        help="numbers of assigned blocks to measure (default 1 4 30)")
+    parser.add_argument("--frozen-dtypes", nargs="+", default=["nf4", "fp32"],
+                        help="frozen-block precisions to measure (default nf4 fp32)")
+    parser.add_argument("--worker", choices=["train", "infer"], help=argparse.SUPPRESS)
+    parser.add_argument("--role", help=argparse.SUPPRESS)
+    parser.add_argument("--assigned", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--frozen", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.model is None:
+        from zorba_edge.model.pretrained import packaged_model_path
+
+        args.model = packaged_model_path()
+    if args.worker:
+        args.role = args.worker
+        print(json.dumps(asdict(worker(args))))
+        return
+
+    rows = []
+    for frozen in args.frozen_dtypes:
+        for assigned in args.assigned_counts:
+            print(f"[zo_step] {assigned} blocks assigned, frozen {frozen}: training process...",
+                  file=sys.stderr, flush=True)
+            train = run_worker(args, "train", assigned, frozen)
+            print("[zo_step]   ...inference process", file=sys.stderr, flush=True)
+            infer = run_worker(args, "infer", assigned, frozen)
+            row = {
+                "assigned": train.assigned,
+                "frozen": frozen,
+                "forward_s": round(train.forward_s, 4),
+                "step_s": round(train.step_s or 0.0, 4),
+                "step_over_forward": round((train.step_s or 0.0) / train.forward_s, 3),
+                "train_peak_mib": round(train.phase_peak_rss / 2**20, 1),
+                "inference_peak_mib": round(infer.phase_peak_rss / 2**20, 1),
+                "peak_over_inference": round(train.phase_peak_rss / infer.phase_peak_rss, 3),
+                "load_s": round(train.load_s, 2),
+                "load_peak_mib": round(train.load_peak_rss / 2**20, 1),
+                "steady_mib": round(train.steady_rss / 2**20, 1),
+                "load_peak_over_steady": round(train.load_peak_rss / train.steady_rss, 3),
+            }
+            rows.append(row)
+            print(f"[zo_step]   {row}", file=sys.stderr, flush=True)
+
+    def pick(assigned: int, frozen: str) -> dict | None:
+        return next((r for r in rows if r["assigned"] == assigned and r["frozen"] == frozen), None)
+
+    headline = pick(4, "nf4") or rows[0]
+    summary = {
+        "model": Path(args.model).name,
+        "batch": f"{BATCH_SIZE}x{SEQ_LEN}",
+        "threads": args.threads,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "step_over_forward": (pick(4, "nf4") or headline)["step_over_forward"],
+        "peak_over_inference": headline["peak_over_inference"],
+        "load_peak_over_steady": headline["load_peak_over_steady"],
+        "table": rows,
+        "command": "python benchmarks/zo_step.py --json",
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{'assigned':>8} {'frozen':>6} {'fwd s':>7} {'step s':>7} {'step/fwd':>8} "
+              f"{'train MiB':>9} {'infer MiB':>9} {'peak/inf':>8} {'load/steady':>11}")
+        for r in rows:
+            print(f"{r['assigned']:>8} {r['frozen']:>6} {r['forward_s']:>7.3f} {r['step_s']:>7.3f} "
+                  f"{r['step_over_forward']:>8.3f} {r['train_peak_mib']:>9.1f} "
+                  f"{r['inference_peak_mib']:>9.1f} "
+                  f"{r['peak_over_inference']:>8.3f} {r['load_peak_over_steady']:>11.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The client's local training loop: rounds, revert, sync and re-assignment."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from fixtures_text import make_tokenizer
+from tiny_models import tiny_llama_config
+
+from zorba_edge.client.task import LocalTask
+from zorba_edge.client.trainer import LocalTrainer, SyncError
+from zorba_edge.common.schema import AlphaDelta, Assignment, HyperParams, RunInfo
+from zorba_edge.data.examples import ClassificationExample
+from zorba_edge.engine.coefficients import block_materializer
+from zorba_edge.model.loading import LoadConfig
+from zorba_edge.model.sources import RandomInitSource
+
+HYPER = HyperParams(lr=1e-3, mu=1e-3, batch_size=4, seq_len=16)
+POSITIVE = "great good fun".split()
+NEGATIVE = "terrible bad boring".split()
+
+
+def examples(count: int, seed: int = 0) -> list[ClassificationExample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        label = int(rng.integers(2))
+        words = rng.choice(POSITIVE if label else NEGATIVE, 2).tolist() + ["movie"]
+        out.append(ClassificationExample(" ".join(rng.permutation(words)), label))
+    return out
+
+
+def make_trainer(num_blocks: int = 3, frozen: str = "fp32", init: float = 0.02) -> LocalTrainer:
+    tokenizer = make_tokenizer()
+    config = tiny_llama_config(num_layers=num_blocks, vocab=160, initializer_range=init)
+    source = RandomInitSource(config, seed=1,
+                              tokenizer=tokenizer)
+    run = RunInfo(run_id="r", seed=5, pool_size=64, num_blocks=num_blocks,
+                  model_fingerprint=source.fingerprint, hyper=HYPER, round_duration_s=60,
+                  poll_timeout_s=10, max_abs_scalar=1e4)
+    task = LocalTask(examples(32), tokenizer, seed=2)
+    return LocalTrainer(source, LoadConfig(frozen_dtype=frozen), run, task, refresh_every=1000)
+
+
+def assignment(round_: int, blocks: tuple[int, ...], ks: tuple[int, ...], version: int = 0) -> Assignment:
+    return Assignment(round=round_, base_version=version, blocks=blocks, pool_indices=ks,
+                      hyper=HYPER, deadline_in_s=60, deadline_unix=0)
+
+
+def state_of(trainer: LocalTrainer, block: int) -> dict[str, torch.Tensor]:
+    assert trainer.loaded is not None
+    return {n: p.detach().clone() for n, p in trainer.loaded.blocks[block].state_dict().items()}
+
+
+def delta(version: int, ks: tuple[int, ...], blocks: tuple[int, ...], seed: int) -> AlphaDelta:
+    values = np.random.default_rng(seed).normal(0, 1e-3, (len(ks), len(blocks)))
+    return AlphaDelta.from_matrix(version, version, ks, blocks, values)
+
+
+def test_a_round_reports_one_scalar_per_step_and_leaves_the_model_as_it_found_it() -> None:
+    trainer = make_trainer()
+    trainer.hold((0, 2))
+    before = {b: state_of(trainer, b) for b in range(3)}
+    outcome = trainer.train_round(assignment(1, (0, 2), (3, 9, 3, 40)), threading.Event())
+    assert [k for k, _ in outcome.steps] == [3, 9, 3, 40]
+    assert all(np.isfinite(g) for _, g in outcome.steps)
+    assert outcome.num_samples == 16 and not outcome.cancelled
+    assert outcome.peak_memory_bytes > 0 and outcome.step_time_s > 0
+    for b in range(3):
+        after = state_of(trainer, b)
+        assert all(torch.equal(after[n], before[b][n]) for n in after), b
+
+
+def test_a_cancelled_round_reports_the_steps_taken_and_reverts() -> None:
+    trainer = make_trainer()
+    cancel = threading.Event()
+    calls = 0
+    original = trainer.task.next_batch
+
+    def cancelling_next_batch(batch_size: int, seq_len: int):  # cancel after two steps
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            cancel.set()
+        return original(batch_size, seq_len)
+
+    trainer.task.next_batch = cancelling_next_batch  # type: ignore[method-assign]
+    trainer.hold((1,))
+    before = state_of(trainer, 1)
+    outcome = trainer.train_round(assignment(1, (1,), (1, 2, 3, 4)), cancel)
+    assert outcome.cancelled and [k for k, _ in outcome.steps] == [1, 2]
+    assert all(torch.equal(v, before[n]) for n, v in state_of(trainer, 1).items())
+
+
+def test_synced_and_reassigned_blocks_equal_base_plus_alpha() -> None:
+    trainer = make_trainer()
+    trainer.hold((0,))
+    trainer.apply_deltas([delta(2, (4, 7), (0, 1), seed=1), delta(1, (1, 4), (0, 2), seed=0)])
+    assert trainer.table.version == 2
+    materialize = block_materializer(trainer.source.block_state_dict, trainer.table, trainer.run.seed)
+    held = state_of(trainer, 0)
+    for name, tensor in materialize(0).items():  # incremental sync against a rebuild
+        assert torch.allclose(held[name], tensor, rtol=1e-5, atol=1e-7), name
+    trainer.hold((1, 2))  # newly assigned blocks are rebuilt from base + alpha
+    for block in (1, 2):
+        held = state_of(trainer, block)
+        assert all(torch.equal(held[n], t) for n, t in materialize(block).items())
+
+
+def test_out_of_order_or_stale_versions_are_refused() -> None:
+    trainer = make_trainer()
+    with pytest.raises(SyncError, match="version 3 cannot follow local version 0"):
+        trainer.apply_deltas([delta(3, (1,), (0,), seed=0)])
+    with pytest.raises(SyncError, match="trains on alpha version 2 but this client is at 0"):
+        trainer.train_round(assignment(1, (0,), (1,), version=2), threading.Event())
+
+
+def test_rounds_with_server_style_updates_lower_the_task_loss() -> None:
+    # The server's rule for a single client: alpha[k, b] += lr * g for each step.
+    trainer = make_trainer(num_blocks=2, init=0.2)
+    version = 0
+    blocks = (0, 1)
+    eval_batch = trainer.task.collator(HYPER.seq_len)(trainer.task.examples)
+    hyper = HyperParams(lr=1e-2, mu=1e-3, batch_size=8, seq_len=16)
+    trainer.hold(blocks)
+    loss_before = float(trainer.task.loss_fn(trainer.loaded.model, eval_batch))
+    for round_ in range(1, 16):
+        ks = tuple(range(round_ * 4, round_ * 4 + 4))
+        work = Assignment(round=round_, base_version=version, blocks=blocks, pool_indices=ks,
+                          hyper=hyper, deadline_in_s=60, deadline_unix=0)
+        outcome = trainer.train_round(work, threading.Event())
+        sums: dict[int, float] = {}
+        for k, g in outcome.steps:
+            sums[k] = sums.get(k, 0.0) + hyper.lr * g
+        ordered = tuple(sorted(sums))
+        matrix = np.array([[sums[k]] * len(blocks) for k in ordered])
+        version += 1
+        trainer.apply_deltas([AlphaDelta.from_matrix(version, round_, ordered, blocks, matrix)])
+    loss_after = float(trainer.task.loss_fn(trainer.loaded.model, eval_batch))
+    assert loss_after < loss_before - 0.05, (loss_before, loss_after)

@@ -1,0 +1,86 @@
+"""A client's local task: its examples, how they become batches, and the loss on them.
+
+The examples never leave the device; only the trainer's scalars do. The batch shape (batch
+size, sequence length) is the run's, so the collator is made when the run is known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from zorba_edge.data.collate import ClassificationCollator, LMCollator
+from zorba_edge.data.examples import ClassificationExample, GenerationExample
+from zorba_edge.data.sampling import BatchSampler
+from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
+from zorba_edge.engine.losses import classification_loss, evaluate_classification, lm_loss
+from zorba_edge.engine.zo import LossFn
+from zorba_edge.errors import DataError
+
+CLASSIFICATION, GENERATION = "classification", "generation"
+
+
+@dataclass
+class LocalTask:
+    """Examples of one kind plus the tokenizer and (for classification) the template."""
+
+    examples: Sequence[ClassificationExample] | Sequence[GenerationExample]
+    tokenizer: PreTrainedTokenizerBase
+    template: PromptTemplate | None = SENTIMENT_TEMPLATE
+    seed: int = 0
+    """Seeds this client's batch order (never the global RNG)."""
+    _samplers: dict[int, BatchSampler] = field(default_factory=dict, init=False, repr=False)
+    _collators: dict[int, ClassificationCollator | LMCollator] = field(
+        default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.examples:
+            raise DataError("the local task has no examples: give a non-empty data file")
+        kinds = {type(e) for e in self.examples}
+        if len(kinds) != 1:
+            raise DataError("a task mixes classification and generation examples: use one kind per file")
+        if self.kind == CLASSIFICATION and self.template is None:
+            raise DataError("a classification task needs a prompt template with label words")
+
+    @property
+    def kind(self) -> str:
+        return CLASSIFICATION if isinstance(self.examples[0], ClassificationExample) else GENERATION
+
+    @property
+    def loss_fn(self) -> LossFn:
+        return classification_loss if self.kind == CLASSIFICATION else lm_loss
+
+    def collator(self, seq_len: int) -> ClassificationCollator | LMCollator:
+        if seq_len not in self._collators:
+            if self.kind == CLASSIFICATION:
+                assert self.template is not None
+                made = ClassificationCollator(self.tokenizer, self.template, seq_len=seq_len)
+            else:
+                made = LMCollator(self.tokenizer, seq_len=seq_len)
+            self._collators[seq_len] = made
+        return self._collators[seq_len]
+
+    def next_batch(self, batch_size: int, seq_len: int) -> Any:
+        """The next training batch of this client's seeded, epoch-wise shuffled stream."""
+        sampler = self._samplers.get(batch_size)
+        if sampler is None:
+            rng = np.random.default_rng([self.seed, batch_size])
+            sampler = self._samplers[batch_size] = BatchSampler(len(self.examples), batch_size, rng)
+        return self.collator(seq_len)([self.examples[i] for i in sampler.next_batch()])
+
+    def batches(self, batch_size: int, seq_len: int) -> Iterator[Any]:
+        """Every example once, in order (evaluation)."""
+        collate = self.collator(seq_len)
+        for start in range(0, len(self.examples), batch_size):
+            yield collate(self.examples[start : start + batch_size])
+
+
+def evaluate_accuracy(model: Any, task: LocalTask, batch_size: int, seq_len: int) -> float:
+    """Held-out accuracy of a classification task (label word with the highest logit)."""
+    if task.kind != CLASSIFICATION:
+        raise DataError("accuracy is defined for classification tasks only")
+    return evaluate_classification(model, task.batches(batch_size, seq_len)).accuracy

@@ -1,0 +1,170 @@
+"""The local training loop of one client (DESIGN §2), free of any networking.
+
+Per round: bring the held model to the assignment (re-materialising from base + alpha
+only the blocks whose role changed), snapshot the assigned blocks, take one seeded ZO step
+per pool index, then revert, so that the next sync starts from the global model. Alpha
+increments from the server are applied to the trainable blocks as they arrive; frozen
+(quantised) blocks are rebuilt from base + alpha every `refresh_every` versions.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from zorba_edge.client.memory_probe import PeakMemoryProbe
+from zorba_edge.client.task import LocalTask
+from zorba_edge.common.schema import AlphaDelta, AlphaState, Assignment, RunInfo
+from zorba_edge.engine.coefficients import (
+    AlphaIncrement,
+    CoefficientTable,
+    apply_increments_,
+    block_materializer,
+)
+from zorba_edge.engine.directions import BlockTensors
+from zorba_edge.engine.zo import RoundSnapshot, ZOConfig, zo_step
+from zorba_edge.errors import ZorbaError
+from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model
+from zorba_edge.model.sources import ModelSource
+
+
+class SyncError(ZorbaError):
+    """The local coefficient table is not at the version a delta or an assignment needs."""
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    steps: tuple[tuple[int, float], ...]
+    """(k_t, g_t) per step taken, in order."""
+    num_samples: int
+    loss_mean: float
+    loss_last: float
+    peak_memory_bytes: int
+    step_time_s: float
+    cancelled: bool
+
+
+class LocalTrainer:
+    """Holds the model for the current assignment and runs rounds on the local task."""
+
+    def __init__(
+        self,
+        source: ModelSource,
+        load_config: LoadConfig,
+        run: RunInfo,
+        task: LocalTask,
+        *,
+        table: CoefficientTable | None = None,
+        refresh_every: int = 20,
+    ) -> None:
+        if table is not None and (table.pool_size, table.num_blocks) != (run.pool_size, run.num_blocks):
+            raise SyncError(
+                f"the saved table is {table.pool_size} x {table.num_blocks} but the run's is "
+                f"{run.pool_size} x {run.num_blocks}: delete the client state to start afresh"
+            )
+        self.source = source
+        self.load_config = load_config
+        self.run = run
+        self.task = task
+        self.table = table or CoefficientTable(run.pool_size, run.num_blocks)
+        self.refresh_every = refresh_every
+        self.loaded: LoadedModel | None = None
+        self._frozen_version = self.table.version
+        self._probe = PeakMemoryProbe(load_config.device)
+
+    # ------------------------------------------------------------------ model state
+
+    def _materialize(self) -> object:
+        return block_materializer(self.source.block_state_dict, self.table, self.run.seed)
+
+    def _held(self) -> BlockTensors:
+        if self.loaded is None:
+            return {}
+        return {b: self.loaded.trainable_parameters(b) for b in self.loaded.assignment}
+
+    def _rebuild_all(self) -> None:
+        """Every block from base + alpha: after a catch-up or when frozen blocks are stale."""
+        assert self.loaded is not None
+        materialize = self._materialize()
+        for block in range(self.run.num_blocks):
+            self.loaded.install_block(block, materialize(block), trainable=block in self.loaded.assignment)
+        self._frozen_version = self.table.version
+
+    def hold(self, blocks: Iterable[int]) -> LoadedModel:
+        """Load the model (first time) or move it to a new assignment."""
+        blocks = tuple(sorted(set(blocks)))
+        if self.loaded is None:
+            self.loaded = load_model(self.source, blocks, self.load_config, materialize=self._materialize())
+            self._frozen_version = self.table.version
+        elif set(blocks) != set(self.loaded.assignment):
+            self.loaded.reassign(blocks, self._materialize())
+        if self.table.version - self._frozen_version >= self.refresh_every:
+            self._rebuild_all()
+        return self.loaded
+
+    # ------------------------------------------------------------------ sync
+
+    def apply_deltas(self, deltas: Iterable[AlphaDelta]) -> None:
+        """Apply published rounds in version order; ones already applied are skipped."""
+        for delta in sorted(deltas, key=lambda d: d.version):
+            if delta.version <= self.table.version:
+                continue
+            if delta.version != self.table.version + 1:
+                raise SyncError(
+                    f"delta for version {delta.version} cannot follow local version "
+                    f"{self.table.version}: catch up from /v1/state"
+                )
+            increments = [AlphaIncrement(k, b, v) for k, b, v in delta.entries()]
+            self.table.apply(increments)
+            self.table.version = delta.version
+            apply_increments_(self._held(), self.run.seed, increments)
+
+    def replace_table(self, state: AlphaState) -> None:
+        """Catch up from the whole table: rebuild every held block from base + alpha."""
+        self.table = CoefficientTable(state.pool_size, state.num_blocks, state.matrix(), state.version)
+        if self.loaded is not None:
+            self._rebuild_all()
+
+    # ------------------------------------------------------------------ a round
+
+    def train_round(self, assignment: Assignment, cancel: threading.Event) -> RoundOutcome:
+        """One round's local steps; the model is back at the global state when this returns."""
+        if assignment.base_version != self.table.version:
+            raise SyncError(
+                f"round {assignment.round} trains on alpha version {assignment.base_version} "
+                f"but this client is at {self.table.version}: sync first"
+            )
+        self._probe.reset()
+        loaded = self.hold(assignment.blocks)
+        blocks = self._held()
+        hyper = assignment.hyper
+        config = ZOConfig(mu=hyper.mu, lr=hyper.lr, max_abs_grad=self.run.max_abs_scalar)
+        loss_fn = self.task.loss_fn
+        steps: list[tuple[int, float]] = []
+        losses: list[float] = []
+        started = time.perf_counter()
+        snapshot = RoundSnapshot(blocks)
+        try:
+            for k in assignment.pool_indices:
+                if cancel.is_set():
+                    break
+                batch = self.task.next_batch(hyper.batch_size, hyper.seq_len)
+                result = zo_step(loaded.model, blocks, loss_fn, batch, self.run.seed, k, config)
+                steps.append((k, result.projected_grad))
+                losses.append(result.loss)
+        finally:
+            snapshot.revert()
+            del snapshot
+        elapsed = time.perf_counter() - started
+        return RoundOutcome(
+            steps=tuple(steps),
+            num_samples=len(steps) * min(hyper.batch_size, len(self.task.examples)),
+            loss_mean=statistics.fmean(losses) if losses else float("nan"),
+            loss_last=losses[-1] if losses else float("nan"),
+            peak_memory_bytes=self._probe.peak_bytes(),
+            step_time_s=elapsed / len(steps) if steps else 0.0,
+            cancelled=cancel.is_set() and len(steps) < len(assignment.pool_indices),
+        )
