@@ -10,8 +10,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import save_tiny_model, tiny_config, tiny_llama_config
 from transformers import PretrainedConfig
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The test models are tiny: a second intra-op thread only adds synchronisation, and on
+    # a loaded 2-core machine (CI, or servers started by the tests) spinning threads made
+    # a 300-step test take minutes instead of seconds.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
