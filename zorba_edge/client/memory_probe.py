@@ -3,7 +3,8 @@
 On Linux the kernel keeps the resident high-water mark (VmHWM) and lets a process reset it
 (`/proc/self/clear_refs`, value 5), so a round's peak is exact and costs nothing. Elsewhere
 the current RSS is sampled at the probe's calls (a lower bound, said so in its `exact`).
-On CUDA the device-side peak of torch's allocator is added.
+On an accelerator the budget a client declares is the device's memory, so the peak is
+the device-side peak of torch's allocator there, not the host's.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class PeakMemoryProbe:
             self._clear_refs.write_text("5")
         self._sampled_peak = psutil.Process().memory_info().rss
         if self.device.type == "cuda":
+            torch.cuda.init()  # resetting the stats of a device not yet initialised raises
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def sample(self) -> None:
@@ -50,8 +52,7 @@ class PeakMemoryProbe:
         self._sampled_peak = max(self._sampled_peak, psutil.Process().memory_info().rss)
 
     def peak_bytes(self) -> int:
-        self.sample()
-        host = self._host_rss_field("VmHWM") if self.exact else self._sampled_peak
         if self.device.type == "cuda":
-            return host + torch.cuda.max_memory_allocated(self.device)
-        return host
+            return torch.cuda.max_memory_reserved(self.device)
+        self.sample()
+        return self._host_rss_field("VmHWM") if self.exact else self._sampled_peak

@@ -151,7 +151,7 @@ class LocalTrainer:
             for k in assignment.pool_indices:
                 if cancel.is_set():
                     break
-                batch = self.task.next_batch(hyper.batch_size, hyper.seq_len)
+                batch = self.task.next_batch(hyper.batch_size, hyper.seq_len).to(self.load_config.device)
                 result = zo_step(loaded.model, blocks, loss_fn, batch, self.run.seed, k, config)
                 steps.append((k, result.projected_grad))
                 losses.append(result.loss)

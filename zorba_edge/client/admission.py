@@ -1,0 +1,66 @@
+"""The client's own admission check: does the run fit this device's budget at all?
+
+It asks the same memory model the scheduler uses (`zorba_edge.common.memory_model`), so a
+client refuses to start exactly when the server could never give it a block: when even the
+frozen model does not fit, or when no single block can be activated on top of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zorba_edge.client.errors import BudgetError
+from zorba_edge.client.sizes import format_size
+from zorba_edge.common.memory_model import (
+    MemorySettings,
+    ModelFootprint,
+    client_memory_bytes,
+    linear_memory_model,
+    max_blocks_within,
+)
+
+_SMALLER = {"fp32": "bf16", "fp16": "int8", "bf16": "int8", "int8": "nf4"}
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What the scheduler will see of this device."""
+
+    budget_bytes: int
+    fixed_bytes: int
+    """Every block frozen, plus embeddings/head, activations and runtime."""
+    block_bytes: tuple[int, ...]
+    """Extra bytes to activate each block."""
+    max_blocks: int
+    """How many blocks (the cheapest first) fit the budget at once."""
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_bytes)
+
+
+def admit(footprint: ModelFootprint, settings: MemorySettings, budget_bytes: int) -> Admission:
+    """The device's admission, or BudgetError saying what does not fit and what to change."""
+    model = linear_memory_model(footprint, settings)
+    frozen = client_memory_bytes(footprint, settings, ())
+    shape = f"batch_size={settings.batch_size}, seq_len={settings.seq_len}"
+    smaller = _SMALLER.get(settings.frozen_dtype)
+    hint = f", hold frozen blocks in {smaller} (--frozen-dtype {smaller})" if smaller else ""
+    max_blocks = max_blocks_within(footprint, settings, budget_bytes)
+    if max_blocks < 0:
+        raise BudgetError(
+            f"the model does not fit this device even with every block frozen: it needs "
+            f"{format_size(frozen)} (frozen blocks in {settings.frozen_dtype}, {shape}) and the "
+            f"memory budget is {format_size(budget_bytes)}. Free memory, raise --memory-budget"
+            f"{hint}, or use a smaller model"
+        )
+    if max_blocks == 0:
+        cheapest = min(range(footprint.num_blocks), key=lambda b: model.block_bytes[b])
+        need = client_memory_bytes(footprint, settings, (cheapest,))
+        raise BudgetError(
+            f"the frozen model fits ({format_size(frozen)}) but training even the cheapest block "
+            f"needs {format_size(need)} ({settings.train_dtype} weights plus their snapshot, "
+            f"{shape}) and the memory budget is {format_size(budget_bytes)}. Free memory, "
+            f"raise --memory-budget{hint}, or train in bf16 (--train-dtype bf16)"
+        )
+    return Admission(budget_bytes, model.fixed_bytes, model.block_bytes, max_blocks)

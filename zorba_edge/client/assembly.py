@@ -1,0 +1,294 @@
+"""From command-line choices to the objects the daemon runs: model source, data, profile.
+
+Everything here is plain construction; the decisions (what fits, when to train) live in
+admission.py, profiling.py and daemon.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zorba_edge.client.admission import Admission, admit
+from zorba_edge.client.errors import UsageError
+from zorba_edge.client.profiling import (
+    Budget,
+    DeviceSurvey,
+    StepTiming,
+    synchronizer,
+    time_call,
+)
+from zorba_edge.client.task import LocalTask
+from zorba_edge.common.memory_model import MemorySettings, ModelFootprint
+from zorba_edge.common.schema import DeviceProfile, MemoryProfile, RegisterRequest, RunInfo
+from zorba_edge.data.examples import ClassificationExample, GenerationExample
+from zorba_edge.data.jsonl import jsonl_task_kind, load_classification_jsonl, load_generation_jsonl
+from zorba_edge.data.movie_reviews import load_movie_reviews
+from zorba_edge.data.splits import dirichlet_label_split, train_heldout_split
+from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
+from zorba_edge.errors import DTypeError
+from zorba_edge.model.loading import LoadConfig, load_model, release_freed_memory
+from zorba_edge.model.pretrained import packaged_model_path
+from zorba_edge.model.quantize import require_bitsandbytes
+from zorba_edge.model.skeleton import build_skeleton, model_footprint
+from zorba_edge.model.sources import ModelSource, open_source
+
+MOVIE_REVIEWS = "movie-reviews"
+PROBE_BATCH_SIZE, PROBE_SEQ_LEN = MemorySettings.batch_size, MemorySettings.seq_len
+"""The batch shape assumed before a run says its own (the server's defaults too)."""
+
+Example = ClassificationExample | GenerationExample
+
+
+# ------------------------------------------------------------------------------ model
+
+
+def open_model(path: str | None) -> ModelSource:
+    """`--model PATH` (a transformers directory or a .gguf), by default the packaged SmolLM2."""
+    return open_source(path if path is not None else packaged_model_path())
+
+
+def default_frozen_dtype(device: str) -> str:
+    """nf4 on CUDA where bitsandbytes works; bf16 elsewhere.
+
+    Measured on this project's 2-core x86 CPU with SmolLM2-135M (`zorba-edge profile`):
+    one forward pass of 8 x 64 tokens took 35 s with nf4 frozen blocks, 18 s with int8 and
+    1.2 s with bf16, while the whole footprint differed by ~100 MiB. On CPUs bitsandbytes
+    dequantises in slow paths; bf16 is the best CPU precision.
+    """
+    if torch.device(device).type != "cuda":
+        return "bf16"
+    try:
+        require_bitsandbytes("nf4")
+    except DTypeError:
+        return "bf16"
+    return "nf4"
+
+
+def footprint_of(source: ModelSource) -> ModelFootprint:
+    """Parameter counts from a meta-device skeleton: nothing is loaded."""
+    return model_footprint(build_skeleton(source.config))
+
+
+def memory_profile(load_config: LoadConfig, runtime_bytes: int | None) -> MemoryProfile:
+    """How this device holds the model, as the memory model needs it.
+
+    The round snapshot lives in host memory: on an accelerator it does not count against
+    the device's budget.
+    """
+    on_host = torch.device(load_config.device).type == "cpu"
+    fields = {
+        "train_dtype": load_config.train_dtype,
+        "frozen_dtype": load_config.frozen_dtype,
+        "frozen_other_dtype": load_config.train_dtype,
+        "embed_dtype": load_config.train_dtype,
+        "snapshot_dtype": load_config.train_dtype if on_host else None,
+    }
+    if runtime_bytes is not None:
+        fields["runtime_bytes"] = runtime_bytes
+    return MemoryProfile(**fields)  # type: ignore[arg-type]
+
+
+def probe_step_time(source: ModelSource, load_config: LoadConfig, *, repeats: int = 3,
+                    batch_size: int = PROBE_BATCH_SIZE, seq_len: int = PROBE_SEQ_LEN) -> StepTiming:
+    """Load the model as it will be held (every block frozen) and time its forward pass."""
+    model = load_model(source, (), load_config).model
+    try:
+        return time_forward(model, int(source.config.vocab_size), load_config.device,
+                            repeats=repeats, batch_size=batch_size, seq_len=seq_len)
+    finally:
+        del model
+        release_freed_memory()
+        if torch.device(load_config.device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def time_forward(model: torch.nn.Module, vocab_size: int, device: str, *, repeats: int,
+                 batch_size: int, seq_len: int) -> StepTiming:
+    """Median forward time of `model` on a seeded random batch of the given shape."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(device)
+    mask = torch.ones_like(ids)
+
+    def forward() -> object:
+        with torch.inference_mode():
+            return model(input_ids=ids, attention_mask=mask).logits
+
+    return time_call(forward, repeats=repeats, synchronize=synchronizer(device))
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """What `zorba-edge profile` prints and `run` registers."""
+
+    survey: DeviceSurvey
+    budget: Budget
+    admission: Admission
+    memory: MemoryProfile
+    footprint: ModelFootprint
+    fingerprint: str
+    step_time_s: float | None
+
+
+def device_report(source: ModelSource, load_config: LoadConfig, survey: DeviceSurvey,
+                  budget: Budget, memory: MemoryProfile, *, step_time_s: float | None,
+                  batch_size: int = PROBE_BATCH_SIZE, seq_len: int = PROBE_SEQ_LEN) -> DeviceReport:
+    """Admission of this device for a run of the given batch shape (BudgetError if none)."""
+    footprint = footprint_of(source)
+    admission = admit(footprint, memory.settings(batch_size, seq_len), budget.budget_bytes)
+    return DeviceReport(survey, budget, admission, memory, footprint, source.fingerprint,
+                        step_time_s)
+
+
+def registration(report: DeviceReport, *, device_type: str, num_samples: int, secret: str,
+                 name: str = "") -> RegisterRequest:
+    if report.step_time_s is None:
+        raise ValueError("a registration needs a measured step time")
+    profile = DeviceProfile(
+        device_type=device_type,
+        memory_budget_bytes=report.budget.budget_bytes,
+        step_time_s=report.step_time_s,
+        num_samples=num_samples,
+        footprint=report.footprint,
+        model_fingerprint=report.fingerprint,
+        memory=report.memory,
+        name=(name or socket.gethostname())[:256],
+    )
+    return RegisterRequest(secret, profile)
+
+
+def check_run(run: RunInfo, source: ModelSource, memory: MemoryProfile, budget_bytes: int) -> None:
+    """This device can take part in `run`: the same base model, and room for a block."""
+    if run.model_fingerprint != source.fingerprint:
+        raise UsageError(
+            f"run {run.run_id} trains the model with fingerprint {run.model_fingerprint[:16]}..., "
+            f"this client loaded {source.fingerprint[:16]}...: pass the run's base model with "
+            "--model, or use another --state file to join a different run")
+    settings = memory.settings(run.hyper.batch_size, run.hyper.seq_len)
+    admit(footprint_of(source), settings, budget_bytes)
+
+
+# ------------------------------------------------------------------------------ data
+
+ENROLMENT_SECRET_ENV = "ZORBA_ENROLMENT_SECRET"
+
+
+def read_secret(secret_file: str | None) -> str:
+    """The run's enrolment secret, from a file or the environment (never a flag: `ps` shows it)."""
+    if secret_file is not None:
+        try:
+            secret = Path(secret_file).expanduser().read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise UsageError(
+                f"--enrolment-secret-file {secret_file}: cannot read it ({exc.strerror})") from None
+    else:
+        secret = os.environ.get(ENROLMENT_SECRET_ENV, "").strip()
+    if not secret:
+        raise UsageError(
+            "registering needs the run's enrolment secret: put it in a file and pass "
+            f"--enrolment-secret-file FILE, or set {ENROLMENT_SECRET_ENV}")
+    return secret
+
+
+@dataclass(frozen=True)
+class DataChoice:
+    """Which examples this client trains (or evaluates) on."""
+
+    spec: str
+    """A JSONL file, or `movie-reviews` for the built-in corpus."""
+    num_clients: int = 1
+    client_index: int = 0
+    dirichlet_alpha: float = 0.5
+    """Label skew of the split across clients (small: each client sees mostly one label)."""
+    seed: int = 0
+    heldout_fraction: float = 0.1
+    """movie-reviews: the share kept out of every client's training data, for `eval`."""
+    max_examples: int | None = None
+    template: PromptTemplate = SENTIMENT_TEMPLATE
+
+    def __post_init__(self) -> None:
+        if self.num_clients < 1 or not 0 <= self.client_index < self.num_clients:
+            raise UsageError(
+                f"--client-index {self.client_index} with --num-clients {self.num_clients}: the "
+                "index must be in 0..num_clients-1")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise UsageError("--max-examples must be at least 1")
+
+    @property
+    def is_movie_reviews(self) -> bool:
+        return self.spec == MOVIE_REVIEWS
+
+
+def make_template(label_names: Sequence[str] | None, label_words: Sequence[str] | None,
+                  suffix: str | None, prefix: str | None) -> PromptTemplate:
+    """SENTIMENT_TEMPLATE, or a template from --labels/--label-words/--prompt-suffix."""
+    if label_names is None and label_words is None and suffix is None and prefix is None:
+        return SENTIMENT_TEMPLATE
+    base = SENTIMENT_TEMPLATE
+    names = tuple(label_names) if label_names else base.label_names
+    words = tuple(label_words) if label_words else base.label_words
+    try:
+        return PromptTemplate(names, words, suffix=base.suffix if suffix is None else suffix,
+                              prefix=base.prefix if prefix is None else prefix)
+    except ValueError as exc:
+        raise UsageError(f"--labels/--label-words: {exc}") from None
+
+
+def _all_examples(choice: DataChoice) -> list[Example]:
+    if choice.is_movie_reviews:
+        return list(load_movie_reviews())
+    kind = jsonl_task_kind(choice.spec)
+    if kind == "classification":
+        return list(load_classification_jsonl(choice.spec, choice.template.label_names))
+    return list(load_generation_jsonl(choice.spec))
+
+
+def _client_share(examples: list[Example], choice: DataChoice) -> list[Example]:
+    if choice.num_clients == 1:
+        return examples
+    if isinstance(examples[0], ClassificationExample):
+        labels = [e.label for e in examples]  # type: ignore[union-attr]
+        parts = dirichlet_label_split(labels, choice.num_clients, choice.dirichlet_alpha,
+                                      choice.seed)
+    else:
+        order = np.random.default_rng(choice.seed).permutation(len(examples))
+        parts = [np.sort(p) for p in np.array_split(order, choice.num_clients)]
+    return [examples[i] for i in parts[choice.client_index]]
+
+
+def _limit(examples: list[Example], choice: DataChoice) -> list[Example]:
+    if choice.max_examples is None or len(examples) <= choice.max_examples:
+        return examples
+    order = np.random.default_rng([choice.seed, 1]).permutation(len(examples))
+    keep = np.sort(order[: choice.max_examples])
+    return [examples[i] for i in keep]
+
+
+def training_examples(choice: DataChoice) -> list[Example]:
+    """This client's share of the training data."""
+    examples = _all_examples(choice)
+    if choice.is_movie_reviews:
+        train, _ = train_heldout_split(len(examples), choice.heldout_fraction, choice.seed)
+        examples = [examples[i] for i in train]
+    return _limit(_client_share(examples, choice), choice)
+
+
+def heldout_examples(choice: DataChoice) -> list[Example]:
+    """The evaluation examples: movie-reviews' held-out split, or the whole given file."""
+    examples = _all_examples(choice)
+    if choice.is_movie_reviews:
+        _, heldout = train_heldout_split(len(examples), choice.heldout_fraction, choice.seed)
+        examples = [examples[i] for i in heldout]
+    return _limit(examples, choice)
+
+
+def build_task(examples: Sequence[Example], source: ModelSource, choice: DataChoice) -> LocalTask:
+    # Each client draws its own batch order: the seed mixes in its index.
+    return LocalTask(list(examples), source.tokenizer(), choice.template,
+                     seed=choice.seed * 1_000_003 + choice.client_index)

