@@ -22,6 +22,7 @@ from typing import Any
 
 from zorba_edge.common.memory_model import ModelFootprint
 from zorba_edge.errors import ZorbaError
+from zorba_server.scheduler import SchedulerConfig
 
 try:
     import tomllib
@@ -142,15 +143,9 @@ class AggregationConfig:
             raise ConfigError("aggregation.max_abs_scalar must be > 0")
 
 
-@dataclass(frozen=True)
-class SchedulerSettings:
-    min_cover: int = 1
-    epsilon: float = 0.05
-    max_perturbed_params: int | None = None
-    stability_bonus: float = 0.1
-    time_limit_s: float = 10.0
-    milp_max_clients: int = 32
-    """Above this many clients the scheduler's greedy heuristic alone (see docs/scheduler.md)."""
+# The [scheduler] section is the scheduler's own SchedulerConfig (one definition of its
+# knobs); the round-dependent fields come from [run] and the coordinator, not the file.
+SCHEDULER_FIELDS_FROM_RUN = ("round_deadline_s", "min_steps", "max_steps")
 
 
 @dataclass(frozen=True)
@@ -160,7 +155,7 @@ class ServerConfig:
     storage: StorageConfig = StorageConfig()
     run: RunConfig = RunConfig()
     aggregation: AggregationConfig = AggregationConfig()
-    scheduler: SchedulerSettings = SchedulerSettings()
+    scheduler: SchedulerConfig = SchedulerConfig()
 
     def __post_init__(self) -> None:
         if len(self.enrolment_secret) < 8:
@@ -175,7 +170,7 @@ SECTIONS = {
     "storage": StorageConfig,
     "run": RunConfig,
     "aggregation": AggregationConfig,
-    "scheduler": SchedulerSettings,
+    "scheduler": SchedulerConfig,
 }
 
 
@@ -220,6 +215,10 @@ def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None,
             raise ConfigError(f"unknown config section [{name}]; known: {sorted(SECTIONS)}")
         if not isinstance(values, dict):
             raise ConfigError(f"[{name}] must be a table")
+        misplaced = sorted(set(values) & set(SCHEDULER_FIELDS_FROM_RUN)) if name == "scheduler" else []
+        if misplaced:
+            raise ConfigError(f"{misplaced} are not [scheduler] keys: set min_steps and max_steps in "
+                              "[run]; the deadline follows from run.round_duration_s")
         sections[name] = _build(SECTIONS[name], values, name)
     return ServerConfig(enrolment_secret=str(secret), **sections)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -594,12 +595,9 @@ class Coordinator:
                        m.step_time_s, self._previous.get(m.client_id, frozenset()))
             for m in members
         ]
-        s = self.config.scheduler
         run = self.config.run
-        sched_config = SchedulerConfig(
-            min_cover=s.min_cover, epsilon=s.epsilon, max_perturbed_params=s.max_perturbed_params,
-            stability_bonus=s.stability_bonus, time_limit_s=s.time_limit_s,
-            milp_max_clients=s.milp_max_clients, round_deadline_s=self._compute_time_s(),
+        sched_config = dataclasses.replace(
+            self.config.scheduler, round_deadline_s=self._compute_time_s(),
             min_steps=run.min_steps, max_steps=run.max_steps)
         started = time.perf_counter()
         schedule = await asyncio.to_thread(self._solve, specs, self.footprint.block_params,
