@@ -590,7 +590,8 @@ class Coordinator:
             return last if last is not None and last.assignments else None
         assert self.footprint is not None
         specs = [
-            ClientSpec(m.client_id, m.profile.memory_budget_bytes,
+            ClientSpec(m.client_id,
+                       int(m.profile.memory_budget_bytes * (1 - self.config.run.memory_headroom)),
                        self._memory_model(m.profile, m.calibration), float(m.profile.num_samples),
                        m.step_time_s, self._previous.get(m.client_id, frozenset()))
             for m in members
@@ -669,7 +670,9 @@ class Coordinator:
             member = self.members[cid]
             predicted = self._memory_model(member.profile, 1.0).total(plan.clients[cid].blocks)
             ratio = peak / predicted
-            value = (1 - CALIBRATION_EMA) * member.calibration + CALIBRATION_EMA * ratio
+            # An under-estimate is corrected at once (the next plan must fit); an
+            # over-estimate only decays, so one lucky round cannot over-fill a device.
+            value = max(ratio, (1 - CALIBRATION_EMA) * member.calibration + CALIBRATION_EMA * ratio)
             out[cid] = min(max(value, CALIBRATION_MIN), CALIBRATION_MAX)
         return out
 

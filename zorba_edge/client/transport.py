@@ -203,7 +203,14 @@ class ServerClient:
             async with self._session.request(method, self.base_url + path, data=body,
                                              params=query, headers=headers,
                                              timeout=timeout) as response:
-                raw = await response.content.read(MAX_RESPONSE_BYTES + 1)
+                # content.read(n) returns what is buffered so far, not n bytes: read to the
+                # end (a 245 KB alpha table arrives in several chunks), stopping past the cap.
+                chunks = bytearray()
+                async for chunk in response.content.iter_chunked(1 << 16):
+                    chunks += chunk
+                    if len(chunks) > MAX_RESPONSE_BYTES:
+                        break
+                raw = bytes(chunks)
                 status = response.status
         except aiohttp.ClientSSLError as exc:
             raise ServerUnavailableError(

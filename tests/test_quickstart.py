@@ -1,0 +1,83 @@
+"""The quickstart's orchestration: the byte-counting proxy, and a whole federation of real
+processes on a tiny random model (slow: several Python processes import torch)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from client_support import make_world
+
+from zorba_edge.demo.byte_proxy import CountingProxy, route_of
+from zorba_edge.demo.federation import ClientSetup, FederationPlan, run_federation
+from zorba_edge.demo.quickstart import evaluate_accuracy, summarize
+
+
+def test_route_of_folds_round_numbers_so_counts_group_by_endpoint() -> None:
+    assert route_of("/v1/rounds/17/reports") == "/v1/rounds/*/reports"
+    assert route_of("/v1/rounds/next") == "/v1/rounds/next"
+
+
+def test_proxy_forwards_and_counts_exact_body_bytes_both_ways() -> None:
+    proxy = asyncio.run(_through_proxy())
+    assert (proxy.count.bytes_up, proxy.count.bytes_down, proxy.count.requests) == (1003, 2006, 2)
+    assert proxy.count.by_route == {"/v1/rounds/*/reports": [2, 1003, 2006]}
+
+
+async def _through_proxy() -> CountingProxy:
+    async def echo_twice(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.Response(body=body * 2, status=201, headers={"X-Seen": str(len(body))})
+
+    app = web.Application()
+    app.router.add_post("/v1/rounds/{r}/reports", echo_twice)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    upstream = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    proxy = CountingProxy(upstream)
+    url = await proxy.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for payload in (b"abc", b"x" * 1000):
+                async with session.post(url + "/v1/rounds/3/reports", data=payload) as reply:
+                    assert reply.status == 201
+                    assert await reply.read() == payload * 2
+                    assert reply.headers["X-Seen"] == str(len(payload))
+    finally:
+        await proxy.close()
+        await runner.cleanup()
+    return proxy
+
+
+@pytest.mark.slow
+def test_a_tiny_federation_runs_end_to_end_and_reports_bytes_peaks_and_accuracy(
+        tmp_path: Path) -> None:
+    world = make_world(tmp_path)
+    plan = FederationPlan(
+        out_dir=tmp_path / "run",
+        clients=(ClientSetup("client-0", 3 * 2**30), ClientSetup("client-1", 4 * 2**30)),
+        data=str(world.data), model=str(world.model_dir), lr=0.03, mu=1e-3, batch_size=8,
+        seq_len=16, pool_size=64, round_duration_s=8.0, max_steps=4, rounds=2,
+        frozen_dtype="fp32", extra_client_args=("--step-time", "0.05"))
+    result = asyncio.run(run_federation(plan, progress=lambda line: None))
+    assert result.remote is not None and result.remote.table.version == 2
+    before = evaluate_accuracy(plan, 64)
+    after = evaluate_accuracy(plan, 64, result.remote)
+    summary = summarize(plan, result, before, after, "test", 64)
+    assert summary["rounds_applied"] == 2
+    assert summary["alpha_version"] == 2
+    assert 0.0 <= summary["acc_before"] <= 1.0 and 0.0 <= summary["acc_after"] <= 1.0
+    assert summary["loss_after"] != summary["loss_before"]  # alpha changed the model
+    for client in summary["clients"]:
+        assert client["rounds_reported"] >= 1
+        # Every report crossed the proxy: a report body holds at least its steps.
+        assert client["bytes_up_per_round"] > 9 * min(client["steps"], 1)
+        assert client["bytes_down_per_round"] > 0
+        assert 0 < client["peak_bytes"] and client["peak_over_budget"] < 1.0
+    assert summary["bytes_up_per_round"] > 0 and summary["peak_over_budget"] > 0
+    assert (plan.out_dir / "server.log").exists()

@@ -1,0 +1,1 @@
+"""The quickstart federation: a server and several clients on one machine, measured."""

