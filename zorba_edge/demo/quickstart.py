@@ -24,7 +24,10 @@ from typing import Any
 from zorba_edge.client.sizes import format_size, parse_size
 from zorba_edge.demo.federation import ClientSetup, FederationPlan, FederationResult
 
-DEFAULT_BUDGETS = ("0.9GiB", "1.0GiB", "1.2GiB", "1.6GiB")
+# The frozen SmolLM2 (bf16) with runtime and activations measures ~0.9 GiB: a 0.9 GiB budget
+# was refused on a fresh machine (914.9 MiB fixed + 26 MiB per block), so the smallest budget
+# holds a few blocks and the largest most of the 30 (the 1/1.5/2.5/4 GiB gave 9/29/30/30).
+DEFAULT_BUDGETS = ("1.0GiB", "1.1GiB", "1.3GiB", "1.7GiB")
 
 
 def build_parser() -> argparse.ArgumentParser:
