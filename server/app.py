@@ -35,6 +35,7 @@ from zorba_server.config import ServerConfig
 from zorba_server.coordinator import Coordinator, SolveFn
 from zorba_server.errors import ApiError
 from zorba_server.scheduler import solve_schedule
+from zorba_server.scheduler_baselines import solver_for
 
 log = logging.getLogger("zorba_server")
 M = TypeVar("M")
@@ -61,8 +62,10 @@ class Services:
 SERVICES = web.AppKey("services", Services)
 
 
-def create_app(config: ServerConfig, *, solve: SolveFn = solve_schedule,
+def create_app(config: ServerConfig, *, solve: SolveFn | None = None,
                clock: Callable[[], float] = time.time) -> web.Application:
+    """The server; `solve` defaults to the assignment mode's (config.run.assignment)."""
+    solve = solve or solver_for(config.run.assignment, config.run.seed)
     # aiohttp refuses bodies over client_max_size itself (413, turned into msgpack by the
     # middleware); each endpoint then applies its own, smaller limit.
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_REPORT_BYTES)

@@ -65,6 +65,22 @@ def uniform_schedule(
                      why_not="it cannot hold a block", reasons=reasons)
 
 
+def solver_for(mode: str, run_seed: int) -> Callable[..., Schedule]:
+    """The solve function of an assignment mode (`zorba`, `uniform`, `full`).
+
+    The uniform draw is seeded by the run seed, so a restarted server draws the same blocks;
+    it is redrawn whenever the coordinator re-solves (membership or calibration changes).
+    """
+    if mode == "zorba":
+        return solve_schedule
+    if mode == "full":
+        return full_schedule
+    if mode == "uniform":
+        return lambda clients, block_params, config: uniform_schedule(
+            clients, block_params, config, round_seed=run_seed)
+    raise ValueError(f"unknown assignment mode {mode!r}: use zorba, uniform or full")
+
+
 def _blocks_within(client: ClientSpec) -> int:
     """How many blocks the client holds whichever it is given (counted dearest first)."""
     room = client.budget_bytes - client.memory.fixed_bytes
