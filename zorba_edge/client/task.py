@@ -17,7 +17,7 @@ from zorba_edge.data.collate import ClassificationCollator, LMCollator
 from zorba_edge.data.examples import ClassificationExample, GenerationExample
 from zorba_edge.data.sampling import BatchSampler
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
-from zorba_edge.engine.losses import classification_loss, evaluate_classification, lm_loss
+from zorba_edge.engine.losses import classification_loss, lm_loss
 from zorba_edge.engine.zo import LossFn
 from zorba_edge.errors import DataError
 
@@ -78,9 +78,3 @@ class LocalTask:
         for start in range(0, len(self.examples), batch_size):
             yield collate(self.examples[start : start + batch_size])
 
-
-def evaluate_accuracy(model: Any, task: LocalTask, batch_size: int, seq_len: int) -> float:
-    """Held-out accuracy of a classification task (label word with the highest logit)."""
-    if task.kind != CLASSIFICATION:
-        raise DataError("accuracy is defined for classification tasks only")
-    return evaluate_classification(model, task.batches(batch_size, seq_len)).accuracy

@@ -12,8 +12,10 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+import torch
 
 from zorba_edge.client.memory_probe import PeakMemoryProbe
 from zorba_edge.client.task import LocalTask
@@ -77,7 +79,7 @@ class LocalTrainer:
 
     # ------------------------------------------------------------------ model state
 
-    def _materialize(self) -> object:
+    def _materialize(self) -> Callable[[int], dict[str, torch.Tensor]]:
         return block_materializer(self.source.block_state_dict, self.table, self.run.seed)
 
     def _held(self) -> BlockTensors:
@@ -119,7 +121,6 @@ class LocalTrainer:
                 )
             increments = [AlphaIncrement(k, b, v) for k, b, v in delta.entries()]
             self.table.apply(increments)
-            self.table.version = delta.version
             apply_increments_(self._held(), self.run.seed, increments)
 
     def replace_table(self, state: AlphaState) -> None:
