@@ -64,8 +64,8 @@ SERVICES = web.AppKey("services", Services)
 
 def create_app(config: ServerConfig, *, solve: SolveFn | None = None,
                clock: Callable[[], float] = time.time) -> web.Application:
-    """The server; `solve` defaults to the assignment mode's (config.run.assignment)."""
-    solve = solve or solver_for(config.run.assignment, config.run.seed)
+    """The server; `solve` defaults to the run mode's (config.run.mode)."""
+    solve = solve or solver_for(config.run.mode, config.run.seed)
     # aiohttp refuses bodies over client_max_size itself (413, turned into msgpack by the
     # middleware); each endpoint then applies its own, smaller limit.
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_REPORT_BYTES)

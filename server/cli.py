@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from zorba_edge.common.schema import RUN_MODES
 from zorba_server.app import create_app
 from zorba_server.config import ConfigError, ServerConfig, load_config
 
@@ -49,9 +50,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--round-duration", type=float, metavar="SECONDS",
                    help="seconds from a round's opening to its deadline (default 300)")
     g.add_argument("--max-rounds", type=int, help="stop after this many applied rounds (0: never)")
-    g.add_argument("--assignment", choices=["zorba", "uniform", "full"],
-                   help="who trains which blocks: the scheduler (default) or a baseline: uniform "
-                   "(same number of random blocks per client) or full (every block)")
+    g.add_argument("--mode", choices=list(RUN_MODES),
+                   help="zorba (default: the scheduler assigns blocks) or a baseline to compare "
+                   "with: zorba-uniform (same number of random blocks per client), fedzo-full "
+                   "(zeroth-order on every block), fedavg (first-order AdamW, weights both ways)")
     g = p.add_argument_group("aggregation and scheduling")
     g.add_argument("--aggregation", choices=["mean", "median", "trimmed_mean"],
                    help="per-(k, block) rule: sample-weighted mean (default) or a robust one")
@@ -73,7 +75,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                 "batch_size": args.batch_size, "seq_len": args.seq_len,
                 "min_clients": args.min_clients, "min_reports": args.min_reports,
                 "round_duration_s": args.round_duration, "max_rounds": args.max_rounds,
-                "assignment": args.assignment},
+                "mode": args.mode},
         "aggregation": {"method": args.aggregation, "clip": args.clip},
         "scheduler": {"epsilon": args.epsilon, "min_cover": args.min_cover},
     })

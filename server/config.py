@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from zorba_edge.common.memory_model import ModelFootprint
+from zorba_edge.common.schema import RUN_MODES, ZORBA
 from zorba_edge.errors import ZorbaError
 from zorba_server.scheduler import SchedulerConfig
 
@@ -86,10 +87,13 @@ class RunConfig:
     """Share of the round a client's local steps may take (the rest: sync, report, network)."""
     min_steps: int = 1
     max_steps: int = 256
-    assignment: str = "zorba"
-    """Who trains which blocks: `zorba` (the scheduler), or the baselines `uniform` (the same
-    number of random blocks on every client) and `full` (every block; clients that cannot hold
-    them all take no part)."""
+    mode: str = ZORBA
+    """`zorba` (the scheduler assigns blocks), or a baseline: `zorba-uniform` (the same number of
+    random blocks on every client), `fedzo-full` (every block; clients that cannot hold them all
+    take no part), `fedavg` (first-order AdamW on every block, weights exchanged both ways)."""
+    keep_weight_versions: bool = False
+    """fedavg: keep every version's global weights on disk (for per-round evaluation), not
+    just the latest."""
     memory_headroom: float = 0.05
     """Share of each declared budget the scheduler leaves free: the memory model is an estimate
     (allocator fragmentation and slow RSS growth are not in it; measured: peaks 0.6% over a
@@ -117,8 +121,8 @@ class RunConfig:
             (self.max_steps <= 65_536, "run.max_steps must be <= 65536 (the report size limit)"),
             (self.catch_up_rounds >= 1, "run.catch_up_rounds must be >= 1"),
             (0 <= self.memory_headroom < 0.5, "run.memory_headroom must be in [0, 0.5)"),
-            (self.assignment in ASSIGNMENT_MODES,
-             f"run.assignment={self.assignment!r}: use one of {', '.join(ASSIGNMENT_MODES)}"),
+            (self.mode in RUN_MODES,
+             f"run.mode={self.mode!r}: use one of {', '.join(RUN_MODES)}"),
             ((self.model_fingerprint is None) == (self.footprint is None),
              "run.model_fingerprint and [run.footprint] pin the model together: give both "
              "or neither (neither: the first client's model is pinned)"),
@@ -156,7 +160,6 @@ class AggregationConfig:
 
 # The [scheduler] section is the scheduler's own SchedulerConfig (one definition of its
 # knobs); the round-dependent fields come from [run] and the coordinator, not the file.
-ASSIGNMENT_MODES = ("zorba", "uniform", "full")
 SCHEDULER_FIELDS_FROM_RUN = ("round_deadline_s", "min_steps", "max_steps")
 
 

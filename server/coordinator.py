@@ -286,7 +286,7 @@ class Coordinator:
             num_blocks=self.footprint.num_blocks, model_fingerprint=self.fingerprint,
             hyper=self.hyper(), round_duration_s=run.round_duration_s,
             poll_timeout_s=run.poll_timeout_s,
-            max_abs_scalar=self.config.aggregation.max_abs_scalar,
+            max_abs_scalar=self.config.aggregation.max_abs_scalar, mode=run.mode,
         )
 
     def hyper(self) -> HyperParams:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from zorba_edge.common.schema import FEDAVG, FEDZO_FULL, RUN_MODES, ZORBA, ZORBA_UNIFORM
 from zorba_server.scheduler import (
     MIB,
     ClientSpec,
@@ -65,20 +66,32 @@ def uniform_schedule(
                      why_not="it cannot hold a block", reasons=reasons)
 
 
+def fedavg_schedule(
+    clients: Sequence[ClientSpec], block_params: Sequence[int], config: SchedulerConfig
+) -> Schedule:
+    """Every block on every client, budgets or not: FedAvg has no way to train less, so the
+    baseline runs everywhere and its measured peaks show which budgets it would break."""
+    every = tuple(range(len(block_params)))
+    return _schedule("fedavg", clients, block_params, config, lambda _c, _n: every,
+                     why_not="")
+
+
 def solver_for(mode: str, run_seed: int) -> Callable[..., Schedule]:
-    """The solve function of an assignment mode (`zorba`, `uniform`, `full`).
+    """The solve function of a run mode (zorba_edge.common.schema.RUN_MODES).
 
     The uniform draw is seeded by the run seed, so a restarted server draws the same blocks;
     it is redrawn whenever the coordinator re-solves (membership or calibration changes).
     """
-    if mode == "zorba":
+    if mode == ZORBA:
         return solve_schedule
-    if mode == "full":
+    if mode == FEDZO_FULL:
         return full_schedule
-    if mode == "uniform":
+    if mode == FEDAVG:
+        return fedavg_schedule
+    if mode == ZORBA_UNIFORM:
         return lambda clients, block_params, config: uniform_schedule(
             clients, block_params, config, round_seed=run_seed)
-    raise ValueError(f"unknown assignment mode {mode!r}: use zorba, uniform or full")
+    raise ValueError(f"unknown run mode {mode!r}: use one of {', '.join(RUN_MODES)}")
 
 
 def _blocks_within(client: ClientSpec) -> int:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from zorba_edge.common.memory_model import LinearMemoryModel
 from zorba_server.scheduler import ClientSpec, SchedulerConfig
-from zorba_server.scheduler_baselines import full_schedule, uniform_schedule
+from zorba_server.scheduler_baselines import fedavg_schedule, full_schedule, solver_for, uniform_schedule
 
 BLOCKS = (10, 10, 10, 10, 10, 10)
 CONFIG = SchedulerConfig(milp_max_clients=0)
@@ -36,3 +38,19 @@ def test_uniform_mode_gives_everyone_the_tightest_clients_count_of_random_blocks
     assert again.assignments == first.assignments  # seeded: a restarted server agrees
     draws = {uniform_schedule(clients, BLOCKS, CONFIG, round_seed=s).assignments["b"] for s in range(20)}
     assert len(draws) > 5  # the blocks really are drawn at random, round by round
+
+
+def test_fedavg_mode_trains_every_block_on_every_client_whatever_its_budget() -> None:
+    clients = [client("big", 100 + 6 * 20), client("tiny", 50)]
+    schedule = fedavg_schedule(clients, BLOCKS, CONFIG)
+    assert schedule.assignments == {"big": tuple(range(6)), "tiny": tuple(range(6))}
+    assert not schedule.excluded_clients and schedule.method == "fedavg"
+    # The plan records the budget it breaks, so reports can show it.
+    assert schedule.memory_bytes["tiny"] > clients[1].budget_bytes
+
+
+def test_each_run_mode_has_a_solver_and_an_unknown_one_is_named() -> None:
+    from zorba_edge.common.schema import RUN_MODES
+    assert {mode: callable(solver_for(mode, 0)) for mode in RUN_MODES} == dict.fromkeys(RUN_MODES, True)
+    with pytest.raises(ValueError, match="unknown run mode 'full'"):
+        solver_for("full", 0)

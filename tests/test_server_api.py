@@ -424,12 +424,13 @@ async def test_restarting_on_a_database_of_another_run_is_refused(
 
 
 async def test_the_full_assignment_mode_gives_every_client_every_block(start: Any) -> None:
-    http, _ = await start(solve=None, assignment="full", min_clients=2)
+    http, _ = await start(solve=None, mode="fedzo-full", min_clients=2)
     clients = await joined(http, 2)
     for c in clients:
         assert (await c.poll()).assignment.blocks == (0, 1, 2, 3)
 
 
-async def test_an_unknown_assignment_mode_is_refused_clearly(start: Any) -> None:
-    with pytest.raises(ConfigError, match="run.assignment='random': use one of zorba, uniform, full"):
-        await start(solve=None, assignment="random")
+async def test_an_unknown_run_mode_is_refused_clearly(start: Any) -> None:
+    with pytest.raises(ConfigError,
+                       match="run.mode='random': use one of zorba, zorba-uniform, fedzo-full, fedavg"):
+        await start(solve=None, mode="random")

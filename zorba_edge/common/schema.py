@@ -43,6 +43,16 @@ MAX_STR_LEN = 256
 MAX_SEQUENCE_LEN = 65_536
 """Default limit for a list field (blocks, pool indices, steps)."""
 
+# Run modes (issue 5): the system and the baselines it is measured against, as one server and
+# client. `zorba`: the scheduler's heterogeneous block activation; `zorba-uniform`: the same
+# number of random blocks on every client; `fedzo-full`: zeroth-order on every block, clients
+# that cannot hold them all excluded; `fedavg`: first-order AdamW on every block, weights
+# exchanged both ways (budgets are reported against, not enforced).
+ZORBA, ZORBA_UNIFORM, FEDZO_FULL, FEDAVG = "zorba", "zorba-uniform", "fedzo-full", "fedavg"
+RUN_MODES = (ZORBA, ZORBA_UNIFORM, FEDZO_FULL, FEDAVG)
+MAX_WEIGHTS_BYTES = 8 * 1024**3
+"""Largest fedavg weight upload or download (an 8 GiB fp32 checkpoint: ~2B parameters)."""
+
 T = TypeVar("T")
 
 
@@ -157,6 +167,8 @@ class RunInfo:
     poll_timeout_s: float = field(metadata=limits(gt=0))
     max_abs_scalar: float = field(metadata=limits(gt=0))
     """Reports with a projected gradient beyond this magnitude are refused."""
+    mode: str = ZORBA
+    """One of RUN_MODES; a client of an older server (no field) runs `zorba`."""
 
 
 @dataclass(frozen=True)

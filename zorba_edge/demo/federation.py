@@ -49,6 +49,10 @@ class FederationPlan:
     """Applied rounds to run (0: until `minutes`)."""
     minutes: float = 3.0
     """Training time limit when `rounds` is 0 (the run stops at the next round boundary)."""
+    mode: str = "zorba"
+    """A run mode of zorba_edge.common.schema.RUN_MODES (the baselines for benchmarks/compare.py)."""
+    keep_weight_versions: bool = False
+    """fedavg: the server keeps every version's weights (per-round evaluation reads them)."""
     seed: int = 0
     data_seed: int = 0
     dirichlet_alpha: float = 0.5
@@ -65,7 +69,8 @@ class FederationPlan:
                "batch_size": self.batch_size, "seq_len": self.seq_len,
                "round_duration_s": self.round_duration_s, "min_clients": len(self.clients),
                "min_reports": 1, "max_rounds": self.rounds, "max_steps": self.max_steps,
-               "poll_timeout_s": 20.0}
+               "poll_timeout_s": 20.0, "mode": self.mode,
+               "keep_weight_versions": self.keep_weight_versions}
         lines = [f'enrolment_secret = "{SECRET}"', "", "[storage]", f'path = "{db_path}"',
                  'synchronous = "normal"', "", "[run]"]
         lines += [f"{k} = {v!r}" for k, v in run.items()]
