@@ -22,6 +22,7 @@ from zorba_edge.common.schema import (
     CONTENT_TYPE,
     MAX_REGISTER_BYTES,
     MAX_REPORT_BYTES,
+    MAX_WEIGHTS_BYTES,
     ErrorBody,
     RegisterRequest,
     Report,
@@ -29,6 +30,7 @@ from zorba_edge.common.schema import (
     decode,
     encode,
 )
+from zorba_edge.common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
 from zorba_server import errors, metrics, status_page, storage
 from zorba_server.committer import Committer
 from zorba_server.config import ServerConfig
@@ -74,6 +76,8 @@ def create_app(config: ServerConfig, *, solve: SolveFn | None = None,
     app.router.add_post("/v1/clients", register)
     app.router.add_get("/v1/rounds/next", next_round)
     app.router.add_post(r"/v1/rounds/{round:\d+}/reports", submit_report)
+    app.router.add_put(r"/v1/rounds/{round:\d+}/weights", upload_weights)
+    app.router.add_get("/v1/weights", download_weights)
     app.router.add_get("/v1/state", state)
     app.router.add_get("/v1/status", status_json)
     app.router.add_get("/metrics", metrics_text)
@@ -206,6 +210,31 @@ async def submit_report(request: web.Request) -> web.Response:
     round_ = int(request.match_info["round"])
     report = await read_message(request, Report, MAX_REPORT_BYTES)
     return msgpack_response(await coordinator.submit_report(member, round_, report))
+
+
+async def upload_weights(request: web.Request) -> web.Response:
+    """fedavg: a client's trained block weights (safetensors), streamed to disk."""
+    coordinator = request.app[SERVICES].running
+    member = coordinator.authenticate(bearer(request))
+    round_ = int(request.match_info["round"])
+    if request.content_type != WEIGHTS_CONTENT_TYPE:
+        raise ApiError(415, "unsupported_media_type",
+                       f"send the weights as {WEIGHTS_CONTENT_TYPE}, not "
+                       f"{request.content_type or 'nothing'}")
+    if request.content_length is not None and request.content_length > MAX_WEIGHTS_BYTES:
+        raise errors.too_large(f"weights of {request.content_length} bytes exceed the "
+                               f"{MAX_WEIGHTS_BYTES}-byte limit")
+    await coordinator.receive_weights(member, round_, request.content.iter_chunked(1 << 20))
+    return web.Response(status=204)
+
+
+async def download_weights(request: web.Request) -> web.StreamResponse:
+    """fedavg: the current global block weights, with their version in X-Zorba-Version."""
+    coordinator = request.app[SERVICES].running
+    coordinator.authenticate(bearer(request))
+    path, version = coordinator.weights_file()
+    return web.FileResponse(path, headers={"Content-Type": WEIGHTS_CONTENT_TYPE,
+                                           VERSION_HEADER: str(version)})
 
 
 async def state(request: web.Request) -> web.Response:

@@ -22,16 +22,19 @@ import secrets
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from zorba_edge.common.memory_model import LinearMemoryModel, ModelFootprint, linear_memory_model
 from zorba_edge.common.schema import (
+    FEDAVG,
     FINISHED,
+    MAX_WEIGHTS_BYTES,
     PROTOCOL_VERSION,
     TRAIN,
     WAIT,
@@ -69,6 +72,7 @@ from zorba_server.scheduler import (
     local_steps,
     solve_schedule,
 )
+from zorba_server.weights import Upload, WeightStore
 
 log = logging.getLogger("zorba_server")
 
@@ -172,6 +176,10 @@ class Coordinator:
             "schedules_solved": 0,
         }
         self.schedule_solve_s = 0.0
+        self.weights = (WeightStore(config.storage.path, keep_versions=run.keep_weight_versions,
+                                    max_upload_bytes=MAX_WEIGHTS_BYTES)
+                        if run.mode == FEDAVG else None)
+        """fedavg only: uploaded and averaged weights (server/weights.py)."""
 
     # ------------------------------------------------------------------------ lifecycle
 
@@ -306,7 +314,8 @@ class Coordinator:
         pins = self.fingerprint is None
         if not pins:
             self._check_model(profile)
-        self._check_budget(profile)
+        if self.weights is None:  # fedavg runs whatever the budget: its peaks are the finding
+            self._check_budget(profile)
         now = self._clock()
         client_id, token = "c-" + secrets.token_hex(8), secrets.token_urlsafe(32)
         member = Member(client_id, token_hash(token), profile, now, 1.0, now, profile.step_time_s)
@@ -446,7 +455,12 @@ class Coordinator:
         now = self._clock()
         if r.closing or now >= r.plan.deadline:
             raise _round_closed(round_)
-        check_report(r.plan, cid, report, max_abs_scalar=self.config.aggregation.max_abs_scalar)
+        check_report(r.plan, cid, report, max_abs_scalar=self.config.aggregation.max_abs_scalar,
+                     weights_only=self.weights is not None)
+        if self.weights is not None and not self.weights.has_upload(round_, cid):
+            raise errors.conflict(
+                "weights_missing", f"round {round_} is a fedavg round: PUT the trained weights to "
+                f"/v1/rounds/{round_}/weights before reporting")
         received = ReceivedReport(cid, report, digest, now)
         committed = self._committer.enqueue(
             partial(storage.insert_report, round_=round_, received=received))
@@ -493,6 +507,40 @@ class Coordinator:
             raise errors.not_found(
                 "unknown_round", f"round {round_} does not exist (current round: {current})")
         raise _round_closed(round_)
+
+    async def receive_weights(self, member: Member, round_: int,
+                              chunks: AsyncIterable[bytes]) -> int:
+        """fedavg: a client's trained weights for the open round (before its report)."""
+        store = self._weight_store()
+        cid = member.client_id
+        r = self.open
+        if r is None or r.plan.round != round_ or r.closing or self._clock() >= r.plan.deadline:
+            raise _round_closed(round_)
+        if cid not in r.plan.clients:
+            raise errors.conflict("not_assigned",
+                                  f"client {cid} has no assignment in round {round_}")
+        if cid in r.received or cid in r.pending:
+            raise errors.conflict("already_reported",
+                                  f"client {cid} already reported for round {round_}")
+        assert self.footprint is not None
+        return await store.receive(round_, cid, chunks, self.footprint)
+
+    def weights_file(self) -> tuple[Path, int]:
+        """fedavg: the current global weights and their version (404 at version 0)."""
+        store = self._weight_store()
+        path = store.version_file(self.version)
+        if path is None:
+            raise errors.not_found(
+                "no_weights", f"alpha version {self.version} has no averaged weights: version 0 "
+                "is the base model, which every client loads itself")
+        return path, self.version
+
+    def _weight_store(self) -> WeightStore:
+        if self.weights is None:
+            raise errors.not_found(
+                "not_fedavg", f"this run's mode is {self.config.run.mode!r}: weights are "
+                "exchanged only in the fedavg baseline")
+        return self.weights
 
     def state(self) -> bytes:
         """The encoded AlphaState (cached per version: catch-up storms share one encoding)."""
@@ -629,12 +677,20 @@ class Coordinator:
             delta_msg = AlphaDelta.from_matrix(self.version + 1, plan.round, d.pool_indices,
                                                d.blocks, d.values)
             alpha = apply_delta(self.alpha, d)
+            if self.weights is not None:
+                # Written before the close commits: a version never exists without its weights.
+                uploads = [Upload(cid, self.weights.upload_path(plan.round, cid), weights[cid])
+                           for cid in sorted(r.received)]
+                await asyncio.to_thread(self.weights.average, uploads, self.version + 1)
         calibrations = self._calibrations(plan, r.received)
         await self._committer.submit(partial(
             storage.close_round, round_=plan.round, status=outcome.status, closed_at=now,
             reports=outcome.reports, loss=outcome.loss, message=outcome.message, delta=delta_msg,
             alpha=alpha, calibrations=calibrations))
         self._after_close(r, outcome, delta_msg, alpha, calibrations, now)
+        if self.weights is not None:
+            self.weights.discard_round(plan.round)
+            self.weights.prune_versions(self.version)
 
     def _after_close(self, r: OpenRound, outcome: RoundOutcome, delta: AlphaDelta | None,
                      alpha: np.ndarray | None, calibrations: dict[str, float], now: float) -> None:

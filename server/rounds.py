@@ -111,8 +111,13 @@ class RoundOutcome:
     """Sample-weighted mean of the reports' loss_mean (None without reports)."""
 
 
-def check_report(plan: RoundPlan, client_id: str, report: Report, *, max_abs_scalar: float) -> None:
-    """Refuse a report that does not fit this round's plan (raises ApiError, changes nothing)."""
+def check_report(plan: RoundPlan, client_id: str, report: Report, *, max_abs_scalar: float,
+                 weights_only: bool = False) -> None:
+    """Refuse a report that does not fit this round's plan (raises ApiError, changes nothing).
+
+    `weights_only` (the fedavg baseline): the training travels as uploaded weights, so the
+    report has no ZO steps, only its measurements and a positive sample count.
+    """
     own = plan.clients.get(client_id)
     if own is None:
         raise errors.conflict(
@@ -125,6 +130,13 @@ def check_report(plan: RoundPlan, client_id: str, report: Report, *, max_abs_sca
             f"round {plan.round} trains on alpha version {plan.base_version}, the report says "
             f"{report.base_version}: sync to the round's base version and train again",
         )
+    if weights_only:
+        if report.steps or report.num_samples <= 0:
+            raise errors.unprocessable(
+                "wrong_steps", "a fedavg report carries no (k, g) steps and a positive num_samples")
+        return
+    if not report.steps:
+        raise errors.unprocessable("wrong_steps", "a report needs at least one (k, g) step")
     if len(report.steps) > own.num_steps:
         raise errors.unprocessable(
             "wrong_steps",

@@ -249,7 +249,7 @@ BAD_REPORTS: dict[str, tuple[Any, int, str]] = {
     "out of range scalar": ({"grad": 1e9}, 422, "invalid_scalar"),
     "wrong pool index": ({"k": 999}, 422, "wrong_steps"),
     "too many steps": ({"extra_steps": 1}, 422, "wrong_steps"),
-    "no steps": ({"set": ("steps", [])}, 400, "invalid_message"),
+    "no steps": ({"set": ("steps", [])}, 422, "wrong_steps"),
     "stale base version": ({"set": ("base_version", 7)}, 409, "stale_version"),
     "oversized": ({"set": ("steps", [[0, 0.0]] * (MAX_STEPS_PER_REPORT + 1))}, 413, "too_large"),
     "huge body": (b"\x00" * (3 * 2**20), 413, "too_large"),

@@ -276,7 +276,8 @@ class Report:
     base_version: int = field(metadata=limits(ge=0))
     """The alpha version the client trained on."""
     steps: tuple[tuple[int, float], ...] = field(metadata=limits(max_len=MAX_STEPS_PER_REPORT))
-    """(k_t, g_t) per local step, in step order: a prefix of the assignment's pool indices."""
+    """(k_t, g_t) per local step, in step order: a prefix of the assignment's pool indices
+    (at least one; none in the fedavg baseline, whose training travels as weights)."""
     num_samples: int = field(metadata=limits(ge=0))
     """Examples seen this round (the aggregation weight is the registered sample count)."""
     loss_mean: float
@@ -288,8 +289,6 @@ class Report:
     def __post_init__(self) -> None:
         if not self.idempotency_key:
             raise SchemaError("idempotency_key: must not be empty (use a fresh random string)")
-        if not self.steps:
-            raise SchemaError("steps: a report needs at least one (k, g) step")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 
 WEIGHTS_CONTENT_TYPE = "application/vnd.zorba.safetensors"
+VERSION_HEADER = "X-Zorba-Version"
+"""The alpha version whose global weights a GET /v1/weights body holds."""
 _KEY = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
