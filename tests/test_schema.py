@@ -79,7 +79,6 @@ def _report_dict(**changes: Any) -> dict[str, Any]:
     (_report_dict(steps=[[True, 0.5]]), "expected an integer, got a bool", "invalid_message"),
     (_report_dict(steps=[[5, "0.5"]]), "expected a number", "invalid_message"),
     (_report_dict(steps=[[5]]), "list of 2 items", "invalid_message"),
-    (_report_dict(steps=[]), "at least one", "invalid_message"),
     (_report_dict(idempotency_key=""), "must not be empty", "invalid_message"),
     (_report_dict(idempotency_key="x" * 129), "exceeds the limit of 128", "too_large"),
     (_report_dict(num_samples=-3), "below the minimum", "invalid_message"),

@@ -165,13 +165,18 @@ def registration(report: DeviceReport, *, device_type: str, num_samples: int, se
 
 def check_run(run: RunInfo, source: ModelSource, memory: MemoryProfile, budget_bytes: int) -> None:
     """This device can take part in `run`: the same base model, and room for a block."""
+    check_model(run, source)
+    settings = memory.settings(run.hyper.batch_size, run.hyper.seq_len)
+    admit(footprint_of(source), settings, budget_bytes)
+
+
+def check_model(run: RunInfo, source: ModelSource) -> None:
+    """The run trains the model this client loaded."""
     if run.model_fingerprint != source.fingerprint:
         raise UsageError(
             f"run {run.run_id} trains the model with fingerprint {run.model_fingerprint[:16]}..., "
             f"this client loaded {source.fingerprint[:16]}...: pass the run's base model with "
             "--model, or use another --state file to join a different run")
-    settings = memory.settings(run.hyper.batch_size, run.hyper.seq_len)
-    admit(footprint_of(source), settings, budget_bytes)
 
 
 # ------------------------------------------------------------------------------ data

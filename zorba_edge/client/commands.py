@@ -33,6 +33,7 @@ from zorba_edge.client.profiling import compute_budget, process_rss, resolve_dev
 from zorba_edge.client.sizes import format_size
 from zorba_edge.client.state import StateStore, default_state_path
 from zorba_edge.client.transport import ServerClient, normalize_url
+from zorba_edge.common.schema import FEDAVG
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.quantize import require_bitsandbytes
 from zorba_edge.model.sources import ModelSource
@@ -276,12 +277,24 @@ def _run(args: argparse.Namespace) -> int:
     def make_trainer(run: Any, table: Any) -> Any:
         from zorba_edge.client.trainer import LocalTrainer
 
+        # Load the model now rather than inside the first round's deadline.
+        if run.mode == FEDAVG:
+            from zorba_edge.client.fedavg import FedAvgTrainer
+
+            fedavg = FedAvgTrainer(source, load_config, run, task, table=table)
+            fedavg.hold()
+            return fedavg
         trainer = LocalTrainer(source, load_config, run, task, table=table)
-        # Load the frozen model now rather than inside the first round's deadline.
         trainer.hold(())
         return trainer
 
     def check_run(run: Any) -> None:
+        if run.mode == FEDAVG:
+            # The baseline trains every block whatever the budget: its peaks are what it measures.
+            log.warning("this run is the fedavg baseline: every block trains with AdamW, and the "
+                        "memory budget of %s is reported against, not kept", format_size(budget_bytes))
+            assembly.check_model(run, source)
+            return
         assembly.check_run(run, source, report.memory, budget_bytes)
 
     listener = ConsoleListener(interactive=not args.daemon and sys.stdout.isatty())

@@ -23,7 +23,7 @@ import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from zorba_edge.client.errors import ServerRefusedError, UsageError
 from zorba_edge.client.sizes import format_size
@@ -62,6 +62,15 @@ class Trainer(Protocol):
     def replace_table(self, state: AlphaState) -> None: ...
 
     def train_round(self, assignment: Assignment, cancel: threading.Event) -> RoundOutcome: ...
+
+
+@runtime_checkable
+class WeightExchange(Protocol):
+    """A trainer whose rounds start from downloaded weights (the fedavg baseline)."""
+
+    def weights_needed(self, assignment: Assignment) -> bool: ...
+
+    def install_weights(self, buffer: bytearray, version: int) -> None: ...
 
 
 MakeTrainer = Callable[[RunInfo, CoefficientTable | None], Trainer]
@@ -317,6 +326,9 @@ class ClientDaemon:
         self._listener.on_status(f"training round {assignment.round}: blocks [{blocks}], "
                                  f"{len(assignment.pool_indices)} steps")
         try:
+            if not await self._fetch_weights(assignment):
+                await self._sit_out(deadline_at)
+                return
             outcome = await asyncio.to_thread(self.trainer.train_round, assignment, cancel)
         except InvalidScalarError as exc:
             log.error("round %d: local training diverged (%s); nothing reported",
@@ -336,7 +348,7 @@ class ClientDaemon:
                      assignment.round)
             self._notify(assignment, outcome, "abandoned")
             return
-        if not outcome.steps:
+        if not outcome.trained:
             log.warning("round %d: no local step finished before the deadline; nothing reported",
                         assignment.round)
             self._notify(assignment, outcome, "empty")
@@ -345,6 +357,11 @@ class ClientDaemon:
         if deadline_hit.is_set():
             log.warning("round %d: the deadline came after %d of %d steps; reporting those",
                         assignment.round, len(outcome.steps), len(assignment.pool_indices))
+        if outcome.upload is not None:
+            uploaded = await self._upload_weights(assignment.round, outcome.upload)
+            if uploaded != "reported":
+                self._notify(assignment, outcome, uploaded)
+                return
         report = Report(
             idempotency_key=uuid.uuid4().hex,
             base_version=assignment.base_version,
@@ -359,6 +376,42 @@ class ClientDaemon:
         if status == "reported":
             self.rounds_reported += 1
         self._notify(assignment, outcome, status)
+
+    async def _fetch_weights(self, assignment: Assignment) -> bool:
+        """fedavg: download the round's base weights when the trainer lacks them; False: skip."""
+        trainer = self.trainer
+        if not isinstance(trainer, WeightExchange) or not trainer.weights_needed(assignment):
+            return True
+        self._listener.on_status(f"downloading the weights of version {assignment.base_version}")
+        try:
+            got = await self._until_stop(self._client.weights())
+        except ServerRefusedError as exc:
+            log.error("round %d: the weights download was refused: %s", assignment.round, exc)
+            return False
+        if got is None:
+            return False
+        buffer, version = got
+        if version != assignment.base_version:
+            log.warning("round %d trains on version %d but the server now serves %d: sitting "
+                        "it out", assignment.round, assignment.base_version, version)
+            return False
+        await asyncio.to_thread(trainer.install_weights, buffer, version)
+        return True
+
+    async def _upload_weights(self, round_: int, body: bytes) -> str:
+        """fedavg: PUT the trained weights before the report; `reported` when accepted."""
+        self._listener.on_status(f"uploading {format_size(len(body))} of weights for round {round_}")
+        try:
+            done = await self._until_stop(self._client.upload_weights(round_, body))
+        except ServerRefusedError as exc:
+            if exc.status == 401:
+                raise _Rejoin from None
+            if exc.code in ("round_closed", "unknown_round"):
+                log.warning("round %d closed before the weights arrived", round_)
+                return "late"
+            log.error("round %d: weights refused: %s", round_, exc)
+            return "refused"
+        return "abandoned" if done is None else "reported"
 
     async def _post_report(self, round_: int, report: Report) -> str:
         self._listener.on_status(f"reporting round {round_}")
@@ -457,5 +510,6 @@ def describe_summary(summary: RoundSummary) -> str:
 
 __all__ = [
     "ClientDaemon", "DaemonResult", "DaemonSettings", "Listener", "RoundSummary", "Trainer",
+    "WeightExchange",
     "describe_summary",
 ]

@@ -47,6 +47,31 @@ class RoundOutcome:
     peak_memory_bytes: int
     step_time_s: float
     cancelled: bool
+    upload: bytes | None = None
+    """fedavg only: the trained block weights (zorba_edge.common.weights format) to PUT."""
+
+    @property
+    def trained(self) -> bool:
+        """Whether anything came of the round: ZO steps, or weights to upload."""
+        return bool(self.steps) or self.upload is not None
+
+
+def advance_table(table: CoefficientTable, deltas: Iterable[AlphaDelta]) -> list[AlphaIncrement]:
+    """Apply published rounds to `table` in version order (skipping ones already applied);
+    the increments applied, for the caller to move its held weights by."""
+    applied: list[AlphaIncrement] = []
+    for delta in sorted(deltas, key=lambda d: d.version):
+        if delta.version <= table.version:
+            continue
+        if delta.version != table.version + 1:
+            raise SyncError(
+                f"delta for version {delta.version} cannot follow local version "
+                f"{table.version}: catch up from /v1/state"
+            )
+        increments = [AlphaIncrement(k, b, v) for k, b, v in delta.entries()]
+        table.apply(increments)
+        applied.extend(increments)
+    return applied
 
 
 class LocalTrainer:
@@ -112,16 +137,8 @@ class LocalTrainer:
     def apply_deltas(self, deltas: Iterable[AlphaDelta]) -> None:
         """Apply published rounds in version order; ones already applied are skipped."""
         for delta in sorted(deltas, key=lambda d: d.version):
-            if delta.version <= self.table.version:
-                continue
-            if delta.version != self.table.version + 1:
-                raise SyncError(
-                    f"delta for version {delta.version} cannot follow local version "
-                    f"{self.table.version}: catch up from /v1/state"
-                )
-            increments = [AlphaIncrement(k, b, v) for k, b, v in delta.entries()]
-            self.table.apply(increments)
-            apply_increments_(self._held(), self.run.seed, increments)
+            # One delta at a time: a SyncError leaves the weights at the table's version.
+            apply_increments_(self._held(), self.run.seed, advance_table(self.table, [delta]))
 
     def replace_table(self, state: AlphaState) -> None:
         """Catch up from the whole table: rebuild every held block from base + alpha."""

@@ -16,7 +16,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -29,6 +29,7 @@ from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError,
 from zorba_edge.common.schema import (
     CONTENT_TYPE,
     MAX_RESPONSE_BYTES,
+    MAX_WEIGHTS_BYTES,
     AlphaState,
     ErrorBody,
     NextRound,
@@ -41,6 +42,7 @@ from zorba_edge.common.schema import (
     encode,
     from_wire,
 )
+from zorba_edge.common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
 
 log = logging.getLogger("zorba_edge.client")
 M = TypeVar("M")
@@ -50,6 +52,8 @@ TOKEN_ENV = "ZORBA_CLIENT_TOKEN"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 REQUEST_TIMEOUT_S = 60.0
 """Longest any request may take, on top of a long-poll's own wait."""
+WEIGHTS_TIMEOUT_S = 600.0
+"""Extra time for a fedavg weight transfer (hundreds of MB on a slow link)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,12 @@ class RetryNotice:
     delay_s: float
     outage_s: float
     reason: str
+
+
+@dataclass(frozen=True)
+class _Reply:
+    body: bytearray
+    headers: Mapping[str, str]
 
 
 class _Retryable(Exception):
@@ -139,12 +149,32 @@ class ServerClient:
     async def state(self) -> AlphaState:
         return await self._call("GET", "/v1/state", AlphaState)
 
+    async def weights(self) -> tuple[bytearray, int]:
+        """fedavg: the global block weights (safetensors) and the version they belong to."""
+        reply = await self._request("GET", "/v1/weights", body=None, query=None, auth=True,
+                                    extra_timeout_s=WEIGHTS_TIMEOUT_S,
+                                    max_bytes=MAX_WEIGHTS_BYTES)
+        try:
+            version = int(reply.headers[VERSION_HEADER])
+        except (KeyError, ValueError):
+            raise SchemaError(f"GET /v1/weights answered without a valid {VERSION_HEADER} header: "
+                              "are client and server the same zorba-edge version?") from None
+        return reply.body, version
+
+    async def upload_weights(self, round_: int, body: bytes) -> int:
+        """fedavg: the round's trained block weights; a retry resends the same bytes.
+        Returns the bytes sent."""
+        await self._request("PUT", f"/v1/rounds/{round_}/weights", body=body, query=None,
+                            auth=True, extra_timeout_s=WEIGHTS_TIMEOUT_S,
+                            content_type=WEIGHTS_CONTENT_TYPE)
+        return len(body)
+
     async def status(self) -> dict[str, Any]:
         """GET /v1/status (JSON for people; the run's seed and id are in it)."""
-        raw = await self._request("GET", "/v1/status", body=None, query=None, auth=False,
-                                  extra_timeout_s=0.0)
+        reply = await self._request("GET", "/v1/status", body=None, query=None, auth=False,
+                                    extra_timeout_s=0.0)
         try:
-            value = json.loads(raw)
+            value = json.loads(reply.body)
         except ValueError:
             raise SchemaError(f"{self.base_url}/v1/status did not answer JSON: is this a "
                               "zorba-edge server?") from None
@@ -158,22 +188,25 @@ class ServerClient:
     async def _call(self, method: str, path: str, reply: type[M], *, body: bytes | None = None,
                     query: dict[str, str] | None = None, auth: bool = True,
                     extra_timeout_s: float = 0.0) -> M:
-        raw = await self._request(method, path, body=body, query=query, auth=auth,
-                                  extra_timeout_s=extra_timeout_s)
+        answer = await self._request(method, path, body=body, query=query, auth=auth,
+                                     extra_timeout_s=extra_timeout_s)
         try:
-            return decode(reply, raw, max_bytes=MAX_RESPONSE_BYTES)
+            return decode(reply, bytes(answer.body), max_bytes=MAX_RESPONSE_BYTES)
         except SchemaError as exc:
             raise SchemaError(
                 f"the server's answer to {method} {path} is not a valid {reply.__name__} ({exc}): "
                 "are client and server the same zorba-edge version?", code=exc.code) from None
 
     async def _request(self, method: str, path: str, *, body: bytes | None,
-                       query: dict[str, str] | None, auth: bool, extra_timeout_s: float) -> bytes:
+                       query: dict[str, str] | None, auth: bool, extra_timeout_s: float,
+                       content_type: str = CONTENT_TYPE,
+                       max_bytes: int = MAX_RESPONSE_BYTES) -> _Reply:
         attempt = 0
         outage_started: float | None = None
         while True:
             try:
-                return await self._once(method, path, body, query, auth, extra_timeout_s)
+                return await self._once(method, path, body, query, auth, extra_timeout_s,
+                                        content_type, max_bytes)
             except _Retryable as exc:
                 now = self._clock()
                 outage_started = now if outage_started is None else outage_started
@@ -190,12 +223,13 @@ class ServerClient:
                 await asyncio.sleep(delay)
 
     async def _once(self, method: str, path: str, body: bytes | None,
-                    query: dict[str, str] | None, auth: bool, extra_timeout_s: float) -> bytes:
+                    query: dict[str, str] | None, auth: bool, extra_timeout_s: float,
+                    content_type: str, max_bytes: int) -> _Reply:
         if self._session is None:
             raise RuntimeError("ServerClient used outside `async with`")
-        headers = {"Accept": CONTENT_TYPE}
+        headers = {"Accept": f"{CONTENT_TYPE}, {WEIGHTS_CONTENT_TYPE}"}
         if body is not None:
-            headers["Content-Type"] = CONTENT_TYPE
+            headers["Content-Type"] = content_type
         if auth and self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         timeout = aiohttp.ClientTimeout(total=self._timeout_s + extra_timeout_s)
@@ -205,13 +239,28 @@ class ServerClient:
                                              timeout=timeout) as response:
                 # content.read(n) returns what is buffered so far, not n bytes: read to the
                 # end (a 245 KB alpha table arrives in several chunks), stopping past the cap.
-                chunks = bytearray()
-                async for chunk in response.content.iter_chunked(1 << 16):
-                    chunks += chunk
-                    if len(chunks) > MAX_RESPONSE_BYTES:
-                        break
-                raw = bytes(chunks)
-                status = response.status
+                # One buffer, sized up front when the length is known: a fedavg download is
+                # the model's size and must not be held twice.
+                raw = bytearray()
+                expected = response.content_length
+                if expected is not None and expected <= max_bytes:
+                    raw = bytearray(expected)
+                    view, filled = memoryview(raw), 0
+                    async for chunk in response.content.iter_chunked(1 << 20):
+                        end = filled + len(chunk)
+                        if end > expected:
+                            raise _Retryable("the answer ran past its Content-Length")
+                        view[filled:end] = chunk
+                        filled = end
+                    del view
+                    if filled != expected:
+                        raise _Retryable(f"the answer ended after {filled} of {expected} bytes")
+                else:
+                    async for chunk in response.content.iter_chunked(1 << 16):
+                        raw += chunk
+                        if len(raw) > max_bytes:
+                            break
+                status, reply_headers = response.status, response.headers
         except aiohttp.ClientSSLError as exc:
             raise ServerUnavailableError(
                 f"TLS with {self.base_url} failed ({exc}): if the server uses its own CA, "
@@ -221,15 +270,14 @@ class ServerClient:
         except asyncio.TimeoutError:
             raise _Retryable(f"no answer within {timeout.total:.0f} s") from None
         if status in RETRY_STATUSES:
-            code, message = _error_of(raw)
+            code, message = _error_of(bytes(raw[:4096]))
             raise _Retryable(f"HTTP {status} {code}: {message}")
         if status >= 400:
-            code, message = _error_of(raw)
+            code, message = _error_of(bytes(raw[:4096]))
             raise ServerRefusedError(status, code, message, path=path)
-        if len(raw) > MAX_RESPONSE_BYTES:
-            raise SchemaError(f"the answer to {path} exceeds {MAX_RESPONSE_BYTES} bytes",
-                              code="too_large")
-        return raw
+        if len(raw) > max_bytes:
+            raise SchemaError(f"the answer to {path} exceeds {max_bytes} bytes", code="too_large")
+        return _Reply(raw, reply_headers)
 
 
 def _error_of(raw: bytes) -> tuple[str, str]:

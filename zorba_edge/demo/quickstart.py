@@ -19,10 +19,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zorba_edge.client.sizes import format_size, parse_size
 from zorba_edge.demo.federation import ClientSetup, FederationPlan, FederationResult
+
+if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
+    from zorba_edge.client.task import LocalTask
+    from zorba_edge.model.sources import ModelSource
 
 # The frozen SmolLM2 (bf16) with runtime and activations measures ~0.9 GiB: a 0.9 GiB budget
 # was refused on a fresh machine (914.9 MiB fixed + 26 MiB per block), so the smallest budget
@@ -88,24 +92,38 @@ def plan_from_args(args: argparse.Namespace, out_dir: Path) -> FederationPlan:
         labels=tuple(w.strip() for w in args.labels.split(",")) if args.labels else None)
 
 
-def evaluate_accuracy(plan: FederationPlan, examples: int, remote: Any = None) -> dict[str, Any]:
-    """Held-out accuracy of the base model, or of base + alpha, with every block in fp32.
+EVAL_BATCH_SIZE = 32
+"""Held-out reviews per forward pass when evaluating (the quickstart and benchmarks/compare.py)."""
 
-    fp32, not the clients' nf4: re-quantising base + alpha would round away most of a short
-    run's small ZO updates, and before/after must use the same precision to compare.
+
+def heldout_task(plan: FederationPlan, examples: int) -> tuple[ModelSource, LocalTask]:
+    """The run's base model and its held-out examples (at most `examples`), as a task.
+
+    One function for every evaluation of a run (before/after here, per version in
+    demo/replay.py), so that all of them score the same reviews with the same prompt.
     """
     from zorba_edge.client import assembly
-    from zorba_edge.client.evaluation import evaluate
-    from zorba_edge.model.loading import LoadConfig
 
     template = assembly.make_template(plan.labels, None, None, None)
     choice = assembly.DataChoice(spec=plan.data, seed=plan.data_seed,
                                  heldout_fraction=plan.heldout_fraction, max_examples=examples,
                                  template=template)
     source = assembly.open_model(plan.model)
-    task = assembly.build_task(assembly.heldout_examples(choice), source, choice)
+    return source, assembly.build_task(assembly.heldout_examples(choice), source, choice)
+
+
+def evaluate_accuracy(plan: FederationPlan, examples: int, remote: Any = None) -> dict[str, Any]:
+    """Held-out accuracy of the base model, or of base + alpha, with every block in fp32.
+
+    fp32, not the clients' nf4: re-quantising base + alpha would round away most of a short
+    run's small ZO updates, and before/after must use the same precision to compare.
+    """
+    from zorba_edge.client.evaluation import evaluate
+    from zorba_edge.model.loading import LoadConfig
+
+    source, task = heldout_task(plan, examples)
     result = evaluate(source, LoadConfig(train_dtype="fp32", frozen_dtype="fp32", device="cpu"),
-                      task, remote=remote, batch_size=32, seq_len=plan.seq_len)
+                      task, remote=remote, batch_size=EVAL_BATCH_SIZE, seq_len=plan.seq_len)
     return asdict(result)
 
 

@@ -1,0 +1,165 @@
+"""The fedavg baseline's client trainer: first-order AdamW on every block (issue 5).
+
+What ZorBA is measured against, run through the same daemon, data, model loading and
+accounting: each round the client installs the server's averaged block weights (unless it
+already holds them), takes the round's local steps with backpropagation and AdamW (a fresh
+optimizer each round, as plain FedAvg does), and hands back its trained block weights for
+upload. Embeddings, final norm and head stay frozen, as in every mode, so all modes train
+the same parameters.
+
+Memory is measured as honestly as for ZorBA: the round's peak spans the downloaded buffer,
+the backward pass, AdamW's two moments and the serialised upload. Weights are copied from
+the download buffer into the parameters tensor by tensor (no second full copy).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import struct
+import threading
+import time
+from collections.abc import Iterable
+
+import torch
+from safetensors.torch import save
+
+from zorba_edge.client.memory_probe import PeakMemoryProbe
+from zorba_edge.client.task import LocalTask
+from zorba_edge.client.trainer import RoundOutcome, SyncError, advance_table
+from zorba_edge.common.schema import AlphaDelta, AlphaState, Assignment, RunInfo
+from zorba_edge.common.weights import tensor_key
+from zorba_edge.engine.coefficients import CoefficientTable
+from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, release_freed_memory
+from zorba_edge.model.sources import ModelSource
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32}
+
+
+class FedAvgTrainer:
+    """Holds every block trainable in the training precision; rounds are AdamW steps."""
+
+    def __init__(self, source: ModelSource, load_config: LoadConfig, run: RunInfo,
+                 task: LocalTask, *, table: CoefficientTable | None = None) -> None:
+        if table is not None and (table.pool_size, table.num_blocks) != (run.pool_size, run.num_blocks):
+            raise SyncError("the saved table does not match the run: delete the client state")
+        self.source = source
+        self.load_config = load_config
+        self.run = run
+        self.task = task
+        self.table = table or CoefficientTable(run.pool_size, run.num_blocks)
+        """Only its version matters here: fedavg rounds publish empty alpha deltas."""
+        self.loaded: LoadedModel | None = None
+        self.weights_version = 0
+        """The version whose global weights the model holds; -1 after local training."""
+        self._probe = PeakMemoryProbe(load_config.device)
+        self._probe_armed = False
+
+    def hold(self) -> LoadedModel:
+        if self.loaded is None:
+            self.loaded = load_model(self.source, range(self.run.num_blocks), self.load_config)
+        return self.loaded
+
+    # ------------------------------------------------------------------ sync
+
+    def apply_deltas(self, deltas: Iterable[AlphaDelta]) -> None:
+        advance_table(self.table, deltas)
+
+    def replace_table(self, state: AlphaState) -> None:
+        self.table = CoefficientTable(state.pool_size, state.num_blocks, state.matrix(), state.version)
+
+    def weights_needed(self, assignment: Assignment) -> bool:
+        """Whether the round's base weights must be downloaded first (version 0 is the base)."""
+        return assignment.base_version > 0 and self.weights_version != assignment.base_version
+
+    @torch.no_grad()
+    def install_weights(self, buffer: bytearray, version: int) -> None:
+        """Copy a downloaded weight file into the blocks, tensor by tensor, in place."""
+        # The round's peak starts here: the download buffer is already resident.
+        self._probe.reset()
+        self._probe_armed = True
+        loaded = self.hold()
+        params = self._parameters(loaded)
+        (length,) = struct.unpack_from("<Q", buffer, 0)
+        header = json.loads(bytes(buffer[8:8 + length]))
+        header.pop("__metadata__", None)
+        if set(header) != set(params):
+            missing = sorted(set(params) - set(header))[:3]
+            raise SyncError(f"the server's weights for version {version} do not match this model "
+                            f"(missing e.g. {missing}): is it the run's base model?")
+        for name, entry in header.items():
+            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+            start, end = entry["data_offsets"]
+            if dtype is None or end - start != params[name].numel() * 4:
+                raise SyncError(f"tensor {name} of version {version} is {entry['dtype']} "
+                                f"{entry['shape']}: expected float32 {list(params[name].shape)}")
+            src = torch.frombuffer(buffer, dtype=dtype, count=params[name].numel(),
+                                   offset=8 + length + start)
+            params[name].copy_(src.view(params[name].shape))
+        self.weights_version = version
+
+    def _parameters(self, loaded: LoadedModel) -> dict[str, torch.nn.Parameter]:
+        return {tensor_key(b, name): p for b in range(self.run.num_blocks)
+                for name, p in loaded.trainable_parameters(b)}
+
+    @torch.no_grad()
+    def _restore_base(self, loaded: LoadedModel) -> None:
+        for block in range(self.run.num_blocks):
+            loaded.install_block(block, self.source.block_state_dict(block), trainable=True)
+        self.weights_version = 0
+
+    # ------------------------------------------------------------------ a round
+
+    def train_round(self, assignment: Assignment, cancel: threading.Event) -> RoundOutcome:
+        if assignment.base_version != self.table.version:
+            raise SyncError(f"round {assignment.round} trains on version {assignment.base_version} "
+                            f"but this client is at {self.table.version}: sync first")
+        if not self._probe_armed:
+            self._probe.reset()
+        self._probe_armed = False
+        loaded = self.hold()
+        if assignment.base_version == 0 and self.weights_version != 0:
+            self._restore_base(loaded)  # an earlier round trained locally but never applied
+        if self.weights_version != assignment.base_version:
+            raise SyncError(f"round {assignment.round} starts from the weights of version "
+                            f"{assignment.base_version}; this client holds "
+                            f"{self.weights_version}: download them first")
+        params = list(self._parameters(loaded).values())
+        hyper = assignment.hyper
+        losses: list[float] = []
+        started = time.perf_counter()
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=hyper.lr)
+        try:
+            for _ in assignment.pool_indices:
+                if cancel.is_set():
+                    break
+                batch = self.task.next_batch(hyper.batch_size, hyper.seq_len).to(self.load_config.device)
+                loss = self.task.loss_fn(loaded.model, batch)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                self.weights_version = -1  # the model now holds local, not global, weights
+                losses.append(float(loss.detach()))
+        finally:
+            del optimizer
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+        elapsed = time.perf_counter() - started
+        upload = save({name: p.detach().cpu().contiguous()
+                       for name, p in self._parameters(loaded).items()}) if losses else None
+        peak = self._probe.peak_bytes()
+        release_freed_memory()
+        return RoundOutcome(
+            steps=(),
+            num_samples=len(losses) * min(hyper.batch_size, len(self.task.examples)),
+            loss_mean=statistics.fmean(losses) if losses else float("nan"),
+            loss_last=losses[-1] if losses else float("nan"),
+            peak_memory_bytes=peak,
+            step_time_s=elapsed / len(losses) if losses else 0.0,
+            cancelled=cancel.is_set() and len(losses) < len(assignment.pool_indices),
+            upload=upload,
+        )
+
