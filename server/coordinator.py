@@ -766,7 +766,8 @@ class Coordinator:
             for b in p.blocks:
                 coverage[b] += 1
         return {
-            "run_id": self.run_id, "seed": self.seed, "pool_size": self.pool_size,
+            "run_id": self.run_id, "mode": self.config.run.mode, "seed": self.seed,
+            "pool_size": self.pool_size,
             "num_blocks": num_blocks, "model_fingerprint": self.fingerprint,
             "version": self.version, "finished": self.finished,
             "state": "round open" if r is not None else self.idle_reason,

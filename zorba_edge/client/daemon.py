@@ -48,6 +48,8 @@ from zorba_edge.errors import InvalidScalarError
 log = logging.getLogger("zorba_edge.client")
 T = TypeVar("T")
 
+INITIAL_UPLOAD_S = 1.0
+"""fedavg: assumed weight-upload time before one was measured."""
 SIT_OUT_SLACK_S = 0.2
 """After a round's deadline, before polling again: the server closes it by then."""
 
@@ -150,6 +152,8 @@ class ClientDaemon:
         self.state: ClientState | None = None
         self.trainer: Trainer | None = None
         self.rounds_reported = 0
+        self._upload_s = INITIAL_UPLOAD_S
+        """How long the last weight upload took (fedavg)."""
 
     # ------------------------------------------------------------------------ control
 
@@ -305,6 +309,10 @@ class ClientDaemon:
         loop = asyncio.get_running_loop()
         deadline_at = loop.time() + assignment.deadline_in_s
         budget_s = assignment.deadline_in_s - self.settings.deadline_margin_s
+        if isinstance(self.trainer, WeightExchange):
+            # The upload must land before the deadline too: keep twice the last one's time
+            # (at most half the round: a slower link than that cannot make any round).
+            budget_s -= min(2 * self._upload_s, assignment.deadline_in_s / 2)
         if budget_s <= 0:
             log.warning("round %d: only %.1f s left before its deadline; sitting it out",
                         assignment.round, assignment.deadline_in_s)
@@ -356,7 +364,7 @@ class ClientDaemon:
             return
         if deadline_hit.is_set():
             log.warning("round %d: the deadline came after %d of %d steps; reporting those",
-                        assignment.round, len(outcome.steps), len(assignment.pool_indices))
+                        assignment.round, outcome.steps_taken, len(assignment.pool_indices))
         if outcome.upload is not None:
             uploaded = await self._upload_weights(assignment.round, outcome.upload)
             if uploaded != "reported":
@@ -401,6 +409,7 @@ class ClientDaemon:
     async def _upload_weights(self, round_: int, body: bytes) -> str:
         """fedavg: PUT the trained weights before the report; `reported` when accepted."""
         self._listener.on_status(f"uploading {format_size(len(body))} of weights for round {round_}")
+        started = asyncio.get_running_loop().time()
         try:
             done = await self._until_stop(self._client.upload_weights(round_, body))
         except ServerRefusedError as exc:
@@ -411,7 +420,10 @@ class ClientDaemon:
                 return "late"
             log.error("round %d: weights refused: %s", round_, exc)
             return "refused"
-        return "abandoned" if done is None else "reported"
+        if done is None:
+            return "abandoned"
+        self._upload_s = asyncio.get_running_loop().time() - started
+        return "reported"
 
     async def _post_report(self, round_: int, report: Report) -> str:
         self._listener.on_status(f"reporting round {round_}")
@@ -438,8 +450,8 @@ class ClientDaemon:
                 return "late"
             log.error("round %d: report refused: %s", round_, exc)
             return "refused"
-        log.info("round %d reported: %d steps, loss %.4f (ack at %.0f)", round_, len(report.steps),
-                 report.loss_mean, ack.received_at)
+        log.info("round %d reported: %d samples, loss %.4f (ack at %.0f)", round_,
+                 report.num_samples, report.loss_mean, ack.received_at)
         return "reported"
 
     def _check_peak(self, assignment: Assignment, outcome: RoundOutcome) -> None:
@@ -460,7 +472,7 @@ class ClientDaemon:
         nan = float("nan")
         self._listener.on_round(RoundSummary(
             round=assignment.round, base_version=assignment.base_version,
-            blocks=assignment.blocks, steps=len(outcome.steps) if outcome else 0,
+            blocks=assignment.blocks, steps=outcome.steps_taken if outcome else 0,
             planned_steps=len(assignment.pool_indices),
             loss_mean=outcome.loss_mean if outcome else nan,
             loss_last=outcome.loss_last if outcome else nan,

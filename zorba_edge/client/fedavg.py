@@ -161,5 +161,6 @@ class FedAvgTrainer:
             step_time_s=elapsed / len(losses) if losses else 0.0,
             cancelled=cancel.is_set() and len(losses) < len(assignment.pool_indices),
             upload=upload,
+            local_steps=len(losses),
         )
 

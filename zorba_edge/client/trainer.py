@@ -50,6 +50,13 @@ class RoundOutcome:
     upload: bytes | None = None
     """fedavg only: the trained block weights (zorba_edge.common.weights format) to PUT."""
 
+    local_steps: int | None = None
+    """Steps taken, when they are not the ZO steps themselves (fedavg)."""
+
+    @property
+    def steps_taken(self) -> int:
+        return len(self.steps) if self.local_steps is None else self.local_steps
+
     @property
     def trained(self) -> bool:
         """Whether anything came of the round: ZO steps, or weights to upload."""

@@ -9,6 +9,7 @@ long-poll `wait` answers, retries) and counts them per request path.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -17,6 +18,7 @@ from aiohttp import web
 # Headers that describe one hop's connection, not the message (RFC 9110 7.6.1).
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                 "proxy-authorization", "proxy-authenticate", "host", "content-length"}
+_CHUNK = 1 << 20
 
 
 @dataclass
@@ -61,7 +63,7 @@ class CountingProxy:
         # No read timeout: long-polls legitimately wait for tens of seconds.
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
                                               auto_decompress=False)
-        app = web.Application(client_max_size=64 * 2**20)
+        app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._forward)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -77,19 +79,43 @@ class CountingProxy:
             await self._session.close()
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
+        """Stream both bodies through, counting them: a fedavg upload or download is the
+        model's size (hundreds of MB), too big to hold in the proxy."""
         assert self._session is not None
-        body = await request.read()
+        route = route_of(request.path)
+        sent = 0
+
+        async def request_body() -> AsyncIterator[bytes]:
+            nonlocal sent
+            async for chunk in request.content.iter_chunked(_CHUNK):
+                sent += len(chunk)
+                yield chunk
+
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        data = request_body() if request.body_exists else None
+        response_started = False
         try:
             async with self._session.request(request.method, self.upstream + request.path_qs,
-                                             data=body or None, headers=headers) as upstream:
-                reply = await upstream.read()
+                                             data=data, headers=headers) as upstream:
                 out_headers = {k: v for k, v in upstream.headers.items()
                                if k.lower() not in _HOP_HEADERS}
-                status = upstream.status
+                response = web.StreamResponse(status=upstream.status, headers=out_headers)
+                if upstream.content_length is not None:
+                    response.content_length = upstream.content_length
+                await response.prepare(request)
+                response_started = True
+                received = 0
+                try:
+                    async for chunk in upstream.content.iter_chunked(_CHUNK):
+                        received += len(chunk)
+                        await response.write(chunk)
+                    await response.write_eof()
+                finally:
+                    self.count.add(route, sent, received)
+                return response
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            if response_started:
+                raise  # mid-body: dropping the connection is what the client would see
             # The client sees what it would see with the server gone: a 502 it retries.
-            self.count.add(route_of(request.path), len(body), 0)
+            self.count.add(route, sent, 0)
             return web.Response(status=502, text=f"demo proxy: upstream unreachable: {exc}")
-        self.count.add(route_of(request.path), len(body), len(reply))
-        return web.Response(status=status, body=reply, headers=out_headers)

@@ -8,6 +8,7 @@ max_rounds) or, with a time limit, at the first round boundary after it.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ class FederationPlan:
                "keep_weight_versions": self.keep_weight_versions}
         lines = [f'enrolment_secret = "{SECRET}"', "", "[storage]", f'path = "{db_path}"',
                  'synchronous = "normal"', "", "[run]"]
-        lines += [f"{k} = {v!r}" for k, v in run.items()]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in run.items()]  # JSON scalars are TOML
         return "\n".join(lines) + "\n"
 
     def client_args(self, index: int, url: str, client_dir: Path, secret_file: Path) -> list[str]:
