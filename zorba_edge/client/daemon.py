@@ -48,7 +48,7 @@ from zorba_edge.errors import InvalidScalarError
 log = logging.getLogger("zorba_edge.client")
 T = TypeVar("T")
 
-INITIAL_UPLOAD_S = 1.0
+INITIAL_UPLOAD_S = 5.0
 """fedavg: assumed weight-upload time before one was measured."""
 SIT_OUT_SLACK_S = 0.2
 """After a round's deadline, before polling again: the server closes it by then."""

@@ -45,12 +45,18 @@ class ClientFigures:
     losses: list[float] = field(default_factory=list)
 
     @property
+    def rounds_assigned(self) -> int:
+        return len(self.blocks_per_round)
+
+    # Per round the client was assigned, not per round it reported: a late or refused round
+    # (a fedavg upload after the deadline) still cost its traffic.
+    @property
     def bytes_up_per_round(self) -> float:
-        return self.round_bytes_up / max(self.rounds_reported, 1)
+        return self.round_bytes_up / max(self.rounds_assigned, 1)
 
     @property
     def bytes_down_per_round(self) -> float:
-        return self.round_bytes_down / max(self.rounds_reported, 1)
+        return self.round_bytes_down / max(self.rounds_assigned, 1)
 
     @property
     def peak_over_budget(self) -> float:
