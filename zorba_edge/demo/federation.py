@@ -215,7 +215,8 @@ async def _watch(plan: FederationPlan, url: str, session: aiohttp.ClientSession,
         for c in clients:
             c.process.sample_rss()
         if not server.running:
-            raise DemoError(f"zorba-server died; its log ends:\n{server.tail()}")
+            raise DemoError(f"zorba-server died (exit code {server.process.returncode}: negative "
+                            f"is a signal, -9 often the OOM killer); its log ends:\n{server.tail()}")
         alive = [c for c in clients if c.process.running]
         polled = await _status(session, url)
         if polled is not None:
