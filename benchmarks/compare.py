@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from zorba_edge.common.schema import FEDAVG, RUN_MODES
+from zorba_edge.common.schema import FEDAVG, RUN_MODES, ZORBA
 from zorba_edge.demo import compare_report as report
 from zorba_edge.demo.federation import FederationPlan, FederationResult
 from zorba_edge.demo.quickstart import DEFAULT_BUDGETS, plan_from_args
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default %(default)s)")
     p.add_argument("--fedavg-lr", type=float, default=1e-5,
                    help="fedavg's AdamW learning rate; not tuned (default %(default)s)")
+    p.add_argument("--zorba-epsilon", type=float,
+                   help="the zorba mode's scheduler epsilon, for a sensitivity run (default: the "
+                   "server's, 0.05; larger gives lighter assignments)")
     p.add_argument("--quick", action="store_true",
                    help="a short setting: " + ", ".join(f"{k.replace('_', '-')} {v:g}"
                                                         for k, v in QUICK.items())
@@ -109,6 +112,7 @@ class Setting:
     eval_every: int
     lr: float
     fedavg_lr: float
+    zorba_epsilon: float | None = None
 
     def lr_of(self, mode: str) -> float:
         return self.fedavg_lr if mode == FEDAVG else self.lr
@@ -130,7 +134,7 @@ def resolve(args: argparse.Namespace) -> Setting:
     if overridden:  # say so: a "full" page from a 2-round run would mislead
         kind = f"custom ({kind} defaults, {', '.join(overridden)} given)"
     return Setting(kind=kind, modes=modes, eval_every=args.eval_every, lr=args.lr,
-                   fedavg_lr=args.fedavg_lr, **picked)
+                   fedavg_lr=args.fedavg_lr, zorba_epsilon=args.zorba_epsilon, **picked)
 
 
 def plan_for(setting: Setting, mode: str, rep: int, out_dir: Path) -> FederationPlan:
@@ -141,7 +145,8 @@ def plan_for(setting: Setting, mode: str, rep: int, out_dir: Path) -> Federation
         "--seed", str(rep), "--data-seed", str(rep), "--eval-examples",
         str(setting.eval_examples)])
     plan = plan_from_args(args, out_dir)
-    return dataclasses.replace(plan, mode=mode, keep_weight_versions=mode == FEDAVG)
+    return dataclasses.replace(plan, mode=mode, keep_weight_versions=mode == FEDAVG,
+                               scheduler_epsilon=setting.zorba_epsilon if mode == ZORBA else None)
 
 
 # ---------------------------------------------------------------------------- one run
@@ -257,6 +262,8 @@ def setting_record(setting: Setting, out_dir: Path) -> dict[str, Any]:
         "eval_examples": setting.eval_examples, "eval_every": setting.eval_every,
         "lr (zeroth-order modes, not tuned)": setting.lr,
         "lr (fedavg AdamW, not tuned)": setting.fedavg_lr,
+        "scheduler epsilon (zorba)": setting.zorba_epsilon if setting.zorba_epsilon is not None
+        else "0.05 (server default)",
         "budgets": ", ".join(DEFAULT_BUDGETS), "seeds": "rep r: seed r, data seed r",
         "model": plan.model or "SmolLM2-135M-Instruct (packaged GGUF)",
         "data": f"{plan.data}, Dirichlet alpha {plan.dirichlet_alpha} across clients",

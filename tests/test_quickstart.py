@@ -81,3 +81,17 @@ def test_a_tiny_federation_runs_end_to_end_and_reports_bytes_peaks_and_accuracy(
         assert 0 < client["peak_bytes"] and client["peak_over_budget"] < 1.0
     assert summary["bytes_up_per_round"] > 0 and summary["peak_over_budget"] > 0
     assert (plan.out_dir / "server.log").exists()
+
+
+def test_the_demo_plan_writes_a_server_config_the_server_reads_in_every_mode(tmp_path: Path) -> None:
+    from zorba_edge.common.schema import RUN_MODES
+    from zorba_server.config import load_config
+
+    for mode in RUN_MODES:
+        plan = FederationPlan(tmp_path, (ClientSetup("a", 2**30),), mode=mode,
+                              keep_weight_versions=mode == "fedavg", scheduler_epsilon=0.5)
+        path = tmp_path / f"{mode}.toml"
+        path.write_text(plan.server_toml(tmp_path / "db.sqlite3"))
+        config = load_config(str(path), {})
+        assert config.run.mode == mode and config.scheduler.epsilon == 0.5
+        assert config.run.keep_weight_versions == (mode == "fedavg")

@@ -54,6 +54,8 @@ class FederationPlan:
     """A run mode of zorba_edge.common.schema.RUN_MODES (the baselines for benchmarks/compare.py)."""
     keep_weight_versions: bool = False
     """fedavg: the server keeps every version's weights (per-round evaluation reads them)."""
+    scheduler_epsilon: float | None = None
+    """The scheduler's stage-2 epsilon (None: the server's default, 0.05)."""
     seed: int = 0
     data_seed: int = 0
     dirichlet_alpha: float = 0.5
@@ -75,6 +77,8 @@ class FederationPlan:
         lines = [f'enrolment_secret = "{SECRET}"', "", "[storage]", f'path = "{db_path}"',
                  'synchronous = "normal"', "", "[run]"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in run.items()]  # JSON scalars are TOML
+        if self.scheduler_epsilon is not None:
+            lines += ["", "[scheduler]", f"epsilon = {json.dumps(self.scheduler_epsilon)}"]
         return "\n".join(lines) + "\n"
 
     def client_args(self, index: int, url: str, client_dir: Path, secret_file: Path) -> list[str]:
