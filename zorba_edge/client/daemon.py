@@ -154,6 +154,8 @@ class ClientDaemon:
         self.rounds_reported = 0
         self._upload_s = INITIAL_UPLOAD_S
         """How long the last weight upload took (fedavg)."""
+        self._last_step_s = 0.0
+        """The last round's time per local step (fedavg)."""
 
     # ------------------------------------------------------------------------ control
 
@@ -310,9 +312,11 @@ class ClientDaemon:
         deadline_at = loop.time() + assignment.deadline_in_s
         budget_s = assignment.deadline_in_s - self.settings.deadline_margin_s
         if isinstance(self.trainer, WeightExchange):
-            # The upload must land before the deadline too: keep twice the last one's time
-            # (at most half the round: a slower link than that cannot make any round).
-            budget_s -= min(2 * self._upload_s, assignment.deadline_in_s / 2)
+            # The upload must land before the deadline too, and a step started just before
+            # the cancel still runs to its end: keep twice the last upload's time plus one
+            # step (at most half the round: a slower device cannot make any round anyway).
+            reserve = 2 * self._upload_s + self._last_step_s
+            budget_s -= min(reserve, assignment.deadline_in_s / 2)
         if budget_s <= 0:
             log.warning("round %d: only %.1f s left before its deadline; sitting it out",
                         assignment.round, assignment.deadline_in_s)
@@ -351,6 +355,8 @@ class ClientDaemon:
             timer.cancel()
             self._cancel = None
         self._check_peak(assignment, outcome)
+        if outcome.step_time_s > 0:
+            self._last_step_s = outcome.step_time_s
         if self.stopping:
             log.info("round %d abandoned: stopping (local steps reverted, nothing reported)",
                      assignment.round)

@@ -227,7 +227,9 @@ async def _watch(plan: FederationPlan, url: str, session: aiohttp.ClientSession,
             status = polled
         if train_started is None and status.get("current_round"):
             train_started = time.monotonic()
-            deadline = loop.time() + plan.minutes * 60
+            # A run of `rounds` rounds runs them all, however long they take (the baselines'
+            # comparison needs equal rounds); the time limit is for `rounds` = 0.
+            deadline = None if plan.rounds else loop.time() + plan.minutes * 60
             blocks = {c["name"]: c["blocks"] for c in status.get("clients", [])}
             progress("first round open; blocks per client: " + ", ".join(
                 f"{name} {len(b)} ({_span(b)})" for name, b in blocks.items()))
