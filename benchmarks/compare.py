@@ -43,8 +43,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
 from zorba_edge.common.schema import FEDAVG, RUN_MODES, ZORBA
 from zorba_edge.demo import compare_report as report
 from zorba_edge.demo.federation import FederationPlan, FederationResult
@@ -152,12 +150,6 @@ def plan_for(setting: Setting, mode: str, rep: int, out_dir: Path) -> Federation
 # ---------------------------------------------------------------------------- one run
 
 
-def _round_plans(db_path: Path) -> list[dict[str, Any]]:
-    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
-        return [msgpack.unpackb(blob, strict_map_key=False)
-                for (blob,) in conn.execute("SELECT plan FROM rounds ORDER BY round")]
-
-
 def _run_created_at(db_path: Path) -> float | None:
     with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
         row = conn.execute("SELECT created_at FROM run WHERE id = 1").fetchone()
@@ -166,9 +158,11 @@ def _run_created_at(db_path: Path) -> float | None:
 
 def exclusion_reasons(db_path: Path) -> dict[str, str]:
     """client_id -> the scheduler's latest reason for leaving it out of a round."""
+    from zorba_edge.demo.results import read_rounds
+
     reasons: dict[str, str] = {}
-    for plan in _round_plans(db_path):
-        reasons.update(plan.get("excluded") or {})
+    for row in read_rounds(db_path):
+        reasons.update(row.excluded)
     return reasons
 
 

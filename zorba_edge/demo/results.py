@@ -84,6 +84,8 @@ class RoundRow:
     closed_at: float | None
     opened_at: float
     blocks: dict[str, tuple[int, ...]]
+    excluded: dict[str, str]
+    """Members the scheduler left out of this round, with its reason."""
 
 
 def read_rounds(db_path: Path) -> list[RoundRow]:
@@ -93,7 +95,8 @@ def read_rounds(db_path: Path) -> list[RoundRow]:
         for plan_blob, status, loss, closed_at in rows:
             plan = RoundPlan.from_record(msgpack.unpackb(plan_blob, strict_map_key=False))
             out.append(RoundRow(plan.round, status, loss, closed_at, plan.opened_at,
-                                {cid: p.blocks for cid, p in plan.clients.items()}))
+                                {cid: p.blocks for cid, p in plan.clients.items()},
+                                dict(plan.excluded)))
     return out
 
 
