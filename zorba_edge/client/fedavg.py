@@ -26,7 +26,7 @@ from safetensors.torch import save
 
 from zorba_edge.client.memory_probe import PeakMemoryProbe
 from zorba_edge.client.task import LocalTask
-from zorba_edge.client.trainer import RoundOutcome, SyncError, advance_table
+from zorba_edge.client.trainer import RoundOutcome, SyncError, advance_table, check_saved_table
 from zorba_edge.common.schema import AlphaDelta, AlphaState, Assignment, RunInfo
 from zorba_edge.common.weights import tensor_key
 from zorba_edge.engine.coefficients import CoefficientTable
@@ -41,8 +41,7 @@ class FedAvgTrainer:
 
     def __init__(self, source: ModelSource, load_config: LoadConfig, run: RunInfo,
                  task: LocalTask, *, table: CoefficientTable | None = None) -> None:
-        if table is not None and (table.pool_size, table.num_blocks) != (run.pool_size, run.num_blocks):
-            raise SyncError("the saved table does not match the run: delete the client state")
+        check_saved_table(table, run)
         self.source = source
         self.load_config = load_config
         self.run = run

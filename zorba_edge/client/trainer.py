@@ -63,6 +63,15 @@ class RoundOutcome:
         return bool(self.steps) or self.upload is not None
 
 
+def check_saved_table(table: CoefficientTable | None, run: RunInfo) -> None:
+    """A table resumed from the client's state must have the run's shape."""
+    if table is not None and (table.pool_size, table.num_blocks) != (run.pool_size, run.num_blocks):
+        raise SyncError(
+            f"the saved table is {table.pool_size} x {table.num_blocks} but the run's is "
+            f"{run.pool_size} x {run.num_blocks}: delete the client state to start afresh"
+        )
+
+
 def advance_table(table: CoefficientTable, deltas: Iterable[AlphaDelta]) -> list[AlphaIncrement]:
     """Apply published rounds to `table` in version order (skipping ones already applied);
     the increments applied, for the caller to move its held weights by."""
@@ -94,11 +103,7 @@ class LocalTrainer:
         table: CoefficientTable | None = None,
         refresh_every: int = 20,
     ) -> None:
-        if table is not None and (table.pool_size, table.num_blocks) != (run.pool_size, run.num_blocks):
-            raise SyncError(
-                f"the saved table is {table.pool_size} x {table.num_blocks} but the run's is "
-                f"{run.pool_size} x {run.num_blocks}: delete the client state to start afresh"
-            )
+        check_saved_table(table, run)
         self.source = source
         self.load_config = load_config
         self.run = run
