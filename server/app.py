@@ -34,9 +34,9 @@ from zorba_edge.common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
 from zorba_server import errors, metrics, status_page, storage
 from zorba_server.committer import Committer
 from zorba_server.config import ServerConfig
-from zorba_server.coordinator import Coordinator, SolveFn
-from zorba_server.errors import ApiError
-from zorba_server.scheduler import solve_schedule
+from zorba_server.coordinator import Coordinator
+from zorba_server.engine import SolveFn
+from zorba_server.errors import Refusal
 from zorba_server.scheduler_baselines import solver_for
 
 log = logging.getLogger("zorba_server")
@@ -48,7 +48,7 @@ class Services:
     """What the handlers use; filled in when the application starts."""
 
     config: ServerConfig
-    solve: SolveFn = solve_schedule
+    solve: SolveFn | None = None
     clock: Callable[[], float] = time.time
     stats: metrics.RequestStats = field(default_factory=metrics.RequestStats)
     committer: Committer | None = None
@@ -57,7 +57,7 @@ class Services:
     @property
     def running(self) -> Coordinator:
         if self.coordinator is None:
-            raise ApiError(503, "starting", "the server is starting: retry in a moment")
+            raise errors.starting()
         return self.coordinator
 
 
@@ -67,7 +67,7 @@ SERVICES = web.AppKey("services", Services)
 def create_app(config: ServerConfig, *, solve: SolveFn | None = None,
                clock: Callable[[], float] = time.time) -> web.Application:
     """The server; `solve` defaults to the run mode's (config.run.mode)."""
-    solve = solve or solver_for(config.run.mode, config.run.seed)
+    solve = solve or solver_for(config.run.mode)
     # aiohttp refuses bodies over client_max_size itself (413, turned into msgpack by the
     # middleware); each endpoint then applies its own, smaller limit.
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_REPORT_BYTES)
@@ -117,6 +117,13 @@ def error_response(status: int, code: str, message: str) -> web.Response:
     return msgpack_response(ErrorBody(code, message[:4096]), status)
 
 
+HTTP_STATUS: dict[type[Refusal], int] = {
+    errors.Malformed: 400, errors.Unauthenticated: 401, errors.Forbidden: 403,
+    errors.NotFound: 404, errors.Conflict: 409, errors.TooLarge: 413,
+    errors.UnsupportedMediaType: 415, errors.Unprocessable: 422, errors.Unavailable: 503,
+}
+"""Each kind of refusal's HTTP status: the one place the server speaks HTTP about errors."""
+
 _AIOHTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
@@ -131,8 +138,8 @@ async def error_middleware(request: web.Request,
         response = await handler(request)
         stats.responses[(route, response.status)] += 1
         return response
-    except ApiError as exc:
-        status, code, message = exc.status, exc.code, exc.message
+    except Refusal as exc:
+        status, code, message = HTTP_STATUS[type(exc)], exc.code, exc.message
     except SchemaError as exc:
         status = {"too_large": 413, "invalid_scalar": 422}.get(exc.code, 400)
         code, message = exc.code, str(exc)
@@ -158,8 +165,8 @@ async def error_middleware(request: web.Request,
 
 async def read_message(request: web.Request, cls: type[M], limit: int) -> M:
     if request.content_type != CONTENT_TYPE:
-        raise ApiError(415, "unsupported_media_type",
-                       f"send the body as {CONTENT_TYPE}, not {request.content_type or 'nothing'}")
+        raise errors.unsupported_media_type(
+            f"send the body as {CONTENT_TYPE}, not {request.content_type or 'nothing'}")
     if request.content_length is not None and request.content_length > limit:
         raise errors.too_large(f"body of {request.content_length} bytes exceeds the "
                                f"{limit}-byte limit of {cls.__name__}")
@@ -218,8 +225,8 @@ async def upload_weights(request: web.Request) -> web.Response:
     member = coordinator.authenticate(bearer(request))
     round_ = int(request.match_info["round"])
     if request.content_type != WEIGHTS_CONTENT_TYPE:
-        raise ApiError(415, "unsupported_media_type",
-                       f"send the weights as {WEIGHTS_CONTENT_TYPE}, not "
+        raise errors.unsupported_media_type(
+            f"send the weights as {WEIGHTS_CONTENT_TYPE}, not "
                        f"{request.content_type or 'nothing'}")
     if request.content_length is not None and request.content_length > MAX_WEIGHTS_BYTES:
         raise errors.too_large(f"weights of {request.content_length} bytes exceed the "

@@ -1,47 +1,37 @@
-"""The running server: registration, long-polls, reports and the life of each round.
+"""The running server: the round engine's async, durable, HTTP-facing shell.
 
-The coordinator holds the run's state in memory (alpha, members, the open round) and the
-database holds the same state durably; every change is committed before anyone is told
-about it. One driver task opens and closes rounds, so closes never race each other;
-handlers only validate, queue a commit and wait for it.
+The round policy lives in `zorba_server.engine.RoundEngine` (pure, synchronous). This shell
+adds what a networked server needs around it: tokens, long-polls, a database that holds
+every change before anyone is told about it, and one driver task that opens and closes
+rounds, so closes never race each other; handlers only validate, queue a commit and wait.
 
-Restart: `start()` loads the database and resumes exactly where the last commit left
-off: the open round with the reports it acknowledged, alpha at the last applied round.
+Restart: `start()` loads the database and resumes exactly where the last commit left off:
+the open round with the reports it acknowledged, alpha at the last applied round.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import hmac
 import logging
-import math
 import secrets
 import sqlite3
 import time
-from collections import deque
-from collections.abc import AsyncIterable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from zorba_edge.common.memory_model import LinearMemoryModel, ModelFootprint, linear_memory_model
 from zorba_edge.common.schema import (
-    FEDAVG,
-    FINISHED,
     MAX_WEIGHTS_BYTES,
     PROTOCOL_VERSION,
     TRAIN,
     WAIT,
-    AlphaDelta,
     AlphaState,
-    DeviceProfile,
-    HyperParams,
     NextRound,
     RegisterRequest,
     RegisterResponse,
@@ -51,81 +41,17 @@ from zorba_edge.common.schema import (
     encode,
 )
 from zorba_server import errors, storage
-from zorba_server.aggregation import apply_delta
 from zorba_server.committer import Committer
 from zorba_server.config import ConfigError, ServerConfig
-from zorba_server.pool import round_pool_indices
-from zorba_server.rounds import (
-    APPLIED,
-    OPEN,
-    ClientPlan,
-    ReceivedReport,
-    RoundOutcome,
-    RoundPlan,
-    check_report,
-    close_round,
-)
-from zorba_server.scheduler import (
-    ClientSpec,
-    Schedule,
-    SchedulerConfig,
-    local_steps,
-    solve_schedule,
-)
+from zorba_server.engine import Member, OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
+from zorba_server.rounds import APPLIED, OPEN, ReceivedReport
+from zorba_server.scheduler_baselines import redraws_each_round, solver_for
+from zorba_server.status_view import run_status
 from zorba_server.weights import Upload, WeightStore
 
 log = logging.getLogger("zorba_server")
 
-SolveFn = Callable[[Sequence[ClientSpec], Sequence[int], SchedulerConfig], Schedule]
-
-# Calibration learned from measured peaks: an EMA of peak / predicted, kept in a band so
-# one odd measurement cannot make a client look free or unusable.
-CALIBRATION_MIN, CALIBRATION_MAX, CALIBRATION_EMA = 0.5, 8.0, 0.5
-# Re-solve the schedule when a calibration moves by more than this factor.
-CALIBRATION_STEP = 1.1
 IDLE_RECHECK_S = 1.0
-STATUS_ROUNDS = 500
-"""Most recent rounds listed by /v1/status and the status page."""
-
-
-@dataclass
-class Member:
-    client_id: str
-    token_hash: bytes
-    profile: DeviceProfile
-    registered_at: float
-    calibration: float
-    last_seen: float
-    step_time_s: float
-    rounds_reported: int = 0
-    last_loss: float | None = None
-    last_peak_bytes: int = 0
-
-
-@dataclass
-class OpenRound:
-    plan: RoundPlan
-    received: dict[str, ReceivedReport] = field(default_factory=dict)
-    """Committed (acknowledgeable) reports."""
-    pending: dict[str, tuple[ReceivedReport, asyncio.Future[None]]] = field(default_factory=dict)
-    """Reports whose commit is in flight."""
-    closing: bool = False
-
-    def complete(self) -> bool:
-        return not self.pending and len(self.received) == len(self.plan.clients)
-
-
-@dataclass(frozen=True)
-class RoundSummary:
-    round: int
-    status: str
-    assigned: int
-    reports: int
-    opened_at: float
-    closed_at: float | None
-    loss: float | None
-    message: str
-    method: str
 
 
 def token_hash(token: str) -> bytes:
@@ -139,47 +65,65 @@ def report_hash(round_: int, report: Report) -> bytes:
 
 class Coordinator:
     def __init__(self, config: ServerConfig, committer: Committer, *,
-                 solve: SolveFn = solve_schedule, clock: Callable[[], float] = time.time) -> None:
+                 solve: SolveFn | None = None, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self._committer = committer
-        self._solve = solve
         self._clock = clock
-        run = config.run
+        self.engine = RoundEngine(config, solve or solver_for(config.run.mode),
+                                  redraw_each_round=redraws_each_round(config.run.mode))
         self.run_id = ""
-        self.seed = run.seed
-        self.pool_size = run.pool_size
         self.created_at = 0.0
-        self.fingerprint: str | None = None
-        self.footprint: ModelFootprint | None = None
-        self.alpha: np.ndarray | None = None
-        self.version = 0
-        self.deltas: deque[AlphaDelta] = deque(maxlen=run.catch_up_rounds)
-        self.members: dict[str, Member] = {}
-        self._by_token: dict[bytes, str] = {}
-        self.history: list[RoundSummary] = []
-        self.open: OpenRound | None = None
-        self.round_counter = 1
-        """Number the next round to open gets."""
-        self.finished = False
-        self.idle_reason = "starting"
-        self.last_schedule: Schedule | None = None
-        self._schedule_key: tuple[Any, ...] | None = None
-        self._previous: dict[str, frozenset[int]] = {}
-        self.last_plan: RoundPlan | None = None
+        self._token_hashes: dict[bytes, str] = {}
+        self.pending: dict[str, tuple[ReceivedReport, asyncio.Future[None]]] = {}
+        """Reports of the open round whose commit is in flight."""
+        self._closing = False
         self._changed: asyncio.Future[None] | None = None
         """Resolved when a round opens or the run finishes: what long-polls wait for."""
         self._wake = asyncio.Event()
         self._driver: asyncio.Task[None] | None = None
         self._state_cache: tuple[int, bytes] | None = None
-        self.counters: dict[str, int] = {
+        self._counts: dict[str, int] = {
             "registrations": 0, "reports_accepted": 0, "rounds_applied": 0, "rounds_failed": 0,
-            "schedules_solved": 0,
         }
-        self.schedule_solve_s = 0.0
-        self.weights = (WeightStore(config.storage.path, keep_versions=run.keep_weight_versions,
+        self.weights = (WeightStore(config.storage.path, keep_versions=config.run.keep_weight_versions,
                                     max_upload_bytes=MAX_WEIGHTS_BYTES)
-                        if run.mode == FEDAVG else None)
+                        if self.engine.weights_only else None)
         """fedavg only: uploaded and averaged weights (server/weights.py)."""
+
+    # The engine's state, as the status page, metrics and tests read it.
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    @property
+    def alpha(self) -> np.ndarray | None:
+        return self.engine.alpha
+
+    @property
+    def members(self) -> dict[str, Member]:
+        return self.engine.members
+
+    @property
+    def open(self) -> OpenRound | None:
+        return self.engine.open
+
+    @property
+    def history(self) -> list[Any]:
+        return self.engine.history
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return dict(self._counts, schedules_solved=self.engine.schedules_solved)
+
+    @property
+    def schedule_solve_s(self) -> float:
+        return self.engine.schedule_solve_s
+
+    def active_members(self, now: float) -> list[Member]:
+        return self.engine.active_members(now)
+
+    def now(self) -> float:
+        return self._clock()
 
     # ------------------------------------------------------------------------ lifecycle
 
@@ -199,9 +143,8 @@ class Coordinator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._driver
             self._driver = None
-        if self.open is not None:
-            pending = [future for _, future in self.open.pending.values()]
-            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*(future for _, future in self.pending.values()),
+                             return_exceptions=True)
 
     async def _create_run(self, now: float) -> None:
         run = self.config.run
@@ -215,7 +158,7 @@ class Coordinator:
             await self._committer.submit(
                 partial(storage.pin_model, fingerprint=run.model_fingerprint,
                         footprint=run.footprint, alpha=alpha))
-            self._pin(run.model_fingerprint, run.footprint, alpha)
+            self.engine.pin(run.model_fingerprint, run.footprint, alpha)
         log.info("created run %s (seed %d, K=%d)", self.run_id, run.seed, run.pool_size)
 
     def _restore(self, snap: storage.Snapshot, now: float) -> None:
@@ -234,44 +177,28 @@ class Coordinator:
                     f"run.{name} in the config differs from the one run {snap.run_id} pinned: "
                     "remove it from the config or start a new run with another storage.path"
                 )
+        engine = self.engine
         self.run_id, self.created_at = snap.run_id or "", snap.created_at
-        self.version = snap.version
+        engine.version = snap.version
         if snap.model_fingerprint and snap.footprint is not None and snap.alpha is not None:
-            self._pin(snap.model_fingerprint, snap.footprint, snap.alpha)
-        self.deltas.extend(snap.deltas)
+            engine.pin(snap.model_fingerprint, snap.footprint, snap.alpha)
+        engine.deltas.extend(snap.deltas)
         for c in snap.clients:
             # Every known client counts as seen at restart: it gets one membership timeout
             # to come back before the schedule drops it.
-            self._add_member(Member(c.client_id, c.token_hash, c.profile, c.registered_at,
-                                    c.calibration, now, c.profile.step_time_s))
+            engine.add_member(Member(c.client_id, c.profile, c.registered_at, c.calibration, now,
+                                     c.profile.step_time_s))
+            self._token_hashes[c.token_hash] = c.client_id
         for r in snap.rounds:
-            self.history.append(RoundSummary(
-                r.plan.round, r.status, len(r.plan.clients), r.reports, r.plan.opened_at,
-                r.closed_at, r.loss, r.message, r.plan.schedule_method))
+            engine.restore_round(r.plan, r.status, r.reports, r.closed_at, r.loss, r.message)
             if r.status != OPEN:
-                self.counters["rounds_applied" if r.status == APPLIED else "rounds_failed"] += 1
-        if snap.rounds:
-            last = snap.rounds[-1]
-            self.round_counter = last.plan.round + 1
-            self._previous = {cid: frozenset(p.blocks) for cid, p in last.plan.clients.items()}
-            self.last_plan = last.plan
-            if last.status == OPEN:
-                self.history.pop()
-                self.open = OpenRound(last.plan, {r.client_id: r for r in snap.open_reports})
-        self.finished = bool(run.max_rounds) and self.version >= run.max_rounds
-        log.info("resumed run %s at version %d, round %d%s", self.run_id, self.version,
-                 self.round_counter - (self.open is not None),
-                 " (open)" if self.open is not None else "")
-
-    def _pin(self, fingerprint: str, footprint: ModelFootprint, alpha: np.ndarray) -> None:
-        self.fingerprint, self.footprint, self.alpha = fingerprint, footprint, alpha
-
-    def _add_member(self, member: Member) -> None:
-        self.members[member.client_id] = member
-        self._by_token[member.token_hash] = member.client_id
-
-    def now(self) -> float:
-        return self._clock()
+                self._counts["rounds_applied" if r.status == APPLIED else "rounds_failed"] += 1
+        if snap.rounds and snap.rounds[-1].status == OPEN:
+            engine.reopen(snap.rounds[-1].plan, snap.open_reports)
+        engine.finished = bool(run.max_rounds) and engine.version >= run.max_rounds
+        log.info("resumed run %s at version %d, round %d%s", self.run_id, engine.version,
+                 engine.round_counter - (engine.open is not None),
+                 " (open)" if engine.open is not None else "")
 
     # ------------------------------------------------------------------------ requests
 
@@ -279,27 +206,15 @@ class Coordinator:
         if not token:
             raise errors.unauthorized(
                 "missing bearer token: send 'Authorization: Bearer <token>' from POST /v1/clients")
-        client_id = self._by_token.get(token_hash(token))
-        if client_id is None:
+        client_id = self._token_hashes.get(token_hash(token))
+        member = self.members.get(client_id) if client_id is not None else None
+        if member is None:
             raise errors.unauthorized("unknown bearer token: register again with POST /v1/clients")
-        member = self.members[client_id]
         member.last_seen = self._clock()
         return member
 
     def run_info(self) -> RunInfo:
-        run = self.config.run
-        assert self.footprint is not None and self.fingerprint is not None
-        return RunInfo(
-            run_id=self.run_id, seed=self.seed, pool_size=self.pool_size,
-            num_blocks=self.footprint.num_blocks, model_fingerprint=self.fingerprint,
-            hyper=self.hyper(), round_duration_s=run.round_duration_s,
-            poll_timeout_s=run.poll_timeout_s,
-            max_abs_scalar=self.config.aggregation.max_abs_scalar, mode=run.mode,
-        )
-
-    def hyper(self) -> HyperParams:
-        run = self.config.run
-        return HyperParams(run.lr, run.mu, run.batch_size, run.seq_len)
+        return self.engine.run_info(self.run_id)
 
     async def register(self, request: RegisterRequest) -> RegisterResponse:
         secret = self.config.enrolment_secret.encode()
@@ -311,20 +226,18 @@ class Coordinator:
                 f"client speaks protocol {request.protocol}, this server {PROTOCOL_VERSION}: "
                 "upgrade the older side")
         profile = request.profile
-        pins = self.fingerprint is None
-        if not pins:
-            self._check_model(profile)
-        if self.weights is None:  # fedavg runs whatever the budget: its peaks are the finding
-            self._check_budget(profile)
+        engine = self.engine
+        engine.check_registration(profile)
+        pins = engine.fingerprint is None
         now = self._clock()
         client_id, token = "c-" + secrets.token_hex(8), secrets.token_urlsafe(32)
-        member = Member(client_id, token_hash(token), profile, now, 1.0, now, profile.step_time_s)
-        insert = partial(storage.insert_client, client_id=client_id, token_hash=member.token_hash,
+        member = Member(client_id, profile, now, 1.0, now, profile.step_time_s)
+        insert = partial(storage.insert_client, client_id=client_id, token_hash=token_hash(token),
                          profile=profile, registered_at=now)
         if pins:
             # Pin before awaiting the commit so concurrent registrations compare against it.
-            alpha = np.zeros((self.pool_size, profile.footprint.num_blocks))
-            self._pin(profile.model_fingerprint, profile.footprint, alpha)
+            engine.pin(profile.model_fingerprint, profile.footprint)
+            alpha = engine.alpha
 
             def op(conn: sqlite3.Connection) -> None:
                 storage.pin_model(conn, profile.model_fingerprint, profile.footprint, alpha)
@@ -335,101 +248,33 @@ class Coordinator:
             await self._committer.submit(op)
         except Exception:
             if pins:
-                self.fingerprint = self.footprint = self.alpha = None
+                engine.unpin()
             raise
-        self._add_member(member)
-        self.counters["registrations"] += 1
+        engine.add_member(member)
+        self._token_hashes[token_hash(token)] = client_id
+        self._counts["registrations"] += 1
         self._wake.set()
         return RegisterResponse(client_id, token, self.run_info())
-
-    def _check_model(self, profile: DeviceProfile) -> None:
-        if profile.model_fingerprint != self.fingerprint:
-            raise errors.conflict(
-                "model_mismatch",
-                f"this run trains model {self.fingerprint!r}, the client loaded "
-                f"{profile.model_fingerprint!r}: load the run's base model",
-            )
-        if profile.footprint != self.footprint:
-            assert self.footprint is not None
-            diff = [f for f in ("num_layers", "hidden_size", "vocab_size", "intermediate_size",
-                                "embed_head_params", "block_params", "quantizable_block_params")
-                    if getattr(profile.footprint, f) != getattr(self.footprint, f)]
-            raise errors.conflict(
-                "model_mismatch",
-                f"the client's model footprint differs from the run's in {', '.join(diff)}: "
-                "same fingerprint but another architecture; load the run's base model",
-            )
-
-    def _check_budget(self, profile: DeviceProfile) -> None:
-        model = self._memory_model(profile, 1.0)
-        need = model.fixed_bytes + min(model.block_bytes)
-        if profile.memory_budget_bytes < need:
-            raise errors.unprocessable(
-                "budget_too_small",
-                f"training even the cheapest block needs {need / 2**20:.0f} MiB with this run's "
-                f"batch_size={self.config.run.batch_size}, seq_len={self.config.run.seq_len}; the "
-                f"device offers {profile.memory_budget_bytes / 2**20:.0f} MiB: free memory or hold "
-                "frozen blocks in a smaller precision",
-            )
-
-    def _memory_model(self, profile: DeviceProfile, calibration: float) -> LinearMemoryModel:
-        run = self.config.run
-        settings = profile.memory.settings(run.batch_size, run.seq_len, calibration)
-        return linear_memory_model(profile.footprint, settings)
 
     async def next_round(self, member: Member, version: int, wait_s: float) -> NextRound:
         loop = asyncio.get_running_loop()
         end = loop.time() + min(max(wait_s, 0.0), self.config.run.poll_timeout_s)
+        cid = member.client_id
         while True:
-            answer = self._answer(member, version)
-            if answer is not None:
+            answer = self.engine.next_for(cid, version, self._clock())
+            if answer is not None and (answer.status != TRAIN or not (self._closing or cid in self.pending)):
                 return answer
             remaining = end - loop.time()
             if remaining <= 0:
-                deltas, catch_up = self._deltas_since(version)
+                deltas, catch_up = self.engine.deltas_since(version)
+                reason = self.engine.wait_reason(cid)
+                if cid in self.pending and self.open is not None:
+                    reason = (f"your report for round {self.open.plan.round} is in; waiting for "
+                              "the round to close")
                 return NextRound(WAIT, self.version, None, deltas, catch_up,
-                                 retry_after_s=0.0, reason=self._wait_reason(member))
+                                 retry_after_s=0.0, reason=reason)
             # asyncio.wait on a plain future: no task per waiting poll (there are thousands).
             await asyncio.wait((self._round_signal(),), timeout=remaining)
-
-    def _answer(self, member: Member, version: int) -> NextRound | None:
-        if version > self.version:
-            raise errors.conflict(
-                "version_ahead",
-                f"client is at alpha version {version}, the server at {self.version}: the run was "
-                "reset or restored; fetch GET /v1/state and resync",
-            )
-        if self.finished:
-            deltas, catch_up = self._deltas_since(version)
-            return NextRound(FINISHED, self.version, None, deltas, catch_up,
-                             reason=f"the run finished after {self.version} applied rounds")
-        r = self.open
-        cid = member.client_id
-        if (r is None or r.closing or cid not in r.plan.clients or cid in r.received
-                or cid in r.pending or self._clock() >= r.plan.deadline):
-            return None
-        deltas, catch_up = self._deltas_since(version)
-        return NextRound(TRAIN, self.version, r.plan.assignment_for(cid, self._clock()),
-                         deltas, catch_up)
-
-    def _deltas_since(self, version: int) -> tuple[tuple[AlphaDelta, ...], bool]:
-        gap = self.version - version
-        if gap <= 0:
-            return (), False
-        if gap > len(self.deltas):
-            return (), True
-        return tuple(self.deltas)[-gap:], False
-
-    def _wait_reason(self, member: Member) -> str:
-        r = self.open
-        if r is not None:
-            cid = member.client_id
-            if cid in r.received or cid in r.pending:
-                return f"your report for round {r.plan.round} is in; waiting for the round to close"
-            if cid in r.plan.excluded:
-                return f"the scheduler left you out of round {r.plan.round}: {r.plan.excluded[cid]}"
-            return f"round {r.plan.round} is running without you; you join the next round"
-        return self.idle_reason
 
     async def submit_report(self, member: Member, round_: int, report: Report) -> ReportAck:
         cid = member.client_id
@@ -437,7 +282,7 @@ class Coordinator:
         r = self.open
         if r is None or r.plan.round != round_:
             return await self._report_for_other_round(member, round_, report, digest)
-        prior = r.received.get(cid) or (r.pending[cid][0] if cid in r.pending else None)
+        prior = r.received.get(cid) or (self.pending[cid][0] if cid in self.pending else None)
         if prior is not None:
             if prior.report.idempotency_key != report.idempotency_key:
                 raise errors.conflict(
@@ -446,17 +291,16 @@ class Coordinator:
                     f"{prior.report.idempotency_key!r}); one report per round")
             if prior.body_hash != digest:
                 raise _idempotency_conflict(report.idempotency_key)
-            if cid in r.pending:
+            if cid in self.pending:
                 try:
-                    await asyncio.shield(r.pending[cid][1])
+                    await asyncio.shield(self.pending[cid][1])
                 except sqlite3.IntegrityError:
                     raise _idempotency_conflict(report.idempotency_key) from None
             return _ack(round_, prior)
         now = self._clock()
-        if r.closing or now >= r.plan.deadline:
-            raise _round_closed(round_)
-        check_report(r.plan, cid, report, max_abs_scalar=self.config.aggregation.max_abs_scalar,
-                     weights_only=self.weights is not None)
+        if self._closing:
+            raise round_closed(round_)
+        self.engine.check_report(cid, round_, report, now)
         if self.weights is not None and not self.weights.has_upload(round_, cid):
             raise errors.conflict(
                 "weights_missing", f"round {round_} is a fedavg round: PUT the trained weights to "
@@ -467,7 +311,7 @@ class Coordinator:
         # Registered before anyone awaits the future, so it runs first when the commit
         # lands: the round's book is updated before any waiter (a close) looks at it.
         committed.add_done_callback(partial(self._report_committed, r, received))
-        r.pending[cid] = (received, committed)
+        self.pending[cid] = (received, committed)
         try:
             await asyncio.shield(committed)
         except sqlite3.IntegrityError:
@@ -477,19 +321,14 @@ class Coordinator:
 
     def _report_committed(self, r: OpenRound, received: ReceivedReport,
                           committed: asyncio.Future[None]) -> None:
-        cid = received.client_id
-        r.pending.pop(cid, None)
+        self.pending.pop(received.client_id, None)
         if committed.cancelled() or committed.exception() is not None:
             return
-        r.received[cid] = received
-        member = self.members[cid]
-        member.rounds_reported += 1
-        member.last_loss = received.report.loss_mean
-        member.last_peak_bytes = received.report.peak_memory_bytes
-        if received.report.step_time_s > 0:
-            member.step_time_s = received.report.step_time_s
-        self.counters["reports_accepted"] += 1
-        if r.complete():
+        if self.engine.open is not r:
+            return
+        self.engine.accept_report(received)
+        self._counts["reports_accepted"] += 1
+        if self.engine.due(self._clock()):
             self._wake.set()
 
     async def _report_for_other_round(self, member: Member, round_: int, report: Report,
@@ -502,11 +341,8 @@ class Coordinator:
             if stored_round == round_ and stored_hash == digest:
                 return ReportAck(round_, report.idempotency_key, received_at)
             raise _idempotency_conflict(report.idempotency_key)
-        current = self.open.plan.round if self.open is not None else self.round_counter - 1
-        if round_ > current or round_ < 1:
-            raise errors.not_found(
-                "unknown_round", f"round {round_} does not exist (current round: {current})")
-        raise _round_closed(round_)
+        self.engine.check_report(member.client_id, round_, report, self._clock())
+        raise round_closed(round_)  # unreachable: check_report refuses another round
 
     async def receive_weights(self, member: Member, round_: int,
                               chunks: AsyncIterable[bytes]) -> int:
@@ -514,16 +350,16 @@ class Coordinator:
         store = self._weight_store()
         cid = member.client_id
         r = self.open
-        if r is None or r.plan.round != round_ or r.closing or self._clock() >= r.plan.deadline:
-            raise _round_closed(round_)
+        if r is None or r.plan.round != round_ or self._closing or self._clock() >= r.plan.deadline:
+            raise round_closed(round_)
         if cid not in r.plan.clients:
             raise errors.conflict("not_assigned",
                                   f"client {cid} has no assignment in round {round_}")
-        if cid in r.received or cid in r.pending:
+        if cid in r.received or cid in self.pending:
             raise errors.conflict("already_reported",
                                   f"client {cid} already reported for round {round_}")
-        assert self.footprint is not None
-        return await store.receive(round_, cid, chunks, self.footprint)
+        assert self.engine.footprint is not None
+        return await store.receive(round_, cid, chunks, self.engine.footprint)
 
     def weights_file(self) -> tuple[Path, int]:
         """fedavg: the current global weights and their version (404 at version 0)."""
@@ -544,14 +380,15 @@ class Coordinator:
 
     def state(self) -> bytes:
         """The encoded AlphaState (cached per version: catch-up storms share one encoding)."""
-        if self.alpha is None or self.footprint is None:
+        engine = self.engine
+        if engine.alpha is None or engine.footprint is None:
             raise errors.conflict(
                 "model_not_pinned", "no client has registered a model yet: the table has no shape")
-        if self._state_cache is None or self._state_cache[0] != self.version:
-            body = encode(AlphaState(self.run_id, self.version, self.pool_size,
-                                     self.footprint.num_blocks,
-                                     np.ascontiguousarray(self.alpha, dtype="<f8").tobytes()))
-            self._state_cache = (self.version, body)
+        if self._state_cache is None or self._state_cache[0] != engine.version:
+            body = encode(AlphaState(self.run_id, engine.version, engine.pool_size,
+                                     engine.footprint.num_blocks,
+                                     np.ascontiguousarray(engine.alpha, dtype="<f8").tobytes()))
+            self._state_cache = (engine.version, body)
         return self._state_cache[1]
 
     # ------------------------------------------------------------------------ rounds
@@ -565,172 +402,63 @@ class Coordinator:
                 log.exception("round driver failed; retrying in %.0f s", IDLE_RECHECK_S)
                 await asyncio.sleep(IDLE_RECHECK_S)
             timeout = IDLE_RECHECK_S
-            if self.open is not None and not self.open.closing:
+            if self.open is not None and not self._closing:
                 timeout = max(0.0, self.open.plan.deadline - self._clock())
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def _advance(self) -> None:
         r = self.open
-        if r is not None and (r.complete() or self._clock() >= r.plan.deadline or r.closing):
-            await self._close(r)
-        if self.open is None and not self.finished:
+        if r is not None and (self._closing or not self.pending and self.engine.due(self._clock())
+                              or self._clock() >= r.plan.deadline):
+            await self._close()
+        if self.open is None and not self.engine.finished:
             await self._try_open()
 
-    def active_members(self, now: float) -> list[Member]:
-        horizon = now - self.config.run.membership_timeout_s
-        return [m for m in self.members.values() if m.last_seen >= horizon]
-
     async def _try_open(self) -> None:
-        if self.footprint is None:
-            self.idle_reason = "waiting for the first client to register (the model is not pinned)"
+        engine = self.engine
+        # The scheduler may take seconds (a MILP): off the event loop.
+        plan = await asyncio.to_thread(engine.propose_round, self._clock())
+        if plan is None:
             return
-        now = self._clock()
-        members = self.active_members(now)
-        need = self.config.run.min_clients
-        if len(members) < need:
-            self.idle_reason = (f"waiting for clients: {len(members)} active, {need} needed "
-                                "to open a round")
-            return
-        schedule = await self._schedule(members)
-        if schedule is None or not schedule.assignments:
-            return
-        run = self.config.run
-        if len(schedule.assignments) < run.min_reports:
-            # Such a round could only fail: wait for more clients instead.
-            self.idle_reason = (
-                f"the scheduler admitted {len(schedule.assignments)} clients, fewer than "
-                f"min_reports={run.min_reports}: waiting for more clients")
-            return
-        clients = {
-            m.client_id: ClientPlan(
-                schedule.assignments[m.client_id],
-                local_steps(m.step_time_s, self._compute_time_s(), min_steps=run.min_steps,
-                            max_steps=run.max_steps))
-            for m in members if m.client_id in schedule.assignments
-        }
-        longest = max(p.num_steps for p in clients.values())
-        plan = RoundPlan(
-            round=self.round_counter, base_version=self.version, opened_at=now,
-            deadline=now + run.round_duration_s, hyper=self.hyper(),
-            pool_indices=round_pool_indices(self.seed, self.round_counter, longest, self.pool_size),
-            clients=clients, excluded=dict(schedule.excluded_clients),
-            uncovered_blocks=tuple(sorted(schedule.uncovered_blocks)),
-            schedule_method=schedule.method,
-        )
         await self._committer.submit(partial(storage.insert_round, plan=plan))
-        self.open = OpenRound(plan)
-        self.round_counter += 1
+        engine.open_round(plan)
         self._notify()
-        log.info("round %d open: %d clients, deadline in %.0f s", plan.round, len(clients),
-                 run.round_duration_s)
+        log.info("round %d open: %d clients, deadline in %.0f s", plan.round, len(plan.clients),
+                 self.config.run.round_duration_s)
 
-    def _compute_time_s(self) -> float:
-        # The client also syncs, reports and waits on the network inside the round.
-        return self.config.run.round_duration_s * self.config.run.compute_fraction
-
-    async def _schedule(self, members: list[Member]) -> Schedule | None:
-        """Reuse the last schedule unless membership (or a calibration band) changed."""
-        key = tuple(sorted((m.client_id, round(math.log(m.calibration, CALIBRATION_STEP)))
-                           for m in members))
-        if key == self._schedule_key:
-            last = self.last_schedule
-            return last if last is not None and last.assignments else None
-        assert self.footprint is not None
-        specs = [
-            ClientSpec(m.client_id,
-                       int(m.profile.memory_budget_bytes * (1 - self.config.run.memory_headroom)),
-                       self._memory_model(m.profile, m.calibration), float(m.profile.num_samples),
-                       m.step_time_s, self._previous.get(m.client_id, frozenset()))
-            for m in members
-        ]
-        run = self.config.run
-        sched_config = dataclasses.replace(
-            self.config.scheduler, round_deadline_s=self._compute_time_s(),
-            min_steps=run.min_steps, max_steps=run.max_steps)
-        started = time.perf_counter()
-        schedule = await asyncio.to_thread(self._solve, specs, self.footprint.block_params,
-                                           sched_config)
-        self.schedule_solve_s = time.perf_counter() - started
-        self.counters["schedules_solved"] += 1
-        self._schedule_key, self.last_schedule = key, schedule
-        if not schedule.assignments:
-            reasons = "; ".join(f"{cid}: {why}"
-                                for cid, why in sorted(schedule.excluded_clients.items()))
-            self.idle_reason = f"the scheduler admitted no client ({reasons})"
-            return None
-        return schedule
-
-    async def _close(self, r: OpenRound) -> None:
-        r.closing = True
-        pending = [future for _, future in r.pending.values()]
-        await asyncio.gather(*pending, return_exceptions=True)
-        plan = r.plan
-        weights = {cid: float(self.members[cid].profile.num_samples) for cid in plan.clients}
-        outcome = close_round(plan, r.received, weights, min_reports=self.config.run.min_reports,
-                              aggregation=self.config.aggregation)
-        now = self._clock()
-        delta_msg, alpha = None, None
-        if outcome.status == APPLIED:
-            assert outcome.delta is not None and self.alpha is not None
-            d = outcome.delta
-            delta_msg = AlphaDelta.from_matrix(self.version + 1, plan.round, d.pool_indices,
-                                               d.blocks, d.values)
-            alpha = apply_delta(self.alpha, d)
-            if self.weights is not None:
+    async def _close(self) -> None:
+        self._closing = True
+        try:
+            await asyncio.gather(*(future for _, future in self.pending.values()),
+                                 return_exceptions=True)
+            closure = self.engine.decide_close(self._clock())
+            if self.weights is not None and closure.delta is not None:
                 # Written before the close commits: a version never exists without its weights.
-                uploads = [Upload(cid, self.weights.upload_path(plan.round, cid), weights[cid])
-                           for cid in sorted(r.received)]
-                await asyncio.to_thread(self.weights.average, uploads, self.version + 1)
-        calibrations = self._calibrations(plan, r.received)
-        await self._committer.submit(partial(
-            storage.close_round, round_=plan.round, status=outcome.status, closed_at=now,
-            reports=outcome.reports, loss=outcome.loss, message=outcome.message, delta=delta_msg,
-            alpha=alpha, calibrations=calibrations))
-        self._after_close(r, outcome, delta_msg, alpha, calibrations, now)
-        if self.weights is not None:
-            self.weights.discard_round(plan.round)
-            self.weights.prune_versions(self.version)
+                weights = self.engine.sample_weights(closure.client_ids)
+                uploads = [Upload(cid, self.weights.upload_path(closure.plan.round, cid), weights[cid])
+                           for cid in closure.client_ids]
+                await asyncio.to_thread(self.weights.average, uploads, closure.delta.version)
+            outcome = closure.outcome
+            await self._committer.submit(partial(
+                storage.close_round, round_=closure.plan.round, status=outcome.status,
+                closed_at=closure.closed_at, reports=outcome.reports, loss=outcome.loss,
+                message=outcome.message, delta=closure.delta, alpha=closure.alpha,
+                calibrations=closure.calibrations))
+            self._after_close(closure)
+        finally:
+            self._closing = False
 
-    def _after_close(self, r: OpenRound, outcome: RoundOutcome, delta: AlphaDelta | None,
-                     alpha: np.ndarray | None, calibrations: dict[str, float], now: float) -> None:
-        plan = r.plan
-        if delta is not None and alpha is not None:
-            self.alpha, self.version = alpha, delta.version
-            self.deltas.append(delta)
-            self.counters["rounds_applied"] += 1
-        else:
-            self.counters["rounds_failed"] += 1
-        for cid, calibration in calibrations.items():
-            self.members[cid].calibration = calibration
-        self._previous = {cid: frozenset(p.blocks) for cid, p in plan.clients.items()}
-        self.last_plan = plan
-        self.history.append(RoundSummary(plan.round, outcome.status, len(plan.clients),
-                                         outcome.reports, plan.opened_at, now, outcome.loss,
-                                         outcome.message, plan.schedule_method))
-        self.open = None
-        max_rounds = self.config.run.max_rounds
-        if max_rounds and self.version >= max_rounds:
-            self.finished = True
-            self.idle_reason = f"the run finished after {self.version} applied rounds"
+    def _after_close(self, closure: RoundClosure) -> None:
+        self.engine.apply_close(closure)
+        self._counts["rounds_applied" if closure.delta is not None else "rounds_failed"] += 1
+        if self.engine.finished:
             self._notify()
-        log.info("round %d %s: %s", plan.round, outcome.status, outcome.message)
-
-    def _calibrations(self, plan: RoundPlan,
-                      received: dict[str, ReceivedReport]) -> dict[str, float]:
-        out = {}
-        for cid, rec in received.items():
-            peak = rec.report.peak_memory_bytes
-            if peak <= 0:
-                continue
-            member = self.members[cid]
-            predicted = self._memory_model(member.profile, 1.0).total(plan.clients[cid].blocks)
-            ratio = peak / predicted
-            # An under-estimate is corrected at once (the next plan must fit); an
-            # over-estimate only decays, so one lucky round cannot over-fill a device.
-            value = max(ratio, (1 - CALIBRATION_EMA) * member.calibration + CALIBRATION_EMA * ratio)
-            out[cid] = min(max(value, CALIBRATION_MIN), CALIBRATION_MAX)
-        return out
+        if self.weights is not None:
+            self.weights.discard_round(closure.plan.round)
+            self.weights.prune_versions(self.version)
+        log.info("round %d %s: %s", closure.plan.round, closure.outcome.status,
+                 closure.outcome.message)
 
     def _round_signal(self) -> asyncio.Future[None]:
         if self._changed is None or self._changed.done():
@@ -746,71 +474,17 @@ class Coordinator:
     # ------------------------------------------------------------------------ views
 
     def status(self) -> dict[str, Any]:
-        now = self._clock()
-        active = {m.client_id for m in self.active_members(now)}
-        r = self.open
-        plan = r.plan if r is not None else None
-        current: dict[str, Any] | None = None
-        if plan is not None and r is not None:
-            current = {
-                "round": plan.round, "base_version": plan.base_version,
-                "deadline_in_s": max(0.0, plan.deadline - now), "assigned": len(plan.clients),
-                "reported": len(r.received), "pending": len(r.pending),
-                "excluded": dict(plan.excluded), "uncovered_blocks": list(plan.uncovered_blocks),
-                "schedule_method": plan.schedule_method,
-            }
-        num_blocks = self.footprint.num_blocks if self.footprint else 0
-        coverage = [0] * num_blocks
-        shown = plan or self.last_plan
-        for p in (shown.clients.values() if shown else ()):
-            for b in p.blocks:
-                coverage[b] += 1
-        return {
-            "run_id": self.run_id, "mode": self.config.run.mode, "seed": self.seed,
-            "pool_size": self.pool_size,
-            "num_blocks": num_blocks, "model_fingerprint": self.fingerprint,
-            "version": self.version, "finished": self.finished,
-            "state": "round open" if r is not None else self.idle_reason,
-            "current_round": current,
-            "block_coverage": coverage,
-            "clients": [
-                {"client_id": m.client_id, "name": m.profile.name,
-                 "device": m.profile.device_type, "budget_bytes": m.profile.memory_budget_bytes,
-                 "num_samples": m.profile.num_samples,
-                 "active": m.client_id in active, "last_seen_s": now - m.last_seen,
-                 "calibration": m.calibration, "step_time_s": m.step_time_s,
-                 "rounds_reported": m.rounds_reported, "last_loss": m.last_loss,
-                 "blocks": list(plan.clients[m.client_id].blocks)
-                 if plan is not None and m.client_id in plan.clients else []}
-                for m in sorted(self.members.values(), key=lambda m: m.registered_at)
-            ],
-            "rounds": [
-                {"round": h.round, "status": h.status, "assigned": h.assigned, "reports": h.reports,
-                 "loss": h.loss, "message": h.message, "opened_at": h.opened_at,
-                 "closed_at": h.closed_at, "schedule_method": h.method}
-                for h in self.history[-STATUS_ROUNDS:]
-            ],
-            "counters": dict(self.counters),
-        }
-
+        return run_status(self.engine, self.run_id, self.counters, self._clock(),
+                          pending=len(self.pending))
 
 
 def _ack(round_: int, received: ReceivedReport) -> ReportAck:
     return ReportAck(round_, received.report.idempotency_key, received.received_at)
 
 
-def _round_closed(round_: int) -> errors.ApiError:
-    return errors.conflict(
-        "round_closed",
-        f"round {round_} closed: its reports were aggregated without this one; poll "
-        "GET /v1/rounds/next for the next round",
-    )
-
-
-def _idempotency_conflict(key: str) -> errors.ApiError:
+def _idempotency_conflict(key: str) -> errors.Refusal:
     return errors.conflict(
         "idempotency_conflict",
         f"idempotency key {key!r} was already used for a different report: a retry must resend "
         "the same report, a new report needs a new key",
     )
-

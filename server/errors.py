@@ -1,43 +1,90 @@
-"""Errors the server answers with: an HTTP status, a stable code and a message for people."""
+"""Why the server refuses a request, as domain errors: a kind, a stable code and a message.
+
+Raised before anything changes, so a refusal never alters state. The engine and the
+coordinator know nothing of HTTP; `app.py` maps each kind to a status (`HTTP_STATUS`).
+"""
 
 from __future__ import annotations
 
 from zorba_edge.errors import ZorbaError
 
 
-class ApiError(ZorbaError):
-    """A refused request. Raised before anything changes, so a refusal never alters state."""
+class Refusal(ZorbaError):
+    """A refused request."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
-        self.status = status
         self.code = code
         self.message = message
 
 
-def bad_request(code: str, message: str) -> ApiError:
-    return ApiError(400, code, message)
+class Malformed(Refusal):
+    """The request cannot be understood."""
 
 
-def unauthorized(message: str) -> ApiError:
-    return ApiError(401, "unauthorized", message)
+class Unauthenticated(Refusal):
+    """No or an unknown client token."""
 
 
-def forbidden(message: str) -> ApiError:
-    return ApiError(403, "forbidden", message)
+class Forbidden(Refusal):
+    """The caller may not do this (wrong enrolment secret)."""
 
 
-def not_found(code: str, message: str) -> ApiError:
-    return ApiError(404, code, message)
+class NotFound(Refusal):
+    """What the request names does not exist."""
 
 
-def conflict(code: str, message: str) -> ApiError:
-    return ApiError(409, code, message)
+class Conflict(Refusal):
+    """The request contradicts the run's state (a closed round, another model, a used key)."""
 
 
-def too_large(message: str) -> ApiError:
-    return ApiError(413, "too_large", message)
+class TooLarge(Refusal):
+    """The body exceeds its limit."""
 
 
-def unprocessable(code: str, message: str) -> ApiError:
-    return ApiError(422, code, message)
+class UnsupportedMediaType(Refusal):
+    """The body is not in the endpoint's format."""
+
+
+class Unprocessable(Refusal):
+    """Understood, but its content is refused (a budget too small, a wrong step)."""
+
+
+class Unavailable(Refusal):
+    """The server cannot answer yet."""
+
+
+def bad_request(code: str, message: str) -> Refusal:
+    return Malformed(code, message)
+
+
+def unauthorized(message: str) -> Refusal:
+    return Unauthenticated("unauthorized", message)
+
+
+def forbidden(message: str) -> Refusal:
+    return Forbidden("forbidden", message)
+
+
+def not_found(code: str, message: str) -> Refusal:
+    return NotFound(code, message)
+
+
+def conflict(code: str, message: str) -> Refusal:
+    return Conflict(code, message)
+
+
+def too_large(message: str) -> Refusal:
+    return TooLarge("too_large", message)
+
+
+def unsupported_media_type(message: str) -> Refusal:
+    return UnsupportedMediaType("unsupported_media_type", message)
+
+
+def unprocessable(code: str, message: str) -> Refusal:
+    return Unprocessable(code, message)
+
+
+def starting() -> Refusal:
+    return Unavailable("starting", "the server is starting: retry in a moment")

@@ -113,7 +113,7 @@ class RoundOutcome:
 
 def check_report(plan: RoundPlan, client_id: str, report: Report, *, max_abs_scalar: float,
                  weights_only: bool = False) -> None:
-    """Refuse a report that does not fit this round's plan (raises ApiError, changes nothing).
+    """Refuse a report that does not fit this round's plan (raises a Refusal, changes nothing).
 
     `weights_only` (the fedavg baseline): the training travels as uploaded weights, so the
     report has no ZO steps, only its measurements and a positive sample count.

@@ -163,9 +163,11 @@ def local_steps(
 
 
 def solve_schedule(
-    clients: Sequence[ClientSpec], block_params: Sequence[int], config: SchedulerConfig
+    clients: Sequence[ClientSpec], block_params: Sequence[int], config: SchedulerConfig,
+    round_seed: int = 0,
 ) -> Schedule:
-    """Assign blocks to clients for one round (see the module docstring)."""
+    """Assign blocks to clients for one round (see the module docstring); deterministic, so
+    `round_seed` (which the baselines' random draws use) is not needed."""
     started = time.perf_counter()
     block_params = tuple(int(p) for p in block_params)
     cap = math.inf if config.max_perturbed_params is None else float(config.max_perturbed_params)

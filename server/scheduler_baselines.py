@@ -33,7 +33,8 @@ Choose = Callable[[ClientSpec, int], tuple[int, ...] | None]
 
 
 def full_schedule(
-    clients: Sequence[ClientSpec], block_params: Sequence[int], config: SchedulerConfig
+    clients: Sequence[ClientSpec], block_params: Sequence[int], config: SchedulerConfig,
+    round_seed: int = 0,
 ) -> Schedule:
     """Every block on every client that can hold them all."""
     every = tuple(range(len(block_params)))
@@ -47,7 +48,7 @@ def full_schedule(
 
 def uniform_schedule(
     clients: Sequence[ClientSpec], block_params: Sequence[int], config: SchedulerConfig,
-    round_seed: int,
+    round_seed: int = 0,
 ) -> Schedule:
     """The same number of random blocks on every client: the most the tightest client holds."""
     admitted = solve_schedule(clients, block_params, config)  # the scheduler's own admission
@@ -67,7 +68,8 @@ def uniform_schedule(
 
 
 def fedavg_schedule(
-    clients: Sequence[ClientSpec], block_params: Sequence[int], config: SchedulerConfig
+    clients: Sequence[ClientSpec], block_params: Sequence[int], config: SchedulerConfig,
+    round_seed: int = 0,
 ) -> Schedule:
     """Every block on every client, budgets or not: FedAvg has no way to train less, so the
     baseline runs everywhere and its measured peaks show which budgets it would break."""
@@ -76,22 +78,21 @@ def fedavg_schedule(
                      why_not="")
 
 
-def solver_for(mode: str, run_seed: int) -> Callable[..., Schedule]:
-    """The solve function of a run mode (zorba_edge.common.schema.RUN_MODES).
+def solver_for(mode: str) -> Callable[[Sequence[ClientSpec], Sequence[int], SchedulerConfig, int],
+                                       Schedule]:
+    """The solve function of a run mode (zorba_edge.common.schema.RUN_MODES); each takes the
+    round's seed, which only the uniform draw uses."""
+    solvers = {ZORBA: solve_schedule, FEDZO_FULL: full_schedule, FEDAVG: fedavg_schedule,
+               ZORBA_UNIFORM: uniform_schedule}
+    if mode not in solvers:
+        raise ValueError(f"unknown run mode {mode!r}: use one of {', '.join(RUN_MODES)}")
+    return solvers[mode]
 
-    The uniform draw is seeded by the run seed, so a restarted server draws the same blocks;
-    it is redrawn whenever the coordinator re-solves (membership or calibration changes).
-    """
-    if mode == ZORBA:
-        return solve_schedule
-    if mode == FEDZO_FULL:
-        return full_schedule
-    if mode == FEDAVG:
-        return fedavg_schedule
-    if mode == ZORBA_UNIFORM:
-        return lambda clients, block_params, config: uniform_schedule(
-            clients, block_params, config, round_seed=run_seed)
-    raise ValueError(f"unknown run mode {mode!r}: use one of {', '.join(RUN_MODES)}")
+
+def redraws_each_round(mode: str) -> bool:
+    """zorba-uniform draws its blocks anew every round (from the round's seed), so a restarted
+    server draws the same blocks and every block is visited over the run."""
+    return mode == ZORBA_UNIFORM
 
 
 def _blocks_within(client: ClientSpec) -> int:

@@ -51,6 +51,6 @@ def test_fedavg_mode_trains_every_block_on_every_client_whatever_its_budget() ->
 
 def test_each_run_mode_has_a_solver_and_an_unknown_one_is_named() -> None:
     from zorba_edge.common.schema import RUN_MODES
-    assert {mode: callable(solver_for(mode, 0)) for mode in RUN_MODES} == dict.fromkeys(RUN_MODES, True)
+    assert {mode: callable(solver_for(mode)) for mode in RUN_MODES} == dict.fromkeys(RUN_MODES, True)
     with pytest.raises(ValueError, match="unknown run mode 'full'"):
-        solver_for("full", 0)
+        solver_for("full")

@@ -11,7 +11,7 @@ from zorba_edge.common.schema import HyperParams, Report
 from zorba_edge.errors import InvalidScalarError
 from zorba_server.aggregation import Contribution, aggregate, apply_delta, check_scalars
 from zorba_server.config import AggregationConfig
-from zorba_server.errors import ApiError
+from zorba_server.errors import Refusal
 from zorba_server.pool import round_pool_indices
 from zorba_server.rounds import (
     APPLIED,
@@ -120,7 +120,7 @@ def test_a_report_must_follow_its_assignment() -> None:
         ("a", report([(7, 11.0)]), "invalid_scalar"),
     ]
     for client, rep, code in cases:
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(Refusal) as err:
             check_report(PLAN, client, rep, max_abs_scalar=10)
         assert err.value.code == code
 

@@ -181,7 +181,7 @@ async def test_poll_without_a_round_answers_wait_with_the_reason(start: Any) -> 
 async def test_schedule_is_solved_again_only_when_membership_changes(start: Any) -> None:
     calls: list[int] = []
 
-    def counting(clients: Any, blocks: Any, config: Any) -> Any:
+    def counting(clients: Any, blocks: Any, config: Any, round_seed: int = 0) -> Any:
         calls.append(len(clients))
         return solve_schedule(clients, blocks, config)
 
@@ -295,7 +295,7 @@ async def test_a_bad_report_is_refused_with_a_clear_error_and_changes_nothing(
     assert len(body["message"]) > 10
     assert db_fingerprint(start.db) == before
     coordinator = app[SERVICES].coordinator
-    assert not coordinator.open.received and not coordinator.open.pending
+    assert not coordinator.open.received and not coordinator.pending
     # The client can still send its real report afterwards.
     good = await a.report(assignment.round, make_report(assignment))
     assert good.status == 200
@@ -345,11 +345,11 @@ async def test_measured_peaks_calibrate_the_memory_model(start: Any) -> None:
     a = (await c.poll()).assignment
     coordinator = app[SERVICES].coordinator
     member = coordinator.members[c.client_id]
-    predicted = coordinator._memory_model(member.profile, 1.0).total(a.blocks)
+    predicted = coordinator.engine.memory_model(member.profile, 1.0).total(a.blocks)
     await c.report(a.round, make_report(a, peak=2 * predicted))
     a = (await c.poll()).assignment
     assert member.calibration == pytest.approx(2.0)  # an under-estimate is corrected at once
-    predicted = coordinator._memory_model(member.profile, 1.0).total(a.blocks)
+    predicted = coordinator.engine.memory_model(member.profile, 1.0).total(a.blocks)
     await c.report(a.round, make_report(a, peak=predicted))
     await c.poll()
     assert member.calibration == pytest.approx(1.5)  # an over-estimate only decays (EMA 0.5)

@@ -94,6 +94,21 @@ class LinearMemoryModel:
     def total(self, assignment: Iterable[int]) -> int:
         return self.fixed_bytes + sum(self.block_bytes[b] for b in set(assignment))
 
+    def blocks_within(self, budget_bytes: int) -> int:
+        """How many blocks (the cheapest first) fit a budget; -1 if not even the frozen model
+        fits. The admission rule: a device takes part when this is >= 1 (the client's own
+        check and the server's registration both ask it)."""
+        room = budget_bytes - self.fixed_bytes
+        if room < 0:
+            return -1
+        count = 0
+        for cost in sorted(self.block_bytes):
+            if cost > room:
+                break
+            room -= cost
+            count += 1
+        return count
+
 
 def frozen_block_bytes(footprint: ModelFootprint, settings: MemorySettings, block: int) -> float:
     quantizable = footprint.quantizable_block_params[block]
@@ -156,14 +171,4 @@ def max_blocks_within(
     footprint: ModelFootprint, settings: MemorySettings, budget_bytes: int
 ) -> int:
     """How many blocks (the cheapest first) fit a budget; -1 if not even the frozen model fits."""
-    model = linear_memory_model(footprint, settings)
-    room = budget_bytes - model.fixed_bytes
-    if room < 0:
-        return -1
-    count = 0
-    for cost in sorted(model.block_bytes):
-        if cost > room:
-            break
-        room -= cost
-        count += 1
-    return count
+    return linear_memory_model(footprint, settings).blocks_within(budget_bytes)

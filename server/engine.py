@@ -1,0 +1,484 @@
+"""The round engine: the server's round policy as plain synchronous code.
+
+No HTTP, no asyncio, no storage and no clock of its own: every call that depends on time
+takes `now`, and every change it decides is returned to the caller before it is applied, so
+a shell can make it durable first (the aiohttp coordinator commits to its database; the
+simulator applies it at once; a Flower server app checkpoints it). Every shell drives the
+same decisions:
+
+    check_registration -> add_member          who may join (one admission rule, shared
+                                              with the client's own check)
+    propose_round -> open_round               plan: schedule, local steps, pool indices
+    check_report -> accept_report             a report fits the plan, or a domain error
+    due -> decide_close -> apply_close        alpha increments and memory calibrations
+    drop_member                               a member that left
+
+Errors are domain errors (`zorba_server.errors`); only the HTTP app maps them to statuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from zorba_edge.common.memory_model import LinearMemoryModel, ModelFootprint, linear_memory_model
+from zorba_edge.common.schema import (
+    FEDAVG,
+    FINISHED,
+    TRAIN,
+    AlphaDelta,
+    DeviceProfile,
+    HyperParams,
+    NextRound,
+    Report,
+    RunInfo,
+)
+from zorba_server import errors
+from zorba_server.aggregation import apply_delta
+from zorba_server.config import ServerConfig
+from zorba_server.pool import round_pool_indices
+from zorba_server.rounds import (
+    APPLIED,
+    ClientPlan,
+    ReceivedReport,
+    RoundOutcome,
+    RoundPlan,
+    check_report,
+    close_round,
+)
+from zorba_server.scheduler import ClientSpec, Schedule, SchedulerConfig, local_steps
+
+SolveFn = Callable[[Sequence[ClientSpec], Sequence[int], SchedulerConfig, int], Schedule]
+"""solve(clients, block_params, config, round_seed) -> Schedule (see scheduler_baselines)."""
+
+# Calibration learned from measured peaks: an EMA of peak / predicted, kept in a band so
+# one odd measurement cannot make a client look free or unusable.
+CALIBRATION_MIN, CALIBRATION_MAX, CALIBRATION_EMA = 0.5, 8.0, 0.5
+# Re-solve the schedule when a calibration moves by more than this factor.
+CALIBRATION_STEP = 1.1
+
+
+@dataclass
+class Member:
+    """What the engine knows of one registered client."""
+
+    client_id: str
+    profile: DeviceProfile
+    registered_at: float
+    calibration: float
+    last_seen: float
+    step_time_s: float
+    rounds_reported: int = 0
+    last_loss: float | None = None
+    last_peak_bytes: int = 0
+
+
+@dataclass
+class OpenRound:
+    plan: RoundPlan
+    received: dict[str, ReceivedReport] = field(default_factory=dict)
+    """Accepted reports (for the server: committed ones)."""
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """A closed round as the status page lists it."""
+
+    round: int
+    status: str
+    assigned: int
+    reports: int
+    opened_at: float
+    closed_at: float | None
+    loss: float | None
+    message: str
+    method: str
+
+
+@dataclass(frozen=True)
+class RoundClosure:
+    """Everything closing a round changes, decided before any of it is applied."""
+
+    plan: RoundPlan
+    outcome: RoundOutcome
+    delta: AlphaDelta | None
+    """The published increments (None unless the round applied)."""
+    alpha: np.ndarray | None
+    """The table after the increments (None unless the round applied)."""
+    calibrations: dict[str, float]
+    closed_at: float
+    client_ids: tuple[str, ...]
+    """Clients whose reports were aggregated, in id order."""
+
+
+class RoundEngine:
+    """The state of one run and the rules that move it from round to round."""
+
+    def __init__(self, config: ServerConfig, solve: SolveFn, *, redraw_each_round: bool = False) -> None:
+        run = config.run
+        self.config = config
+        self._solve = solve
+        self._redraw_each_round = redraw_each_round
+        self.seed = run.seed
+        self.pool_size = run.pool_size
+        self.fingerprint: str | None = None
+        self.footprint: ModelFootprint | None = None
+        self.alpha: np.ndarray | None = None
+        self.version = 0
+        self.deltas: deque[AlphaDelta] = deque(maxlen=run.catch_up_rounds)
+        self.members: dict[str, Member] = {}
+        self.history: list[RoundRecord] = []
+        self.open: OpenRound | None = None
+        self.round_counter = 1
+        """The number the next round to open gets."""
+        self.finished = False
+        self.idle_reason = "starting"
+        self.last_plan: RoundPlan | None = None
+        self.last_schedule: Schedule | None = None
+        self.schedule_solve_s = 0.0
+        self.schedules_solved = 0
+        self._schedule_key: tuple[Any, ...] | None = None
+        self._previous: dict[str, frozenset[int]] = {}
+
+    # ------------------------------------------------------------------ the model and its table
+
+    def pin(self, fingerprint: str, footprint: ModelFootprint, alpha: np.ndarray | None = None) -> None:
+        """Fix the run's model (the first registration does) and its coefficient table."""
+        if alpha is None:
+            alpha = np.zeros((self.pool_size, footprint.num_blocks))
+        self.fingerprint, self.footprint, self.alpha = fingerprint, footprint, alpha
+
+    def unpin(self) -> None:
+        self.fingerprint = self.footprint = self.alpha = None
+
+    @property
+    def weights_only(self) -> bool:
+        """fedavg: training travels as uploaded weights, reports carry no ZO steps."""
+        return self.config.run.mode == FEDAVG
+
+    def hyper(self) -> HyperParams:
+        run = self.config.run
+        return HyperParams(run.lr, run.mu, run.batch_size, run.seq_len)
+
+    def run_info(self, run_id: str) -> RunInfo:
+        run = self.config.run
+        assert self.footprint is not None and self.fingerprint is not None
+        return RunInfo(
+            run_id=run_id, seed=self.seed, pool_size=self.pool_size,
+            num_blocks=self.footprint.num_blocks, model_fingerprint=self.fingerprint,
+            hyper=self.hyper(), round_duration_s=run.round_duration_s,
+            poll_timeout_s=run.poll_timeout_s,
+            max_abs_scalar=self.config.aggregation.max_abs_scalar, mode=run.mode,
+        )
+
+    # ------------------------------------------------------------------ membership
+
+    def memory_model(self, profile: DeviceProfile, calibration: float) -> LinearMemoryModel:
+        run = self.config.run
+        settings = profile.memory.settings(run.batch_size, run.seq_len, calibration)
+        return linear_memory_model(profile.footprint, settings)
+
+    def check_registration(self, profile: DeviceProfile) -> None:
+        """Refuse a device that runs another model, or that could never hold a block."""
+        if self.fingerprint is not None:
+            self._check_model(profile)
+        if self.weights_only:  # fedavg runs whatever the budget: its peaks are the finding
+            return
+        model = self.memory_model(profile, 1.0)
+        if model.blocks_within(profile.memory_budget_bytes) < 1:
+            need = model.fixed_bytes + min(model.block_bytes)
+            raise errors.unprocessable(
+                "budget_too_small",
+                f"training even the cheapest block needs {need / 2**20:.0f} MiB with this run's "
+                f"batch_size={self.config.run.batch_size}, seq_len={self.config.run.seq_len}; the "
+                f"device offers {profile.memory_budget_bytes / 2**20:.0f} MiB: free memory or hold "
+                "frozen blocks in a smaller precision",
+            )
+
+    def _check_model(self, profile: DeviceProfile) -> None:
+        if profile.model_fingerprint != self.fingerprint:
+            raise errors.conflict(
+                "model_mismatch",
+                f"this run trains model {self.fingerprint!r}, the client loaded "
+                f"{profile.model_fingerprint!r}: load the run's base model",
+            )
+        if profile.footprint != self.footprint:
+            assert self.footprint is not None
+            diff = [f for f in ("num_layers", "hidden_size", "vocab_size", "intermediate_size",
+                                "embed_head_params", "block_params", "quantizable_block_params")
+                    if getattr(profile.footprint, f) != getattr(self.footprint, f)]
+            raise errors.conflict(
+                "model_mismatch",
+                f"the client's model footprint differs from the run's in {', '.join(diff)}: "
+                "same fingerprint but another architecture; load the run's base model",
+            )
+
+    def add_member(self, member: Member) -> None:
+        self.members[member.client_id] = member
+
+    def drop_member(self, client_id: str) -> None:
+        """Forget a member; its assignment in an open round stays, unreported."""
+        self.members.pop(client_id, None)
+
+    def active_members(self, now: float) -> list[Member]:
+        horizon = now - self.config.run.membership_timeout_s
+        return [m for m in self.members.values() if m.last_seen >= horizon]
+
+    # ------------------------------------------------------------------ planning a round
+
+    def propose_round(self, now: float) -> RoundPlan | None:
+        """The next round's plan, or None (with `idle_reason` saying why). Changes no round
+        state: the shell stores the plan, then calls `open_round`."""
+        if self.footprint is None:
+            self.idle_reason = "waiting for the first client to register (the model is not pinned)"
+            return None
+        if self.open is not None or self.finished:
+            return None
+        run = self.config.run
+        members = self.active_members(now)
+        if len(members) < run.min_clients:
+            self.idle_reason = (f"waiting for clients: {len(members)} active, {run.min_clients} "
+                                "needed to open a round")
+            return None
+        schedule = self._schedule(members)
+        if schedule is None:
+            return None
+        if len(schedule.assignments) < run.min_reports:
+            # Such a round could only fail: wait for more clients instead.
+            self.idle_reason = (
+                f"the scheduler admitted {len(schedule.assignments)} clients, fewer than "
+                f"min_reports={run.min_reports}: waiting for more clients")
+            return None
+        clients = {
+            m.client_id: ClientPlan(
+                schedule.assignments[m.client_id],
+                local_steps(m.step_time_s, self.compute_time_s(), min_steps=run.min_steps,
+                            max_steps=run.max_steps))
+            for m in members if m.client_id in schedule.assignments
+        }
+        longest = max(p.num_steps for p in clients.values())
+        return RoundPlan(
+            round=self.round_counter, base_version=self.version, opened_at=now,
+            deadline=now + run.round_duration_s, hyper=self.hyper(),
+            pool_indices=round_pool_indices(self.seed, self.round_counter, longest, self.pool_size),
+            clients=clients, excluded=dict(schedule.excluded_clients),
+            uncovered_blocks=tuple(sorted(schedule.uncovered_blocks)),
+            schedule_method=schedule.method,
+        )
+
+    def open_round(self, plan: RoundPlan) -> None:
+        self.open = OpenRound(plan)
+        self.round_counter = plan.round + 1
+
+    def compute_time_s(self) -> float:
+        """Seconds of a round a client spends on steps: it also syncs, reports and waits."""
+        return self.config.run.round_duration_s * self.config.run.compute_fraction
+
+    def _schedule(self, members: list[Member]) -> Schedule | None:
+        """Reuse the last schedule unless membership (or a calibration band) changed, or the
+        mode redraws its blocks every round."""
+        key: tuple[Any, ...] = tuple(sorted(
+            (m.client_id, round(math.log(m.calibration, CALIBRATION_STEP))) for m in members))
+        if self._redraw_each_round:
+            key += (self.round_counter,)
+        if key == self._schedule_key and self.last_schedule is not None:
+            return self.last_schedule if self.last_schedule.assignments else None
+        assert self.footprint is not None
+        run = self.config.run
+        specs = [
+            ClientSpec(m.client_id, int(m.profile.memory_budget_bytes * (1 - run.memory_headroom)),
+                       self.memory_model(m.profile, m.calibration), float(m.profile.num_samples),
+                       m.step_time_s, self._previous.get(m.client_id, frozenset()))
+            for m in members
+        ]
+        sched_config = dataclasses.replace(
+            self.config.scheduler, round_deadline_s=self.compute_time_s(),
+            min_steps=run.min_steps, max_steps=run.max_steps)
+        schedule = self._solve(specs, self.footprint.block_params, sched_config,
+                               round_seed(self.seed, self.round_counter))
+        self.schedule_solve_s = schedule.solve_s
+        self.schedules_solved += 1
+        self._schedule_key, self.last_schedule = key, schedule
+        if not schedule.assignments:
+            reasons = "; ".join(f"{cid}: {why}"
+                                for cid, why in sorted(schedule.excluded_clients.items()))
+            self.idle_reason = f"the scheduler admitted no client ({reasons})"
+            return None
+        return schedule
+
+    # ------------------------------------------------------------------ what a client should do
+
+    def next_for(self, client_id: str, version: int, now: float) -> NextRound | None:
+        """TRAIN or FINISHED for this client now, or None: it should wait."""
+        if version > self.version:
+            raise errors.conflict(
+                "version_ahead",
+                f"client is at alpha version {version}, the server at {self.version}: the run was "
+                "reset or restored; fetch GET /v1/state and resync",
+            )
+        if self.finished:
+            deltas, catch_up = self.deltas_since(version)
+            return NextRound(FINISHED, self.version, None, deltas, catch_up,
+                             reason=f"the run finished after {self.version} applied rounds")
+        r = self.open
+        if (r is None or client_id not in r.plan.clients or client_id in r.received
+                or now >= r.plan.deadline):
+            return None
+        deltas, catch_up = self.deltas_since(version)
+        return NextRound(TRAIN, self.version, r.plan.assignment_for(client_id, now), deltas, catch_up)
+
+    def deltas_since(self, version: int) -> tuple[tuple[AlphaDelta, ...], bool]:
+        """The published deltas after `version`, or catch_up=True when they are no longer kept."""
+        gap = self.version - version
+        if gap <= 0:
+            return (), False
+        if gap > len(self.deltas):
+            return (), True
+        return tuple(self.deltas)[-gap:], False
+
+    def wait_reason(self, client_id: str) -> str:
+        r = self.open
+        if r is not None:
+            if client_id in r.received:
+                return f"your report for round {r.plan.round} is in; waiting for the round to close"
+            if client_id in r.plan.excluded:
+                return f"the scheduler left you out of round {r.plan.round}: {r.plan.excluded[client_id]}"
+            return f"round {r.plan.round} is running without you; you join the next round"
+        return self.idle_reason
+
+    # ------------------------------------------------------------------ reports
+
+    def check_report(self, client_id: str, round_: int, report: Report, now: float) -> OpenRound:
+        """The open round `report` belongs to, or a domain error (nothing changes)."""
+        r = self.open
+        if r is None or r.plan.round != round_:
+            current = r.plan.round if r is not None else self.round_counter - 1
+            if round_ > current or round_ < 1:
+                raise errors.not_found(
+                    "unknown_round", f"round {round_} does not exist (current round: {current})")
+            raise round_closed(round_)
+        if client_id in r.received:
+            raise errors.conflict("already_reported",
+                                  f"client {client_id} already reported for round {round_}")
+        if now >= r.plan.deadline:
+            raise round_closed(round_)
+        check_report(r.plan, client_id, report, max_abs_scalar=self.config.aggregation.max_abs_scalar,
+                     weights_only=self.weights_only)
+        return r
+
+    def accept_report(self, received: ReceivedReport) -> None:
+        """Book a checked report into the open round and the member's record."""
+        assert self.open is not None
+        self.open.received[received.client_id] = received
+        member = self.members.get(received.client_id)
+        if member is None:
+            return
+        member.rounds_reported += 1
+        member.last_loss = received.report.loss_mean
+        member.last_peak_bytes = received.report.peak_memory_bytes
+        if received.report.step_time_s > 0:
+            member.step_time_s = received.report.step_time_s
+
+    # ------------------------------------------------------------------ closing a round
+
+    def due(self, now: float) -> bool:
+        """The open round should close: every assigned client reported, or the deadline passed."""
+        r = self.open
+        return r is not None and (len(r.received) == len(r.plan.clients) or now >= r.plan.deadline)
+
+    def decide_close(self, now: float) -> RoundClosure:
+        """What closing the open round changes; nothing is applied yet."""
+        r = self.open
+        assert r is not None and self.alpha is not None
+        plan = r.plan
+        weights = {cid: self._sample_weight(cid) for cid in plan.clients}
+        outcome = close_round(plan, r.received, weights, min_reports=self.config.run.min_reports,
+                              aggregation=self.config.aggregation)
+        delta, alpha = None, None
+        if outcome.status == APPLIED:
+            assert outcome.delta is not None
+            d = outcome.delta
+            delta = AlphaDelta.from_matrix(self.version + 1, plan.round, d.pool_indices, d.blocks,
+                                           d.values)
+            alpha = apply_delta(self.alpha, d)
+        return RoundClosure(plan, outcome, delta, alpha, self._calibrations(plan, r.received), now,
+                            tuple(sorted(r.received)))
+
+    def sample_weights(self, client_ids: Iterable[str]) -> dict[str, float]:
+        return {cid: self._sample_weight(cid) for cid in client_ids}
+
+    def _sample_weight(self, client_id: str) -> float:
+        member = self.members.get(client_id)
+        return float(member.profile.num_samples) if member is not None else 0.0
+
+    def apply_close(self, closure: RoundClosure) -> None:
+        plan, outcome = closure.plan, closure.outcome
+        if closure.delta is not None and closure.alpha is not None:
+            self.alpha, self.version = closure.alpha, closure.delta.version
+            self.deltas.append(closure.delta)
+        for cid, calibration in closure.calibrations.items():
+            if cid in self.members:
+                self.members[cid].calibration = calibration
+        self._previous = {cid: frozenset(p.blocks) for cid, p in plan.clients.items()}
+        self.last_plan = plan
+        self.history.append(RoundRecord(plan.round, outcome.status, len(plan.clients),
+                                        outcome.reports, plan.opened_at, closure.closed_at,
+                                        outcome.loss, outcome.message, plan.schedule_method))
+        self.open = None
+        max_rounds = self.config.run.max_rounds
+        if max_rounds and self.version >= max_rounds:
+            self.finished = True
+            self.idle_reason = f"the run finished after {self.version} applied rounds"
+
+    def _calibrations(self, plan: RoundPlan, received: dict[str, ReceivedReport]) -> dict[str, float]:
+        out = {}
+        for cid, rec in received.items():
+            peak = rec.report.peak_memory_bytes
+            member = self.members.get(cid)
+            if peak <= 0 or member is None:
+                continue
+            predicted = self.memory_model(member.profile, 1.0).total(plan.clients[cid].blocks)
+            ratio = peak / predicted
+            # An under-estimate is corrected at once (the next plan must fit); an
+            # over-estimate only decays, so one lucky round cannot over-fill a device.
+            value = max(ratio, (1 - CALIBRATION_EMA) * member.calibration + CALIBRATION_EMA * ratio)
+            out[cid] = min(max(value, CALIBRATION_MIN), CALIBRATION_MAX)
+        return out
+
+    # ------------------------------------------------------------------ resuming
+
+    def restore_round(self, plan: RoundPlan, status: str, reports: int, closed_at: float | None,
+                      loss: float | None, message: str) -> None:
+        """Replay one stored round (in order) when a shell resumes a run."""
+        self.round_counter = plan.round + 1
+        self._previous = {cid: frozenset(p.blocks) for cid, p in plan.clients.items()}
+        self.last_plan = plan
+        self.history.append(RoundRecord(plan.round, status, len(plan.clients), reports,
+                                        plan.opened_at, closed_at, loss, message,
+                                        plan.schedule_method))
+
+    def reopen(self, plan: RoundPlan, received: Iterable[ReceivedReport]) -> None:
+        """Resume a round that was open when the shell stopped, with its accepted reports."""
+        if self.history and self.history[-1].round == plan.round:
+            self.history.pop()
+        self.open = OpenRound(plan, {r.client_id: r for r in received})
+        self.round_counter = plan.round + 1
+
+
+def round_seed(run_seed: int, round_: int) -> int:
+    """A per-round seed for modes that draw their assignment anew each round."""
+    return int(np.random.SeedSequence([run_seed, round_]).generate_state(1, dtype=np.uint64)[0])
+
+
+def round_closed(round_: int) -> errors.Refusal:
+    return errors.conflict(
+        "round_closed",
+        f"round {round_} closed: its reports were aggregated without this one; poll "
+        "GET /v1/rounds/next for the next round",
+    )

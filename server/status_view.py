@@ -1,0 +1,59 @@
+"""The run's status as `/v1/status` and the status page show it (a pure view of the engine)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zorba_server.engine import RoundEngine
+
+STATUS_ROUNDS = 500
+"""Most recent rounds listed."""
+
+
+def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: float, *,
+               pending: int = 0) -> dict[str, Any]:
+    active = {m.client_id for m in engine.active_members(now)}
+    r = engine.open
+    plan = r.plan if r is not None else None
+    current: dict[str, Any] | None = None
+    if plan is not None and r is not None:
+        current = {
+            "round": plan.round, "base_version": plan.base_version,
+            "deadline_in_s": max(0.0, plan.deadline - now), "assigned": len(plan.clients),
+            "reported": len(r.received), "pending": pending,
+            "excluded": dict(plan.excluded), "uncovered_blocks": list(plan.uncovered_blocks),
+            "schedule_method": plan.schedule_method,
+        }
+    num_blocks = engine.footprint.num_blocks if engine.footprint else 0
+    coverage = [0] * num_blocks
+    shown = plan or engine.last_plan
+    for p in (shown.clients.values() if shown else ()):
+        for b in p.blocks:
+            coverage[b] += 1
+    return {
+        "run_id": run_id, "mode": engine.config.run.mode, "seed": engine.seed,
+        "pool_size": engine.pool_size,
+        "num_blocks": num_blocks, "model_fingerprint": engine.fingerprint,
+        "version": engine.version, "finished": engine.finished,
+        "state": "round open" if r is not None else engine.idle_reason,
+        "current_round": current,
+        "block_coverage": coverage,
+        "clients": [
+            {"client_id": m.client_id, "name": m.profile.name,
+             "device": m.profile.device_type, "budget_bytes": m.profile.memory_budget_bytes,
+             "num_samples": m.profile.num_samples,
+             "active": m.client_id in active, "last_seen_s": now - m.last_seen,
+             "calibration": m.calibration, "step_time_s": m.step_time_s,
+             "rounds_reported": m.rounds_reported, "last_loss": m.last_loss,
+             "blocks": list(plan.clients[m.client_id].blocks)
+             if plan is not None and m.client_id in plan.clients else []}
+            for m in sorted(engine.members.values(), key=lambda m: m.registered_at)
+        ],
+        "rounds": [
+            {"round": h.round, "status": h.status, "assigned": h.assigned, "reports": h.reports,
+             "loss": h.loss, "message": h.message, "opened_at": h.opened_at,
+             "closed_at": h.closed_at, "schedule_method": h.method}
+            for h in engine.history[-STATUS_ROUNDS:]
+        ],
+        "counters": counters,
+    }

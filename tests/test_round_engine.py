@@ -1,0 +1,127 @@
+"""The round engine on hand-made members: plan, accept, close and drop, with no HTTP,
+asyncio or database (the same engine the server and the simulator drive)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from server_fakes import FINGERPRINT, FOOTPRINT, config_dict, make_report, profile
+
+from zorba_server.config import config_from_dict
+from zorba_server.engine import Member, RoundEngine
+from zorba_server.errors import Conflict, NotFound, Unprocessable
+from zorba_server.rounds import APPLIED, FAILED, ReceivedReport
+from zorba_server.scheduler_baselines import redraws_each_round, solver_for
+
+
+def engine(tmp_path: Path, **run: object) -> RoundEngine:
+    config = config_from_dict(config_dict(tmp_path / "unused.sqlite3", **run))
+    made = RoundEngine(config, solver_for(config.run.mode),
+                       redraw_each_round=redraws_each_round(config.run.mode))
+    made.pin(FINGERPRINT, FOOTPRINT)
+    return made
+
+
+def join(e: RoundEngine, name: str, samples: int = 100, budget: int = 2**32) -> Member:
+    p = profile(samples, budget=budget, name=name)
+    e.check_registration(p)
+    member = Member(name, p, 0.0, 1.0, 0.0, p.step_time_s)
+    e.add_member(member)
+    return member
+
+
+def received(e: RoundEngine, cid: str, grads: list[float] | None = None, **kw: object) -> ReceivedReport:
+    assert e.open is not None
+    assignment = e.open.plan.assignment_for(cid, 0.0)
+    return ReceivedReport(cid, make_report(assignment, grads, **kw), b"", 1.0)
+
+
+def test_a_round_is_planned_accepted_and_closed_into_alpha_increments(tmp_path: Path) -> None:
+    e = engine(tmp_path, min_clients=2, lr=0.5)
+    join(e, "a"), join(e, "b")
+    plan = e.propose_round(now=0.0)
+    assert plan is not None and set(plan.clients) == {"a", "b"} and e.open is None
+    e.open_round(plan)
+    for cid in ("a", "b"):
+        rep = received(e, cid, [1.0])
+        e.check_report(cid, plan.round, rep.report, now=1.0)
+        e.accept_report(rep)
+    assert e.due(now=1.0)
+    closure = e.decide_close(now=2.0)
+    assert closure.outcome.status == APPLIED and e.version == 0  # decided, not applied
+    e.apply_close(closure)
+    assert e.version == 1 and e.open is None
+    k = plan.pool_indices[0]
+    assert e.alpha is not None
+    # Both clients report g = 1 for k on every block they hold: alpha[k, b] = lr * 1.
+    held = {b for p in plan.clients.values() for b in p.blocks}
+    assert np.allclose(e.alpha[k, sorted(held)], 0.5)
+    assert e.members["a"].rounds_reported == 1
+
+
+def test_reports_that_do_not_fit_the_plan_are_domain_errors_and_change_nothing(tmp_path: Path) -> None:
+    e = engine(tmp_path)
+    join(e, "a")
+    plan = e.propose_round(now=0.0)
+    assert plan is not None
+    e.open_round(plan)
+    good = received(e, "a")
+    with pytest.raises(NotFound):
+        e.check_report("a", plan.round + 5, good.report, now=1.0)
+    with pytest.raises(Conflict, match="not_assigned|no assignment"):
+        e.check_report("stranger", plan.round, good.report, now=1.0)
+    with pytest.raises(Unprocessable):
+        e.check_report("a", plan.round, received(e, "a", [float("nan")]).report, now=1.0)
+    with pytest.raises(Conflict, match="closed"):
+        e.check_report("a", plan.round, good.report, now=plan.deadline)
+    assert not e.open.received and e.version == 0
+
+
+def test_too_few_reports_by_the_deadline_fail_the_round(tmp_path: Path) -> None:
+    e = engine(tmp_path, min_clients=2, min_reports=2)
+    join(e, "a"), join(e, "b")
+    plan = e.propose_round(now=0.0)
+    assert plan is not None
+    e.open_round(plan)
+    e.accept_report(received(e, "a"))
+    assert not e.due(now=1.0) and e.due(now=plan.deadline)
+    closure = e.decide_close(now=plan.deadline)
+    e.apply_close(closure)
+    assert closure.outcome.status == FAILED and e.version == 0
+    assert e.propose_round(now=plan.deadline).base_version == 0  # the work is re-run
+
+
+def test_a_dropped_member_is_not_planned_again(tmp_path: Path) -> None:
+    e = engine(tmp_path)
+    join(e, "a"), join(e, "b")
+    e.drop_member("b")
+    plan = e.propose_round(now=0.0)
+    assert plan is not None and set(plan.clients) == {"a"}
+
+
+def test_a_budget_that_cannot_hold_a_block_is_refused_at_registration(tmp_path: Path) -> None:
+    e = engine(tmp_path)
+    with pytest.raises(Unprocessable, match="cheapest block"):
+        join(e, "tiny", budget=1000)
+
+
+def test_the_uniform_baseline_draws_other_blocks_each_round(tmp_path: Path) -> None:
+    e = engine(tmp_path, mode="zorba-uniform", min_clients=2, memory_headroom=0.0)
+    model = e.memory_model(profile(), 1.0)
+    two_blocks = model.fixed_bytes + 2 * max(model.block_bytes) + 1  # of 4
+    join(e, "a", budget=two_blocks), join(e, "b", budget=two_blocks)
+    draws = []
+    now = 0.0
+    for _ in range(8):
+        plan = e.propose_round(now=now)
+        assert plan is not None
+        e.open_round(plan)
+        draws.append(tuple(sorted((cid, p.blocks) for cid, p in plan.clients.items())))
+        for cid in plan.clients:
+            e.accept_report(received(e, cid))
+        e.apply_close(e.decide_close(now=now + 1))
+        now += 2
+    assert all(len(p) == 2 for d in draws for _, p in d)
+    assert len(set(draws)) > 1
