@@ -293,7 +293,12 @@ def heldout_examples(choice: DataChoice) -> list[Example]:
     return _limit(examples, choice)
 
 
+def client_task_seed(data_seed: int, client_index: int) -> int:
+    """Each client draws its own batch order: the seed mixes in its index (real clients and
+    the simulator's virtual ones alike)."""
+    return data_seed * 1_000_003 + client_index
+
+
 def build_task(examples: Sequence[Example], source: ModelSource, choice: DataChoice) -> LocalTask:
-    # Each client draws its own batch order: the seed mixes in its index.
     return LocalTask(list(examples), source.tokenizer(), choice.template,
-                     seed=choice.seed * 1_000_003 + choice.client_index)
+                     seed=client_task_seed(choice.seed, choice.client_index))

@@ -376,16 +376,7 @@ class ClientDaemon:
             if uploaded != "reported":
                 self._notify(assignment, outcome, uploaded)
                 return
-        report = Report(
-            idempotency_key=uuid.uuid4().hex,
-            base_version=assignment.base_version,
-            steps=outcome.steps,
-            num_samples=outcome.num_samples,
-            loss_mean=outcome.loss_mean,
-            loss_last=outcome.loss_last,
-            peak_memory_bytes=outcome.peak_memory_bytes,
-            step_time_s=outcome.step_time_s,
-        )
+        report = outcome.report(assignment, uuid.uuid4().hex)
         status = await self._post_report(assignment.round, report)
         if status == "reported":
             self.rounds_reported += 1

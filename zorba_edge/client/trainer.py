@@ -9,6 +9,7 @@ increments from the server are applied to the trainable blocks as they arrive; f
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import threading
 import time
@@ -19,7 +20,7 @@ import torch
 
 from zorba_edge.client.memory_probe import PeakMemoryProbe
 from zorba_edge.client.task import LocalTask
-from zorba_edge.common.schema import AlphaDelta, AlphaState, Assignment, RunInfo
+from zorba_edge.common.schema import AlphaDelta, AlphaState, Assignment, Report, RunInfo
 from zorba_edge.engine.coefficients import (
     AlphaIncrement,
     CoefficientTable,
@@ -56,6 +57,19 @@ class RoundOutcome:
     @property
     def steps_taken(self) -> int:
         return len(self.steps) if self.local_steps is None else self.local_steps
+
+    def report(self, assignment: Assignment, idempotency_key: str) -> Report:
+        """The report of this outcome for `assignment` (what a client sends, a simulator books)."""
+        return Report(
+            idempotency_key=idempotency_key,
+            base_version=assignment.base_version,
+            steps=self.steps,
+            num_samples=self.num_samples,
+            loss_mean=self.loss_mean,
+            loss_last=self.loss_last,
+            peak_memory_bytes=self.peak_memory_bytes,
+            step_time_s=self.step_time_s,
+        )
 
     @property
     def trained(self) -> bool:
@@ -169,35 +183,49 @@ class LocalTrainer:
             )
         self._probe.reset()
         loaded = self.hold(assignment.blocks)
-        blocks = self._held()
-        hyper = assignment.hyper
-        config = ZOConfig(mu=hyper.mu, lr=hyper.lr, max_abs_grad=self.run.max_abs_scalar)
-        loss_fn = self.task.loss_fn
-        steps: list[tuple[int, float]] = []
-        losses: list[float] = []
-        started = time.perf_counter()
-        snapshot = RoundSnapshot(blocks)
-        try:
-            for k in assignment.pool_indices:
-                if cancel.is_set():
-                    break
-                batch = self.task.next_batch(hyper.batch_size, hyper.seq_len).to(self.load_config.device)
-                result = zo_step(loaded.model, blocks, loss_fn, batch, self.run.seed, k, config)
-                steps.append((k, result.projected_grad))
-                losses.append(result.loss)
-        finally:
-            snapshot.revert()
-            del snapshot
-            # Give the round's freed buffers back to the OS: without it the quickstart's
-            # measured peaks crept up ~5 MiB a round (glibc heap growth).
-            release_freed_memory()
-        elapsed = time.perf_counter() - started
-        return RoundOutcome(
-            steps=tuple(steps),
-            num_samples=len(steps) * min(hyper.batch_size, len(self.task.examples)),
-            loss_mean=statistics.fmean(losses) if losses else float("nan"),
-            loss_last=losses[-1] if losses else float("nan"),
-            peak_memory_bytes=self._probe.peak_bytes(),
-            step_time_s=elapsed / len(steps) if steps else 0.0,
-            cancelled=cancel.is_set() and len(steps) < len(assignment.pool_indices),
-        )
+        outcome = run_local_steps(loaded.model, self._held(), self.task, assignment, self.run,
+                                  self.load_config.device, cancel)
+        return dataclasses.replace(outcome, peak_memory_bytes=self._probe.peak_bytes())
+
+
+def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTask,
+                    assignment: Assignment, run: RunInfo, device: str | torch.device,
+                    cancel: threading.Event | None = None,
+                    on_step: Callable[[int], bool] | None = None) -> RoundOutcome:
+    """A round's ZO steps on `blocks` (the assignment's blocks of `model`), then the exact
+    revert: the one local training loop that real clients and the simulator both run.
+
+    `on_step(t)` is asked before step t; returning False stops the round there (the simulator
+    stops a virtual device at its deadline or when it drops out). The outcome's peak memory is
+    left 0: only a real device measures one.
+    """
+    hyper = assignment.hyper
+    config = ZOConfig(mu=hyper.mu, lr=hyper.lr, max_abs_grad=run.max_abs_scalar)
+    steps: list[tuple[int, float]] = []
+    losses: list[float] = []
+    started = time.perf_counter()
+    snapshot = RoundSnapshot(blocks)
+    try:
+        for t, k in enumerate(assignment.pool_indices):
+            if (cancel is not None and cancel.is_set()) or (on_step is not None and not on_step(t)):
+                break
+            batch = task.next_batch(hyper.batch_size, hyper.seq_len).to(device)
+            result = zo_step(model, blocks, task.loss_fn, batch, run.seed, k, config)
+            steps.append((k, result.projected_grad))
+            losses.append(result.loss)
+    finally:
+        snapshot.revert()
+        del snapshot
+        # Give the round's freed buffers back to the OS: without it the quickstart's
+        # measured peaks crept up ~5 MiB a round (glibc heap growth).
+        release_freed_memory()
+    elapsed = time.perf_counter() - started
+    return RoundOutcome(
+        steps=tuple(steps),
+        num_samples=len(steps) * min(hyper.batch_size, len(task.examples)),
+        loss_mean=statistics.fmean(losses) if losses else float("nan"),
+        loss_last=losses[-1] if losses else float("nan"),
+        peak_memory_bytes=0,
+        step_time_s=elapsed / len(steps) if steps else 0.0,
+        cancelled=cancel is not None and cancel.is_set() and len(steps) < len(assignment.pool_indices),
+    )

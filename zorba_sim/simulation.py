@@ -1,0 +1,403 @@
+"""N virtual devices over ONE loaded model, driving the real round engine and trainer.
+
+Every client reverts to the global model when its round ends, so a virtual client is only
+its device, its data shard, its batch order and its random stream; the simulator holds one
+model with every block trainable in fp32 and, for each client in turn, runs the clients' own
+local loop (`zorba_edge.client.trainer.run_local_steps`) on that client's assigned blocks.
+Plans, report checks, aggregation and the coefficient table are the server's
+(`zorba_server.engine.RoundEngine`); the published increments move the model exactly as a
+client's sync does (`apply_increments_`). Nothing of the round logic is copied here.
+
+Virtual time: a device's step takes `reference_step_s / speed`, where `reference_step_s` is
+one step of this machine (measured at start unless given, then fixed, so the same seeds give
+the same run). A client downloads its assignment and deltas, takes the steps that fit
+before the round's deadline (leaving time for its upload), and reports; one that drops out
+reports nothing. Messages are sized by encoding them with the wire schema.
+
+Determinism: with a fixed `reference_step_s`, the same seeds give the same coefficient table
+bit for bit; a checkpoint holds the engine, every client's batch order and random stream and
+the model's weights, so a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import pickle
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from zorba_edge.client.assembly import client_task_seed, footprint_of
+from zorba_edge.client.task import LocalTask
+from zorba_edge.client.trainer import run_local_steps
+from zorba_edge.common.schema import (
+    FEDZO_FULL,
+    TRAIN,
+    Assignment,
+    DeviceProfile,
+    MemoryProfile,
+    NextRound,
+    Report,
+    encode,
+)
+from zorba_edge.data.examples import ClassificationExample
+from zorba_edge.data.splits import dirichlet_label_split
+from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
+from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_
+from zorba_edge.engine.directions import BlockTensors
+from zorba_edge.engine.losses import evaluate_classification
+from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model
+from zorba_edge.model.sources import ModelSource
+from zorba_server.config import ServerConfig
+from zorba_server.engine import Member, RoundEngine
+from zorba_server.errors import Refusal
+from zorba_server.rounds import APPLIED, ReceivedReport
+from zorba_server.scheduler_baselines import redraws_each_round, solver_for
+from zorba_sim.fleet import GIB, DeviceClass, DeviceGroup, Fleet, FleetError
+
+CENTRAL_MEZO = "central-mezo"
+"""One client holding all the data trains every block with the same estimator: the
+"federation costs nothing" reference for zeroth-order methods."""
+SIM_MODES = ("zorba", "zorba-uniform", "fedzo-full", CENTRAL_MEZO)
+
+CENTRAL_DEVICE = DeviceClass("central", 1 << 50, speed=1.0, upload_mbps=1e6, download_mbps=1e6,
+                             source="one device holding all data and memory: no federation")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    server: ServerConfig
+    """The engine's settings (run, aggregation, scheduler), as a server would be given them."""
+    rounds: int = 20
+    """Rounds to run (applied or not)."""
+    reference_step_s: float | None = None
+    """Virtual seconds of one step on a speed-1.0 device; None: measured on this machine."""
+    mode: str = "zorba"
+    """A run mode, or central-mezo."""
+    dirichlet_alpha: float = 0.5
+    data_seed: int = 0
+    memory: MemoryProfile = MemoryProfile(frozen_dtype="bf16", frozen_other_dtype="fp32")
+    """How every virtual device would hold the model (what its budget is checked against)."""
+    eval_every: int = 1
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.mode not in SIM_MODES:
+            raise ValueError(f"unknown mode {self.mode!r}: use one of {', '.join(SIM_MODES)}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.reference_step_s is not None and not self.reference_step_s > 0:
+            raise ValueError(f"reference_step_s must be positive, got {self.reference_step_s}")
+
+
+@dataclass
+class VirtualClient:
+    client_id: str
+    device: DeviceClass
+    task: LocalTask
+    rng: np.random.Generator
+    """Its availability and dropout draws (never a global RNG)."""
+    version: int = 0
+    """The alpha version it last synced to (what its next download carries deltas from)."""
+
+
+@dataclass
+class RoundRecord:
+    """One simulated round, as the results list it."""
+
+    round: int
+    status: str
+    version: int
+    assigned: int
+    reports: int
+    dropped: int
+    stragglers: int
+    virtual_time_s: float
+    forwards: int
+    """Forward passes spent by every client so far."""
+    train_loss: float | None
+    bytes_down: float
+    bytes_up: float
+    """Mean per assigned client."""
+    wall_s: float
+    accuracy: float | None = None
+    eval_loss: float | None = None
+
+
+@dataclass
+class Simulation:
+    config: SimulationConfig
+    source: ModelSource
+    engine: RoundEngine
+    loaded: LoadedModel
+    clients: dict[str, VirtualClient]
+    heldout: list[Any]
+    """Held-out batches, evaluated after every `eval_every` rounds."""
+    reference_step_s: float
+    clock: float = 0.0
+    forwards: int = 0
+    records: list[RoundRecord] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def build(cls, config: SimulationConfig, source: ModelSource, fleet: Fleet,
+              train: Sequence[ClassificationExample], heldout: Sequence[ClassificationExample], *,
+              template: PromptTemplate = SENTIMENT_TEMPLATE, eval_batch_size: int = 16) -> Simulation:
+        if config.mode == CENTRAL_MEZO:
+            fleet = Fleet((DeviceGroup(CENTRAL_DEVICE, 1, 0),), origin=CENTRAL_MEZO)
+        server = config.server
+        if config.mode != server.run.mode:
+            server = dataclasses.replace(server, run=dataclasses.replace(
+                server.run, mode=FEDZO_FULL if config.mode == CENTRAL_MEZO else config.mode))
+            config = dataclasses.replace(config, server=server)
+        devices = fleet.devices()
+        labels = [e.label for e in train]
+        if len(devices) == 1:
+            shards = [np.arange(len(train))]
+        else:
+            shards = dirichlet_label_split(labels, len(devices), config.dirichlet_alpha,
+                                           config.data_seed, min_per_client=1)
+        engine = RoundEngine(server, solver_for(server.run.mode),
+                             redraw_each_round=redraws_each_round(server.run.mode))
+        footprint = footprint_of(source)
+        engine.pin(source.fingerprint, footprint)
+        tokenizer = source.tokenizer()
+        shared_collators: dict[int, Any] = {}
+        clients: dict[str, VirtualClient] = {}
+        placeholder = 1.0  # step times are set once reference_step_s is known
+        for index, ((device, where), shard) in enumerate(zip(devices, shards, strict=True)):
+            cid = f"v{index:06d}"
+            task = LocalTask([train[i] for i in shard], tokenizer, template,
+                             seed=client_task_seed(config.data_seed, index))
+            # One collator per shape for the whole fleet: a thousand clients, one tokenizer.
+            task._collators = shared_collators
+            profile = DeviceProfile(f"virtual:{device.name}", device.memory_budget_bytes,
+                                    placeholder, len(shard), footprint, source.fingerprint,
+                                    config.memory, name=device.name)
+            try:
+                engine.check_registration(profile)
+            except Refusal as exc:
+                raise FleetError(f"{where}: a {device.name} device with "
+                                 f"{device.memory_budget_bytes / GIB:.2f} GiB cannot take part: "
+                                 f"{exc.message}") from None
+            engine.add_member(Member(cid, profile, 0.0, 1.0, 0.0, placeholder))
+            clients[cid] = VirtualClient(cid, device, task,
+                                         np.random.default_rng([server.run.seed, config.data_seed, index]))
+        loaded = load_model(source, range(footprint.num_blocks),
+                            LoadConfig(train_dtype="fp32", frozen_dtype="fp32", device=config.device))
+        run = server.run
+        heldout_task = LocalTask(list(heldout), tokenizer, template)
+        batches = [b.to(config.device) for b in heldout_task.batches(eval_batch_size, run.seq_len)]
+        sim = cls(config, source, engine, loaded, clients, batches, reference_step_s=0.0)
+        sim.reference_step_s = config.reference_step_s or sim.measure_step_s()
+        for cid, client in clients.items():
+            step = sim.reference_step_s / client.device.speed
+            member = engine.members[cid]
+            member.profile = dataclasses.replace(member.profile, step_time_s=step)
+            member.step_time_s = step
+        return sim
+
+    # ------------------------------------------------------------------ the model
+
+    def all_blocks(self) -> BlockTensors:
+        return {b: self.loaded.trainable_parameters(b) for b in range(self.loaded.num_blocks)}
+
+    def measure_step_s(self, steps: int = 3) -> float:
+        """Median seconds of one step of the local loop on this machine, every block held
+        (on a probe copy of a client's task, so no client's batch order moves)."""
+        client = next(iter(self.clients.values()))
+        task = LocalTask(client.task.examples, client.task.tokenizer, client.task.template)
+        probe = Assignment(round=0, base_version=self.engine.version,
+                           blocks=tuple(range(self.loaded.num_blocks)), pool_indices=(0,),
+                           hyper=self.engine.hyper(), deadline_in_s=0.0, deadline_unix=0.0)
+        times = []
+        for _ in range(steps):
+            outcome = run_local_steps(self.loaded.model, self.all_blocks(), task, probe,
+                                      self.engine.run_info("probe"), self.config.device)
+            times.append(outcome.step_time_s)
+        return statistics.median(times)
+
+    # ------------------------------------------------------------------ rounds
+
+    def run(self, progress: Callable[[RoundRecord], None] | None = None,
+            checkpoint_dir: Path | None = None, stop_after: int | None = None) -> list[RoundRecord]:
+        """Run the remaining rounds (checkpointing after each when a folder is given)."""
+        while len(self.records) < self.config.rounds:
+            record = self.run_round()
+            if checkpoint_dir is not None:
+                self.save_checkpoint(checkpoint_dir)
+            if progress is not None:
+                progress(record)
+            if stop_after is not None and len(self.records) >= stop_after:
+                break
+        return self.records
+
+    def run_round(self) -> RoundRecord:
+        started = time.perf_counter()
+        engine, run = self.engine, self.config.server.run
+        now = self.clock
+        for client in self.clients.values():
+            online = client.rng.random() < client.device.availability
+            engine.members[client.client_id].last_seen = now if online else -math.inf
+        plan = engine.propose_round(now)
+        if plan is None:
+            self.clock = now + run.round_duration_s
+            return self._record(len(self.records) + 1, "idle", 0, 0, 0, 0, None, 0.0, 0.0, started)
+        engine.open_round(plan)
+        blocks = self.all_blocks()
+        info = engine.run_info("simulation")
+        finished: dict[str, float] = {}
+        losses: list[tuple[float, float]] = []
+        dropped = stragglers = 0
+        down_total = up_total = 0.0
+        for cid in sorted(plan.clients):
+            client = self.clients[cid]
+            assignment = plan.assignment_for(cid, now)
+            deltas, catch_up = engine.deltas_since(client.version)
+            down = len(encode(NextRound(TRAIN, engine.version, assignment, deltas, catch_up)))
+            if catch_up:
+                down += 8 * engine.pool_size * (engine.footprint.num_blocks if engine.footprint else 0)
+            client.version = engine.version
+            step_s = self.reference_step_s / client.device.speed
+            planned = len(assignment.pool_indices)
+            upload_s = _seconds(_report_bytes(assignment, planned), client.device.upload_mbps)
+            download_s = _seconds(down, client.device.download_mbps)
+            room = assignment.deadline_in_s - download_s - upload_s
+            fit = max(0, math.floor(room / step_s)) if room > 0 else 0
+            # Both draws always happen, so one client's fate never shifts another's stream.
+            drops = client.rng.random() < client.device.dropout
+            drop_at = math.floor(client.rng.random() * planned)
+            take = min(planned, fit, drop_at if drops else planned)
+            stragglers += fit < planned
+            outcome = run_local_steps(self.loaded.model, {b: blocks[b] for b in assignment.blocks},
+                                      client.task, assignment, info, self.config.device,
+                                      on_step=lambda t, take=take: t < take)
+            self.forwards += 2 * len(outcome.steps)
+            down_total += down
+            if drops or not outcome.steps:
+                dropped += drops
+                continue
+            report = dataclasses.replace(outcome, step_time_s=step_s).report(
+                assignment, f"{cid}:{plan.round}")
+            up = len(encode(report))
+            up_total += up
+            done = now + download_s + len(outcome.steps) * step_s + _seconds(up, client.device.upload_mbps)
+            engine.check_report(cid, plan.round, report, done)
+            engine.accept_report(ReceivedReport(cid, report, b"", done))
+            finished[cid] = done
+            losses.append((float(report.num_samples), report.loss_mean))
+        close_at = max(finished.values()) if len(finished) == len(plan.clients) else plan.deadline
+        closure = engine.decide_close(close_at)
+        engine.apply_close(closure)
+        if closure.delta is not None:
+            apply_increments_(blocks, run.seed, [AlphaIncrement(k, b, v)
+                                                  for k, b, v in closure.delta.entries()])
+        self.clock = close_at
+        weight = sum(w for w, _ in losses)
+        loss = sum(w * v for w, v in losses) / weight if weight else None
+        assigned = len(plan.clients)
+        return self._record(plan.round, closure.outcome.status, assigned, len(finished), dropped,
+                            stragglers, loss, down_total / assigned, up_total / assigned, started)
+
+    def _record(self, round_: int, status: str, assigned: int, reports: int, dropped: int,
+                stragglers: int, loss: float | None, down: float, up: float,
+                started: float) -> RoundRecord:
+        record = RoundRecord(round_, status, self.engine.version, assigned, reports, dropped,
+                             stragglers, self.clock, self.forwards, loss, down, up,
+                             time.perf_counter() - started)
+        self.records.append(record)
+        if status == APPLIED and (len(self.records) % self.config.eval_every == 0
+                                  or len(self.records) == self.config.rounds):
+            record.accuracy, record.eval_loss = self.evaluate()
+        return record
+
+    def evaluate(self) -> tuple[float, float]:
+        result = evaluate_classification(self.loaded.model, self.heldout)
+        return result.accuracy, result.loss
+
+    # ------------------------------------------------------------------ identity and checkpoints
+
+    def alpha_hash(self) -> str:
+        assert self.engine.alpha is not None
+        return hashlib.sha256(np.ascontiguousarray(self.engine.alpha, dtype="<f8").tobytes()).hexdigest()
+
+    def save_checkpoint(self, directory: Path) -> Path:
+        """Write the state after the last round into `directory` (atomically: a kill at any
+        moment leaves the previous checkpoint or this one, never a mix)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / f"round-{len(self.records):06d}"
+        partial = directory / (target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        state = {
+            "engine": self.engine, "clock": self.clock, "forwards": self.forwards,
+            "records": self.records, "reference_step_s": self.reference_step_s,
+            "clients": {cid: (c.task._samplers, c.rng, c.version) for cid, c in self.clients.items()},
+        }
+        with open(partial / "state.pkl", "wb") as f:
+            pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        tensors = {f"{b}/{name}": t.detach().to("cpu").contiguous()
+                   for b, named in self.all_blocks().items() for name, t in named}
+        save_file(tensors, str(partial / "blocks.safetensors"))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+        latest = directory / "LATEST"
+        tmp = directory / "LATEST.tmp"
+        tmp.write_text(target.name)
+        os.replace(tmp, latest)
+        for old in directory.glob("round-*"):
+            if old != target and not old.name.endswith(".partial"):
+                shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def load_checkpoint(self, directory: Path) -> bool:
+        """Continue from the latest checkpoint in `directory`; False when there is none.
+
+        The checkpoint is a pickle this simulator wrote: load only your own files."""
+        latest = directory / "LATEST"
+        if not latest.exists():
+            return False
+        folder = directory / latest.read_text().strip()
+        with open(folder / "state.pkl", "rb") as f:
+            state = pickle.load(f)  # noqa: S301 (our own checkpoint)
+        if set(state["clients"]) != set(self.clients):
+            raise FleetError(f"the checkpoint in {directory} is of another fleet "
+                             f"({len(state['clients'])} devices, this one {len(self.clients)})")
+        self.engine = state["engine"]
+        self.clock, self.forwards = state["clock"], state["forwards"]
+        self.records, self.reference_step_s = state["records"], state["reference_step_s"]
+        for cid, (samplers, rng, version) in state["clients"].items():
+            client = self.clients[cid]
+            client.task._samplers, client.rng, client.version = samplers, rng, version
+        saved = load_file(str(folder / "blocks.safetensors"))
+        with torch.no_grad():
+            for b, named in self.all_blocks().items():
+                for name, tensor in named:
+                    tensor.copy_(saved[f"{b}/{name}"])
+        return True
+
+
+def _report_bytes(assignment: Assignment, steps: int) -> int:
+    """The encoded size of a report of `steps` steps (what the client must leave time for)."""
+    probe = Report(idempotency_key="x" * 32, base_version=assignment.base_version,
+                   steps=tuple((k, 0.0) for k in assignment.pool_indices[:steps]), num_samples=1,
+                   loss_mean=0.0, loss_last=0.0, peak_memory_bytes=0, step_time_s=1.0)
+    return len(encode(probe))
+
+
+def _seconds(num_bytes: float, mbps: float) -> float:
+    return 8.0 * num_bytes / (mbps * 1e6)
