@@ -3,7 +3,10 @@
 Mean (the default): for each pool index k and block b,
 
     delta[k, b] = lr * sum_{n: b in A_n} w_n * s[n, k] / sum_{n: b in A_n} w_n,
-    s[n, k]     = sum_{t: k_t = k} g[n, t],
+    s[n, k]     = c_n * sum_{t: k_t = k} g[n, t],
+
+where c_n is the client's step scale (its local step was lr * c_n * g z; see
+RunConfig.lr_scaling),
 
 the sample-weighted average of the clients' local updates (FedAvg of their model deltas):
 a client that trains b but took fewer steps contributes 0 for the steps it did not take.
@@ -40,6 +43,8 @@ class Contribution:
     blocks: tuple[int, ...]
     weight: float
     steps: tuple[tuple[int, float], ...]
+    lr_scale: float = 1.0
+    """This client's step is lr x lr_scale: its scalars enter alpha scaled so."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,8 @@ def aggregate(contributions: Sequence[Contribution], lr: float,
 
     sums = np.zeros((len(ordered), len(ks)))
     np.add.at(sums, (step_client, step_col), step_g)  # in step order: deterministic
+    # Each client's local update is lr_n g z with its own lr_n = lr x lr_scale_n.
+    sums *= np.array([c.lr_scale for c in ordered], dtype=np.float64)[:, None]
     took = np.zeros((len(ordered), len(ks)), dtype=bool)
     took[step_client, step_col] = True
     holds = np.zeros((len(ordered), len(blocks)), dtype=bool)

@@ -63,6 +63,9 @@ class StorageConfig:
             raise ConfigError(f"storage.synchronous={self.synchronous!r}: use 'full' or 'normal'")
 
 
+LR_SCALINGS = ("dimension", "none")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
@@ -87,6 +90,13 @@ class RunConfig:
     """Share of the round a client's local steps may take (the rest: sync, report, network)."""
     min_steps: int = 1
     max_steps: int = 256
+    lr_scaling: str = "dimension"
+    """`dimension`: each client's step is lr x (mean block size / parameters it perturbs), so
+    `lr` is the step of a client holding one average block and a client perturbing k blocks
+    takes a k times smaller one (docs/learning.md derives it); `none`: one lr for every client."""
+    loss_jump_tolerance: float = 0.5
+    """A round whose clients' loss rose by more than this fraction (from the last applied round,
+    or from their first to their last step) is not applied and the step is halved (0: off)."""
     mode: str = ZORBA
     """`zorba` (the scheduler assigns blocks), or a baseline: `zorba-uniform` (the same number of
     random blocks on every client), `fedzo-full` (every block; clients that cannot hold them all
@@ -107,6 +117,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.seed >= 0, "run.seed must be >= 0"),
+            (self.lr_scaling in LR_SCALINGS,
+             f"run.lr_scaling={self.lr_scaling!r}: use one of {', '.join(LR_SCALINGS)}"),
+            (self.loss_jump_tolerance >= 0, "run.loss_jump_tolerance must be >= 0 (0: off)"),
             (self.pool_size >= 1, "run.pool_size must be >= 1"),
             (self.lr > 0 and self.mu > 0, "run.lr and run.mu must be > 0"),
             (self.batch_size >= 1 and self.seq_len >= 1,

@@ -45,6 +45,7 @@ from zorba_server.config import ServerConfig
 from zorba_server.pool import round_pool_indices
 from zorba_server.rounds import (
     APPLIED,
+    REJECTED,
     ClientPlan,
     ReceivedReport,
     RoundOutcome,
@@ -62,6 +63,8 @@ SolveFn = Callable[[Sequence[ClientSpec], Sequence[int], SchedulerConfig, int], 
 CALIBRATION_MIN, CALIBRATION_MAX, CALIBRATION_EMA = 0.5, 8.0, 0.5
 # Re-solve the schedule when a calibration moves by more than this factor.
 CALIBRATION_STEP = 1.1
+# The step is multiplied by this for every round the loss guard rejects.
+LOSS_JUMP_BACKOFF = 0.5
 
 
 @dataclass
@@ -164,7 +167,20 @@ class RoundEngine:
 
     def hyper(self) -> HyperParams:
         run = self.config.run
-        return HyperParams(run.lr, run.mu, run.batch_size, run.seq_len)
+        return HyperParams(run.lr * self.lr_factor(), run.mu, run.batch_size, run.seq_len)
+
+    def lr_factor(self) -> float:
+        """Halved for every round the loss guard rejected (derived from the history, so a
+        restarted server continues with the same step)."""
+        return LOSS_JUMP_BACKOFF ** sum(1 for h in self.history if h.status == REJECTED)
+
+    def lr_scale(self, blocks: Sequence[int]) -> float:
+        """A client's step scale: mean block size / parameters it perturbs (docs/learning.md)."""
+        if self.config.run.lr_scaling == "none":
+            return 1.0
+        assert self.footprint is not None
+        params = self.footprint.block_params
+        return (sum(params) / len(params)) / sum(params[b] for b in blocks)
 
     def run_info(self, run_id: str) -> RunInfo:
         run = self.config.run
@@ -259,7 +275,8 @@ class RoundEngine:
             m.client_id: ClientPlan(
                 schedule.assignments[m.client_id],
                 local_steps(m.step_time_s, self.compute_time_s(), min_steps=run.min_steps,
-                            max_steps=run.max_steps))
+                            max_steps=run.max_steps),
+                self.lr_scale(schedule.assignments[m.client_id]))
             for m in members if m.client_id in schedule.assignments
         }
         longest = max(p.num_steps for p in clients.values())
@@ -400,6 +417,11 @@ class RoundEngine:
         weights = {cid: self._sample_weight(cid) for cid in plan.clients}
         outcome = close_round(plan, r.received, weights, min_reports=self.config.run.min_reports,
                               aggregation=self.config.aggregation)
+        jump = self._loss_jump(r.received, weights) if outcome.status == APPLIED else None
+        if jump is not None:
+            outcome = dataclasses.replace(outcome, status=REJECTED, delta=None, message=(
+                f"{jump}: not applied; the step is halved to "
+                f"{self.config.run.lr * self.lr_factor() * LOSS_JUMP_BACKOFF:.3g} for the next rounds"))
         delta, alpha = None, None
         if outcome.status == APPLIED:
             assert outcome.delta is not None
@@ -435,6 +457,30 @@ class RoundEngine:
         if max_rounds and self.version >= max_rounds:
             self.finished = True
             self.idle_reason = f"the run finished after {self.version} applied rounds"
+
+    def _loss_jump(self, received: dict[str, ReceivedReport], weights: dict[str, float]) -> str | None:
+        """Why this round's losses say the step is too large, or None.
+
+        Two signs, from what clients report anyway: the round's mean loss rose by more than
+        the tolerance above the last applied round's (the last update hurt), or the clients'
+        last-step losses rose twice that much above their round means (the local steps
+        diverge; a single batch is noisy, hence twice).
+        """
+        tolerance = self.config.run.loss_jump_tolerance
+        reports = [(weights[cid], r.report) for cid, r in sorted(received.items()) if weights[cid] > 0]
+        total = sum(w for w, _ in reports)
+        if tolerance <= 0 or total <= 0:
+            return None
+        mean = sum(w * rep.loss_mean for w, rep in reports) / total
+        last = sum(w * rep.loss_last for w, rep in reports) / total
+        previous = next((h.loss for h in reversed(self.history)
+                         if h.status == APPLIED and h.loss is not None), None)
+        if previous is not None and previous > 0 and mean > previous * (1 + tolerance):
+            return f"the clients' loss jumped from {previous:.4g} to {mean:.4g}"
+        # Single batches are noisy: the within-round sign needs twice the tolerance.
+        if mean > 0 and last > mean * (1 + 2 * tolerance):
+            return f"the clients' loss rose from {mean:.4g} (round mean) to {last:.4g} (last step)"
+        return None
 
     def _calibrations(self, plan: RoundPlan, received: dict[str, ReceivedReport]) -> dict[str, float]:
         out = {}

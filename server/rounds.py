@@ -14,8 +14,10 @@ Rounds are numbered 1, 2, ... in opening order; alpha versions count applied rou
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from zorba_edge.common.schema import Assignment, HyperParams, Report
 from zorba_edge.errors import InvalidScalarError
@@ -23,13 +25,16 @@ from zorba_server import errors
 from zorba_server.aggregation import Contribution, RoundDelta, aggregate, check_scalars
 from zorba_server.config import AggregationConfig
 
-APPLIED, FAILED, OPEN = "applied", "failed", "open"
+APPLIED, FAILED, REJECTED, OPEN = "applied", "failed", "rejected", "open"
+"""`rejected`: enough reports, but the loss jumped; nothing applied and the step is halved."""
 
 
 @dataclass(frozen=True)
 class ClientPlan:
     blocks: tuple[int, ...]
     num_steps: int
+    lr_scale: float = 1.0
+    """The client's step is the round's lr times this (see RunConfig.lr_scaling)."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,14 @@ class RoundPlan:
             base_version=self.base_version,
             blocks=plan.blocks,
             pool_indices=self.pool_indices[: plan.num_steps],
-            hyper=self.hyper,
+            hyper=replace(self.hyper, lr=self.client_lr(client_id)),
             deadline_in_s=max(0.0, self.deadline - now),
             deadline_unix=self.deadline,
         )
+
+    def client_lr(self, client_id: str) -> float:
+        """The step size the client is told, and the one its scalars are aggregated with."""
+        return float(np.float64(self.hyper.lr) * self.clients[client_id].lr_scale)
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -69,7 +78,8 @@ class RoundPlan:
             "deadline": self.deadline,
             "hyper": [self.hyper.lr, self.hyper.mu, self.hyper.batch_size, self.hyper.seq_len],
             "pool_indices": list(self.pool_indices),
-            "clients": {cid: [list(p.blocks), p.num_steps] for cid, p in self.clients.items()},
+            "clients": {cid: [list(p.blocks), p.num_steps, p.lr_scale]
+                        for cid, p in self.clients.items()},
             "excluded": dict(self.excluded),
             "uncovered_blocks": list(self.uncovered_blocks),
             "schedule_method": self.schedule_method,
@@ -85,7 +95,8 @@ class RoundPlan:
             deadline=rec["deadline"],
             hyper=HyperParams(lr, mu, batch_size, seq_len),
             pool_indices=tuple(rec["pool_indices"]),
-            clients={cid: ClientPlan(tuple(b), n) for cid, (b, n) in rec["clients"].items()},
+            # Plans stored before per-client step sizes have no scale: 1.0.
+            clients={cid: ClientPlan(tuple(p[0]), p[1], *p[2:3]) for cid, p in rec["clients"].items()},
             excluded=dict(rec["excluded"]),
             uncovered_blocks=tuple(rec["uncovered_blocks"]),
             schedule_method=rec["schedule_method"],
@@ -169,7 +180,8 @@ def close_round(plan: RoundPlan, reports: Mapping[str, ReceivedReport],
             None, loss,
         )
     contributions = [
-        Contribution(cid, plan.clients[cid].blocks, weights[cid], r.report.steps)
+        Contribution(cid, plan.clients[cid].blocks, weights[cid], r.report.steps,
+                     plan.clients[cid].lr_scale)
         for cid, r in reports.items()
     ]
     delta = aggregate(contributions, plan.hyper.lr, aggregation)

@@ -24,7 +24,7 @@ import numpy as np
 
 from zorba_edge.common.memory_model import ModelFootprint
 from zorba_edge.common.schema import AlphaDelta, DeviceProfile, Report, decode, encode
-from zorba_server.rounds import APPLIED, FAILED, OPEN, ReceivedReport, RoundPlan
+from zorba_server.rounds import APPLIED, FAILED, OPEN, REJECTED, ReceivedReport, RoundPlan
 
 SCHEMA_VERSION = 1
 _UNLIMITED = 1 << 40  # our own rows: trusted, sized by the schema limits when written
@@ -307,7 +307,7 @@ def close_round(conn: sqlite3.Connection, round_: int, status: str, closed_at: f
                 alpha: np.ndarray | None = None,
                 calibrations: dict[str, float] | None = None) -> None:
     """Close a round; when `applied`, its increment and the new alpha in the same transaction."""
-    if status not in (APPLIED, FAILED):
+    if status not in (APPLIED, FAILED, REJECTED):
         raise ValueError(f"a round closes as applied or failed, not {status!r}")
     updated = conn.execute(
         "UPDATE rounds SET status = ?, closed_at = ?, reports = ?, loss = ?, message = ?"

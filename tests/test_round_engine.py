@@ -3,6 +3,7 @@ asyncio or database (the same engine the server and the simulator drive)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from server_fakes import FINGERPRINT, FOOTPRINT, config_dict, make_report, profi
 from zorba_server.config import config_from_dict
 from zorba_server.engine import Member, RoundEngine
 from zorba_server.errors import Conflict, NotFound, Unprocessable
-from zorba_server.rounds import APPLIED, FAILED, ReceivedReport
+from zorba_server.rounds import APPLIED, FAILED, REJECTED, ReceivedReport
 from zorba_server.scheduler_baselines import redraws_each_round, solver_for
 
 
@@ -39,7 +40,7 @@ def received(e: RoundEngine, cid: str, grads: list[float] | None = None, **kw: o
 
 
 def test_a_round_is_planned_accepted_and_closed_into_alpha_increments(tmp_path: Path) -> None:
-    e = engine(tmp_path, min_clients=2, lr=0.5)
+    e = engine(tmp_path, min_clients=2, lr=0.5, lr_scaling="dimension")
     join(e, "a"), join(e, "b")
     plan = e.propose_round(now=0.0)
     assert plan is not None and set(plan.clients) == {"a", "b"} and e.open is None
@@ -55,9 +56,12 @@ def test_a_round_is_planned_accepted_and_closed_into_alpha_increments(tmp_path: 
     assert e.version == 1 and e.open is None
     k = plan.pool_indices[0]
     assert e.alpha is not None
-    # Both clients report g = 1 for k on every block they hold: alpha[k, b] = lr * 1.
+    # Both clients report g = 1 for k on every block they hold; each perturbs all 4 equal
+    # blocks, so its step is lr / 4: alpha[k, b] = lr * 1 / 4.
     held = {b for p in plan.clients.values() for b in p.blocks}
-    assert np.allclose(e.alpha[k, sorted(held)], 0.5)
+    assert held == {0, 1, 2, 3} and plan.clients["a"].lr_scale == 0.25
+    assert plan.assignment_for("a", 0.0).hyper.lr == 0.125
+    assert np.allclose(e.alpha[k, sorted(held)], 0.125)
     assert e.members["a"].rounds_reported == 1
 
 
@@ -125,3 +129,37 @@ def test_the_uniform_baseline_draws_other_blocks_each_round(tmp_path: Path) -> N
         now += 2
     assert all(len(p) == 2 for d in draws for _, p in d)
     assert len(set(draws)) > 1
+
+
+def run_round(e: RoundEngine, now: float, loss: float, last: float | None = None) -> str:
+    plan = e.propose_round(now=now)
+    assert plan is not None
+    e.open_round(plan)
+    for cid in plan.clients:
+        rep = received(e, cid, loss=loss)
+        if last is not None:
+            rep.report = dataclasses.replace(rep.report, loss_last=last)
+        e.accept_report(rep)
+    closure = e.decide_close(now=now + 1)
+    e.apply_close(closure)
+    return closure.outcome.status
+
+
+def test_a_round_whose_loss_jumps_is_not_applied_and_the_step_is_halved(tmp_path: Path) -> None:
+    e = engine(tmp_path, lr=0.01, loss_jump_tolerance=0.5)
+    join(e, "a")
+    assert run_round(e, 0.0, loss=0.70) == APPLIED
+    assert run_round(e, 2.0, loss=0.80) == APPLIED  # +14%: within the tolerance
+    assert run_round(e, 4.0, loss=1.40) == REJECTED  # +75%
+    assert e.version == 2 and "jumped" in e.history[-1].message
+    assert e.propose_round(now=6.0).hyper.lr == 0.005
+    # Divergence inside a round (last step far above the round's mean) is caught too.
+    assert run_round(e, 6.0, loss=0.75, last=3.0) == REJECTED
+    assert e.lr_factor() == 0.25 and e.version == 2
+
+
+def test_the_loss_guard_can_be_turned_off(tmp_path: Path) -> None:
+    e = engine(tmp_path, loss_jump_tolerance=0.0)
+    join(e, "a")
+    assert run_round(e, 0.0, loss=0.7) == APPLIED
+    assert run_round(e, 2.0, loss=7.0) == APPLIED

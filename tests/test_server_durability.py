@@ -120,7 +120,8 @@ def recompute_alpha(db: Path, max_applied: int | None = None) -> tuple[np.ndarra
                 continue
             contributions = [
                 Contribution(cid, plan.clients[cid].blocks, weights[cid],
-                             decode(Report, body, max_bytes=1 << 30).steps)
+                             decode(Report, body, max_bytes=1 << 30).steps,
+                             plan.clients[cid].lr_scale)
                 for cid, body in conn.execute(
                     "SELECT client_id, body FROM reports WHERE round = ?", (round_,))
             ]
