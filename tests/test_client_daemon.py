@@ -161,9 +161,9 @@ class SerialTrainer:
         with MODEL_LOCK:
             self.inner.replace_table(state)
 
-    def train_round(self, assignment: Any, cancel: threading.Event) -> Any:
+    def train_round(self, assignment: Any, cancel: threading.Event, on_step: Any = None) -> Any:
         with MODEL_LOCK:
-            return self.inner.train_round(assignment, cancel)
+            return self.inner.train_round(assignment, cancel, on_step)
 
 
 class Device:

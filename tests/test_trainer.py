@@ -141,3 +141,29 @@ def test_rounds_with_server_style_updates_lower_the_task_loss() -> None:
         trainer.apply_deltas([AlphaDelta.from_matrix(version, round_, ordered, blocks, matrix)])
     loss_after = float(trainer.task.loss_fn(trainer.loaded.model, eval_batch))
     assert loss_after < loss_before - 0.05, (loss_before, loss_after)
+
+
+def test_a_round_gated_by_finish_by_ends_its_last_step_before_the_instant() -> None:
+    """A cancel flag lets the step in progress overrun the deadline; the gate starts a step
+    only when this round's own step time says it will end in time."""
+    import threading
+    import time
+
+    from zorba_edge.client.trainer import finish_by
+
+    calls: list[float] = []
+
+    def slow_step(t: int) -> None:
+        calls.append(time.monotonic())
+        time.sleep(0.15)
+
+    stop_by = time.monotonic() + 0.5
+    gate = finish_by(stop_by, prior_step_s=0.01)
+    cancel = threading.Event()
+    for t in range(20):
+        if cancel.is_set() or not gate(t):
+            break
+        slow_step(t)
+    ended = time.monotonic()
+    assert 2 <= len(calls) <= 3
+    assert ended <= stop_by + 0.05

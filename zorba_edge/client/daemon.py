@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 from zorba_edge.client.errors import ServerRefusedError, UsageError
 from zorba_edge.client.sizes import format_size
 from zorba_edge.client.state import ClientState, StateStore
-from zorba_edge.client.trainer import RoundOutcome, SyncError
+from zorba_edge.client.trainer import RoundOutcome, StepGate, SyncError, finish_by
 from zorba_edge.client.transport import ServerClient
 from zorba_edge.common.schema import (
     FINISHED,
@@ -63,7 +64,8 @@ class Trainer(Protocol):
 
     def replace_table(self, state: AlphaState) -> None: ...
 
-    def train_round(self, assignment: Assignment, cancel: threading.Event) -> RoundOutcome: ...
+    def train_round(self, assignment: Assignment, cancel: threading.Event,
+                    on_step: StepGate | None = None) -> RoundOutcome: ...
 
 
 @runtime_checkable
@@ -155,7 +157,7 @@ class ClientDaemon:
         self._upload_s = INITIAL_UPLOAD_S
         """How long the last weight upload took (fedavg)."""
         self._last_step_s = 0.0
-        """The last round's time per local step (fedavg)."""
+        """The last round's time per local step (at first: the profile's measured step)."""
 
     # ------------------------------------------------------------------------ control
 
@@ -213,6 +215,7 @@ class ClientDaemon:
         else:
             self._listener.on_status("profiling the device")
             request = await asyncio.to_thread(self._make_registration)
+            self._last_step_s = request.profile.step_time_s
             self._listener.on_status(f"registering with {url}")
             response = await self._until_stop(self._client.register(request))
             if response is None:
@@ -311,12 +314,18 @@ class ClientDaemon:
         loop = asyncio.get_running_loop()
         deadline_at = loop.time() + assignment.deadline_in_s
         budget_s = assignment.deadline_in_s - self.settings.deadline_margin_s
+        # A step started just before the cancel still runs to its end, and the report (and
+        # fedavg's upload) must land before the deadline too: keep one step, plus twice the
+        # last upload's time in fedavg (at most half the round: a slower device cannot make
+        # any round anyway). Without it, a slow device's whole round arrived late and was
+        # thrown away (2 of 3 Gemma 3 clients in one round).
+        # A step in progress runs to its end, and the report (and fedavg's upload) must land
+        # before the deadline too: steps start only while they should end in time (judged by
+        # this round's own step times), and fedavg keeps twice its last upload time (at most
+        # half the round: a slower device cannot make any round anyway). Without it a slow
+        # device's whole round arrived late and was thrown away (2 of 3 Gemma 3 clients).
         if isinstance(self.trainer, WeightExchange):
-            # The upload must land before the deadline too, and a step started just before
-            # the cancel still runs to its end: keep twice the last upload's time plus one
-            # step (at most half the round: a slower device cannot make any round anyway).
-            reserve = 2 * self._upload_s + self._last_step_s
-            budget_s -= min(reserve, assignment.deadline_in_s / 2)
+            budget_s -= min(2 * self._upload_s, assignment.deadline_in_s / 2)
         if budget_s <= 0:
             log.warning("round %d: only %.1f s left before its deadline; sitting it out",
                         assignment.round, assignment.deadline_in_s)
@@ -325,13 +334,7 @@ class ClientDaemon:
             return
         cancel = threading.Event()
         self._cancel = cancel
-        deadline_hit = threading.Event()
-
-        def at_deadline() -> None:
-            deadline_hit.set()
-            cancel.set()
-
-        timer = loop.call_later(budget_s, at_deadline)
+        timer = loop.call_later(budget_s, cancel.set)  # a backstop: the gate below stops first
         if self.stopping:
             cancel.set()
         blocks = ", ".join(map(str, assignment.blocks))
@@ -341,7 +344,8 @@ class ClientDaemon:
             if not await self._fetch_weights(assignment):
                 await self._sit_out(deadline_at)
                 return
-            outcome = await asyncio.to_thread(self.trainer.train_round, assignment, cancel)
+            gate = finish_by(time.monotonic() + budget_s, self._last_step_s)
+            outcome = await asyncio.to_thread(self.trainer.train_round, assignment, cancel, gate)
         except InvalidScalarError as exc:
             log.error("round %d: local training diverged (%s); nothing reported",
                       assignment.round, exc)
@@ -368,8 +372,8 @@ class ClientDaemon:
             self._notify(assignment, outcome, "empty")
             await self._sit_out(deadline_at)
             return
-        if deadline_hit.is_set():
-            log.warning("round %d: the deadline came after %d of %d steps; reporting those",
+        if outcome.steps_taken < len(assignment.pool_indices):
+            log.warning("round %d: %d of %d steps fit before the deadline; reporting those",
                         assignment.round, outcome.steps_taken, len(assignment.pool_indices))
         if outcome.upload is not None:
             uploaded = await self._upload_weights(assignment.round, outcome.upload)

@@ -26,7 +26,7 @@ from safetensors.torch import save
 
 from zorba_edge.client.memory_probe import PeakMemoryProbe
 from zorba_edge.client.task import LocalTask
-from zorba_edge.client.trainer import RoundOutcome, SyncError, advance_table, check_saved_table
+from zorba_edge.client.trainer import RoundOutcome, StepGate, SyncError, advance_table, check_saved_table
 from zorba_edge.common.schema import AlphaDelta, AlphaState, Assignment, RunInfo
 from zorba_edge.common.weights import tensor_key
 from zorba_edge.engine.coefficients import CoefficientTable
@@ -109,7 +109,8 @@ class FedAvgTrainer:
 
     # ------------------------------------------------------------------ a round
 
-    def train_round(self, assignment: Assignment, cancel: threading.Event) -> RoundOutcome:
+    def train_round(self, assignment: Assignment, cancel: threading.Event,
+                    on_step: StepGate | None = None) -> RoundOutcome:
         if assignment.base_version != self.table.version:
             raise SyncError(f"round {assignment.round} trains on version {assignment.base_version} "
                             f"but this client is at {self.table.version}: sync first")
@@ -131,8 +132,8 @@ class FedAvgTrainer:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(params, lr=hyper.lr)
         try:
-            for _ in assignment.pool_indices:
-                if cancel.is_set():
+            for t, _ in enumerate(assignment.pool_indices):
+                if cancel.is_set() or (on_step is not None and not on_step(t)):
                     break
                 batch = self.task.next_batch(hyper.batch_size, hyper.seq_len).to(self.load_config.device)
                 loss = self.task.loss_fn(loaded.model, batch)

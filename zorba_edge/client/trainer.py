@@ -33,6 +33,24 @@ from zorba_edge.errors import ZorbaError
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, release_freed_memory
 from zorba_edge.model.sources import ModelSource
 
+StepGate = Callable[[int], bool]
+"""on_step(t): whether to start local step t (False ends the round there)."""
+
+
+def finish_by(stop_by: float, prior_step_s: float) -> StepGate:
+    """Start a step only if it should end by `stop_by` (a time.monotonic() instant), judging
+    by this round's mean step so far (before the first: `prior_step_s`). A cancel flag alone
+    lets the step in progress run past the deadline, and then the whole round's report
+    arrives too late to count."""
+    started = time.monotonic()
+
+    def fits(t: int) -> bool:
+        now = time.monotonic()
+        estimate = (now - started) / t if t else prior_step_s
+        return now + estimate <= stop_by
+
+    return fits
+
 
 class SyncError(ZorbaError):
     """The local coefficient table is not at the version a delta or an assignment needs."""
@@ -174,7 +192,8 @@ class LocalTrainer:
 
     # ------------------------------------------------------------------ a round
 
-    def train_round(self, assignment: Assignment, cancel: threading.Event) -> RoundOutcome:
+    def train_round(self, assignment: Assignment, cancel: threading.Event,
+                    on_step: StepGate | None = None) -> RoundOutcome:
         """One round's local steps; the model is back at the global state when this returns."""
         if assignment.base_version != self.table.version:
             raise SyncError(
@@ -184,14 +203,14 @@ class LocalTrainer:
         self._probe.reset()
         loaded = self.hold(assignment.blocks)
         outcome = run_local_steps(loaded.model, self._held(), self.task, assignment, self.run,
-                                  self.load_config.device, cancel)
+                                  self.load_config.device, cancel, on_step)
         return dataclasses.replace(outcome, peak_memory_bytes=self._probe.peak_bytes())
 
 
 def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTask,
                     assignment: Assignment, run: RunInfo, device: str | torch.device,
                     cancel: threading.Event | None = None,
-                    on_step: Callable[[int], bool] | None = None) -> RoundOutcome:
+                    on_step: StepGate | None = None) -> RoundOutcome:
     """A round's ZO steps on `blocks` (the assignment's blocks of `model`), then the exact
     revert: the one local training loop that real clients and the simulator both run.
 
