@@ -77,6 +77,8 @@ class Coordinator:
         self.pending: dict[str, tuple[ReceivedReport, asyncio.Future[None]]] = {}
         """Reports of the open round whose commit is in flight."""
         self._closing = False
+        self._advancing = False
+        """The driver is closing a round and opening the next."""
         self._changed: asyncio.Future[None] | None = None
         """Resolved when a round opens or the run finishes: what long-polls wait for."""
         self._wake = asyncio.Event()
@@ -265,7 +267,11 @@ class Coordinator:
             if answer is not None and (answer.status != TRAIN or not (self._closing or cid in self.pending)):
                 return answer
             remaining = end - loop.time()
-            if remaining <= 0:
+            # A client behind the published version hears of it at once (with the deltas), not
+            # at the end of its long-poll: it syncs, then polls again at the new version.
+            # (Not while the driver is between a close and the next open: the new round's
+            # TRAIN, which carries the deltas too, is a moment away.)
+            if remaining <= 0 or (version < self.engine.version and not self._advancing):
                 deltas, catch_up = self.engine.deltas_since(version)
                 reason = self.engine.wait_reason(cid)
                 if cid in self.pending and self.open is not None:
@@ -409,16 +415,25 @@ class Coordinator:
 
     async def _advance(self) -> None:
         r = self.open
-        if r is not None and (self._closing or not self.pending and self.engine.due(self._clock())
-                              or self._clock() >= r.plan.deadline):
-            await self._close()
-        if self.open is None and not self.engine.finished:
-            await self._try_open()
+        version = self.engine.version
+        self._advancing = True
+        try:
+            if r is not None and (self._closing or not self.pending and self.engine.due(self._clock())
+                                  or self._clock() >= r.plan.deadline):
+                await self._close()
+            if self.open is None and not self.engine.finished:
+                await self._try_open()
+        finally:
+            self._advancing = False
+        if self.engine.version != version and self.open is None:
+            self._notify()  # a new version and no round for it yet: wake the long-polls
 
     async def _try_open(self) -> None:
         engine = self.engine
-        # The scheduler may take seconds (a MILP): off the event loop.
-        plan = await asyncio.to_thread(engine.propose_round, self._clock())
+        # The scheduler may take seconds (a MILP): off the event loop, on the members as they
+        # are now (a registration during the solve joins the next round).
+        now = self._clock()
+        plan = await asyncio.to_thread(engine.propose_round, now, engine.active_members(now))
         if plan is None:
             return
         await self._committer.submit(partial(storage.insert_round, plan=plan))

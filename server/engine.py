@@ -248,16 +248,17 @@ class RoundEngine:
 
     # ------------------------------------------------------------------ planning a round
 
-    def propose_round(self, now: float) -> RoundPlan | None:
+    def propose_round(self, now: float, members: Sequence[Member] | None = None) -> RoundPlan | None:
         """The next round's plan, or None (with `idle_reason` saying why). Changes no round
-        state: the shell stores the plan, then calls `open_round`."""
+        state: the shell stores the plan, then calls `open_round`. `members`: the active
+        members as of `now` (a shell that plans off its event loop takes them first)."""
         if self.footprint is None:
             self.idle_reason = "waiting for the first client to register (the model is not pinned)"
             return None
         if self.open is not None or self.finished:
             return None
         run = self.config.run
-        members = self.active_members(now)
+        members = list(self.active_members(now) if members is None else members)
         if len(members) < run.min_clients:
             self.idle_reason = (f"waiting for clients: {len(members)} active, {run.min_clients} "
                                 "needed to open a round")

@@ -171,6 +171,21 @@ async def test_long_poll_returns_as_soon_as_a_round_opens(start: Any) -> None:
     assert answer.status == TRAIN
 
 
+async def test_a_client_behind_the_published_version_hears_of_it_at_once(start: Any) -> None:
+    http, _ = await start(min_clients=1, max_steps=2)
+    (a,) = await joined(http, 1)
+    assignment = (await a.poll()).assignment
+    assert (await a.report(assignment.round, make_report(assignment))).status == 200
+    # Round 1 applied and round 2 opened for `a` alone; a newcomer at version 0 has no round,
+    # but must learn of version 1 now, not when its 5-second poll times out.
+    late = FakeClient(http)
+    await late.register()
+    started = asyncio.get_running_loop().time()
+    answer = await late.poll(wait=5)
+    assert answer.status == WAIT and answer.version == 1 and late.version == 1
+    assert asyncio.get_running_loop().time() - started < 2.0
+
+
 async def test_poll_without_a_round_answers_wait_with_the_reason(start: Any) -> None:
     http, _ = await start(min_clients=3)
     (c,) = await joined(http, 1)
