@@ -66,17 +66,23 @@ class StorageConfig:
 @dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
+    """Run seed of the perturbation directions z[k, b] and of the pool indices."""
     pool_size: int = 1024
+    """K, seeds in the pool (rows of alpha)."""
     lr: float = 1e-6
+    """Learning rate of the zeroth-order steps."""
     mu: float = 1e-3
+    """Perturbation scale of the two-sided estimate."""
     batch_size: int = 8
+    """Examples per local step."""
     seq_len: int = 64
+    """Tokens per example."""
     round_duration_s: float = 300.0
     """From a round's opening to its deadline; local steps are sized to fit it."""
     min_reports: int = 1
     """Fewer reports by the deadline: the round applies nothing and is re-run."""
     min_clients: int = 1
-    """Active clients needed before a round opens."""
+    """Active clients (seen within member_timeout_s) needed before any round opens."""
     max_rounds: int = 0
     """Applied rounds after which the run is finished (0: never)."""
     member_timeout_s: float = 0.0
@@ -86,7 +92,9 @@ class RunConfig:
     compute_fraction: float = 0.8
     """Share of the round a client's local steps may take (the rest: sync, report, network)."""
     min_steps: int = 1
+    """Fewest local steps a client is assigned, however slow it is."""
     max_steps: int = 256
+    """Most local steps a client is assigned, however fast it is (at most 65,536)."""
     mode: str = ZORBA
     """`zorba` (the scheduler assigns blocks), or a baseline: `zorba-uniform` (the same number of
     random blocks on every client), `fedzo-full` (every block; clients that cannot hold them all
@@ -103,6 +111,7 @@ class RunConfig:
     model_fingerprint: str | None = None
     """Pin the base model; None: the first client's model is pinned."""
     footprint: ModelFootprint | None = None
+    """With model_fingerprint: the pinned model's sizes (the fields of ModelFootprint)."""
 
     def __post_init__(self) -> None:
         checks = [

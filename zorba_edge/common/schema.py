@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import msgpack
 import numpy as np
 
-from zorba_edge.common.memory_model import MemorySettings, ModelFootprint
+from zorba_edge.common.memory_model import BYTES_PER_PARAM, MemorySettings, ModelFootprint
 from zorba_edge.errors import ZorbaError
 
 PROTOCOL_VERSION = 1
@@ -54,6 +54,8 @@ MAX_WEIGHTS_BYTES = 8 * 1024**3
 """Largest fedavg weight upload or download (an 8 GiB fp32 checkpoint: ~2B parameters)."""
 
 T = TypeVar("T")
+DTYPES = tuple(BYTES_PER_PARAM)
+"""Precisions a block can be held in."""
 
 # Plausibility bounds: a value outside them is not a measurement but a bug or an attack, and
 # letting it through poisons arithmetic downstream (a loss of 1e308 overflows the round's
@@ -75,7 +77,7 @@ MAX_DIMENSION = 2**24
 """Hidden, intermediate and vocabulary sizes."""
 
 # The limit keys the decoder applies; every other metadata key (doc, unit) is for people.
-_LIMIT_KEYS = ("min_len", "max_len", "ge", "le", "gt", "item", "gradient")
+_LIMIT_KEYS = ("min_len", "max_len", "ge", "le", "gt", "item", "gradient", "choices")
 
 
 class SchemaError(ZorbaError, ValueError):
@@ -89,17 +91,19 @@ class SchemaError(ZorbaError, ValueError):
 def wire(doc: str = "", *, unit: str = "", min_len: int | None = None,
          max_len: int | None = None, ge: float | None = None, le: float | None = None,
          gt: float | None = None, item: dict[str, Any] | None = None,
-         gradient: bool = False) -> dict[str, Any]:
+         gradient: bool = False, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Field metadata: what the field means (doc, unit) and what the decoder enforces.
 
     `min_len`/`max_len` bound a string, bytes or list; `ge`/`gt`/`le` bound a number; `item` holds
-    the bounds of each item of a list (`wire(ge=1)`); `gradient` marks the projected
+    the bounds of each item of a list (`wire(ge=1)`); `choices` lists a string's allowed
+    values; `gradient` marks the projected
     gradients, whose non-finite values are `invalid_scalar` (422) rather than
     `invalid_message` (400). docs/protocol.md and docs/protocol.schema.json are generated
     from this metadata (`python -m zorba_edge.common.protocol_docs`).
     """
     limits = {"min_len": min_len, "max_len": max_len, "ge": ge, "le": le, "gt": gt,
-              "gradient": gradient or None, "item": None if item is None else _limit_items(item)}
+              "gradient": gradient or None, "choices": choices,
+              "item": None if item is None else _limit_items(item)}
     return {"doc": doc, "unit": unit, **{k: v for k, v in limits.items() if v is not None}}
 
 
@@ -164,15 +168,16 @@ class MemoryProfile:
     """
 
     train_dtype: str = field(default="fp32", metadata=wire(
-        "Precision of an activated (trainable) block: fp32, bf16, fp16, int8 or nf4."))
+        "Precision of an activated (trainable) block.", choices=DTYPES))
     frozen_dtype: str = field(default="nf4", metadata=wire(
-        "Precision of a frozen block's Linear weights."))
+        "Precision of a frozen block's Linear weights.", choices=DTYPES))
     frozen_other_dtype: str = field(default="fp32", metadata=wire(
-        "Precision of a frozen block's other parameters (norms, biases)."))
+        "Precision of a frozen block's other parameters (norms, biases).", choices=DTYPES))
     embed_dtype: str = field(default="fp32", metadata=wire(
-        "Precision of the embeddings and LM head."))
+        "Precision of the embeddings and LM head.", choices=DTYPES))
     snapshot_dtype: str | None = field(default="fp32", metadata=wire(
-        "Host copy of each trainable block for the exact round-end revert (nil: no copy)."))
+        "Host copy of each trainable block for the exact round-end revert (nil: no copy).",
+        choices=DTYPES))
     runtime_bytes: int = field(default=350 * 2**20, metadata=wire(
         "Interpreter, framework and allocator overhead.", unit="bytes", ge=0,
         le=MAX_MEMORY_BYTES))
@@ -259,8 +264,8 @@ class RunInfo:
     max_abs_scalar: float = field(metadata=wire(
         "Reports with a projected gradient beyond this magnitude are refused.", gt=0))
     mode: str = field(default=ZORBA, metadata=wire(
-        "One of `zorba`, `zorba-uniform`, `fedzo-full`, `fedavg`; a client of an older server "
-        "(no field) runs `zorba`."))
+        "The run mode (see Run modes); a client of an older server (no field) runs `zorba`.",
+        choices=RUN_MODES))
 
 
 @dataclass(frozen=True)
@@ -348,7 +353,8 @@ class NextRound:
     """200 answer to GET /v1/rounds/next."""
 
     status: str = field(metadata=wire(
-        "`train` (assignment set), `wait` (poll again), `finished` (the run is over)."))
+        "`train` (assignment set), `wait` (poll again), `finished` (the run is over).",
+        choices=(TRAIN, WAIT, FINISHED)))
     version: int = field(metadata=wire("The server's alpha version now.", ge=0, le=MAX_COUNTER))
     assignment: Assignment | None = field(default=None, metadata=wire(
         "The work, with status `train` and only then."))
@@ -535,6 +541,8 @@ def _decoder(tp: Any, meta: tuple[tuple[str, Any], ...] = ()) -> _Decoder:
         return _number_decoder(int, lim)
     if tp is float:
         return _number_decoder(float, lim)
+    if tp is str and "choices" in lim:
+        return _choice(lim["choices"])
     if tp is str:
         return _sized(str, "a string", lim.get("min_len", 0), lim.get("max_len") or MAX_STR_LEN)
     if tp is bytes:
@@ -547,6 +555,15 @@ def _exact(kind: type, wanted: str) -> _Decoder:
     def dec(v: Any, path: str) -> Any:
         if type(v) is not kind:
             raise SchemaError(f"{path}: expected {wanted}, got {_kind(v)}")
+        return v
+
+    return dec
+
+
+def _choice(choices: tuple[str, ...]) -> _Decoder:
+    def dec(v: Any, path: str) -> Any:
+        if type(v) is not str or v not in choices:
+            raise SchemaError(f"{path}: expected one of {', '.join(choices)}, got {_kind(v)}")
         return v
 
     return dec
