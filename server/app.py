@@ -8,6 +8,8 @@ a 4xx with the msgpack body {"error": code, "message": ...}.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import sqlite3
@@ -20,6 +22,7 @@ from aiohttp import web
 
 from zorba_edge.common.schema import (
     CONTENT_TYPE,
+    MAX_COUNTER,
     MAX_REGISTER_BYTES,
     MAX_REPORT_BYTES,
     MAX_WEIGHTS_BYTES,
@@ -174,6 +177,43 @@ async def read_message(request: web.Request, cls: type[M], limit: int) -> M:
     return decode(cls, body, max_bytes=limit)
 
 
+def json_response(data: Any, status: int = 200) -> web.Response:
+    """Strict JSON, the only way this server answers in JSON.
+
+    json.dumps would write a non-finite float as `Infinity` or `NaN`, which no JSON parser
+    has to accept: those become null (a value that is not known), and allow_nan=False makes
+    any that slipped through a server error here rather than a broken document there.
+    """
+    text = json.dumps(_finite(data), allow_nan=False)
+    return web.Response(text=text, status=status, content_type="application/json")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def path_round(request: web.Request) -> int:
+    """The round number of the path, refused unless it is one a round can have.
+
+    The route's `\\d+` also matches non-ASCII digits (which int() reads) and numbers beyond
+    what storage and hashing take (a 64-bit overflow was a 500), so it is checked here,
+    before anything reaches the coordinator.
+    """
+    raw = request.match_info["round"]
+    if raw.isascii() and len(raw) <= len(str(MAX_COUNTER)) and 1 <= int(raw) <= MAX_COUNTER:
+        return int(raw)
+    shown = raw if len(raw) <= 24 else raw[:20] + "..."
+    raise errors.not_found("unknown_round",
+                           f"round {shown!r} does not exist: rounds are numbered 1 to "
+                           f"{MAX_COUNTER} in ASCII digits; poll GET /v1/rounds/next for yours")
+
+
 def bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -184,12 +224,15 @@ def _query_number(request: web.Request, name: str, default: float, *, integer: b
     raw = request.query.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        value = -1
-    if value < 0 or not math.isfinite(value):
-        kind = "a non-negative integer" if integer else "a non-negative number of seconds"
+    value: float = -1
+    if not integer:
+        with contextlib.suppress(ValueError):
+            value = float(raw)
+    elif raw.isascii() and raw.isdigit() and len(raw) <= len(str(MAX_COUNTER)):
+        value = int(raw)
+    if value < 0 or not math.isfinite(value) or (integer and value > MAX_COUNTER):
+        kind = (f"an integer from 0 to {MAX_COUNTER}" if integer
+                else "a non-negative number of seconds")
         raise errors.bad_request("bad_query", f"query parameter {name}={raw!r}: expected {kind}")
     return value
 
@@ -214,7 +257,7 @@ async def next_round(request: web.Request) -> web.Response:
 async def submit_report(request: web.Request) -> web.Response:
     coordinator = request.app[SERVICES].running
     member = coordinator.authenticate(bearer(request))
-    round_ = int(request.match_info["round"])
+    round_ = path_round(request)
     report = await read_message(request, Report, MAX_REPORT_BYTES)
     return msgpack_response(await coordinator.submit_report(member, round_, report))
 
@@ -223,7 +266,7 @@ async def upload_weights(request: web.Request) -> web.Response:
     """fedavg: a client's trained block weights (safetensors), streamed to disk."""
     coordinator = request.app[SERVICES].running
     member = coordinator.authenticate(bearer(request))
-    round_ = int(request.match_info["round"])
+    round_ = path_round(request)
     if request.content_type != WEIGHTS_CONTENT_TYPE:
         raise errors.unsupported_media_type(
             f"send the weights as {WEIGHTS_CONTENT_TYPE}, not "
@@ -251,7 +294,7 @@ async def state(request: web.Request) -> web.Response:
 
 
 async def status_json(request: web.Request) -> web.Response:
-    return web.json_response(request.app[SERVICES].running.status())
+    return json_response(request.app[SERVICES].running.status())
 
 
 async def metrics_text(request: web.Request) -> web.Response:

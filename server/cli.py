@@ -44,7 +44,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=int, help="examples per local step (default 8)")
     g.add_argument("--seq-len", type=int, help="tokens per example (default 64)")
     g.add_argument("--min-clients", type=int,
-                   help="registered clients needed before the first round opens (default 1)")
+                   help="active clients (seen within run.member_timeout_s) needed before any "
+                   "round opens (default 1)")
     g.add_argument("--min-reports", type=int,
                    help="reports a round needs to be applied; fewer: it is re-run (default 1)")
     g.add_argument("--round-duration", type=float, metavar="SECONDS",

@@ -69,17 +69,23 @@ LR_SCALINGS = ("dimension", "none")
 @dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
+    """Run seed of the perturbation directions z[k, b] and of the pool indices."""
     pool_size: int = 1024
+    """K, seeds in the pool (rows of alpha)."""
     lr: float = 1e-6
+    """Learning rate of the zeroth-order steps."""
     mu: float = 1e-3
+    """Perturbation scale of the two-sided estimate."""
     batch_size: int = 8
+    """Examples per local step."""
     seq_len: int = 64
+    """Tokens per example."""
     round_duration_s: float = 300.0
     """From a round's opening to its deadline; local steps are sized to fit it."""
     min_reports: int = 1
     """Fewer reports by the deadline: the round applies nothing and is re-run."""
     min_clients: int = 1
-    """Active clients needed before a round opens."""
+    """Active clients (seen within member_timeout_s) needed before any round opens."""
     max_rounds: int = 0
     """Applied rounds after which the run is finished (0: never)."""
     member_timeout_s: float = 0.0
@@ -89,14 +95,17 @@ class RunConfig:
     compute_fraction: float = 0.8
     """Share of the round a client's local steps may take (the rest: sync, report, network)."""
     min_steps: int = 1
+    """Fewest local steps a client is assigned, however slow it is."""
     max_steps: int = 256
+    """Most local steps a client is assigned, however fast it is (at most 65,536)."""
     lr_scaling: str = "dimension"
     """`dimension`: each client's step is lr x (mean block size / parameters it perturbs), so
     `lr` is the step of a client holding one average block and a client perturbing k blocks
     takes a k times smaller one (docs/learning.md derives it); `none`: one lr for every client."""
     loss_jump_tolerance: float = 0.5
-    """A round whose clients' loss rose by more than this fraction (from the last applied round,
-    or from their first to their last step) is not applied and the step is halved (0: off)."""
+    """A round whose clients' mean loss rose by more than this fraction over the last applied
+    round's (or whose last-step loss rose twice that over the round's mean) is not applied and
+    the step is halved for later rounds (0: off; docs/learning.md)."""
     mode: str = ZORBA
     """`zorba` (the scheduler assigns blocks), or a baseline: `zorba-uniform` (the same number of
     random blocks on every client), `fedzo-full` (every block; clients that cannot hold them all
@@ -113,6 +122,7 @@ class RunConfig:
     model_fingerprint: str | None = None
     """Pin the base model; None: the first client's model is pinned."""
     footprint: ModelFootprint | None = None
+    """With model_fingerprint: the pinned model's sizes (the fields of ModelFootprint)."""
 
     def __post_init__(self) -> None:
         checks = [

@@ -10,6 +10,7 @@ from client_support import TinyWorld, free_port, make_world
 
 from zorba_edge.client import cli
 from zorba_edge.client.assembly import default_frozen_dtype, footprint_of, memory_profile
+from zorba_edge.client.state import StateStore
 from zorba_edge.common.memory_model import client_memory_bytes
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.quantize import PLAIN_DTYPES, PRECISIONS
@@ -144,3 +145,19 @@ def test_an_unreachable_server_is_given_up_on_clearly_and_nothing_is_written(
     err = capsys.readouterr().err
     assert "gave up on" in err and "restart the client to resume" in err
     assert not state.exists()
+
+
+def test_a_second_client_on_a_held_state_file_stops_naming_the_file_and_the_flag(
+        world: TinyWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ZORBA_ENROLMENT_SECRET", "some-secret")
+    state = tmp_path / "state.json"
+    first = StateStore(state)
+    first.claim()  # a client already running on this file
+    code = cli.main(["run", "--server", "http://127.0.0.1:9", "--data", str(world.data),
+                     "--model", str(world.model_dir), "--state", str(state), "--step-time", "0.1",
+                     "--give-up-after", "1"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"{state} is in use by another zorba-edge client" in err and "--state" in err
+    first.release()

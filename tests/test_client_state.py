@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +94,42 @@ def test_atomic_write_never_leaves_a_partial_file_when_the_write_fails(
         atomic_write(path, b"new contents")
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_only_one_store_can_claim_a_state_file(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    first, second = StateStore(path), StateStore(path)
+    first.claim()
+    with pytest.raises(StateFileError) as err:
+        second.claim()
+    message = str(err.value)
+    assert str(path) in message and "--state" in message and f"pid {os.getpid()}" in message
+    StateStore(tmp_path / "other.json").claim()  # another file is another client
+    first.release()
+    second.claim()
+
+
+HOLD = """
+import sys, time
+from zorba_edge.client.state import StateStore
+store = StateStore(sys.argv[1])  # held while the store lives
+store.claim()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_process_is_refused_until_the_holder_dies_even_by_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(StateFileError, match=f"in use by another zorba-edge client "
+                                                 f"\\(pid {holder.pid}\\)"):
+            StateStore(path).claim()
+    finally:
+        holder.kill()
+        holder.wait()
+    StateStore(path).claim()  # the kernel dropped the dead holder's lock; the file stays
+    assert (tmp_path / "state.json.lock").exists()

@@ -75,7 +75,9 @@ def _report_dict(**changes: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize(("body", "needle", "code"), [
     (_report_dict(steps=[[5, float("nan")]]), "steps[0][1]", "invalid_scalar"),
-    (_report_dict(loss_mean=float("inf")), "loss_mean", "invalid_scalar"),
+    # A non-finite value outside the gradients is a malformed message, not a bad scalar.
+    (_report_dict(loss_mean=float("inf")), "loss_mean", "invalid_message"),
+    (_report_dict(step_time_s=float("nan")), "step_time_s", "invalid_message"),
     (_report_dict(steps=[[True, 0.5]]), "expected an integer, got a bool", "invalid_message"),
     (_report_dict(steps=[[5, "0.5"]]), "expected a number", "invalid_message"),
     (_report_dict(steps=[[5]]), "list of 2 items", "invalid_message"),
@@ -133,3 +135,112 @@ def test_train_answers_need_an_assignment_and_others_must_not_have_one() -> None
         NextRound("wait", 0, ASSIGNMENT)
     with pytest.raises(SchemaError):
         NextRound("sleep", 0)
+
+
+def _register_dict() -> dict[str, Any]:
+    return msgpack.unpackb(encode(MESSAGES[1]))
+
+
+def _map_with_repeated_key(key: str, first: Any, last: Any, rest: dict[str, Any]) -> bytes:
+    """A msgpack map whose `key` appears twice (msgpack.packb cannot write one from a dict)."""
+    items = [(key, first), *rest.items(), (key, last)]
+    return b"".join([bytes([0xDE]), len(items).to_bytes(2, "big"),
+                     *(msgpack.packb(k) + msgpack.packb(v) for k, v in items)])
+
+
+def test_a_map_with_a_repeated_key_is_refused_not_last_one_wins() -> None:
+    body = _report_dict()
+    data = _map_with_repeated_key("loss_mean", 1.0, 2.0,
+                                  {k: v for k, v in body.items() if k != "loss_mean"})
+    assert msgpack.unpackb(data)["loss_mean"] == 2.0  # what a plain decoder would take
+    with pytest.raises(SchemaError, match="'loss_mean' appears more than once") as err:
+        decode(Report, data, max_bytes=MAX_REPORT_BYTES)
+    assert err.value.code == "invalid_message"
+
+
+def test_a_repeated_key_in_a_nested_map_is_refused() -> None:
+    reg = _register_dict()
+    profile = reg.pop("profile")
+    footprint = profile.pop("footprint")
+    inner = _map_with_repeated_key("hidden_size", 8, 9,
+                                   {k: v for k, v in footprint.items() if k != "hidden_size"})
+    packed_profile = _splice(profile, "footprint", inner)
+    data = _splice(reg, "profile", packed_profile)
+    with pytest.raises(SchemaError, match="'hidden_size' appears more than once"):
+        decode(RegisterRequest, data, max_bytes=MAX_REPORT_BYTES)
+
+
+def _splice(body: dict[str, Any], key: str, packed: bytes) -> bytes:
+    """`body` plus `key` whose value is the already-packed bytes `packed`."""
+    return b"".join([bytes([0xDE]), (len(body) + 1).to_bytes(2, "big"),
+                     *(msgpack.packb(k) + msgpack.packb(v) for k, v in body.items()),
+                     msgpack.packb(key), packed])
+
+
+BAD_FOOTPRINTS: dict[str, tuple[dict[str, Any], str]] = {
+    # name: (changes to the footprint, words the error must contain)
+    "empty block list": ({"block_params": [], "quantizable_block_params": [], "num_layers": 0},
+                         "block_params: 0 items, at least 1 needed"),
+    "negative block": ({"block_params": [-10, 12]}, "block_params[0]: -10 is below the minimum 1"),
+    "zero block": ({"block_params": [0, 12], "quantizable_block_params": [0, 9]},
+                   "block_params[0]: 0 is below the minimum 1"),
+    "quantizable above block": ({"quantizable_block_params": [8, 13]},
+                                "quantizable_block_params[1]: 13 exceeds the block's 12"),
+    "negative quantizable": ({"quantizable_block_params": [-1, 9]}, "below the minimum 0"),
+    "zero hidden size": ({"hidden_size": 0}, "hidden_size: 0 is below the minimum 1"),
+    "zero vocabulary": ({"vocab_size": 0}, "vocab_size: 0 is below the minimum 1"),
+    "huge vocabulary": ({"vocab_size": 2**40}, "above the maximum"),
+    "zero intermediate": ({"intermediate_size": 0}, "intermediate_size"),
+    "no embeddings": ({"embed_head_params": 0}, "embed_head_params"),
+    "too many blocks": ({"block_params": [1] * 5000, "quantizable_block_params": [0] * 5000,
+                         "num_layers": 5000}, "exceed the limit"),
+    "absurd parameter count": ({"block_params": [10**13, 10**13]},
+                               "parameters in all exceed the limit"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FOOTPRINTS))
+def test_a_footprint_without_meaning_is_refused(case: str) -> None:
+    changes, needle = BAD_FOOTPRINTS[case]
+    reg = _register_dict()
+    reg["profile"]["footprint"].update(changes)
+    with pytest.raises(SchemaError) as err:
+        from_wire(RegisterRequest, reg)
+    assert needle in str(err.value)
+
+
+def test_an_empty_model_fingerprint_is_refused() -> None:
+    reg = _register_dict()
+    reg["profile"]["model_fingerprint"] = ""
+    with pytest.raises(SchemaError, match="model_fingerprint: must not be empty"):
+        from_wire(RegisterRequest, reg)
+
+
+@pytest.mark.parametrize(("changes", "needle"), [
+    ({"loss_mean": 1e308}, "loss_mean: 1e+308 is above the maximum"),
+    ({"loss_last": -0.5}, "loss_last: -0.5 is below the minimum"),
+    ({"peak_memory_bytes": 2**63 - 1}, "peak_memory_bytes"),
+    ({"step_time_s": 1e12}, "step_time_s"),
+    ({"base_version": 2**60}, "base_version"),
+    ({"num_samples": 2**62}, "num_samples"),
+])
+def test_implausible_report_values_are_refused(changes: dict[str, Any], needle: str) -> None:
+    with pytest.raises(SchemaError) as err:
+        from_wire(Report, _report_dict(**changes))
+    assert needle in str(err.value) and err.value.code == "invalid_message"
+
+
+def test_implausible_device_values_are_refused() -> None:
+    for name, value in (("memory_budget_bytes", 2**63 - 1), ("step_time_s", 1e300),
+                        ("num_samples", 2**63)):
+        reg = _register_dict()
+        reg["profile"][name] = value
+        with pytest.raises(SchemaError, match=name):
+            from_wire(RegisterRequest, reg)
+
+
+def test_negative_indices_in_a_list_are_refused_naming_the_item() -> None:
+    body = msgpack.unpackb(encode(ASSIGNMENT))
+    body["pool_indices"] = [5, -1]
+    with pytest.raises(SchemaError, match=r"pool_indices\[1\]: -1 is below the minimum 0"):
+        from_wire(Assignment, body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,10 @@ BAD_REPORTS: dict[str, tuple[Any, int, str]] = {
     "string for int": ({"set": ("num_samples", "8")}, 400, "invalid_message"),
     "bool for int": ({"set": ("peak_memory_bytes", True)}, 400, "invalid_message"),
     "negative count": ({"set": ("num_samples", -1)}, 400, "invalid_message"),
+    "huge loss": ({"set": ("loss_mean", 1e308)}, 400, "invalid_message"),
+    "infinite loss": ({"set": ("loss_last", float("inf"))}, 400, "invalid_message"),
+    "huge peak": ({"set": ("peak_memory_bytes", 2**63 - 1)}, 400, "invalid_message"),
+    "repeated key": ({"repeat": ("loss_mean", 5.0)}, 400, "invalid_message"),
     "nan scalar": ({"grad": float("nan")}, 422, "invalid_scalar"),
     "inf scalar": ({"grad": float("inf")}, 422, "invalid_scalar"),
     "out of range scalar": ({"grad": 1e9}, 422, "invalid_scalar"),
@@ -303,6 +308,10 @@ async def test_a_bad_report_is_refused_with_a_clear_error_and_changes_nothing(
         ctype = mutation.get("ctype", ctype)
         round_ = mutation.get("round", round_)
         data = msgpack.packb(body)
+        if "repeat" in mutation:  # the key again, at the end: a plain decoder keeps the last
+            key, value = mutation["repeat"]
+            data = (bytes([0xDE]) + (len(body) + 1).to_bytes(2, "big") + data[1:]
+                    + msgpack.packb(key) + msgpack.packb(value))
     before = db_fingerprint(start.db)
     resp = await _raw(http, f"/v1/rounds/{round_}/reports", data, token, ctype)
     body = msgpack.unpackb(await resp.read())
@@ -449,3 +458,87 @@ async def test_an_unknown_run_mode_is_refused_clearly(start: Any) -> None:
     with pytest.raises(ConfigError,
                        match="run.mode='random': use one of zorba, zorba-uniform, fedzo-full, fedavg"):
         await start(solve=None, mode="random")
+
+
+@pytest.mark.parametrize("path_round", [
+    "18446744073709551616",   # 2**64: overflowed the report's hash (a 500)
+    "9223372036854775808",    # 2**63: beyond SQLite's integers
+    "9007199254740992",       # MAX_COUNTER + 1
+    "9" * 5000,               # int() refuses this many digits (a 500)
+    "%D9%A1",                 # ARABIC-INDIC DIGIT ONE: \d matches it, int() reads 1
+    "0",
+])
+async def test_a_report_to_a_round_number_out_of_range_is_refused_and_changes_nothing(
+        start: Any, path_round: str) -> None:
+    http, _ = await start(min_clients=2, min_reports=2)
+    a, _b = await joined(http, 2)
+    assignment = (await a.poll()).assignment
+    before = db_fingerprint(start.db)
+    for method, suffix, data, ctype in (
+            ("POST", "reports", encode(make_report(assignment)), "application/msgpack"),
+            ("PUT", "weights", b"", "application/vnd.zorba.safetensors")):
+        resp = await http.request(method, f"/v1/rounds/{path_round}/{suffix}", data=data,
+                                  headers={"Authorization": f"Bearer {a.token}",
+                                           "Content-Type": ctype})
+        body = msgpack.unpackb(await resp.read())
+        assert (resp.status, body["error"]) == (404, "unknown_round"), body
+        assert "rounds are numbered 1 to" in body["message"]
+    assert db_fingerprint(start.db) == before
+    assert (await a.report(assignment.round, make_report(assignment))).status == 200
+
+
+@pytest.mark.parametrize("query", ["version=18446744073709551616", "version=%D9%A1",
+                                   "version=1_0", "version=" + "9" * 5000, "wait=nan",
+                                   "wait=-1"])
+async def test_a_poll_with_an_out_of_range_query_is_a_bad_query(start: Any, query: str) -> None:
+    http, _ = await start()
+    (c,) = await joined(http, 1)
+    resp = await http.get(f"/v1/rounds/next?{query}", headers={"Authorization": f"Bearer {c.token}"})
+    assert (resp.status, msgpack.unpackb(await resp.read())["error"]) == (400, "bad_query")
+
+
+def _strict_json(text: str) -> Any:
+    """json.loads that refuses the non-JSON constants Python's json module would accept."""
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+async def test_status_json_is_valid_json_even_with_non_finite_values(start: Any) -> None:
+    http, app = await start()
+    (c,) = await joined(http, 1)
+    a = (await c.poll()).assignment
+    await c.report(a.round, make_report(a))
+    await c.poll()
+    # A value that is not finite (however it got there) must not break the document.
+    coordinator = app[SERVICES].coordinator
+    coordinator.members[c.client_id].last_loss = float("inf")
+    coordinator.members[c.client_id].calibration = float("nan")
+    resp = await http.get("/v1/status")
+    assert resp.content_type == "application/json"
+    status = _strict_json(await resp.text())
+    client = status["clients"][0]
+    assert client["last_loss"] is None and client["calibration"] is None
+
+
+@pytest.mark.parametrize("footprint", [
+    ModelFootprint((), (), 50, 8, 10, 0, 16),                     # no blocks (was a 500)
+    ModelFootprint((10, 10), (8, 11), 50, 8, 10, 2, 16),          # quantizable > block
+    ModelFootprint((10, -10), (8, 0), 50, 8, 10, 2, 16),          # negative block
+    ModelFootprint((10, 10), (8, 8), 50, 0, 10, 2, 16),           # zero hidden size
+    ModelFootprint((10, 10), (8, 8), 50, 8, 0, 2, 16),            # zero vocabulary
+])
+async def test_a_first_client_cannot_pin_a_meaningless_footprint(
+        start: Any, footprint: ModelFootprint) -> None:
+    http, _ = await start()
+    body = msgpack.unpackb(encode(RegisterRequest(SECRET, profile())))
+    body["profile"]["footprint"] = msgpack.unpackb(msgpack.packb(footprint, default=vars))
+    resp = await _raw(http, "/v1/clients", msgpack.packb(body), None, "application/msgpack")
+    error = msgpack.unpackb(await resp.read())
+    assert (resp.status, error["error"]) == (400, "invalid_message"), error
+    assert "footprint" in error["message"]
+    assert db_fingerprint(start.db)["clients"] == 0
+    # Nothing was pinned: a client with a real model still joins and trains.
+    (c,) = await joined(http, 1)
+    assert (await c.poll()).status == TRAIN

@@ -236,6 +236,7 @@ def _run(args: argparse.Namespace) -> int:
     url = normalize_url(args.server)
     state_path = _state_path(args)
     store = StateStore(state_path)
+    store.claim()  # before the slow model load: a second client on this file stops at once
     data_choice = _data_choice(args)
     secret = None if store.exists() else assembly.read_secret(args.enrolment_secret_file)
     if args.daemon:
@@ -243,6 +244,7 @@ def _run(args: argparse.Namespace) -> int:
         pid_file = (args.pid_file or state_path.with_name("zorba-edge.pid")).resolve()
         if not detach(log_file, pid_file):
             return EXIT_OK
+        store.claim()  # the detached process holds the inherited lock now: record its pid
         _setup_logging(args.log_level, to_file=True)
     else:
         if args.pid_file is not None:

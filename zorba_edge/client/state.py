@@ -7,6 +7,10 @@ table. Both are written atomically (temporary file, fsync, os.replace): a crash 
 moment leaves the previous or the new version, never a torn file. The sidecar is written
 first and the JSON names its SHA-256, so a crash between the two is detected on load (the
 sidecar does not match) and the client falls back to a catch-up from the server.
+
+One client process holds a state file at a time (`StateStore.claim`, an flock on
+`state.json.lock` beside it, released when the process exits however it exits): two
+clients sharing one file would both act as the same client id.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import io
 import json
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,6 +93,48 @@ class StateStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
         self.table_path = self.path.with_suffix(".alpha.npy")
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock_fd: int | None = None
+
+    def claim(self) -> None:
+        """Hold the state file for this process, or raise StateFileError naming its holder.
+
+        The lock lives on an open file descriptor, so the kernel releases it when the process
+        ends, even by SIGKILL: a stale lock file never blocks the next start. A forked child
+        inherits the lock; claiming again there records the child as the holder.
+        """
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+            return
+        if os.name != "posix":  # no flock there; one client per state file is then up to you
+            log.warning("cannot lock %s on this platform: run one client per state file",
+                        self.path)
+            return
+        import fcntl  # POSIX only
+
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StateFileError(
+                f"{self.path} is in use by another zorba-edge client (pid {holder}). A second "
+                f"client on this machine needs its own state file: start it with --state "
+                f"OTHER.json (or stop the first one)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        # A store dropped without release() (a command run in-process, e.g. by tests) lets go.
+        self._unlock = weakref.finalize(self, os.close, fd)
+
+    def release(self) -> None:
+        """Let another process claim the state file (exiting does the same)."""
+        if self._lock_fd is not None:
+            self._unlock()  # closing the descriptor drops the flock
+            self._lock_fd = None
 
     def exists(self) -> bool:
         return self.path.is_file()

@@ -1,0 +1,110 @@
+"""The documented contract is the coded one: docs/protocol.md's reference and
+docs/protocol.schema.json are generated from the schema and must be current."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from zorba_edge.common import schema
+from zorba_server import cli, engine, protocol_docs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_generated_docs_and_json_schema_match_the_code() -> None:
+    stale = protocol_docs.stale_files(ROOT)
+    assert stale == [], f"{stale}: run python -m zorba_server.protocol_docs"
+    assert protocol_docs.main(["--check"]) == 0
+
+
+def _copy_docs(tmp_path: Path) -> Path:
+    (tmp_path / "docs").mkdir()
+    for name in (protocol_docs.PROTOCOL_MD, protocol_docs.SCHEMA_JSON):
+        shutil.copy(ROOT / name, tmp_path / name)
+    return tmp_path
+
+
+def test_a_hand_edited_table_is_caught(tmp_path: Path) -> None:
+    root = _copy_docs(tmp_path)
+    md = root / protocol_docs.PROTOCOL_MD
+    md.write_text(md.read_text().replace("| `loss_mean` | float | nats |",
+                                         "| `loss_mean` | int | nats |", 1))
+    assert protocol_docs.stale_files(root) == [md]
+    assert protocol_docs.main(["--check", "--root", str(root)]) == 1
+    assert protocol_docs.main(["--root", str(root)]) == 0  # regenerating repairs it
+    assert protocol_docs.stale_files(root) == []
+
+
+def test_a_changed_limit_in_the_code_makes_both_files_stale(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _copy_docs(tmp_path)
+    changed = dict(schema.FOOTPRINT_FIELDS)
+    changed["hidden_size"] = schema.wire("Width of the residual stream.", ge=1, le=2**20)
+    monkeypatch.setattr(schema, "FOOTPRINT_FIELDS", changed)
+    assert set(protocol_docs.stale_files(root)) == {root / protocol_docs.PROTOCOL_MD,
+                                                    root / protocol_docs.SCHEMA_JSON}
+
+
+def test_every_field_of_every_message_is_documented() -> None:
+    undocumented = [f"{cls.__name__}.{f.name}" for cls in protocol_docs.message_types()
+                    for f in dataclasses.fields(cls) if not schema.field_meta(cls, f).get("doc")]
+    assert undocumented == []
+
+
+@pytest.mark.parametrize("message", schema.MESSAGES, ids=lambda m: m.__name__)
+def test_every_message_has_an_example_that_decodes_as_itself(message: type) -> None:
+    example = protocol_docs.EXAMPLES[message]
+    assert schema.decode(message, schema.encode(example), max_bytes=schema.MAX_REPORT_BYTES) \
+        == example
+    md = (ROOT / protocol_docs.PROTOCOL_MD).read_text()
+    assert protocol_docs._hex(schema.encode(example)) in md
+
+
+def test_the_json_schema_states_the_decoders_limits() -> None:
+    doc = json.loads((ROOT / protocol_docs.SCHEMA_JSON).read_text())
+    report = doc["$defs"]["Report"]
+    assert report["additionalProperties"] is False
+    assert set(report["required"]) == {f.name for f in dataclasses.fields(schema.Report)}
+    assert report["properties"]["loss_mean"]["maximum"] == schema.MAX_LOSS
+    assert report["properties"]["peak_memory_bytes"]["maximum"] == schema.MAX_MEMORY_BYTES
+    steps = report["properties"]["steps"]
+    assert steps["maxItems"] == schema.MAX_STEPS_PER_REPORT
+    assert steps["items"]["prefixItems"][1]["x-nonFiniteError"] == "invalid_scalar"
+    footprint = doc["$defs"]["ModelFootprint"]["properties"]
+    assert footprint["block_params"]["minItems"] == 1
+    assert doc["$defs"]["RunInfo"]["properties"]["mode"]["enum"] == list(schema.RUN_MODES)
+
+
+def test_the_calibration_rule_documented_is_the_one_that_runs() -> None:
+    md = " ".join((ROOT / protocol_docs.PROTOCOL_MD).read_text().split())
+    assert (f"clamped to [{engine.CALIBRATION_MIN:g}, {engine.CALIBRATION_MAX:g}]"
+            in md)
+    assert f"an EMA of {engine.CALIBRATION_EMA:g}" in md
+    assert "calibration <- ratio` if `ratio >= calibration`" in md
+    assert "(calibration + peak / predicted) / 2" not in md  # the old, wrong rule
+
+
+def test_min_clients_means_the_same_in_the_help_and_the_docs(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--min-clients MIN_CLIENTS active clients (seen within run.member_timeout_s) " \
+           "needed before any round opens" in help_text
+    md = " ".join((ROOT / protocol_docs.PROTOCOL_MD).read_text().split())
+    assert "at least `run.min_clients` clients are active (seen within `run.member_timeout_s`" \
+        in md
+
+
+def test_every_run_key_and_its_default_is_documented() -> None:
+    md = (ROOT / protocol_docs.PROTOCOL_MD).read_text()
+    from zorba_server.config import RunConfig
+
+    for f in dataclasses.fields(RunConfig):
+        default = "none" if f.default is None else f"`{json.dumps(f.default)}`"
+        assert f"| `{f.name}` | {default}" in md, f.name
