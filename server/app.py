@@ -32,12 +32,12 @@ from zorba_edge.common.schema import (
 )
 from zorba_edge.common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
 from zorba_server import errors, metrics, status_page, storage
-from zorba_server.committer import Committer
 from zorba_server.config import ServerConfig
 from zorba_server.coordinator import Coordinator, SolveFn
 from zorba_server.errors import ApiError
 from zorba_server.scheduler import solve_schedule
 from zorba_server.scheduler_baselines import solver_for
+from zorba_server.storage.committer import Committer
 
 log = logging.getLogger("zorba_server")
 M = TypeVar("M")
