@@ -149,7 +149,7 @@ def load(conn: Connection, *, recent_deltas: int) -> Snapshot:
         decode(AlphaDelta, blob, max_bytes=_UNLIMITED)
         for (blob,) in conn.execute(
             "SELECT delta FROM (SELECT version, delta FROM increments ORDER BY version DESC"
-            " LIMIT ?) ORDER BY version",
+            " LIMIT ?) AS recent ORDER BY version",
             (recent_deltas,),
         )
     ]

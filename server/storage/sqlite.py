@@ -78,7 +78,9 @@ def domain_error(exc: Exception) -> Exception:
     if isinstance(exc, StoreError) or not isinstance(exc, sqlite3.Error):
         return exc
     if isinstance(exc, sqlite3.IntegrityError):
-        return DuplicateError(f"already stored: {exc}")
+        if str(exc).startswith("UNIQUE constraint failed"):
+            return DuplicateError(f"already stored: {exc}")
+        return StoreError(f"the database refused a row that breaks its constraints: {exc}")
     return StoreUnavailableError(f"SQLite failed ({exc}): nothing of this write was saved; retry")
 
 
