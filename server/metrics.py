@@ -10,29 +10,20 @@ every change; what only the HTTP layer sees (answers, refusals, latencies) is co
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from zorba_server.coordinator import Coordinator
+from zorba_server.storage.store import CommitStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                      10.0, 30.0, 60.0, 120.0, 300.0)
 """Reports are acknowledged in milliseconds; a long poll of /v1/rounds/next waits up to its
 `wait` (minutes at most), so the buckets reach that far."""
-
-
-class CommitStats(Protocol):
-    """What the storage side reports about its transactions."""
-
-    batches: int
-    ops: int
-    busy_s: float
 
 
 class RequestStats:
@@ -61,7 +52,6 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
         self.requests = RequestStats(self.registry)
         self._run: _RunCollector | None = None
 
