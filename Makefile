@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test install models quickstart e2e lint clean
+.PHONY: test install server-install models quickstart e2e lint clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements/server.txt requirements/client.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# Install the CPU torch 2.13.0 only where no torch is importable: a bare `torch`
@@ -15,6 +15,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# The aggregation server alone, e.g. on a small VPS: `make server-install VENV=/opt/zorba`
+# gives /opt/zorba/bin/zorba-server with requirements/server.txt and no torch. The package
+# goes in without its dependencies (its full list pulls torch); the client modules it
+# carries are not importable there and nothing in the server imports them.
+server-install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/server.txt
+	$(PY) -m pip install -q --no-deps .
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

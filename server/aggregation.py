@@ -1,4 +1,4 @@
-"""Turning one round's reports into alpha increments (DESIGN §2). Pure functions, no I/O.
+"""Turning one round's reports into alpha increments (docs/design.md §2). Pure functions, no I/O.
 
 Mean (the default): for each pool index k and block b,
 

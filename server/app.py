@@ -35,12 +35,12 @@ from zorba_edge.common.schema import (
 )
 from zorba_edge.common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
 from zorba_server import errors, metrics, status_page, storage
-from zorba_server.committer import Committer
 from zorba_server.config import ServerConfig
 from zorba_server.coordinator import Coordinator
 from zorba_server.engine import SolveFn
 from zorba_server.errors import Refusal
 from zorba_server.scheduler_baselines import solver_for
+from zorba_server.storage.committer import Committer
 
 log = logging.getLogger("zorba_server")
 M = TypeVar("M")
@@ -53,7 +53,7 @@ class Services:
     config: ServerConfig
     solve: SolveFn | None = None
     clock: Callable[[], float] = time.time
-    stats: metrics.RequestStats = field(default_factory=metrics.RequestStats)
+    metrics: metrics.Metrics = field(default_factory=metrics.Metrics)
     committer: Committer | None = None
     coordinator: Coordinator | None = None
 
@@ -102,7 +102,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         conn.close()
         raise
     services.committer, services.coordinator = committer, coordinator
+    services.metrics.watch(coordinator, committer)
     yield
+    services.metrics.unwatch()
     services.coordinator = None
     await coordinator.stop()
     await committer.stop()
@@ -134,12 +136,13 @@ _AIOHTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 async def error_middleware(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                            ) -> web.StreamResponse:
-    stats = request.app[SERVICES].stats
+    stats = request.app[SERVICES].metrics.requests
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
+    started = time.perf_counter()
     try:
         response = await handler(request)
-        stats.responses[(route, response.status)] += 1
+        stats.answered(route, request.method, response.status, time.perf_counter() - started)
         return response
     except Refusal as exc:
         status, code, message = HTTP_STATUS[type(exc)], exc.code, exc.message
@@ -161,8 +164,7 @@ async def error_middleware(request: web.Request,
         log.exception("unexpected failure during %s %s", request.method, request.path)
         status, code = 500, "internal_error"
         message = "the server failed on this request; retry (a report: with the same key)"
-    stats.responses[(route, status)] += 1
-    stats.refusals[code] += 1
+    stats.answered(route, request.method, status, time.perf_counter() - started, refusal=code)
     return error_response(status, code, message)
 
 
@@ -299,9 +301,9 @@ async def status_json(request: web.Request) -> web.Response:
 
 async def metrics_text(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    assert services.committer is not None
-    body = metrics.render(services.running, services.committer, services.stats)
-    return web.Response(text=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+    _ = services.running  # 503 while the server is starting, like every other endpoint
+    return web.Response(body=services.metrics.render(),
+                        headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
 async def index(request: web.Request) -> web.Response:

@@ -162,7 +162,7 @@ class RunConfig:
 @dataclass(frozen=True)
 class AggregationConfig:
     method: str = "mean"
-    """`mean` (the weighted mean of DESIGN §2), `trimmed_mean` or `median` (robust)."""
+    """`mean` (the weighted mean of docs/design.md §2), `trimmed_mean` or `median` (robust)."""
     clip: float | None = None
     """Clip every scalar to [-clip, clip] before aggregating (robust mode)."""
     trim_fraction: float = 0.1

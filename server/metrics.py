@@ -1,66 +1,124 @@
-"""GET /metrics: the server's counters and gauges in the Prometheus text format (0.0.4)."""
+"""GET /metrics: the server's counters, gauges and request latencies, via prometheus-client.
+
+Each application owns its own `CollectorRegistry` (no module-level metrics), so two servers in
+one process, as in the tests, never share or double-register a series. The coordinator's and
+the committer's numbers are read when Prometheus scrapes (a custom collector), not copied on
+every change; what only the HTTP layer sees (answers, refusals, latencies) is counted by
+`RequestStats` as requests leave.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 
-from zorba_server.committer import Committer
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.process_collector import ProcessCollector
+
 from zorba_server.coordinator import Coordinator
+from zorba_server.storage.store import CommitStats
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                     10.0, 30.0, 60.0, 120.0, 300.0)
+"""Reports are acknowledged in milliseconds; a long poll of /v1/rounds/next waits up to its
+`wait` (minutes at most), so the buckets reach that far."""
 
 
-@dataclass
 class RequestStats:
-    """What the HTTP layer counts: answers by endpoint and status, refusals by error code."""
+    """What the HTTP layer counts, in the application's own registry."""
 
-    responses: Counter[tuple[str, int]] = field(default_factory=Counter)
-    refusals: Counter[str] = field(default_factory=Counter)
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.responses = Counter("zorba_responses", "HTTP answers by route and status.",
+                                 ["route", "status"], registry=registry)
+        self.refusals = Counter("zorba_refusals", "Requests refused, by error code.", ["code"],
+                                registry=registry)
+        self.latency = Histogram("zorba_request_seconds",
+                                 "Time from a request's arrival to its answer, by route.",
+                                 ["route", "method"], buckets=LATENCY_BUCKETS_S, registry=registry)
+
+    def answered(self, route: str, method: str, status: int, seconds: float,
+                 refusal: str | None = None) -> None:
+        self.responses.labels(route, str(status)).inc()
+        self.latency.labels(route, method).observe(seconds)
+        if refusal is not None:
+            self.refusals.labels(refusal).inc()
 
 
-def render(coordinator: Coordinator, committer: Committer, stats: RequestStats) -> str:
-    now = coordinator.now()
-    lines: list[str] = []
+class Metrics:
+    """One application's registry: process metrics, request stats and the run's own numbers."""
 
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP zorba_{name} {help_}")
-        lines.append(f"# TYPE zorba_{name} {kind}")
-        for labels, value in samples:
-            lines.append(f"zorba_{name}{labels} {value:g}")
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.requests = RequestStats(self.registry)
+        self._run: _RunCollector | None = None
 
-    c = coordinator.counters
-    metric("registrations_total", "counter", "Clients registered.", [("", c["registrations"])])
-    metric("reports_accepted_total", "counter", "Reports committed and acknowledged.",
-           [("", c["reports_accepted"])])
-    metric("rounds_total", "counter", "Closed rounds by outcome.",
-           [('{status="applied"}', c["rounds_applied"]), ('{status="failed"}', c["rounds_failed"])])
-    metric("schedules_solved_total", "counter", "Scheduler runs.", [("", c["schedules_solved"])])
-    metric("refusals_total", "counter", "Requests refused, by error code.",
-           [(f'{{code="{code}"}}', n) for code, n in sorted(stats.refusals.items())])
-    metric("responses_total", "counter", "HTTP answers by route and status.",
-           [(f'{{route="{route}",status="{status}"}}', n)
-            for (route, status), n in sorted(stats.responses.items())])
-    metric("commit_batches_total", "counter", "Database transactions.", [("", committer.batches)])
-    metric("commit_ops_total", "counter", "Writes grouped into those transactions.",
-           [("", committer.ops)])
-    metric("commit_seconds_total", "counter", "Time spent in database transactions.",
-           [("", committer.busy_s)])
-    metric("alpha_version", "gauge", "Applied rounds.", [("", coordinator.version)])
-    r = coordinator.open
-    metric("round", "gauge", "Number of the open round (0: none open).",
-           [("", r.plan.round if r is not None else 0)])
-    metric("round_reports", "gauge", "Reports committed in the open round.",
-           [("", len(r.received) if r is not None else 0)])
-    metric("round_assigned", "gauge", "Clients assigned in the open round.",
-           [("", len(r.plan.clients) if r is not None else 0)])
-    metric("clients", "gauge", "Registered clients.", [("", len(coordinator.members))])
-    metric("clients_active", "gauge", "Clients seen within the membership timeout.",
-           [("", len(coordinator.active_members(now)))])
-    metric("schedule_solve_seconds", "gauge", "Duration of the last scheduler run.",
-           [("", coordinator.schedule_solve_s)])
-    losses = [h.loss for h in coordinator.history if h.loss is not None]
-    if losses:
-        metric("last_round_loss", "gauge", "Weighted mean training loss of the last closed round.",
-               [("", losses[-1])])
-    return "\n".join(lines) + "\n"
+    def watch(self, coordinator: Coordinator, commits: CommitStats) -> None:
+        """Report this coordinator's numbers from now on (once the application has started)."""
+        if self._run is None:
+            self._run = _RunCollector()
+            self.registry.register(self._run)
+        self._run.watched = (coordinator, commits)
+
+    def unwatch(self) -> None:
+        if self._run is not None:
+            self._run.watched = None
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _RunCollector:
+    """The coordinator's counters and gauges, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.watched: tuple[Coordinator, CommitStats] | None = None
+
+    def describe(self) -> list[Metric]:
+        return []  # the series depend on the run; registration must not call collect() early
+
+    def collect(self) -> Iterator[Metric]:
+        if self.watched is None:
+            return  # starting or stopped: the process and request metrics still answer
+        coordinator, commits = self.watched
+        now = coordinator.now()
+        c = coordinator.counters
+
+        def counter(name: str, help_: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"zorba_{name}", help_, value=value)
+
+        def gauge(name: str, help_: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"zorba_{name}", help_, value=value)
+
+        yield counter("registrations_total", "Clients registered.", c["registrations"])
+        yield counter("reports_accepted_total", "Reports committed and acknowledged.",
+                      c["reports_accepted"])
+        rounds = CounterMetricFamily("zorba_rounds_total", "Closed rounds by outcome.",
+                                     labels=["status"])
+        rounds.add_metric(["applied"], c["rounds_applied"])
+        rounds.add_metric(["failed"], c["rounds_failed"])
+        yield rounds
+        yield counter("schedules_solved_total", "Scheduler runs.", c["schedules_solved"])
+        yield counter("commit_batches_total", "Database transactions.", commits.batches)
+        yield counter("commit_ops_total", "Writes grouped into those transactions.", commits.ops)
+        yield counter("commit_seconds_total", "Time spent in database transactions.",
+                      commits.busy_s)
+        yield gauge("alpha_version", "Applied rounds.", coordinator.version)
+        r = coordinator.open
+        yield gauge("round", "Number of the open round (0: none open).",
+                    r.plan.round if r is not None else 0)
+        yield gauge("round_reports", "Reports committed in the open round.",
+                    len(r.received) if r is not None else 0)
+        yield gauge("round_assigned", "Clients assigned in the open round.",
+                    len(r.plan.clients) if r is not None else 0)
+        yield gauge("clients", "Registered clients.", len(coordinator.members))
+        yield gauge("clients_active", "Clients seen within the membership timeout.",
+                    len(coordinator.active_members(now)))
+        yield gauge("schedule_solve_seconds", "Duration of the last scheduler run.",
+                    coordinator.schedule_solve_s)
+        losses = [h.loss for h in coordinator.history if h.loss is not None]
+        if losses:
+            yield gauge("last_round_loss", "Weighted mean training loss of the last closed round.",
+                        losses[-1])

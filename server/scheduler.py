@@ -1,4 +1,4 @@
-"""Heterogeneous block activation: which blocks each client trains this round (DESIGN §5).
+"""Heterogeneous block activation: which blocks each client trains this round (docs/design.md §5).
 
 Pure functions, no I/O. `solve_schedule` takes the round's clients (budget, linear memory
 model, sample weight, measured step time, last round's assignment) and the model's block

@@ -26,7 +26,10 @@ def test_a_very_long_outage_keeps_a_finite_delay() -> None:
 
 def test_without_a_give_up_time_it_keeps_trying() -> None:
     backoff = Backoff()
-    assert backoff.next_delay(500, outage_s=10**9, rng=random.Random(0)) is not None
+    delay = backoff.next_delay(500, outage_s=10**9, rng=random.Random(0))
+    # A billion seconds out, still the ordinary jittered delay at the ceiling, not a give-up.
+    assert delay == backoff.delay(500, random.Random(0))
+    assert delay is not None and backoff.max_s / 2 <= delay <= backoff.max_s
 
 
 def test_it_gives_up_once_the_outage_lasts_the_give_up_time_and_never_sleeps_past_it() -> None:

@@ -17,9 +17,9 @@ from zorba_edge.engine.losses import (
     accuracy,
     classification_loss,
     evaluate_classification,
+    label_word_logits,
     last_token_positions,
     lm_loss,
-    predict,
 )
 
 REVIEWS = [
@@ -179,7 +179,7 @@ def test_predict_and_accuracy_take_the_argmax_over_label_words(tokenizer):
     with torch.no_grad():
         model.table[was, batch.label_word_ids[1]] = 10.0  # every prompt ends in "was"
         model.table[was, batch.label_word_ids[0]] = -10.0
-    assert predict(model, batch).tolist() == [1, 1, 1, 1]
+    assert label_word_logits(model, batch).argmax(dim=-1).tolist() == [1, 1, 1, 1]
     assert accuracy(model, [batch]) == pytest.approx(0.5)  # labels are [1, 0, 0, 1]
     result = evaluate_classification(model, [batch, batch])
     assert result.examples == 8 and result.accuracy == pytest.approx(0.5)

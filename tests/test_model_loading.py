@@ -14,7 +14,7 @@ from tiny_models import FAMILY_NAMES, random_model, tiny_config, write_tiny_llam
 from torch import nn
 from transformers import AutoModelForCausalLM, OPTConfig
 
-from zorba_edge.common.memory_model import BYTES_PER_PARAM, frozen_block_bytes
+from zorba_edge.common.memory_model import BYTES_PER_PARAM, MemorySettings, frozen_block_bytes
 from zorba_edge.errors import (
     AssignmentError,
     DTypeError,
@@ -309,7 +309,8 @@ def test_block_report_bytes_match_the_memory_model_for_nf4(saved_models: dict[st
         (2, False, "nf4"),
     ]
     footprint = loaded.footprint()
-    settings = loaded.config.memory_settings()
+    settings = MemorySettings(train_dtype="fp32", frozen_dtype="nf4", frozen_other_dtype="fp32",
+                              embed_dtype="fp32")
     assert report[1].bytes == footprint.block_params[1] * BYTES_PER_PARAM["fp32"]
     layers = 7  # each quantised layer also keeps nf4's 16-entry fp32 code book
     predicted = frozen_block_bytes(footprint, settings, 0) + layers * 16 * 4

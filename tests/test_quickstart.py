@@ -71,7 +71,12 @@ def test_a_tiny_federation_runs_end_to_end_and_reports_bytes_peaks_and_accuracy(
     summary = summarize(plan, result, before, after, "test", 64)
     assert summary["rounds_applied"] == 2
     assert summary["alpha_version"] == 2
-    assert 0.0 <= summary["acc_before"] <= 1.0 and 0.0 <= summary["acc_after"] <= 1.0
+    # Both accuracies are counts over the same 64 held-out examples, and the summary carries
+    # exactly what was evaluated.
+    assert before["examples"] == after["examples"] == summary["eval_examples"] == 64
+    for acc, evaluated in ((summary["acc_before"], before), (summary["acc_after"], after)):
+        assert acc == evaluated["accuracy"]
+        assert acc * 64 == pytest.approx(round(acc * 64), abs=1e-9)
     assert summary["loss_after"] != summary["loss_before"]  # alpha changed the model
     for client in summary["clients"]:
         assert client["rounds_reported"] >= 1

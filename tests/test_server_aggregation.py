@@ -1,4 +1,4 @@
-"""Aggregation (DESIGN §2), pool indices and the round rules, as pure functions."""
+"""Aggregation (docs/design.md §2), pool indices and the round rules, as pure functions."""
 
 from __future__ import annotations
 

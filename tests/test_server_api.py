@@ -63,7 +63,7 @@ async def joined(http: Any, n: int, samples: list[int] | None = None) -> list[Fa
 def reference_increment(assignments: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
                         grads: dict[str, list[float]], weights: dict[str, float], lr: float,
                         shape: tuple[int, int]) -> np.ndarray:
-    """DESIGN §2 written out with loops: lr * sum_n w_n sum_{t: k_t=k} g / sum_n w_n, per (k, b)."""
+    """docs/design.md §2 written out with loops: lr * sum_n w_n sum_{t: k_t=k} g / sum_n w_n, per (k, b)."""
     out = np.zeros(shape)
     for b in range(shape[1]):
         holders = [cid for cid, (blocks, _) in assignments.items() if b in blocks]

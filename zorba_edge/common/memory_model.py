@@ -1,4 +1,4 @@
-"""What a client needs in memory to train a given set of blocks (DESIGN §4).
+"""What a client needs in memory to train a given set of blocks (docs/design.md §4).
 
     M_n(A) = W_frozen + sum_{b in A} P_b * (bytes_train + bytes_snapshot - bytes_frozen)
              + W_embed_head + M_activations(batch, seq_len) + M_runtime

@@ -1,4 +1,4 @@
-"""Portable seeded perturbation directions z[k, b] (DESIGN §3).
+"""Portable seeded perturbation directions z[k, b] (docs/design.md §3).
 
 Every device of a federation must regenerate the same direction from (run seed, pool
 index k, block b), whatever its processor: torch's generators give different streams on

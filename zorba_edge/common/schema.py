@@ -1,4 +1,4 @@
-"""The wire messages of protocol v1 (DESIGN §6), shared by the client daemon and the server.
+"""The wire messages of protocol v1 (docs/design.md §6), shared by the client daemon and the server.
 
 Every body is one msgpack map whose keys are the fields of a dataclass below. Decoding is
 strict, because whatever a peer sends reaches the coefficient table: unknown or missing

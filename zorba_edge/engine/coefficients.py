@@ -1,4 +1,4 @@
-"""The coefficient table alpha (K x B): the whole fine-tuned state of a run (DESIGN §1).
+"""The coefficient table alpha (K x B): the whole fine-tuned state of a run (docs/design.md §1).
 
     theta[b] = theta0[b] - sum_k alpha[k, b] * z[k, b]
 

@@ -86,11 +86,6 @@ def classification_loss(model: nn.Module, batch: ClassificationBatch) -> torch.T
     return F.cross_entropy(scores, batch.labels.to(scores.device))
 
 
-def predict(model: nn.Module, batch: ClassificationBatch) -> torch.Tensor:
-    """(batch,) index of the highest-scoring label word."""
-    return label_word_logits(model, batch).argmax(dim=-1)
-
-
 @dataclass(frozen=True)
 class ClassificationEval:
     loss: float

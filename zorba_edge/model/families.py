@@ -1,6 +1,6 @@
 """Where each supported causal-LM family keeps its transformer blocks.
 
-A *block* is one decoder layer (DESIGN §1). transformers has no common accessor for the
+A *block* is one decoder layer (docs/design.md §1). transformers has no common accessor for the
 list of layers, so each family names its path here. Families are matched by the model's
 class name rather than by importing every model class, which keeps this table cheap to
 read and to extend: a new family is one line plus a tiny config in the tests.

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from zorba_edge.common.memory_model import MemorySettings, ModelFootprint
+from zorba_edge.common.memory_model import ModelFootprint
 from zorba_edge.errors import AssignmentError, ModelSourceError
 from zorba_edge.model.families import find_blocks
 from zorba_edge.model.quantize import (
@@ -72,17 +72,6 @@ class LoadConfig:
     @property
     def compute_dtype(self) -> torch.dtype:
         return PLAIN_DTYPES[self.train_dtype]
-
-    def memory_settings(self, **overrides: object) -> MemorySettings:
-        """The memory model's settings for this way of holding the model."""
-        fields: dict[str, object] = {
-            "train_dtype": self.train_dtype,
-            "frozen_dtype": self.frozen_dtype,
-            "frozen_other_dtype": self.train_dtype,
-            "embed_dtype": self.train_dtype,
-        }
-        fields.update(overrides)
-        return MemorySettings(**fields)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

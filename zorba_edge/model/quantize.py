@@ -162,16 +162,3 @@ def held_bytes(module: nn.Module) -> int:
             seen.add(key)
             total += tensor.untyped_storage().nbytes()
     return total
-
-
-def layer_precision(layer: nn.Module) -> str:
-    """The precision name a Linear-like layer is held in."""
-    quant_type = getattr(layer.weight, "quant_type", None)
-    if quant_type is not None:
-        return str(quant_type)
-    if layer.weight.dtype == torch.int8:
-        return "int8"
-    for name, dtype in PLAIN_DTYPES.items():
-        if layer.weight.dtype == dtype:
-            return name
-    return str(layer.weight.dtype)

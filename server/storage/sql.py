@@ -1,23 +1,24 @@
-"""The durable state of a run in SQLite (WAL): run, clients, rounds, reports, increments.
+"""The statements of the run's durable record, written once for SQLite and PostgreSQL.
 
-Every function takes the connection and runs inside the caller's transaction; the
-committer groups them (one commit, one fsync, for many reports). The invariants a crash
-must not break are held by the schema and by doing related writes in one transaction:
+Every function takes a connection (`sqlite3.Connection`, or `postgres.PgConnection`, which
+speaks the same `execute(sql, params)` with `?` placeholders) and runs inside the caller's
+transaction; the committer groups them (one commit, one fsync, for many reports). The
+invariants a crash must not break are held by the schema and by doing related writes in one
+transaction:
 
 - a report row exists iff its 2xx was (or could have been) sent: acks wait for the commit;
 - (client, idempotency key) is UNIQUE and (round, client) is the primary key: a report is
   stored once;
 - closing a round writes its status, its increment row and the new alpha together, so
   alpha holds a round's increments iff that round's status is `applied`.
+
+The tables themselves (`sqlite.SCHEMA`, `postgres.SCHEMA`) differ only in column types.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 import numpy as np
@@ -25,95 +26,57 @@ import numpy as np
 from zorba_edge.common.memory_model import ModelFootprint
 from zorba_edge.common.schema import AlphaDelta, DeviceProfile, Report, decode, encode
 from zorba_server.rounds import APPLIED, FAILED, OPEN, REJECTED, ReceivedReport, RoundPlan
+from zorba_server.storage.errors import AlreadyPinnedError, RoundNotOpenError, SchemaMismatchError
+from zorba_server.storage.store import Snapshot, StoredClient, StoredRound
 
 SCHEMA_VERSION = 1
 _UNLIMITED = 1 << 40  # our own rows: trusted, sized by the schema limits when written
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS run (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    run_id TEXT NOT NULL,
-    seed INTEGER NOT NULL,
-    pool_size INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    model_fingerprint TEXT,
-    footprint BLOB,
-    version INTEGER NOT NULL DEFAULT 0,
-    alpha BLOB
-);
-CREATE TABLE IF NOT EXISTS clients (
-    client_id TEXT PRIMARY KEY,
-    token_hash BLOB NOT NULL UNIQUE,
-    profile BLOB NOT NULL,
-    registered_at REAL NOT NULL,
-    calibration REAL NOT NULL DEFAULT 1.0
-);
-CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY,
-    status TEXT NOT NULL CHECK (status IN ('open', 'applied', 'failed')),
-    plan BLOB NOT NULL,
-    closed_at REAL,
-    reports INTEGER NOT NULL DEFAULT 0,
-    loss REAL,
-    message TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS reports (
-    round INTEGER NOT NULL REFERENCES rounds (round),
-    client_id TEXT NOT NULL REFERENCES clients (client_id),
-    idempotency_key TEXT NOT NULL,
-    body_hash BLOB NOT NULL,
-    body BLOB NOT NULL,
-    received_at REAL NOT NULL,
-    PRIMARY KEY (round, client_id),
-    UNIQUE (client_id, idempotency_key)
-);
-CREATE TABLE IF NOT EXISTS increments (
-    version INTEGER PRIMARY KEY,
-    round INTEGER NOT NULL UNIQUE REFERENCES rounds (round),
-    delta BLOB NOT NULL
-);
-"""
-
 T = TypeVar("T")
-Op = Callable[[sqlite3.Connection], Any]
+Op = Callable[[Any], Any]
+"""One write or read, run by the committer inside a batch's transaction."""
 
 
-def connect(path: str | Path, synchronous: str = "full") -> sqlite3.Connection:
-    """Open (creating if needed) the database; transactions are explicit (BEGIN/COMMIT)."""
-    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=5000")
-    conn.executescript(SCHEMA)
+class Connection(Protocol):
+    """What the statements need of a database connection (sqlite3's own interface)."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Any: ...
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+
+def check_schema_version(conn: Connection, where: str) -> None:
+    """Stamp a new database with SCHEMA_VERSION; refuse one written by another version."""
     found = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     if found is None:
         conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
     elif int(found[0]) != SCHEMA_VERSION:
-        raise RuntimeError(
-            f"{path} has storage schema {found[0]}, this server writes {SCHEMA_VERSION}: "
+        raise SchemaMismatchError(
+            f"{where} has storage schema {found[0]}, this server writes {SCHEMA_VERSION}: "
             "use the server version that created it or start a new database"
         )
-    return conn
 
 
-def run_batch(conn: sqlite3.Connection, ops: Sequence[Op]) -> list[Any]:
+def run_batch(conn: Connection, ops: Sequence[Op], begin: str = "BEGIN IMMEDIATE") -> list[Any]:
     """Run ops in one transaction, each in a savepoint: a failing op is rolled back alone.
 
     Returns one entry per op: its result, or the exception it raised. If the commit
     itself fails every entry becomes that exception (nothing of the batch is durable).
     """
-    results = begin_batch(conn, ops)
+    results = begin_batch(conn, ops, begin)
     failure = commit(conn)
     return results if failure is None else [failure] * len(ops)
 
 
-def begin_batch(conn: sqlite3.Connection, ops: Sequence[Op]) -> list[Any]:
-    """First half of `run_batch`: the statements, in an open transaction (no fsync yet)."""
+def begin_batch(conn: Connection, ops: Sequence[Op], begin: str = "BEGIN IMMEDIATE") -> list[Any]:
+    """First half of `run_batch`: the statements, in an open transaction (no fsync yet).
+
+    `begin` opens it: SQLite's IMMEDIATE takes the write lock at once, PostgreSQL's plain BEGIN.
+    """
     results: list[Any] = []
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(begin)
         for op in ops:
             conn.execute("SAVEPOINT op")
             try:
@@ -129,7 +92,7 @@ def begin_batch(conn: sqlite3.Connection, ops: Sequence[Op]) -> list[Any]:
     return results
 
 
-def commit(conn: sqlite3.Connection) -> Exception | None:
+def commit(conn: Connection) -> Exception | None:
     """Second half: COMMIT (the fsync); the error if it failed, after rolling back."""
     if not conn.in_transaction:
         return None  # begin_batch failed and rolled back already
@@ -145,44 +108,7 @@ def commit(conn: sqlite3.Connection) -> Exception | None:
 # ---------------------------------------------------------------------------- loading
 
 
-@dataclass
-class StoredClient:
-    client_id: str
-    token_hash: bytes
-    profile: DeviceProfile
-    registered_at: float
-    calibration: float
-
-
-@dataclass
-class StoredRound:
-    plan: RoundPlan
-    status: str
-    closed_at: float | None
-    reports: int
-    loss: float | None
-    message: str
-
-
-@dataclass
-class Snapshot:
-    run_id: str | None
-    seed: int
-    pool_size: int
-    created_at: float
-    model_fingerprint: str | None
-    footprint: ModelFootprint | None
-    version: int
-    alpha: np.ndarray | None
-    clients: list[StoredClient]
-    rounds: list[StoredRound]
-    open_reports: list[ReceivedReport]
-    """Reports of the open round (if any)."""
-    deltas: list[AlphaDelta]
-    """The most recent increments, oldest first."""
-
-
-def load(conn: sqlite3.Connection, *, recent_deltas: int) -> Snapshot:
+def load(conn: Connection, *, recent_deltas: int) -> Snapshot:
     row = conn.execute(
         "SELECT run_id, seed, pool_size, created_at, model_fingerprint, footprint, version, alpha"
         " FROM run WHERE id = 1"
@@ -223,7 +149,7 @@ def load(conn: sqlite3.Connection, *, recent_deltas: int) -> Snapshot:
         decode(AlphaDelta, blob, max_bytes=_UNLIMITED)
         for (blob,) in conn.execute(
             "SELECT delta FROM (SELECT version, delta FROM increments ORDER BY version DESC"
-            " LIMIT ?) ORDER BY version",
+            " LIMIT ?) AS recent ORDER BY version",
             (recent_deltas,),
         )
     ]
@@ -243,7 +169,7 @@ def _pack_footprint(footprint: ModelFootprint) -> bytes:
 # ---------------------------------------------------------------------------- writes
 
 
-def create_run(conn: sqlite3.Connection, run_id: str, seed: int, pool_size: int,
+def create_run(conn: Connection, run_id: str, seed: int, pool_size: int,
                created_at: float) -> None:
     conn.execute(
         "INSERT INTO run (id, run_id, seed, pool_size, created_at) VALUES (1, ?, ?, ?, ?)",
@@ -251,7 +177,7 @@ def create_run(conn: sqlite3.Connection, run_id: str, seed: int, pool_size: int,
     )
 
 
-def pin_model(conn: sqlite3.Connection, fingerprint: str, footprint: ModelFootprint,
+def pin_model(conn: Connection, fingerprint: str, footprint: ModelFootprint,
               alpha: np.ndarray) -> None:
     """Fix the run's model; alpha starts as zeros of K x B."""
     updated = conn.execute(
@@ -260,10 +186,10 @@ def pin_model(conn: sqlite3.Connection, fingerprint: str, footprint: ModelFootpr
         (fingerprint, _pack_footprint(footprint), _alpha_blob(alpha)),
     ).rowcount
     if updated != 1:
-        raise RuntimeError("the run's model is already pinned")
+        raise AlreadyPinnedError("the run's model is already pinned")
 
 
-def insert_client(conn: sqlite3.Connection, client_id: str, token_hash: bytes,
+def insert_client(conn: Connection, client_id: str, token_hash: bytes,
                   profile: DeviceProfile, registered_at: float) -> None:
     conn.execute(
         "INSERT INTO clients (client_id, token_hash, profile, registered_at) VALUES (?, ?, ?, ?)",
@@ -271,18 +197,18 @@ def insert_client(conn: sqlite3.Connection, client_id: str, token_hash: bytes,
     )
 
 
-def insert_round(conn: sqlite3.Connection, plan: RoundPlan) -> None:
+def insert_round(conn: Connection, plan: RoundPlan) -> None:
     conn.execute(
         "INSERT INTO rounds (round, status, plan) VALUES (?, 'open', ?)",
         (plan.round, msgpack.packb(plan.to_record())),
     )
 
 
-def insert_report(conn: sqlite3.Connection, round_: int, received: ReceivedReport) -> None:
+def insert_report(conn: Connection, round_: int, received: ReceivedReport) -> None:
     status = conn.execute("SELECT status FROM rounds WHERE round = ?", (round_,)).fetchone()
     if status is None or status[0] != OPEN:
         # The coordinator never closes a round with commits pending; this guards the invariant.
-        raise RuntimeError(f"round {round_} is not open")
+        raise RoundNotOpenError(f"round {round_} is not open")
     conn.execute(
         "INSERT INTO reports (round, client_id, idempotency_key, body_hash, body, received_at)"
         " VALUES (?, ?, ?, ?, ?, ?)",
@@ -291,7 +217,7 @@ def insert_report(conn: sqlite3.Connection, round_: int, received: ReceivedRepor
     )
 
 
-def find_report(conn: sqlite3.Connection, client_id: str,
+def find_report(conn: Connection, client_id: str,
                 idempotency_key: str) -> tuple[int, bytes, float] | None:
     """(round, body hash, received_at) of a stored report, for idempotent retries."""
     row = conn.execute(
@@ -302,7 +228,7 @@ def find_report(conn: sqlite3.Connection, client_id: str,
     return None if row is None else (row[0], bytes(row[1]), row[2])
 
 
-def close_round(conn: sqlite3.Connection, round_: int, status: str, closed_at: float, reports: int,
+def close_round(conn: Connection, round_: int, status: str, closed_at: float, reports: int,
                 loss: float | None, message: str, *, delta: AlphaDelta | None = None,
                 alpha: np.ndarray | None = None,
                 calibrations: dict[str, float] | None = None) -> None:
@@ -315,7 +241,7 @@ def close_round(conn: sqlite3.Connection, round_: int, status: str, closed_at: f
         (status, closed_at, reports, loss, message, round_),
     ).rowcount
     if updated != 1:
-        raise RuntimeError(f"round {round_} is not open: it cannot be closed twice")
+        raise RoundNotOpenError(f"round {round_} is not open: it cannot be closed twice")
     if status == APPLIED:
         if delta is None or alpha is None:
             raise ValueError("an applied round needs its delta and the new alpha")

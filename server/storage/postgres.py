@@ -1,0 +1,131 @@
+"""The second store: PostgreSQL through psycopg 3, for operators who already run it.
+
+The same statements as SQLite (`sql.py`, `?` placeholders rewritten to psycopg's `%s`) and
+the same group committer: many writes, one transaction. Each statement is a round trip to
+the database server, so the whole batch runs on the committer's thread rather than on the
+event loop. The connection is in autocommit mode so that the committer's explicit
+BEGIN / SAVEPOINT / COMMIT are the transactions, exactly as with SQLite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
+
+from zorba_server.storage import sql
+from zorba_server.storage.committer import Committer
+from zorba_server.storage.errors import DuplicateError, StoreError, StoreUnavailableError
+from zorba_server.storage.sql_store import SqlStore
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS run (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    run_id TEXT NOT NULL,
+    seed BIGINT NOT NULL,
+    pool_size INTEGER NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    model_fingerprint TEXT,
+    footprint BYTEA,
+    version INTEGER NOT NULL DEFAULT 0,
+    alpha BYTEA
+);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id TEXT PRIMARY KEY,
+    token_hash BYTEA NOT NULL UNIQUE,
+    profile BYTEA NOT NULL,
+    registered_at DOUBLE PRECISION NOT NULL,
+    calibration DOUBLE PRECISION NOT NULL DEFAULT 1.0
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('open', 'applied', 'failed')),
+    plan BYTEA NOT NULL,
+    closed_at DOUBLE PRECISION,
+    reports INTEGER NOT NULL DEFAULT 0,
+    loss DOUBLE PRECISION,
+    message TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS reports (
+    round INTEGER NOT NULL REFERENCES rounds (round),
+    client_id TEXT NOT NULL REFERENCES clients (client_id),
+    idempotency_key TEXT NOT NULL,
+    body_hash BYTEA NOT NULL,
+    body BYTEA NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (round, client_id),
+    UNIQUE (client_id, idempotency_key)
+);
+CREATE TABLE IF NOT EXISTS increments (
+    version INTEGER PRIMARY KEY,
+    round INTEGER NOT NULL UNIQUE REFERENCES rounds (round),
+    delta BYTEA NOT NULL
+);
+"""
+
+
+class PgConnection:
+    """A psycopg connection that speaks `sql.Connection`: `?` placeholders, `in_transaction`."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.raw = conn
+
+    def execute(self, statement: str, parameters: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        # Our statements hold no literal '?' or '%', so the rewrite is exact.
+        return self.raw.execute(statement.replace("?", "%s"), tuple(parameters))  # type: ignore[arg-type]
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.raw.info.transaction_status != TransactionStatus.IDLE
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def connect(conninfo: str) -> PgConnection:
+    """Connect, create the tables if needed and check the schema version."""
+    raw = psycopg.connect(conninfo, autocommit=True)
+    conn = PgConnection(raw)
+    try:
+        conn.execute("BEGIN")
+        # One server at a time creates the tables: concurrent CREATE IF NOT EXISTS can clash.
+        conn.execute("SELECT pg_advisory_xact_lock(7267011)")
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        sql.check_schema_version(conn, f"PostgreSQL database {raw.info.dbname!r}")
+        conn.execute("COMMIT")
+    except BaseException:
+        raw.close()
+        raise
+    return conn
+
+
+def domain_error(exc: Exception) -> Exception:
+    """psycopg's exceptions as the store's own; anything else as it is."""
+    if isinstance(exc, StoreError) or not isinstance(exc, psycopg.Error):
+        return exc
+    if isinstance(exc, pg_errors.UniqueViolation):
+        return DuplicateError(f"already stored: {exc}")
+    if isinstance(exc, pg_errors.IntegrityError):
+        return StoreError(f"the database refused a row that breaks its constraints: {exc}")
+    return StoreUnavailableError(f"PostgreSQL failed ({exc}): nothing of this write was saved; "
+                                 "retry")
+
+
+class PostgresStore(SqlStore):
+    """`Store` on a PostgreSQL database: `await PostgresStore.open("postgresql://...")`."""
+
+    @classmethod
+    async def open(cls, conninfo: str) -> PostgresStore:
+        try:
+            conn = connect(conninfo)
+        except psycopg.Error as exc:
+            raise StoreUnavailableError(f"cannot open the PostgreSQL database: {exc}") from exc
+        committer = Committer(conn, begin="BEGIN", statements_on_thread=True)
+        committer.start()
+        return cls(committer, conn.close, domain_error)

@@ -1,0 +1,90 @@
+"""`Store` over the shared statements and the group committer: what SQLite and PostgreSQL
+have in common. Each implementation supplies its connection, its committer settings and the
+mapping of its driver's exceptions to `storage.errors`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from zorba_edge.common.memory_model import ModelFootprint
+from zorba_edge.common.schema import AlphaDelta, DeviceProfile
+from zorba_server.rounds import ReceivedReport, RoundPlan
+from zorba_server.storage import sql
+from zorba_server.storage.committer import Committer
+from zorba_server.storage.store import CommitStats, Snapshot, StoredReport
+
+
+class SqlStore:
+    def __init__(self, committer: Committer, close_connection: Callable[[], None],
+                 domain_error: Callable[[Exception], Exception]) -> None:
+        self._committer = committer
+        self._close_connection = close_connection
+        self._domain_error = domain_error
+
+    @property
+    def stats(self) -> CommitStats:
+        return self._committer
+
+    async def close(self) -> None:
+        await self._committer.stop()
+        self._close_connection()
+
+    def _write(self, op: sql.Op) -> Awaitable[Any]:
+        # Queued now (call order is commit order); shielded: a cancelled caller must not
+        # cancel a write that may already be durable.
+        return self._translated(asyncio.shield(self._committer.enqueue(op)))
+
+    async def _translated(self, result: Awaitable[Any]) -> Any:
+        try:
+            return await result
+        except Exception as exc:
+            mapped = self._domain_error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def load(self, recent_deltas: int) -> Awaitable[Snapshot]:
+        return self._write(partial(sql.load, recent_deltas=recent_deltas))
+
+    def create_run(self, run_id: str, seed: int, pool_size: int,
+                   created_at: float) -> Awaitable[None]:
+        return self._write(partial(sql.create_run, run_id=run_id, seed=seed, pool_size=pool_size,
+                                   created_at=created_at))
+
+    def pin_model(self, fingerprint: str, footprint: ModelFootprint,
+                  alpha: np.ndarray) -> Awaitable[None]:
+        return self._write(partial(sql.pin_model, fingerprint=fingerprint, footprint=footprint,
+                                   alpha=alpha))
+
+    def insert_client(self, client_id: str, token_hash: bytes, profile: DeviceProfile,
+                      registered_at: float) -> Awaitable[None]:
+        return self._write(partial(sql.insert_client, client_id=client_id, token_hash=token_hash,
+                                   profile=profile, registered_at=registered_at))
+
+    def insert_round(self, plan: RoundPlan) -> Awaitable[None]:
+        return self._write(partial(sql.insert_round, plan=plan))
+
+    def insert_report(self, round_: int, received: ReceivedReport) -> Awaitable[None]:
+        return self._write(partial(sql.insert_report, round_=round_, received=received))
+
+    def find_report(self, client_id: str, idempotency_key: str) -> Awaitable[StoredReport | None]:
+        return self._translated(self._find_report(client_id, idempotency_key))
+
+    async def _find_report(self, client_id: str, idempotency_key: str) -> StoredReport | None:
+        found = await asyncio.shield(self._committer.enqueue(
+            partial(sql.find_report, client_id=client_id, idempotency_key=idempotency_key)))
+        return None if found is None else StoredReport(*found)
+
+    def close_round(self, round_: int, status: str, closed_at: float, reports: int,
+                    loss: float | None, message: str, *, delta: AlphaDelta | None = None,
+                    alpha: np.ndarray | None = None,
+                    calibrations: dict[str, float] | None = None) -> Awaitable[None]:
+        return self._write(partial(sql.close_round, round_=round_, status=status,
+                                   closed_at=closed_at, reports=reports, loss=loss,
+                                   message=message, delta=delta, alpha=alpha,
+                                   calibrations=calibrations))

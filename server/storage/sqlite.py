@@ -1,0 +1,98 @@
+"""The embedded default store: SQLite in WAL mode, one connection, group commit.
+
+Statements run on the event loop (they take microseconds) and only COMMIT, which waits on the
+disk, runs on the committer's helper thread (see `committer.py` for why).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from zorba_server.storage import sql
+from zorba_server.storage.committer import Committer
+from zorba_server.storage.errors import DuplicateError, StoreError, StoreUnavailableError
+from zorba_server.storage.sql_store import SqlStore
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS run (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    run_id TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    pool_size INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    model_fingerprint TEXT,
+    footprint BLOB,
+    version INTEGER NOT NULL DEFAULT 0,
+    alpha BLOB
+);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id TEXT PRIMARY KEY,
+    token_hash BLOB NOT NULL UNIQUE,
+    profile BLOB NOT NULL,
+    registered_at REAL NOT NULL,
+    calibration REAL NOT NULL DEFAULT 1.0
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('open', 'applied', 'failed')),
+    plan BLOB NOT NULL,
+    closed_at REAL,
+    reports INTEGER NOT NULL DEFAULT 0,
+    loss REAL,
+    message TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS reports (
+    round INTEGER NOT NULL REFERENCES rounds (round),
+    client_id TEXT NOT NULL REFERENCES clients (client_id),
+    idempotency_key TEXT NOT NULL,
+    body_hash BLOB NOT NULL,
+    body BLOB NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (round, client_id),
+    UNIQUE (client_id, idempotency_key)
+);
+CREATE TABLE IF NOT EXISTS increments (
+    version INTEGER PRIMARY KEY,
+    round INTEGER NOT NULL UNIQUE REFERENCES rounds (round),
+    delta BLOB NOT NULL
+);
+"""
+
+
+def connect(path: str | Path, synchronous: str = "full") -> sqlite3.Connection:
+    """Open (creating if needed) the database; transactions are explicit (BEGIN/COMMIT)."""
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.executescript(SCHEMA)
+    sql.check_schema_version(conn, str(path))
+    return conn
+
+
+def domain_error(exc: Exception) -> Exception:
+    """sqlite3's exceptions as the store's own; anything else as it is."""
+    if isinstance(exc, StoreError) or not isinstance(exc, sqlite3.Error):
+        return exc
+    if isinstance(exc, sqlite3.IntegrityError):
+        if str(exc).startswith("UNIQUE constraint failed"):
+            return DuplicateError(f"already stored: {exc}")
+        return StoreError(f"the database refused a row that breaks its constraints: {exc}")
+    return StoreUnavailableError(f"SQLite failed ({exc}): nothing of this write was saved; retry")
+
+
+class SqliteStore(SqlStore):
+    """`Store` on a SQLite file: `await SqliteStore.open(path)`, then `await store.close()`."""
+
+    @classmethod
+    async def open(cls, path: str | Path, synchronous: str = "full") -> SqliteStore:
+        try:
+            conn = connect(path, synchronous)
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"cannot open the SQLite database {path}: {exc}") from exc
+        committer = Committer(conn, begin="BEGIN IMMEDIATE", statements_on_thread=False)
+        committer.start()
+        return cls(committer, conn.close, domain_error)

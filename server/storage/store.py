@@ -1,0 +1,122 @@
+"""The server's durable record behind one small protocol: what the server stores, not how.
+
+`Store` is what the server (and the research readers) may call. Its methods speak the
+server's own types (plans, reports, deltas, alpha) and raise only `storage.errors`; no
+database type crosses it. Two implementations: `SqliteStore` (the embedded default) and
+`PostgresStore` (for operators who already run PostgreSQL), both over one set of statements
+(`sql.py`) and one group committer.
+
+Ordering: every write is queued when the method is *called*, not when its result is awaited,
+so writes issued in one order commit in that order (a report queued before a round's close
+is stored before the close). Results arrive only after the commit: an acknowledgement sent
+after awaiting one is durable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from zorba_edge.common.memory_model import ModelFootprint
+from zorba_edge.common.schema import AlphaDelta, DeviceProfile
+from zorba_server.rounds import ReceivedReport, RoundPlan
+
+
+@dataclass
+class StoredClient:
+    client_id: str
+    token_hash: bytes
+    profile: DeviceProfile
+    registered_at: float
+    calibration: float
+
+
+@dataclass
+class StoredRound:
+    plan: RoundPlan
+    status: str
+    closed_at: float | None
+    reports: int
+    loss: float | None
+    message: str
+
+
+@dataclass
+class Snapshot:
+    run_id: str | None
+    seed: int
+    pool_size: int
+    created_at: float
+    model_fingerprint: str | None
+    footprint: ModelFootprint | None
+    version: int
+    alpha: np.ndarray | None
+    clients: list[StoredClient]
+    rounds: list[StoredRound]
+    open_reports: list[ReceivedReport]
+    """Reports of the open round (if any)."""
+    deltas: list[AlphaDelta]
+    """The most recent increments, oldest first."""
+
+
+
+@dataclass(frozen=True)
+class StoredReport:
+    """Where a report was stored, for answering a retry with its original acknowledgement."""
+
+    round: int
+    body_hash: bytes
+    received_at: float
+
+
+class CommitStats(Protocol):
+    batches: int
+    """Transactions committed."""
+    ops: int
+    """Writes grouped into them."""
+    busy_s: float
+    """Time spent in transactions (mostly waiting on the disk)."""
+
+
+class Store(Protocol):
+    """The run's durable record. Open with the implementation's `open`, end with `close`."""
+
+    @property
+    def stats(self) -> CommitStats: ...
+
+    async def close(self) -> None:
+        """Finish the queued writes, then close the database."""
+
+    def load(self, recent_deltas: int) -> Awaitable[Snapshot]:
+        """Everything a restarted server needs, with the `recent_deltas` latest increments."""
+
+    def create_run(self, run_id: str, seed: int, pool_size: int,
+                   created_at: float) -> Awaitable[None]: ...
+
+    def pin_model(self, fingerprint: str, footprint: ModelFootprint,
+                  alpha: np.ndarray) -> Awaitable[None]:
+        """Fix the run's model and its zero alpha; AlreadyPinnedError the second time."""
+
+    def insert_client(self, client_id: str, token_hash: bytes, profile: DeviceProfile,
+                      registered_at: float) -> Awaitable[None]:
+        """DuplicateError for a client id or token hash stored before."""
+
+    def insert_round(self, plan: RoundPlan) -> Awaitable[None]:
+        """Open a round."""
+
+    def insert_report(self, round_: int, received: ReceivedReport) -> Awaitable[None]:
+        """Store a report once: DuplicateError for a second report of the client in the round
+        or a reused idempotency key, RoundNotOpenError when the round is not open."""
+
+    def find_report(self, client_id: str, idempotency_key: str) -> Awaitable[StoredReport | None]:
+        ...
+
+    def close_round(self, round_: int, status: str, closed_at: float, reports: int,
+                    loss: float | None, message: str, *, delta: AlphaDelta | None = None,
+                    alpha: np.ndarray | None = None,
+                    calibrations: dict[str, float] | None = None) -> Awaitable[None]:
+        """Close a round once (RoundNotOpenError after); an applied one writes its increment,
+        the new alpha and the clients' calibrations in the same transaction."""

@@ -1,0 +1,202 @@
+"""The `Store` protocol's durability and exactly-once guarantees, proved the same way against
+SQLite and against a real PostgreSQL server that the tests start (tests/postgres_server.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from postgres_server import PostgresServer, postgres_server  # noqa: F401 (fixture)
+from server_fakes import FOOTPRINT, profile
+
+from zorba_edge.common.schema import AlphaDelta, HyperParams, Report
+from zorba_server.rounds import ClientPlan, ReceivedReport, RoundPlan
+from zorba_server.storage import (
+    AlreadyPinnedError,
+    DuplicateError,
+    RoundNotOpenError,
+    SchemaMismatchError,
+    SqliteStore,
+    Store,
+    StoredReport,
+)
+
+pytestmark = pytest.mark.asyncio
+CLIENTS = [f"c-{i}" for i in range(8)]
+PLAN = RoundPlan(1, 0, 0.0, 5.0, HyperParams(0.1, 1e-3, 8, 64), (3, 4),
+                 {c: ClientPlan((0,), 2) for c in CLIENTS})
+Opener = Callable[[], Awaitable[Store]]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Any]:
+    """(name, where): a SQLite file or a fresh PostgreSQL database, for stores opened on it."""
+    if request.param == "sqlite":
+        return "sqlite", tmp_path / "db.sqlite3"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return "postgres", (server, server.new_database())
+
+
+@pytest_asyncio.fixture
+async def open_store(backend: tuple[str, Any]) -> AsyncIterator[Opener]:
+    """open_store() -> a new Store on the same database (a restart opens a second one)."""
+    name, where = backend
+    opened: list[Store] = []
+
+    async def _open() -> Store:
+        if name == "sqlite":
+            store: Store = await SqliteStore.open(where)
+        else:
+            from zorba_server.storage import PostgresStore
+
+            store = await PostgresStore.open(where[1])
+        opened.append(store)
+        return store
+
+    yield _open
+    for store in opened:
+        try:
+            await store.close()
+        except Exception:
+            pass  # closed already, or its server was crashed on purpose
+
+
+async def fresh(open_store: Opener) -> Store:
+    store = await open_store()
+    await store.create_run("run", 1, 8, 0.0)
+    await store.pin_model("fp", FOOTPRINT, np.zeros((8, 4)))
+    for i, c in enumerate(CLIENTS):
+        await store.insert_client(c, f"hash-{c}".encode(), profile(), float(i))
+    await store.insert_round(PLAN)
+    return store
+
+
+def received(client: str = "c-0", key: str = "k", at: float = 2.0) -> ReceivedReport:
+    return ReceivedReport(client, Report(key, 0, ((3, 0.5),), 8, 1.0, 1.0, 0, 0.1),
+                          f"h-{key}".encode(), at)
+
+
+async def test_a_report_is_stored_once_and_a_retry_finds_the_original(open_store: Opener) -> None:
+    store = await fresh(open_store)
+    await store.insert_report(1, received("c-0", "a", at=2.0))
+    with pytest.raises(DuplicateError):  # the same idempotency key again
+        await store.insert_report(1, received("c-0", "a", at=3.0))
+    with pytest.raises(DuplicateError):  # a second report of c-0 in round 1
+        await store.insert_report(1, received("c-0", "b", at=4.0))
+    assert await store.find_report("c-0", "a") == StoredReport(1, b"h-a", 2.0)
+    assert await store.find_report("c-0", "b") is None
+    snap = await store.load(recent_deltas=4)
+    assert [(r.client_id, r.received_at) for r in snap.open_reports] == [("c-0", 2.0)]
+
+
+async def test_a_failing_write_fails_alone_within_its_batch(open_store: Opener) -> None:
+    store = await fresh(open_store)
+    # Queued together, so they share one transaction: the duplicate must not sink the others.
+    results = await asyncio.gather(
+        store.insert_report(1, received("c-0", "a")),
+        store.insert_report(1, received("c-0", "dup")),
+        store.insert_report(1, received("c-1", "b")),
+        return_exceptions=True)
+    assert results[0] is None and isinstance(results[1], DuplicateError) and results[2] is None
+    snap = await store.load(recent_deltas=4)
+    assert sorted(r.client_id for r in snap.open_reports) == ["c-0", "c-1"]
+
+
+async def test_a_round_closes_once_and_alpha_moves_with_its_increment(open_store: Opener) -> None:
+    store = await fresh(open_store)
+    alpha = np.zeros((8, 4))
+    alpha[3, 0] = 0.25
+    delta = AlphaDelta.from_matrix(1, 1, (3,), (0,), np.array([[0.25]]))
+    await store.close_round(1, "applied", 3.0, 1, 1.0, "ok", delta=delta, alpha=alpha,
+                            calibrations={"c-1": 1.5})
+    with pytest.raises(RoundNotOpenError):
+        await store.close_round(1, "applied", 3.0, 1, 1.0, "ok", delta=delta, alpha=alpha)
+    with pytest.raises(RoundNotOpenError):
+        await store.insert_report(1, received())
+    with pytest.raises(AlreadyPinnedError):
+        await store.pin_model("fp", FOOTPRINT, np.zeros((8, 4)))
+    snap = await store.load(recent_deltas=4)
+    assert snap.version == 1 and snap.alpha is not None and snap.alpha[3, 0] == 0.25
+    assert snap.deltas == [delta] and snap.rounds[0].status == "applied"
+    assert {c.client_id: c.calibration for c in snap.clients}["c-1"] == 1.5
+
+
+async def test_concurrent_reports_share_transactions_and_each_gets_its_own_answer(
+        open_store: Opener) -> None:
+    store = await fresh(open_store)
+    # 8 clients, each sending its report 3 times with the same key: 8 stored, 16 duplicates.
+    batches_before = store.stats.batches
+    sends = [store.insert_report(1, received(c, f"key-{c}")) for _ in range(3) for c in CLIENTS]
+    results = await asyncio.gather(*sends, return_exceptions=True)
+    assert results[:8] == [None] * 8
+    assert all(isinstance(r, DuplicateError) for r in results[8:])
+    assert store.stats.batches - batches_before < 10  # grouped, not one commit each
+    snap = await store.load(recent_deltas=4)
+    assert sorted(r.client_id for r in snap.open_reports) == CLIENTS
+
+
+async def test_every_acknowledged_write_survives_a_restart(open_store: Opener) -> None:
+    store = await fresh(open_store)
+    await asyncio.gather(*(store.insert_report(1, received(c, f"key-{c}", at=float(i)))
+                           for i, c in enumerate(CLIENTS)))
+    await store.close()
+    again = await open_store()
+    snap = await again.load(recent_deltas=4)
+    assert snap.run_id == "run" and snap.footprint == FOOTPRINT and len(snap.clients) == 8
+    assert [(r.client_id, r.received_at) for r in snap.open_reports] == \
+        [(c, float(i)) for i, c in enumerate(CLIENTS)]
+    with pytest.raises(DuplicateError):  # exactly once, across the restart too
+        await again.insert_report(1, received("c-0", "key-c-0"))
+
+
+async def test_a_database_of_another_schema_version_is_refused(
+        open_store: Opener, backend: tuple[str, Any]) -> None:
+    store = await fresh(open_store)
+    await store.close()
+    name, where = backend
+    if name == "sqlite":
+        import sqlite3
+
+        conn = sqlite3.connect(str(where))
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+        conn.commit()
+        conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(where[1], autocommit=True) as conn:
+            conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(SchemaMismatchError, match="schema 99"):
+        await open_store()
+
+
+async def test_postgres_keeps_every_acknowledged_report_through_a_server_crash(
+        postgres_server: PostgresServer) -> None:  # noqa: F811
+    """pg_ctl's immediate stop is a crash: no checkpoint, recovery from the WAL on restart."""
+    from zorba_server.storage import PostgresStore, StoreUnavailableError
+
+    conninfo = postgres_server.new_database()
+    store = await PostgresStore.open(conninfo)
+    await store.create_run("run", 1, 8, 0.0)
+    for c in CLIENTS:
+        await store.insert_client(c, f"hash-{c}".encode(), profile(), 0.0)
+    await store.insert_round(PLAN)
+    await asyncio.gather(*(store.insert_report(1, received(c, f"key-{c}")) for c in CLIENTS[:5]))
+    postgres_server.stop("immediate")
+    try:
+        with pytest.raises(StoreUnavailableError):  # a domain error, not psycopg's
+            await store.insert_report(1, received("c-5", "key-c-5"))
+    finally:
+        postgres_server.start()
+    await store.close()
+    again = await PostgresStore.open(conninfo)
+    try:
+        snap = await again.load(recent_deltas=4)
+        assert sorted(r.client_id for r in snap.open_reports) == CLIENTS[:5]
+    finally:
+        await again.close()
