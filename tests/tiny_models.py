@@ -78,6 +78,14 @@ def save_tiny_model(config: PretrainedConfig, directory: Path, seed: int = 0) ->
     return directory
 
 
+def rope_theta(config: PretrainedConfig) -> float:
+    """The rotary base: `config.rope_theta` on transformers 4, `rope_parameters` on 5."""
+    parameters = getattr(config, "rope_parameters", None)
+    if isinstance(parameters, dict) and "rope_theta" in parameters:
+        return float(parameters["rope_theta"])
+    return float(config.rope_theta)
+
+
 def _llama_cpp_permute(weights: np.ndarray, n_head: int, n_kv_head: int | None) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf q/k permutation (the loader must undo it)."""
     if n_kv_head is not None and n_head != n_kv_head:
@@ -106,7 +114,7 @@ def write_tiny_llama_gguf(
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
-    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)

@@ -19,7 +19,9 @@ that must agree on theta0 can check that they do.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import inspect
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -274,11 +276,14 @@ class GGUFSource:
             raise UnsupportedArchitectureError(f"{self.path}: {error}") from error
         self.config = AutoConfig.for_model(**parsed)
         self._names = _SkeletonNames(self.config)
-        self._hf_names = _gguf_name_map(self._names.skeleton, get_gguf_hf_weights_map)
-
         reader = GGUFReader(self.path)
         architecture = read_field(reader, "general.architecture")[0]
         self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed)
+        weights_map = get_gguf_hf_weights_map
+        if "processor" in inspect.signature(weights_map).parameters:
+            # transformers 5 lets the processor rename tensors while mapping; 4.57 does not.
+            weights_map = functools.partial(weights_map, processor=self._processor)
+        self._hf_names = _gguf_name_map(self._names.skeleton, weights_map)
         self._tensors = {
             t.name: _GGUFTensor(
                 t.name,
