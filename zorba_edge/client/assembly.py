@@ -49,9 +49,10 @@ Example = ClassificationExample | GenerationExample
 # ------------------------------------------------------------------------------ model
 
 
-def open_model(path: str | None) -> ModelSource:
-    """`--model PATH` (a transformers directory or a .gguf), by default the packaged SmolLM2."""
-    return open_source(path if path is not None else packaged_model_path())
+def open_model(path: str | None, tokenizer_dir: str | None = None) -> ModelSource:
+    """`--model PATH` (a transformers directory or a .gguf), by default the packaged SmolLM2;
+    `--tokenizer DIR` in place of the model's own tokenizer."""
+    return open_source(path if path is not None else packaged_model_path(), tokenizer_dir)
 
 
 def default_frozen_dtype(device: str) -> str:

@@ -110,7 +110,7 @@ def _setup_logging(level: str, *, to_file: bool) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     load_config = _load_config(args)
-    source = assembly.open_model(args.model)
+    source = assembly.open_model(args.model, args.tokenizer)
     report = _measure(args, source, load_config, None, args.batch_size, args.seq_len)
     timing = None
     if not args.no_probe:
@@ -249,7 +249,7 @@ def _run(args: argparse.Namespace) -> int:
             claim_pid_file(args.pid_file.resolve())
         _setup_logging(args.log_level, to_file=False)
     load_config = _load_config(args)
-    source = assembly.open_model(args.model)
+    source = assembly.open_model(args.model, args.tokenizer)
     report = _measure(args, source, load_config, args.step_time, assembly.PROBE_BATCH_SIZE,
                       assembly.PROBE_SEQ_LEN)
     log.info("memory budget %s; %d of %d blocks fit at once", report.budget.describe(),
@@ -351,7 +351,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level, to_file=False)
     url = normalize_url(args.server)
-    source = assembly.open_model(args.model)
+    source = assembly.open_model(args.model, args.tokenizer)
     remote = asyncio.run(fetch_remote_table(url, store=StateStore(_state_path(args)),
                                             ca_cert=args.ca_cert))
     log.info("run %s at alpha version %d", remote.run_id, remote.table.version)
@@ -368,7 +368,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, to_file=False)
     load_config = _load_config(args)
     choice = _data_choice(args)
-    source = assembly.open_model(args.model)
+    source = assembly.open_model(args.model, args.tokenizer)
     task = assembly.build_task(assembly.heldout_examples(choice), source, choice)
     remote = None
     if args.server:
