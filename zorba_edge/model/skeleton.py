@@ -83,8 +83,11 @@ def build_skeleton(config: PretrainedConfig) -> PreTrainedModel:
         ) from error
     family_of(model)
     # Built empty, the head is not tied yet (from_pretrained ties after loading): tie it
-    # now, or a tied head would look like a parameter of its own.
-    model.tie_weights()
+    # now, or a tied head would look like a parameter of its own. Tying assigns a parameter,
+    # so it too runs under the lock: while another thread builds a skeleton, the assignment
+    # would otherwise be swapped for a fresh meta copy and the head left untied.
+    with registration_lock():
+        model.tie_weights()
     model.eval()
     model.requires_grad_(False)
     return model
