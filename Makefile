@@ -1,7 +1,12 @@
 # Set-up and test entry points. `make test` is what CI runs (.ci/run).
 PYTHON ?= python3
-VENV ?= .venv
+# Which transformers to test against: empty (the default, what CI runs) installs the newest
+# release that installs here; `make test TRANSFORMERS=4.57.6` runs the suite on 4.57 in a
+# venv of its own (.venv-transformers-4.57.6), so the two never overwrite each other.
+TRANSFORMERS ?=
+VENV ?= .venv$(if $(TRANSFORMERS),-transformers-$(TRANSFORMERS))
 PY := $(VENV)/bin/python
+TRANSFORMERS_REQ := $(if $(TRANSFORMERS),transformers==$(TRANSFORMERS),--upgrade transformers)
 
 .PHONY: test install server-install models quickstart e2e lint clean
 
@@ -12,6 +17,7 @@ $(VENV)/.installed: pyproject.toml requirements/server.txt requirements/client.t
 	# requirement would pull a multi-GB CUDA build here.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q $(TRANSFORMERS_REQ)
 	touch $@
 
 install: $(VENV)/.installed

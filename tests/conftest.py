@@ -45,3 +45,9 @@ def tiny_model_dir(tmp_path: Path) -> Callable[..., Path]:
         return save_tiny_model(config or tiny_llama_config(), tmp_path / name, seed=seed)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built tokenizers are cached under ZORBA_EDGE_CACHE: never the user's own cache in tests."""
+    monkeypatch.setenv("ZORBA_EDGE_CACHE", str(tmp_path_factory.mktemp("zorba-cache")))

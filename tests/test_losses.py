@@ -12,12 +12,12 @@ from fixtures_text import FILLER, make_table_lm, make_tiny_gpt2, make_tiny_llama
 from zorba_edge.data.batches import IGNORE_INDEX, ClassificationBatch, LMBatch
 from zorba_edge.data.collate import ClassificationCollator, LMCollator
 from zorba_edge.data.examples import ClassificationExample, GenerationExample
-from zorba_edge.data.templates import SENTIMENT_TEMPLATE
+from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
 from zorba_edge.engine.losses import (
     accuracy,
     classification_loss,
     evaluate_classification,
-    label_word_logits,
+    label_scores,
     last_token_positions,
     lm_loss,
 )
@@ -60,7 +60,7 @@ def test_classification_loss_is_cross_entropy_over_label_words_after_the_prompt(
     model = make_table_lm(len(tokenizer))
     batch = classify_batch(tokenizer, side)
     table = model.table.detach().tolist()
-    words = batch.label_word_ids.tolist()
+    words = batch.label_tokens[:, 0].tolist()
     expected = 0.0
     for example in REVIEWS:
         # Every rendered prompt ends with "was": the table LM's logits there predict the label.
@@ -78,8 +78,8 @@ def test_classification_reads_the_last_real_token_not_the_padding(tokenizer):
         # Make the padding token predict the wrong label overwhelmingly: a loss that read the
         # last position instead of the last real token would blow up.
         model.table[tokenizer.pad_token_id] = 0.0
-        model.table[tokenizer.pad_token_id, batch.label_word_ids[1]] = 50.0
-        model.table[tokenizer.pad_token_id, batch.label_word_ids[0]] = -50.0
+        model.table[tokenizer.pad_token_id, batch.label_tokens[:, 0][1]] = 50.0
+        model.table[tokenizer.pad_token_id, batch.label_tokens[:, 0][0]] = -50.0
     clean = classification_loss(model, batch).item()
     assert clean < 5.0
     assert last_token_positions(batch.attention_mask).tolist() == [
@@ -109,7 +109,7 @@ def test_losses_are_differentiable_and_match_a_direct_autograd_reference(tokeniz
     model.table.grad = None
     last = last_token_positions(batch.attention_mask)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    scores = logits[torch.arange(len(batch)), last][:, batch.label_word_ids]
+    scores = logits[torch.arange(len(batch)), last][:, batch.label_tokens[:, 0]]
     F.cross_entropy(scores, batch.labels).backward()
     assert torch.allclose(ours, model.table.grad)
     assert ours.abs().sum() > 0
@@ -177,9 +177,9 @@ def test_predict_and_accuracy_take_the_argmax_over_label_words(tokenizer):
     batch = classify_batch(tokenizer)
     was = tokenizer.convert_tokens_to_ids("was")
     with torch.no_grad():
-        model.table[was, batch.label_word_ids[1]] = 10.0  # every prompt ends in "was"
-        model.table[was, batch.label_word_ids[0]] = -10.0
-    assert label_word_logits(model, batch).argmax(dim=-1).tolist() == [1, 1, 1, 1]
+        model.table[was, batch.label_tokens[:, 0][1]] = 10.0  # every prompt ends in "was"
+        model.table[was, batch.label_tokens[:, 0][0]] = -10.0
+    assert label_scores(model, batch).argmax(dim=-1).tolist() == [1, 1, 1, 1]
     assert accuracy(model, [batch]) == pytest.approx(0.5)  # labels are [1, 0, 0, 1]
     result = evaluate_classification(model, [batch, batch])
     assert result.examples == 8 and result.accuracy == pytest.approx(0.5)
@@ -193,17 +193,65 @@ def test_rows_without_real_tokens_are_refused():
 
 @pytest.mark.parametrize("make_model", [make_tiny_llama, make_tiny_gpt2])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_label_word_logits_from_the_kept_positions_equal_those_of_the_full_logits(
+def test_label_scores_from_the_kept_positions_equal_those_of_the_full_logits(
     tokenizer, make_model, side
 ):
     # The head runs only at the prompts' last positions (logits_to_keep); the scores must
     # equal those read off the full (batch, seq_len, vocab) logits.
-    from zorba_edge.engine.losses import forward_logits, label_word_logits, last_token_positions
+    from zorba_edge.engine.losses import forward_logits, label_scores, last_token_positions
 
     model = make_model(len(tokenizer)).eval()
     batch = classify_batch(tokenizer, side=side)
     with torch.no_grad():
-        full = forward_logits(model, batch.input_ids, batch.attention_mask)
+        full = forward_logits(model, batch.input_ids, batch.attention_mask).log_softmax(-1)
         rows = torch.arange(len(batch))
-        expected = full[rows, last_token_positions(batch.attention_mask)][:, batch.label_word_ids]
-        assert torch.allclose(label_word_logits(model, batch), expected, atol=1e-5)
+        expected = full[rows, last_token_positions(batch.attention_mask)][:, batch.label_tokens[:, 0]]
+        assert torch.allclose(label_scores(model, batch), expected, atol=1e-5)
+
+
+MULTI = PromptTemplate(("neg", "pos", "meh"), (" very bad", " great", " not very great"), suffix=" It was")
+
+
+def test_multi_token_label_scores_equal_a_hand_computation(tokenizer):
+    """Table LM: position t's logits are table[token t], so a label's score is a sum we can
+    write out: log p(w1 | was) + log p(w2 | w1) + ..."""
+    from zorba_edge.engine.losses import label_scores
+
+    model = make_table_lm(len(tokenizer))
+    batch = ClassificationCollator(tokenizer, MULTI, seq_len=16)(REVIEWS)
+    assert batch.label_lengths.tolist() == [2, 1, 3]
+    table = model.table.detach().tolist()
+    ids = tokenizer.convert_tokens_to_ids
+
+    def log_p(after: str, token: str) -> float:
+        return log_softmax(table[ids(after)])[ids(token)]
+
+    hand = [
+        log_p("was", "very") + log_p("very", "bad"),
+        log_p("was", "great"),
+        log_p("was", "not") + log_p("not", "very") + log_p("very", "great"),
+    ]
+    with torch.no_grad():
+        scores = label_scores(model, batch)
+    for row in scores.tolist():
+        assert row == pytest.approx(hand, rel=1e-5)
+    loss = classification_loss(model, batch).item()
+    expected = -sum(log_softmax(hand)[e.label] for e in REVIEWS) / len(REVIEWS)
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_multi_token_scores_on_a_real_model_equal_full_sequence_log_likelihoods(tokenizer, side):
+    from zorba_edge.engine.losses import label_scores
+
+    model = make_tiny_llama(len(tokenizer))
+    batch = ClassificationCollator(tokenizer, MULTI, seq_len=16, padding_side=side)(REVIEWS)
+    with torch.no_grad():
+        scores = label_scores(model, batch)
+        for row in range(len(REVIEWS)):
+            prompt = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()
+            for label, length in enumerate(batch.label_lengths.tolist()):
+                word = batch.label_tokens[label, :length].tolist()
+                logits = model(input_ids=torch.tensor([prompt + word])).logits[0].log_softmax(-1)
+                hand = sum(float(logits[len(prompt) - 1 + j, t]) for j, t in enumerate(word))
+                assert scores[row, label].item() == pytest.approx(hand, abs=1e-4)

@@ -78,6 +78,14 @@ def save_tiny_model(config: PretrainedConfig, directory: Path, seed: int = 0) ->
     return directory
 
 
+def rope_theta(config: PretrainedConfig) -> float:
+    """The rotary base: `config.rope_theta` on transformers 4, `rope_parameters` on 5."""
+    parameters = getattr(config, "rope_parameters", None)
+    if isinstance(parameters, dict) and "rope_theta" in parameters:
+        return float(parameters["rope_theta"])
+    return float(config.rope_theta)
+
+
 def _llama_cpp_permute(weights: np.ndarray, n_head: int, n_kv_head: int | None) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf q/k permutation (the loader must undo it)."""
     if n_kv_head is not None and n_head != n_kv_head:
@@ -90,15 +98,55 @@ def _llama_cpp_permute(weights: np.ndarray, n_head: int, n_kv_head: int | None) 
     )
 
 
+SPIECE_WORDS = ("great", "terrible", "movie", "film", "plot", "actor", "story", "scene", "boring", "fun")
+
+
+def tiny_spm_vocab(words: tuple[str, ...] = SPIECE_WORDS) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-BPE vocabulary as a GGUF stores it: (pieces, scores, token types).
+
+    Control tokens, 256 byte pieces, every character and every prefix of `▁word` for each
+    word, so that each word is reached by merging left to right (a longer piece scores lower,
+    i.e. is merged later, as SentencePiece's training order gives).
+    """
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    types = [3, 3, 3, 2]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256
+    pieces: list[str] = ["▁"]
+    for word in words:
+        for piece in ("▁" + word, word):
+            pieces += [c for c in piece if c not in pieces]
+            pieces += [piece[:n] for n in range(2, len(piece) + 1) if piece[:n] not in pieces]
+    pieces = sorted(dict.fromkeys(pieces), key=len)
+    scores = [0.0] * len(tokens) + [-float(i) for i in range(len(pieces))]
+    return tokens + pieces, scores, types + [1] * len(pieces)
+
+
 def write_tiny_llama_gguf(
-    model: PreTrainedModel, path: Path, quantize_blocks: bool = False
+    model: PreTrainedModel, path: Path, quantize_blocks: bool = False,
+    vocab: tuple[list[str], list[float], list[int]] | None = None,
 ) -> Path:
-    """Write a Llama model as llama.cpp would: GGUF names, permuted q/k, optional Q8_0 blocks."""
+    """Write a Llama model as llama.cpp would: GGUF names, permuted q/k, optional Q8_0 blocks,
+    and with `vocab` (tiny_spm_vocab) a SentencePiece tokenizer without prefix space."""
     import gguf
 
     config = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-llama")
+    if vocab is not None:
+        tokens, scores, types = vocab
+        if len(tokens) != config.vocab_size:
+            raise ValueError(f"the vocab has {len(tokens)} pieces, the model {config.vocab_size}")
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(2)
+        writer.add_eos_token_id(1)
+        writer.add_unk_token_id(3)
+        writer.add_pad_token_id(0)
+        writer.add_add_bos_token(True)
+        writer.add_add_space_prefix(False)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -106,7 +154,7 @@ def write_tiny_llama_gguf(
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
-    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from zorba_edge.client.admission import Admission, admit
-from zorba_edge.client.errors import UsageError
+from zorba_edge.client.errors import BudgetError, UsageError
 from zorba_edge.client.profiling import (
     Budget,
     DeviceSurvey,
@@ -49,9 +49,10 @@ Example = ClassificationExample | GenerationExample
 # ------------------------------------------------------------------------------ model
 
 
-def open_model(path: str | None) -> ModelSource:
-    """`--model PATH` (a transformers directory or a .gguf), by default the packaged SmolLM2."""
-    return open_source(path if path is not None else packaged_model_path())
+def open_model(path: str | None, tokenizer_dir: str | None = None) -> ModelSource:
+    """`--model PATH` (a transformers directory or a .gguf), by default the packaged SmolLM2;
+    `--tokenizer DIR` in place of the model's own tokenizer."""
+    return open_source(path if path is not None else packaged_model_path(), tokenizer_dir)
 
 
 def default_frozen_dtype(device: str) -> str:
@@ -128,7 +129,9 @@ class DeviceReport:
 
     survey: DeviceSurvey
     budget: Budget
-    admission: Admission
+    admission: Admission | None
+    """None where measured without refusing (`run`, before the run's shape is known) and
+    no block fits at the probe's shape."""
     memory: MemoryProfile
     footprint: ModelFootprint
     fingerprint: str
@@ -137,10 +140,18 @@ class DeviceReport:
 
 def device_report(source: ModelSource, load_config: LoadConfig, survey: DeviceSurvey,
                   budget: Budget, memory: MemoryProfile, *, step_time_s: float | None,
-                  batch_size: int = PROBE_BATCH_SIZE, seq_len: int = PROBE_SEQ_LEN) -> DeviceReport:
-    """Admission of this device for a run of the given batch shape (BudgetError if none)."""
+                  batch_size: int = PROBE_BATCH_SIZE, seq_len: int = PROBE_SEQ_LEN,
+                  refuse: bool = True) -> DeviceReport:
+    """Admission of this device for a run of the given batch shape: BudgetError if none, or
+    with `refuse=False` a report whose admission is None."""
     footprint = footprint_of(source)
-    admission = admit(footprint, memory.settings(batch_size, seq_len), budget.budget_bytes)
+    admission: Admission | None
+    try:
+        admission = admit(footprint, memory.settings(batch_size, seq_len), budget.budget_bytes)
+    except BudgetError:
+        if refuse:
+            raise
+        admission = None
     return DeviceReport(survey, budget, admission, memory, footprint, source.fingerprint,
                         step_time_s)
 

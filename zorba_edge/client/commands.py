@@ -71,7 +71,8 @@ def _state_path(args: argparse.Namespace) -> Path:
 
 
 def _measure(args: argparse.Namespace, source: ModelSource, load_config: LoadConfig,
-             step_time_s: float | None, batch_size: int, seq_len: int) -> DeviceReport:
+             step_time_s: float | None, batch_size: int, seq_len: int, *,
+             refuse: bool = True) -> DeviceReport:
     found = survey(load_config.device)
     reading = found.reading_for(load_config.device)
     margin_bytes, margin_fraction = args.safety_margin or (None, None)
@@ -80,7 +81,8 @@ def _measure(args: argparse.Namespace, source: ModelSource, load_config: LoadCon
     on_cpu = torch.device(load_config.device).type == "cpu"
     memory = assembly.memory_profile(load_config, process_rss() if on_cpu else None)
     return assembly.device_report(source, load_config, found, budget, memory,
-                                  step_time_s=step_time_s, batch_size=batch_size, seq_len=seq_len)
+                                  step_time_s=step_time_s, batch_size=batch_size, seq_len=seq_len,
+                                  refuse=refuse)
 
 
 def _setup_logging(level: str, *, to_file: bool) -> None:
@@ -110,7 +112,7 @@ def _setup_logging(level: str, *, to_file: bool) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     load_config = _load_config(args)
-    source = assembly.open_model(args.model)
+    source = assembly.open_model(args.model, args.tokenizer)
     report = _measure(args, source, load_config, None, args.batch_size, args.seq_len)
     timing = None
     if not args.no_probe:
@@ -125,6 +127,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def _profile_json(report: DeviceReport, load_config: LoadConfig, timing: Any,
                   args: argparse.Namespace) -> dict[str, Any]:
     admission = report.admission
+    assert admission is not None  # profile measures with refuse=True
     return {
         "device": load_config.device,
         "host": asdict(report.survey.host),
@@ -164,6 +167,7 @@ def _print_profile(report: DeviceReport, load_config: LoadConfig, timing: Any,
                   f"snapshot {m.snapshot_dtype or 'none (host)'}, runtime "
                   f"{format_size(m.runtime_bytes)}")
     a = report.admission
+    assert a is not None  # profile measures with refuse=True
     table.add_row("fixed", f"{format_size(a.fixed_bytes)} (every block frozen, batch "
                   f"{args.batch_size} x {args.seq_len} tokens)")
     low, high = min(a.block_bytes), max(a.block_bytes)
@@ -251,13 +255,24 @@ def _run(args: argparse.Namespace) -> int:
             claim_pid_file(args.pid_file.resolve())
         _setup_logging(args.log_level, to_file=False)
     load_config = _load_config(args)
-    source = assembly.open_model(args.model)
-    report = _measure(args, source, load_config, args.step_time, assembly.PROBE_BATCH_SIZE,
-                      assembly.PROBE_SEQ_LEN)
-    log.info("memory budget %s; %d of %d blocks fit at once", report.budget.describe(),
-             report.admission.max_blocks, report.admission.num_blocks)
+    source = assembly.open_model(args.model, args.tokenizer)
     examples = assembly.training_examples(data_choice)
     task = assembly.build_task(examples, source, data_choice)
+    # Labels, template and data with the tokenizer alone, before any weights load.
+    task.check(assembly.PROBE_SEQ_LEN)
+    # The run's batch shape is known only once registered: check_run admits at the run's own
+    # batch_size and seq_len then, so a device that fits the run is never refused for not
+    # fitting the probe's default shape.
+    report = _measure(args, source, load_config, args.step_time, assembly.PROBE_BATCH_SIZE,
+                      assembly.PROBE_SEQ_LEN, refuse=False)
+    if report.admission is None:
+        log.warning("memory budget %s: at batch %d x %d tokens no block fits; the run's own "
+                    "batch size and sequence length decide after registering",
+                    report.budget.describe(), assembly.PROBE_BATCH_SIZE, assembly.PROBE_SEQ_LEN)
+    else:
+        log.info("memory budget %s; %d of %d blocks fit at once (at batch %d x %d tokens)",
+                 report.budget.describe(), report.admission.max_blocks,
+                 report.admission.num_blocks, assembly.PROBE_BATCH_SIZE, assembly.PROBE_SEQ_LEN)
     log.info("local data: %d %s examples from %s", len(examples), task.kind, data_choice.spec)
     budget_bytes = report.budget.budget_bytes
 
@@ -353,7 +368,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level, to_file=False)
     url = normalize_url(args.server)
-    source = assembly.open_model(args.model)
+    source = assembly.open_model(args.model, args.tokenizer)
     remote = asyncio.run(fetch_remote_table(url, store=StateStore(_state_path(args)),
                                             ca_cert=args.ca_cert))
     log.info("run %s at alpha version %d", remote.run_id, remote.table.version)
@@ -370,8 +385,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, to_file=False)
     load_config = _load_config(args)
     choice = _data_choice(args)
-    source = assembly.open_model(args.model)
+    source = assembly.open_model(args.model, args.tokenizer)
     task = assembly.build_task(assembly.heldout_examples(choice), source, choice)
+    task.check(args.seq_len)  # minutes before the model would have loaded
     remote = None
     if args.server:
         remote = asyncio.run(fetch_remote_table(normalize_url(args.server),

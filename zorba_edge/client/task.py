@@ -64,6 +64,16 @@ class LocalTask:
             self._collators[seq_len] = made
         return self._collators[seq_len]
 
+    def check(self, seq_len: int) -> None:
+        """Collate every example once, with the tokenizer alone, before any weights load:
+        a label word, template or example that cannot be used is a DataError naming it."""
+        collate = self.collator(seq_len)
+        for index, example in enumerate(self.examples):
+            try:
+                collate([example])  # type: ignore[list-item]
+            except DataError as error:
+                raise DataError(f"example {index + 1} of the local data: {error}") from None
+
     def next_batch(self, batch_size: int, seq_len: int) -> Any:
         """The next training batch of this client's seeded, epoch-wise shuffled stream."""
         sampler = self._samplers.get(batch_size)

@@ -22,16 +22,16 @@ def _check_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None
 
 @dataclass(frozen=True)
 class ClassificationBatch:
-    """Prompts whose next token is scored over one label word per class."""
+    """Prompts, each scored by the likelihood of every label's word following it."""
 
     input_ids: torch.Tensor
-    """(batch, seq_len) int64 token ids, padded on either side."""
+    """(batch, seq_len) int64 token ids of the prompts, padded on either side."""
     attention_mask: torch.Tensor
     """(batch, seq_len), 1 on real tokens and 0 on padding."""
-    label_word_ids: torch.Tensor
-    """(num_labels,) int64: the token id standing for each label."""
+    label_tokens: torch.Tensor
+    """(num_labels, max_label_len) int64: each label word's tokens, IGNORE_INDEX after its end."""
     labels: torch.Tensor
-    """(batch,) int64 label indices into label_word_ids."""
+    """(batch,) int64 label indices into label_tokens."""
 
     def __post_init__(self) -> None:
         _check_tokens(self.input_ids, self.attention_mask)
@@ -40,17 +40,22 @@ class ClassificationBatch:
                 f"labels shape {tuple(self.labels.shape)} does not match batch size "
                 f"{self.input_ids.shape[0]}"
             )
-        if self.label_word_ids.ndim != 1:
-            raise ValueError("label_word_ids must be one-dimensional (one token id per label)")
+        if self.label_tokens.ndim != 2 or bool((self.label_tokens[:, 0] == IGNORE_INDEX).any()):
+            raise ValueError("label_tokens must be (num_labels, max_len) with at least one token per label")
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    @property
+    def label_lengths(self) -> torch.Tensor:
+        """(num_labels,) tokens in each label word."""
+        return (self.label_tokens != IGNORE_INDEX).sum(dim=1)
 
     def to(self, device: torch.device | str) -> ClassificationBatch:
         return ClassificationBatch(
             input_ids=self.input_ids.to(device),
             attention_mask=self.attention_mask.to(device),
-            label_word_ids=self.label_word_ids.to(device),
+            label_tokens=self.label_tokens.to(device),
             labels=self.labels.to(device),
         )
 

@@ -3,8 +3,9 @@
 Every batch is padded to exactly `seq_len` so that a client's memory use does not depend on
 which examples it drew (the memory model assumes (batch, seq_len) activations). What is too
 long is truncated in the part that can lose tokens: the text of a classification example,
-never its template (the label word is predicted right after the template); the prompt of a
-generation example before its completion.
+never its template (the label word is scored right after the template, and room is kept for
+all but the last token of the longest label word, which the scoring feeds in after the
+prompt); the prompt of a generation example before its completion.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from zorba_edge.data.batches import IGNORE_INDEX, ClassificationBatch, LMBatch
 from zorba_edge.data.examples import ClassificationExample, GenerationExample
-from zorba_edge.data.templates import PromptTemplate, label_word_ids
+from zorba_edge.data.templates import PromptTemplate, label_token_ids
 from zorba_edge.errors import DataError
 
 Side = Literal["left", "right"]
@@ -84,7 +85,8 @@ class ClassificationCollator:
     truncation_side: Side = "right"
     """Which end of a too-long text is cut: 'right' keeps its beginning."""
     _prefix: list[int] = field(init=False, repr=False)
-    _label_word_ids: torch.Tensor = field(init=False, repr=False)
+    _label_tokens: torch.Tensor = field(init=False, repr=False)
+    _room: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_side("padding_side", self.padding_side)
@@ -94,15 +96,18 @@ class ClassificationCollator:
                 "truncating a text without cutting its template needs a fast tokenizer "
                 "(offset mappings); load it with use_fast=True"
             )
-        self._label_word_ids = torch.tensor(
-            label_word_ids(self.tokenizer, self.template), dtype=torch.int64
-        )
+        sequences = label_token_ids(self.tokenizer, self.template)
+        longest = max(len(tokens) for tokens in sequences)
+        self._label_tokens = pad_rows(sequences, longest, IGNORE_INDEX, "right")
         self._prefix = special_prefix_ids(self.tokenizer)
+        # The scoring appends a label's tokens but the last after the prompt (losses.py).
+        self._room = self.seq_len - (longest - 1)
         bare = len(self._prefix) + len(self._plain(self.template.render("")))
-        if bare >= self.seq_len:
+        if bare >= self._room:
             raise DataError(
-                f"the template takes {bare} tokens, leaving no room for the text in "
-                f"seq_len={self.seq_len}; raise seq_len or shorten the template"
+                f"the template takes {bare} tokens and the longest label word {longest}, "
+                f"leaving no room for the text in seq_len={self.seq_len}; raise seq_len or "
+                "shorten the template or the label words"
             )
 
     def _plain(self, text: str) -> list[int]:
@@ -111,7 +116,7 @@ class ClassificationCollator:
     def encode(self, text: str) -> list[int]:
         """Token ids of the rendered prompt, the text cut (never the template) to fit seq_len."""
         text = text.strip()
-        budget = self.seq_len - len(self._prefix)
+        budget = self._room - len(self._prefix)
         ids = self._plain(self.template.render(text))
         if len(ids) <= budget:
             return self._prefix + ids
@@ -147,7 +152,7 @@ class ClassificationCollator:
         return ClassificationBatch(
             input_ids=pad_rows(rows, self.seq_len, padding_id(self.tokenizer), self.padding_side),
             attention_mask=_mask([len(r) for r in rows], self.seq_len, self.padding_side),
-            label_word_ids=self._label_word_ids.clone(),
+            label_tokens=self._label_tokens.clone(),
             labels=torch.tensor([e.label for e in examples], dtype=torch.int64),
         )
 

@@ -1,8 +1,8 @@
 """Prompt templates for classification by label-word scoring (MeZO / LM-BFF style).
 
-An example is rendered as `prefix + text + suffix`; the model's next-token logits after the
-suffix are compared over one label word per class. For the sentiment tasks (SST-2, MR) that
-is `"<review> It was"` followed by `" terrible"` or `" great"`.
+An example is rendered as `prefix + text + suffix`; each class is scored by the likelihood
+of its label word (any number of tokens) following the suffix. For the sentiment tasks
+(SST-2, MR) that is `"<review> It was"` followed by `" terrible"` or `" great"`.
 """
 
 from __future__ import annotations
@@ -52,32 +52,31 @@ SENTIMENT_TEMPLATE = PromptTemplate(
 )
 
 
-def label_word_ids(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate) -> list[int]:
-    """The single token id of each label word; DataError when a word is not exactly one token.
+def label_token_ids(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate) -> list[list[int]]:
+    """The token ids of each label word, as it follows the prompt; DataError naming the word
+    when one is empty, holds the unknown token, or tokenises like another label's word.
 
-    Scoring by one next-token logit per class is only exact when every label word is a single
-    token and no two share it (MeZO scores multi-token candidates by their whole likelihood,
-    which this loss does not do).
+    A label word may be any number of tokens: the losses score a label by the summed
+    log-likelihood of all its tokens after the prompt (losses.label_scores).
     """
-    ids: list[int] = []
+    sequences: list[list[int]] = []
     for name, word in zip(template.label_names, template.label_words, strict=True):
         tokens = tokenizer.encode(word, add_special_tokens=False)
-        if len(tokens) != 1:
+        if not tokens:
+            raise DataError(
+                f"label word {word!r} (label {name!r}) has no tokens for this tokenizer; give "
+                "a non-empty label word (--label-words)")
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in tokens:
             pieces = tokenizer.convert_ids_to_tokens(tokens)
             raise DataError(
-                f"label word {word!r} (label {name!r}) is {len(tokens)} tokens {pieces} for this "
-                "tokenizer; choose label words that are one token each (often with a leading "
-                "space, e.g. ' great')"
-            )
-        if tokens[0] == tokenizer.unk_token_id:
+                f"label word {word!r} (label {name!r}) contains the unknown token ({pieces}) for "
+                "this tokenizer; choose a label word made of characters it knows")
+        sequences.append(tokens)
+    seen: dict[tuple[int, ...], str] = {}
+    for word, tokens in zip(template.label_words, sequences, strict=True):
+        if tuple(tokens) in seen:
             raise DataError(
-                f"label word {word!r} (label {name!r}) is the unknown token for this tokenizer; "
-                "choose a label word in its vocabulary"
-            )
-        ids.append(tokens[0])
-    if len(set(ids)) != len(ids):
-        raise DataError(
-            f"label words {template.label_words!r} map to token ids {ids} with repeats; "
-            "choose label words that the tokenizer tells apart"
-        )
-    return ids
+                f"label words {seen[tuple(tokens)]!r} and {word!r} tokenise the same ({tokens}) "
+                "with repeats; choose label words that the tokenizer tells apart")
+        seen[tuple(tokens)] = word
+    return sequences

@@ -5,7 +5,8 @@ transformers convention) and a padded batch, and return a scalar fp32 tensor, th
 examples. They need no autograd (the zeroth-order engine runs them under no_grad or
 inference_mode) but stay differentiable, so tests can compare against autograd gradients.
 Only the positions that carry a target are gathered before the softmax, so whatever the
-model computes at padding (even NaN) never reaches the loss.
+model computes at padding (even NaN) never reaches the loss; classification computes the LM
+head only at those positions.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def forward_logits(
 
     With `keep_positions` (sorted sequence positions), models that take `logits_to_keep`
     compute the LM head at those positions only: (batch, len(keep_positions), vocab). For
-    classification that is one position per distinct prompt length instead of all 64, which
-    saves most of the head's compute and the logits' memory (100 MB for SmolLM2 at 8 x 64).
+    classification that is a few positions instead of all 64, which saves most of the head's
+    compute and the logits' memory (100 MB for SmolLM2 at 8 x 64).
     """
     kwargs: dict[str, torch.Tensor] = {}
     if _has_left_padding(attention_mask):
@@ -63,26 +64,78 @@ def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.bool()).max(dim=-1).values
 
 
-def label_word_logits(model: nn.Module, batch: ClassificationBatch) -> torch.Tensor:
-    """(batch, num_labels) fp32 logits of each label word as the token after the prompt."""
-    last = last_token_positions(batch.attention_mask)
+def logits_at(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """(batch, k, vocab) logits of row i at `positions[i]` ((batch, k) sequence positions).
+
+    The LM head runs only at the distinct positions any row needs (logits_to_keep) where the
+    model takes it: with Gemma 3's 262k-token vocabulary the head at every position would cost
+    more than the blocks.
+    """
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
     if _accepts_logits_to_keep(model):
-        kept, column = torch.unique(last, sorted=True, return_inverse=True)
-        logits = forward_logits(model, batch.input_ids, batch.attention_mask, kept.to(batch.input_ids.device))
-    else:
-        logits, column = forward_logits(model, batch.input_ids, batch.attention_mask), last
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    next_token = logits[rows, column.to(logits.device)]
-    return next_token[:, batch.label_word_ids.to(logits.device)].float()
+        kept, column = torch.unique(positions.flatten(), sorted=True, return_inverse=True)
+        logits = forward_logits(model, input_ids, attention_mask, kept.to(input_ids.device))
+        return logits[rows.to(logits.device), column.view_as(positions).to(logits.device)]
+    logits = forward_logits(model, input_ids, attention_mask)
+    return logits[rows.to(logits.device), positions.to(logits.device)]
+
+
+def _continuation_log_likelihood(model: nn.Module, batch: ClassificationBatch,
+                                 tokens: torch.Tensor) -> torch.Tensor:
+    """(batch,) summed log-probability of `tokens` following each row's prompt.
+
+    Each row becomes its prompt's real tokens, then all but the last of `tokens` (the last is
+    only predicted), right-padded to the batch's seq_len: the batch shape, and so the memory,
+    stays the run's. The collator keeps that room.
+    """
+    size, seq_len = batch.input_ids.shape
+    count = tokens.shape[0]
+    mask = batch.attention_mask.bool()
+    lengths = mask.sum(dim=1)
+    if int(lengths.max()) + count - 1 > seq_len:
+        raise ValueError(
+            f"a prompt of {int(lengths.max())} tokens leaves no room for a {count}-token label "
+            f"word in seq_len={seq_len}; collate with the task's ClassificationCollator")
+    ids = torch.full_like(batch.input_ids, int(tokens[0]))
+    attention = torch.zeros_like(batch.attention_mask)
+    for row in range(size):
+        sequence = torch.cat([batch.input_ids[row][mask[row]], tokens[:-1]])
+        ids[row, : len(sequence)] = sequence
+        attention[row, : len(sequence)] = 1
+    positions = (lengths - 1)[:, None] + torch.arange(count, device=lengths.device)
+    log_probs = logits_at(model, ids, attention, positions).float().log_softmax(dim=-1)
+    targets = tokens.to(log_probs.device)[None, :, None].expand(size, count, 1)
+    return log_probs.gather(-1, targets).squeeze(-1).sum(dim=1)
+
+
+def label_scores(model: nn.Module, batch: ClassificationBatch) -> torch.Tensor:
+    """(batch, num_labels) fp32 log-likelihood of each label word's full continuation.
+
+    A label's score is the sum of its tokens' log-probabilities after the prompt, as
+    lm-eval-harness scores multiple-choice answers (its `acc`), not divided by the length:
+    the softmax over these scores is then exactly the model's distribution restricted to the
+    candidate strings, and a one-token label scores the same as by its next-token
+    probability. (Length normalisation, lm-eval's `acc_norm`, would favour longer words by
+    an amount that depends on the tokenizer.) When every label word is one token, one forward
+    pass scores them all; otherwise one forward per label, each of the batch's own shape.
+    """
+    lengths = batch.label_lengths.tolist()
+    if max(lengths) == 1:
+        last = last_token_positions(batch.attention_mask)[:, None]
+        log_probs = logits_at(model, batch.input_ids, batch.attention_mask, last)[:, 0]
+        words = batch.label_tokens[:, 0].to(log_probs.device)
+        return log_probs.float().log_softmax(dim=-1)[:, words]
+    last_token_positions(batch.attention_mask)  # refuses empty rows with a clear message
+    return torch.stack(
+        [_continuation_log_likelihood(model, batch, batch.label_tokens[label, :length])
+         for label, length in enumerate(lengths)], dim=1)
 
 
 def classification_loss(model: nn.Module, batch: ClassificationBatch) -> torch.Tensor:
-    """Cross-entropy over the label words' logits (MeZO's candidate scoring, one token each).
-
-    Equal to cross-entropy over the label words' log-probabilities under the full vocabulary
-    softmax: the log-normaliser is shared by the candidates and cancels.
-    """
-    scores = label_word_logits(model, batch)
+    """Cross-entropy over the labels' scores (MeZO's candidate scoring, words of any length)."""
+    scores = label_scores(model, batch)
     return F.cross_entropy(scores, batch.labels.to(scores.device))
 
 
@@ -101,7 +154,7 @@ def evaluate_classification(
     """Loss and accuracy over all batches, from one forward pass each."""
     loss_sum, correct, examples = 0.0, 0, 0
     for batch in batches:
-        scores = label_word_logits(model, batch)
+        scores = label_scores(model, batch)
         labels = batch.labels.to(scores.device)
         loss_sum += float(F.cross_entropy(scores, labels, reduction="sum"))
         correct += int((scores.argmax(dim=-1) == labels).sum())
@@ -113,7 +166,7 @@ def evaluate_classification(
 
 
 def accuracy(model: nn.Module, batches: Iterable[ClassificationBatch]) -> float:
-    """Fraction of examples whose highest-scoring label word is the right one."""
+    """Fraction of examples whose highest-scoring label is the right one."""
     return evaluate_classification(model, batches).accuracy
 
 

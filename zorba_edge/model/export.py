@@ -9,6 +9,7 @@ exporting needs about one block of extra memory.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,12 @@ from zorba_edge.model.sources import SAFETENSORS_INDEX, ModelSource
 
 Progress = Callable[[int, int], None]
 """progress(done, total) in blocks."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def export_checkpoint(
@@ -55,6 +62,9 @@ def export_checkpoint(
         nonlocal total_bytes
         tensors = {name: tensor.to(dtype).contiguous() for name, tensor in state.items()}
         save_file(tensors, str(out / filename), metadata={"format": "pt"})
+        # safetensors creates its files 0600; give the shards the mode every other file of
+        # the checkpoint gets (0666 less the umask), so whoever can read the config can load it.
+        os.chmod(out / filename, 0o666 & ~_umask())
         for name, tensor in tensors.items():
             weight_map[name] = filename
             total_bytes += tensor.numel() * tensor.element_size()

@@ -6,7 +6,8 @@ non-persistent buffers (rotary frequencies, causal masks, embedding scales) real
 since no checkpoint holds them. Everything here works on a skeleton, so the server can
 size a model without holding its weights.
 
-Thread safety: transformers' `init_empty_weights` gets parameters onto the meta device by
+Thread safety: `_parameters_on_meta` (what transformers 4's and accelerate's
+`init_empty_weights` do; transformers 5 dropped it) gets parameters onto the meta device by
 swapping `nn.Module.register_parameter` *process-wide* while the model is constructed, so
 a parameter that any other thread registers meanwhile lands on the meta device too, and
 two overlapping constructions can leave the swap in place for good. (A plain
@@ -20,13 +21,13 @@ not covered, as with transformers' own `from_pretrained`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.integrations.accelerate import init_empty_weights
 from transformers.pytorch_utils import Conv1D
 
 from zorba_edge.common.memory_model import ModelFootprint
@@ -45,10 +46,35 @@ def registration_lock() -> AbstractContextManager[bool]:
     return _REGISTRATION_LOCK
 
 
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered meanwhile lands on the meta device; buffers stay real.
+
+    transformers 5 builds its own skeletons wholly on the meta device and then recomputes
+    the buffers through each model's `_init_weights`, which is internal and differs by
+    version; constructing with real buffers and meta parameters works the same on 4.57 and
+    5.x and keeps the rotary frequencies exactly as the model's __init__ computes them.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None:
+            held = module._parameters[name]
+            assert held is not None
+            module._parameters[name] = nn.Parameter(held.to("meta"), requires_grad=held.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
 def build_skeleton(config: PretrainedConfig) -> PreTrainedModel:
     """The causal LM for `config`, parameters on the meta device, in eval mode, no grads."""
     try:
-        with registration_lock(), init_empty_weights():
+        with registration_lock(), _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config)
     except ValueError as error:
         raise UnsupportedArchitectureError(
@@ -57,8 +83,11 @@ def build_skeleton(config: PretrainedConfig) -> PreTrainedModel:
         ) from error
     family_of(model)
     # Built empty, the head is not tied yet (from_pretrained ties after loading): tie it
-    # now, or a tied head would look like a parameter of its own.
-    model.tie_weights()
+    # now, or a tied head would look like a parameter of its own. Tying assigns a parameter,
+    # so it too runs under the lock: while another thread builds a skeleton, the assignment
+    # would otherwise be swapped for a fresh meta copy and the head left untied.
+    with registration_lock():
+        model.tie_weights()
     model.eval()
     model.requires_grad_(False)
     return model

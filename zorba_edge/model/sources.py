@@ -19,7 +19,9 @@ that must agree on theta0 can check that they do.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import inspect
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from typing import BinaryIO, Protocol, runtime_checkable
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from zorba_edge.errors import ModelSourceError, UnsupportedArchitectureError
 from zorba_edge.model.families import family_of, find_blocks
@@ -39,6 +41,7 @@ from zorba_edge.model.skeleton import (
     normalize_assignment,
     registration_lock,
 )
+from zorba_edge.model.tokenizer_loading import gguf_tokenizer, load_tokenizer_dir
 
 StateDict = dict[str, torch.Tensor]
 
@@ -67,8 +70,10 @@ class ModelSource(Protocol):
     def tokenizer(self) -> PreTrainedTokenizerBase: ...
 
 
-def open_source(spec: str | Path) -> ModelSource:
-    """The source for a path: a directory is a transformers checkpoint, `*.gguf` a GGUF file."""
+def open_source(spec: str | Path, tokenizer_dir: str | Path | None = None) -> ModelSource:
+    """The source for a path: a directory is a transformers checkpoint, `*.gguf` a GGUF file.
+
+    `tokenizer_dir` (`--tokenizer DIR`) replaces the model's own tokenizer."""
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelSourceError(
@@ -76,9 +81,9 @@ def open_source(spec: str | Path) -> ModelSource:
             "(config.json + *.safetensors) or a .gguf file."
         )
     if path.is_dir():
-        return SafetensorsDirSource(path)
+        return SafetensorsDirSource(path, tokenizer_dir)
     if path.suffix.lower() == ".gguf":
-        return GGUFSource(path)
+        return GGUFSource(path, tokenizer_dir)
     raise ModelSourceError(
         f"{path}: not a model this loader reads. Give a transformers model directory "
         "(config.json + *.safetensors) or a .gguf file."
@@ -155,8 +160,9 @@ def _sampled_digest(paths: Iterable[Path]) -> str:
 class SafetensorsDirSource:
     """A transformers model directory: config.json plus one or more *.safetensors files."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, tokenizer_dir: str | Path | None = None) -> None:
         self.path = Path(path).expanduser()
+        self._tokenizer_dir = Path(tokenizer_dir).expanduser() if tokenizer_dir else self.path
         if not self.path.is_dir():
             raise ModelSourceError(f"{self.path}: no such directory")
         if not (self.path / "config.json").is_file():
@@ -231,10 +237,7 @@ class SafetensorsDirSource:
         return state
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        try:
-            return AutoTokenizer.from_pretrained(self.path)
-        except (OSError, ValueError) as error:
-            raise ModelSourceError(f"{self.path}: no usable tokenizer: {error}") from error
+        return load_tokenizer_dir(self._tokenizer_dir)
 
 
 @dataclass(frozen=True)
@@ -252,7 +255,7 @@ class _GGUFTensor:
 class GGUFSource:
     """A GGUF file, dequantised to fp32 tensor by tensor."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, tokenizer_dir: str | Path | None = None) -> None:
         from gguf import GGUFReader
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS,
@@ -274,11 +277,14 @@ class GGUFSource:
             raise UnsupportedArchitectureError(f"{self.path}: {error}") from error
         self.config = AutoConfig.for_model(**parsed)
         self._names = _SkeletonNames(self.config)
-        self._hf_names = _gguf_name_map(self._names.skeleton, get_gguf_hf_weights_map)
-
         reader = GGUFReader(self.path)
         architecture = read_field(reader, "general.architecture")[0]
         self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed)
+        weights_map = get_gguf_hf_weights_map
+        if "processor" in inspect.signature(weights_map).parameters:
+            # transformers 5 lets the processor rename tensors while mapping; 4.57 does not.
+            weights_map = functools.partial(weights_map, processor=self._processor)
+        self._hf_names = _gguf_name_map(self._names.skeleton, weights_map)
         self._tensors = {
             t.name: _GGUFTensor(
                 t.name,
@@ -293,6 +299,8 @@ class GGUFSource:
         # Drop the reader: its memory map would keep every page we touch resident.
         del reader
         self.fingerprint = _sampled_digest([self.path])
+        self._tokenizer_dir = tokenizer_dir
+        self._tokenizer: PreTrainedTokenizerBase | None = None
 
     def _read_tensors(self, wanted: set[str]) -> StateDict:
         """Dequantise and post-process the GGUF tensors that map to the model names `wanted`."""
@@ -367,12 +375,10 @@ class GGUFSource:
         return state
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        try:
-            return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
-        except (OSError, ValueError, KeyError) as error:
-            raise ModelSourceError(
-                f"{self.path}: no usable tokenizer in the GGUF: {error}"
-            ) from error
+        """The tokenizer, checked against the file's own vocabulary (built once per process)."""
+        if self._tokenizer is None:
+            self._tokenizer = gguf_tokenizer(self.path, self.fingerprint, self._tokenizer_dir)
+        return self._tokenizer
 
 
 class _TopLevelView:
