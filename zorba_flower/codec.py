@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from zorba_edge.common.schema import (
     MAX_REGISTER_BYTES,
@@ -35,6 +35,8 @@ from zorba_edge.common.schema import (
 
 RECORD = "zorba"
 """The ConfigRecord every zorba message travels in."""
+TIMING = "zorba-timing"
+"""The MetricRecord of a TRAIN reply: what the node measured of its handling."""
 T = TypeVar("T")
 
 
@@ -120,8 +122,36 @@ def read_train_instruction(content: RecordDict) -> TrainInstruction:
     return _unpack(content, "train", TrainInstruction, MAX_RESPONSE_BYTES)
 
 
-def report_reply(report: Report) -> RecordDict:
-    return _pack("report", report)
+@dataclass(frozen=True)
+class Timing:
+    """A node's own measure of one TRAIN message: for Flower's per-round overhead figure."""
+
+    handler_s: float
+    """From the message reaching the ClientApp to its reply (sync, model load, training)."""
+    train_s: float
+    """The local steps alone."""
+    rss_peak_bytes: int
+    """Peak resident memory of the process that handled it."""
+
+
+def report_reply(report: Report, timing: Timing | None = None) -> RecordDict:
+    content = _pack("report", report)
+    if timing is not None:
+        content[TIMING] = MetricRecord({"handler_s": timing.handler_s, "train_s": timing.train_s,
+                                        "rss_peak_bytes": timing.rss_peak_bytes})
+    return content
+
+
+def read_timing(content: RecordDict) -> Timing | None:
+    """The reply's timing, or None when the node sent none (it is informational only)."""
+    record = content.metric_records.get(TIMING) if TIMING in content else None
+    if record is None:
+        return None
+    try:
+        return Timing(float(record["handler_s"]), float(record["train_s"]),
+                      int(record["rss_peak_bytes"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def decline_reply(reason: str) -> RecordDict:
