@@ -4,8 +4,6 @@ round's TTL, failed nodes dropped, and a resume from the checkpoint after a cras
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +11,8 @@ import pytest
 
 pytest.importorskip("flwr", reason="the Flower app needs the `flower` extra (pip install -e '.[flower]')")
 
-from flwr.app import Error, Message, MessageType, Metadata, RecordDict  # noqa: E402
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto  # noqa: E402
+from flower_fakes import Crash, FakeGrid, Handler  # noqa: E402
+from flwr.app import Error, Message, MessageType, RecordDict  # noqa: E402
 from server_fakes import config_dict, profile  # noqa: E402
 
 from zorba_edge.common.schema import DeviceProfile, Report  # noqa: E402
@@ -24,53 +22,6 @@ from zorba_server.config import ConfigError, config_from_dict  # noqa: E402
 from zorba_server.engine import RoundEngine  # noqa: E402
 from zorba_server.rounds import APPLIED, FAILED  # noqa: E402
 from zorba_server.scheduler_baselines import redraws_each_round, solver_for  # noqa: E402
-
-Handler = Callable[[Message], "RecordDict | Error | None"]
-
-
-class Crash(Exception):
-    """The SuperLink went away mid-round."""
-
-
-@dataclass
-class FakeGrid:
-    """Delivers each message to its node's handler through Flower's protobuf serialisation;
-    a handler's None is a node that never answers."""
-
-    nodes: dict[int, Handler]
-    sent: list[Message] = field(default_factory=list)
-    timeouts: list[float | None] = field(default_factory=list)
-    crash_on_round: int | None = None
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        meta = Metadata(1, f"m{len(self.sent)}", 0, dst_node_id, "", group_id, 0.0, ttl or 0.0,
-                        message_type)
-        return Message(metadata=meta, content=content)
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            self.sent.append(msg)
-            self.timeouts.append(timeout)
-            if self.crash_on_round is not None and msg.metadata.group_id == str(self.crash_on_round):
-                raise Crash()
-            delivered = Message(metadata=msg.metadata,
-                                content=recorddict_from_proto(recorddict_to_proto(msg.content)))
-            answer = self.nodes[msg.metadata.dst_node_id](delivered)
-            if answer is None:
-                continue
-            meta = Metadata(1, "r", msg.metadata.dst_node_id, 0, msg.metadata.message_id,
-                            msg.metadata.group_id, 0.0, msg.metadata.ttl, msg.metadata.message_type)
-            if isinstance(answer, Error):
-                replies.append(Message(metadata=meta, error=answer))
-            else:
-                replies.append(Message(metadata=meta, content=answer))
-        return replies
 
 
 def node(device: DeviceProfile, *, fail_from_round: int | None = None, silent: bool = False) -> Handler:
