@@ -6,7 +6,10 @@ Flower run) and it resumes from the checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+from pathlib import Path
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,7 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from zorba_flower import checkpoint
-from zorba_flower.server_loop import FlowerRounds, LoopSettings
+from zorba_flower.server_loop import FlowerRounds, LoopSettings, RoundLog
 from zorba_flower.settings import server_app_settings, server_config
 from zorba_server.engine import RoundEngine
 from zorba_server.scheduler_baselines import redraws_each_round, solver_for
@@ -39,7 +42,8 @@ def make_server_app(overrides: Mapping[str, Any] | None = None,
         run_id = checkpoint.run_id_of(settings.checkpoint) or f"flower-{grid.run.run_id}"
         rounds = FlowerRounds(engine, LoopSettings(settings.checkpoint, run_id,
                                                    query_timeout_s=settings.query_timeout_s,
-                                                   max_idle_s=settings.max_idle_s))
+                                                   max_idle_s=settings.max_idle_s),
+                              on_round=round_logger(settings.rounds_log))
         try:
             rounds.run(grid)
         finally:
@@ -48,6 +52,22 @@ def make_server_app(overrides: Mapping[str, Any] | None = None,
         log.info("run %s finished at alpha version %d", run_id, engine.version)
 
     return app
+
+
+def round_logger(path: Path | None) -> Callable[[RoundLog], None] | None:
+    if path is None:
+        return None
+
+    def write(entry: RoundLog) -> None:
+        row = {"round": entry.round, "status": entry.status, "wall_s": entry.wall_s,
+               "overhead_s": entry.overhead_s, "version": entry.version,
+               "assigned": {str(n): list(b) for n, b in entry.assigned.items()},
+               "dropped": list(entry.dropped),
+               "timings": [dataclasses.asdict(t) for t in entry.timings]}
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    return write
 
 
 app = make_server_app()

@@ -117,6 +117,8 @@ class FlowerRounds:
     refused: dict[int, str] = field(default_factory=dict)
     """Nodes the engine would not admit or that failed a round: not asked again this run."""
     resumed: checkpoint.Resumed | None = None
+    on_round: Callable[[RoundLog], None] | None = None
+    """Called with each closed round (the server app appends it to flower.rounds-log)."""
 
     def __post_init__(self) -> None:
         if self.settings.checkpoint.exists():
@@ -170,6 +172,8 @@ class FlowerRounds:
                          tuple(sorted(reported)), tuple(sorted(failed)), wall, tuple(timings),
                          engine.version)
         self.rounds.append(entry)
+        if self.on_round is not None:
+            self.on_round(entry)
         log.info("round %d %s: %d/%d reports in %.2f s, alpha version %d (%s)", plan.round,
                  entry.status, len(reported), len(nodes), wall, engine.version,
                  closure.outcome.message)

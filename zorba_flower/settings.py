@@ -37,6 +37,8 @@ class ServerAppSettings:
     checkpoint: Path
     query_timeout_s: float
     max_idle_s: float
+    rounds_log: Path | None = None
+    """Append one JSON line per closed round (wall time, node timings) to this file."""
 
 
 def server_app_settings(run_config: Values) -> ServerAppSettings:
@@ -46,7 +48,9 @@ def server_app_settings(run_config: Values) -> ServerAppSettings:
                           "keeps the run's state there and resumes from it")
     return ServerAppSettings(Path(str(checkpoint)).expanduser(),
                              float(run_config.get("flower.query-timeout-s", 120.0)),
-                             float(run_config.get("flower.max-idle-s", 120.0)))
+                             float(run_config.get("flower.max-idle-s", 120.0)),
+                             Path(str(run_config["flower.rounds-log"])).expanduser()
+                             if run_config.get("flower.rounds-log") else None)
 
 
 @dataclass(frozen=True)
