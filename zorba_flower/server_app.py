@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from pathlib import Path
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
