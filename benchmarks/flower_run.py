@@ -50,8 +50,11 @@ RUN = {"run.pool-size": 16, "run.min-steps": 2, "run.max-steps": 2, "run.batch-s
 
 
 def client_values(world_dir: Path) -> dict[str, Any]:
+    # No peaks reported: the tiny model needs ~1 MiB by the memory model while its process
+    # holds ~500 MiB of torch and Flower, so a calibration would exclude every node.
     return {"client.model": str(world_dir / "model"), "client.data": str(world_dir / "data.jsonl"),
-            "client.frozen-dtype": "fp32", "client.runtime-mib": 0.0}
+            "client.frozen-dtype": "fp32", "client.runtime-mib": 0.0,
+            "client.report-peak-memory": False}
 
 
 def budgets_mib(world_dir: Path) -> tuple[float, float]:
@@ -92,7 +95,7 @@ def simulation(root: Path, world_dir: Path, rounds: int) -> dict[str, Any]:
     values = RUN | client_values(world_dir) | {
         "run.max-rounds": rounds, "run.min-clients": 2, "run.round-duration-s": 120.0,
         "client.budgets-mib": f"{one},{both}", "client.step-time-s": 0.05,
-        "client.report-peak-memory": False, "flower.checkpoint": str(root / "sim.ckpt")}
+        "flower.checkpoint": str(root / "sim.ckpt")}
     seen: dict[str, Any] = {}
     started = time.perf_counter()
     run_simulation(make_server_app(values, lambda loop: seen.setdefault("loop", loop)),
@@ -190,7 +193,11 @@ class Processes:
         except psutil.Error:
             pass
         proc.send_signal(sig)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
 
     def stop_all(self) -> None:
         for name in list(self.procs):
@@ -233,7 +240,9 @@ def deployment(root: Path, world_dir: Path, rounds: int) -> dict[str, Any]:
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
         f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
-    env = dict(os.environ) | ENV | {"FLWR_HOME": str(home)}
+    # The SuperLink and SuperNodes start flower-superexec and the app processes by name.
+    env = dict(os.environ) | ENV | {"FLWR_HOME": str(home),
+                                    "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     procs = Processes(root)
     ckpt = root / "deploy.ckpt"
     one, both = budgets_mib(world_dir)
@@ -323,6 +332,11 @@ def _median(values: list[float | None]) -> float | None:
     return round(statistics.median(xs), 3) if xs else None
 
 
+def _exit_on_term(*_: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the clean-up short
+    sys.exit(143)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -331,6 +345,8 @@ def main() -> None:
     parser.add_argument("--skip-simulation", action="store_true")
     parser.add_argument("--skip-deployment", action="store_true")
     args = parser.parse_args()
+    # A SIGTERM unwinds like an exception, so every started process is still stopped.
+    signal.signal(signal.SIGTERM, _exit_on_term)
     root = Path(tempfile.mkdtemp(prefix="zorba-flower-"))
     world = make_world(root / "world")
     world_dir = world.model_dir.parent

@@ -24,6 +24,8 @@ class FakeGrid:
     sent: list[Message] = field(default_factory=list)
     timeouts: list[float | None] = field(default_factory=list)
     crash_on_round: int | None = None
+    lost: set[int] = field(default_factory=set)
+    """Nodes the SuperLink lost: it answers for them with an error from itself (node 1)."""
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
@@ -44,10 +46,13 @@ class FakeGrid:
                 raise Crash()
             delivered = Message(metadata=msg.metadata,
                                 content=recorddict_from_proto(recorddict_to_proto(msg.content)))
-            answer = self.nodes[msg.metadata.dst_node_id](delivered)
+            lost = msg.metadata.dst_node_id in self.lost
+            answer = (Error(code=3, reason="node unavailable") if lost
+                      else self.nodes[msg.metadata.dst_node_id](delivered))
             if answer is None:
                 continue
-            meta = Metadata(1, "r", msg.metadata.dst_node_id, 0, msg.metadata.message_id,
+            src = 1 if lost else msg.metadata.dst_node_id
+            meta = Metadata(1, "r", src, 0, msg.metadata.message_id,
                             msg.metadata.group_id, 0.0, msg.metadata.ttl, msg.metadata.message_type)
             if isinstance(answer, Error):
                 replies.append(Message(metadata=meta, error=answer))

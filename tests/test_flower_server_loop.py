@@ -20,7 +20,7 @@ from zorba_flower import codec  # noqa: E402
 from zorba_flower.server_loop import FlowerRounds, LoopSettings, NoRoundError  # noqa: E402
 from zorba_server.config import ConfigError, config_from_dict  # noqa: E402
 from zorba_server.engine import RoundEngine  # noqa: E402
-from zorba_server.rounds import APPLIED, FAILED  # noqa: E402
+from zorba_server.rounds import APPLIED, FAILED, RoundPlan  # noqa: E402
 from zorba_server.scheduler_baselines import redraws_each_round, solver_for  # noqa: E402
 
 
@@ -92,6 +92,26 @@ def test_a_node_whose_message_fails_is_dropped_and_the_others_go_on(tmp_path: Pa
     assert [r.reported for r in loop.rounds] == [(11, 22, 33), (22, 33), (33,)]
     assert [r.status for r in loop.rounds] == [APPLIED] * 3
     assert set(engine.members) == {"node-33"} and set(loop.refused) == {11, 22}
+
+
+def test_a_node_the_superlink_lost_is_dropped_though_the_error_comes_from_the_superlink(
+        tmp_path: Path) -> None:
+    engine = make_engine(tmp_path, min_clients=1, max_rounds=2)
+    _, large = budgets(engine)
+    grid = FakeGrid({11: node(profile(50, budget=large)), 22: node(profile(50, budget=large))})
+    loop = rounds_loop(engine, tmp_path)
+    loop.run_round(grid, _admitted_plan(loop, grid))
+    grid.lost.add(22)
+    loop.run(grid)
+    assert [r.dropped for r in loop.rounds] == [(), (22,)]
+    assert [r.reported for r in loop.rounds] == [(11, 22), (11,)]
+
+
+def _admitted_plan(loop: FlowerRounds, grid: FakeGrid) -> RoundPlan:
+    loop._admit(grid)
+    plan = loop.engine.propose_round(loop.clock())
+    assert plan is not None
+    return plan
 
 
 def test_a_node_the_engine_refuses_is_never_planned(tmp_path: Path) -> None:

@@ -161,7 +161,7 @@ class FlowerRounds:
         replies = list(grid.send_and_receive(messages, timeout=max(0.0, plan.deadline - sent)))
         wall = self.clock() - sent
         reported, failed, timings = self._collect(plan, replies)
-        failed |= set(nodes) - {r.metadata.src_node_id for r in replies}
+        failed |= set(nodes) - reported - {r.metadata.src_node_id for r in replies}
         for node in sorted(failed):
             self._drop(node, "its TRAIN message failed or was not answered by the deadline")
         closure = engine.decide_close(self.clock())
@@ -242,6 +242,12 @@ class FlowerRounds:
         for reply in replies:
             node = reply.metadata.src_node_id
             cid = client_id(node)
+            if cid not in plan.clients:
+                # The SuperLink answers for a node it lost with an error of its own (source:
+                # the SuperLink): that node counts as unanswered, which drops it.
+                log.warning("round %d: a reply from %d, which was not asked: %s", plan.round, node,
+                            reply.error.reason if reply.has_error() else "(content ignored)")
+                continue
             if reply.has_error():
                 log.warning("node %d: round %d failed: %s", node, plan.round, reply.error.reason)
                 failed.add(node)

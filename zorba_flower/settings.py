@@ -84,7 +84,7 @@ def client_app_settings(run_config: Values, node_config: Values) -> ClientAppSet
     partitions = int(node_config.get("num-partitions", 1))
     if "budget-mib" in node_config:
         budget_mib = float(node_config["budget-mib"])
-    elif "client.budgets-mib" in run_config:
+    elif run_config.get("client.budgets-mib"):
         # Simulation: node_config holds only the partition, so budgets come per partition.
         budgets = [float(b) for b in str(run_config["client.budgets-mib"]).split(",")]
         budget_mib = budgets[partition % len(budgets)]
