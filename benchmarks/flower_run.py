@@ -18,6 +18,7 @@ Every process started here is stopped by its pid. Figures: rounds, the per-round
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -184,20 +185,22 @@ class Processes:
         self.peak_rss[name] = max(self.peak_rss.get(name, 0), rss)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal the process's group (its pid: each starts its own session), which also
+        reaches app processes whose parent already died."""
         proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        try:
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                child.send_signal(sig)
-        except psutil.Error:
-            pass
-        proc.send_signal(sig)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
+        # Whatever of the group outlived its leader (a SuperExec, an app process).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
     def stop_all(self) -> None:
         for name in list(self.procs):
@@ -253,8 +256,11 @@ def deployment(root: Path, world_dir: Path, rounds: int) -> dict[str, Any]:
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
     def superlink() -> None:
+        # A database keeps the node registry across a restart: with the default in-memory
+        # state the restarted SuperLink answers the SuperNodes' heartbeats 401 and they quit.
         procs.start("superlink", [str(bin_dir / "flower-superlink"), "--insecure",
                                   "--host", "127.0.0.1", "--port", str(link_port),
+                                  "--database", str(root / "superlink.db"),
                                   "--disable-runtime-dependency-installation"], env)
 
     def supernode(i: int, budget: float) -> None:
@@ -296,7 +302,12 @@ def deployment(root: Path, world_dir: Path, rounds: int) -> dict[str, Any]:
         out["superlink_killed_at_version"] = before
         procs.kill("superlink")
         superlink()
-        time.sleep(5)
+        time.sleep(10)
+        if procs.procs["supernode-0"].poll() is not None:
+            out["errors"].append("supernode-0 quit after the SuperLink restart; restarted it")
+            procs.kill("supernode-0")
+            supernode(0, one)
+            time.sleep(5)
         submitted = flwr_run()
         out["flwr_run_2"] = (submitted.stdout + submitted.stderr)[-600:]
         wait_for(lambda: version() >= rounds, 900, procs, f"{rounds} applied rounds after the resume")
@@ -359,6 +370,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001
             result["simulation"] = {"error": f"{type(exc).__name__}: {exc}"}
     if not args.skip_deployment:
+        signal.signal(signal.SIGTERM, _exit_on_term)  # Ray replaced it during the simulation
         result["deployment"] = deployment(root, world_dir, args.rounds + 1)
     sim, dep = result.get("simulation", {}), result.get("deployment", {})
     result |= {"sim_alpha_equal": sim.get("sim_alpha_equal"),
