@@ -377,7 +377,7 @@ def main() -> None:
                "deployment_rounds": dep.get("deployment_rounds"),
                "resumed_after_superlink_restart": dep.get("resumed_after_superlink_restart"),
                "round_overhead_s": {"simulation": sim.get("round_overhead_s"),
-                                    "deployment": dep.get("round_overhead_s")},
+                                    "deployment": (dep.get("round_overhead_s") or {}).get("median")},
                "peak_rss_mib": dep.get("peak_rss_mib")}
     print(json.dumps(result, indent=None if args.json else 2))
 
