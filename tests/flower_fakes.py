@@ -1,0 +1,61 @@
+"""A fake Flower Grid for in-process tests of the server app (not a test module)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import Error, Message, Metadata, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+Handler = Callable[[Message], "RecordDict | Error | None"]
+
+
+class Crash(Exception):
+    """The SuperLink went away mid-round."""
+
+
+@dataclass
+class FakeGrid:
+    """Delivers each message to its node's handler through Flower's protobuf serialisation;
+    a handler's None is a node that never answers."""
+
+    nodes: dict[int, Handler]
+    sent: list[Message] = field(default_factory=list)
+    timeouts: list[float | None] = field(default_factory=list)
+    crash_on_round: int | None = None
+    lost: set[int] = field(default_factory=set)
+    """Nodes the SuperLink lost: it answers for them with an error from itself (node 1)."""
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        meta = Metadata(1, f"m{len(self.sent)}", 0, dst_node_id, "", group_id, 0.0, ttl or 0.0,
+                        message_type)
+        return Message(metadata=meta, content=content)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            self.timeouts.append(timeout)
+            if self.crash_on_round is not None and msg.metadata.group_id == str(self.crash_on_round):
+                raise Crash()
+            delivered = Message(metadata=msg.metadata,
+                                content=recorddict_from_proto(recorddict_to_proto(msg.content)))
+            lost = msg.metadata.dst_node_id in self.lost
+            answer = (Error(code=3, reason="node unavailable") if lost
+                      else self.nodes[msg.metadata.dst_node_id](delivered))
+            if answer is None:
+                continue
+            src = 1 if lost else msg.metadata.dst_node_id
+            meta = Metadata(1, "r", src, 0, msg.metadata.message_id,
+                            msg.metadata.group_id, 0.0, msg.metadata.ttl, msg.metadata.message_type)
+            if isinstance(answer, Error):
+                replies.append(Message(metadata=meta, error=answer))
+            else:
+                replies.append(Message(metadata=meta, content=answer))
+        return replies
