@@ -63,6 +63,11 @@ SolveFn = Callable[[Sequence[ClientSpec], Sequence[int], SchedulerConfig, int], 
 CALIBRATION_MIN, CALIBRATION_MAX, CALIBRATION_EMA = 0.5, 8.0, 0.5
 # Re-solve the schedule when a calibration moves by more than this factor.
 CALIBRATION_STEP = 1.1
+# A member left out of a round has its calibration above 1 halved toward 1 (the memory
+# model), so one that calibration excluded comes back with its cheapest block and measures
+# again (an under-estimate is corrected at once); without it such a client was excluded for
+# good, since only a round it trains can lower its calibration.
+CALIBRATION_DECAY = 0.5
 # The step is multiplied by this for every round the loss guard rejects.
 LOSS_JUMP_BACKOFF = 0.5
 
@@ -430,8 +435,18 @@ class RoundEngine:
             delta = AlphaDelta.from_matrix(self.version + 1, plan.round, d.pool_indices, d.blocks,
                                            d.values)
             alpha = apply_delta(self.alpha, d)
-        return RoundClosure(plan, outcome, delta, alpha, self._calibrations(plan, r.received), now,
-                            tuple(sorted(r.received)))
+        calibrations = self._decayed_calibrations(plan) | self._calibrations(plan, r.received)
+        return RoundClosure(plan, outcome, delta, alpha, calibrations, now, tuple(sorted(r.received)))
+
+    def _decayed_calibrations(self, plan: RoundPlan) -> dict[str, float]:
+        """Members without a part in this round: calibrations above 1 move halfway to 1 (and
+        to 1 itself once within one re-solve band of it)."""
+        out = {}
+        for cid, m in sorted(self.members.items()):
+            if cid not in plan.clients and m.calibration > 1.0:
+                value = 1.0 + (m.calibration - 1.0) * CALIBRATION_DECAY
+                out[cid] = value if value >= CALIBRATION_STEP else 1.0
+        return out
 
     def sample_weights(self, client_ids: Iterable[str]) -> dict[str, float]:
         return {cid: self._sample_weight(cid) for cid in client_ids}

@@ -163,3 +163,26 @@ def test_the_loss_guard_can_be_turned_off(tmp_path: Path) -> None:
     join(e, "a")
     assert run_round(e, 0.0, loss=0.7) == APPLIED
     assert run_round(e, 2.0, loss=7.0) == APPLIED
+
+
+def test_a_client_excluded_by_its_calibration_is_readmitted_after_a_few_rounds(
+        tmp_path: Path) -> None:
+    """Lock-out: a peak far above the model once excluded a client for good, because only a
+    round it trains can lower its calibration (seen in a 25-minute quickstart)."""
+    e = engine(tmp_path, memory_headroom=0.0)
+    join(e, "big")
+    model = e.memory_model(profile(), 1.0)
+    small = join(e, "small", budget=model.fixed_bytes + min(model.block_bytes) + 10)
+    small.calibration = 8.0  # as a wild measured peak leaves it (the clamp)
+    planned_small = []
+    for r in range(10):
+        plan = e.propose_round(now=2.0 * r)
+        assert plan is not None
+        e.open_round(plan)
+        planned_small.append("small" in plan.clients)
+        for cid in plan.clients:
+            e.accept_report(received(e, cid))  # no peak measured: calibrations only decay
+        e.apply_close(e.decide_close(now=2.0 * r + 1))
+    # 8 -> 4.5 -> 2.75 -> 1.88 -> 1.44 -> 1.22 -> 1 (within a band of 1): back in round 8.
+    assert planned_small == [False] * 7 + [True] * 3
+    assert small.calibration == 1.0
