@@ -7,7 +7,9 @@ For 1, 8 and all 30 blocks assigned, with frozen blocks in nf4 and in fp32, it m
   step and, as `..._before`, for the step as it was before z was hashed once per step and
   the restore fused with the update (`legacy_zo_step` below, kept only to measure against).
   Forward, old step and new step alternate within each repetition, so that a busy machine
-  slows all three alike; steps_per_s and steps_per_s_before are 1 / their medians;
+  slows all three alike; steps_per_s and steps_per_s_before are 1 / their medians. The
+  `_cpu` ratios divide the process's CPU time instead of wall time: on a shared machine they
+  are the steadier figure (with --threads 1 they are exact shares of one core's work);
 - peak_over_inference: the peak RSS of a training process (model, round snapshot, steps)
   divided by that of an inference-only process that holds the model in the same
   precisions and runs forward passes on the same batch;
@@ -49,6 +51,9 @@ class Measurement:
     forward_s: float
     step_s: float | None
     old_step_s: float | None
+    forward_cpu_s: float
+    step_cpu_s: float | None
+    old_step_cpu_s: float | None
 
 
 def legacy_zo_step(model, blocks, loss_fn, batch, run_seed: int, k: int, config) -> float:
@@ -154,21 +159,25 @@ def worker(args: argparse.Namespace) -> Measurement:
         steps["old_step"] = lambda k: legacy_zo_step(
             model, blocks, classification_loss, batch, 0, k, config)
     times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu_times: dict[str, list[float]] = {name: [] for name in steps}
     for k in range(args.repeats + 1):  # interleaved: a busy machine slows every path alike
         for name, run in steps.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run(k)
             times[name].append(time.perf_counter() - t0)
+            cpu_times[name].append(time.process_time() - c0)
     if args.role == "train":
         snapshot.revert()
 
-    def median(name: str) -> float | None:
-        return statistics.median(times[name][1:]) if name in times else None
+    def median(name: str, table: dict[str, list[float]] = times) -> float | None:
+        return statistics.median(table[name][1:]) if name in table else None
 
     return Measurement(
         role=args.role, assigned=len(assignment), frozen=args.frozen, load_s=load_s,
         load_peak_rss=load_peak, steady_rss=steady, phase_peak_rss=probe.peak_bytes(),
         forward_s=median("forward"), step_s=median("step"), old_step_s=median("old_step"),
+        forward_cpu_s=median("forward", cpu_times), step_cpu_s=median("step", cpu_times),
+        old_step_cpu_s=median("old_step", cpu_times),
     )
 
 
@@ -224,6 +233,9 @@ def main() -> None:
                 "step_s": round(train.step_s or 0.0, 4),
                 "step_over_forward": round((train.step_s or 0.0) / train.forward_s, 3),
                 "step_over_forward_before": round((train.old_step_s or 0.0) / train.forward_s, 3),
+                "step_over_forward_cpu": round((train.step_cpu_s or 0.0) / train.forward_cpu_s, 3),
+                "step_over_forward_cpu_before": round(
+                    (train.old_step_cpu_s or 0.0) / train.forward_cpu_s, 3),
                 "steps_per_s": round(1.0 / (train.step_s or float("inf")), 3),
                 "steps_per_s_before": round(1.0 / (train.old_step_s or float("inf")), 3),
                 "train_peak_mib": round(train.phase_peak_rss / 2**20, 1),
