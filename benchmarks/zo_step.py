@@ -107,17 +107,99 @@ def evenly_spaced(count: int, total: int) -> list[int]:
     return sorted({round(i * (total - 1) / max(count - 1, 1)) for i in range(count)})
 
 
+def review_batch(source):
+    """BATCH_SIZE movie reviews cut to SEQ_LEN tokens, the same ones in every process."""
+    import numpy as np
+
+    from zorba_edge.data.collate import ClassificationCollator
+    from zorba_edge.data.movie_reviews import load_movie_reviews
+    from zorba_edge.data.templates import SENTIMENT_TEMPLATE
+
+    reviews = load_movie_reviews()
+    rng = np.random.default_rng(0)
+    chosen = [reviews[i] for i in rng.choice(len(reviews), BATCH_SIZE, replace=False)]
+    return ClassificationCollator(source.tokenizer(), SENTIMENT_TEMPLATE, seq_len=SEQ_LEN)(chosen)
+
+
+def bf16_compare(args: argparse.Namespace) -> dict:
+    """bf16 forward passes against fp32, every block loaded fp32, 8 of them assigned.
+
+    Modes: fp32; `autocast` (torch.autocast to bf16 around the loss: weights stay fp32, matmuls
+    run in bf16); `bf16_weights` (a copy of the model cast to bf16, perturbed in bf16 storage).
+    Per mode and thread count: the median forward time, the modes interleaved within each
+    repetition. Per mode (at --threads): the projected gradients (L+ - L-) / 2 mu, mu = 1e-3,
+    along 8 directions, against fp32's: sum |g - g_fp32| / sum |g_fp32| and the share with
+    the same sign, as `benchmarks/model_loading.py quant` measures frozen precisions.
+    """
+    import copy
+
+    import torch
+
+    from zorba_edge.engine.losses import classification_loss
+    from zorba_edge.engine.zo import projected_gradient
+    from zorba_edge.model.loading import LoadConfig, load_model
+    from zorba_edge.model.sources import open_source
+
+    source = open_source(args.model)
+    assignment = evenly_spaced(8, source.config.num_hidden_layers)
+    batch = review_batch(source)
+    loaded = load_model(source, assignment, LoadConfig(frozen_dtype="fp32"))
+    model = loaded.model.eval()
+    blocks = {b: loaded.trainable_parameters(b) for b in assignment}
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    names = {id(p): n for n, p in model.named_parameters()}
+    bf16_params = dict(bf16_model.named_parameters())
+    bf16_blocks = {b: [(n, bf16_params[names[id(p)]]) for n, p in ts] for b, ts in blocks.items()}
+
+    def autocast_loss(m, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return classification_loss(m, b).float()
+
+    modes = {
+        "fp32": (model, blocks, classification_loss),
+        "autocast": (model, blocks, autocast_loss),
+        "bf16_weights": (bf16_model, bf16_blocks, classification_loss),
+    }
+    results: dict[str, dict] = {mode: {} for mode in modes}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        times: dict[str, list[float]] = {mode: [] for mode in modes}
+        with torch.no_grad():
+            for _ in range(args.repeats + 1):
+                for mode, (m, _, loss_fn) in modes.items():
+                    t0 = time.perf_counter()
+                    loss_fn(m, batch)
+                    times[mode].append(time.perf_counter() - t0)
+        for mode in modes:
+            results[mode][f"forward_s_{threads}_threads"] = round(statistics.median(times[mode][1:]), 4)
+    torch.set_num_threads(args.threads)
+    reference = None
+    for mode, (m, bl, loss_fn) in modes.items():
+        gs = []
+        for k in range(8):
+            plus, minus = projected_gradient(m, bl, loss_fn, batch, 0, k, 1e-3)
+            gs.append((plus - minus) / 2e-3)
+        reference = reference or gs
+        pairs = list(zip(gs, reference, strict=True))
+        results[mode]["projected_grad"] = [round(g, 4) for g in gs]
+        results[mode]["projected_grad_rel_err"] = round(
+            sum(abs(g - r) for g, r in pairs) / sum(abs(r) for _, r in pairs), 4)
+        results[mode]["projected_grad_same_sign"] = sum((g > 0) == (r > 0) for g, r in pairs) / 8
+    return {
+        "model": Path(args.model).name, "batch": f"{BATCH_SIZE}x{SEQ_LEN}", "assigned": len(assignment),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"), "modes": results,
+        "command": "python benchmarks/zo_step.py --json --bf16",
+    }
+
+
 def worker(args: argparse.Namespace) -> Measurement:
     """One process: load, then either ZO steps (train) or forward passes (infer)."""
-    import numpy as np
     import psutil
     import torch
 
     torch.set_num_threads(args.threads)
     from zorba_edge.client.memory_probe import PeakMemoryProbe
-    from zorba_edge.data.collate import ClassificationCollator
-    from zorba_edge.data.movie_reviews import load_movie_reviews
-    from zorba_edge.data.templates import SENTIMENT_TEMPLATE
     from zorba_edge.engine.losses import classification_loss
     from zorba_edge.engine.zo import RoundSnapshot, ZOConfig, zo_step
     from zorba_edge.model.loading import LoadConfig, load_model, release_freed_memory
@@ -127,11 +209,7 @@ def worker(args: argparse.Namespace) -> Measurement:
     num_blocks = source.config.num_hidden_layers
     assignment = evenly_spaced(args.assigned, num_blocks)
     # The batch is made before loading so that tokeniser and data are in both baselines.
-    reviews = load_movie_reviews()
-    rng = np.random.default_rng(0)
-    chosen = [reviews[i] for i in rng.choice(len(reviews), BATCH_SIZE, replace=False)]
-    batch = ClassificationCollator(source.tokenizer(), SENTIMENT_TEMPLATE, seq_len=SEQ_LEN)(chosen)
-    del reviews
+    batch = review_batch(source)
     release_freed_memory()
 
     probe = PeakMemoryProbe("cpu")
@@ -203,6 +281,8 @@ def main() -> None:
                         help="numbers of assigned blocks to measure (default 1 8 30)")
     parser.add_argument("--frozen-dtypes", nargs="+", default=["nf4", "fp32"],
                         help="frozen-block precisions to measure (default nf4 fp32)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="measure bf16 forward passes against fp32 instead (see bf16_compare)")
     parser.add_argument("--worker", choices=["train", "infer"], help=argparse.SUPPRESS)
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--assigned", type=int, help=argparse.SUPPRESS)
@@ -213,6 +293,9 @@ def main() -> None:
         from zorba_edge.model.pretrained import packaged_model_path
 
         args.model = packaged_model_path()
+    if args.bf16:
+        print(json.dumps(bf16_compare(args)))
+        return
     if args.worker:
         args.role = args.worker
         print(json.dumps(asdict(worker(args))))
