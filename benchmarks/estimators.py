@@ -134,7 +134,8 @@ def main() -> None:
                 "projected_grad_corr": round(torch.corrcoef(torch.stack([m, e]))[0, 1].item(), 5),
                 "seconds_per_forward": round((time.perf_counter() - t0) / spent, 3),
             }
-            print(f"[estimators] {name} mu={mu:g}: {points[-1]}", file=sys.stderr, flush=True)
+            print(f"[estimators] {name} mu={mu:g}: {points[-1]}, g rel err "
+                  f"{curves[f'{name}@mu={mu:g}']['projected_grad_rel_rms_err']}", file=sys.stderr, flush=True)
 
     summary = {
         "model": Path(source.path).name if hasattr(source, "path") else "SmolLM2-135M-Instruct",
