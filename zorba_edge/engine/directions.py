@@ -7,9 +7,9 @@ exact and each update is a single IEEE rounding, identical on every device.
 A `Direction` hashes z[k] once and keeps it packed, one bit per parameter (d / 8 bytes:
 440 KB for a 3.5M-parameter block, 13 MB for all 30 blocks of SmolLM2-135M), so a ZO
 step that moves along z[k] three times hashes it once. The memory model leaves it out: it
-is 1/64 of the 8 bytes per trainable parameter (weights and round snapshot) it counts. Each move expands the bits to
-+-1 a chunk at a time into a small fp32 buffer that stays in cache, instead of
-materialising z for a whole tensor.
+is 1/64 of the 8 bytes per trainable parameter (weights and round snapshot) it counts.
+Each move expands the bits to +-1 a chunk at a time into a small fp32 buffer that stays
+in cache, instead of materialising z for a whole tensor.
 """
 
 from __future__ import annotations
