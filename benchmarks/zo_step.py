@@ -1,9 +1,15 @@
 """Cost of one zeroth-order step against inference, on SmolLM2-135M-Instruct.
 
-For 1, 4 and all 30 blocks assigned, with frozen blocks in nf4 and in fp32, it measures
+For 1, 8 and all 30 blocks assigned, with frozen blocks in nf4 and in fp32, it measures
 (each configuration in fresh processes, so that peak memory is the configuration's own):
 - step_over_forward: one ZO step's time divided by one forward pass's time, both measured
-  in the same process on the same batch (two forward passes are the floor);
+  in the same process on the same batch (two forward passes are the floor), for today's
+  step and, as `..._before`, for the step as it was before z was hashed once per step and
+  the restore fused with the update (`legacy_zo_step` below, kept only to measure against).
+  Forward, old step and new step alternate within each repetition, so that a busy machine
+  slows all three alike; steps_per_s and steps_per_s_before are 1 / their medians. The
+  `_cpu` ratios divide the process's CPU time instead of wall time: on a shared machine they
+  are the steadier figure (with --threads 1 they are exact shares of one core's work);
 - peak_over_inference: the peak RSS of a training process (model, round snapshot, steps)
   divided by that of an inference-only process that holds the model in the same
   precisions and runs forward passes on the same batch;
@@ -12,6 +18,7 @@ Peaks are read from VmHWM after resetting it (`/proc/self/clear_refs`), so the l
 does not hide the peak of the phase that follows. Linux only.
 
     python benchmarks/zo_step.py --json        # one JSON object on stdout, progress on stderr
+    python benchmarks/zo_step.py --json --bf16 # bf16 forwards against fp32 (see `bf16_worker`)
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +50,55 @@ class Measurement:
     phase_peak_rss: int
     forward_s: float
     step_s: float | None
+    old_step_s: float | None
+    forward_cpu_s: float
+    step_cpu_s: float | None
+    old_step_cpu_s: float | None
+
+
+def legacy_zo_step(model, blocks, loss_fn, batch, run_seed: int, k: int, config) -> float:
+    """The step before this benchmark's change: z regenerated in full, as fp32, four times."""
+    import numpy as np
+    import torch
+
+    from zorba_edge.common.noise import _CHUNK, _MASK32, _mix32_, direction_keys, sign_table
+
+    def rademacher(block: int, start: int, count: int) -> torch.Tensor:
+        key_index, key_mix = direction_keys(run_seed, k, block)
+        table = sign_table("cpu", torch.float32)
+        byte_shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64)
+        out = torch.empty(count, dtype=torch.float32)
+        first_word, last_word = start // 32, (start + count + 31) // 32
+        for word in range(first_word, last_word, _CHUNK):
+            words = min(_CHUNK, last_word - word)
+            x = torch.arange(word, word + words, dtype=torch.int64)
+            x.mul_(0x2C1B3C6D).add_(key_index).bitwise_and_(_MASK32)
+            _mix32_(x)
+            x.bitwise_xor_(key_mix)
+            _mix32_(x)
+            byte_values = (x.unsqueeze(1) >> byte_shifts).bitwise_and_(0xFF).view(-1)
+            signs = table.index_select(0, byte_values).view(-1)
+            lo, hi = max(start, word * 32), min(start + count, (word + words) * 32)
+            out[lo - start : hi - start] = signs[lo - word * 32 : hi - word * 32]
+        return out
+
+    def perturb(scale: float) -> None:
+        scale = float(np.float32(scale))
+        for block, tensors in blocks.items():
+            start = 0
+            for _, tensor in sorted(tensors, key=lambda item: item[0]):
+                tensor.add_(rademacher(block, start, tensor.numel()).view(tensor.shape), alpha=scale)
+                start += tensor.numel()
+
+    with torch.no_grad():
+        perturb(config.mu)
+        plus = float(loss_fn(model, batch))
+        perturb(-2.0 * config.mu)
+        minus = float(loss_fn(model, batch))
+        perturb(config.mu)
+        grad = (plus - minus) / (2.0 * config.mu)
+        perturb(-config.lr * grad)
+    return grad
 
 
 def evenly_spaced(count: int, total: int) -> list[int]:
@@ -50,17 +107,99 @@ def evenly_spaced(count: int, total: int) -> list[int]:
     return sorted({round(i * (total - 1) / max(count - 1, 1)) for i in range(count)})
 
 
+def review_batch(source):
+    """BATCH_SIZE movie reviews cut to SEQ_LEN tokens, the same ones in every process."""
+    import numpy as np
+
+    from zorba_edge.data.collate import ClassificationCollator
+    from zorba_edge.data.movie_reviews import load_movie_reviews
+    from zorba_edge.data.templates import SENTIMENT_TEMPLATE
+
+    reviews = load_movie_reviews()
+    rng = np.random.default_rng(0)
+    chosen = [reviews[i] for i in rng.choice(len(reviews), BATCH_SIZE, replace=False)]
+    return ClassificationCollator(source.tokenizer(), SENTIMENT_TEMPLATE, seq_len=SEQ_LEN)(chosen)
+
+
+def bf16_compare(args: argparse.Namespace) -> dict:
+    """bf16 forward passes against fp32, every block loaded fp32, 8 of them assigned.
+
+    Modes: fp32; `autocast` (torch.autocast to bf16 around the loss: weights stay fp32, matmuls
+    run in bf16); `bf16_weights` (a copy of the model cast to bf16, perturbed in bf16 storage).
+    Per mode and thread count: the median forward time, the modes interleaved within each
+    repetition. Per mode (at --threads): the projected gradients (L+ - L-) / 2 mu, mu = 1e-3,
+    along 8 directions, against fp32's: sum |g - g_fp32| / sum |g_fp32| and the share with
+    the same sign, as `benchmarks/model_loading.py quant` measures frozen precisions.
+    """
+    import copy
+
+    import torch
+
+    from zorba_edge.engine.losses import classification_loss
+    from zorba_edge.engine.zo import projected_gradient
+    from zorba_edge.model.loading import LoadConfig, load_model
+    from zorba_edge.model.sources import open_source
+
+    source = open_source(args.model)
+    assignment = evenly_spaced(8, source.config.num_hidden_layers)
+    batch = review_batch(source)
+    loaded = load_model(source, assignment, LoadConfig(frozen_dtype="fp32"))
+    model = loaded.model.eval()
+    blocks = {b: loaded.trainable_parameters(b) for b in assignment}
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    names = {id(p): n for n, p in model.named_parameters()}
+    bf16_params = dict(bf16_model.named_parameters())
+    bf16_blocks = {b: [(n, bf16_params[names[id(p)]]) for n, p in ts] for b, ts in blocks.items()}
+
+    def autocast_loss(m, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return classification_loss(m, b).float()
+
+    modes = {
+        "fp32": (model, blocks, classification_loss),
+        "autocast": (model, blocks, autocast_loss),
+        "bf16_weights": (bf16_model, bf16_blocks, classification_loss),
+    }
+    results: dict[str, dict] = {mode: {} for mode in modes}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        times: dict[str, list[float]] = {mode: [] for mode in modes}
+        with torch.no_grad():
+            for _ in range(args.repeats + 1):
+                for mode, (m, _, loss_fn) in modes.items():
+                    t0 = time.perf_counter()
+                    loss_fn(m, batch)
+                    times[mode].append(time.perf_counter() - t0)
+        for mode in modes:
+            results[mode][f"forward_s_{threads}_threads"] = round(statistics.median(times[mode][1:]), 4)
+    torch.set_num_threads(args.threads)
+    reference = None
+    for mode, (m, bl, loss_fn) in modes.items():
+        gs = []
+        for k in range(8):
+            plus, minus = projected_gradient(m, bl, loss_fn, batch, 0, k, 1e-3)
+            gs.append((plus - minus) / 2e-3)
+        reference = reference or gs
+        pairs = list(zip(gs, reference, strict=True))
+        results[mode]["projected_grad"] = [round(g, 4) for g in gs]
+        results[mode]["projected_grad_rel_err"] = round(
+            sum(abs(g - r) for g, r in pairs) / sum(abs(r) for _, r in pairs), 4)
+        results[mode]["projected_grad_same_sign"] = sum((g > 0) == (r > 0) for g, r in pairs) / 8
+    return {
+        "model": Path(args.model).name, "batch": f"{BATCH_SIZE}x{SEQ_LEN}", "assigned": len(assignment),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"), "modes": results,
+        "command": "python benchmarks/zo_step.py --json --bf16",
+    }
+
+
 def worker(args: argparse.Namespace) -> Measurement:
     """One process: load, then either ZO steps (train) or forward passes (infer)."""
-    import numpy as np
     import psutil
     import torch
 
     torch.set_num_threads(args.threads)
     from zorba_edge.client.memory_probe import PeakMemoryProbe
-    from zorba_edge.data.collate import ClassificationCollator
-    from zorba_edge.data.movie_reviews import load_movie_reviews
-    from zorba_edge.data.templates import SENTIMENT_TEMPLATE
     from zorba_edge.engine.losses import classification_loss
     from zorba_edge.engine.zo import RoundSnapshot, ZOConfig, zo_step
     from zorba_edge.model.loading import LoadConfig, load_model, release_freed_memory
@@ -70,11 +209,7 @@ def worker(args: argparse.Namespace) -> Measurement:
     num_blocks = source.config.num_hidden_layers
     assignment = evenly_spaced(args.assigned, num_blocks)
     # The batch is made before loading so that tokeniser and data are in both baselines.
-    reviews = load_movie_reviews()
-    rng = np.random.default_rng(0)
-    chosen = [reviews[i] for i in rng.choice(len(reviews), BATCH_SIZE, replace=False)]
-    batch = ClassificationCollator(source.tokenizer(), SENTIMENT_TEMPLATE, seq_len=SEQ_LEN)(chosen)
-    del reviews
+    batch = review_batch(source)
     release_freed_memory()
 
     probe = PeakMemoryProbe("cpu")
@@ -88,29 +223,39 @@ def worker(args: argparse.Namespace) -> Measurement:
     load_peak, steady = probe.peak_bytes(), psutil.Process().memory_info().rss
     model = loaded.model.eval()
 
-    probe.reset()
-    forward_times = []
-    with torch.no_grad():
-        for _ in range(args.repeats + 1):
-            t0 = time.perf_counter()
+    def forward() -> None:
+        with torch.no_grad():
             classification_loss(model, batch)
-            forward_times.append(time.perf_counter() - t0)
-    step_s = None
+
+    probe.reset()
+    steps: dict[str, Callable[[int], object]] = {"forward": lambda k: forward()}
     if args.role == "train":
         blocks = {b: loaded.trainable_parameters(b) for b in assignment}
         snapshot = RoundSnapshot(blocks)
         config = ZOConfig(mu=1e-3, lr=1e-6)
-        step_times = []
-        for k in range(args.repeats + 1):
-            t0 = time.perf_counter()
-            zo_step(model, blocks, classification_loss, batch, run_seed=0, k=k, config=config)
-            step_times.append(time.perf_counter() - t0)
+        steps["step"] = lambda k: zo_step(model, blocks, classification_loss, batch, 0, k, config)
+        steps["old_step"] = lambda k: legacy_zo_step(
+            model, blocks, classification_loss, batch, 0, k, config)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu_times: dict[str, list[float]] = {name: [] for name in steps}
+    for k in range(args.repeats + 1):  # interleaved: a busy machine slows every path alike
+        for name, run in steps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            run(k)
+            times[name].append(time.perf_counter() - t0)
+            cpu_times[name].append(time.process_time() - c0)
+    if args.role == "train":
         snapshot.revert()
-        step_s = statistics.median(step_times[1:])
+
+    def median(name: str, table: dict[str, list[float]] = times) -> float | None:
+        return statistics.median(table[name][1:]) if name in table else None
+
     return Measurement(
         role=args.role, assigned=len(assignment), frozen=args.frozen, load_s=load_s,
         load_peak_rss=load_peak, steady_rss=steady, phase_peak_rss=probe.peak_bytes(),
-        forward_s=statistics.median(forward_times[1:]), step_s=step_s,
+        forward_s=median("forward"), step_s=median("step"), old_step_s=median("old_step"),
+        forward_cpu_s=median("forward", cpu_times), step_cpu_s=median("step", cpu_times),
+        old_step_cpu_s=median("old_step", cpu_times),
     )
 
 
@@ -132,10 +277,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process (default 2)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed repetitions after one warm-up (default 5)")
-    parser.add_argument("--assigned-counts", type=int, nargs="+", default=[1, 4, 30],
-                        help="numbers of assigned blocks to measure (default 1 4 30)")
+    parser.add_argument("--assigned-counts", type=int, nargs="+", default=[1, 8, 30],
+                        help="numbers of assigned blocks to measure (default 1 8 30)")
     parser.add_argument("--frozen-dtypes", nargs="+", default=["nf4", "fp32"],
                         help="frozen-block precisions to measure (default nf4 fp32)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="measure bf16 forward passes against fp32 instead (see bf16_compare)")
     parser.add_argument("--worker", choices=["train", "infer"], help=argparse.SUPPRESS)
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--assigned", type=int, help=argparse.SUPPRESS)
@@ -146,6 +293,9 @@ def main() -> None:
         from zorba_edge.model.pretrained import packaged_model_path
 
         args.model = packaged_model_path()
+    if args.bf16:
+        print(json.dumps(bf16_compare(args)))
+        return
     if args.worker:
         args.role = args.worker
         print(json.dumps(asdict(worker(args))))
@@ -165,6 +315,12 @@ def main() -> None:
                 "forward_s": round(train.forward_s, 4),
                 "step_s": round(train.step_s or 0.0, 4),
                 "step_over_forward": round((train.step_s or 0.0) / train.forward_s, 3),
+                "step_over_forward_before": round((train.old_step_s or 0.0) / train.forward_s, 3),
+                "step_over_forward_cpu": round((train.step_cpu_s or 0.0) / train.forward_cpu_s, 3),
+                "step_over_forward_cpu_before": round(
+                    (train.old_step_cpu_s or 0.0) / train.forward_cpu_s, 3),
+                "steps_per_s": round(1.0 / (train.step_s or float("inf")), 3),
+                "steps_per_s_before": round(1.0 / (train.old_step_s or float("inf")), 3),
                 "train_peak_mib": round(train.phase_peak_rss / 2**20, 1),
                 "inference_peak_mib": round(infer.phase_peak_rss / 2**20, 1),
                 "peak_over_inference": round(train.phase_peak_rss / infer.phase_peak_rss, 3),
@@ -179,14 +335,16 @@ def main() -> None:
     def pick(assigned: int, frozen: str) -> dict | None:
         return next((r for r in rows if r["assigned"] == assigned and r["frozen"] == frozen), None)
 
-    headline = pick(4, "nf4") or rows[0]
+    headline = pick(8, "nf4") or rows[0]
     summary = {
         "model": Path(args.model).name,
         "batch": f"{BATCH_SIZE}x{SEQ_LEN}",
         "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),
-        "step_over_forward": (pick(4, "nf4") or headline)["step_over_forward"],
+        "step_over_forward": headline["step_over_forward"],
+        "step_over_forward_max": max(r["step_over_forward"] for r in rows),
+        "step_over_forward_before_max": max(r["step_over_forward_before"] for r in rows),
         "peak_over_inference": headline["peak_over_inference"],
         "load_peak_over_steady": headline["load_peak_over_steady"],
         "table": rows,
@@ -195,11 +353,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{'assigned':>8} {'frozen':>6} {'fwd s':>7} {'step s':>7} {'step/fwd':>8} "
+        print(f"{'assigned':>8} {'frozen':>6} {'fwd s':>7} {'step s':>7} {'step/fwd':>8} {'before':>7} "
               f"{'train MiB':>9} {'infer MiB':>9} {'peak/inf':>8} {'load/steady':>11}")
         for r in rows:
             print(f"{r['assigned']:>8} {r['frozen']:>6} {r['forward_s']:>7.3f} {r['step_s']:>7.3f} "
-                  f"{r['step_over_forward']:>8.3f} {r['train_peak_mib']:>9.1f} "
+                  f"{r['step_over_forward']:>8.3f} {r['step_over_forward_before']:>7.3f} "
+                  f"{r['train_peak_mib']:>9.1f} "
                   f"{r['inference_peak_mib']:>9.1f} "
                   f"{r['peak_over_inference']:>8.3f} {r['load_peak_over_steady']:>11.3f}")
 

@@ -27,6 +27,7 @@ _MASK32 = 0xFFFFFFFF
 _INDEX_MULTIPLIER = 0x2C1B3C6D
 _MIX_MULTIPLIER_1 = 0x7FEB352D
 _MIX_MULTIPLIER_2 = 0x5F356495
+_WORDS = 1 << 27  # 2**32 elements per block, 32 per hash word
 _CHUNK = 1 << 16  # hash words per chunk (2M elements): bounds the scratch to a few MiB
 
 
@@ -58,10 +59,36 @@ def _mix32_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _sign_table(device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+def sign_table(device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
     """Row v holds the 8 signs of byte v, least significant bit first (bit 1 -> -1)."""
     bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
     return (1 - 2 * bits).to(dtype)
+
+
+def hash_bytes(
+    run_seed: int, k: int, block: int, first_word: int, words: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Hash words [first_word, first_word + words) of z[k, block], as 4 * words bytes (uint8).
+
+    Byte 4 w + j is byte j (least significant first) of the hash of word first_word + w,
+    so bit i of the result is element 32 * first_word + i of z[k, block] (1 for -1, 0 for
+    +1): a whole direction packed 8 elements to a byte, made the same way on every device.
+    """
+    if first_word < 0 or words < 0 or first_word + words > _WORDS:
+        raise ValueError(f"hash words [{first_word}, {first_word + words}) are outside [0, 2**27)")
+    key_index, key_mix = direction_keys(run_seed, k, block)
+    byte_shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64, device=device)
+    out = torch.empty(4 * words, dtype=torch.uint8, device=device)
+    for offset in range(0, words, _CHUNK):
+        n = min(_CHUNK, words - offset)
+        x = torch.arange(first_word + offset, first_word + offset + n, dtype=torch.int64, device=device)
+        x.mul_(_INDEX_MULTIPLIER).add_(key_index).bitwise_and_(_MASK32)
+        _mix32_(x)
+        x.bitwise_xor_(key_mix)
+        _mix32_(x)
+        out[4 * offset : 4 * (offset + n)] = (x.unsqueeze(1) >> byte_shifts).bitwise_and_(0xFF).view(-1)
+    return out
 
 
 def rademacher(
@@ -81,21 +108,14 @@ def rademacher(
     """
     if start < 0 or count < 0 or start + count > 1 << 32:
         raise ValueError(f"element range [{start}, {start + count}) is outside [0, 2**32)")
-    key_index, key_mix = direction_keys(run_seed, k, block)
-    table = _sign_table(device, dtype)
-    byte_shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64, device=device)
+    table = sign_table(device, dtype)
     out = torch.empty(count, dtype=dtype, device=device)
     first_word = start // 32
     last_word = (start + count + 31) // 32  # exclusive
     for word in range(first_word, last_word, _CHUNK):
         words = min(_CHUNK, last_word - word)
-        x = torch.arange(word, word + words, dtype=torch.int64, device=device)
-        x.mul_(_INDEX_MULTIPLIER).add_(key_index).bitwise_and_(_MASK32)
-        _mix32_(x)
-        x.bitwise_xor_(key_mix)
-        _mix32_(x)
-        byte_values = (x.unsqueeze(1) >> byte_shifts).bitwise_and_(0xFF).view(-1)
-        signs = table.index_select(0, byte_values).view(-1)  # 32 signs per word
+        packed = hash_bytes(run_seed, k, block, word, words, device)
+        signs = table.index_select(0, packed.long()).view(-1)  # 32 signs per word
         lo = max(start, word * 32)
         hi = min(start + count, (word + words) * 32)
         out[lo - start : hi - start] = signs[lo - word * 32 : hi - word * 32]

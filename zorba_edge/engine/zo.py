@@ -1,26 +1,36 @@
-"""One seeded zeroth-order step over the assigned blocks (MeZO's SPSA, per block).
+"""Seeded zeroth-order steps over the assigned blocks (MeZO's SPSA, per block).
 
-    perturb +mu z  ->  forward  ->  perturb -2 mu z  ->  forward  ->  restore +mu z
+    perturb +mu z  ->  forward  ->  perturb -2 mu z  ->  forward  ->  perturb (mu - lr g) z
     g = (L+ - L-) / (2 mu)          (the projected gradient: the only thing reported)
-    theta[A] -= lr * g * z          (the local step, so later steps see it)
 
-z is regenerated from (run seed, pool index k, block) each time it is needed, never
-stored, so a step needs inference memory only. The round-end revert restores the
-assigned blocks bit-exactly from a host snapshot, so the next sync starts from the
-global model rather than from this client's local trajectory.
+The last move restores theta and takes the local step theta[A] -= lr * g * z in one pass
+(so later steps see it). z[k] is hashed once per step and kept packed, one bit per
+parameter (`Direction`), never stored as numbers, so a step needs inference memory only.
+The round-end revert restores the assigned blocks bit-exactly from a host snapshot, so the
+next sync starts from the global model rather than from this client's local trajectory.
+
+Estimators over n directions k_1..k_n on one batch (`zo_step` is the antithetic one, n = 1).
+Each reports (k_i, g_i) and moves theta by -(lr / n) * sum_i g_i z_i: the 1/n is the client's,
+so the server, which adds lr * g per reported scalar, must divide by n to aggregate:
+
+    antithetic   2n forwards   g_i = (L(theta + mu z_i) - L(theta - mu z_i)) / (2 mu)
+    one-sided    n+1 forwards  g_i = (L(theta + mu z_i) - L(theta)) / mu
+    normalised   n+1 forwards  g_i = (L(theta + mu z_i) - L(theta)) / sigma, sigma the standard
+                               deviation of the n differences (FZOO): a step of fixed size
+                               whatever the loss's scale, so lr is not comparable to the others.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from zorba_edge.engine.directions import BlockTensors, perturb_
+from zorba_edge.engine.directions import BlockTensors, Direction
 from zorba_edge.errors import InvalidScalarError
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -69,18 +79,96 @@ def check_scalar(value: float, what: str, limit: float) -> float:
     return value
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """What an estimator measured over its n directions, in the order taken."""
+
+    steps: tuple[tuple[int, float], ...]
+    """(k_i, g_i): the scalars to report; theta moved by -(lr / n) * sum_i g_i z[k_i]."""
+    losses: tuple[tuple[float, float], ...]
+    """(L(theta + mu z_i), L(theta - mu z_i)) antithetic, (L(theta + mu z_i), L(theta)) one-sided."""
+    forwards: int
+    spread: float | None = None
+    """The normalised estimator's sigma; None for the others."""
+
+
 @torch.no_grad()
-def projected_gradient(
-    model: nn.Module, blocks: BlockTensors, loss_fn: LossFn, batch: Any, run_seed: int, k: int,
-    mu: float,
-) -> tuple[float, float]:
-    """(L(theta + mu z), L(theta - mu z)); theta is restored before returning."""
-    perturb_(blocks, run_seed, k, mu)
-    loss_plus = float(loss_fn(model, batch))
-    perturb_(blocks, run_seed, k, -2.0 * mu)
-    loss_minus = float(loss_fn(model, batch))
-    perturb_(blocks, run_seed, k, mu)
-    return loss_plus, loss_minus
+def antithetic_estimate(
+    model: nn.Module, blocks: BlockTensors, loss_fn: LossFn, batch: Any, run_seed: int,
+    ks: Sequence[int], config: ZOConfig,
+) -> Estimate:
+    """Two-sided differences along each z[k_i] (2n forwards), then the local step."""
+    mu, losses = config.mu, []
+    for i, k in enumerate(_checked(ks)):
+        z = Direction(blocks, run_seed, k)
+        z.add_(mu)
+        plus = float(loss_fn(model, batch))
+        z.add_(-2.0 * mu)
+        losses.append((plus, float(loss_fn(model, batch))))
+        if i < len(ks) - 1:
+            z.add_(mu)  # the last restore is fused with the local step
+    grads = [(plus - minus) / (2.0 * mu) for plus, minus in losses]
+    _local_step(blocks, run_seed, ks, grads, config, last=z, undo=mu)
+    return Estimate(tuple(zip(ks, grads, strict=True)), tuple(losses), 2 * len(ks))
+
+
+@torch.no_grad()
+def one_sided_estimate(
+    model: nn.Module, blocks: BlockTensors, loss_fn: LossFn, batch: Any, run_seed: int,
+    ks: Sequence[int], config: ZOConfig, normalise: bool = False,
+) -> Estimate:
+    """n directions sharing one unperturbed forward (n + 1 forwards), then the local step.
+
+    With `normalise`, g_i is divided by the standard deviation of the n loss differences
+    instead of by mu (FZOO's step-size adaptation); that needs n >= 2. A zero spread (a flat
+    loss) gives g = 0.
+    """
+    if normalise and len(ks) < 2:
+        raise ValueError(f"the normalised estimator needs at least 2 directions, got {len(ks)}")
+    base, mu, losses = float(loss_fn(model, batch)), config.mu, []
+    for i, k in enumerate(_checked(ks)):
+        z = Direction(blocks, run_seed, k)
+        z.add_(mu)
+        losses.append((float(loss_fn(model, batch)), base))
+        if i < len(ks) - 1:
+            z.add_(-mu)
+    diffs = [plus - base for plus, _ in losses]
+    spread = _stdev(diffs) if normalise else None
+    grads = [d / spread if spread else 0.0 for d in diffs] if normalise else [d / mu for d in diffs]
+    _local_step(blocks, run_seed, ks, grads, config, last=z, undo=-mu)
+    return Estimate(tuple(zip(ks, grads, strict=True)), tuple(losses), len(ks) + 1, spread)
+
+
+def _stdev(values: Sequence[float]) -> float:
+    """Sample standard deviation; NaN in, NaN out (then refused as a scalar)."""
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _checked(ks: Sequence[int]) -> Sequence[int]:
+    if not ks:
+        raise ValueError("an estimate needs at least one direction (pool index), got none")
+    return ks
+
+
+def _local_step(
+    blocks: BlockTensors, run_seed: int, ks: Sequence[int], grads: Sequence[float],
+    config: ZOConfig, last: Direction, undo: float,
+) -> None:
+    """Undo the last perturbation (`undo` along z[k_n]) and move theta by -(lr/n) sum g_i z_i.
+
+    A refused scalar leaves theta restored (up to the perturbations' roundings) and unstepped.
+    """
+    try:
+        for k, g in zip(ks, grads, strict=True):
+            check_scalar(g, f"projected gradient at k={k}", config.max_abs_grad)
+    except InvalidScalarError:
+        last.add_(undo)
+        raise
+    scale = config.lr / len(ks)
+    for k, g in zip(ks[:-1], grads[:-1], strict=True):
+        Direction(blocks, run_seed, k).add_(-scale * g)
+    last.add_(undo - scale * grads[-1])  # restore and step in one pass, one rounding
 
 
 def zo_step(
@@ -88,13 +176,25 @@ def zo_step(
     config: ZOConfig,
 ) -> StepResult:
     """Estimate the projected gradient along z[k] and take the local step."""
-    loss_plus, loss_minus = projected_gradient(model, blocks, loss_fn, batch, run_seed, k, config.mu)
-    grad = check_scalar(
-        (loss_plus - loss_minus) / (2.0 * config.mu), f"projected gradient at k={k}",
-        config.max_abs_grad,
-    )
-    perturb_(blocks, run_seed, k, -config.lr * grad)
+    estimate = antithetic_estimate(model, blocks, loss_fn, batch, run_seed, [k], config)
+    (_, grad), = estimate.steps
+    (loss_plus, loss_minus), = estimate.losses
     return StepResult(k=k, projected_grad=grad, loss_plus=loss_plus, loss_minus=loss_minus)
+
+
+@torch.no_grad()
+def projected_gradient(
+    model: nn.Module, blocks: BlockTensors, loss_fn: LossFn, batch: Any, run_seed: int, k: int,
+    mu: float,
+) -> tuple[float, float]:
+    """(L(theta + mu z), L(theta - mu z)) with no step; theta is restored before returning."""
+    z = Direction(blocks, run_seed, k)
+    z.add_(mu)
+    loss_plus = float(loss_fn(model, batch))
+    z.add_(-2.0 * mu)
+    loss_minus = float(loss_fn(model, batch))
+    z.add_(mu)
+    return loss_plus, loss_minus
 
 
 class RoundSnapshot:
