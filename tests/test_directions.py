@@ -69,3 +69,16 @@ def test_a_step_hashes_each_block_once_and_moves_theta_three_times(monkeypatch) 
                      ZOConfig(mu=1e-3, lr=1e-2))
     assert sorted(hashed) == [0, 3]
     assert moves == [1e-3, -2e-3, pytest.approx(1e-3 - 1e-2 * result.projected_grad)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (CI has none)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_moves_on_cuda_equal_those_on_cpu_bit_for_bit(dtype: torch.dtype) -> None:
+    on_cpu = odd_block(dtype)
+    on_cuda = [(name, t.to("cuda")) for name, t in odd_block(dtype)]
+    for block in (on_cpu, on_cuda):
+        z = Direction({4: block}, 7, 11)
+        for scale in (1e-3, -2e-3, 1e-3 - 3.7e-6):
+            z.add_(scale)
+    for (name, a), (_, b) in zip(on_cpu, on_cuda, strict=True):
+        assert torch.equal(a, b.cpu()), name

@@ -19,12 +19,13 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def build(root: Path, rounds: int = 3, fleet: str = "laptop-16gb=3,phone-6gb=2") -> Simulation:
+def build(root: Path, rounds: int = 3, fleet: str = "laptop-16gb=3,phone-6gb=2",
+          device: str = "cpu") -> Simulation:
     world = make_world(root)
     server = config_from_dict({"enrolment_secret": "s" * 16, "run": {
         "pool_size": 64, "lr": 1e-3, "mu": 1e-3, "batch_size": 4, "seq_len": 16,
         "round_duration_s": 30, "max_steps": 4, "seed": 3}})
-    config = SimulationConfig(server, rounds=rounds, reference_step_s=1.0)
+    config = SimulationConfig(server, rounds=rounds, reference_step_s=1.0, device=device)
     return Simulation.build(config, open_source(world.model_dir), fleet_from_counts(fleet),
                             signal_examples(120), signal_examples(24, seed=1))
 
@@ -50,3 +51,16 @@ def test_a_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_does(
     resumed.run(checkpoint_dir=tmp_path / "ckpt")
     assert resumed.alpha_hash() == whole.alpha_hash()
     assert resumed.forwards == whole.forwards
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (CI has none)")
+def test_on_cuda_the_same_seeds_give_the_same_alpha_and_the_model_stays_on_the_gpu(
+        tmp_path: Path) -> None:
+    hashes = []
+    for name in ("a", "b"):
+        sim = build(tmp_path / name, device="cuda")
+        assert next(sim.loaded.model.parameters()).device.type == "cuda"
+        sim.run()
+        hashes.append(sim.alpha_hash())
+        assert sim.engine.version == 3 and sim.records[-1].accuracy is not None
+    assert hashes[0] == hashes[1]
