@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from zorba_edge.common.memory_model import ModelFootprint
-from zorba_edge.common.schema import RUN_MODES, ZORBA
+from zorba_edge.common.schema import ANTITHETIC, ESTIMATORS, RUN_MODES, ZORBA
 from zorba_edge.errors import ZorbaError
 from zorba_server.scheduler import SchedulerConfig
 
@@ -98,6 +98,11 @@ class RunConfig:
     """Fewest local steps a client is assigned, however slow it is."""
     max_steps: int = 256
     """Most local steps a client is assigned, however fast it is (at most 65,536)."""
+    estimator: str = ANTITHETIC
+    """`antithetic` (L(theta + mu z) and L(theta - mu z): two forwards per direction) or
+    `one-sided` (`directions` perturbed forwards share one unperturbed one)."""
+    directions: int = 1
+    """Directions measured on each batch (1 to 64); each reports its own scalar."""
     lr_scaling: str = "dimension"
     """`dimension`: each client's step is lr x (mean block size / parameters it perturbs), so
     `lr` is the step of a client holding one average block and a client perturbing k blocks
@@ -130,6 +135,9 @@ class RunConfig:
             (self.lr_scaling in LR_SCALINGS,
              f"run.lr_scaling={self.lr_scaling!r}: use one of {', '.join(LR_SCALINGS)}"),
             (self.loss_jump_tolerance >= 0, "run.loss_jump_tolerance must be >= 0 (0: off)"),
+            (self.estimator in ESTIMATORS,
+             f"run.estimator={self.estimator!r}: use one of {', '.join(ESTIMATORS)}"),
+            (1 <= self.directions <= 64, "run.directions must be in 1..64"),
             (self.pool_size >= 1, "run.pool_size must be >= 1"),
             (self.lr > 0 and self.mu > 0, "run.lr and run.mu must be > 0"),
             (self.batch_size >= 1 and self.seq_len >= 1,

@@ -76,7 +76,8 @@ class RoundPlan:
             "base_version": self.base_version,
             "opened_at": self.opened_at,
             "deadline": self.deadline,
-            "hyper": [self.hyper.lr, self.hyper.mu, self.hyper.batch_size, self.hyper.seq_len],
+            "hyper": [self.hyper.lr, self.hyper.mu, self.hyper.batch_size, self.hyper.seq_len,
+                      self.hyper.estimator, self.hyper.directions],
             "pool_indices": list(self.pool_indices),
             "clients": {cid: [list(p.blocks), p.num_steps, p.lr_scale]
                         for cid, p in self.clients.items()},
@@ -87,13 +88,14 @@ class RoundPlan:
 
     @staticmethod
     def from_record(rec: Mapping[str, Any]) -> RoundPlan:
-        lr, mu, batch_size, seq_len = rec["hyper"]
+        # Plans stored before the estimator was a setting have 4 entries: antithetic, n = 1.
+        lr, mu, batch_size, seq_len, *estimator = rec["hyper"]
         return RoundPlan(
             round=rec["round"],
             base_version=rec["base_version"],
             opened_at=rec["opened_at"],
             deadline=rec["deadline"],
-            hyper=HyperParams(lr, mu, batch_size, seq_len),
+            hyper=HyperParams(lr, mu, batch_size, seq_len, *estimator),
             pool_indices=tuple(rec["pool_indices"]),
             # Plans stored before per-client step sizes have no scale: 1.0.
             clients={cid: ClientPlan(tuple(p[0]), p[1], *p[2:3]) for cid, p in rec["clients"].items()},

@@ -129,7 +129,7 @@ def _durable(conn: sqlite3.Connection) -> tuple[Any, ...]:
 def _in_memory(app: Any) -> tuple[Any, ...]:
     c = app[SERVICES].coordinator
     received = tuple(sorted(c.open.received)) if c.open is not None else ()
-    return (c.version, c.round_counter, len(c.members), received)
+    return (c.version, c.engine.round_counter, len(c.members), received)
 
 
 @pytest.mark.slow

@@ -167,3 +167,43 @@ def test_a_round_gated_by_finish_by_ends_its_last_step_before_the_instant() -> N
     ended = time.monotonic()
     assert 2 <= len(calls) <= 3
     assert ended <= stop_by + 0.05
+
+
+@pytest.mark.parametrize("estimator, directions, forwards_per_batch",
+                         [("antithetic", 1, 2), ("antithetic", 3, 6), ("one-sided", 3, 4)])
+def test_each_reported_scalar_moved_theta_by_lr_g_z_whatever_the_estimator(
+        estimator: str, directions: int, forwards_per_batch: int) -> None:
+    """The server adds lr * g per reported (k, g); the local steps must be the same moves, so
+    that alpha rebuilds what the client trained on (up to the roundings of the moves)."""
+    import dataclasses
+    import threading
+
+    from zorba_edge.client.trainer import run_local_steps
+    from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_
+
+    trainer = make_trainer()
+    hyper = dataclasses.replace(HYPER, lr=1e-2, estimator=estimator, directions=directions)
+    ks = tuple(range(10, 10 + 2 * directions))
+    job = dataclasses.replace(assignment(1, (0, 2), ks), hyper=hyper)
+    loaded = trainer.hold(job.blocks)
+    blocks = {b: loaded.trainable_parameters(b) for b in job.blocks}
+    before = {b: [(n, t.detach().clone()) for n, t in blocks[b]] for b in blocks}
+    seen: dict[int, dict[int, list[torch.Tensor]]] = {}
+
+    def look(t: int) -> bool:  # before each batch: the weights the earlier batches left
+        seen[t] = {b: [p.detach().clone() for _, p in blocks[b]] for b in blocks}
+        return True
+
+    outcome = run_local_steps(loaded.model, blocks, trainer.task, job, trainer.run, "cpu",
+                              threading.Event(), look)
+    assert [k for k, _ in outcome.steps] == list(ks)
+    assert outcome.forwards == 2 * forwards_per_batch
+    first_batch = [AlphaIncrement(k, b, hyper.lr * g)
+                   for k, g in outcome.steps[:directions] for b in job.blocks]
+    apply_increments_(before, trainer.run.seed, first_batch)
+    for b in job.blocks:
+        for (_, expected), got in zip(before[b], seen[directions][b], strict=True):
+            assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+    moved = [not torch.equal(a, c) for b in job.blocks
+             for a, c in zip(seen[0][b], seen[directions][b], strict=True)]
+    assert all(moved)  # the first batch really stepped

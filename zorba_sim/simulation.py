@@ -284,7 +284,7 @@ class Simulation:
             outcome = run_local_steps(self.loaded.model, {b: blocks[b] for b in assignment.blocks},
                                       client.task, assignment, info, self.config.device,
                                       on_step=lambda t, take=take: t < take)
-            self.forwards += 2 * len(outcome.steps)
+            self.forwards += outcome.forwards
             down_total += down
             if drops or not outcome.steps:
                 dropped += drops

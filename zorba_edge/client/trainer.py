@@ -28,7 +28,7 @@ from zorba_edge.engine.coefficients import (
     block_materializer,
 )
 from zorba_edge.engine.directions import BlockTensors
-from zorba_edge.engine.zo import RoundSnapshot, ZOConfig, zo_step
+from zorba_edge.engine.zo import ESTIMATORS, RoundSnapshot, ZOConfig
 from zorba_edge.errors import ZorbaError
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, release_freed_memory
 from zorba_edge.model.sources import ModelSource
@@ -71,6 +71,9 @@ class RoundOutcome:
 
     local_steps: int | None = None
     """Steps taken, when they are not the ZO steps themselves (fedavg)."""
+
+    forwards: int = 0
+    """Forward passes the round's steps took (what the simulator counts)."""
 
     @property
     def steps_taken(self) -> int:
@@ -214,24 +217,34 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
     """A round's ZO steps on `blocks` (the assignment's blocks of `model`), then the exact
     revert: the one local training loop that real clients and the simulator both run.
 
-    `on_step(t)` is asked before step t; returning False stops the round there (the simulator
-    stops a virtual device at its deadline or when it drops out). The outcome's peak memory is
-    left 0: only a real device measures one.
+    Each batch measures `hyper.directions` consecutive pool indices with the run's estimator
+    (zorba_edge.engine.zo); every (k, g) moves theta by lr * g * z[k], which is what the
+    server adds to alpha per scalar. `on_step(t)` is asked before the batch that starts at
+    step t; returning False stops the round there (the simulator stops a virtual device at
+    its deadline or when it drops out). The outcome's peak memory is left 0: only a real
+    device measures one.
     """
     hyper = assignment.hyper
-    config = ZOConfig(mu=hyper.mu, lr=hyper.lr, max_abs_grad=run.max_abs_scalar)
+    n = hyper.directions
+    # The estimators move theta by -(lr / n) sum g_i z_i; each scalar here is worth lr * g.
+    config = ZOConfig(mu=hyper.mu, lr=hyper.lr * n, max_abs_grad=run.max_abs_scalar)
+    estimate = ESTIMATORS[hyper.estimator]
     steps: list[tuple[int, float]] = []
     losses: list[float] = []
+    forwards = batches = 0
     started = time.perf_counter()
     snapshot = RoundSnapshot(blocks)
+    pool = assignment.pool_indices
     try:
-        for t, k in enumerate(assignment.pool_indices):
+        for t in range(0, len(pool), n):
             if (cancel is not None and cancel.is_set()) or (on_step is not None and not on_step(t)):
                 break
             batch = task.next_batch(hyper.batch_size, hyper.seq_len).to(device)
-            result = zo_step(model, blocks, task.loss_fn, batch, run.seed, k, config)
-            steps.append((k, result.projected_grad))
+            result = estimate(model, blocks, task.loss_fn, batch, run.seed, pool[t:t + n], config)
+            steps.extend(result.steps)
             losses.append(result.loss)
+            forwards += result.forwards
+            batches += 1
     finally:
         snapshot.revert()
         del snapshot
@@ -241,10 +254,11 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
     elapsed = time.perf_counter() - started
     return RoundOutcome(
         steps=tuple(steps),
-        num_samples=len(steps) * min(hyper.batch_size, len(task.examples)),
+        num_samples=batches * min(hyper.batch_size, len(task.examples)),
         loss_mean=statistics.fmean(losses) if losses else float("nan"),
         loss_last=losses[-1] if losses else float("nan"),
         peak_memory_bytes=0,
         step_time_s=elapsed / len(steps) if steps else 0.0,
-        cancelled=cancel is not None and cancel.is_set() and len(steps) < len(assignment.pool_indices),
+        cancelled=cancel is not None and cancel.is_set() and len(steps) < len(pool),
+        forwards=forwards,
     )

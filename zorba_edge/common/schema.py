@@ -236,6 +236,10 @@ class RegisterRequest:
         f"Protocol version the client speaks ({PROTOCOL_VERSION})."))
 
 
+ANTITHETIC, ONE_SIDED = "antithetic", "one-sided"
+ESTIMATORS = (ANTITHETIC, ONE_SIDED)
+
+
 @dataclass(frozen=True)
 class HyperParams:
     """The run's hyper-parameters of local training."""
@@ -244,6 +248,13 @@ class HyperParams:
     mu: float = field(metadata=wire("Perturbation scale.", gt=0))
     batch_size: int = field(metadata=wire("Examples per local step.", unit="examples", ge=1))
     seq_len: int = field(metadata=wire("Tokens per example.", unit="tokens", ge=1))
+    estimator: str = field(default=ANTITHETIC, metadata=wire(
+        "How a batch's projected gradients are measured: `antithetic` (two forwards per "
+        "direction) or `one-sided` (n directions share one unperturbed forward: n + 1).",
+        choices=ESTIMATORS))
+    directions: int = field(default=1, metadata=wire(
+        "Directions (pool indices) measured on each batch; each reports its own (k, g) and "
+        "moves theta by lr * g * z.", ge=1, le=64))
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,16 @@ class Estimate:
     forwards: int
     spread: float | None = None
     """The normalised estimator's sigma; None for the others."""
+    unperturbed: float | None = None
+    """L(theta), measured by the one-sided estimators."""
+
+    @property
+    def loss(self) -> float:
+        """The batch's loss: L(theta) where measured, else the mean of the two sides over the
+        directions (an O(mu^2) estimate of it)."""
+        if self.unperturbed is not None:
+            return self.unperturbed
+        return sum(0.5 * (plus + minus) for plus, minus in self.losses) / len(self.losses)
 
 
 @torch.no_grad()
@@ -136,7 +146,7 @@ def one_sided_estimate(
     spread = _stdev(diffs) if normalise else None
     grads = [d / spread if spread else 0.0 for d in diffs] if normalise else [d / mu for d in diffs]
     _local_step(blocks, run_seed, ks, grads, config, last=z, undo=-mu)
-    return Estimate(tuple(zip(ks, grads, strict=True)), tuple(losses), len(ks) + 1, spread)
+    return Estimate(tuple(zip(ks, grads, strict=True)), tuple(losses), len(ks) + 1, spread, base)
 
 
 def _stdev(values: Sequence[float]) -> float:
@@ -171,6 +181,10 @@ def _local_step(
     last.add_(undo - scale * grads[-1])  # restore and step in one pass, one rounding
 
 
+Estimator = Callable[..., Estimate]
+"""estimate(model, blocks, loss_fn, batch, run_seed, ks, config) -> Estimate"""
+
+
 def zo_step(
     model: nn.Module, blocks: BlockTensors, loss_fn: LossFn, batch: Any, run_seed: int, k: int,
     config: ZOConfig,
@@ -195,6 +209,10 @@ def projected_gradient(
     loss_minus = float(loss_fn(model, batch))
     z.add_(mu)
     return loss_plus, loss_minus
+
+
+ESTIMATORS: dict[str, Estimator] = {"antithetic": antithetic_estimate, "one-sided": one_sided_estimate}
+"""The run settings' names (zorba_edge.common.schema.ESTIMATORS) -> their functions."""
 
 
 class RoundSnapshot:
