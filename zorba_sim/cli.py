@@ -86,7 +86,7 @@ def catalogue_text() -> str:
         lines.append(f"  {c.name:<21} {c.memory_budget_bytes / GIB:4.1f} GiB  speed {c.speed:g}  "
                      f"up/down {c.upload_mbps:g}/{c.download_mbps:g} Mbit/s  "
                      f"online {c.availability:.0%}  drops {c.dropout:.0%}")
-        lines += textwrap.wrap(f"source: {c.source}", 96, initial_indent=" " * 24,
+        lines += textwrap.wrap(f"source: {c.source}", 96, initial_indent=" " * 24, break_on_hyphens=False,
                                subsequent_indent=" " * 24)
     return "\n".join(lines)
 
