@@ -37,6 +37,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = "smollm2"
+PARTS = ("step", "memory", "deterministic", "resume", "scheduler")
 
 
 def log(message: str) -> None:
@@ -245,8 +246,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--scheduler-members", type=int, default=10_000)
+    p.add_argument("--only", default=",".join(PARTS),
+                   help=f"comma-separated measurements to make, of {','.join(PARTS)} (default all)")
     p.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    parts = set(filter(None, args.only.split(",")))
+    if parts - set(PARTS):
+        p.error(f"--only {args.only}: use some of {','.join(PARTS)}")
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     if args.memory_worker:
         memory_worker(args)
@@ -259,17 +265,22 @@ def main() -> None:
         model, data = inputs(args, root)
         result: dict[str, Any] = {"model": args.model if args.model in ("tiny", SMOLLM2) else model,
                                   "memory_model": args.model}
-        log("step cost")
-        result |= step_ratio(model, data, args.steps, args.repeats)
-        log("memory")
-        result |= memory(args, model, data, args.clients)
-        log("determinism")
-        result["deterministic"] = deterministic(model, data)
-        log("resume after SIGKILL")
-        result["resumed_equal"] = resumed_equal(model, data, root / "resume", env)
-        result["clients"] = args.clients
-        log("scheduler")
-        result |= scheduler_seconds(model, args.scheduler_members)
+        if "step" in parts:
+            log("step cost")
+            result |= step_ratio(model, data, args.steps, args.repeats)
+        if "memory" in parts:
+            log("memory")
+            result |= memory(args, model, data, args.clients)
+            result["clients"] = args.clients
+        if "deterministic" in parts:
+            log("determinism")
+            result["deterministic"] = deterministic(model, data)
+        if "resume" in parts:
+            log("resume after SIGKILL")
+            result["resumed_equal"] = resumed_equal(model, data, root / "resume", env)
+        if "scheduler" in parts:
+            log("scheduler")
+            result |= scheduler_seconds(model, args.scheduler_members)
     result["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
                          "cpus": os.cpu_count(), "torch_threads": args.threads,
                          "torch": torch.__version__}
