@@ -43,7 +43,7 @@ class Settings:
     fleet: str | None = DEFAULT_FLEET
     fleet_file: str | None = None
     mode: str = "zorba"
-    rounds: int = 8
+    rounds: int = 6
     seed: int = 0
     data_seed: int = 0
     lr: float = 1e-4
@@ -51,12 +51,12 @@ class Settings:
     batch_size: int = 8
     seq_len: int = 48
     round_duration_s: float = 300.0
-    max_steps: int = 4
+    max_steps: int = 2
     pool_size: int = 1024
     dirichlet_alpha: float = 0.5
     train_examples: int | None = None
-    eval_examples: int = 200
-    eval_every: int = 2
+    eval_examples: int = 100
+    eval_every: int = 3
     heldout_fraction: float = 0.1
     frozen_dtype: str = "bf16"
     reference_step_s: float | None = None
