@@ -61,6 +61,7 @@ class Settings:
     frozen_dtype: str = "bf16"
     reference_step_s: float | None = None
     device: str | None = None
+    threads: int | None = None
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -177,6 +178,9 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("where")
     g.add_argument("--device", default=None,
                    help="torch device for the one model: cuda when available, else cpu")
+    g.add_argument("--threads", type=_number(int), default=None,
+                   help="torch CPU threads (default: torch's choice, one per core); on a machine "
+                   "shared with other jobs, 1 avoids threads spinning for busy cores")
     g.add_argument("--out", type=Path,
                    help="results folder (default runs/sim-<date>-<time>)")
     g.add_argument("--resume", type=Path, metavar="DIR",
@@ -354,6 +358,8 @@ def run(args: argparse.Namespace) -> int:
     source = open_model(settings.model)
     device = settings.device or args.device or default_device()
     torch.manual_seed(0)  # nothing should draw from it; fixed in case a library does
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     started = time.perf_counter()
     sim = Simulation.build(simulation_config(settings, device), source, fleet, train, heldout)
     checkpoint = out / CHECKPOINT
