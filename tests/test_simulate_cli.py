@@ -64,6 +64,7 @@ def test_a_run_writes_its_summary_rounds_plots_and_checkpoint(
     assert summary["virtual_time_s"] == summary["rounds"][-1]["virtual_time_s"] > 0
     assert len(summary["alpha_hash"]) == 64
     assert summary["final_accuracy"] == summary["rounds"][-1]["accuracy"] is not None
+    assert 0.0 <= summary["base_accuracy"] <= 1.0
     with (out / "rounds.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["round"]) for r in rows] == [1, 2, 3]
@@ -111,6 +112,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_alpha(
     assert resumed["alpha_hash"] == uninterrupted["alpha_hash"]
     assert resumed["forwards"] == uninterrupted["forwards"]
     assert resumed["rounds"][-1]["accuracy"] == uninterrupted["rounds"][-1]["accuracy"]
+    assert resumed["base_accuracy"] == uninterrupted["base_accuracy"] is not None
 
 
 def test_an_out_folder_holding_a_run_is_not_overwritten(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import textwrap
 import time
@@ -26,7 +27,7 @@ from zorba_edge.errors import ZorbaError
 from zorba_sim.fleet import CATALOGUE, GIB, Fleet, fleet_from_counts, load_fleet
 
 EXIT_USAGE = 2
-SETTINGS, CHECKPOINT = "settings.json", "checkpoint"
+SETTINGS, CHECKPOINT, BASE = "settings.json", "checkpoint", "base.json"
 MODES = ("zorba", "zorba-uniform", "fedzo-full", "central-mezo")
 """The simulator's modes (zorba_sim.simulation.SIM_MODES; spelled out so --help needs no torch)."""
 DEFAULT_FLEET = "pi4-4gb=2,jetson-orin-nano-8gb=1,laptop-16gb=1,phone-6gb=2"
@@ -275,7 +276,7 @@ def default_device() -> str:
 
 
 def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots: list[str],
-            model: str, eval_examples: int) -> dict[str, Any]:
+            model: str, eval_examples: int, base_accuracy: float | None) -> dict[str, Any]:
     from zorba_sim.results import final_accuracy, records_as_dicts
 
     accuracy, measured_after = final_accuracy(sim.records)
@@ -293,6 +294,7 @@ def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots:
         "eval_examples": eval_examples,
         "rounds_run": len(sim.records),
         "applied_rounds": sim.engine.version,
+        "base_accuracy": base_accuracy,
         "final_accuracy": accuracy,
         "final_accuracy_after_round": measured_after,
         "virtual_time_s": sim.clock,
@@ -307,19 +309,19 @@ def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots:
 
 
 def write_results(out: Path, sim: Any, settings: Settings, fleet: Fleet, wall_s: float,
-                  model: str, eval_examples: int, *, plots: bool) -> list[str]:
+                  model: str, eval_examples: int, base_accuracy: float | None, *,
+                  plots: bool) -> list[str]:
     from zorba_sim.results import ROUNDS_CSV, SUMMARY, write_json, write_plots, write_rounds_csv
 
-    written = write_plots(out, sim.records, f"{settings.mode}, {len(sim.clients)} devices") if plots else []
+    title = f"{settings.mode}, {len(sim.clients)} devices"
+    written = write_plots(out, sim.records, title, base_accuracy) if plots else []
     write_json(out / SUMMARY, summary(sim, settings, fleet, wall_s=wall_s, plots=written, model=model,
-                                     eval_examples=eval_examples))
+                                     eval_examples=eval_examples, base_accuracy=base_accuracy))
     write_rounds_csv(out / ROUNDS_CSV, sim.records)
     return written
 
 
 def load_settings(folder: Path) -> Settings:
-    import json
-
     path = folder / SETTINGS
     try:
         data = json.loads(path.read_text())
@@ -362,17 +364,21 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(settings.threads)
     started = time.perf_counter()
     sim = Simulation.build(simulation_config(settings, device), source, fleet, train, heldout)
-    checkpoint = out / CHECKPOINT
-    if args.resume is not None:
-        if not sim.load_checkpoint(checkpoint):
-            print(f"zorba-simulate: no checkpoint in {checkpoint} yet: starting the run afresh",
-                  file=sys.stderr)
-    else:
+    checkpoint, base_file = out / CHECKPOINT, out / BASE
+    if args.resume is None:
         out.mkdir(parents=True, exist_ok=True)
         # The measured step time is saved so that a resumed run plans with the same one.
         settings = dataclasses.replace(settings, reference_step_s=sim.reference_step_s,
                                        device=device)
         write_json(out / SETTINGS, dataclasses.asdict(settings))
+    if not base_file.exists() and not (checkpoint / "LATEST").exists():
+        # The base model's accuracy (before any checkpoint moves the model): the curves'
+        # starting point, at round 0 with no forward pass spent.
+        write_json(base_file, {"accuracy": sim.evaluate()[0]})
+    if args.resume is not None and not sim.load_checkpoint(checkpoint):
+        print(f"zorba-simulate: no checkpoint in {checkpoint} yet: starting the run afresh",
+              file=sys.stderr)
+    base_accuracy = json.loads(base_file.read_text())["accuracy"] if base_file.exists() else None
     model = str(source.path)
     print(f"zorba-simulate: {settings.mode}, {len(sim.clients)} virtual devices, "
           f"{sim.loaded.num_blocks} blocks, step {sim.reference_step_s:.3f} s on this machine "
@@ -383,12 +389,12 @@ def run(args: argparse.Namespace) -> int:
         show(record)
         # Cheap enough every round: a killed run leaves results up to its last checkpoint.
         write_results(out, sim, settings, fleet, time.perf_counter() - started, model,
-                      len(heldout), plots=False)
+                      len(heldout), base_accuracy, plots=False)
 
     with progress_display(settings.rounds, len(sim.records), live=live) as show:
         sim.run(progress=after_round, checkpoint_dir=checkpoint)
     plots = write_results(out, sim, settings, fleet, time.perf_counter() - started, model,
-                      len(heldout), plots=True)
+                      len(heldout), base_accuracy, plots=True)
     from zorba_sim.results import final_accuracy
 
     accuracy, _ = final_accuracy(sim.records)

@@ -1,5 +1,6 @@
 """A simulation's results folder and its progress display.
 
+    base.json                 the base model's held-out accuracy (the curves' point at 0)
     summary.json              settings, fleet, per-round records, final accuracy, virtual time,
                               forward passes, reference step time, alpha hash
     rounds.csv                one line per round (the records of summary.json)
@@ -73,8 +74,10 @@ def write_rounds_csv(path: Path, records: Sequence[RoundRecord]) -> None:
     os.replace(tmp, path)
 
 
-def write_plots(out: Path, records: Sequence[RoundRecord], title: str) -> list[str]:
-    """The accuracy plots; an empty list (and no error) when matplotlib is not installed."""
+def write_plots(out: Path, records: Sequence[RoundRecord], title: str,
+                base_accuracy: float | None = None) -> list[str]:
+    """The accuracy plots (from the base model's at 0 when given); an empty list (and no
+    error) when matplotlib is not installed."""
     if importlib.util.find_spec("matplotlib") is None:
         return []
     import matplotlib
@@ -86,7 +89,11 @@ def write_plots(out: Path, records: Sequence[RoundRecord], title: str) -> list[s
     written = []
     for name, (field, label) in PLOTS.items():
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([getattr(r, field) for r in measured], [r.accuracy for r in measured], marker="o")
+        xs = [getattr(r, field) for r in measured]
+        ys = [r.accuracy for r in measured]
+        if base_accuracy is not None:
+            xs, ys = [0, *xs], [base_accuracy, *ys]
+        ax.plot(xs, ys, marker="o")
         ax.set_xlabel(label)
         ax.set_ylabel("held-out accuracy")
         ax.set_title(title)
