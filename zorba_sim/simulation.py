@@ -64,7 +64,7 @@ from zorba_server.engine import Member, RoundEngine
 from zorba_server.errors import Refusal
 from zorba_server.rounds import APPLIED, ReceivedReport
 from zorba_server.scheduler_baselines import redraws_each_round, solver_for
-from zorba_sim.fleet import GIB, DeviceClass, DeviceGroup, Fleet, FleetError
+from zorba_sim.fleet import DeviceClass, DeviceGroup, Fleet, FleetError
 
 CENTRAL_MEZO = "central-mezo"
 """One client holding all the data trains every block with the same estimator: the
@@ -189,9 +189,8 @@ class Simulation:
             try:
                 engine.check_registration(profile)
             except Refusal as exc:
-                raise FleetError(f"{where}: a {device.name} device with "
-                                 f"{device.memory_budget_bytes / GIB:.2f} GiB cannot take part: "
-                                 f"{exc.message}") from None
+                raise FleetError(f"{where}: a {device.name} device cannot take part: {exc.message}; "
+                                 "or raise its memory_budget") from None
             engine.add_member(Member(cid, profile, 0.0, 1.0, 0.0, placeholder))
             clients[cid] = VirtualClient(cid, device, task,
                                          np.random.default_rng([server.run.seed, config.data_seed, index]))
