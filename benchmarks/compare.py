@@ -124,7 +124,10 @@ def seed_data(seed: int, curve: int, points: int) -> Any:
 
 
 def timings(results: list[Any]) -> dict[str, float]:
-    """What this run cost per unit, to size other settings (wall seconds on this machine)."""
+    """What this run cost per unit, to size other settings (wall seconds on this machine; the
+    process CPU seconds alongside, less affected by other work on a shared machine)."""
+    import torch
+
     runs = [run for r in results for run in r.runs.values()]
     forwards = sum(run.curve[-1].forwards for run in runs)
     rounds = sum(run.rounds for run in runs)
@@ -134,6 +137,8 @@ def timings(results: list[Any]) -> dict[str, float]:
         "curve_eval_s": sum(run.curve_eval_s for run in runs),
         "curve_eval_s_per_round": sum(run.curve_eval_s for run in runs) / rounds if rounds else 0.0,
         "point_eval_s": sum(run.point_eval_s for run in runs),
+        "cpu_s": sum(run.cpu_s for run in runs),
+        "threads": torch.get_num_threads(),
     }
 
 

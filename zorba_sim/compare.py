@@ -110,6 +110,9 @@ class ModeRun:
     """Wall seconds of training (rounds without the curve evaluations)."""
     curve_eval_s: float = 0.0
     point_eval_s: float = 0.0
+    cpu_s: float = 0.0
+    """Process CPU seconds of training and every evaluation of this run: on a shared machine,
+    a better measure of its cost than wall time (idle, wall ~ cpu / threads)."""
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -160,7 +163,7 @@ def train_mode(setting: CompareSetting, sim: Simulation, base_curve: float,
             f"{record.reports}/{record.assigned} reports, t={record.virtual_time_s:.0f} vs, "
             f"{record.forwards} forwards, accuracy {acc} ({record.wall_s:.0f} s)")
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     sim.run(progress=after)
     total = time.perf_counter() - started
     first = next(iter(tables.values()), None)
@@ -170,7 +173,7 @@ def train_mode(setting: CompareSetting, sim: Simulation, base_curve: float,
         for r in sim.records if r.status == APPLIED]
     train_s = sum(r.wall_s for r in sim.records)
     run = ModeRun(mode, seed, curve, rounds=len(sim.records), applied=len(curve) - 1,
-                  train_s=train_s, curve_eval_s=total - train_s)
+                  train_s=train_s, curve_eval_s=total - train_s, cpu_s=time.process_time() - cpu)
     return run, tables
 
 
@@ -182,7 +185,7 @@ def score_at_points(sim: Simulation, run: ModeRun, tables: dict[int, np.ndarray]
     wanted = {axis: stats.version_at(run.curve, axis, x).version for axis, x in common.items()}
     scored: dict[int, float] = {0: base_points}
     current = tables[max(tables)]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     batches = None
     for version in sorted(set(wanted.values()) - {0}, reverse=True):
         move_to_table_(sim, current, tables[version])
@@ -190,6 +193,7 @@ def score_at_points(sim: Simulation, run: ModeRun, tables: dict[int, np.ndarray]
         batches = batches or _batches(sim, points, batch_size)
         scored[version] = evaluate_classification(sim.loaded.model, batches).accuracy
     run.point_eval_s = time.perf_counter() - started
+    run.cpu_s += time.process_time() - cpu
     run.at_points = {axis: (v, scored[v]) for axis, v in wanted.items()}
 
 
