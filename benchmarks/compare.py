@@ -129,7 +129,7 @@ def timings(results: list[Any]) -> dict[str, float]:
     import torch
 
     runs = [run for r in results for run in r.runs.values()]
-    forwards = sum(run.curve[-1].forwards for run in runs)
+    forwards = sum(run.end["forwards"] for run in runs)
     rounds = sum(run.rounds for run in runs)
     return {
         "train_s": sum(run.train_s for run in runs),

@@ -106,6 +106,8 @@ class ModeRun:
     """axis -> (version held at the seed's common point, its accuracy on the points set)."""
     rounds: int = 0
     applied: int = 0
+    end: dict[str, float] = field(default_factory=dict)
+    """axis -> where the run ended (its last round's close, applied or not)."""
     train_s: float = 0.0
     """Wall seconds of training (rounds without the curve evaluations)."""
     curve_eval_s: float = 0.0
@@ -172,7 +174,9 @@ def train_mode(setting: CompareSetting, sim: Simulation, base_curve: float,
         stats.VersionPoint(r.version, r.round, r.virtual_time_s, r.forwards, r.accuracy)
         for r in sim.records if r.status == APPLIED]
     train_s = sum(r.wall_s for r in sim.records)
+    last = sim.records[-1]
     run = ModeRun(mode, seed, curve, rounds=len(sim.records), applied=len(curve) - 1,
+                  end={stats.TIME: last.virtual_time_s, stats.FORWARDS: last.forwards},
                   train_s=train_s, curve_eval_s=total - train_s, cpu_s=time.process_time() - cpu)
     return run, tables
 
@@ -214,7 +218,7 @@ def run_seed(setting: CompareSetting, seed: int, source: ModelSource, fleet: Fle
         run, tables = train_mode(setting, sim, base[0], log)
         sims[mode], runs[mode] = (sim, tables), run
     assert base is not None
-    common = {axis: stats.common_point([r.curve for r in runs.values()], axis) for axis in stats.AXES}
+    common = {axis: stats.common_point([r.end[axis] for r in runs.values()]) for axis in stats.AXES}
     for mode, (sim, tables) in sims.items():
         run = runs[mode]
         score_at_points(sim, run, tables, common, data.points, base[1], setting.eval_batch_size)

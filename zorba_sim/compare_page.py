@@ -104,7 +104,7 @@ def _show(value: Any, fmt: str = ".3f") -> str:
 
 def mode_table(setting: CompareSetting, results: Sequence[SeedResult]) -> list[str]:
     lines = ["| mode | at equal virtual time | at equal forwards | final (curve set) "
-             "| rounds applied | final virtual s | final forwards | training wall s |",
+             "| rounds applied | virtual s at the end | forwards at the end | training wall s |",
              "|---|---|---|---|---|---|---|---|"]
     for mode in setting.modes:
         runs = [r.runs[mode] for r in results if mode in r.runs]
@@ -113,8 +113,8 @@ def mode_table(setting: CompareSetting, results: Sequence[SeedResult]) -> list[s
             f"| {_spread([r.at_points[stats.FORWARDS][1] for r in runs])} "
             f"| {_spread([r.curve[-1].accuracy for r in runs if r.curve[-1].accuracy is not None])} "
             f"| {statistics.fmean(r.applied for r in runs):.1f} "
-            f"| {statistics.fmean(r.curve[-1].virtual_time_s for r in runs):.0f} "
-            f"| {statistics.fmean(r.curve[-1].forwards for r in runs):.0f} "
+            f"| {statistics.fmean(r.end[stats.TIME] for r in runs):.0f} "
+            f"| {statistics.fmean(r.end[stats.FORWARDS] for r in runs):.0f} "
             f"| {statistics.fmean(r.train_s for r in runs):.0f} |")
     return lines
 
@@ -230,15 +230,16 @@ def write_sim_plots(setting: CompareSetting, results: Sequence[SeedResult],
     for axis, name in ((stats.TIME, "time"), (stats.FORWARDS, "forwards")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for mode in setting.modes:
-            curves = [r.runs[mode].curve for r in results if mode in r.runs]
-            end = min(getattr(c[-1], axis) for c in curves)
+            runs = [r.runs[mode] for r in results if mode in r.runs]
+            end = min(run.end[axis] for run in runs)
             grid = [end * i / 100 for i in range(101)]
-            per_seed = [stats.accuracy_on_grid(c, axis, grid) for c in curves]
+            per_seed = [stats.accuracy_on_grid(run.curve, axis, grid) for run in runs]
             mean = [statistics.fmean(col) for col in zip(*per_seed, strict=True)]
-            line, = ax.plot(grid, mean, label=f"{mode} (mean of {len(curves)} seeds)")
-            for c in curves:
-                xs = [getattr(p, axis) for p in c if p.accuracy is not None]
-                ys = [p.accuracy for p in c if p.accuracy is not None]
+            line, = ax.plot(grid, mean, label=f"{mode} (mean of {len(runs)} seeds)")
+            for run in runs:
+                scored = [p for p in run.curve if p.accuracy is not None]
+                xs = [getattr(p, axis) for p in scored] + [run.end[axis]]
+                ys = [p.accuracy for p in scored] + [scored[-1].accuracy]
                 ax.plot(xs, ys, drawstyle="steps-post", color=line.get_color(), alpha=0.25,
                         linewidth=0.8)
         point = statistics.fmean(r.common[axis] for r in results)

@@ -5,8 +5,8 @@ them by hand).
 
 Where the modes are compared. Within one seed every mode ran the same rounds on the same
 fleet, but a round costs each mode different virtual seconds and forward passes. The common
-point on an axis (virtual time, or forward passes) is the smallest final value any mode of
-that seed reached, so that every mode has a model there. A mode's model at a point is the
+point on an axis (virtual time, or forward passes) is the smallest value at which any mode of
+that seed ended, so that every mode has a model there. A mode's model at a point is the
 last version it had published at or before it: the model only changes when a round closes,
 so this previous-value ("step") interpolation is exactly what a user of that run would hold
 at that moment; the forwards and seconds of a round still in progress have produced nothing
@@ -71,11 +71,14 @@ def version_at(points: Sequence[VersionPoint], axis: str, x: float) -> VersionPo
     return chosen
 
 
-def common_point(curves: Sequence[Sequence[VersionPoint]], axis: str) -> float:
-    """The smallest final value on `axis` among the curves: every one has a model there."""
-    if not curves:
-        raise ValueError("no curves to compare")
-    return min(getattr(c[-1], axis) for c in curves)
+def common_point(ends: Sequence[float]) -> float:
+    """The smallest value on an axis at which the runs ended: every one has a model there.
+
+    A run's end is where its last round closed (applied or not: an idle or failed round
+    still spends virtual time, and a failed one forward passes)."""
+    if not ends:
+        raise ValueError("no runs to compare")
+    return min(ends)
 
 
 def accuracy_on_grid(points: Sequence[VersionPoint], axis: str,
