@@ -74,6 +74,16 @@ def test_an_interval_needs_two_seeds() -> None:
         stats.bootstrap_ci([0.1])
 
 
+def test_each_mode_is_scored_only_where_a_reported_difference_needs_it() -> None:
+    from zorba_sim.compare import scored_axes
+
+    modes = ("zorba", "zorba-uniform", "fedzo-full", "central-mezo")
+    assert scored_axes("zorba", modes) == (stats.TIME, stats.FORWARDS)
+    assert scored_axes("fedzo-full", modes) == (stats.TIME,)
+    assert scored_axes("central-mezo", modes) == (stats.FORWARDS,)
+    assert scored_axes("zorba-uniform", ("zorba-uniform",)) == stats.AXES  # compared with nothing
+
+
 def test_gain_ratio_divides_the_mean_gains_over_the_base_model() -> None:
     base = {0: 0.5, 1: 0.6}
     assert stats.gain_ratio({0: 0.6, 1: 0.7}, {0: 0.7, 1: 0.8}, base) == pytest.approx(0.5)
@@ -104,7 +114,8 @@ def test_a_tiny_comparison_produces_the_json_figures_page_and_plots(
                 "accuracy_at_equal_virtual_time", "accuracy_at_equal_forwards", "base_accuracy"):
         assert key in out
     assert "fedavg" in out["not_on_simulator"]
-    pair = out["paired_differences"][stats.TIME]["zorba - central-mezo"]
+    assert stats.TIME not in out["paired_differences"]  # no pair of these two modes there
+    pair = out["paired_differences"][stats.FORWARDS]["zorba - central-mezo"]
     assert len(pair["per_seed"]) == 2 and pair["ci90"][0] <= pair["ci90"][1]
     for r in results:
         zorba, central = r.runs["zorba"], r.runs["central-mezo"]
@@ -114,7 +125,8 @@ def test_a_tiny_comparison_produces_the_json_figures_page_and_plots(
         assert r.common[stats.FORWARDS] == central.end[stats.FORWARDS]
         assert r.common[stats.TIME] == min(run.end[stats.TIME] for run in r.runs.values())
         assert central.at_points[stats.FORWARDS][0] == central.curve[-1].version
-        # scored on the 24 point examples: accuracies are multiples of 1/24
+        # scored on the 24 point examples (accuracies are multiples of 1/24), where compared
+        assert set(zorba.at_points) == set(central.at_points) == {stats.FORWARDS}
         assert all(round(acc * 24, 6).is_integer() for _, acc in zorba.at_points.values())
     assert any("base model" in line for line in lines)
     plots = write_sim_plots(setting, results, tmp_path / "results.md")

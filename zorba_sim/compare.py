@@ -13,7 +13,7 @@ it runs in the multi-process harness only (`benchmarks/compare.py --harness proc
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,8 +34,19 @@ from zorba_sim.simulation import CENTRAL_MEZO, SIM_MODES, RoundRecord, Simulatio
 
 FEDAVG_NOT_BUILT = ("fedavg is not built on the simulator yet: its figures come from the "
                     "multi-process harness (benchmarks/compare.py --harness processes)")
-PAIRS = ((ZORBA, FEDZO_FULL), (ZORBA, ZORBA_UNIFORM), (ZORBA, CENTRAL_MEZO))
-"""Paired differences reported at both comparison points."""
+PAIRS = {stats.TIME: ((ZORBA, FEDZO_FULL), (ZORBA, ZORBA_UNIFORM)),
+         stats.FORWARDS: ((ZORBA, CENTRAL_MEZO),)}
+"""The paired differences reported, per axis (the issues' figures). Only the versions they
+need are scored on the point set: each is a pass over >= 1,000 examples, the largest cost of
+a comparison on a CPU."""
+
+
+def scored_axes(mode: str, modes: Sequence[str]) -> tuple[str, ...]:
+    """The axes at which `mode` is scored on the point set: those where it is in a pair of
+    `modes`; both when it is in none (a mode compared with nothing still gets its figures)."""
+    axes = tuple(axis for axis, pairs in PAIRS.items()
+                 if any(mode in pair and set(pair) <= set(modes) for pair in pairs))
+    return axes or stats.AXES
 Log = Callable[[str], None]
 
 
@@ -103,7 +114,8 @@ class ModeRun:
     curve: list[stats.VersionPoint]
     """The base model and every applied version, with curve accuracy."""
     at_points: dict[str, tuple[int, float]] = field(default_factory=dict)
-    """axis -> (version held at the seed's common point, its accuracy on the points set)."""
+    """axis -> (version held at the seed's common point, its accuracy on the point set), for
+    the axes `scored_axes` names."""
     rounds: int = 0
     applied: int = 0
     end: dict[str, float] = field(default_factory=dict)
@@ -182,7 +194,7 @@ def train_mode(setting: CompareSetting, sim: Simulation, base_curve: float,
 
 
 def score_at_points(sim: Simulation, run: ModeRun, tables: dict[int, np.ndarray],
-                    common: dict[str, float], points: Sequence[ClassificationExample],
+                    common: Mapping[str, float], points: Sequence[ClassificationExample],
                     base_points: float, batch_size: int) -> None:
     """Fill `run.at_points`: the version held at each common point, scored on `points`
     (latest first, so each move undoes only the rounds after the version before)."""
@@ -221,10 +233,12 @@ def run_seed(setting: CompareSetting, seed: int, source: ModelSource, fleet: Fle
     common = {axis: stats.common_point([r.end[axis] for r in runs.values()]) for axis in stats.AXES}
     for mode, (sim, tables) in sims.items():
         run = runs[mode]
-        score_at_points(sim, run, tables, common, data.points, base[1], setting.eval_batch_size)
-        (tv, ta), (fv, fa) = run.at_points[stats.TIME], run.at_points[stats.FORWARDS]
-        log(f"[seed {seed} {mode}] at equal virtual time ({common[stats.TIME]:.0f} vs): v{tv} "
-            f"{ta:.4f}; at equal forwards ({common[stats.FORWARDS]:.0f}): v{fv} {fa:.4f}")
+        axes = scored_axes(mode, setting.modes)
+        score_at_points(sim, run, tables, {a: common[a] for a in axes}, data.points, base[1],
+                        setting.eval_batch_size)
+        log(f"[seed {seed} {mode}] " + "; ".join(
+            f"at equal {axis} ({common[axis]:.0f}): v{v} {acc:.4f}"
+            for axis, (v, acc) in run.at_points.items()))
     return SeedResult(seed, base[0], base[1], common, runs)
 
 
@@ -249,16 +263,17 @@ def _mean(values: Sequence[float]) -> float | None:
 def figures(setting: CompareSetting, results: Sequence[SeedResult]) -> dict[str, Any]:
     """The comparison's figures (the JSON object's core); pure given the results."""
     by_axis: dict[str, dict[str, dict[int, float]]] = {
-        axis: {m: {r.seed: r.runs[m].at_points[axis][1] for r in results if m in r.runs}
+        axis: {m: {r.seed: r.runs[m].at_points[axis][1] for r in results
+                   if m in r.runs and axis in r.runs[m].at_points}
                for m in setting.modes} for axis in stats.AXES}
     base = {r.seed: r.base_points for r in results}
     out: dict[str, Any] = {
         "seeds": len(results),
         "base_accuracy": _mean(list(base.values())),
         "accuracy_at_equal_virtual_time": {m: _mean(list(v.values()))
-                                           for m, v in by_axis[stats.TIME].items()},
+                                           for m, v in by_axis[stats.TIME].items() if v},
         "accuracy_at_equal_forwards": {m: _mean(list(v.values()))
-                                       for m, v in by_axis[stats.FORWARDS].items()},
+                                       for m, v in by_axis[stats.FORWARDS].items() if v},
         "final_accuracy": {m: _mean([r.runs[m].curve[-1].accuracy for r in results  # type: ignore[misc]
                                      if m in r.runs and r.runs[m].curve[-1].accuracy is not None])
                            for m in setting.modes},
@@ -276,8 +291,8 @@ def figures(setting: CompareSetting, results: Sequence[SeedResult]) -> dict[str,
         out["gain_ratio_zorba_over_central_mezo"] = stats.gain_ratio(
             by_axis[stats.FORWARDS][ZORBA], by_axis[stats.FORWARDS][CENTRAL_MEZO], base)
     if len(results) >= 2:
-        for axis in stats.AXES:
-            for a, b in PAIRS:
+        for axis, pairs in PAIRS.items():
+            for a, b in pairs:
                 if {a, b} <= modes:
                     diff = stats.paired_difference(by_axis[axis][a], by_axis[axis][b])
                     out["paired_differences"].setdefault(axis, {})[f"{a} - {b}"] = diff.as_dict()

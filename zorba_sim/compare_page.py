@@ -102,6 +102,14 @@ def _show(value: Any, fmt: str = ".3f") -> str:
     return format(value, fmt)
 
 
+def _at(runs: Sequence[Any], axis: str) -> str:
+    return _spread([r.at_points[axis][1] for r in runs if axis in r.at_points])
+
+
+def _version(run: Any, axis: str) -> str:
+    return f"v{run.at_points[axis][0]}" if axis in run.at_points else "-"
+
+
 def mode_table(setting: CompareSetting, results: Sequence[SeedResult]) -> list[str]:
     lines = ["| mode | at equal virtual time | at equal forwards | final (curve set) "
              "| rounds applied | virtual s at the end | forwards at the end | training wall s |",
@@ -109,8 +117,7 @@ def mode_table(setting: CompareSetting, results: Sequence[SeedResult]) -> list[s
     for mode in setting.modes:
         runs = [r.runs[mode] for r in results if mode in r.runs]
         lines.append(
-            f"| {mode} | {_spread([r.at_points[stats.TIME][1] for r in runs])} "
-            f"| {_spread([r.at_points[stats.FORWARDS][1] for r in runs])} "
+            f"| {mode} | {_at(runs, stats.TIME)} | {_at(runs, stats.FORWARDS)} "
             f"| {_spread([r.curve[-1].accuracy for r in runs if r.curve[-1].accuracy is not None])} "
             f"| {statistics.fmean(r.applied for r in runs):.1f} "
             f"| {statistics.fmean(r.end[stats.TIME] for r in runs):.0f} "
@@ -134,7 +141,7 @@ def seeds_table(setting: CompareSetting, results: Sequence[SeedResult]) -> list[
              + " | ".join(f"{m}: version at time / forwards" for m in setting.modes) + " |",
              "|---|---|---|---|" + "---|" * len(setting.modes)]
     for r in results:
-        cells = [f"v{r.runs[m].at_points[stats.TIME][0]} / v{r.runs[m].at_points[stats.FORWARDS][0]}"
+        cells = [f"{_version(r.runs[m], stats.TIME)} / {_version(r.runs[m], stats.FORWARDS)}"
                  for m in setting.modes]
         lines.append(f"| {r.seed} | {r.base_points:.4f} | {r.common[stats.TIME]:.0f} s "
                      f"| {r.common[stats.FORWARDS]:.0f} | " + " | ".join(cells) + " |")
@@ -160,14 +167,16 @@ def sim_markdown(setting: CompareSetting, results: Sequence[SeedResult], figures
         "",
         "### How the modes are compared",
         "",
-        "- Per seed, the common point on each axis is the smallest final value any mode "
-        "reached (virtual seconds at its last round's close; forward passes of all clients), "
-        "so every mode has a model there.",
+        "- Per seed, the common point on each axis is the smallest value at which any mode "
+        "ended (virtual seconds at its last round's close, applied or not; forward passes of "
+        "all clients), so every mode has a model there.",
         "- A mode's accuracy at a point is that of the last version it had published at or "
         "before it (previous-value interpolation: the model only changes when a round closes; "
         "the work of an unfinished round has produced nothing yet), scored on the point set "
         f"({setting.point_examples} held-out examples); its model is brought back to that "
-        "version along the coefficient table.",
+        "version along the coefficient table. Only the versions the reported differences need "
+        "are scored there (zorba, fedzo-full and zorba-uniform at equal virtual time; zorba and "
+        "central-mezo at equal forwards): '-' marks a cell not scored.",
         "- Paired differences: same seed (same data split, held-out examples, fleet and noise); "
         "90% interval: percentile bootstrap of the mean difference over seeds (10,000 "
         "resamples, seeded). With this few seeds the interval is rough.",
