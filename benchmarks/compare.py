@@ -21,7 +21,7 @@ Printed figures (one JSON object with --json; progress goes to stderr):
 Needs `make models`.
 
     python benchmarks/compare.py --quick --json    # 2 seeds x 4 modes x 2 rounds: minutes
-    python benchmarks/compare.py --json            # 5 seeds x 4 modes x 4 rounds: < 1 h here
+    python benchmarks/compare.py --json            # 5 seeds x 4 modes x 3 rounds: ~1 h here
 """
 
 from __future__ import annotations
@@ -36,7 +36,12 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_FLEET = Path(__file__).with_name("compare_fleet.toml")
-FULL = {"seeds": 5, "rounds": 4, "max_steps": 4, "curve_examples": 200, "point_examples": 1000}
+# The default is sized to finish within an hour on the project's 2-core machine when it is
+# otherwise idle, from its measured costs (README: a forward of 8 x 64 tokens 0.70 s, a ZO step
+# 1.5-1.9 s): per seed ~100 local steps (~2.5 min), 4 x 3 x 200 curve examples (~2.5 min) and
+# up to 6 x 1,000 point examples (~5-6 min). Scoring >= 1,000 examples is the largest cost;
+# longer runs (more rounds) belong on a GPU (--device cuda).
+FULL = {"seeds": 5, "rounds": 3, "max_steps": 4, "curve_examples": 200, "point_examples": 1000}
 QUICK = {"seeds": 2, "rounds": 2, "max_steps": 2, "curve_examples": 64, "point_examples": 128}
 HARNESSES = ("simulator", "processes")
 

@@ -56,7 +56,7 @@ class CompareSetting:
 
     modes: tuple[str, ...] = SIM_MODES
     seeds: int = 5
-    rounds: int = 4
+    rounds: int = 3
     lr: float = 1e-4
     mu: float = 1e-3
     batch_size: int = 8
