@@ -13,6 +13,14 @@ at that moment; the forwards and seconds of a round still in progress have produ
 yet. Linear interpolation between versions would credit a mode with half a round it had not
 finished.
 
+Known limitation of that choice: rounds are synchronous, so the modes' last rounds often close
+within milliseconds of each other in virtual time (same speeds and steps, different message
+sizes). The mode that ends first sets the point, and a mode ending a millisecond later is
+scored at its previous version: a whole round less for a negligible difference. Seen in a
+1-round run (zorba-uniform and fedzo-full scored at the base model). Linear interpolation
+between the two versions around the point would remove the cliff at the cost of scoring two
+versions on the point set instead of one (not done yet).
+
 Paired differences: for each seed, mode A's accuracy minus mode B's at the same point (same
 seed: same data split, held-out examples, fleet and noise). The 90% interval is a percentile
 bootstrap of the mean difference over seeds (resampling seeds with replacement, seeded, so
