@@ -1,0 +1,301 @@
+"""Run modes side by side on the simulator: same fleet, rounds and hyper-parameters for
+every mode, several seeds, and paired comparisons at equal virtual time and forward passes.
+
+For each seed r (run seed r, data seed r) every mode trains on its own `Simulation` over the
+same fleet and data. Held-out accuracy is measured after every applied round on a few hundred
+examples (the curves). The comparison points (zorba_sim/comparison.py says where and how) are
+scored on a larger held-out set: each mode's model is brought back to the version it held at
+the point by applying the difference of the coefficient tables (`apply_increments_`, as a
+client syncs; exact up to fp32 rounding) and evaluated there. fedavg has no simulator yet:
+it runs in the multi-process harness only (`benchmarks/compare.py --harness processes`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from zorba_edge.client.task import LocalTask
+from zorba_edge.common.schema import FEDZO_FULL, ZORBA, ZORBA_UNIFORM, MemoryProfile
+from zorba_edge.data.examples import ClassificationExample
+from zorba_edge.data.templates import SENTIMENT_TEMPLATE
+from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_
+from zorba_edge.engine.losses import evaluate_classification
+from zorba_edge.model.sources import ModelSource
+from zorba_server.config import config_from_dict
+from zorba_server.rounds import APPLIED
+from zorba_sim import comparison as stats
+from zorba_sim.fleet import Fleet
+from zorba_sim.simulation import CENTRAL_MEZO, SIM_MODES, RoundRecord, Simulation, SimulationConfig
+
+FEDAVG_NOT_BUILT = ("fedavg is not built on the simulator yet: its figures come from the "
+                    "multi-process harness (benchmarks/compare.py --harness processes)")
+PAIRS = {stats.TIME: ((ZORBA, FEDZO_FULL), (ZORBA, ZORBA_UNIFORM)),
+         stats.FORWARDS: ((ZORBA, CENTRAL_MEZO),)}
+"""The paired differences reported, per axis (the issues' figures). Only the versions they
+need are scored on the point set: each is a pass over >= 1,000 examples, the largest cost of
+a comparison on a CPU."""
+
+
+def scored_axes(mode: str, modes: Sequence[str]) -> tuple[str, ...]:
+    """The axes at which `mode` is scored on the point set: those where it is in a pair of
+    `modes`; both when it is in none (a mode compared with nothing still gets its figures)."""
+    axes = tuple(axis for axis, pairs in PAIRS.items()
+                 if any(mode in pair and set(pair) <= set(modes) for pair in pairs))
+    return axes or stats.AXES
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CompareSetting:
+    """One comparison: every mode and seed runs with these, only mode and seed vary."""
+
+    modes: tuple[str, ...] = SIM_MODES
+    seeds: int = 5
+    rounds: int = 3
+    lr: float = 1e-4
+    mu: float = 1e-3
+    batch_size: int = 8
+    seq_len: int = 48
+    pool_size: int = 1024
+    max_steps: int = 4
+    round_duration_s: float = 30.0
+    reference_step_s: float = 2.6
+    """Virtual seconds of one step on a speed-1.0 device: fixed (not measured per run) so
+    every mode and seed shares one clock and a rerun gives the same figures."""
+    curve_examples: int = 200
+    point_examples: int = 1000
+    dirichlet_alpha: float = 0.5
+    frozen_dtype: str = "nf4"
+    """How each virtual device would hold its frozen blocks (what budgets are checked against)."""
+    device: str = "cpu"
+    eval_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.modes if m not in SIM_MODES]
+        if unknown:
+            extra = f" ({FEDAVG_NOT_BUILT})" if "fedavg" in unknown else ""
+            raise ValueError(f"modes {unknown} cannot run on the simulator{extra}; choose from "
+                             f"{', '.join(SIM_MODES)}")
+        if not self.modes:
+            raise ValueError("no modes to compare")
+        if self.seeds < 1 or self.rounds < 1:
+            raise ValueError("seeds and rounds must be at least 1")
+
+    def simulation_config(self, mode: str, seed: int) -> SimulationConfig:
+        server = config_from_dict({"enrolment_secret": "simulated-run-secret", "run": {
+            "seed": seed, "pool_size": self.pool_size, "lr": self.lr, "mu": self.mu,
+            "batch_size": self.batch_size, "seq_len": self.seq_len,
+            "round_duration_s": self.round_duration_s, "max_steps": self.max_steps,
+            "mode": ZORBA if mode == CENTRAL_MEZO else mode}})
+        return SimulationConfig(server, rounds=self.rounds, reference_step_s=self.reference_step_s,
+                                mode=mode, dirichlet_alpha=self.dirichlet_alpha, data_seed=seed,
+                                memory=MemoryProfile(frozen_dtype=self.frozen_dtype),
+                                device=self.device)
+
+
+@dataclass(frozen=True)
+class SeedData:
+    train: Sequence[ClassificationExample]
+    curve: Sequence[ClassificationExample]
+    """Held-out examples evaluated after every round."""
+    points: Sequence[ClassificationExample]
+    """Held-out examples evaluated at the comparison points (and on the base model)."""
+
+
+@dataclass
+class ModeRun:
+    mode: str
+    seed: int
+    curve: list[stats.VersionPoint]
+    """The base model and every applied version, with curve accuracy."""
+    at_points: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """axis -> (version held at the seed's common point, its accuracy on the point set), for
+    the axes `scored_axes` names."""
+    rounds: int = 0
+    applied: int = 0
+    end: dict[str, float] = field(default_factory=dict)
+    """axis -> where the run ended (its last round's close, applied or not)."""
+    train_s: float = 0.0
+    """Wall seconds of training (rounds without the curve evaluations)."""
+    curve_eval_s: float = 0.0
+    point_eval_s: float = 0.0
+    cpu_s: float = 0.0
+    """Process CPU seconds of training and every evaluation of this run: on a shared machine,
+    a better measure of its cost than wall time (idle, wall ~ cpu / threads)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["at_points"] = {k: {"version": v, "accuracy": a} for k, (v, a) in self.at_points.items()}
+        return out
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    base_curve: float
+    base_points: float
+    common: dict[str, float]
+    """axis -> the seed's common point (zorba_sim/comparison.py)."""
+    runs: dict[str, ModeRun]
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def _batches(sim: Simulation, examples: Sequence[ClassificationExample], batch_size: int) -> list[Any]:
+    task = LocalTask(list(examples), sim.source.tokenizer(), SENTIMENT_TEMPLATE)
+    seq_len = sim.config.server.run.seq_len
+    return [b.to(sim.config.device) for b in task.batches(batch_size, seq_len)]
+
+
+def move_to_table_(sim: Simulation, current: np.ndarray, target: np.ndarray) -> None:
+    """Bring the simulation's model from coefficient table `current` to `target`."""
+    diff = target - current
+    ks, bs = np.nonzero(diff)
+    increments = [AlphaIncrement(int(k), int(b), float(diff[k, b]))
+                  for k, b in zip(ks, bs, strict=True)]
+    apply_increments_(sim.all_blocks(), sim.config.server.run.seed, increments)
+
+
+def train_mode(setting: CompareSetting, sim: Simulation, base_curve: float,
+               log: Log) -> tuple[ModeRun, dict[int, np.ndarray]]:
+    """Run a built simulation's rounds; returns its run and its table after each version."""
+    mode, seed = sim.config.mode, sim.config.data_seed
+    tables: dict[int, np.ndarray] = {}
+
+    def after(record: RoundRecord) -> None:
+        if record.status == APPLIED:
+            assert sim.engine.alpha is not None
+            tables[record.version] = sim.engine.alpha.copy()
+        acc = "-" if record.accuracy is None else f"{record.accuracy:.4f}"
+        log(f"[seed {seed} {mode}] round {record.round}/{setting.rounds} {record.status}: "
+            f"{record.reports}/{record.assigned} reports, t={record.virtual_time_s:.0f} vs, "
+            f"{record.forwards} forwards, accuracy {acc} ({record.wall_s:.0f} s)")
+
+    started, cpu = time.perf_counter(), time.process_time()
+    sim.run(progress=after)
+    total = time.perf_counter() - started
+    first = next(iter(tables.values()), None)
+    tables[0] = np.zeros_like(first) if first is not None else np.zeros((1, 1))
+    curve = [stats.VersionPoint(0, 0, 0.0, 0, base_curve)] + [
+        stats.VersionPoint(r.version, r.round, r.virtual_time_s, r.forwards, r.accuracy)
+        for r in sim.records if r.status == APPLIED]
+    train_s = sum(r.wall_s for r in sim.records)
+    last = sim.records[-1]
+    run = ModeRun(mode, seed, curve, rounds=len(sim.records), applied=len(curve) - 1,
+                  end={stats.TIME: last.virtual_time_s, stats.FORWARDS: last.forwards},
+                  train_s=train_s, curve_eval_s=total - train_s, cpu_s=time.process_time() - cpu)
+    return run, tables
+
+
+def score_at_points(sim: Simulation, run: ModeRun, tables: dict[int, np.ndarray],
+                    common: Mapping[str, float], points: Sequence[ClassificationExample],
+                    base_points: float, batch_size: int) -> None:
+    """Fill `run.at_points`: the version held at each common point, scored on `points`
+    (latest first, so each move undoes only the rounds after the version before)."""
+    wanted = {axis: stats.version_at(run.curve, axis, x).version for axis, x in common.items()}
+    scored: dict[int, float] = {0: base_points}
+    current = tables[max(tables)]
+    started, cpu = time.perf_counter(), time.process_time()
+    batches = None
+    for version in sorted(set(wanted.values()) - {0}, reverse=True):
+        move_to_table_(sim, current, tables[version])
+        current = tables[version]
+        batches = batches or _batches(sim, points, batch_size)
+        scored[version] = evaluate_classification(sim.loaded.model, batches).accuracy
+    run.point_eval_s = time.perf_counter() - started
+    run.cpu_s += time.process_time() - cpu
+    run.at_points = {axis: (v, scored[v]) for axis, v in wanted.items()}
+
+
+def run_seed(setting: CompareSetting, seed: int, source: ModelSource, fleet: Fleet,
+             data: SeedData, log: Log) -> SeedResult:
+    """Every mode on one seed, then each scored at the seed's common points."""
+    sims: dict[str, tuple[Simulation, dict[int, np.ndarray]]] = {}
+    runs: dict[str, ModeRun] = {}
+    base: tuple[float, float] | None = None
+    for mode in setting.modes:
+        sim = Simulation.build(setting.simulation_config(mode, seed), source, fleet, data.train,
+                               data.curve, eval_batch_size=setting.eval_batch_size)
+        if base is None:  # every mode starts from the same model: score it once
+            base = (sim.evaluate()[0], evaluate_classification(
+                sim.loaded.model, _batches(sim, data.points, setting.eval_batch_size)).accuracy)
+            log(f"[seed {seed}] base model: {base[0]:.4f} on {len(data.curve)} curve examples, "
+                f"{base[1]:.4f} on {len(data.points)} point examples")
+        run, tables = train_mode(setting, sim, base[0], log)
+        sims[mode], runs[mode] = (sim, tables), run
+    assert base is not None
+    common = {axis: stats.common_point([r.end[axis] for r in runs.values()]) for axis in stats.AXES}
+    for mode, (sim, tables) in sims.items():
+        run = runs[mode]
+        axes = scored_axes(mode, setting.modes)
+        score_at_points(sim, run, tables, {a: common[a] for a in axes}, data.points, base[1],
+                        setting.eval_batch_size)
+        log(f"[seed {seed} {mode}] " + "; ".join(
+            f"at equal {axis} ({common[axis]:.0f}): v{v} {acc:.4f}"
+            for axis, (v, acc) in run.at_points.items()))
+    return SeedResult(seed, base[0], base[1], common, runs)
+
+
+def run_comparison(setting: CompareSetting, source: ModelSource, fleet: Fleet,
+                   data_for: Callable[[int], SeedData], log: Log) -> list[SeedResult]:
+    """Seeds 0..seeds-1, each with every mode; the simulations of a seed are freed after it."""
+    return [run_seed(setting, seed, source, fleet, data_for(seed), log)
+            for seed in range(setting.seeds)]
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def _key(mode: str) -> str:
+    return mode.replace("-", "_")
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def figures(setting: CompareSetting, results: Sequence[SeedResult]) -> dict[str, Any]:
+    """The comparison's figures (the JSON object's core); pure given the results."""
+    by_axis: dict[str, dict[str, dict[int, float]]] = {
+        axis: {m: {r.seed: r.runs[m].at_points[axis][1] for r in results
+                   if m in r.runs and axis in r.runs[m].at_points}
+               for m in setting.modes} for axis in stats.AXES}
+    base = {r.seed: r.base_points for r in results}
+    out: dict[str, Any] = {
+        "seeds": len(results),
+        "base_accuracy": _mean(list(base.values())),
+        "accuracy_at_equal_virtual_time": {m: _mean(list(v.values()))
+                                           for m, v in by_axis[stats.TIME].items() if v},
+        "accuracy_at_equal_forwards": {m: _mean(list(v.values()))
+                                       for m, v in by_axis[stats.FORWARDS].items() if v},
+        "final_accuracy": {m: _mean([r.runs[m].curve[-1].accuracy for r in results  # type: ignore[misc]
+                                     if m in r.runs and r.runs[m].curve[-1].accuracy is not None])
+                           for m in setting.modes},
+        "common_points": [{"seed": r.seed, **r.common} for r in results],
+        "gain_ratio_zorba_over_central_mezo": None,
+        "ci90_zorba_minus_fedzo_full": None,
+        "ci90_zorba_minus_zorba_uniform": None,
+        "paired_differences": {},
+        "not_on_simulator": {"fedavg": FEDAVG_NOT_BUILT},
+    }
+    for m in setting.modes:
+        out[f"acc_{_key(m)}_final"] = out["final_accuracy"][m]
+    modes = set(setting.modes)
+    if {ZORBA, CENTRAL_MEZO} <= modes:
+        out["gain_ratio_zorba_over_central_mezo"] = stats.gain_ratio(
+            by_axis[stats.FORWARDS][ZORBA], by_axis[stats.FORWARDS][CENTRAL_MEZO], base)
+    if len(results) >= 2:
+        for axis, pairs in PAIRS.items():
+            for a, b in pairs:
+                if {a, b} <= modes:
+                    diff = stats.paired_difference(by_axis[axis][a], by_axis[axis][b])
+                    out["paired_differences"].setdefault(axis, {})[f"{a} - {b}"] = diff.as_dict()
+                    if axis == stats.TIME and b in (FEDZO_FULL, ZORBA_UNIFORM):
+                        out[f"ci90_zorba_minus_{_key(b)}"] = list(diff.ci90)
+    return out
