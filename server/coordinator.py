@@ -188,8 +188,15 @@ class Coordinator:
         for c in snap.clients:
             # Every known client counts as seen at restart: it gets one membership timeout
             # to come back before the schedule drops it.
-            engine.add_member(Member(c.client_id, c.profile, c.registered_at, c.calibration, now,
-                                     c.profile.step_time_s))
+            member = Member(c.client_id, c.profile, c.registered_at, c.calibration, now,
+                            c.profile.step_time_s)
+            # What it reported before the restart, so the status page and counters go on.
+            history = snap.client_reports.get(c.client_id)
+            if history is not None:
+                member.rounds_reported = history.count
+                member.last_loss, member.last_peak_bytes = history.last_loss, history.last_peak_bytes
+                self._counts["reports_accepted"] += history.count
+            engine.add_member(member)
             self._token_hashes[c.token_hash] = c.client_id
         for r in snap.rounds:
             engine.restore_round(r.plan, r.status, r.reports, r.closed_at, r.loss, r.message)

@@ -45,6 +45,9 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
              "active": m.client_id in active, "last_seen_s": now - m.last_seen,
              "calibration": m.calibration, "step_time_s": m.step_time_s,
              "rounds_reported": m.rounds_reported, "last_loss": m.last_loss,
+             "last_peak_bytes": m.last_peak_bytes,
+             "peak_over_budget": (m.last_peak_bytes / m.profile.memory_budget_bytes
+                                  if m.last_peak_bytes else None),
              "blocks": list(plan.clients[m.client_id].blocks)
              if plan is not None and m.client_id in plan.clients else []}
             for m in sorted(engine.members.values(), key=lambda m: m.registered_at)

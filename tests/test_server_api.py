@@ -417,6 +417,29 @@ async def test_a_restarted_server_resumes_the_open_round_with_its_reports(
     assert a.version == 1
 
 
+async def test_a_restart_changes_no_counter_or_client_record_a_person_sees(
+        tmp_path: Path, aiohttp_client: Any) -> None:
+    db = tmp_path / "s.sqlite3"
+    config = config_from_dict(config_dict(db, min_clients=1))
+    http = await aiohttp_client(create_app(config))
+    (a,) = await joined(http, 1)
+    for loss, peak in ((0.9, 1 << 20), (0.7, 3 << 20)):
+        assignment = (await a.poll()).assignment
+        assert (await a.report(assignment.round, make_report(assignment, loss=loss, peak=peak))).status == 200
+    await a.poll()  # round 2 closed, round 3 open
+    before = await (await http.get("/v1/status")).json()
+    await http.close()
+
+    http = await aiohttp_client(create_app(config))
+    after = await (await http.get("/v1/status")).json()
+    (client,) = after["clients"]
+    assert client["rounds_reported"] == 2 and client["last_loss"] == 0.7
+    assert client["last_peak_bytes"] == 3 << 20 and client["peak_over_budget"] > 0
+    assert after["counters"]["reports_accepted"] == before["counters"]["reports_accepted"] == 2
+    assert {k: before["clients"][0][k] for k in ("rounds_reported", "last_loss", "last_peak_bytes")} \
+        == {k: client[k] for k in ("rounds_reported", "last_loss", "last_peak_bytes")}
+
+
 async def test_no_round_opens_that_could_only_fail_for_lack_of_reports(start: Any) -> None:
     http, _ = await start(min_clients=1, min_reports=2)
     (c,) = await joined(http, 1)

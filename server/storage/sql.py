@@ -27,7 +27,7 @@ from zorba_edge.common.memory_model import ModelFootprint
 from zorba_edge.common.schema import AlphaDelta, DeviceProfile, Report, decode, encode
 from zorba_server.rounds import APPLIED, FAILED, OPEN, REJECTED, ReceivedReport, RoundPlan
 from zorba_server.storage.errors import AlreadyPinnedError, RoundNotOpenError, SchemaMismatchError
-from zorba_server.storage.store import Snapshot, StoredClient, StoredRound
+from zorba_server.storage.store import ClientReports, Snapshot, StoredClient, StoredRound
 
 SCHEMA_VERSION = 1
 _UNLIMITED = 1 << 40  # our own rows: trusted, sized by the schema limits when written
@@ -153,8 +153,15 @@ def load(conn: Connection, *, recent_deltas: int) -> Snapshot:
             (recent_deltas,),
         )
     ]
+    counts = dict(conn.execute("SELECT client_id, COUNT(*) FROM reports GROUP BY client_id"))
+    client_reports = {}
+    for cid, body in conn.execute(
+            "SELECT r.client_id, r.body FROM reports r JOIN (SELECT client_id, MAX(round) AS last"
+            " FROM reports GROUP BY client_id) l ON r.client_id = l.client_id AND r.round = l.last"):
+        last = decode(Report, body, max_bytes=_UNLIMITED)
+        client_reports[cid] = ClientReports(int(counts[cid]), last.loss_mean, last.peak_memory_bytes)
     return Snapshot(run_id, seed, pool_size, created_at, fingerprint, footprint, version, alpha,
-                    clients, rounds, open_reports, deltas)
+                    clients, rounds, open_reports, deltas, client_reports)
 
 
 def _unpack_footprint(blob: bytes) -> ModelFootprint:

@@ -15,7 +15,7 @@ after awaiting one is durable.
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -60,6 +60,16 @@ class Snapshot:
     """Reports of the open round (if any)."""
     deltas: list[AlphaDelta]
     """The most recent increments, oldest first."""
+    client_reports: dict[str, ClientReports] = field(default_factory=dict)
+    """What each client has reported over the run (for the counters a restart must keep)."""
+
+
+@dataclass(frozen=True)
+class ClientReports:
+    count: int
+    """Reports stored (acknowledged), every round."""
+    last_loss: float
+    last_peak_bytes: int
 
 
 
