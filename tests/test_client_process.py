@@ -59,8 +59,12 @@ def test_a_federation_survives_a_killed_client_and_a_server_restart(
         tmp_path: Path, world: TinyWorld, procs: list[Proc],
         capsys: pytest.CaptureFixture[str]) -> None:
     port = free_port()
+    # Rounds of a tiny model take milliseconds at 8 steps: the whole run could end (and the
+    # detached client remove its pid file) before the kill or the restart. Every round needs
+    # both reports and has as many steps as fit its 5 s, so the run lasts past both.
     config = server_toml(tmp_path / "server.toml", tmp_path / "server.sqlite3", port,
-                         min_clients=2, min_reports=1, max_rounds=10, round_duration_s=5.0)
+                         min_clients=2, min_reports=2, max_rounds=10, round_duration_s=5.0,
+                         max_steps=150)
     server, url = start_server(tmp_path, config)
     procs.append(server)
     states = [tmp_path / f"c{i}" / "state.json" for i in range(2)]
