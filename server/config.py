@@ -103,10 +103,10 @@ class RunConfig:
     `one-sided` (`directions` perturbed forwards share one unperturbed one)."""
     directions: int = 1
     """Directions measured on each batch (1 to 64); each reports its own scalar."""
-    lr_scaling: str = "dimension"
-    """`dimension`: each client's step is lr x (mean block size / parameters it perturbs), so
-    `lr` is the step of a client holding one average block and a client perturbing k blocks
-    takes a k times smaller one (docs/learning.md derives it); `none`: one lr for every client."""
+    lr_scaling: str = "none"
+    """`none`: one lr for every client; `dimension`: each client's step is lr x (mean block
+    size / parameters it perturbs), so `lr` is the step of a client holding one average block
+    (docs/learning.md derives it, and measures why it is not the default yet)."""
     loss_jump_tolerance: float = 0.5
     """A round whose clients' mean loss rose by more than this fraction over the last applied
     round's (or whose last-step loss rose twice that over the round's mean) is not applied and

@@ -1,0 +1,72 @@
+"""Per-client step size on the simulator: run.lr_scaling `dimension` against `none`.
+
+The quickstart's federation as virtual devices (budgets 1.0 / 1.1 / 1.3 / 1.7 GiB, laptop
+speed), SmolLM2-135M (`make models`), movie reviews, one seed; held-out loss and accuracy after
+every round. docs/learning.md quotes its figures.
+
+    python benchmarks/lr_scaling.py --scaling dimension --lr 1e-4 --rounds 8 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from zorba_edge.data.movie_reviews import load_movie_reviews
+from zorba_edge.data.splits import train_heldout_split
+from zorba_edge.model.pretrained import packaged_model_path
+from zorba_edge.model.sources import open_source
+from zorba_server.config import config_from_dict
+from zorba_sim.fleet import GIB, DeviceClass, DeviceGroup, Fleet
+from zorba_sim.simulation import Simulation, SimulationConfig
+
+BUDGETS_GIB = (1.0, 1.1, 1.3, 1.7)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scaling", choices=("dimension", "none"), default="dimension")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="run seed and data seed")
+    parser.add_argument("--heldout", type=int, default=200, help="held-out reviews scored per round")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    examples = load_movie_reviews()
+    train_idx, heldout_idx = train_heldout_split(len(examples), 0.1, 0)
+    train = [examples[i] for i in train_idx]
+    heldout = [examples[i] for i in heldout_idx][: args.heldout]
+    fleet = Fleet(tuple(DeviceGroup(DeviceClass(f"budget-{b}GiB", int(b * GIB), 1.0, 50, 50), 1, 0)
+                        for b in BUDGETS_GIB))
+    server = config_from_dict({"enrolment_secret": "benchmark-secret", "run": {
+        "seed": args.seed, "pool_size": 1024, "lr": args.lr, "mu": 1e-3, "batch_size": 8,
+        "seq_len": 48, "round_duration_s": 30, "max_steps": 8, "lr_scaling": args.scaling}})
+    started = time.time()
+    sim = Simulation.build(SimulationConfig(server, rounds=args.rounds, reference_step_s=2.0,
+                                            data_seed=args.seed),
+                           open_source(packaged_model_path()), fleet, train, heldout)
+    accuracy, loss = sim.evaluate()
+    result = {"scaling": args.scaling, "lr": args.lr, "seed": args.seed, "heldout": len(heldout),
+              "rounds": [{"round": 0, "forwards": 0, "accuracy": accuracy, "loss": loss}]}
+    for _ in range(args.rounds):
+        record = sim.run_round()
+        accuracy, loss = sim.evaluate()
+        result["rounds"].append({"round": record.round, "status": record.status,
+                                 "forwards": record.forwards, "train_loss": record.train_loss,
+                                 "accuracy": accuracy, "loss": loss})
+        print(json.dumps(result["rounds"][-1]), file=sys.stderr, flush=True)
+    assert sim.engine.last_plan is not None
+    result["blocks"] = {cid: len(p.blocks) for cid, p in sim.engine.last_plan.clients.items()}
+    result["wall_s"] = time.time() - started
+    print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
