@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from zorba_edge.demo.compare_report import DISCUSSION, DISCUSSION_PLACEHOLDER
+from zorba_edge.demo.compare_report import DISCUSSION, DISCUSSION_PLACEHOLDER, relative_link
 from zorba_sim import comparison as stats
 from zorba_sim.compare import FEDAVG_NOT_BUILT, CompareSetting, SeedResult
 
@@ -210,15 +210,8 @@ def sim_markdown(setting: CompareSetting, results: Sequence[SeedResult], figures
     if plots:
         lines += ["### Plots", ""]
         for caption, path in plots.items():
-            lines += [f"![{caption}]({_relative(path, results_path)})", ""]
+            lines += [f"![{caption}]({relative_link(path, results_path)})", ""]
     return "\n".join(lines)
-
-
-def _relative(path: Path, results_path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(results_path.resolve().parent))
-    except ValueError:
-        return str(path)
 
 
 # ---------------------------------------------------------------------------- plots

@@ -466,11 +466,12 @@ def markdown(runs: Sequence[ModeRun], page: Page, results_path: Path) -> str:
     if page.plots:
         lines += ["## Plots", ""]
         for caption, path in page.plots.items():
-            lines += [f"![{caption}]({_relative(path, results_path)})", ""]
+            lines += [f"![{caption}]({relative_link(path, results_path)})", ""]
     return "\n".join(lines)
 
 
-def _relative(path: Path, results_path: Path) -> str:
+def relative_link(path: Path, results_path: Path) -> str:
+    """`path` as a link from the page at `results_path` (absolute when not below its folder)."""
     try:
         return str(path.resolve().relative_to(results_path.resolve().parent))
     except ValueError:
