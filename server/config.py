@@ -108,9 +108,9 @@ class RunConfig:
     size / parameters it perturbs), so `lr` is the step of a client holding one average block
     (docs/learning.md derives it, and measures why it is not the default yet)."""
     loss_jump_tolerance: float = 0.5
-    """A round whose clients' mean loss rose by more than this fraction over the last applied
-    round's (or whose last-step loss rose twice that over the round's mean) is not applied and
-    the step is halved for later rounds (0: off; docs/learning.md)."""
+    """A round whose clients' mean loss rose by more than this fraction over the same clients'
+    in the last applied round (or whose last-step loss rose twice that over the round's mean) is
+    not applied and the step is halved for later rounds (0: off; docs/learning.md)."""
     mode: str = ZORBA
     """`zorba` (the scheduler assigns blocks), or a baseline: `zorba-uniform` (the same number of
     random blocks on every client), `fedzo-full` (every block; clients that cannot hold them all

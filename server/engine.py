@@ -123,6 +123,8 @@ class RoundClosure:
     closed_at: float
     client_ids: tuple[str, ...]
     """Clients whose reports were aggregated, in id order."""
+    client_losses: dict[str, float] = field(default_factory=dict)
+    """Each reporting client's mean loss this round."""
 
 
 class RoundEngine:
@@ -152,6 +154,9 @@ class RoundEngine:
         self.schedule_solve_s = 0.0
         self.schedules_solved = 0
         self._schedule_key: tuple[Any, ...] | None = None
+        self._applied_losses: dict[str, float] = {}
+        """Each client's mean loss in the last applied round it reported in (the loss guard's
+        reference; empty after a restart until a round applies)."""
         self._previous: dict[str, frozenset[int]] = {}
 
     # ------------------------------------------------------------------ the model and its table
@@ -437,7 +442,8 @@ class RoundEngine:
                                            d.values)
             alpha = apply_delta(self.alpha, d)
         calibrations = self._decayed_calibrations(plan) | self._calibrations(plan, r.received)
-        return RoundClosure(plan, outcome, delta, alpha, calibrations, now, tuple(sorted(r.received)))
+        return RoundClosure(plan, outcome, delta, alpha, calibrations, now, tuple(sorted(r.received)),
+                            {cid: rec.report.loss_mean for cid, rec in sorted(r.received.items())})
 
     def _decayed_calibrations(self, plan: RoundPlan) -> dict[str, float]:
         """Members without a part in this round: calibrations above 1 move halfway to 1 (and
@@ -461,6 +467,7 @@ class RoundEngine:
         if closure.delta is not None and closure.alpha is not None:
             self.alpha, self.version = closure.alpha, closure.delta.version
             self.deltas.append(closure.delta)
+            self._applied_losses.update(closure.client_losses)
         for cid, calibration in closure.calibrations.items():
             if cid in self.members:
                 self.members[cid].calibration = calibration
@@ -478,10 +485,11 @@ class RoundEngine:
     def _loss_jump(self, received: dict[str, ReceivedReport], weights: dict[str, float]) -> str | None:
         """Why this round's losses say the step is too large, or None.
 
-        Two signs, from what clients report anyway: the round's mean loss rose by more than
-        the tolerance above the last applied round's (the last update hurt), or the clients'
-        last-step losses rose twice that much above their round means (the local steps
-        diverge; a single batch is noisy, hence twice).
+        Two signs, from what clients report anyway: the mean loss of the clients that also
+        reported in the last applied round rose by more than the tolerance above their mean
+        then (the last update hurt; the same clients, because under non-IID data another mix
+        of clients has another loss), or the clients' last-step losses rose twice that much
+        above their round means (the local steps diverge; a single batch is noisy, hence twice).
         """
         tolerance = self.config.run.loss_jump_tolerance
         reports = [(weights[cid], r.report) for cid, r in sorted(received.items()) if weights[cid] > 0]
@@ -490,10 +498,15 @@ class RoundEngine:
             return None
         mean = sum(w * rep.loss_mean for w, rep in reports) / total
         last = sum(w * rep.loss_last for w, rep in reports) / total
-        previous = next((h.loss for h in reversed(self.history)
-                         if h.status == APPLIED and h.loss is not None), None)
-        if previous is not None and previous > 0 and mean > previous * (1 + tolerance):
-            return f"the clients' loss jumped from {previous:.4g} to {mean:.4g}"
+        common = [(weights[cid], r.report.loss_mean, self._applied_losses[cid])
+                  for cid, r in sorted(received.items())
+                  if cid in self._applied_losses and weights[cid] > 0]
+        if common:
+            weight = sum(w for w, _, _ in common)
+            now = sum(w * loss for w, loss, _ in common) / weight
+            then = sum(w * loss for w, _, loss in common) / weight
+            if then > 0 and now > then * (1 + tolerance):
+                return f"the clients' loss jumped from {then:.4g} to {now:.4g}"
         # Single batches are noisy: the within-round sign needs twice the tolerance.
         if mean > 0 and last > mean * (1 + 2 * tolerance):
             return f"the clients' loss rose from {mean:.4g} (round mean) to {last:.4g} (last step)"

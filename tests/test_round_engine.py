@@ -186,3 +186,27 @@ def test_a_client_excluded_by_its_calibration_is_readmitted_after_a_few_rounds(
     # 8 -> 4.5 -> 2.75 -> 1.88 -> 1.44 -> 1.22 -> 1 (within a band of 1): back in round 8.
     assert planned_small == [False] * 7 + [True] * 3
     assert small.calibration == 1.0
+
+
+def test_the_loss_guard_compares_the_same_clients_across_rounds(tmp_path: Path) -> None:
+    """Under non-IID data a client joining with a higher loss is no jump."""
+    e = engine(tmp_path, loss_jump_tolerance=0.5)
+    join(e, "a")
+    b = join(e, "b")
+    b.last_seen = -1e9  # offline in round 1
+    losses = {"a": 0.30, "b": 1.20}
+
+    def close_with(now: float, scale: float) -> str:
+        plan = e.propose_round(now=now)
+        assert plan is not None
+        e.open_round(plan)
+        for cid in plan.clients:
+            e.accept_report(received(e, cid, loss=losses[cid] * scale))
+        closure = e.decide_close(now=now + 1)
+        e.apply_close(closure)
+        return closure.outcome.status
+
+    assert close_with(0.0, 1.0) == APPLIED  # a alone: 0.30
+    b.last_seen = 2.0
+    assert close_with(2.0, 1.05) == APPLIED  # a 0.315 (+5%); b's 1.26 has no reference yet
+    assert close_with(4.0, 1.8) == REJECTED  # both +71% on their own last applied losses
