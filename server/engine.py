@@ -154,9 +154,9 @@ class RoundEngine:
         self.schedule_solve_s = 0.0
         self.schedules_solved = 0
         self._schedule_key: tuple[Any, ...] | None = None
-        self._applied_losses: dict[str, float] = {}
-        """Each client's mean loss in the last applied round it reported in (the loss guard's
-        reference; empty after a restart until a round applies)."""
+        self._reference_losses: dict[str, float] = {}
+        """Each client's mean loss in the last applied or rejected round it reported in (the
+        loss guard's reference; empty after a restart until a round closes)."""
         self._previous: dict[str, frozenset[int]] = {}
 
     # ------------------------------------------------------------------ the model and its table
@@ -467,7 +467,12 @@ class RoundEngine:
         if closure.delta is not None and closure.alpha is not None:
             self.alpha, self.version = closure.alpha, closure.delta.version
             self.deltas.append(closure.delta)
-            self._applied_losses.update(closure.client_losses)
+        if closure.outcome.status in (APPLIED, REJECTED):
+            # A rejected round moved nothing, so its losses are those of the model as it is:
+            # the next round (at half the step) is judged against them. Judged against the
+            # last applied round instead, a run whose loss an applied round had already raised
+            # was rejected for good (SmolLM2 at lr 1e-3 on the simulator: rounds 2-4).
+            self._reference_losses.update(closure.client_losses)
         for cid, calibration in closure.calibrations.items():
             if cid in self.members:
                 self.members[cid].calibration = calibration
@@ -486,8 +491,8 @@ class RoundEngine:
         """Why this round's losses say the step is too large, or None.
 
         Two signs, from what clients report anyway: the mean loss of the clients that also
-        reported in the last applied round rose by more than the tolerance above their mean
-        then (the last update hurt; the same clients, because under non-IID data another mix
+        reported in the last applied or rejected round rose by more than the tolerance above
+        their mean then (the last update hurt; the same clients, because under non-IID data another mix
         of clients has another loss), or the clients' last-step losses rose twice that much
         above their round means (the local steps diverge; a single batch is noisy, hence twice).
         """
@@ -498,9 +503,9 @@ class RoundEngine:
             return None
         mean = sum(w * rep.loss_mean for w, rep in reports) / total
         last = sum(w * rep.loss_last for w, rep in reports) / total
-        common = [(weights[cid], r.report.loss_mean, self._applied_losses[cid])
+        common = [(weights[cid], r.report.loss_mean, self._reference_losses[cid])
                   for cid, r in sorted(received.items())
-                  if cid in self._applied_losses and weights[cid] > 0]
+                  if cid in self._reference_losses and weights[cid] > 0]
         if common:
             weight = sum(w for w, _, _ in common)
             now = sum(w * loss for w, loss, _ in common) / weight
