@@ -24,6 +24,8 @@ def render(status: dict[str, Any]) -> str:
         f"&middot; pool K={status['pool_size']} &middot; alpha version {status['version']}"
         f"{' &middot; <b>finished</b>' if status['finished'] else ''}</p>",
         f"<p>state: {e(status['state'])}</p>",
+        "<p>run: " + " &middot; ".join(f"{e(k)} {e(str(v))}" for k, v in status["hyper"].items())
+        + "</p>",
     ]
     if current is not None:
         parts.append(

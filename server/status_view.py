@@ -30,8 +30,15 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
     for p in (shown.clients.values() if shown else ()):
         for b in p.blocks:
             coverage[b] += 1
+    run, hyper = engine.config.run, engine.hyper()
     return {
-        "run_id": run_id, "mode": engine.config.run.mode, "seed": engine.seed,
+        "run_id": run_id, "mode": run.mode, "seed": engine.seed,
+        "hyper": {"lr": hyper.lr, "mu": hyper.mu, "batch_size": hyper.batch_size,
+                  "seq_len": hyper.seq_len, "estimator": hyper.estimator,
+                  "directions": hyper.directions, "configured_lr": run.lr,
+                  "lr_factor": engine.lr_factor(), "lr_scaling": run.lr_scaling,
+                  "loss_jump_tolerance": run.loss_jump_tolerance,
+                  "round_duration_s": run.round_duration_s, "max_steps": run.max_steps},
         "pool_size": engine.pool_size,
         "num_blocks": num_blocks, "model_fingerprint": engine.fingerprint,
         "version": engine.version, "finished": engine.finished,

@@ -389,8 +389,12 @@ async def test_status_page_metrics_and_status_json_show_the_run(start: Any) -> N
     status = await (await http.get("/v1/status")).json()
     assert [r["loss"] for r in status["rounds"]] == [2.0, 1.5]
     assert status["version"] == 2 and status["clients"][0]["rounds_reported"] == 2
+    # The run's hyper-parameters, as the clients were told them (config_dict's lr 0.01).
+    hyper = status["hyper"]
+    assert (hyper["lr"], hyper["batch_size"], hyper["seq_len"]) == (0.01, 8, 64)
+    assert hyper["lr_factor"] == 1.0 and hyper["estimator"] == "antithetic"
     page = await (await http.get("/")).text()
-    assert "<polyline" in page and c.client_id in page
+    assert "<polyline" in page and c.client_id in page and "batch_size 8" in page
     metrics = await (await http.get("/metrics")).text()
     assert 'zorba_rounds_total{status="applied"} 2' in metrics
     assert "zorba_reports_accepted_total 2" in metrics
