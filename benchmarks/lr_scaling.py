@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--scaling", choices=("dimension", "none"), default="dimension")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--estimator", choices=("antithetic", "one-sided"), default="antithetic")
+    parser.add_argument("--directions", type=int, default=1, help="directions per batch")
     parser.add_argument("--seed", type=int, default=0, help="run seed and data seed")
     parser.add_argument("--heldout", type=int, default=200, help="held-out reviews scored per round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -47,13 +49,15 @@ def main() -> None:
                         for b in BUDGETS_GIB))
     server = config_from_dict({"enrolment_secret": "benchmark-secret", "run": {
         "seed": args.seed, "pool_size": 1024, "lr": args.lr, "mu": 1e-3, "batch_size": 8,
-        "seq_len": 48, "round_duration_s": 30, "max_steps": 8, "lr_scaling": args.scaling}})
+        "seq_len": 48, "round_duration_s": 30, "max_steps": 8, "lr_scaling": args.scaling,
+        "estimator": args.estimator, "directions": args.directions}})
     started = time.time()
     sim = Simulation.build(SimulationConfig(server, rounds=args.rounds, reference_step_s=2.0,
                                             data_seed=args.seed),
                            open_source(packaged_model_path()), fleet, train, heldout)
     accuracy, loss = sim.evaluate()
-    result = {"scaling": args.scaling, "lr": args.lr, "seed": args.seed, "heldout": len(heldout),
+    result = {"scaling": args.scaling, "lr": args.lr, "estimator": args.estimator,
+              "directions": args.directions, "seed": args.seed, "heldout": len(heldout),
               "rounds": [{"round": 0, "forwards": 0, "accuracy": accuracy, "loss": loss}]}
     for _ in range(args.rounds):
         record = sim.run_round()
