@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import math
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,13 +33,13 @@ from zorba_edge.common.schema import (
     encode,
 )
 from zorba_edge.common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
-from zorba_server import errors, metrics, status_page, storage
+from zorba_server import errors, metrics, status_page
 from zorba_server.config import ServerConfig
 from zorba_server.coordinator import Coordinator
 from zorba_server.engine import SolveFn
 from zorba_server.errors import Refusal
 from zorba_server.scheduler_baselines import solver_for
-from zorba_server.storage.committer import Committer
+from zorba_server.storage import Store, StoreUnavailableError, open_store
 
 log = logging.getLogger("zorba_server")
 M = TypeVar("M")
@@ -54,7 +53,7 @@ class Services:
     solve: SolveFn | None = None
     clock: Callable[[], float] = time.time
     metrics: metrics.Metrics = field(default_factory=metrics.Metrics)
-    committer: Committer | None = None
+    store: Store | None = None
     coordinator: Coordinator | None = None
 
     @property
@@ -90,25 +89,22 @@ def create_app(config: ServerConfig, *, solve: SolveFn | None = None,
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
-    conn = storage.connect(services.config.storage.path, services.config.storage.synchronous)
-    committer = Committer(conn)
-    committer.start()
-    coordinator = Coordinator(services.config, committer, solve=services.solve,
-                              clock=services.clock)
+    storage = services.config.storage
+    store = await open_store(storage.path, storage.synchronous)
     try:
+        coordinator = Coordinator(services.config, store, solve=services.solve,
+                                  clock=services.clock)
         await coordinator.start()
     except BaseException:
-        await committer.stop()
-        conn.close()
+        await store.close()
         raise
-    services.committer, services.coordinator = committer, coordinator
-    services.metrics.watch(coordinator, committer)
+    services.store, services.coordinator = store, coordinator
+    services.metrics.watch(coordinator, store.stats)
     yield
     services.metrics.unwatch()
     services.coordinator = None
     await coordinator.stop()
-    await committer.stop()
-    conn.close()
+    await store.close()
 
 
 # ---------------------------------------------------------------------------- plumbing
@@ -156,7 +152,7 @@ async def error_middleware(request: web.Request,
         message = f"{exc.reason}: {request.method} {request.path}"
         if exc.status == 413:
             message += f" ({exc.text})"
-    except sqlite3.Error:
+    except StoreUnavailableError:
         log.exception("storage failed during %s %s", request.method, request.path)
         status, code = 503, "storage_unavailable"
         message = "the server could not store the request: nothing was saved; retry"

@@ -16,6 +16,7 @@ from aiohttp import web
 from zorba_edge.common.schema import RUN_MODES
 from zorba_server.app import create_app
 from zorba_server.config import ConfigError, ServerConfig, load_config
+from zorba_server.storage import StoreError
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -34,8 +35,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: serve HTTPS only")
     g.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     g = p.add_argument_group("storage")
-    g.add_argument("--db", metavar="FILE",
-                   help="SQLite database (default zorba-server.sqlite3); an existing one resumes its run")
+    g.add_argument("--db", metavar="FILE|URL",
+                   help="where the run is stored: a SQLite file (default zorba-server.sqlite3) or a "
+                   "PostgreSQL database as a postgresql://user@host/dbname URL; an existing one "
+                   "resumes its run")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, help="run seed of the perturbation directions (default 0)")
     g.add_argument("--pool-size", type=int, help="K, seeds in the pool (default 1024)")
@@ -134,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         asyncio.run(serve(config))
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
         print(f"zorba-server: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import logging
 import secrets
-import sqlite3
 import time
 from collections.abc import AsyncIterable, Callable
 from functools import partial
@@ -40,13 +39,13 @@ from zorba_edge.common.schema import (
     RunInfo,
     encode,
 )
-from zorba_server import errors, storage
-from zorba_server.committer import Committer
+from zorba_server import errors
 from zorba_server.config import ConfigError, ServerConfig
 from zorba_server.engine import Member, OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
 from zorba_server.rounds import APPLIED, OPEN, ReceivedReport
 from zorba_server.scheduler_baselines import redraws_each_round, solver_for
 from zorba_server.status_view import run_status
+from zorba_server.storage import DuplicateError, ModelPin, Snapshot, Store, is_postgres_url
 from zorba_server.weights import Upload, WeightStore
 
 log = logging.getLogger("zorba_server")
@@ -64,10 +63,10 @@ def report_hash(round_: int, report: Report) -> bytes:
 
 
 class Coordinator:
-    def __init__(self, config: ServerConfig, committer: Committer, *,
+    def __init__(self, config: ServerConfig, store: Store, *,
                  solve: SolveFn | None = None, clock: Callable[[], float] = time.time) -> None:
         self.config = config
-        self._committer = committer
+        self._store = store
         self._clock = clock
         self.engine = RoundEngine(config, solve or solver_for(config.run.mode),
                                   redraw_each_round=redraws_each_round(config.run.mode))
@@ -87,6 +86,10 @@ class Coordinator:
         self._counts: dict[str, int] = {
             "registrations": 0, "reports_accepted": 0, "rounds_applied": 0, "rounds_failed": 0,
         }
+        if self.engine.weights_only and is_postgres_url(config.storage.path):
+            raise ConfigError(
+                "run.mode='fedavg' keeps its weight files beside a SQLite database "
+                "(<storage.path>.weights/): give storage.path a file, not a PostgreSQL URL")
         self.weights = (WeightStore(config.storage.path, keep_versions=config.run.keep_weight_versions,
                                     max_upload_bytes=MAX_WEIGHTS_BYTES)
                         if self.engine.weights_only else None)
@@ -130,8 +133,7 @@ class Coordinator:
     # ------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        snap = await self._committer.submit(
-            partial(storage.load, recent_deltas=self.config.run.catch_up_rounds))
+        snap = await self._store.load(self.config.run.catch_up_rounds)
         now = self._clock()
         if snap.run_id is None:
             await self._create_run(now)
@@ -152,18 +154,14 @@ class Coordinator:
         run = self.config.run
         self.run_id = secrets.token_hex(8)
         self.created_at = now
-        await self._committer.submit(
-            partial(storage.create_run, run_id=self.run_id, seed=run.seed, pool_size=run.pool_size,
-                    created_at=now))
+        await self._store.create_run(self.run_id, run.seed, run.pool_size, now)
         if run.model_fingerprint is not None and run.footprint is not None:
             alpha = np.zeros((run.pool_size, run.footprint.num_blocks))
-            await self._committer.submit(
-                partial(storage.pin_model, fingerprint=run.model_fingerprint,
-                        footprint=run.footprint, alpha=alpha))
+            await self._store.pin_model(run.model_fingerprint, run.footprint, alpha)
             self.engine.pin(run.model_fingerprint, run.footprint, alpha)
         log.info("created run %s (seed %d, K=%d)", self.run_id, run.seed, run.pool_size)
 
-    def _restore(self, snap: storage.Snapshot, now: float) -> None:
+    def _restore(self, snap: Snapshot, now: float) -> None:
         run = self.config.run
         if (snap.seed, snap.pool_size) != (run.seed, run.pool_size):
             raise ConfigError(
@@ -241,20 +239,14 @@ class Coordinator:
         now = self._clock()
         client_id, token = "c-" + secrets.token_hex(8), secrets.token_urlsafe(32)
         member = Member(client_id, profile, now, 1.0, now, profile.step_time_s)
-        insert = partial(storage.insert_client, client_id=client_id, token_hash=token_hash(token),
-                         profile=profile, registered_at=now)
+        pin = None
         if pins:
             # Pin before awaiting the commit so concurrent registrations compare against it.
             engine.pin(profile.model_fingerprint, profile.footprint)
-            alpha = engine.alpha
-
-            def op(conn: sqlite3.Connection) -> None:
-                storage.pin_model(conn, profile.model_fingerprint, profile.footprint, alpha)
-                insert(conn)
-        else:
-            op = insert
+            assert engine.alpha is not None
+            pin = ModelPin(profile.model_fingerprint, profile.footprint, engine.alpha)
         try:
-            await self._committer.submit(op)
+            await self._store.insert_client(client_id, token_hash(token), profile, now, pin)
         except Exception:
             if pins:
                 engine.unpin()
@@ -307,7 +299,7 @@ class Coordinator:
             if cid in self.pending:
                 try:
                     await asyncio.shield(self.pending[cid][1])
-                except sqlite3.IntegrityError:
+                except DuplicateError:
                     raise _idempotency_conflict(report.idempotency_key) from None
             return _ack(round_, prior)
         now = self._clock()
@@ -319,15 +311,15 @@ class Coordinator:
                 "weights_missing", f"round {round_} is a fedavg round: PUT the trained weights to "
                 f"/v1/rounds/{round_}/weights before reporting")
         received = ReceivedReport(cid, report, digest, now)
-        committed = self._committer.enqueue(
-            partial(storage.insert_report, round_=round_, received=received))
-        # Registered before anyone awaits the future, so it runs first when the commit
-        # lands: the round's book is updated before any waiter (a close) looks at it.
+        # Queued now (the store orders writes by call); a task so that the callback below is
+        # registered before anyone awaits it and runs first when the commit lands: the
+        # round's book is updated before any waiter (a close) looks at it.
+        committed = asyncio.ensure_future(self._store.insert_report(round_, received))
         committed.add_done_callback(partial(self._report_committed, r, received))
         self.pending[cid] = (received, committed)
         try:
             await asyncio.shield(committed)
-        except sqlite3.IntegrityError:
+        except DuplicateError:
             # (client, key) was used in an earlier round: nothing was stored.
             raise _idempotency_conflict(report.idempotency_key) from None
         return _ack(round_, received)
@@ -346,13 +338,10 @@ class Coordinator:
 
     async def _report_for_other_round(self, member: Member, round_: int, report: Report,
                                       digest: bytes) -> ReportAck:
-        found = await self._committer.submit(
-            partial(storage.find_report, client_id=member.client_id,
-                    idempotency_key=report.idempotency_key))
+        found = await self._store.find_report(member.client_id, report.idempotency_key)
         if found is not None:
-            stored_round, stored_hash, received_at = found
-            if stored_round == round_ and stored_hash == digest:
-                return ReportAck(round_, report.idempotency_key, received_at)
+            if found.round == round_ and found.body_hash == digest:
+                return ReportAck(round_, report.idempotency_key, found.received_at)
             raise _idempotency_conflict(report.idempotency_key)
         self.engine.check_report(member.client_id, round_, report, self._clock())
         raise round_closed(round_)  # unreachable: check_report refuses another round
@@ -443,7 +432,7 @@ class Coordinator:
         plan = await asyncio.to_thread(engine.propose_round, now, engine.active_members(now))
         if plan is None:
             return
-        await self._committer.submit(partial(storage.insert_round, plan=plan))
+        await self._store.insert_round(plan)
         engine.open_round(plan)
         self._notify()
         log.info("round %d open: %d clients, deadline in %.0f s", plan.round, len(plan.clients),
@@ -462,11 +451,10 @@ class Coordinator:
                            for cid in closure.client_ids]
                 await asyncio.to_thread(self.weights.average, uploads, closure.delta.version)
             outcome = closure.outcome
-            await self._committer.submit(partial(
-                storage.close_round, round_=closure.plan.round, status=outcome.status,
-                closed_at=closure.closed_at, reports=outcome.reports, loss=outcome.loss,
-                message=outcome.message, delta=closure.delta, alpha=closure.alpha,
-                calibrations=closure.calibrations))
+            await self._store.close_round(
+                closure.plan.round, outcome.status, closure.closed_at, outcome.reports,
+                outcome.loss, outcome.message, delta=closure.delta, alpha=closure.alpha,
+                calibrations=closure.calibrations)
             self._after_close(closure)
         finally:
             self._closing = False

@@ -60,12 +60,20 @@ class PostgresServer:
         return f"host={self.socket_dir} user=zorba dbname={dbname}"
 
     def new_database(self) -> str:
+        """A fresh, empty database; its libpq key=value connection string."""
+        return self.conninfo(self._create_database())
+
+    def new_database_url(self) -> str:
+        """A fresh, empty database as the `postgresql://` URL `zorba-server --db` takes."""
+        return f"postgresql://zorba@/{self._create_database()}?host={self.socket_dir}"
+
+    def _create_database(self) -> str:
         import psycopg
 
         name = f"t{os.getpid()}_{next(self._names)}"
         with psycopg.connect(self.conninfo(), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {name}")
-        return self.conninfo(name)
+        return name
 
 
 @pytest.fixture(scope="session")

@@ -145,17 +145,27 @@ async def post(http: Any, path: str, message: Any, reply: type, *,
     return Answer(resp.status, msgpack.unpackb(body))
 
 
-def db_fingerprint(path: Path) -> dict[str, Any]:
-    """Everything durable, summarised: used to prove a refused request changed nothing."""
-    conn = sqlite3.connect(str(path))
+def db_fingerprint(location: Path | str) -> dict[str, Any]:
+    """Everything durable, summarised: used to prove a refused request changed nothing.
+
+    `location`: a SQLite file or a `postgresql://` URL (the two stores the server runs on)."""
+    postgres = str(location).startswith("postgresql://")
+    if postgres:
+        import psycopg
+
+        conn: Any = psycopg.connect(str(location))
+        statuses = "SELECT string_agg(status, ',' ORDER BY round) FROM rounds"
+    else:
+        conn = sqlite3.connect(str(location))
+        statuses = "SELECT group_concat(status) FROM (SELECT status FROM rounds ORDER BY round)"
     try:
         out: dict[str, Any] = {}
         for table in ("clients", "rounds", "reports", "increments"):
             out[table] = conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
         version, alpha = conn.execute("SELECT version, alpha FROM run").fetchone()
         out["version"] = version
-        out["alpha"] = hashlib.sha256(alpha or b"").hexdigest()
-        out["round_status"] = conn.execute("SELECT group_concat(status) FROM rounds").fetchone()[0]
+        out["alpha"] = hashlib.sha256(bytes(alpha or b"")).hexdigest()
+        out["round_status"] = conn.execute(statuses).fetchone()[0]
         return out
     finally:
         conn.close()

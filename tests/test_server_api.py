@@ -10,6 +10,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from postgres_server import PostgresServer, postgres_server  # noqa: F401 (fixture)
 from server_fakes import (
     SECRET,
     FakeClient,
@@ -38,9 +39,22 @@ pytestmark = pytest.mark.asyncio
 
 
 @pytest.fixture
-def start(tmp_path: Path, aiohttp_client: Any) -> Any:
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where the test's server stores its run: a SQLite file, or (parametrised indirectly with
+    "postgres") a fresh database on the PostgreSQL server the tests start."""
+    if getattr(request, "param", "sqlite") == "postgres":
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        return server.new_database_url()
+    return str(tmp_path / "server.sqlite3")
+
+
+BOTH_STORES = pytest.mark.parametrize("database", ["sqlite", "postgres"], indirect=True)
+
+
+@pytest.fixture
+def start(database: str, aiohttp_client: Any) -> Any:
     """start(**run_settings) -> (http client, app); one database per test."""
-    db = tmp_path / "server.sqlite3"
+    db = database
 
     async def _start(solve: Any = solve_schedule, **run: Any) -> tuple[Any, Any]:
         app = create_app(config_from_dict(config_dict(db, **run)), solve=solve)
@@ -102,6 +116,7 @@ async def test_a_round_applies_the_sample_weighted_mean_and_clients_sync_to_it(s
     np.testing.assert_array_equal(clients[0].alpha, state.matrix())
 
 
+@BOTH_STORES
 async def test_retry_with_the_same_key_returns_the_original_ack_and_counts_once(start: Any) -> None:
     http, _ = await start(min_clients=2, min_reports=2)
     a, b = await joined(http, 2)
@@ -400,9 +415,10 @@ async def test_status_page_metrics_and_status_json_show_the_run(start: Any) -> N
     assert "zorba_reports_accepted_total 2" in metrics
 
 
+@BOTH_STORES
 async def test_a_restarted_server_resumes_the_open_round_with_its_reports(
-        tmp_path: Path, aiohttp_client: Any) -> None:
-    db = tmp_path / "s.sqlite3"
+        database: str, aiohttp_client: Any) -> None:
+    db = database
     config = config_from_dict(config_dict(db, min_clients=2, min_reports=2))
     http = await aiohttp_client(create_app(config))
     a, b = await joined(http, 2)
@@ -421,9 +437,10 @@ async def test_a_restarted_server_resumes_the_open_round_with_its_reports(
     assert a.version == 1
 
 
+@BOTH_STORES
 async def test_a_restart_changes_no_counter_or_client_record_a_person_sees(
-        tmp_path: Path, aiohttp_client: Any) -> None:
-    db = tmp_path / "s.sqlite3"
+        database: str, aiohttp_client: Any) -> None:
+    db = database
     config = config_from_dict(config_dict(db, min_clients=1))
     http = await aiohttp_client(create_app(config))
     (a,) = await joined(http, 1)

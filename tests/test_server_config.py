@@ -83,3 +83,15 @@ def test_the_secret_can_be_read_from_a_file_next_to_the_config(tmp_path: Path) -
     path = tmp_path / "server.toml"
     path.write_text('enrolment_secret_file = "secret.txt"\n')
     assert load_config(path, environ={}).enrolment_secret == "file-secret-123"
+
+
+def test_an_unreachable_postgresql_database_is_named_and_the_server_exits_2(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from zorba_server.cli import main
+
+    monkeypatch.setenv(SECRET_ENV, "a-long-enough-secret")
+    code = main(["--db", "postgresql://nobody@/run?host=/nonexistent-socket-dir", "--port", "0",
+                 "--log-level", "ERROR"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cannot open the PostgreSQL database" in err and "nonexistent-socket-dir" in err

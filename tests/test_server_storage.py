@@ -1,4 +1,6 @@
-"""SQLite storage and group commit: one transaction for many writes, failures stay isolated."""
+"""The SQLite implementation's own parts, below the `Store` protocol (test_server_store.py
+proves the protocol on both stores): its statements in one transaction with failures isolated,
+and the group committer."""
 
 from __future__ import annotations
 
@@ -11,21 +13,22 @@ import pytest
 from server_fakes import FOOTPRINT, profile
 
 from zorba_edge.common.schema import AlphaDelta, HyperParams, Report
-from zorba_server import storage
-from zorba_server.committer import Committer
 from zorba_server.rounds import ClientPlan, ReceivedReport, RoundPlan
+from zorba_server.storage import sql
+from zorba_server.storage.committer import Committer
+from zorba_server.storage.sqlite import connect
 
 PLAN = RoundPlan(1, 0, 0.0, 5.0, HyperParams(0.1, 1e-3, 8, 64), (3, 4),
                  {"c-1": ClientPlan((0,), 2)})
 
 
 def fresh(tmp_path: Path) -> sqlite3.Connection:
-    conn = storage.connect(tmp_path / "db.sqlite3")
-    storage.run_batch(conn, [
-        lambda c: storage.create_run(c, "run", 1, 8, 0.0),
-        lambda c: storage.pin_model(c, "fp", FOOTPRINT, np.zeros((8, 4))),
-        lambda c: storage.insert_client(c, "c-1", b"hash", profile(), 0.0),
-        lambda c: storage.insert_round(c, PLAN),
+    conn = connect(tmp_path / "db.sqlite3")
+    sql.run_batch(conn, [
+        lambda c: sql.create_run(c, "run", 1, 8, 0.0),
+        lambda c: sql.pin_model(c, "fp", FOOTPRINT, np.zeros((8, 4))),
+        lambda c: sql.insert_client(c, "c-1", b"hash", profile(), 0.0),
+        lambda c: sql.insert_round(c, PLAN),
     ])
     return conn
 
@@ -36,10 +39,10 @@ def received(key: str = "k") -> ReceivedReport:
 
 def test_a_failing_write_is_rolled_back_alone_within_its_batch(tmp_path: Path) -> None:
     conn = fresh(tmp_path)
-    results = storage.run_batch(conn, [
-        lambda c: storage.insert_report(c, 1, received("a")),
-        lambda c: storage.insert_report(c, 1, received("b")),  # second report of c-1: PK clash
-        lambda c: storage.find_report(c, "c-1", "a"),
+    results = sql.run_batch(conn, [
+        lambda c: sql.insert_report(c, 1, received("a")),
+        lambda c: sql.insert_report(c, 1, received("b")),  # second report of c-1: PK clash
+        lambda c: sql.find_report(c, "c-1", "a"),
     ])
     assert results[0] is None and isinstance(results[1], sqlite3.IntegrityError)
     assert results[2] == (1, b"h", 2.0)
@@ -51,13 +54,13 @@ def test_a_round_closes_once_and_alpha_moves_with_its_increment(tmp_path: Path) 
     alpha = np.zeros((8, 4))
     alpha[3, 0] = 0.25
     delta = AlphaDelta.from_matrix(1, 1, (3,), (0,), np.array([[0.25]]))
-    close = [lambda c: storage.close_round(c, 1, "applied", 3.0, 1, 1.0, "ok", delta=delta,
+    close = [lambda c: sql.close_round(c, 1, "applied", 3.0, 1, 1.0, "ok", delta=delta,
                                            alpha=alpha, calibrations={"c-1": 1.5})]
-    assert storage.run_batch(conn, close) == [None]
-    assert isinstance(storage.run_batch(conn, close)[0], RuntimeError)  # closed already
-    late = storage.run_batch(conn, [lambda c: storage.insert_report(c, 1, received())])
+    assert sql.run_batch(conn, close) == [None]
+    assert isinstance(sql.run_batch(conn, close)[0], RuntimeError)  # closed already
+    late = sql.run_batch(conn, [lambda c: sql.insert_report(c, 1, received())])
     assert isinstance(late[0], RuntimeError)
-    snap = storage.load(conn, recent_deltas=4)
+    snap = sql.load(conn, recent_deltas=4)
     assert snap.version == 1 and snap.alpha[3, 0] == 0.25 and snap.deltas == [delta]
     assert snap.clients[0].calibration == 1.5 and snap.rounds[0].status == "applied"
 
@@ -67,13 +70,13 @@ def test_a_database_of_another_schema_version_is_refused(tmp_path: Path) -> None
     conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     conn.close()
     with pytest.raises(RuntimeError, match="schema 99"):
-        storage.connect(tmp_path / "db.sqlite3")
+        connect(tmp_path / "db.sqlite3")
 
 
 @pytest.mark.asyncio
 async def test_concurrent_writes_share_transactions_and_each_gets_its_own_result(
         tmp_path: Path) -> None:
-    conn = storage.connect(tmp_path / "db.sqlite3")
+    conn = connect(tmp_path / "db.sqlite3")
     conn.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)")
     committer = Committer(conn)
     committer.start()

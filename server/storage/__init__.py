@@ -1,7 +1,7 @@
 """The run's durable record: the `Store` protocol, its errors, and its two implementations.
 
-    store = await SqliteStore.open("run.sqlite3")          # the embedded default
-    store = await PostgresStore.open("postgresql://...")    # psycopg 3, PostgreSQL >= 13
+    store = await open_store("run.sqlite3")                 # SQLite, the embedded default
+    store = await open_store("postgresql://user@host/db")   # PostgreSQL (psycopg 3, >= 13)
 
 `PostgresStore` is imported on first use, so a SQLite server never loads psycopg.
 """
@@ -18,37 +18,43 @@ from zorba_server.storage.errors import (
     StoreError,
     StoreUnavailableError,
 )
-
-# Op .. run_batch and connect are transitional: the coordinator still drives the SQLite
-# statements through its own committer (`storage.load(conn, ...)`); they leave this list once
-# it holds a `Store`.
-from zorba_server.storage.sql import (
-    Op,
-    begin_batch,
-    close_round,
-    commit,
-    create_run,
-    find_report,
-    insert_client,
-    insert_report,
-    insert_round,
-    load,
-    pin_model,
-    run_batch,
+from zorba_server.storage.sqlite import SqliteStore
+from zorba_server.storage.store import (
+    ModelPin,
+    Snapshot,
+    Store,
+    StoredClient,
+    StoredReport,
+    StoredRound,
 )
-from zorba_server.storage.sqlite import SqliteStore, connect
-from zorba_server.storage.store import Snapshot, Store, StoredClient, StoredReport, StoredRound
 
 if TYPE_CHECKING:
     from zorba_server.storage.postgres import PostgresStore
 
 __all__ = [
-    "AlreadyPinnedError", "DuplicateError", "PostgresStore", "RoundNotOpenError",
+    "AlreadyPinnedError", "DuplicateError", "ModelPin", "PostgresStore", "RoundNotOpenError",
     "SchemaMismatchError", "Snapshot", "SqliteStore", "Store", "StoreError",
-    "StoreUnavailableError", "StoredClient", "StoredReport", "StoredRound",
-    "Op", "begin_batch", "close_round", "commit", "connect", "create_run", "find_report",
-    "insert_client", "insert_report", "insert_round", "load", "pin_model", "run_batch",
+    "StoreUnavailableError", "StoredClient", "StoredReport", "StoredRound", "is_postgres_url",
+    "open_store",
 ]
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(location: str) -> bool:
+    """`storage.path` names a PostgreSQL database (a libpq URL), not a SQLite file."""
+    return location.startswith(POSTGRES_SCHEMES)
+
+
+async def open_store(location: str, synchronous: str = "full") -> Store:
+    """The store `storage.path` (or `zorba-server --db`) names: a `postgresql://` URL opens
+    PostgreSQL, anything else is the path of a SQLite file (`synchronous` applies to it only:
+    PostgreSQL's durability is its server's own setting)."""
+    if is_postgres_url(location):
+        from zorba_server.storage.postgres import PostgresStore
+
+        return await PostgresStore.open(location)
+    return await SqliteStore.open(location, synchronous)
 
 
 def __getattr__(name: str) -> Any:

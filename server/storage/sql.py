@@ -27,7 +27,7 @@ from zorba_edge.common.memory_model import ModelFootprint
 from zorba_edge.common.schema import AlphaDelta, DeviceProfile, Report, decode, encode
 from zorba_server.rounds import APPLIED, FAILED, OPEN, REJECTED, ReceivedReport, RoundPlan
 from zorba_server.storage.errors import AlreadyPinnedError, RoundNotOpenError, SchemaMismatchError
-from zorba_server.storage.store import ClientReports, Snapshot, StoredClient, StoredRound
+from zorba_server.storage.store import ClientReports, ModelPin, Snapshot, StoredClient, StoredRound
 
 SCHEMA_VERSION = 1
 _UNLIMITED = 1 << 40  # our own rows: trusted, sized by the schema limits when written
@@ -197,7 +197,11 @@ def pin_model(conn: Connection, fingerprint: str, footprint: ModelFootprint,
 
 
 def insert_client(conn: Connection, client_id: str, token_hash: bytes,
-                  profile: DeviceProfile, registered_at: float) -> None:
+                  profile: DeviceProfile, registered_at: float, pin: ModelPin | None = None) -> None:
+    """Store a client; with `pin`, the first client fixes the run's model in the same
+    transaction (a pinned model never exists without the client that pinned it)."""
+    if pin is not None:
+        pin_model(conn, pin.fingerprint, pin.footprint, pin.alpha)
     conn.execute(
         "INSERT INTO clients (client_id, token_hash, profile, registered_at) VALUES (?, ?, ?, ?)",
         (client_id, token_hash, encode(profile), registered_at),

@@ -16,7 +16,7 @@ from zorba_edge.common.schema import AlphaDelta, DeviceProfile
 from zorba_server.rounds import ReceivedReport, RoundPlan
 from zorba_server.storage import sql
 from zorba_server.storage.committer import Committer
-from zorba_server.storage.store import CommitStats, Snapshot, StoredReport
+from zorba_server.storage.store import CommitStats, ModelPin, Snapshot, StoredReport
 
 
 class SqlStore:
@@ -62,9 +62,9 @@ class SqlStore:
                                    alpha=alpha))
 
     def insert_client(self, client_id: str, token_hash: bytes, profile: DeviceProfile,
-                      registered_at: float) -> Awaitable[None]:
+                      registered_at: float, pin: ModelPin | None = None) -> Awaitable[None]:
         return self._write(partial(sql.insert_client, client_id=client_id, token_hash=token_hash,
-                                   profile=profile, registered_at=registered_at))
+                                   profile=profile, registered_at=registered_at, pin=pin))
 
     def insert_round(self, plan: RoundPlan) -> Awaitable[None]:
         return self._write(partial(sql.insert_round, plan=plan))

@@ -72,6 +72,14 @@ class ClientReports:
     last_peak_bytes: int
 
 
+@dataclass(frozen=True)
+class ModelPin:
+    """The run's model as the first client fixes it: fingerprint, footprint, zero alpha."""
+
+    fingerprint: str
+    footprint: ModelFootprint
+    alpha: np.ndarray
+
 
 @dataclass(frozen=True)
 class StoredReport:
@@ -111,8 +119,10 @@ class Store(Protocol):
         """Fix the run's model and its zero alpha; AlreadyPinnedError the second time."""
 
     def insert_client(self, client_id: str, token_hash: bytes, profile: DeviceProfile,
-                      registered_at: float) -> Awaitable[None]:
-        """DuplicateError for a client id or token hash stored before."""
+                      registered_at: float, pin: ModelPin | None = None) -> Awaitable[None]:
+        """DuplicateError for a client id or token hash stored before. With `pin` (the first
+        client) the model is pinned in the same transaction: AlreadyPinnedError, and no
+        client stored, when it was pinned before."""
 
     def insert_round(self, plan: RoundPlan) -> Awaitable[None]:
         """Open a round."""
