@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from zorba_edge.common.schema import (
-    MAX_WEIGHTS_BYTES,
     PROTOCOL_VERSION,
     TRAIN,
     WAIT,
@@ -40,13 +39,14 @@ from zorba_edge.common.schema import (
     encode,
 )
 from zorba_server import errors
-from zorba_server.config import ConfigError, ServerConfig
+from zorba_server.config import ServerConfig
 from zorba_server.engine import Member, OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
-from zorba_server.rounds import APPLIED, OPEN, ReceivedReport
+from zorba_server.resume import resume
+from zorba_server.rounds import ReceivedReport
 from zorba_server.scheduler_baselines import redraws_each_round, solver_for
 from zorba_server.status_view import run_status
-from zorba_server.storage import DuplicateError, ModelPin, Snapshot, Store, is_postgres_url
-from zorba_server.weights import Upload, WeightStore
+from zorba_server.storage import DuplicateError, ModelPin, Snapshot, Store
+from zorba_server.weight_rounds import WeightRounds, not_fedavg
 
 log = logging.getLogger("zorba_server")
 
@@ -86,14 +86,8 @@ class Coordinator:
         self._counts: dict[str, int] = {
             "registrations": 0, "reports_accepted": 0, "rounds_applied": 0, "rounds_failed": 0,
         }
-        if self.engine.weights_only and is_postgres_url(config.storage.path):
-            raise ConfigError(
-                "run.mode='fedavg' keeps its weight files beside a SQLite database "
-                "(<storage.path>.weights/): give storage.path a file, not a PostgreSQL URL")
-        self.weights = (WeightStore(config.storage.path, keep_versions=config.run.keep_weight_versions,
-                                    max_upload_bytes=MAX_WEIGHTS_BYTES)
-                        if self.engine.weights_only else None)
-        """fedavg only: uploaded and averaged weights (server/weights.py)."""
+        self.weights = WeightRounds(config, self.engine) if self.engine.weights_only else None
+        """fedavg only: uploaded and averaged weights."""
 
     # The engine's state, as the status page, metrics and tests read it.
     @property
@@ -113,19 +107,8 @@ class Coordinator:
         return self.engine.open
 
     @property
-    def history(self) -> list[Any]:
-        return self.engine.history
-
-    @property
     def counters(self) -> dict[str, int]:
         return dict(self._counts, schedules_solved=self.engine.schedules_solved)
-
-    @property
-    def schedule_solve_s(self) -> float:
-        return self.engine.schedule_solve_s
-
-    def active_members(self, now: float) -> list[Member]:
-        return self.engine.active_members(now)
 
     def now(self) -> float:
         return self._clock()
@@ -162,47 +145,11 @@ class Coordinator:
         log.info("created run %s (seed %d, K=%d)", self.run_id, run.seed, run.pool_size)
 
     def _restore(self, snap: Snapshot, now: float) -> None:
-        run = self.config.run
-        if (snap.seed, snap.pool_size) != (run.seed, run.pool_size):
-            raise ConfigError(
-                f"the database holds run {snap.run_id} with seed={snap.seed}, pool_size="
-                f"{snap.pool_size}; the config says seed={run.seed}, pool_size={run.pool_size}. "
-                "Restore those values or start a new run with another storage.path"
-            )
-        pins = (("model_fingerprint", run.model_fingerprint, snap.model_fingerprint),
-                ("footprint", run.footprint, snap.footprint))
-        for name, ours, theirs in pins:
-            if ours is not None and theirs is not None and ours != theirs:
-                raise ConfigError(
-                    f"run.{name} in the config differs from the one run {snap.run_id} pinned: "
-                    "remove it from the config or start a new run with another storage.path"
-                )
+        resumed = resume(self.engine, snap, self.config.run, now)
+        self.run_id, self.created_at = resumed.run_id, resumed.created_at
+        self._token_hashes.update(resumed.token_hashes)
+        self._counts.update(resumed.counts)
         engine = self.engine
-        self.run_id, self.created_at = snap.run_id or "", snap.created_at
-        engine.version = snap.version
-        if snap.model_fingerprint and snap.footprint is not None and snap.alpha is not None:
-            engine.pin(snap.model_fingerprint, snap.footprint, snap.alpha)
-        engine.deltas.extend(snap.deltas)
-        for c in snap.clients:
-            # Every known client counts as seen at restart: it gets one membership timeout
-            # to come back before the schedule drops it.
-            member = Member(c.client_id, c.profile, c.registered_at, c.calibration, now,
-                            c.profile.step_time_s)
-            # What it reported before the restart, so the status page and counters go on.
-            history = snap.client_reports.get(c.client_id)
-            if history is not None:
-                member.rounds_reported = history.count
-                member.last_loss, member.last_peak_bytes = history.last_loss, history.last_peak_bytes
-                self._counts["reports_accepted"] += history.count
-            engine.add_member(member)
-            self._token_hashes[c.token_hash] = c.client_id
-        for r in snap.rounds:
-            engine.restore_round(r.plan, r.status, r.reports, r.closed_at, r.loss, r.message)
-            if r.status != OPEN:
-                self._counts["rounds_applied" if r.status == APPLIED else "rounds_failed"] += 1
-        if snap.rounds and snap.rounds[-1].status == OPEN:
-            engine.reopen(snap.rounds[-1].plan, snap.open_reports)
-        engine.finished = bool(run.max_rounds) and engine.version >= run.max_rounds
         log.info("resumed run %s at version %d, round %d%s", self.run_id, engine.version,
                  engine.round_counter - (engine.open is not None),
                  " (open)" if engine.open is not None else "")
@@ -306,10 +253,8 @@ class Coordinator:
         if self._closing:
             raise round_closed(round_)
         self.engine.check_report(cid, round_, report, now)
-        if self.weights is not None and not self.weights.has_upload(round_, cid):
-            raise errors.conflict(
-                "weights_missing", f"round {round_} is a fedavg round: PUT the trained weights to "
-                f"/v1/rounds/{round_}/weights before reporting")
+        if self.weights is not None:
+            self.weights.check_uploaded(round_, cid)
         received = ReceivedReport(cid, report, digest, now)
         # Queued now (the store orders writes by call); a task so that the callback below is
         # registered before anyone awaits it and runs first when the commit lands: the
@@ -349,35 +294,19 @@ class Coordinator:
     async def receive_weights(self, member: Member, round_: int,
                               chunks: AsyncIterable[bytes]) -> int:
         """fedavg: a client's trained weights for the open round (before its report)."""
-        store = self._weight_store()
         cid = member.client_id
-        r = self.open
-        if r is None or r.plan.round != round_ or self._closing or self._clock() >= r.plan.deadline:
-            raise round_closed(round_)
-        if cid not in r.plan.clients:
-            raise errors.conflict("not_assigned",
-                                  f"client {cid} has no assignment in round {round_}")
-        if cid in r.received or cid in self.pending:
-            raise errors.conflict("already_reported",
-                                  f"client {cid} already reported for round {round_}")
-        assert self.engine.footprint is not None
-        return await store.receive(round_, cid, chunks, self.engine.footprint)
+        reported = self.open is not None and cid in self.open.received or cid in self.pending
+        return await self._weight_rounds().receive(self.open, round_, cid, busy=self._closing,
+                                                   reported=reported, now=self._clock(),
+                                                   chunks=chunks)
 
     def weights_file(self) -> tuple[Path, int]:
         """fedavg: the current global weights and their version (404 at version 0)."""
-        store = self._weight_store()
-        path = store.version_file(self.version)
-        if path is None:
-            raise errors.not_found(
-                "no_weights", f"alpha version {self.version} has no averaged weights: version 0 "
-                "is the base model, which every client loads itself")
-        return path, self.version
+        return self._weight_rounds().current()
 
-    def _weight_store(self) -> WeightStore:
+    def _weight_rounds(self) -> WeightRounds:
         if self.weights is None:
-            raise errors.not_found(
-                "not_fedavg", f"this run's mode is {self.config.run.mode!r}: weights are "
-                "exchanged only in the fedavg baseline")
+            raise not_fedavg(self.config.run.mode)
         return self.weights
 
     def state(self) -> bytes:
@@ -444,12 +373,8 @@ class Coordinator:
             await asyncio.gather(*(future for _, future in self.pending.values()),
                                  return_exceptions=True)
             closure = self.engine.decide_close(self._clock())
-            if self.weights is not None and closure.delta is not None:
-                # Written before the close commits: a version never exists without its weights.
-                weights = self.engine.sample_weights(closure.client_ids)
-                uploads = [Upload(cid, self.weights.upload_path(closure.plan.round, cid), weights[cid])
-                           for cid in closure.client_ids]
-                await asyncio.to_thread(self.weights.average, uploads, closure.delta.version)
+            if self.weights is not None:
+                await self.weights.average(closure)
             outcome = closure.outcome
             await self._store.close_round(
                 closure.plan.round, outcome.status, closure.closed_at, outcome.reports,
@@ -465,8 +390,7 @@ class Coordinator:
         if self.engine.finished:
             self._notify()
         if self.weights is not None:
-            self.weights.discard_round(closure.plan.round)
-            self.weights.prune_versions(self.version)
+            self.weights.closed(closure)
         log.info("round %d %s: %s", closure.plan.round, closure.outcome.status,
                  closure.outcome.message)
 

@@ -115,10 +115,10 @@ class _RunCollector:
                     len(r.plan.clients) if r is not None else 0)
         yield gauge("clients", "Registered clients.", len(coordinator.members))
         yield gauge("clients_active", "Clients seen within the membership timeout.",
-                    len(coordinator.active_members(now)))
+                    len(coordinator.engine.active_members(now)))
         yield gauge("schedule_solve_seconds", "Duration of the last scheduler run.",
-                    coordinator.schedule_solve_s)
-        losses = [h.loss for h in coordinator.history if h.loss is not None]
+                    coordinator.engine.schedule_solve_s)
+        losses = [h.loss for h in coordinator.engine.history if h.loss is not None]
         if losses:
             yield gauge("last_round_loss", "Weighted mean training loss of the last closed round.",
                         losses[-1])

@@ -60,6 +60,10 @@ CREATE TABLE IF NOT EXISTS reports (
     PRIMARY KEY (round, client_id),
     UNIQUE (client_id, idempotency_key)
 );
+CREATE TABLE IF NOT EXISTS departures (
+    client_id TEXT PRIMARY KEY REFERENCES clients (client_id),
+    left_at DOUBLE PRECISION NOT NULL
+);
 CREATE TABLE IF NOT EXISTS increments (
     version INTEGER PRIMARY KEY,
     round INTEGER NOT NULL UNIQUE REFERENCES rounds (round),

@@ -13,6 +13,8 @@ transaction:
   alpha holds a round's increments iff that round's status is `applied`.
 
 The tables themselves (`sqlite.SCHEMA`, `postgres.SCHEMA`) differ only in column types.
+A table added later (`departures`) is created IF NOT EXISTS when a store opens, so a database
+of an older server gains it without a schema version change.
 """
 
 from __future__ import annotations
@@ -122,10 +124,12 @@ def load(conn: Connection, *, recent_deltas: int) -> Snapshot:
         alpha = np.frombuffer(alpha_blob, dtype="<f8").copy()
         alpha = alpha.reshape(pool_size, footprint.num_blocks)
     clients = [
-        StoredClient(cid, bytes(th), decode(DeviceProfile, prof, max_bytes=_UNLIMITED), at, cal)
-        for cid, th, prof, at, cal in conn.execute(
-            "SELECT client_id, token_hash, profile, registered_at, calibration FROM clients"
-            " ORDER BY registered_at, client_id"
+        StoredClient(cid, bytes(th), decode(DeviceProfile, prof, max_bytes=_UNLIMITED), at, cal,
+                     left)
+        for cid, th, prof, at, cal, left in conn.execute(
+            "SELECT c.client_id, token_hash, profile, registered_at, calibration, d.left_at"
+            " FROM clients c LEFT JOIN departures d ON d.client_id = c.client_id"
+            " ORDER BY registered_at, c.client_id"
         )
     ]
     rounds = [
@@ -206,6 +210,13 @@ def insert_client(conn: Connection, client_id: str, token_hash: bytes,
         "INSERT INTO clients (client_id, token_hash, profile, registered_at) VALUES (?, ?, ?, ?)",
         (client_id, token_hash, encode(profile), registered_at),
     )
+
+
+def set_left(conn: Connection, client_id: str, left_at: float | None) -> None:
+    conn.execute("DELETE FROM departures WHERE client_id = ?", (client_id,))
+    if left_at is not None:
+        conn.execute("INSERT INTO departures (client_id, left_at) VALUES (?, ?)",
+                     (client_id, left_at))
 
 
 def insert_round(conn: Connection, plan: RoundPlan) -> None:

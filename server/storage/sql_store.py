@@ -66,6 +66,9 @@ class SqlStore:
         return self._write(partial(sql.insert_client, client_id=client_id, token_hash=token_hash,
                                    profile=profile, registered_at=registered_at, pin=pin))
 
+    def set_left(self, client_id: str, left_at: float | None) -> Awaitable[None]:
+        return self._write(partial(sql.set_left, client_id=client_id, left_at=left_at))
+
     def insert_round(self, plan: RoundPlan) -> Awaitable[None]:
         return self._write(partial(sql.insert_round, plan=plan))
 

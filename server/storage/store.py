@@ -32,6 +32,8 @@ class StoredClient:
     profile: DeviceProfile
     registered_at: float
     calibration: float
+    left_at: float | None = None
+    """When it said it left (POST /v1/leave), unless it came back since."""
 
 
 @dataclass
@@ -123,6 +125,9 @@ class Store(Protocol):
         """DuplicateError for a client id or token hash stored before. With `pin` (the first
         client) the model is pinned in the same transaction: AlreadyPinnedError, and no
         client stored, when it was pinned before."""
+
+    def set_left(self, client_id: str, left_at: float | None) -> Awaitable[None]:
+        """Record that a client left at `left_at`, or (None) that it came back."""
 
     def insert_round(self, plan: RoundPlan) -> Awaitable[None]:
         """Open a round."""

@@ -1,0 +1,79 @@
+"""A restarted server's engine, rebuilt from the store's snapshot.
+
+The snapshot holds what was committed; this turns it back into the engine's members, rounds
+and alpha, and the counters a person sees, so that a restart changes nothing they show.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from zorba_server.config import ConfigError, RunConfig
+from zorba_server.engine import Member, RoundEngine
+from zorba_server.rounds import APPLIED, OPEN
+from zorba_server.storage import Snapshot
+
+LEFT = -math.inf
+"""`Member.last_seen` of a client that left (POST /v1/leave): seen too long ago to be active,
+however long the membership timeout; its next request makes it active again."""
+
+
+@dataclass
+class Resumed:
+    run_id: str
+    created_at: float
+    token_hashes: dict[bytes, str] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    """reports_accepted, rounds_applied, rounds_failed: as they stood before the restart."""
+
+
+def check_same_run(snap: Snapshot, run: RunConfig) -> None:
+    """Refuse a config that contradicts the stored run (another seed, pool or model)."""
+    if (snap.seed, snap.pool_size) != (run.seed, run.pool_size):
+        raise ConfigError(
+            f"the database holds run {snap.run_id} with seed={snap.seed}, pool_size="
+            f"{snap.pool_size}; the config says seed={run.seed}, pool_size={run.pool_size}. "
+            "Restore those values or start a new run with another storage.path"
+        )
+    pins = (("model_fingerprint", run.model_fingerprint, snap.model_fingerprint),
+            ("footprint", run.footprint, snap.footprint))
+    for name, ours, theirs in pins:
+        if ours is not None and theirs is not None and ours != theirs:
+            raise ConfigError(
+                f"run.{name} in the config differs from the one run {snap.run_id} pinned: "
+                "remove it from the config or start a new run with another storage.path"
+            )
+
+
+def resume(engine: RoundEngine, snap: Snapshot, run: RunConfig, now: float) -> Resumed:
+    """Load `snap` into a fresh `engine`; what the shell keeps itself comes back."""
+    check_same_run(snap, run)
+    out = Resumed(snap.run_id or "", snap.created_at,
+                  counts={"reports_accepted": 0, "rounds_applied": 0, "rounds_failed": 0})
+    engine.version = snap.version
+    if snap.model_fingerprint and snap.footprint is not None and snap.alpha is not None:
+        engine.pin(snap.model_fingerprint, snap.footprint, snap.alpha)
+    engine.deltas.extend(snap.deltas)
+    for c in snap.clients:
+        # Every known client counts as seen at restart (it gets one membership timeout to come
+        # back before the schedule drops it), except one that said it left.
+        seen = LEFT if c.left_at is not None else now
+        member = Member(c.client_id, c.profile, c.registered_at, c.calibration, seen,
+                        c.profile.step_time_s)
+        # What it reported before the restart, so the status page and counters go on.
+        history = snap.client_reports.get(c.client_id)
+        if history is not None:
+            member.rounds_reported = history.count
+            member.last_loss, member.last_peak_bytes = history.last_loss, history.last_peak_bytes
+            out.counts["reports_accepted"] += history.count
+        engine.add_member(member)
+        out.token_hashes[c.token_hash] = c.client_id
+    for r in snap.rounds:
+        engine.restore_round(r.plan, r.status, r.reports, r.closed_at, r.loss, r.message)
+        if r.status != OPEN:
+            out.counts["rounds_applied" if r.status == APPLIED else "rounds_failed"] += 1
+    if snap.rounds and snap.rounds[-1].status == OPEN:
+        engine.reopen(snap.rounds[-1].plan, snap.open_reports)
+    engine.finished = bool(run.max_rounds) and engine.version >= run.max_rounds
+    return out
