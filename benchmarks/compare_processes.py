@@ -5,7 +5,7 @@ Runs the quickstart's federation (a zorba-server and four `zorba-edge run` clien
 budgets 1.0/1.1/1.3/1.7 GiB, SmolLM2-135M-Instruct, movie reviews split non-IID) once per
 run mode and repetition, one after another, each mode for the same number of rounds of the
 same duration; then replays held-out accuracy after every round from the server's record
-(zorba_edge/demo/replay.py) and writes docs/results.md with its plots. Modes:
+(zorba_lab/replay.py) and writes docs/results.md with its plots. Modes:
 
     zorba          the scheduler's heterogeneous block activation (the system)
     zorba-uniform  the same number of random blocks on every client
@@ -40,7 +40,6 @@ import dataclasses
 import json
 import os
 import platform
-import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -48,15 +47,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zorba_edge.common.schema import FEDAVG, RUN_MODES, ZORBA
-from zorba_edge.demo import compare_report as report
-from zorba_edge.demo.federation import FederationPlan, FederationResult
-from zorba_edge.demo.quickstart import DEFAULT_BUDGETS, plan_from_args
-from zorba_edge.demo.quickstart import build_parser as quickstart_parser
 from zorba_edge.errors import ZorbaError
+from zorba_lab import compare_report as report
+from zorba_lab.federation import FederationPlan, FederationResult
+from zorba_lab.quickstart import DEFAULT_BUDGETS, plan_from_args
+from zorba_lab.quickstart import build_parser as quickstart_parser
 from zorba_sim.compare_page import PROCESSES, processes_section, write_section
 
 if TYPE_CHECKING:
-    from zorba_edge.demo.results import ClientFigures
+    from zorba_lab.results import ClientFigures
 
 FULL = {"reps": 3, "rounds": 8, "round_duration": 30.0, "eval_examples": 300}
 # Rounds of 30 s, not shorter: a fedavg client needs ~10 s a step plus its upload, and the
@@ -156,14 +155,17 @@ def plan_for(setting: Setting, mode: str, rep: int, out_dir: Path) -> Federation
 
 
 def _run_created_at(db_path: Path) -> float | None:
-    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
-        row = conn.execute("SELECT created_at FROM run WHERE id = 1").fetchone()
-    return None if row is None else float(row[0])
+    from zorba_lab.record import RecordError, read_record
+
+    try:
+        return read_record(db_path).snapshot.created_at
+    except RecordError:
+        return None
 
 
 def exclusion_reasons(db_path: Path) -> dict[str, str]:
     """client_id -> the scheduler's latest reason for leaving it out of a round."""
-    from zorba_edge.demo.results import read_rounds
+    from zorba_lab.results import read_rounds
 
     reasons: dict[str, str] = {}
     for row in read_rounds(db_path):
@@ -196,7 +198,7 @@ def client_results(plan: FederationPlan, result: FederationResult,
 def local_steps(db_path: Path, batch_size: int) -> int:
     """Local steps over all reports: ZO reports list theirs; fedavg's list none and carry
     num_samples = steps x batch size (fewer only for a client with under a batch of data)."""
-    from zorba_edge.demo.results import read_reports
+    from zorba_lab.results import read_reports
 
     return sum(len(r.steps) or -(-r.num_samples // batch_size)
                for _round, _cid, r in read_reports(db_path))
@@ -205,9 +207,9 @@ def local_steps(db_path: Path, batch_size: int) -> int:
 def run_one(setting: Setting, mode: str, rep: int, out_dir: Path,
             progress: Progress) -> report.ModeRun:
     """Train one mode, then replay its accuracy per version; models never overlap in time."""
-    from zorba_edge.demo.federation import run_federation
-    from zorba_edge.demo.replay import replay_run
-    from zorba_edge.demo.results import client_figures, read_rounds
+    from zorba_lab.federation import run_federation
+    from zorba_lab.replay import replay_run
+    from zorba_lab.results import client_figures, read_rounds
 
     plan = plan_for(setting, mode, rep, out_dir)
     result = asyncio.run(run_federation(plan, progress=progress))

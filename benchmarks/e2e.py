@@ -1,6 +1,6 @@
 """End to end: the quickstart's federation, measured (accuracy, bytes per round, memory).
 
-Runs `zorba_edge.demo` (a zorba-server and four `zorba-edge run` clients as subprocesses
+Runs `zorba_lab` (a zorba-server and four `zorba-edge run` clients as subprocesses
 on this machine, SmolLM2-135M-Instruct, movie reviews split non-IID) and prints one JSON
 object:
 
@@ -28,7 +28,7 @@ import platform
 import sys
 import time
 
-from zorba_edge.demo.quickstart import build_parser, print_summary, run_quickstart
+from zorba_lab.quickstart import build_parser, print_summary, run_quickstart
 
 TARGET_BYTES = 2048
 

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from zorba_edge.demo.quickstart import build_parser, print_summary, run_quickstart
+from zorba_lab.quickstart import build_parser, print_summary, run_quickstart
 
 EXAMPLES = [
     ("A warm, funny and beautifully acted film.", "positive"),

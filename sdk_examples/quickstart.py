@@ -4,7 +4,7 @@
     python sdk_examples/quickstart.py                 # ~3 min of training, 4 clients
     python sdk_examples/quickstart.py --rounds 3      # exactly 3 applied rounds
 
-It is a thin wrapper over `zorba_edge.demo.quickstart` (also `python -m zorba_edge.demo`):
+It is a thin wrapper over `zorba_lab.quickstart` (also `python -m zorba_lab`):
 a `zorba-server` and four `zorba-edge run` clients as subprocesses, each client behind a
 proxy that counts its HTTP body bytes, SmolLM2-135M-Instruct on the movie-review task
 (Dirichlet non-IID split), accuracy before/after on held-out reviews, summary.json and a
@@ -13,7 +13,7 @@ plot in runs/quickstart-<timestamp>/. Needs `make models` (the packaged model an
 
 import sys
 
-from zorba_edge.demo.quickstart import main
+from zorba_lab.quickstart import main
 
 if __name__ == "__main__":
     sys.exit(main())

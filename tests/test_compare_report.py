@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from zorba_edge.demo.compare_report import (
+from zorba_lab.compare_report import (
     DISCUSSION,
     DISCUSSION_PLACEHOLDER,
     AccuracyPoint,

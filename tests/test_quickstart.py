@@ -11,9 +11,9 @@ import pytest
 from aiohttp import web
 from client_support import make_world
 
-from zorba_edge.demo.byte_proxy import CountingProxy, route_of
-from zorba_edge.demo.federation import ClientSetup, FederationPlan, run_federation
-from zorba_edge.demo.quickstart import evaluate_accuracy, summarize
+from zorba_lab.byte_proxy import CountingProxy, route_of
+from zorba_lab.federation import ClientSetup, FederationPlan, run_federation
+from zorba_lab.quickstart import evaluate_accuracy, summarize
 
 
 def test_route_of_folds_round_numbers_so_counts_group_by_endpoint() -> None:

@@ -1,11 +1,12 @@
 """Replaying a run's record: per-version weights and held-out accuracy after the fact.
 
-The record is written with the server's own storage functions (zorba_server.storage), so
-the replay reads the schema the server really writes.
+The record is written through the server's own `Store` (zorba_server.storage), as the server
+writes it, and the replay reads it back through the same protocol.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +20,19 @@ from zorba_edge.client.task import LocalTask
 from zorba_edge.common.schema import AlphaDelta, HyperParams
 from zorba_edge.common.weights import default_weights_dir, tensor_key, version_path
 from zorba_edge.data.examples import ClassificationExample
-from zorba_edge.demo.replay import (
+from zorba_edge.engine.coefficients import AlphaIncrement, CoefficientTable, block_materializer
+from zorba_edge.engine.losses import evaluate_classification
+from zorba_edge.model.loading import LoadConfig, load_model
+from zorba_edge.model.sources import RandomInitSource
+from zorba_lab.replay import (
     ReplayError,
     load_replay_model,
     replay,
     replay_versions,
     selected_versions,
 )
-from zorba_edge.engine.coefficients import AlphaIncrement, CoefficientTable, block_materializer
-from zorba_edge.engine.losses import evaluate_classification
-from zorba_edge.model.loading import LoadConfig, load_model
-from zorba_edge.model.sources import RandomInitSource
-from zorba_server import storage
 from zorba_server.rounds import ClientPlan, RoundPlan
+from zorba_server.storage import SqliteStore
 
 SEED, POOL, BLOCKS = 5, 16, 3
 HYPER = HyperParams(lr=1e-3, mu=1e-3, batch_size=4, seq_len=16)
@@ -68,21 +69,25 @@ def empty_delta(version: int, round_: int) -> AlphaDelta:
 
 
 def write_record(db_path: Path, make_delta) -> list[AlphaDelta]:
-    conn = storage.connect(db_path)
-    storage.create_run(conn, "run-1", SEED, POOL, created_at=90.0)
+    return asyncio.run(_write_record(db_path, make_delta))
+
+
+async def _write_record(db_path: Path, make_delta) -> list[AlphaDelta]:
+    store = await SqliteStore.open(db_path)
+    await store.create_run("run-1", SEED, POOL, created_at=90.0)
     alpha = np.zeros((POOL, BLOCKS))
     deltas: list[AlphaDelta] = []
     for round_, applied, closed_at in ROUNDS:
         plan = RoundPlan(round_, len(deltas), opened_at=closed_at - 10.0, deadline=closed_at,
                          hyper=HYPER, pool_indices=(1, 2), clients={"c": ClientPlan((0,), 2)})
-        storage.insert_round(conn, plan)
+        await store.insert_round(plan)
         if applied:
             deltas.append(make_delta(len(deltas) + 1, round_))
-            storage.close_round(conn, round_, "applied", closed_at, 1, 0.5, "", delta=deltas[-1],
-                                alpha=alpha)
+            await store.close_round(round_, "applied", closed_at, 1, 0.5, "", delta=deltas[-1],
+                                    alpha=alpha)
         else:
-            storage.close_round(conn, round_, "failed", closed_at, 0, None, "too few reports")
-    conn.close()
+            await store.close_round(round_, "failed", closed_at, 0, None, "too few reports")
+    await store.close()
     return deltas
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from zorba_edge.demo.compare_report import DISCUSSION, DISCUSSION_PLACEHOLDER, relative_link
+from zorba_lab.compare_report import DISCUSSION, DISCUSSION_PLACEHOLDER, relative_link
 from zorba_sim import comparison as stats
 from zorba_sim.compare import FEDAVG_NOT_BUILT, CompareSetting, SeedResult
 

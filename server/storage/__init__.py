@@ -20,6 +20,7 @@ from zorba_server.storage.errors import (
 )
 from zorba_server.storage.sqlite import SqliteStore
 from zorba_server.storage.store import (
+    ALL_DELTAS,
     ModelPin,
     Snapshot,
     Store,
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from zorba_server.storage.postgres import PostgresStore
 
 __all__ = [
-    "AlreadyPinnedError", "DuplicateError", "ModelPin", "PostgresStore", "RoundNotOpenError",
+    "ALL_DELTAS", "AlreadyPinnedError", "DuplicateError", "ModelPin", "PostgresStore", "RoundNotOpenError",
     "SchemaMismatchError", "Snapshot", "SqliteStore", "Store", "StoreError",
     "StoreUnavailableError", "StoredClient", "StoredReport", "StoredRound", "is_postgres_url",
     "open_store",

@@ -168,6 +168,15 @@ def load(conn: Connection, *, recent_deltas: int) -> Snapshot:
                     clients, rounds, open_reports, deltas, client_reports)
 
 
+def read_reports(conn: Connection) -> list[tuple[int, ReceivedReport]]:
+    return [
+        (round_, ReceivedReport(cid, decode(Report, body, max_bytes=_UNLIMITED), bytes(h), at))
+        for round_, cid, body, h, at in conn.execute(
+            "SELECT round, client_id, body, body_hash, received_at FROM reports"
+            " ORDER BY round, client_id")
+    ]
+
+
 def _unpack_footprint(blob: bytes) -> ModelFootprint:
     rec = msgpack.unpackb(blob)
     return ModelFootprint(**{k: tuple(v) if isinstance(v, list) else v for k, v in rec.items()})

@@ -83,6 +83,9 @@ class SqlStore:
             partial(sql.find_report, client_id=client_id, idempotency_key=idempotency_key)))
         return None if found is None else StoredReport(*found)
 
+    def read_reports(self) -> Awaitable[list[tuple[int, ReceivedReport]]]:
+        return self._write(sql.read_reports)
+
     def close_round(self, round_: int, status: str, closed_at: float, reports: int,
                     loss: float | None, message: str, *, delta: AlphaDelta | None = None,
                     alpha: np.ndarray | None = None,

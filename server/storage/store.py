@@ -1,6 +1,6 @@
 """The server's durable record behind one small protocol: what the server stores, not how.
 
-`Store` is what the server (and the research readers) may call. Its methods speak the
+`Store` is what the server and the research readers (`zorba_lab/`) call. Its methods speak the
 server's own types (plans, reports, deltas, alpha) and raise only `storage.errors`; no
 database type crosses it. Two implementations: `SqliteStore` (the embedded default) and
 `PostgresStore` (for operators who already run PostgreSQL), both over one set of statements
@@ -23,6 +23,9 @@ import numpy as np
 from zorba_edge.common.memory_model import ModelFootprint
 from zorba_edge.common.schema import AlphaDelta, DeviceProfile
 from zorba_server.rounds import ReceivedReport, RoundPlan
+
+ALL_DELTAS = 1 << 62
+"""`Store.load(ALL_DELTAS)`: every increment of the run."""
 
 
 @dataclass
@@ -111,7 +114,8 @@ class Store(Protocol):
         """Finish the queued writes, then close the database."""
 
     def load(self, recent_deltas: int) -> Awaitable[Snapshot]:
-        """Everything a restarted server needs, with the `recent_deltas` latest increments."""
+        """Everything a restarted server needs, with the `recent_deltas` latest increments
+        (`ALL_DELTAS`: every one, as a reader replaying the run wants)."""
 
     def create_run(self, run_id: str, seed: int, pool_size: int,
                    created_at: float) -> Awaitable[None]: ...
@@ -138,6 +142,10 @@ class Store(Protocol):
 
     def find_report(self, client_id: str, idempotency_key: str) -> Awaitable[StoredReport | None]:
         ...
+
+    def read_reports(self) -> Awaitable[list[tuple[int, ReceivedReport]]]:
+        """Every stored report as (round, report), by round then client: for the research
+        readers (the quickstart's figures, replay), not for the server's hot path."""
 
     def close_round(self, round_: int, status: str, closed_at: float, reports: int,
                     loss: float | None, message: str, *, delta: AlphaDelta | None = None,

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from zorba_edge.demo.byte_proxy import CountingProxy, TrafficCount
-from zorba_edge.demo.processes import DemoError, Managed, offline_env, spawn, start_server
+from zorba_lab.byte_proxy import CountingProxy, TrafficCount
+from zorba_lab.processes import DemoError, Managed, offline_env, spawn, start_server
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
     from zorba_edge.client.evaluation import RemoteTable

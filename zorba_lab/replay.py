@@ -6,7 +6,8 @@ Afterwards one fp32 model is loaded with every block trainable and walked throug
 versions in order:
 
 - zeroth-order modes (zorba, zorba-uniform, fedzo-full): each version's alpha delta from the
-  server's `increments` table, applied exactly as a client syncs (`theta[b] -= d * z[k, b]`);
+  server's record (read through its `Store`, zorba_lab/record.py), applied exactly as a
+  client syncs (`theta[b] -= d * z[k, b]`);
 - fedavg: each version's global weights file, which the server keeps when the run is started
   with `keep_weight_versions` (the file format is zorba_edge.common.weights).
 
@@ -16,7 +17,6 @@ held-out reviews the quickstart evaluates on.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -25,20 +25,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from zorba_edge.common.schema import FEDAVG, RUN_MODES, AlphaDelta, decode
+from zorba_edge.common.schema import FEDAVG, RUN_MODES, AlphaDelta
 from zorba_edge.common.weights import default_weights_dir, parse_key, version_path
 from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_
 from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.errors import ZorbaError
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model
+from zorba_lab.record import RecordError, read_record
 
 if TYPE_CHECKING:
     from zorba_edge.data.batches import ClassificationBatch
-    from zorba_edge.demo.federation import FederationPlan
     from zorba_edge.model.sources import ModelSource
-
-MAX_DELTA_BYTES = 1 << 26
-"""Rows the server itself wrote and validated: the limit only guards against a wrong file."""
+    from zorba_lab.federation import FederationPlan
 
 REPLAY_LOAD = LoadConfig(train_dtype="fp32", frozen_dtype="fp32", device="cpu")
 """Every block in fp32, as the quickstart evaluates: nf4 would round away small ZO updates."""
@@ -55,8 +53,8 @@ class AppliedVersion:
     version: int
     round: int
     closed_at: float | None
-    delta: bytes
-    """The msgpack AlphaDelta as stored (empty deltas in fedavg, whose training is weights)."""
+    delta: AlphaDelta
+    """As stored (empty in fedavg, whose training is weights)."""
 
 
 @dataclass(frozen=True)
@@ -87,28 +85,23 @@ class Replay:
 # ---------------------------------------------------------------------------- the record
 
 
-def _read_only(db_path: Path) -> sqlite3.Connection:
-    if not Path(db_path).exists():
-        raise ReplayError(f"no server database at {db_path}")
-    return sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-
-
-def run_seed(db_path: Path) -> int:
+def run_seed(db_path: Path | str) -> int:
     """The run seed that, with (k, b), defines every perturbation direction of the run."""
-    with _read_only(db_path) as conn:
-        row = conn.execute("SELECT seed FROM run WHERE id = 1").fetchone()
-    if row is None:
-        raise ReplayError(f"{db_path} holds no run: the server never started one")
-    return int(row[0])
+    try:
+        return read_record(db_path).snapshot.seed
+    except RecordError as exc:
+        raise ReplayError(str(exc)) from None
 
 
-def applied_versions(db_path: Path) -> list[AppliedVersion]:
+def applied_versions(db_path: Path | str) -> list[AppliedVersion]:
     """Versions 1..N in order, each with its round, close time and delta."""
-    with _read_only(db_path) as conn:
-        rows = conn.execute(
-            "SELECT i.version, i.round, r.closed_at, i.delta FROM increments AS i"
-            " JOIN rounds AS r ON r.round = i.round ORDER BY i.version").fetchall()
-    versions = [AppliedVersion(v, r, closed, bytes(delta)) for v, r, closed, delta in rows]
+    try:
+        snapshot = read_record(db_path).snapshot
+    except RecordError as exc:
+        raise ReplayError(str(exc)) from None
+    closed_at = {r.plan.round: r.closed_at for r in snapshot.rounds}
+    versions = [AppliedVersion(d.version, d.round, closed_at.get(d.round), d)
+                for d in snapshot.deltas]
     for expected, found in enumerate(versions, start=1):
         if found.version != expected:
             raise ReplayError(f"{db_path}: version {expected} is missing from the increments "
@@ -138,7 +131,7 @@ def _all_blocks(loaded: LoadedModel) -> dict[int, list[tuple[str, torch.nn.Param
 
 def apply_delta_(loaded: LoadedModel, seed: int, applied: AppliedVersion) -> None:
     """Sync as a client does (client/trainer.py `apply_deltas`): one direction per entry."""
-    delta = decode(AlphaDelta, applied.delta, max_bytes=MAX_DELTA_BYTES)
+    delta = applied.delta
     if delta.version != applied.version:
         raise ReplayError(f"the increment stored as version {applied.version} says it is "
                           f"version {delta.version}")
@@ -244,7 +237,7 @@ def replay(db_path: Path, mode: str, source: ModelSource,
 def replay_run(plan: FederationPlan, db_path: Path, examples: int, *, every: int = 1,
                progress: Progress | None = None) -> Replay:
     """`replay` on the held-out reviews quickstart.evaluate_accuracy scores (same seed, prompt)."""
-    from zorba_edge.demo.quickstart import EVAL_BATCH_SIZE, heldout_task
+    from zorba_lab.quickstart import EVAL_BATCH_SIZE, heldout_task
 
     source, task = heldout_task(plan, examples)
     # Tokenised once: every version is scored on the very same batches.

@@ -1,27 +1,22 @@
-"""What a demo federation did, read back from the server's database and the proxies.
+"""What a demo federation did, read back from the server's record and the proxies.
 
-The server's SQLite file is the record: each round's plan (who trained which blocks, how
-many steps) and each report (steps, loss, the client's measured peak memory). The proxies
-add the real body bytes on each client's wire.
+The server's record (read through its `Store`, zorba_lab/record.py) holds each round's plan
+(who trained which blocks, how many steps) and each report (steps, loss, the client's
+measured peak memory). The proxies add the real body bytes on each client's wire.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
-from zorba_edge.common.schema import DeviceProfile, Report, decode
-from zorba_edge.demo.byte_proxy import TrafficCount
-from zorba_server.rounds import RoundPlan
+from zorba_edge.common.schema import DeviceProfile, Report
+from zorba_lab.byte_proxy import TrafficCount
+from zorba_lab.record import RunRecord, read_record
 
 # One-off calls that are not part of a round's traffic.
 _SETUP_ROUTES = ("/v1/clients", "/v1/state", "/v1/status")
-MAX_BLOB = 1 << 26
-"""Rows the server itself wrote and validated: the limit only guards against a wrong file."""
 
 
 @dataclass
@@ -88,43 +83,37 @@ class RoundRow:
     """Members the scheduler left out of this round, with its reason."""
 
 
-def read_rounds(db_path: Path) -> list[RoundRow]:
-    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
-        rows = conn.execute("SELECT plan, status, loss, closed_at FROM rounds ORDER BY round")
-        out = []
-        for plan_blob, status, loss, closed_at in rows:
-            plan = RoundPlan.from_record(msgpack.unpackb(plan_blob, strict_map_key=False))
-            out.append(RoundRow(plan.round, status, loss, closed_at, plan.opened_at,
-                                {cid: p.blocks for cid, p in plan.clients.items()},
-                                dict(plan.excluded)))
-    return out
+def read_rounds(db_path: Path | str, record: RunRecord | None = None) -> list[RoundRow]:
+    record = record or read_record(db_path)
+    return [RoundRow(r.plan.round, r.status, r.loss, r.closed_at, r.plan.opened_at,
+                     {cid: p.blocks for cid, p in r.plan.clients.items()}, dict(r.plan.excluded))
+            for r in record.snapshot.rounds]
 
 
-def read_clients(db_path: Path) -> dict[str, DeviceProfile]:
+def read_clients(db_path: Path | str, record: RunRecord | None = None) -> dict[str, DeviceProfile]:
     """client_id -> registered profile."""
-    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
-        return {cid: decode(DeviceProfile, blob, max_bytes=MAX_BLOB)
-                for cid, blob in conn.execute("SELECT client_id, profile FROM clients")}
+    record = record or read_record(db_path)
+    return {c.client_id: c.profile for c in record.snapshot.clients}
 
 
-def read_reports(db_path: Path) -> list[tuple[int, str, Report]]:
-    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
-        return [(r, cid, decode(Report, body, max_bytes=MAX_BLOB)) for r, cid, body in conn.execute(
-            "SELECT round, client_id, body FROM reports ORDER BY round, client_id")]
+def read_reports(db_path: Path | str,
+                 record: RunRecord | None = None) -> list[tuple[int, str, Report]]:
+    record = record or read_record(db_path)
+    return [(round_, r.client_id, r.report) for round_, r in record.reports]
 
 
-def client_figures(db_path: Path, traffic: dict[str, TrafficCount],
+def client_figures(db_path: Path | str, traffic: dict[str, TrafficCount],
                    sampled_rss: dict[str, int]) -> list[ClientFigures]:
     """Per client (by its --name): blocks, steps, peaks and bytes."""
-    profiles = read_clients(db_path)
+    record = read_record(db_path)
     figures = {cid: ClientFigures(p.name, cid, p.memory_budget_bytes)
-               for cid, p in profiles.items()}
-    for row in read_rounds(db_path):
+               for cid, p in read_clients(db_path, record).items()}
+    for row in read_rounds(db_path, record):
         if row.status == "open":
             continue  # opened as the demo stopped: never trained
         for cid, blocks in row.blocks.items():
             figures[cid].blocks_per_round.append(len(blocks))
-    for _round, cid, report in read_reports(db_path):
+    for _round, cid, report in read_reports(db_path, record):
         f = figures[cid]
         f.rounds_reported += 1
         f.steps += len(report.steps)

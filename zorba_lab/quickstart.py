@@ -1,6 +1,6 @@
 """The quickstart: a small federation on this machine, measured end to end.
 
-    python -m zorba_edge.demo [--minutes 3] [--rounds N] [--out DIR]
+    python -m zorba_lab [--minutes 3] [--rounds N] [--out DIR]
 
 Starts a zorba-server and four `zorba-edge run` clients (subprocesses, each behind a
 byte-counting proxy) with different memory budgets, so the scheduler gives them different
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zorba_edge.client.sizes import format_size, parse_size
-from zorba_edge.demo.federation import ClientSetup, FederationPlan, FederationResult
+from zorba_lab.federation import ClientSetup, FederationPlan, FederationResult
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
     from zorba_edge.client.task import LocalTask
@@ -129,7 +129,7 @@ def evaluate_accuracy(plan: FederationPlan, examples: int, remote: Any = None) -
 
 def summarize(plan: FederationPlan, result: FederationResult, before: dict[str, Any] | None,
               after: dict[str, Any] | None, command: str, eval_examples: int) -> dict[str, Any]:
-    from zorba_edge.demo.results import client_figures, read_rounds
+    from zorba_lab.results import client_figures, read_rounds
 
     figures = client_figures(result.db_path, {c.setup.name: c.traffic for c in result.clients},
                              {c.setup.name: c.process.sampled_peak_rss for c in result.clients})
@@ -183,8 +183,8 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def run_quickstart(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    from zorba_edge.demo.federation import run_federation
-    from zorba_edge.demo.plot import write_plot
+    from zorba_lab.federation import run_federation
+    from zorba_lab.plot import write_plot
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = (args.out or Path("runs") / f"quickstart-{stamp}").resolve()
@@ -213,7 +213,7 @@ def run_quickstart(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = " ".join(["python -m zorba_edge.demo", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m zorba_lab", *(argv if argv is not None else sys.argv[1:])])
     summary = run_quickstart(args, command)
     print_summary(summary)
     print(f"\nsummary: {summary['config']['out_dir']}/summary.json"

@@ -1,0 +1,5 @@
+import sys
+
+from zorba_lab.quickstart import main
+
+sys.exit(main())
