@@ -80,6 +80,7 @@ def create_app(config: ServerConfig, *, solve: SolveFn | None = None,
     app.router.add_post(r"/v1/rounds/{round:\d+}/reports", submit_report)
     app.router.add_put(r"/v1/rounds/{round:\d+}/weights", upload_weights)
     app.router.add_get("/v1/weights", download_weights)
+    app.router.add_post("/v1/leave", leave)
     app.router.add_get("/v1/state", state)
     app.router.add_get("/v1/status", status_json)
     app.router.add_get("/metrics", metrics_text)
@@ -258,6 +259,14 @@ async def submit_report(request: web.Request) -> web.Response:
     round_ = path_round(request)
     report = await read_message(request, Report, MAX_REPORT_BYTES)
     return msgpack_response(await coordinator.submit_report(member, round_, report))
+
+
+async def leave(request: web.Request) -> web.Response:
+    """The client stops taking part: not counted active from now on (204, no body)."""
+    coordinator = request.app[SERVICES].running
+    member = coordinator.authenticate(bearer(request))
+    await coordinator.leave(member)
+    return web.Response(status=204)
 
 
 async def upload_weights(request: web.Request) -> web.Response:

@@ -41,7 +41,7 @@ from zorba_edge.common.schema import (
 from zorba_server import errors
 from zorba_server.config import ServerConfig
 from zorba_server.engine import Member, OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
-from zorba_server.resume import resume
+from zorba_server.resume import LEFT, resume
 from zorba_server.rounds import ReceivedReport
 from zorba_server.scheduler_baselines import redraws_each_round, solver_for
 from zorba_server.status_view import run_status
@@ -164,8 +164,20 @@ class Coordinator:
         member = self.members.get(client_id) if client_id is not None else None
         if member is None:
             raise errors.unauthorized("unknown bearer token: register again with POST /v1/clients")
+        if member.last_seen == LEFT:
+            # It left and came back: a restart must count it active again (queued now; a
+            # failure only means a restart sees it as gone until its next request).
+            returned = asyncio.ensure_future(self._store.set_left(client_id, None))
+            returned.add_done_callback(_log_failure)
         member.last_seen = self._clock()
         return member
+
+    async def leave(self, member: Member) -> None:
+        """The client stops: it is no longer active (the next schedule leaves it out, without
+        waiting for its membership timeout), durably, until its next request."""
+        await self._store.set_left(member.client_id, self._clock())
+        member.last_seen = LEFT
+        log.info("client %s left", member.client_id)
 
     def run_info(self) -> RunInfo:
         return self.engine.run_info(self.run_id)
@@ -410,6 +422,11 @@ class Coordinator:
     def status(self) -> dict[str, Any]:
         return run_status(self.engine, self.run_id, self.counters, self._clock(),
                           pending=len(self.pending))
+
+
+def _log_failure(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("could not record a client's return: %s", done.exception())
 
 
 def _ack(round_: int, received: ReceivedReport) -> ReportAck:

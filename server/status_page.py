@@ -53,7 +53,7 @@ def render(status: dict[str, Any]) -> str:
             f"<td>{c['budget_bytes'] / 2**20:.0f}</td><td>{c['num_samples']}</td>"
             f"<td>{e(','.join(map(str, c['blocks'])))}</td><td>{c['step_time_s']:.3f}</td>"
             f"<td>{c['calibration']:.2f}</td><td>{c['rounds_reported']}</td><td>{loss}</td>"
-            f"<td>{c['last_seen_s']:.0f}</td></tr>")
+            f"<td>{'left' if c['left'] else format(c['last_seen_s'], '.0f')}</td></tr>")
     parts.append("</table><h2>Rounds (latest 50)</h2><table><tr><th>round</th><th>status</th>"
                  "<th>reports</th><th>loss</th><th>schedule</th><th>note</th></tr>")
     for r in reversed(rounds[-50:]):

@@ -279,6 +279,8 @@ async def test_a_stop_mid_round_abandons_it_reports_nothing_and_reverts_the_mode
     assert device.listener.rounds[0].steps < device.listener.rounds[0].planned_steps
     status = server.coordinator.status()
     assert status["current_round"]["reported"] == 0 and status["current_round"]["pending"] == 0
+    # It told the server it leaves: no longer counted active, without a membership timeout.
+    assert [(c["active"], c["left"]) for c in status["clients"]] == [(False, True)]
     # The local steps were undone: the trained blocks hold base weights again (alpha is zero).
     trainer = device.trainers[0]
     assert trainer.loaded is not None and trainer.loaded.assignment

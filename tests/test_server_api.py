@@ -586,3 +586,66 @@ async def test_a_first_client_cannot_pin_a_meaningless_footprint(
     # Nothing was pinned: a client with a real model still joins and trains.
     (c,) = await joined(http, 1)
     assert (await c.poll()).status == TRAIN
+
+
+async def _leave(http: Any, client: FakeClient) -> int:
+    resp = await http.post("/v1/leave", headers={"Authorization": f"Bearer {client.token}"})
+    return resp.status
+
+
+@BOTH_STORES
+async def test_a_client_that_leaves_is_out_of_the_next_round_at_once_and_after_a_restart(
+        database: str, aiohttp_client: Any) -> None:
+    # A long membership timeout and deadline: without the leave, round 2 would assign c and
+    # then wait 60 s for its report.
+    config = config_from_dict(config_dict(database, min_clients=2, min_reports=2,
+                                          round_duration_s=60.0, member_timeout_s=600.0))
+    http = await aiohttp_client(create_app(config))
+    a, b, c = await joined(http, 3)
+    # The first round may open with the first two to register; play rounds until one
+    # assigns all three.
+    reported = 0
+    while True:
+        answers = {x.client_id: await x.poll(wait=1) for x in (a, b, c)}
+        first = {cid: ans.assignment for cid, ans in answers.items() if ans.status == TRAIN}
+        if len(first) == 3:
+            break
+        for x in (a, b, c):
+            if x.client_id in first:
+                await x.report(first[x.client_id].round, make_report(first[x.client_id]))
+                reported += 1
+    r = first[c.client_id].round
+    assert (await c.report(r, make_report(first[c.client_id]))).status == 200
+    assert await _leave(http, c) == 204
+    for x in (a, b):
+        assert (await x.report(r, make_report(first[x.client_id]))).status == 200
+    # Round r closes with all three reports (c's work counts); r + 1 opens with a and b.
+    second = [(await x.poll(wait=3)).assignment for x in (a, b)]
+    assert [s.round for s in second] == [r + 1, r + 1]
+    status = await (await http.get("/v1/status")).json()
+    assert status["rounds"][-1]["round"] == r and status["rounds"][-1]["reports"] == 3
+    assert status["current_round"]["assigned"] == 2
+    assert {cl["client_id"]: (cl["active"], cl["left"]) for cl in status["clients"]} == {
+        a.client_id: (True, False), b.client_id: (True, False), c.client_id: (False, True)}
+    for x, asg in zip((a, b), second, strict=True):
+        assert (await x.report(r + 1, make_report(asg))).status == 200
+    assert (await a.poll(wait=3)).assignment.round == r + 2  # no 60 s wait for c
+    await http.close()
+
+    http = await aiohttp_client(create_app(config))  # the leave is durable
+    for x in (a, b, c):
+        x.http = http
+    status = await (await http.get("/v1/status")).json()
+    assert {cl["client_id"]: cl["active"] for cl in status["clients"]} == {
+        a.client_id: True, b.client_id: True, c.client_id: False}
+    assert status["counters"]["reports_accepted"] == reported + 5
+    # Coming back (its token still holds) makes it active again, durably too.
+    await c.poll(wait=0)
+    status = await (await http.get("/v1/status")).json()
+    assert [cl["active"] for cl in status["clients"] if cl["client_id"] == c.client_id] == [True]
+
+
+async def test_leave_needs_the_clients_token(start: Any) -> None:
+    http, _ = await start()
+    resp = await http.post("/v1/leave")
+    assert (resp.status, msgpack.unpackb(await resp.read())["error"]) == (401, "unauthorized")

@@ -10,7 +10,9 @@ Stopping (SIGTERM/SIGINT, or `request_stop`) is clean at every point: a poll is 
 dropped; a round in training is cancelled between steps, the trainer reverts its local
 steps, and nothing is reported; a report already on the wire gets a short grace period to
 be acknowledged. The server commits a report whole or not at all, so either it has all of
-the round or none of it; a restarted client asks the server which. State is saved on the way out.
+the round or none of it; a restarted client asks the server which. State is saved on the way out,
+and the server is told the client leaves (POST /v1/leave, one short try), so its rounds stop
+counting on this client at once; a restarted client is active again at its first request.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
 
-from zorba_edge.client.errors import ServerRefusedError, UsageError
+from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
 from zorba_edge.client.sizes import format_size
 from zorba_edge.client.state import ClientState, StateStore
 from zorba_edge.client.trainer import RoundOutcome, StepGate, SyncError, finish_by
@@ -95,6 +97,8 @@ class DaemonSettings:
     """On a stop, how long a report already being posted may take to be acknowledged."""
     stop_after_rounds: int | None = None
     """Leave after this many acknowledged reports (None: stay until the run finishes)."""
+    leave_timeout_s: float = 2.0
+    """On a stop, how long telling the server that this client leaves may take."""
 
 
 @dataclass(frozen=True)
@@ -192,7 +196,20 @@ class ClientDaemon:
                     break
         finally:
             self._save()
+            if self.stopping and self.state is not None:
+                await self._leave()
         return DaemonResult(reason, self.rounds_reported, self.version)
+
+    async def _leave(self) -> None:
+        """Best effort: a server that hears it stops counting this client as active at once
+        (rounds need not wait for it); one that does not, after its membership timeout."""
+        try:
+            await self._client.leave(self.settings.leave_timeout_s)
+            log.info("told the server this client leaves")
+        except (ServerRefusedError, ServerUnavailableError, UsageError, asyncio.TimeoutError,
+                OSError) as exc:
+            log.info("could not tell the server this client leaves (%s); it will count it gone "
+                     "after its membership timeout", exc)
 
     # ------------------------------------------------------------------------ joining
 

@@ -149,6 +149,16 @@ class ServerClient:
     async def state(self) -> AlphaState:
         return await self._call("GET", "/v1/state", AlphaState)
 
+    async def leave(self, timeout_s: float) -> None:
+        """POST /v1/leave: this client stops, so rounds need not wait for it. One try within
+        `timeout_s`, no retries: a stopping client must not hang on a server that is away
+        (the server then counts it gone after its membership timeout, as before)."""
+        try:
+            await asyncio.wait_for(self._once("POST", "/v1/leave", None, None, True, 0.0,
+                                              CONTENT_TYPE, MAX_RESPONSE_BYTES), timeout_s)
+        except _Retryable as exc:
+            raise ServerUnavailableError(f"the server did not hear the leave: {exc.reason}") from None
+
     async def weights(self) -> tuple[bytearray, int]:
         """fedavg: the global block weights (safetensors) and the version they belong to."""
         reply = await self._request("GET", "/v1/weights", body=None, query=None, auth=True,
