@@ -36,7 +36,7 @@ from zorba_edge.common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
 from zorba_server import errors, metrics, status_page
 from zorba_server.config import ServerConfig
 from zorba_server.coordinator import Coordinator
-from zorba_server.engine import SolveFn
+from zorba_server.engine import Member, SolveFn
 from zorba_server.errors import Refusal
 from zorba_server.scheduler_baselines import solver_for
 from zorba_server.storage import Store, StoreUnavailableError, open_store
@@ -140,6 +140,7 @@ async def error_middleware(request: web.Request,
     try:
         response = await handler(request)
         stats.answered(route, request.method, response.status, time.perf_counter() - started)
+        _count_traffic(request, route, response)
         return response
     except Refusal as exc:
         status, code, message = HTTP_STATUS[type(exc)], exc.code, exc.message
@@ -162,7 +163,9 @@ async def error_middleware(request: web.Request,
         status, code = 500, "internal_error"
         message = "the server failed on this request; retry (a report: with the same key)"
     stats.answered(route, request.method, status, time.perf_counter() - started, refusal=code)
-    return error_response(status, code, message)
+    response = error_response(status, code, message)
+    _count_traffic(request, route, response)
+    return response
 
 
 async def read_message(request: web.Request, cls: type[M], limit: int) -> M:
@@ -213,6 +216,27 @@ def path_round(request: web.Request) -> int:
                            f"{MAX_COUNTER} in ASCII digits; poll GET /v1/rounds/next for yours")
 
 
+CLIENT_ID = web.RequestKey("client_id", str)
+"""Request key: the authenticated client, whose body bytes the middleware counts."""
+REPORT_ROUTE = "/v1/rounds/{round}/reports"
+
+
+def authenticated(request: web.Request, coordinator: Coordinator) -> Member:
+    member = coordinator.authenticate(bearer(request))
+    request[CLIENT_ID] = member.client_id
+    return member
+
+
+def _count_traffic(request: web.Request, route: str, response: web.StreamResponse) -> None:
+    coordinator = request.app[SERVICES].coordinator
+    client_id = request.get(CLIENT_ID)
+    if coordinator is None or client_id is None:
+        return
+    coordinator.count_traffic(client_id, request.content_length or 0,
+                              response.content_length or 0,
+                              reported=route == REPORT_ROUTE and response.status == 200)
+
+
 def bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -247,7 +271,7 @@ async def register(request: web.Request) -> web.Response:
 
 async def next_round(request: web.Request) -> web.Response:
     coordinator = request.app[SERVICES].running
-    member = coordinator.authenticate(bearer(request))
+    member = authenticated(request, coordinator)
     version = int(_query_number(request, "version", 0, integer=True))
     wait = _query_number(request, "wait", coordinator.config.run.poll_timeout_s, integer=False)
     return msgpack_response(await coordinator.next_round(member, version, wait))
@@ -255,7 +279,7 @@ async def next_round(request: web.Request) -> web.Response:
 
 async def submit_report(request: web.Request) -> web.Response:
     coordinator = request.app[SERVICES].running
-    member = coordinator.authenticate(bearer(request))
+    member = authenticated(request, coordinator)
     round_ = path_round(request)
     report = await read_message(request, Report, MAX_REPORT_BYTES)
     return msgpack_response(await coordinator.submit_report(member, round_, report))
@@ -264,7 +288,7 @@ async def submit_report(request: web.Request) -> web.Response:
 async def leave(request: web.Request) -> web.Response:
     """The client stops taking part: not counted active from now on (204, no body)."""
     coordinator = request.app[SERVICES].running
-    member = coordinator.authenticate(bearer(request))
+    member = authenticated(request, coordinator)
     await coordinator.leave(member)
     return web.Response(status=204)
 
@@ -272,7 +296,7 @@ async def leave(request: web.Request) -> web.Response:
 async def upload_weights(request: web.Request) -> web.Response:
     """fedavg: a client's trained block weights (safetensors), streamed to disk."""
     coordinator = request.app[SERVICES].running
-    member = coordinator.authenticate(bearer(request))
+    member = authenticated(request, coordinator)
     round_ = path_round(request)
     if request.content_type != WEIGHTS_CONTENT_TYPE:
         raise errors.unsupported_media_type(
@@ -288,7 +312,7 @@ async def upload_weights(request: web.Request) -> web.Response:
 async def download_weights(request: web.Request) -> web.StreamResponse:
     """fedavg: the current global block weights, with their version in X-Zorba-Version."""
     coordinator = request.app[SERVICES].running
-    coordinator.authenticate(bearer(request))
+    authenticated(request, coordinator)
     path, version = coordinator.weights_file()
     return web.FileResponse(path, headers={"Content-Type": WEIGHTS_CONTENT_TYPE,
                                            VERSION_HEADER: str(version)})
@@ -296,7 +320,7 @@ async def download_weights(request: web.Request) -> web.StreamResponse:
 
 async def state(request: web.Request) -> web.Response:
     coordinator = request.app[SERVICES].running
-    coordinator.authenticate(bearer(request))
+    authenticated(request, coordinator)
     return web.Response(body=coordinator.state(), content_type=CONTENT_TYPE)
 
 

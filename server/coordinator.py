@@ -46,6 +46,7 @@ from zorba_server.rounds import ReceivedReport
 from zorba_server.scheduler_baselines import redraws_each_round, solver_for
 from zorba_server.status_view import run_status
 from zorba_server.storage import DuplicateError, ModelPin, Snapshot, Store
+from zorba_server.traffic import ClientTraffic
 from zorba_server.weight_rounds import WeightRounds, not_fedavg
 
 log = logging.getLogger("zorba_server")
@@ -86,6 +87,8 @@ class Coordinator:
         self._counts: dict[str, int] = {
             "registrations": 0, "reports_accepted": 0, "rounds_applied": 0, "rounds_failed": 0,
         }
+        self.traffic: dict[str, ClientTraffic] = {}
+        """Body bytes per client and round, as the HTTP layer counts them (not stored)."""
         self.weights = WeightRounds(config, self.engine) if self.engine.weights_only else None
         """fedavg only: uploaded and averaged weights."""
 
@@ -421,7 +424,10 @@ class Coordinator:
 
     def status(self) -> dict[str, Any]:
         return run_status(self.engine, self.run_id, self.counters, self._clock(),
-                          pending=len(self.pending))
+                          pending=len(self.pending), traffic=self.traffic)
+
+    def count_traffic(self, client_id: str, up: int, down: int, *, reported: bool) -> None:
+        self.traffic.setdefault(client_id, ClientTraffic()).add(up, down, reported=reported)
 
 
 def _log_failure(done: asyncio.Future[None]) -> None:

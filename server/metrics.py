@@ -118,7 +118,29 @@ class _RunCollector:
                     len(coordinator.engine.active_members(now)))
         yield gauge("schedule_solve_seconds", "Duration of the last scheduler run.",
                     coordinator.engine.schedule_solve_s)
+        yield from _client_gauges(coordinator)
         losses = [h.loss for h in coordinator.engine.history if h.loss is not None]
         if losses:
             yield gauge("last_round_loss", "Weighted mean training loss of the last closed round.",
                         losses[-1])
+
+
+def _client_gauges(coordinator: Coordinator) -> Iterator[Metric]:
+    """Per client: the last reported peak beside the declared budget, and the last reported
+    round's body bytes each way (a label per client: fleets of the size this server runs)."""
+    budget = GaugeMetricFamily("zorba_client_budget_bytes", "Memory budget the client declared.",
+                               labels=["client"])
+    peak = GaugeMetricFamily("zorba_client_last_peak_bytes",
+                             "Peak memory the client measured in its last report.",
+                             labels=["client"])
+    wire = GaugeMetricFamily("zorba_client_round_bytes",
+                             "Body bytes of the client's last reported round (since the server "
+                             "started), by direction.", labels=["client", "direction"])
+    for cid, m in sorted(coordinator.members.items()):
+        budget.add_metric([cid], m.profile.memory_budget_bytes)
+        peak.add_metric([cid], m.last_peak_bytes)
+        traffic = coordinator.traffic.get(cid)
+        if traffic is not None and traffic.last_round_up is not None:
+            wire.add_metric([cid, "up"], traffic.last_round_up)
+            wire.add_metric([cid, "down"], traffic.last_round_down or 0)
+    yield from (budget, peak, wire)

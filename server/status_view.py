@@ -6,13 +6,16 @@ from typing import Any
 
 from zorba_server.engine import RoundEngine
 from zorba_server.resume import LEFT
+from zorba_server.traffic import ClientTraffic
 
 STATUS_ROUNDS = 500
 """Most recent rounds listed."""
 
 
 def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: float, *,
-               pending: int = 0) -> dict[str, Any]:
+               pending: int = 0, traffic: dict[str, ClientTraffic] | None = None) -> dict[str, Any]:
+    traffic = traffic or {}
+    quiet = ClientTraffic()
     active = {m.client_id for m in engine.active_members(now)}
     r = engine.open
     plan = r.plan if r is not None else None
@@ -57,6 +60,8 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
              "last_peak_bytes": m.last_peak_bytes,
              "peak_over_budget": (m.last_peak_bytes / m.profile.memory_budget_bytes
                                   if m.last_peak_bytes else None),
+             "last_round_bytes_up": traffic.get(m.client_id, quiet).last_round_up,
+             "last_round_bytes_down": traffic.get(m.client_id, quiet).last_round_down,
              "blocks": list(plan.clients[m.client_id].blocks)
              if plan is not None and m.client_id in plan.clients else []}
             for m in sorted(engine.members.values(), key=lambda m: m.registered_at)

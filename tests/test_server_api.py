@@ -649,3 +649,33 @@ async def test_leave_needs_the_clients_token(start: Any) -> None:
     http, _ = await start()
     resp = await http.post("/v1/leave")
     assert (resp.status, msgpack.unpackb(await resp.read())["error"]) == (401, "unauthorized")
+
+
+async def test_status_page_and_metrics_show_each_clients_bytes_per_round_and_peak(
+        start: Any) -> None:
+    http, _ = await start()
+    (c,) = await joined(http, 1)
+    status = await (await http.get("/v1/status")).json()
+    assert status["clients"][0]["last_round_bytes_up"] is None  # no round reported yet
+    reports = []
+    for loss in (2.0, 1.5):
+        a = (await c.poll()).assignment
+        reports.append(make_report(a, loss=loss, peak=3 << 20))
+        assert (await c.report(a.round, reports[-1])).status == 200
+    client = (await (await http.get("/v1/status")).json())["clients"][0]
+    # Up: the polls carry no body, so the round's bytes up are exactly its report's.
+    assert client["last_round_bytes_up"] == len(encode(reports[-1]))
+    # Down: at least the assignment poll's answer and the ack.
+    assert client["last_round_bytes_down"] > len(encode(ReportAck(2, "k" * 32, 0.0)))
+    page = await (await http.get("/")).text()
+    assert "last round KiB up / down" in page and "peak / budget" in page
+    metrics = await (await http.get("/metrics")).text()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in metrics.splitlines() if line.startswith("zorba_client_")}
+    cid = c.client_id
+    assert samples[f'zorba_client_round_bytes{{client="{cid}",direction="up"}}'] == \
+        len(encode(reports[-1]))
+    assert samples[f'zorba_client_round_bytes{{client="{cid}",direction="down"}}'] == \
+        client["last_round_bytes_down"]
+    assert samples[f'zorba_client_last_peak_bytes{{client="{cid}"}}'] == 3 << 20
+    assert samples[f'zorba_client_budget_bytes{{client="{cid}"}}'] == 2**32
