@@ -200,3 +200,30 @@ async def test_postgres_keeps_every_acknowledged_report_through_a_server_crash(
         assert sorted(r.client_id for r in snap.open_reports) == CLIENTS[:5]
     finally:
         await again.close()
+
+
+async def test_a_database_from_before_departures_gains_the_table_and_keeps_its_run(
+        open_store: Opener, backend: tuple[str, Any]) -> None:
+    store = await fresh(open_store)
+    await store.close()
+    name, where = backend
+    if name == "sqlite":  # as a server of the version before POST /v1/leave left it
+        import sqlite3
+
+        conn = sqlite3.connect(str(where))
+        conn.execute("DROP TABLE departures")
+        conn.commit()
+        conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(where[1], autocommit=True) as conn:
+            conn.execute("DROP TABLE departures")
+    again = await open_store()
+    snap = await again.load(recent_deltas=4)
+    assert len(snap.clients) == 8 and all(c.left_at is None for c in snap.clients)
+    await again.set_left("c-3", 7.0)
+    await again.set_left("c-4", 8.0)
+    await again.set_left("c-4", None)  # it came back
+    snap = await again.load(recent_deltas=4)
+    assert {c.client_id: c.left_at for c in snap.clients if c.left_at is not None} == {"c-3": 7.0}
