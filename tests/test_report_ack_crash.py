@@ -1,14 +1,16 @@
 """SIGKILL between a report's commit and its acknowledgement (issue 13, item 7).
 
-A real `zorba-server` process. The client sends its report over a raw socket and reads
-nothing; the test runs the server in short slices (SIGCONT, a fraction of a millisecond,
-SIGSTOP) and looks at the database while it is stopped. The first time the report's row is
-there, the transaction has committed and the server is frozen a fraction of a millisecond
-later, usually before its handler has written the answer: it is killed with SIGKILL right
-there. No hook in the server: the database and signals are enough. The test checks that
-no answer reached the socket (so the client really got no ack), restarts the server on the
-same database, and shows the client's retry with the same key gets the original ack (the
-commit's `received_at`), the report stored once, and the round applying it once.
+A real `zorba-server` process and no hook in it: the database and signals are enough. The
+client sends its report over a raw socket and reads nothing. The test runs the server in
+short slices (SIGCONT, then SIGSTOP at once) and, while it is stopped, looks for the report's
+idempotency key in the database's write-ahead log; the first time it is there, the server is
+killed with SIGKILL. The row must then be readable (the transaction had committed: a killed
+process loses nothing the kernel already holds). Whether the answer had also left the
+server is seen on the client's socket: a loaded machine can delay a SIGSTOP past it, so
+three clients each try once and at least one kill must have beaten the answer. In every
+case the client got no ack; after a restart on the same database its retry with the same
+key gets the original ack (the commit's `received_at`), twice, and once the round closes
+each report is stored once and applied once.
 """
 
 from __future__ import annotations
