@@ -11,7 +11,7 @@ and accuracy reached side by side, with how far each attack moved alpha from the
 of the same rule and, per round, how many of the attacker's blocks the rule could outvote
 (`zorba_sim.adversary.exposure`: voters are the clients holding a block).
 
-    python benchmarks/poisoning.py --json                       # default, ~20-30 min, 2 cores
+    python benchmarks/poisoning.py --json      # default: 9 federations, ~20 min on 2 idle cores
     python benchmarks/poisoning.py --rounds 8 --max-steps 4 --heldout 400 --json   # longer
     python benchmarks/poisoning.py --rules mean,trimmed_mean:0.2,median --attacks clean,scale
 
@@ -142,7 +142,7 @@ def main() -> None:
                         help="catalogue counts instead (e.g. pi4-4gb=8,phone-6gb=2): their "
                              "availability and dropout apply, to the attacker too")
     parser.add_argument("--attacker", type=int, default=0, help="index of the malicious client")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=1, help="local steps per client a round")
     parser.add_argument("--min-cover", type=int, default=1,
                         help="scheduler.min_cover: clients each block should have")
@@ -179,6 +179,7 @@ def main() -> None:
             elif clean_alpha is not None:
                 result["alpha_l2_from_clean"] = float(np.linalg.norm(alpha - clean_alpha))
             runs.append(result)
+            print(json.dumps({"result": result}), file=sys.stderr, flush=True)
     base = runs[0].pop("base")
     table = {f"{r['rule']} / {r['attack']}": [round(r["loss"], 4), round(r["accuracy"], 4)]
              for r in runs}
