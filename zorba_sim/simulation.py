@@ -64,6 +64,7 @@ from zorba_server.engine import Member, RoundEngine
 from zorba_server.errors import Refusal
 from zorba_server.rounds import APPLIED, ReceivedReport
 from zorba_server.scheduler_baselines import redraws_each_round, solver_for
+from zorba_sim.adversary import Adversary
 from zorba_sim.fleet import DeviceClass, DeviceGroup, Fleet, FleetError
 
 CENTRAL_MEZO = "central-mezo"
@@ -148,6 +149,9 @@ class Simulation:
     clock: float = 0.0
     forwards: int = 0
     records: list[RoundRecord] = field(default_factory=list)
+    adversaries: dict[str, Adversary] = field(default_factory=dict)
+    """Client id -> what replaces its honest report before the engine sees it
+    (zorba_sim/adversary.py; empty: every client is honest). Not in checkpoints."""
 
     # ------------------------------------------------------------------ building
 
@@ -290,10 +294,19 @@ class Simulation:
                 continue
             report = dataclasses.replace(outcome, step_time_s=step_s).report(
                 assignment, f"{cid}:{plan.round}")
+            adversary = self.adversaries.get(cid)
+            if adversary is not None:
+                report = adversary.transform(report)
             up = len(encode(report))
             up_total += up
             done = now + download_s + len(outcome.steps) * step_s + _seconds(up, client.device.upload_mbps)
-            engine.check_report(cid, plan.round, report, done)
+            try:
+                engine.check_report(cid, plan.round, report, done)
+            except Refusal as exc:
+                if adversary is None:
+                    raise  # an honest report refused is a bug, not an outcome
+                adversary.refused.append((plan.round, exc.message))
+                continue
             engine.accept_report(ReceivedReport(cid, report, b"", done))
             finished[cid] = done
             losses.append((float(report.num_samples), report.loss_mean))
