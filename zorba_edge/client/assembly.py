@@ -87,7 +87,7 @@ def memory_profile(load_config: LoadConfig, runtime_bytes: int | None) -> Memory
         "train_dtype": load_config.train_dtype,
         "frozen_dtype": load_config.frozen_dtype,
         "frozen_other_dtype": load_config.train_dtype,
-        "embed_dtype": load_config.train_dtype,
+        "embed_dtype": load_config.held_embed_dtype,
         "snapshot_dtype": load_config.train_dtype if on_host else None,
     }
     if runtime_bytes is not None:
