@@ -70,6 +70,23 @@ def test_frozen_blocks_default_to_bf16_off_cuda_and_nf4_on_it(
     assert json.loads(capsys.readouterr().out)["memory"]["frozen_dtype"] == "bf16"
 
 
+def test_profile_declares_the_embedding_dtype_and_counts_it(
+        world: TinyWorld, capsys: pytest.CaptureFixture[str]) -> None:
+    shown = {}
+    for dtype in ("fp32", "bf16"):
+        assert cli.main(["profile", "--model", str(world.model_dir), "--no-probe", "--json",
+                         "--frozen-dtype", "fp32", "--embedding-dtype", dtype]) == 0
+        shown[dtype] = json.loads(capsys.readouterr().out)
+    assert shown["bf16"]["memory"]["embed_dtype"] == "bf16"
+    source = open_source(world.model_dir)
+    for dtype, profile in shown.items():
+        config = LoadConfig(frozen_dtype="fp32", embed_dtype=dtype)
+        settings = memory_profile(config, profile["memory"]["runtime_bytes"]).settings(
+            profile["batch_size"], profile["seq_len"])
+        assert profile["fixed_bytes"] == client_memory_bytes(footprint_of(source), settings, ())
+    assert shown["fp32"]["memory"]["embed_dtype"] == "fp32"
+
+
 def test_profile_refuses_a_budget_that_cannot_hold_the_frozen_model(
         world: TinyWorld, capsys: pytest.CaptureFixture[str]) -> None:
     code = cli.main(["profile", "--model", str(world.model_dir), "--memory-budget", "1MiB",

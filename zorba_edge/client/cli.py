@@ -87,6 +87,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="precision of the frozen blocks' Linear layers. auto (default): nf4 on "
                    "CUDA (bitsandbytes), bf16 elsewhere, where the bitsandbytes CPU kernels "
                    "measured 15-30x slower per forward pass for ~10%% less memory")
+    g.add_argument("--embedding-dtype", choices=TRAIN_DTYPES, default=None,
+                   help="precision of the frozen embeddings and LM head (default: the "
+                   "--train-dtype). bf16 halves them (Gemma 3's 262k-token embedding: 640 MiB "
+                   "-> 320 MiB); the head still computes fp32 logits, a chunk of rows at a time")
 
 
 def _add_budget(p: argparse.ArgumentParser) -> None:

@@ -51,7 +51,8 @@ def _load_config(args: argparse.Namespace) -> LoadConfig:
     frozen = args.frozen_dtype
     if frozen == "auto":
         frozen = assembly.default_frozen_dtype(device)
-    config = LoadConfig(train_dtype=args.train_dtype, frozen_dtype=frozen, device=device)
+    config = LoadConfig(train_dtype=args.train_dtype, frozen_dtype=frozen, device=device,
+                        embed_dtype=args.embedding_dtype)
     # Fail now, not at the first round, when nf4/int8 cannot be used here.
     require_bitsandbytes(config.frozen_dtype)
     return config
@@ -164,6 +165,7 @@ def _print_profile(report: DeviceReport, load_config: LoadConfig, timing: Any,
     table.add_row("budget", report.budget.describe())
     m = report.memory
     table.add_row("holding", f"trained blocks {m.train_dtype}, frozen blocks {m.frozen_dtype}, "
+                  f"embeddings {m.embed_dtype}, "
                   f"snapshot {m.snapshot_dtype or 'none (host)'}, runtime "
                   f"{format_size(m.runtime_bytes)}")
     a = report.admission
