@@ -30,6 +30,7 @@ from zorba_edge.client.detach import claim_pid_file, detach
 from zorba_edge.client.errors import UsageError
 from zorba_edge.client.evaluation import evaluate, fetch_remote_table
 from zorba_edge.client.profiling import compute_budget, process_rss, resolve_device, survey
+from zorba_edge.client.progress import ProgressReporter
 from zorba_edge.client.sizes import format_size
 from zorba_edge.client.state import StateStore, default_state_path
 from zorba_edge.client.transport import ServerClient, normalize_url
@@ -112,12 +113,14 @@ def _setup_logging(level: str, *, to_file: bool) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, to_file=False)
     load_config = _load_config(args)
     source = assembly.open_model(args.model, args.tokenizer)
     report = _measure(args, source, load_config, None, args.batch_size, args.seq_len)
     timing = None
     if not args.no_probe:
-        timing = assembly.probe_step_time(source, load_config)
+        with ProgressReporter("timing probe (loading, then forward passes)") as progress:
+            timing = assembly.probe_step_time(source, load_config, progress=progress)
     if args.json:
         print(json.dumps(_profile_json(report, load_config, timing, args), indent=2))
     else:
@@ -281,7 +284,10 @@ def _run(args: argparse.Namespace) -> int:
     def make_registration() -> Any:
         step_time = args.step_time
         if step_time is None:
-            timing = assembly.probe_step_time(source, load_config)
+            # Log lines only: the run's own status line is rich's one live display.
+            with ProgressReporter("timing probe (loading, then forward passes)",
+                                  interactive=False) as progress:
+                timing = assembly.probe_step_time(source, load_config, progress=progress)
             step_time = timing.step_time_s
             log.info("timing probe: %.3f s per step (2 x forward %.3f s)", step_time,
                      timing.forward_s)
@@ -363,8 +369,6 @@ async def _run_daemon(url: str, args: argparse.Namespace, store: StateStore,
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
-
     from zorba_edge.model.export import export_checkpoint
     from zorba_edge.model.quantize import torch_dtype
 
@@ -374,11 +378,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     remote = asyncio.run(fetch_remote_table(url, store=StateStore(_state_path(args)),
                                             ca_cert=args.ca_cert))
     log.info("run %s at alpha version %d", remote.run_id, remote.table.version)
-    with Progress(transient=False) as progress:
-        task = progress.add_task("exporting blocks", total=remote.table.num_blocks)
+    with ProgressReporter("exporting blocks") as progress:
         out = export_checkpoint(source, remote.table, remote.seed, args.out,
-                                dtype=torch_dtype(args.dtype),
-                                progress=lambda done, total: progress.update(task, completed=done))
+                                dtype=torch_dtype(args.dtype), progress=progress)
     print(f"exported run {remote.run_id} at alpha version {remote.table.version} to {out}")
     return EXIT_OK
 
@@ -395,8 +397,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         remote = asyncio.run(fetch_remote_table(normalize_url(args.server),
                                                 store=StateStore(_state_path(args)),
                                                 ca_cert=args.ca_cert))
-    result = evaluate(source, load_config, task, remote=remote, batch_size=args.batch_size,
-                      seq_len=args.seq_len)
+    with ProgressReporter("loading the model") as on_load, \
+            ProgressReporter(f"evaluating {len(task.examples)} examples") as on_batch:
+        result = evaluate(source, load_config, task, remote=remote, batch_size=args.batch_size,
+                          seq_len=args.seq_len, on_load=on_load, on_batch=on_batch)
     what = ("base model" if remote is None
             else f"base + alpha v{result.version} (run {remote.run_id})")
     if args.json:

@@ -20,6 +20,7 @@ from zorba_edge.client.transport import TOKEN_ENV, ServerClient
 from zorba_edge.engine.coefficients import CoefficientTable, block_materializer
 from zorba_edge.engine.losses import evaluate_classification, lm_loss
 from zorba_edge.model.loading import LoadConfig, load_model
+from zorba_edge.model.progress import Progress, tracked
 from zorba_edge.model.sources import ModelSource
 
 
@@ -43,13 +44,19 @@ class RemoteTable:
 
 def evaluate(source: ModelSource, load_config: LoadConfig, task: LocalTask, *,
              remote: RemoteTable | None = None, batch_size: int = 16,
-             seq_len: int = 64) -> EvalResult:
+             seq_len: int = 64, on_load: Progress | None = None,
+             on_batch: Progress | None = None) -> EvalResult:
+    """Loss (and accuracy) of the base model or base + alpha over every example of `task`.
+
+    `on_load` counts the loaded parts (blocks + 1), `on_batch` the evaluated batches."""
     materialize = None
     if remote is not None:
         materialize = block_materializer(source.block_state_dict, remote.table, remote.seed)
-    loaded = load_model(source, (), load_config, materialize=materialize)
+    loaded = load_model(source, (), load_config, materialize=materialize, progress=on_load)
     device = load_config.device
-    batches = (batch.to(device) for batch in task.batches(batch_size, seq_len))
+    count = -(-len(task.examples) // batch_size)
+    batches = (batch.to(device)
+               for batch in tracked(task.batches(batch_size, seq_len), count, on_batch))
     version = remote.table.version if remote is not None else None
     if task.kind == CLASSIFICATION:
         result = evaluate_classification(loaded.model, batches)

@@ -36,6 +36,7 @@ from transformers import PreTrainedModel
 from zorba_edge.common.memory_model import HEAD_CAST_CHUNK_BYTES, ModelFootprint
 from zorba_edge.errors import AssignmentError, ModelSourceError
 from zorba_edge.model.families import find_blocks
+from zorba_edge.model.progress import Progress
 from zorba_edge.model.quantize import (
     PLAIN_DTYPES,
     PRECISIONS,
@@ -308,23 +309,30 @@ def load_model(
     assignment: Iterable[int],
     config: LoadConfig | None = None,
     materialize: Materialize | None = None,
+    progress: Progress | None = None,
 ) -> LoadedModel:
     """Stream `source` into a model whose `assignment` blocks are trainable.
 
     `materialize(b)` gives block b's fp32 weights (default: the source's base weights; the
-    engine passes base + coefficient table when resuming a run).
+    engine passes base + coefficient table when resuming a run). `progress` counts the
+    non-block weights and then each block (num_blocks + 1 in all).
     """
     config = config or LoadConfig()
     require_bitsandbytes(config.frozen_dtype)
     loaded = LoadedModel(build_skeleton(source.config), source, config)
     blocks = normalize_assignment(assignment, loaded.num_blocks)
     materialize = materialize or source.block_state_dict
+    total = loaded.num_blocks + 1
     loaded.install_non_block(source.non_block_state_dict())
     release_freed_memory()
+    if progress is not None:
+        progress(1, total)
     for block in range(loaded.num_blocks):
         loaded.install_block(block, materialize(block), trainable=block in blocks)
         # Without this, glibc keeps each block's freed fp32 copy and quantisation
         # temporaries in its heap and the resident size creeps up block by block.
         release_freed_memory()
+        if progress is not None:
+            progress(block + 2, total)
     loaded.check_complete()
     return loaded
