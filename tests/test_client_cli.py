@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,21 @@ def test_eval_of_the_base_model_on_a_jsonl_file(
     result = json.loads(capsys.readouterr().out)
     assert result["examples"] == 64 and 0.0 <= result["accuracy"] <= 1.0
     assert result["model"] == "base model" and result["version"] is None
+
+
+def test_eval_of_a_prompt_completion_file_reports_loss_and_perplexity(
+        world: TinyWorld, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "answers.jsonl"
+    data.write_text('{"prompt": "w1 good w2 Question :", "completion": "yes"}\n'
+                    '{"prompt": "w3 bad Question :", "completion": "no", "id": 7}\n')
+    args = ["eval", "--data", str(data), "--model", str(world.model_dir), "--frozen-dtype", "fp32",
+            "--seq-len", "16"]
+    assert cli.main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["examples"] == 2 and result["accuracy"] is None
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    assert cli.main(args) == 0
+    assert f"perplexity {result['perplexity']:.2f} on 2 held-out" in capsys.readouterr().out
 
 
 def test_run_without_an_enrolment_secret_stops_before_doing_anything(

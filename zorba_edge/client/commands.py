@@ -407,5 +407,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(result) | {"model": what}))
     else:
         acc = "" if result.accuracy is None else f"accuracy {result.accuracy:.4f}, "
-        print(f"{what}: {acc}loss {result.loss:.4f} on {result.examples} held-out examples")
+        ppl = "" if result.perplexity is None else f", perplexity {result.perplexity:.2f}"
+        print(f"{what}: {acc}loss {result.loss:.4f}{ppl} on {result.examples} held-out examples")
     return EXIT_OK

@@ -7,6 +7,7 @@ client holds it), so evaluating needs the same memory as training, not a full fp
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ class EvalResult:
     """Classification only."""
     version: int | None
     """The alpha version evaluated; None for the base model."""
+    perplexity: float | None = None
+    """Generation only: exp(loss), the perplexity of the completions with each example
+    weighing the same (the loss is a mean of per-example means, as training minimises)."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,8 @@ def evaluate(source: ModelSource, load_config: LoadConfig, task: LocalTask, *,
         for batch in batches:
             total += float(lm_loss(loaded.model, batch)) * len(batch)
             count += len(batch)
-    return EvalResult(count, total / count, None, version)
+    loss = total / count
+    return EvalResult(count, loss, None, version, perplexity=math.exp(min(loss, 700.0)))
 
 
 async def fetch_remote_table(
