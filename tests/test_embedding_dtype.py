@@ -98,6 +98,8 @@ def test_default_embed_dtype_is_the_training_dtype(saved: dict[tuple[str, bool],
     assert loaded.model.get_input_embeddings().weight.dtype == torch.bfloat16
     assert type(loaded.model.get_output_embeddings()) is nn.Linear  # nothing adapted
     assert LoadConfig().held_embed_dtype == "fp32"
+    same = load_model(source, [], LoadConfig(frozen_dtype="bf16", embed_dtype="fp32"))
+    assert type(same.model.get_output_embeddings()) is nn.Linear  # fp32 is the train dtype
     with pytest.raises(DTypeError, match="embed_dtype='nf4'"):
         LoadConfig(embed_dtype="nf4")
 

@@ -133,7 +133,8 @@ class LoadedModel:
         self._non_block_shapes = {
             name: tuple(params[name].shape) for name in non_block_parameter_names(skeleton)
         }
-        self._narrow_names = self._adapt_embeddings() if config.embed_dtype is not None else set()
+        narrow = config.held_embed_dtype != config.train_dtype
+        self._narrow_names = self._adapt_embeddings() if narrow else set()
         for module in skeleton.modules():
             for name, buffer in module.named_buffers(recurse=False):
                 module.register_buffer(
