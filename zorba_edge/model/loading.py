@@ -164,13 +164,13 @@ class LoadedModel:
             path = next(p for p, m in self.model.named_modules() if m is head)
             with registration_lock():
                 self.model.set_submodule(path, CastLinear(head.weight, head.bias, chunk_rows=rows))
-            # A tied head's weight is listed under the embedding's name; an untied one under its own.
             names.add(f"{path}.weight")
         elif head is not None:
             raise ModelSourceError(
                 f"the LM head is a {type(head).__name__}, not a Linear: it cannot be held in "
                 f"embed_dtype={self.config.embed_dtype}; leave --embedding-dtype unset")
-        # A tied head shares the embedding's parameter, which is listed once, under one name.
+        # A tied head's weight is listed once, under the embedding's name: keep the names the
+        # source's non-block state dict uses.
         return names & set(self._non_block_shapes)
 
     @property
