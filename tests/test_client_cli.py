@@ -180,6 +180,21 @@ def test_an_unreachable_server_is_given_up_on_clearly_and_nothing_is_written(
     assert not state.exists()
 
 
+def test_a_client_left_a_handful_of_examples_by_the_split_says_so_at_start(
+        world: TinyWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ZORBA_ENROLMENT_SECRET", "some-secret")
+    common = ["run", "--server", f"http://127.0.0.1:{free_port()}", "--data", str(world.data),
+              "--model", str(world.model_dir), "--step-time", "0.1", "--give-up-after", "0.5",
+              "--dirichlet-alpha", "100"]  # nearly even shares
+    cli.main([*common, "--state", str(tmp_path / "a.json"), "--num-clients", "2"])
+    assert "share of the split" not in capsys.readouterr().err  # about 32 of 64: enough
+    cli.main([*common, "--state", str(tmp_path / "b.json"), "--num-clients", "16"])
+    err = capsys.readouterr().err
+    assert "share of the split is" in err and "of 64 examples" in err
+    assert "--dirichlet-alpha" in err
+
+
 def test_a_second_client_on_a_held_state_file_stops_naming_the_file_and_the_flag(
         world: TinyWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

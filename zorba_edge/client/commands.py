@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from zorba_edge.client.sizes import format_size
 from zorba_edge.client.state import StateStore, default_state_path
 from zorba_edge.client.transport import ServerClient, normalize_url
 from zorba_edge.common.schema import FEDAVG
+from zorba_edge.data.splits import small_share_warning
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.quantize import require_bitsandbytes
 from zorba_edge.model.sources import ModelSource
@@ -279,6 +280,12 @@ def _run(args: argparse.Namespace) -> int:
                  report.budget.describe(), report.admission.max_blocks,
                  report.admission.num_blocks, assembly.PROBE_BATCH_SIZE, assembly.PROBE_SEQ_LEN)
     log.info("local data: %d %s examples from %s", len(examples), task.kind, data_choice.spec)
+    if data_choice.num_clients > 1:
+        total = len(assembly.training_examples(replace(data_choice, num_clients=1, client_index=0)))
+        few = small_share_warning(len(examples), total, data_choice.num_clients,
+                                  assembly.PROBE_BATCH_SIZE)
+        if few is not None:
+            log.warning("%s", few)
     budget_bytes = report.budget.budget_bytes
 
     def make_registration() -> Any:
