@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,23 @@ def test_frozen_blocks_default_to_bf16_off_cuda_and_nf4_on_it(
     assert json.loads(capsys.readouterr().out)["memory"]["frozen_dtype"] == "bf16"
 
 
+def test_profile_declares_the_embedding_dtype_and_counts_it(
+        world: TinyWorld, capsys: pytest.CaptureFixture[str]) -> None:
+    shown = {}
+    for dtype in ("fp32", "bf16"):
+        assert cli.main(["profile", "--model", str(world.model_dir), "--no-probe", "--json",
+                         "--frozen-dtype", "fp32", "--embedding-dtype", dtype]) == 0
+        shown[dtype] = json.loads(capsys.readouterr().out)
+    assert shown["bf16"]["memory"]["embed_dtype"] == "bf16"
+    source = open_source(world.model_dir)
+    for dtype, profile in shown.items():
+        config = LoadConfig(frozen_dtype="fp32", embed_dtype=dtype)
+        settings = memory_profile(config, profile["memory"]["runtime_bytes"]).settings(
+            profile["batch_size"], profile["seq_len"])
+        assert profile["fixed_bytes"] == client_memory_bytes(footprint_of(source), settings, ())
+    assert shown["fp32"]["memory"]["embed_dtype"] == "fp32"
+
+
 def test_profile_refuses_a_budget_that_cannot_hold_the_frozen_model(
         world: TinyWorld, capsys: pytest.CaptureFixture[str]) -> None:
     code = cli.main(["profile", "--model", str(world.model_dir), "--memory-budget", "1MiB",
@@ -87,6 +105,21 @@ def test_eval_of_the_base_model_on_a_jsonl_file(
     result = json.loads(capsys.readouterr().out)
     assert result["examples"] == 64 and 0.0 <= result["accuracy"] <= 1.0
     assert result["model"] == "base model" and result["version"] is None
+
+
+def test_eval_of_a_prompt_completion_file_reports_loss_and_perplexity(
+        world: TinyWorld, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "answers.jsonl"
+    data.write_text('{"prompt": "w1 good w2 Question :", "completion": "yes"}\n'
+                    '{"prompt": "w3 bad Question :", "completion": "no", "id": 7}\n')
+    args = ["eval", "--data", str(data), "--model", str(world.model_dir), "--frozen-dtype", "fp32",
+            "--seq-len", "16"]
+    assert cli.main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["examples"] == 2 and result["accuracy"] is None
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    assert cli.main(args) == 0
+    assert f"perplexity {result['perplexity']:.2f} on 2 held-out" in capsys.readouterr().out
 
 
 def test_run_without_an_enrolment_secret_stops_before_doing_anything(
@@ -145,6 +178,21 @@ def test_an_unreachable_server_is_given_up_on_clearly_and_nothing_is_written(
     err = capsys.readouterr().err
     assert "gave up on" in err and "restart the client to resume" in err
     assert not state.exists()
+
+
+def test_a_client_left_a_handful_of_examples_by_the_split_says_so_at_start(
+        world: TinyWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ZORBA_ENROLMENT_SECRET", "some-secret")
+    common = ["run", "--server", f"http://127.0.0.1:{free_port()}", "--data", str(world.data),
+              "--model", str(world.model_dir), "--step-time", "0.1", "--give-up-after", "0.5",
+              "--dirichlet-alpha", "100"]  # nearly even shares
+    cli.main([*common, "--state", str(tmp_path / "a.json"), "--num-clients", "2"])
+    assert "share of the split" not in capsys.readouterr().err  # about 32 of 64: enough
+    cli.main([*common, "--state", str(tmp_path / "b.json"), "--num-clients", "16"])
+    err = capsys.readouterr().err
+    assert "share of the split is" in err and "of 64 examples" in err
+    assert "--dirichlet-alpha" in err
 
 
 def test_a_second_client_on_a_held_state_file_stops_naming_the_file_and_the_flag(

@@ -33,6 +33,7 @@ from zorba_edge.client.task import LocalTask
 from zorba_edge.client.trainer import LocalTrainer
 from zorba_edge.client.transport import ServerClient
 from zorba_edge.common.schema import DeviceProfile, RegisterRequest, RunInfo
+from zorba_edge.data.examples import GenerationExample
 from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.engine.losses import classification_loss
 from zorba_edge.model.loading import LoadConfig
@@ -449,3 +450,34 @@ async def test_a_refused_registration_ends_the_daemon_with_the_servers_reason(
     with pytest.raises(ServerRefusedError, match="wrong enrolment secret"):
         await device.run(server.url)
     assert not device.store.exists()
+
+
+def answer_examples(count: int = 64, seed: int = 1) -> list[GenerationExample]:
+    """Prompt/completion pairs whose answer the cue word decides: '... good ... Question :'
+    -> 'yes', '... bad ...' -> 'no' (the collator appends EOS)."""
+    return [GenerationExample(f"{e.text} Question :", "yes" if e.label else "no")
+            for e in signal_examples(count, seed)]
+
+
+async def test_a_generation_task_federates_and_its_held_out_completion_loss_falls(
+        tmp_path: Path, world: Any, servers: Any) -> None:
+    server = await servers(min_clients=2, min_reports=2, max_rounds=6)
+    devices = [Device(tmp_path, world, i, 2) for i in range(2)]
+    source, tokenizer = world
+    train = answer_examples()
+    for index, device in enumerate(devices):  # the command builds this task from a JSONL file
+        device.task = LocalTask(train[index::2], tokenizer, template=None, seed=index)
+        assert device.task.kind == "generation"
+    results = await asyncio.wait_for(asyncio.gather(*(d.run(server.url) for d in devices)),
+                                     timeout=120)
+    assert [r.reason for r in results] == ["finished"] * 2
+    assert all(s.status == "reported" for d in devices for s in d.listener.rounds)
+
+    heldout = LocalTask(answer_examples(seed=2), tokenizer, template=None)
+    run = devices[0].store.load().run
+    alpha = server_alpha(server)
+    remote = RemoteTable(CoefficientTable(64, 2, alpha, 6), run.seed, run.run_id)
+    before = evaluate(source, LOAD, heldout, batch_size=16, seq_len=16)
+    after = evaluate(source, LOAD, heldout, batch_size=16, seq_len=16, remote=remote)
+    assert before.accuracy is None and before.perplexity == pytest.approx(np.exp(before.loss))
+    assert after.loss < before.loss - 0.02, (before, after)

@@ -394,3 +394,14 @@ def test_smollm2_tokenizer_scores_single_token_label_words_and_truncates_reviews
     assert len(ids) == 64 and ids[-len(suffix) :] == suffix
     kept = real.decode(ids[len(special_prefix_ids(real)) : -len(suffix)])
     assert 0 < len(kept) < len(review.text) and review.text.startswith(kept)
+
+
+def test_a_share_under_two_batches_is_named_with_its_size_and_the_fix() -> None:
+    from zorba_edge.data.splits import small_share_warning
+
+    assert small_share_warning(16, 64, 4, 8) is None
+    assert small_share_warning(3, 64, 1, 8) is None  # not split: the user's whole file
+    warning = small_share_warning(5, 400, 4, 8)
+    assert warning is not None
+    assert "5 of 400 examples" in warning and "even share would be 100" in warning
+    assert "--dirichlet-alpha" in warning

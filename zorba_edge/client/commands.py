@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,12 @@ from zorba_edge.client.detach import claim_pid_file, detach
 from zorba_edge.client.errors import UsageError
 from zorba_edge.client.evaluation import evaluate, fetch_remote_table
 from zorba_edge.client.profiling import compute_budget, process_rss, resolve_device, survey
+from zorba_edge.client.progress import ProgressReporter
 from zorba_edge.client.sizes import format_size
 from zorba_edge.client.state import StateStore, default_state_path
 from zorba_edge.client.transport import ServerClient, normalize_url
 from zorba_edge.common.schema import FEDAVG
+from zorba_edge.data.splits import small_share_warning
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.quantize import require_bitsandbytes
 from zorba_edge.model.sources import ModelSource
@@ -51,7 +53,8 @@ def _load_config(args: argparse.Namespace) -> LoadConfig:
     frozen = args.frozen_dtype
     if frozen == "auto":
         frozen = assembly.default_frozen_dtype(device)
-    config = LoadConfig(train_dtype=args.train_dtype, frozen_dtype=frozen, device=device)
+    config = LoadConfig(train_dtype=args.train_dtype, frozen_dtype=frozen, device=device,
+                        embed_dtype=args.embedding_dtype)
     # Fail now, not at the first round, when nf4/int8 cannot be used here.
     require_bitsandbytes(config.frozen_dtype)
     return config
@@ -111,12 +114,14 @@ def _setup_logging(level: str, *, to_file: bool) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, to_file=False)
     load_config = _load_config(args)
     source = assembly.open_model(args.model, args.tokenizer)
     report = _measure(args, source, load_config, None, args.batch_size, args.seq_len)
     timing = None
     if not args.no_probe:
-        timing = assembly.probe_step_time(source, load_config)
+        with ProgressReporter("timing probe (loading, then forward passes)") as progress:
+            timing = assembly.probe_step_time(source, load_config, progress=progress)
     if args.json:
         print(json.dumps(_profile_json(report, load_config, timing, args), indent=2))
     else:
@@ -164,6 +169,7 @@ def _print_profile(report: DeviceReport, load_config: LoadConfig, timing: Any,
     table.add_row("budget", report.budget.describe())
     m = report.memory
     table.add_row("holding", f"trained blocks {m.train_dtype}, frozen blocks {m.frozen_dtype}, "
+                  f"embeddings {m.embed_dtype}, "
                   f"snapshot {m.snapshot_dtype or 'none (host)'}, runtime "
                   f"{format_size(m.runtime_bytes)}")
     a = report.admission
@@ -274,12 +280,21 @@ def _run(args: argparse.Namespace) -> int:
                  report.budget.describe(), report.admission.max_blocks,
                  report.admission.num_blocks, assembly.PROBE_BATCH_SIZE, assembly.PROBE_SEQ_LEN)
     log.info("local data: %d %s examples from %s", len(examples), task.kind, data_choice.spec)
+    if data_choice.num_clients > 1:
+        total = len(assembly.training_examples(replace(data_choice, num_clients=1, client_index=0)))
+        few = small_share_warning(len(examples), total, data_choice.num_clients,
+                                  assembly.PROBE_BATCH_SIZE)
+        if few is not None:
+            log.warning("%s", few)
     budget_bytes = report.budget.budget_bytes
 
     def make_registration() -> Any:
         step_time = args.step_time
         if step_time is None:
-            timing = assembly.probe_step_time(source, load_config)
+            # Log lines only: the run's own status line is rich's one live display.
+            with ProgressReporter("timing probe (loading, then forward passes)",
+                                  interactive=False) as progress:
+                timing = assembly.probe_step_time(source, load_config, progress=progress)
             step_time = timing.step_time_s
             log.info("timing probe: %.3f s per step (2 x forward %.3f s)", step_time,
                      timing.forward_s)
@@ -361,8 +376,6 @@ async def _run_daemon(url: str, args: argparse.Namespace, store: StateStore,
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
-
     from zorba_edge.model.export import export_checkpoint
     from zorba_edge.model.quantize import torch_dtype
 
@@ -372,11 +385,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     remote = asyncio.run(fetch_remote_table(url, store=StateStore(_state_path(args)),
                                             ca_cert=args.ca_cert))
     log.info("run %s at alpha version %d", remote.run_id, remote.table.version)
-    with Progress(transient=False) as progress:
-        task = progress.add_task("exporting blocks", total=remote.table.num_blocks)
+    with ProgressReporter("exporting blocks") as progress:
         out = export_checkpoint(source, remote.table, remote.seed, args.out,
-                                dtype=torch_dtype(args.dtype),
-                                progress=lambda done, total: progress.update(task, completed=done))
+                                dtype=torch_dtype(args.dtype), progress=progress)
     print(f"exported run {remote.run_id} at alpha version {remote.table.version} to {out}")
     return EXIT_OK
 
@@ -393,13 +404,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         remote = asyncio.run(fetch_remote_table(normalize_url(args.server),
                                                 store=StateStore(_state_path(args)),
                                                 ca_cert=args.ca_cert))
-    result = evaluate(source, load_config, task, remote=remote, batch_size=args.batch_size,
-                      seq_len=args.seq_len)
+    with ProgressReporter("loading the model") as on_load, \
+            ProgressReporter(f"evaluating {len(task.examples)} examples") as on_batch:
+        result = evaluate(source, load_config, task, remote=remote, batch_size=args.batch_size,
+                          seq_len=args.seq_len, on_load=on_load, on_batch=on_batch)
     what = ("base model" if remote is None
             else f"base + alpha v{result.version} (run {remote.run_id})")
     if args.json:
         print(json.dumps(asdict(result) | {"model": what}))
     else:
         acc = "" if result.accuracy is None else f"accuracy {result.accuracy:.4f}, "
-        print(f"{what}: {acc}loss {result.loss:.4f} on {result.examples} held-out examples")
+        ppl = "" if result.perplexity is None else f", perplexity {result.perplexity:.2f}"
+        print(f"{what}: {acc}loss {result.loss:.4f}{ppl} on {result.examples} held-out examples")
     return EXIT_OK

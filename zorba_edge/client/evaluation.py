@@ -7,6 +7,7 @@ client holds it), so evaluating needs the same memory as training, not a full fp
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from zorba_edge.client.transport import TOKEN_ENV, ServerClient
 from zorba_edge.engine.coefficients import CoefficientTable, block_materializer
 from zorba_edge.engine.losses import evaluate_classification, lm_loss
 from zorba_edge.model.loading import LoadConfig, load_model
+from zorba_edge.model.progress import Progress, tracked
 from zorba_edge.model.sources import ModelSource
 
 
@@ -32,6 +34,9 @@ class EvalResult:
     """Classification only."""
     version: int | None
     """The alpha version evaluated; None for the base model."""
+    perplexity: float | None = None
+    """Generation only: exp(loss), the perplexity of the completions with each example
+    weighing the same (the loss is a mean of per-example means, as training minimises)."""
 
 
 @dataclass(frozen=True)
@@ -43,13 +48,19 @@ class RemoteTable:
 
 def evaluate(source: ModelSource, load_config: LoadConfig, task: LocalTask, *,
              remote: RemoteTable | None = None, batch_size: int = 16,
-             seq_len: int = 64) -> EvalResult:
+             seq_len: int = 64, on_load: Progress | None = None,
+             on_batch: Progress | None = None) -> EvalResult:
+    """Loss (and accuracy) of the base model or base + alpha over every example of `task`.
+
+    `on_load` counts the loaded parts (blocks + 1), `on_batch` the evaluated batches."""
     materialize = None
     if remote is not None:
         materialize = block_materializer(source.block_state_dict, remote.table, remote.seed)
-    loaded = load_model(source, (), load_config, materialize=materialize)
+    loaded = load_model(source, (), load_config, materialize=materialize, progress=on_load)
     device = load_config.device
-    batches = (batch.to(device) for batch in task.batches(batch_size, seq_len))
+    count = -(-len(task.examples) // batch_size)
+    batches = (batch.to(device)
+               for batch in tracked(task.batches(batch_size, seq_len), count, on_batch))
     version = remote.table.version if remote is not None else None
     if task.kind == CLASSIFICATION:
         result = evaluate_classification(loaded.model, batches)
@@ -59,7 +70,8 @@ def evaluate(source: ModelSource, load_config: LoadConfig, task: LocalTask, *,
         for batch in batches:
             total += float(lm_loss(loaded.model, batch)) * len(batch)
             count += len(batch)
-    return EvalResult(count, total / count, None, version)
+    loss = total / count
+    return EvalResult(count, loss, None, version, perplexity=math.exp(min(loss, 700.0)))
 
 
 async def fetch_remote_table(

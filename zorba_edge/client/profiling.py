@@ -24,6 +24,7 @@ import torch
 
 from zorba_edge.client.errors import DeviceError
 from zorba_edge.client.sizes import format_size
+from zorba_edge.model.progress import Progress
 
 DEFAULT_MARGIN_FRACTION = 0.10
 """Default safety margin: a tenth of the measured memory..."""
@@ -242,21 +243,29 @@ class StepTiming:
 
 def time_call(fn: Callable[[], object], *, repeats: int = 3, warmup: int = 1,
               synchronize: Callable[[], None] | None = None,
-              clock: Callable[[], float] = time.perf_counter) -> StepTiming:
-    """Median wall time of `fn()` over `repeats` calls after `warmup` untimed ones."""
+              clock: Callable[[], float] = time.perf_counter,
+              progress: Progress | None = None) -> StepTiming:
+    """Median wall time of `fn()` over `repeats` calls after `warmup` untimed ones.
+
+    `progress` counts the calls, warm-up included (warmup + repeats in all)."""
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
-    for _ in range(warmup):
+    total = warmup + repeats
+    for done in range(1, warmup + 1):
         fn()
+        if progress is not None:
+            progress(done, total)
     if synchronize is not None:
         synchronize()
     times = []
-    for _ in range(repeats):
+    for done in range(warmup + 1, total + 1):
         started = clock()
         fn()
         if synchronize is not None:
             synchronize()
         times.append(clock() - started)
+        if progress is not None:
+            progress(done, total)
     # A floor of 1 µs: the wire schema needs a positive step time, and a timer may read 0.
     return StepTiming(max(statistics.median(times), 1e-6), repeats)
 

@@ -3,6 +3,9 @@
     M_n(A) = W_frozen + sum_{b in A} P_b * (bytes_train + bytes_snapshot - bytes_frozen)
              + W_embed_head + M_activations(batch, seq_len) + M_runtime
 
+(W_embed_head at the embeddings' own precision, which may be narrower than the training
+dtype, plus one widened chunk of the head when it is.)
+
 The model is *linear* in the assignment: a fixed part (every block held frozen, plus
 embeddings, activations and runtime) and a per-block increment for activating block b.
 That linearity is what lets the scheduler state budgets as MILP constraints, so this
@@ -24,6 +27,10 @@ BYTES_PER_PARAM: dict[str, float] = {
     "int8": 1.0 + 4.0 / 4096,  # LLM.int8 row-wise scale, amortised (rows of >= 4096 bytes)
     "nf4": 0.5 + 4.0 / 64,
 }
+
+HEAD_CAST_CHUNK_BYTES = 8 * 2**20
+"""An LM head held narrower than the activations is widened this many bytes of rows at a time
+for each forward pass (model/loading.py): the one transient it adds, counted below."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,8 @@ class MemorySettings:
     frozen_other_dtype: str = "fp32"
     """Precision of a frozen block's non-Linear parameters (norms, biases)."""
     embed_dtype: str = "fp32"
+    """Embeddings and LM head (the frozen weights outside the blocks); a head narrower than
+    train_dtype is computed in train_dtype, widened a chunk of rows at a time."""
     snapshot_dtype: str | None = "fp32"
     """Host copy of each trainable block for the exact round-end revert (None: no copy)."""
     batch_size: int = 8
@@ -139,13 +148,26 @@ def activation_bytes(footprint: ModelFootprint, settings: MemorySettings) -> flo
     return hidden_states + mlp + logits
 
 
+def embed_head_bytes(footprint: ModelFootprint, settings: MemorySettings) -> float:
+    """Embeddings, final norm and head as held, plus the widened chunk of a narrow head.
+
+    The final norm's few hundred parameters stay in train_dtype (a LayerNorm cannot take a
+    narrower weight than its input) but are counted at embed_dtype: under a KiB off.
+    """
+    held = footprint.embed_head_params * BYTES_PER_PARAM[settings.embed_dtype]
+    if settings.embed_dtype == settings.train_dtype:
+        return held
+    head_bytes = footprint.vocab_size * footprint.hidden_size * BYTES_PER_PARAM[settings.train_dtype]
+    return held + min(HEAD_CAST_CHUNK_BYTES, head_bytes)
+
+
 def linear_memory_model(footprint: ModelFootprint, settings: MemorySettings) -> LinearMemoryModel:
     """Decompose M(A) into its fixed part and its per-activated-block increments."""
     frozen = [frozen_block_bytes(footprint, settings, b) for b in range(footprint.num_blocks)]
     trainable = [trainable_block_bytes(footprint, settings, b) for b in range(footprint.num_blocks)]
     fixed = (
         sum(frozen)
-        + footprint.embed_head_params * BYTES_PER_PARAM[settings.embed_dtype]
+        + embed_head_bytes(footprint, settings)
         + activation_bytes(footprint, settings)
         + settings.runtime_bytes
     )

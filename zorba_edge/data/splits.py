@@ -97,3 +97,17 @@ def label_skew(labels: Sequence[int] | np.ndarray, parts: Sequence[np.ndarray]) 
         for part in parts
     ]
     return float(np.mean(distances))
+
+
+def small_share_warning(share: int, total: int, num_clients: int, batch_size: int) -> str | None:
+    """A sentence for the start of a run when this client's share of a split is a handful.
+
+    A share of fewer than two batches means every local step revisits the same few examples
+    (a Dirichlet split with a small alpha gives some clients that); None when it is fine.
+    """
+    if num_clients < 2 or share >= 2 * batch_size:
+        return None
+    return (f"this client's share of the split is {share} of {total} examples (an even share "
+            f"would be {total // num_clients}), under two batches of {batch_size}: its steps "
+            "will revisit the same few examples. Raise --dirichlet-alpha for a more even split, "
+            "or use fewer clients or more data")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,11 +18,9 @@ from safetensors.torch import save_file
 from zorba_edge.engine.coefficients import CoefficientTable, block_materializer
 from zorba_edge.errors import ModelSourceError
 from zorba_edge.model.families import family_of
+from zorba_edge.model.progress import Progress
 from zorba_edge.model.skeleton import build_skeleton
 from zorba_edge.model.sources import SAFETENSORS_INDEX, ModelSource
-
-Progress = Callable[[int, int], None]
-"""progress(done, total) in blocks."""
 
 
 def _umask() -> int:
@@ -42,7 +39,7 @@ def export_checkpoint(
     save_tokenizer: bool = True,
     progress: Progress | None = None,
 ) -> Path:
-    """Write theta0 + alpha to `out_dir`; returns the directory."""
+    """Write theta0 + alpha to `out_dir`; returns the directory. `progress` counts blocks."""
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise ModelSourceError(f"{out} exists and is not empty: choose a new directory for the export")

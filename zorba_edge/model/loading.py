@@ -9,9 +9,12 @@ block (or the embedding) in fp32.
 Precisions (names from quantize.py): an assigned block holds fp32 (or bf16/fp16) parameters,
 `requires_grad=False` since ZO needs no autograd; a frozen block holds its Linear layers in
 `frozen_dtype` (nf4, int8 or a plain dtype) and its other parameters (norms, biases of
-non-Linear modules) in the training dtype. Embeddings, final norm and head are held in the
-training dtype too, so the activations, and the compute dtype of every layer, are the
-training dtype.
+non-Linear modules) in the training dtype. Embeddings and head are held in `embed_dtype`
+(the training dtype unless asked otherwise) and the final norm in the training dtype. The
+activations, and the compute dtype of every layer, are the training dtype: a narrower
+embedding's output is widened as it leaves the lookup, and a narrower head is computed in
+the training dtype a chunk of rows at a time (quantize.CastLinear), so the logits are as
+precise as with a full-precision head and only the head's weights are rounded.
 
 The engine re-materialises blocks through `install_block` / `reassign` with fp32 state dicts
 it builds from `source.block_state_dict(b)` plus its coefficient table.
@@ -30,12 +33,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from zorba_edge.common.memory_model import ModelFootprint
+from zorba_edge.common.memory_model import HEAD_CAST_CHUNK_BYTES, ModelFootprint
 from zorba_edge.errors import AssignmentError, ModelSourceError
 from zorba_edge.model.families import find_blocks
+from zorba_edge.model.progress import Progress
 from zorba_edge.model.quantize import (
     PLAIN_DTYPES,
     PRECISIONS,
+    CastLinear,
     check_precision,
     frozen_layer,
     held_bytes,
@@ -64,14 +69,24 @@ class LoadConfig:
     frozen_dtype: str = "nf4"
     """Linear layers of frozen blocks: nf4, int8 (bitsandbytes), bf16, fp16 or fp32."""
     device: str = "cpu"
+    embed_dtype: str | None = None
+    """Embeddings and LM head (frozen in every run): fp32, bf16 or fp16; None, the
+    train_dtype. Gemma 3's 262k-token embedding is its largest single weight."""
 
     def __post_init__(self) -> None:
         check_precision(self.train_dtype, "train_dtype", tuple(PLAIN_DTYPES))
         check_precision(self.frozen_dtype, "frozen_dtype", PRECISIONS)
+        if self.embed_dtype is not None:
+            check_precision(self.embed_dtype, "embed_dtype", tuple(PLAIN_DTYPES))
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return PLAIN_DTYPES[self.train_dtype]
+
+    @property
+    def held_embed_dtype(self) -> str:
+        """The precision the embeddings and head are held in (embed_dtype, or train_dtype)."""
+        return self.embed_dtype or self.train_dtype
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,8 @@ class LoadedModel:
         self._non_block_shapes = {
             name: tuple(params[name].shape) for name in non_block_parameter_names(skeleton)
         }
+        narrow = config.held_embed_dtype != config.train_dtype
+        self._narrow_names = self._adapt_embeddings() if narrow else set()
         for module in skeleton.modules():
             for name, buffer in module.named_buffers(recurse=False):
                 module.register_buffer(
@@ -125,6 +142,36 @@ class LoadedModel:
                     buffer.to(self._device),
                     persistent=name not in module._non_persistent_buffers_set,
                 )
+
+    def _adapt_embeddings(self) -> set[str]:
+        """Let the embeddings and head hold a dtype other than the activations'; returns the
+        names of the parameters held in embed_dtype.
+
+        Each embedding's output is widened to the compute dtype by a forward hook (whatever
+        the embedding class does inside, e.g. Gemma's scaling, runs as written); the head
+        becomes a CastLinear on the same parameter, so a tied head stays tied.
+        """
+        dtype = self.config.compute_dtype
+        in_blocks = {id(m) for m in self.blocks.modules()}
+        names: set[str] = set()
+        for prefix, module in self.model.named_modules():
+            if isinstance(module, nn.Embedding) and id(module) not in in_blocks:
+                module.register_forward_hook(lambda _m, _i, out: out.to(dtype))
+                names.add(f"{prefix}.weight")
+        head = self.model.get_output_embeddings()
+        if head is not None and type(head) is nn.Linear:
+            rows = max(1, HEAD_CAST_CHUNK_BYTES // (head.in_features * dtype.itemsize))
+            path = next(p for p, m in self.model.named_modules() if m is head)
+            with registration_lock():
+                self.model.set_submodule(path, CastLinear(head.weight, head.bias, chunk_rows=rows))
+            names.add(f"{path}.weight")
+        elif head is not None:
+            raise ModelSourceError(
+                f"the LM head is a {type(head).__name__}, not a Linear: it cannot be held in "
+                f"embed_dtype={self.config.embed_dtype}; leave --embedding-dtype unset")
+        # A tied head's weight is listed once, under the embedding's name: keep the names the
+        # source's non-block state dict uses.
+        return names & set(self._non_block_shapes)
 
     @property
     def num_blocks(self) -> int:
@@ -185,11 +232,17 @@ class LoadedModel:
     def install_non_block(self, state_dict: StateDict) -> None:
         """Hold embeddings, final norm and head (re-tying a tied head to the embedding)."""
         check_state_dict(state_dict, self._non_block_shapes, "non-block weights", "install")
-        dtype = self.config.compute_dtype
+        narrow = PLAIN_DTYPES[self.config.held_embed_dtype]
         with registration_lock():
             for name, tensor in state_dict.items():
+                dtype = narrow if name in self._narrow_names else self.config.compute_dtype
                 _set_parameter(self.model, name, tensor.to(device=self._device, dtype=dtype))
             self.model.tie_weights()
+
+    def non_block_bytes(self) -> int:
+        """Bytes of the weights outside the blocks as held (a tied head counted once)."""
+        held = dict(self.model.named_parameters())
+        return sum(held[name].numel() * held[name].element_size() for name in self._non_block_shapes)
 
     def reassign(self, assignment: Iterable[int], materialize: Materialize) -> None:
         """Make `assignment` the trainable blocks, re-installing only blocks whose role changed."""
@@ -257,23 +310,30 @@ def load_model(
     assignment: Iterable[int],
     config: LoadConfig | None = None,
     materialize: Materialize | None = None,
+    progress: Progress | None = None,
 ) -> LoadedModel:
     """Stream `source` into a model whose `assignment` blocks are trainable.
 
     `materialize(b)` gives block b's fp32 weights (default: the source's base weights; the
-    engine passes base + coefficient table when resuming a run).
+    engine passes base + coefficient table when resuming a run). `progress` counts the
+    non-block weights and then each block (num_blocks + 1 in all).
     """
     config = config or LoadConfig()
     require_bitsandbytes(config.frozen_dtype)
     loaded = LoadedModel(build_skeleton(source.config), source, config)
     blocks = normalize_assignment(assignment, loaded.num_blocks)
     materialize = materialize or source.block_state_dict
+    total = loaded.num_blocks + 1
     loaded.install_non_block(source.non_block_state_dict())
     release_freed_memory()
+    if progress is not None:
+        progress(1, total)
     for block in range(loaded.num_blocks):
         loaded.install_block(block, materialize(block), trainable=block in blocks)
         # Without this, glibc keeps each block's freed fp32 copy and quantisation
         # temporaries in its heap and the resident size creeps up block by block.
         release_freed_memory()
+        if progress is not None:
+            progress(block + 2, total)
     loaded.check_complete()
     return loaded

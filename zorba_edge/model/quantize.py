@@ -71,21 +71,40 @@ def require_bitsandbytes(precision: str) -> None:
 
 
 class CastLinear(nn.Module):
-    """A frozen Linear whose weight is stored in one dtype and used in the activations' dtype."""
+    """A frozen Linear whose weight is stored in one dtype and used in the activations' dtype.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    With `chunk_rows`, the weight is widened `chunk_rows` output rows at a time: an LM head
+    held in bf16 (Gemma 3's is 262k x 640) would otherwise need its whole fp32 copy, as
+    large as the memory the narrow storage saved, for every forward pass. The activations
+    are never narrowed, so the logits keep the precision the ZO loss difference needs.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 chunk_rows: int | None = None) -> None:
         super().__init__()
+        if chunk_rows is not None and chunk_rows < 1:
+            raise ValueError(f"chunk_rows={chunk_rows}: must be at least 1")
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
+        self.chunk_rows = chunk_rows
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        rows = self.chunk_rows
+        if self.weight.dtype == x.dtype or rows is None or rows >= self.out_features:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.weight.to(x.dtype), bias)
+        out = x.new_empty(*x.shape[:-1], self.out_features)
+        for start in range(0, self.out_features, rows):
+            stop = min(start + rows, self.out_features)
+            bias = None if self.bias is None else self.bias[start:stop].to(x.dtype)
+            out[..., start:stop] = F.linear(x, self.weight[start:stop].to(x.dtype), bias)
+        return out
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, storage={self.weight.dtype}"
+        chunks = "" if self.chunk_rows is None else f", chunk_rows={self.chunk_rows}"
+        return f"in={self.in_features}, out={self.out_features}, storage={self.weight.dtype}{chunks}"
 
 
 def plain_layer(
