@@ -147,7 +147,8 @@ def ids_of(tokenizer, text: str) -> list[int]:
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_classification_batch_has_fixed_shape_and_pads_on_the_chosen_side(tokenizer, side):
-    collate = ClassificationCollator(tokenizer, SENTIMENT_TEMPLATE, seq_len=64, padding_side=side)
+    collate = ClassificationCollator(tokenizer, SENTIMENT_TEMPLATE, seq_len=64, padding_side=side,
+                                     trim=False)
     examples = [ClassificationExample("the movie was fun !", 1)] * 7 + [
         ClassificationExample("bad", 0)
     ]
@@ -164,6 +165,30 @@ def test_classification_batch_has_fixed_shape_and_pads_on_the_chosen_side(tokeni
         assert batch.attention_mask[7, : len(expected)].all() and not batch.attention_mask[7, -1]
     else:
         assert batch.attention_mask[7, -len(expected) :].all() and not batch.attention_mask[7, 0]
+
+
+def test_a_trimmed_batch_is_as_wide_as_its_longest_row_and_scores_the_same(tokenizer):
+    examples = [ClassificationExample("the movie was fun !", 1), ClassificationExample("bad", 0)]
+    fixed = ClassificationCollator(tokenizer, SENTIMENT_TEMPLATE, seq_len=64, trim=False)(examples)
+    trimmed = ClassificationCollator(tokenizer, SENTIMENT_TEMPLATE, seq_len=64)(examples)
+    longest = int(fixed.attention_mask.sum(dim=1).max())
+    room = trimmed.label_tokens.shape[1] - 1
+    assert trimmed.input_ids.shape == (2, longest + room) and longest + room < 64
+    assert torch.equal(trimmed.input_ids, fixed.input_ids[:, : longest + room])
+    assert torch.equal(trimmed.attention_mask, fixed.attention_mask[:, : longest + room])
+
+
+def test_length_buckets_keep_every_example_once_an_epoch_and_group_similar_lengths():
+    lengths = np.random.default_rng(0).integers(5, 60, size=400)
+    plain = BatchSampler(400, 8, np.random.default_rng(1))
+    bucketed = BatchSampler(400, 8, np.random.default_rng(1), lengths, bucket_batches=10)
+    epoch = [bucketed.next_batch() for _ in range(50)]
+    assert sorted(np.concatenate(epoch).tolist()) == list(range(400))
+    def spread(batches):
+        return np.mean([lengths[b].max() - lengths[b].min() for b in batches])
+    assert spread(epoch) < 0.5 * spread([plain.next_batch() for _ in range(50)])
+    with pytest.raises(ValueError, match="lengths"):
+        BatchSampler(400, 8, np.random.default_rng(1), lengths[:3], bucket_batches=10)
 
 
 @pytest.mark.parametrize(("side", "kept"), [("right", FILLER[:9]), ("left", FILLER[21:30])])

@@ -84,6 +84,9 @@ class ClassificationCollator:
     """Right padding needs nothing from the model; the losses also handle left padding."""
     truncation_side: Side = "right"
     """Which end of a too-long text is cut: 'right' keeps its beginning."""
+    trim: bool = True
+    """Drop the padding columns no row needs (keeping room for the longest label word), so a
+    batch of short texts costs a short forward; False pads every batch to seq_len."""
     _prefix: list[int] = field(init=False, repr=False)
     _label_tokens: torch.Tensor = field(init=False, repr=False)
     _room: int = field(init=False, repr=False)
@@ -149,9 +152,12 @@ class ClassificationCollator:
                     f"labels {list(self.template.label_names)}"
                 )
         rows = [self.encode(example.text) for example in examples]
+        width = self.seq_len
+        if self.trim:
+            width = min(self.seq_len, max(len(r) for r in rows) + self._label_tokens.shape[1] - 1)
         return ClassificationBatch(
-            input_ids=pad_rows(rows, self.seq_len, padding_id(self.tokenizer), self.padding_side),
-            attention_mask=_mask([len(r) for r in rows], self.seq_len, self.padding_side),
+            input_ids=pad_rows(rows, width, padding_id(self.tokenizer), self.padding_side),
+            attention_mask=_mask([len(r) for r in rows], width, self.padding_side),
             label_tokens=self._label_tokens.clone(),
             labels=torch.tensor([e.label for e in examples], dtype=torch.int64),
         )
