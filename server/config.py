@@ -108,9 +108,11 @@ class RunConfig:
     size / parameters it perturbs), so `lr` is the step of a client holding one average block
     (docs/learning.md derives it, and measures why it is not the default yet)."""
     loss_jump_tolerance: float = 0.5
-    """A round whose clients' mean loss rose by more than this fraction over the same clients'
-    in the last applied round (or whose last-step loss rose twice that over the round's mean) is
-    not applied and the step is halved for later rounds (0: off; docs/learning.md)."""
+    """The loss guard: a round whose clients' check-batch losses stand more than this fraction
+    above theirs at the last version whose losses did not rise is not applied, and the table
+    is rolled back to that version; a round whose last-step loss rose twice that over its mean
+    is not applied either. Each rejection halves the step for later rounds (0: off;
+    docs/learning.md)."""
     mode: str = ZORBA
     """`zorba` (the scheduler assigns blocks), or a baseline: `zorba-uniform` (the same number of
     random blocks on every client), `fedzo-full` (every block; clients that cannot hold them all

@@ -42,7 +42,7 @@ from zorba_server import errors
 from zorba_server.config import ServerConfig
 from zorba_server.engine import Member, OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
 from zorba_server.resume import LEFT, resume
-from zorba_server.rounds import ReceivedReport
+from zorba_server.rounds import APPLIED, ReceivedReport
 from zorba_server.scheduler_baselines import redraws_each_round, solver_for
 from zorba_server.status_view import run_status
 from zorba_server.storage import DuplicateError, ModelPin, Snapshot, Store
@@ -401,7 +401,7 @@ class Coordinator:
 
     def _after_close(self, closure: RoundClosure) -> None:
         self.engine.apply_close(closure)
-        self._counts["rounds_applied" if closure.delta is not None else "rounds_failed"] += 1
+        self._counts["rounds_applied" if closure.outcome.status == APPLIED else "rounds_failed"] += 1
         if self.engine.finished:
             self._notify()
         if self.weights is not None:

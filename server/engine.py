@@ -40,8 +40,9 @@ from zorba_edge.common.schema import (
     RunInfo,
 )
 from zorba_server import errors
-from zorba_server.aggregation import apply_delta
+from zorba_server.aggregation import RoundDelta, apply_delta
 from zorba_server.config import ServerConfig
+from zorba_server.loss_guard import Anchor, advance, judge, rollback_delta
 from zorba_server.pool import round_pool_indices
 from zorba_server.rounds import (
     APPLIED,
@@ -125,6 +126,8 @@ class RoundClosure:
     """Clients whose reports were aggregated, in id order."""
     client_losses: dict[str, float] = field(default_factory=dict)
     """Each reporting client's mean loss this round."""
+    anchor: Anchor | None = None
+    """The loss guard's anchor after this round (None: unchanged)."""
 
 
 class RoundEngine:
@@ -157,6 +160,9 @@ class RoundEngine:
         self._reference_losses: dict[str, float] = {}
         """Each client's mean loss in the last applied or rejected round it reported in (the
         loss guard's reference; empty after a restart until a round closes)."""
+        self._anchor: Anchor | None = None
+        """The last version whose check losses did not rise (server/loss_guard.py; re-made
+        from the first round after a restart)."""
         self._previous: dict[str, frozenset[int]] = {}
 
     # ------------------------------------------------------------------ the model and its table
@@ -417,9 +423,15 @@ class RoundEngine:
     # ------------------------------------------------------------------ closing a round
 
     def due(self, now: float) -> bool:
-        """The open round should close: every assigned client reported, or the deadline passed."""
+        """The open round should close: every assigned client reported (or left), or the deadline
+        passed."""
         r = self.open
-        return r is not None and (len(r.received) == len(r.plan.clients) or now >= r.plan.deadline)
+        if r is None:
+            return False
+        # A client that left (last seen at -inf) or was dropped will not report: no waiting.
+        waiting = [cid for cid in r.plan.clients if cid not in r.received
+                   and cid in self.members and self.members[cid].last_seen != -math.inf]
+        return not waiting or now >= r.plan.deadline
 
     def decide_close(self, now: float) -> RoundClosure:
         """What closing the open round changes; nothing is applied yet."""
@@ -429,21 +441,51 @@ class RoundEngine:
         weights = {cid: self._sample_weight(cid) for cid in plan.clients}
         outcome = close_round(plan, r.received, weights, min_reports=self.config.run.min_reports,
                               aggregation=self.config.aggregation)
-        jump = self._loss_jump(r.received, weights) if outcome.status == APPLIED else None
-        if jump is not None:
-            outcome = dataclasses.replace(outcome, status=REJECTED, delta=None, message=(
-                f"{jump}: not applied; the step is halved to "
-                f"{self.config.run.lr * self.lr_factor() * LOSS_JUMP_BACKOFF:.3g} for the next rounds"))
-        delta, alpha = None, None
+        checks = {cid: rec.report.loss_check for cid, rec in sorted(r.received.items())
+                  if rec.report.loss_check is not None and weights[cid] > 0}
+        anchor, change = None, None
         if outcome.status == APPLIED:
-            assert outcome.delta is not None
-            d = outcome.delta
-            delta = AlphaDelta.from_matrix(self.version + 1, plan.round, d.pool_indices, d.blocks,
-                                           d.values)
-            alpha = apply_delta(self.alpha, d)
+            anchor, change, reason = self._guard(checks, weights, r.received)
+            if reason is not None:
+                outcome = dataclasses.replace(outcome, status=REJECTED, delta=None, message=(
+                    f"{reason}; the step is halved to "
+                    f"{self.config.run.lr * self.lr_factor() * LOSS_JUMP_BACKOFF:.3g} for the next rounds"))
+            else:
+                change = outcome.delta
+        delta, alpha = None, None
+        if change is not None:
+            delta = AlphaDelta.from_matrix(self.version + 1, plan.round, change.pool_indices,
+                                           change.blocks, change.values)
+            alpha = apply_delta(self.alpha, change)
+            if anchor is not None and outcome.status == REJECTED:  # rolled back to it
+                anchor = Anchor(delta.version, alpha, anchor.losses)
         calibrations = self._decayed_calibrations(plan) | self._calibrations(plan, r.received)
         return RoundClosure(plan, outcome, delta, alpha, calibrations, now, tuple(sorted(r.received)),
-                            {cid: rec.report.loss_mean for cid, rec in sorted(r.received.items())})
+                            {cid: rec.report.loss_mean for cid, rec in sorted(r.received.items())},
+                            anchor)
+
+    def _guard(self, checks: dict[str, float], weights: dict[str, float],
+               received: dict[str, ReceivedReport]) -> tuple[Anchor | None, RoundDelta | None, str | None]:
+        """The loss guard on an applicable round: (new anchor or None, the rollback's delta or
+        None, why the round is not applied or None)."""
+        assert self.alpha is not None
+        tolerance = self.config.run.loss_jump_tolerance
+        if tolerance <= 0:
+            return None, None, None
+        verdict = judge(self._anchor, checks, weights, tolerance) if self._anchor else None
+        if verdict is not None and verdict.regressed:
+            anchor = self._anchor
+            assert anchor is not None
+            return anchor, rollback_delta(self.alpha, anchor.alpha), (
+                f"the clients' check loss rose from {verdict.before:.4g} (version "
+                f"{anchor.version}) to {verdict.now:.4g} (version {self.version}): this round is "
+                f"not applied and the table is rolled back to version {anchor.version}")
+        anchor = None
+        if checks and (self._anchor is None or verdict is None or verdict.improved):
+            anchor = advance(self._anchor, self.version, self.alpha, checks)
+        # Clients that measure no check batch: their training losses judge, as before.
+        jump = self._loss_jump(received, weights, cross_round=not checks)
+        return anchor, None, None if jump is None else f"{jump}: not applied"
 
     def _decayed_calibrations(self, plan: RoundPlan) -> dict[str, float]:
         """Members without a part in this round: calibrations above 1 move halfway to 1 (and
@@ -467,6 +509,8 @@ class RoundEngine:
         if closure.delta is not None and closure.alpha is not None:
             self.alpha, self.version = closure.alpha, closure.delta.version
             self.deltas.append(closure.delta)
+        if closure.anchor is not None:
+            self._anchor = closure.anchor
         if closure.outcome.status in (APPLIED, REJECTED):
             # A rejected round moved nothing, so its losses are those of the model as it is:
             # the next round (at half the step) is judged against them. Judged against the
@@ -487,7 +531,8 @@ class RoundEngine:
             self.finished = True
             self.idle_reason = f"the run finished after {self.version} applied rounds"
 
-    def _loss_jump(self, received: dict[str, ReceivedReport], weights: dict[str, float]) -> str | None:
+    def _loss_jump(self, received: dict[str, ReceivedReport], weights: dict[str, float],
+                   cross_round: bool = True) -> str | None:
         """Why this round's losses say the step is too large, or None.
 
         Two signs, from what clients report anyway: the mean loss of the clients that also
@@ -506,7 +551,7 @@ class RoundEngine:
         common = [(weights[cid], r.report.loss_mean, self._reference_losses[cid])
                   for cid, r in sorted(received.items())
                   if cid in self._reference_losses and weights[cid] > 0]
-        if common:
+        if common and cross_round:
             weight = sum(w for w, _, _ in common)
             now = sum(w * loss for w, loss, _ in common) / weight
             then = sum(w * loss for w, _, loss in common) / weight

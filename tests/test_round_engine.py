@@ -213,3 +213,69 @@ def test_the_loss_guard_compares_the_same_clients_across_rounds(tmp_path: Path) 
     b.last_seen = 2.0
     assert close_with(2.0, 1.05) == APPLIED  # a 0.315 (+5%); b's 1.26 has no reference yet
     assert close_with(4.0, 1.8) == REJECTED  # both +71% on their own last applied losses
+
+
+def run_checked_round(e: RoundEngine, now: float, checks: dict[str, float],
+                      loss: float = 1.0) -> str:
+    """A round whose clients report these check-batch losses (measured at the round's base)."""
+    plan = e.propose_round(now=now)
+    assert plan is not None
+    e.open_round(plan)
+    for cid in plan.clients:
+        rep = received(e, cid, loss=loss)
+        rep.report = dataclasses.replace(rep.report, loss_check=checks[cid])
+        e.accept_report(rep)
+    closure = e.decide_close(now=now + 1)
+    e.apply_close(closure)
+    return closure.outcome.status
+
+
+def test_a_slow_drift_of_the_check_loss_rolls_the_table_back_to_the_last_good_version(
+        tmp_path: Path) -> None:
+    """Gemma 3 on the defaults: every round's rise stayed under the tolerance, so judged round
+    by round nothing was wrong while the model degraded. Judged against the last version whose
+    check losses did not rise, the drift adds up, and the table goes back to that version."""
+    e = engine(tmp_path, lr=0.01, loss_jump_tolerance=0.5)
+    join(e, "a"), join(e, "b")
+    assert run_checked_round(e, 0.0, {"a": 1.0, "b": 2.0}) == APPLIED  # version 0 is the anchor
+    assert run_checked_round(e, 2.0, {"a": 0.9, "b": 1.8}) == APPLIED  # better: version 1 is
+    first = e.deltas[0]  # version 1's table is round 1's delta alone
+    assert first.version == 1
+    assert run_checked_round(e, 4.0, {"a": 1.1, "b": 2.1}) == APPLIED  # +19%: within 50%
+    assert run_checked_round(e, 6.0, {"a": 1.3, "b": 2.5}) == APPLIED  # +41%
+    before = e.version
+    assert run_checked_round(e, 8.0, {"a": 1.5, "b": 2.9}) == REJECTED  # +63% over version 1
+    message = e.history[-1].message
+    assert "rolled back to version 1" in message and "check loss rose" in message
+    # The rollback is published as a delta of its own: version 5 holds version 1's table.
+    assert e.version == before + 1 and e.deltas[-1].version == e.version
+    assert e.alpha is not None
+    version_1 = np.zeros_like(e.alpha)
+    version_1[np.ix_(first.pool_indices, first.blocks)] += first.matrix()
+    np.testing.assert_allclose(e.alpha, version_1, atol=1e-6)
+    assert e.lr_factor() == 0.5
+    # The model is version 1's again, so its checks are too: the run goes on from there.
+    assert run_checked_round(e, 10.0, {"a": 0.9, "b": 1.8}) == APPLIED
+
+
+def test_check_losses_judge_instead_of_noisy_training_losses(tmp_path: Path) -> None:
+    """A training loss that doubles on a new batch is no reason to reject while the same
+    examples' loss, measured on the model itself, fell."""
+    e = engine(tmp_path, loss_jump_tolerance=0.5)
+    join(e, "a")
+    assert run_checked_round(e, 0.0, {"a": 1.0}, loss=0.5) == APPLIED
+    assert run_checked_round(e, 2.0, {"a": 0.9}, loss=1.2) == APPLIED
+    assert run_checked_round(e, 4.0, {"a": 1.6}, loss=0.5) == REJECTED
+
+
+def test_a_round_closes_without_waiting_for_a_client_that_left(tmp_path: Path) -> None:
+    e = engine(tmp_path, min_clients=2)
+    join(e, "a")
+    b = join(e, "b")
+    plan = e.propose_round(now=0.0)
+    assert plan is not None and set(plan.clients) == {"a", "b"}
+    e.open_round(plan)
+    e.accept_report(received(e, "a"))
+    assert not e.due(now=1.0)
+    b.last_seen = -float("inf")  # POST /v1/leave
+    assert e.due(now=1.0)

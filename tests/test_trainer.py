@@ -197,7 +197,7 @@ def test_each_reported_scalar_moved_theta_by_lr_g_z_whatever_the_estimator(
     outcome = run_local_steps(loaded.model, blocks, trainer.task, job, trainer.run, "cpu",
                               threading.Event(), look)
     assert [k for k, _ in outcome.steps] == list(ks)
-    assert outcome.forwards == 2 * forwards_per_batch
+    assert outcome.forwards == 2 * forwards_per_batch + 1  # and the check batch
     first_batch = [AlphaIncrement(k, b, hyper.lr * g)
                    for k, g in outcome.steps[:directions] for b in job.blocks]
     apply_increments_(before, trainer.run.seed, first_batch)

@@ -45,7 +45,9 @@ class FederationPlan:
     seq_len: int = 48
     pool_size: int = 1024
     round_duration_s: float = 30.0
-    max_steps: int = 8
+    max_steps: int = 12
+    estimator: str = "one-sided"
+    directions: int = 4
     rounds: int = 0
     """Applied rounds to run (0: until `minutes`)."""
     minutes: float = 3.0
@@ -72,6 +74,7 @@ class FederationPlan:
                "batch_size": self.batch_size, "seq_len": self.seq_len,
                "round_duration_s": self.round_duration_s, "min_clients": len(self.clients),
                "min_reports": 1, "max_rounds": self.rounds, "max_steps": self.max_steps,
+               "estimator": self.estimator, "directions": self.directions,
                "poll_timeout_s": 20.0, "mode": self.mode,
                "keep_weight_versions": self.keep_weight_versions}
         lines = [f'enrolment_secret = "{SECRET}"', "", "[storage]", f'path = "{db_path}"',

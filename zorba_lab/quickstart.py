@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zorba_edge.client.sizes import format_size, parse_size
+from zorba_edge.common.schema import ESTIMATORS, ONE_SIDED
 from zorba_lab.federation import ClientSetup, FederationPlan, FederationResult
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
@@ -56,9 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per example; 48 holds 95%% of the reviews whole (default %(default)s)")
     p.add_argument("--round-duration", type=float, default=30.0,
                    help="seconds per round, local steps are sized to fit it (default %(default)s)")
-    p.add_argument("--max-steps", type=int, default=8,
-                   help="most local steps per client and round: the downlink carries one float per "
-                   "(step, trained block), so this bounds the bytes per round (default %(default)s)")
+    p.add_argument("--max-steps", type=int, default=12,
+                   help="most local steps (directions) per client and round: the downlink carries "
+                   "one float per (step, trained block), so this bounds the bytes per round: 12 "
+                   "steps over 30 blocks is 1.5 KB (default %(default)s)")
+    p.add_argument("--estimator", choices=ESTIMATORS, default=ONE_SIDED,
+                   help="how a batch's projected gradients are measured (docs/learning.md) "
+                   "(default %(default)s)")
+    p.add_argument("--directions", type=int, default=4,
+                   help="directions measured on each batch; one-sided: they share one unperturbed "
+                   "forward (default %(default)s)")
     p.add_argument("--pool-size", type=int, default=1024, help="seed pool K (default %(default)s)")
     p.add_argument("--dirichlet-alpha", type=float, default=0.5,
                    help="label skew across clients (default %(default)s)")
@@ -86,6 +94,7 @@ def plan_from_args(args: argparse.Namespace, out_dir: Path) -> FederationPlan:
         out_dir=out_dir, clients=clients, data=args.data, lr=args.lr, mu=args.mu,
         batch_size=args.batch_size, seq_len=args.seq_len, pool_size=args.pool_size,
         round_duration_s=args.round_duration, max_steps=args.max_steps, rounds=args.rounds,
+        estimator=args.estimator, directions=args.directions,
         minutes=args.minutes, seed=args.seed, data_seed=args.data_seed,
         dirichlet_alpha=args.dirichlet_alpha, threads=args.threads,
         frozen_dtype=args.frozen_dtype, model=args.model,

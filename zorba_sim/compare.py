@@ -169,7 +169,7 @@ def train_mode(setting: CompareSetting, sim: Simulation, base_curve: float,
     tables: dict[int, np.ndarray] = {}
 
     def after(record: RoundRecord) -> None:
-        if record.status == APPLIED:
+        if record.version not in tables and record.version > 0:  # applied, or rolled back
             assert sim.engine.alpha is not None
             tables[record.version] = sim.engine.alpha.copy()
         acc = "-" if record.accuracy is None else f"{record.accuracy:.4f}"
@@ -184,10 +184,12 @@ def train_mode(setting: CompareSetting, sim: Simulation, base_curve: float,
     tables[0] = np.zeros_like(first) if first is not None else np.zeros((1, 1))
     curve = [stats.VersionPoint(0, 0, 0.0, 0, base_curve)] + [
         stats.VersionPoint(r.version, r.round, r.virtual_time_s, r.forwards, r.accuracy)
-        for r in sim.records if r.status == APPLIED]
+        for previous, r in zip([0] + [p.version for p in sim.records[:-1]], sim.records, strict=True)
+        if r.version != previous]  # applied rounds, and the loss guard's rollbacks
     train_s = sum(r.wall_s for r in sim.records)
     last = sim.records[-1]
-    run = ModeRun(mode, seed, curve, rounds=len(sim.records), applied=len(curve) - 1,
+    applied = sum(1 for r in sim.records if r.status == APPLIED)
+    run = ModeRun(mode, seed, curve, rounds=len(sim.records), applied=applied,
                   end={stats.TIME: last.virtual_time_s, stats.FORWARDS: last.forwards},
                   train_s=train_s, curve_eval_s=total - train_s, cpu_s=time.process_time() - cpu)
     return run, tables

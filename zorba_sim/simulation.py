@@ -62,7 +62,7 @@ from zorba_edge.model.sources import ModelSource
 from zorba_server.config import ServerConfig
 from zorba_server.engine import Member, RoundEngine
 from zorba_server.errors import Refusal
-from zorba_server.rounds import APPLIED, ReceivedReport
+from zorba_server.rounds import ReceivedReport
 from zorba_server.scheduler_baselines import redraws_each_round, solver_for
 from zorba_sim.adversary import Adversary
 from zorba_sim.fleet import DeviceClass, DeviceGroup, Fleet, FleetError
@@ -329,9 +329,12 @@ class Simulation:
         record = RoundRecord(round_, status, self.engine.version, assigned, reports, dropped,
                              stragglers, self.clock, self.forwards, loss, down, up,
                              time.perf_counter() - started)
+        published = record.version != (self.records[-1].version if self.records else 0)
         self.records.append(record)
-        if status == APPLIED and (len(self.records) % self.config.eval_every == 0
-                                  or len(self.records) == self.config.rounds):
+        # Evaluated whenever the round moved the model: an applied round, or the loss guard's
+        # rollback (a rejected round that publishes the way back).
+        if published and (len(self.records) % self.config.eval_every == 0
+                          or len(self.records) == self.config.rounds):
             record.accuracy, record.eval_loss = self.evaluate()
         return record
 

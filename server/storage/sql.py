@@ -263,7 +263,8 @@ def close_round(conn: Connection, round_: int, status: str, closed_at: float, re
                 loss: float | None, message: str, *, delta: AlphaDelta | None = None,
                 alpha: np.ndarray | None = None,
                 calibrations: dict[str, float] | None = None) -> None:
-    """Close a round; when `applied`, its increment and the new alpha in the same transaction."""
+    """Close a round; with a delta (an applied round's, or a rejected round's rollback), the
+    increment and the new alpha in the same transaction."""
     if status not in (APPLIED, FAILED, REJECTED):
         raise ValueError(f"a round closes as applied or failed, not {status!r}")
     updated = conn.execute(
@@ -273,9 +274,11 @@ def close_round(conn: Connection, round_: int, status: str, closed_at: float, re
     ).rowcount
     if updated != 1:
         raise RoundNotOpenError(f"round {round_} is not open: it cannot be closed twice")
-    if status == APPLIED:
-        if delta is None or alpha is None:
-            raise ValueError("an applied round needs its delta and the new alpha")
+    if status == APPLIED and (delta is None or alpha is None):
+        raise ValueError("an applied round needs its delta and the new alpha")
+    if delta is not None:  # applied, or rejected with the loss guard's rollback
+        if alpha is None:
+            raise ValueError("a round that publishes a delta needs the new alpha")
         conn.execute("INSERT INTO increments (version, round, delta) VALUES (?, ?, ?)",
                      (delta.version, round_, encode(delta)))
         conn.execute("UPDATE run SET version = ?, alpha = ? WHERE id = 1",

@@ -91,6 +91,11 @@ class LocalTask:
                 len(self.examples), batch_size, rng, lengths, BUCKET_BATCHES)
         return self.collator(seq_len)([self.examples[i] for i in sampler.next_batch()])
 
+    def check_batch(self, batch_size: int, seq_len: int) -> Any:
+        """The client's check batch: its first `batch_size` examples, the same every round, so
+        the loss on it measures the model and nothing else (the server's loss guard)."""
+        return self.collator(seq_len)(list(self.examples[:batch_size]))
+
     def batches(self, batch_size: int, seq_len: int) -> Iterator[Any]:
         """Every example once, in order (evaluation)."""
         collate = self.collator(seq_len)

@@ -10,6 +10,7 @@ increments from the server are applied to the trainable blocks as they arrive; f
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import threading
 import time
@@ -20,7 +21,14 @@ import torch
 
 from zorba_edge.client.memory_probe import PeakMemoryProbe
 from zorba_edge.client.task import LocalTask
-from zorba_edge.common.schema import AlphaDelta, AlphaState, Assignment, Report, RunInfo
+from zorba_edge.common.schema import (
+    MAX_LOSS,
+    AlphaDelta,
+    AlphaState,
+    Assignment,
+    Report,
+    RunInfo,
+)
 from zorba_edge.engine.coefficients import (
     AlphaIncrement,
     CoefficientTable,
@@ -73,7 +81,10 @@ class RoundOutcome:
     """Steps taken, when they are not the ZO steps themselves (fedavg)."""
 
     forwards: int = 0
-    """Forward passes the round's steps took (what the simulator counts)."""
+    """Forward passes the round took (what the simulator counts), the check batch's included."""
+
+    loss_check: float | None = None
+    """Loss of the model as received on the task's check batch (LocalTask.check_batch)."""
 
     @property
     def steps_taken(self) -> int:
@@ -90,6 +101,7 @@ class RoundOutcome:
             loss_last=self.loss_last,
             peak_memory_bytes=self.peak_memory_bytes,
             step_time_s=self.step_time_s,
+            loss_check=self.loss_check,
         )
 
     @property
@@ -235,7 +247,13 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
     started = time.perf_counter()
     snapshot = RoundSnapshot(blocks)
     pool = assignment.pool_indices
+    loss_check = None
     try:
+        if pool and not (cancel is not None and cancel.is_set()):
+            with torch.no_grad():
+                check = task.check_batch(hyper.batch_size, hyper.seq_len).to(device)
+                loss_check = float(task.loss_fn(model, check))
+            forwards += 1
         for t in range(0, len(pool), n):
             if (cancel is not None and cancel.is_set()) or (on_step is not None and not on_step(t)):
                 break
@@ -261,4 +279,7 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
         step_time_s=elapsed / len(steps) if steps else 0.0,
         cancelled=cancel is not None and cancel.is_set() and len(steps) < len(pool),
         forwards=forwards,
+        # A model that gives no finite loss is as bad as a report can say.
+        loss_check=None if loss_check is None else (
+            min(loss_check, MAX_LOSS) if math.isfinite(loss_check) else MAX_LOSS),
     )

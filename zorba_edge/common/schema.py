@@ -411,6 +411,11 @@ class Report:
         le=MAX_MEMORY_BYTES))
     step_time_s: float = field(metadata=wire("Measured time of one local step.", unit="seconds",
                                              ge=0, le=MAX_STEP_TIME_S))
+    loss_check: float | None = field(default=None, metadata=wire(
+        "Loss of the model as received (base_version, before any local step) on the client's "
+        "check batch, the same examples every round: how the server tells whether an applied "
+        "update made the model worse (docs/learning.md, the loss guard). Absent: not measured.",
+        unit="nats", ge=0, le=MAX_LOSS))
 
     def __post_init__(self) -> None:
         if not self.idempotency_key:

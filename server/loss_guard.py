@@ -1,0 +1,77 @@
+"""The loss guard's check-batch rule: has an applied update made the model worse? (pure)
+
+Every client measures, before its local steps, the loss of the model it received on its check
+batch: the same examples every round (`LocalTask.check_batch`). Between two versions that loss
+changes only because the model did, so, unlike training losses (a new batch each step), it can
+be compared across rounds without batch noise. The guard keeps an *anchor*: the last version
+whose check losses did not rise, with its table. A round whose clients' check losses stand
+more than the tolerance above the anchor's (the same clients, weighted as aggregation weighs
+them) shows that the updates since the anchor hurt, one large jump or several small ones
+alike; the engine then rolls the table back to the anchor and halves the step
+(docs/learning.md, "The loss guard").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from zorba_server.aggregation import RoundDelta
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The version the guard compares against, with the table to roll back to."""
+
+    version: int
+    alpha: np.ndarray
+    losses: Mapping[str, float]
+    """Client -> check loss at `version` (a client absent from the anchoring round keeps the
+    value it measured at an earlier anchor: an approximation, kept rather than dropping it)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    regressed: bool
+    """The check losses stand more than the tolerance above the anchor's: roll back."""
+    improved: bool
+    """The check losses are at or below the anchor's: this version becomes the anchor."""
+    before: float
+    now: float
+
+
+def judge(anchor: Anchor, checks: Mapping[str, float], weights: Mapping[str, float],
+          tolerance: float) -> Verdict | None:
+    """Compare this round's check losses with the anchor's, over the clients in both (None
+    when no client is in both, or none has weight)."""
+    common = [(weights.get(cid, 0.0), loss, anchor.losses[cid])
+              for cid, loss in sorted(checks.items()) if cid in anchor.losses]
+    total = sum(w for w, _, _ in common)
+    if total <= 0:
+        return None
+    now = sum(w * loss for w, loss, _ in common) / total
+    before = sum(w * loss for w, _, loss in common) / total
+    return Verdict(regressed=before > 0 and now > before * (1 + tolerance),
+                   improved=now <= before, before=before, now=now)
+
+
+def advance(anchor: Anchor | None, version: int, alpha: np.ndarray,
+            checks: Mapping[str, float]) -> Anchor:
+    """The anchor after a round whose checks (measured at `version`) did not rise."""
+    losses = dict(anchor.losses) if anchor is not None else {}
+    losses.update(checks)
+    return Anchor(version, alpha.copy(), losses)
+
+
+def rollback_delta(alpha: np.ndarray, target: np.ndarray) -> RoundDelta | None:
+    """The increments that take `alpha` to `target` (float32, as every delta travels), over
+    the rows and columns where they differ; None when they are equal."""
+    diff = target - alpha
+    rows = np.flatnonzero(np.any(diff != 0, axis=1))
+    cols = np.flatnonzero(np.any(diff != 0, axis=0))
+    if rows.size == 0:
+        return None
+    values = diff[np.ix_(rows, cols)].astype(np.float32)
+    return RoundDelta(tuple(int(k) for k in rows), tuple(int(b) for b in cols), values)

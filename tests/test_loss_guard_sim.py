@@ -1,0 +1,53 @@
+"""The loss guard on a real (tiny) model: a deliberately huge step is noticed and undone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from client_support import make_world, signal_examples
+
+from zorba_edge.model.sources import open_source
+from zorba_server.config import config_from_dict
+from zorba_server.rounds import REJECTED
+from zorba_sim.fleet import fleet_from_counts
+from zorba_sim.simulation import Simulation, SimulationConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_world(tmp_path_factory.mktemp("world")).model_dir
+
+
+def huge_step_run(model_dir: Path, tolerance: float) -> Simulation:
+    server = config_from_dict({"enrolment_secret": "s" * 16, "run": {
+        "pool_size": 64, "lr": 1e3, "mu": 1e-3, "batch_size": 4, "seq_len": 16,
+        "round_duration_s": 30, "max_steps": 4, "seed": 3, "loss_jump_tolerance": tolerance}})
+    config = SimulationConfig(server, rounds=4, reference_step_s=1.0, eval_every=1)
+    sim = Simulation.build(config, open_source(model_dir), fleet_from_counts("laptop-16gb=3"),
+                           signal_examples(120), signal_examples(24, seed=1))
+    sim.run()
+    return sim
+
+
+def test_a_huge_step_is_rolled_back_and_the_model_ends_where_it_started(model_dir: Path) -> None:
+    # The tiny two-label model cannot get much worse than chance (ln 2 = 0.693 from 0.686), so
+    # the tolerance is small here; the rule is the same at any tolerance.
+    guarded = huge_step_run(model_dir, 0.02)
+    unguarded = huge_step_run(model_dir, 0.0)
+    rolled = [h for h in guarded.engine.history if h.status == REJECTED]
+    assert rolled, [h.message for h in guarded.engine.history]
+    # Caught inside round 1 (the last steps' loss far above the round's mean), or later
+    # by the check batches (rolled back): either way the damage is not kept.
+    assert all("not applied" in h.message for h in rolled)
+    assert guarded.engine.lr_factor() <= 0.5
+    # Unguarded, the damage of lr 1e3 stays; guarded, the table went back and the run ends
+    # at or below the loss of the model it rolled back to.
+    end_guarded, end_unguarded = guarded.evaluate()[1], unguarded.evaluate()[1]
+    assert end_unguarded > 0.70 and end_guarded < end_unguarded - 0.01
