@@ -110,9 +110,8 @@ class RunConfig:
     loss_jump_tolerance: float = 0.5
     """The loss guard: a round whose clients' check-batch losses stand more than this fraction
     above theirs at the last version whose losses did not rise is not applied, and the table
-    is rolled back to that version; a round whose last-step loss rose twice that over its mean
-    is not applied either. Each rejection halves the step for later rounds (0: off;
-    docs/learning.md)."""
+    is rolled back to that version (clients without check losses: judged by their training
+    losses). Each rejection halves the step for later rounds (0: off; docs/learning.md)."""
     mode: str = ZORBA
     """`zorba` (the scheduler assigns blocks), or a baseline: `zorba-uniform` (the same number of
     random blocks on every client), `fedzo-full` (every block; clients that cannot hold them all

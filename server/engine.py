@@ -483,8 +483,11 @@ class RoundEngine:
         anchor = None
         if checks and (self._anchor is None or verdict is None or verdict.improved):
             anchor = advance(self._anchor, self.version, self.alpha, checks)
-        # Clients that measure no check batch: their training losses judge, as before.
-        jump = self._loss_jump(received, weights, cross_round=not checks)
+        # Without check losses (older clients) the training losses judge, as before. With them
+        # the training losses do not: one client's few batches are noisy (a last step twice the
+        # round's mean is common), and a rise they would catch shows in the next round's check
+        # losses, which roll it back.
+        jump = None if checks else self._loss_jump(received, weights)
         return anchor, None, None if jump is None else f"{jump}: not applied"
 
     def _decayed_calibrations(self, plan: RoundPlan) -> dict[str, float]:
@@ -531,8 +534,7 @@ class RoundEngine:
             self.finished = True
             self.idle_reason = f"the run finished after {self.version} applied rounds"
 
-    def _loss_jump(self, received: dict[str, ReceivedReport], weights: dict[str, float],
-                   cross_round: bool = True) -> str | None:
+    def _loss_jump(self, received: dict[str, ReceivedReport], weights: dict[str, float]) -> str | None:
         """Why this round's losses say the step is too large, or None.
 
         Two signs, from what clients report anyway: the mean loss of the clients that also
@@ -551,7 +553,7 @@ class RoundEngine:
         common = [(weights[cid], r.report.loss_mean, self._reference_losses[cid])
                   for cid, r in sorted(received.items())
                   if cid in self._reference_losses and weights[cid] > 0]
-        if common and cross_round:
+        if common:
             weight = sum(w for w, _, _ in common)
             now = sum(w * loss for w, loss, _ in common) / weight
             then = sum(w * loss for w, _, loss in common) / weight

@@ -13,7 +13,7 @@ from client_support import make_world
 
 from zorba_lab.byte_proxy import CountingProxy, route_of
 from zorba_lab.federation import ClientSetup, FederationPlan, run_federation
-from zorba_lab.quickstart import evaluate_accuracy, summarize
+from zorba_lab.quickstart import accuracy_curve, evaluate_accuracy, summarize
 
 
 def test_route_of_folds_round_numbers_so_counts_group_by_endpoint() -> None:
@@ -86,6 +86,13 @@ def test_a_tiny_federation_runs_end_to_end_and_reports_bytes_peaks_and_accuracy(
         assert 0 < client["peak_bytes"] and client["peak_over_budget"] < 1.0
     assert summary["bytes_up_per_round"] > 0 and summary["peak_over_budget"] > 0
     assert (plan.out_dir / "server.log").exists()
+    # The plot's curve: every version replayed from the record on the same examples; its ends
+    # are the before and after figures (the same model, the same scoring).
+    curve = accuracy_curve(plan, result.db_path, 64, every=1)
+    assert [p["version"] for p in curve] == [0, 1, 2]
+    assert curve[0]["accuracy"] == summary["acc_before"]
+    assert curve[-1]["accuracy"] == summary["acc_after"]
+    assert curve[-1]["loss"] == pytest.approx(summary["loss_after"], rel=1e-4)
 
 
 def test_the_demo_plan_writes_a_server_config_the_server_reads_in_every_mode(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -679,3 +680,30 @@ async def test_status_page_and_metrics_show_each_clients_bytes_per_round_and_pea
         client["last_round_bytes_down"]
     assert samples[f'zorba_client_last_peak_bytes{{client="{cid}"}}'] == 3 << 20
     assert samples[f'zorba_client_budget_bytes{{client="{cid}"}}'] == 2**32
+
+
+@BOTH_STORES
+async def test_the_loss_guard_rolls_back_through_the_real_server_and_the_run_goes_on(
+        start: Any) -> None:
+    """A rejected round with a rollback is stored, published and synced like any version (the
+    stored status was refused by schema 1 and the round driver failed on every retry)."""
+    http, _ = await start(min_clients=1, min_reports=1, loss_jump_tolerance=0.5)
+    (c,) = await joined(http, 1)
+
+    async def round_with(check: float) -> None:
+        a = (await c.poll()).assignment
+        report = dataclasses.replace(make_report(a), loss_check=check)
+        assert (await c.report(a.round, report)).status == 200
+
+    await round_with(1.0)  # version 0 is the anchor
+    await round_with(1.1)  # +10%: applied, version 2
+    await round_with(2.0)  # +100% over version 0: rejected, rolled back to it
+    nxt = await c.poll()
+    assert nxt.status == TRAIN and nxt.version == 3  # the rollback is version 3
+    status = await (await http.get("/v1/status")).json()
+    assert [r["status"] for r in status["rounds"][:3]] == ["applied", "applied", "rejected"]
+    assert "rolled back to version 0" in status["rounds"][2]["message"]
+    state = await c.state()
+    np.testing.assert_allclose(state.matrix(), 0.0, atol=1e-6)  # version 0's table again
+    np.testing.assert_allclose(c.alpha, state.matrix(), atol=0)  # and the client synced to it
+    assert nxt.assignment.hyper.lr == pytest.approx(0.005)  # the step halved

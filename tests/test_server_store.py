@@ -4,6 +4,7 @@ SQLite and against a real PostgreSQL server that the tests start (tests/postgres
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -227,3 +228,61 @@ async def test_a_database_from_before_departures_gains_the_table_and_keeps_its_r
     await again.set_left("c-4", None)  # it came back
     snap = await again.load(recent_deltas=4)
     assert {c.client_id: c.left_at for c in snap.clients if c.left_at is not None} == {"c-3": 7.0}
+
+
+async def test_a_round_closes_as_rejected_with_or_without_the_guards_rollback(
+        open_store: Opener) -> None:
+    """The loss guard's outcome: schema 1 refused the status, and a real server's round driver
+    then failed on every retry (a 20-minute quickstart stalled at round 22)."""
+    store = await fresh(open_store)
+    await store.close_round(1, "rejected", 3.0, 1, 1.0, "loss jumped: not applied")
+    second = dataclasses.replace(PLAN, round=2)
+    await store.insert_round(second)
+    alpha = np.zeros((8, 4))
+    alpha[3, 0] = -0.5
+    rollback = AlphaDelta.from_matrix(1, 2, (3,), (0,), np.array([[-0.5]]))
+    await store.close_round(2, "rejected", 5.0, 1, 1.0, "rolled back to version 0",
+                            delta=rollback, alpha=alpha)
+    snap = await store.load(recent_deltas=4)
+    assert [r.status for r in snap.rounds] == ["rejected", "rejected"]
+    assert snap.version == 1 and snap.deltas == [rollback] and snap.alpha[3, 0] == -0.5
+
+
+async def test_a_schema_1_database_is_migrated_and_can_then_reject_a_round(
+        open_store: Opener, backend: tuple[str, Any]) -> None:
+    store = await fresh(open_store)
+    await store.insert_report(1, received("c-0", "a"))
+    await store.close()
+    name, where = backend
+    old_check = "CHECK (status IN ('open', 'applied', 'failed'))"
+    if name == "sqlite":  # the rounds table exactly as schema 1 created it
+        import sqlite3
+
+        conn = sqlite3.connect(str(where), isolation_level=None)
+        conn.execute("PRAGMA foreign_keys=OFF")
+        conn.execute("BEGIN")
+        conn.execute("CREATE TABLE old_rounds AS SELECT * FROM rounds")
+        conn.execute("DROP TABLE rounds")
+        conn.execute(f"CREATE TABLE rounds (round INTEGER PRIMARY KEY, status TEXT NOT NULL "
+                     f"{old_check}, plan BLOB NOT NULL, closed_at REAL, reports INTEGER NOT NULL "
+                     "DEFAULT 0, loss REAL, message TEXT NOT NULL DEFAULT '')")
+        conn.execute("INSERT INTO rounds SELECT * FROM old_rounds")
+        conn.execute("DROP TABLE old_rounds")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        conn.execute("COMMIT")
+        conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(where[1], autocommit=True) as conn:
+            conn.execute("ALTER TABLE rounds DROP CONSTRAINT rounds_status_check")
+            conn.execute(f"ALTER TABLE rounds ADD CONSTRAINT rounds_status_check {old_check}")
+            conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    again = await open_store()
+    await again.close_round(1, "rejected", 3.0, 1, 1.0, "loss jumped: not applied")
+    snap = await again.load(recent_deltas=4)
+    assert [r.status for r in snap.rounds] == ["rejected"]
+    assert await again.find_report("c-0", "a") is not None  # the rows came through
+    await again.close()
+    reopened = await open_store()  # stamped 2 now: opens without migrating again
+    assert [r.status for r in (await reopened.load(recent_deltas=4)).rounds] == ["rejected"]

@@ -1,4 +1,5 @@
-"""The quickstart's figure: training loss per round, held-out accuracy before and after."""
+"""The quickstart's figure: training loss per round, held-out accuracy after every replayed
+version (or before and after only, when the run was not replayed)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def write_plot(summary: dict[str, Any], path: Path) -> Path | None:
     ax_loss.legend(fontsize=7)
     before, after = summary["acc_before"], summary["acc_after"]
     version = summary["alpha_version"]
-    ax_acc.plot([0, version], [before, after], marker="o")
+    curve = summary.get("curve") or [{"version": 0, "accuracy": before},
+                                      {"version": version, "accuracy": after}]
+    ax_acc.plot([p["version"] for p in curve], [p["accuracy"] for p in curve], marker="o")
     for x, y in ((0, before), (version, after)):
         ax_acc.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center")
     ax_acc.set_xlabel("applied rounds (alpha version)")

@@ -35,6 +35,10 @@ if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
 DEFAULT_BUDGETS = ("1.0GiB", "1.1GiB", "1.3GiB", "1.7GiB")
 
 
+CURVE_POINTS = 20
+"""Versions the accuracy curve scores by default: each costs one held-out evaluation."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zorba-quickstart",
@@ -84,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="label names of a JSONL file, comma-separated (default "
                    "negative,positive)")
     p.add_argument("--skip-eval", action="store_true", help="no accuracy evaluation (faster)")
+    p.add_argument("--curve-every", type=int, default=None, metavar="N",
+                   help="after the run, replay the record and score every N-th version (and the "
+                   "last) on the same held-out examples, for the plot's accuracy curve (nothing is "
+                   "evaluated while the clients train); 0: only before and after (default: every "
+                   f"version up to {CURVE_POINTS}, then evenly thinned to about that many)")
     return p
 
 
@@ -191,6 +200,18 @@ def print_summary(summary: dict[str, Any]) -> None:
           f"largest peak/budget {summary['peak_over_budget']:.3f}")
 
 
+def accuracy_curve(plan: FederationPlan, db_path: Path, examples: int, every: int) -> list[dict[str, Any]]:
+    """Held-out accuracy of every `every`-th version (and the last), replayed from the record."""
+    from zorba_lab.replay import replay_run
+
+    print(f"replaying the run: held-out accuracy of every {'' if every == 1 else f'{every}th '}"
+          "version ...", flush=True)
+    result = replay_run(plan, db_path, examples, every=every,
+                        progress=lambda line: print(line, flush=True))
+    return [{"version": p.version, "round": p.round, "accuracy": p.accuracy, "loss": p.loss}
+            for p in result.points]
+
+
 def run_quickstart(args: argparse.Namespace, command: str) -> dict[str, Any]:
     from zorba_lab.federation import run_federation
     from zorba_lab.plot import write_plot
@@ -212,6 +233,10 @@ def run_quickstart(args: argparse.Namespace, command: str) -> dict[str, Any]:
         print(f"evaluating base + alpha v{result.remote.table.version} ...", flush=True)
         after = evaluate_accuracy(plan, args.eval_examples, result.remote)
     summary = summarize(plan, result, before, after, command, args.eval_examples)
+    versions = summary["alpha_version"] or 0
+    every = args.curve_every if args.curve_every is not None else -(-versions // CURVE_POINTS)
+    if after is not None and every > 0 and versions > 0:
+        summary["curve"] = accuracy_curve(plan, result.db_path, args.eval_examples, every)
     summary["wall_s"] = round(time.monotonic() - started, 1)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot = write_plot(summary, out_dir / "quickstart.png")

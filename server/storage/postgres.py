@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS clients (
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
-    status TEXT NOT NULL CHECK (status IN ('open', 'applied', 'failed')),
+    status TEXT NOT NULL {status_check},
     plan BYTEA NOT NULL,
     closed_at DOUBLE PRECISION,
     reports INTEGER NOT NULL DEFAULT 0,
@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS increments (
     round INTEGER NOT NULL UNIQUE REFERENCES rounds (round),
     delta BYTEA NOT NULL
 );
-"""
+""".replace("{status_check}", sql.ROUND_STATUS_CHECK)
 
 
 class PgConnection:
@@ -101,12 +101,20 @@ def connect(conninfo: str) -> PgConnection:
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
-        sql.check_schema_version(conn, f"PostgreSQL database {raw.info.dbname!r}")
+        sql.check_schema_version(conn, f"PostgreSQL database {raw.info.dbname!r}",
+                                 lambda: _widen_round_status(conn))
         conn.execute("COMMIT")
     except BaseException:
         raw.close()
         raise
     return conn
+
+
+def _widen_round_status(conn: PgConnection) -> None:
+    """Schema 1 -> 2 (inside connect's transaction): the rounds table's status constraint
+    admits `rejected`."""
+    conn.execute("ALTER TABLE rounds DROP CONSTRAINT IF EXISTS rounds_status_check")
+    conn.execute(f"ALTER TABLE rounds ADD CONSTRAINT rounds_status_check {sql.ROUND_STATUS_CHECK}")
 
 
 def domain_error(exc: Exception) -> Exception:

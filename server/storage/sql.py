@@ -31,7 +31,10 @@ from zorba_server.rounds import APPLIED, FAILED, OPEN, REJECTED, ReceivedReport,
 from zorba_server.storage.errors import AlreadyPinnedError, RoundNotOpenError, SchemaMismatchError
 from zorba_server.storage.store import ClientReports, ModelPin, Snapshot, StoredClient, StoredRound
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: rounds may close as `rejected` (the loss guard); schema 1 refused that status."""
+ROUND_STATUS_CHECK = f"CHECK (status IN ({', '.join(repr(s) for s in (OPEN, APPLIED, FAILED, REJECTED))}))"
+"""The rounds table's status constraint, one text for both stores and their migrations."""
 _UNLIMITED = 1 << 40  # our own rows: trusted, sized by the schema limits when written
 
 T = TypeVar("T")
@@ -48,11 +51,16 @@ class Connection(Protocol):
     def in_transaction(self) -> bool: ...
 
 
-def check_schema_version(conn: Connection, where: str) -> None:
-    """Stamp a new database with SCHEMA_VERSION; refuse one written by another version."""
+def check_schema_version(conn: Connection, where: str,
+                         migrate_from_1: Callable[[], None] | None = None) -> None:
+    """Stamp a new database with SCHEMA_VERSION; migrate a schema-1 database with
+    `migrate_from_1` (each store knows how to change its own constraint); refuse any other."""
     found = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     if found is None:
         conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    elif int(found[0]) == 1 and migrate_from_1 is not None:
+        migrate_from_1()
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
     elif int(found[0]) != SCHEMA_VERSION:
         raise SchemaMismatchError(
             f"{where} has storage schema {found[0]}, this server writes {SCHEMA_VERSION}: "

@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS clients (
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
-    status TEXT NOT NULL CHECK (status IN ('open', 'applied', 'failed')),
+    status TEXT NOT NULL {status_check},
     plan BLOB NOT NULL,
     closed_at REAL,
     reports INTEGER NOT NULL DEFAULT 0,
@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS increments (
     round INTEGER NOT NULL UNIQUE REFERENCES rounds (round),
     delta BLOB NOT NULL
 );
-"""
+""".replace("{status_check}", sql.ROUND_STATUS_CHECK)
 
 
 def connect(path: str | Path, synchronous: str = "full") -> sqlite3.Connection:
@@ -73,8 +73,32 @@ def connect(path: str | Path, synchronous: str = "full") -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(SCHEMA)
-    sql.check_schema_version(conn, str(path))
+    sql.check_schema_version(conn, str(path), lambda: _rebuild_rounds_table(conn))
     return conn
+
+
+def _rebuild_rounds_table(conn: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: SQLite cannot alter a CHECK constraint, so the rounds table is rebuilt
+    with the new one and its rows copied, in one transaction (SQLite's documented procedure:
+    foreign keys off meanwhile, checked before the commit)."""
+    start = SCHEMA.index("CREATE TABLE IF NOT EXISTS rounds (")
+    create = SCHEMA[start : SCHEMA.index(";", start)]
+    conn.execute("PRAGMA foreign_keys=OFF")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(create.replace("CREATE TABLE IF NOT EXISTS rounds (", "CREATE TABLE rounds_v2 ("))
+        conn.execute("INSERT INTO rounds_v2 SELECT * FROM rounds")
+        conn.execute("DROP TABLE rounds")
+        conn.execute("ALTER TABLE rounds_v2 RENAME TO rounds")
+        if conn.execute("PRAGMA foreign_key_check").fetchone() is not None:
+            raise sqlite3.IntegrityError("rebuilding the rounds table broke a foreign key")
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.execute("PRAGMA foreign_keys=ON")
 
 
 def domain_error(exc: Exception) -> Exception:
