@@ -207,3 +207,37 @@ def test_each_reported_scalar_moved_theta_by_lr_g_z_whatever_the_estimator(
     moved = [not torch.equal(a, c) for b in job.blocks
              for a, c in zip(seen[0][b], seen[directions][b], strict=True)]
     assert all(moved)  # the first batch really stepped
+
+
+def test_stale_frozen_blocks_are_rebuilt_a_few_a_round_the_stalest_first() -> None:
+    """Rebuilding every frozen block at once replays each block's whole alpha column: in a
+    20-minute quickstart that took a whole round and 28% over a 1 GiB budget."""
+    from zorba_edge.client import trainer as trainer_module
+
+    trainer = make_trainer(num_blocks=6)
+    trainer.refresh_every = 2
+    trainer.hold((0,))
+    assert trainer.loaded is not None
+    rebuilt: list[int] = []
+    install = trainer.loaded.install_block
+
+    def spy(block: int, state: dict[str, torch.Tensor], trainable: bool) -> None:
+        rebuilt.append(block)
+        install(block, state, trainable)
+
+    trainer.loaded.install_block = spy  # type: ignore[method-assign]
+    for version in (1, 2):
+        trainer.apply_deltas([delta(version, (3, 7), tuple(range(6)), seed=version)])
+    per_round = []
+    for _ in range(3):
+        rebuilt.clear()
+        trainer.hold((0,))
+        per_round.append(sorted(rebuilt))
+    limit = trainer_module.REFRESH_BLOCKS_PER_ROUND
+    assert all(len(r) <= limit for r in per_round)
+    assert sorted(b for r in per_round for b in r) == [1, 2, 3, 4, 5]  # each stale one, once
+    expected = block_materializer(trainer.source.block_state_dict, trainer.table, trainer.run.seed)
+    for b in range(1, 6):
+        got = state_of(trainer, b)
+        want = expected(b)
+        assert all(torch.allclose(got[n], want[n], atol=1e-7) for n in want), b
