@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,28 @@ async def open_store(backend: tuple[str, Any]) -> AsyncIterator[Opener]:
             await store.close()
         except Exception:
             pass  # closed already, or its server was crashed on purpose
+
+
+def run_sql(backend: tuple[str, Any], sqlite: Sequence[str],
+            postgres: Sequence[str] | None = None) -> None:
+    """Statements straight on the database, behind the stores' back (as an older server left
+    it); `postgres` defaults to the same statements."""
+    name, where = backend
+    if name == "sqlite":
+        import sqlite3
+
+        conn = sqlite3.connect(str(where), isolation_level=None)  # autocommit
+        try:
+            for statement in sqlite:
+                conn.execute(statement)
+        finally:
+            conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(where[1], autocommit=True) as conn:
+            for statement in sqlite if postgres is None else postgres:
+                conn.execute(statement)
 
 
 async def fresh(open_store: Opener) -> Store:
@@ -159,19 +181,7 @@ async def test_a_database_of_another_schema_version_is_refused(
         open_store: Opener, backend: tuple[str, Any]) -> None:
     store = await fresh(open_store)
     await store.close()
-    name, where = backend
-    if name == "sqlite":
-        import sqlite3
-
-        conn = sqlite3.connect(str(where))
-        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-        conn.commit()
-        conn.close()
-    else:
-        import psycopg
-
-        with psycopg.connect(where[1], autocommit=True) as conn:
-            conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    run_sql(backend, ["UPDATE meta SET value = '99' WHERE key = 'schema_version'"])
     with pytest.raises(SchemaMismatchError, match="schema 99"):
         await open_store()
 
@@ -207,19 +217,7 @@ async def test_a_database_from_before_departures_gains_the_table_and_keeps_its_r
         open_store: Opener, backend: tuple[str, Any]) -> None:
     store = await fresh(open_store)
     await store.close()
-    name, where = backend
-    if name == "sqlite":  # as a server of the version before POST /v1/leave left it
-        import sqlite3
-
-        conn = sqlite3.connect(str(where))
-        conn.execute("DROP TABLE departures")
-        conn.commit()
-        conn.close()
-    else:
-        import psycopg
-
-        with psycopg.connect(where[1], autocommit=True) as conn:
-            conn.execute("DROP TABLE departures")
+    run_sql(backend, ["DROP TABLE departures"])  # as the version before POST /v1/leave left it
     again = await open_store()
     snap = await again.load(recent_deltas=4)
     assert len(snap.clients) == 8 and all(c.left_at is None for c in snap.clients)
@@ -253,31 +251,23 @@ async def test_a_schema_1_database_is_migrated_and_can_then_reject_a_round(
     store = await fresh(open_store)
     await store.insert_report(1, received("c-0", "a"))
     await store.close()
-    name, where = backend
     old_check = "CHECK (status IN ('open', 'applied', 'failed'))"
-    if name == "sqlite":  # the rounds table exactly as schema 1 created it
-        import sqlite3
-
-        conn = sqlite3.connect(str(where), isolation_level=None)
-        conn.execute("PRAGMA foreign_keys=OFF")
-        conn.execute("BEGIN")
-        conn.execute("CREATE TABLE old_rounds AS SELECT * FROM rounds")
-        conn.execute("DROP TABLE rounds")
-        conn.execute(f"CREATE TABLE rounds (round INTEGER PRIMARY KEY, status TEXT NOT NULL "
-                     f"{old_check}, plan BLOB NOT NULL, closed_at REAL, reports INTEGER NOT NULL "
-                     "DEFAULT 0, loss REAL, message TEXT NOT NULL DEFAULT '')")
-        conn.execute("INSERT INTO rounds SELECT * FROM old_rounds")
-        conn.execute("DROP TABLE old_rounds")
-        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-        conn.execute("COMMIT")
-        conn.close()
-    else:
-        import psycopg
-
-        with psycopg.connect(where[1], autocommit=True) as conn:
-            conn.execute("ALTER TABLE rounds DROP CONSTRAINT rounds_status_check")
-            conn.execute(f"ALTER TABLE rounds ADD CONSTRAINT rounds_status_check {old_check}")
-            conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    run_sql(backend, [  # the rounds table exactly as schema 1 created it
+        "PRAGMA foreign_keys=OFF", "BEGIN",
+        "CREATE TABLE old_rounds AS SELECT * FROM rounds",
+        "DROP TABLE rounds",
+        f"CREATE TABLE rounds (round INTEGER PRIMARY KEY, status TEXT NOT NULL {old_check}, "
+        "plan BLOB NOT NULL, closed_at REAL, reports INTEGER NOT NULL DEFAULT 0, loss REAL, "
+        "message TEXT NOT NULL DEFAULT '')",
+        "INSERT INTO rounds SELECT * FROM old_rounds",
+        "DROP TABLE old_rounds",
+        "UPDATE meta SET value = '1' WHERE key = 'schema_version'",
+        "COMMIT",
+    ], postgres=[
+        "ALTER TABLE rounds DROP CONSTRAINT rounds_status_check",
+        f"ALTER TABLE rounds ADD CONSTRAINT rounds_status_check {old_check}",
+        "UPDATE meta SET value = '1' WHERE key = 'schema_version'",
+    ])
     again = await open_store()
     await again.close_round(1, "rejected", 3.0, 1, 1.0, "loss jumped: not applied")
     snap = await again.load(recent_deltas=4)
