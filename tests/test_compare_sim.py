@@ -103,11 +103,14 @@ def test_a_tiny_comparison_produces_the_json_figures_page_and_plots(
                              reference_step_s=1.0, curve_examples=16, point_examples=24,
                              frozen_dtype="bf16", eval_batch_size=8)
     lines: list[str] = []
+    partials: list[list[int]] = []
     results = run_comparison(
         setting, open_source(world.model_dir), fleet_from_counts("laptop-16gb=2,phone-6gb=1"),
         lambda seed: SeedData(signal_examples(60, seed=seed), signal_examples(16, seed=100 + seed),
-                              signal_examples(24, seed=200 + seed)), lines.append)
+                              signal_examples(24, seed=200 + seed)), lines.append,
+        after_seed=lambda done: partials.append([r.seed for r in done]))
     assert [r.seed for r in results] == [0, 1]
+    assert partials == [[0], [0, 1]]  # a run cut short keeps the seeds it finished
     out = figures(setting, results)
     for key in ("gain_ratio_zorba_over_central_mezo", "ci90_zorba_minus_fedzo_full",
                 "ci90_zorba_minus_zorba_uniform", "acc_zorba_final", "acc_central_mezo_final",

@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 
 from zorba_edge.client.task import LocalTask
-from zorba_edge.common.schema import FEDZO_FULL, ZORBA, ZORBA_UNIFORM, MemoryProfile
+from zorba_edge.common.schema import (
+    ANTITHETIC,
+    FEDZO_FULL,
+    ONE_SIDED,
+    ZORBA,
+    ZORBA_UNIFORM,
+    MemoryProfile,
+)
 from zorba_edge.data.examples import ClassificationExample
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE
 from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_
@@ -48,6 +55,10 @@ def scored_axes(mode: str, modes: Sequence[str]) -> tuple[str, ...]:
                  if any(mode in pair and set(pair) <= set(modes) for pair in pairs))
     return axes or stats.AXES
 Log = Callable[[str], None]
+REFERENCE_FORWARD_S = 1.3
+"""Virtual seconds of one forward pass (batch 8, with its share of the perturbation work) on a
+speed-1.0 device: half the 2.6 s antithetic one-direction step measured on the project's
+2-core machine alone with every block of SmolLM2-135M (docs/results.md)."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +73,16 @@ class CompareSetting:
     batch_size: int = 8
     seq_len: int = 48
     pool_size: int = 1024
-    max_steps: int = 4
+    max_steps: int = 8
+    """Most pool indices (scalars) per client and round: with 4 directions, two batches."""
+    estimator: str = ONE_SIDED
+    directions: int = 4
+    """The quickstart's estimator: `directions` perturbed forwards share one unperturbed one."""
     round_duration_s: float = 30.0
-    reference_step_s: float = 2.6
-    """Virtual seconds of one step on a speed-1.0 device: fixed (not measured per run) so
-    every mode and seed shares one clock and a rerun gives the same figures."""
+    reference_step_s: float | None = None
+    """Virtual seconds of one step (one pool index, one scalar) on a speed-1.0 device: fixed
+    (not measured per run) so every mode and seed shares one clock and a rerun gives the same
+    figures. None: the forward passes per scalar x REFERENCE_FORWARD_S."""
     curve_examples: int = 200
     point_examples: int = 1000
     dirichlet_alpha: float = 0.5
@@ -85,14 +101,29 @@ class CompareSetting:
             raise ValueError("no modes to compare")
         if self.seeds < 1 or self.rounds < 1:
             raise ValueError("seeds and rounds must be at least 1")
+        if self.reference_step_s is not None and not self.reference_step_s > 0:
+            raise ValueError(f"reference_step_s must be positive, got {self.reference_step_s}")
+
+    @property
+    def forwards_per_scalar(self) -> float:
+        """Forward passes per pool index (one reported scalar, what a "step" counts)."""
+        return 2.0 if self.estimator == ANTITHETIC else (self.directions + 1) / self.directions
+
+    @property
+    def step_s(self) -> float:
+        """The virtual step (one pool index) every run of this comparison uses."""
+        if self.reference_step_s is not None:
+            return self.reference_step_s
+        return REFERENCE_FORWARD_S * self.forwards_per_scalar
 
     def simulation_config(self, mode: str, seed: int) -> SimulationConfig:
         server = config_from_dict({"enrolment_secret": "simulated-run-secret", "run": {
             "seed": seed, "pool_size": self.pool_size, "lr": self.lr, "mu": self.mu,
             "batch_size": self.batch_size, "seq_len": self.seq_len,
             "round_duration_s": self.round_duration_s, "max_steps": self.max_steps,
+            "estimator": self.estimator, "directions": self.directions,
             "mode": ZORBA if mode == CENTRAL_MEZO else mode}})
-        return SimulationConfig(server, rounds=self.rounds, reference_step_s=self.reference_step_s,
+        return SimulationConfig(server, rounds=self.rounds, reference_step_s=self.step_s,
                                 mode=mode, dirichlet_alpha=self.dirichlet_alpha, data_seed=seed,
                                 memory=MemoryProfile(frozen_dtype=self.frozen_dtype),
                                 device=self.device)
@@ -245,10 +276,16 @@ def run_seed(setting: CompareSetting, seed: int, source: ModelSource, fleet: Fle
 
 
 def run_comparison(setting: CompareSetting, source: ModelSource, fleet: Fleet,
-                   data_for: Callable[[int], SeedData], log: Log) -> list[SeedResult]:
-    """Seeds 0..seeds-1, each with every mode; the simulations of a seed are freed after it."""
-    return [run_seed(setting, seed, source, fleet, data_for(seed), log)
-            for seed in range(setting.seeds)]
+                   data_for: Callable[[int], SeedData], log: Log,
+                   after_seed: Callable[[list[SeedResult]], None] | None = None) -> list[SeedResult]:
+    """Seeds 0..seeds-1, each with every mode; the simulations of a seed are freed after it.
+    `after_seed` sees the results so far after each seed (a long run's partial figures)."""
+    results: list[SeedResult] = []
+    for seed in range(setting.seeds):
+        results.append(run_seed(setting, seed, source, fleet, data_for(seed), log))
+        if after_seed is not None:
+            after_seed(results)
+    return results
 
 
 # ---------------------------------------------------------------------------- figures
