@@ -23,6 +23,7 @@ from typing import Any
 from zorba_edge.common.memory_model import ModelFootprint
 from zorba_edge.common.schema import ANTITHETIC, ESTIMATORS, RUN_MODES, ZORBA
 from zorba_edge.errors import ZorbaError
+from zorba_server.aggregation_rules import RULES
 from zorba_server.scheduler import SchedulerConfig
 
 try:
@@ -35,6 +36,11 @@ SECRET_ENV = "ZORBA_ENROLMENT_SECRET"
 
 class ConfigError(ZorbaError, ValueError):
     """A configuration value that is missing, unknown or out of range."""
+
+
+def _one_of(names: list[str]) -> str:
+    """`a, b or c`: the choices an error message offers."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,8 @@ class RunConfig:
 @dataclass(frozen=True)
 class AggregationConfig:
     method: str = "mean"
-    """`mean` (the weighted mean of docs/design.md §2), `trimmed_mean` or `median` (robust)."""
+    """A rule of zorba_server.aggregation_rules.RULES: `mean` (the weighted mean of
+    docs/design.md §2), `trimmed_mean` or `median` (robust)."""
     clip: float | None = None
     """Clip every scalar to [-clip, clip] before aggregating (robust mode)."""
     trim_fraction: float = 0.1
@@ -179,9 +186,8 @@ class AggregationConfig:
     """A report with |g| above this is refused: no real loss difference gets there."""
 
     def __post_init__(self) -> None:
-        if self.method not in ("mean", "trimmed_mean", "median"):
-            raise ConfigError(
-                f"aggregation.method={self.method!r}: use mean, trimmed_mean or median")
+        if self.method not in RULES:
+            raise ConfigError(f"aggregation.method={self.method!r}: use {_one_of(list(RULES))}")
         if self.clip is not None and self.clip <= 0:
             raise ConfigError("aggregation.clip must be > 0 (or absent)")
         if not 0 <= self.trim_fraction < 0.5:
