@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from zorba_edge.common.memory_model import ModelFootprint
-from zorba_edge.common.schema import ANTITHETIC, ESTIMATORS, RUN_MODES, ZORBA
+from zorba_edge.common.schema import ANTITHETIC, ESTIMATORS, ZORBA
 from zorba_edge.errors import ZorbaError
 from zorba_server.aggregation_rules import RULES
+from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig
 
 try:
@@ -119,9 +120,10 @@ class RunConfig:
     is rolled back to that version (clients without check losses: judged by their training
     losses). Each rejection halves the step for later rounds (0: off; docs/learning.md)."""
     mode: str = ZORBA
-    """`zorba` (the scheduler assigns blocks), or a baseline: `zorba-uniform` (the same number of
-    random blocks on every client), `fedzo-full` (every block; clients that cannot hold them all
-    take no part), `fedavg` (first-order AdamW on every block, weights exchanged both ways)."""
+    """A mode of zorba_server.modes.MODES: `zorba` (the scheduler assigns blocks), or a
+    baseline: `zorba-uniform` (the same number of random blocks on every client), `fedzo-full`
+    (every block; clients that cannot hold them all take no part), `fedavg` (first-order AdamW
+    on every block, weights exchanged both ways)."""
     keep_weight_versions: bool = False
     """fedavg: keep every version's global weights on disk (for per-round evaluation), not
     just the latest."""
@@ -159,8 +161,7 @@ class RunConfig:
             (self.max_steps <= 65_536, "run.max_steps must be <= 65536 (the report size limit)"),
             (self.catch_up_rounds >= 1, "run.catch_up_rounds must be >= 1"),
             (0 <= self.memory_headroom < 0.5, "run.memory_headroom must be in [0, 0.5)"),
-            (self.mode in RUN_MODES,
-             f"run.mode={self.mode!r}: use one of {', '.join(RUN_MODES)}"),
+            (self.mode in MODES, f"run.mode={self.mode!r}: use one of {', '.join(MODES)}"),
             ((self.model_fingerprint is None) == (self.footprint is None),
              "run.model_fingerprint and [run.footprint] pin the model together: give both "
              "or neither (neither: the first client's model is pinned)"),
