@@ -3,7 +3,7 @@ carries). The config's check and `zorba-server --mode` read their choices from `
 wire's list of names stays `zorba_edge.common.schema.RUN_MODES`, which MODES covers exactly.
 
 A new mode is a file defining `MODE = RunMode(...)`, its name in RUN_MODES, an entry here, and
-its tests (a client that trains it differently also needs zorba_edge/client/modes.py).
+its tests (and its client side in zorba_edge/client/run_modes.py).
 """
 
 from __future__ import annotations
