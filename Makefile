@@ -37,6 +37,8 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check zorba_edge server zorba_sim zorba_flower zorba_lab tests benchmarks sdk_examples
+	mkdir -p build/mypy-path && ln -sfn ../../server build/mypy-path/zorba_server
+	$(VENV)/bin/mypy
 
 # The pretrained model and real data for examples and benchmarks (never needed by tests):
 # both ship inside PyPI packages; their own dependencies are not needed.

@@ -126,7 +126,6 @@ def in_process_alpha(root: Path, values: dict[str, Any]) -> np.ndarray:
     from zorba_flower.server_loop import FlowerRounds, LoopSettings
     from zorba_flower.settings import server_config
     from zorba_server.engine import RoundEngine
-    from zorba_server.scheduler_baselines import solver_for
 
     app = make_client_app(values)
 
@@ -137,7 +136,7 @@ def in_process_alpha(root: Path, values: dict[str, Any]) -> np.ndarray:
             return app(msg, ctx).content
         return handle
 
-    engine = RoundEngine(server_config(values), solver_for("zorba"))
+    engine = RoundEngine(server_config(values))
     # Node ids in the order the simulation's partitions sort: the plan is keyed by node id.
     FlowerRounds(engine, LoopSettings(root / "ref.ckpt", "ref", max_idle_s=0.0)).run(
         FakeGrid({1: node(0), 2: node(1)}))

@@ -206,14 +206,13 @@ def scheduler_seconds(model: str, members: int) -> dict[str, Any]:
     from zorba_edge.common.schema import DeviceProfile, MemoryProfile
     from zorba_server.config import config_from_dict
     from zorba_server.engine import Member, RoundEngine
-    from zorba_server.scheduler_baselines import solver_for
     from zorba_sim.fleet import CATALOGUE
 
     source = open_model(model)
     footprint = footprint_of(source)
     config = config_from_dict({"enrolment_secret": "benchmark-secret", "run": {
         "batch_size": 8, "seq_len": 48, "round_duration_s": 300.0, "max_steps": 4}})
-    engine = RoundEngine(config, solver_for(config.run.mode))
+    engine = RoundEngine(config)
     engine.pin(source.fingerprint, footprint)
     classes = list(CATALOGUE.values())
     memory = MemoryProfile(frozen_dtype="bf16", frozen_other_dtype="fp32")

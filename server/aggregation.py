@@ -17,6 +17,7 @@ Robust modes (`trimmed_mean`, `median`) aggregate, per (k, b), the unweighted s[
 the clients that hold b *and took step k* (a client that did not take the step has no
 opinion on it); scalars are clipped first when `clip` is set. A weighted median would let a
 client buy influence with its sample count, which is what robust mode is meant to resist.
+Each rule is a file of server/aggregation_rules/, found through its registry `RULES`.
 
 Determinism: contributions are ordered by client id and every sum runs in a fixed order,
 so the same reports give bit-identical increments whatever order they arrived in (a
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from zorba_edge.errors import InvalidScalarError
+from zorba_server.aggregation_rules import RULES, RoundScalars
 from zorba_server.config import AggregationConfig
 
 
@@ -99,40 +101,10 @@ def aggregate(contributions: Sequence[Contribution], lr: float,
     holds = np.zeros((len(ordered), len(blocks)), dtype=bool)
     holds[block_client, block_col] = True
 
-    if config.method == "mean":
-        weights = np.array([c.weight for c in ordered], dtype=np.float64)
-        mean = _weighted_mean(sums, weights, holds)
-    else:
-        mean = _robust_mean(sums, took, holds, config)
-    values = (lr * mean).astype(np.float32)
+    scalars = RoundScalars(sums, np.array([c.weight for c in ordered], dtype=np.float64),
+                           took, holds)
+    values = (lr * RULES[config.method](scalars, config)).astype(np.float32)
     return RoundDelta(tuple(int(k) for k in ks), tuple(int(b) for b in blocks), values)
-
-
-def _weighted_mean(sums: np.ndarray, weights: np.ndarray, holds: np.ndarray) -> np.ndarray:
-    # einsum without BLAS: a fixed summation order, so results do not depend on threads.
-    numerator = np.einsum("nk,nb->kb", sums * weights[:, None], holds.astype(np.float64),
-                          optimize=False)
-    denominator = np.einsum("n,nb->b", weights, holds.astype(np.float64), optimize=False)
-    return numerator / denominator[None, :]
-
-
-def _robust_mean(sums: np.ndarray, took: np.ndarray, holds: np.ndarray,
-                 config: AggregationConfig) -> np.ndarray:
-    out = np.zeros((sums.shape[1], holds.shape[1]))
-    for j in range(holds.shape[1]):
-        for i in range(sums.shape[1]):
-            voters = holds[:, j] & took[:, i]
-            if voters.any():
-                out[i, j] = _robust_value(np.sort(sums[voters, i]), config)
-    return out
-
-
-def _robust_value(sorted_values: np.ndarray, config: AggregationConfig) -> float:
-    if config.method == "median":
-        return float(np.median(sorted_values))
-    cut = int(math.floor(config.trim_fraction * sorted_values.size))
-    kept = sorted_values[cut: sorted_values.size - cut]
-    return float(kept.mean())
 
 
 def apply_delta(alpha: np.ndarray, delta: RoundDelta) -> np.ndarray:

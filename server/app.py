@@ -38,7 +38,6 @@ from zorba_server.config import ServerConfig
 from zorba_server.coordinator import Coordinator
 from zorba_server.engine import Member, SolveFn
 from zorba_server.errors import Refusal
-from zorba_server.scheduler_baselines import solver_for
 from zorba_server.storage import Store, StoreUnavailableError, open_store
 
 log = logging.getLogger("zorba_server")
@@ -69,7 +68,6 @@ SERVICES = web.AppKey("services", Services)
 def create_app(config: ServerConfig, *, solve: SolveFn | None = None,
                clock: Callable[[], float] = time.time) -> web.Application:
     """The server; `solve` defaults to the run mode's (config.run.mode)."""
-    solve = solve or solver_for(config.run.mode)
     # aiohttp refuses bodies over client_max_size itself (413, turned into msgpack by the
     # middleware); each endpoint then applies its own, smaller limit.
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_REPORT_BYTES)

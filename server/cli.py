@@ -13,9 +13,10 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from zorba_edge.common.schema import RUN_MODES
+from zorba_server.aggregation_rules import RULES, describe
 from zorba_server.app import create_app
-from zorba_server.config import ConfigError, ServerConfig, load_config
+from zorba_server.config import AggregationConfig, ConfigError, ServerConfig, load_config
+from zorba_server.modes import MODES
 from zorba_server.storage import StoreError
 
 
@@ -54,13 +55,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--round-duration", type=float, metavar="SECONDS",
                    help="seconds from a round's opening to its deadline (default 300)")
     g.add_argument("--max-rounds", type=int, help="stop after this many applied rounds (0: never)")
-    g.add_argument("--mode", choices=list(RUN_MODES),
-                   help="zorba (default: the scheduler assigns blocks) or a baseline to compare "
-                   "with: zorba-uniform (same number of random blocks per client), fedzo-full "
-                   "(zeroth-order on every block), fedavg (first-order AdamW, weights both ways)")
+    modes = "; ".join(f"{name}: {mode.summary}" for name, mode in MODES.items())
+    g.add_argument("--mode", choices=list(MODES),
+                   help=f"zorba or a baseline to compare with: {modes}")
     g = p.add_argument_group("aggregation and scheduling")
-    g.add_argument("--aggregation", choices=["mean", "median", "trimmed_mean"],
-                   help="per-(k, block) rule: sample-weighted mean (default) or a robust one")
+    rules = "; ".join(f"{name}: {describe(rule)}" for name, rule in RULES.items())
+    g.add_argument("--aggregation", choices=list(RULES),
+                   help=f"how each (k, block) value is aggregated: {rules} "
+                   f"(default {AggregationConfig().method})")
     g.add_argument("--clip", type=float, help="clip each projected gradient to [-clip, clip] first")
     g.add_argument("--epsilon", type=float,
                    help="share of the best coverage the memory stage may give up (default 0.05)")

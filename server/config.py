@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from zorba_edge.common.memory_model import ModelFootprint
-from zorba_edge.common.schema import ANTITHETIC, ESTIMATORS, RUN_MODES, ZORBA
+from zorba_edge.common.schema import ANTITHETIC, ESTIMATORS, ZORBA
 from zorba_edge.errors import ZorbaError
+from zorba_server.aggregation_rules import RULES
+from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig
 
 try:
@@ -35,6 +37,11 @@ SECRET_ENV = "ZORBA_ENROLMENT_SECRET"
 
 class ConfigError(ZorbaError, ValueError):
     """A configuration value that is missing, unknown or out of range."""
+
+
+def _one_of(names: list[str]) -> str:
+    """`a, b or c`: the choices an error message offers."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 @dataclass(frozen=True)
@@ -113,9 +120,10 @@ class RunConfig:
     is rolled back to that version (clients without check losses: judged by their training
     losses). Each rejection halves the step for later rounds (0: off; docs/learning.md)."""
     mode: str = ZORBA
-    """`zorba` (the scheduler assigns blocks), or a baseline: `zorba-uniform` (the same number of
-    random blocks on every client), `fedzo-full` (every block; clients that cannot hold them all
-    take no part), `fedavg` (first-order AdamW on every block, weights exchanged both ways)."""
+    """A mode of zorba_server.modes.MODES: `zorba` (the scheduler assigns blocks), or a
+    baseline: `zorba-uniform` (the same number of random blocks on every client), `fedzo-full`
+    (every block; clients that cannot hold them all take no part), `fedavg` (first-order AdamW
+    on every block, weights exchanged both ways)."""
     keep_weight_versions: bool = False
     """fedavg: keep every version's global weights on disk (for per-round evaluation), not
     just the latest."""
@@ -153,8 +161,7 @@ class RunConfig:
             (self.max_steps <= 65_536, "run.max_steps must be <= 65536 (the report size limit)"),
             (self.catch_up_rounds >= 1, "run.catch_up_rounds must be >= 1"),
             (0 <= self.memory_headroom < 0.5, "run.memory_headroom must be in [0, 0.5)"),
-            (self.mode in RUN_MODES,
-             f"run.mode={self.mode!r}: use one of {', '.join(RUN_MODES)}"),
+            (self.mode in MODES, f"run.mode={self.mode!r}: use one of {', '.join(MODES)}"),
             ((self.model_fingerprint is None) == (self.footprint is None),
              "run.model_fingerprint and [run.footprint] pin the model together: give both "
              "or neither (neither: the first client's model is pinned)"),
@@ -171,7 +178,8 @@ class RunConfig:
 @dataclass(frozen=True)
 class AggregationConfig:
     method: str = "mean"
-    """`mean` (the weighted mean of docs/design.md §2), `trimmed_mean` or `median` (robust)."""
+    """A rule of zorba_server.aggregation_rules.RULES: `mean` (the weighted mean of
+    docs/design.md §2), `trimmed_mean` or `median` (robust)."""
     clip: float | None = None
     """Clip every scalar to [-clip, clip] before aggregating (robust mode)."""
     trim_fraction: float = 0.1
@@ -179,9 +187,8 @@ class AggregationConfig:
     """A report with |g| above this is refused: no real loss difference gets there."""
 
     def __post_init__(self) -> None:
-        if self.method not in ("mean", "trimmed_mean", "median"):
-            raise ConfigError(
-                f"aggregation.method={self.method!r}: use mean, trimmed_mean or median")
+        if self.method not in RULES:
+            raise ConfigError(f"aggregation.method={self.method!r}: use {_one_of(list(RULES))}")
         if self.clip is not None and self.clip <= 0:
             raise ConfigError("aggregation.clip must be > 0 (or absent)")
         if not 0 <= self.trim_fraction < 0.5:

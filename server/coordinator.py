@@ -43,7 +43,6 @@ from zorba_server.config import ServerConfig
 from zorba_server.engine import Member, OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
 from zorba_server.resume import LEFT, resume
 from zorba_server.rounds import APPLIED, ReceivedReport
-from zorba_server.scheduler_baselines import redraws_each_round, solver_for
 from zorba_server.status_view import run_status
 from zorba_server.storage import DuplicateError, ModelPin, Snapshot, Store
 from zorba_server.traffic import ClientTraffic
@@ -69,8 +68,7 @@ class Coordinator:
         self.config = config
         self._store = store
         self._clock = clock
-        self.engine = RoundEngine(config, solve or solver_for(config.run.mode),
-                                  redraw_each_round=redraws_each_round(config.run.mode))
+        self.engine = RoundEngine(config, solve)
         self.run_id = ""
         self.created_at = 0.0
         self._token_hashes: dict[bytes, str] = {}

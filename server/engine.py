@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,6 @@ import numpy as np
 
 from zorba_edge.common.memory_model import LinearMemoryModel, ModelFootprint, linear_memory_model
 from zorba_edge.common.schema import (
-    FEDAVG,
     FINISHED,
     TRAIN,
     AlphaDelta,
@@ -43,6 +42,7 @@ from zorba_server import errors
 from zorba_server.aggregation import RoundDelta, apply_delta
 from zorba_server.config import ServerConfig
 from zorba_server.loss_guard import Anchor, advance, judge, rollback_delta
+from zorba_server.modes import MODES, SolveFn
 from zorba_server.pool import round_pool_indices
 from zorba_server.rounds import (
     APPLIED,
@@ -54,10 +54,7 @@ from zorba_server.rounds import (
     check_report,
     close_round,
 )
-from zorba_server.scheduler import ClientSpec, Schedule, SchedulerConfig, local_steps
-
-SolveFn = Callable[[Sequence[ClientSpec], Sequence[int], SchedulerConfig, int], Schedule]
-"""solve(clients, block_params, config, round_seed) -> Schedule (see scheduler_baselines)."""
+from zorba_server.scheduler import ClientSpec, Schedule, local_steps
 
 # Calibration learned from measured peaks: an EMA of peak / predicted, kept in a band so
 # one odd measurement cannot make a client look free or unusable.
@@ -133,11 +130,12 @@ class RoundClosure:
 class RoundEngine:
     """The state of one run and the rules that move it from round to round."""
 
-    def __init__(self, config: ServerConfig, solve: SolveFn, *, redraw_each_round: bool = False) -> None:
+    def __init__(self, config: ServerConfig, solve: SolveFn | None = None) -> None:
+        """`solve`: a test's or benchmark's own solver in place of the run mode's."""
         run = config.run
         self.config = config
-        self._solve = solve
-        self._redraw_each_round = redraw_each_round
+        self.mode = MODES[run.mode]
+        self._solve = solve or self.mode.solve
         self.seed = run.seed
         self.pool_size = run.pool_size
         self.fingerprint: str | None = None
@@ -179,7 +177,7 @@ class RoundEngine:
     @property
     def weights_only(self) -> bool:
         """fedavg: training travels as uploaded weights, reports carry no ZO steps."""
-        return self.config.run.mode == FEDAVG
+        return self.mode.weights_only
 
     def hyper(self) -> HyperParams:
         run = self.config.run
@@ -221,7 +219,7 @@ class RoundEngine:
         """Refuse a device that runs another model, or that could never hold a block."""
         if self.fingerprint is not None:
             self._check_model(profile)
-        if self.weights_only:  # fedavg runs whatever the budget: its peaks are the finding
+        if not self.mode.enforces_budget:  # fedavg: its peaks over the budget are the finding
             return
         model = self.memory_model(profile, 1.0)
         if model.blocks_within(profile.memory_budget_bytes) < 1:
@@ -320,7 +318,7 @@ class RoundEngine:
         mode redraws its blocks every round."""
         key: tuple[Any, ...] = tuple(sorted(
             (m.client_id, round(math.log(m.calibration, CALIBRATION_STEP))) for m in members))
-        if self._redraw_each_round:
+        if self.mode.redraws_each_round:
             key += (self.round_counter,)
         if key == self._schedule_key and self.last_schedule is not None:
             return self.last_schedule if self.last_schedule.assignments else None

@@ -1,6 +1,6 @@
 """The wire contract from one source: docs/protocol.md's reference tables and
 docs/protocol.schema.json, generated from `zorba_edge.common.schema` (and the `[run]` table
-from `zorba_server.config.RunConfig`).
+from `zorba_server.config.RunConfig`, the aggregation rules from `zorba_server.aggregation_rules`).
 
     python -m zorba_server.protocol_docs           # rewrite both files
     python -m zorba_server.protocol_docs --check   # exit 1 when either is stale
@@ -31,6 +31,7 @@ import numpy as np
 
 from zorba_edge.common import schema
 from zorba_edge.common.memory_model import ModelFootprint
+from zorba_server.aggregation_rules import RULES, describe
 from zorba_server.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,6 +214,13 @@ def run_table() -> str:
     return "\n".join(out) + "\n"
 
 
+def aggregation_table() -> str:
+    """The registered aggregation rules: `aggregation.method` and what the rule computes."""
+    out = ["| `aggregation.method` | Per (k, b), alpha[k, b] += lr x |", "|---|---|"]
+    out += [f"| `{name}` | {describe(rule)} |" for name, rule in RULES.items()]
+    return "\n".join(out) + "\n"
+
+
 def _attribute_docs(cls: type) -> dict[str, str]:
     """The docstrings written under dataclass fields (kept in source, read from it)."""
     tree = ast.parse(inspect.getsource(cls))
@@ -305,7 +313,8 @@ def json_schema() -> dict[str, Any]:
 
 def render_protocol_md(text: str) -> str:
     """`text` with every generated section replaced by what the code says now."""
-    for name, content in (("messages", message_tables()), ("run-keys", run_table())):
+    for name, content in (("messages", message_tables()), ("run-keys", run_table()),
+                          ("aggregation-rules", aggregation_table())):
         pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- end generated:{name} -->)",
                              re.DOTALL)
         if not pattern.search(text):

@@ -6,8 +6,8 @@
   blocks, chosen at random, the most that every one of them can hold. It isolates what the
   scheduler's optimisation adds over a naive heterogeneous activation.
 
-Both return the scheduler's `Schedule`, so the coordinator and the accounting treat every
-mode alike; their `method` names the mode.
+They return the scheduler's `Schedule`, so the coordinator and the accounting treat every
+mode alike; their `method` names the mode. Each mode's file in server/modes/ names its solver.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from zorba_edge.common.schema import FEDAVG, FEDZO_FULL, RUN_MODES, ZORBA, ZORBA_UNIFORM
 from zorba_server.scheduler import (
     MIB,
     ClientSpec,
@@ -76,23 +75,6 @@ def fedavg_schedule(
     every = tuple(range(len(block_params)))
     return _schedule("fedavg", clients, block_params, config, lambda _c, _n: every,
                      why_not="")
-
-
-def solver_for(mode: str) -> Callable[[Sequence[ClientSpec], Sequence[int], SchedulerConfig, int],
-                                       Schedule]:
-    """The solve function of a run mode (zorba_edge.common.schema.RUN_MODES); each takes the
-    round's seed, which only the uniform draw uses."""
-    solvers = {ZORBA: solve_schedule, FEDZO_FULL: full_schedule, FEDAVG: fedavg_schedule,
-               ZORBA_UNIFORM: uniform_schedule}
-    if mode not in solvers:
-        raise ValueError(f"unknown run mode {mode!r}: use one of {', '.join(RUN_MODES)}")
-    return solvers[mode]
-
-
-def redraws_each_round(mode: str) -> bool:
-    """zorba-uniform draws its blocks anew every round (from the round's seed), so a restarted
-    server draws the same blocks and every block is visited over the run."""
-    return mode == ZORBA_UNIFORM
 
 
 def _blocks_within(client: ClientSpec) -> int:

@@ -21,7 +21,6 @@ from zorba_flower.server_loop import FlowerRounds, LoopSettings  # noqa: E402
 from zorba_flower.settings import server_config  # noqa: E402
 from zorba_server.engine import RoundEngine  # noqa: E402
 from zorba_server.rounds import APPLIED  # noqa: E402
-from zorba_server.scheduler_baselines import solver_for  # noqa: E402
 
 RUN = {"run.pool-size": 16, "run.max-rounds": 2, "run.min-clients": 2, "run.min-steps": 2,
        "run.max-steps": 2, "run.batch-size": 2, "run.seq-len": 16, "run.lr": 0.01,
@@ -47,7 +46,7 @@ def handler(app: ClientApp, node_id: int, node_config: dict[str, object]) -> Han
 
 def run_two_nodes(tmp_path: Path, world_dir: Path, budgets_mib: tuple[float, float],
                   apps: tuple[ClientApp, ClientApp]) -> FlowerRounds:
-    engine = RoundEngine(server_config(RUN), solver_for("zorba"))
+    engine = RoundEngine(server_config(RUN))
     nodes = {n + 1: handler(apps[n], n + 1, {"partition-id": n, "num-partitions": 2,
                                              "budget-mib": budgets_mib[n]}) for n in range(2)}
     loop = FlowerRounds(engine, LoopSettings(tmp_path / "ckpt", "run-1", max_idle_s=0.0))

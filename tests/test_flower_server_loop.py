@@ -21,7 +21,6 @@ from zorba_flower.server_loop import FlowerRounds, LoopSettings, NoRoundError  #
 from zorba_server.config import ConfigError, config_from_dict  # noqa: E402
 from zorba_server.engine import RoundEngine  # noqa: E402
 from zorba_server.rounds import APPLIED, FAILED, RoundPlan  # noqa: E402
-from zorba_server.scheduler_baselines import redraws_each_round, solver_for  # noqa: E402
 
 
 def node(device: DeviceProfile, *, fail_from_round: int | None = None, silent: bool = False) -> Handler:
@@ -45,8 +44,7 @@ def node(device: DeviceProfile, *, fail_from_round: int | None = None, silent: b
 def make_engine(tmp_path: Path, **run: object) -> RoundEngine:
     defaults: dict[str, object] = {"min_clients": 2, "max_rounds": 3, "memory_headroom": 0.0}
     config = config_from_dict(config_dict(tmp_path / "unused.sqlite3", **(defaults | run)))
-    return RoundEngine(config, solver_for(config.run.mode),
-                       redraw_each_round=redraws_each_round(config.run.mode))
+    return RoundEngine(config)
 
 
 def budgets(engine: RoundEngine) -> tuple[int, int]:

@@ -14,13 +14,11 @@ from zorba_server.config import config_from_dict
 from zorba_server.engine import Member, RoundEngine
 from zorba_server.errors import Conflict, NotFound, Unprocessable
 from zorba_server.rounds import APPLIED, FAILED, REJECTED, ReceivedReport
-from zorba_server.scheduler_baselines import redraws_each_round, solver_for
 
 
 def engine(tmp_path: Path, **run: object) -> RoundEngine:
     config = config_from_dict(config_dict(tmp_path / "unused.sqlite3", **run))
-    made = RoundEngine(config, solver_for(config.run.mode),
-                       redraw_each_round=redraws_each_round(config.run.mode))
+    made = RoundEngine(config)
     made.pin(FINGERPRINT, FOOTPRINT)
     return made
 

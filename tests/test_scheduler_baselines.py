@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 from zorba_edge.common.memory_model import LinearMemoryModel
 from zorba_server.scheduler import ClientSpec, SchedulerConfig
-from zorba_server.scheduler_baselines import fedavg_schedule, full_schedule, solver_for, uniform_schedule
+from zorba_server.scheduler_baselines import fedavg_schedule, full_schedule, uniform_schedule
 
 BLOCKS = (10, 10, 10, 10, 10, 10)
 CONFIG = SchedulerConfig(milp_max_clients=0)
@@ -47,10 +45,3 @@ def test_fedavg_mode_trains_every_block_on_every_client_whatever_its_budget() ->
     assert not schedule.excluded_clients and schedule.method == "fedavg"
     # The plan records the budget it breaks, so reports can show it.
     assert schedule.memory_bytes["tiny"] > clients[1].budget_bytes
-
-
-def test_each_run_mode_has_a_solver_and_an_unknown_one_is_named() -> None:
-    from zorba_edge.common.schema import RUN_MODES
-    assert {mode: callable(solver_for(mode)) for mode in RUN_MODES} == dict.fromkeys(RUN_MODES, True)
-    with pytest.raises(ValueError, match="unknown run mode 'full'"):
-        solver_for("full")

@@ -20,7 +20,6 @@ from zorba_flower import checkpoint
 from zorba_flower.server_loop import FlowerRounds, LoopSettings, RoundLog
 from zorba_flower.settings import server_app_settings, server_config
 from zorba_server.engine import RoundEngine
-from zorba_server.scheduler_baselines import redraws_each_round, solver_for
 
 log = logging.getLogger("zorba_flower.server")
 
@@ -36,8 +35,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None,
         values = {**context.run_config, **(overrides or {})}
         config = server_config(values)
         settings = server_app_settings(values)
-        engine = RoundEngine(config, solver_for(config.run.mode),
-                             redraw_each_round=redraws_each_round(config.run.mode))
+        engine = RoundEngine(config)
         # A resumed run keeps its first run id: it names the table the clients sync to.
         run_id = checkpoint.run_id_of(settings.checkpoint) or f"flower-{grid.run.run_id}"
         rounds = FlowerRounds(engine, LoopSettings(settings.checkpoint, run_id,

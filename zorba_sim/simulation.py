@@ -63,7 +63,6 @@ from zorba_server.config import ServerConfig
 from zorba_server.engine import Member, RoundEngine
 from zorba_server.errors import Refusal
 from zorba_server.rounds import ReceivedReport
-from zorba_server.scheduler_baselines import redraws_each_round, solver_for
 from zorba_sim.adversary import Adversary
 from zorba_sim.fleet import DeviceClass, DeviceGroup, Fleet, FleetError
 
@@ -173,8 +172,7 @@ class Simulation:
         else:
             shards = dirichlet_label_split(labels, len(devices), config.dirichlet_alpha,
                                            config.data_seed, min_per_client=1)
-        engine = RoundEngine(server, solver_for(server.run.mode),
-                             redraw_each_round=redraws_each_round(server.run.mode))
+        engine = RoundEngine(server)
         footprint = footprint_of(source)
         engine.pin(source.fingerprint, footprint)
         tokenizer = source.tokenizer()

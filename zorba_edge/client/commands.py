@@ -24,6 +24,7 @@ from zorba_edge.client.daemon import (
     DaemonSettings,
     Listener,
     RoundSummary,
+    Trainer,
     describe_summary,
 )
 from zorba_edge.client.detach import claim_pid_file, detach
@@ -31,11 +32,13 @@ from zorba_edge.client.errors import UsageError
 from zorba_edge.client.evaluation import evaluate, fetch_remote_table
 from zorba_edge.client.profiling import compute_budget, process_rss, resolve_device, survey
 from zorba_edge.client.progress import ProgressReporter
+from zorba_edge.client.run_modes import CLIENT_MODES
 from zorba_edge.client.sizes import format_size
 from zorba_edge.client.state import StateStore, default_state_path
 from zorba_edge.client.transport import ServerClient, normalize_url
-from zorba_edge.common.schema import FEDAVG
+from zorba_edge.common.schema import RunInfo
 from zorba_edge.data.splits import small_share_warning
+from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.quantize import require_bitsandbytes
 from zorba_edge.model.sources import ModelSource
@@ -306,25 +309,13 @@ def _run(args: argparse.Namespace) -> int:
         return assembly.registration(measured, device_type=torch.device(load_config.device).type,
                                      num_samples=len(examples), secret=secret, name=args.name)
 
-    def make_trainer(run: Any, table: Any) -> Any:
-        from zorba_edge.client.trainer import LocalTrainer
+    def make_trainer(run: RunInfo, table: CoefficientTable | None) -> Trainer:
+        return CLIENT_MODES[run.mode].make_trainer(source, load_config, run, task, table)
 
-        # Load the model now rather than inside the first round's deadline.
-        if run.mode == FEDAVG:
-            from zorba_edge.client.fedavg import FedAvgTrainer
-
-            fedavg = FedAvgTrainer(source, load_config, run, task, table=table)
-            fedavg.hold()
-            return fedavg
-        trainer = LocalTrainer(source, load_config, run, task, table=table)
-        trainer.hold(())
-        return trainer
-
-    def check_run(run: Any) -> None:
-        if run.mode == FEDAVG:
-            # The baseline trains every block whatever the budget: its peaks are what it measures.
-            log.warning("this run is the fedavg baseline: every block trains with AdamW, and the "
-                        "memory budget of %s is reported against, not kept", format_size(budget_bytes))
+    def check_run(run: RunInfo) -> None:
+        if not CLIENT_MODES[run.mode].keeps_budget:
+            log.warning("this run is the %s baseline: every block trains, and the memory budget "
+                        "of %s is reported against, not kept", run.mode, format_size(budget_bytes))
             assembly.check_model(run, source)
             return
         assembly.check_run(run, source, report.memory, budget_bytes)

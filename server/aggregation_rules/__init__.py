@@ -1,0 +1,27 @@
+"""Aggregation rules, one file each: how a round's per-client step sums become one value per
+(pool index k, block b). `aggregation.method` names one of `RULES`; the config's check, the
+`--aggregation` flag and docs/protocol.md's rule table all read their choices from it.
+
+A new rule is a function `rule(scalars: RoundScalars, config: AggregationConfig) -> K x B array`
+in a file of its own, an entry here, and its tests. Its docstring's first sentence is its
+description in `zorba-server --help` and docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+from zorba_server.aggregation_rules.mean import mean
+from zorba_server.aggregation_rules.median import median
+from zorba_server.aggregation_rules.scalars import RoundScalars, Rule
+from zorba_server.aggregation_rules.trimmed_mean import trimmed_mean
+
+RULES: dict[str, Rule] = {"mean": mean, "trimmed_mean": trimmed_mean, "median": median}
+"""aggregation.method -> its rule, the default first."""
+
+
+def describe(rule: Rule) -> str:
+    """A rule's one-line description: its docstring's first paragraph, on one line."""
+    doc = (rule.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(doc.split()).rstrip(".")
+
+
+__all__ = ["RULES", "RoundScalars", "Rule", "describe"]
