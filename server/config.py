@@ -71,6 +71,8 @@ class StorageConfig:
 
 
 LR_SCALINGS = ("dimension", "none")
+MAX_STEPS = 65_536
+"""The most local steps a round may assign (a report's size limit)."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,8 @@ class RunConfig:
             (self.poll_timeout_s > 0, "run.poll_timeout_s must be > 0"),
             (0 < self.compute_fraction <= 1, "run.compute_fraction must be in (0, 1]"),
             (1 <= self.min_steps <= self.max_steps, "run needs 1 <= min_steps <= max_steps"),
-            (self.max_steps <= 65_536, "run.max_steps must be <= 65536 (the report size limit)"),
+            (self.max_steps <= MAX_STEPS,
+             f"run.max_steps must be <= {MAX_STEPS} (the report size limit)"),
             (self.catch_up_rounds >= 1, "run.catch_up_rounds must be >= 1"),
             (0 <= self.memory_headroom < 0.5, "run.memory_headroom must be in [0, 0.5)"),
             (self.mode in MODES, f"run.mode={self.mode!r}: use one of {', '.join(MODES)}"),

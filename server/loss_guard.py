@@ -13,12 +13,18 @@ alike; the engine then rolls the table back to the anchor and halves the step
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from zorba_server.aggregation import RoundDelta
+
+LOSS_SCALE_FLOOR = math.log(2)
+"""The smallest loss a rise is measured against: a coin flip between two labels. Below it a
+relative rise is a small absolute one: one eight-example check batch at 0.30 nats went to 0.45
+(+50%) in a 20-minute quickstart, and such rises rolled back sound rounds (docs/learning.md)."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,8 @@ class Anchor:
 @dataclass(frozen=True)
 class Verdict:
     regressed: bool
-    """The check losses stand more than the tolerance above the anchor's: roll back."""
+    """The check losses stand more than tolerance x max(anchor's, LOSS_SCALE_FLOOR) above the
+    anchor's: roll back."""
     improved: bool
     """The check losses are at or below the anchor's: this version becomes the anchor."""
     before: float
@@ -53,7 +60,7 @@ def judge(anchor: Anchor, checks: Mapping[str, float], weights: Mapping[str, flo
         return None
     now = sum(w * loss for w, loss, _ in common) / total
     before = sum(w * loss for w, _, loss in common) / total
-    return Verdict(regressed=before > 0 and now > before * (1 + tolerance),
+    return Verdict(regressed=now - before > tolerance * max(before, LOSS_SCALE_FLOOR),
                    improved=now <= before, before=before, now=now)
 
 

@@ -266,6 +266,19 @@ def test_check_losses_judge_instead_of_noisy_training_losses(tmp_path: Path) -> 
     assert run_checked_round(e, 4.0, {"a": 1.6}, loss=0.5) == REJECTED
 
 
+def test_a_rise_on_a_small_loss_is_measured_against_a_coin_flip_not_the_loss_itself(
+        tmp_path: Path) -> None:
+    """0.30 -> 0.45 nats on one eight-example check batch is +50% of a small loss, and it
+    rolled back a sound round of a 20-minute quickstart; a slide past a coin flip's loss
+    (0.69) and beyond by half of it is what the guard is for."""
+    e = engine(tmp_path, loss_jump_tolerance=0.5)
+    join(e, "a")
+    assert run_checked_round(e, 0.0, {"a": 0.30}) == APPLIED
+    assert run_checked_round(e, 2.0, {"a": 0.45}) == APPLIED  # +0.15 < 0.5 x ln 2
+    assert run_checked_round(e, 4.0, {"a": 0.62}) == APPLIED  # +0.32 < 0.35
+    assert run_checked_round(e, 6.0, {"a": 0.70}) == REJECTED  # +0.40 over version 0's
+
+
 def test_a_round_closes_without_waiting_for_a_client_that_left(tmp_path: Path) -> None:
     e = engine(tmp_path, min_clients=2)
     join(e, "a")

@@ -263,7 +263,12 @@ def run_seed(setting: CompareSetting, seed: int, source: ModelSource, fleet: Fle
         run, tables = train_mode(setting, sim, base[0], log)
         sims[mode], runs[mode] = (sim, tables), run
     assert base is not None
-    common = {axis: stats.common_point([r.end[axis] for r in runs.values()]) for axis in stats.AXES}
+    # Each axis's point is where every mode compared on it has a model: a mode compared only
+    # on the other axis (central MeZO on time, say) must not pull it earlier.
+    common = {axis: stats.common_point([run.end[axis] for mode, run in runs.items()
+                                        if axis in scored_axes(mode, setting.modes)]
+                                       or [run.end[axis] for run in runs.values()])
+              for axis in stats.AXES}
     for mode, (sim, tables) in sims.items():
         run = runs[mode]
         axes = scored_axes(mode, setting.modes)

@@ -59,7 +59,7 @@ from zorba_edge.engine.directions import BlockTensors
 from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model
 from zorba_edge.model.sources import ModelSource
-from zorba_server.config import ServerConfig
+from zorba_server.config import MAX_STEPS, ServerConfig
 from zorba_server.engine import Member, RoundEngine
 from zorba_server.errors import Refusal
 from zorba_server.rounds import ReceivedReport
@@ -158,13 +158,12 @@ class Simulation:
     def build(cls, config: SimulationConfig, source: ModelSource, fleet: Fleet,
               train: Sequence[ClassificationExample], heldout: Sequence[ClassificationExample], *,
               template: PromptTemplate = SENTIMENT_TEMPLATE, eval_batch_size: int = 16) -> Simulation:
-        if config.mode == CENTRAL_MEZO:
-            fleet = Fleet((DeviceGroup(CENTRAL_DEVICE, 1, 0),), origin=CENTRAL_MEZO)
         server = config.server
-        if config.mode != server.run.mode:
-            server = dataclasses.replace(server, run=dataclasses.replace(
-                server.run, mode=FEDZO_FULL if config.mode == CENTRAL_MEZO else config.mode))
-            config = dataclasses.replace(config, server=server)
+        if config.mode == CENTRAL_MEZO:
+            fleet, server = central_mezo(fleet, server)
+        elif config.mode != server.run.mode:
+            server = dataclasses.replace(server, run=dataclasses.replace(server.run, mode=config.mode))
+        config = dataclasses.replace(config, server=server)
         devices = fleet.devices()
         labels = [e.label for e in train]
         if len(devices) == 1:
@@ -402,6 +401,21 @@ class Simulation:
                 for name, tensor in named:
                     tensor.copy_(saved[f"{b}/{name}"])
         return True
+
+
+def central_mezo(fleet: Fleet, server: ServerConfig) -> tuple[Fleet, ServerConfig]:
+    """The central-MeZO reference for `fleet`: one always-online device holding all the data
+    and every block, with the fleet's compute (its devices' speeds summed, and their step
+    allowance together), so that it spends about as many forward passes a round as the
+    federation and a comparison at equal forward passes meets both mid-run. (With one
+    device's compute it ran a quarter of the forwards of a 4-device federation, and "equal
+    forwards" fell before the federation's first version.)"""
+    devices = fleet.devices()
+    device = dataclasses.replace(CENTRAL_DEVICE, speed=sum(d.speed for d, _ in devices))
+    run = dataclasses.replace(server.run, mode=FEDZO_FULL,
+                              max_steps=min(MAX_STEPS, server.run.max_steps * len(devices)))
+    return (Fleet((DeviceGroup(device, 1, 0),), origin=CENTRAL_MEZO),
+            dataclasses.replace(server, run=run))
 
 
 def _report_bytes(assignment: Assignment, steps: int) -> int:
