@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from zorba_edge.common.schema import ESTIMATORS
 from zorba_server.aggregation_rules import RULES, describe
 from zorba_server.app import create_app
 from zorba_server.config import AggregationConfig, ConfigError, ServerConfig, load_config
@@ -43,8 +44,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, help="run seed of the perturbation directions (default 0)")
     g.add_argument("--pool-size", type=int, help="K, seeds in the pool (default 1024)")
-    g.add_argument("--lr", type=float, help="learning rate of the ZO steps (default 1e-6)")
+    g.add_argument("--lr", type=float, help="learning rate of the ZO steps (default 1e-4)")
     g.add_argument("--mu", type=float, help="perturbation scale (default 1e-3)")
+    g.add_argument("--estimator", choices=list(ESTIMATORS),
+                   help="one-sided (default): a batch's directions share one unperturbed forward; "
+                   "antithetic: two forwards per direction")
+    g.add_argument("--directions", type=int, help="directions measured on each batch (default 4)")
     g.add_argument("--batch-size", type=int, help="examples per local step (default 8)")
     g.add_argument("--seq-len", type=int, help="tokens per example (default 64)")
     g.add_argument("--min-clients", type=int,
@@ -78,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                    "tls_key": args.tls_key},
         "storage": {"path": args.db},
         "run": {"seed": args.seed, "pool_size": args.pool_size, "lr": args.lr, "mu": args.mu,
+                "estimator": args.estimator, "directions": args.directions,
                 "batch_size": args.batch_size, "seq_len": args.seq_len,
                 "min_clients": args.min_clients, "min_reports": args.min_reports,
                 "round_duration_s": args.round_duration, "max_rounds": args.max_rounds,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from zorba_edge.common.memory_model import ModelFootprint
-from zorba_edge.common.schema import ANTITHETIC, ESTIMATORS, ZORBA
+from zorba_edge.common.schema import ESTIMATORS, ONE_SIDED, ZORBA
 from zorba_edge.errors import ZorbaError
 from zorba_server.aggregation_rules import RULES
 from zorba_server.modes import MODES
@@ -81,8 +81,9 @@ class RunConfig:
     """Run seed of the perturbation directions z[k, b] and of the pool indices."""
     pool_size: int = 1024
     """K, seeds in the pool (rows of alpha)."""
-    lr: float = 1e-6
-    """Learning rate of the zeroth-order steps."""
+    lr: float = 1e-4
+    """Learning rate of the zeroth-order steps (the quickstart's, measured in docs/learning.md;
+    the loss guard below backs it off on a model it is too large for)."""
     mu: float = 1e-3
     """Perturbation scale of the two-sided estimate."""
     batch_size: int = 8
@@ -107,10 +108,10 @@ class RunConfig:
     """Fewest local steps a client is assigned, however slow it is."""
     max_steps: int = 256
     """Most local steps a client is assigned, however fast it is (at most 65,536)."""
-    estimator: str = ANTITHETIC
+    estimator: str = ONE_SIDED
     """`antithetic` (L(theta + mu z) and L(theta - mu z): two forwards per direction) or
     `one-sided` (`directions` perturbed forwards share one unperturbed one)."""
-    directions: int = 1
+    directions: int = 4
     """Directions measured on each batch (1 to 64); each reports its own scalar."""
     lr_scaling: str = "none"
     """`none`: one lr for every client; `dimension`: each client's step is lr x (mean block

@@ -28,7 +28,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def huge_step_run(model_dir: Path, tolerance: float) -> Simulation:
     server = config_from_dict({"enrolment_secret": "s" * 16, "run": {
         "pool_size": 64, "lr": 1e3, "mu": 1e-3, "batch_size": 4, "seq_len": 16,
-        "round_duration_s": 30, "max_steps": 4, "seed": 3, "loss_jump_tolerance": tolerance}})
+        "round_duration_s": 30, "max_steps": 4, "seed": 3, "loss_jump_tolerance": tolerance,
+        "estimator": "antithetic", "directions": 1}})  # four steps a round, each its own batch
     config = SimulationConfig(server, rounds=4, reference_step_s=1.0, eval_every=1)
     sim = Simulation.build(config, open_source(model_dir), fleet_from_counts("laptop-16gb=3"),
                            signal_examples(120), signal_examples(24, seed=1))

@@ -408,7 +408,7 @@ async def test_status_page_metrics_and_status_json_show_the_run(start: Any) -> N
     # The run's hyper-parameters, as the clients were told them (config_dict's lr 0.01).
     hyper = status["hyper"]
     assert (hyper["lr"], hyper["batch_size"], hyper["seq_len"]) == (0.01, 8, 64)
-    assert hyper["lr_factor"] == 1.0 and hyper["estimator"] == "antithetic"
+    assert hyper["lr_factor"] == 1.0 and hyper["estimator"] == "one-sided"
     page = await (await http.get("/")).text()
     assert "<polyline" in page and c.client_id in page and "batch_size 8" in page
     metrics = await (await http.get("/metrics")).text()

@@ -52,9 +52,14 @@ def test_flags_override_the_file_and_the_secret_can_come_from_the_environment(
     path.write_text("[run]\nseed = 1\n")
     monkeypatch.setenv(SECRET_ENV, "from-the-environment")
     config = config_from_args(parse_args(["--config", str(path), "--seed", "9", "--port", "0",
-                                          "--db", "x.sqlite3", "--min-reports", "3"]))
+                                          "--db", "x.sqlite3", "--min-reports", "3",
+                                          "--estimator", "antithetic", "--directions", "2"]))
     assert config.run.seed == 9 and config.server.port == 0 and config.storage.path == "x.sqlite3"
     assert config.run.min_reports == 3 and config.enrolment_secret == "from-the-environment"
+    assert (config.run.estimator, config.run.directions) == ("antithetic", 2)
+    # Unflagged, the run takes the quickstart's measured defaults.
+    default = config_from_args(parse_args(["--config", str(path)]))
+    assert (default.run.estimator, default.run.directions, default.run.lr) == ("one-sided", 4, 1e-4)
 
 
 @pytest.mark.parametrize(("text", "needle"), [

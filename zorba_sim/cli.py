@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from zorba_edge.client.errors import UsageError
+from zorba_edge.common.schema import ESTIMATORS, ONE_SIDED
 from zorba_edge.errors import ZorbaError
 from zorba_sim.fleet import CATALOGUE, GIB, Fleet, fleet_from_counts, load_fleet
 
@@ -49,10 +50,12 @@ class Settings:
     data_seed: int = 0
     lr: float = 1e-4
     mu: float = 1e-3
+    estimator: str = ONE_SIDED
+    directions: int = 4
     batch_size: int = 8
     seq_len: int = 48
     round_duration_s: float = 300.0
-    max_steps: int = 2
+    max_steps: int = 4
     pool_size: int = 1024
     dirichlet_alpha: float = 0.5
     train_examples: int | None = None
@@ -159,6 +162,11 @@ def parser() -> argparse.ArgumentParser:
                    help="ZO learning rate (default %(default)s)")
     g.add_argument("--mu", type=_number(float), default=d.mu,
                    help="perturbation scale (default %(default)s)")
+    g.add_argument("--estimator", choices=list(ESTIMATORS), default=d.estimator,
+                   help="one-sided: --directions perturbed forwards share one unperturbed one; "
+                   "antithetic: two forwards per direction (default %(default)s)")
+    g.add_argument("--directions", type=_number(int), default=d.directions,
+                   help="directions measured on each batch (default %(default)s)")
     g.add_argument("--batch-size", type=_number(int), default=d.batch_size,
                    help="examples per step (default %(default)s)")
     g.add_argument("--seq-len", type=_number(int), default=d.seq_len,
@@ -168,7 +176,8 @@ def parser() -> argparse.ArgumentParser:
                    help="virtual seconds from a round's opening to its deadline; devices take "
                    "the steps that fit (default %(default)s)")
     g.add_argument("--max-steps", type=_number(int), default=d.max_steps,
-                   help="most local steps per device and round: every step is computed for "
+                   help="most local steps (pool indices, one scalar each; a batch measures "
+                   "--directions of them) per device and round: every step is computed for "
                    "real, so this bounds the wall time of a round (default %(default)s)")
     g.add_argument("--pool-size", type=_number(int), default=d.pool_size,
                    help="seed pool K: the coefficient table is K x blocks (default %(default)s)")
@@ -257,7 +266,8 @@ def simulation_config(settings: Settings, device: str) -> Any:
 
     server = config_from_dict({"enrolment_secret": SECRET, "run": {
         "seed": settings.seed, "pool_size": settings.pool_size, "lr": settings.lr,
-        "mu": settings.mu, "batch_size": settings.batch_size, "seq_len": settings.seq_len,
+        "mu": settings.mu, "estimator": settings.estimator, "directions": settings.directions,
+        "batch_size": settings.batch_size, "seq_len": settings.seq_len,
         "round_duration_s": settings.round_duration_s, "max_steps": settings.max_steps}})
     return SimulationConfig(
         server, rounds=settings.rounds, reference_step_s=settings.reference_step_s,
