@@ -230,9 +230,10 @@ def _count_traffic(request: web.Request, route: str, response: web.StreamRespons
     client_id = request.get(CLIENT_ID)
     if coordinator is None or client_id is None:
         return
+    if route == REPORT_ROUTE and response.status == 200:
+        return  # the coordinator counted the report and its ack (their round's row stores them)
     coordinator.count_traffic(client_id, request.content_length or 0,
-                              response.content_length or 0,
-                              reported=route == REPORT_ROUTE and response.status == 200)
+                              response.content_length or 0)
 
 
 def bearer(request: web.Request) -> str | None:
@@ -280,7 +281,8 @@ async def submit_report(request: web.Request) -> web.Response:
     member = authenticated(request, coordinator)
     round_ = path_round(request)
     report = await read_message(request, Report, MAX_REPORT_BYTES)
-    return msgpack_response(await coordinator.submit_report(member, round_, report))
+    return msgpack_response(await coordinator.submit_report(
+        member, round_, report, body_bytes=request.content_length or 0))
 
 
 async def leave(request: web.Request) -> web.Response:

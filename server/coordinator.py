@@ -45,7 +45,7 @@ from zorba_server.resume import LEFT, resume
 from zorba_server.rounds import APPLIED, ReceivedReport
 from zorba_server.status_view import run_status
 from zorba_server.storage import DuplicateError, ModelPin, Snapshot, Store
-from zorba_server.traffic import ClientTraffic
+from zorba_server.traffic import ClientTraffic, RoundBytes
 from zorba_server.weight_rounds import WeightRounds, not_fedavg
 
 log = logging.getLogger("zorba_server")
@@ -86,7 +86,8 @@ class Coordinator:
             "registrations": 0, "reports_accepted": 0, "rounds_applied": 0, "rounds_failed": 0,
         }
         self.traffic: dict[str, ClientTraffic] = {}
-        """Body bytes per client and round, as the HTTP layer counts them (not stored)."""
+        """Body bytes per client and round, as the HTTP layer counts them; each report's row
+        stores its round's (restored on restart)."""
         self.weights = WeightRounds(config, self.engine) if self.engine.weights_only else None
         """fedavg only: uploaded and averaged weights."""
 
@@ -150,6 +151,7 @@ class Coordinator:
         self.run_id, self.created_at = resumed.run_id, resumed.created_at
         self._token_hashes.update(resumed.token_hashes)
         self._counts.update(resumed.counts)
+        self.traffic.update(resumed.traffic)
         engine = self.engine
         log.info("resumed run %s at version %d, round %d%s", self.run_id, engine.version,
                  engine.round_counter - (engine.open is not None),
@@ -241,12 +243,17 @@ class Coordinator:
             # asyncio.wait on a plain future: no task per waiting poll (there are thousands).
             await asyncio.wait((self._round_signal(),), timeout=remaining)
 
-    async def submit_report(self, member: Member, round_: int, report: Report) -> ReportAck:
+    async def submit_report(self, member: Member, round_: int, report: Report, *,
+                            body_bytes: int) -> ReportAck:
+        """Store a report and return its ack (a retry's: the original ack). `body_bytes`: the
+        request body's size; the caller sends the ack's encoding and counts neither (this
+        counts both: a new report's row stores the bytes of the client's round it ends)."""
         cid = member.client_id
         digest = report_hash(round_, report)
         r = self.open
         if r is None or r.plan.round != round_:
-            return await self._report_for_other_round(member, round_, report, digest)
+            return self._retry_answered(cid, body_bytes, await self._report_for_other_round(
+                member, round_, report, digest))
         prior = r.received.get(cid) or (self.pending[cid][0] if cid in self.pending else None)
         if prior is not None:
             if prior.report.idempotency_key != report.idempotency_key:
@@ -261,7 +268,7 @@ class Coordinator:
                     await asyncio.shield(self.pending[cid][1])
                 except DuplicateError:
                     raise _idempotency_conflict(report.idempotency_key) from None
-            return _ack(round_, prior)
+            return self._retry_answered(cid, body_bytes, _ack(round_, prior))
         now = self._clock()
         if self._closing:
             raise round_closed(round_)
@@ -269,24 +276,30 @@ class Coordinator:
         if self.weights is not None:
             self.weights.check_uploaded(round_, cid)
         received = ReceivedReport(cid, report, digest, now)
+        ack = _ack(round_, received)
+        sizes = (body_bytes, len(encode(ack)))
+        ended = self._traffic(cid).end_round(*sizes)
         # Queued now (the store orders writes by call); a task so that the callback below is
         # registered before anyone awaits it and runs first when the commit lands: the
         # round's book is updated before any waiter (a close) looks at it.
-        committed = asyncio.ensure_future(self._store.insert_report(round_, received))
-        committed.add_done_callback(partial(self._report_committed, r, received))
+        committed = asyncio.ensure_future(self._store.insert_report(round_, received, ended))
+        committed.add_done_callback(partial(self._report_committed, r, received, ended, sizes))
         self.pending[cid] = (received, committed)
         try:
             await asyncio.shield(committed)
         except DuplicateError:
             # (client, key) was used in an earlier round: nothing was stored.
             raise _idempotency_conflict(report.idempotency_key) from None
-        return _ack(round_, received)
+        return ack
 
-    def _report_committed(self, r: OpenRound, received: ReceivedReport,
-                          committed: asyncio.Future[None]) -> None:
+    def _report_committed(self, r: OpenRound, received: ReceivedReport, ended: RoundBytes,
+                          sizes: tuple[int, int], committed: asyncio.Future[None]) -> None:
         self.pending.pop(received.client_id, None)
+        traffic = self._traffic(received.client_id)
         if committed.cancelled() or committed.exception() is not None:
+            traffic.not_stored(ended, *sizes)
             return
+        traffic.stored(ended)  # stored: shown whatever becomes of the round
         if self.engine.open is not r:
             return
         self.engine.accept_report(received)
@@ -424,8 +437,19 @@ class Coordinator:
         return run_status(self.engine, self.run_id, self.counters, self._clock(),
                           pending=len(self.pending), traffic=self.traffic)
 
-    def count_traffic(self, client_id: str, up: int, down: int, *, reported: bool) -> None:
-        self.traffic.setdefault(client_id, ClientTraffic()).add(up, down, reported=reported)
+    def count_traffic(self, client_id: str, up: int, down: int) -> None:
+        """Bodies of an answered request, except a report answered 200 (`submit_report`
+        counts that one itself)."""
+        self._traffic(client_id).add(up, down)
+
+    def _traffic(self, client_id: str) -> ClientTraffic:
+        return self.traffic.setdefault(client_id, ClientTraffic())
+
+    def _retry_answered(self, client_id: str, body_bytes: int, ack: ReportAck) -> ReportAck:
+        """A retry ends no round (its report's row holds that round's bytes already): its bytes
+        count toward the next one."""
+        self.count_traffic(client_id, body_bytes, len(encode(ack)))
+        return ack
 
 
 def _log_failure(done: asyncio.Future[None]) -> None:

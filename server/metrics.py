@@ -134,13 +134,14 @@ def _client_gauges(coordinator: Coordinator) -> Iterator[Metric]:
                              "Peak memory the client measured in its last report.",
                              labels=["client"])
     wire = GaugeMetricFamily("zorba_client_round_bytes",
-                             "Body bytes of the client's last reported round (since the server "
-                             "started), by direction.", labels=["client", "direction"])
+                             "Body bytes of the client's last reported round (stored with its "
+                             "report: a restart keeps it), by direction.",
+                             labels=["client", "direction"])
     for cid, m in sorted(coordinator.members.items()):
         budget.add_metric([cid], m.profile.memory_budget_bytes)
         peak.add_metric([cid], m.last_peak_bytes)
         traffic = coordinator.traffic.get(cid)
-        if traffic is not None and traffic.last_round_up is not None:
-            wire.add_metric([cid, "up"], traffic.last_round_up)
-            wire.add_metric([cid, "down"], traffic.last_round_down or 0)
+        if traffic is not None and traffic.last_round is not None:
+            wire.add_metric([cid, "up"], traffic.last_round.up)
+            wire.add_metric([cid, "down"], traffic.last_round.down)
     yield from (budget, peak, wire)

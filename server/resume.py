@@ -13,6 +13,7 @@ from zorba_server.config import ConfigError, RunConfig
 from zorba_server.engine import Member, RoundEngine
 from zorba_server.rounds import APPLIED, OPEN
 from zorba_server.storage import Snapshot
+from zorba_server.traffic import ClientTraffic
 
 LEFT = -math.inf
 """`Member.last_seen` of a client that left (POST /v1/leave): seen too long ago to be active,
@@ -26,6 +27,8 @@ class Resumed:
     token_hashes: dict[bytes, str] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     """reports_accepted, rounds_applied, rounds_failed: as they stood before the restart."""
+    traffic: dict[str, ClientTraffic] = field(default_factory=dict)
+    """Each client's last reported round's bytes, as its last report's row stored them."""
 
 
 def check_same_run(snap: Snapshot, run: RunConfig) -> None:
@@ -67,6 +70,8 @@ def resume(engine: RoundEngine, snap: Snapshot, run: RunConfig, now: float) -> R
             member.rounds_reported = history.count
             member.last_loss, member.last_peak_bytes = history.last_loss, history.last_peak_bytes
             out.counts["reports_accepted"] += history.count
+            if history.last_round_bytes is not None:
+                out.traffic[c.client_id] = ClientTraffic(last_round=history.last_round_bytes)
         engine.add_member(member)
         out.token_hashes[c.token_hash] = c.client_id
     for r in snap.rounds:

@@ -15,7 +15,6 @@ STATUS_ROUNDS = 500
 def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: float, *,
                pending: int = 0, traffic: dict[str, ClientTraffic] | None = None) -> dict[str, Any]:
     traffic = traffic or {}
-    quiet = ClientTraffic()
     active = {m.client_id for m in engine.active_members(now)}
     r = engine.open
     plan = r.plan if r is not None else None
@@ -60,8 +59,7 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
              "last_peak_bytes": m.last_peak_bytes,
              "peak_over_budget": (m.last_peak_bytes / m.profile.memory_budget_bytes
                                   if m.last_peak_bytes else None),
-             "last_round_bytes_up": traffic.get(m.client_id, quiet).last_round_up,
-             "last_round_bytes_down": traffic.get(m.client_id, quiet).last_round_down,
+             **_round_bytes(traffic.get(m.client_id)),
              "blocks": list(plan.clients[m.client_id].blocks)
              if plan is not None and m.client_id in plan.clients else []}
             for m in sorted(engine.members.values(), key=lambda m: m.registered_at)
@@ -74,3 +72,10 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
         ],
         "counters": counters,
     }
+
+
+def _round_bytes(traffic: ClientTraffic | None) -> dict[str, int | None]:
+    """The client's last reported round's body bytes each way (None: none known)."""
+    last = traffic.last_round if traffic is not None else None
+    return {"last_round_bytes_up": last.up if last is not None else None,
+            "last_round_bytes_down": last.down if last is not None else None}

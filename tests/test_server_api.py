@@ -29,6 +29,7 @@ from zorba_edge.common.schema import (
     TRAIN,
     WAIT,
     RegisterRequest,
+    Report,
     ReportAck,
     encode,
 )
@@ -680,6 +681,47 @@ async def test_status_page_and_metrics_show_each_clients_bytes_per_round_and_pea
         client["last_round_bytes_down"]
     assert samples[f'zorba_client_last_peak_bytes{{client="{cid}"}}'] == 3 << 20
     assert samples[f'zorba_client_budget_bytes{{client="{cid}"}}'] == 2**32
+
+
+def _client_samples(metrics: str) -> dict[str, float]:
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines() if line.startswith("zorba_client_")}
+
+
+@BOTH_STORES
+async def test_each_clients_bytes_per_round_are_the_same_after_a_restart(
+        database: str, aiohttp_client: Any) -> None:
+    """Before they were stored, a restart reset them: the status page showed no bytes."""
+    config = config_from_dict(config_dict(database))
+    http = await aiohttp_client(create_app(config))
+    a, b = await joined(http, 2)
+    last: dict[str, tuple[int, Report]] = {}
+    for _ in range(2):
+        for c in (a, b):
+            asg = (await c.poll()).assignment
+            last[c.client_id] = (asg.round, make_report(asg))
+            assert (await c.report(*last[c.client_id])).status == 200
+    shown_before_retry = (await (await http.get("/v1/status")).json())["clients"]
+    # A retry of a stored report gets its ack again but ends no round of its own (it used to
+    # replace the round's figures by its own two bodies: a restart would then change them).
+    assert (await a.report(*last[a.client_id])).status == 200
+    before = (await (await http.get("/v1/status")).json())["clients"]
+    samples = _client_samples(await (await http.get("/metrics")).text())
+    await http.close()
+
+    http = await aiohttp_client(create_app(config))  # a new server over the same database
+    after = (await (await http.get("/v1/status")).json())["clients"]
+    fields = ("client_id", "last_round_bytes_up", "last_round_bytes_down")
+    shown = [{f: c[f] for f in fields} for c in before]
+    assert shown == [{f: c[f] for f in fields} for c in shown_before_retry]
+    assert shown == [{f: c[f] for f in fields} for c in after]
+    assert all(c["last_round_bytes_up"] and c["last_round_bytes_down"] for c in shown)
+    restarted = _client_samples(await (await http.get("/metrics")).text())
+    wire = {k: v for k, v in samples.items() if k.startswith("zorba_client_round_bytes")}
+    assert len(wire) == 4 and wire == {k: v for k, v in restarted.items() if k in wire}
+    for c in shown:
+        assert wire[f'zorba_client_round_bytes{{client="{c["client_id"]}",direction="up"}}'] == \
+            c["last_round_bytes_up"]
 
 
 @BOTH_STORES

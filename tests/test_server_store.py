@@ -26,6 +26,7 @@ from zorba_server.storage import (
     Store,
     StoredReport,
 )
+from zorba_server.traffic import RoundBytes
 
 pytestmark = pytest.mark.asyncio
 CLIENTS = [f"c-{i}" for i in range(8)]
@@ -276,3 +277,39 @@ async def test_a_schema_1_database_is_migrated_and_can_then_reject_a_round(
     await again.close()
     reopened = await open_store()  # stamped 2 now: opens without migrating again
     assert [r.status for r in (await reopened.load(recent_deltas=4)).rounds] == ["rejected"]
+
+
+async def test_the_bytes_of_each_clients_last_reported_round_come_back_after_a_restart(
+        open_store: Opener) -> None:
+    store = await fresh(open_store)
+    await store.insert_report(1, received("c-0", "a"), RoundBytes(263, 536))
+    await store.insert_report(1, received("c-1", "b"))  # no figure: none shown, not a zero
+    await store.close_round(1, "failed", 3.0, 2, None, "too few reports")
+    await store.insert_round(dataclasses.replace(PLAN, round=2))
+    await store.insert_report(2, received("c-0", "c"), RoundBytes(250, 2**33))  # > 32 bits
+    await store.close()
+    snap = await (await open_store()).load(recent_deltas=4)
+    assert {cid: (h.count, h.last_round_bytes) for cid, h in snap.client_reports.items()} == {
+        "c-0": (2, RoundBytes(250, 2**33)), "c-1": (1, None)}
+
+
+async def test_a_schema_2_database_gains_the_report_byte_columns_and_keeps_its_reports(
+        open_store: Opener, backend: tuple[str, Any]) -> None:
+    store = await fresh(open_store)
+    await store.insert_report(1, received("c-0", "a"))
+    await store.close()
+    run_sql(backend, [  # the reports table as schema 2 created it
+        "ALTER TABLE reports DROP COLUMN bytes_up",
+        "ALTER TABLE reports DROP COLUMN bytes_down",
+        "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
+    ])
+    again = await open_store()
+    snap = await again.load(recent_deltas=4)
+    assert [r.client_id for r in snap.open_reports] == ["c-0"]
+    assert snap.client_reports["c-0"].last_round_bytes is None  # never counted durably
+    await again.insert_report(1, received("c-1", "b"), RoundBytes(10, 20))
+    await again.close()
+    reopened = await open_store()  # stamped 3 now: opens without migrating again
+    snap = await reopened.load(recent_deltas=4)
+    assert snap.client_reports["c-1"].last_round_bytes == RoundBytes(10, 20)
+    assert await reopened.find_report("c-0", "a") is not None

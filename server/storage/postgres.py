@@ -57,6 +57,8 @@ CREATE TABLE IF NOT EXISTS reports (
     body_hash BYTEA NOT NULL,
     body BYTEA NOT NULL,
     received_at DOUBLE PRECISION NOT NULL,
+    bytes_up BIGINT,
+    bytes_down BIGINT,
     PRIMARY KEY (round, client_id),
     UNIQUE (client_id, idempotency_key)
 );
@@ -101,8 +103,10 @@ def connect(conninfo: str) -> PgConnection:
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
+        # Migrations run inside this transaction: a crash leaves the old schema whole.
         sql.check_schema_version(conn, f"PostgreSQL database {raw.info.dbname!r}",
-                                 lambda: _widen_round_status(conn))
+                                 {1: lambda: _widen_round_status(conn),
+                                  2: lambda: sql.add_report_bytes(conn, "BIGINT")})
         conn.execute("COMMIT")
     except BaseException:
         raw.close()

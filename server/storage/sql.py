@@ -14,12 +14,13 @@ transaction:
 
 The tables themselves (`sqlite.SCHEMA`, `postgres.SCHEMA`) differ only in column types.
 A table added later (`departures`) is created IF NOT EXISTS when a store opens, so a database
-of an older server gains it without a schema version change.
+of an older server gains it without a schema version change; a changed table needs a new
+SCHEMA_VERSION and a migration step (`check_schema_version`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import msgpack
@@ -30,9 +31,13 @@ from zorba_edge.common.schema import AlphaDelta, DeviceProfile, Report, decode, 
 from zorba_server.rounds import APPLIED, FAILED, OPEN, REJECTED, ReceivedReport, RoundPlan
 from zorba_server.storage.errors import AlreadyPinnedError, RoundNotOpenError, SchemaMismatchError
 from zorba_server.storage.store import ClientReports, ModelPin, Snapshot, StoredClient, StoredRound
+from zorba_server.traffic import RoundBytes
 
-SCHEMA_VERSION = 2
-"""2: rounds may close as `rejected` (the loss guard); schema 1 refused that status."""
+SCHEMA_VERSION = 3
+"""2: rounds may close as `rejected` (the loss guard); schema 1 refused that status.
+3: a report's row holds the body bytes of the client's round it ended (`REPORT_BYTES`)."""
+REPORT_BYTES = ("bytes_up", "bytes_down")
+"""The reports table's columns of `RoundBytes` (NULL in rows stored before schema 3)."""
 ROUND_STATUS_CHECK = f"CHECK (status IN ({', '.join(repr(s) for s in (OPEN, APPLIED, FAILED, REJECTED))}))"
 """The rounds table's status constraint, one text for both stores and their migrations."""
 _UNLIMITED = 1 << 40  # our own rows: trusted, sized by the schema limits when written
@@ -52,20 +57,31 @@ class Connection(Protocol):
 
 
 def check_schema_version(conn: Connection, where: str,
-                         migrate_from_1: Callable[[], None] | None = None) -> None:
-    """Stamp a new database with SCHEMA_VERSION; migrate a schema-1 database with
-    `migrate_from_1` (each store knows how to change its own constraint); refuse any other."""
+                         migrations: Mapping[int, Callable[[], None]]) -> None:
+    """Stamp a new database with SCHEMA_VERSION; bring an older one up step by step, where
+    `migrations[v]` turns schema v into v + 1 (each store knows its own DDL); refuse any other."""
     found = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     if found is None:
         conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-    elif int(found[0]) == 1 and migrate_from_1 is not None:
-        migrate_from_1()
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
-    elif int(found[0]) != SCHEMA_VERSION:
+        return
+    version = int(found[0])
+    if version > SCHEMA_VERSION or any(v not in migrations for v in range(version, SCHEMA_VERSION)):
         raise SchemaMismatchError(
             f"{where} has storage schema {found[0]}, this server writes {SCHEMA_VERSION}: "
             "use the server version that created it or start a new database"
         )
+    for step in range(version, SCHEMA_VERSION):
+        migrations[step]()
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(step + 1),))
+
+
+def add_report_bytes(conn: Connection, integer_type: str) -> None:
+    """Schema 2 -> 3: the reports table gains `REPORT_BYTES` (NULL for the rows it has: their
+    bytes were never counted durably). Columns present already are left as they are."""
+    present = {column[0] for column in conn.execute("SELECT * FROM reports LIMIT 0").description}
+    for column in REPORT_BYTES:
+        if column not in present:
+            conn.execute(f"ALTER TABLE reports ADD COLUMN {column} {integer_type}")
 
 
 def run_batch(conn: Connection, ops: Sequence[Op], begin: str = "BEGIN IMMEDIATE") -> list[Any]:
@@ -167,11 +183,14 @@ def load(conn: Connection, *, recent_deltas: int) -> Snapshot:
     ]
     counts = dict(conn.execute("SELECT client_id, COUNT(*) FROM reports GROUP BY client_id"))
     client_reports = {}
-    for cid, body in conn.execute(
-            "SELECT r.client_id, r.body FROM reports r JOIN (SELECT client_id, MAX(round) AS last"
-            " FROM reports GROUP BY client_id) l ON r.client_id = l.client_id AND r.round = l.last"):
+    for cid, body, up, down in conn.execute(
+            "SELECT r.client_id, r.body, r.bytes_up, r.bytes_down FROM reports r JOIN (SELECT"
+            " client_id, MAX(round) AS last FROM reports GROUP BY client_id) l"
+            " ON r.client_id = l.client_id AND r.round = l.last"):
         last = decode(Report, body, max_bytes=_UNLIMITED)
-        client_reports[cid] = ClientReports(int(counts[cid]), last.loss_mean, last.peak_memory_bytes)
+        traffic = None if up is None or down is None else RoundBytes(int(up), int(down))
+        client_reports[cid] = ClientReports(int(counts[cid]), last.loss_mean,
+                                            last.peak_memory_bytes, traffic)
     return Snapshot(run_id, seed, pool_size, created_at, fingerprint, footprint, version, alpha,
                     clients, rounds, open_reports, deltas, client_reports)
 
@@ -243,16 +262,18 @@ def insert_round(conn: Connection, plan: RoundPlan) -> None:
     )
 
 
-def insert_report(conn: Connection, round_: int, received: ReceivedReport) -> None:
+def insert_report(conn: Connection, round_: int, received: ReceivedReport,
+                  traffic: RoundBytes | None = None) -> None:
     status = conn.execute("SELECT status FROM rounds WHERE round = ?", (round_,)).fetchone()
     if status is None or status[0] != OPEN:
         # The coordinator never closes a round with commits pending; this guards the invariant.
         raise RoundNotOpenError(f"round {round_} is not open")
     conn.execute(
-        "INSERT INTO reports (round, client_id, idempotency_key, body_hash, body, received_at)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO reports (round, client_id, idempotency_key, body_hash, body, received_at,"
+        f" {', '.join(REPORT_BYTES)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (round_, received.client_id, received.report.idempotency_key, received.body_hash,
-         encode(received.report), received.received_at),
+         encode(received.report), received.received_at,
+         None if traffic is None else traffic.up, None if traffic is None else traffic.down),
     )
 
 

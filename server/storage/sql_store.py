@@ -17,6 +17,7 @@ from zorba_server.rounds import ReceivedReport, RoundPlan
 from zorba_server.storage import sql
 from zorba_server.storage.committer import Committer
 from zorba_server.storage.store import CommitStats, ModelPin, Snapshot, StoredReport
+from zorba_server.traffic import RoundBytes
 
 
 class SqlStore:
@@ -72,8 +73,10 @@ class SqlStore:
     def insert_round(self, plan: RoundPlan) -> Awaitable[None]:
         return self._write(partial(sql.insert_round, plan=plan))
 
-    def insert_report(self, round_: int, received: ReceivedReport) -> Awaitable[None]:
-        return self._write(partial(sql.insert_report, round_=round_, received=received))
+    def insert_report(self, round_: int, received: ReceivedReport,
+                      traffic: RoundBytes | None = None) -> Awaitable[None]:
+        return self._write(partial(sql.insert_report, round_=round_, received=received,
+                                   traffic=traffic))
 
     def find_report(self, client_id: str, idempotency_key: str) -> Awaitable[StoredReport | None]:
         return self._translated(self._find_report(client_id, idempotency_key))

@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS reports (
     body_hash BLOB NOT NULL,
     body BLOB NOT NULL,
     received_at REAL NOT NULL,
+    bytes_up INTEGER,
+    bytes_down INTEGER,
     PRIMARY KEY (round, client_id),
     UNIQUE (client_id, idempotency_key)
 );
@@ -73,7 +75,8 @@ def connect(path: str | Path, synchronous: str = "full") -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(SCHEMA)
-    sql.check_schema_version(conn, str(path), lambda: _rebuild_rounds_table(conn))
+    sql.check_schema_version(conn, str(path), {1: lambda: _rebuild_rounds_table(conn),
+                                               2: lambda: _add_report_bytes(conn)})
     return conn
 
 
@@ -99,6 +102,19 @@ def _rebuild_rounds_table(conn: sqlite3.Connection) -> None:
         raise
     finally:
         conn.execute("PRAGMA foreign_keys=ON")
+
+
+def _add_report_bytes(conn: sqlite3.Connection) -> None:
+    """Schema 2 -> 3, in one transaction with its stamp (SQLite's DDL is transactional): a
+    crash leaves either schema 2 or schema 3, never new columns under the old stamp."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        sql.add_report_bytes(conn, "INTEGER")
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def domain_error(exc: Exception) -> Exception:

@@ -23,6 +23,7 @@ import numpy as np
 from zorba_edge.common.memory_model import ModelFootprint
 from zorba_edge.common.schema import AlphaDelta, DeviceProfile
 from zorba_server.rounds import ReceivedReport, RoundPlan
+from zorba_server.traffic import RoundBytes
 
 ALL_DELTAS = 1 << 62
 """`Store.load(ALL_DELTAS)`: every increment of the run."""
@@ -75,6 +76,8 @@ class ClientReports:
     """Reports stored (acknowledged), every round."""
     last_loss: float
     last_peak_bytes: int
+    last_round_bytes: RoundBytes | None = None
+    """Body bytes of the round its last report ended (None: stored before schema 3)."""
 
 
 @dataclass(frozen=True)
@@ -136,9 +139,11 @@ class Store(Protocol):
     def insert_round(self, plan: RoundPlan) -> Awaitable[None]:
         """Open a round."""
 
-    def insert_report(self, round_: int, received: ReceivedReport) -> Awaitable[None]:
-        """Store a report once: DuplicateError for a second report of the client in the round
-        or a reused idempotency key, RoundNotOpenError when the round is not open."""
+    def insert_report(self, round_: int, received: ReceivedReport,
+                      traffic: RoundBytes | None = None) -> Awaitable[None]:
+        """Store a report once, with `traffic`, the body bytes of the client's round it ends
+        (`traffic.py`): DuplicateError for a second report of the client in the round or a
+        reused idempotency key, RoundNotOpenError when the round is not open."""
 
     def find_report(self, client_id: str, idempotency_key: str) -> Awaitable[StoredReport | None]:
         ...
