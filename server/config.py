@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from zorba_edge.common.memory_model import ModelFootprint
-from zorba_edge.common.schema import ESTIMATORS, ONE_SIDED, ZORBA
+from zorba_edge.common.schema import ESTIMATORS, NORMALISED, ONE_SIDED, ZORBA
 from zorba_edge.errors import ZorbaError
 from zorba_server.aggregation_rules import RULES
 from zorba_server.modes import MODES
@@ -150,6 +150,9 @@ class RunConfig:
             (self.estimator in ESTIMATORS,
              f"run.estimator={self.estimator!r}: use one of {', '.join(ESTIMATORS)}"),
             (1 <= self.directions <= 64, "run.directions must be in 1..64"),
+            (self.estimator != NORMALISED or self.directions >= 2,
+             "run.estimator='normalised' divides by the spread of a batch's differences: it "
+             "needs run.directions >= 2"),
             (self.pool_size >= 1, "run.pool_size must be >= 1"),
             (self.lr > 0 and self.mu > 0, "run.lr and run.mu must be > 0"),
             (self.batch_size >= 1 and self.seq_len >= 1,

@@ -170,7 +170,8 @@ def test_a_round_gated_by_finish_by_ends_its_last_step_before_the_instant() -> N
 
 
 @pytest.mark.parametrize("estimator, directions, forwards_per_batch",
-                         [("antithetic", 1, 2), ("antithetic", 3, 6), ("one-sided", 3, 4)])
+                         [("antithetic", 1, 2), ("antithetic", 3, 6), ("one-sided", 3, 4),
+                          ("normalised", 3, 4)])
 def test_each_reported_scalar_moved_theta_by_lr_g_z_whatever_the_estimator(
         estimator: str, directions: int, forwards_per_batch: int) -> None:
     """The server adds lr * g per reported (k, g); the local steps must be the same moves, so
@@ -207,6 +208,29 @@ def test_each_reported_scalar_moved_theta_by_lr_g_z_whatever_the_estimator(
     moved = [not torch.equal(a, c) for b in job.blocks
              for a, c in zip(seen[0][b], seen[directions][b], strict=True)]
     assert all(moved)  # the first batch really stepped
+
+
+def test_normalised_batches_have_unit_spread_and_a_short_last_batch_is_left_unreported() -> None:
+    """A spread needs two differences: of 5 pool indices at 2 directions a batch, the last
+    one is not measured (and not reported); each batch's scalars are its differences over
+    their standard deviation, so their spread is 1 whatever the model's gradient scale."""
+    import dataclasses
+    import statistics
+    import threading
+
+    from zorba_edge.client.trainer import run_local_steps
+
+    trainer = make_trainer()
+    hyper = dataclasses.replace(HYPER, lr=1e-3, estimator="normalised", directions=2)
+    job = dataclasses.replace(assignment(1, (0, 2), (10, 11, 12, 13, 14)), hyper=hyper)
+    loaded = trainer.hold(job.blocks)
+    blocks = {b: loaded.trainable_parameters(b) for b in job.blocks}
+    outcome = run_local_steps(loaded.model, blocks, trainer.task, job, trainer.run, "cpu",
+                              threading.Event())
+    assert [k for k, _ in outcome.steps] == [10, 11, 12, 13]
+    assert outcome.forwards == 2 * 3 + 1
+    for first, second in (outcome.steps[0:2], outcome.steps[2:4]):
+        assert statistics.stdev([first[1], second[1]]) == pytest.approx(1.0)
 
 
 def test_stale_frozen_blocks_are_rebuilt_a_few_a_round_the_stalest_first() -> None:

@@ -276,6 +276,13 @@ def simulation_config(settings: Settings, device: str) -> Any:
         eval_every=settings.eval_every, device=device)
 
 
+def applied_rounds(sim: Any) -> int:
+    """Rounds applied (not the version: a loss-guard rollback publishes a version too)."""
+    from zorba_server.rounds import APPLIED
+
+    return sum(1 for r in sim.records if r.status == APPLIED)
+
+
 def default_device() -> str:
     import torch
 
@@ -303,7 +310,7 @@ def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots:
         "train_examples": sum(len(c.task.examples) for c in sim.clients.values()),
         "eval_examples": eval_examples,
         "rounds_run": len(sim.records),
-        "applied_rounds": sim.engine.version,
+        "applied_rounds": applied_rounds(sim),
         "base_accuracy": base_accuracy,
         "final_accuracy": accuracy,
         "final_accuracy_after_round": measured_after,
@@ -408,7 +415,7 @@ def run(args: argparse.Namespace) -> int:
     from zorba_sim.results import final_accuracy
 
     accuracy, _ = final_accuracy(sim.records)
-    print(f"zorba-simulate: {len(sim.records)} rounds ({sim.engine.version} applied), virtual "
+    print(f"zorba-simulate: {len(sim.records)} rounds ({applied_rounds(sim)} applied), virtual "
           f"time {sim.clock:,.0f} s, {sim.forwards:,} forward passes, held-out accuracy "
           + (f"{accuracy:.3f}" if accuracy is not None else "not measured"), file=sys.stderr)
     if not plots:

@@ -219,9 +219,11 @@ class Simulation:
         (on a probe copy of a client's task, so no client's batch order moves)."""
         client = next(iter(self.clients.values()))
         task = LocalTask(client.task.examples, client.task.tokenizer, client.task.template)
+        hyper = self.engine.hyper()  # one batch: every estimator measures its directions
         probe = Assignment(round=0, base_version=self.engine.version,
-                           blocks=tuple(range(self.loaded.num_blocks)), pool_indices=(0,),
-                           hyper=self.engine.hyper(), deadline_in_s=0.0, deadline_unix=0.0)
+                           blocks=tuple(range(self.loaded.num_blocks)),
+                           pool_indices=tuple(range(hyper.directions)),
+                           hyper=hyper, deadline_in_s=0.0, deadline_unix=0.0)
         times = []
         for _ in range(steps):
             outcome = run_local_steps(self.loaded.model, self.all_blocks(), task, probe,

@@ -39,7 +39,7 @@ from zorba_edge.engine.coefficients import (
     block_materializer,
 )
 from zorba_edge.engine.directions import BlockTensors
-from zorba_edge.engine.zo import ESTIMATORS, RoundSnapshot, ZOConfig
+from zorba_edge.engine.zo import ESTIMATORS, MIN_DIRECTIONS, RoundSnapshot, ZOConfig
 from zorba_edge.errors import ZorbaError
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, release_freed_memory
 from zorba_edge.model.sources import ModelSource
@@ -275,8 +275,11 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
         for t in range(0, len(pool), n):
             if (cancel is not None and cancel.is_set()) or (on_step is not None and not on_step(t)):
                 break
+            ks = pool[t:t + n]
+            if len(ks) < MIN_DIRECTIONS.get(hyper.estimator, 1):
+                break  # a short last batch the estimator cannot measure: left unreported
             batch = task.next_batch(hyper.batch_size, hyper.seq_len).to(device)
-            result = estimate(model, blocks, task.loss_fn, batch, run.seed, pool[t:t + n], config)
+            result = estimate(model, blocks, task.loss_fn, batch, run.seed, ks, config)
             steps.extend(result.steps)
             losses.append(result.loss)
             forwards += result.forwards

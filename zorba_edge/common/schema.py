@@ -236,8 +236,8 @@ class RegisterRequest:
         f"Protocol version the client speaks ({PROTOCOL_VERSION})."))
 
 
-ANTITHETIC, ONE_SIDED = "antithetic", "one-sided"
-ESTIMATORS = (ANTITHETIC, ONE_SIDED)
+ANTITHETIC, ONE_SIDED, NORMALISED = "antithetic", "one-sided", "normalised"
+ESTIMATORS = (ANTITHETIC, ONE_SIDED, NORMALISED)
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,10 @@ class HyperParams:
     seq_len: int = field(metadata=wire("Tokens per example.", unit="tokens", ge=1))
     estimator: str = field(default=ANTITHETIC, metadata=wire(
         "How a batch's projected gradients are measured: `antithetic` (two forwards per "
-        "direction) or `one-sided` (n directions share one unperturbed forward: n + 1).",
+        "direction), `one-sided` (n directions share one unperturbed forward: n + 1) or "
+        "`normalised` (one-sided, each loss difference divided by the standard deviation of "
+        "the batch's n differences instead of by mu: a step of one size whatever the model's "
+        "gradient scale; n >= 2).",
         choices=ESTIMATORS))
     directions: int = field(default=1, metadata=wire(
         "Directions (pool indices) measured on each batch; each reports its own (k, g) and "

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zorba_edge.common.schema import ANTITHETIC, NORMALISED, ONE_SIDED
 from zorba_edge.engine.directions import BlockTensors, Direction
 from zorba_edge.errors import InvalidScalarError
 
@@ -211,8 +212,20 @@ def projected_gradient(
     return loss_plus, loss_minus
 
 
-ESTIMATORS: dict[str, Estimator] = {"antithetic": antithetic_estimate, "one-sided": one_sided_estimate}
+@torch.no_grad()
+def normalised_estimate(
+    model: nn.Module, blocks: BlockTensors, loss_fn: LossFn, batch: Any, run_seed: int,
+    ks: Sequence[int], config: ZOConfig,
+) -> Estimate:
+    """`one_sided_estimate` normalised by the spread of its differences (FZOO)."""
+    return one_sided_estimate(model, blocks, loss_fn, batch, run_seed, ks, config, normalise=True)
+
+
+ESTIMATORS: dict[str, Estimator] = {ANTITHETIC: antithetic_estimate, ONE_SIDED: one_sided_estimate,
+                                    NORMALISED: normalised_estimate}
 """The run settings' names (zorba_edge.common.schema.ESTIMATORS) -> their functions."""
+MIN_DIRECTIONS = {NORMALISED: 2}
+"""Fewest directions a batch of each estimator measures (a spread needs two)."""
 
 
 class RoundSnapshot:
