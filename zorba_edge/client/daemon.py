@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
 from zorba_edge.client.sizes import format_size
@@ -509,7 +509,8 @@ class ClientDaemon:
         assert self._stop is not None
         stop = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            waiting: set[asyncio.Future[Any]] = {task, stop}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
 

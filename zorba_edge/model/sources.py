@@ -71,7 +71,7 @@ class ModelSource(Protocol):
     def tokenizer(self) -> PreTrainedTokenizerBase: ...
 
 
-def open_source(spec: str | Path, tokenizer_dir: str | Path | None = None) -> ModelSource:
+def open_source(spec: str | Path, tokenizer_dir: str | Path | None = None) -> FileSource:
     """The source for a path: a directory is a transformers checkpoint, `*.gguf` a GGUF file.
 
     `tokenizer_dir` (`--tokenizer DIR`) replaces the model's own tokenizer."""
@@ -417,6 +417,10 @@ def _gguf_name_map(
 def _seed_for(seed: int, name: str) -> int:
     """A torch seed for one named part of a random model, independent of the other parts."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
+FileSource = SafetensorsDirSource | GGUFSource
+"""A ModelSource read from a file or directory, which it names as `path`."""
 
 
 class RandomInitSource:
