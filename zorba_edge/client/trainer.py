@@ -48,6 +48,11 @@ StepGate = Callable[[int], bool]
 """on_step(t): whether to start local step t (False ends the round there)."""
 
 
+def first_steps(count: int) -> StepGate:
+    """A gate that lets steps 0 .. count-1 run and ends the round there."""
+    return lambda t: t < count
+
+
 def finish_by(stop_by: float, prior_step_s: float) -> StepGate:
     """Start a step only if it should end by `stop_by` (a time.monotonic() instant), judging
     by this round's mean step so far (before the first: `prior_step_s`). A cancel flag alone
