@@ -85,8 +85,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    "(default fp32: ZO's small perturbations need it)")
     g.add_argument("--frozen-dtype", default="auto", choices=("auto", *FROZEN_DTYPES),
                    help="precision of the frozen blocks' Linear layers. auto (default): nf4 on "
-                   "CUDA (bitsandbytes), bf16 elsewhere, where the bitsandbytes CPU kernels "
-                   "measured 15-30x slower per forward pass for ~10%% less memory")
+                   "CUDA (bitsandbytes), bf16 elsewhere: on CPU nf4's rounding errs by 31%% on "
+                   "SmolLM2's ZO gradient estimate where bf16 errs by 0.5%% (README, "
+                   "\"Frozen blocks on CPU\")")
     g.add_argument("--embedding-dtype", choices=TRAIN_DTYPES, default=None,
                    help="precision of the frozen embeddings and LM head (default: the "
                    "--train-dtype). bf16 halves them (Gemma 3's 262k-token embedding: 640 MiB "
