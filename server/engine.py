@@ -43,7 +43,7 @@ from zorba_server.aggregation import RoundDelta, apply_delta
 from zorba_server.config import ServerConfig
 from zorba_server.loss_guard import Anchor, advance, judge, rollback_delta
 from zorba_server.modes import MODES, SolveFn
-from zorba_server.pool import round_pool_indices
+from zorba_server.pool_indices import round_pool_indices
 from zorba_server.rounds import (
     APPLIED,
     REJECTED,

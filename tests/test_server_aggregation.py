@@ -12,7 +12,7 @@ from zorba_edge.errors import InvalidScalarError
 from zorba_server.aggregation import Contribution, aggregate, apply_delta, check_scalars
 from zorba_server.config import AggregationConfig
 from zorba_server.errors import Refusal
-from zorba_server.pool import round_pool_indices
+from zorba_server.pool_indices import round_pool_indices
 from zorba_server.rounds import (
     APPLIED,
     FAILED,
