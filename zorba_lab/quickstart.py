@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zorba_edge.client.sizes import format_size, parse_size
+from zorba_edge.client.byte_sizes import format_size, parse_size
 from zorba_edge.common.schema import ESTIMATORS, ONE_SIDED
 from zorba_lab.federation import ClientSetup, FederationPlan, FederationResult
 

@@ -19,6 +19,7 @@ import torch
 from zorba_edge.client import assembly
 from zorba_edge.client.assembly import DataChoice, DeviceReport
 from zorba_edge.client.backoff import Backoff
+from zorba_edge.client.byte_sizes import format_size
 from zorba_edge.client.daemon import (
     CheckRun,
     ClientDaemon,
@@ -43,7 +44,6 @@ from zorba_edge.client.profiling import (
 )
 from zorba_edge.client.progress import ProgressReporter
 from zorba_edge.client.run_modes import CLIENT_MODES
-from zorba_edge.client.sizes import format_size
 from zorba_edge.client.state import StateStore, default_state_path
 from zorba_edge.client.transport import ServerClient, normalize_url
 from zorba_edge.common.schema import RegisterRequest, RunInfo

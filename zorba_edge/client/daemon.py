@@ -28,8 +28,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from zorba_edge.client.byte_sizes import format_size
 from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
-from zorba_edge.client.sizes import format_size
 from zorba_edge.client.state import ClientState, StateStore
 from zorba_edge.client.trainer import RoundOutcome, StepGate, SyncError, finish_by
 from zorba_edge.client.transport import ServerClient
