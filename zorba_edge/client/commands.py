@@ -32,7 +32,7 @@ from zorba_edge.client.daemon import (
     Trainer,
     describe_summary,
 )
-from zorba_edge.client.detach import claim_pid_file, detach
+from zorba_edge.client.daemonize import claim_pid_file, detach
 from zorba_edge.client.errors import UsageError
 from zorba_edge.client.evaluation import evaluate, fetch_remote_table
 from zorba_edge.client.profiling import (
