@@ -26,7 +26,7 @@ from zorba_edge.common.schema import ESTIMATORS, ONE_SIDED
 from zorba_lab.federation import ClientSetup, FederationPlan, FederationResult
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
-    from zorba_edge.client.task import LocalTask
+    from zorba_edge.client.local_task import LocalTask
     from zorba_edge.model.sources import ModelSource
 
 # The frozen SmolLM2 (bf16) with runtime and activations measures ~0.9 GiB: a 0.9 GiB budget

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zorba_edge.client.assembly import client_task_seed, footprint_of
-from zorba_edge.client.task import LocalTask
+from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.trainer import first_steps, run_local_steps
 from zorba_edge.common.schema import (
     FEDZO_FULL,

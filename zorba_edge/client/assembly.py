@@ -18,6 +18,7 @@ import torch
 
 from zorba_edge.client.admission import Admission, admit
 from zorba_edge.client.errors import BudgetError, UsageError
+from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.profiling import (
     Budget,
     DeviceSurvey,
@@ -25,7 +26,6 @@ from zorba_edge.client.profiling import (
     synchronizer,
     time_call,
 )
-from zorba_edge.client.task import LocalTask
 from zorba_edge.common.memory_model import MemorySettings, ModelFootprint
 from zorba_edge.common.schema import DeviceProfile, MemoryProfile, RegisterRequest, RunInfo
 from zorba_edge.data.examples import ClassificationExample, Example

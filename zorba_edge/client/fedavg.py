@@ -24,8 +24,8 @@ from collections.abc import Iterable
 import torch
 from safetensors.torch import save
 
+from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.memory_probe import PeakMemoryProbe
-from zorba_edge.client.task import LocalTask
 from zorba_edge.client.trainer import RoundOutcome, StepGate, SyncError, advance_table, check_saved_table
 from zorba_edge.common.schema import AlphaDelta, AlphaState, Assignment, RunInfo
 from zorba_edge.common.weights import tensor_key

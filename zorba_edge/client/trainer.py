@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.memory_probe import PeakMemoryProbe
-from zorba_edge.client.task import LocalTask
 from zorba_edge.common.schema import (
     MAX_LOSS,
     AlphaDelta,
