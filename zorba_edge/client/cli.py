@@ -244,11 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from zorba_edge.client import commands
+        from zorba_edge.client import command_handlers
 
         if args.threads:
-            commands.torch.set_num_threads(args.threads)
-        return int(getattr(commands, args.handler)(args))
+            command_handlers.torch.set_num_threads(args.threads)
+        return int(getattr(command_handlers, args.handler)(args))
     except ZorbaError as exc:
         print(f"zorba-edge {args.command}: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
