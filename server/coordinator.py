@@ -170,7 +170,7 @@ class Coordinator:
         if member.last_seen == LEFT:
             # It left and came back: a restart must count it active again (queued now; a
             # failure only means a restart sees it as gone until its next request).
-            returned = asyncio.ensure_future(self._store.set_left(client_id, None))
+            returned = asyncio.ensure_future(self._store.set_left(member.client_id, None))
             returned.add_done_callback(_log_failure)
         member.last_seen = self._clock()
         return member

@@ -43,7 +43,7 @@ from zorba_server.aggregation import RoundDelta, apply_delta
 from zorba_server.config import ServerConfig
 from zorba_server.loss_guard import Anchor, advance, judge, rollback_delta
 from zorba_server.modes import MODES, SolveFn
-from zorba_server.pool import round_pool_indices
+from zorba_server.pool_indices import round_pool_indices
 from zorba_server.rounds import (
     APPLIED,
     REJECTED,
@@ -52,7 +52,7 @@ from zorba_server.rounds import (
     RoundOutcome,
     RoundPlan,
     check_report,
-    close_round,
+    decide_round,
 )
 from zorba_server.scheduler import ClientSpec, Schedule, local_steps
 
@@ -437,8 +437,8 @@ class RoundEngine:
         assert r is not None and self.alpha is not None
         plan = r.plan
         weights = {cid: self._sample_weight(cid) for cid in plan.clients}
-        outcome = close_round(plan, r.received, weights, min_reports=self.config.run.min_reports,
-                              aggregation=self.config.aggregation)
+        outcome = decide_round(plan, r.received, weights, min_reports=self.config.run.min_reports,
+                               aggregation=self.config.aggregation)
         checks = {cid: rec.report.loss_check for cid, rec in sorted(r.received.items())
                   if rec.report.loss_check is not None and weights[cid] > 0}
         anchor, change = None, None

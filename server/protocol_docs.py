@@ -17,6 +17,7 @@ import argparse
 import ast
 import base64
 import dataclasses
+import functools
 import inspect
 import json
 import re
@@ -68,7 +69,7 @@ def message_types() -> list[type]:
     seen: list[type] = []
 
     def visit(tp: Any) -> None:
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if tp in seen:
                 return
             seen.append(tp)
@@ -105,7 +106,7 @@ def _type_text(tp: Any) -> str:
     inner = _optional_inner(tp)
     if inner is not None:
         return f"{_type_text(inner)} or nil"
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return f"[`{tp.__name__}`](#{tp.__name__.lower()})"
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
@@ -228,7 +229,8 @@ def _attribute_docs(cls: type) -> dict[str, str]:
     docs = {}
     for node, after in zip(body, body[1:], strict=False):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)):
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
             docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
     return docs
 
@@ -240,7 +242,7 @@ def _json_type(tp: Any, meta: dict[str, Any]) -> dict[str, Any]:
     inner = _optional_inner(tp)
     if inner is not None:
         return {"anyOf": [_json_type(inner, meta), {"type": "null"}]}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return {"$ref": f"#/$defs/{tp.__name__}"}
     out: dict[str, Any] = {}
     bounds = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum"}
@@ -319,8 +321,12 @@ def render_protocol_md(text: str) -> str:
                              re.DOTALL)
         if not pattern.search(text):
             raise ValueError(f"{PROTOCOL_MD}: no <!-- generated:{name} --> section")
-        text = pattern.sub(lambda m, c=content: m.group(1) + c + m.group(2), text)
+        text = pattern.sub(functools.partial(_between_markers, content=content), text)
     return text
+
+
+def _between_markers(match: re.Match[str], content: str) -> str:
+    return match.group(1) + content + match.group(2)
 
 
 def render_schema_json() -> str:

@@ -168,9 +168,9 @@ def check_report(plan: RoundPlan, client_id: str, report: Report, *, max_abs_sca
         raise errors.unprocessable("invalid_scalar", str(exc)) from None
 
 
-def close_round(plan: RoundPlan, reports: Mapping[str, ReceivedReport],
-                weights: Mapping[str, float], *, min_reports: int,
-                aggregation: AggregationConfig) -> RoundOutcome:
+def decide_round(plan: RoundPlan, reports: Mapping[str, ReceivedReport],
+                 weights: Mapping[str, float], *, min_reports: int,
+                 aggregation: AggregationConfig) -> RoundOutcome:
     """Decide a closing round's fate and, when it applies, its increments."""
     count = len(reports)
     loss = _weighted_loss(reports, weights)

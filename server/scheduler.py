@@ -76,7 +76,9 @@ class SchedulerConfig:
     milp_max_clients: int = 32
     """Above this many admitted clients, the greedy heuristic alone (measured: see docs)."""
     round_deadline_s: float | None = None
-    """Compute time a client has per round; None: every client runs max_steps."""
+    """Compute time a client has per round; with one, a client too slow for min_steps in it
+    is excluded. (The round engine sets it and the step bounds from the run, and gives each
+    admitted client its steps with `local_steps`.)"""
     min_steps: int = 1
     max_steps: int = 32
 
@@ -114,8 +116,6 @@ class SchedulerConfig:
 class Schedule:
     assignments: dict[str, tuple[int, ...]]
     """Admitted client -> blocks it trains (sorted). Every admitted client has >= 1."""
-    steps: dict[str, int]
-    """Admitted client -> local steps this round."""
     coverage: float
     """t: least data-weighted coverage over the required blocks, in units of weight."""
     stage1_coverage: float
@@ -181,15 +181,6 @@ def solve_schedule(
     }
     return Schedule(
         assignments=assignments,
-        steps={
-            c.client_id: local_steps(
-                c.step_time_s,
-                config.round_deadline_s,
-                min_steps=config.min_steps,
-                max_steps=config.max_steps,
-            )
-            for c in admitted
-        },
         coverage=min_coverage(problem, a, required),
         stage1_coverage=result.stage1_coverage,
         stage1_bound=result.stage1_bound,

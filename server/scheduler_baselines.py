@@ -23,7 +23,6 @@ from zorba_server.scheduler import (
     ClientSpec,
     Schedule,
     SchedulerConfig,
-    local_steps,
     solve_schedule,
 )
 
@@ -113,9 +112,6 @@ def _schedule(
     by_id = {c.client_id: c for c in clients}
     return Schedule(
         assignments=assignments,
-        steps={cid: local_steps(by_id[cid].step_time_s, config.round_deadline_s,
-                                min_steps=config.min_steps, max_steps=config.max_steps)
-               for cid in assignments},
         coverage=float(cover.min()),
         stage1_coverage=float(cover.min()),
         block_coverage=tuple(float(x) for x in cover),

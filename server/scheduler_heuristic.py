@@ -16,6 +16,8 @@ largest blocks and lightest clients first, while every required block keeps cove
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from zorba_server.scheduler_problem import Problem, counts, coverage
@@ -94,8 +96,9 @@ def repair_counts(problem: Problem, a: np.ndarray) -> np.ndarray:
             if rows.size == 0:
                 break
             free = rows[usage.fits_add(problem, rows, b)]
+            drop: int | None = None
             if free.size:
-                n, drop = int(free[np.argmax(problem.weights[free])]), None
+                n = int(free[np.argmax(problem.weights[free])])
             else:
                 spare = a[rows] & (~problem.coverable | (cnt > problem.target))[None, :]
                 ok = usage.fits_swap(problem, rows, b, spare)
@@ -103,8 +106,8 @@ def repair_counts(problem: Problem, a: np.ndarray) -> np.ndarray:
                     break
                 # Take from the block that stays best covered after losing the client.
                 score = np.where(ok, cov[None, :] - problem.weights[rows, None], -np.inf)
-                i, drop = np.unravel_index(int(np.argmax(score)), score.shape)
-                n, drop = int(rows[i]), int(drop)
+                i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+                n, drop = int(rows[i]), int(j)
             a[n, b] = True
             usage.move(problem, n, b, drop)
             cnt[b] += 1
@@ -161,7 +164,8 @@ class _Search:
         if free.size:
             self._shift(int(free[np.argmax(w[free])]), b0, None)
             return True
-        best = (t0 + self.tol, None)
+        # (value, move): a move is ("shift", n, b) or what _best_exchange returns.
+        best: tuple[float, tuple[Any, ...] | None] = (t0 + self.tol, None)
         spare = ~self.required | (self.cnt > p.target)
         movable = a[rows] & spare[None, :] & (self.cov[None, :] - w[rows, None] > t0 + self.tol)
         ok = self.usage.fits_swap(p, rows, b0, movable)
@@ -186,7 +190,7 @@ class _Search:
             self._shift(best[1][3], b, b0)
         return True
 
-    def _best_exchange(self, b0: int, b: int) -> tuple[float, tuple] | None:
+    def _best_exchange(self, b0: int, b: int) -> tuple[float, tuple[Any, ...]] | None:
         """Best pair (n on b, m on b0, w_n > w_m) to trade places, by the value it leaves."""
         p, a, w, t0 = self.p, self.a, self.p.weights, self.cov[b0]
         n_rows = np.flatnonzero(a[:, b] & ~a[:, b0] & p.allowed[:, b0])

@@ -12,7 +12,7 @@ from zorba_server.aggregation_rules.scalars import per_voter_set
 from zorba_server.cli import parse_args
 from zorba_server.config import AggregationConfig, ConfigError
 from zorba_server.protocol_docs import aggregation_table
-from zorba_server.rounds import APPLIED, ClientPlan, ReceivedReport, RoundPlan, close_round
+from zorba_server.rounds import APPLIED, ClientPlan, ReceivedReport, RoundPlan, decide_round
 
 CANDIDATES = ("mean", "trimmed_mean", "median", "max", "mode", "krum", "Mean", "")
 
@@ -58,15 +58,15 @@ def received(cid: str, steps: list[tuple[int, float]]) -> ReceivedReport:
     return ReceivedReport(cid, Report("k", 0, tuple(steps), 8, 1.0, 1.0, 0, 0.1), b"", 1.0)
 
 
-def test_a_rule_registered_in_one_file_runs_end_to_end_through_close_round(
+def test_a_rule_registered_in_one_file_runs_end_to_end_through_decide_round(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(RULES, "largest", largest)
     config = AggregationConfig(method="largest")
     reports = {"a": received("a", [(7, 1.0), (3, -2.0)]),
                "b": received("b", [(7, 3.0), (3, -1.0)]),
                "c": received("c", [(7, -4.0)])}
-    outcome = close_round(PLAN, reports, dict.fromkeys(reports, 1.0), min_reports=1,
-                          aggregation=config)
+    outcome = decide_round(PLAN, reports, dict.fromkeys(reports, 1.0), min_reports=1,
+                           aggregation=config)
     assert outcome.status == APPLIED and outcome.delta is not None
     assert outcome.delta.pool_indices == (3, 7) and outcome.delta.blocks == (0, 1)
     expected = 0.1 * np.array([[-1.0, -1.0],   # k=3: block 0 {a, b}, block 1 {b} (c skipped it)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from zorba_edge.client.admission import admit
+from zorba_edge.client.byte_sizes import format_size, parse_margin, parse_size
 from zorba_edge.client.errors import BudgetError, DeviceError
 from zorba_edge.client.profiling import MIN_DEFAULT_MARGIN, compute_budget
-from zorba_edge.client.sizes import format_size, parse_margin, parse_size
 from zorba_edge.common.memory_model import (
     MemorySettings,
     ModelFootprint,

@@ -28,8 +28,8 @@ from zorba_edge.client.backoff import Backoff
 from zorba_edge.client.daemon import ClientDaemon, DaemonSettings, Listener, RoundSummary
 from zorba_edge.client.errors import BudgetError, ServerRefusedError, UsageError
 from zorba_edge.client.evaluation import RemoteTable, evaluate
+from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.state import StateStore
-from zorba_edge.client.task import LocalTask
 from zorba_edge.client.trainer import LocalTrainer
 from zorba_edge.client.transport import ServerClient
 from zorba_edge.common.schema import DeviceProfile, RegisterRequest, RunInfo

@@ -494,10 +494,10 @@ def test_local_steps_refuse_meaningless_times(step, deadline) -> None:
         local_steps(step, deadline)
 
 
-def test_schedule_reports_steps_from_the_deadline() -> None:
-    clients = [client("fast", 1000, 100, (30,), step_time_s=1.0), client("new", 1000, 100, (30,))]
-    config = SchedulerConfig(round_deadline_s=10.0, max_steps=8)
-    assert solve_schedule(clients, [10], config).steps == {"fast": 8, "new": 1}
+def test_local_steps_from_the_deadline_stop_at_a_lower_max_steps() -> None:
+    # A measured client fills the deadline up to max_steps; an unmeasured one runs min_steps.
+    assert local_steps(1.0, 10.0, min_steps=1, max_steps=8) == 8
+    assert local_steps(None, 10.0, min_steps=1, max_steps=8) == 1
 
 
 def test_brute_force_reference_enumerates_every_assignment() -> None:

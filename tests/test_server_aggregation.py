@@ -12,7 +12,7 @@ from zorba_edge.errors import InvalidScalarError
 from zorba_server.aggregation import Contribution, aggregate, apply_delta, check_scalars
 from zorba_server.config import AggregationConfig
 from zorba_server.errors import Refusal
-from zorba_server.pool import round_pool_indices
+from zorba_server.pool_indices import round_pool_indices
 from zorba_server.rounds import (
     APPLIED,
     FAILED,
@@ -20,7 +20,7 @@ from zorba_server.rounds import (
     ReceivedReport,
     RoundPlan,
     check_report,
-    close_round,
+    decide_round,
 )
 
 MEAN = AggregationConfig()
@@ -128,9 +128,9 @@ def test_a_report_must_follow_its_assignment() -> None:
 def test_a_round_with_too_few_reports_fails_and_applies_nothing() -> None:
     received = {"a": ReceivedReport("a", report([(7, 1.0)]), b"", 1.0)}
     weights = {"a": 1.0, "b": 1.0}
-    failed = close_round(PLAN, received, weights, min_reports=2, aggregation=MEAN)
+    failed = decide_round(PLAN, received, weights, min_reports=2, aggregation=MEAN)
     assert failed.status == FAILED and failed.delta is None and "re-run" in failed.message
-    applied = close_round(PLAN, received, weights, min_reports=1, aggregation=MEAN)
+    applied = decide_round(PLAN, received, weights, min_reports=1, aggregation=MEAN)
     assert applied.status == APPLIED and applied.delta.blocks == (0, 2)
     assert applied.loss == 1.0
 

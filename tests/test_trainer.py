@@ -10,7 +10,7 @@ import torch
 from fixtures_text import make_tokenizer
 from tiny_models import tiny_llama_config
 
-from zorba_edge.client.task import LocalTask
+from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.trainer import LocalTrainer, SyncError
 from zorba_edge.common.schema import AlphaDelta, Assignment, HyperParams, RunInfo
 from zorba_edge.data.examples import ClassificationExample

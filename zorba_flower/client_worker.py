@@ -29,7 +29,7 @@ from zorba_edge.client.assembly import (
     probe_step_time,
     training_examples,
 )
-from zorba_edge.client.task import LocalTask
+from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.trainer import LocalTrainer
 from zorba_edge.common.schema import DeviceProfile, Report
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE

@@ -148,9 +148,11 @@ def read_timing(content: RecordDict) -> Timing | None:
     if record is None:
         return None
     try:
-        return Timing(float(record["handler_s"]), float(record["train_s"]),
-                      int(record["rss_peak_bytes"]))
-    except (KeyError, TypeError, ValueError):
+        handler_s, train_s, rss = record["handler_s"], record["train_s"], record["rss_peak_bytes"]
+        if isinstance(handler_s, list) or isinstance(train_s, list) or isinstance(rss, list):
+            return None  # a record may hold lists; timing is three numbers
+        return Timing(float(handler_s), float(train_s), int(rss))
+    except (KeyError, ValueError):
         return None
 
 

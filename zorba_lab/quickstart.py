@@ -21,12 +21,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zorba_edge.client.sizes import format_size, parse_size
+from zorba_edge.client.byte_sizes import format_size, parse_size
 from zorba_edge.common.schema import ESTIMATORS, ONE_SIDED
 from zorba_lab.federation import ClientSetup, FederationPlan, FederationResult
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
-    from zorba_edge.client.task import LocalTask
+    from zorba_edge.client.local_task import LocalTask
     from zorba_edge.model.sources import ModelSource
 
 # The frozen SmolLM2 (bf16) with runtime and activations measures ~0.9 GiB: a 0.9 GiB budget

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from zorba_edge.client.task import LocalTask
+from zorba_edge.client.local_task import LocalTask
 from zorba_edge.common.schema import (
     ANTITHETIC,
     FEDZO_FULL,

@@ -39,8 +39,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zorba_edge.client.assembly import client_task_seed, footprint_of
-from zorba_edge.client.task import LocalTask
-from zorba_edge.client.trainer import run_local_steps
+from zorba_edge.client.local_task import LocalTask
+from zorba_edge.client.trainer import first_steps, run_local_steps
 from zorba_edge.common.schema import (
     FEDZO_FULL,
     TRAIN,
@@ -180,7 +180,7 @@ class Simulation:
         placeholder = 1.0  # step times are set once reference_step_s is known
         for index, ((device, where), shard) in enumerate(zip(devices, shards, strict=True)):
             cid = f"v{index:06d}"
-            task = LocalTask([train[i] for i in shard], tokenizer, template,
+            task = LocalTask([train[int(i)] for i in shard], tokenizer, template,
                              seed=client_task_seed(config.data_seed, index))
             # One collator per shape for the whole fleet: a thousand clients, one tokenizer.
             task._collators = shared_collators
@@ -285,7 +285,7 @@ class Simulation:
             stragglers += fit < planned
             outcome = run_local_steps(self.loaded.model, {b: blocks[b] for b in assignment.blocks},
                                       client.task, assignment, info, self.config.device,
-                                      on_step=lambda t, take=take: t < take)
+                                      on_step=first_steps(take))
             self.forwards += outcome.forwards
             down_total += down
             if drops or not outcome.steps:

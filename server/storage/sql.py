@@ -206,7 +206,8 @@ def read_reports(conn: Connection) -> list[tuple[int, ReceivedReport]]:
 
 def _unpack_footprint(blob: bytes) -> ModelFootprint:
     rec = msgpack.unpackb(blob)
-    return ModelFootprint(**{k: tuple(v) if isinstance(v, list) else v for k, v in rec.items()})
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in rec.items()}
+    return ModelFootprint(**fields)
 
 
 def _pack_footprint(footprint: ModelFootprint) -> bytes:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zorba_edge.client.byte_sizes import format_size
 from zorba_edge.client.errors import BudgetError
-from zorba_edge.client.sizes import format_size
 from zorba_edge.common.memory_model import (
     MemorySettings,
     ModelFootprint,

@@ -6,6 +6,7 @@ admission.py, profiling.py and daemon.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ import torch
 
 from zorba_edge.client.admission import Admission, admit
 from zorba_edge.client.errors import BudgetError, UsageError
+from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.profiling import (
     Budget,
     DeviceSurvey,
@@ -24,10 +26,9 @@ from zorba_edge.client.profiling import (
     synchronizer,
     time_call,
 )
-from zorba_edge.client.task import LocalTask
 from zorba_edge.common.memory_model import MemorySettings, ModelFootprint
 from zorba_edge.common.schema import DeviceProfile, MemoryProfile, RegisterRequest, RunInfo
-from zorba_edge.data.examples import ClassificationExample, GenerationExample
+from zorba_edge.data.examples import ClassificationExample, Example
 from zorba_edge.data.jsonl import jsonl_task_kind, load_classification_jsonl, load_generation_jsonl
 from zorba_edge.data.movie_reviews import load_movie_reviews
 from zorba_edge.data.splits import dirichlet_label_split, train_heldout_split
@@ -38,19 +39,17 @@ from zorba_edge.model.pretrained import packaged_model_path
 from zorba_edge.model.progress import Progress
 from zorba_edge.model.quantize import require_bitsandbytes
 from zorba_edge.model.skeleton import build_skeleton, model_footprint
-from zorba_edge.model.sources import ModelSource, open_source
+from zorba_edge.model.sources import FileSource, ModelSource, open_source
 
 MOVIE_REVIEWS = "movie-reviews"
 PROBE_BATCH_SIZE, PROBE_SEQ_LEN = MemorySettings.batch_size, MemorySettings.seq_len
 """The batch shape assumed before a run says its own (the server's defaults too)."""
 
-Example = ClassificationExample | GenerationExample
-
 
 # ------------------------------------------------------------------------------ model
 
 
-def open_model(path: str | None, tokenizer_dir: str | None = None) -> ModelSource:
+def open_model(path: str | None, tokenizer_dir: str | None = None) -> FileSource:
     """`--model PATH` (a transformers directory or a .gguf), by default the packaged SmolLM2;
     `--tokenizer DIR` in place of the model's own tokenizer."""
     return open_source(path if path is not None else packaged_model_path(), tokenizer_dir)
@@ -84,16 +83,17 @@ def memory_profile(load_config: LoadConfig, runtime_bytes: int | None) -> Memory
     the device's budget.
     """
     on_host = torch.device(load_config.device).type == "cpu"
-    fields = {
-        "train_dtype": load_config.train_dtype,
-        "frozen_dtype": load_config.frozen_dtype,
-        "frozen_other_dtype": load_config.train_dtype,
-        "embed_dtype": load_config.held_embed_dtype,
-        "snapshot_dtype": load_config.train_dtype if on_host else None,
-    }
-    if runtime_bytes is not None:
-        fields["runtime_bytes"] = runtime_bytes
-    return MemoryProfile(**fields)  # type: ignore[arg-type]
+    profile = MemoryProfile(
+        train_dtype=load_config.train_dtype,
+        frozen_dtype=load_config.frozen_dtype,
+        frozen_other_dtype=load_config.train_dtype,
+        embed_dtype=load_config.held_embed_dtype,
+        snapshot_dtype=load_config.train_dtype if on_host else None,
+    )
+    # Without a measurement the profile keeps its default runtime allowance.
+    if runtime_bytes is None:
+        return profile
+    return dataclasses.replace(profile, runtime_bytes=runtime_bytes)
 
 
 def probe_step_time(source: ModelSource, load_config: LoadConfig, *, repeats: int = 3,

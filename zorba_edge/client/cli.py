@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from zorba_edge.client.byte_sizes import parse_margin, parse_size
 from zorba_edge.client.errors import UsageError
-from zorba_edge.client.sizes import parse_margin, parse_size
 from zorba_edge.client.transport import TOKEN_ENV
 from zorba_edge.common.memory_model import MemorySettings
 from zorba_edge.errors import ZorbaError
@@ -85,8 +85,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    "(default fp32: ZO's small perturbations need it)")
     g.add_argument("--frozen-dtype", default="auto", choices=("auto", *FROZEN_DTYPES),
                    help="precision of the frozen blocks' Linear layers. auto (default): nf4 on "
-                   "CUDA (bitsandbytes), bf16 elsewhere, where the bitsandbytes CPU kernels "
-                   "measured 15-30x slower per forward pass for ~10%% less memory")
+                   "CUDA (bitsandbytes), bf16 elsewhere: on CPU nf4's rounding errs by 31%% on "
+                   "SmolLM2's ZO gradient estimate where bf16 errs by 0.5%% (README, "
+                   "\"Frozen blocks on CPU\")")
     g.add_argument("--embedding-dtype", choices=TRAIN_DTYPES, default=None,
                    help="precision of the frozen embeddings and LM head (default: the "
                    "--train-dtype). bf16 halves them (Gemma 3's 262k-token embedding: 640 MiB "
@@ -243,11 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from zorba_edge.client import commands
+        from zorba_edge.client import command_handlers
 
         if args.threads:
-            commands.torch.set_num_threads(args.threads)
-        return int(getattr(commands, args.handler)(args))
+            command_handlers.torch.set_num_threads(args.threads)
+        return int(getattr(command_handlers, args.handler)(args))
     except ZorbaError as exc:
         print(f"zorba-edge {args.command}: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR

@@ -26,12 +26,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from zorba_edge.client.byte_sizes import format_size
 from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
-from zorba_edge.client.sizes import format_size
 from zorba_edge.client.state import ClientState, StateStore
-from zorba_edge.client.trainer import RoundOutcome, StepGate, SyncError, finish_by
+from zorba_edge.client.trainer import LocalRoundResult, StepGate, SyncError, finish_by
 from zorba_edge.client.transport import ServerClient
 from zorba_edge.common.schema import (
     FINISHED,
@@ -67,7 +67,7 @@ class Trainer(Protocol):
     def replace_table(self, state: AlphaState) -> None: ...
 
     def train_round(self, assignment: Assignment, cancel: threading.Event,
-                    on_step: StepGate | None = None) -> RoundOutcome: ...
+                    on_step: StepGate | None = None) -> LocalRoundResult: ...
 
 
 @runtime_checkable
@@ -472,7 +472,7 @@ class ClientDaemon:
                  report.num_samples, report.loss_mean, ack.received_at)
         return "reported"
 
-    def _check_peak(self, assignment: Assignment, outcome: RoundOutcome) -> None:
+    def _check_peak(self, assignment: Assignment, outcome: LocalRoundResult) -> None:
         budget = self.settings.budget_bytes
         if outcome.peak_memory_bytes > budget:
             log.warning(
@@ -486,7 +486,7 @@ class ClientDaemon:
         remaining = deadline_at - asyncio.get_running_loop().time()
         await self._sleep(max(remaining, 0.0) + SIT_OUT_SLACK_S)
 
-    def _notify(self, assignment: Assignment, outcome: RoundOutcome | None, status: str) -> None:
+    def _notify(self, assignment: Assignment, outcome: LocalRoundResult | None, status: str) -> None:
         nan = float("nan")
         self._listener.on_round(RoundSummary(
             round=assignment.round, base_version=assignment.base_version,
@@ -509,7 +509,8 @@ class ClientDaemon:
         assert self._stop is not None
         stop = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            waiting: set[asyncio.Future[Any]] = {task, stop}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
 

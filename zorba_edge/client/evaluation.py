@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from zorba_edge.client.errors import UsageError
+from zorba_edge.client.local_task import CLASSIFICATION, LocalTask
 from zorba_edge.client.state import StateStore
-from zorba_edge.client.task import CLASSIFICATION, LocalTask
 from zorba_edge.client.transport import TOKEN_ENV, ServerClient
 from zorba_edge.engine.coefficients import CoefficientTable, block_materializer
 from zorba_edge.engine.losses import evaluate_classification, lm_loss

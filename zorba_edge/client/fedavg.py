@@ -24,9 +24,9 @@ from collections.abc import Iterable
 import torch
 from safetensors.torch import save
 
+from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.memory_probe import PeakMemoryProbe
-from zorba_edge.client.task import LocalTask
-from zorba_edge.client.trainer import RoundOutcome, StepGate, SyncError, advance_table, check_saved_table
+from zorba_edge.client.trainer import LocalRoundResult, StepGate, SyncError, advance_table, check_saved_table
 from zorba_edge.common.schema import AlphaDelta, AlphaState, Assignment, RunInfo
 from zorba_edge.common.weights import tensor_key
 from zorba_edge.engine.coefficients import CoefficientTable
@@ -110,7 +110,7 @@ class FedAvgTrainer:
     # ------------------------------------------------------------------ a round
 
     def train_round(self, assignment: Assignment, cancel: threading.Event,
-                    on_step: StepGate | None = None) -> RoundOutcome:
+                    on_step: StepGate | None = None) -> LocalRoundResult:
         if assignment.base_version != self.table.version:
             raise SyncError(f"round {assignment.round} trains on version {assignment.base_version} "
                             f"but this client is at {self.table.version}: sync first")
@@ -152,7 +152,7 @@ class FedAvgTrainer:
                        for name, p in self._parameters(loaded).items()}) if losses else None
         peak = self._probe.peak_bytes()
         release_freed_memory()
-        return RoundOutcome(
+        return LocalRoundResult(
             steps=(),
             num_samples=len(losses) * min(hyper.batch_size, len(self.task.examples)),
             loss_mean=statistics.fmean(losses) if losses else float("nan"),

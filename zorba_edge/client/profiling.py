@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from zorba_edge.client.byte_sizes import format_size
 from zorba_edge.client.errors import DeviceError
-from zorba_edge.client.sizes import format_size
 from zorba_edge.model.progress import Progress
 
 DEFAULT_MARGIN_FRACTION = 0.10

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from zorba_edge.client.daemon import Trainer
-from zorba_edge.client.task import LocalTask
+from zorba_edge.client.local_task import LocalTask
 from zorba_edge.common.schema import FEDAVG, FEDZO_FULL, ZORBA, ZORBA_UNIFORM, RunInfo
 from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.model.loading import LoadConfig

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.memory_probe import PeakMemoryProbe
-from zorba_edge.client.task import LocalTask
 from zorba_edge.common.schema import (
     MAX_LOSS,
     AlphaDelta,
@@ -48,6 +48,11 @@ StepGate = Callable[[int], bool]
 """on_step(t): whether to start local step t (False ends the round there)."""
 
 
+def first_steps(count: int) -> StepGate:
+    """A gate that lets steps 0 .. count-1 run and ends the round there."""
+    return lambda t: t < count
+
+
 def finish_by(stop_by: float, prior_step_s: float) -> StepGate:
     """Start a step only if it should end by `stop_by` (a time.monotonic() instant), judging
     by this round's mean step so far (before the first: `prior_step_s`). A cancel flag alone
@@ -68,7 +73,9 @@ class SyncError(ZorbaError):
 
 
 @dataclass(frozen=True)
-class RoundOutcome:
+class LocalRoundResult:
+    """What a client's local round produced (the server's own RoundOutcome is its verdict)."""
+
     steps: tuple[tuple[int, float], ...]
     """(k_t, g_t) per step taken, in order."""
     num_samples: int
@@ -226,7 +233,7 @@ class LocalTrainer:
     # ------------------------------------------------------------------ a round
 
     def train_round(self, assignment: Assignment, cancel: threading.Event,
-                    on_step: StepGate | None = None) -> RoundOutcome:
+                    on_step: StepGate | None = None) -> LocalRoundResult:
         """One round's local steps; the model is back at the global state when this returns."""
         if assignment.base_version != self.table.version:
             raise SyncError(
@@ -243,7 +250,7 @@ class LocalTrainer:
 def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTask,
                     assignment: Assignment, run: RunInfo, device: str | torch.device,
                     cancel: threading.Event | None = None,
-                    on_step: StepGate | None = None) -> RoundOutcome:
+                    on_step: StepGate | None = None) -> LocalRoundResult:
     """A round's ZO steps on `blocks` (the assignment's blocks of `model`), then the exact
     revert: the one local training loop that real clients and the simulator both run.
 
@@ -291,7 +298,7 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
         # measured peaks crept up ~5 MiB a round (glibc heap growth).
         release_freed_memory()
     elapsed = time.perf_counter() - started
-    return RoundOutcome(
+    return LocalRoundResult(
         steps=tuple(steps),
         num_samples=batches * min(hyper.batch_size, len(task.examples)),
         loss_mean=statistics.fmean(losses) if losses else float("nan"),

@@ -16,7 +16,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, TypeVar
@@ -107,7 +107,7 @@ def wire(doc: str = "", *, unit: str = "", min_len: int | None = None,
     return {"doc": doc, "unit": unit, **{k: v for k, v in limits.items() if v is not None}}
 
 
-def _limit_items(meta: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+def _limit_items(meta: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     """The decoder-relevant part of field metadata, hashable (decoders are cached on it)."""
     return tuple(sorted((k, v) for k, v in meta.items() if k in _LIMIT_KEYS and v is not None))
 
@@ -473,7 +473,9 @@ def encode(message: Any) -> bytes:
 
 
 def _as_map(value: Any) -> dict[str, Any]:
-    names = _field_names(type(value))
+    # mypy checks a class object against Hashable through the instances' __hash__ (an
+    # unbound method there), so it calls every class unhashable; a class is hashable.
+    names = _field_names(type(value))  # type: ignore[arg-type]
     if names is None:
         raise TypeError(f"cannot encode {type(value).__name__} as a protocol message")
     return {name: getattr(value, name) for name in names}
@@ -518,14 +520,19 @@ def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[Any] = set()
-        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        repeated = None
+        for key, _ in pairs:
+            if key in seen:
+                repeated = key
+                break
+            seen.add(key)
         raise _DuplicateKey(f"key {repeated!r} appears more than once in one map")
     return out
 
 
 def from_wire(cls: type[T], obj: Any) -> T:
     """Validate an already-unpacked msgpack object as message `cls`."""
-    return _decoder(cls)(obj, cls.__name__)
+    return _decoder(cls)(obj, cls.__name__)  # type: ignore[arg-type]  # as in _as_map
 
 
 def field_meta(cls: type, f: dataclasses.Field[Any]) -> Mapping[str, Any]:
@@ -542,7 +549,7 @@ _Decoder = Callable[[Any, str], Any]
 def _decoder(tp: Any, meta: tuple[tuple[str, Any], ...] = ()) -> _Decoder:
     """A decoder for type `tp`, built once per (type, field limits) and cached."""
     lim = dict(meta)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _dataclass_decoder(tp)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -588,7 +595,7 @@ def _choice(choices: tuple[str, ...]) -> _Decoder:
     return dec
 
 
-def _sized(kind: type, wanted: str, min_len: int, max_len: int) -> _Decoder:
+def _sized(kind: type[Sized], wanted: str, min_len: int, max_len: int) -> _Decoder:
     def dec(v: Any, path: str) -> Any:
         if type(v) is not kind:
             raise SchemaError(f"{path}: expected {wanted}, got {_kind(v)}")

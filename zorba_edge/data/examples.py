@@ -19,3 +19,7 @@ class GenerationExample:
 
     prompt: str
     completion: str
+
+
+Example = ClassificationExample | GenerationExample
+"""Either kind; a task holds examples of one kind only (LocalTask checks)."""

@@ -17,6 +17,8 @@ NF4_BLOCKSIZE = 64
 class FrozenLinear4bit(bnb.nn.Linear4bit):
     """nf4 storage (Params4bit); forward dequantises to x's dtype and runs F.linear."""
 
+    weight: bnb.nn.Params4bit  # nn.Linear declares a plain Tensor; ours carries quant_state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = dequantize_4bit(self.weight.data, self.weight.quant_state).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -25,6 +27,8 @@ class FrozenLinear4bit(bnb.nn.Linear4bit):
 
 class FrozenLinear8bit(bnb.nn.Linear8bitLt):
     """LLM.int8 row-wise storage (Int8Params); forward dequantises to x's dtype, F.linear."""
+
+    weight: bnb.nn.Int8Params  # nn.Linear declares a plain Tensor; ours carries SCB
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = int8_vectorwise_dequant(self.weight.data, self.weight.SCB).to(x.dtype)
@@ -59,8 +63,9 @@ def nf4_linear(
         compress_statistics=False,
         quant_type="nf4",
         module=layer,
-    ).to(device)
-    layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    ).to(device)  # type: ignore[misc]  # bitsandbytes binds to()'s self to nn.Module
+    if bias is not None:  # built with bias=False otherwise, so it is None already
+        layer.bias = nn.Parameter(bias, requires_grad=False)
     return layer
 
 
@@ -77,6 +82,8 @@ def int8_linear(
         threshold=0.0,
         device="meta",
     )
-    layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
-    layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    int8 = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    layer.weight = int8.to(device)  # type: ignore[misc]  # as in nf4_linear
+    if bias is not None:  # built with bias=False otherwise, so it is None already
+        layer.bias = nn.Parameter(bias, requires_grad=False)
     return layer

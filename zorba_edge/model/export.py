@@ -78,7 +78,7 @@ def export_checkpoint(
     index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     config = source.config.__class__.from_dict(source.config.to_dict())
-    config.torch_dtype = dtype
+    config.dtype = dtype  # torch_dtype's name since transformers 4.56 (the old one warns)
     config.save_pretrained(out)
     if save_tokenizer:
         try:

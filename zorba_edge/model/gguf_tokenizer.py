@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from zorba_edge.errors import ModelSourceError
@@ -83,7 +84,7 @@ class GGUFVocab:
         return found[::step][:limit]
 
 
-def _field(reader: object, name: str) -> list[object] | None:
+def _field(reader: object, name: str) -> list[np.ndarray] | None:
     field = reader.fields.get(name)  # type: ignore[attr-defined]
     if field is None:
         return None
@@ -94,7 +95,7 @@ def _scalar(reader: object, name: str) -> object | None:
     parts = _field(reader, name)
     if not parts:
         return None
-    return parts[0].tolist()[0]  # type: ignore[attr-defined]
+    return parts[0].tolist()[0]
 
 
 def read_gguf_vocab(path: str | Path) -> GGUFVocab:
@@ -116,7 +117,7 @@ def read_gguf_vocab(path: str | Path) -> GGUFVocab:
 
     add_bos = _scalar(reader, "tokenizer.ggml.add_bos_token")
     add_space = _scalar(reader, "tokenizer.ggml.add_space_prefix")
-    model = bytes(model_parts[0]).decode()  # type: ignore[call-overload]
+    model = bytes(model_parts[0]).decode()
     return GGUFVocab(
         model=model,
         tokens=tokens,
@@ -235,7 +236,8 @@ class TokenizerCheck:
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, words: list[tuple[str, int]]) -> TokenizerCheck:
     """Encode each (text, id) and count those that come out as exactly that id."""
-    whole, broken = 0, []
+    whole = 0
+    broken: list[tuple[str, tuple[str, ...]]] = []
     for text, token_id in words:
         ids = tokenizer.encode(text, add_special_tokens=False)
         if ids == [token_id]:

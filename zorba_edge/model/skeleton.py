@@ -34,7 +34,7 @@ from zorba_edge.common.memory_model import ModelFootprint
 from zorba_edge.errors import AssignmentError, UnsupportedArchitectureError
 from zorba_edge.model.families import family_of, find_blocks
 
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+LINEAR_TYPES = (nn.Linear, Conv1D)
 """Layers a frozen block holds quantised. GPT-2's Conv1D is a Linear with its weight transposed."""
 
 
@@ -57,12 +57,12 @@ def _parameters_on_meta() -> Iterator[None]:
     """
     original = nn.Module.register_parameter
 
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(self, name, param)
         if param is not None:
-            held = module._parameters[name]
+            held = self._parameters[name]
             assert held is not None
-            module._parameters[name] = nn.Parameter(held.to("meta"), requires_grad=held.requires_grad)
+            self._parameters[name] = nn.Parameter(held.to("meta"), requires_grad=held.requires_grad)
 
     nn.Module.register_parameter = register  # type: ignore[method-assign]
     try:
@@ -93,7 +93,7 @@ def build_skeleton(config: PretrainedConfig) -> PreTrainedModel:
     return model
 
 
-def linear_layers(module: nn.Module) -> dict[str, nn.Module]:
+def linear_layers(module: nn.Module) -> dict[str, nn.Linear | Conv1D]:
     """The Linear-like layers inside `module`, by path relative to it, in module order."""
     return {name: sub for name, sub in module.named_modules() if isinstance(sub, LINEAR_TYPES)}
 
@@ -104,7 +104,7 @@ def non_block_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if id(p) not in block_params]
 
 
-def model_footprint(model: nn.Module) -> ModelFootprint:
+def model_footprint(model: PreTrainedModel) -> ModelFootprint:
     """Parameter counts of a skeleton (or any full-precision model) for the memory model."""
     blocks = find_blocks(model)
     block_params = tuple(sum(p.numel() for p in block.parameters()) for block in blocks)

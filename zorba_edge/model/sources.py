@@ -22,11 +22,12 @@ import copy
 import functools
 import hashlib
 import inspect
+import io
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ class ModelSource(Protocol):
     def tokenizer(self) -> PreTrainedTokenizerBase: ...
 
 
-def open_source(spec: str | Path, tokenizer_dir: str | Path | None = None) -> ModelSource:
+def open_source(spec: str | Path, tokenizer_dir: str | Path | None = None) -> FileSource:
     """The source for a path: a directory is a transformers checkpoint, `*.gguf` a GGUF file.
 
     `tokenizer_dir` (`--tokenizer DIR`) replaces the model's own tokenizer."""
@@ -324,14 +325,14 @@ class GGUFSource:
                 state[name] = tensor.to(torch.float32)
         return state
 
-    def _read_bytes(self, file: BinaryIO, offset: int, size: int, name: str) -> bytearray:
+    def _read_bytes(self, file: io.BufferedReader, offset: int, size: int, name: str) -> bytearray:
         file.seek(offset)
         raw = bytearray(size)
         if file.readinto(raw) != size:
             raise ModelSourceError(f"{self.path}: tensor {name} is truncated; the file is damaged")
         return raw
 
-    def _dequantize(self, file: BinaryIO, entry: _GGUFTensor) -> np.ndarray:
+    def _dequantize(self, file: io.BufferedReader, entry: _GGUFTensor) -> np.ndarray:
         """One tensor as fp32, dequantised in row chunks.
 
         Whole-tensor dequantisation makes temporaries several times the fp32 size: for an
@@ -416,6 +417,10 @@ def _gguf_name_map(
 def _seed_for(seed: int, name: str) -> int:
     """A torch seed for one named part of a random model, independent of the other parts."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
+FileSource = SafetensorsDirSource | GGUFSource
+"""A ModelSource read from a file or directory, which it names as `path`."""
 
 
 class RandomInitSource:

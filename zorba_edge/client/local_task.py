@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from zorba_edge.data.batches import ClassificationBatch, LMBatch
 from zorba_edge.data.collate import ClassificationCollator, LMCollator
-from zorba_edge.data.examples import ClassificationExample, GenerationExample
+from zorba_edge.data.examples import ClassificationExample, Example, GenerationExample
 from zorba_edge.data.sampling import BatchSampler
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
 from zorba_edge.engine.losses import classification_loss, lm_loss
@@ -32,7 +33,8 @@ reviews (median 27 of 48 tokens) a step then computes ~40% fewer tokens (docs/le
 class LocalTask:
     """Examples of one kind plus the tokenizer and (for classification) the template."""
 
-    examples: Sequence[ClassificationExample] | Sequence[GenerationExample]
+    examples: Sequence[Example]
+    """All of one kind (checked on construction)."""
     tokenizer: PreTrainedTokenizerBase
     template: PromptTemplate | None = SENTIMENT_TEMPLATE
     seed: int = 0
@@ -60,6 +62,7 @@ class LocalTask:
 
     def collator(self, seq_len: int) -> ClassificationCollator | LMCollator:
         if seq_len not in self._collators:
+            made: ClassificationCollator | LMCollator
             if self.kind == CLASSIFICATION:
                 assert self.template is not None
                 made = ClassificationCollator(self.tokenizer, self.template, seq_len=seq_len)
@@ -71,10 +74,9 @@ class LocalTask:
     def check(self, seq_len: int) -> None:
         """Collate every example once, with the tokenizer alone, before any weights load:
         a label word, template or example that cannot be used is a DataError naming it."""
-        collate = self.collator(seq_len)
         for index, example in enumerate(self.examples):
             try:
-                collate([example])  # type: ignore[list-item]
+                self._collate(seq_len, [example])
             except DataError as error:
                 raise DataError(f"example {index + 1} of the local data: {error}") from None
 
@@ -86,19 +88,26 @@ class LocalTask:
             lengths = None
             collate = self.collator(seq_len)
             if isinstance(collate, ClassificationCollator) and collate.trim:
-                lengths = [len(collate.encode(e.text)) for e in self.examples]  # type: ignore[union-attr]
+                texts = cast(Sequence[ClassificationExample], self.examples)
+                lengths = [len(collate.encode(e.text)) for e in texts]
             sampler = self._samplers[batch_size] = BatchSampler(
                 len(self.examples), batch_size, rng, lengths, BUCKET_BATCHES)
-        return self.collator(seq_len)([self.examples[i] for i in sampler.next_batch()])
+        return self._collate(seq_len, [self.examples[i] for i in sampler.next_batch()])
 
     def check_batch(self, batch_size: int, seq_len: int) -> Any:
         """The client's check batch: its first `batch_size` examples, the same every round, so
         the loss on it measures the model and nothing else (the server's loss guard)."""
-        return self.collator(seq_len)(list(self.examples[:batch_size]))
+        return self._collate(seq_len, list(self.examples[:batch_size]))
 
     def batches(self, batch_size: int, seq_len: int) -> Iterator[Any]:
         """Every example once, in order (evaluation)."""
-        collate = self.collator(seq_len)
         for start in range(0, len(self.examples), batch_size):
-            yield collate(self.examples[start : start + batch_size])
+            yield self._collate(seq_len, self.examples[start : start + batch_size])
+
+    def _collate(self, seq_len: int, examples: Sequence[Example]) -> ClassificationBatch | LMBatch:
+        # The casts hold because a task is of one kind and its collator is made for that kind.
+        collate = self.collator(seq_len)
+        if isinstance(collate, ClassificationCollator):
+            return collate(cast(Sequence[ClassificationExample], examples))
+        return collate(cast(Sequence[GenerationExample], examples))
 

@@ -19,24 +19,34 @@ import torch
 from zorba_edge.client import assembly
 from zorba_edge.client.assembly import DataChoice, DeviceReport
 from zorba_edge.client.backoff import Backoff
+from zorba_edge.client.byte_sizes import format_size
 from zorba_edge.client.daemon import (
+    CheckRun,
     ClientDaemon,
+    DaemonResult,
     DaemonSettings,
     Listener,
+    MakeRegistration,
+    MakeTrainer,
     RoundSummary,
     Trainer,
     describe_summary,
 )
-from zorba_edge.client.detach import claim_pid_file, detach
+from zorba_edge.client.daemonize import claim_pid_file, detach
 from zorba_edge.client.errors import UsageError
 from zorba_edge.client.evaluation import evaluate, fetch_remote_table
-from zorba_edge.client.profiling import compute_budget, process_rss, resolve_device, survey
+from zorba_edge.client.profiling import (
+    StepTiming,
+    compute_budget,
+    process_rss,
+    resolve_device,
+    survey,
+)
 from zorba_edge.client.progress import ProgressReporter
 from zorba_edge.client.run_modes import CLIENT_MODES
-from zorba_edge.client.sizes import format_size
 from zorba_edge.client.state import StateStore, default_state_path
 from zorba_edge.client.transport import ServerClient, normalize_url
-from zorba_edge.common.schema import RunInfo
+from zorba_edge.common.schema import RegisterRequest, RunInfo
 from zorba_edge.data.splits import small_share_warning
 from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.model.loading import LoadConfig
@@ -121,7 +131,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     load_config = _load_config(args)
     source = assembly.open_model(args.model, args.tokenizer)
     report = _measure(args, source, load_config, None, args.batch_size, args.seq_len)
-    timing = None
+    timing: StepTiming | None = None
     if not args.no_probe:
         with ProgressReporter("timing probe (loading, then forward passes)") as progress:
             timing = assembly.probe_step_time(source, load_config, progress=progress)
@@ -132,7 +142,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _profile_json(report: DeviceReport, load_config: LoadConfig, timing: Any,
+def _profile_json(report: DeviceReport, load_config: LoadConfig, timing: StepTiming | None,
                   args: argparse.Namespace) -> dict[str, Any]:
     admission = report.admission
     assert admission is not None  # profile measures with refuse=True
@@ -155,7 +165,7 @@ def _profile_json(report: DeviceReport, load_config: LoadConfig, timing: Any,
     }
 
 
-def _print_profile(report: DeviceReport, load_config: LoadConfig, timing: Any,
+def _print_profile(report: DeviceReport, load_config: LoadConfig, timing: StepTiming | None,
                    args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -291,7 +301,7 @@ def _run(args: argparse.Namespace) -> int:
             log.warning("%s", few)
     budget_bytes = report.budget.budget_bytes
 
-    def make_registration() -> Any:
+    def make_registration() -> RegisterRequest:
         step_time = args.step_time
         if step_time is None:
             # Log lines only: the run's own status line is rich's one live display.
@@ -333,8 +343,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _run_daemon(url: str, args: argparse.Namespace, store: StateStore,
-                      settings: DaemonSettings, listener: Listener, make_registration: Any,
-                      make_trainer: Any, check_run: Any) -> Any:
+                      settings: DaemonSettings, listener: Listener,
+                      make_registration: MakeRegistration, make_trainer: MakeTrainer,
+                      check_run: CheckRun) -> DaemonResult:
     backoff = Backoff(give_up_after_s=args.give_up_after)
     async with ServerClient(url, ca_cert=args.ca_cert, backoff=backoff) as client:
         daemon = ClientDaemon(client, store, make_registration=make_registration,
