@@ -477,7 +477,11 @@ class RoundEngine:
             return anchor, rollback_delta(self.alpha, anchor.alpha), (
                 f"the clients' check loss rose from {verdict.before:.4g} (version "
                 f"{anchor.version}) to {verdict.now:.4g} (version {self.version}): this round is "
-                f"not applied and the table is rolled back to version {anchor.version}")
+                f"not applied and the table is rolled back to version {anchor.version}; the "
+                f"step is halved (x{self.lr_factor() * LOSS_JUMP_BACKOFF:g} of run.lr from the "
+                "next round). Rounds rejected again and again mean run.lr is far too large for "
+                "this model: lower it, or use run.estimator = 'normalised', whose step does not "
+                "grow with the model's gradient scale (docs/learning.md)")
         anchor = None
         if checks and (self._anchor is None or verdict is None or verdict.improved):
             anchor = advance(self._anchor, self.version, self.alpha, checks)

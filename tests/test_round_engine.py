@@ -245,6 +245,7 @@ def test_a_slow_drift_of_the_check_loss_rolls_the_table_back_to_the_last_good_ve
     assert run_checked_round(e, 8.0, {"a": 1.5, "b": 2.9}) == REJECTED  # +63% over version 1
     message = e.history[-1].message
     assert "rolled back to version 1" in message and "check loss rose" in message
+    assert "x0.5 of run.lr" in message and "normalised" in message  # what to do about it
     # The rollback is published as a delta of its own: version 5 holds version 1's table.
     assert e.version == before + 1 and e.deltas[-1].version == e.version
     assert e.alpha is not None
