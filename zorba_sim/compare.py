@@ -37,7 +37,14 @@ from zorba_server.config import config_from_dict
 from zorba_server.rounds import APPLIED
 from zorba_sim import comparison as stats
 from zorba_sim.fleet import Fleet
-from zorba_sim.simulation import CENTRAL_MEZO, SIM_MODES, RoundRecord, Simulation, SimulationConfig
+from zorba_sim.simulation import (
+    CENTRAL_MEZO,
+    SIM_MODES,
+    ZO_SIM_MODES,
+    RoundRecord,
+    Simulation,
+    SimulationConfig,
+)
 
 FEDAVG_NOT_BUILT = ("fedavg is not built on the simulator yet: its figures come from the "
                     "multi-process harness (benchmarks/compare.py --harness processes)")
@@ -65,7 +72,7 @@ speed-1.0 device: half the 2.6 s antithetic one-direction step measured on the p
 class CompareSetting:
     """One comparison: every mode and seed runs with these, only mode and seed vary."""
 
-    modes: tuple[str, ...] = SIM_MODES
+    modes: tuple[str, ...] = ZO_SIM_MODES
     seeds: int = 5
     rounds: int = 3
     lr: float = 1e-4
