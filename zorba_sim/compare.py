@@ -96,6 +96,9 @@ class CompareSetting:
     """Virtual seconds of one step (one pool index, one scalar) on a speed-1.0 device: fixed
     (not measured per run) so every mode and seed shares one clock and a rerun gives the same
     figures. None: the forward passes per scalar x REFERENCE_FORWARD_S."""
+    fedavg_step_s: float | None = None
+    """Virtual seconds of one fedavg AdamW step on a speed-1.0 device; None: FORWARDS_PER_STEP
+    forward passes at this comparison's forward time (`step_s_of`)."""
     curve_examples: int = 200
     point_examples: int = 1000
     dirichlet_alpha: float = 0.5
@@ -113,8 +116,10 @@ class CompareSetting:
             raise ValueError("no modes to compare")
         if self.seeds < 1 or self.rounds < 1:
             raise ValueError("seeds and rounds must be at least 1")
-        if self.reference_step_s is not None and not self.reference_step_s > 0:
-            raise ValueError(f"reference_step_s must be positive, got {self.reference_step_s}")
+        for name in ("reference_step_s", "fedavg_step_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
 
     @property
     def forwards_per_scalar(self) -> float:
@@ -129,9 +134,14 @@ class CompareSetting:
         return REFERENCE_FORWARD_S * self.forwards_per_scalar
 
     def step_s_of(self, mode: str) -> float:
-        """The virtual step of `mode`: fedavg's AdamW step is FORWARDS_PER_STEP forward passes
-        (forward and backward) at this comparison's forward time, a ZO step its own forwards."""
+        """The virtual step of `mode`: fedavg's AdamW step is `fedavg_step_s` when given, else
+        FORWARDS_PER_STEP forward passes (forward and backward) at this comparison's forward
+        time; a ZO step is its own forwards. The 3 is a count, not a measurement: on the
+        project's 2-core CPU an AdamW step of SmolLM2-135M took about 4 to 5 times a forward
+        (docs/simulator.md), so give fedavg_step_s where the time axis matters."""
         if mode == FEDAVG:
+            if self.fedavg_step_s is not None:
+                return self.fedavg_step_s
             return self.step_s / self.forwards_per_scalar * FORWARDS_PER_STEP
         return self.step_s
 
