@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "docs/results.md)")
     p.add_argument("--fedavg-step-s", type=float, default=d.fedavg_step_s,
                    help="virtual seconds of one fedavg AdamW step on a speed-1.0 device "
-                   "(default: 3 forward passes' time, forward and backward; measured on SmolLM2 "
-                   "on a 2-core CPU a step took 4-5, docs/simulator.md)")
+                   "(default: 3 forward passes' time, forward and backward, a count; what was "
+                   "measured is in docs/simulator.md)")
     p.add_argument("--fleet", default=str(DEFAULT_FLEET),
                    help="a fleet TOML file or CLASS=COUNT,... (default %(default)s)")
     p.add_argument("--frozen-dtype", default=d.frozen_dtype, choices=["nf4", "int8", "bf16", "fp32"],

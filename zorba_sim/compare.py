@@ -136,9 +136,9 @@ class CompareSetting:
     def step_s_of(self, mode: str) -> float:
         """The virtual step of `mode`: fedavg's AdamW step is `fedavg_step_s` when given, else
         FORWARDS_PER_STEP forward passes (forward and backward) at this comparison's forward
-        time; a ZO step is its own forwards. The 3 is a count, not a measurement: on the
-        project's 2-core CPU an AdamW step of SmolLM2-135M took about 4 to 5 times a forward
-        (docs/simulator.md), so give fedavg_step_s where the time axis matters."""
+        time; a ZO step is its own forwards. The 3 is a count, not a measurement (what was
+        measured, on a loaded machine, is in docs/simulator.md): give fedavg_step_s from an
+        idle machine where the time axis matters."""
         if mode == FEDAVG:
             if self.fedavg_step_s is not None:
                 return self.fedavg_step_s
