@@ -6,7 +6,10 @@ model with every block trainable in fp32 and, for each client in turn, runs the 
 local loop (`zorba_edge.client.trainer.run_local_steps`) on that client's assigned blocks.
 Plans, report checks, aggregation and the coefficient table are the server's
 (`zorba_server.engine.RoundEngine`); the published increments move the model exactly as a
-client's sync does (`apply_increments_`). Nothing of the round logic is copied here.
+client's sync does (`apply_increments_`). Nothing of the round logic is copied here. What
+differs between modes is a `ClientTraining` (zorba_sim/client_training.py): fedavg's
+clients run the real client's AdamW loop and the server's weight average instead
+(zorba_sim/fedavg_clients.py).
 
 Virtual time: a device's step takes `reference_step_s / speed`, where `reference_step_s` is
 one step of this machine (measured at start unless given, then fixed, so the same seeds give
