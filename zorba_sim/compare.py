@@ -5,9 +5,14 @@ For each seed r (run seed r, data seed r) every mode trains on its own `Simulati
 same fleet and data. Held-out accuracy is measured after every applied round on a few hundred
 examples (the curves). The comparison points (zorba_sim/comparison.py says where and how) are
 scored on a larger held-out set: each mode's model is brought back to the version it held at
-the point by applying the difference of the coefficient tables (`apply_increments_`, as a
-client syncs; exact up to fp32 rounding) and evaluated there. fedavg has no simulator yet:
-it runs in the multi-process harness only (`benchmarks/compare.py --harness processes`).
+the point and evaluated there. A zeroth-order mode moves along its coefficient table (the
+difference of the tables, applied as a client syncs; exact up to fp32 rounding); fedavg,
+whose table stays zero, keeps every version's block weights in memory (rounds x the blocks
+in fp32) and installs the one it needs.
+
+fedavg (first-order AdamW, opt-in: add it to `modes`) is compared with zorba at equal
+virtual time; its step costs FORWARDS_PER_STEP forward passes' time (`CompareSetting.
+step_s_of`), and it trains at its own `fedavg_lr`.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from zorba_edge.client.fedavg import FORWARDS_PER_STEP
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.common.schema import (
     ANTITHETIC,
+    FEDAVG,
     FEDZO_FULL,
     ONE_SIDED,
     ZORBA,
@@ -30,18 +37,22 @@ from zorba_edge.common.schema import (
 )
 from zorba_edge.data.examples import ClassificationExample
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE
-from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_
 from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.model.sources import ModelSource
 from zorba_server.config import config_from_dict
 from zorba_server.rounds import APPLIED
 from zorba_sim import comparison as stats
 from zorba_sim.fleet import Fleet
-from zorba_sim.simulation import CENTRAL_MEZO, SIM_MODES, RoundRecord, Simulation, SimulationConfig
+from zorba_sim.simulation import (
+    CENTRAL_MEZO,
+    SIM_MODES,
+    ZO_SIM_MODES,
+    RoundRecord,
+    Simulation,
+    SimulationConfig,
+)
 
-FEDAVG_NOT_BUILT = ("fedavg is not built on the simulator yet: its figures come from the "
-                    "multi-process harness (benchmarks/compare.py --harness processes)")
-PAIRS = {stats.TIME: ((ZORBA, FEDZO_FULL), (ZORBA, ZORBA_UNIFORM)),
+PAIRS = {stats.TIME: ((ZORBA, FEDZO_FULL), (ZORBA, ZORBA_UNIFORM), (ZORBA, FEDAVG)),
          stats.FORWARDS: ((ZORBA, CENTRAL_MEZO),)}
 """The paired differences reported, per axis (the issues' figures). Only the versions they
 need are scored on the point set: each is a pass over >= 1,000 examples, the largest cost of
@@ -65,10 +76,12 @@ speed-1.0 device: half the 2.6 s antithetic one-direction step measured on the p
 class CompareSetting:
     """One comparison: every mode and seed runs with these, only mode and seed vary."""
 
-    modes: tuple[str, ...] = SIM_MODES
+    modes: tuple[str, ...] = ZO_SIM_MODES
     seeds: int = 5
     rounds: int = 3
     lr: float = 1e-4
+    fedavg_lr: float = 1e-5
+    """fedavg's AdamW learning rate (the multi-process harness's; not tuned)."""
     mu: float = 1e-3
     batch_size: int = 8
     seq_len: int = 48
@@ -83,6 +96,9 @@ class CompareSetting:
     """Virtual seconds of one step (one pool index, one scalar) on a speed-1.0 device: fixed
     (not measured per run) so every mode and seed shares one clock and a rerun gives the same
     figures. None: the forward passes per scalar x REFERENCE_FORWARD_S."""
+    fedavg_step_s: float | None = None
+    """Virtual seconds of one fedavg AdamW step on a speed-1.0 device; None: FORWARDS_PER_STEP
+    forward passes at this comparison's forward time (`step_s_of`)."""
     curve_examples: int = 200
     point_examples: int = 1000
     dirichlet_alpha: float = 0.5
@@ -94,15 +110,16 @@ class CompareSetting:
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in SIM_MODES]
         if unknown:
-            extra = f" ({FEDAVG_NOT_BUILT})" if "fedavg" in unknown else ""
-            raise ValueError(f"modes {unknown} cannot run on the simulator{extra}; choose from "
+            raise ValueError(f"modes {unknown} cannot run on the simulator; choose from "
                              f"{', '.join(SIM_MODES)}")
         if not self.modes:
             raise ValueError("no modes to compare")
         if self.seeds < 1 or self.rounds < 1:
             raise ValueError("seeds and rounds must be at least 1")
-        if self.reference_step_s is not None and not self.reference_step_s > 0:
-            raise ValueError(f"reference_step_s must be positive, got {self.reference_step_s}")
+        for name in ("reference_step_s", "fedavg_step_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
 
     @property
     def forwards_per_scalar(self) -> float:
@@ -116,14 +133,27 @@ class CompareSetting:
             return self.reference_step_s
         return REFERENCE_FORWARD_S * self.forwards_per_scalar
 
+    def step_s_of(self, mode: str) -> float:
+        """The virtual step of `mode`: fedavg's AdamW step is `fedavg_step_s` when given, else
+        FORWARDS_PER_STEP forward passes (forward and backward) at this comparison's forward
+        time; a ZO step is its own forwards. The 3 is a count, not a measurement (what was
+        measured, on a loaded machine, is in docs/simulator.md): give fedavg_step_s from an
+        idle machine where the time axis matters."""
+        if mode == FEDAVG:
+            if self.fedavg_step_s is not None:
+                return self.fedavg_step_s
+            return self.step_s / self.forwards_per_scalar * FORWARDS_PER_STEP
+        return self.step_s
+
     def simulation_config(self, mode: str, seed: int) -> SimulationConfig:
+        lr = self.fedavg_lr if mode == FEDAVG else self.lr
         server = config_from_dict({"enrolment_secret": "simulated-run-secret", "run": {
-            "seed": seed, "pool_size": self.pool_size, "lr": self.lr, "mu": self.mu,
+            "seed": seed, "pool_size": self.pool_size, "lr": lr, "mu": self.mu,
             "batch_size": self.batch_size, "seq_len": self.seq_len,
             "round_duration_s": self.round_duration_s, "max_steps": self.max_steps,
             "estimator": self.estimator, "directions": self.directions,
             "mode": ZORBA if mode == CENTRAL_MEZO else mode}})
-        return SimulationConfig(server, rounds=self.rounds, reference_step_s=self.step_s,
+        return SimulationConfig(server, rounds=self.rounds, reference_step_s=self.step_s_of(mode),
                                 mode=mode, dirichlet_alpha=self.dirichlet_alpha, data_seed=seed,
                                 memory=MemoryProfile(frozen_dtype=self.frozen_dtype),
                                 device=self.device)
@@ -184,25 +214,16 @@ def _batches(sim: Simulation, examples: Sequence[ClassificationExample], batch_s
     return [b.to(sim.config.device) for b in task.batches(batch_size, seq_len)]
 
 
-def move_to_table_(sim: Simulation, current: np.ndarray, target: np.ndarray) -> None:
-    """Bring the simulation's model from coefficient table `current` to `target`."""
-    diff = target - current
-    ks, bs = np.nonzero(diff)
-    increments = [AlphaIncrement(int(k), int(b), float(diff[k, b]))
-                  for k, b in zip(ks, bs, strict=True)]
-    apply_increments_(sim.all_blocks(), sim.config.server.run.seed, increments)
-
-
 def train_mode(setting: CompareSetting, sim: Simulation, base_curve: float,
-               log: Log) -> tuple[ModeRun, dict[int, np.ndarray]]:
-    """Run a built simulation's rounds; returns its run and its table after each version."""
+               log: Log) -> tuple[ModeRun, dict[int, Any]]:
+    """Run a built simulation's rounds; returns its run and what brings its model back to
+    each version (`Simulation.version_state`: a coefficient table, or fedavg's weights)."""
     mode, seed = sim.config.mode, sim.config.data_seed
-    tables: dict[int, np.ndarray] = {}
+    tables: dict[int, Any] = {0: sim.version_state()}
 
     def after(record: RoundRecord) -> None:
-        if record.version not in tables and record.version > 0:  # applied, or rolled back
-            assert sim.engine.alpha is not None
-            tables[record.version] = sim.engine.alpha.copy()
+        if record.version not in tables:  # applied, or rolled back
+            tables[record.version] = sim.version_state()
         acc = "-" if record.accuracy is None else f"{record.accuracy:.4f}"
         log(f"[seed {seed} {mode}] round {record.round}/{setting.rounds} {record.status}: "
             f"{record.reports}/{record.assigned} reports, t={record.virtual_time_s:.0f} vs, "
@@ -211,8 +232,6 @@ def train_mode(setting: CompareSetting, sim: Simulation, base_curve: float,
     started, cpu = time.perf_counter(), time.process_time()
     sim.run(progress=after)
     total = time.perf_counter() - started
-    first = next(iter(tables.values()), None)
-    tables[0] = np.zeros_like(first) if first is not None else np.zeros((1, 1))
     curve = [stats.VersionPoint(0, 0, 0.0, 0, base_curve)] + [
         stats.VersionPoint(r.version, r.round, r.virtual_time_s, r.forwards, r.accuracy)
         for previous, r in zip([0] + [p.version for p in sim.records[:-1]], sim.records, strict=True)
@@ -226,7 +245,7 @@ def train_mode(setting: CompareSetting, sim: Simulation, base_curve: float,
     return run, tables
 
 
-def score_at_points(sim: Simulation, run: ModeRun, tables: dict[int, np.ndarray],
+def score_at_points(sim: Simulation, run: ModeRun, tables: dict[int, Any],
                     common: Mapping[str, float], points: Sequence[ClassificationExample],
                     base_points: float, batch_size: int) -> None:
     """Fill `run.at_points`: the version held at each common point, scored on `points`
@@ -237,7 +256,7 @@ def score_at_points(sim: Simulation, run: ModeRun, tables: dict[int, np.ndarray]
     started, cpu = time.perf_counter(), time.process_time()
     batches = None
     for version in sorted(set(wanted.values()) - {0}, reverse=True):
-        move_to_table_(sim, current, tables[version])
+        sim.move_to_version_(current, tables[version])
         current = tables[version]
         batches = batches or _batches(sim, points, batch_size)
         scored[version] = evaluate_classification(sim.loaded.model, batches).accuracy
@@ -249,7 +268,7 @@ def score_at_points(sim: Simulation, run: ModeRun, tables: dict[int, np.ndarray]
 def run_seed(setting: CompareSetting, seed: int, source: ModelSource, fleet: Fleet,
              data: SeedData, log: Log) -> SeedResult:
     """Every mode on one seed, then each scored at the seed's common points."""
-    sims: dict[str, tuple[Simulation, dict[int, np.ndarray]]] = {}
+    sims: dict[str, tuple[Simulation, dict[int, Any]]] = {}
     runs: dict[str, ModeRun] = {}
     base: tuple[float, float] | None = None
     for mode in setting.modes:
@@ -325,8 +344,8 @@ def figures(setting: CompareSetting, results: Sequence[SeedResult]) -> dict[str,
         "gain_ratio_zorba_over_central_mezo": None,
         "ci90_zorba_minus_fedzo_full": None,
         "ci90_zorba_minus_zorba_uniform": None,
+        "ci90_zorba_minus_fedavg": None,
         "paired_differences": {},
-        "not_on_simulator": {"fedavg": FEDAVG_NOT_BUILT},
     }
     for m in setting.modes:
         out[f"acc_{_key(m)}_final"] = out["final_accuracy"][m]
@@ -340,6 +359,6 @@ def figures(setting: CompareSetting, results: Sequence[SeedResult]) -> dict[str,
                 if {a, b} <= modes:
                     diff = stats.paired_difference(by_axis[axis][a], by_axis[axis][b])
                     out["paired_differences"].setdefault(axis, {})[f"{a} - {b}"] = diff.as_dict()
-                    if axis == stats.TIME and b in (FEDZO_FULL, ZORBA_UNIFORM):
+                    if axis == stats.TIME and b in (FEDZO_FULL, ZORBA_UNIFORM, FEDAVG):
                         out[f"ci90_zorba_minus_{_key(b)}"] = list(diff.ci90)
     return out

@@ -6,7 +6,10 @@ model with every block trainable in fp32 and, for each client in turn, runs the 
 local loop (`zorba_edge.client.trainer.run_local_steps`) on that client's assigned blocks.
 Plans, report checks, aggregation and the coefficient table are the server's
 (`zorba_server.engine.RoundEngine`); the published increments move the model exactly as a
-client's sync does (`apply_increments_`). Nothing of the round logic is copied here.
+client's sync does (`apply_increments_`). Nothing of the round logic is copied here. What
+differs between modes is a `ClientTraining` (zorba_sim/client_training.py): fedavg's
+clients run the real client's AdamW loop and the server's weight average instead
+(zorba_sim/fedavg_clients.py).
 
 Virtual time: a device's step takes `reference_step_s / speed`, where `reference_step_s` is
 one step of this machine (measured at start unless given, then fixed, so the same seeds give
@@ -40,8 +43,8 @@ from safetensors.torch import load_file, save_file
 
 from zorba_edge.client.assembly import client_task_seed, footprint_of
 from zorba_edge.client.local_task import LocalTask
-from zorba_edge.client.trainer import first_steps, run_local_steps
 from zorba_edge.common.schema import (
+    FEDAVG,
     FEDZO_FULL,
     TRAIN,
     Assignment,
@@ -54,7 +57,6 @@ from zorba_edge.common.schema import (
 from zorba_edge.data.examples import ClassificationExample
 from zorba_edge.data.splits import dirichlet_label_split
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
-from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_
 from zorba_edge.engine.directions import BlockTensors
 from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model
@@ -64,12 +66,16 @@ from zorba_server.engine import Member, RoundEngine
 from zorba_server.errors import Refusal
 from zorba_server.rounds import ReceivedReport
 from zorba_sim.adversary import Adversary
+from zorba_sim.client_training import ClientTraining, ZOClients
+from zorba_sim.fedavg_clients import FedAvgClients
 from zorba_sim.fleet import DeviceClass, DeviceGroup, Fleet, FleetError
 
 CENTRAL_MEZO = "central-mezo"
 """One client holding all the data trains every block with the same estimator: the
 "federation costs nothing" reference for zeroth-order methods."""
-SIM_MODES = ("zorba", "zorba-uniform", "fedzo-full", CENTRAL_MEZO)
+ZO_SIM_MODES = ("zorba", "zorba-uniform", "fedzo-full", CENTRAL_MEZO)
+"""The zeroth-order modes (a comparison's default)."""
+SIM_MODES = (*ZO_SIM_MODES, FEDAVG)
 
 CENTRAL_DEVICE = DeviceClass("central", 1 << 50, speed=1.0, upload_mbps=1e6, download_mbps=1e6,
                              source="one device holding all data and memory: no federation")
@@ -82,7 +88,8 @@ class SimulationConfig:
     rounds: int = 20
     """Rounds to run (applied or not)."""
     reference_step_s: float | None = None
-    """Virtual seconds of one step on a speed-1.0 device; None: measured on this machine."""
+    """Virtual seconds of one step on a speed-1.0 device (in fedavg one AdamW step, in the
+    zeroth-order modes one pool index); None: measured on this machine."""
     mode: str = "zorba"
     """A run mode, or central-mezo."""
     dirichlet_alpha: float = 0.5
@@ -144,6 +151,8 @@ class Simulation:
     clients: dict[str, VirtualClient]
     heldout: list[Any]
     """Held-out batches, evaluated after every `eval_every` rounds."""
+    training: ClientTraining
+    """How the mode's clients train and a closed round moves the model."""
     reference_step_s: float
     clock: float = 0.0
     forwards: int = 0
@@ -200,7 +209,10 @@ class Simulation:
         run = server.run
         heldout_task = LocalTask(list(heldout), tokenizer, template)
         batches = [b.to(config.device) for b in heldout_task.batches(eval_batch_size, run.seq_len)]
-        sim = cls(config, source, engine, loaded, clients, batches, reference_step_s=0.0)
+        training: ClientTraining = (
+            FedAvgClients(loaded, config.device) if engine.weights_only
+            else ZOClients(loaded, run.seed, config.device))
+        sim = cls(config, source, engine, loaded, clients, batches, training, reference_step_s=0.0)
         sim.reference_step_s = config.reference_step_s or sim.measure_step_s()
         for cid, client in clients.items():
             step = sim.reference_step_s / client.device.speed
@@ -215,21 +227,23 @@ class Simulation:
         return {b: self.loaded.trainable_parameters(b) for b in range(self.loaded.num_blocks)}
 
     def measure_step_s(self, steps: int = 3) -> float:
-        """Median seconds of one step of the local loop on this machine, every block held
-        (on a probe copy of a client's task, so no client's batch order moves)."""
+        """Median seconds of one step of the mode's local loop on this machine, every block
+        held (on a probe copy of a client's task, so no client's batch order moves; the model
+        is left as it was)."""
         client = next(iter(self.clients.values()))
         task = LocalTask(client.task.examples, client.task.tokenizer, client.task.template)
-        hyper = self.engine.hyper()  # one batch: every estimator measures its directions
-        probe = Assignment(round=0, base_version=self.engine.version,
-                           blocks=tuple(range(self.loaded.num_blocks)),
-                           pool_indices=tuple(range(hyper.directions)),
-                           hyper=hyper, deadline_in_s=0.0, deadline_unix=0.0)
-        times = []
-        for _ in range(steps):
-            outcome = run_local_steps(self.loaded.model, self.all_blocks(), task, probe,
-                                      self.engine.run_info("probe"), self.config.device)
-            times.append(outcome.step_time_s)
-        return statistics.median(times)
+        info = self.engine.run_info("probe")
+        return statistics.median(self.training.probe_step_s(task, self.engine, info)
+                                 for _ in range(steps))
+
+    def version_state(self) -> Any:
+        """What brings the model back to the current version later (`move_to_version_`): the
+        coefficient table in the zeroth-order modes, the weights themselves in fedavg."""
+        return self.training.version_state(self.engine)
+
+    def move_to_version_(self, current: Any, target: Any) -> None:
+        """Move the model from one kept `version_state` to another."""
+        self.training.move_to_version_(current, target)
 
     # ------------------------------------------------------------------ rounds
 
@@ -258,7 +272,8 @@ class Simulation:
             self.clock = now + run.round_duration_s
             return self._record(len(self.records) + 1, "idle", 0, 0, 0, 0, None, 0.0, 0.0, started)
         engine.open_round(plan)
-        blocks = self.all_blocks()
+        training = self.training
+        training.begin_round()
         info = engine.run_info("simulation")
         finished: dict[str, float] = {}
         losses: list[tuple[float, float]] = []
@@ -269,12 +284,15 @@ class Simulation:
             assignment = plan.assignment_for(cid, now)
             deltas, catch_up = engine.deltas_since(client.version)
             down = len(encode(NextRound(TRAIN, engine.version, assignment, deltas, catch_up)))
+            down += training.weights_down_bytes(cid, assignment)
             if catch_up:
                 down += 8 * engine.pool_size * (engine.footprint.num_blocks if engine.footprint else 0)
             client.version = engine.version
             step_s = self.reference_step_s / client.device.speed
             planned = len(assignment.pool_indices)
-            upload_s = _seconds(_report_bytes(assignment, planned), client.device.upload_mbps)
+            reported_steps = 0 if engine.weights_only else planned  # fedavg reports none
+            upload_s = _seconds(_report_bytes(assignment, reported_steps)
+                                + training.weights_up_bytes(), client.device.upload_mbps)
             download_s = _seconds(down, client.device.download_mbps)
             room = assignment.deadline_in_s - download_s - upload_s
             fit = max(0, math.floor(room / step_s)) if room > 0 else 0
@@ -283,12 +301,10 @@ class Simulation:
             drop_at = math.floor(client.rng.random() * planned)
             take = min(planned, fit, drop_at if drops else planned)
             stragglers += fit < planned
-            outcome = run_local_steps(self.loaded.model, {b: blocks[b] for b in assignment.blocks},
-                                      client.task, assignment, info, self.config.device,
-                                      on_step=first_steps(take))
+            outcome = training.train(cid, client.task, assignment, info, take, reports=not drops)
             self.forwards += outcome.forwards
             down_total += down
-            if drops or not outcome.steps:
+            if drops or not outcome.steps_taken:
                 dropped += drops
                 continue
             report = dataclasses.replace(outcome, step_time_s=step_s).report(
@@ -296,9 +312,9 @@ class Simulation:
             adversary = self.adversaries.get(cid)
             if adversary is not None:
                 report = adversary.transform(report)
-            up = len(encode(report))
+            up = len(encode(report)) + training.weights_up_bytes()
             up_total += up
-            done = now + download_s + len(outcome.steps) * step_s + _seconds(up, client.device.upload_mbps)
+            done = now + download_s + outcome.steps_taken * step_s + _seconds(up, client.device.upload_mbps)
             try:
                 engine.check_report(cid, plan.round, report, done)
             except Refusal as exc:
@@ -312,9 +328,7 @@ class Simulation:
         close_at = max(finished.values()) if len(finished) == len(plan.clients) else plan.deadline
         closure = engine.decide_close(close_at)
         engine.apply_close(closure)
-        if closure.delta is not None:
-            apply_increments_(blocks, run.seed, [AlphaIncrement(k, b, v)
-                                                  for k, b, v in closure.delta.entries()])
+        training.close(closure, engine)
         self.clock = close_at
         weight = sum(w for w, _ in losses)
         loss = sum(w * v for w, v in losses) / weight if weight else None
@@ -359,6 +373,7 @@ class Simulation:
             "engine": self.engine, "clock": self.clock, "forwards": self.forwards,
             "records": self.records, "reference_step_s": self.reference_step_s,
             "clients": {cid: (c.task._samplers, c.rng, c.version) for cid, c in self.clients.items()},
+            "training": self.training.state(),
         }
         with open(partial / "state.pkl", "wb") as f:
             pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -394,6 +409,7 @@ class Simulation:
         self.engine = state["engine"]
         self.clock, self.forwards = state["clock"], state["forwards"]
         self.records, self.reference_step_s = state["records"], state["reference_step_s"]
+        self.training.restore(state.get("training"))
         for cid, (samplers, rng, version) in state["clients"].items():
             client = self.clients[cid]
             client.task._samplers, client.rng, client.version = samplers, rng, version

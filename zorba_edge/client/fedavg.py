@@ -14,12 +14,13 @@ the download buffer into the parameters tensor by tensor (no second full copy).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from safetensors.torch import save
@@ -34,6 +35,10 @@ from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, releas
 from zorba_edge.model.sources import ModelSource
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32}
+FORWARDS_PER_STEP = 3
+"""A first-order step in forward-pass equivalents: the forward, and the backward at about twice
+a forward's work (activation and weight gradients); AdamW's update, a few element-wise passes
+over the parameters, is small beside them and not counted. A ZO step is its forwards alone."""
 
 
 class FedAvgTrainer:
@@ -124,43 +129,61 @@ class FedAvgTrainer:
             raise SyncError(f"round {assignment.round} starts from the weights of version "
                             f"{assignment.base_version}; this client holds "
                             f"{self.weights_version}: download them first")
-        params = list(self._parameters(loaded).values())
-        hyper = assignment.hyper
-        losses: list[float] = []
-        started = time.perf_counter()
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params, lr=hyper.lr)
-        try:
-            for t, _ in enumerate(assignment.pool_indices):
-                if cancel.is_set() or (on_step is not None and not on_step(t)):
-                    break
-                batch = self.task.next_batch(hyper.batch_size, hyper.seq_len).to(self.load_config.device)
-                loss = self.task.loss_fn(loaded.model, batch)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.weights_version = -1  # the model now holds local, not global, weights
-                losses.append(float(loss.detach()))
-        finally:
-            del optimizer
-            for p in params:
-                p.requires_grad_(False)
-                p.grad = None
-        elapsed = time.perf_counter() - started
+        previous, self.weights_version = self.weights_version, -1  # local weights from step 1 on
+        outcome = run_adamw_steps(loaded.model, list(self._parameters(loaded).values()), self.task,
+                                  assignment, self.load_config.device, cancel, on_step)
+        if not outcome.local_steps:
+            self.weights_version = previous  # no step taken: the model still holds them
         upload = save({name: p.detach().cpu().contiguous()
-                       for name, p in self._parameters(loaded).items()}) if losses else None
+                       for name, p in self._parameters(loaded).items()}) if outcome.local_steps else None
         peak = self._probe.peak_bytes()
         release_freed_memory()
-        return LocalRoundResult(
-            steps=(),
-            num_samples=len(losses) * min(hyper.batch_size, len(self.task.examples)),
-            loss_mean=statistics.fmean(losses) if losses else float("nan"),
-            loss_last=losses[-1] if losses else float("nan"),
-            peak_memory_bytes=peak,
-            step_time_s=elapsed / len(losses) if losses else 0.0,
-            cancelled=cancel.is_set() and len(losses) < len(assignment.pool_indices),
-            upload=upload,
-            local_steps=len(losses),
-        )
+        return dataclasses.replace(outcome, peak_memory_bytes=peak, upload=upload)
 
+
+def run_adamw_steps(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], task: LocalTask,
+                    assignment: Assignment, device: str | torch.device,
+                    cancel: threading.Event | None = None,
+                    on_step: StepGate | None = None) -> LocalRoundResult:
+    """A fedavg round's local training on `params` (every block's), left trained in place: the
+    one first-order loop that real clients (`FedAvgTrainer`) and the simulator both run.
+
+    One AdamW step per pool index of the assignment (the indices only count the steps: fedavg
+    reports none), each on the task's next batch, with a fresh optimizer, as plain FedAvg
+    does. `on_step(t)` is asked before step t; False ends the round there. Forward passes are
+    counted as FORWARDS_PER_STEP per step. The outcome carries no upload and no peak: the
+    caller serialises the weights and measures memory.
+    """
+    hyper = assignment.hyper
+    losses: list[float] = []
+    started = time.perf_counter()
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=hyper.lr)
+    try:
+        for t, _ in enumerate(assignment.pool_indices):
+            if (cancel is not None and cancel.is_set()) or (on_step is not None and not on_step(t)):
+                break
+            batch = task.next_batch(hyper.batch_size, hyper.seq_len).to(device)
+            loss = task.loss_fn(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    finally:
+        del optimizer
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+    elapsed = time.perf_counter() - started
+    return LocalRoundResult(
+        steps=(),
+        num_samples=len(losses) * min(hyper.batch_size, len(task.examples)),
+        loss_mean=statistics.fmean(losses) if losses else float("nan"),
+        loss_last=losses[-1] if losses else float("nan"),
+        peak_memory_bytes=0,
+        step_time_s=elapsed / len(losses) if losses else 0.0,
+        cancelled=cancel is not None and cancel.is_set() and len(losses) < len(assignment.pool_indices),
+        local_steps=len(losses),
+        forwards=FORWARDS_PER_STEP * len(losses),
+    )
