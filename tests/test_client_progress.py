@@ -104,6 +104,7 @@ def test_eval_logs_its_progress_when_not_on_a_terminal(
                      "--frozen-dtype", "fp32", "--seq-len", "16", "--batch-size", "16", "--json"])
     assert code == 0
     err = capsys.readouterr().err
+    assert f"opening the model at {world.model_dir}" in err  # the GGUF metadata's silent wait
     assert "loading the model: 3/3, done in" in err
     assert "evaluating 64 examples: 4/4, done in" in err
 
