@@ -6,7 +6,8 @@ them out, and `tiny_model_dir` saves a model into the test's temporary directory
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,15 @@ def tiny_model_dir(tmp_path: Path) -> Callable[..., Path]:
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Built tokenizers are cached under ZORBA_EDGE_CACHE: never the user's own cache in tests."""
     monkeypatch.setenv("ZORBA_EDGE_CACHE", str(tmp_path_factory.mktemp("zorba-cache")))
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_log_handlers() -> Iterator[None]:
+    """A command run in-process (`cli.main`) installs its log handler on the root logger, bound
+    to that test's captured stderr, and sets zorba_edge's level: remove both afterwards, or a
+    later test's log line goes to a closed stream ('--- Logging error ---' in its stderr)."""
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "zorba_edge", False)]:
+        root.removeHandler(handler)
+    logging.getLogger("zorba_edge").setLevel(logging.NOTSET)

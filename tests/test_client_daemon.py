@@ -109,9 +109,17 @@ async def servers(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 class Recording(Listener):
     def __init__(self) -> None:
         self.rounds: list[RoundSummary] = []
+        self.progressed: list[tuple[str, int, int]] = []
 
     def on_round(self, summary: RoundSummary) -> None:
         self.rounds.append(summary)
+
+    def progress(self, what: str) -> Callable[[int, int], None]:
+        return lambda done, total: self.progressed.append((what, done, total))
+
+    def finished(self) -> list[str]:
+        """The steps whose progress reached their total, in order."""
+        return [what for what, done, total in self.progressed if done == total]
 
 
 class SlowTask(LocalTask):
@@ -154,13 +162,13 @@ class SerialTrainer:
     def table(self) -> CoefficientTable:
         return self.inner.table
 
-    def apply_deltas(self, deltas: Any) -> None:
+    def apply_deltas(self, deltas: Any, progress: Any = None) -> None:
         with MODEL_LOCK:
-            self.inner.apply_deltas(deltas)
+            self.inner.apply_deltas(deltas, progress)
 
-    def replace_table(self, state: Any) -> None:
+    def replace_table(self, state: Any, progress: Any = None) -> None:
         with MODEL_LOCK:
-            self.inner.replace_table(state)
+            self.inner.replace_table(state, progress)
 
     def train_round(self, assignment: Any, cancel: threading.Event, on_step: Any = None) -> Any:
         with MODEL_LOCK:
@@ -182,15 +190,19 @@ class Device:
         self.listener = Recording()
         self.index = index
 
-    def registration(self) -> RegisterRequest:
+    def registration(self, progress: Any) -> RegisterRequest:
         self.registrations += 1
+        progress(1, 1)  # the command's timing probe reports through it; none is run here
         profile = DeviceProfile("cpu", BUDGET, 0.01, len(self.task.examples),
                                 footprint_of(self.source), self.source.fingerprint, self.memory,
                                 name=f"dev{self.index}")
         return RegisterRequest(SECRET, profile)
 
-    def trainer(self, run: RunInfo, table: CoefficientTable | None) -> SerialTrainer:
+    def trainer(self, run: RunInfo, table: CoefficientTable | None,
+                progress: Any) -> SerialTrainer:
         made = LocalTrainer(self.source, LOAD, run, self.task, table=table)
+        with MODEL_LOCK:
+            made.hold((), progress)  # as the command's trainer loads: before the first round
         self.trainers.append(made)
         return SerialTrainer(made)
 
@@ -329,6 +341,10 @@ async def test_a_client_far_behind_catches_up_from_the_whole_table(
     assert result.reason == "finished" and result.version == 5
     assert fetched == [4]  # one catch-up, to the version the server was at
     np.testing.assert_array_equal(late.trainers[-1].table.values, server_alpha(server))
+    # Its waits showed progress: loading (resuming, that replays alpha), then the rebuild.
+    assert late.listener.finished() == ["loading the model", "catching up: rebuilding the blocks"]
+    assert device.listener.finished()[:2] == ["timing probe (loading, then forward passes)",
+                                              "loading the model"]
 
 
 async def test_clients_survive_a_server_restart_and_finish_the_run(
@@ -443,8 +459,8 @@ async def test_a_refused_registration_ends_the_daemon_with_the_servers_reason(
     device = Device(tmp_path, world, 0, 1)
     honest = device.registration
 
-    def wrong_secret() -> RegisterRequest:
-        return RegisterRequest("not-the-secret", honest().profile)
+    def wrong_secret(progress: Any) -> RegisterRequest:
+        return RegisterRequest("not-the-secret", honest(progress).profile)
 
     device.registration = wrong_secret  # type: ignore[method-assign]
     with pytest.raises(ServerRefusedError, match="wrong enrolment secret"):

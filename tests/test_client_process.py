@@ -155,6 +155,7 @@ def test_sigterm_mid_round_abandons_the_round_and_exits_cleanly(
     assert client.wait(30) == 0, client.output()
     out = client.output()
     assert "round 1 abandoned" in out and "zorba-edge: stopped: 0 round(s) reported" in out
+    assert "loading the model: 3/3, done in" in out  # off a terminal: progress as log lines
     status = json.loads(http_get(f"{url}/v1/status"))
     assert status["current_round"]["round"] == 1
     assert status["current_round"]["reported"] == 0 and status["current_round"]["pending"] == 0

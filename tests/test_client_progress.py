@@ -1,17 +1,24 @@
-"""Progress on the slow steps: loading, the timing probe, evaluation and export report each unit
-of work, and the reporter shows it as a bar on a terminal or a line every few seconds."""
+"""Progress on the slow steps: loading, the timing probe, evaluation, export and a running
+client's model load and catch-up report each unit of work, and the reporter shows it as a bar
+on a terminal or a line every few seconds."""
 
 from __future__ import annotations
 
+import io
 import logging
 
+import numpy as np
 import pytest
 from client_support import TinyWorld, make_world
+from rich.console import Console
+from test_trainer import delta, make_trainer
 
 from zorba_edge.client import cli
 from zorba_edge.client.assembly import DataChoice, build_task, heldout_examples, probe_step_time
+from zorba_edge.client.command_handlers import ConsoleListener
 from zorba_edge.client.evaluation import evaluate
 from zorba_edge.client.progress import ProgressReporter
+from zorba_edge.common.schema import AlphaState
 from zorba_edge.model.loading import LoadConfig, load_model
 from zorba_edge.model.progress import tracked
 from zorba_edge.model.sources import open_source
@@ -97,5 +104,45 @@ def test_eval_logs_its_progress_when_not_on_a_terminal(
                      "--frozen-dtype", "fp32", "--seq-len", "16", "--batch-size", "16", "--json"])
     assert code == 0
     err = capsys.readouterr().err
+    assert f"opening the model at {world.model_dir}" in err  # the GGUF metadata's silent wait
     assert "loading the model: 3/3, done in" in err
     assert "evaluating 64 examples: 4/4, done in" in err
+
+
+def test_a_trainer_reports_its_first_load_each_synced_round_and_each_rebuilt_block() -> None:
+    trainer = make_trainer(num_blocks=3)
+    loads, on_load = recorder()
+    trainer.hold((), on_load)
+    assert loads == [(done, 4) for done in range(1, 5)]  # non-block weights, then 3 blocks
+    synced, on_sync = recorder()
+    trainer.apply_deltas([delta(2, (3, 4), (0, 2), seed=2), delta(1, (1,), (1,), seed=1)],
+                         on_sync)
+    assert synced == [(1, 2), (2, 2)] and trainer.table.version == 2
+    rebuilt, on_rebuild = recorder()
+    alpha = np.zeros((trainer.run.pool_size, 3))
+    alpha[5, 1] = 1e-3
+    trainer.replace_table(AlphaState("r", 7, trainer.run.pool_size, 3, alpha.tobytes()),
+                          on_rebuild)
+    assert rebuilt == [(1, 3), (2, 3), (3, 3)] and trainer.table.version == 7
+
+
+def test_the_run_command_logs_progress_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    listener = ConsoleListener(interactive=False)
+    with caplog.at_level(logging.INFO, logger="zorba_edge.client"):
+        progress = listener.progress("loading the model")
+        for done in range(1, 4):
+            progress(done, 3)
+    assert [r.getMessage() for r in caplog.records][-1].startswith(
+        "loading the model: 3/3, done in")
+
+
+def test_the_run_command_shows_progress_in_its_status_line_on_a_terminal() -> None:
+    # The status spinner is rich's one live display: progress becomes its text.
+    out = io.StringIO()
+    listener = ConsoleListener(interactive=True,
+                               console=Console(file=out, force_terminal=True, width=80))
+    progress = listener.progress("loading the model")
+    progress(1, 3)
+    progress(2, 3)
+    listener.close()
+    assert "loading the model: 2/3" in out.getvalue()

@@ -7,8 +7,10 @@ admission.py, profiling.py and daemon.py.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from zorba_edge.client.profiling import (
     synchronizer,
     time_call,
 )
+from zorba_edge.client.progress import LOG_INTERVAL_S
 from zorba_edge.common.memory_model import MemorySettings, ModelFootprint
 from zorba_edge.common.schema import DeviceProfile, MemoryProfile, RegisterRequest, RunInfo
 from zorba_edge.data.examples import ClassificationExample, Example
@@ -41,6 +44,8 @@ from zorba_edge.model.quantize import require_bitsandbytes
 from zorba_edge.model.skeleton import build_skeleton, model_footprint
 from zorba_edge.model.sources import FileSource, ModelSource, open_source
 
+log = logging.getLogger("zorba_edge.client")
+
 MOVIE_REVIEWS = "movie-reviews"
 PROBE_BATCH_SIZE, PROBE_SEQ_LEN = MemorySettings.batch_size, MemorySettings.seq_len
 """The batch shape assumed before a run says its own (the server's defaults too)."""
@@ -52,7 +57,16 @@ PROBE_BATCH_SIZE, PROBE_SEQ_LEN = MemorySettings.batch_size, MemorySettings.seq_
 def open_model(path: str | None, tokenizer_dir: str | None = None) -> FileSource:
     """`--model PATH` (a transformers directory or a .gguf), by default the packaged SmolLM2;
     `--tokenizer DIR` in place of the model's own tokenizer."""
-    return open_source(path if path is not None else packaged_model_path(), tokenizer_dir)
+    location = path if path is not None else packaged_model_path()
+    # Nothing here to count in a progress bar, yet a GGUF's metadata (Gemma 3's 262k-piece
+    # vocabulary, parsed by the gguf package) takes about a minute on a small CPU: say what
+    # the wait is, and how long it was when it was long.
+    log.info("opening the model at %s", location)
+    started = time.monotonic()
+    source = open_source(location, tokenizer_dir)
+    if (elapsed := time.monotonic() - started) >= LOG_INTERVAL_S:
+        log.info("model opened in %.0f s", elapsed)
+    return source
 
 
 def default_frozen_dtype(device: str) -> str:

@@ -12,7 +12,7 @@ import signal
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,8 +50,12 @@ from zorba_edge.common.schema import RegisterRequest, RunInfo
 from zorba_edge.data.splits import small_share_warning
 from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.model.loading import LoadConfig
+from zorba_edge.model.progress import Progress
 from zorba_edge.model.quantize import require_bitsandbytes
 from zorba_edge.model.sources import ModelSource
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 log = logging.getLogger("zorba_edge.client")
 
@@ -204,12 +208,14 @@ def _print_profile(report: DeviceReport, load_config: LoadConfig, timing: StepTi
 
 
 class ConsoleListener(Listener):
-    """A spinner with the daemon's status on a terminal; log lines otherwise."""
+    """A spinner with the daemon's status on a terminal; log lines otherwise. A slow step's
+    progress shows in the spinner's text (rich has one live display at a time, so no bar
+    beside it), or as ProgressReporter's line every few seconds."""
 
-    def __init__(self, interactive: bool) -> None:
+    def __init__(self, interactive: bool, console: Console | None = None) -> None:
         from rich.console import Console
 
-        self.console = Console()
+        self.console = console or Console()
         self._status = self.console.status("starting") if interactive else None
         self._last = ""
         if self._status is not None:
@@ -228,6 +234,12 @@ class ConsoleListener(Listener):
             self.console.print(line)
         else:
             print(line, flush=True)
+
+    def progress(self, what: str) -> Progress:
+        status = self._status
+        if status is None:
+            return ProgressReporter(what, interactive=False)
+        return lambda done, total: status.update(f"{what}: {done}/{total}")
 
     def close(self) -> None:
         if self._status is not None:
@@ -301,13 +313,10 @@ def _run(args: argparse.Namespace) -> int:
             log.warning("%s", few)
     budget_bytes = report.budget.budget_bytes
 
-    def make_registration() -> RegisterRequest:
+    def make_registration(progress: Progress | None) -> RegisterRequest:
         step_time = args.step_time
         if step_time is None:
-            # Log lines only: the run's own status line is rich's one live display.
-            with ProgressReporter("timing probe (loading, then forward passes)",
-                                  interactive=False) as progress:
-                timing = assembly.probe_step_time(source, load_config, progress=progress)
+            timing = assembly.probe_step_time(source, load_config, progress=progress)
             step_time = timing.step_time_s
             log.info("timing probe: %.3f s per step (2 x forward %.3f s)", step_time,
                      timing.forward_s)
@@ -319,8 +328,10 @@ def _run(args: argparse.Namespace) -> int:
         return assembly.registration(measured, device_type=torch.device(load_config.device).type,
                                      num_samples=len(examples), secret=secret, name=args.name)
 
-    def make_trainer(run: RunInfo, table: CoefficientTable | None) -> Trainer:
-        return CLIENT_MODES[run.mode].make_trainer(source, load_config, run, task, table)
+    def make_trainer(run: RunInfo, table: CoefficientTable | None,
+                     progress: Progress | None) -> Trainer:
+        return CLIENT_MODES[run.mode].make_trainer(source, load_config, run, task, table,
+                                                   progress)
 
     def check_run(run: RunInfo) -> None:
         if not CLIENT_MODES[run.mode].keeps_budget:

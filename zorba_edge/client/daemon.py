@@ -47,6 +47,7 @@ from zorba_edge.common.schema import (
 )
 from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.errors import InvalidScalarError
+from zorba_edge.model.progress import Progress
 
 log = logging.getLogger("zorba_edge.client")
 T = TypeVar("T")
@@ -62,9 +63,10 @@ class Trainer(Protocol):
 
     table: CoefficientTable
 
-    def apply_deltas(self, deltas: Iterable[AlphaDelta]) -> None: ...
+    def apply_deltas(self, deltas: Iterable[AlphaDelta],
+                     progress: Progress | None = None) -> None: ...
 
-    def replace_table(self, state: AlphaState) -> None: ...
+    def replace_table(self, state: AlphaState, progress: Progress | None = None) -> None: ...
 
     def train_round(self, assignment: Assignment, cancel: threading.Event,
                     on_step: StepGate | None = None) -> LocalRoundResult: ...
@@ -79,10 +81,12 @@ class WeightExchange(Protocol):
     def install_weights(self, buffer: bytearray, version: int) -> None: ...
 
 
-MakeTrainer = Callable[[RunInfo, CoefficientTable | None], Trainer]
-"""(run, saved table or None) -> trainer. Called in a worker thread."""
-MakeRegistration = Callable[[], RegisterRequest]
-"""Profiles the device and builds the registration. Called in a worker thread."""
+MakeTrainer = Callable[[RunInfo, CoefficientTable | None, Progress | None], Trainer]
+"""(run, saved table or None, progress of the model's loading) -> a trainer holding its model.
+Called in a worker thread."""
+MakeRegistration = Callable[[Progress | None], RegisterRequest]
+"""(progress of the timing probe) -> the registration, the device profiled. Called in a
+worker thread."""
 CheckRun = Callable[[RunInfo], None]
 """Raises (BudgetError, UsageError) when this device cannot take part in `run`."""
 
@@ -127,6 +131,11 @@ class Listener:
 
     def on_round(self, summary: RoundSummary) -> None:
         """A round ended (reported or not)."""
+
+    def progress(self, what: str) -> Progress | None:
+        """A callback for the progress of one slow step (`what`: loading the model...), or
+        None to not follow it. Called from worker threads."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -231,7 +240,9 @@ class ClientDaemon:
                      saved.run.run_id, table.version if table is not None else "none: catching up")
         else:
             self._listener.on_status("profiling the device")
-            request = await asyncio.to_thread(self._make_registration)
+            request = await asyncio.to_thread(
+                self._make_registration,
+                self._listener.progress("timing probe (loading, then forward passes)"))
             self._last_step_s = request.profile.step_time_s
             self._listener.on_status(f"registering with {url}")
             response = await self._until_stop(self._client.register(request))
@@ -246,7 +257,10 @@ class ClientDaemon:
                      response.client_id, response.run.run_id, response.run.num_blocks,
                      response.run.pool_size)
         assert self.state is not None
-        self.trainer = await asyncio.to_thread(self._make_trainer, self.state.run, table)
+        # Minutes for a large model on a small device; resuming, it also replays alpha.
+        self._listener.on_status("loading the model")
+        self.trainer = await asyncio.to_thread(self._make_trainer, self.state.run, table,
+                                               self._listener.progress("loading the model"))
         self._save()
 
     # ------------------------------------------------------------------------ one cycle
@@ -301,9 +315,12 @@ class ClientDaemon:
             return
         if not answer.deltas:
             return
-        self._listener.on_status(f"syncing {len(answer.deltas)} round(s) of alpha")
+        what = f"syncing {len(answer.deltas)} round(s) of alpha"
+        self._listener.on_status(what)
+        # Every round syncs one: only a client that fell behind waits long enough to follow.
+        progress = self._listener.progress(what) if len(answer.deltas) > 1 else None
         try:
-            await asyncio.to_thread(self.trainer.apply_deltas, answer.deltas)
+            await asyncio.to_thread(self.trainer.apply_deltas, answer.deltas, progress)
         except SyncError as exc:
             log.warning("%s", exc)
             await self._catch_up()
@@ -320,7 +337,9 @@ class ClientDaemon:
             log.warning("the server now runs %s, not %s: registering again", state.run_id,
                         self.state.run.run_id)
             raise _Rejoin
-        await asyncio.to_thread(self.trainer.replace_table, state)
+        # Rebuilds every held block from base + its whole alpha column.
+        await asyncio.to_thread(self.trainer.replace_table, state,
+                                self._listener.progress("catching up: rebuilding the blocks"))
         log.info("caught up to alpha version %d", state.version)
         self._save()
 

@@ -32,6 +32,7 @@ from zorba_edge.common.schema import AlphaDelta, AlphaState, Assignment, RunInfo
 from zorba_edge.common.weights import tensor_key
 from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, release_freed_memory
+from zorba_edge.model.progress import Progress
 from zorba_edge.model.sources import ModelSource
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32}
@@ -59,17 +60,20 @@ class FedAvgTrainer:
         self._probe = PeakMemoryProbe(load_config.device)
         self._probe_armed = False
 
-    def hold(self) -> LoadedModel:
+    def hold(self, progress: Progress | None = None) -> LoadedModel:
+        """The model, loaded the first time (`progress` counts its parts, as load_model's)."""
         if self.loaded is None:
-            self.loaded = load_model(self.source, range(self.run.num_blocks), self.load_config)
+            self.loaded = load_model(self.source, range(self.run.num_blocks), self.load_config,
+                                     progress=progress)
         return self.loaded
 
     # ------------------------------------------------------------------ sync
+    # Only the table's version moves here (no weights), which is instant: nothing to report.
 
-    def apply_deltas(self, deltas: Iterable[AlphaDelta]) -> None:
+    def apply_deltas(self, deltas: Iterable[AlphaDelta], progress: Progress | None = None) -> None:
         advance_table(self.table, deltas)
 
-    def replace_table(self, state: AlphaState) -> None:
+    def replace_table(self, state: AlphaState, progress: Progress | None = None) -> None:
         self.table = CoefficientTable(state.pool_size, state.num_blocks, state.matrix(), state.version)
 
     def weights_needed(self, assignment: Assignment) -> bool:

@@ -8,36 +8,43 @@ trainer; fedavg trains first-order and exchanges weights (zorba_edge/client/feda
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from zorba_edge.client.daemon import Trainer
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.common.schema import FEDAVG, FEDZO_FULL, ZORBA, ZORBA_UNIFORM, RunInfo
 from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.model.loading import LoadConfig
+from zorba_edge.model.progress import Progress
 from zorba_edge.model.sources import ModelSource
 
-MakeTrainer = Callable[[ModelSource, LoadConfig, RunInfo, LocalTask, CoefficientTable | None],
-                       Trainer]
-"""(source, load config, run, task, saved table or None) -> a trainer holding its model."""
+
+class MakeTrainer(Protocol):
+    """(source, load config, run, task, saved table or None) -> a trainer holding its model;
+    `progress` counts the model's loading (load_model's parts)."""
+
+    def __call__(self, source: ModelSource, load_config: LoadConfig, run: RunInfo,
+                 task: LocalTask, table: CoefficientTable | None,
+                 progress: Progress | None = None) -> Trainer: ...
 
 
 def zo_trainer(source: ModelSource, load_config: LoadConfig, run: RunInfo, task: LocalTask,
-               table: CoefficientTable | None) -> Trainer:
+               table: CoefficientTable | None, progress: Progress | None = None) -> Trainer:
     from zorba_edge.client.trainer import LocalTrainer
 
     trainer = LocalTrainer(source, load_config, run, task, table=table)
-    trainer.hold(())  # load the model now rather than inside the first round's deadline
+    # Load the model now rather than inside the first round's deadline.
+    trainer.hold((), progress)
     return trainer
 
 
 def fedavg_trainer(source: ModelSource, load_config: LoadConfig, run: RunInfo, task: LocalTask,
-                   table: CoefficientTable | None) -> Trainer:
+                   table: CoefficientTable | None, progress: Progress | None = None) -> Trainer:
     from zorba_edge.client.fedavg import FedAvgTrainer
 
     trainer = FedAvgTrainer(source, load_config, run, task, table=table)
-    trainer.hold()
+    trainer.hold(progress)
     return trainer
 
 

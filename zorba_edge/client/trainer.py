@@ -42,6 +42,7 @@ from zorba_edge.engine.directions import BlockTensors
 from zorba_edge.engine.zo import ESTIMATORS, MIN_DIRECTIONS, RoundSnapshot, ZOConfig
 from zorba_edge.errors import ZorbaError
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, release_freed_memory
+from zorba_edge.model.progress import Progress, tracked
 from zorba_edge.model.sources import ModelSource
 
 StepGate = Callable[[int], bool]
@@ -186,21 +187,24 @@ class LocalTrainer:
             return {}
         return {b: self.loaded.trainable_parameters(b) for b in self.loaded.assignment}
 
-    def _rebuild_all(self) -> None:
-        """Every block from base + alpha: after a catch-up from the whole table."""
+    def _rebuild_all(self, progress: Progress | None = None) -> None:
+        """Every block from base + alpha: after a catch-up from the whole table (each block
+        replays its whole column, so `progress` counts the blocks)."""
         assert self.loaded is not None
         materialize = self._materialize()
-        for block in range(self.run.num_blocks):
+        for block in tracked(range(self.run.num_blocks), self.run.num_blocks, progress):
             self.loaded.install_block(block, materialize(block), trainable=block in self.loaded.assignment)
         self._built = dict.fromkeys(range(self.run.num_blocks), self.table.version)
 
-    def hold(self, blocks: Iterable[int]) -> LoadedModel:
+    def hold(self, blocks: Iterable[int], progress: Progress | None = None) -> LoadedModel:
         """Load the model (first time) or move it to a new assignment, and rebuild the
-        stalest frozen blocks (at most REFRESH_BLOCKS_PER_ROUND)."""
+        stalest frozen blocks (at most REFRESH_BLOCKS_PER_ROUND). `progress` counts the
+        first load's parts (load_model), the one wait here that takes minutes."""
         blocks = tuple(sorted(set(blocks)))
         version = self.table.version
         if self.loaded is None:
-            self.loaded = load_model(self.source, blocks, self.load_config, materialize=self._materialize())
+            self.loaded = load_model(self.source, blocks, self.load_config,
+                                     materialize=self._materialize(), progress=progress)
             self._built = dict.fromkeys(range(self.run.num_blocks), version)
         elif set(blocks) != set(self.loaded.assignment):
             changed = set(blocks) ^ set(self.loaded.assignment)
@@ -218,17 +222,20 @@ class LocalTrainer:
 
     # ------------------------------------------------------------------ sync
 
-    def apply_deltas(self, deltas: Iterable[AlphaDelta]) -> None:
-        """Apply published rounds in version order; ones already applied are skipped."""
-        for delta in sorted(deltas, key=lambda d: d.version):
+    def apply_deltas(self, deltas: Iterable[AlphaDelta], progress: Progress | None = None) -> None:
+        """Apply published rounds in version order; ones already applied are skipped.
+        `progress` counts the rounds."""
+        ordered = sorted(deltas, key=lambda d: d.version)
+        for delta in tracked(ordered, len(ordered), progress):
             # One delta at a time: a SyncError leaves the weights at the table's version.
             apply_increments_(self._held(), self.run.seed, advance_table(self.table, [delta]))
 
-    def replace_table(self, state: AlphaState) -> None:
-        """Catch up from the whole table: rebuild every held block from base + alpha."""
+    def replace_table(self, state: AlphaState, progress: Progress | None = None) -> None:
+        """Catch up from the whole table: rebuild every held block from base + alpha
+        (`progress` counts the blocks)."""
         self.table = CoefficientTable(state.pool_size, state.num_blocks, state.matrix(), state.version)
         if self.loaded is not None:
-            self._rebuild_all()
+            self._rebuild_all(progress)
 
     # ------------------------------------------------------------------ a round
 
