@@ -21,15 +21,12 @@ import pytest
 import torch
 from client_support import make_world, signal_examples, write_jsonl
 from safetensors.numpy import load_file
-from test_simulator_vs_server import DATA_SEED, LAB, LOAD, SECRET, STEP_S, ordered_ids
+from test_simulator_vs_server import LOAD, SECRET, lab_device, ordered_ids, simulate
 
-from zorba_edge.client.assembly import DataChoice, build_task, footprint_of, memory_profile, training_examples
+from zorba_edge.client.assembly import build_task
 from zorba_edge.client.fedavg import FORWARDS_PER_STEP, FedAvgTrainer
-from zorba_edge.client.transport import ServerClient
-from zorba_edge.common.schema import TRAIN, DeviceProfile, RegisterRequest
+from zorba_edge.common.schema import TRAIN
 from zorba_edge.common.weights import default_weights_dir, version_path
-from zorba_edge.data.jsonl import load_classification_jsonl
-from zorba_edge.data.templates import SENTIMENT_TEMPLATE
 from zorba_edge.model.sources import open_source
 from zorba_server.app import SERVICES, create_app
 from zorba_server.config import config_from_dict
@@ -53,33 +50,14 @@ def fedavg_weights(sim: Simulation) -> FedAvgClients:
     return sim.training
 
 
-def simulate(model_dir: Path, data: Path) -> Simulation:
-    server = config_from_dict({"enrolment_secret": SECRET, "run": RUN})
-    config = SimulationConfig(server, rounds=ROUNDS, reference_step_s=STEP_S, data_seed=DATA_SEED,
-                              memory=memory_profile(LOAD, None), mode="fedavg")
-    examples = load_classification_jsonl(data, SENTIMENT_TEMPLATE.label_names)
-    sim = Simulation.build(config, open_source(model_dir), Fleet((DeviceGroup(LAB, CLIENTS, 0),)),
-                           examples, signal_examples(16, seed=1))
-    sim.run()
-    return sim
-
-
 async def real_fedavg_client(url: str, index: int, model_dir: Path, data: Path,
                              order: list[asyncio.Event]) -> list[int]:
     """One device: register (in index order), then ROUNDS rounds of download, train, upload,
     report. Returns the sizes of its uploads."""
-    source = open_source(model_dir)
-    choice = DataChoice(str(data), num_clients=CLIENTS, client_index=index, seed=DATA_SEED)
-    examples = training_examples(choice)
-    profile = DeviceProfile("cpu", LAB.memory_budget_bytes, STEP_S, len(examples), footprint_of(source),
-                            source.fingerprint, memory_profile(LOAD, None), name=f"real-{index}")
-    async with ServerClient(url) as client:
-        if index > 0:
-            await order[index - 1].wait()
-        joined = await client.register(RegisterRequest(SECRET, profile))
-        order[index].set()
-        client.token = joined.token
-        trainer = FedAvgTrainer(source, LOAD, joined.run, build_task(examples, source, choice))
+    async with lab_device(url, index, model_dir, data, order) as device:
+        client = device.client
+        trainer = FedAvgTrainer(device.source, LOAD, device.joined.run,
+                                build_task(device.examples, device.source, device.choice))
         uploads: list[int] = []
         while len(uploads) < ROUNDS:
             answer = await client.next_round(trainer.table.version, wait_s=5)
@@ -105,7 +83,7 @@ async def test_a_simulated_fedavg_run_equals_real_fedavg_clients_on_a_real_serve
         tmp_path: Path, aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     world = make_world(tmp_path)
     data = write_jsonl(tmp_path / "train.jsonl", signal_examples(90))
-    sim = simulate(world.model_dir, data)
+    sim = simulate(world.model_dir, data, RUN)
 
     ordered_ids(monkeypatch)
     db = tmp_path / "db.sqlite3"

@@ -22,8 +22,11 @@ blocks, the rest re-materialised) moves the model exactly as the simulator does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -42,11 +45,11 @@ from zorba_edge.client.assembly import (
 )
 from zorba_edge.client.trainer import LocalTrainer
 from zorba_edge.client.transport import ServerClient
-from zorba_edge.common.schema import TRAIN, DeviceProfile, RegisterRequest
+from zorba_edge.common.schema import TRAIN, DeviceProfile, RegisterRequest, RegisterResponse
 from zorba_edge.data.jsonl import load_classification_jsonl
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE
 from zorba_edge.model.loading import LoadConfig
-from zorba_edge.model.sources import open_source
+from zorba_edge.model.sources import ModelSource, open_source
 from zorba_server import coordinator
 from zorba_server.app import SERVICES, create_app
 from zorba_server.config import config_from_dict
@@ -77,10 +80,10 @@ def ordered_ids(monkeypatch: pytest.MonkeyPatch) -> None:
         token_hex=lambda n: f"{next(counter):0{2 * n}x}", token_urlsafe=secrets.token_urlsafe))
 
 
-def simulate(model_dir: Path, data: Path) -> Simulation:
-    server = config_from_dict({"enrolment_secret": SECRET, "run": RUN})
+def simulate(model_dir: Path, data: Path, run: dict[str, Any] = RUN) -> Simulation:
+    server = config_from_dict({"enrolment_secret": SECRET, "run": run})
     config = SimulationConfig(server, rounds=ROUNDS, reference_step_s=STEP_S, data_seed=DATA_SEED,
-                              memory=memory_profile(LOAD, None))
+                              memory=memory_profile(LOAD, None), mode=str(run.get("mode", "zorba")))
     examples = load_classification_jsonl(data, SENTIMENT_TEMPLATE.label_names)
     sim = Simulation.build(config, open_source(model_dir), Fleet((DeviceGroup(LAB, CLIENTS, 0),)),
                            examples, signal_examples(16, seed=1))
@@ -88,9 +91,22 @@ def simulate(model_dir: Path, data: Path) -> Simulation:
     return sim
 
 
-async def real_client(url: str, index: int, model_dir: Path, data: Path,
-                      order: list[asyncio.Event]) -> tuple[list[Any], list[Any], str]:
-    """One device: register (in index order), then train and report ROUNDS rounds."""
+@dataclass
+class LabDevice:
+    """A real device of the lab fleet, registered: its connection and what it trains on."""
+
+    client: ServerClient
+    joined: RegisterResponse
+    source: ModelSource
+    choice: DataChoice
+    examples: list[Any]
+
+
+@contextlib.asynccontextmanager
+async def lab_device(url: str, index: int, model_dir: Path, data: Path,
+                     order: list[asyncio.Event]) -> AsyncIterator[LabDevice]:
+    """Device `index` of the lab fleet, registered after device index - 1 (so the server's
+    client ids and the simulator's follow the same order), with the simulator's data shard."""
     source = open_source(model_dir)
     choice = DataChoice(str(data), num_clients=CLIENTS, client_index=index, seed=DATA_SEED)
     examples = training_examples(choice)
@@ -102,7 +118,16 @@ async def real_client(url: str, index: int, model_dir: Path, data: Path,
         joined = await client.register(RegisterRequest(SECRET, profile))
         order[index].set()
         client.token = joined.token
-        trainer = LocalTrainer(source, LOAD, joined.run, build_task(examples, source, choice))
+        yield LabDevice(client, joined, source, choice, examples)
+
+
+async def real_client(url: str, index: int, model_dir: Path, data: Path,
+                      order: list[asyncio.Event]) -> tuple[list[Any], list[Any], str]:
+    """One device: register (in index order), then train and report ROUNDS rounds."""
+    async with lab_device(url, index, model_dir, data, order) as device:
+        client, joined, examples = device.client, device.joined, device.examples
+        trainer = LocalTrainer(device.source, LOAD, joined.run,
+                               build_task(examples, device.source, device.choice))
         assignments = []
         while len(assignments) < ROUNDS:
             answer = await client.next_round(trainer.table.version, wait_s=5)
