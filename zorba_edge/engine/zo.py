@@ -34,6 +34,10 @@ from zorba_edge.common.schema import ANTITHETIC, NORMALISED, ONE_SIDED
 from zorba_edge.engine.directions import BlockTensors, Direction
 from zorba_edge.errors import InvalidScalarError
 
+MIN_DIRECTIONS = {NORMALISED: 2}
+"""Fewest directions a batch of each estimator measures (a spread needs two): the trainer
+stops before a shorter batch, and the estimator refuses one."""
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 """loss_fn(model, batch) -> scalar loss tensor."""
 
@@ -134,8 +138,9 @@ def one_sided_estimate(
     instead of by mu (FZOO's step-size adaptation); that needs n >= 2. A zero spread (a flat
     loss) gives g = 0.
     """
-    if normalise and len(ks) < 2:
-        raise ValueError(f"the normalised estimator needs at least 2 directions, got {len(ks)}")
+    if normalise and len(ks) < MIN_DIRECTIONS[NORMALISED]:
+        raise ValueError(f"the normalised estimator needs at least {MIN_DIRECTIONS[NORMALISED]} "
+                         f"directions, got {len(ks)}")
     base, mu, losses = float(loss_fn(model, batch)), config.mu, []
     for i, k in enumerate(_checked(ks)):
         z = Direction(blocks, run_seed, k)
@@ -224,8 +229,6 @@ def normalised_estimate(
 ESTIMATORS: dict[str, Estimator] = {ANTITHETIC: antithetic_estimate, ONE_SIDED: one_sided_estimate,
                                     NORMALISED: normalised_estimate}
 """The run settings' names (zorba_edge.common.schema.ESTIMATORS) -> their functions."""
-MIN_DIRECTIONS = {NORMALISED: 2}
-"""Fewest directions a batch of each estimator measures (a spread needs two)."""
 
 
 class RoundSnapshot:
