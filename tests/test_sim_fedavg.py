@@ -21,14 +21,13 @@ import pytest
 import torch
 from client_support import make_world, signal_examples, write_jsonl
 from safetensors.numpy import load_file
-from test_simulator_vs_server import LOAD, SECRET, lab_device, ordered_ids, simulate
+from test_simulator_vs_server import LOAD, lab_device, ordered_ids, serve_lab_fleet, simulate
 
 from zorba_edge.client.assembly import build_task
 from zorba_edge.client.fedavg import FORWARDS_PER_STEP, FedAvgTrainer
 from zorba_edge.common.schema import TRAIN
 from zorba_edge.common.weights import default_weights_dir, version_path
 from zorba_edge.model.sources import open_source
-from zorba_server.app import SERVICES, create_app
 from zorba_server.config import config_from_dict
 from zorba_sim.fedavg_clients import FedAvgClients
 from zorba_sim.fleet import DeviceClass, DeviceGroup, Fleet, FleetError, fleet_from_counts
@@ -87,18 +86,9 @@ async def test_a_simulated_fedavg_run_equals_real_fedavg_clients_on_a_real_serve
 
     ordered_ids(monkeypatch)
     db = tmp_path / "db.sqlite3"
-    config = config_from_dict({"enrolment_secret": SECRET, "storage": {"path": str(db)}, "run": RUN})
-    http = await aiohttp_client(create_app(config))
-    url = str(http.make_url(""))
-    order = [asyncio.Event() for _ in range(CLIENTS)]
-    uploads = await asyncio.wait_for(asyncio.gather(*(
-        real_fedavg_client(url, i, world.model_dir, data, order) for i in range(CLIENTS))), 240)
-    coordinator_ = http.app[SERVICES].coordinator
-    for _ in range(200):  # the last report closes round 2 in the server's own task
-        if coordinator_.version == ROUNDS:
-            break
-        await asyncio.sleep(0.05)
-    assert coordinator_.version == ROUNDS
+    _, version, uploads = await serve_lab_fleet(aiohttp_client, db, RUN, real_fedavg_client,
+                                                world.model_dir, data)
+    assert version == ROUNDS
 
     assert [r.status for r in sim.records] == ["applied"] * ROUNDS
     assert sim.engine.version == ROUNDS

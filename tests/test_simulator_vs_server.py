@@ -121,6 +121,25 @@ async def lab_device(url: str, index: int, model_dir: Path, data: Path,
         yield LabDevice(client, joined, source, choice, examples)
 
 
+async def serve_lab_fleet(aiohttp_client: Any, db: Path, run: dict[str, Any], device: Any,
+                          model_dir: Path, data: Path) -> tuple[str, int, list[Any]]:
+    """A real server for `run` and the lab fleet, each device running `device(url, index,
+    model_dir, data, order)`: (the server's URL, its version once the last report's round has
+    closed, each device's result)."""
+    config = config_from_dict({"enrolment_secret": SECRET, "storage": {"path": str(db)}, "run": run})
+    http = await aiohttp_client(create_app(config))
+    url = str(http.make_url(""))
+    order = [asyncio.Event() for _ in range(CLIENTS)]
+    results = await asyncio.wait_for(asyncio.gather(*(
+        device(url, i, model_dir, data, order) for i in range(CLIENTS))), 240)
+    coordinator_ = http.app[SERVICES].coordinator
+    for _ in range(200):  # the last report closes round 2 in the server's own task
+        if coordinator_.version == ROUNDS:
+            break
+        await asyncio.sleep(0.05)
+    return url, coordinator_.version, list(results)
+
+
 async def real_client(url: str, index: int, model_dir: Path, data: Path,
                       order: list[asyncio.Event]) -> tuple[list[Any], list[Any], str]:
     """One device: register (in index order), then train and report ROUNDS rounds."""
@@ -149,18 +168,8 @@ async def test_a_simulated_run_equals_real_clients_on_a_real_server_bit_for_bit(
     sim = simulate(world.model_dir, data)
 
     ordered_ids(monkeypatch)
-    config = config_from_dict({"enrolment_secret": SECRET, "storage": {"path": str(tmp_path / "db")},
-                               "run": RUN})
-    http = await aiohttp_client(create_app(config))
-    url = str(http.make_url(""))
-    order = [asyncio.Event() for _ in range(CLIENTS)]
-    results = await asyncio.wait_for(asyncio.gather(*(
-        real_client(url, i, world.model_dir, data, order) for i in range(CLIENTS))), 240)
-    coordinator_ = http.app[SERVICES].coordinator
-    for _ in range(200):  # the last report closes round 2 in the server's own task
-        if coordinator_.version == ROUNDS:
-            break
-        await asyncio.sleep(0.05)
+    url, _, results = await serve_lab_fleet(aiohttp_client, tmp_path / "db", RUN, real_client,
+                                            world.model_dir, data)
     async with ServerClient(url, token=results[0][2]) as client:
         state = await client.state()
 
