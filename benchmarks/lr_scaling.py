@@ -1,10 +1,13 @@
-"""Per-client step size on the simulator: run.lr_scaling `dimension` against `none`.
+"""Step sizes and perturbed dimensions on the simulator: one run, its held-out loss per round.
 
 The quickstart's federation as virtual devices (budgets 1.0 / 1.1 / 1.3 / 1.7 GiB, laptop
 speed), SmolLM2-135M (`make models`), movie reviews, one seed; held-out loss and accuracy after
-every round. docs/learning.md quotes its figures.
+every round. What varies: run.lr_scaling (`dimension` against `none`), lr, the estimator, the run
+mode, and a cap on the blocks each client perturbs (the scheduler's max_perturbed_params, in
+blocks). docs/learning.md and docs/scheduler.md quote its figures.
 
     python benchmarks/lr_scaling.py --scaling dimension --lr 1e-4 --rounds 8 --json
+    python benchmarks/lr_scaling.py --scaling none --cap-blocks 1 --rounds 4 --json
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ import time
 
 import torch
 
+from zorba_edge.client.assembly import footprint_of
+from zorba_edge.common.schema import ESTIMATORS, ONE_SIDED, ZORBA
 from zorba_edge.data.movie_reviews import load_movie_reviews
 from zorba_edge.data.splits import train_heldout_split
 from zorba_edge.model.pretrained import packaged_model_path
 from zorba_edge.model.sources import open_source
-from zorba_server.config import config_from_dict
+from zorba_server.config import LR_SCALINGS, config_from_dict
 from zorba_sim.fleet import GIB, DeviceClass, DeviceGroup, Fleet
-from zorba_sim.simulation import Simulation, SimulationConfig
+from zorba_sim.simulation import CENTRAL_MEZO, ZO_SIM_MODES, Simulation, SimulationConfig
 
 BUDGETS_GIB = (1.0, 1.1, 1.3, 1.7)
 
@@ -30,11 +35,19 @@ BUDGETS_GIB = (1.0, 1.1, 1.3, 1.7)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scaling", choices=("dimension", "none"), default="dimension")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--estimator", choices=("antithetic", "one-sided"), default="antithetic")
-    parser.add_argument("--directions", type=int, default=1, help="directions per batch")
+    parser.add_argument("--scaling", choices=LR_SCALINGS, default="none",
+                        help="run.lr_scaling (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="default %(default)s")
+    parser.add_argument("--rounds", type=int, default=8, help="default %(default)s")
+    parser.add_argument("--estimator", choices=ESTIMATORS, default=ONE_SIDED,
+                        help="default %(default)s")
+    parser.add_argument("--directions", type=int, default=4,
+                        help="directions per batch (default %(default)s)")
+    parser.add_argument("--mode", choices=ZO_SIM_MODES, default="zorba",
+                        help="run mode (default %(default)s)")
+    parser.add_argument("--cap-blocks", type=int,
+                        help="scheduler.max_perturbed_params as this many of the model's largest "
+                             "blocks (default: no cap)")
     parser.add_argument("--seed", type=int, default=0, help="run seed and data seed")
     parser.add_argument("--heldout", type=int, default=200, help="held-out reviews scored per round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -47,16 +60,21 @@ def main() -> None:
     heldout = [examples[i] for i in heldout_idx][: args.heldout]
     fleet = Fleet(tuple(DeviceGroup(DeviceClass(f"budget-{b}GiB", int(b * GIB), 1.0, 50, 50), 1, 0)
                         for b in BUDGETS_GIB))
+    source = open_source(packaged_model_path())
+    scheduler = {} if args.cap_blocks is None else {
+        "max_perturbed_params": args.cap_blocks * max(footprint_of(source).block_params)}
     server = config_from_dict({"enrolment_secret": "benchmark-secret", "run": {
         "seed": args.seed, "pool_size": 1024, "lr": args.lr, "mu": 1e-3, "batch_size": 8,
         "seq_len": 48, "round_duration_s": 30, "max_steps": 8, "lr_scaling": args.scaling,
-        "estimator": args.estimator, "directions": args.directions}})
+        "estimator": args.estimator, "directions": args.directions,
+        "mode": ZORBA if args.mode == CENTRAL_MEZO else args.mode}, "scheduler": scheduler})
     started = time.time()
     sim = Simulation.build(SimulationConfig(server, rounds=args.rounds, reference_step_s=2.0,
-                                            data_seed=args.seed),
-                           open_source(packaged_model_path()), fleet, train, heldout)
+                                            data_seed=args.seed, mode=args.mode),
+                           source, fleet, train, heldout)
     accuracy, loss = sim.evaluate()
-    result = {"scaling": args.scaling, "lr": args.lr, "estimator": args.estimator,
+    result = {"mode": args.mode, "cap_blocks": args.cap_blocks,
+              "scaling": args.scaling, "lr": args.lr, "estimator": args.estimator,
               "directions": args.directions, "seed": args.seed, "heldout": len(heldout),
               "rounds": [{"round": 0, "forwards": 0, "accuracy": accuracy, "loss": loss}]}
     for _ in range(args.rounds):
