@@ -52,6 +52,7 @@ HARNESSES = ("simulator", "processes")
 
 def build_parser() -> argparse.ArgumentParser:
     from zorba_edge.common.schema import ESTIMATORS
+    from zorba_server.config import LR_SCALINGS
     from zorba_sim.compare import REFERENCE_FORWARD_S, CompareSetting
     from zorba_sim.simulation import SIM_MODES
 
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{what} (default {FULL[key]}, --quick {QUICK[key]})")
     p.add_argument("--lr", type=float, default=d.lr, help="ZO learning rate, every mode "
                    "(default %(default)s, the quickstart's; not tuned)")
+    p.add_argument("--lr-scaling", default=d.lr_scaling, choices=LR_SCALINGS,
+                   help="run.lr_scaling of the zeroth-order modes: none (one lr for every client) "
+                        "or dimension (lr x mean block size / the client's perturbed parameters) "
+                        "(default %(default)s)")
     p.add_argument("--fedavg-lr", type=float, default=d.fedavg_lr,
                    help="fedavg's AdamW learning rate (default %(default)s; not tuned)")
     p.add_argument("--mu", type=float, default=d.mu, help="perturbation scale (default %(default)s)")
@@ -125,7 +130,8 @@ def resolve(args: argparse.Namespace) -> tuple[Any, str]:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     try:
         setting = CompareSetting(
-            modes=modes, lr=args.lr, fedavg_lr=args.fedavg_lr, mu=args.mu, estimator=args.estimator,
+            modes=modes, lr=args.lr, lr_scaling=args.lr_scaling, fedavg_lr=args.fedavg_lr,
+            mu=args.mu, estimator=args.estimator,
             directions=args.directions, batch_size=args.batch_size, seq_len=args.seq_len,
             pool_size=args.pool_size, round_duration_s=args.round_duration,
             reference_step_s=args.reference_step_s, fedavg_step_s=args.fedavg_step_s,

@@ -19,6 +19,7 @@ import aiohttp
 
 from zorba_lab.byte_proxy import CountingProxy, TrafficCount
 from zorba_lab.processes import DemoError, Managed, offline_env, spawn, start_server
+from zorba_server.config import RunConfig
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
     from zorba_edge.client.evaluation import RemoteTable
@@ -39,15 +40,16 @@ class FederationPlan:
     out_dir: Path
     clients: tuple[ClientSetup, ...]
     data: str = "movie-reviews"
-    lr: float = 1e-4
-    mu: float = 1e-3
+    lr: float = RunConfig.lr
+    lr_scaling: str = RunConfig.lr_scaling
+    mu: float = RunConfig.mu
     batch_size: int = 8
     seq_len: int = 48
     pool_size: int = 1024
     round_duration_s: float = 30.0
     max_steps: int = 12
-    estimator: str = "one-sided"
-    directions: int = 4
+    estimator: str = RunConfig.estimator
+    directions: int = RunConfig.directions
     rounds: int = 0
     """Applied rounds to run (0: until `minutes`)."""
     minutes: float = 3.0
@@ -70,7 +72,8 @@ class FederationPlan:
     extra_client_args: tuple[str, ...] = ()
 
     def server_toml(self, db_path: Path) -> str:
-        run = {"seed": self.seed, "pool_size": self.pool_size, "lr": self.lr, "mu": self.mu,
+        run = {"seed": self.seed, "pool_size": self.pool_size, "lr": self.lr,
+               "lr_scaling": self.lr_scaling, "mu": self.mu,
                "batch_size": self.batch_size, "seq_len": self.seq_len,
                "round_duration_s": self.round_duration_s, "min_clients": len(self.clients),
                "min_reports": 1, "max_rounds": self.rounds, "max_steps": self.max_steps,

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zorba_edge.client.byte_sizes import format_size, parse_size
-from zorba_edge.common.schema import ESTIMATORS, ONE_SIDED
+from zorba_edge.common.schema import ESTIMATORS
 from zorba_lab.federation import ClientSetup, FederationPlan, FederationResult
+from zorba_server.config import LR_SCALINGS, RunConfig
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
     from zorba_edge.client.local_task import LocalTask
@@ -54,8 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default runs/quickstart-<timestamp>)")
     p.add_argument("--budgets", default=",".join(DEFAULT_BUDGETS),
                    help="one memory budget per client, comma-separated (default %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-4, help="ZO learning rate (default %(default)s)")
-    p.add_argument("--mu", type=float, default=1e-3, help="perturbation scale (default %(default)s)")
+    p.add_argument("--lr", type=float, default=RunConfig.lr,
+                   help="ZO learning rate (default %(default)s)")
+    p.add_argument("--lr-scaling", choices=LR_SCALINGS, default=RunConfig.lr_scaling,
+                   help="none: one lr for every client; dimension: lr x mean block size / the "
+                   "parameters a client perturbs (docs/learning.md) (default %(default)s)")
+    p.add_argument("--mu", type=float, default=RunConfig.mu,
+                   help="perturbation scale (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="default %(default)s")
     p.add_argument("--seq-len", type=int, default=48,
                    help="tokens per example; 48 holds 95%% of the reviews whole (default %(default)s)")
@@ -65,10 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most local steps (directions) per client and round: the downlink carries "
                    "one float per (step, trained block), so this bounds the bytes per round: 12 "
                    "steps over 30 blocks is 1.5 KB (default %(default)s)")
-    p.add_argument("--estimator", choices=ESTIMATORS, default=ONE_SIDED,
+    p.add_argument("--estimator", choices=ESTIMATORS, default=RunConfig.estimator,
                    help="how a batch's projected gradients are measured (docs/learning.md) "
                    "(default %(default)s)")
-    p.add_argument("--directions", type=int, default=4,
+    p.add_argument("--directions", type=int, default=RunConfig.directions,
                    help="directions measured on each batch; one-sided: they share one unperturbed "
                    "forward (default %(default)s)")
     p.add_argument("--pool-size", type=int, default=1024, help="seed pool K (default %(default)s)")
@@ -100,7 +106,8 @@ def plan_from_args(args: argparse.Namespace, out_dir: Path) -> FederationPlan:
     budgets = [parse_size(b.strip()) for b in args.budgets.split(",") if b.strip()]
     clients = tuple(ClientSetup(f"client-{i}", b) for i, b in enumerate(budgets))
     return FederationPlan(
-        out_dir=out_dir, clients=clients, data=args.data, lr=args.lr, mu=args.mu,
+        out_dir=out_dir, clients=clients, data=args.data, lr=args.lr, lr_scaling=args.lr_scaling,
+        mu=args.mu,
         batch_size=args.batch_size, seq_len=args.seq_len, pool_size=args.pool_size,
         round_duration_s=args.round_duration, max_steps=args.max_steps, rounds=args.rounds,
         estimator=args.estimator, directions=args.directions,

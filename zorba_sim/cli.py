@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from zorba_edge.client.errors import UsageError
-from zorba_edge.common.schema import ESTIMATORS, ONE_SIDED
+from zorba_edge.common.schema import ESTIMATORS
 from zorba_edge.errors import ZorbaError
+from zorba_server.config import LR_SCALINGS, RunConfig
 from zorba_sim.fleet import CATALOGUE, GIB, Fleet, fleet_from_counts, load_fleet
 
 EXIT_USAGE = 2
@@ -48,10 +49,11 @@ class Settings:
     rounds: int = 6
     seed: int = 0
     data_seed: int = 0
-    lr: float = 1e-4
-    mu: float = 1e-3
-    estimator: str = ONE_SIDED
-    directions: int = 4
+    lr: float = RunConfig.lr
+    lr_scaling: str = RunConfig.lr_scaling
+    mu: float = RunConfig.mu
+    estimator: str = RunConfig.estimator
+    directions: int = RunConfig.directions
     batch_size: int = 8
     seq_len: int = 48
     round_duration_s: float = 300.0
@@ -162,6 +164,9 @@ def parser() -> argparse.ArgumentParser:
                    help="data split, subsets and batch order (default 0)")
     g.add_argument("--lr", type=_number(float), default=d.lr,
                    help="learning rate: the ZO step's, or AdamW's in fedavg (default %(default)s)")
+    g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=d.lr_scaling,
+                   help="none: one lr for every device; dimension: lr x mean block size / the "
+                   "parameters a device perturbs (docs/learning.md) (default %(default)s)")
     g.add_argument("--mu", type=_number(float), default=d.mu,
                    help="perturbation scale (default %(default)s)")
     g.add_argument("--estimator", choices=list(ESTIMATORS), default=d.estimator,
@@ -269,7 +274,8 @@ def simulation_config(settings: Settings, device: str) -> Any:
 
     server = config_from_dict({"enrolment_secret": SECRET, "run": {
         "seed": settings.seed, "pool_size": settings.pool_size, "lr": settings.lr,
-        "mu": settings.mu, "estimator": settings.estimator, "directions": settings.directions,
+        "lr_scaling": settings.lr_scaling, "mu": settings.mu, "estimator": settings.estimator,
+        "directions": settings.directions,
         "batch_size": settings.batch_size, "seq_len": settings.seq_len,
         "round_duration_s": settings.round_duration_s, "max_steps": settings.max_steps}})
     return SimulationConfig(

@@ -30,7 +30,6 @@ from zorba_edge.common.schema import (
     ANTITHETIC,
     FEDAVG,
     FEDZO_FULL,
-    ONE_SIDED,
     ZORBA,
     ZORBA_UNIFORM,
     MemoryProfile,
@@ -39,7 +38,7 @@ from zorba_edge.data.examples import ClassificationExample
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE
 from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.model.sources import ModelSource
-from zorba_server.config import config_from_dict
+from zorba_server.config import RunConfig, config_from_dict
 from zorba_server.rounds import APPLIED
 from zorba_sim import comparison as stats
 from zorba_sim.fleet import Fleet
@@ -79,17 +78,19 @@ class CompareSetting:
     modes: tuple[str, ...] = ZO_SIM_MODES
     seeds: int = 5
     rounds: int = 3
-    lr: float = 1e-4
+    lr: float = RunConfig.lr
+    lr_scaling: str = RunConfig.lr_scaling
+    """run.lr_scaling of the zeroth-order modes (docs/learning.md)."""
     fedavg_lr: float = 1e-5
     """fedavg's AdamW learning rate (the multi-process harness's; not tuned)."""
-    mu: float = 1e-3
+    mu: float = RunConfig.mu
     batch_size: int = 8
     seq_len: int = 48
     pool_size: int = 1024
     max_steps: int = 8
     """Most pool indices (scalars) per client and round: with 4 directions, two batches."""
-    estimator: str = ONE_SIDED
-    directions: int = 4
+    estimator: str = RunConfig.estimator
+    directions: int = RunConfig.directions
     """The quickstart's estimator: `directions` perturbed forwards share one unperturbed one."""
     round_duration_s: float = 30.0
     reference_step_s: float | None = None
@@ -152,7 +153,7 @@ class CompareSetting:
             "batch_size": self.batch_size, "seq_len": self.seq_len,
             "round_duration_s": self.round_duration_s, "max_steps": self.max_steps,
             "estimator": self.estimator, "directions": self.directions,
-            "mode": ZORBA if mode == CENTRAL_MEZO else mode}})
+            "lr_scaling": self.lr_scaling, "mode": ZORBA if mode == CENTRAL_MEZO else mode}})
         return SimulationConfig(server, rounds=self.rounds, reference_step_s=self.step_s_of(mode),
                                 mode=mode, dirichlet_alpha=self.dirichlet_alpha, data_seed=seed,
                                 memory=MemoryProfile(frozen_dtype=self.frozen_dtype),
