@@ -21,15 +21,11 @@ import time
 from collections.abc import AsyncIterable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from zorba_edge.common.schema import (
     PROTOCOL_VERSION,
     TRAIN,
-    WAIT,
-    AlphaState,
     NextRound,
     RegisterRequest,
     RegisterResponse,
@@ -41,12 +37,16 @@ from zorba_edge.common.schema import (
 from zorba_server import errors
 from zorba_server.config import ServerConfig
 from zorba_server.engine import Member, OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
-from zorba_server.resume import LEFT, resume
-from zorba_server.rounds import APPLIED, ReceivedReport
+from zorba_server.idempotency import ack, check_retry, idempotency_conflict, report_hash, stored_ack
+from zorba_server.resume import resume
+from zorba_server.rounds import ReceivedReport
 from zorba_server.status_view import run_status
 from zorba_server.storage import DuplicateError, ModelPin, Snapshot, Store
 from zorba_server.traffic import ClientTraffic, RoundBytes
 from zorba_server.weight_rounds import WeightRounds, not_fedavg
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("zorba_server")
 
@@ -55,11 +55,6 @@ IDLE_RECHECK_S = 1.0
 
 def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
-
-
-def report_hash(round_: int, report: Report) -> bytes:
-    """Content identity of a report (canonical re-encoding, so int-for-float is the same)."""
-    return hashlib.sha256(round_.to_bytes(8, "little") + encode(report)).digest()
 
 
 class Coordinator:
@@ -82,9 +77,8 @@ class Coordinator:
         self._wake = asyncio.Event()
         self._driver: asyncio.Task[None] | None = None
         self._state_cache: tuple[int, bytes] | None = None
-        self._counts: dict[str, int] = {
-            "registrations": 0, "reports_accepted": 0, "rounds_applied": 0, "rounds_failed": 0,
-        }
+        self._registrations = 0
+        """By this process (the engine counts the run's reports and rounds)."""
         self.traffic: dict[str, ClientTraffic] = {}
         """Body bytes per client and round, as the HTTP layer counts them; each report's row
         stores its round's (restored on restart)."""
@@ -110,7 +104,7 @@ class Coordinator:
 
     @property
     def counters(self) -> dict[str, int]:
-        return dict(self._counts, schedules_solved=self.engine.schedules_solved)
+        return {"registrations": self._registrations, **self.engine.counters()}
 
     def now(self) -> float:
         return self._clock()
@@ -141,16 +135,15 @@ class Coordinator:
         self.created_at = now
         await self._store.create_run(self.run_id, run.seed, run.pool_size, now)
         if run.model_fingerprint is not None and run.footprint is not None:
-            alpha = np.zeros((run.pool_size, run.footprint.num_blocks))
+            # The config pins the model (a failed commit fails the start: no engine is kept).
+            alpha = self.engine.pin(run.model_fingerprint, run.footprint)
             await self._store.pin_model(run.model_fingerprint, run.footprint, alpha)
-            self.engine.pin(run.model_fingerprint, run.footprint, alpha)
         log.info("created run %s (seed %d, K=%d)", self.run_id, run.seed, run.pool_size)
 
     def _restore(self, snap: Snapshot, now: float) -> None:
         resumed = resume(self.engine, snap, self.config.run, now)
         self.run_id, self.created_at = resumed.run_id, resumed.created_at
         self._token_hashes.update(resumed.token_hashes)
-        self._counts.update(resumed.counts)
         self.traffic.update(resumed.traffic)
         engine = self.engine
         log.info("resumed run %s at version %d, round %d%s", self.run_id, engine.version,
@@ -167,19 +160,18 @@ class Coordinator:
         member = self.members.get(client_id) if client_id is not None else None
         if member is None:
             raise errors.unauthorized("unknown bearer token: register again with POST /v1/clients")
-        if member.last_seen == LEFT:
+        if self.engine.mark_seen(member, self._clock()):
             # It left and came back: a restart must count it active again (queued now; a
             # failure only means a restart sees it as gone until its next request).
             returned = asyncio.ensure_future(self._store.set_left(member.client_id, None))
             returned.add_done_callback(_log_failure)
-        member.last_seen = self._clock()
         return member
 
     async def leave(self, member: Member) -> None:
         """The client stops: it is no longer active (the next schedule leaves it out, without
         waiting for its membership timeout), durably, until its next request."""
         await self._store.set_left(member.client_id, self._clock())
-        member.last_seen = LEFT
+        self.engine.mark_left(member)
         log.info("client %s left", member.client_id)
 
     def run_info(self) -> RunInfo:
@@ -197,25 +189,20 @@ class Coordinator:
         profile = request.profile
         engine = self.engine
         engine.check_registration(profile)
-        pins = engine.fingerprint is None
         now = self._clock()
         client_id, token = "c-" + secrets.token_hex(8), secrets.token_urlsafe(32)
-        member = Member(client_id, profile, now, 1.0, now, profile.step_time_s)
-        pin = None
-        if pins:
-            # Pin before awaiting the commit so concurrent registrations compare against it.
-            engine.pin(profile.model_fingerprint, profile.footprint)
-            assert engine.alpha is not None
-            pin = ModelPin(profile.model_fingerprint, profile.footprint, engine.alpha)
+        # Pinned before awaiting the commit so concurrent registrations compare against it.
+        alpha = engine.pin_first(profile)
+        pin = ModelPin(profile.model_fingerprint, profile.footprint, alpha) if alpha is not None else None
         try:
             await self._store.insert_client(client_id, token_hash(token), profile, now, pin)
         except Exception:
-            if pins:
+            if pin is not None:
                 engine.unpin()
             raise
-        engine.add_member(member)
+        engine.add_member(Member.joining(client_id, profile, now))
         self._token_hashes[token_hash(token)] = client_id
-        self._counts["registrations"] += 1
+        self._registrations += 1
         self._wake.set()
         return RegisterResponse(client_id, token, self.run_info())
 
@@ -233,13 +220,7 @@ class Coordinator:
             # (Not while the driver is between a close and the next open: the new round's
             # TRAIN, which carries the deltas too, is a moment away.)
             if remaining <= 0 or (version < self.engine.version and not self._advancing):
-                deltas, catch_up = self.engine.deltas_since(version)
-                reason = self.engine.wait_reason(cid)
-                if cid in self.pending and self.open is not None:
-                    reason = (f"your report for round {self.open.plan.round} is in; waiting for "
-                              "the round to close")
-                return NextRound(WAIT, self.version, None, deltas, catch_up,
-                                 retry_after_s=0.0, reason=reason)
+                return self.engine.waiting(cid, version, reported=cid in self.pending)
             # asyncio.wait on a plain future: no task per waiting poll (there are thousands).
             await asyncio.wait((self._round_signal(),), timeout=remaining)
 
@@ -256,19 +237,13 @@ class Coordinator:
                 member, round_, report, digest))
         prior = r.received.get(cid) or (self.pending[cid][0] if cid in self.pending else None)
         if prior is not None:
-            if prior.report.idempotency_key != report.idempotency_key:
-                raise errors.conflict(
-                    "already_reported",
-                    f"client {cid} already reported for round {round_} (key "
-                    f"{prior.report.idempotency_key!r}); one report per round")
-            if prior.body_hash != digest:
-                raise _idempotency_conflict(report.idempotency_key)
+            check_retry(prior, round_, report, digest)
             if cid in self.pending:
                 try:
                     await asyncio.shield(self.pending[cid][1])
                 except DuplicateError:
-                    raise _idempotency_conflict(report.idempotency_key) from None
-            return self._retry_answered(cid, body_bytes, _ack(round_, prior))
+                    raise idempotency_conflict(report.idempotency_key) from None
+            return self._retry_answered(cid, body_bytes, ack(round_, prior))
         now = self._clock()
         if self._closing:
             raise round_closed(round_)
@@ -276,8 +251,8 @@ class Coordinator:
         if self.weights is not None:
             self.weights.check_uploaded(round_, cid)
         received = ReceivedReport(cid, report, digest, now)
-        ack = _ack(round_, received)
-        sizes = (body_bytes, len(encode(ack)))
+        answer = ack(round_, received)
+        sizes = (body_bytes, len(encode(answer)))
         ended = self._traffic(cid).end_round(*sizes)
         # Queued now (the store orders writes by call); a task so that the callback below is
         # registered before anyone awaits it and runs first when the commit lands: the
@@ -289,8 +264,8 @@ class Coordinator:
             await asyncio.shield(committed)
         except DuplicateError:
             # (client, key) was used in an earlier round: nothing was stored.
-            raise _idempotency_conflict(report.idempotency_key) from None
-        return ack
+            raise idempotency_conflict(report.idempotency_key) from None
+        return answer
 
     def _report_committed(self, r: OpenRound, received: ReceivedReport, ended: RoundBytes,
                           sizes: tuple[int, int], committed: asyncio.Future[None]) -> None:
@@ -303,7 +278,6 @@ class Coordinator:
         if self.engine.open is not r:
             return
         self.engine.accept_report(received)
-        self._counts["reports_accepted"] += 1
         if self.engine.due(self._clock()):
             self._wake.set()
 
@@ -311,9 +285,7 @@ class Coordinator:
                                       digest: bytes) -> ReportAck:
         found = await self._store.find_report(member.client_id, report.idempotency_key)
         if found is not None:
-            if found.round == round_ and found.body_hash == digest:
-                return ReportAck(round_, report.idempotency_key, found.received_at)
-            raise _idempotency_conflict(report.idempotency_key)
+            return stored_ack(found, round_, report, digest)
         self.engine.check_report(member.client_id, round_, report, self._clock())
         raise round_closed(round_)  # unreachable: check_report refuses another round
 
@@ -337,15 +309,9 @@ class Coordinator:
 
     def state(self) -> bytes:
         """The encoded AlphaState (cached per version: catch-up storms share one encoding)."""
-        engine = self.engine
-        if engine.alpha is None or engine.footprint is None:
-            raise errors.conflict(
-                "model_not_pinned", "no client has registered a model yet: the table has no shape")
-        if self._state_cache is None or self._state_cache[0] != engine.version:
-            body = encode(AlphaState(self.run_id, engine.version, engine.pool_size,
-                                     engine.footprint.num_blocks,
-                                     np.ascontiguousarray(engine.alpha, dtype="<f8").tobytes()))
-            self._state_cache = (engine.version, body)
+        version = self.engine.version
+        if self._state_cache is None or self._state_cache[0] != version:
+            self._state_cache = (version, encode(self.engine.alpha_state(self.run_id)))
         return self._state_cache[1]
 
     # ------------------------------------------------------------------------ rounds
@@ -412,7 +378,6 @@ class Coordinator:
 
     def _after_close(self, closure: RoundClosure) -> None:
         self.engine.apply_close(closure)
-        self._counts["rounds_applied" if closure.outcome.status == APPLIED else "rounds_failed"] += 1
         if self.engine.finished:
             self._notify()
         if self.weights is not None:
@@ -455,15 +420,3 @@ class Coordinator:
 def _log_failure(done: asyncio.Future[None]) -> None:
     if not done.cancelled() and done.exception() is not None:
         log.warning("could not record a client's return: %s", done.exception())
-
-
-def _ack(round_: int, received: ReceivedReport) -> ReportAck:
-    return ReportAck(round_, received.report.idempotency_key, received.received_at)
-
-
-def _idempotency_conflict(key: str) -> errors.Refusal:
-    return errors.conflict(
-        "idempotency_conflict",
-        f"idempotency key {key!r} was already used for a different report: a retry must resend "
-        "the same report, a new report needs a new key",
-    )
