@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import secrets
 import time
@@ -24,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zorba_edge.common.schema import (
-    PROTOCOL_VERSION,
     TRAIN,
     NextRound,
     RegisterRequest,
@@ -34,16 +31,16 @@ from zorba_edge.common.schema import (
     RunInfo,
     encode,
 )
-from zorba_server import errors
 from zorba_server.config import ServerConfig
 from zorba_server.engine import Member, OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
+from zorba_server.enrolment import Credentials, Tokens, check_enrolment
 from zorba_server.idempotency import ack, check_retry, idempotency_conflict, report_hash, stored_ack
 from zorba_server.resume import resume
 from zorba_server.rounds import ReceivedReport
 from zorba_server.status_view import run_status
 from zorba_server.storage import DuplicateError, ModelPin, Snapshot, Store
 from zorba_server.traffic import ClientTraffic, RoundBytes
-from zorba_server.weight_rounds import WeightRounds, not_fedavg
+from zorba_server.weight_rounds import weight_rounds
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,10 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("zorba_server")
 
 IDLE_RECHECK_S = 1.0
-
-
-def token_hash(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
 
 
 class Coordinator:
@@ -66,7 +59,7 @@ class Coordinator:
         self.engine = RoundEngine(config, solve)
         self.run_id = ""
         self.created_at = 0.0
-        self._token_hashes: dict[bytes, str] = {}
+        self._tokens = Tokens()
         self.pending: dict[str, tuple[ReceivedReport, asyncio.Future[None]]] = {}
         """Reports of the open round whose commit is in flight."""
         self._closing = False
@@ -82,8 +75,8 @@ class Coordinator:
         self.traffic: dict[str, ClientTraffic] = {}
         """Body bytes per client and round, as the HTTP layer counts them; each report's row
         stores its round's (restored on restart)."""
-        self.weights = WeightRounds(config, self.engine) if self.engine.weights_only else None
-        """fedavg only: uploaded and averaged weights."""
+        self.weights = weight_rounds(config, self.engine)
+        """fedavg's uploaded and averaged weights (other modes: none)."""
 
     # The engine's state, as the status page, metrics and tests read it.
     @property
@@ -143,7 +136,8 @@ class Coordinator:
     def _restore(self, snap: Snapshot, now: float) -> None:
         resumed = resume(self.engine, snap, self.config.run, now)
         self.run_id, self.created_at = resumed.run_id, resumed.created_at
-        self._token_hashes.update(resumed.token_hashes)
+        for digest, client_id in resumed.token_hashes.items():
+            self._tokens.add(digest, client_id)
         self.traffic.update(resumed.traffic)
         engine = self.engine
         log.info("resumed run %s at version %d, round %d%s", self.run_id, engine.version,
@@ -153,13 +147,7 @@ class Coordinator:
     # ------------------------------------------------------------------------ requests
 
     def authenticate(self, token: str | None) -> Member:
-        if not token:
-            raise errors.unauthorized(
-                "missing bearer token: send 'Authorization: Bearer <token>' from POST /v1/clients")
-        client_id = self._token_hashes.get(token_hash(token))
-        member = self.members.get(client_id) if client_id is not None else None
-        if member is None:
-            raise errors.unauthorized("unknown bearer token: register again with POST /v1/clients")
+        member = self._tokens.holder(token, self.members)
         if self.engine.mark_seen(member, self._clock()):
             # It left and came back: a restart must count it active again (queued now; a
             # failure only means a restart sees it as gone until its next request).
@@ -178,33 +166,26 @@ class Coordinator:
         return self.engine.run_info(self.run_id)
 
     async def register(self, request: RegisterRequest) -> RegisterResponse:
-        secret = self.config.enrolment_secret.encode()
-        if not hmac.compare_digest(request.enrolment_secret.encode(), secret):
-            raise errors.forbidden("wrong enrolment secret: ask the run's operator for it")
-        if request.protocol != PROTOCOL_VERSION:
-            raise errors.bad_request(
-                "protocol_version",
-                f"client speaks protocol {request.protocol}, this server {PROTOCOL_VERSION}: "
-                "upgrade the older side")
+        check_enrolment(request, self.config.enrolment_secret)
         profile = request.profile
         engine = self.engine
         engine.check_registration(profile)
         now = self._clock()
-        client_id, token = "c-" + secrets.token_hex(8), secrets.token_urlsafe(32)
+        new = Credentials.new()
         # Pinned before awaiting the commit so concurrent registrations compare against it.
         alpha = engine.pin_first(profile)
         pin = ModelPin(profile.model_fingerprint, profile.footprint, alpha) if alpha is not None else None
         try:
-            await self._store.insert_client(client_id, token_hash(token), profile, now, pin)
+            await self._store.insert_client(new.client_id, new.token_hash, profile, now, pin)
         except Exception:
             if pin is not None:
                 engine.unpin()
             raise
-        engine.add_member(Member.joining(client_id, profile, now))
-        self._token_hashes[token_hash(token)] = client_id
+        engine.add_member(Member.joining(new.client_id, profile, now))
+        self._tokens.add(new.token_hash, new.client_id)
         self._registrations += 1
         self._wake.set()
-        return RegisterResponse(client_id, token, self.run_info())
+        return RegisterResponse(new.client_id, new.token, self.run_info())
 
     async def next_round(self, member: Member, version: int, wait_s: float) -> NextRound:
         loop = asyncio.get_running_loop()
@@ -248,8 +229,7 @@ class Coordinator:
         if self._closing:
             raise round_closed(round_)
         self.engine.check_report(cid, round_, report, now)
-        if self.weights is not None:
-            self.weights.check_uploaded(round_, cid)
+        self.weights.check_uploaded(round_, cid)
         received = ReceivedReport(cid, report, digest, now)
         answer = ack(round_, received)
         sizes = (body_bytes, len(encode(answer)))
@@ -294,18 +274,12 @@ class Coordinator:
         """fedavg: a client's trained weights for the open round (before its report)."""
         cid = member.client_id
         reported = self.open is not None and cid in self.open.received or cid in self.pending
-        return await self._weight_rounds().receive(self.open, round_, cid, busy=self._closing,
-                                                   reported=reported, now=self._clock(),
-                                                   chunks=chunks)
+        return await self.weights.receive(self.open, round_, cid, busy=self._closing,
+                                          reported=reported, now=self._clock(), chunks=chunks)
 
     def weights_file(self) -> tuple[Path, int]:
         """fedavg: the current global weights and their version (404 at version 0)."""
-        return self._weight_rounds().current()
-
-    def _weight_rounds(self) -> WeightRounds:
-        if self.weights is None:
-            raise not_fedavg(self.config.run.mode)
-        return self.weights
+        return self.weights.current()
 
     def state(self) -> bytes:
         """The encoded AlphaState (cached per version: catch-up storms share one encoding)."""
@@ -365,8 +339,7 @@ class Coordinator:
             await asyncio.gather(*(future for _, future in self.pending.values()),
                                  return_exceptions=True)
             closure = self.engine.decide_close(self._clock())
-            if self.weights is not None:
-                await self.weights.average(closure)
+            await self.weights.average(closure)
             outcome = closure.outcome
             await self._store.close_round(
                 closure.plan.round, outcome.status, closure.closed_at, outcome.reports,
@@ -380,8 +353,7 @@ class Coordinator:
         self.engine.apply_close(closure)
         if self.engine.finished:
             self._notify()
-        if self.weights is not None:
-            self.weights.closed(closure)
+        self.weights.closed(closure)
         log.info("round %d %s: %s", closure.plan.round, closure.outcome.status,
                  closure.outcome.message)
 
