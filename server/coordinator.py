@@ -16,6 +16,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterable, Callable
 from functools import partial
 from pathlib import Path
@@ -28,9 +29,9 @@ from zorba_edge.common.schema import (
     RegisterResponse,
     Report,
     ReportAck,
-    RunInfo,
     encode,
 )
+from zorba_server.broadcast import Broadcast
 from zorba_server.config import ServerConfig
 from zorba_server.engine import Member, OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
 from zorba_server.enrolment import Credentials, Tokens, check_enrolment
@@ -65,14 +66,15 @@ class Coordinator:
         self._closing = False
         self._advancing = False
         """The driver is closing a round and opening the next."""
-        self._changed: asyncio.Future[None] | None = None
-        """Resolved when a round opens or the run finishes: what long-polls wait for."""
+        self._changed = Broadcast()
+        """A round opened, a version without a round yet, or the run finished: what
+        long-polls wait for."""
         self._wake = asyncio.Event()
         self._driver: asyncio.Task[None] | None = None
         self._state_cache: tuple[int, bytes] | None = None
         self._registrations = 0
         """By this process (the engine counts the run's reports and rounds)."""
-        self.traffic: dict[str, ClientTraffic] = {}
+        self.traffic: defaultdict[str, ClientTraffic] = defaultdict(ClientTraffic)
         """Body bytes per client and round, as the HTTP layer counts them; each report's row
         stores its round's (restored on restart)."""
         self.weights = weight_rounds(config, self.engine)
@@ -162,9 +164,6 @@ class Coordinator:
         self.engine.mark_left(member)
         log.info("client %s left", member.client_id)
 
-    def run_info(self) -> RunInfo:
-        return self.engine.run_info(self.run_id)
-
     async def register(self, request: RegisterRequest) -> RegisterResponse:
         check_enrolment(request, self.config.enrolment_secret)
         profile = request.profile
@@ -185,7 +184,7 @@ class Coordinator:
         self._tokens.add(new.token_hash, new.client_id)
         self._registrations += 1
         self._wake.set()
-        return RegisterResponse(new.client_id, new.token, self.run_info())
+        return RegisterResponse(new.client_id, new.token, engine.run_info(self.run_id))
 
     async def next_round(self, member: Member, version: int, wait_s: float) -> NextRound:
         loop = asyncio.get_running_loop()
@@ -202,8 +201,7 @@ class Coordinator:
             # TRAIN, which carries the deltas too, is a moment away.)
             if remaining <= 0 or (version < self.engine.version and not self._advancing):
                 return self.engine.waiting(cid, version, reported=cid in self.pending)
-            # asyncio.wait on a plain future: no task per waiting poll (there are thousands).
-            await asyncio.wait((self._round_signal(),), timeout=remaining)
+            await self._changed.wait(remaining)
 
     async def submit_report(self, member: Member, round_: int, report: Report, *,
                             body_bytes: int) -> ReportAck:
@@ -233,7 +231,7 @@ class Coordinator:
         received = ReceivedReport(cid, report, digest, now)
         answer = ack(round_, received)
         sizes = (body_bytes, len(encode(answer)))
-        ended = self._traffic(cid).end_round(*sizes)
+        ended = self.traffic[cid].end_round(*sizes)
         # Queued now (the store orders writes by call); a task so that the callback below is
         # registered before anyone awaits it and runs first when the commit lands: the
         # round's book is updated before any waiter (a close) looks at it.
@@ -250,7 +248,7 @@ class Coordinator:
     def _report_committed(self, r: OpenRound, received: ReceivedReport, ended: RoundBytes,
                           sizes: tuple[int, int], committed: asyncio.Future[None]) -> None:
         self.pending.pop(received.client_id, None)
-        traffic = self._traffic(received.client_id)
+        traffic = self.traffic[received.client_id]
         if committed.cancelled() or committed.exception() is not None:
             traffic.not_stored(ended, *sizes)
             return
@@ -317,7 +315,7 @@ class Coordinator:
         finally:
             self._advancing = False
         if self.engine.version != version and self.open is None:
-            self._notify()  # a new version and no round for it yet: wake the long-polls
+            self._changed.notify()  # a new version and no round for it yet: wake the long-polls
 
     async def _try_open(self) -> None:
         engine = self.engine
@@ -329,7 +327,7 @@ class Coordinator:
             return
         await self._store.insert_round(plan)
         engine.open_round(plan)
-        self._notify()
+        self._changed.notify()
         log.info("round %d open: %d clients, deadline in %.0f s", plan.round, len(plan.clients),
                  self.config.run.round_duration_s)
 
@@ -352,21 +350,10 @@ class Coordinator:
     def _after_close(self, closure: RoundClosure) -> None:
         self.engine.apply_close(closure)
         if self.engine.finished:
-            self._notify()
+            self._changed.notify()
         self.weights.closed(closure)
         log.info("round %d %s: %s", closure.plan.round, closure.outcome.status,
                  closure.outcome.message)
-
-    def _round_signal(self) -> asyncio.Future[None]:
-        if self._changed is None or self._changed.done():
-            self._changed = asyncio.get_running_loop().create_future()
-        return self._changed
-
-    def _notify(self) -> None:
-        """Wake every long-poll: a round opened or the run finished."""
-        if self._changed is not None and not self._changed.done():
-            self._changed.set_result(None)
-        self._changed = None
 
     # ------------------------------------------------------------------------ views
 
@@ -377,10 +364,7 @@ class Coordinator:
     def count_traffic(self, client_id: str, up: int, down: int) -> None:
         """Bodies of an answered request, except a report answered 200 (`submit_report`
         counts that one itself)."""
-        self._traffic(client_id).add(up, down)
-
-    def _traffic(self, client_id: str) -> ClientTraffic:
-        return self.traffic.setdefault(client_id, ClientTraffic())
+        self.traffic[client_id].add(up, down)
 
     def _retry_answered(self, client_id: str, body_bytes: int, ack: ReportAck) -> ReportAck:
         """A retry ends no round (its report's row holds that round's bytes already): its bytes
