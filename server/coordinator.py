@@ -13,53 +13,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import secrets
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from zorba_edge.common.schema import (
-    PROTOCOL_VERSION,
     TRAIN,
-    WAIT,
-    AlphaState,
     NextRound,
     RegisterRequest,
     RegisterResponse,
     Report,
     ReportAck,
-    RunInfo,
     encode,
 )
-from zorba_server import errors
+from zorba_server.broadcast import Broadcast
 from zorba_server.config import ServerConfig
 from zorba_server.engine import Member, OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
-from zorba_server.resume import LEFT, resume
-from zorba_server.rounds import APPLIED, ReceivedReport
+from zorba_server.enrolment import Credentials, Tokens, check_enrolment
+from zorba_server.idempotency import ack, check_retry, idempotency_conflict, report_hash, stored_ack
+from zorba_server.resume import resume
+from zorba_server.rounds import ReceivedReport
 from zorba_server.status_view import run_status
 from zorba_server.storage import DuplicateError, ModelPin, Snapshot, Store
 from zorba_server.traffic import ClientTraffic, RoundBytes
-from zorba_server.weight_rounds import WeightRounds, not_fedavg
+from zorba_server.weight_rounds import weight_rounds
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("zorba_server")
 
 IDLE_RECHECK_S = 1.0
-
-
-def token_hash(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
-
-
-def report_hash(round_: int, report: Report) -> bytes:
-    """Content identity of a report (canonical re-encoding, so int-for-float is the same)."""
-    return hashlib.sha256(round_.to_bytes(8, "little") + encode(report)).digest()
 
 
 class Coordinator:
@@ -71,25 +60,25 @@ class Coordinator:
         self.engine = RoundEngine(config, solve)
         self.run_id = ""
         self.created_at = 0.0
-        self._token_hashes: dict[bytes, str] = {}
+        self._tokens = Tokens()
         self.pending: dict[str, tuple[ReceivedReport, asyncio.Future[None]]] = {}
         """Reports of the open round whose commit is in flight."""
         self._closing = False
         self._advancing = False
         """The driver is closing a round and opening the next."""
-        self._changed: asyncio.Future[None] | None = None
-        """Resolved when a round opens or the run finishes: what long-polls wait for."""
+        self._changed = Broadcast()
+        """A round opened, a version without a round yet, or the run finished: what
+        long-polls wait for."""
         self._wake = asyncio.Event()
         self._driver: asyncio.Task[None] | None = None
         self._state_cache: tuple[int, bytes] | None = None
-        self._counts: dict[str, int] = {
-            "registrations": 0, "reports_accepted": 0, "rounds_applied": 0, "rounds_failed": 0,
-        }
-        self.traffic: dict[str, ClientTraffic] = {}
+        self._registrations = 0
+        """By this process (the engine counts the run's reports and rounds)."""
+        self.traffic: defaultdict[str, ClientTraffic] = defaultdict(ClientTraffic)
         """Body bytes per client and round, as the HTTP layer counts them; each report's row
         stores its round's (restored on restart)."""
-        self.weights = WeightRounds(config, self.engine) if self.engine.weights_only else None
-        """fedavg only: uploaded and averaged weights."""
+        self.weights = weight_rounds(config, self.engine)
+        """fedavg's uploaded and averaged weights (other modes: none)."""
 
     # The engine's state, as the status page, metrics and tests read it.
     @property
@@ -110,7 +99,7 @@ class Coordinator:
 
     @property
     def counters(self) -> dict[str, int]:
-        return dict(self._counts, schedules_solved=self.engine.schedules_solved)
+        return {"registrations": self._registrations, **self.engine.counters()}
 
     def now(self) -> float:
         return self._clock()
@@ -141,16 +130,16 @@ class Coordinator:
         self.created_at = now
         await self._store.create_run(self.run_id, run.seed, run.pool_size, now)
         if run.model_fingerprint is not None and run.footprint is not None:
-            alpha = np.zeros((run.pool_size, run.footprint.num_blocks))
+            # The config pins the model (a failed commit fails the start: no engine is kept).
+            alpha = self.engine.pin(run.model_fingerprint, run.footprint)
             await self._store.pin_model(run.model_fingerprint, run.footprint, alpha)
-            self.engine.pin(run.model_fingerprint, run.footprint, alpha)
         log.info("created run %s (seed %d, K=%d)", self.run_id, run.seed, run.pool_size)
 
     def _restore(self, snap: Snapshot, now: float) -> None:
         resumed = resume(self.engine, snap, self.config.run, now)
         self.run_id, self.created_at = resumed.run_id, resumed.created_at
-        self._token_hashes.update(resumed.token_hashes)
-        self._counts.update(resumed.counts)
+        for digest, client_id in resumed.token_hashes.items():
+            self._tokens.add(digest, client_id)
         self.traffic.update(resumed.traffic)
         engine = self.engine
         log.info("resumed run %s at version %d, round %d%s", self.run_id, engine.version,
@@ -160,64 +149,42 @@ class Coordinator:
     # ------------------------------------------------------------------------ requests
 
     def authenticate(self, token: str | None) -> Member:
-        if not token:
-            raise errors.unauthorized(
-                "missing bearer token: send 'Authorization: Bearer <token>' from POST /v1/clients")
-        client_id = self._token_hashes.get(token_hash(token))
-        member = self.members.get(client_id) if client_id is not None else None
-        if member is None:
-            raise errors.unauthorized("unknown bearer token: register again with POST /v1/clients")
-        if member.last_seen == LEFT:
+        member = self._tokens.holder(token, self.members)
+        if self.engine.mark_seen(member, self._clock()):
             # It left and came back: a restart must count it active again (queued now; a
             # failure only means a restart sees it as gone until its next request).
             returned = asyncio.ensure_future(self._store.set_left(member.client_id, None))
             returned.add_done_callback(_log_failure)
-        member.last_seen = self._clock()
         return member
 
     async def leave(self, member: Member) -> None:
         """The client stops: it is no longer active (the next schedule leaves it out, without
         waiting for its membership timeout), durably, until its next request."""
         await self._store.set_left(member.client_id, self._clock())
-        member.last_seen = LEFT
+        self.engine.mark_left(member)
         log.info("client %s left", member.client_id)
 
-    def run_info(self) -> RunInfo:
-        return self.engine.run_info(self.run_id)
-
     async def register(self, request: RegisterRequest) -> RegisterResponse:
-        secret = self.config.enrolment_secret.encode()
-        if not hmac.compare_digest(request.enrolment_secret.encode(), secret):
-            raise errors.forbidden("wrong enrolment secret: ask the run's operator for it")
-        if request.protocol != PROTOCOL_VERSION:
-            raise errors.bad_request(
-                "protocol_version",
-                f"client speaks protocol {request.protocol}, this server {PROTOCOL_VERSION}: "
-                "upgrade the older side")
+        check_enrolment(request, self.config.enrolment_secret)
         profile = request.profile
         engine = self.engine
         engine.check_registration(profile)
-        pins = engine.fingerprint is None
         now = self._clock()
-        client_id, token = "c-" + secrets.token_hex(8), secrets.token_urlsafe(32)
-        member = Member(client_id, profile, now, 1.0, now, profile.step_time_s)
-        pin = None
-        if pins:
-            # Pin before awaiting the commit so concurrent registrations compare against it.
-            engine.pin(profile.model_fingerprint, profile.footprint)
-            assert engine.alpha is not None
-            pin = ModelPin(profile.model_fingerprint, profile.footprint, engine.alpha)
+        new = Credentials.new()
+        # Pinned before awaiting the commit so concurrent registrations compare against it.
+        alpha = engine.pin_first(profile)
+        pin = ModelPin(profile.model_fingerprint, profile.footprint, alpha) if alpha is not None else None
         try:
-            await self._store.insert_client(client_id, token_hash(token), profile, now, pin)
+            await self._store.insert_client(new.client_id, new.token_hash, profile, now, pin)
         except Exception:
-            if pins:
+            if pin is not None:
                 engine.unpin()
             raise
-        engine.add_member(member)
-        self._token_hashes[token_hash(token)] = client_id
-        self._counts["registrations"] += 1
+        engine.add_member(Member.joining(new.client_id, profile, now))
+        self._tokens.add(new.token_hash, new.client_id)
+        self._registrations += 1
         self._wake.set()
-        return RegisterResponse(client_id, token, self.run_info())
+        return RegisterResponse(new.client_id, new.token, engine.run_info(self.run_id))
 
     async def next_round(self, member: Member, version: int, wait_s: float) -> NextRound:
         loop = asyncio.get_running_loop()
@@ -233,15 +200,8 @@ class Coordinator:
             # (Not while the driver is between a close and the next open: the new round's
             # TRAIN, which carries the deltas too, is a moment away.)
             if remaining <= 0 or (version < self.engine.version and not self._advancing):
-                deltas, catch_up = self.engine.deltas_since(version)
-                reason = self.engine.wait_reason(cid)
-                if cid in self.pending and self.open is not None:
-                    reason = (f"your report for round {self.open.plan.round} is in; waiting for "
-                              "the round to close")
-                return NextRound(WAIT, self.version, None, deltas, catch_up,
-                                 retry_after_s=0.0, reason=reason)
-            # asyncio.wait on a plain future: no task per waiting poll (there are thousands).
-            await asyncio.wait((self._round_signal(),), timeout=remaining)
+                return self.engine.waiting(cid, version, reported=cid in self.pending)
+            await self._changed.wait(remaining)
 
     async def submit_report(self, member: Member, round_: int, report: Report, *,
                             body_bytes: int) -> ReportAck:
@@ -256,29 +216,22 @@ class Coordinator:
                 member, round_, report, digest))
         prior = r.received.get(cid) or (self.pending[cid][0] if cid in self.pending else None)
         if prior is not None:
-            if prior.report.idempotency_key != report.idempotency_key:
-                raise errors.conflict(
-                    "already_reported",
-                    f"client {cid} already reported for round {round_} (key "
-                    f"{prior.report.idempotency_key!r}); one report per round")
-            if prior.body_hash != digest:
-                raise _idempotency_conflict(report.idempotency_key)
+            check_retry(prior, round_, report, digest)
             if cid in self.pending:
                 try:
                     await asyncio.shield(self.pending[cid][1])
                 except DuplicateError:
-                    raise _idempotency_conflict(report.idempotency_key) from None
-            return self._retry_answered(cid, body_bytes, _ack(round_, prior))
+                    raise idempotency_conflict(report.idempotency_key) from None
+            return self._retry_answered(cid, body_bytes, ack(round_, prior))
         now = self._clock()
         if self._closing:
             raise round_closed(round_)
         self.engine.check_report(cid, round_, report, now)
-        if self.weights is not None:
-            self.weights.check_uploaded(round_, cid)
+        self.weights.check_uploaded(round_, cid)
         received = ReceivedReport(cid, report, digest, now)
-        ack = _ack(round_, received)
-        sizes = (body_bytes, len(encode(ack)))
-        ended = self._traffic(cid).end_round(*sizes)
+        answer = ack(round_, received)
+        sizes = (body_bytes, len(encode(answer)))
+        ended = self.traffic[cid].end_round(*sizes)
         # Queued now (the store orders writes by call); a task so that the callback below is
         # registered before anyone awaits it and runs first when the commit lands: the
         # round's book is updated before any waiter (a close) looks at it.
@@ -289,13 +242,13 @@ class Coordinator:
             await asyncio.shield(committed)
         except DuplicateError:
             # (client, key) was used in an earlier round: nothing was stored.
-            raise _idempotency_conflict(report.idempotency_key) from None
-        return ack
+            raise idempotency_conflict(report.idempotency_key) from None
+        return answer
 
     def _report_committed(self, r: OpenRound, received: ReceivedReport, ended: RoundBytes,
                           sizes: tuple[int, int], committed: asyncio.Future[None]) -> None:
         self.pending.pop(received.client_id, None)
-        traffic = self._traffic(received.client_id)
+        traffic = self.traffic[received.client_id]
         if committed.cancelled() or committed.exception() is not None:
             traffic.not_stored(ended, *sizes)
             return
@@ -303,7 +256,6 @@ class Coordinator:
         if self.engine.open is not r:
             return
         self.engine.accept_report(received)
-        self._counts["reports_accepted"] += 1
         if self.engine.due(self._clock()):
             self._wake.set()
 
@@ -311,9 +263,7 @@ class Coordinator:
                                       digest: bytes) -> ReportAck:
         found = await self._store.find_report(member.client_id, report.idempotency_key)
         if found is not None:
-            if found.round == round_ and found.body_hash == digest:
-                return ReportAck(round_, report.idempotency_key, found.received_at)
-            raise _idempotency_conflict(report.idempotency_key)
+            return stored_ack(found, round_, report, digest)
         self.engine.check_report(member.client_id, round_, report, self._clock())
         raise round_closed(round_)  # unreachable: check_report refuses another round
 
@@ -322,30 +272,18 @@ class Coordinator:
         """fedavg: a client's trained weights for the open round (before its report)."""
         cid = member.client_id
         reported = self.open is not None and cid in self.open.received or cid in self.pending
-        return await self._weight_rounds().receive(self.open, round_, cid, busy=self._closing,
-                                                   reported=reported, now=self._clock(),
-                                                   chunks=chunks)
+        return await self.weights.receive(self.open, round_, cid, busy=self._closing,
+                                          reported=reported, now=self._clock(), chunks=chunks)
 
     def weights_file(self) -> tuple[Path, int]:
         """fedavg: the current global weights and their version (404 at version 0)."""
-        return self._weight_rounds().current()
-
-    def _weight_rounds(self) -> WeightRounds:
-        if self.weights is None:
-            raise not_fedavg(self.config.run.mode)
-        return self.weights
+        return self.weights.current()
 
     def state(self) -> bytes:
         """The encoded AlphaState (cached per version: catch-up storms share one encoding)."""
-        engine = self.engine
-        if engine.alpha is None or engine.footprint is None:
-            raise errors.conflict(
-                "model_not_pinned", "no client has registered a model yet: the table has no shape")
-        if self._state_cache is None or self._state_cache[0] != engine.version:
-            body = encode(AlphaState(self.run_id, engine.version, engine.pool_size,
-                                     engine.footprint.num_blocks,
-                                     np.ascontiguousarray(engine.alpha, dtype="<f8").tobytes()))
-            self._state_cache = (engine.version, body)
+        version = self.engine.version
+        if self._state_cache is None or self._state_cache[0] != version:
+            self._state_cache = (version, encode(self.engine.alpha_state(self.run_id)))
         return self._state_cache[1]
 
     # ------------------------------------------------------------------------ rounds
@@ -377,7 +315,7 @@ class Coordinator:
         finally:
             self._advancing = False
         if self.engine.version != version and self.open is None:
-            self._notify()  # a new version and no round for it yet: wake the long-polls
+            self._changed.notify()  # a new version and no round for it yet: wake the long-polls
 
     async def _try_open(self) -> None:
         engine = self.engine
@@ -389,7 +327,7 @@ class Coordinator:
             return
         await self._store.insert_round(plan)
         engine.open_round(plan)
-        self._notify()
+        self._changed.notify()
         log.info("round %d open: %d clients, deadline in %.0f s", plan.round, len(plan.clients),
                  self.config.run.round_duration_s)
 
@@ -399,8 +337,7 @@ class Coordinator:
             await asyncio.gather(*(future for _, future in self.pending.values()),
                                  return_exceptions=True)
             closure = self.engine.decide_close(self._clock())
-            if self.weights is not None:
-                await self.weights.average(closure)
+            await self.weights.average(closure)
             outcome = closure.outcome
             await self._store.close_round(
                 closure.plan.round, outcome.status, closure.closed_at, outcome.reports,
@@ -412,24 +349,11 @@ class Coordinator:
 
     def _after_close(self, closure: RoundClosure) -> None:
         self.engine.apply_close(closure)
-        self._counts["rounds_applied" if closure.outcome.status == APPLIED else "rounds_failed"] += 1
         if self.engine.finished:
-            self._notify()
-        if self.weights is not None:
-            self.weights.closed(closure)
+            self._changed.notify()
+        self.weights.closed(closure)
         log.info("round %d %s: %s", closure.plan.round, closure.outcome.status,
                  closure.outcome.message)
-
-    def _round_signal(self) -> asyncio.Future[None]:
-        if self._changed is None or self._changed.done():
-            self._changed = asyncio.get_running_loop().create_future()
-        return self._changed
-
-    def _notify(self) -> None:
-        """Wake every long-poll: a round opened or the run finished."""
-        if self._changed is not None and not self._changed.done():
-            self._changed.set_result(None)
-        self._changed = None
 
     # ------------------------------------------------------------------------ views
 
@@ -440,10 +364,7 @@ class Coordinator:
     def count_traffic(self, client_id: str, up: int, down: int) -> None:
         """Bodies of an answered request, except a report answered 200 (`submit_report`
         counts that one itself)."""
-        self._traffic(client_id).add(up, down)
-
-    def _traffic(self, client_id: str) -> ClientTraffic:
-        return self.traffic.setdefault(client_id, ClientTraffic())
+        self.traffic[client_id].add(up, down)
 
     def _retry_answered(self, client_id: str, body_bytes: int, ack: ReportAck) -> ReportAck:
         """A retry ends no round (its report's row holds that round's bytes already): its bytes
@@ -455,15 +376,3 @@ class Coordinator:
 def _log_failure(done: asyncio.Future[None]) -> None:
     if not done.cancelled() and done.exception() is not None:
         log.warning("could not record a client's return: %s", done.exception())
-
-
-def _ack(round_: int, received: ReceivedReport) -> ReportAck:
-    return ReportAck(round_, received.report.idempotency_key, received.received_at)
-
-
-def _idempotency_conflict(key: str) -> errors.Refusal:
-    return errors.conflict(
-        "idempotency_conflict",
-        f"idempotency key {key!r} was already used for a different report: a retry must resend "
-        "the same report, a new report needs a new key",
-    )

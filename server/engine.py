@@ -11,7 +11,7 @@ same decisions:
     propose_round -> open_round               plan: schedule, local steps, pool indices
     check_report -> accept_report             a report fits the plan, or a domain error
     due -> decide_close -> apply_close        alpha increments and memory calibrations
-    drop_member                               a member that left
+    mark_left / mark_seen, drop_member        a member that left, came back, or is gone
 
 Errors are domain errors (`zorba_server.errors`); only the HTTP app maps them to statuses.
 """
@@ -31,7 +31,9 @@ from zorba_edge.common.memory_model import LinearMemoryModel, ModelFootprint, li
 from zorba_edge.common.schema import (
     FINISHED,
     TRAIN,
+    WAIT,
     AlphaDelta,
+    AlphaState,
     DeviceProfile,
     HyperParams,
     NextRound,
@@ -69,6 +71,10 @@ CALIBRATION_DECAY = 0.5
 # The step is multiplied by this for every round the loss guard rejects.
 LOSS_JUMP_BACKOFF = 0.5
 
+LEFT = -math.inf
+"""`Member.last_seen` of a client that left (POST /v1/leave): seen too long ago to be active,
+however long the membership timeout; its next request makes it active again."""
+
 
 @dataclass
 class Member:
@@ -83,6 +89,16 @@ class Member:
     rounds_reported: int = 0
     last_loss: float | None = None
     last_peak_bytes: int = 0
+
+    @classmethod
+    def joining(cls, client_id: str, profile: DeviceProfile, now: float) -> Member:
+        """A client registering now: the memory model as it is (calibration 1) and the step
+        time it measured itself, until its reports say otherwise."""
+        return cls(client_id, profile, now, 1.0, now, profile.step_time_s)
+
+    @property
+    def left(self) -> bool:
+        return self.last_seen == LEFT
 
 
 @dataclass
@@ -154,6 +170,9 @@ class RoundEngine:
         self.last_schedule: Schedule | None = None
         self.schedule_solve_s = 0.0
         self.schedules_solved = 0
+        """Scheduler runs by this engine (a restarted server counts from 0)."""
+        self.reports_accepted = 0
+        """Reports booked over the whole run (a shell that resumes adds the stored ones)."""
         self._schedule_key: tuple[Any, ...] | None = None
         self._reference_losses: dict[str, float] = {}
         """Each client's mean loss in the last applied or rejected round it reported in (the
@@ -165,11 +184,21 @@ class RoundEngine:
 
     # ------------------------------------------------------------------ the model and its table
 
-    def pin(self, fingerprint: str, footprint: ModelFootprint, alpha: np.ndarray | None = None) -> None:
-        """Fix the run's model (the first registration does) and its coefficient table."""
+    def pin(self, fingerprint: str, footprint: ModelFootprint,
+            alpha: np.ndarray | None = None) -> np.ndarray:
+        """Fix the run's model and its coefficient table (zeros unless given); returns the
+        table, for a shell to store."""
         if alpha is None:
             alpha = np.zeros((self.pool_size, footprint.num_blocks))
         self.fingerprint, self.footprint, self.alpha = fingerprint, footprint, alpha
+        return alpha
+
+    def pin_first(self, profile: DeviceProfile) -> np.ndarray | None:
+        """The first registration pins the run's model: the new table when this one did (a
+        shell that fails to store it calls `unpin`), None when the model was pinned already."""
+        if self.fingerprint is not None:
+            return None
+        return self.pin(profile.model_fingerprint, profile.footprint)
 
     def unpin(self) -> None:
         self.fingerprint = self.footprint = self.alpha = None
@@ -207,6 +236,22 @@ class RoundEngine:
             poll_timeout_s=run.poll_timeout_s,
             max_abs_scalar=self.config.aggregation.max_abs_scalar, mode=run.mode,
         )
+
+    def alpha_state(self, run_id: str) -> AlphaState:
+        """The whole table at the current version (what a client far behind syncs from)."""
+        if self.alpha is None or self.footprint is None:
+            raise errors.conflict(
+                "model_not_pinned", "no client has registered a model yet: the table has no shape")
+        return AlphaState(run_id, self.version, self.pool_size, self.footprint.num_blocks,
+                          np.ascontiguousarray(self.alpha, dtype="<f8").tobytes())
+
+    def counters(self) -> dict[str, int]:
+        """The run's totals: reports booked, closed rounds by outcome (a rejected round counts
+        as failed: nothing applied), and this engine's scheduler runs."""
+        applied = sum(1 for h in self.history if h.status == APPLIED)
+        return {"reports_accepted": self.reports_accepted, "rounds_applied": applied,
+                "rounds_failed": len(self.history) - applied,
+                "schedules_solved": self.schedules_solved}
 
     # ------------------------------------------------------------------ membership
 
@@ -256,6 +301,17 @@ class RoundEngine:
     def drop_member(self, client_id: str) -> None:
         """Forget a member; its assignment in an open round stays, unreported."""
         self.members.pop(client_id, None)
+
+    def mark_left(self, member: Member) -> None:
+        """The client stopped: not active (the next schedule leaves it out without waiting for
+        its membership timeout, and an open round does not wait for its report)."""
+        member.last_seen = LEFT
+
+    def mark_seen(self, member: Member, now: float) -> bool:
+        """The client made a request: active again. True when it had left (it is back)."""
+        returned = member.left
+        member.last_seen = now
+        return returned
 
     def active_members(self, now: float) -> list[Member]:
         horizon = now - self.config.run.membership_timeout_s
@@ -375,10 +431,17 @@ class RoundEngine:
             return (), True
         return tuple(self.deltas)[-gap:], False
 
-    def wait_reason(self, client_id: str) -> str:
+    def waiting(self, client_id: str, version: int, *, reported: bool = False) -> NextRound:
+        """WAIT for a client at `version`: the deltas it lacks and why it waits. `reported`: its
+        report for the open round is in, though not booked yet (a shell committing it)."""
+        deltas, catch_up = self.deltas_since(version)
+        return NextRound(WAIT, self.version, None, deltas, catch_up, retry_after_s=0.0,
+                         reason=self.wait_reason(client_id, reported=reported))
+
+    def wait_reason(self, client_id: str, *, reported: bool = False) -> str:
         r = self.open
         if r is not None:
-            if client_id in r.received:
+            if reported or client_id in r.received:
                 return f"your report for round {r.plan.round} is in; waiting for the round to close"
             if client_id in r.plan.excluded:
                 return f"the scheduler left you out of round {r.plan.round}: {r.plan.excluded[client_id]}"
@@ -409,6 +472,7 @@ class RoundEngine:
         """Book a checked report into the open round and the member's record."""
         assert self.open is not None
         self.open.received[received.client_id] = received
+        self.reports_accepted += 1
         member = self.members.get(received.client_id)
         if member is None:
             return
@@ -426,9 +490,9 @@ class RoundEngine:
         r = self.open
         if r is None:
             return False
-        # A client that left (last seen at -inf) or was dropped will not report: no waiting.
+        # A client that left or was dropped will not report: no waiting.
         waiting = [cid for cid in r.plan.clients if cid not in r.received
-                   and cid in self.members and self.members[cid].last_seen != -math.inf]
+                   and cid in self.members and not self.members[cid].left]
         return not waiting or now >= r.plan.deadline
 
     def decide_close(self, now: float) -> RoundClosure:

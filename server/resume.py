@@ -1,23 +1,18 @@
 """A restarted server's engine, rebuilt from the store's snapshot.
 
 The snapshot holds what was committed; this turns it back into the engine's members, rounds
-and alpha, and the counters a person sees, so that a restart changes nothing they show.
+and alpha, and the figures a person sees, so that a restart changes nothing they show.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from zorba_server.config import ConfigError, RunConfig
-from zorba_server.engine import Member, RoundEngine
-from zorba_server.rounds import APPLIED, OPEN
+from zorba_server.engine import LEFT, Member, RoundEngine
+from zorba_server.rounds import OPEN
 from zorba_server.storage import Snapshot
 from zorba_server.traffic import ClientTraffic
-
-LEFT = -math.inf
-"""`Member.last_seen` of a client that left (POST /v1/leave): seen too long ago to be active,
-however long the membership timeout; its next request makes it active again."""
 
 
 @dataclass
@@ -25,8 +20,6 @@ class Resumed:
     run_id: str
     created_at: float
     token_hashes: dict[bytes, str] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-    """reports_accepted, rounds_applied, rounds_failed: as they stood before the restart."""
     traffic: dict[str, ClientTraffic] = field(default_factory=dict)
     """Each client's last reported round's bytes, as its last report's row stored them."""
 
@@ -52,8 +45,7 @@ def check_same_run(snap: Snapshot, run: RunConfig) -> None:
 def resume(engine: RoundEngine, snap: Snapshot, run: RunConfig, now: float) -> Resumed:
     """Load `snap` into a fresh `engine`; what the shell keeps itself comes back."""
     check_same_run(snap, run)
-    out = Resumed(snap.run_id or "", snap.created_at,
-                  counts={"reports_accepted": 0, "rounds_applied": 0, "rounds_failed": 0})
+    out = Resumed(snap.run_id or "", snap.created_at)
     engine.version = snap.version
     if snap.model_fingerprint and snap.footprint is not None and snap.alpha is not None:
         engine.pin(snap.model_fingerprint, snap.footprint, snap.alpha)
@@ -69,15 +61,13 @@ def resume(engine: RoundEngine, snap: Snapshot, run: RunConfig, now: float) -> R
         if history is not None:
             member.rounds_reported = history.count
             member.last_loss, member.last_peak_bytes = history.last_loss, history.last_peak_bytes
-            out.counts["reports_accepted"] += history.count
+            engine.reports_accepted += history.count
             if history.last_round_bytes is not None:
                 out.traffic[c.client_id] = ClientTraffic(last_round=history.last_round_bytes)
         engine.add_member(member)
         out.token_hashes[c.token_hash] = c.client_id
-    for r in snap.rounds:
+    for r in snap.rounds:  # in order: the history (the round counts read it) and the counter
         engine.restore_round(r.plan, r.status, r.reports, r.closed_at, r.loss, r.message)
-        if r.status != OPEN:
-            out.counts["rounds_applied" if r.status == APPLIED else "rounds_failed"] += 1
     if snap.rounds and snap.rounds[-1].status == OPEN:
         engine.reopen(snap.rounds[-1].plan, snap.open_reports)
     engine.finished = bool(run.max_rounds) and engine.version >= run.max_rounds

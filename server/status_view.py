@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from zorba_server.engine import RoundEngine
-from zorba_server.resume import LEFT
 from zorba_server.traffic import ClientTraffic
 
 STATUS_ROUNDS = 500
@@ -52,8 +51,8 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
             {"client_id": m.client_id, "name": m.profile.name,
              "device": m.profile.device_type, "budget_bytes": m.profile.memory_budget_bytes,
              "num_samples": m.profile.num_samples,
-             "active": m.client_id in active, "left": m.last_seen == LEFT,
-             "last_seen_s": now - m.last_seen if m.last_seen != LEFT else None,
+             "active": m.client_id in active, "left": m.left,
+             "last_seen_s": now - m.last_seen if not m.left else None,
              "calibration": m.calibration, "step_time_s": m.step_time_s,
              "rounds_reported": m.rounds_reported, "last_loss": m.last_loss,
              "last_peak_bytes": m.last_peak_bytes,

@@ -1,5 +1,7 @@
 """fedavg's weight exchange around the rounds: uploads before reports, one averaged file per
-applied version. The coordinator holds one only in fedavg runs; the files are `WeightStore`'s."""
+applied version; the files are `WeightStore`'s. Every other mode exchanges no weights
+(`NoWeights`), so the coordinator calls the same hooks in every mode.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +15,11 @@ from zorba_server.config import ConfigError, ServerConfig
 from zorba_server.engine import OpenRound, RoundClosure, RoundEngine, round_closed
 from zorba_server.storage import is_postgres_url
 from zorba_server.weights import Upload, WeightStore
+
+
+def weight_rounds(config: ServerConfig, engine: RoundEngine) -> WeightRounds | NoWeights:
+    """The run mode's weight exchange."""
+    return WeightRounds(config, engine) if engine.weights_only else NoWeights(config.run.mode)
 
 
 class WeightRounds:
@@ -68,6 +75,30 @@ class WeightRounds:
     def closed(self, closure: RoundClosure) -> None:
         self.files.discard_round(closure.plan.round)
         self.files.prune_versions(self._engine.version)
+
+
+class NoWeights:
+    """A mode whose training travels as (k, g) steps: no uploads, nothing to average; the
+    weight endpoints say so."""
+
+    def __init__(self, mode: str) -> None:
+        self._mode = mode
+
+    def check_uploaded(self, round_: int, client_id: str) -> None:
+        pass
+
+    async def receive(self, r: OpenRound | None, round_: int, client_id: str, *, busy: bool,
+                      reported: bool, now: float, chunks: AsyncIterable[bytes]) -> int:
+        raise not_fedavg(self._mode)
+
+    def current(self) -> tuple[Path, int]:
+        raise not_fedavg(self._mode)
+
+    async def average(self, closure: RoundClosure) -> None:
+        pass
+
+    def closed(self, closure: RoundClosure) -> None:
+        pass
 
 
 def not_fedavg(mode: str) -> errors.Refusal:

@@ -291,3 +291,81 @@ def test_a_round_closes_without_waiting_for_a_client_that_left(tmp_path: Path) -
     assert not e.due(now=1.0)
     b.last_seen = -float("inf")  # POST /v1/leave
     assert e.due(now=1.0)
+
+
+def test_a_member_that_left_is_not_waited_for_and_is_active_again_at_its_next_request(
+        tmp_path: Path) -> None:
+    e = engine(tmp_path, min_clients=2)
+    join(e, "a")
+    b = join(e, "b")
+    plan = e.propose_round(now=0.0)
+    assert plan is not None
+    e.open_round(plan)
+    e.accept_report(received(e, "a"))
+    e.mark_left(b)
+    assert b.left and e.due(now=1.0) and b not in e.active_members(now=1.0)
+    assert e.mark_seen(b, now=2.0)  # back: a shell records the return
+    assert not b.left and b in e.active_members(now=2.0) and not e.due(now=2.0)
+    assert not e.mark_seen(b, now=3.0)  # an ordinary request
+
+
+def test_only_the_first_registration_pins_the_model_and_its_zero_table(tmp_path: Path) -> None:
+    e = RoundEngine(config_from_dict(config_dict(tmp_path / "unused.sqlite3")))
+    with pytest.raises(Conflict, match="no client has registered"):
+        e.alpha_state("run")
+    first = e.pin_first(profile())
+    assert first is not None and first.shape == (e.pool_size, FOOTPRINT.num_blocks)
+    assert not first.any() and e.alpha is first and e.fingerprint == FINGERPRINT
+    assert e.pin_first(profile()) is None and e.alpha is first
+    state = e.alpha_state("run")
+    assert (state.run_id, state.version, state.pool_size, state.num_blocks) == (
+        "run", 0, e.pool_size, FOOTPRINT.num_blocks)
+    assert state.alpha == first.astype("<f8").tobytes()
+
+
+def test_a_new_member_starts_with_its_declared_step_time_and_no_calibration(tmp_path: Path) -> None:
+    p = dataclasses.replace(profile(), step_time_s=0.25)
+    m = Member.joining("c-1", p, now=7.0)
+    assert (m.client_id, m.registered_at, m.last_seen, m.calibration, m.step_time_s) == (
+        "c-1", 7.0, 7.0, 1.0, 0.25)
+    assert not m.left and m.rounds_reported == 0
+
+
+def test_a_waiting_client_gets_the_deltas_it_lacks_and_why_it_waits(tmp_path: Path) -> None:
+    e = engine(tmp_path)
+    join(e, "a"), join(e, "b")
+    plan = e.propose_round(now=0.0)
+    assert plan is not None
+    e.open_round(plan)
+    for cid in ("a", "b"):
+        e.accept_report(received(e, cid, [1.0]))
+    e.apply_close(e.decide_close(now=2.0))
+    idle = e.waiting("a", 0)
+    assert (idle.status, idle.version, len(idle.deltas), idle.catch_up) == ("wait", 1, 1, False)
+    assert idle.assignment is None and idle.reason == e.idle_reason
+    nxt = e.propose_round(now=3.0)
+    assert nxt is not None
+    e.open_round(nxt)
+    assert "running without you" in e.waiting("a", 1).reason  # (not booked yet)
+    # A report that a shell is still committing: the client hears it is in.
+    assert e.waiting("a", 1, reported=True).reason == (
+        f"your report for round {nxt.round} is in; waiting for the round to close")
+    assert e.waiting("a", 1).deltas == ()
+
+
+def test_the_run_counters_count_booked_reports_and_closed_rounds_by_outcome(tmp_path: Path) -> None:
+    e = engine(tmp_path, min_clients=2, min_reports=2)
+    join(e, "a"), join(e, "b")
+    for reporters, status in ((["a"], FAILED), (["a", "b"], APPLIED)):
+        plan = e.propose_round(now=0.0)
+        assert plan is not None
+        e.open_round(plan)
+        for cid in reporters:
+            e.accept_report(received(e, cid))
+        closure = e.decide_close(now=1.0)
+        assert closure.outcome.status == status
+        e.apply_close(closure)
+    counters = e.counters()
+    assert counters == {"reports_accepted": 3, "rounds_applied": 1, "rounds_failed": 1,
+                        "schedules_solved": e.schedules_solved}
+    assert e.schedules_solved >= 1

@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 
-from zorba_edge.common.schema import AlphaState, SchemaError
+from zorba_edge.common.schema import SchemaError
 from zorba_flower import checkpoint, codec
-from zorba_server.coordinator import report_hash
 from zorba_server.engine import Member, RoundEngine
 from zorba_server.errors import Refusal
+from zorba_server.idempotency import report_hash
 from zorba_server.rounds import ReceivedReport, RoundPlan
 
 log = logging.getLogger("zorba_flower.server")
@@ -209,10 +208,8 @@ class FlowerRounds:
                 self.refused[node] = str(exc)
                 log.warning("node %d not admitted: %s", node, exc)
                 continue
-            if engine.fingerprint is None:
-                engine.pin(profile.model_fingerprint, profile.footprint)
-            now = self.clock()
-            engine.add_member(Member(client_id(node), profile, now, 1.0, now, profile.step_time_s))
+            engine.pin_first(profile)
+            engine.add_member(Member.joining(client_id(node), profile, self.clock()))
             log.info("node %d joined: %.0f MiB budget, %.3f s a step", node,
                      profile.memory_budget_bytes / 2**20, profile.step_time_s)
         self._save()
@@ -226,13 +223,9 @@ class FlowerRounds:
 
     def _instruction(self, plan: RoundPlan, cid: str) -> codec.TrainInstruction:
         engine = self.engine
-        assert engine.alpha is not None and engine.footprint is not None
-        state = AlphaState(self.settings.run_id, engine.version, engine.pool_size,
-                           engine.footprint.num_blocks,
-                           np.ascontiguousarray(engine.alpha, dtype="<f8").tobytes())
         return codec.TrainInstruction(engine.run_info(self.settings.run_id),
-                                      plan.assignment_for(cid, self.clock()), state,
-                                      tuple(engine.deltas))
+                                      plan.assignment_for(cid, self.clock()),
+                                      engine.alpha_state(self.settings.run_id), tuple(engine.deltas))
 
     def _collect(self, plan: RoundPlan, replies: Sequence[Message]
                  ) -> tuple[set[int], set[int], list[NodeTiming]]:
