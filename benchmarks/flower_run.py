@@ -360,7 +360,7 @@ def main() -> None:
     world_dir = world.model_dir.parent
     result: dict[str, Any] = {"machine": f"{platform.node()} {platform.machine()} "
                                          f"{os.cpu_count()} cpus (shared: timings unreliable)",
-                              "command": "python benchmarks/flower_run.py --json", "workdir": str(root)}
+                              "command": " ".join(["python", *sys.argv]), "workdir": str(root)}
     if not args.skip_simulation:
         try:
             result["simulation"] = simulation(root, world_dir, args.rounds)
