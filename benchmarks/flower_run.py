@@ -5,8 +5,9 @@
 1. Simulation Engine (Ray, in this process via flwr.simulation.run_simulation): the app on a
    tiny random model (built in code, saved to a temp dir), 2 virtual nodes with different
    budgets. Its alpha table is compared bit for bit with the same app driven in-process over
-   a fake grid (no Flower at all), and, once zorba_sim is on main, with zorba-edge's own
-   simulator (`own_simulator_alpha`, a hook that returns None until then).
+   a fake grid (no Flower at all), and with zorba-edge's own simulator (zorba_sim) on the same
+   run, seeds, fleet and data (tests/flower_twin.py): `sim_alpha_equal`, and round by round
+   how many published deltas agree.
 2. Deployment Engine on 127.0.0.1: a SuperLink and 2 SuperNodes with different --node-config
    budgets run the app with `flwr run`; one SuperNode is killed mid-round; the SuperLink is
    killed mid-run and restarted, and a second `flwr run` resumes from the checkpoint.
@@ -73,14 +74,22 @@ def budgets_mib(world_dir: Path) -> tuple[float, float]:
             (model.fixed_bytes + sum(model.block_bytes)) / 2**20 + 0.01)
 
 
-def own_simulator_alpha(values: dict[str, Any], num_nodes: int) -> np.ndarray | None:
-    """HOOK: zorba-edge's own simulator (zorba_sim) on the same config, seeds and fleet.
-    zorba_sim is not on main yet: None means the comparison was not made."""
-    try:
-        import zorba_sim  # noqa: F401
-    except ImportError:
-        return None
-    return None  # wire zorba_sim's entry point here once it lands
+def own_simulator_check(loop: Any, values: dict[str, Any], budgets: tuple[float, ...]) -> dict[str, Any]:
+    """zorba-edge's own simulator on the same run, seeds, fleet (partition i's budget) and data
+    (tests/flower_twin.py), compared with the Flower run's table and published deltas."""
+    from client_support import signal_examples
+    from flower_twin import twin_simulation
+
+    sim = twin_simulation(values, budgets, signal_examples(8, seed=1))
+    ours, theirs = list(loop.engine.deltas), list(sim.engine.deltas)
+    agree = 0
+    while agree < min(len(ours), len(theirs)) and ours[agree] == theirs[agree]:
+        agree += 1
+    assert loop.engine.alpha is not None and sim.engine.alpha is not None
+    return {"sim_alpha_equal": bool(np.array_equal(loop.engine.alpha, sim.engine.alpha)),
+            "sim_rounds": [r.status for r in sim.records],
+            "sim_deltas_equal": f"{agree} of {len(ours)}",
+            "sim_alpha_max_abs_diff": float(np.abs(loop.engine.alpha - sim.engine.alpha).max())}
 
 
 # ------------------------------------------------------------------------------ simulation
@@ -106,21 +115,18 @@ def simulation(root: Path, world_dir: Path, rounds: int) -> dict[str, Any]:
     wall = time.perf_counter() - started
     loop = seen["loop"]
     reference = in_process_alpha(root, values)
-    own = own_simulator_alpha(values, 2)
     return {
         "rounds": loop.engine.version, "wall_s": round(wall, 2),
         "blocks_per_node": sorted(sorted(len(b) for b in r.assigned.values()) for r in loop.rounds)[0],
         "alpha_equal_in_process_driver": bool(np.array_equal(loop.engine.alpha, reference)),
-        "sim_alpha_equal": None if own is None else bool(np.array_equal(loop.engine.alpha, own)),
         "round_overhead_s": _median([r.overhead_s for r in loop.rounds]),
-    }
+    } | own_simulator_check(loop, values, (one, both))
 
 
 def in_process_alpha(root: Path, values: dict[str, Any]) -> np.ndarray:
     """The same app over a fake grid in this process (tests/flower_fakes.py), partitions
     assigned as the simulation assigns them."""
-    from flower_fakes import FakeGrid
-    from flwr.app import Context, RecordDict
+    from flower_fakes import FakeGrid, node_handler
 
     from zorba_flower.client_app import make_client_app
     from zorba_flower.server_loop import FlowerRounds, LoopSettings
@@ -128,18 +134,10 @@ def in_process_alpha(root: Path, values: dict[str, Any]) -> np.ndarray:
     from zorba_server.engine import RoundEngine
 
     app = make_client_app(values)
-
-    def node(partition: int) -> Callable[..., RecordDict]:
-        def handle(msg: Any) -> RecordDict:
-            ctx = Context(1, partition, {"partition-id": partition, "num-partitions": 2},
-                          RecordDict(), {})
-            return app(msg, ctx).content
-        return handle
-
     engine = RoundEngine(server_config(values))
-    # Node ids in the order the simulation's partitions sort: the plan is keyed by node id.
     FlowerRounds(engine, LoopSettings(root / "ref.ckpt", "ref", max_idle_s=0.0)).run(
-        FakeGrid({1: node(0), 2: node(1)}))
+        FakeGrid({p + 1: node_handler(app, p + 1, {"partition-id": p, "num-partitions": 2})
+                  for p in range(2)}))
     assert engine.alpha is not None
     return engine.alpha
 
@@ -362,7 +360,7 @@ def main() -> None:
     world_dir = world.model_dir.parent
     result: dict[str, Any] = {"machine": f"{platform.node()} {platform.machine()} "
                                          f"{os.cpu_count()} cpus (shared: timings unreliable)",
-                              "command": "python benchmarks/flower_run.py --json", "workdir": str(root)}
+                              "command": " ".join(["python", *sys.argv]), "workdir": str(root)}
     if not args.skip_simulation:
         try:
             result["simulation"] = simulation(root, world_dir, args.rounds)
@@ -373,6 +371,7 @@ def main() -> None:
         result["deployment"] = deployment(root, world_dir, args.rounds + 1)
     sim, dep = result.get("simulation", {}), result.get("deployment", {})
     result |= {"sim_alpha_equal": sim.get("sim_alpha_equal"),
+               "sim_deltas_equal": sim.get("sim_deltas_equal"),
                "deployment_rounds": dep.get("deployment_rounds"),
                "resumed_after_superlink_restart": dep.get("resumed_after_superlink_restart"),
                "round_overhead_s": {"simulation": sim.get("round_overhead_s"),

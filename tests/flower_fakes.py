@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from flwr.app import Error, Message, Metadata, RecordDict
+from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 Handler = Callable[[Message], "RecordDict | Error | None"]
@@ -59,3 +61,18 @@ class FakeGrid:
             else:
                 replies.append(Message(metadata=meta, content=answer))
         return replies
+
+
+def node_handler(app: ClientApp, node_id: int, node_config: dict[str, Any]) -> Handler:
+    """Node `node_id` running `app` in this process. Its Flower state lives as long as the
+    node, as a SuperNode (or the Simulation Engine) keeps it between messages."""
+    state = RecordDict()
+
+    def handle(msg: Message) -> RecordDict:
+        context = Context(run_id=1, node_id=node_id, node_config=node_config, state=state,
+                          run_config={})
+        reply = app(msg, context)
+        assert not reply.has_error(), reply.error
+        return reply.content
+
+    return handle

@@ -267,6 +267,23 @@ def test_sampler_epochs_have_full_distinct_batches():
     assert set(i for batch in later for i in batch) == set(range(50))
 
 
+def test_a_task_that_seeks_to_a_count_draws_what_the_uninterrupted_stream_draws(tokenizer):
+    from client_support import signal_examples
+
+    from zorba_edge.client.local_task import LocalTask
+
+    examples = signal_examples(20)
+    whole = LocalTask(examples, tokenizer, seed=7)
+    drawn = [whole.next_batch(3, 16).input_ids for _ in range(12)]  # 6 batches an epoch: two epochs
+    assert whole.batches_drawn(3) == 12
+    for count in (0, 5, 6, 11):
+        fresh = LocalTask(examples, tokenizer, seed=7)
+        fresh.seek(3, 16, count)
+        assert torch.equal(fresh.next_batch(3, 16).input_ids, drawn[count])
+    whole.seek(3, 16, 4)  # behind: the stream starts again and comes back to batch 4
+    assert torch.equal(whole.next_batch(3, 16).input_ids, drawn[4])
+
+
 def test_sampler_with_fewer_examples_than_a_batch_returns_all_of_them():
     sampler = BatchSampler(5, 8, np.random.default_rng(0))
     assert sorted(sampler.next_batch().tolist()) == [0, 1, 2, 3, 4]

@@ -12,8 +12,7 @@ import pytest
 pytest.importorskip("flwr", reason="the Flower app needs the `flower` extra (pip install -e '.[flower]')")
 
 from client_support import make_world  # noqa: E402
-from flower_fakes import FakeGrid, Handler  # noqa: E402
-from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flower_fakes import FakeGrid, node_handler  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from zorba_flower.client_app import make_client_app  # noqa: E402
@@ -33,21 +32,10 @@ def client_config(world_dir: Path) -> dict[str, object]:
             "client.report-peak-memory": False}
 
 
-def handler(app: ClientApp, node_id: int, node_config: dict[str, object]) -> Handler:
-    def handle(msg: Message) -> RecordDict:
-        context = Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(),
-                          run_config={})
-        reply = app(msg, context)
-        assert not reply.has_error(), reply.error
-        return reply.content
-
-    return handle
-
-
 def run_two_nodes(tmp_path: Path, world_dir: Path, budgets_mib: tuple[float, float],
                   apps: tuple[ClientApp, ClientApp]) -> FlowerRounds:
     engine = RoundEngine(server_config(RUN))
-    nodes = {n + 1: handler(apps[n], n + 1, {"partition-id": n, "num-partitions": 2,
+    nodes = {n + 1: node_handler(apps[n], n + 1, {"partition-id": n, "num-partitions": 2,
                                              "budget-mib": budgets_mib[n]}) for n in range(2)}
     loop = FlowerRounds(engine, LoopSettings(tmp_path / "ckpt", "run-1", max_idle_s=0.0))
     loop.run(FakeGrid(nodes))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from zorba_flower import codec
@@ -31,12 +31,25 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        answer, timing = worker.train(settings(context), codec.read_train_instruction(msg.content))
-        if isinstance(answer, codec.Decline):
-            return Message(codec.decline_reply(answer.reason), reply_to=msg)
-        return Message(codec.report_reply(answer, timing), reply_to=msg)
+        outcome = worker.train(settings(context), codec.read_train_instruction(msg.content),
+                               batches_drawn(context))
+        # The node's state outlives the process that served this message (Flower keeps it
+        # per node and run), so the next round's batches follow on from this round's.
+        context.state[NODE_STATE] = ConfigRecord({BATCHES_DRAWN: outcome.batches_drawn})
+        if isinstance(outcome.answer, codec.Decline):
+            return Message(codec.decline_reply(outcome.answer.reason), reply_to=msg)
+        return Message(codec.report_reply(outcome.answer, outcome.timing), reply_to=msg)
 
     return app
+
+
+NODE_STATE, BATCHES_DRAWN = "zorba-node", "batches-drawn"
+
+
+def batches_drawn(context: Context) -> int:
+    """How far this node's batch stream has come in this run (0 before its first round)."""
+    record = context.state.config_records.get(NODE_STATE)
+    return int(record[BATCHES_DRAWN]) if record is not None else 0  # type: ignore[arg-type]
 
 
 app = make_client_app()

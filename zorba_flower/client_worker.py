@@ -6,13 +6,17 @@ process per message and builds it anew every round (docs/flower.md has what that
 
 Sync: the held model is always rebuilt from base + the table the message carries whenever
 the table's version moved, so the weights a round trains on are a pure function of the
-table, whichever actor or process serves the node. Batches are drawn from a stream seeded
-by (data seed, partition, round), so they do not depend on which process served earlier
-rounds either. Both make a run reproducible across Flower's placements.
+table, whichever actor or process serves the node. Batches come from the client's one
+seeded stream, the daemon's and the simulator's (`build_task`: seeded by data seed and
+partition, epoch-wise shuffled over the whole run); how far the node has drawn from it
+lives in the node's own Flower state, not in the process, so a fresh process or another
+actor carries on where the last one stopped. Both make a run reproducible across Flower's
+placements.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 import threading
@@ -24,6 +28,7 @@ import numpy as np
 
 from zorba_edge.client.assembly import (
     DataChoice,
+    build_task,
     footprint_of,
     memory_profile,
     probe_step_time,
@@ -32,7 +37,6 @@ from zorba_edge.client.assembly import (
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.trainer import LocalTrainer
 from zorba_edge.common.schema import DeviceProfile, Report
-from zorba_edge.data.templates import SENTIMENT_TEMPLATE
 from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.sources import ModelSource, open_source
@@ -46,16 +50,21 @@ def rss_peak_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def round_batch_seed(data_seed: int, partition: int, round_: int) -> int:
-    return int(np.random.SeedSequence([data_seed, partition, round_]).generate_state(1)[0])
+@dataclass(frozen=True)
+class TrainOutcome:
+    answer: Report | Decline
+    timing: Timing
+    batches_drawn: int
+    """Where the node's batch stream stands after the round (the node keeps it)."""
 
 
 @dataclass
 class NodeWorker:
-    """Per process: the model source, examples per partition, and one trainer."""
+    """Per process: the model source, each partition's task (examples and batch stream), and
+    one trainer."""
 
     sources: dict[str, ModelSource] = field(default_factory=dict)
-    examples: dict[tuple[str, int, int, int], list] = field(default_factory=dict)
+    tasks: dict[tuple[str, str, int, int, int], LocalTask] = field(default_factory=dict)
     trainer: LocalTrainer | None = None
 
     def _source(self, path: str) -> ModelSource:
@@ -63,13 +72,15 @@ class NodeWorker:
             self.sources[path] = open_source(path)
         return self.sources[path]
 
-    def _examples(self, s: ClientAppSettings) -> list:
-        key = (s.data, s.num_partitions, s.partition_id, s.data_seed)
-        if key not in self.examples:
+    def _task(self, s: ClientAppSettings) -> LocalTask:
+        """The partition's examples and batch stream, as the daemon's client `partition` of
+        `num_partitions` builds them (one definition: `training_examples`, `build_task`)."""
+        key = (s.model, s.data, s.num_partitions, s.partition_id, s.data_seed)
+        if key not in self.tasks:
             choice = DataChoice(s.data, num_clients=s.num_partitions, client_index=s.partition_id,
                                 seed=s.data_seed)
-            self.examples[key] = training_examples(choice)
-        return self.examples[key]
+            self.tasks[key] = build_task(training_examples(choice), self._source(s.model), choice)
+        return self.tasks[key]
 
     @staticmethod
     def _load_config(s: ClientAppSettings) -> LoadConfig:
@@ -84,23 +95,27 @@ class NodeWorker:
                                         seq_len=query.seq_len).step_time_s
         return DeviceProfile(
             device_type="cpu", memory_budget_bytes=s.budget_bytes, step_time_s=step_time,
-            num_samples=len(self._examples(s)), footprint=footprint_of(source),
+            num_samples=len(self._task(s).examples), footprint=footprint_of(source),
             model_fingerprint=source.fingerprint,
             memory=memory_profile(load_config, s.runtime_bytes), name=f"partition-{s.partition_id}")
 
-    def train(self, s: ClientAppSettings, instruction: TrainInstruction) -> tuple[Report | Decline, Timing]:
+    def train(self, s: ClientAppSettings, instruction: TrainInstruction,
+              batches_drawn: int) -> TrainOutcome:
+        """One round from the table the message carries, the batch stream standing at
+        `batches_drawn` (what the node's state kept from its last round)."""
         started = time.perf_counter()
         source = self._source(s.model)
         run, assignment, state = instruction.run, instruction.assignment, instruction.state
+        task = self._task(s)
+        task.seek(run.hyper.batch_size, run.hyper.seq_len, batches_drawn)
         trainer = self.trainer
         if trainer is None or trainer.run != run or trainer.source is not source:
             table = CoefficientTable(state.pool_size, state.num_blocks, state.matrix(), state.version)
-            trainer = self.trainer = LocalTrainer(source, self._load_config(s), run,
-                                                  self._task(s, source, assignment.round), table=table)
+            trainer = self.trainer = LocalTrainer(source, self._load_config(s), run, task, table=table)
         elif trainer.table.version != state.version or not np.array_equal(trainer.table.values,
                                                                           state.matrix()):
             trainer.replace_table(state)
-        trainer.task = self._task(s, source, assignment.round)
+        trainer.task = task
         cancel = threading.Event()
         timer = threading.Timer(max(0.0, assignment.deadline_in_s - s.deadline_margin_s), cancel.set)
         timer.start()
@@ -111,14 +126,12 @@ class NodeWorker:
             timer.cancel()
         done = time.perf_counter()
         timing = Timing(done - started, done - train_started, rss_peak_bytes())
+        drawn = task.batches_drawn(run.hyper.batch_size)
         if not outcome.steps:
-            return Decline(f"no local step before the deadline (round {assignment.round})"), timing
-        report = Report(uuid.uuid4().hex, assignment.base_version, outcome.steps, outcome.num_samples,
-                        outcome.loss_mean, outcome.loss_last,
-                        outcome.peak_memory_bytes if s.report_peak_memory else 0,
-                        outcome.step_time_s)
-        return report, timing
-
-    def _task(self, s: ClientAppSettings, source: ModelSource, round_: int) -> LocalTask:
-        return LocalTask(self._examples(s), source.tokenizer(), SENTIMENT_TEMPLATE,
-                         seed=round_batch_seed(s.data_seed, s.partition_id, round_))
+            answer: Report | Decline = Decline(
+                f"no local step before the deadline (round {assignment.round})")
+            return TrainOutcome(answer, timing, drawn)
+        report = outcome.report(assignment, uuid.uuid4().hex)
+        if not s.report_peak_memory:
+            report = dataclasses.replace(report, peak_memory_bytes=0)
+        return TrainOutcome(report, timing, drawn)

@@ -83,12 +83,33 @@ class LocalTask:
 
     def next_batch(self, batch_size: int, seq_len: int) -> Any:
         """The next training batch of this client's seeded, epoch-wise shuffled stream."""
+        sampler = self._sampler(batch_size, seq_len)
+        return self._collate(seq_len, [self.examples[i] for i in sampler.next_batch()])
+
+    def batches_drawn(self, batch_size: int) -> int:
+        """How far this client's stream of `batch_size` batches has come."""
+        sampler = self._samplers.get(batch_size)
+        return 0 if sampler is None else sampler.drawn
+
+    def seek(self, batch_size: int, seq_len: int, drawn: int) -> None:
+        """Stand where the stream stands after `drawn` batches, as if this task had drawn
+        them (only indices are drawn: nothing is collated). For a process that does not live
+        as long as the client's run, and keeps the count elsewhere (a Flower node's state)."""
+        if drawn < 0:
+            raise ValueError(f"a stream position is a count of batches, got {drawn}")
+        if self.batches_drawn(batch_size) > drawn:
+            self._samplers.pop(batch_size, None)  # behind us: start the stream again
+        sampler = self._sampler(batch_size, seq_len)
+        while sampler.drawn < drawn:
+            sampler.next_batch()
+
+    def _sampler(self, batch_size: int, seq_len: int) -> BatchSampler:
         sampler = self._samplers.get(batch_size)
         if sampler is None:
             rng = np.random.default_rng([self.seed, batch_size])
             sampler = self._samplers[batch_size] = BatchSampler(
                 len(self.examples), batch_size, rng, self._trimmed_lengths(seq_len), BUCKET_BATCHES)
-        return self._collate(seq_len, [self.examples[i] for i in sampler.next_batch()])
+        return sampler
 
     def check_batch(self, batch_size: int, seq_len: int) -> Any:
         """The client's check batch: its first `batch_size` examples, the same every round, so

@@ -44,6 +44,9 @@ class BatchSampler:
         self._bucket = bucket_batches
         self._order = np.empty(0, dtype=np.int64)
         self._position = 0
+        self.drawn = 0
+        """Batches drawn so far: a fresh sampler from the same seed that draws this many
+        stands where this one stands (how a process that restarts resumes the stream)."""
 
     def batches_per_epoch(self) -> int:
         return self.num_examples // self.batch_size
@@ -55,6 +58,7 @@ class BatchSampler:
             self._position = 0
         batch = self._order[self._position : self._position + self.batch_size]
         self._position += self.batch_size
+        self.drawn += 1
         return batch
 
     def _epoch_order(self) -> np.ndarray:
