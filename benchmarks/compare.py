@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the one model lives")
     p.add_argument("--quick", action="store_true", help="a few minutes: " + ", ".join(
         f"{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + " (explicit flags still win)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue an interrupted run from RUN_DIR/partial.json: its finished "
+                   "seeds are kept and the others run (the same flags as that run; --seeds may "
+                   "be larger); the results go to RUN_DIR")
     p.add_argument("--out", type=Path, help="run directory for compare.json (default "
                    "runs/compare-sim-<timestamp>)")
     p.add_argument("--results", type=Path, default=Path("docs/results.md"),
@@ -140,6 +144,34 @@ def resolve(args: argparse.Namespace) -> tuple[Any, str]:
     except ValueError as exc:
         raise SystemExit(f"benchmarks/compare.py: {exc}") from None
     return setting, kind
+
+
+def resumable(setting: Any) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues: every setting but the seed
+    count."""
+    return {k: v for k, v in dataclasses.asdict(setting).items() if k != "seeds"}
+
+
+def resumed_seeds(run_dir: Path, setting: Any) -> list[Any]:
+    """The finished seeds of an interrupted run, refused (SystemExit) when its settings differ
+    from these: a figure over seeds run with different settings would mean nothing."""
+    from zorba_sim.compare import SeedResult
+
+    path = run_dir / "partial.json"
+    try:
+        partial = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"benchmarks/compare.py: cannot resume from {path}: {exc}") from None
+    if "seed_results" not in partial:
+        raise SystemExit(f"benchmarks/compare.py: {path} was written before runs could resume "
+                         "(it holds no per-seed results): start a new run")
+    theirs, ours = partial.get("setting", {}), json.loads(json.dumps(resumable(setting)))
+    differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if differ:
+        raise SystemExit(f"benchmarks/compare.py: {path} was run with other settings ("
+                         + ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here"
+                                     for k in differ) + "): give the same flags as that run")
+    return [SeedResult.from_dict(r) for r in partial["seed_results"]]
 
 
 def seed_data(seed: int, curve: int, points: int) -> Any:
@@ -198,13 +230,17 @@ def main(argv: list[str] | None = None) -> int:
         print(line, file=stream, flush=True)
 
     fleet = load_fleet(args.fleet) if args.fleet.endswith(".toml") else fleet_from_counts(args.fleet)
-    out_dir = (args.out or Path("runs") / f"compare-sim-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    done = resumed_seeds(args.resume, setting) if args.resume else []
+    out_dir = (args.resume or args.out
+               or Path("runs") / f"compare-sim-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     def save_partial(done: list[Any]) -> None:
-        # A long run cut short (a lent GPU's time limit, a killed job) keeps its finished seeds.
+        # A long run cut short (a lent GPU's time limit, a killed job) keeps its finished seeds,
+        # and --resume continues from them.
         partial = {**figures(setting, done), "seeds_done": len(done), "of_seeds": setting.seeds,
-                   "wall_s": time.perf_counter() - started, "timings": timings(done)}
+                   "wall_s": time.perf_counter() - started, "timings": timings(done),
+                   "setting": resumable(setting), "seed_results": [r.as_dict() for r in done]}
         (out_dir / "partial.json").write_text(json.dumps(partial, indent=2) + "\n")
         log(f"{len(done)}/{setting.seeds} seeds done: {out_dir / 'partial.json'}")
 
@@ -212,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         source = assembly.open_model(args.model)
         results = run_comparison(setting, source, fleet,
                                  lambda s: seed_data(s, setting.curve_examples, setting.point_examples),
-                                 log, after_seed=save_partial)
+                                 log, after_seed=save_partial, done=done)
     wall_s = time.perf_counter() - started
     setting_record = {"kind": kind, **{k: v for k, v in dataclasses.asdict(setting).items()},
                       "step_s": setting.step_s,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from client_support import make_world, signal_examples
 from zorba_edge.model.sources import open_source
 from zorba_server.config import config_from_dict
 from zorba_sim import comparison as stats
-from zorba_sim.compare import CompareSetting, SeedData, figures, run_comparison
+from zorba_sim.compare import CompareSetting, SeedData, SeedResult, figures, run_comparison
 from zorba_sim.compare_page import sim_markdown, write_sim_plots
 from zorba_sim.fleet import fleet_from_counts
 from zorba_sim.simulation import central_mezo
@@ -134,6 +135,19 @@ def test_a_tiny_comparison_produces_the_json_figures_page_and_plots(
         assert set(zorba.at_points) == set(central.at_points) == {stats.FORWARDS}
         assert all(round(acc * 24, 6).is_integer() for _, acc in zorba.at_points.values())
     assert any("base model" in line for line in lines)
+    # Resumed after seed 0 (its record through JSON, as partial.json keeps it): seed 0 is not
+    # run again, seed 1 is, and the figures are the uninterrupted run's.
+    kept = SeedResult.from_dict(json.loads(json.dumps(results[0].as_dict())))
+    resumed_lines: list[str] = []
+    resumed = run_comparison(
+        setting, open_source(world.model_dir), fleet_from_counts("laptop-16gb=2,phone-6gb=1"),
+        lambda seed: SeedData(signal_examples(60, seed=seed), signal_examples(16, seed=100 + seed),
+                              signal_examples(24, seed=200 + seed)), resumed_lines.append,
+        done=[kept])
+    assert [r.seed for r in resumed] == [0, 1]
+    assert not any("[seed 0" in line for line in resumed_lines)
+    assert any("[seed 1" in line for line in resumed_lines)
+    assert figures(setting, resumed) == out
     plots = write_sim_plots(setting, results, tmp_path / "results.md")
     header = {"command": "test", "machine": "x", "date": "d", "setting": {"seeds": 2}}
     text = sim_markdown(setting, results, out, header, plots, tmp_path / "results.md")

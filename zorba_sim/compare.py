@@ -195,6 +195,14 @@ class ModeRun:
         out["at_points"] = {k: {"version": v, "accuracy": a} for k, (v, a) in self.at_points.items()}
         return out
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModeRun:
+        """The inverse of `as_dict` (a resumed comparison's finished runs)."""
+        return cls(**{**data,
+                      "curve": [stats.VersionPoint(**p) for p in data["curve"]],
+                      "at_points": {k: (int(v["version"]), float(v["accuracy"]))
+                                    for k, v in data["at_points"].items()}})
+
 
 @dataclass
 class SeedResult:
@@ -204,6 +212,15 @@ class SeedResult:
     common: dict[str, float]
     """axis -> the seed's common point (zorba_sim/comparison.py)."""
     runs: dict[str, ModeRun]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "base_curve": self.base_curve, "base_points": self.base_points,
+                "common": self.common, "runs": {m: run.as_dict() for m, run in self.runs.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SeedResult:
+        return cls(int(data["seed"]), float(data["base_curve"]), float(data["base_points"]),
+                   dict(data["common"]), {m: ModeRun.from_dict(r) for m, r in data["runs"].items()})
 
 
 # ---------------------------------------------------------------------------- running
@@ -302,11 +319,14 @@ def run_seed(setting: CompareSetting, seed: int, source: ModelSource, fleet: Fle
 
 def run_comparison(setting: CompareSetting, source: ModelSource, fleet: Fleet,
                    data_for: Callable[[int], SeedData], log: Log,
-                   after_seed: Callable[[list[SeedResult]], None] | None = None) -> list[SeedResult]:
+                   after_seed: Callable[[list[SeedResult]], None] | None = None,
+                   done: Sequence[SeedResult] = ()) -> list[SeedResult]:
     """Seeds 0..seeds-1, each with every mode; the simulations of a seed are freed after it.
-    `after_seed` sees the results so far after each seed (a long run's partial figures)."""
-    results: list[SeedResult] = []
-    for seed in range(setting.seeds):
+    `after_seed` sees the results so far after each seed (a long run's partial figures);
+    seeds in `done` (an interrupted run's, same setting) are kept, not run again: every run is
+    deterministic given its seed, so they are what running them again would give."""
+    results: list[SeedResult] = [r for r in done if r.seed < setting.seeds]
+    for seed in sorted(set(range(setting.seeds)) - {r.seed for r in results}):
         results.append(run_seed(setting, seed, source, fleet, data_for(seed), log))
         if after_seed is not None:
             after_seed(results)
