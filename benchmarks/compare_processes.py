@@ -52,6 +52,7 @@ from zorba_lab import compare_report as report
 from zorba_lab.federation import FederationPlan, FederationResult
 from zorba_lab.quickstart import DEFAULT_BUDGETS, plan_from_args
 from zorba_lab.quickstart import build_parser as quickstart_parser
+from zorba_server.config import RunConfig
 from zorba_sim.compare_page import PROCESSES, processes_section, write_section
 
 if TYPE_CHECKING:
@@ -79,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{FULL['eval_examples']}, --quick {QUICK['eval_examples']})")
     p.add_argument("--eval-every", type=int, default=1,
                    help="evaluate every n-th version, always the last (default %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-4,
-                   help="learning rate of the zeroth-order modes, the quickstart's; not tuned "
+    p.add_argument("--lr", type=float, default=RunConfig.lr,
+                   help="learning rate of the zeroth-order modes, the server's default; not tuned "
                    "(default %(default)s)")
     p.add_argument("--fedavg-lr", type=float, default=1e-5,
                    help="fedavg's AdamW learning rate; not tuned (default %(default)s)")

@@ -37,7 +37,7 @@ from zorba_edge.data.movie_reviews import load_movie_reviews
 from zorba_edge.data.splits import train_heldout_split
 from zorba_edge.model.pretrained import packaged_model_path
 from zorba_edge.model.sources import ModelSource, open_source
-from zorba_server.config import AggregationConfig, config_from_dict
+from zorba_server.config import AggregationConfig, RunConfig, config_from_dict
 from zorba_sim.adversary import Adversary, FlipSigns, ScaleScalars, exposure
 from zorba_sim.fleet import GIB, DeviceClass, DeviceGroup, Fleet, fleet_from_counts
 from zorba_sim.simulation import Simulation, SimulationConfig
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=1, help="local steps per client a round")
     parser.add_argument("--min-cover", type=int, default=1,
                         help="scheduler.min_cover: clients each block should have")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=RunConfig.lr)
     parser.add_argument("--seed", type=int, default=0, help="run seed and data seed")
     parser.add_argument("--heldout", type=int, default=100, help="held-out reviews scored")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")

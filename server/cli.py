@@ -16,7 +16,7 @@ from aiohttp import web
 from zorba_edge.common.schema import ESTIMATORS
 from zorba_server.aggregation_rules import RULES, describe
 from zorba_server.app import create_app
-from zorba_server.config import AggregationConfig, ConfigError, ServerConfig, load_config
+from zorba_server.config import AggregationConfig, ConfigError, RunConfig, ServerConfig, load_config
 from zorba_server.modes import MODES
 from zorba_server.storage import StoreError
 
@@ -44,7 +44,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, help="run seed of the perturbation directions (default 0)")
     g.add_argument("--pool-size", type=int, help="K, seeds in the pool (default 1024)")
-    g.add_argument("--lr", type=float, help="learning rate of the ZO steps (default 1e-4)")
+    g.add_argument("--lr", type=float,
+                   help=f"learning rate of the ZO steps (default {RunConfig.lr:g}; with "
+                   "run.lr_scaling dimension, the step of a client perturbing one average block)")
     g.add_argument("--mu", type=float, help="perturbation scale (default 1e-3)")
     g.add_argument("--estimator", choices=list(ESTIMATORS),
                    help="one-sided (default): a batch's directions share one unperturbed forward; "

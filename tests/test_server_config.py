@@ -57,9 +57,10 @@ def test_flags_override_the_file_and_the_secret_can_come_from_the_environment(
     assert config.run.seed == 9 and config.server.port == 0 and config.storage.path == "x.sqlite3"
     assert config.run.min_reports == 3 and config.enrolment_secret == "from-the-environment"
     assert (config.run.estimator, config.run.directions) == ("antithetic", 2)
-    # Unflagged, the run takes the quickstart's measured defaults.
+    # Unflagged, the run takes the measured defaults (docs/learning.md).
     default = config_from_args(parse_args(["--config", str(path)]))
-    assert (default.run.estimator, default.run.directions, default.run.lr) == ("one-sided", 4, 1e-4)
+    assert (default.run.estimator, default.run.directions, default.run.lr,
+            default.run.lr_scaling) == ("one-sided", 4, 2.6e-3, "dimension")
 
 
 @pytest.mark.parametrize(("text", "needle"), [
