@@ -108,6 +108,7 @@ def measure_worker(args: argparse.Namespace) -> dict[str, Any]:
     source = open_source(args.model_path)
     tokenizer = source.tokenizer()
     open_s = time.perf_counter() - started
+    # The check reads the vocabulary again, outside open_s: the open itself parsed it once.
     check = check_tokenizer(tokenizer, read_gguf_vocab(args.model_path).whole_words())
     reviews = load_movie_reviews()
     chosen = np.random.default_rng(0).choice(len(reviews), BATCH_SIZE, replace=False)
