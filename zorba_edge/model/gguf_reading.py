@@ -48,11 +48,11 @@ def reader_reused(reader: Any, path: Path) -> Iterator[None]:
                 return reader
             return original(spec, *args, **kwargs)
 
-        gguf.GGUFReader = reuse
+        gguf.GGUFReader = reuse  # type: ignore[misc, assignment]  # a function for the class
         try:
             yield
         finally:
-            gguf.GGUFReader = original
+            gguf.GGUFReader = original  # type: ignore[misc]
 
 
 def transformers_config(reader: Any, path: Path) -> dict[str, Any]:
