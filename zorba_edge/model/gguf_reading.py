@@ -27,8 +27,8 @@ _SWAP_LOCK = threading.RLock()
 def parse_metadata(path: Path) -> Any:
     """The file's metadata and tensor table (`gguf.GGUFReader`), parsed once.
 
-    The reader memory-maps the file and holds a numpy view per array element (hundreds of
-    MiB of Python objects for Gemma 3): keep what you need from it and drop it."""
+    The reader memory-maps the file and holds a numpy view per array element (about a
+    million for Gemma 3): keep what you need from it and drop it."""
     from gguf import GGUFReader
 
     return GGUFReader(path)
