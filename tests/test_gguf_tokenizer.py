@@ -110,3 +110,36 @@ def test_the_exported_checkpoint_tokenises_like_the_gguf_and_its_shards_are_read
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.tensor([reloaded.encode(text)])
     assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def _count_metadata_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Each GGUF metadata parse, whoever constructs the reader (us or transformers)."""
+    from gguf import GGUFReader
+
+    parses: list[str] = []
+    build_fields = GGUFReader._build_fields
+
+    def counted(self: GGUFReader, offs: int, count: int) -> int:
+        parses.append(str(self.data.filename))
+        return build_fields(self, offs, count)
+
+    monkeypatch.setattr(GGUFReader, "_build_fields", counted)
+    return parses
+
+
+def test_opening_a_gguf_parses_its_metadata_once_with_or_without_a_cached_tokenizer(
+        tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZORBA_EDGE_CACHE", str(tmp_path / "cache"))
+    parses = _count_metadata_parses(monkeypatch)
+    first = open_source(tiny_gguf)
+    first.tokenizer()  # built from the vocabulary, checked and cached
+    assert len(parses) == 1
+    parses.clear()
+    again = open_source(tiny_gguf)
+    assert again.tokenizer().encode(" a great plot") == first.tokenizer().encode(" a great plot")
+    assert len(parses) == 1
+    parses.clear()
+    good = tmp_path / "good_tok"
+    first.tokenizer().save_pretrained(good)
+    open_source(tiny_gguf, tokenizer_dir=good).tokenizer()  # checked against the vocabulary
+    assert len(parses) == 1

@@ -12,7 +12,7 @@ from aiohttp import web
 from client_support import make_world
 
 from zorba_lab.byte_proxy import CountingProxy, route_of
-from zorba_lab.federation import ClientSetup, FederationPlan, run_federation
+from zorba_lab.federation import ClientRun, ClientSetup, FederationPlan, run_federation
 from zorba_lab.quickstart import accuracy_curve, evaluate_accuracy, summarize
 
 
@@ -64,8 +64,18 @@ def test_a_tiny_federation_runs_end_to_end_and_reports_bytes_peaks_and_accuracy(
         data=str(world.data), model=str(world.model_dir), lr=0.03, mu=1e-3, batch_size=8,
         seq_len=16, pool_size=64, round_duration_s=8.0, max_steps=4, rounds=2,
         frozen_dtype="fp32", extra_client_args=("--step-time", "0.05"))
-    result = asyncio.run(run_federation(plan, progress=lambda line: None))
+    served: list[tuple[int, list[int | None]]] = []
+
+    async def while_serving(url: str, clients: list[ClientRun]) -> None:
+        async with aiohttp.ClientSession() as session, session.get(url + "/v1/status") as reply:
+            version = (await reply.json())["version"]
+        served.append((version, [c.process.process.returncode for c in clients]))
+
+    result = asyncio.run(run_federation(plan, progress=lambda line: None,
+                                        while_serving=while_serving))
     assert result.remote is not None and result.remote.table.version == 2
+    # The hook ran once the clients had stopped, with the finished run's server still up.
+    assert served == [(2, [c.exit_code for c in result.clients])]
     before = evaluate_accuracy(plan, 64)
     after = evaluate_accuracy(plan, 64, result.remote)
     summary = summarize(plan, result, before, after, "test", 64)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -140,7 +140,13 @@ async def _status(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | 
         return None
 
 
-async def run_federation(plan: FederationPlan, progress: Progress = print) -> FederationResult:
+WhileServing = Callable[[str, list[ClientRun]], Awaitable[None]]
+"""Work that needs the finished run's server (`zorba-edge export`, `eval --server`): called
+with its URL and the stopped clients (their state files hold the tokens)."""
+
+
+async def run_federation(plan: FederationPlan, progress: Progress = print,
+                         while_serving: WhileServing | None = None) -> FederationResult:
     started = time.monotonic()
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -172,6 +178,8 @@ async def run_federation(plan: FederationPlan, progress: Progress = print) -> Fe
                 c.exit_code = await c.process.stop()
             remote = await _fetch_table(url, clients)
             status = await _status(session, url) or status
+            if while_serving is not None:
+                await while_serving(url, clients)
     finally:
         for c in clients:
             await c.process.stop(timeout_s=5)

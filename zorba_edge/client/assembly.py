@@ -59,8 +59,8 @@ def open_model(path: str | None, tokenizer_dir: str | None = None) -> FileSource
     `--tokenizer DIR` in place of the model's own tokenizer."""
     location = path if path is not None else packaged_model_path()
     # Nothing here to count in a progress bar, yet a GGUF's metadata (Gemma 3's 262k-piece
-    # vocabulary, parsed by the gguf package) takes about a minute on a small CPU: say what
-    # the wait is, and how long it was when it was long.
+    # vocabulary, parsed once by the gguf package) takes 15 s of CPU or more on a small
+    # machine: say what the wait is, and how long it was when it was long.
     log.info("opening the model at %s", location)
     started = time.monotonic()
     source = open_source(location, tokenizer_dir)

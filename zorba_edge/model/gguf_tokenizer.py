@@ -100,13 +100,17 @@ def _scalar(reader: object, name: str) -> object | None:
 
 def read_gguf_vocab(path: str | Path) -> GGUFVocab:
     """The tokenizer fields of the GGUF at `path`; ModelSourceError when it holds none."""
-    from gguf import GGUFReader
+    from zorba_edge.model.gguf_reading import parse_metadata
 
-    reader = GGUFReader(str(path))
+    return vocab_from_reader(parse_metadata(Path(path)), path)
+
+
+def vocab_from_reader(reader: object, origin: str | Path) -> GGUFVocab:
+    """The tokenizer fields of a parsed GGUF (`gguf.GGUFReader`); `origin` names it in errors."""
     model_parts = _field(reader, "tokenizer.ggml.model")
     token_parts = _field(reader, "tokenizer.ggml.tokens")
     if not model_parts or not token_parts:
-        raise ModelSourceError(f"{path}: the GGUF holds no tokenizer; {TOKENIZER_HINT}")
+        raise ModelSourceError(f"{origin}: the GGUF holds no tokenizer; {TOKENIZER_HINT}")
     tokens = tuple(bytes(p).decode("utf-8", errors="replace") for p in token_parts)
     types = _field(reader, "tokenizer.ggml.token_type")
     scores = _field(reader, "tokenizer.ggml.scores")

@@ -36,13 +36,20 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from zorba_edge.errors import ModelSourceError, UnsupportedArchitectureError
 from zorba_edge.model.families import family_of, find_blocks
+from zorba_edge.model.gguf_reading import parse_metadata, reader_reused, transformers_config
+from zorba_edge.model.gguf_tokenizer import read_gguf_vocab, vocab_from_reader
 from zorba_edge.model.skeleton import (
     build_skeleton,
     non_block_parameter_names,
     normalize_assignment,
     registration_lock,
 )
-from zorba_edge.model.tokenizer_loading import gguf_tokenizer, load_tokenizer_dir
+from zorba_edge.model.tokenizer_loading import (
+    cached_gguf_tokenizer,
+    gguf_tokenizer,
+    is_gguf_tokenizer_cached,
+    load_tokenizer_dir,
+)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -257,12 +264,10 @@ class GGUFSource:
     """A GGUF file, dequantised to fp32 tensor by tensor."""
 
     def __init__(self, path: str | Path, tokenizer_dir: str | Path | None = None) -> None:
-        from gguf import GGUFReader
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS,
             TensorProcessor,
             get_gguf_hf_weights_map,
-            load_gguf_checkpoint,
             read_field,
         )
 
@@ -272,13 +277,18 @@ class GGUFSource:
         with self.path.open("rb") as file:
             if file.read(4) != b"GGUF":
                 raise ModelSourceError(f"{self.path}: not a GGUF file (no GGUF magic number)")
+        self.fingerprint = _sampled_digest([self.path])
+        self._tokenizer_dir = tokenizer_dir
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        # The one parse of the metadata: config, tensor table and (when it must be built)
+        # the tokenizer are all read from it (gguf_reading.py says why that matters).
+        reader = parse_metadata(self.path)
         try:
-            parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)["config"]
+            parsed = transformers_config(reader, self.path)
         except ValueError as error:
             raise UnsupportedArchitectureError(f"{self.path}: {error}") from error
         self.config = AutoConfig.for_model(**parsed)
         self._names = _SkeletonNames(self.config)
-        reader = GGUFReader(self.path)
         architecture = read_field(reader, "general.architecture")[0]
         self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed)
         weights_map = get_gguf_hf_weights_map
@@ -297,11 +307,21 @@ class GGUFSource:
             )
             for t in reader.tensors
         }
-        # Drop the reader: its memory map would keep every page we touch resident.
+        self._tokenizer_error: ModelSourceError | None = None
+        if tokenizer_dir is not None or not is_gguf_tokenizer_cached(self.fingerprint):
+            # Built (and checked) now, while the vocabulary is parsed; a cached one loads
+            # when first asked for. A file without a usable tokenizer still opens (its
+            # weights load); the error comes when the tokenizer is asked for.
+            try:
+                with reader_reused(reader, self.path):
+                    self._tokenizer = gguf_tokenizer(self.path, self.fingerprint,
+                                                     vocab_from_reader(reader, self.path),
+                                                     tokenizer_dir)
+            except ModelSourceError as error:
+                self._tokenizer_error = error
+        # Drop the reader: its memory map would keep every page we touch resident, and its
+        # per-element numpy views number about a million for Gemma 3's vocabulary.
         del reader
-        self.fingerprint = _sampled_digest([self.path])
-        self._tokenizer_dir = tokenizer_dir
-        self._tokenizer: PreTrainedTokenizerBase | None = None
 
     def _read_tensors(self, wanted: set[str]) -> StateDict:
         """Dequantise and post-process the GGUF tensors that map to the model names `wanted`."""
@@ -376,9 +396,15 @@ class GGUFSource:
         return state
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The tokenizer, checked against the file's own vocabulary (built once per process)."""
+        """The tokenizer, checked against the file's own vocabulary (built at open, or
+        loaded from the cache of one built and checked before)."""
+        if self._tokenizer_error is not None:
+            raise self._tokenizer_error
         if self._tokenizer is None:
-            self._tokenizer = gguf_tokenizer(self.path, self.fingerprint, self._tokenizer_dir)
+            self._tokenizer = cached_gguf_tokenizer(self.fingerprint)
+        if self._tokenizer is None:  # the cache was emptied since the open: build it again
+            self._tokenizer = gguf_tokenizer(self.path, self.fingerprint,
+                                             read_gguf_vocab(self.path), self._tokenizer_dir)
         return self._tokenizer
 
 

@@ -13,8 +13,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from zorba_edge.errors import ModelSourceError
 from zorba_edge.model.gguf_tokenizer import (
     TOKENIZER_HINT,
+    GGUFVocab,
     build_sentencepiece_bpe,
-    read_gguf_vocab,
     require_tokenizer_matches,
 )
 
@@ -41,21 +41,36 @@ def load_tokenizer_dir(directory: str | Path) -> PreTrainedTokenizerBase:
         raise ModelSourceError(f"{directory}: no usable tokenizer: {error}") from error
 
 
-def gguf_tokenizer(path: Path, fingerprint: str,
+def _cache_dir(fingerprint: str) -> Path:
+    return cache_root() / "tokenizers" / f"{fingerprint[:32]}-v{BUILDER_VERSION}"
+
+
+def cached_gguf_tokenizer(fingerprint: str) -> PreTrainedTokenizerBase | None:
+    """The tokenizer built and verified earlier for the GGUF with this fingerprint, if any."""
+    cached = _cache_dir(fingerprint)
+    if not (cached / "tokenizer.json").is_file():
+        return None
+    return load_tokenizer_dir(cached)
+
+
+def is_gguf_tokenizer_cached(fingerprint: str) -> bool:
+    return (_cache_dir(fingerprint) / "tokenizer.json").is_file()
+
+
+def gguf_tokenizer(path: Path, fingerprint: str, vocab: GGUFVocab,
                    tokenizer_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer of the GGUF at `path`, verified against the file's vocabulary.
+    """The tokenizer of the GGUF at `path` (`vocab`, its tokenizer fields), verified against
+    that vocabulary.
 
     SentencePiece-BPE vocabularies are built here (transformers 4.57 converts them wrongly);
-    others (byte-level BPE) by transformers' converter. A verified tokenizer is cached under
-    the file's fingerprint, so later starts skip both the build and the check. With
-    `tokenizer_dir` that tokenizer is used instead, after the same check.
+    others (byte-level BPE) by transformers' converter, which reads the file itself: call it
+    within `gguf_reading.reader_reused` to spare it the parse. A verified tokenizer is cached
+    under the file's fingerprint (`cached_gguf_tokenizer`), so later starts skip both the
+    build and the check. With `tokenizer_dir` that tokenizer is used instead, after the same
+    check, and nothing is cached.
     """
-    cached = cache_root() / "tokenizers" / f"{fingerprint[:32]}-v{BUILDER_VERSION}"
-    if tokenizer_dir is None and (cached / "tokenizer.json").is_file():
-        return load_tokenizer_dir(cached)
     started = time.monotonic()
     log.info("reading the tokenizer of %s (once; it is cached afterwards)", path.name)
-    vocab = read_gguf_vocab(path)
     if tokenizer_dir is not None:
         tokenizer = load_tokenizer_dir(tokenizer_dir)
     elif vocab.model == "llama":
@@ -74,6 +89,7 @@ def gguf_tokenizer(path: Path, fingerprint: str,
     log.info("tokenizer ready and checked against the GGUF vocabulary (%.0f s)",
              time.monotonic() - started)
     if tokenizer_dir is None:
+        cached = _cache_dir(fingerprint)
         try:
             tokenizer.save_pretrained(cached)
         except OSError as error:  # a read-only home: work on, uncached
