@@ -63,10 +63,12 @@ class FakeGrid:
         return replies
 
 
-def node_handler(app: ClientApp, node_id: int, node_config: dict[str, Any]) -> Handler:
-    """Node `node_id` running `app` in this process. Its Flower state lives as long as the
-    node, as a SuperNode (or the Simulation Engine) keeps it between messages."""
-    state = RecordDict()
+def node_handler(app: ClientApp, node_id: int, node_config: dict[str, Any],
+                 state: RecordDict | None = None) -> Handler:
+    """Node `node_id` running `app` in this process. Its Flower state (`state`, or a new one)
+    lives as long as the node, as a SuperNode (or the Simulation Engine) keeps it between
+    messages."""
+    state = RecordDict() if state is None else state
 
     def handle(msg: Message) -> RecordDict:
         context = Context(run_id=1, node_id=node_id, node_config=node_config, state=state,

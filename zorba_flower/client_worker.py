@@ -2,7 +2,9 @@
 
 The worker lives as long as its process: a Simulation Engine actor keeps it (and the model)
 between messages, whichever node a message is for; a Deployment Engine node starts a fresh
-process per message and builds it anew every round (docs/flower.md has what that costs).
+process per message and builds it anew every round (docs/flower.md has what that costs),
+unless the node hands its messages to a long-lived local worker process that keeps one
+(`zorba_flower.worker`).
 
 Sync: the held model is always rebuilt from base + the table the message carries whenever
 the table's version moved, so the weights a round trains on are a pure function of the
@@ -40,7 +42,7 @@ from zorba_edge.common.schema import DeviceProfile, Report
 from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.sources import ModelSource, open_source
-from zorba_flower.codec import Decline, ProfileQuery, Timing, TrainInstruction
+from zorba_flower.codec import Decline, ProfileQuery, Timing, TrainInstruction, TrainOutcome
 from zorba_flower.settings import ClientAppSettings
 
 
@@ -48,14 +50,6 @@ def rss_peak_bytes() -> int:
     """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-@dataclass(frozen=True)
-class TrainOutcome:
-    answer: Report | Decline
-    timing: Timing
-    batches_drawn: int
-    """Where the node's batch stream stands after the round (the node keeps it)."""
 
 
 @dataclass

@@ -134,6 +134,16 @@ class Timing:
     """Peak resident memory of the process that handled it."""
 
 
+@dataclass(frozen=True)
+class TrainOutcome:
+    """A node's handling of one TRAIN message, wherever it ran (this process or a local worker)."""
+
+    answer: Report | Decline
+    timing: Timing
+    batches_drawn: int
+    """Where the node's batch stream stands after the round (the node keeps it)."""
+
+
 def report_reply(report: Report, timing: Timing | None = None) -> RecordDict:
     content = _pack("report", report)
     if timing is not None:

@@ -4,7 +4,8 @@ Flower flattens nested TOML tables into dotted keys, so `run.seed = 0` in the ap
 pyproject arrives as `"run.seed"`. Keys under `run.`, `aggregation.` and `scheduler.` are the
 zorba server's own config sections (one definition: `zorba_server.config`); `flower.` keys
 are the server app's, `client.` keys the client app's. A node's `--node-config` overrides
-the client's memory budget (`budget-mib`) and names its data partition.
+the client's memory budget (`budget-mib`), names its data partition, and may name the socket
+of its long-lived worker (`worker-socket`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ FLOWER_ENROLMENT = "flower-supernode-auth"
 (SuperNode authentication), so no zorba secret ever travels."""
 
 Values = Mapping[str, Any]
+WORKER_SOCKET = "worker-socket"
+"""The node-config key that names the node's worker socket (absent: train in the ClientApp)."""
 
 
 def server_config(run_config: Values) -> ServerConfig:
@@ -72,6 +75,9 @@ class ClientAppSettings:
     """Off: reports carry no peak, so the server never recalibrates its memory model. A
     process's measured peak varies from run to run, and a recalibration can change the
     schedule: a run meant to be reproduced bit for bit turns it off."""
+    worker_socket: str | None = None
+    """Node config `worker-socket`: hand messages to the node's long-lived worker listening
+    there (zorba_flower/worker.py) instead of training in the ClientApp process."""
 
 
 def client_app_settings(run_config: Values, node_config: Values) -> ClientAppSettings:
@@ -101,4 +107,5 @@ def client_app_settings(run_config: Values, node_config: Values) -> ClientAppSet
         step_time_s=float(step_time) if step_time else None,
         deadline_margin_s=float(run_config.get("client.deadline-margin-s", 1.0)),
         report_peak_memory=bool(run_config.get("client.report-peak-memory", True)),
+        worker_socket=str(node_config[WORKER_SOCKET]) if node_config.get(WORKER_SOCKET) else None,
     )
