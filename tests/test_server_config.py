@@ -60,7 +60,7 @@ def test_flags_override_the_file_and_the_secret_can_come_from_the_environment(
     # Unflagged, the run takes the measured defaults (docs/learning.md).
     default = config_from_args(parse_args(["--config", str(path)]))
     assert (default.run.estimator, default.run.directions, default.run.lr,
-            default.run.lr_scaling) == ("one-sided", 4, 2.6e-3, "dimension")
+            default.run.lr_scaling) == ("one-sided", 4, 1e-4, "none")
 
 
 @pytest.mark.parametrize(("text", "needle"), [
