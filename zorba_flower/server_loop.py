@@ -188,7 +188,7 @@ class FlowerRounds:
             engine.drop_member(cid)
             log.info("%s left the grid", cid)
         for member in engine.members.values():
-            member.last_seen = now
+            engine.mark_seen(member, now)
         new = sorted(n for n in present if client_id(n) not in engine.members and n not in self.refused)
         if not new:
             return

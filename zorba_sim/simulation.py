@@ -266,7 +266,11 @@ class Simulation:
         now = self.clock
         for client in self.clients.values():
             online = client.rng.random() < client.device.availability
-            engine.members[client.client_id].last_seen = now if online else -math.inf
+            member = engine.members[client.client_id]
+            if online:
+                engine.mark_seen(member, now)
+            else:  # offline this round: the engine's "left" (its next round may bring it back)
+                engine.mark_left(member)
         plan = engine.propose_round(now)
         if plan is None:
             self.clock = now + run.round_duration_s

@@ -47,10 +47,7 @@ def _cache_dir(fingerprint: str) -> Path:
 
 def cached_gguf_tokenizer(fingerprint: str) -> PreTrainedTokenizerBase | None:
     """The tokenizer built and verified earlier for the GGUF with this fingerprint, if any."""
-    cached = _cache_dir(fingerprint)
-    if not (cached / "tokenizer.json").is_file():
-        return None
-    return load_tokenizer_dir(cached)
+    return load_tokenizer_dir(_cache_dir(fingerprint)) if is_gguf_tokenizer_cached(fingerprint) else None
 
 
 def is_gguf_tokenizer_cached(fingerprint: str) -> bool:
