@@ -52,7 +52,7 @@ HARNESSES = ("simulator", "processes")
 
 def build_parser() -> argparse.ArgumentParser:
     from zorba_edge.common.schema import ESTIMATORS
-    from zorba_server.config import LR_SCALINGS
+    from zorba_server.config import LR_SCALING_HELP, LR_SCALINGS
     from zorba_sim.compare import REFERENCE_FORWARD_S, CompareSetting
     from zorba_sim.simulation import SIM_MODES
 
@@ -76,8 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr, help="ZO learning rate, every mode "
                    "(default %(default)s, the quickstart's; not tuned)")
     p.add_argument("--lr-scaling", default=d.lr_scaling, choices=LR_SCALINGS,
-                   help="run.lr_scaling of the zeroth-order modes: none (one lr for every client) "
-                        "or dimension (lr x mean block size / the client's perturbed parameters) "
+                   help=f"the zeroth-order modes' run.lr_scaling: {LR_SCALING_HELP} "
                         "(default %(default)s)")
     p.add_argument("--fedavg-lr", type=float, default=d.fedavg_lr,
                    help="fedavg's AdamW learning rate (default %(default)s; not tuned)")

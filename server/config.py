@@ -71,6 +71,9 @@ class StorageConfig:
 
 
 LR_SCALINGS = ("dimension", "none")
+LR_SCALING_HELP = ("none: one lr for every client; dimension: lr x mean block size / the "
+                   "parameters a client perturbs (docs/learning.md)")
+"""run.lr_scaling's meaning, as every command that takes --lr-scaling explains it."""
 MAX_STEPS = 65_536
 """The most local steps a round may assign (a report's size limit)."""
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from zorba_edge.client.byte_sizes import format_size, parse_size
 from zorba_edge.common.schema import ESTIMATORS
 from zorba_lab.federation import ClientSetup, FederationPlan, FederationResult
-from zorba_server.config import LR_SCALINGS, RunConfig
+from zorba_server.config import LR_SCALING_HELP, LR_SCALINGS, RunConfig
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
     from zorba_edge.client.local_task import LocalTask
@@ -58,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=RunConfig.lr,
                    help="ZO learning rate (default %(default)s)")
     p.add_argument("--lr-scaling", choices=LR_SCALINGS, default=RunConfig.lr_scaling,
-                   help="none: one lr for every client; dimension: lr x mean block size / the "
-                   "parameters a client perturbs (docs/learning.md) (default %(default)s)")
+                   help=f"{LR_SCALING_HELP} (default %(default)s)")
     p.add_argument("--mu", type=float, default=RunConfig.mu,
                    help="perturbation scale (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="default %(default)s")

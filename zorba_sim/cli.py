@@ -25,7 +25,7 @@ from typing import Any
 from zorba_edge.client.errors import UsageError
 from zorba_edge.common.schema import ESTIMATORS
 from zorba_edge.errors import ZorbaError
-from zorba_server.config import LR_SCALINGS, RunConfig
+from zorba_server.config import LR_SCALING_HELP, LR_SCALINGS, RunConfig
 from zorba_sim.fleet import CATALOGUE, GIB, Fleet, fleet_from_counts, load_fleet
 
 EXIT_USAGE = 2
@@ -165,8 +165,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=_number(float), default=d.lr,
                    help="learning rate: the ZO step's, or AdamW's in fedavg (default %(default)s)")
     g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=d.lr_scaling,
-                   help="none: one lr for every device; dimension: lr x mean block size / the "
-                   "parameters a device perturbs (docs/learning.md) (default %(default)s)")
+                   help=f"{LR_SCALING_HELP} (default %(default)s)")
     g.add_argument("--mu", type=_number(float), default=d.mu,
                    help="perturbation scale (default %(default)s)")
     g.add_argument("--estimator", choices=list(ESTIMATORS), default=d.estimator,
