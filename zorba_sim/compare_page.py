@@ -250,7 +250,8 @@ def write_sim_plots(setting: CompareSetting, results: Sequence[SeedResult],
             for run in runs:
                 scored = [p for p in run.curve if p.accuracy is not None]
                 xs = [getattr(p, axis) for p in scored] + [run.end[axis]]
-                ys = [p.accuracy for p in scored] + [scored[-1].accuracy]
+                ys = [p.accuracy for p in scored if p.accuracy is not None]  # every one: the filter types it
+                ys.append(ys[-1])
                 ax.plot(xs, ys, drawstyle="steps-post", color=line.get_color(), alpha=0.25,
                         linewidth=0.8)
         point = statistics.fmean(r.common[axis] for r in results)

@@ -90,7 +90,7 @@ def write_plots(out: Path, records: Sequence[RoundRecord], title: str,
     for name, (field, label) in PLOTS.items():
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [getattr(r, field) for r in measured]
-        ys = [r.accuracy for r in measured]
+        ys = [r.accuracy for r in measured if r.accuracy is not None]  # every one: the filter types it
         if base_accuracy is not None:
             xs, ys = [0, *xs], [base_accuracy, *ys]
         ax.plot(xs, ys, marker="o")
