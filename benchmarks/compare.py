@@ -52,6 +52,7 @@ HARNESSES = ("simulator", "processes")
 
 def build_parser() -> argparse.ArgumentParser:
     from zorba_edge.common.schema import ESTIMATORS
+    from zorba_server.aggregation_rules import RULES, rules_help
     from zorba_server.config import LR_SCALING_HELP, LR_SCALINGS
     from zorba_sim.compare import REFERENCE_FORWARD_S, CompareSetting
     from zorba_sim.simulation import SIM_MODES
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default %(default)s, the quickstart's; not tuned)")
     p.add_argument("--lr-scaling", default=d.lr_scaling, choices=LR_SCALINGS,
                    help=f"the zeroth-order modes' run.lr_scaling: {LR_SCALING_HELP} "
+                        "(default %(default)s)")
+    p.add_argument("--aggregation", default=d.aggregation, choices=list(RULES),
+                   help=f"the zeroth-order modes' aggregation.method: {rules_help()} "
                         "(default %(default)s)")
     p.add_argument("--fedavg-lr", type=float, default=d.fedavg_lr,
                    help="fedavg's AdamW learning rate (default %(default)s; not tuned)")
@@ -133,7 +137,8 @@ def resolve(args: argparse.Namespace) -> tuple[Any, str]:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     try:
         setting = CompareSetting(
-            modes=modes, lr=args.lr, lr_scaling=args.lr_scaling, fedavg_lr=args.fedavg_lr,
+            modes=modes, lr=args.lr, lr_scaling=args.lr_scaling, aggregation=args.aggregation,
+            fedavg_lr=args.fedavg_lr,
             mu=args.mu, estimator=args.estimator,
             directions=args.directions, batch_size=args.batch_size, seq_len=args.seq_len,
             pool_size=args.pool_size, round_duration_s=args.round_duration,

@@ -3,8 +3,8 @@
 The quickstart's federation as virtual devices (budgets 1.0 / 1.1 / 1.3 / 1.7 GiB, laptop
 speed), SmolLM2-135M (`make models`), movie reviews, one seed; held-out loss and accuracy after
 every round. What varies: run.lr_scaling (`dimension` against `none`), lr, the estimator, the run
-mode, and a cap on the blocks each client perturbs (the scheduler's max_perturbed_params, in
-blocks). docs/learning.md and docs/scheduler.md quote its figures.
+mode, the aggregation rule, and a cap on the blocks each client perturbs (the scheduler's
+max_perturbed_params, in blocks). docs/learning.md and docs/scheduler.md quote its figures.
 
     python benchmarks/lr_scaling.py --scaling dimension --lr 1e-4 --rounds 8 --json
     python benchmarks/lr_scaling.py --scaling none --cap-blocks 1 --rounds 4 --json
@@ -25,7 +25,8 @@ from zorba_edge.data.movie_reviews import load_movie_reviews
 from zorba_edge.data.splits import train_heldout_split
 from zorba_edge.model.pretrained import packaged_model_path
 from zorba_edge.model.sources import open_source
-from zorba_server.config import LR_SCALINGS, config_from_dict
+from zorba_server.aggregation_rules import RULES
+from zorba_server.config import LR_SCALINGS, AggregationConfig, config_from_dict
 from zorba_sim.fleet import GIB, DeviceClass, DeviceGroup, Fleet
 from zorba_sim.simulation import CENTRAL_MEZO, ZO_SIM_MODES, Simulation, SimulationConfig
 
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--cap-blocks", type=int,
                         help="scheduler.max_perturbed_params as this many of the model's largest "
                              "blocks (default: no cap)")
+    parser.add_argument("--aggregation", choices=list(RULES), default=AggregationConfig.method,
+                        help="aggregation.method (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="run seed and data seed")
     parser.add_argument("--heldout", type=int, default=200, help="held-out reviews scored per round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -67,14 +70,16 @@ def main() -> None:
         "seed": args.seed, "pool_size": 1024, "lr": args.lr, "mu": 1e-3, "batch_size": 8,
         "seq_len": 48, "round_duration_s": 30, "max_steps": 8, "lr_scaling": args.scaling,
         "estimator": args.estimator, "directions": args.directions,
-        "mode": ZORBA if args.mode == CENTRAL_MEZO else args.mode}, "scheduler": scheduler})
+        "mode": ZORBA if args.mode == CENTRAL_MEZO else args.mode}, "scheduler": scheduler,
+        "aggregation": {"method": args.aggregation}})
     started = time.time()
     sim = Simulation.build(SimulationConfig(server, rounds=args.rounds, reference_step_s=2.0,
                                             data_seed=args.seed, mode=args.mode),
                            source, fleet, train, heldout)
     accuracy, loss = sim.evaluate()
     result = {"mode": args.mode, "cap_blocks": args.cap_blocks,
-              "scaling": args.scaling, "lr": args.lr, "estimator": args.estimator,
+              "scaling": args.scaling, "aggregation": args.aggregation, "lr": args.lr,
+              "estimator": args.estimator,
               "directions": args.directions, "seed": args.seed, "heldout": len(heldout),
               "rounds": [{"round": 0, "forwards": 0, "accuracy": accuracy, "loss": loss}]}
     for _ in range(args.rounds):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from zorba_edge.common.schema import ESTIMATORS
-from zorba_server.aggregation_rules import RULES, describe
+from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.app import create_app
 from zorba_server.config import AggregationConfig, ConfigError, RunConfig, ServerConfig, load_config
 from zorba_server.modes import MODES
@@ -66,9 +66,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--mode", choices=list(MODES),
                    help=f"zorba or a baseline to compare with: {modes}")
     g = p.add_argument_group("aggregation and scheduling")
-    rules = "; ".join(f"{name}: {describe(rule)}" for name, rule in RULES.items())
     g.add_argument("--aggregation", choices=list(RULES),
-                   help=f"how each (k, block) value is aggregated: {rules} "
+                   help=f"how each (k, block) value is aggregated: {rules_help()} "
                    f"(default {AggregationConfig().method})")
     g.add_argument("--clip", type=float, help="clip each projected gradient to [-clip, clip] first")
     g.add_argument("--epsilon", type=float,

@@ -14,7 +14,7 @@ from zorba_server.config import AggregationConfig, ConfigError
 from zorba_server.protocol_docs import aggregation_table
 from zorba_server.rounds import APPLIED, ClientPlan, ReceivedReport, RoundPlan, decide_round
 
-CANDIDATES = ("mean", "trimmed_mean", "median", "max", "mode", "krum", "Mean", "")
+CANDIDATES = ("mean", "sum", "trimmed_mean", "median", "max", "mode", "krum", "Mean", "")
 
 
 def accepted(name: str) -> bool:
@@ -26,7 +26,7 @@ def accepted(name: str) -> bool:
 
 
 def test_the_config_accepts_exactly_the_registered_rules() -> None:
-    assert list(RULES) == ["mean", "trimmed_mean", "median"]  # the default first
+    assert list(RULES) == ["mean", "sum", "trimmed_mean", "median"]  # the default first
     assert {n for n in CANDIDATES if accepted(n)} == set(RULES)
     assert AggregationConfig().method in RULES
     with pytest.raises(ConfigError) as err:

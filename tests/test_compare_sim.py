@@ -208,6 +208,8 @@ def test_fedavg_is_compared_with_zorba_at_equal_virtual_time(tmp_path: Path, one
     forward_s = setting.step_s / setting.forwards_per_scalar
     assert setting.step_s_of("fedavg") == pytest.approx(FORWARDS_PER_STEP * forward_s)
     assert setting.simulation_config("fedavg", 0).server.run.lr == 1e-3
+    summed = CompareSetting(aggregation="sum").simulation_config("zorba", 0)
+    assert summed.server.aggregation.method == "sum"
     assert CompareSetting(modes=("fedavg",), fedavg_step_s=7.0).step_s_of("fedavg") == 7.0
     with pytest.raises(ValueError, match="fedavg_step_s must be positive"):
         CompareSetting(fedavg_step_s=0.0)

@@ -117,3 +117,6 @@ def test_the_demo_plan_writes_a_server_config_the_server_reads_in_every_mode(tmp
         config = load_config(str(path), {})
         assert config.run.mode == mode and config.scheduler.epsilon == 0.5
         assert config.run.keep_weight_versions == (mode == "fedavg")
+    plan = FederationPlan(tmp_path, (ClientSetup("a", 2**30),), aggregation="sum")
+    (tmp_path / "sum.toml").write_text(plan.server_toml(tmp_path / "db.sqlite3"))
+    assert load_config(str(tmp_path / "sum.toml"), {}).aggregation.method == "sum"

@@ -45,6 +45,26 @@ def test_mean_is_the_sample_weighted_average_over_the_clients_holding_each_block
     assert not alpha[:, 2:].any()
 
 
+def test_sum_counts_every_holders_update_whole() -> None:
+    """Two equal clients on one block, each its own direction: the mean halves both steps,
+    the sum keeps each as its client took it; a block one client holds is the same either way."""
+    contributions = [Contribution("a", (0, 1), 1.0, ((3, 2.0),)),
+                     Contribution("b", (1,), 1.0, ((5, -1.0),))]
+    total = dense(aggregate(contributions, 0.1, AggregationConfig(method="sum")))
+    mean = dense(aggregate(contributions, 0.1, MEAN))
+    np.testing.assert_allclose(total[[3, 5], 1], [0.1 * 2.0, 0.1 * -1.0], rtol=1e-6)
+    np.testing.assert_allclose(mean[[3, 5], 1], [0.1 * 1.0, 0.1 * -0.5], rtol=1e-6)
+    np.testing.assert_array_equal(total[:, 0], mean[:, 0])
+
+
+def test_sum_keeps_the_weights_shares_between_holders() -> None:
+    contributions = [Contribution("a", (0,), 1.0, ((3, 1.0),)),
+                     Contribution("b", (0,), 3.0, ((5, 1.0),))]
+    total = dense(aggregate(contributions, 1.0, AggregationConfig(method="sum")))
+    # Mean weights 1/4 and 3/4, times the 2 holders.
+    np.testing.assert_allclose(total[[3, 5], 0], [0.5, 1.5], rtol=1e-6)
+
+
 def test_the_result_does_not_depend_on_report_order_to_the_last_bit() -> None:
     rng = random.Random(3)
     contributions = [

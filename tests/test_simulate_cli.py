@@ -18,7 +18,7 @@ import torch
 from client_support import CHILD_ENV, REPO, TinyWorld, make_world, signal_examples, write_jsonl
 
 from zorba_edge.model.sources import open_source
-from zorba_server.config import config_from_dict
+from zorba_server.config import AggregationConfig, config_from_dict
 from zorba_sim import cli, simulation
 from zorba_sim.fleet import CATALOGUE, GIB, DeviceClass, DeviceGroup, Fleet
 from zorba_sim.simulation import Simulation, SimulationConfig
@@ -238,3 +238,11 @@ def test_the_help_explains_every_flag_and_the_catalogue(capsys: pytest.CaptureFi
 
 def test_the_command_offers_every_simulator_mode() -> None:
     assert cli.MODES == simulation.SIM_MODES
+
+
+def test_the_aggregation_flag_reaches_the_engine() -> None:
+    args = cli.parser().parse_args(["--aggregation", "sum"])
+    config = cli.simulation_config(cli.settings_from_args(args), "cpu")
+    assert config.server.aggregation.method == "sum"
+    default = cli.simulation_config(cli.settings_from_args(cli.parser().parse_args([])), "cpu")
+    assert default.server.aggregation.method == AggregationConfig().method

@@ -19,7 +19,7 @@ import aiohttp
 
 from zorba_lab.byte_proxy import CountingProxy, TrafficCount
 from zorba_lab.processes import DemoError, Managed, offline_env, spawn, start_server
-from zorba_server.config import RunConfig
+from zorba_server.config import AggregationConfig, RunConfig
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
     from zorba_edge.client.evaluation import RemoteTable
@@ -42,6 +42,7 @@ class FederationPlan:
     data: str = "movie-reviews"
     lr: float = RunConfig.lr
     lr_scaling: str = RunConfig.lr_scaling
+    aggregation: str = AggregationConfig.method
     mu: float = RunConfig.mu
     batch_size: int = 8
     seq_len: int = 48
@@ -83,6 +84,7 @@ class FederationPlan:
         lines = [f'enrolment_secret = "{SECRET}"', "", "[storage]", f'path = "{db_path}"',
                  'synchronous = "normal"', "", "[run]"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in run.items()]  # JSON scalars are TOML
+        lines += ["", "[aggregation]", f"method = {json.dumps(self.aggregation)}"]
         if self.scheduler_epsilon is not None:
             lines += ["", "[scheduler]", f"epsilon = {json.dumps(self.scheduler_epsilon)}"]
         return "\n".join(lines) + "\n"

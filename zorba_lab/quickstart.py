@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from zorba_edge.client.byte_sizes import format_size, parse_size
 from zorba_edge.common.schema import ESTIMATORS
 from zorba_lab.federation import ClientSetup, FederationPlan, FederationResult
-from zorba_server.config import LR_SCALING_HELP, LR_SCALINGS, RunConfig
+from zorba_server.aggregation_rules import RULES, rules_help
+from zorba_server.config import LR_SCALING_HELP, LR_SCALINGS, AggregationConfig, RunConfig
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
     from zorba_edge.client.local_task import LocalTask
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ZO learning rate (default %(default)s)")
     p.add_argument("--lr-scaling", choices=LR_SCALINGS, default=RunConfig.lr_scaling,
                    help=f"{LR_SCALING_HELP} (default %(default)s)")
+    p.add_argument("--aggregation", choices=list(RULES), default=AggregationConfig.method,
+                   help=f"how a round's scalars become alpha: {rules_help()} (default %(default)s)")
     p.add_argument("--mu", type=float, default=RunConfig.mu,
                    help="perturbation scale (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="default %(default)s")
@@ -106,7 +109,7 @@ def plan_from_args(args: argparse.Namespace, out_dir: Path) -> FederationPlan:
     clients = tuple(ClientSetup(f"client-{i}", b) for i, b in enumerate(budgets))
     return FederationPlan(
         out_dir=out_dir, clients=clients, data=args.data, lr=args.lr, lr_scaling=args.lr_scaling,
-        mu=args.mu,
+        aggregation=args.aggregation, mu=args.mu,
         batch_size=args.batch_size, seq_len=args.seq_len, pool_size=args.pool_size,
         round_duration_s=args.round_duration, max_steps=args.max_steps, rounds=args.rounds,
         estimator=args.estimator, directions=args.directions,

@@ -25,7 +25,8 @@ from typing import Any
 from zorba_edge.client.errors import UsageError
 from zorba_edge.common.schema import ESTIMATORS
 from zorba_edge.errors import ZorbaError
-from zorba_server.config import LR_SCALING_HELP, LR_SCALINGS, RunConfig
+from zorba_server.aggregation_rules import RULES, rules_help
+from zorba_server.config import LR_SCALING_HELP, LR_SCALINGS, AggregationConfig, RunConfig
 from zorba_sim.fleet import CATALOGUE, GIB, Fleet, fleet_from_counts, load_fleet
 
 EXIT_USAGE = 2
@@ -51,6 +52,7 @@ class Settings:
     data_seed: int = 0
     lr: float = RunConfig.lr
     lr_scaling: str = RunConfig.lr_scaling
+    aggregation: str = AggregationConfig.method
     mu: float = RunConfig.mu
     estimator: str = RunConfig.estimator
     directions: int = RunConfig.directions
@@ -166,6 +168,8 @@ def parser() -> argparse.ArgumentParser:
                    help="learning rate: the ZO step's, or AdamW's in fedavg (default %(default)s)")
     g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=d.lr_scaling,
                    help=f"{LR_SCALING_HELP} (default %(default)s)")
+    g.add_argument("--aggregation", choices=list(RULES), default=d.aggregation,
+                   help=f"how a round's scalars become alpha: {rules_help()} (default %(default)s)")
     g.add_argument("--mu", type=_number(float), default=d.mu,
                    help="perturbation scale (default %(default)s)")
     g.add_argument("--estimator", choices=list(ESTIMATORS), default=d.estimator,
@@ -276,7 +280,8 @@ def simulation_config(settings: Settings, device: str) -> Any:
         "lr_scaling": settings.lr_scaling, "mu": settings.mu, "estimator": settings.estimator,
         "directions": settings.directions,
         "batch_size": settings.batch_size, "seq_len": settings.seq_len,
-        "round_duration_s": settings.round_duration_s, "max_steps": settings.max_steps}})
+        "round_duration_s": settings.round_duration_s, "max_steps": settings.max_steps},
+        "aggregation": {"method": settings.aggregation}})
     return SimulationConfig(
         server, rounds=settings.rounds, reference_step_s=settings.reference_step_s,
         mode=settings.mode, dirichlet_alpha=settings.dirichlet_alpha, data_seed=settings.data_seed,

@@ -38,7 +38,7 @@ from zorba_edge.data.examples import ClassificationExample
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE
 from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.model.sources import ModelSource
-from zorba_server.config import RunConfig, config_from_dict
+from zorba_server.config import AggregationConfig, RunConfig, config_from_dict
 from zorba_server.rounds import APPLIED
 from zorba_sim import comparison as stats
 from zorba_sim.fleet import Fleet
@@ -81,6 +81,9 @@ class CompareSetting:
     lr: float = RunConfig.lr
     lr_scaling: str = RunConfig.lr_scaling
     """run.lr_scaling of the zeroth-order modes (docs/learning.md)."""
+    aggregation: str = AggregationConfig.method
+    """aggregation.method of the zeroth-order modes (central-mezo, one client, is the same
+    under every rule that only weighs clients against each other)."""
     fedavg_lr: float = 1e-5
     """fedavg's AdamW learning rate (the multi-process harness's; not tuned)."""
     mu: float = RunConfig.mu
@@ -153,7 +156,8 @@ class CompareSetting:
             "batch_size": self.batch_size, "seq_len": self.seq_len,
             "round_duration_s": self.round_duration_s, "max_steps": self.max_steps,
             "estimator": self.estimator, "directions": self.directions,
-            "lr_scaling": self.lr_scaling, "mode": ZORBA if mode == CENTRAL_MEZO else mode}})
+            "lr_scaling": self.lr_scaling, "mode": ZORBA if mode == CENTRAL_MEZO else mode},
+            "aggregation": {"method": self.aggregation}})
         return SimulationConfig(server, rounds=self.rounds, reference_step_s=self.step_s_of(mode),
                                 mode=mode, dirichlet_alpha=self.dirichlet_alpha, data_seed=seed,
                                 memory=MemoryProfile(frozen_dtype=self.frozen_dtype),

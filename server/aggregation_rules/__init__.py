@@ -12,10 +12,17 @@ from __future__ import annotations
 from zorba_server.aggregation_rules.mean import mean
 from zorba_server.aggregation_rules.median import median
 from zorba_server.aggregation_rules.scalars import RoundScalars, Rule
+from zorba_server.aggregation_rules.sum import weighted_sum
 from zorba_server.aggregation_rules.trimmed_mean import trimmed_mean
 
-RULES: dict[str, Rule] = {"mean": mean, "trimmed_mean": trimmed_mean, "median": median}
+RULES: dict[str, Rule] = {"mean": mean, "sum": weighted_sum, "trimmed_mean": trimmed_mean,
+                          "median": median}
 """aggregation.method -> its rule, the default first."""
+
+
+def rules_help() -> str:
+    """Every rule and its description, as each command that takes --aggregation explains them."""
+    return "; ".join(f"{name}: {describe(rule)}" for name, rule in RULES.items())
 
 
 def describe(rule: Rule) -> str:
@@ -24,4 +31,4 @@ def describe(rule: Rule) -> str:
     return " ".join(doc.split()).rstrip(".")
 
 
-__all__ = ["RULES", "RoundScalars", "Rule", "describe"]
+__all__ = ["RULES", "RoundScalars", "Rule", "describe", "rules_help"]
