@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zorba_edge.common.schema import (
-    TRAIN,
     NextRound,
     RegisterRequest,
     RegisterResponse,
@@ -36,6 +35,7 @@ from zorba_server.config import ServerConfig
 from zorba_server.engine import Member, OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
 from zorba_server.enrolment import Credentials, Tokens, check_enrolment
 from zorba_server.idempotency import ack, check_retry, idempotency_conflict, report_hash, stored_ack
+from zorba_server.polling import poll_answer
 from zorba_server.resume import resume
 from zorba_server.rounds import ReceivedReport
 from zorba_server.status_view import run_status
@@ -191,16 +191,12 @@ class Coordinator:
         end = loop.time() + min(max(wait_s, 0.0), self.config.run.poll_timeout_s)
         cid = member.client_id
         while True:
-            answer = self.engine.next_for(cid, version, self._clock())
-            if answer is not None and (answer.status != TRAIN or not (self._closing or cid in self.pending)):
-                return answer
             remaining = end - loop.time()
-            # A client behind the published version hears of it at once (with the deltas), not
-            # at the end of its long-poll: it syncs, then polls again at the new version.
-            # (Not while the driver is between a close and the next open: the new round's
-            # TRAIN, which carries the deltas too, is a moment away.)
-            if remaining <= 0 or (version < self.engine.version and not self._advancing):
-                return self.engine.waiting(cid, version, reported=cid in self.pending)
+            answer = poll_answer(self.engine, cid, version, self._clock(), timed_out=remaining <= 0,
+                                 committing=cid in self.pending, closing=self._closing,
+                                 advancing=self._advancing)
+            if answer is not None:
+                return answer
             await self._changed.wait(remaining)
 
     async def submit_report(self, member: Member, round_: int, report: Report, *,
@@ -264,8 +260,7 @@ class Coordinator:
         found = await self._store.find_report(member.client_id, report.idempotency_key)
         if found is not None:
             return stored_ack(found, round_, report, digest)
-        self.engine.check_report(member.client_id, round_, report, self._clock())
-        raise round_closed(round_)  # unreachable: check_report refuses another round
+        raise self.engine.refuse_round(round_)
 
     async def receive_weights(self, member: Member, round_: int,
                               chunks: AsyncIterable[bytes]) -> int:
@@ -303,12 +298,10 @@ class Coordinator:
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def _advance(self) -> None:
-        r = self.open
         version = self.engine.version
         self._advancing = True
         try:
-            if r is not None and (self._closing or not self.pending and self.engine.due(self._clock())
-                                  or self._clock() >= r.plan.deadline):
+            if self.engine.due(self._clock(), committing=bool(self.pending)):
                 await self._close()
             if self.open is None and not self.engine.finished:
                 await self._try_open()

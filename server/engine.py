@@ -9,6 +9,7 @@ same decisions:
     check_registration -> add_member          who may join (one admission rule, shared
                                               with the client's own check)
     propose_round -> open_round               plan: schedule, local steps, pool indices
+                                              (what a polling client hears: polling.py)
     check_report -> accept_report             a report fits the plan, or a domain error
     due -> decide_close -> apply_close        alpha increments and memory calibrations
     mark_left / mark_seen, drop_member        a member that left, came back, or is gone
@@ -29,14 +30,10 @@ import numpy as np
 
 from zorba_edge.common.memory_model import LinearMemoryModel, ModelFootprint, linear_memory_model
 from zorba_edge.common.schema import (
-    FINISHED,
-    TRAIN,
-    WAIT,
     AlphaDelta,
     AlphaState,
     DeviceProfile,
     HyperParams,
-    NextRound,
     Report,
     RunInfo,
 )
@@ -401,26 +398,7 @@ class RoundEngine:
             return None
         return schedule
 
-    # ------------------------------------------------------------------ what a client should do
-
-    def next_for(self, client_id: str, version: int, now: float) -> NextRound | None:
-        """TRAIN or FINISHED for this client now, or None: it should wait."""
-        if version > self.version:
-            raise errors.conflict(
-                "version_ahead",
-                f"client is at alpha version {version}, the server at {self.version}: the run was "
-                "reset or restored; fetch GET /v1/state and resync",
-            )
-        if self.finished:
-            deltas, catch_up = self.deltas_since(version)
-            return NextRound(FINISHED, self.version, None, deltas, catch_up,
-                             reason=f"the run finished after {self.version} applied rounds")
-        r = self.open
-        if (r is None or client_id not in r.plan.clients or client_id in r.received
-                or now >= r.plan.deadline):
-            return None
-        deltas, catch_up = self.deltas_since(version)
-        return NextRound(TRAIN, self.version, r.plan.assignment_for(client_id, now), deltas, catch_up)
+    # ------------------------------------------------------------------ the published deltas
 
     def deltas_since(self, version: int) -> tuple[tuple[AlphaDelta, ...], bool]:
         """The published deltas after `version`, or catch_up=True when they are no longer kept."""
@@ -431,34 +409,13 @@ class RoundEngine:
             return (), True
         return tuple(self.deltas)[-gap:], False
 
-    def waiting(self, client_id: str, version: int, *, reported: bool = False) -> NextRound:
-        """WAIT for a client at `version`: the deltas it lacks and why it waits. `reported`: its
-        report for the open round is in, though not booked yet (a shell committing it)."""
-        deltas, catch_up = self.deltas_since(version)
-        return NextRound(WAIT, self.version, None, deltas, catch_up, retry_after_s=0.0,
-                         reason=self.wait_reason(client_id, reported=reported))
-
-    def wait_reason(self, client_id: str, *, reported: bool = False) -> str:
-        r = self.open
-        if r is not None:
-            if reported or client_id in r.received:
-                return f"your report for round {r.plan.round} is in; waiting for the round to close"
-            if client_id in r.plan.excluded:
-                return f"the scheduler left you out of round {r.plan.round}: {r.plan.excluded[client_id]}"
-            return f"round {r.plan.round} is running without you; you join the next round"
-        return self.idle_reason
-
     # ------------------------------------------------------------------ reports
 
     def check_report(self, client_id: str, round_: int, report: Report, now: float) -> OpenRound:
         """The open round `report` belongs to, or a domain error (nothing changes)."""
         r = self.open
         if r is None or r.plan.round != round_:
-            current = r.plan.round if r is not None else self.round_counter - 1
-            if round_ > current or round_ < 1:
-                raise errors.not_found(
-                    "unknown_round", f"round {round_} does not exist (current round: {current})")
-            raise round_closed(round_)
+            raise self.refuse_round(round_)
         if client_id in r.received:
             raise errors.conflict("already_reported",
                                   f"client {client_id} already reported for round {round_}")
@@ -467,6 +424,16 @@ class RoundEngine:
         check_report(r.plan, client_id, report, max_abs_scalar=self.config.aggregation.max_abs_scalar,
                      weights_only=self.weights_only)
         return r
+
+    def refuse_round(self, round_: int) -> errors.Refusal:
+        """Why a report for `round_`, which is not the open round, is refused: the round does
+        not exist, or it closed."""
+        r = self.open
+        current = r.plan.round if r is not None else self.round_counter - 1
+        if round_ > current or round_ < 1:
+            return errors.not_found(
+                "unknown_round", f"round {round_} does not exist (current round: {current})")
+        return round_closed(round_)
 
     def accept_report(self, received: ReceivedReport) -> None:
         """Book a checked report into the open round and the member's record."""
@@ -484,16 +451,19 @@ class RoundEngine:
 
     # ------------------------------------------------------------------ closing a round
 
-    def due(self, now: float) -> bool:
+    def due(self, now: float, *, committing: bool = False) -> bool:
         """The open round should close: every assigned client reported (or left), or the deadline
-        passed."""
+        passed. `committing`: reports are still being committed (a durable shell's); the round
+        waits for them until its deadline (a close then waits for the commits to land)."""
         r = self.open
         if r is None:
             return False
+        if now >= r.plan.deadline:
+            return True
         # A client that left or was dropped will not report: no waiting.
         waiting = [cid for cid in r.plan.clients if cid not in r.received
                    and cid in self.members and not self.members[cid].left]
-        return not waiting or now >= r.plan.deadline
+        return not waiting and not committing
 
     def decide_close(self, now: float) -> RoundClosure:
         """What closing the open round changes; nothing is applied yet."""
