@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterable, Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zorba_edge.common.schema import (
     NextRound,
@@ -42,9 +42,6 @@ from zorba_server.status_view import run_status
 from zorba_server.storage import DuplicateError, ModelPin, Snapshot, Store
 from zorba_server.traffic import ClientTraffic, RoundBytes
 from zorba_server.weight_rounds import weight_rounds
-
-if TYPE_CHECKING:
-    import numpy as np
 
 log = logging.getLogger("zorba_server")
 
@@ -79,23 +76,6 @@ class Coordinator:
         stores its round's (restored on restart)."""
         self.weights = weight_rounds(config, self.engine)
         """fedavg's uploaded and averaged weights (other modes: none)."""
-
-    # The engine's state, as the status page, metrics and tests read it.
-    @property
-    def version(self) -> int:
-        return self.engine.version
-
-    @property
-    def alpha(self) -> np.ndarray | None:
-        return self.engine.alpha
-
-    @property
-    def members(self) -> dict[str, Member]:
-        return self.engine.members
-
-    @property
-    def open(self) -> OpenRound | None:
-        return self.engine.open
 
     @property
     def counters(self) -> dict[str, int]:
@@ -138,8 +118,7 @@ class Coordinator:
     def _restore(self, snap: Snapshot, now: float) -> None:
         resumed = resume(self.engine, snap, self.config.run, now)
         self.run_id, self.created_at = resumed.run_id, resumed.created_at
-        for digest, client_id in resumed.token_hashes.items():
-            self._tokens.add(digest, client_id)
+        self._tokens = resumed.tokens
         self.traffic.update(resumed.traffic)
         engine = self.engine
         log.info("resumed run %s at version %d, round %d%s", self.run_id, engine.version,
@@ -149,7 +128,7 @@ class Coordinator:
     # ------------------------------------------------------------------------ requests
 
     def authenticate(self, token: str | None) -> Member:
-        member = self._tokens.holder(token, self.members)
+        member = self._tokens.holder(token, self.engine.members)
         if self.engine.mark_seen(member, self._clock()):
             # It left and came back: a restart must count it active again (queued now; a
             # failure only means a restart sees it as gone until its next request).
@@ -206,10 +185,13 @@ class Coordinator:
         counts both: a new report's row stores the bytes of the client's round it ends)."""
         cid = member.client_id
         digest = report_hash(round_, report)
-        r = self.open
+        r = self.engine.open
         if r is None or r.plan.round != round_:
-            return self._retry_answered(cid, body_bytes, await self._report_for_other_round(
-                member, round_, report, digest))
+            # A retry of a report stored in an earlier round gets that report's ack.
+            found = await self._store.find_report(cid, report.idempotency_key)
+            if found is None:
+                raise self.engine.refuse_round(round_)
+            return self._retry_answered(cid, body_bytes, stored_ack(found, round_, report, digest))
         prior = r.received.get(cid) or (self.pending[cid][0] if cid in self.pending else None)
         if prior is not None:
             check_retry(prior, round_, report, digest)
@@ -255,19 +237,13 @@ class Coordinator:
         if self.engine.due(self._clock()):
             self._wake.set()
 
-    async def _report_for_other_round(self, member: Member, round_: int, report: Report,
-                                      digest: bytes) -> ReportAck:
-        found = await self._store.find_report(member.client_id, report.idempotency_key)
-        if found is not None:
-            return stored_ack(found, round_, report, digest)
-        raise self.engine.refuse_round(round_)
-
     async def receive_weights(self, member: Member, round_: int,
                               chunks: AsyncIterable[bytes]) -> int:
         """fedavg: a client's trained weights for the open round (before its report)."""
         cid = member.client_id
-        reported = self.open is not None and cid in self.open.received or cid in self.pending
-        return await self.weights.receive(self.open, round_, cid, busy=self._closing,
+        r = self.engine.open
+        reported = r is not None and cid in r.received or cid in self.pending
+        return await self.weights.receive(r, round_, cid, busy=self._closing,
                                           reported=reported, now=self._clock(), chunks=chunks)
 
     def weights_file(self) -> tuple[Path, int]:
@@ -291,11 +267,9 @@ class Coordinator:
             except Exception:
                 log.exception("round driver failed; retrying in %.0f s", IDLE_RECHECK_S)
                 await asyncio.sleep(IDLE_RECHECK_S)
-            timeout = IDLE_RECHECK_S
-            if self.open is not None and not self._closing:
-                timeout = max(0.0, self.open.plan.deadline - self._clock())
+            left = self.engine.time_left(self._clock())  # (the open round's deadline)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.wait_for(self._wake.wait(), IDLE_RECHECK_S if left is None else left)
 
     async def _advance(self) -> None:
         version = self.engine.version
@@ -303,11 +277,11 @@ class Coordinator:
         try:
             if self.engine.due(self._clock(), committing=bool(self.pending)):
                 await self._close()
-            if self.open is None and not self.engine.finished:
+            if self.engine.open is None and not self.engine.finished:
                 await self._try_open()
         finally:
             self._advancing = False
-        if self.engine.version != version and self.open is None:
+        if self.engine.version != version and self.engine.open is None:
             self._changed.notify()  # a new version and no round for it yet: wake the long-polls
 
     async def _try_open(self) -> None:

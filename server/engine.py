@@ -465,6 +465,11 @@ class RoundEngine:
                    and cid in self.members and not self.members[cid].left]
         return not waiting and not committing
 
+    def time_left(self, now: float) -> float | None:
+        """Seconds until the open round's deadline (0 once it passed); None: no round is open."""
+        r = self.open
+        return None if r is None else max(0.0, r.plan.deadline - now)
+
     def decide_close(self, now: float) -> RoundClosure:
         """What closing the open round changes; nothing is applied yet."""
         r = self.open

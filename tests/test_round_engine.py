@@ -88,6 +88,16 @@ def test_reports_still_committing_hold_the_close_until_they_land_or_the_deadline
     assert e.due(now=plan.deadline, committing=True)  # the close then waits for the commits
 
 
+def test_the_time_left_counts_down_to_the_open_rounds_deadline(tmp_path: Path) -> None:
+    e = engine(tmp_path, round_duration_s=30.0)
+    join(e, "a"), join(e, "b")
+    assert e.time_left(now=0.0) is None  # no round open: the driver looks again when idle
+    plan = e.propose_round(now=5.0)
+    assert plan is not None
+    e.open_round(plan)
+    assert e.time_left(now=15.0) == 20.0 and e.time_left(now=40.0) == 0.0
+
+
 def test_a_report_for_a_round_that_is_not_open_is_unknown_or_closed(tmp_path: Path) -> None:
     e = engine(tmp_path)
     join(e, "a"), join(e, "b")
