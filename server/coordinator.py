@@ -32,9 +32,10 @@ from zorba_edge.common.schema import (
 )
 from zorba_server.broadcast import Broadcast
 from zorba_server.config import ServerConfig
-from zorba_server.engine import Member, OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
+from zorba_server.engine import OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
 from zorba_server.enrolment import Credentials, Tokens, check_enrolment
 from zorba_server.idempotency import ack, check_retry, idempotency_conflict, report_hash, stored_ack
+from zorba_server.members import Member
 from zorba_server.polling import poll_answer
 from zorba_server.resume import resume
 from zorba_server.rounds import ReceivedReport

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from zorba_server.config import ConfigError, RunConfig
-from zorba_server.engine import LEFT, Member, RoundEngine
+from zorba_server.engine import RoundEngine
 from zorba_server.enrolment import Tokens
+from zorba_server.members import LEFT, Member
 from zorba_server.rounds import OPEN
 from zorba_server.storage import Snapshot
 from zorba_server.traffic import ClientTraffic

@@ -8,7 +8,8 @@ from pathlib import Path
 from server_fakes import FINGERPRINT, FOOTPRINT, config_dict, make_report, profile
 
 from zorba_server.config import config_from_dict
-from zorba_server.engine import Member, RoundEngine
+from zorba_server.engine import RoundEngine
+from zorba_server.members import Member
 from zorba_server.rounds import ReceivedReport
 
 

@@ -12,8 +12,9 @@ from engine_fakes import engine, join, received
 from server_fakes import FINGERPRINT, FOOTPRINT, config_dict, profile
 
 from zorba_server.config import config_from_dict
-from zorba_server.engine import Member, RoundEngine
+from zorba_server.engine import RoundEngine
 from zorba_server.errors import Conflict, NotFound, Unprocessable
+from zorba_server.members import Member
 from zorba_server.rounds import APPLIED, FAILED, REJECTED
 
 
