@@ -39,7 +39,7 @@ from zorba_edge.common.schema import (
 from zorba_server import calibration, errors
 from zorba_server.aggregation import RoundDelta, apply_delta
 from zorba_server.config import ServerConfig
-from zorba_server.loss_guard import Anchor, advance, judge, rollback_delta
+from zorba_server.loss_guard import Anchor, advance, judge, rollback_delta, training_loss_jump
 from zorba_server.members import LEFT, Member, check_budget, check_same_model, memory_model
 from zorba_server.modes import MODES, SolveFn
 from zorba_server.pool_indices import round_pool_indices
@@ -460,7 +460,8 @@ class RoundEngine:
         # the training losses do not: one client's few batches are noisy (a last step twice the
         # round's mean is common), and a rise they would catch shows in the next round's check
         # losses, which roll it back.
-        jump = None if checks else self._loss_jump(received, weights)
+        jump = None if checks else training_loss_jump(received, weights, self._reference_losses,
+                                                      tolerance)
         return anchor, None, None if jump is None else f"{jump}: not applied"
 
     def sample_weights(self, client_ids: Iterable[str]) -> dict[str, float]:
@@ -496,36 +497,6 @@ class RoundEngine:
         if max_rounds and self.version >= max_rounds:
             self.finished = True
             self.idle_reason = f"the run finished after {self.version} applied rounds"
-
-    def _loss_jump(self, received: dict[str, ReceivedReport], weights: dict[str, float]) -> str | None:
-        """Why this round's losses say the step is too large, or None.
-
-        Two signs, from what clients report anyway: the mean loss of the clients that also
-        reported in the last applied or rejected round rose by more than the tolerance above
-        their mean then (the last update hurt; the same clients, because under non-IID data another mix
-        of clients has another loss), or the clients' last-step losses rose twice that much
-        above their round means (the local steps diverge; a single batch is noisy, hence twice).
-        """
-        tolerance = self.config.run.loss_jump_tolerance
-        reports = [(weights[cid], r.report) for cid, r in sorted(received.items()) if weights[cid] > 0]
-        total = sum(w for w, _ in reports)
-        if tolerance <= 0 or total <= 0:
-            return None
-        mean = sum(w * rep.loss_mean for w, rep in reports) / total
-        last = sum(w * rep.loss_last for w, rep in reports) / total
-        common = [(weights[cid], r.report.loss_mean, self._reference_losses[cid])
-                  for cid, r in sorted(received.items())
-                  if cid in self._reference_losses and weights[cid] > 0]
-        if common:
-            weight = sum(w for w, _, _ in common)
-            now = sum(w * loss for w, loss, _ in common) / weight
-            then = sum(w * loss for w, _, loss in common) / weight
-            if then > 0 and now > then * (1 + tolerance):
-                return f"the clients' loss jumped from {then:.4g} to {now:.4g}"
-        # Single batches are noisy: the within-round sign needs twice the tolerance.
-        if mean > 0 and last > mean * (1 + 2 * tolerance):
-            return f"the clients' loss rose from {mean:.4g} (round mean) to {last:.4g} (last step)"
-        return None
 
     # ------------------------------------------------------------------ resuming
 
