@@ -1,8 +1,9 @@
 """The running server: the round engine's async, durable, HTTP-facing shell.
 
-The round policy lives in `zorba_server.engine.RoundEngine` (pure, synchronous). This shell
-adds what a networked server needs around it: tokens, long-polls, a database that holds
-every change before anyone is told about it, and one driver task that opens and closes
+The round policy lives in `zorba_server.engine.RoundEngine` (pure, synchronous), and what a
+long-poll answers, given the commits this shell has in flight, in `zorba_server.polling`.
+This shell adds what a networked server needs around it: tokens, long-polls, a database that
+holds every change before anyone is told about it, and one driver task that opens and closes
 rounds, so closes never race each other; handlers only validate, queue a commit and wait.
 
 Restart: `start()` loads the database and resumes exactly where the last commit left off:
