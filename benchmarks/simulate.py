@@ -205,7 +205,8 @@ def scheduler_seconds(model: str, members: int) -> dict[str, Any]:
     from zorba_edge.client.assembly import footprint_of, open_model
     from zorba_edge.common.schema import DeviceProfile, MemoryProfile
     from zorba_server.config import config_from_dict
-    from zorba_server.engine import Member, RoundEngine
+    from zorba_server.engine import RoundEngine
+    from zorba_server.members import Member
     from zorba_sim.fleet import CATALOGUE
 
     source = open_model(model)

@@ -36,8 +36,9 @@ from zorba_edge.common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
 from zorba_server import errors, metrics, status_page
 from zorba_server.config import ServerConfig
 from zorba_server.coordinator import Coordinator
-from zorba_server.engine import Member, SolveFn
+from zorba_server.engine import SolveFn
 from zorba_server.errors import Refusal
+from zorba_server.members import Member
 from zorba_server.storage import Store, StoreUnavailableError, open_store
 
 log = logging.getLogger("zorba_server")

@@ -1,8 +1,9 @@
 """The running server: the round engine's async, durable, HTTP-facing shell.
 
-The round policy lives in `zorba_server.engine.RoundEngine` (pure, synchronous). This shell
-adds what a networked server needs around it: tokens, long-polls, a database that holds
-every change before anyone is told about it, and one driver task that opens and closes
+The round policy lives in `zorba_server.engine.RoundEngine` (pure, synchronous), and what a
+long-poll answers, given the commits this shell has in flight, in `zorba_server.polling`.
+This shell adds what a networked server needs around it: tokens, long-polls, a database that
+holds every change before anyone is told about it, and one driver task that opens and closes
 rounds, so closes never race each other; handlers only validate, queue a commit and wait.
 
 Restart: `start()` loads the database and resumes exactly where the last commit left off:
@@ -20,10 +21,9 @@ from collections import defaultdict
 from collections.abc import AsyncIterable, Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zorba_edge.common.schema import (
-    TRAIN,
     NextRound,
     RegisterRequest,
     RegisterResponse,
@@ -33,18 +33,17 @@ from zorba_edge.common.schema import (
 )
 from zorba_server.broadcast import Broadcast
 from zorba_server.config import ServerConfig
-from zorba_server.engine import Member, OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
+from zorba_server.engine import OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
 from zorba_server.enrolment import Credentials, Tokens, check_enrolment
 from zorba_server.idempotency import ack, check_retry, idempotency_conflict, report_hash, stored_ack
+from zorba_server.members import Member
+from zorba_server.polling import poll_answer
 from zorba_server.resume import resume
 from zorba_server.rounds import ReceivedReport
 from zorba_server.status_view import run_status
 from zorba_server.storage import DuplicateError, ModelPin, Snapshot, Store
 from zorba_server.traffic import ClientTraffic, RoundBytes
 from zorba_server.weight_rounds import weight_rounds
-
-if TYPE_CHECKING:
-    import numpy as np
 
 log = logging.getLogger("zorba_server")
 
@@ -79,23 +78,6 @@ class Coordinator:
         stores its round's (restored on restart)."""
         self.weights = weight_rounds(config, self.engine)
         """fedavg's uploaded and averaged weights (other modes: none)."""
-
-    # The engine's state, as the status page, metrics and tests read it.
-    @property
-    def version(self) -> int:
-        return self.engine.version
-
-    @property
-    def alpha(self) -> np.ndarray | None:
-        return self.engine.alpha
-
-    @property
-    def members(self) -> dict[str, Member]:
-        return self.engine.members
-
-    @property
-    def open(self) -> OpenRound | None:
-        return self.engine.open
 
     @property
     def counters(self) -> dict[str, int]:
@@ -138,8 +120,7 @@ class Coordinator:
     def _restore(self, snap: Snapshot, now: float) -> None:
         resumed = resume(self.engine, snap, self.config.run, now)
         self.run_id, self.created_at = resumed.run_id, resumed.created_at
-        for digest, client_id in resumed.token_hashes.items():
-            self._tokens.add(digest, client_id)
+        self._tokens = resumed.tokens
         self.traffic.update(resumed.traffic)
         engine = self.engine
         log.info("resumed run %s at version %d, round %d%s", self.run_id, engine.version,
@@ -149,7 +130,7 @@ class Coordinator:
     # ------------------------------------------------------------------------ requests
 
     def authenticate(self, token: str | None) -> Member:
-        member = self._tokens.holder(token, self.members)
+        member = self._tokens.holder(token, self.engine.members)
         if self.engine.mark_seen(member, self._clock()):
             # It left and came back: a restart must count it active again (queued now; a
             # failure only means a restart sees it as gone until its next request).
@@ -191,16 +172,12 @@ class Coordinator:
         end = loop.time() + min(max(wait_s, 0.0), self.config.run.poll_timeout_s)
         cid = member.client_id
         while True:
-            answer = self.engine.next_for(cid, version, self._clock())
-            if answer is not None and (answer.status != TRAIN or not (self._closing or cid in self.pending)):
-                return answer
             remaining = end - loop.time()
-            # A client behind the published version hears of it at once (with the deltas), not
-            # at the end of its long-poll: it syncs, then polls again at the new version.
-            # (Not while the driver is between a close and the next open: the new round's
-            # TRAIN, which carries the deltas too, is a moment away.)
-            if remaining <= 0 or (version < self.engine.version and not self._advancing):
-                return self.engine.waiting(cid, version, reported=cid in self.pending)
+            answer = poll_answer(self.engine, cid, version, self._clock(), timed_out=remaining <= 0,
+                                 committing=cid in self.pending, closing=self._closing,
+                                 advancing=self._advancing)
+            if answer is not None:
+                return answer
             await self._changed.wait(remaining)
 
     async def submit_report(self, member: Member, round_: int, report: Report, *,
@@ -210,10 +187,13 @@ class Coordinator:
         counts both: a new report's row stores the bytes of the client's round it ends)."""
         cid = member.client_id
         digest = report_hash(round_, report)
-        r = self.open
+        r = self.engine.open
         if r is None or r.plan.round != round_:
-            return self._retry_answered(cid, body_bytes, await self._report_for_other_round(
-                member, round_, report, digest))
+            # A retry of a report stored in an earlier round gets that report's ack.
+            found = await self._store.find_report(cid, report.idempotency_key)
+            if found is None:
+                raise self.engine.refuse_round(round_)
+            return self._retry_answered(cid, body_bytes, stored_ack(found, round_, report, digest))
         prior = r.received.get(cid) or (self.pending[cid][0] if cid in self.pending else None)
         if prior is not None:
             check_retry(prior, round_, report, digest)
@@ -259,20 +239,13 @@ class Coordinator:
         if self.engine.due(self._clock()):
             self._wake.set()
 
-    async def _report_for_other_round(self, member: Member, round_: int, report: Report,
-                                      digest: bytes) -> ReportAck:
-        found = await self._store.find_report(member.client_id, report.idempotency_key)
-        if found is not None:
-            return stored_ack(found, round_, report, digest)
-        self.engine.check_report(member.client_id, round_, report, self._clock())
-        raise round_closed(round_)  # unreachable: check_report refuses another round
-
     async def receive_weights(self, member: Member, round_: int,
                               chunks: AsyncIterable[bytes]) -> int:
         """fedavg: a client's trained weights for the open round (before its report)."""
         cid = member.client_id
-        reported = self.open is not None and cid in self.open.received or cid in self.pending
-        return await self.weights.receive(self.open, round_, cid, busy=self._closing,
+        r = self.engine.open
+        reported = r is not None and cid in r.received or cid in self.pending
+        return await self.weights.receive(r, round_, cid, busy=self._closing,
                                           reported=reported, now=self._clock(), chunks=chunks)
 
     def weights_file(self) -> tuple[Path, int]:
@@ -296,25 +269,21 @@ class Coordinator:
             except Exception:
                 log.exception("round driver failed; retrying in %.0f s", IDLE_RECHECK_S)
                 await asyncio.sleep(IDLE_RECHECK_S)
-            timeout = IDLE_RECHECK_S
-            if self.open is not None and not self._closing:
-                timeout = max(0.0, self.open.plan.deadline - self._clock())
+            left = self.engine.time_left(self._clock())  # (the open round's deadline)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.wait_for(self._wake.wait(), IDLE_RECHECK_S if left is None else left)
 
     async def _advance(self) -> None:
-        r = self.open
         version = self.engine.version
         self._advancing = True
         try:
-            if r is not None and (self._closing or not self.pending and self.engine.due(self._clock())
-                                  or self._clock() >= r.plan.deadline):
+            if self.engine.due(self._clock(), committing=bool(self.pending)):
                 await self._close()
-            if self.open is None and not self.engine.finished:
+            if self.engine.open is None and not self.engine.finished:
                 await self._try_open()
         finally:
             self._advancing = False
-        if self.engine.version != version and self.open is None:
+        if self.engine.version != version and self.engine.open is None:
             self._changed.notify()  # a new version and no round for it yet: wake the long-polls
 
     async def _try_open(self) -> None:

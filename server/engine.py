@@ -9,6 +9,7 @@ same decisions:
     check_registration -> add_member          who may join (one admission rule, shared
                                               with the client's own check)
     propose_round -> open_round               plan: schedule, local steps, pool indices
+                                              (what a polling client hears: polling.py)
     check_report -> accept_report             a report fits the plan, or a domain error
     due -> decide_close -> apply_close        alpha increments and memory calibrations
     mark_left / mark_seen, drop_member        a member that left, came back, or is gone
@@ -19,7 +20,6 @@ Errors are domain errors (`zorba_server.errors`); only the HTTP app maps them to
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,23 +27,20 @@ from typing import Any
 
 import numpy as np
 
-from zorba_edge.common.memory_model import LinearMemoryModel, ModelFootprint, linear_memory_model
+from zorba_edge.common.memory_model import LinearMemoryModel, ModelFootprint
 from zorba_edge.common.schema import (
-    FINISHED,
-    TRAIN,
-    WAIT,
     AlphaDelta,
     AlphaState,
     DeviceProfile,
     HyperParams,
-    NextRound,
     Report,
     RunInfo,
 )
-from zorba_server import errors
+from zorba_server import calibration, errors
 from zorba_server.aggregation import RoundDelta, apply_delta
 from zorba_server.config import ServerConfig
-from zorba_server.loss_guard import Anchor, advance, judge, rollback_delta
+from zorba_server.loss_guard import Anchor, advance, judge, rollback_delta, training_loss_jump
+from zorba_server.members import LEFT, Member, check_budget, check_same_model, memory_model
 from zorba_server.modes import MODES, SolveFn
 from zorba_server.pool_indices import round_pool_indices
 from zorba_server.rounds import (
@@ -58,48 +55,8 @@ from zorba_server.rounds import (
 )
 from zorba_server.scheduler import ClientSpec, Schedule, local_steps
 
-# Calibration learned from measured peaks: an EMA of peak / predicted, kept in a band so
-# one odd measurement cannot make a client look free or unusable.
-CALIBRATION_MIN, CALIBRATION_MAX, CALIBRATION_EMA = 0.5, 8.0, 0.5
-# Re-solve the schedule when a calibration moves by more than this factor.
-CALIBRATION_STEP = 1.1
-# A member left out of a round has its calibration above 1 halved toward 1 (the memory
-# model), so one that calibration excluded comes back with its cheapest block and measures
-# again (an under-estimate is corrected at once); without it such a client was excluded for
-# good, since only a round it trains can lower its calibration.
-CALIBRATION_DECAY = 0.5
 # The step is multiplied by this for every round the loss guard rejects.
 LOSS_JUMP_BACKOFF = 0.5
-
-LEFT = -math.inf
-"""`Member.last_seen` of a client that left (POST /v1/leave): seen too long ago to be active,
-however long the membership timeout; its next request makes it active again."""
-
-
-@dataclass
-class Member:
-    """What the engine knows of one registered client."""
-
-    client_id: str
-    profile: DeviceProfile
-    registered_at: float
-    calibration: float
-    last_seen: float
-    step_time_s: float
-    rounds_reported: int = 0
-    last_loss: float | None = None
-    last_peak_bytes: int = 0
-
-    @classmethod
-    def joining(cls, client_id: str, profile: DeviceProfile, now: float) -> Member:
-        """A client registering now: the memory model as it is (calibration 1) and the step
-        time it measured itself, until its reports say otherwise."""
-        return cls(client_id, profile, now, 1.0, now, profile.step_time_s)
-
-    @property
-    def left(self) -> bool:
-        return self.last_seen == LEFT
-
 
 @dataclass
 class OpenRound:
@@ -256,44 +213,15 @@ class RoundEngine:
     # ------------------------------------------------------------------ membership
 
     def memory_model(self, profile: DeviceProfile, calibration: float) -> LinearMemoryModel:
-        run = self.config.run
-        settings = profile.memory.settings(run.batch_size, run.seq_len, calibration)
-        return linear_memory_model(profile.footprint, settings)
+        return memory_model(self.config.run, profile, calibration)
 
     def check_registration(self, profile: DeviceProfile) -> None:
         """Refuse a device that runs another model, or that could never hold a block."""
         if self.fingerprint is not None:
-            self._check_model(profile)
-        if not self.mode.enforces_budget:  # fedavg: its peaks over the budget are the finding
-            return
-        model = self.memory_model(profile, 1.0)
-        if model.blocks_within(profile.memory_budget_bytes) < 1:
-            need = model.fixed_bytes + min(model.block_bytes)
-            raise errors.unprocessable(
-                "budget_too_small",
-                f"training even the cheapest block needs {need / 2**20:.0f} MiB with this run's "
-                f"batch_size={self.config.run.batch_size}, seq_len={self.config.run.seq_len}; the "
-                f"device offers {profile.memory_budget_bytes / 2**20:.0f} MiB: free memory or hold "
-                "frozen blocks in a smaller precision",
-            )
-
-    def _check_model(self, profile: DeviceProfile) -> None:
-        if profile.model_fingerprint != self.fingerprint:
-            raise errors.conflict(
-                "model_mismatch",
-                f"this run trains model {self.fingerprint!r}, the client loaded "
-                f"{profile.model_fingerprint!r}: load the run's base model",
-            )
-        if profile.footprint != self.footprint:
             assert self.footprint is not None
-            diff = [f for f in ("num_layers", "hidden_size", "vocab_size", "intermediate_size",
-                                "embed_head_params", "block_params", "quantizable_block_params")
-                    if getattr(profile.footprint, f) != getattr(self.footprint, f)]
-            raise errors.conflict(
-                "model_mismatch",
-                f"the client's model footprint differs from the run's in {', '.join(diff)}: "
-                "same fingerprint but another architecture; load the run's base model",
-            )
+            check_same_model(profile, self.fingerprint, self.footprint)
+        if self.mode.enforces_budget:  # fedavg: its peaks over the budget are the finding
+            check_budget(self.config.run, profile)
 
     def add_member(self, member: Member) -> None:
         self.members[member.client_id] = member
@@ -373,7 +301,7 @@ class RoundEngine:
         """Reuse the last schedule unless membership (or a calibration band) changed, or the
         mode redraws its blocks every round."""
         key: tuple[Any, ...] = tuple(sorted(
-            (m.client_id, round(math.log(m.calibration, CALIBRATION_STEP))) for m in members))
+            (m.client_id, calibration.band(m.calibration)) for m in members))
         if self.mode.redraws_each_round:
             key += (self.round_counter,)
         if key == self._schedule_key and self.last_schedule is not None:
@@ -401,26 +329,7 @@ class RoundEngine:
             return None
         return schedule
 
-    # ------------------------------------------------------------------ what a client should do
-
-    def next_for(self, client_id: str, version: int, now: float) -> NextRound | None:
-        """TRAIN or FINISHED for this client now, or None: it should wait."""
-        if version > self.version:
-            raise errors.conflict(
-                "version_ahead",
-                f"client is at alpha version {version}, the server at {self.version}: the run was "
-                "reset or restored; fetch GET /v1/state and resync",
-            )
-        if self.finished:
-            deltas, catch_up = self.deltas_since(version)
-            return NextRound(FINISHED, self.version, None, deltas, catch_up,
-                             reason=f"the run finished after {self.version} applied rounds")
-        r = self.open
-        if (r is None or client_id not in r.plan.clients or client_id in r.received
-                or now >= r.plan.deadline):
-            return None
-        deltas, catch_up = self.deltas_since(version)
-        return NextRound(TRAIN, self.version, r.plan.assignment_for(client_id, now), deltas, catch_up)
+    # ------------------------------------------------------------------ the published deltas
 
     def deltas_since(self, version: int) -> tuple[tuple[AlphaDelta, ...], bool]:
         """The published deltas after `version`, or catch_up=True when they are no longer kept."""
@@ -431,34 +340,13 @@ class RoundEngine:
             return (), True
         return tuple(self.deltas)[-gap:], False
 
-    def waiting(self, client_id: str, version: int, *, reported: bool = False) -> NextRound:
-        """WAIT for a client at `version`: the deltas it lacks and why it waits. `reported`: its
-        report for the open round is in, though not booked yet (a shell committing it)."""
-        deltas, catch_up = self.deltas_since(version)
-        return NextRound(WAIT, self.version, None, deltas, catch_up, retry_after_s=0.0,
-                         reason=self.wait_reason(client_id, reported=reported))
-
-    def wait_reason(self, client_id: str, *, reported: bool = False) -> str:
-        r = self.open
-        if r is not None:
-            if reported or client_id in r.received:
-                return f"your report for round {r.plan.round} is in; waiting for the round to close"
-            if client_id in r.plan.excluded:
-                return f"the scheduler left you out of round {r.plan.round}: {r.plan.excluded[client_id]}"
-            return f"round {r.plan.round} is running without you; you join the next round"
-        return self.idle_reason
-
     # ------------------------------------------------------------------ reports
 
     def check_report(self, client_id: str, round_: int, report: Report, now: float) -> OpenRound:
         """The open round `report` belongs to, or a domain error (nothing changes)."""
         r = self.open
         if r is None or r.plan.round != round_:
-            current = r.plan.round if r is not None else self.round_counter - 1
-            if round_ > current or round_ < 1:
-                raise errors.not_found(
-                    "unknown_round", f"round {round_} does not exist (current round: {current})")
-            raise round_closed(round_)
+            raise self.refuse_round(round_)
         if client_id in r.received:
             raise errors.conflict("already_reported",
                                   f"client {client_id} already reported for round {round_}")
@@ -467,6 +355,16 @@ class RoundEngine:
         check_report(r.plan, client_id, report, max_abs_scalar=self.config.aggregation.max_abs_scalar,
                      weights_only=self.weights_only)
         return r
+
+    def refuse_round(self, round_: int) -> errors.Refusal:
+        """Why a report for `round_`, which is not the open round, is refused: the round does
+        not exist, or it closed."""
+        r = self.open
+        current = r.plan.round if r is not None else self.round_counter - 1
+        if round_ > current or round_ < 1:
+            return errors.not_found(
+                "unknown_round", f"round {round_} does not exist (current round: {current})")
+        return round_closed(round_)
 
     def accept_report(self, received: ReceivedReport) -> None:
         """Book a checked report into the open round and the member's record."""
@@ -484,16 +382,24 @@ class RoundEngine:
 
     # ------------------------------------------------------------------ closing a round
 
-    def due(self, now: float) -> bool:
+    def due(self, now: float, *, committing: bool = False) -> bool:
         """The open round should close: every assigned client reported (or left), or the deadline
-        passed."""
+        passed. `committing`: reports are still being committed (a durable shell's); the round
+        waits for them until its deadline (a close then waits for the commits to land)."""
         r = self.open
         if r is None:
             return False
+        if now >= r.plan.deadline:
+            return True
         # A client that left or was dropped will not report: no waiting.
         waiting = [cid for cid in r.plan.clients if cid not in r.received
                    and cid in self.members and not self.members[cid].left]
-        return not waiting or now >= r.plan.deadline
+        return not waiting and not committing
+
+    def time_left(self, now: float) -> float | None:
+        """Seconds until the open round's deadline (0 once it passed); None: no round is open."""
+        r = self.open
+        return None if r is None else max(0.0, r.plan.deadline - now)
 
     def decide_close(self, now: float) -> RoundClosure:
         """What closing the open round changes; nothing is applied yet."""
@@ -521,7 +427,8 @@ class RoundEngine:
             alpha = apply_delta(self.alpha, change)
             if anchor is not None and outcome.status == REJECTED:  # rolled back to it
                 anchor = Anchor(delta.version, alpha, anchor.losses)
-        calibrations = self._decayed_calibrations(plan) | self._calibrations(plan, r.received)
+        calibrations = (calibration.decayed(self.members, plan)
+                        | calibration.measured(self.config.run, self.members, plan, r.received))
         return RoundClosure(plan, outcome, delta, alpha, calibrations, now, tuple(sorted(r.received)),
                             {cid: rec.report.loss_mean for cid, rec in sorted(r.received.items())},
                             anchor)
@@ -553,18 +460,9 @@ class RoundEngine:
         # the training losses do not: one client's few batches are noisy (a last step twice the
         # round's mean is common), and a rise they would catch shows in the next round's check
         # losses, which roll it back.
-        jump = None if checks else self._loss_jump(received, weights)
+        jump = None if checks else training_loss_jump(received, weights, self._reference_losses,
+                                                      tolerance)
         return anchor, None, None if jump is None else f"{jump}: not applied"
-
-    def _decayed_calibrations(self, plan: RoundPlan) -> dict[str, float]:
-        """Members without a part in this round: calibrations above 1 move halfway to 1 (and
-        to 1 itself once within one re-solve band of it)."""
-        out = {}
-        for cid, m in sorted(self.members.items()):
-            if cid not in plan.clients and m.calibration > 1.0:
-                value = 1.0 + (m.calibration - 1.0) * CALIBRATION_DECAY
-                out[cid] = value if value >= CALIBRATION_STEP else 1.0
-        return out
 
     def sample_weights(self, client_ids: Iterable[str]) -> dict[str, float]:
         return {cid: self._sample_weight(cid) for cid in client_ids}
@@ -586,9 +484,9 @@ class RoundEngine:
             # last applied round instead, a run whose loss an applied round had already raised
             # was rejected for good (SmolLM2 at lr 1e-3 on the simulator: rounds 2-4).
             self._reference_losses.update(closure.client_losses)
-        for cid, calibration in closure.calibrations.items():
+        for cid, value in closure.calibrations.items():
             if cid in self.members:
-                self.members[cid].calibration = calibration
+                self.members[cid].calibration = value
         self._previous = {cid: frozenset(p.blocks) for cid, p in plan.clients.items()}
         self.last_plan = plan
         self.history.append(RoundRecord(plan.round, outcome.status, len(plan.clients),
@@ -599,51 +497,6 @@ class RoundEngine:
         if max_rounds and self.version >= max_rounds:
             self.finished = True
             self.idle_reason = f"the run finished after {self.version} applied rounds"
-
-    def _loss_jump(self, received: dict[str, ReceivedReport], weights: dict[str, float]) -> str | None:
-        """Why this round's losses say the step is too large, or None.
-
-        Two signs, from what clients report anyway: the mean loss of the clients that also
-        reported in the last applied or rejected round rose by more than the tolerance above
-        their mean then (the last update hurt; the same clients, because under non-IID data another mix
-        of clients has another loss), or the clients' last-step losses rose twice that much
-        above their round means (the local steps diverge; a single batch is noisy, hence twice).
-        """
-        tolerance = self.config.run.loss_jump_tolerance
-        reports = [(weights[cid], r.report) for cid, r in sorted(received.items()) if weights[cid] > 0]
-        total = sum(w for w, _ in reports)
-        if tolerance <= 0 or total <= 0:
-            return None
-        mean = sum(w * rep.loss_mean for w, rep in reports) / total
-        last = sum(w * rep.loss_last for w, rep in reports) / total
-        common = [(weights[cid], r.report.loss_mean, self._reference_losses[cid])
-                  for cid, r in sorted(received.items())
-                  if cid in self._reference_losses and weights[cid] > 0]
-        if common:
-            weight = sum(w for w, _, _ in common)
-            now = sum(w * loss for w, loss, _ in common) / weight
-            then = sum(w * loss for w, _, loss in common) / weight
-            if then > 0 and now > then * (1 + tolerance):
-                return f"the clients' loss jumped from {then:.4g} to {now:.4g}"
-        # Single batches are noisy: the within-round sign needs twice the tolerance.
-        if mean > 0 and last > mean * (1 + 2 * tolerance):
-            return f"the clients' loss rose from {mean:.4g} (round mean) to {last:.4g} (last step)"
-        return None
-
-    def _calibrations(self, plan: RoundPlan, received: dict[str, ReceivedReport]) -> dict[str, float]:
-        out = {}
-        for cid, rec in received.items():
-            peak = rec.report.peak_memory_bytes
-            member = self.members.get(cid)
-            if peak <= 0 or member is None:
-                continue
-            predicted = self.memory_model(member.profile, 1.0).total(plan.clients[cid].blocks)
-            ratio = peak / predicted
-            # An under-estimate is corrected at once (the next plan must fit); an
-            # over-estimate only decays, so one lucky round cannot over-fill a device.
-            value = max(ratio, (1 - CALIBRATION_EMA) * member.calibration + CALIBRATION_EMA * ratio)
-            out[cid] = min(max(value, CALIBRATION_MIN), CALIBRATION_MAX)
-        return out
 
     # ------------------------------------------------------------------ resuming
 

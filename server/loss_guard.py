@@ -8,7 +8,8 @@ whose check losses did not rise, with its table. A round whose clients' check lo
 more than the tolerance above the anchor's (the same clients, weighted as aggregation weighs
 them) shows that the updates since the anchor hurt, one large jump or several small ones
 alike; the engine then rolls the table back to the anchor and halves the step
-(docs/learning.md, "The loss guard").
+(docs/learning.md, "The loss guard"). Clients that send no check loss (older ones) are judged
+on their training losses instead (`training_loss_jump`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from zorba_server.aggregation import RoundDelta
+from zorba_server.rounds import ReceivedReport
 
 LOSS_SCALE_FLOOR = math.log(2)
 """The smallest loss a rise is measured against: a coin flip between two labels. Below it a
@@ -82,3 +84,34 @@ def rollback_delta(alpha: np.ndarray, target: np.ndarray) -> RoundDelta | None:
         return None
     values = diff[np.ix_(rows, cols)].astype(np.float32)
     return RoundDelta(tuple(int(k) for k in rows), tuple(int(b) for b in cols), values)
+
+
+def training_loss_jump(received: Mapping[str, ReceivedReport], weights: Mapping[str, float],
+                       reference: Mapping[str, float], tolerance: float) -> str | None:
+    """Why this round's training losses say the step is too large, or None.
+
+    Two signs, from what clients report anyway: the mean loss of the clients that also
+    reported in the last applied or rejected round (`reference`: client -> its mean loss then)
+    rose by more than the tolerance above their mean then (the last update hurt; the same
+    clients, because under non-IID data another mix of clients has another loss), or the
+    clients' last-step losses rose twice that much above their round means (the local steps
+    diverge; a single batch is noisy, hence twice).
+    """
+    reports = [(weights[cid], r.report) for cid, r in sorted(received.items()) if weights[cid] > 0]
+    total = sum(w for w, _ in reports)
+    if tolerance <= 0 or total <= 0:
+        return None
+    mean = sum(w * rep.loss_mean for w, rep in reports) / total
+    last = sum(w * rep.loss_last for w, rep in reports) / total
+    common = [(weights[cid], r.report.loss_mean, reference[cid])
+              for cid, r in sorted(received.items()) if cid in reference and weights[cid] > 0]
+    if common:
+        weight = sum(w for w, _, _ in common)
+        now = sum(w * loss for w, loss, _ in common) / weight
+        then = sum(w * loss for w, _, loss in common) / weight
+        if then > 0 and now > then * (1 + tolerance):
+            return f"the clients' loss jumped from {then:.4g} to {now:.4g}"
+    # Single batches are noisy: the within-round sign needs twice the tolerance.
+    if mean > 0 and last > mean * (1 + 2 * tolerance):
+        return f"the clients' loss rose from {mean:.4g} (round mean) to {last:.4g} (last step)"
+    return None

@@ -105,15 +105,15 @@ class _RunCollector:
         yield counter("commit_ops_total", "Writes grouped into those transactions.", commits.ops)
         yield counter("commit_seconds_total", "Time spent in database transactions.",
                       commits.busy_s)
-        yield gauge("alpha_version", "Applied rounds.", coordinator.version)
-        r = coordinator.open
+        yield gauge("alpha_version", "Applied rounds.", coordinator.engine.version)
+        r = coordinator.engine.open
         yield gauge("round", "Number of the open round (0: none open).",
                     r.plan.round if r is not None else 0)
         yield gauge("round_reports", "Reports committed in the open round.",
                     len(r.received) if r is not None else 0)
         yield gauge("round_assigned", "Clients assigned in the open round.",
                     len(r.plan.clients) if r is not None else 0)
-        yield gauge("clients", "Registered clients.", len(coordinator.members))
+        yield gauge("clients", "Registered clients.", len(coordinator.engine.members))
         yield gauge("clients_active", "Clients seen within the membership timeout.",
                     len(coordinator.engine.active_members(now)))
         yield gauge("schedule_solve_seconds", "Duration of the last scheduler run.",
@@ -137,7 +137,7 @@ def _client_gauges(coordinator: Coordinator) -> Iterator[Metric]:
                              "Body bytes of the client's last reported round (stored with its "
                              "report: a restart keeps it), by direction.",
                              labels=["client", "direction"])
-    for cid, m in sorted(coordinator.members.items()):
+    for cid, m in sorted(coordinator.engine.members.items()):
         budget.add_metric([cid], m.profile.memory_budget_bytes)
         peak.add_metric([cid], m.last_peak_bytes)
         traffic = coordinator.traffic.get(cid)

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from zorba_server.config import ConfigError, RunConfig
-from zorba_server.engine import LEFT, Member, RoundEngine
+from zorba_server.engine import RoundEngine
+from zorba_server.enrolment import Tokens
+from zorba_server.members import LEFT, Member
 from zorba_server.rounds import OPEN
 from zorba_server.storage import Snapshot
 from zorba_server.traffic import ClientTraffic
@@ -19,7 +21,8 @@ from zorba_server.traffic import ClientTraffic
 class Resumed:
     run_id: str
     created_at: float
-    token_hashes: dict[bytes, str] = field(default_factory=dict)
+    tokens: Tokens = field(default_factory=Tokens)
+    """Each known client's bearer token (by its hash), as registration stored it."""
     traffic: dict[str, ClientTraffic] = field(default_factory=dict)
     """Each client's last reported round's bytes, as its last report's row stored them."""
 
@@ -65,7 +68,7 @@ def resume(engine: RoundEngine, snap: Snapshot, run: RunConfig, now: float) -> R
             if history.last_round_bytes is not None:
                 out.traffic[c.client_id] = ClientTraffic(last_round=history.last_round_bytes)
         engine.add_member(member)
-        out.token_hashes[c.token_hash] = c.client_id
+        out.tokens.add(c.token_hash, c.client_id)
     for r in snap.rounds:  # in order: the history (the round counts read it) and the counter
         engine.restore_round(r.plan, r.status, r.reports, r.closed_at, r.loss, r.message)
     if snap.rounds and snap.rounds[-1].status == OPEN:

@@ -21,7 +21,7 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
     if plan is not None and r is not None:
         current = {
             "round": plan.round, "base_version": plan.base_version,
-            "deadline_in_s": max(0.0, plan.deadline - now), "assigned": len(plan.clients),
+            "deadline_in_s": engine.time_left(now), "assigned": len(plan.clients),
             "reported": len(r.received), "pending": pending,
             "excluded": dict(plan.excluded), "uncovered_blocks": list(plan.uncovered_blocks),
             "schedule_method": plan.schedule_method,

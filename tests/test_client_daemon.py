@@ -233,7 +233,7 @@ def count_state_fetches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def server_alpha(server: Server) -> np.ndarray:
-    return server.coordinator.alpha.copy()
+    return server.coordinator.engine.alpha.copy()
 
 
 def saved_table(device: Device) -> CoefficientTable:
@@ -317,7 +317,7 @@ async def test_a_restarted_client_rejoins_as_itself_from_its_saved_table(
     second = await device.run(server.url)
     assert second.reason == "finished" and second.version == 4
     assert device.registrations == 1 and device.store.load().client_id == client_id
-    assert len(server.coordinator.members) == 1
+    assert len(server.coordinator.engine.members) == 1
     assert fetched == []  # it resumed from its own table, no catch-up
     np.testing.assert_array_equal(saved_table(device).values, server_alpha(server))
 
@@ -331,7 +331,7 @@ async def test_a_client_far_behind_catches_up_from_the_whole_table(
     shutil.copytree(device.store.path.parent, behind)
     await device.run(server.url, stop_after_rounds=3)
     # Four rounds applied; the copy stopped right after its first report, still at version 0.
-    assert server.coordinator.version == 4
+    assert server.coordinator.engine.version == 4
 
     late = Device(tmp_path, world, 0, 1)
     late.store = StateStore(behind / "state.json")
@@ -352,7 +352,7 @@ async def test_clients_survive_a_server_restart_and_finish_the_run(
     server = await servers(min_clients=2, min_reports=2, max_rounds=6)
     devices = [Device(tmp_path, world, i, 2) for i in range(2)]
     running = [asyncio.ensure_future(d.run(server.url)) for d in devices]
-    while server.coordinator.version < 2:
+    while server.coordinator.engine.version < 2:
         await asyncio.sleep(0.05)
     with caplog.at_level(logging.WARNING, logger="zorba_edge.client"):
         await server.stop()

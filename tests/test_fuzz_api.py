@@ -128,8 +128,8 @@ def _durable(conn: sqlite3.Connection) -> tuple[Any, ...]:
 
 def _in_memory(app: Any) -> tuple[Any, ...]:
     c = app[SERVICES].coordinator
-    received = tuple(sorted(c.open.received)) if c.open is not None else ()
-    return (c.version, c.engine.round_counter, len(c.members), received)
+    received = tuple(sorted(c.engine.open.received)) if c.engine.open is not None else ()
+    return (c.engine.version, c.engine.round_counter, len(c.engine.members), received)
 
 
 @pytest.mark.slow

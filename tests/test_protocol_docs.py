@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from zorba_edge.common import schema
-from zorba_server import cli, engine, protocol_docs
+from zorba_server import calibration, cli, protocol_docs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,9 +84,9 @@ def test_the_json_schema_states_the_decoders_limits() -> None:
 
 def test_the_calibration_rule_documented_is_the_one_that_runs() -> None:
     md = " ".join((ROOT / protocol_docs.PROTOCOL_MD).read_text().split())
-    assert (f"clamped to [{engine.CALIBRATION_MIN:g}, {engine.CALIBRATION_MAX:g}]"
+    assert (f"clamped to [{calibration.CALIBRATION_MIN:g}, {calibration.CALIBRATION_MAX:g}]"
             in md)
-    assert f"an EMA of {engine.CALIBRATION_EMA:g}" in md
+    assert f"an EMA of {calibration.CALIBRATION_EMA:g}" in md
     assert "calibration <- ratio` if `ratio >= calibration`" in md
     assert "(calibration + peak / predicted) / 2" not in md  # the old, wrong rule
 

@@ -8,33 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_fakes import FINGERPRINT, FOOTPRINT, config_dict, make_report, profile
+from engine_fakes import engine, join, received
+from server_fakes import FINGERPRINT, FOOTPRINT, config_dict, profile
 
 from zorba_server.config import config_from_dict
-from zorba_server.engine import Member, RoundEngine
+from zorba_server.engine import RoundEngine
 from zorba_server.errors import Conflict, NotFound, Unprocessable
-from zorba_server.rounds import APPLIED, FAILED, REJECTED, ReceivedReport
-
-
-def engine(tmp_path: Path, **run: object) -> RoundEngine:
-    config = config_from_dict(config_dict(tmp_path / "unused.sqlite3", **run))
-    made = RoundEngine(config)
-    made.pin(FINGERPRINT, FOOTPRINT)
-    return made
-
-
-def join(e: RoundEngine, name: str, samples: int = 100, budget: int = 2**32) -> Member:
-    p = profile(samples, budget=budget, name=name)
-    e.check_registration(p)
-    member = Member(name, p, 0.0, 1.0, 0.0, p.step_time_s)
-    e.add_member(member)
-    return member
-
-
-def received(e: RoundEngine, cid: str, grads: list[float] | None = None, **kw: object) -> ReceivedReport:
-    assert e.open is not None
-    assignment = e.open.plan.assignment_for(cid, 0.0)
-    return ReceivedReport(cid, make_report(assignment, grads, **kw), b"", 1.0)
+from zorba_server.members import Member
+from zorba_server.rounds import APPLIED, FAILED, REJECTED
 
 
 def test_a_round_is_planned_accepted_and_closed_into_alpha_increments(tmp_path: Path) -> None:
@@ -93,6 +74,44 @@ def test_too_few_reports_by_the_deadline_fail_the_round(tmp_path: Path) -> None:
     e.apply_close(closure)
     assert closure.outcome.status == FAILED and e.version == 0
     assert e.propose_round(now=plan.deadline).base_version == 0  # the work is re-run
+
+
+def test_reports_still_committing_hold_the_close_until_they_land_or_the_deadline(
+        tmp_path: Path) -> None:
+    e = engine(tmp_path, min_clients=2)
+    join(e, "a"), join(e, "b")
+    plan = e.propose_round(now=0.0)
+    assert plan is not None
+    e.open_round(plan)
+    e.accept_report(received(e, "a"))
+    e.accept_report(received(e, "b"))
+    assert e.due(now=1.0) and not e.due(now=1.0, committing=True)
+    assert e.due(now=plan.deadline, committing=True)  # the close then waits for the commits
+
+
+def test_the_time_left_counts_down_to_the_open_rounds_deadline(tmp_path: Path) -> None:
+    e = engine(tmp_path, round_duration_s=30.0)
+    join(e, "a"), join(e, "b")
+    assert e.time_left(now=0.0) is None  # no round open: the driver looks again when idle
+    plan = e.propose_round(now=5.0)
+    assert plan is not None
+    e.open_round(plan)
+    assert e.time_left(now=15.0) == 20.0 and e.time_left(now=40.0) == 0.0
+
+
+def test_a_report_for_a_round_that_is_not_open_is_unknown_or_closed(tmp_path: Path) -> None:
+    e = engine(tmp_path)
+    join(e, "a"), join(e, "b")
+    assert e.refuse_round(1).code == "unknown_round"  # nothing opened yet
+    plan = e.propose_round(now=0.0)
+    assert plan is not None
+    e.open_round(plan)
+    for cid in ("a", "b"):
+        e.accept_report(received(e, cid))
+    e.apply_close(e.decide_close(now=1.0))
+    closed, ahead, zero = e.refuse_round(1), e.refuse_round(2), e.refuse_round(0)
+    assert (closed.code, ahead.code, zero.code) == ("round_closed", "unknown_round", "unknown_round")
+    assert "GET /v1/rounds/next" in closed.message and "current round: 1" in ahead.message
 
 
 def test_a_dropped_member_is_not_planned_again(tmp_path: Path) -> None:
@@ -329,28 +348,6 @@ def test_a_new_member_starts_with_its_declared_step_time_and_no_calibration(tmp_
     assert (m.client_id, m.registered_at, m.last_seen, m.calibration, m.step_time_s) == (
         "c-1", 7.0, 7.0, 1.0, 0.25)
     assert not m.left and m.rounds_reported == 0
-
-
-def test_a_waiting_client_gets_the_deltas_it_lacks_and_why_it_waits(tmp_path: Path) -> None:
-    e = engine(tmp_path)
-    join(e, "a"), join(e, "b")
-    plan = e.propose_round(now=0.0)
-    assert plan is not None
-    e.open_round(plan)
-    for cid in ("a", "b"):
-        e.accept_report(received(e, cid, [1.0]))
-    e.apply_close(e.decide_close(now=2.0))
-    idle = e.waiting("a", 0)
-    assert (idle.status, idle.version, len(idle.deltas), idle.catch_up) == ("wait", 1, 1, False)
-    assert idle.assignment is None and idle.reason == e.idle_reason
-    nxt = e.propose_round(now=3.0)
-    assert nxt is not None
-    e.open_round(nxt)
-    assert "running without you" in e.waiting("a", 1).reason  # (not booked yet)
-    # A report that a shell is still committing: the client hears it is in.
-    assert e.waiting("a", 1, reported=True).reason == (
-        f"your report for round {nxt.round} is in; waiting for the round to close")
-    assert e.waiting("a", 1).deltas == ()
 
 
 def test_the_run_counters_count_booked_reports_and_closed_rounds_by_outcome(tmp_path: Path) -> None:

@@ -13,8 +13,9 @@ from server_fakes import FINGERPRINT, FOOTPRINT, config_dict, profile
 from zorba_edge.common.schema import RUN_MODES
 from zorba_server.cli import parse_args
 from zorba_server.config import ConfigError, RunConfig, config_from_dict
-from zorba_server.engine import Member, RoundEngine
+from zorba_server.engine import RoundEngine
 from zorba_server.errors import Unprocessable
+from zorba_server.members import Member
 from zorba_server.modes import MODES, RunMode
 from zorba_server.scheduler import ClientSpec, Schedule, SchedulerConfig
 from zorba_server.scheduler_baselines import full_schedule, solve_schedule

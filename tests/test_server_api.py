@@ -336,7 +336,7 @@ async def test_a_bad_report_is_refused_with_a_clear_error_and_changes_nothing(
     assert len(body["message"]) > 10
     assert db_fingerprint(start.db) == before
     coordinator = app[SERVICES].coordinator
-    assert not coordinator.open.received and not coordinator.pending
+    assert not coordinator.engine.open.received and not coordinator.pending
     # The client can still send its real report afterwards.
     good = await a.report(assignment.round, make_report(assignment))
     assert good.status == 200
@@ -385,7 +385,7 @@ async def test_measured_peaks_calibrate_the_memory_model(start: Any) -> None:
     (c,) = await joined(http, 1)
     a = (await c.poll()).assignment
     coordinator = app[SERVICES].coordinator
-    member = coordinator.members[c.client_id]
+    member = coordinator.engine.members[c.client_id]
     predicted = coordinator.engine.memory_model(member.profile, 1.0).total(a.blocks)
     await c.report(a.round, make_report(a, peak=2 * predicted))
     a = (await c.poll()).assignment
@@ -559,8 +559,8 @@ async def test_status_json_is_valid_json_even_with_non_finite_values(start: Any)
     await c.poll()
     # A value that is not finite (however it got there) must not break the document.
     coordinator = app[SERVICES].coordinator
-    coordinator.members[c.client_id].last_loss = float("inf")
-    coordinator.members[c.client_id].calibration = float("nan")
+    coordinator.engine.members[c.client_id].last_loss = float("inf")
+    coordinator.engine.members[c.client_id].calibration = float("nan")
     resp = await http.get("/v1/status")
     assert resp.content_type == "application/json"
     status = _strict_json(await resp.text())

@@ -134,10 +134,10 @@ async def serve_lab_fleet(aiohttp_client: Any, db: Path, run: dict[str, Any], de
         device(url, i, model_dir, data, order) for i in range(CLIENTS))), 240)
     coordinator_ = http.app[SERVICES].coordinator
     for _ in range(200):  # the last report closes round 2 in the server's own task
-        if coordinator_.version == ROUNDS:
+        if coordinator_.engine.version == ROUNDS:
             break
         await asyncio.sleep(0.05)
-    return url, coordinator_.version, list(results)
+    return url, coordinator_.engine.version, list(results)
 
 
 async def real_client(url: str, index: int, model_dir: Path, data: Path,

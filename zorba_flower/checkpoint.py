@@ -23,7 +23,8 @@ import numpy as np
 from zorba_edge.common.memory_model import ModelFootprint
 from zorba_edge.common.schema import AlphaDelta, DeviceProfile, decode, encode
 from zorba_server.config import ConfigError
-from zorba_server.engine import Member, RoundEngine
+from zorba_server.engine import RoundEngine
+from zorba_server.members import Member
 from zorba_server.rounds import RoundPlan
 
 FORMAT = 1

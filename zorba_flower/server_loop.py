@@ -29,9 +29,10 @@ from flwr.app import Message, MessageType, RecordDict
 
 from zorba_edge.common.schema import SchemaError
 from zorba_flower import checkpoint, codec
-from zorba_server.engine import Member, RoundEngine
+from zorba_server.engine import RoundEngine
 from zorba_server.errors import Refusal
 from zorba_server.idempotency import report_hash
+from zorba_server.members import Member
 from zorba_server.rounds import ReceivedReport, RoundPlan
 
 log = logging.getLogger("zorba_flower.server")

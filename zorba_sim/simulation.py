@@ -62,8 +62,9 @@ from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model
 from zorba_edge.model.sources import ModelSource
 from zorba_server.config import MAX_STEPS, ServerConfig
-from zorba_server.engine import Member, RoundEngine
+from zorba_server.engine import RoundEngine
 from zorba_server.errors import Refusal
+from zorba_server.members import Member
 from zorba_server.rounds import ReceivedReport
 from zorba_sim.adversary import Adversary
 from zorba_sim.client_training import ClientTraining, ZOClients

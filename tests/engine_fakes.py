@@ -1,0 +1,34 @@
+"""A round engine on hand-made members, shared by the tests of the pure round policy (not a
+test module itself): no HTTP, asyncio or database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from server_fakes import FINGERPRINT, FOOTPRINT, config_dict, make_report, profile
+
+from zorba_server.config import config_from_dict
+from zorba_server.engine import RoundEngine
+from zorba_server.members import Member
+from zorba_server.rounds import ReceivedReport
+
+
+def engine(tmp_path: Path, **run: object) -> RoundEngine:
+    config = config_from_dict(config_dict(tmp_path / "unused.sqlite3", **run))
+    made = RoundEngine(config)
+    made.pin(FINGERPRINT, FOOTPRINT)
+    return made
+
+
+def join(e: RoundEngine, name: str, samples: int = 100, budget: int = 2**32) -> Member:
+    p = profile(samples, budget=budget, name=name)
+    e.check_registration(p)
+    member = Member(name, p, 0.0, 1.0, 0.0, p.step_time_s)
+    e.add_member(member)
+    return member
+
+
+def received(e: RoundEngine, cid: str, grads: list[float] | None = None, **kw: object) -> ReceivedReport:
+    assert e.open is not None
+    assignment = e.open.plan.assignment_for(cid, 0.0)
+    return ReceivedReport(cid, make_report(assignment, grads, **kw), b"", 1.0)
