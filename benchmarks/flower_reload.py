@@ -4,7 +4,8 @@
 
 Flower 1.42's Deployment Engine starts a fresh `flwr-clientapp` process for every message,
 which imports flwr, torch and transformers and builds the model anew from the history the
-message carries (every published delta, replayed in place on base). This benchmark times that in the same order, without a SuperLink:
+message carries (every published delta, replayed in place on base). This benchmark times
+that in the same order, without a SuperLink:
 
 1. Here: a one-node run of the app over the tests' fake grid (tests/flower_fakes.py), 2
    rounds, and the node's round-2 TRAIN message (a history of 1 delta) and Flower state are
