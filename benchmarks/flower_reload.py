@@ -3,21 +3,24 @@
     python benchmarks/flower_reload.py --json [--repeats 3]
 
 Flower 1.42's Deployment Engine starts a fresh `flwr-clientapp` process for every message,
-which imports flwr, torch and transformers and builds the model anew from the table the
-message carries. This benchmark times that in the same order, without a SuperLink:
+which imports flwr, torch and transformers and builds the model anew from the history the
+message carries (every published delta, replayed in place on base). This benchmark times
+that in the same order, without a SuperLink:
 
 1. Here: a one-node run of the app over the tests' fake grid (tests/flower_fakes.py), 2
-   rounds, and the node's round-2 TRAIN message (a table at version 1) and Flower state are
-   saved, as the SuperNode would hand them to the ClientApp process.
+   rounds, and the node's round-2 TRAIN message (a history of 1 delta) and Flower state are
+   saved, as the SuperNode would hand them to the ClientApp process. The same process's
+   round 2 (`recorded.in_process_handler_s`) is what a long-lived worker pays: it applies
+   the one new delta in place instead of rebuilding.
 2. `--repeats` fresh `python` processes, each: import flwr's ClientApp, torch, transformers
    and `zorba_flower.client_app` (timed in that order; a module a later import shares with
    an earlier one is counted where first imported), then call the app on the message as
    the flwr-clientapp process does (`app(message, context)`), with timers around the
    handler's parts: open the model source, build the partition's task (examples, tokens,
    batch stream), load the model (skeleton, non-block weights, every block from base),
-   rebuild from the table (the alpha replay inside the load), and the local steps.
-   The rebuild's cost per non-zero (pool index, block) entry of the table is given too: a
-   table gains entries every round, up to pool-size per block.
+   replay the history (the in-place increments inside the load), and the local steps.
+   The replay's cost per (pool index, block) entry of the history is given too: the history
+   gains a round's entries every round.
 
 Not in the figures: Flower's own process start (the SuperNode spawning flwr-clientapp, its
 gRPC connection, pulling the message and pushing the reply); `python_start_s` is only the
@@ -150,7 +153,7 @@ def child(out: Path) -> None:
     timed(client_worker, "training_examples", "task_examples")
     timed(client_worker, "build_task", "task_build")
     timed(trainer, "load_model", "load_model_total")
-    timed(coefficients, "materialize_block_", "rebuild_from_table")
+    timed(coefficients, "apply_increments_", "replay_history")
     timed(trainer, "run_local_steps", "local_steps")
 
     from flwr.app import Context, Message, MessageType, Metadata, RecordDict
@@ -177,7 +180,8 @@ def child(out: Path) -> None:
 
     timing = codec.read_timing(reply.content)
     result: dict[str, Any] = {k: round(v, 3) for k, v in phases.items()}
-    result["load_model_base_s"] = round(phases["load_model_total"] - phases["rebuild_from_table"], 3)
+    replay_s = phases.get("replay_history", 0.0)
+    result["load_model_base_s"] = round(phases["load_model_total"] - replay_s, 3)
     result["handler_other_s"] = round(phases["handler_total"] - sum(
         phases.get(k, 0.0) for k in ("open_model_source", "task_examples", "task_build",
                                      "load_model_total", "local_steps")), 3)
@@ -185,11 +189,10 @@ def child(out: Path) -> None:
         "handler_s": round(timing.handler_s, 3), "train_s": round(timing.train_s, 3),
         "rss_peak_mib": round(timing.rss_peak_bytes / 2**20, 1)}
     instruction = codec.read_train_instruction(message.content)
-    entries = int(sum(len(instruction.state.matrix()[:, b].nonzero()[0])
-                      for b in range(instruction.state.num_blocks)))
-    result["table"] = {"version": instruction.state.version, "nonzero_entries": entries,
-                       "rebuild_per_entry_s": round(phases["rebuild_from_table"] / entries, 4)
-                       if entries else None}
+    entries = sum(len(d.entries()) for d in instruction.deltas)
+    result["history"] = {"version": len(instruction.deltas), "entries": entries,
+                         "message_bytes": len(codec.encode(instruction)),
+                         "replay_per_entry_s": round(replay_s / entries, 4) if entries else None}
     result["script_s"] = time.perf_counter() - STARTED
     print(json.dumps(result))
 

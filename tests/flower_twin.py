@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from zorba_edge.client.assembly import DataChoice, memory_profile
+from zorba_edge.client.assembly import DataChoice, memory_profile, training_examples
 from zorba_edge.data.jsonl import load_classification_jsonl
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.sources import open_source
@@ -46,5 +46,13 @@ def twin_simulation(values: Mapping[str, Any], budgets_mib: Sequence[float],
     examples = load_classification_jsonl(first.data, choice.template.label_names)
     sim = Simulation.build(config, open_source(first.model), fleet, examples, heldout,
                            template=choice.template)
+    shares = [len(c.task.examples) for c in sim.clients.values()]
+    nodes_shares = [len(training_examples(DataChoice(n.data, num_clients=count,
+                                                     client_index=n.partition_id,
+                                                     seed=n.data_seed))) for n in nodes]
+    if shares != nodes_shares:
+        # zorba_sim splits with min_per_client=1, the clients (training_examples) with 2.
+        raise ValueError(f"the simulator's data shares {shares} are not the nodes' {nodes_shares}: "
+                         "a partition got fewer than 2 examples; choose another client.data-seed")
     sim.run()
     return sim

@@ -15,7 +15,6 @@ from server_fakes import FINGERPRINT, FOOTPRINT, profile  # noqa: E402
 
 from zorba_edge.common.schema import (  # noqa: E402
     AlphaDelta,
-    AlphaState,
     Assignment,
     HyperParams,
     Report,
@@ -33,20 +32,19 @@ def over_the_wire(content: RecordDict) -> RecordDict:
 
 
 def instruction() -> codec.TrainInstruction:
-    alpha = np.arange(8 * 4, dtype=np.float64).reshape(8, 4) / 7.0
     run = RunInfo("flower-run", 3, 8, 4, FINGERPRINT, HYPER, 30.0, 5.0, 1e6)
     assignment = Assignment(5, 2, (0, 3), (7, 1, 4), HYPER, 29.5, 1.7e9)
-    delta = AlphaDelta.from_matrix(2, 4, (1, 7), (0, 3), np.array([[0.5, -0.25], [1.0, 2.0]]))
-    state = AlphaState("flower-run", 2, 8, 4, alpha.astype("<f8").tobytes())
-    return codec.TrainInstruction(run, assignment, state, (delta,))
+    history = (AlphaDelta.from_matrix(1, 2, (0,), (1,), np.array([[1 / 7]])),
+               AlphaDelta.from_matrix(2, 4, (1, 7), (0, 3), np.array([[0.5, -0.25], [1.0, 2.0]])))
+    return codec.TrainInstruction(run, assignment, history)
 
 
-def test_a_train_instruction_round_trips_with_the_table_bit_for_bit() -> None:
+def test_a_train_instruction_round_trips_with_the_history_bit_for_bit() -> None:
     sent = instruction()
     got = codec.read_train_instruction(over_the_wire(codec.train_instruction(sent)))
     assert got == sent
-    assert np.array_equal(got.state.matrix(), sent.state.matrix())
-    assert got.deltas[0].entries() == sent.deltas[0].entries()
+    assert [d.values for d in got.deltas] == [d.values for d in sent.deltas]
+    assert got.deltas[1].entries() == sent.deltas[1].entries()
 
 
 def test_a_report_round_trips_with_its_scalars_exact() -> None:
@@ -62,7 +60,7 @@ def test_a_decline_is_told_apart_from_a_report() -> None:
 
 def test_a_profile_and_a_query_round_trip() -> None:
     p = profile(42, budget=3 * 2**20, name="node-1")
-    assert codec.read_profile(over_the_wire(codec.profile_reply(p))) == p
+    assert codec.read_profile(over_the_wire(codec.profile_reply(p, 7))) == (p, 7)
     assert p.footprint == FOOTPRINT
     query = codec.ProfileQuery(batch_size=4, seq_len=16)
     assert codec.read_profile_query(over_the_wire(codec.profile_query(query))) == query
@@ -82,6 +80,16 @@ def test_an_invalid_report_is_refused_by_the_protocol_decoder() -> None:
     content = RecordDict({"zorba": ConfigRecord({"report": msgpack.packb(fields)})})
     with pytest.raises(SchemaError, match=r"steps\[0\]\[1\].*not a finite number"):
         codec.read_train_reply(over_the_wire(content))
+
+
+def test_a_profile_without_a_valid_partition_is_refused() -> None:
+    content = codec.profile_reply(profile(42), 0)
+    content["zorba"]["partition"] = -1
+    with pytest.raises(SchemaError, match="partition-id"):
+        codec.read_profile(over_the_wire(content))
+    del content["zorba"]["partition"]
+    with pytest.raises(SchemaError, match="partition is None"):
+        codec.read_profile(over_the_wire(content))
 
 
 def test_a_query_from_another_protocol_version_is_refused() -> None:

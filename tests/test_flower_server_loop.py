@@ -23,13 +23,14 @@ from zorba_server.engine import RoundEngine  # noqa: E402
 from zorba_server.rounds import APPLIED, FAILED, RoundPlan  # noqa: E402
 
 
-def node(device: DeviceProfile, *, fail_from_round: int | None = None, silent: bool = False) -> Handler:
+def node(device: DeviceProfile, *, fail_from_round: int | None = None, silent: bool = False,
+         partition: int = 0) -> Handler:
     """A well-behaved node: its profile on QUERY, g = 0.01 * (k + 1) for every step on TRAIN."""
 
     def handle(msg: Message) -> RecordDict | Error | None:
         if msg.metadata.message_type == MessageType.QUERY:
             codec.read_profile_query(msg.content)
-            return codec.profile_reply(device)
+            return codec.profile_reply(device, partition)
         instruction = codec.read_train_instruction(msg.content)
         a = instruction.assignment
         if fail_from_round is not None and a.round >= fail_from_round:
@@ -89,7 +90,7 @@ def test_a_node_whose_message_fails_is_dropped_and_the_others_go_on(tmp_path: Pa
     assert [r.dropped for r in loop.rounds] == [(), (11,), (22,)]
     assert [r.reported for r in loop.rounds] == [(11, 22, 33), (22, 33), (33,)]
     assert [r.status for r in loop.rounds] == [APPLIED] * 3
-    assert set(engine.members) == {"node-33"} and set(loop.refused) == {11, 22}
+    assert set(engine.members) == {"p000000-node-33"} and set(loop.refused) == {11, 22}
 
 
 def test_a_node_the_superlink_lost_is_dropped_though_the_error_comes_from_the_superlink(
@@ -146,7 +147,7 @@ def test_a_crashed_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert [r.status for r in fresh.history] == [APPLIED, APPLIED, FAILED]
     second.run(FakeGrid({33: nodes[11], 44: nodes[22]}))
     assert fresh.version == 4 and [r.round for r in second.rounds] == [4, 5]
-    assert set(fresh.members) == {"node-33", "node-44"}
+    assert set(fresh.members) == {"p000000-node-33", "p000000-node-44"}
 
     # The resumed rounds trained on from the checkpoint's table.
     assert [d.version for d in fresh.deltas] == [1, 2, 3, 4]
@@ -160,3 +161,38 @@ def test_a_checkpoint_of_another_run_config_is_refused(tmp_path: Path) -> None:
                                                 22: node(profile(50, budget=large))}))
     with pytest.raises(ConfigError, match="seed=0, pool_size=64.*seed=5"):
         rounds_loop(make_engine(tmp_path, seed=5), tmp_path)
+
+
+def test_members_join_in_partition_order_whatever_their_node_ids(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path, max_rounds=1)
+    _, large = budgets(engine)
+    grid = FakeGrid({5: node(profile(50, budget=large), partition=1),
+                     90: node(profile(50, budget=large), partition=0)})
+    rounds_loop(engine, tmp_path).run(grid)
+    # The engine takes clients in this order (and sums reports in id order): zorba_sim's.
+    assert list(engine.members) == ["p000000-node-90", "p000001-node-5"]
+    assert sorted(engine.members) == list(engine.members)
+
+
+def test_train_messages_carry_every_published_delta_across_a_resume(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path, max_rounds=4, catch_up_rounds=1)
+    small, large = budgets(engine)
+    nodes = {11: node(profile(50, budget=small)), 22: node(profile(50, budget=large))}
+    with pytest.raises(Crash):
+        rounds_loop(engine, tmp_path).run(FakeGrid(nodes, crash_on_round=3))
+    assert len(engine.deltas) == 1  # the engine keeps one; the history keeps all
+
+    fresh = make_engine(tmp_path, max_rounds=4, catch_up_rounds=1)
+    grid = FakeGrid(nodes)
+    resumed = rounds_loop(fresh, tmp_path)
+    assert [d.version for d in resumed.history] == [1, 2]
+    resumed.run(grid)
+    sent = [codec.read_train_instruction(m.content) for m in grid.sent
+            if m.metadata.message_type == MessageType.TRAIN]
+    assert [[d.version for d in i.deltas] for i in sent] == [[1, 2]] * 2 + [[1, 2, 3]] * 2
+    assert all(i.assignment.base_version == len(i.deltas) for i in sent)
+    # The history adds up to the server's table, bit for bit.
+    total = np.zeros_like(fresh.alpha)
+    for d in resumed.history:
+        total[np.ix_(d.pool_indices, d.blocks)] += d.matrix().astype(np.float64)
+    assert total.tobytes() == fresh.alpha.tobytes()

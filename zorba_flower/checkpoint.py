@@ -1,8 +1,8 @@
 """The Flower server app's durable state: one file holding the round engine's state.
 
 A SuperLink restart fails the Flower run and nothing in Flower resumes it, so the server app
-writes the engine's state (alpha, version, round counter, members, recent deltas, the rounds
-so far and the open round's plan) after every change of round and a new run started with
+writes the engine's state (alpha, version, round counter, members, every delta the run
+published, the rounds so far and the open round's plan) after every change of round and a new run started with
 the same checkpoint path continues from it. The file is replaced atomically (write, fsync,
 rename): a crash leaves the old state or the new one, never half of either.
 
@@ -13,6 +13,7 @@ messages died with the SuperLink, so the next round re-runs its work on the same
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from zorba_server.engine import RoundEngine
 from zorba_server.members import Member
 from zorba_server.rounds import RoundPlan
 
-FORMAT = 1
+FORMAT = 2
+"""2: every published delta (the TRAIN messages' history); 1 kept the engine's last few."""
 _UNLIMITED = 1 << 40
 """A checkpoint is our own file, not a peer's message: no byte limit on its parts."""
 
@@ -42,10 +44,12 @@ class Resumed:
     """The round that was open at the stop and is closed as failed now."""
 
 
-def save(engine: RoundEngine, path: Path, run_id: str, plans: dict[int, RoundPlan]) -> None:
+def save(engine: RoundEngine, path: Path, run_id: str, plans: dict[int, RoundPlan],
+         history: Sequence[AlphaDelta]) -> None:
     """Write the engine's state; `plans` holds the plan of every round in its history (the
-    engine keeps only their summaries)."""
-    body = msgpack.packb(_state(engine, run_id, plans), use_bin_type=True)
+    engine keeps only their summaries), `history` every delta the run published (the engine
+    keeps only the last run.catch_up_rounds)."""
+    body = msgpack.packb(_state(engine, run_id, plans, history), use_bin_type=True)
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "wb") as f:
@@ -55,7 +59,8 @@ def save(engine: RoundEngine, path: Path, run_id: str, plans: dict[int, RoundPla
     os.replace(tmp, path)
 
 
-def _state(engine: RoundEngine, run_id: str, plans: dict[int, RoundPlan]) -> dict[str, Any]:
+def _state(engine: RoundEngine, run_id: str, plans: dict[int, RoundPlan],
+           history: Sequence[AlphaDelta]) -> dict[str, Any]:
     alpha = engine.alpha
     closed_rounds = [(r, plans[r.round]) for r in engine.history]
     return {
@@ -68,7 +73,7 @@ def _state(engine: RoundEngine, run_id: str, plans: dict[int, RoundPlan]) -> dic
         "alpha": np.ascontiguousarray(alpha, dtype="<f8").tobytes() if alpha is not None else None,
         "version": engine.version,
         "round_counter": engine.round_counter,
-        "deltas": [encode(d) for d in engine.deltas],
+        "deltas": [encode(d) for d in history],
         "members": [
             {"client_id": m.client_id, "profile": encode(m.profile), "registered_at": m.registered_at,
              "calibration": m.calibration, "step_time_s": m.step_time_s}
@@ -100,8 +105,10 @@ def _read(path: Path) -> dict[str, Any]:
     return state
 
 
-def restore(engine: RoundEngine, path: Path, now: float, plans: dict[int, RoundPlan]) -> Resumed:
-    """Load `path` into a fresh engine built from the same config; fills `plans`."""
+def restore(engine: RoundEngine, path: Path, now: float, plans: dict[int, RoundPlan],
+            history: list[AlphaDelta]) -> Resumed:
+    """Load `path` into a fresh engine built from the same config; fills `plans` and
+    `history`."""
     state = _read(path)
     if (state["seed"], state["pool_size"]) != (engine.seed, engine.pool_size):
         raise ConfigError(
@@ -114,7 +121,8 @@ def restore(engine: RoundEngine, path: Path, now: float, plans: dict[int, RoundP
             engine.pool_size, footprint.num_blocks).copy()
         engine.pin(state["fingerprint"], footprint, alpha)
     engine.version = state["version"]
-    engine.deltas.extend(decode(AlphaDelta, d, max_bytes=_UNLIMITED) for d in state["deltas"])
+    history.extend(decode(AlphaDelta, d, max_bytes=_UNLIMITED) for d in state["deltas"])
+    engine.deltas.extend(history)  # its deque keeps the last run.catch_up_rounds
     for m in state["members"]:
         # Seen now: a member gets one membership timeout to show up in the grid again.
         engine.add_member(Member(m["client_id"], decode(DeviceProfile, m["profile"], max_bytes=_UNLIMITED),
@@ -131,6 +139,8 @@ def restore(engine: RoundEngine, path: Path, now: float, plans: dict[int, RoundP
         engine.reopen(plan, ())
         closure = engine.decide_close(max(now, plan.deadline))
         engine.apply_close(closure)
+        if closure.delta is not None:
+            history.append(closure.delta)
         abandoned = plan.round
     max_rounds = engine.config.run.max_rounds
     engine.finished = bool(max_rounds) and engine.version >= max_rounds

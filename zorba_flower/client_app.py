@@ -56,7 +56,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         s = settings(context)
         profile = node(s).profile(s, codec.read_profile_query(msg.content))
-        return Message(codec.profile_reply(profile), reply_to=msg)
+        return Message(codec.profile_reply(profile, s.partition_id), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

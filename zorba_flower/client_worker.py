@@ -6,9 +6,11 @@ process per message and builds it anew every round (docs/flower.md has what that
 unless the node hands its messages to a long-lived local worker process that keeps one
 (`zorba_flower.worker`).
 
-Sync: the held model is always rebuilt from base + the table the message carries whenever
-the table's version moved, so the weights a round trains on are a pure function of the
-table, whichever actor or process serves the node. Batches come from the client's one
+Sync: every TRAIN message carries the run's whole history (each published delta, versions
+1..v); the worker's `HistoryTrainer` applies the versions it has not seen in place, and builds
+any block it lacks by replaying the history from base, so the weights a round trains on are
+a function of the history alone (zorba_sim's weights, bit for bit, where every block is held
+in fp32), whichever actor or process serves the node. Batches come from the client's one
 seeded stream, the daemon's and the simulator's (`build_task`: seeded by data seed and
 partition, epoch-wise shuffled over the whole run); how far the node has drawn from it
 lives in the node's own Flower state, not in the process, so a fresh process or another
@@ -26,8 +28,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from zorba_edge.client.assembly import (
     DataChoice,
     build_task,
@@ -37,12 +37,11 @@ from zorba_edge.client.assembly import (
     training_examples,
 )
 from zorba_edge.client.local_task import LocalTask
-from zorba_edge.client.trainer import LocalTrainer
 from zorba_edge.common.schema import DeviceProfile, Report
-from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.sources import ModelSource, open_source
 from zorba_flower.codec import Decline, ProfileQuery, Timing, TrainInstruction, TrainOutcome
+from zorba_flower.history_trainer import HistoryTrainer
 from zorba_flower.settings import ClientAppSettings
 
 
@@ -59,7 +58,7 @@ class NodeWorker:
 
     sources: dict[str, ModelSource] = field(default_factory=dict)
     tasks: dict[tuple[str, str, int, int, int], LocalTask] = field(default_factory=dict)
-    trainer: LocalTrainer | None = None
+    trainer: HistoryTrainer | None = None
 
     def _source(self, path: str) -> ModelSource:
         if path not in self.sources:
@@ -99,16 +98,15 @@ class NodeWorker:
         `batches_drawn` (what the node's state kept from its last round)."""
         started = time.perf_counter()
         source = self._source(s.model)
-        run, assignment, state = instruction.run, instruction.assignment, instruction.state
+        run, assignment = instruction.run, instruction.assignment
         task = self._task(s)
         task.seek(run.hyper.batch_size, run.hyper.seq_len, batches_drawn)
         trainer = self.trainer
-        if trainer is None or trainer.run != run or trainer.source is not source:
-            table = CoefficientTable(state.pool_size, state.num_blocks, state.matrix(), state.version)
-            trainer = self.trainer = LocalTrainer(source, self._load_config(s), run, task, table=table)
-        elif trainer.table.version != state.version or not np.array_equal(trainer.table.values,
-                                                                          state.matrix()):
-            trainer.replace_table(state)
+        load_config = self._load_config(s)
+        if (trainer is None or trainer.run != run or trainer.source is not source
+                or trainer.load_config != load_config):
+            trainer = self.trainer = HistoryTrainer(source, load_config, run, task)
+        trainer.follow(instruction.deltas)
         trainer.task = task
         cancel = threading.Event()
         timer = threading.Timer(max(0.0, assignment.deadline_in_s - s.deadline_margin_s), cancel.set)

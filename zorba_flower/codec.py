@@ -5,7 +5,7 @@ msgpack body of a protocol message (`zorba_edge.common.schema`). The same strict
 HTTP server uses validates it, so a Flower peer gets no looser a check than an HTTP one and
 there is one definition of every field. Flower itself moves the bytes (protobuf, gRPC).
 
-    QUERY  server -> node   ProfileQuery        node -> server   DeviceProfile
+    QUERY  server -> node   ProfileQuery        node -> server   DeviceProfile, partition id
     TRAIN  server -> node   TrainInstruction    node -> server   Report, or a decline
 """
 
@@ -22,7 +22,6 @@ from zorba_edge.common.schema import (
     MAX_RESPONSE_BYTES,
     PROTOCOL_VERSION,
     AlphaDelta,
-    AlphaState,
     Assignment,
     DeviceProfile,
     Report,
@@ -54,15 +53,17 @@ class TrainInstruction:
     """TRAIN: one node's round.
 
     A Deployment Engine node starts a fresh process for every message and a Simulation
-    Engine actor may serve another node than last round, so the server cannot know what
-    table the receiver holds: the whole table travels (K x B float64), with the deltas it
-    keeps for a receiver that would rather apply increments.
+    Engine actor may serve another node than last round, so the server cannot know which
+    version the receiving process holds (0 for a fresh one): the run's whole history
+    travels, every published delta from version 1 to the assignment's base version. A
+    process at version u applies u+1..v in place; a fresh one replays from base
+    (zorba_flower/history_trainer.py). The table is their sum, so it does not travel.
     """
 
     run: RunInfo
     assignment: Assignment
-    state: AlphaState
     deltas: tuple[AlphaDelta, ...] = ()
+    """Every delta the run published, versions 1..assignment.base_version in order."""
 
 
 @dataclass(frozen=True)
@@ -106,12 +107,26 @@ def read_profile_query(content: RecordDict) -> ProfileQuery:
     return query
 
 
-def profile_reply(profile: DeviceProfile) -> RecordDict:
-    return _pack("profile", profile)
+MAX_PARTITIONS = 10**6
+"""Partition ids are below this: client ids hold them as 6 digits (server_loop.client_id)."""
 
 
-def read_profile(content: RecordDict) -> DeviceProfile:
-    return _unpack(content, "profile", DeviceProfile, MAX_REGISTER_BYTES)
+def profile_reply(profile: DeviceProfile, partition: int) -> RecordDict:
+    """The node's profile, and the data partition it holds (its `partition-id`)."""
+    return RecordDict({RECORD: ConfigRecord({"profile": encode(profile), "partition": partition})})
+
+
+def read_profile(content: RecordDict) -> tuple[DeviceProfile, int]:
+    """A QUERY reply: the node's profile and its partition id."""
+    profile = _unpack(content, "profile", DeviceProfile, MAX_REGISTER_BYTES)
+    partition = content.config_records[RECORD].get("partition")
+    if not isinstance(partition, int) or isinstance(partition, bool) or not (
+            0 <= partition < MAX_PARTITIONS):
+        raise SchemaError(
+            f"the profile reply's partition is {partition!r}, expected a partition id in "
+            f"[0, {MAX_PARTITIONS}): set the node's partition-id (--node-config) in that range "
+            "and run the same zorba-flower version on server and nodes")
+    return profile, partition
 
 
 def train_instruction(instruction: TrainInstruction) -> RecordDict:

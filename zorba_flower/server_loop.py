@@ -27,7 +27,7 @@ from typing import Protocol
 
 from flwr.app import Message, MessageType, RecordDict
 
-from zorba_edge.common.schema import SchemaError
+from zorba_edge.common.schema import AlphaDelta, SchemaError
 from zorba_flower import checkpoint, codec
 from zorba_server.engine import RoundEngine
 from zorba_server.errors import Refusal
@@ -98,12 +98,16 @@ class NoRoundError(RuntimeError):
     """No round could open for `max_idle_s`."""
 
 
-def client_id(node_id: int) -> str:
-    return f"node-{node_id}"
+def client_id(node_id: int, partition: int) -> str:
+    """A node's client id, its partition first: the engine takes clients in id order (it sums
+    their reports so, and the scheduler sees them so), and this way that order is the
+    partitions', as in zorba_sim (client i holds partition i), whatever ids Flower drew. The
+    node id keeps it unique where nodes share a partition."""
+    return f"p{partition:06d}-node-{node_id}"
 
 
 def node_of(cid: str) -> int:
-    return int(cid.removeprefix("node-"))
+    return int(cid.rpartition("-node-")[2])
 
 
 @dataclass
@@ -116,6 +120,9 @@ class FlowerRounds:
     rounds: list[RoundLog] = field(default_factory=list)
     refused: dict[int, str] = field(default_factory=dict)
     """Nodes the engine would not admit or that failed a round: not asked again this run."""
+    history: list[AlphaDelta] = field(default_factory=list)
+    """Every delta the run published, versions 1..engine.version (the engine keeps only the
+    last run.catch_up_rounds): each TRAIN message carries it (codec.TrainInstruction)."""
     resumed: checkpoint.Resumed | None = None
     on_round: Callable[[RoundLog], None] | None = None
     """Called with each closed round (the server app appends it to flower.rounds-log)."""
@@ -123,7 +130,7 @@ class FlowerRounds:
     def __post_init__(self) -> None:
         if self.settings.checkpoint.exists():
             self.resumed = checkpoint.restore(self.engine, self.settings.checkpoint, self.clock(),
-                                              self.plans)
+                                              self.plans, self.history)
             log.info("resumed from %s: alpha version %d, next round %d%s", self.settings.checkpoint,
                      self.resumed.version, self.resumed.next_round,
                      f" (round {self.resumed.abandoned_round} was open: closed as failed)"
@@ -166,6 +173,8 @@ class FlowerRounds:
             self._drop(node, "its TRAIN message failed or was not answered by the deadline")
         closure = engine.decide_close(self.clock())
         engine.apply_close(closure)
+        if closure.delta is not None:
+            self.history.append(closure.delta)
         self._save()
         entry = RoundLog(plan.round, closure.outcome.status,
                          {node: plan.clients[cid].blocks for node, cid in nodes.items()},
@@ -190,7 +199,8 @@ class FlowerRounds:
             log.info("%s left the grid", cid)
         for member in engine.members.values():
             engine.mark_seen(member, now)
-        new = sorted(n for n in present if client_id(n) not in engine.members and n not in self.refused)
+        members = {node_of(cid) for cid in engine.members}
+        new = sorted(n for n in present if n not in members and n not in self.refused)
         if not new:
             return
         run = engine.config.run
@@ -198,25 +208,31 @@ class FlowerRounds:
         messages = [grid.create_message(query, MessageType.QUERY, n, "profile",
                                         ttl=self.settings.query_timeout_s) for n in new]
         replies = grid.send_and_receive(messages, timeout=self.settings.query_timeout_s)
+        admitted = []
         for reply in replies:
             node = reply.metadata.src_node_id
             try:
                 if reply.has_error():
                     raise SchemaError(f"the node failed the query: {reply.error.reason}")
-                profile = codec.read_profile(reply.content)
+                profile, partition = codec.read_profile(reply.content)
                 engine.check_registration(profile)
             except (SchemaError, Refusal) as exc:
                 self.refused[node] = str(exc)
                 log.warning("node %d not admitted: %s", node, exc)
                 continue
+            admitted.append((client_id(node, partition), node, profile))
+        # Members join in client-id (partition) order, the order zorba_sim's clients have,
+        # not in the order the replies arrived.
+        for cid, node, profile in sorted(admitted, key=lambda a: a[0]):
             engine.pin_first(profile)
-            engine.add_member(Member.joining(client_id(node), profile, self.clock()))
+            engine.add_member(Member.joining(cid, profile, self.clock()))
             log.info("node %d joined: %.0f MiB budget, %.3f s a step", node,
                      profile.memory_budget_bytes / 2**20, profile.step_time_s)
         self._save()
 
     def _drop(self, node: int, why: str) -> None:
-        self.engine.drop_member(client_id(node))
+        for cid in [cid for cid in self.engine.members if node_of(cid) == node]:
+            self.engine.drop_member(cid)
         self.refused[node] = why
         log.warning("node %d dropped: %s", node, why)
 
@@ -224,19 +240,22 @@ class FlowerRounds:
 
     def _instruction(self, plan: RoundPlan, cid: str) -> codec.TrainInstruction:
         engine = self.engine
+        if len(self.history) != engine.version:
+            raise RuntimeError(f"the loop holds {len(self.history)} published deltas but the "
+                               f"table is at version {engine.version}: the checkpoint lost some")
         return codec.TrainInstruction(engine.run_info(self.settings.run_id),
-                                      plan.assignment_for(cid, self.clock()),
-                                      engine.alpha_state(self.settings.run_id), tuple(engine.deltas))
+                                      plan.assignment_for(cid, self.clock()), tuple(self.history))
 
     def _collect(self, plan: RoundPlan, replies: Sequence[Message]
                  ) -> tuple[set[int], set[int], list[NodeTiming]]:
         reported: set[int] = set()
         failed: set[int] = set()
         timings: list[NodeTiming] = []
+        asked = {node_of(cid): cid for cid in plan.clients}
         for reply in replies:
             node = reply.metadata.src_node_id
-            cid = client_id(node)
-            if cid not in plan.clients:
+            cid = asked.get(node)
+            if cid is None:
                 # The SuperLink answers for a node it lost with an error of its own (source:
                 # the SuperLink): that node counts as unanswered, which drops it.
                 log.warning("round %d: a reply from %d, which was not asked: %s", plan.round, node,
@@ -265,5 +284,6 @@ class FlowerRounds:
         return reported, failed, timings
 
     def _save(self) -> None:
-        checkpoint.save(self.engine, self.settings.checkpoint, self.settings.run_id, self.plans)
+        checkpoint.save(self.engine, self.settings.checkpoint, self.settings.run_id, self.plans,
+                        self.history)
 

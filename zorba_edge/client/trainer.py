@@ -210,6 +210,13 @@ class LocalTrainer:
             changed = set(blocks) ^ set(self.loaded.assignment)
             self.loaded.reassign(blocks, self._materialize())
             self._built.update(dict.fromkeys(changed, version))
+        self._refresh_frozen(blocks)
+        return self.loaded
+
+    def _refresh_frozen(self, blocks: tuple[int, ...]) -> None:
+        """Rebuild the stalest frozen blocks (outside `blocks`) from base + alpha."""
+        assert self.loaded is not None
+        version = self.table.version
         stale = sorted((built, block) for block, built in self._built.items()
                        if block not in blocks and version - built >= self.refresh_every)
         if stale:
@@ -218,7 +225,6 @@ class LocalTrainer:
                 self.loaded.install_block(block, materialize(block), trainable=False)
                 self._built[block] = version
             release_freed_memory()
-        return self.loaded
 
     # ------------------------------------------------------------------ sync
 

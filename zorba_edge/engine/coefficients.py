@@ -6,12 +6,18 @@ Clients keep their trainable blocks in step with the table by applying increment
 (`apply_increments_`), and rebuild any block from its base weights plus the table's
 column (`materialize_block_`) when an assignment changes, a frozen block is refreshed or
 a checkpoint is exported. Both go through `add_direction_`, the one update primitive.
+
+The two give the same weights up to fp32 rounding, not bit for bit: the in-place path adds
+each round's increment on its own, the rebuild adds each pool index's sum at once. Where
+bits must agree with a model that followed every round in place (zorba_sim, a Flower node
+served by any process), a block is built by `replay_block_materializer` instead: base, then
+every round's increments in version order, the in-place path's own operations.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +116,26 @@ def block_materializer(
     def materialize(block: int) -> dict[str, torch.Tensor]:
         state = {name: tensor.to(torch.float32, copy=True) for name, tensor in base_state_dict(block).items()}
         materialize_block_(list(state.items()), run_seed, block, table.column(block))
+        return state
+
+    return materialize
+
+
+def replay_block_materializer(
+    base_state_dict: Callable[[int], Mapping[str, torch.Tensor]],
+    rounds: Sequence[Sequence[AlphaIncrement]],
+    run_seed: int,
+) -> Callable[[int], dict[str, torch.Tensor]]:
+    """A function block -> fp32 state dict of base with every round's increments applied in
+    place, round after round (`rounds` in version order): bit for bit the weights of a block
+    loaded from base at version 0 that `apply_increments_` then moved through each round.
+    Costs every round's entries for the block (a rebuild from the table: its column's)."""
+
+    def materialize(block: int) -> dict[str, torch.Tensor]:
+        state = {name: tensor.to(torch.float32, copy=True) for name, tensor in base_state_dict(block).items()}
+        held = {block: list(state.items())}
+        for increments in rounds:
+            apply_increments_(held, run_seed, increments)
         return state
 
     return materialize

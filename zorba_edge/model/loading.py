@@ -84,6 +84,12 @@ class LoadConfig:
         return PLAIN_DTYPES[self.train_dtype]
 
     @property
+    def frozen_at_train_precision(self) -> bool:
+        """Whether frozen blocks are held exactly as assigned ones (plain layers in the
+        training dtype): their weights can then move in place as a trainable block's do."""
+        return PLAIN_DTYPES.get(self.frozen_dtype) == self.compute_dtype
+
+    @property
     def held_embed_dtype(self) -> str:
         """The precision the embeddings and head are held in (embed_dtype, or train_dtype)."""
         return self.embed_dtype or self.train_dtype
@@ -188,6 +194,19 @@ class LoadedModel:
                 f"block {block} is frozen (assigned blocks: {list(self.assignment)}): only "
                 "assigned blocks have trainable parameters"
             )
+        return sorted(self.blocks[block].named_parameters(), key=lambda item: item[0])
+
+    def exact(self, block: int) -> bool:
+        """Whether `block` is held at the training precision: assigned, or frozen in it."""
+        return block in self.assignment or self.config.frozen_at_train_precision
+
+    def exact_parameters(self, block: int) -> list[tuple[str, nn.Parameter]]:
+        """An `exact` block's parameters sorted by name (the noise's order), frozen or not."""
+        self._check_block(block)
+        if not self.exact(block):
+            raise AssignmentError(
+                f"block {block} is frozen in {self.config.frozen_dtype}, not the training "
+                f"precision {self.config.train_dtype}: its weights cannot move in place")
         return sorted(self.blocks[block].named_parameters(), key=lambda item: item[0])
 
     @torch.no_grad()
