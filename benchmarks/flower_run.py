@@ -8,6 +8,14 @@
    a fake grid (no Flower at all), and with zorba-edge's own simulator (zorba_sim) on the same
    run, seeds, fleet and data (tests/flower_twin.py): `sim_alpha_equal`, and round by round
    how many published deltas agree.
+   With `--model packaged` (or `--model PATH`) and `--data movie-reviews`, this half runs on
+   a real model instead: the packaged SmolLM2-135M (`make models`) and a seeded subset of the
+   movie reviews' training split (`--reviews`, written to a JSONL file both sides read), 2
+   nodes with budgets of 1 and 3 blocks, frozen blocks fp32 on both sides (zorba_sim holds
+   every block in fp32: a narrower frozen precision cannot match it), 4 steps of batch 4.
+   The fake-grid driver then runs only where Ray and zorba_sim disagree (to tell which side
+   differs): on a real model each run costs minutes. The deployment half always runs the
+   tiny model.
 2. Deployment Engine on 127.0.0.1: a SuperLink and 2 SuperNodes with different --node-config
    budgets run the app with `flwr run`; one SuperNode is killed mid-round; the SuperLink is
    killed mid-run and restarted, and a second `flwr run` resumes from the checkpoint.
@@ -31,6 +39,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,36 +61,91 @@ RUN = {"run.pool-size": 16, "run.min-steps": 2, "run.max-steps": 2, "run.batch-s
        "run.seq-len": 16, "run.lr": 0.01, "run.memory-headroom": 0.0, "run.seed": 0}
 
 
-def client_values(world_dir: Path) -> dict[str, Any]:
+REAL_RUN = {"run.pool-size": 16, "run.min-steps": 4, "run.max-steps": 4, "run.batch-size": 4,
+            "run.seq-len": 48, "run.lr": 0.001, "run.memory-headroom": 0.0, "run.seed": 0}
+"""A real model's run: min-steps = max-steps, so a node's measured step time (which the
+engine books from its report) cannot change how many steps the next round asks for."""
+
+
+def client_values(model: Path, data: Path) -> dict[str, Any]:
     # No peaks reported: the tiny model needs ~1 MiB by the memory model while its process
-    # holds ~500 MiB of torch and Flower, so a calibration would exclude every node.
-    return {"client.model": str(world_dir / "model"), "client.data": str(world_dir / "data.jsonl"),
+    # holds ~500 MiB of torch and Flower, so a calibration would exclude every node; on a real
+    # model a measured peak varies from run to run, so a recalibration could change the
+    # schedule of one side only.
+    return {"client.model": str(model), "client.data": str(data),
             "client.frozen-dtype": "fp32", "client.runtime-mib": 0.0,
             "client.report-peak-memory": False}
 
 
-def budgets_mib(world_dir: Path) -> tuple[float, float]:
-    """One block's worth and every block's worth of the tiny model (its own memory model)."""
+def budgets_mib(model: Path, run: dict[str, Any], blocks: tuple[int, ...]) -> tuple[float, ...]:
+    """Per node, the model's fixed part and its `blocks[i]` largest blocks, by its own fp32
+    memory model (the tiny model's (1, 2): one block's worth and both blocks' worth)."""
     from zorba_edge.client.assembly import footprint_of, memory_profile
     from zorba_edge.common.memory_model import linear_memory_model
     from zorba_edge.model.loading import LoadConfig
     from zorba_edge.model.sources import open_source
 
-    source = open_source(world_dir / "model")
-    settings = memory_profile(LoadConfig("fp32", "fp32"), 0).settings(RUN["run.batch-size"],
-                                                                      RUN["run.seq-len"])
-    model = linear_memory_model(footprint_of(source), settings)
-    return ((model.fixed_bytes + max(model.block_bytes)) / 2**20 + 0.01,
-            (model.fixed_bytes + sum(model.block_bytes)) / 2**20 + 0.01)
+    settings = memory_profile(LoadConfig("fp32", "fp32"), 0).settings(run["run.batch-size"],
+                                                                      run["run.seq-len"])
+    model_bytes = linear_memory_model(footprint_of(open_source(model)), settings)
+    largest = sorted(model_bytes.block_bytes, reverse=True)
+    return tuple((model_bytes.fixed_bytes + sum(largest[:k])) / 2**20 + 0.01 for k in blocks)
 
 
-def own_simulator_check(loop: Any, values: dict[str, Any], budgets: tuple[float, ...]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SimSetup:
+    """What the Simulation Engine half runs on."""
+
+    model: Path
+    data: Path
+    """Classification JSONL lines: the nodes and zorba_sim split the same file."""
+    run: dict[str, Any]
+    budget_blocks: tuple[int, int]
+    """How many blocks each node's budget holds (nodes of partitions 0 and 1)."""
+    step_time_s: float
+    """Declared, not measured, on both sides (client.step-time-s, zorba_sim's reference)."""
+    round_duration_s: float
+    """Long enough that no node is cut short by the deadline on a loaded machine."""
+    heldout: list[Any]
+    """Only zorba_sim's per-round evaluation reads these."""
+    in_process_driver: bool
+    """Always drive the app over the fake grid too (else only where Ray != zorba_sim)."""
+
+
+def tiny_setup(world_dir: Path) -> SimSetup:
+    from client_support import signal_examples
+
+    return SimSetup(world_dir / "model", world_dir / "data.jsonl", RUN, (1, 2), 0.05, 120.0,
+                    signal_examples(8, seed=1), in_process_driver=True)
+
+
+def real_setup(root: Path, model: str, data: str, reviews: int) -> SimSetup:
+    """The packaged SmolLM2-135M (or a model path) and `reviews` training reviews."""
+    from client_support import write_jsonl
+
+    from zorba_edge.client.assembly import MOVIE_REVIEWS, DataChoice, heldout_examples, training_examples
+    from zorba_edge.model.pretrained import packaged_model_path
+
+    if data != MOVIE_REVIEWS:
+        raise SystemExit(f"--data {data}: only {MOVIE_REVIEWS} is supported with a real model")
+    path = packaged_model_path() if model == "packaged" else Path(model).expanduser()
+    # A seeded subset of the training split (held-out reviews excluded), as one file: the
+    # nodes split it as they split any JSONL file, and zorba_sim reads the same lines.
+    train = training_examples(DataChoice(MOVIE_REVIEWS, max_examples=reviews))
+    heldout = heldout_examples(DataChoice(MOVIE_REVIEWS, max_examples=8))
+    return SimSetup(path, write_jsonl(root / "reviews.jsonl", train), REAL_RUN, (1, 3), 5.0, 1800.0,
+                    heldout, in_process_driver=False)
+
+
+def own_simulator_check(loop: Any, values: dict[str, Any], budgets: tuple[float, ...],
+                        heldout: list[Any]) -> dict[str, Any]:
     """zorba-edge's own simulator on the same run, seeds, fleet (partition i's budget) and data
     (tests/flower_twin.py), compared with the Flower run's table and published deltas."""
-    from client_support import signal_examples
     from flower_twin import twin_simulation
 
-    sim = twin_simulation(values, budgets, signal_examples(8, seed=1))
+    started = time.perf_counter()
+    sim = twin_simulation(values, budgets, heldout)
+    wall = time.perf_counter() - started
     ours, theirs = list(loop.engine.deltas), list(sim.engine.deltas)
     agree = 0
     while agree < min(len(ours), len(theirs)) and ours[agree] == theirs[agree]:
@@ -89,38 +154,53 @@ def own_simulator_check(loop: Any, values: dict[str, Any], budgets: tuple[float,
     return {"sim_alpha_equal": bool(np.array_equal(loop.engine.alpha, sim.engine.alpha)),
             "sim_rounds": [r.status for r in sim.records],
             "sim_deltas_equal": f"{agree} of {len(ours)}",
-            "sim_alpha_max_abs_diff": float(np.abs(loop.engine.alpha - sim.engine.alpha).max())}
+            "sim_alpha_max_abs_diff": float(np.abs(loop.engine.alpha - sim.engine.alpha).max()),
+            "zorba_sim_wall_s": round(wall, 2)}
 
 
 # ------------------------------------------------------------------------------ simulation
 
 
-def simulation(root: Path, world_dir: Path, rounds: int) -> dict[str, Any]:
+def simulation(root: Path, setup: SimSetup, rounds: int) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from zorba_flower.client_app import make_client_app
     from zorba_flower.server_app import make_server_app
 
-    one, both = budgets_mib(world_dir)
-    values = RUN | client_values(world_dir) | {
-        "run.max-rounds": rounds, "run.min-clients": 2, "run.round-duration-s": 120.0,
-        "client.budgets-mib": f"{one},{both}", "client.step-time-s": 0.05,
-        "flower.checkpoint": str(root / "sim.ckpt")}
+    budgets = budgets_mib(setup.model, setup.run, setup.budget_blocks)
+    values = setup.run | client_values(setup.model, setup.data) | {
+        "run.max-rounds": rounds, "run.min-clients": 2, "run.round-duration-s": setup.round_duration_s,
+        "client.budgets-mib": ",".join(str(b) for b in budgets),
+        "client.step-time-s": setup.step_time_s, "flower.checkpoint": str(root / "sim.ckpt")}
     seen: dict[str, Any] = {}
     started = time.perf_counter()
+    # The actors get this process's environment: OMP_NUM_THREADS=1 (ENV), as zorba_sim here.
     run_simulation(make_server_app(values, lambda loop: seen.setdefault("loop", loop)),
                    make_client_app(values), num_supernodes=2,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2}})
     wall = time.perf_counter() - started
     loop = seen["loop"]
-    reference = in_process_alpha(root, values)
-    return {
+    out: dict[str, Any] = {
+        "model": str(setup.model), "data": str(setup.data),
         "rounds": loop.engine.version, "wall_s": round(wall, 2),
+        "budgets_mib": [round(b, 2) for b in budgets],
+        "blocks_per_round": [{cid: sorted(b) for cid, b in sorted(r.assigned.items())}
+                             for r in loop.rounds],
         "blocks_per_node": sorted(sorted(len(b) for b in r.assigned.values()) for r in loop.rounds)[0],
-        "alpha_equal_in_process_driver": bool(np.array_equal(loop.engine.alpha, reference)),
         "round_overhead_s": _median([r.overhead_s for r in loop.rounds]),
-    } | own_simulator_check(loop, values, (one, both))
+        "torch_threads_here": _torch_threads(),
+    } | own_simulator_check(loop, values, budgets, setup.heldout)
+    if setup.in_process_driver or not out["sim_alpha_equal"]:
+        reference = in_process_alpha(root, values)
+        out["alpha_equal_in_process_driver"] = bool(np.array_equal(loop.engine.alpha, reference))
+    return out
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def in_process_alpha(root: Path, values: dict[str, Any]) -> np.ndarray:
@@ -245,8 +325,8 @@ def deployment(root: Path, world_dir: Path, rounds: int) -> dict[str, Any]:
                                     "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     procs = Processes(root)
     ckpt = root / "deploy.ckpt"
-    one, both = budgets_mib(world_dir)
-    values = RUN | client_values(world_dir) | {
+    one, both = budgets_mib(world_dir / "model", RUN, (1, 2))
+    values = RUN | client_values(world_dir / "model", world_dir / "data.jsonl") | {
         "run.max-rounds": rounds, "run.min-clients": 1, "run.round-duration-s": 90.0,
         "flower.checkpoint": str(ckpt), "flower.max-idle-s": 60.0,
         "flower.rounds-log": str(root / "timings.jsonl")}
@@ -352,7 +432,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-simulation", action="store_true")
     parser.add_argument("--skip-deployment", action="store_true")
+    parser.add_argument("--model", default="tiny", metavar="tiny|packaged|PATH",
+                        help="the Simulation Engine half's model: the tests' tiny random model, "
+                        "the packaged SmolLM2-135M (`make models`), or a model path (with "
+                        "--data movie-reviews); the deployment half always runs the tiny model")
+    parser.add_argument("--data", default="tiny", metavar="tiny|movie-reviews",
+                        help="the tiny model's signal data, or movie reviews for a real model")
+    parser.add_argument("--reviews", type=int, default=300,
+                        help="movie-reviews: how many training reviews (a seeded subset)")
     args = parser.parse_args()
+    if (args.model == "tiny") != (args.data == "tiny"):
+        parser.error("--model tiny goes with --data tiny, a real model with --data movie-reviews")
     # A SIGTERM unwinds like an exception, so every started process is still stopped.
     signal.signal(signal.SIGTERM, _exit_on_term)
     root = Path(tempfile.mkdtemp(prefix="zorba-flower-"))
@@ -360,10 +450,13 @@ def main() -> None:
     world_dir = world.model_dir.parent
     result: dict[str, Any] = {"machine": f"{platform.node()} {platform.machine()} "
                                          f"{os.cpu_count()} cpus (shared: timings unreliable)",
-                              "command": " ".join(["python", *sys.argv]), "workdir": str(root)}
+                              "command": " ".join(["python", *sys.argv]), "workdir": str(root),
+                              "date": datetime.now(UTC).isoformat(timespec="seconds")}
     if not args.skip_simulation:
         try:
-            result["simulation"] = simulation(root, world_dir, args.rounds)
+            setup = (tiny_setup(world_dir) if args.model == "tiny"
+                     else real_setup(root, args.model, args.data, args.reviews))
+            result["simulation"] = simulation(root, setup, args.rounds)
         except Exception as exc:  # noqa: BLE001
             result["simulation"] = {"error": f"{type(exc).__name__}: {exc}"}
     if not args.skip_deployment:
@@ -372,6 +465,7 @@ def main() -> None:
     sim, dep = result.get("simulation", {}), result.get("deployment", {})
     result |= {"sim_alpha_equal": sim.get("sim_alpha_equal"),
                "sim_deltas_equal": sim.get("sim_deltas_equal"),
+               "sim_alpha_max_abs_diff": sim.get("sim_alpha_max_abs_diff"),
                "deployment_rounds": dep.get("deployment_rounds"),
                "resumed_after_superlink_restart": dep.get("resumed_after_superlink_restart"),
                "round_overhead_s": {"simulation": sim.get("round_overhead_s"),
