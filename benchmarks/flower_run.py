@@ -155,6 +155,9 @@ def own_simulator_check(loop: Any, values: dict[str, Any], budgets: tuple[float,
             "sim_rounds": [r.status for r in sim.records],
             "sim_deltas_equal": f"{agree} of {len(ours)}",
             "sim_alpha_max_abs_diff": float(np.abs(loop.engine.alpha - sim.engine.alpha).max()),
+            # Equal tables of zeros would prove nothing: how much of the table moved.
+            "alpha_nonzero": int(np.count_nonzero(loop.engine.alpha)),
+            "alpha_max_abs": float(np.abs(loop.engine.alpha).max()),
             "zorba_sim_wall_s": round(wall, 2)}
 
 
