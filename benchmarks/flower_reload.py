@@ -10,8 +10,10 @@ that in the same order, without a SuperLink:
 1. Here: a one-node run of the app over the tests' fake grid (tests/flower_fakes.py), 2
    rounds, and the node's round-2 TRAIN message (a history of 1 delta) and Flower state are
    saved, as the SuperNode would hand them to the ClientApp process. The same process's
-   round 2 (`recorded.in_process_handler_s`) is what a long-lived worker pays: it applies
-   the one new delta in place instead of rebuilding.
+   round 2 is what a long-lived worker pays per round: it applies the one new delta in place
+   instead of rebuilding. `recorded.in_process_rounds` splits each round's handler time into
+   that in-place apply (`follow_in_place_s`), any replay from base (`replay_s`: the first
+   load's, and narrow frozen blocks rebuilt when behind) and the local steps.
 2. `--repeats` fresh `python` processes, each: import flwr's ClientApp, torch, transformers
    and `zorba_flower.client_app` (timed in that order; a module a later import shares with
    an earlier one is counted where first imported), then call the app on the message as
@@ -56,6 +58,21 @@ def client_values(model: str) -> dict[str, Any]:
             "client.step-time-s": 0.5, "client.report-peak-memory": False}
 
 
+def time_calls(module: Any, name: str, phase: str, phases: dict[str, float]) -> None:
+    """Replace `module.name` by the same function with a timer that adds to `phases[phase]`
+    (what the caller looks up in that module's globals is what gets timed)."""
+    wrapped = getattr(module, name)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - t0
+
+    setattr(module, name, call)
+
+
 # ------------------------------------------------------------------------------ parent
 
 
@@ -66,21 +83,38 @@ def record_round_two(out: Path, values: dict[str, Any]) -> dict[str, Any]:
     from flwr.app import Context, Message, MessageType, RecordDict
     from flwr.common.serde import recorddict_to_proto
 
+    from zorba_edge.client import trainer
+    from zorba_edge.engine import coefficients
+    from zorba_flower import history_trainer
     from zorba_flower.client_app import make_client_app
     from zorba_flower.server_loop import FlowerRounds, LoopSettings
     from zorba_flower.settings import server_config
     from zorba_server.engine import RoundEngine
 
+    # follow() applies a new round in place through history_trainer's name for the function;
+    # a replay from base (the first load, narrow frozen blocks) through coefficients' own.
+    phases: dict[str, float] = {}
+    time_calls(history_trainer, "apply_increments_", "follow_in_place_s", phases)
+    time_calls(coefficients, "apply_increments_", "replay_s", phases)
+    time_calls(trainer, "run_local_steps", "local_steps_s", phases)
+    train_rounds: list[dict[str, float]] = []
+
     app = make_client_app(values)
     state = RecordDict()  # the node's Flower state, kept between messages as a SuperNode does
 
     def handle(msg: Message) -> RecordDict:
-        if msg.metadata.message_type == MessageType.TRAIN:
+        train = msg.metadata.message_type == MessageType.TRAIN
+        if train:
             # What the ClientApp process of this message would receive: message and state.
             (out / "state.bin").write_bytes(recorddict_to_proto(state).SerializeToString())
             (out / "message.bin").write_bytes(recorddict_to_proto(msg.content).SerializeToString())
         context = Context(run_id=1, node_id=1, node_config=NODE, state=state, run_config={})
+        phases.clear()
+        t0 = time.perf_counter()
         reply = app(msg, context)
+        if train:
+            train_rounds.append({"handler_s": round(time.perf_counter() - t0, 3)}
+                                | {k: round(v, 3) for k, v in sorted(phases.items())})
         if reply.has_error():
             raise RuntimeError(f"the ClientApp answered an error: {reply.error}")
         return reply.content
@@ -92,7 +126,8 @@ def record_round_two(out: Path, values: dict[str, Any]) -> dict[str, Any]:
     return {"rounds": [r.status for r in rounds], "version": engine.version,
             "blocks_trained": [len(r.assigned.get(1, ())) for r in rounds],
             "num_blocks": engine.alpha.shape[1] if engine.alpha is not None else None,
-            "in_process_handler_s": [[round(t.handler_s, 3) for t in r.timings] for r in rounds]}
+            "in_process_handler_s": [[round(t.handler_s, 3) for t in r.timings] for r in rounds],
+            "in_process_rounds": train_rounds}
 
 
 def run_child(out: Path, values: dict[str, Any]) -> dict[str, Any]:
@@ -137,16 +172,7 @@ def child(out: Path) -> None:
     t = since("import_zorba_flower", t)
 
     def timed(module: Any, name: str, phase: str) -> None:
-        wrapped = getattr(module, name)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return wrapped(*args, **kwargs)
-            finally:
-                since(phase, t0)
-
-        setattr(module, name, call)
+        time_calls(module, name, phase, phases)
 
     # The handler's parts, by the module globals it calls (timers only; the calls are the same).
     timed(client_worker, "open_source", "open_model_source")
