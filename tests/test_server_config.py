@@ -72,7 +72,7 @@ def test_flags_override_the_file_and_the_secret_can_come_from_the_environment(
     ('enrolment_secret = "long-enough"\n[run]\nmin_reports = 0\n', "run.min_reports must be >= 1"),
     ('enrolment_secret = "long-enough"\n[run]\nestimator = "normalised"\ndirections = 1\n',
      "needs run.directions >= 2"),
-    ('enrolment_secret = "long-enough"\n[aggregation]\nmethod = "max"\n', "use mean, trimmed_mean"),
+    ('enrolment_secret = "long-enough"\n[aggregation]\nmethod = "max"\n', "use mean, sum, trimmed_mean"),
     ('enrolment_secret = "long-enough"\n[server]\ntls_cert = "c.pem"\n', "go together"),
     ("enrolment_secret = \n", "not valid TOML"),
     ('enrolment_secret = "long-enough"\n[run]\nmodel_fingerprint = "m"\n', "give both"),
