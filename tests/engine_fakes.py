@@ -10,7 +10,7 @@ from server_fakes import FINGERPRINT, FOOTPRINT, config_dict, make_report, profi
 from zorba_server.config import config_from_dict
 from zorba_server.engine import RoundEngine
 from zorba_server.members import Member
-from zorba_server.rounds import ReceivedReport
+from zorba_server.rounds import ReceivedReport, RoundPlan
 
 
 def engine(tmp_path: Path, **run: object) -> RoundEngine:
@@ -32,3 +32,11 @@ def received(e: RoundEngine, cid: str, grads: list[float] | None = None, **kw: o
     assert e.open is not None
     assignment = e.open.plan.assignment_for(cid, 0.0)
     return ReceivedReport(cid, make_report(assignment, grads, **kw), b"", 1.0)
+
+
+def open_next(e: RoundEngine, now: float = 0.0) -> RoundPlan:
+    """Plan the next round at `now` and open it (a test's usual first step)."""
+    plan = e.propose_round(now=now)
+    assert plan is not None
+    e.open_round(plan)
+    return plan

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from engine_fakes import engine, join, received
+from engine_fakes import engine, join, open_next, received
 
 from zorba_server import calibration
 from zorba_server.calibration import CALIBRATION_MAX, CALIBRATION_MIN
@@ -16,9 +16,7 @@ def measured_after(tmp_path: Path, before: float, peak_over_predicted: float) ->
     e = engine(tmp_path)
     a = join(e, "a")
     a.calibration = before
-    plan = e.propose_round(now=0.0)
-    assert plan is not None
-    e.open_round(plan)
+    plan = open_next(e)
     predicted = e.memory_model(a.profile, 1.0).total(plan.clients["a"].blocks)
     report = received(e, "a", peak=int(predicted * peak_over_predicted))
     return calibration.measured(e.config.run, e.members, plan, {"a": report})["a"]
@@ -37,9 +35,7 @@ def test_a_measured_calibration_stays_within_its_band(tmp_path: Path) -> None:
 def test_a_report_without_a_peak_leaves_the_calibration_alone(tmp_path: Path) -> None:
     e = engine(tmp_path)
     join(e, "a")
-    plan = e.propose_round(now=0.0)
-    assert plan is not None
-    e.open_round(plan)
+    plan = open_next(e)
     assert calibration.measured(e.config.run, e.members, plan, {"a": received(e, "a")}) == {}
 
 

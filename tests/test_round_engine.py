@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_fakes import engine, join, received
+from engine_fakes import engine, join, open_next, received
 from server_fakes import FINGERPRINT, FOOTPRINT, config_dict, profile
 
 from zorba_server.config import config_from_dict
@@ -47,9 +47,7 @@ def test_a_round_is_planned_accepted_and_closed_into_alpha_increments(tmp_path: 
 def test_reports_that_do_not_fit_the_plan_are_domain_errors_and_change_nothing(tmp_path: Path) -> None:
     e = engine(tmp_path)
     join(e, "a")
-    plan = e.propose_round(now=0.0)
-    assert plan is not None
-    e.open_round(plan)
+    plan = open_next(e)
     good = received(e, "a")
     with pytest.raises(NotFound):
         e.check_report("a", plan.round + 5, good.report, now=1.0)
@@ -65,9 +63,7 @@ def test_reports_that_do_not_fit_the_plan_are_domain_errors_and_change_nothing(t
 def test_too_few_reports_by_the_deadline_fail_the_round(tmp_path: Path) -> None:
     e = engine(tmp_path, min_clients=2, min_reports=2)
     join(e, "a"), join(e, "b")
-    plan = e.propose_round(now=0.0)
-    assert plan is not None
-    e.open_round(plan)
+    plan = open_next(e)
     e.accept_report(received(e, "a"))
     assert not e.due(now=1.0) and e.due(now=plan.deadline)
     closure = e.decide_close(now=plan.deadline)
@@ -80,9 +76,7 @@ def test_reports_still_committing_hold_the_close_until_they_land_or_the_deadline
         tmp_path: Path) -> None:
     e = engine(tmp_path, min_clients=2)
     join(e, "a"), join(e, "b")
-    plan = e.propose_round(now=0.0)
-    assert plan is not None
-    e.open_round(plan)
+    plan = open_next(e)
     e.accept_report(received(e, "a"))
     e.accept_report(received(e, "b"))
     assert e.due(now=1.0) and not e.due(now=1.0, committing=True)
@@ -103,9 +97,7 @@ def test_a_report_for_a_round_that_is_not_open_is_unknown_or_closed(tmp_path: Pa
     e = engine(tmp_path)
     join(e, "a"), join(e, "b")
     assert e.refuse_round(1).code == "unknown_round"  # nothing opened yet
-    plan = e.propose_round(now=0.0)
-    assert plan is not None
-    e.open_round(plan)
+    open_next(e)
     for cid in ("a", "b"):
         e.accept_report(received(e, cid))
     e.apply_close(e.decide_close(now=1.0))
@@ -317,9 +309,7 @@ def test_a_member_that_left_is_not_waited_for_and_is_active_again_at_its_next_re
     e = engine(tmp_path, min_clients=2)
     join(e, "a")
     b = join(e, "b")
-    plan = e.propose_round(now=0.0)
-    assert plan is not None
-    e.open_round(plan)
+    open_next(e)
     e.accept_report(received(e, "a"))
     e.mark_left(b)
     assert b.left and e.due(now=1.0) and b not in e.active_members(now=1.0)
@@ -354,9 +344,7 @@ def test_the_run_counters_count_booked_reports_and_closed_rounds_by_outcome(tmp_
     e = engine(tmp_path, min_clients=2, min_reports=2)
     join(e, "a"), join(e, "b")
     for reporters, status in ((["a"], FAILED), (["a", "b"], APPLIED)):
-        plan = e.propose_round(now=0.0)
-        assert plan is not None
-        e.open_round(plan)
+        open_next(e)
         for cid in reporters:
             e.accept_report(received(e, cid))
         closure = e.decide_close(now=1.0)
