@@ -73,7 +73,10 @@ def settings(model: str, data: str, **overrides: Any) -> Any:
 
     base = {"model": model, "data": data, "rounds": 4, "batch_size": 8, "seq_len": 48,
             "pool_size": 1024, "max_steps": 4, "round_duration_s": 300.0, "eval_examples": 16,
-            "eval_every": 1000, "reference_step_s": 1.0, "device": "cpu", "lr": 1e-4}
+            "eval_every": 1000, "reference_step_s": 1.0, "device": "cpu", "lr": 1e-4,
+            # The bare step it is timed against is zo_step, the antithetic estimator's step
+            # (two forwards, one direction): the simulated clients use the same.
+            "estimator": "antithetic", "directions": 1}
     return Settings(**(base | overrides))
 
 
