@@ -22,11 +22,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
 
+from zorba_edge.data.collate import ClassificationCollator
+from zorba_edge.data.examples import ClassificationExample
 from zorba_edge.data.movie_reviews import load_movie_reviews
 from zorba_edge.data.splits import train_heldout_split
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE
+from zorba_edge.engine.losses import last_token_positions
 from zorba_edge.model.loading import LoadConfig, load_model
 from zorba_edge.model.pretrained import packaged_model_path
 from zorba_edge.model.sources import open_source
@@ -34,22 +36,24 @@ from zorba_edge.model.sources import open_source
 PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1)
 
 
-def last_token_features(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                        texts: list[str], seq_len: int, batch_size: int = 16) -> np.ndarray:
-    """(len(texts), hidden) final hidden state at each prompt's last real token."""
-    tokenizer.padding_side = "right"
+def last_token_features(model: torch.nn.Module, collator: ClassificationCollator,
+                        examples: Sequence[ClassificationExample],
+                        batch_size: int = 16) -> np.ndarray:
+    """(len(examples), hidden) final hidden state at each prompt's last real token, the
+    position the label words are scored at: the same rendering, truncation and padding as
+    training (the task's collator)."""
     rows = []
     started = time.time()
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
-                        truncation=True, max_length=seq_len)
+    for i in range(0, len(examples), batch_size):
+        batch = collator(examples[i:i + batch_size])
         with torch.no_grad():
-            hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
-        last = enc["attention_mask"].sum(dim=1) - 1
+            hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           output_hidden_states=True).hidden_states[-1]
+        last = last_token_positions(batch.attention_mask)
         rows.append(hidden[torch.arange(hidden.shape[0]), last].float().numpy())
         if (i // batch_size) % 20 == 0:
-            print(f"[{time.time() - started:6.0f} s] features {i}/{len(texts)}", file=sys.stderr,
-                  flush=True)
+            print(f"[{time.time() - started:6.0f} s] features {i}/{len(examples)}",
+                  file=sys.stderr, flush=True)
     return np.concatenate(rows)
 
 
@@ -86,12 +90,12 @@ def main() -> None:
     heldout_idx = list(heldout_idx)[: args.heldout]
     source = open_source(packaged_model_path())
     model = load_model(source, range(0), LoadConfig(frozen_dtype="fp32")).model
-    tokenizer = source.tokenizer()
+    collator = ClassificationCollator(source.tokenizer(), SENTIMENT_TEMPLATE, args.seq_len)
 
     def features(indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        texts = [SENTIMENT_TEMPLATE.render(examples[i].text) for i in indices]
-        return (last_token_features(model, tokenizer, texts, args.seq_len),
-                np.array([examples[i].label for i in indices]))
+        chosen = [examples[i] for i in indices]
+        return (last_token_features(model, collator, chosen),
+                np.array([e.label for e in chosen]))
 
     x_train, y_train = features(train_idx)
     x_heldout, y_heldout = features(heldout_idx)
