@@ -1,4 +1,5 @@
-"""The loss guard on a real (tiny) model: a deliberately huge step is noticed and undone."""
+"""The loss guard and the trust region on a real (tiny) model: a deliberately huge step is
+noticed and undone (the guard), or never taken at its size (the trust region)."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_world(tmp_path_factory.mktemp("world")).model_dir
 
 
-def huge_step_run(model_dir: Path, tolerance: float) -> Simulation:
+def huge_step_run(model_dir: Path, tolerance: float, trust: float = 0.0) -> Simulation:
     server = config_from_dict({"enrolment_secret": "s" * 16, "run": {
         "pool_size": 64, "lr": 1e3, "mu": 1e-3, "batch_size": 4, "seq_len": 16,
         "round_duration_s": 30, "max_steps": 4, "seed": 3, "loss_jump_tolerance": tolerance,
+        "step_trust": trust,
         "estimator": "antithetic", "directions": 1}})  # four steps a round, each its own batch
     config = SimulationConfig(server, rounds=4, reference_step_s=1.0, eval_every=1)
     sim = Simulation.build(config, open_source(model_dir), fleet_from_counts("laptop-16gb=3"),
@@ -51,3 +53,16 @@ def test_a_huge_step_is_rolled_back_and_the_model_ends_where_it_started(model_di
     # Unguarded, the damage of lr 1e3 stays; guarded, the table went back.
     end_guarded, end_unguarded = guarded.evaluate()[1], unguarded.evaluate()[1]
     assert end_unguarded > 0.70 and end_guarded < end_unguarded - 0.01
+
+
+def test_the_trust_region_shrinks_a_huge_step_before_it_does_damage(model_dir: Path) -> None:
+    untrusted = huge_step_run(model_dir, 0.0)
+    trusted = huge_step_run(model_dir, 0.0, trust=0.5)  # the guard off: the region alone
+    assert sum(r.shrunk_batches for r in trusted.records) > 0
+    assert not any(r.shrunk_batches for r in untrusted.records)
+    assert all(h.status != REJECTED for h in trusted.engine.history)
+    # Every step of lr 1e3 moved far less: the largest coefficient, and the end loss.
+    assert trusted.engine.alpha is not None and untrusted.engine.alpha is not None
+    assert abs(trusted.engine.alpha).max() < 0.2 * abs(untrusted.engine.alpha).max()
+    end_trusted, end_untrusted = trusted.evaluate()[1], untrusted.evaluate()[1]
+    assert end_untrusted > 0.70 and end_trusted < end_untrusted - 0.01

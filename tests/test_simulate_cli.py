@@ -158,9 +158,9 @@ def test_devices_that_drop_out_report_nothing_and_nothing_is_applied(tmp_path: P
 
 
 def test_a_device_on_a_slow_link_reports_fewer_steps_than_planned(tmp_path: Path) -> None:
-    # The plan gives the 1 s steps 80% of the 30 s round (8 steps, the max); at 150 bit/s the
+    # The plan gives the 1 s steps 80% of the 30 s round (8 steps, the max); at 160 bit/s the
     # download and the report's upload take ~22 s of it, so only a few steps fit the deadline.
-    slow = device("slow-link", upload_mbps=0.00015, download_mbps=0.00015)
+    slow = device("slow-link", upload_mbps=0.00016, download_mbps=0.00016)
     sim = simulate(tmp_path, slow, count=1)
     record = sim.records[0]
     assert sim.engine.history[0].round == 1

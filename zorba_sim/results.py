@@ -123,6 +123,8 @@ def describe_record(record: RoundRecord, rounds: int) -> str:
         parts.append(f"loss {record.train_loss:.4f}")
     if record.accuracy is not None:
         parts.append(f"acc {record.accuracy:.3f}")
+    if record.shrunk_batches:
+        parts.append(f"trust-shrunk {record.shrunk_batches}")
     parts.append(f"({record.wall_s:.1f} s)")
     return "  ".join(parts)
 

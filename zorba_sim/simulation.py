@@ -141,6 +141,8 @@ class RoundRecord:
     wall_s: float
     accuracy: float | None = None
     eval_loss: float | None = None
+    shrunk_batches: int = 0
+    """Batches of this round whose step the trust region scaled down (every client)."""
 
 
 @dataclass
@@ -282,7 +284,7 @@ class Simulation:
         info = engine.run_info("simulation")
         finished: dict[str, float] = {}
         losses: list[tuple[float, float]] = []
-        dropped = stragglers = 0
+        dropped = stragglers = shrunk = 0
         down_total = up_total = 0.0
         for cid in sorted(plan.clients):
             client = self.clients[cid]
@@ -308,6 +310,7 @@ class Simulation:
             stragglers += fit < planned
             outcome = training.train(cid, client.task, assignment, info, take, reports=not drops)
             self.forwards += outcome.forwards
+            shrunk += outcome.shrunk_batches
             down_total += down
             if drops or not outcome.steps_taken:
                 dropped += drops
@@ -339,14 +342,15 @@ class Simulation:
         loss = sum(w * v for w, v in losses) / weight if weight else None
         assigned = len(plan.clients)
         return self._record(plan.round, closure.outcome.status, assigned, len(finished), dropped,
-                            stragglers, loss, down_total / assigned, up_total / assigned, started)
+                            stragglers, loss, down_total / assigned, up_total / assigned, started,
+                            shrunk)
 
     def _record(self, round_: int, status: str, assigned: int, reports: int, dropped: int,
                 stragglers: int, loss: float | None, down: float, up: float,
-                started: float) -> RoundRecord:
+                started: float, shrunk_batches: int = 0) -> RoundRecord:
         record = RoundRecord(round_, status, self.engine.version, assigned, reports, dropped,
                              stragglers, self.clock, self.forwards, loss, down, up,
-                             time.perf_counter() - started)
+                             time.perf_counter() - started, shrunk_batches=shrunk_batches)
         published = record.version != (self.records[-1].version if self.records else 0)
         self.records.append(record)
         # Evaluated whenever the round moved the model: an applied round, or the loss guard's

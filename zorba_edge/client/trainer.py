@@ -97,6 +97,9 @@ class LocalRoundResult:
     loss_check: float | None = None
     """Loss of the model as received on the task's check batch (LocalTask.check_batch)."""
 
+    shrunk_batches: int = 0
+    """Batches whose step the trust region scaled down (zorba_edge.engine.zo.trusted)."""
+
     @property
     def steps_taken(self) -> int:
         return len(self.steps) if self.local_steps is None else self.local_steps
@@ -277,11 +280,12 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
     hyper = assignment.hyper
     n = hyper.directions
     # The estimators move theta by -(lr / n) sum g_i z_i; each scalar here is worth lr * g.
-    config = ZOConfig(mu=hyper.mu, lr=hyper.lr * n, max_abs_grad=run.max_abs_scalar)
+    config = ZOConfig(mu=hyper.mu, lr=hyper.lr * n, max_abs_grad=run.max_abs_scalar,
+                      trust=hyper.step_trust)
     estimate = ESTIMATORS[hyper.estimator]
     steps: list[tuple[int, float]] = []
     losses: list[float] = []
-    forwards = batches = 0
+    forwards = batches = shrunk = 0
     started = time.perf_counter()
     snapshot = RoundSnapshot(blocks)
     pool = assignment.pool_indices
@@ -304,6 +308,7 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
             losses.append(result.loss)
             forwards += result.forwards
             batches += 1
+            shrunk += result.shrink < 1.0
     finally:
         snapshot.revert()
         del snapshot
@@ -323,4 +328,5 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
         # A model that gives no finite loss is as bad as a report can say.
         loss_check=None if loss_check is None else (
             min(loss_check, MAX_LOSS) if math.isfinite(loss_check) else MAX_LOSS),
+        shrunk_batches=shrunk,
     )

@@ -18,6 +18,15 @@ so the server, which adds lr * g per reported scalar, must divide by n to aggreg
     normalised   n+1 forwards  g_i = (L(theta + mu z_i) - L(theta)) / sigma, sigma the standard
                                deviation of the n differences (FZOO): a step of fixed size
                                whatever the loss's scale, so lr is not comparable to the others.
+
+The trust region (`ZOConfig.trust`, the run's `step_trust`): to first order a batch's step
+changes the loss by -(lr / n) sum_i g_i s_i, s_i the measured slope along z_i (g_i itself,
+except for the normalised estimator). A step whose own estimate promises to remove more than
+`trust` of the batch's loss is outside the linear regime that estimate assumes, so it is
+scaled down until it promises exactly that, and its reported scalars with it: what the server
+adds is what theta moved. On a model whose gradients are far larger than the step was chosen
+for (Gemma 3's projected gradients are ~60x SmolLM2's) this bounds every step; where the step
+is small enough it changes nothing (docs/learning.md, "The trust region").
 """
 
 from __future__ import annotations
@@ -52,12 +61,17 @@ class ZOConfig:
     """Local learning rate: theta -= lr * g * z."""
     max_abs_grad: float = 1e6
     """A projected gradient beyond this is treated as divergence and refused."""
+    trust: float = 0.0
+    """Most of a batch's loss its step may promise to remove, to first order; a larger step
+    is scaled down to it (0: no limit). See the module docstring."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.mu) and self.mu > 0):
             raise ValueError(f"mu must be a positive finite number, got {self.mu!r}")
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise ValueError(f"lr must be a non-negative finite number, got {self.lr!r}")
+        if not (math.isfinite(self.trust) and self.trust >= 0):
+            raise ValueError(f"trust must be a non-negative finite number, got {self.trust!r}")
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,8 @@ class Estimate:
     """The normalised estimator's sigma; None for the others."""
     unperturbed: float | None = None
     """L(theta), measured by the one-sided estimators."""
+    shrink: float = 1.0
+    """What the trust region multiplied this batch's scalars by (1.0: the step was within it)."""
 
     @property
     def loss(self) -> float:
@@ -122,9 +138,12 @@ def antithetic_estimate(
         losses.append((plus, float(loss_fn(model, batch))))
         if i < len(ks) - 1:
             z.add_(mu)  # the last restore is fused with the local step
-    grads = [(plus - minus) / (2.0 * mu) for plus, minus in losses]
+    slopes = [(plus - minus) / (2.0 * mu) for plus, minus in losses]
+    loss = sum(0.5 * (plus + minus) for plus, minus in losses) / len(losses)
+    grads, shrink = trusted(slopes, slopes, loss, config)
     _local_step(blocks, run_seed, ks, grads, config, last=z, undo=mu)
-    return Estimate(tuple(zip(ks, grads, strict=True)), tuple(losses), 2 * len(ks))
+    return Estimate(tuple(zip(ks, grads, strict=True)), tuple(losses), 2 * len(ks),
+                    shrink=shrink)
 
 
 @torch.no_grad()
@@ -149,10 +168,30 @@ def one_sided_estimate(
         if i < len(ks) - 1:
             z.add_(-mu)
     diffs = [plus - base for plus, _ in losses]
+    slopes = [d / mu for d in diffs]
     spread = _stdev(diffs) if normalise else None
-    grads = [d / spread if spread else 0.0 for d in diffs] if normalise else [d / mu for d in diffs]
+    grads = [d / spread if spread else 0.0 for d in diffs] if normalise else slopes
+    grads, shrink = trusted(grads, slopes, base, config)
     _local_step(blocks, run_seed, ks, grads, config, last=z, undo=-mu)
-    return Estimate(tuple(zip(ks, grads, strict=True)), tuple(losses), len(ks) + 1, spread, base)
+    return Estimate(tuple(zip(ks, grads, strict=True)), tuple(losses), len(ks) + 1, spread, base,
+                    shrink)
+
+
+def trusted(grads: Sequence[float], slopes: Sequence[float], loss: float,
+            config: ZOConfig) -> tuple[list[float], float]:
+    """`grads` scaled into the trust region, and the factor used (see the module docstring).
+
+    The step -(lr / n) sum_i g_i z_i promises, to first order, (lr / n) sum_i g_i s_i of the
+    loss. Non-finite values pass through unchanged: `_local_step` refuses them with its own
+    message.
+    """
+    promise = config.lr / len(grads) * sum(g * s for g, s in zip(grads, slopes, strict=True))
+    limit = config.trust * max(loss, 0.0)
+    if config.trust <= 0 or not (math.isfinite(promise) and math.isfinite(limit)) \
+            or promise <= limit:
+        return list(grads), 1.0
+    shrink = limit / promise
+    return [g * shrink for g in grads], shrink
 
 
 def _stdev(values: Sequence[float]) -> float:
