@@ -52,10 +52,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="one-sided (default): a batch's directions share one unperturbed forward; "
                    "antithetic: two forwards per direction")
     g.add_argument("--directions", type=int, help="directions measured on each batch (default 4)")
-    g.add_argument("--step-trust", type=float, metavar="FRACTION",
-                   help="the trust region: most of a batch's loss one step may promise to remove "
-                   f"(first order); larger steps are scaled down to it; 0: off (default "
-                   f"{RunConfig.step_trust:g})")
+    g.add_argument("--trust-radius", type=float, metavar="FRACTION",
+                   help="the trust region: the longest RMS move per perturbed parameter of one "
+                   "batch's step, as a fraction of the perturbed weights' RMS; longer steps are "
+                   f"scaled down to it; 0: off (default {RunConfig.trust_radius:g})")
     g.add_argument("--batch-size", type=int, help="examples per local step (default 8)")
     g.add_argument("--seq-len", type=int, help="tokens per example (default 64)")
     g.add_argument("--min-clients", type=int,
@@ -89,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "storage": {"path": args.db},
         "run": {"seed": args.seed, "pool_size": args.pool_size, "lr": args.lr, "mu": args.mu,
                 "estimator": args.estimator, "directions": args.directions,
-                "step_trust": args.step_trust, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                "trust_radius": args.trust_radius, "batch_size": args.batch_size, "seq_len": args.seq_len,
                 "min_clients": args.min_clients, "min_reports": args.min_reports,
                 "round_duration_s": args.round_duration, "max_rounds": args.max_rounds,
                 "mode": args.mode},

@@ -119,12 +119,12 @@ class RunConfig:
     `one-sided` (`directions` perturbed forwards share one unperturbed one)."""
     directions: int = 4
     """Directions measured on each batch (1 to 64); each reports its own scalar."""
-    step_trust: float = 0.5
-    """The trust region of a batch's step: to first order a step promises to lower the loss by
-    lr x sum_i g_i^2 (one-sided and antithetic); a step promising more than this fraction of
-    the batch's loss is scaled down to promise exactly that (0: off). It bounds the step on a
-    model whose gradients are far larger than lr was chosen for (Gemma 3's are ~60x
-    SmolLM2's) and leaves a step within it unchanged (docs/learning.md)."""
+    trust_radius: float = 0.01
+    """The trust region of a batch's step: the longest RMS move per perturbed parameter it may
+    make, as a fraction of the RMS of the perturbed weight matrices; a longer step is scaled
+    down to it (0: off). It bounds the step on a model whose gradients are far larger than lr
+    was chosen for (Gemma 3's are ~60x SmolLM2's) and leaves a step within it unchanged
+    (docs/learning.md, "The trust region")."""
     lr_scaling: str = "none"
     """`none`: one lr for every client; `dimension`: each client's step is lr x (mean block
     size / parameters it perturbs), so `lr` is the step of a client holding one average block
@@ -160,8 +160,8 @@ class RunConfig:
             (self.lr_scaling in LR_SCALINGS,
              f"run.lr_scaling={self.lr_scaling!r}: use one of {', '.join(LR_SCALINGS)}"),
             (self.loss_jump_tolerance >= 0, "run.loss_jump_tolerance must be >= 0 (0: off)"),
-            (math.isfinite(self.step_trust) and self.step_trust >= 0,
-             "run.step_trust must be a finite number >= 0 (0: off)"),
+            (math.isfinite(self.trust_radius) and self.trust_radius >= 0,
+             "run.trust_radius must be a finite number >= 0 (0: off)"),
             (self.estimator in ESTIMATORS,
              f"run.estimator={self.estimator!r}: use one of {', '.join(ESTIMATORS)}"),
             (1 <= self.directions <= 64, "run.directions must be in 1..64"),

@@ -168,7 +168,7 @@ class RoundEngine:
     def hyper(self) -> HyperParams:
         run = self.config.run
         return HyperParams(run.lr * self.lr_factor(), run.mu, run.batch_size, run.seq_len,
-                           run.estimator, run.directions, run.step_trust)
+                           run.estimator, run.directions, run.trust_radius)
 
     def lr_factor(self) -> float:
         """Halved for every round the loss guard rejected (derived from the history, so a

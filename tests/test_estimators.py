@@ -16,6 +16,7 @@ from zorba_edge.engine.zo import (
     antithetic_estimate,
     one_sided_estimate,
     trusted,
+    weight_scale,
 )
 from zorba_edge.errors import InvalidScalarError
 
@@ -184,52 +185,52 @@ def test_a_flat_loss_gives_a_zero_normalised_step() -> None:
     assert ((model.x().detach() - before).abs() <= 2 * eps * (before.abs() + 2e-3)).all()
 
 
-def test_the_trust_region_scales_a_step_to_promise_exactly_its_share_of_the_loss() -> None:
-    config = ZOConfig(mu=1e-3, lr=2.0, trust=0.5)
-    # promise = lr / n * sum g * s = 2 / 2 * (3 * 3 + 1 * 1) = 10 > 0.5 * 4
-    grads, shrink = trusted([3.0, 1.0], [3.0, 1.0], 4.0, config)
+def test_the_trust_region_scales_a_step_down_to_its_longest_move() -> None:
+    config = ZOConfig(mu=1e-3, lr=2.0, max_move=1.0)
+    # move = lr / n * sqrt(sum g^2) = 2 / 2 * sqrt(9 + 16) = 5 > 1
+    grads, shrink = trusted([3.0, -4.0], config)
     assert shrink == pytest.approx(0.2)
-    assert grads == pytest.approx([0.6, 0.2])
-    assert config.lr / 2 * sum(g * s for g, s in zip(grads, [3.0, 1.0], strict=True)) == pytest.approx(2.0)
+    assert grads == pytest.approx([0.6, -0.8])
 
 
-def test_the_trust_region_leaves_a_small_step_a_zero_trust_and_bad_values_alone() -> None:
-    assert trusted([0.1, -0.2], [0.1, -0.2], 4.0, ZOConfig(lr=1.0, trust=0.5)) == ([0.1, -0.2], 1.0)
-    assert trusted([30.0], [30.0], 4.0, ZOConfig(lr=1.0, trust=0.0)) == ([30.0], 1.0)
+def test_the_trust_region_leaves_a_short_step_a_zero_radius_and_bad_values_alone() -> None:
+    assert trusted([0.1, -0.2], ZOConfig(lr=1.0, max_move=0.5)) == ([0.1, -0.2], 1.0)
+    assert trusted([30.0], ZOConfig(lr=1.0, max_move=0.0)) == ([30.0], 1.0)
     nan = float("nan")
-    assert trusted([nan], [nan], 4.0, ZOConfig(lr=1.0, trust=0.5))[1] == 1.0  # refused later
-    # A batch with no loss left has nothing to promise: any step shrinks to none.
-    assert trusted([2.0], [2.0], 0.0, ZOConfig(lr=1.0, trust=0.5)) == ([0.0], 0.0)
+    assert trusted([nan], ZOConfig(lr=1.0, max_move=0.5))[1] == 1.0  # refused later
 
 
-@pytest.mark.parametrize("name", ["antithetic", "one_sided"])
+def test_the_weight_scale_is_the_rms_of_the_matrices() -> None:
+    model = Quadratic()  # one 4 x 6 matrix, one vector of 16 (left out)
+    expected = model.w.detach().double().square().mean().sqrt().item()
+    assert weight_scale(blocks_of(model)) == pytest.approx(expected, rel=1e-3)
+    assert weight_scale({1: [("v", model.v)]}) == pytest.approx(
+        model.v.detach().double().square().mean().sqrt().item(), rel=1e-3)  # no matrix: all
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_a_step_past_the_trust_region_moves_theta_by_its_shrunk_reported_scalars(name: str) -> None:
-    offset = 50.0  # the quadratic's loss made positive, so it has a share to promise
-
-    def positive_loss(m: nn.Module, batch: object) -> torch.Tensor:
-        return m(batch) + offset
-
-    ks, trust = [3, 9, 4], 0.25
+    ks = [3, 9, 4]
 
     def estimate_on_fresh_model(config: ZOConfig) -> tuple[Estimate, Quadratic]:
         model = Quadratic()
-        return ESTIMATORS[name](model, blocks_of(model), positive_loss, None, SEED, ks,
+        return ESTIMATORS[name](model, blocks_of(model), loss_fn, None, SEED, ks,
                                 config), model
 
     small, _ = estimate_on_fresh_model(ZOConfig(mu=1e-3, lr=1e-6))
-    within, _ = estimate_on_fresh_model(ZOConfig(mu=1e-3, lr=1e-6, trust=trust))
+    within, _ = estimate_on_fresh_model(ZOConfig(mu=1e-3, lr=1e-6, max_move=0.01))
     assert within.shrink == 1.0 and within.steps == small.steps  # inside: nothing changes
     assert all(g != 0 for _, g in small.steps)
 
-    lr = 10.0
+    lr, radius = 10.0, 0.01
     before = Quadratic().x().detach().clone()
-    estimate, model = estimate_on_fresh_model(ZOConfig(mu=1e-3, lr=lr, trust=trust))
+    estimate, model = estimate_on_fresh_model(ZOConfig(mu=1e-3, lr=lr, max_move=radius))
     raw, _ = estimate_on_fresh_model(ZOConfig(mu=1e-3, lr=lr))
     assert 0 < estimate.shrink < 1
     for (k, g), (k_raw, g_raw) in zip(estimate.steps, raw.steps, strict=True):
         assert k == k_raw and g == pytest.approx(g_raw * estimate.shrink)
-    pairs = zip(estimate.steps, raw.steps, strict=True)
-    promise = lr / len(ks) * sum(g * g_raw for (_, g), (_, g_raw) in pairs)
-    assert promise == pytest.approx(trust * estimate.loss, rel=1e-6)
-    expected = before - lr / len(ks) * sum(g * z_of(model, k) for k, g in estimate.steps)
-    assert torch.allclose(model.x().detach(), expected, atol=1e-4)
+    moved = model.x().detach() - before
+    expected = -lr / len(ks) * sum(g * z_of(model, k) for k, g in estimate.steps)
+    assert torch.allclose(moved, expected, atol=1e-5)
+    # The RMS move is the radius, up to the directions' small overlaps.
+    assert moved.square().mean().sqrt().item() == pytest.approx(radius, rel=0.3)

@@ -26,11 +26,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_world(tmp_path_factory.mktemp("world")).model_dir
 
 
-def huge_step_run(model_dir: Path, tolerance: float, trust: float = 0.0) -> Simulation:
+def huge_step_run(model_dir: Path, tolerance: float, radius: float = 0.0) -> Simulation:
     server = config_from_dict({"enrolment_secret": "s" * 16, "run": {
         "pool_size": 64, "lr": 1e3, "mu": 1e-3, "batch_size": 4, "seq_len": 16,
         "round_duration_s": 30, "max_steps": 4, "seed": 3, "loss_jump_tolerance": tolerance,
-        "step_trust": trust,
+        "trust_radius": radius,
         "estimator": "antithetic", "directions": 1}})  # four steps a round, each its own batch
     config = SimulationConfig(server, rounds=4, reference_step_s=1.0, eval_every=1)
     sim = Simulation.build(config, open_source(model_dir), fleet_from_counts("laptop-16gb=3"),
@@ -57,7 +57,7 @@ def test_a_huge_step_is_rolled_back_and_the_model_ends_where_it_started(model_di
 
 def test_the_trust_region_shrinks_a_huge_step_before_it_does_damage(model_dir: Path) -> None:
     untrusted = huge_step_run(model_dir, 0.0)
-    trusted = huge_step_run(model_dir, 0.0, trust=0.5)  # the guard off: the region alone
+    trusted = huge_step_run(model_dir, 0.0, radius=0.01)  # the guard off: the region alone
     assert sum(r.shrunk_batches for r in trusted.records) > 0
     assert not any(r.shrunk_batches for r in untrusted.records)
     assert all(h.status != REJECTED for h in trusted.engine.history)

@@ -55,7 +55,7 @@ class Settings:
     aggregation: str = AggregationConfig.method
     mu: float = RunConfig.mu
     estimator: str = RunConfig.estimator
-    step_trust: float = RunConfig.step_trust
+    trust_radius: float = RunConfig.trust_radius
     directions: int = RunConfig.directions
     batch_size: int = 8
     seq_len: int = 48
@@ -176,11 +176,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--estimator", choices=list(ESTIMATORS), default=d.estimator,
                    help="one-sided: --directions perturbed forwards share one unperturbed one; "
                    "antithetic: two forwards per direction (default %(default)s)")
-    g.add_argument("--step-trust", type=_number(float, strict=False), default=d.step_trust,
-                   metavar="FRACTION",
-                   help="the trust region: most of a batch's loss one step may promise to "
-                   "remove (first order); larger steps are scaled down to it; 0: off "
-                   "(default %(default)s)")
+    g.add_argument("--trust-radius", type=_number(float, strict=False),
+                   default=d.trust_radius, metavar="FRACTION",
+                   help="the trust region: the longest RMS move per perturbed parameter of one "
+                   "batch's step, as a fraction of the perturbed weights' RMS; longer steps "
+                   "are scaled down to it; 0: off (default %(default)s)")
     g.add_argument("--directions", type=_number(int), default=d.directions,
                    help="directions measured on each batch (default %(default)s)")
     g.add_argument("--batch-size", type=_number(int), default=d.batch_size,
@@ -284,7 +284,7 @@ def simulation_config(settings: Settings, device: str) -> Any:
     server = config_from_dict({"enrolment_secret": SECRET, "run": {
         "seed": settings.seed, "pool_size": settings.pool_size, "lr": settings.lr,
         "lr_scaling": settings.lr_scaling, "mu": settings.mu, "estimator": settings.estimator,
-        "directions": settings.directions, "step_trust": settings.step_trust,
+        "directions": settings.directions, "trust_radius": settings.trust_radius,
         "batch_size": settings.batch_size, "seq_len": settings.seq_len,
         "round_duration_s": settings.round_duration_s, "max_steps": settings.max_steps},
         "aggregation": {"method": settings.aggregation}})
@@ -362,7 +362,7 @@ def load_settings(folder: Path) -> Settings:
     try:
         data = json.loads(path.read_text())
         # A run begun before the trust region existed resumes as it was run: without one.
-        data.setdefault("step_trust", 0.0)
+        data.setdefault("trust_radius", 0.0)
         return Settings(**data)
     except OSError as exc:
         raise UsageError(f"--resume {folder}: cannot read {path} ({exc.strerror}): give the "

@@ -412,9 +412,9 @@ class ClientDaemon:
             log.warning("round %d: %d of %d steps fit before the deadline; reporting those",
                         assignment.round, outcome.steps_taken, len(assignment.pool_indices))
         if outcome.shrunk_batches:
-            log.info("round %d: %d batch step(s) promised more than step_trust=%g of their "
-                     "loss and were scaled down to it", assignment.round,
-                     outcome.shrunk_batches, assignment.hyper.step_trust)
+            log.info("round %d: %d batch step(s) longer than the trust radius (%g of the "
+                     "weights' RMS) were scaled down to it", assignment.round,
+                     outcome.shrunk_batches, assignment.hyper.trust_radius)
         if outcome.upload is not None:
             uploaded = await self._upload_weights(assignment.round, outcome.upload)
             if uploaded != "reported":

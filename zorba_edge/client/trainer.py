@@ -39,7 +39,13 @@ from zorba_edge.engine.coefficients import (
     block_materializer,
 )
 from zorba_edge.engine.directions import BlockTensors
-from zorba_edge.engine.zo import ESTIMATORS, MIN_DIRECTIONS, RoundSnapshot, ZOConfig
+from zorba_edge.engine.zo import (
+    ESTIMATORS,
+    MIN_DIRECTIONS,
+    RoundSnapshot,
+    ZOConfig,
+    weight_scale,
+)
 from zorba_edge.errors import ZorbaError
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, release_freed_memory
 from zorba_edge.model.progress import Progress, tracked
@@ -281,7 +287,8 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
     n = hyper.directions
     # The estimators move theta by -(lr / n) sum g_i z_i; each scalar here is worth lr * g.
     config = ZOConfig(mu=hyper.mu, lr=hyper.lr * n, max_abs_grad=run.max_abs_scalar,
-                      trust=hyper.step_trust)
+                      max_move=hyper.trust_radius * weight_scale(blocks)
+                      if hyper.trust_radius > 0 else 0.0)
     estimate = ESTIMATORS[hyper.estimator]
     steps: list[tuple[int, float]] = []
     losses: list[float] = []

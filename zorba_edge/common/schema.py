@@ -258,10 +258,11 @@ class HyperParams:
     directions: int = field(default=1, metadata=wire(
         "Directions (pool indices) measured on each batch; each reports its own (k, g) and "
         "moves theta by lr * g * z.", ge=1, le=64))
-    step_trust: float = field(default=0.0, metadata=wire(
-        "The trust region: most of a batch's loss its step may promise to remove, to first "
-        "order; a larger step is scaled down to it, its reported scalars with it (0: no limit; "
-        "a client of an older server, which sends no field, takes no limit).", ge=0))
+    trust_radius: float = field(default=0.0, metadata=wire(
+        "The trust region: the longest RMS move per perturbed parameter one batch's step may "
+        "make, as a fraction of the RMS of the client's perturbed weight matrices; a longer "
+        "step is scaled down to it, its reported scalars with it (0: no limit; a client of an "
+        "older server, which sends no field, takes no limit).", ge=0))
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,16 @@ so the server, which adds lr * g per reported scalar, must divide by n to aggreg
                                deviation of the n differences (FZOO): a step of fixed size
                                whatever the loss's scale, so lr is not comparable to the others.
 
-The trust region (`ZOConfig.trust`, the run's `step_trust`): to first order a batch's step
-changes the loss by -(lr / n) sum_i g_i s_i, s_i the measured slope along z_i (g_i itself,
-except for the normalised estimator). A step whose own estimate promises to remove more than
-`trust` of the batch's loss is outside the linear regime that estimate assumes, so it is
-scaled down until it promises exactly that, and its reported scalars with it: what the server
-adds is what theta moved. On a model whose gradients are far larger than the step was chosen
-for (Gemma 3's projected gradients are ~60x SmolLM2's) this bounds every step; where the step
-is small enough it changes nothing (docs/learning.md, "The trust region").
+The trust region (`ZOConfig.max_move`; the run's `trust_radius` x the RMS of the perturbed
+weights): a batch's step -(lr / n) sum_i g_i z_i moves each perturbed parameter by a
+root-mean-square lr/n sqrt(sum_i g_i^2) (z is +-1 everywhere, distinct z nearly orthogonal).
+A step longer than `max_move` is scaled down to it, its reported scalars with it: what the
+server adds is what theta moved. A random direction carries the gradient along one of
+millions of dimensions, so a zeroth-order step is far longer than a gradient step of the same
+first-order progress, and its curvature cost grows with its length; bounding the length
+relative to the weights is what one `lr` cannot do across models (Gemma 3's projected
+gradients are ~60x SmolLM2's, its weights ~5x smaller). Within the region nothing changes
+(docs/learning.md, "The trust region").
 """
 
 from __future__ import annotations
@@ -61,17 +63,17 @@ class ZOConfig:
     """Local learning rate: theta -= lr * g * z."""
     max_abs_grad: float = 1e6
     """A projected gradient beyond this is treated as divergence and refused."""
-    trust: float = 0.0
-    """Most of a batch's loss its step may promise to remove, to first order; a larger step
-    is scaled down to it (0: no limit). See the module docstring."""
+    max_move: float = 0.0
+    """Longest RMS move per perturbed parameter one batch's step may make; a longer step is
+    scaled down to it (0: no limit). See the module docstring."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.mu) and self.mu > 0):
             raise ValueError(f"mu must be a positive finite number, got {self.mu!r}")
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise ValueError(f"lr must be a non-negative finite number, got {self.lr!r}")
-        if not (math.isfinite(self.trust) and self.trust >= 0):
-            raise ValueError(f"trust must be a non-negative finite number, got {self.trust!r}")
+        if not (math.isfinite(self.max_move) and self.max_move >= 0):
+            raise ValueError(f"max_move must be a non-negative finite number, got {self.max_move!r}")
 
 
 @dataclass(frozen=True)
@@ -138,9 +140,7 @@ def antithetic_estimate(
         losses.append((plus, float(loss_fn(model, batch))))
         if i < len(ks) - 1:
             z.add_(mu)  # the last restore is fused with the local step
-    slopes = [(plus - minus) / (2.0 * mu) for plus, minus in losses]
-    loss = sum(0.5 * (plus + minus) for plus, minus in losses) / len(losses)
-    grads, shrink = trusted(slopes, slopes, loss, config)
+    grads, shrink = trusted([(plus - minus) / (2.0 * mu) for plus, minus in losses], config)
     _local_step(blocks, run_seed, ks, grads, config, last=z, undo=mu)
     return Estimate(tuple(zip(ks, grads, strict=True)), tuple(losses), 2 * len(ks),
                     shrink=shrink)
@@ -168,30 +168,38 @@ def one_sided_estimate(
         if i < len(ks) - 1:
             z.add_(-mu)
     diffs = [plus - base for plus, _ in losses]
-    slopes = [d / mu for d in diffs]
     spread = _stdev(diffs) if normalise else None
-    grads = [d / spread if spread else 0.0 for d in diffs] if normalise else slopes
-    grads, shrink = trusted(grads, slopes, base, config)
+    grads = [d / spread if spread else 0.0 for d in diffs] if normalise else [d / mu for d in diffs]
+    grads, shrink = trusted(grads, config)
     _local_step(blocks, run_seed, ks, grads, config, last=z, undo=-mu)
     return Estimate(tuple(zip(ks, grads, strict=True)), tuple(losses), len(ks) + 1, spread, base,
                     shrink)
 
 
-def trusted(grads: Sequence[float], slopes: Sequence[float], loss: float,
-            config: ZOConfig) -> tuple[list[float], float]:
+def trusted(grads: Sequence[float], config: ZOConfig) -> tuple[list[float], float]:
     """`grads` scaled into the trust region, and the factor used (see the module docstring).
 
-    The step -(lr / n) sum_i g_i z_i promises, to first order, (lr / n) sum_i g_i s_i of the
-    loss. Non-finite values pass through unchanged: `_local_step` refuses them with its own
-    message.
+    Non-finite values pass through unchanged: `_local_step` refuses them with its own message.
     """
-    promise = config.lr / len(grads) * sum(g * s for g, s in zip(grads, slopes, strict=True))
-    limit = config.trust * max(loss, 0.0)
-    if config.trust <= 0 or not (math.isfinite(promise) and math.isfinite(limit)) \
-            or promise <= limit:
+    move = config.lr / len(grads) * math.sqrt(sum(g * g for g in grads))
+    if config.max_move <= 0 or not math.isfinite(move) or move <= config.max_move:
         return list(grads), 1.0
-    shrink = limit / promise
+    shrink = config.max_move / move
     return [g * shrink for g in grads], shrink
+
+
+def weight_scale(blocks: BlockTensors) -> float:
+    """RMS of the blocks' matrices (norms and biases are few and on another scale; all tensors
+    where there is no matrix), to 4 significant digits so that every side that holds the same
+    weights gets the same value whatever its thread count. Summed tensor by tensor in float64:
+    no copy larger than one tensor."""
+    tensors = [t for pairs in blocks.values() for _, t in pairs]
+    matrices = [t for t in tensors if t.dim() >= 2] or tensors
+    count = sum(t.numel() for t in matrices)
+    if not count:
+        return 0.0
+    squares = sum(float(t.detach().to(torch.float64).square().sum()) for t in matrices)
+    return float(f"{math.sqrt(squares / count):.4g}")
 
 
 def _stdev(values: Sequence[float]) -> float:
