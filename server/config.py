@@ -119,7 +119,7 @@ class RunConfig:
     `one-sided` (`directions` perturbed forwards share one unperturbed one)."""
     directions: int = 4
     """Directions measured on each batch (1 to 64); each reports its own scalar."""
-    trust_radius: float = 0.01
+    trust_radius: float = 0.03
     """The trust region of a batch's step: the longest RMS move per perturbed parameter it may
     make, as a fraction of the RMS of the perturbed weight matrices; a longer step is scaled
     down to it (0: off). It bounds the step on a model whose gradients are far larger than lr
