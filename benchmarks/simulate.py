@@ -7,8 +7,9 @@ runs are deterministic and resume exactly after a SIGKILL.
 One JSON object on stdout (progress on stderr):
 - sim_step_over_zo_step: a simulated round of one virtual client taking --steps steps, per step
   (planning, sizing messages, the client's loop with its batches, booking the report, closing
-  the round, moving the model), over one bare `zo_step` on the same model, assigned blocks and
-  a batch of the same task; the two are interleaved, medians of --repeats. Target <= 1.05;
+  the round, moving the model), over one bare `zo_step` on the same model and assigned blocks,
+  taking the batches that round took (their lengths vary where the collator trims padding);
+  the two are interleaved, medians of --repeats. Target <= 1.05;
   what stands between is mostly per round, and a real client pays it too (next figure);
 - sim_round_over_client_round: the same simulated round over a real client's local round
   (`LocalTrainer.apply_deltas` then `train_round`, what the daemon runs) on the same model,
@@ -258,18 +259,29 @@ def step_ratio(model: str, data: str, steps: int, repeats: int) -> dict[str, Any
         raise RuntimeError(f"the simulated client took {taken} steps, not {steps}: check the fleet")
     run = sim.config.server.run
     blocks = {b: sim.loaded.trainable_parameters(b) for b in blocks_ids}
-    batch = client.task.next_batch(run.batch_size, run.seq_len).to(sim.config.device)
     loss_fn = client.task.loss_fn
     config = ZOConfig(mu=run.mu, lr=run.lr, max_abs_grad=sim.config.server.aggregation.max_abs_scalar)
     trainer = real_client(sim, client)
     client_round(trainer, sim, client.client_id, steps)  # warm-up: loads the model
     clock = PhaseClock()
     clock.install(sim, trainer)
+    # The bare steps take the very batches the simulated client just took: a collator that
+    # trims padding makes batches of one task cost 10 to 48 tokens, so one fixed batch made
+    # the ratio say as much about that batch's length as about the simulator.
+    taken_batches: list[Any] = []
+    next_batch = client.task.next_batch
+
+    def recorded(batch_size: int, seq_len: int) -> Any:
+        taken_batches.append(next_batch(batch_size, seq_len))
+        return taken_batches[-1]
+
+    client.task.next_batch = recorded  # type: ignore[method-assign]
     simulated, bare, real = [], [], []
     sim_splits, client_splits = [], []
     try:
         for r in range(repeats):
             clock.take()
+            taken_batches.clear()
             started = time.perf_counter()
             sim.run_round()
             simulated.append(time.perf_counter() - started)
@@ -278,12 +290,14 @@ def step_ratio(model: str, data: str, steps: int, repeats: int) -> dict[str, Any
             client_round(trainer, sim, client.client_id, steps)
             real.append(time.perf_counter() - started)
             client_splits.append(round_split(clock.take(), real[-1]))
+            batches = [b.to(sim.config.device) for b in taken_batches]
             started = time.perf_counter()
-            for t in range(steps):
+            for t, batch in enumerate(batches):
                 zo_step(sim.loaded.model, blocks, loss_fn, batch, run.seed, r * steps + t, config)
-            bare.append((time.perf_counter() - started) / steps)
+            bare.append((time.perf_counter() - started) / len(batches))
     finally:
         clock.close()
+        del client.task.next_batch
     sim_round_s, client_round_s = statistics.median(simulated), statistics.median(real)
     return {"sim_step_over_zo_step": sim_round_s / steps / statistics.median(bare),
             "sim_round_over_client_round": sim_round_s / client_round_s,
