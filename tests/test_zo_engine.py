@@ -17,7 +17,13 @@ from zorba_edge.engine.coefficients import (
     block_materializer,
 )
 from zorba_edge.engine.directions import BlockTensors
-from zorba_edge.engine.zo import RoundSnapshot, ZOConfig, projected_gradient, zo_step
+from zorba_edge.engine.zo import (
+    RoundSnapshot,
+    SnapshotBuffers,
+    ZOConfig,
+    projected_gradient,
+    zo_step,
+)
 from zorba_edge.errors import AssignmentError, InvalidScalarError
 
 VOCAB = 32
@@ -111,6 +117,29 @@ def test_round_end_revert_restores_round_start_bit_for_bit() -> None:
     assert not torch.equal(flat(list(blocks[1])), start)
     snapshot.revert()
     assert torch.equal(flat(list(blocks[1])), start)
+
+
+def test_snapshots_into_kept_buffers_revert_bit_for_bit_and_reuse_the_same_storage() -> None:
+    """The simulator snapshots every round into the same host buffers: each round's revert
+    must still restore that round's start exactly (not the first round's)."""
+    model = tiny_llama(hidden=16, intermediate=32)
+    blocks = assigned(model, 0, 1)
+    buffers = SnapshotBuffers()
+    storage: set[tuple[int, ...]] = set()
+    for round_ in range(3):
+        start = {b: flat(list(blocks[b])) for b in blocks}
+        snapshot = RoundSnapshot(blocks, buffers)
+        storage.add(tuple(t.data_ptr() for saved in snapshot._saved.values() for t in saved))
+        for k in range(4):
+            zo_step(model, blocks, lm_loss, random_batch(2, 8), 5, 10 * round_ + k,
+                    ZOConfig(mu=1e-3, lr=1e-2))
+        snapshot.revert()
+        for b in blocks:
+            assert torch.equal(flat(list(blocks[b])), start[b])
+        # The next round starts elsewhere (a sync), so a stale buffer would show.
+        apply_increments_(blocks, 5, [AlphaIncrement(round_, b, 0.1) for b in blocks])
+    assert len(storage) == 1  # one set of buffers, written again each round
+    assert buffers.nbytes == sum(p.numel() * 4 for b in blocks for _, p in blocks[b])
 
 
 def test_local_step_moves_along_minus_lr_g_z() -> None:

@@ -43,6 +43,7 @@ from zorba_edge.engine.zo import (
     ESTIMATORS,
     MIN_DIRECTIONS,
     RoundSnapshot,
+    SnapshotBuffers,
     ZOConfig,
     weight_scale,
 )
@@ -272,7 +273,9 @@ class LocalTrainer:
 def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTask,
                     assignment: Assignment, run: RunInfo, device: str | torch.device,
                     cancel: threading.Event | None = None,
-                    on_step: StepGate | None = None) -> LocalRoundResult:
+                    on_step: StepGate | None = None, *,
+                    snapshot_buffers: SnapshotBuffers | None = None,
+                    release_memory: bool = True) -> LocalRoundResult:
     """A round's ZO steps on `blocks` (the assignment's blocks of `model`), then the exact
     revert: the one local training loop that real clients and the simulator both run.
 
@@ -282,6 +285,11 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
     step t; returning False stops the round there (the simulator stops a virtual device at
     its deadline or when it drops out). The outcome's peak memory is left 0: only a real
     device measures one.
+
+    A process that runs round after round on the same model and measures no memory (the
+    simulator) passes `snapshot_buffers` to keep the snapshot's host copy between rounds, and
+    `release_memory=False` to skip handing freed pages back to the OS (which only keeps a
+    device's measured footprint honest); neither changes a value.
     """
     hyper = assignment.hyper
     n = hyper.directions
@@ -294,7 +302,7 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
     losses: list[float] = []
     forwards = batches = shrunk = 0
     started = time.perf_counter()
-    snapshot = RoundSnapshot(blocks)
+    snapshot = RoundSnapshot(blocks, snapshot_buffers)
     pool = assignment.pool_indices
     loss_check = None
     try:
@@ -321,7 +329,8 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
         del snapshot
         # Give the round's freed buffers back to the OS: without it the quickstart's
         # measured peaks crept up ~5 MiB a round (glibc heap growth).
-        release_freed_memory()
+        if release_memory:
+            release_freed_memory()
     elapsed = time.perf_counter() - started
     return LocalRoundResult(
         steps=tuple(steps),
