@@ -283,8 +283,10 @@ class Coordinator:
                 await self._try_open()
         finally:
             self._advancing = False
-        if self.engine.version != version and self.engine.open is None:
-            self._changed.notify()  # a new version and no round for it yet: wake the long-polls
+            # A new version and no round for it yet (none proposed, or opening it failed after
+            # the close was stored): wake the long-polls, or they hear of it at their timeout.
+            if self.engine.version != version and self.engine.open is None:
+                self._changed.notify()
 
     async def _try_open(self) -> None:
         engine = self.engine

@@ -749,3 +749,30 @@ async def test_the_loss_guard_rolls_back_through_the_real_server_and_the_run_goe
     np.testing.assert_allclose(state.matrix(), 0.0, atol=1e-6)  # version 0's table again
     np.testing.assert_allclose(c.alpha, state.matrix(), atol=0)  # and the client synced to it
     assert nxt.assignment.hyper.lr == pytest.approx(0.005)  # the step halved
+
+
+async def test_a_waiting_client_hears_of_a_new_version_even_when_the_next_round_fails_to_open(
+        start: Any) -> None:
+    """The close is stored and published; opening the next round then fails (its store write
+    raises): a client long-polling for a new version learns of it now, not at its timeout."""
+    http, app = await start(min_clients=1, max_steps=2)
+    (a,) = await joined(http, 1)
+    assignment = (await a.poll()).assignment
+    late = FakeClient(http)
+    await late.register()  # joins the next round: round 1 has nothing for it
+    waiting = asyncio.ensure_future(late.poll(wait=5))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    store = app[SERVICES].coordinator._store
+    insert_round = store.insert_round
+
+    async def failing_once(plan: Any) -> None:
+        store.insert_round = insert_round  # the driver's retry succeeds
+        raise OSError("disk full (injected)")
+
+    store.insert_round = failing_once
+    started = asyncio.get_running_loop().time()
+    assert (await a.report(assignment.round, make_report(assignment))).status == 200
+    answer = await asyncio.wait_for(waiting, 5)
+    assert answer.version == 1 and late.version == 1
+    assert asyncio.get_running_loop().time() - started < 2.0
