@@ -10,7 +10,10 @@ One JSON object on stdout (progress on stderr):
   the round, moving the model), over one bare `zo_step` on the same model and assigned blocks,
   taking the batches that round took (their lengths vary where the collator trims padding);
   the two are interleaved, medians of --repeats. Target <= 1.05;
-  what stands between is mostly per round, and a real client pays it too (next figure);
+  what stands between is mostly per round, and a real client pays it too (next figures);
+- sim_loop_step_over_zo_step: the same, counting only what the round spends once per step
+  inside the client's loop (its zo_steps, batches and loop_other phases below): what the
+  simulator adds per step, with the once-a-round work (check forward, sync, snapshot) left out;
 - sim_round_over_client_round: the same simulated round over a real client's local round
   (`LocalTrainer.apply_deltas` then `train_round`, what the daemon runs) on the same model,
   blocks, steps, task examples and check batch, timed in the same loop: what the simulator
@@ -121,6 +124,10 @@ handing freed memory back to the OS; the rest of `run_local_steps`; moving the m
 published increments (the simulator's close, the client's `apply_deltas`); and the rest of
 the round (the simulator: planning, sizing messages, booking the report, closing the round;
 the client: `hold` and its peak-memory probe)."""
+
+
+IN_LOOP_PER_STEP = ("zo_steps", "batches", "loop_other")
+"""The phases a round spends once per step, inside the local loop: the rest is once a round."""
 
 
 def round_split(seconds: dict[str, float], round_s: float) -> dict[str, float]:
@@ -299,11 +306,14 @@ def step_ratio(model: str, data: str, steps: int, repeats: int) -> dict[str, Any
         clock.close()
         del client.task.next_batch
     sim_round_s, client_round_s = statistics.median(simulated), statistics.median(real)
+    sim_split = median_split(sim_splits)
+    in_loop_s = sum(sim_split[phase] for phase in IN_LOOP_PER_STEP)
     return {"sim_step_over_zo_step": sim_round_s / steps / statistics.median(bare),
+            "sim_loop_step_over_zo_step": in_loop_s / steps / statistics.median(bare),
             "sim_round_over_client_round": sim_round_s / client_round_s,
             "sim_step_s": sim_round_s / steps, "zo_step_s": statistics.median(bare),
             "sim_round_s": sim_round_s, "client_round_s": client_round_s,
-            "sim_round_split_s": median_split(sim_splits),
+            "sim_round_split_s": sim_split,
             "client_round_split_s": median_split(client_splits),
             "steps_per_round": steps, "assigned_blocks": len(blocks_ids),
             "num_blocks": sim.loaded.num_blocks}
