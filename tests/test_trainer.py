@@ -161,12 +161,41 @@ def test_a_round_gated_by_finish_by_ends_its_last_step_before_the_instant() -> N
     gate = finish_by(stop_by, prior_step_s=0.01)
     cancel = threading.Event()
     for t in range(20):
-        if cancel.is_set() or not gate(t):
+        if cancel.is_set() or not gate(t, 1):
             break
         slow_step(t)
     ended = time.monotonic()
     assert 2 <= len(calls) <= 3
     assert ended <= stop_by + 0.05
+
+
+def test_finish_by_judges_a_batch_of_directions_by_all_its_steps() -> None:
+    """A batch of 4 directions takes 4 steps' time: judged by one step's time, a last batch
+    started 0.1 s before the deadline and ended 0.1 s after it (the quickstart's largest
+    client missed its round so)."""
+    import time
+
+    from zorba_edge.client.trainer import finish_by
+
+    per_step, directions = 0.05, 4
+    started = time.monotonic()
+    stop_by = started + 0.5
+    gate = finish_by(stop_by, prior_step_s=per_step)
+    batches = 0
+    for t in range(0, 40, directions):
+        if not gate(t, directions):
+            break
+        time.sleep(per_step * directions)
+        batches += 1
+    assert batches == 2  # a third would end at 0.6 s
+    assert time.monotonic() <= stop_by
+
+
+def test_first_steps_starts_no_batch_that_would_pass_its_count() -> None:
+    from zorba_edge.client.trainer import first_steps
+
+    gate = first_steps(6)
+    assert gate(0, 4) and not gate(4, 4) and gate(4, 2) and not gate(6, 1)
 
 
 @pytest.mark.parametrize("estimator, directions, forwards_per_batch",
@@ -191,7 +220,7 @@ def test_each_reported_scalar_moved_theta_by_lr_g_z_whatever_the_estimator(
     before = {b: [(n, t.detach().clone()) for n, t in blocks[b]] for b in blocks}
     seen: dict[int, dict[int, list[torch.Tensor]]] = {}
 
-    def look(t: int) -> bool:  # before each batch: the weights the earlier batches left
+    def look(t: int, count: int) -> bool:  # before each batch: the weights the earlier batches left
         seen[t] = {b: [p.detach().clone() for _, p in blocks[b]] for b in blocks}
         return True
 

@@ -350,11 +350,6 @@ class ClientDaemon:
         loop = asyncio.get_running_loop()
         deadline_at = loop.time() + assignment.deadline_in_s
         budget_s = assignment.deadline_in_s - self.settings.deadline_margin_s
-        # A step started just before the cancel still runs to its end, and the report (and
-        # fedavg's upload) must land before the deadline too: keep one step, plus twice the
-        # last upload's time in fedavg (at most half the round: a slower device cannot make
-        # any round anyway). Without it, a slow device's whole round arrived late and was
-        # thrown away (2 of 3 Gemma 3 clients in one round).
         # A step in progress runs to its end, and the report (and fedavg's upload) must land
         # before the deadline too: steps start only while they should end in time (judged by
         # this round's own step times), and fedavg keeps twice its last upload time (at most

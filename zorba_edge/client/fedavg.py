@@ -154,7 +154,7 @@ def run_adamw_steps(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]
 
     One AdamW step per pool index of the assignment (the indices only count the steps: fedavg
     reports none), each on the task's next batch, with a fresh optimizer, as plain FedAvg
-    does. `on_step(t)` is asked before step t; False ends the round there. Forward passes are
+    does. `on_step(t, 1)` is asked before step t; False ends the round there. Forward passes are
     counted as FORWARDS_PER_STEP per step. The outcome carries no upload and no peak: the
     caller serialises the weights and measures memory.
     """
@@ -166,7 +166,8 @@ def run_adamw_steps(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]
     optimizer = torch.optim.AdamW(params, lr=hyper.lr)
     try:
         for t, _ in enumerate(assignment.pool_indices):
-            if (cancel is not None and cancel.is_set()) or (on_step is not None and not on_step(t)):
+            if (cancel is not None and cancel.is_set()) or (
+                    on_step is not None and not on_step(t, 1)):
                 break
             batch = task.next_batch(hyper.batch_size, hyper.seq_len).to(device)
             loss = task.loss_fn(model, batch)

@@ -52,26 +52,31 @@ from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, releas
 from zorba_edge.model.progress import Progress, tracked
 from zorba_edge.model.sources import ModelSource
 
-StepGate = Callable[[int], bool]
-"""on_step(t): whether to start local step t (False ends the round there)."""
+StepGate = Callable[[int, int], bool]
+"""on_step(t, count): whether to start the batch of local steps t .. t + count - 1 (pool
+indices: a zeroth-order batch measures `directions` of them at once); False ends the round
+there."""
 
 
 def first_steps(count: int) -> StepGate:
-    """A gate that lets steps 0 .. count-1 run and ends the round there."""
-    return lambda t: t < count
+    """A gate that lets steps 0 .. count-1 run and ends the round there: a batch that would
+    run past step count-1 does not start."""
+    return lambda t, batch: t + batch <= count
 
 
 def finish_by(stop_by: float, prior_step_s: float) -> StepGate:
-    """Start a step only if it should end by `stop_by` (a time.monotonic() instant), judging
-    by this round's mean step so far (before the first: `prior_step_s`). A cancel flag alone
-    lets the step in progress run past the deadline, and then the whole round's report
-    arrives too late to count."""
+    """Start a batch only if it should end by `stop_by` (a time.monotonic() instant), judging
+    by this round's mean time per step so far (before the first: `prior_step_s`) times the
+    batch's steps. A cancel flag alone lets the batch in progress run past the deadline, and
+    then the whole round's report arrives too late to count; judging a batch of 4 directions
+    by one step's time let the quickstart's largest client start a last batch 4x longer than
+    the time left and miss the round."""
     started = time.monotonic()
 
-    def fits(t: int) -> bool:
+    def fits(t: int, batch: int) -> bool:
         now = time.monotonic()
-        estimate = (now - started) / t if t else prior_step_s
-        return now + estimate <= stop_by
+        per_step = (now - started) / t if t else prior_step_s
+        return now + per_step * batch <= stop_by
 
     return fits
 
@@ -281,8 +286,8 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
 
     Each batch measures `hyper.directions` consecutive pool indices with the run's estimator
     (zorba_edge.engine.zo); every (k, g) moves theta by lr * g * z[k], which is what the
-    server adds to alpha per scalar. `on_step(t)` is asked before the batch that starts at
-    step t; returning False stops the round there (the simulator stops a virtual device at
+    server adds to alpha per scalar. `on_step(t, count)` is asked before the batch of steps
+    t .. t + count - 1; returning False stops the round there (the simulator stops a virtual device at
     its deadline or when it drops out). The outcome's peak memory is left 0: only a real
     device measures one.
 
@@ -312,9 +317,10 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
                 loss_check = float(task.loss_fn(model, check))
             forwards += 1
         for t in range(0, len(pool), n):
-            if (cancel is not None and cancel.is_set()) or (on_step is not None and not on_step(t)):
-                break
             ks = pool[t:t + n]
+            if (cancel is not None and cancel.is_set()) or (
+                    on_step is not None and not on_step(t, len(ks))):
+                break
             if len(ks) < MIN_DIRECTIONS.get(hyper.estimator, 1):
                 break  # a short last batch the estimator cannot measure: left unreported
             batch = task.next_batch(hyper.batch_size, hyper.seq_len).to(device)
