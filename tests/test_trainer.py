@@ -329,3 +329,19 @@ def test_stale_frozen_blocks_are_rebuilt_a_few_a_round_the_stalest_first() -> No
         got = state_of(trainer, b)
         want = expected(b)
         assert all(torch.allclose(got[n], want[n], atol=1e-7) for n in want), b
+
+
+def test_a_first_round_judges_its_batches_by_the_estimators_forwards_per_step() -> None:
+    """The profile's step is two forwards; a one-sided batch of 4 costs 5 forwards, 1.25 a
+    step. Before any round, the gate's estimate must be the latter, or a batch the plan sized
+    to fit looks 1.6x too long (every quickstart client sat its first round out)."""
+    from zorba_edge.client.daemon import step_estimate_s
+    from zorba_edge.common.schema import ANTITHETIC, ONE_SIDED, HyperParams
+    from zorba_edge.engine.zo import forwards_per_step
+
+    assert forwards_per_step(ONE_SIDED, 4) == 1.25 and forwards_per_step(ANTITHETIC, 4) == 2.0
+    one_sided = HyperParams(lr=1e-4, mu=1e-3, batch_size=8, seq_len=48, estimator=ONE_SIDED,
+                            directions=4)
+    assert step_estimate_s(0.0, 0.8, one_sided) == pytest.approx(1.0)
+    assert step_estimate_s(0.0, 0.8, one_sided, first_order=True) == pytest.approx(1.6)
+    assert step_estimate_s(0.7, 0.8, one_sided) == 0.7  # a measured round wins

@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from zorba_edge.client.byte_sizes import format_size
 from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
+from zorba_edge.client.profiling import PROFILE_STEP_FORWARDS
 from zorba_edge.client.state import ClientState, StateStore
 from zorba_edge.client.trainer import LocalRoundResult, StepGate, SyncError, finish_by
 from zorba_edge.client.transport import ServerClient
@@ -39,6 +40,7 @@ from zorba_edge.common.schema import (
     AlphaDelta,
     AlphaState,
     Assignment,
+    HyperParams,
     NextRound,
     RegisterRequest,
     Report,
@@ -46,6 +48,7 @@ from zorba_edge.common.schema import (
     RunInfo,
 )
 from zorba_edge.engine.coefficients import CoefficientTable
+from zorba_edge.engine.zo import forwards_per_step
 from zorba_edge.errors import InvalidScalarError
 from zorba_edge.model.progress import Progress
 
@@ -89,6 +92,20 @@ MakeRegistration = Callable[[Progress | None], RegisterRequest]
 worker thread."""
 CheckRun = Callable[[RunInfo], None]
 """Raises (BudgetError, UsageError) when this device cannot take part in `run`."""
+
+
+def step_estimate_s(last_step_s: float, forward_s: float, hyper: HyperParams, *,
+                    first_order: bool = False) -> float:
+    """Seconds per local step before a round's first: the last round's (`last_step_s`, 0 before
+    any), else the probe's forward times the forwards a step costs. The profile's step is an
+    antithetic one, two forwards; a one-sided batch of 4 directions costs 1.25 a step, and
+    judging its batches by the profile's kept every quickstart client out of its first round.
+    A first-order (fedavg) step is counted as the profile's."""
+    if last_step_s > 0:
+        return last_step_s
+    if first_order:
+        return forward_s * PROFILE_STEP_FORWARDS
+    return forward_s * forwards_per_step(hyper.estimator, hyper.directions)
 
 
 @dataclass(frozen=True)
@@ -170,7 +187,9 @@ class ClientDaemon:
         self._upload_s = INITIAL_UPLOAD_S
         """How long the last weight upload took (fedavg)."""
         self._last_step_s = 0.0
-        """The last round's time per local step (at first: the profile's measured step)."""
+        """The last round's time per local step (0 before the first: `step_estimate_s`)."""
+        self._forward_s = 0.0
+        """The timing probe's forward pass (0 when resumed without a probe)."""
 
     # ------------------------------------------------------------------------ control
 
@@ -243,7 +262,7 @@ class ClientDaemon:
             request = await asyncio.to_thread(
                 self._make_registration,
                 self._listener.progress("timing probe (loading, then forward passes)"))
-            self._last_step_s = request.profile.step_time_s
+            self._forward_s = request.profile.step_time_s / PROFILE_STEP_FORWARDS
             self._listener.on_status(f"registering with {url}")
             response = await self._until_stop(self._client.register(request))
             if response is None:
@@ -375,7 +394,9 @@ class ClientDaemon:
             if not await self._fetch_weights(assignment):
                 await self._sit_out(deadline_at)
                 return
-            gate = finish_by(time.monotonic() + budget_s, self._last_step_s)
+            step_s = step_estimate_s(self._last_step_s, self._forward_s, assignment.hyper,
+                                     first_order=isinstance(self.trainer, WeightExchange))
+            gate = finish_by(time.monotonic() + budget_s, step_s)
             outcome = await asyncio.to_thread(self.trainer.train_round, assignment, cancel, gate)
         except InvalidScalarError as exc:
             log.error("round %d: local training diverged (%s); nothing reported",

@@ -26,6 +26,9 @@ from zorba_edge.client.byte_sizes import format_size
 from zorba_edge.client.errors import DeviceError
 from zorba_edge.model.progress import Progress
 
+PROFILE_STEP_FORWARDS = 2
+"""Forward passes in the profile's step (`DeviceProfile.step_time_s`): an antithetic step's."""
+
 DEFAULT_MARGIN_FRACTION = 0.10
 """Default safety margin: a tenth of the measured memory..."""
 MIN_DEFAULT_MARGIN = 256 * 2**20
@@ -238,7 +241,7 @@ class StepTiming:
     @property
     def step_time_s(self) -> float:
         """A ZO step is two forward passes."""
-        return 2.0 * self.forward_s
+        return PROFILE_STEP_FORWARDS * self.forward_s
 
 
 def time_call(fn: Callable[[], object], *, repeats: int = 3, warmup: int = 1,

@@ -49,6 +49,15 @@ MIN_DIRECTIONS = {NORMALISED: 2}
 """Fewest directions a batch of each estimator measures (a spread needs two): the trainer
 stops before a shorter batch, and the estimator refuses one."""
 
+
+def forwards_per_step(estimator: str, directions: int) -> float:
+    """Forward passes per local step (one pool index, one reported scalar) of a full batch:
+    2 antithetic, (n + 1) / n for the estimators whose n directions share one unperturbed
+    forward (the table at the top of this module)."""
+    if estimator == ANTITHETIC:
+        return 2.0
+    return (directions + 1) / directions
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 """loss_fn(model, batch) -> scalar loss tensor."""
 
