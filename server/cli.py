@@ -16,7 +16,14 @@ from aiohttp import web
 from zorba_edge.common.schema import ESTIMATORS
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.app import create_app
-from zorba_server.config import AggregationConfig, ConfigError, RunConfig, ServerConfig, load_config
+from zorba_server.config import (
+    TRUST_RADIUS_HELP,
+    AggregationConfig,
+    ConfigError,
+    RunConfig,
+    ServerConfig,
+    load_config,
+)
 from zorba_server.modes import MODES
 from zorba_server.storage import StoreError
 
@@ -53,9 +60,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "antithetic: two forwards per direction")
     g.add_argument("--directions", type=int, help="directions measured on each batch (default 4)")
     g.add_argument("--trust-radius", type=float, metavar="FRACTION",
-                   help="the trust region: the longest RMS move per perturbed parameter of one "
-                   "batch's step, as a fraction of the perturbed weights' RMS; longer steps are "
-                   f"scaled down to it; 0: off (default {RunConfig.trust_radius:g})")
+                   help=f"{TRUST_RADIUS_HELP} (default {RunConfig.trust_radius:g})")
     g.add_argument("--batch-size", type=int, help="examples per local step (default 8)")
     g.add_argument("--seq-len", type=int, help="tokens per example (default 64)")
     g.add_argument("--min-clients", type=int,

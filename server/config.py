@@ -75,6 +75,10 @@ LR_SCALINGS = ("dimension", "none")
 LR_SCALING_HELP = ("none: one lr for every client; dimension: lr x mean block size / the "
                    "parameters a client perturbs (docs/learning.md)")
 """run.lr_scaling's meaning, as every command that takes --lr-scaling explains it."""
+TRUST_RADIUS_HELP = ("the trust region: the longest RMS move per perturbed parameter of one "
+                     "batch's step, as a fraction of the perturbed weights' RMS; longer steps "
+                     "are scaled down to it; 0: off")
+"""run.trust_radius's meaning, as every command that takes --trust-radius explains it."""
 MAX_STEPS = 65_536
 """The most local steps a round may assign (a report's size limit)."""
 

@@ -26,7 +26,13 @@ from zorba_edge.client.errors import UsageError
 from zorba_edge.common.schema import ESTIMATORS
 from zorba_edge.errors import ZorbaError
 from zorba_server.aggregation_rules import RULES, rules_help
-from zorba_server.config import LR_SCALING_HELP, LR_SCALINGS, AggregationConfig, RunConfig
+from zorba_server.config import (
+    LR_SCALING_HELP,
+    LR_SCALINGS,
+    TRUST_RADIUS_HELP,
+    AggregationConfig,
+    RunConfig,
+)
 from zorba_sim.fleet import CATALOGUE, GIB, Fleet, fleet_from_counts, load_fleet
 
 EXIT_USAGE = 2
@@ -178,9 +184,7 @@ def parser() -> argparse.ArgumentParser:
                    "antithetic: two forwards per direction (default %(default)s)")
     g.add_argument("--trust-radius", type=_number(float, strict=False),
                    default=d.trust_radius, metavar="FRACTION",
-                   help="the trust region: the longest RMS move per perturbed parameter of one "
-                   "batch's step, as a fraction of the perturbed weights' RMS; longer steps "
-                   "are scaled down to it; 0: off (default %(default)s)")
+                   help=f"{TRUST_RADIUS_HELP} (default %(default)s)")
     g.add_argument("--directions", type=_number(int), default=d.directions,
                    help="directions measured on each batch (default %(default)s)")
     g.add_argument("--batch-size", type=_number(int), default=d.batch_size,

@@ -27,7 +27,6 @@ import numpy as np
 from zorba_edge.client.fedavg import FORWARDS_PER_STEP
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.common.schema import (
-    ANTITHETIC,
     FEDAVG,
     FEDZO_FULL,
     ZORBA,
@@ -37,6 +36,7 @@ from zorba_edge.common.schema import (
 from zorba_edge.data.examples import ClassificationExample
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE
 from zorba_edge.engine.losses import evaluate_classification
+from zorba_edge.engine.zo import forwards_per_step
 from zorba_edge.model.sources import ModelSource
 from zorba_server.config import AggregationConfig, RunConfig, config_from_dict
 from zorba_server.rounds import APPLIED
@@ -128,7 +128,7 @@ class CompareSetting:
     @property
     def forwards_per_scalar(self) -> float:
         """Forward passes per pool index (one reported scalar, what a "step" counts)."""
-        return 2.0 if self.estimator == ANTITHETIC else (self.directions + 1) / self.directions
+        return forwards_per_step(self.estimator, self.directions)
 
     @property
     def step_s(self) -> float:

@@ -58,6 +58,7 @@ def forwards_per_step(estimator: str, directions: int) -> float:
         return 2.0
     return (directions + 1) / directions
 
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 """loss_fn(model, batch) -> scalar loss tensor."""
 
