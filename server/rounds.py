@@ -77,7 +77,7 @@ class RoundPlan:
             "opened_at": self.opened_at,
             "deadline": self.deadline,
             "hyper": [self.hyper.lr, self.hyper.mu, self.hyper.batch_size, self.hyper.seq_len,
-                      self.hyper.estimator, self.hyper.directions],
+                      self.hyper.estimator, self.hyper.directions, self.hyper.trust_radius],
             "pool_indices": list(self.pool_indices),
             "clients": {cid: [list(p.blocks), p.num_steps, p.lr_scale]
                         for cid, p in self.clients.items()},
@@ -88,7 +88,8 @@ class RoundPlan:
 
     @staticmethod
     def from_record(rec: Mapping[str, Any]) -> RoundPlan:
-        # Plans stored before the estimator was a setting have 4 entries: antithetic, n = 1.
+        # Plans stored before the estimator was a setting have 4 entries (antithetic, n = 1),
+        # before the trust region 6 (no region, as their clients were told).
         lr, mu, batch_size, seq_len, *estimator = rec["hyper"]
         return RoundPlan(
             round=rec["round"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 
 import numpy as np
@@ -157,3 +159,9 @@ def test_a_round_with_too_few_reports_fails_and_applies_nothing() -> None:
 
 def test_plans_survive_their_storage_record() -> None:
     assert RoundPlan.from_record(PLAN.to_record()) == PLAN
+    # A resumed round re-issues assignments from its stored plan: every hyper-parameter the
+    # clients were told must come back, the trust region included.
+    bounded = dataclasses.replace(PLAN, hyper=HyperParams(0.1, 1e-3, 8, 64, "one-sided", 4, 0.03))
+    assert RoundPlan.from_record(bounded.to_record()).hyper == bounded.hyper
+    older = PLAN.to_record() | {"hyper": [0.1, 1e-3, 8, 64, "one-sided", 4]}
+    assert RoundPlan.from_record(older).hyper.trust_radius == 0.0
