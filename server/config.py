@@ -79,6 +79,9 @@ TRUST_RADIUS_HELP = ("the trust region: the longest RMS move per perturbed param
                      "batch's step, as a fraction of the perturbed weights' RMS; longer steps "
                      "are scaled down to it; 0: off")
 """run.trust_radius's meaning, as every command that takes --trust-radius explains it."""
+PLATEAU_ROUNDS_HELP = ("rounds in a row whose clients' check losses do not improve on the "
+                       "best version's before the step is halved; 0: never")
+"""run.plateau_rounds's meaning, as every command that takes --plateau-rounds explains it."""
 MAX_STEPS = 65_536
 """The most local steps a round may assign (a report's size limit)."""
 
@@ -139,6 +142,11 @@ class RunConfig:
     above theirs at the last version whose losses did not rise is not applied, and the table
     is rolled back to that version (clients without check losses: judged by their training
     losses). Each rejection halves the step for later rounds (0: off; docs/learning.md)."""
+    plateau_rounds: int = 0
+    """A step that decays as learning flattens: this many applied rounds in a row whose
+    clients' check losses do not come back to the loss guard's anchor (the last version whose
+    check losses did not rise) halve the step for later rounds, without rolling anything back
+    (0: never; docs/learning.md, "A step that decays on a plateau")."""
     mode: str = ZORBA
     """A mode of zorba_server.modes.MODES: `zorba` (the scheduler assigns blocks), or a
     baseline: `zorba-uniform` (the same number of random blocks on every client), `fedzo-full`
@@ -164,6 +172,7 @@ class RunConfig:
             (self.lr_scaling in LR_SCALINGS,
              f"run.lr_scaling={self.lr_scaling!r}: use one of {', '.join(LR_SCALINGS)}"),
             (self.loss_jump_tolerance >= 0, "run.loss_jump_tolerance must be >= 0 (0: off)"),
+            (self.plateau_rounds >= 0, "run.plateau_rounds must be >= 0 (0: never)"),
             (math.isfinite(self.trust_radius) and self.trust_radius >= 0,
              "run.trust_radius must be a finite number >= 0 (0: off)"),
             (self.estimator in ESTIMATORS,

@@ -39,7 +39,14 @@ from zorba_edge.common.schema import (
 from zorba_server import calibration, errors
 from zorba_server.aggregation import RoundDelta, apply_delta
 from zorba_server.config import ServerConfig
-from zorba_server.loss_guard import Anchor, advance, judge, rollback_delta, training_loss_jump
+from zorba_server.loss_guard import (
+    Anchor,
+    Plateau,
+    advance,
+    judge,
+    rollback_delta,
+    training_loss_jump,
+)
 from zorba_server.members import LEFT, Member, check_budget, check_same_model, memory_model
 from zorba_server.modes import MODES, SolveFn
 from zorba_server.pool_indices import round_pool_indices
@@ -57,6 +64,8 @@ from zorba_server.scheduler import ClientSpec, Schedule, local_steps
 
 # The step is multiplied by this for every round the loss guard rejects.
 LOSS_JUMP_BACKOFF = 0.5
+# ... and by this whenever the check losses have not improved for run.plateau_rounds rounds.
+PLATEAU_DECAY = 0.5
 
 @dataclass
 class OpenRound:
@@ -98,6 +107,8 @@ class RoundClosure:
     """Each reporting client's mean loss this round."""
     anchor: Anchor | None = None
     """The loss guard's anchor after this round (None: unchanged)."""
+    plateau: Plateau = field(default_factory=Plateau)
+    """The plateau count after this round."""
 
 
 class RoundEngine:
@@ -137,6 +148,9 @@ class RoundEngine:
         self._anchor: Anchor | None = None
         """The last version whose check losses did not rise (server/loss_guard.py; re-made
         from the first round after a restart)."""
+        self._plateau = Plateau()
+        """Rounds without progress on the anchor, and the step cuts they made (after a
+        restart: the cuts the last stored plan carries, counting afresh)."""
         self._previous: dict[str, frozenset[int]] = {}
 
     # ------------------------------------------------------------------ the model and its table
@@ -171,9 +185,11 @@ class RoundEngine:
                            run.estimator, run.directions, run.trust_radius)
 
     def lr_factor(self) -> float:
-        """Halved for every round the loss guard rejected (derived from the history, so a
-        restarted server continues with the same step)."""
-        return LOSS_JUMP_BACKOFF ** sum(1 for h in self.history if h.status == REJECTED)
+        """Halved for every round the loss guard rejected (derived from the history) and for
+        every plateau (carried by each round's plan), so a restarted server continues with the
+        same step."""
+        rejected = sum(1 for h in self.history if h.status == REJECTED)
+        return LOSS_JUMP_BACKOFF ** rejected * PLATEAU_DECAY ** self._plateau.step_decays
 
     def lr_scale(self, blocks: Sequence[int]) -> float:
         """A client's step scale: mean block size / parameters it perturbs (docs/learning.md)."""
@@ -286,7 +302,7 @@ class RoundEngine:
             pool_indices=round_pool_indices(self.seed, self.round_counter, longest, self.pool_size),
             clients=clients, excluded=dict(schedule.excluded_clients),
             uncovered_blocks=tuple(sorted(schedule.uncovered_blocks)),
-            schedule_method=schedule.method,
+            schedule_method=schedule.method, step_decays=self._plateau.step_decays,
         )
 
     def open_round(self, plan: RoundPlan) -> None:
@@ -411,15 +427,19 @@ class RoundEngine:
                                aggregation=self.config.aggregation)
         checks = {cid: rec.report.loss_check for cid, rec in sorted(r.received.items())
                   if rec.report.loss_check is not None and weights[cid] > 0}
-        anchor, change = None, None
+        anchor, change, plateau = None, None, self._plateau
         if outcome.status == APPLIED:
-            anchor, change, reason = self._guard(checks, weights, r.received)
+            anchor, change, reason, progressed = self._guard(checks, weights, r.received)
             if reason is not None:
                 outcome = dataclasses.replace(outcome, status=REJECTED, delta=None, message=(
                     f"{reason}; the step is halved to "
                     f"{self.config.run.lr * self.lr_factor() * LOSS_JUMP_BACKOFF:.3g} for the next rounds"))
+                plateau = Plateau(0, plateau.step_decays)
             else:
                 change = outcome.delta
+                plateau = plateau.after(progressed, self.config.run.plateau_rounds)
+                if plateau.step_decays > self._plateau.step_decays:
+                    outcome = dataclasses.replace(outcome, message=self._plateau_message(outcome))
         delta, alpha = None, None
         if change is not None:
             delta = AlphaDelta.from_matrix(self.version + 1, plan.round, change.pool_indices,
@@ -431,18 +451,29 @@ class RoundEngine:
                         | calibration.measured(self.config.run, self.members, plan, r.received))
         return RoundClosure(plan, outcome, delta, alpha, calibrations, now, tuple(sorted(r.received)),
                             {cid: rec.report.loss_mean for cid, rec in sorted(r.received.items())},
-                            anchor)
+                            anchor, plateau)
+
+    def _plateau_message(self, outcome: RoundOutcome) -> str:
+        run = self.config.run
+        assert self._anchor is not None
+        cut = (f"the clients' check losses have not improved on version {self._anchor.version}'s "
+               f"for {run.plateau_rounds} rounds: the step is cut to "
+               f"{run.lr * self.lr_factor() * PLATEAU_DECAY:.3g} for the next rounds")
+        return f"{outcome.message}; {cut}" if outcome.message else cut
 
     def _guard(self, checks: dict[str, float], weights: dict[str, float],
-               received: dict[str, ReceivedReport]) -> tuple[Anchor | None, RoundDelta | None, str | None]:
+               received: dict[str, ReceivedReport],
+               ) -> tuple[Anchor | None, RoundDelta | None, str | None, bool | None]:
         """The loss guard on an applicable round: (new anchor or None, the rollback's delta or
-        None, why the round is not applied or None)."""
+        None, why the round is not applied or None, whether the check losses improved on the
+        anchor's or None when not judged)."""
         assert self.alpha is not None
-        tolerance = self.config.run.loss_jump_tolerance
-        if tolerance <= 0:
-            return None, None, None
+        run = self.config.run
+        tolerance = run.loss_jump_tolerance
+        if tolerance <= 0 and run.plateau_rounds <= 0:
+            return None, None, None, None
         verdict = judge(self._anchor, checks, weights, tolerance) if self._anchor else None
-        if verdict is not None and verdict.regressed:
+        if tolerance > 0 and verdict is not None and verdict.regressed:
             anchor = self._anchor
             assert anchor is not None
             return anchor, rollback_delta(self.alpha, anchor.alpha), (
@@ -452,7 +483,7 @@ class RoundEngine:
                 f"step is halved (x{self.lr_factor() * LOSS_JUMP_BACKOFF:g} of run.lr from the "
                 "next round). Rounds rejected again and again mean run.lr is far too large for "
                 "this model: lower it, or use run.estimator = 'normalised', whose step does not "
-                "grow with the model's gradient scale (docs/learning.md)")
+                "grow with the model's gradient scale (docs/learning.md)"), None
         anchor = None
         if checks and (self._anchor is None or verdict is None or verdict.improved):
             anchor = advance(self._anchor, self.version, self.alpha, checks)
@@ -462,7 +493,8 @@ class RoundEngine:
         # losses, which roll it back.
         jump = None if checks else training_loss_jump(received, weights, self._reference_losses,
                                                       tolerance)
-        return anchor, None, None if jump is None else f"{jump}: not applied"
+        progressed = None if verdict is None else verdict.improved
+        return anchor, None, None if jump is None else f"{jump}: not applied", progressed
 
     def sample_weights(self, client_ids: Iterable[str]) -> dict[str, float]:
         return {cid: self._sample_weight(cid) for cid in client_ids}
@@ -478,6 +510,7 @@ class RoundEngine:
             self.deltas.append(closure.delta)
         if closure.anchor is not None:
             self._anchor = closure.anchor
+        self._plateau = closure.plateau
         if closure.outcome.status in (APPLIED, REJECTED):
             # A rejected round moved nothing, so its losses are those of the model as it is:
             # the next round (at half the step) is judged against them. Judged against the
@@ -506,6 +539,7 @@ class RoundEngine:
         self.round_counter = plan.round + 1
         self._previous = {cid: frozenset(p.blocks) for cid, p in plan.clients.items()}
         self.last_plan = plan
+        self._plateau = Plateau(0, plan.step_decays)
         self.history.append(RoundRecord(plan.round, status, len(plan.clients), reports,
                                         plan.opened_at, closed_at, loss, message,
                                         plan.schedule_method))

@@ -115,3 +115,31 @@ def training_loss_jump(received: Mapping[str, ReceivedReport], weights: Mapping[
     if mean > 0 and last > mean * (1 + 2 * tolerance):
         return f"the clients' loss rose from {mean:.4g} (round mean) to {last:.4g} (last step)"
     return None
+
+
+@dataclass(frozen=True)
+class Plateau:
+    """How many applied rounds in a row the check losses have not improved on the anchor's,
+    and how many times a plateau has cut the step."""
+
+    stale_rounds: int = 0
+    step_decays: int = 0
+
+    def after(self, progressed: bool | None, patience: int) -> Plateau:
+        """The count after an applied round: `progressed` True (its check losses were at or
+        below the anchor's: the anchor advanced), False (they were not) or None (not judged:
+        no client in both rounds).
+
+        A step that suits the start of a run is too large once the gradient is small next to
+        the minibatch noise: the held-out loss of a 20-minute quickstart turned up after
+        version 33 at a constant step (docs/learning.md, "A step that decays on a plateau").
+        `patience` rounds in a row without progress cut the step and start the count again
+        (0: never)."""
+        if progressed is None:
+            return self
+        if progressed or patience <= 0:
+            return Plateau(0, self.step_decays)
+        stale = self.stale_rounds + 1
+        if stale >= patience:
+            return Plateau(0, self.step_decays + 1)
+        return Plateau(stale, self.step_decays)

@@ -53,6 +53,9 @@ class RoundPlan:
     """Members the scheduler left out, with its reason."""
     uncovered_blocks: tuple[int, ...] = ()
     schedule_method: str = ""
+    step_decays: int = 0
+    """How many times a plateau of the check losses had cut the step when this round opened
+    (kept with the plan, so a restarted server continues at the same step)."""
 
     def assignment_for(self, client_id: str, now: float) -> Assignment:
         plan = self.clients[client_id]
@@ -84,6 +87,7 @@ class RoundPlan:
             "excluded": dict(self.excluded),
             "uncovered_blocks": list(self.uncovered_blocks),
             "schedule_method": self.schedule_method,
+            "step_decays": self.step_decays,
         }
 
     @staticmethod
@@ -103,6 +107,7 @@ class RoundPlan:
             excluded=dict(rec["excluded"]),
             uncovered_blocks=tuple(rec["uncovered_blocks"]),
             schedule_method=rec["schedule_method"],
+            step_decays=rec.get("step_decays", 0),
         )
 
 

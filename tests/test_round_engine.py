@@ -15,7 +15,7 @@ from zorba_server.config import config_from_dict
 from zorba_server.engine import RoundEngine
 from zorba_server.errors import Conflict, NotFound, Unprocessable
 from zorba_server.members import Member
-from zorba_server.rounds import APPLIED, FAILED, REJECTED
+from zorba_server.rounds import APPLIED, FAILED, REJECTED, RoundPlan
 
 
 def test_a_round_is_planned_accepted_and_closed_into_alpha_increments(tmp_path: Path) -> None:
@@ -289,6 +289,47 @@ def test_a_rise_on_a_small_loss_is_measured_against_a_coin_flip_not_the_loss_its
     assert run_checked_round(e, 2.0, {"a": 0.45}) == APPLIED  # +0.15 < 0.5 x ln 2
     assert run_checked_round(e, 4.0, {"a": 0.62}) == APPLIED  # +0.32 < 0.35
     assert run_checked_round(e, 6.0, {"a": 0.70}) == REJECTED  # +0.40 over version 0's
+
+
+def test_check_losses_that_stop_improving_halve_the_step_without_rolling_back(
+        tmp_path: Path) -> None:
+    """A step right for the start of a run overshoots once the gradient is small: the held-out
+    loss of a 20-minute quickstart turned up after version 33. Rounds that do not bring the
+    check losses back to the best version's cut the step; any that does restarts the count."""
+    e = engine(tmp_path, lr=0.01, loss_jump_tolerance=0.5, plateau_rounds=3)
+    join(e, "a")
+    assert run_checked_round(e, 0.0, {"a": 1.00}) == APPLIED  # version 0: the anchor
+    assert run_checked_round(e, 2.0, {"a": 0.80}) == APPLIED  # better: version 1 anchors
+    assert run_checked_round(e, 4.0, {"a": 0.85}) == APPLIED  # 1 round without progress
+    assert run_checked_round(e, 6.0, {"a": 0.79}) == APPLIED  # progress: the count restarts
+    for r in range(2):
+        assert run_checked_round(e, 8.0 + 2 * r, {"a": 0.82}) == APPLIED
+    assert e.lr_factor() == 1.0 and "step is cut" not in e.history[-1].message
+    version = e.version
+    assert run_checked_round(e, 12.0, {"a": 0.81}) == APPLIED  # the third: cut
+    assert e.version == version + 1  # applied: nothing is rolled back
+    assert e.lr_factor() == 0.5
+    assert "have not improved on version 3's for 3 rounds" in e.history[-1].message
+    plan = e.propose_round(now=14.0)
+    assert plan is not None and plan.hyper.lr == 0.005 and plan.step_decays == 1
+    # A restarted server continues at the cut step: the next plan carries it.
+    resumed = engine(tmp_path, lr=0.01, loss_jump_tolerance=0.5, plateau_rounds=3)
+    resumed.restore_round(RoundPlan.from_record(plan.to_record()), APPLIED, 1, 15.0, 1.0, "")
+    assert resumed.lr_factor() == 0.5
+
+
+def test_the_plateau_cut_is_off_at_zero_and_works_without_the_loss_guard(tmp_path: Path) -> None:
+    never = engine(tmp_path, loss_jump_tolerance=0.5, plateau_rounds=0)
+    join(never, "a")
+    for r in range(6):
+        assert run_checked_round(never, 2.0 * r, {"a": 1.0 + 0.01 * r}) == APPLIED
+    assert never.lr_factor() == 1.0
+    unguarded = engine(tmp_path, loss_jump_tolerance=0.0, plateau_rounds=2)
+    join(unguarded, "a")
+    checks = [1.0, 0.9, 5.0, 5.0]  # a rise the guard would reject is applied, and counts
+    assert [run_checked_round(unguarded, 2.0 * r, {"a": c}) for r, c in enumerate(checks)] == \
+        [APPLIED] * 4
+    assert unguarded.lr_factor() == 0.5
 
 
 def test_a_round_closes_without_waiting_for_a_client_that_left(tmp_path: Path) -> None:

@@ -25,7 +25,13 @@ from zorba_edge.client.byte_sizes import format_size, parse_size
 from zorba_edge.common.schema import ESTIMATORS
 from zorba_lab.federation import ClientSetup, FederationPlan, FederationResult
 from zorba_server.aggregation_rules import RULES, rules_help
-from zorba_server.config import LR_SCALING_HELP, LR_SCALINGS, AggregationConfig, RunConfig
+from zorba_server.config import (
+    LR_SCALING_HELP,
+    LR_SCALINGS,
+    PLATEAU_ROUNDS_HELP,
+    AggregationConfig,
+    RunConfig,
+)
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
     from zorba_edge.client.local_task import LocalTask
@@ -79,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--directions", type=int, default=RunConfig.directions,
                    help="directions measured on each batch; one-sided: they share one unperturbed "
                    "forward (default %(default)s)")
+    p.add_argument("--plateau-rounds", type=int, default=RunConfig.plateau_rounds, metavar="N",
+                   help=f"{PLATEAU_ROUNDS_HELP} (default %(default)s)")
     p.add_argument("--pool-size", type=int, default=1024, help="seed pool K (default %(default)s)")
     p.add_argument("--dirichlet-alpha", type=float, default=0.5,
                    help="label skew across clients (default %(default)s)")
@@ -112,7 +120,7 @@ def plan_from_args(args: argparse.Namespace, out_dir: Path) -> FederationPlan:
         aggregation=args.aggregation, mu=args.mu,
         batch_size=args.batch_size, seq_len=args.seq_len, pool_size=args.pool_size,
         round_duration_s=args.round_duration, max_steps=args.max_steps, rounds=args.rounds,
-        estimator=args.estimator, directions=args.directions,
+        estimator=args.estimator, directions=args.directions, plateau_rounds=args.plateau_rounds,
         minutes=args.minutes, seed=args.seed, data_seed=args.data_seed,
         dirichlet_alpha=args.dirichlet_alpha, threads=args.threads,
         frozen_dtype=args.frozen_dtype, model=args.model,

@@ -29,6 +29,7 @@ from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.config import (
     LR_SCALING_HELP,
     LR_SCALINGS,
+    PLATEAU_ROUNDS_HELP,
     TRUST_RADIUS_HELP,
     AggregationConfig,
     RunConfig,
@@ -62,6 +63,7 @@ class Settings:
     mu: float = RunConfig.mu
     estimator: str = RunConfig.estimator
     trust_radius: float = RunConfig.trust_radius
+    plateau_rounds: int = RunConfig.plateau_rounds
     directions: int = RunConfig.directions
     batch_size: int = 8
     seq_len: int = 48
@@ -185,6 +187,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--trust-radius", type=_number(float, strict=False),
                    default=d.trust_radius, metavar="FRACTION",
                    help=f"{TRUST_RADIUS_HELP} (default %(default)s)")
+    g.add_argument("--plateau-rounds", type=_number(int, strict=False), metavar="N",
+                   default=d.plateau_rounds,
+                   help=f"{PLATEAU_ROUNDS_HELP} (default %(default)s)")
     g.add_argument("--directions", type=_number(int), default=d.directions,
                    help="directions measured on each batch (default %(default)s)")
     g.add_argument("--batch-size", type=_number(int), default=d.batch_size,
@@ -289,6 +294,7 @@ def simulation_config(settings: Settings, device: str) -> Any:
         "seed": settings.seed, "pool_size": settings.pool_size, "lr": settings.lr,
         "lr_scaling": settings.lr_scaling, "mu": settings.mu, "estimator": settings.estimator,
         "directions": settings.directions, "trust_radius": settings.trust_radius,
+        "plateau_rounds": settings.plateau_rounds,
         "batch_size": settings.batch_size, "seq_len": settings.seq_len,
         "round_duration_s": settings.round_duration_s, "max_steps": settings.max_steps},
         "aggregation": {"method": settings.aggregation}})
@@ -367,6 +373,7 @@ def load_settings(folder: Path) -> Settings:
         data = json.loads(path.read_text())
         # A run begun before the trust region existed resumes as it was run: without one.
         data.setdefault("trust_radius", 0.0)
+        data.setdefault("plateau_rounds", 0)  # likewise: a run begun before the plateau cut
         return Settings(**data)
     except OSError as exc:
         raise UsageError(f"--resume {folder}: cannot read {path} ({exc.strerror}): give the "

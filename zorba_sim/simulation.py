@@ -143,6 +143,11 @@ class RoundRecord:
     eval_loss: float | None = None
     shrunk_batches: int = 0
     """Batches of this round whose step the trust region scaled down (every client)."""
+    lr: float | None = None
+    """The round's step size (run.lr after the loss guard's and the plateaus' cuts)."""
+    check_loss: float | None = None
+    """The reporting clients' check-batch losses at the round's base version, weighted as
+    the loss guard weighs them."""
 
 
 @dataclass
@@ -284,6 +289,7 @@ class Simulation:
         info = engine.run_info("simulation")
         finished: dict[str, float] = {}
         losses: list[tuple[float, float]] = []
+        checks: list[tuple[float, float]] = []
         dropped = stragglers = shrunk = 0
         down_total = up_total = 0.0
         for cid in sorted(plan.clients):
@@ -333,24 +339,27 @@ class Simulation:
             engine.accept_report(ReceivedReport(cid, report, b"", done))
             finished[cid] = done
             losses.append((float(report.num_samples), report.loss_mean))
+            if report.loss_check is not None:
+                checks.append((float(report.num_samples), report.loss_check))
         close_at = max(finished.values()) if len(finished) == len(plan.clients) else plan.deadline
         closure = engine.decide_close(close_at)
         engine.apply_close(closure)
         training.close(closure, engine)
         self.clock = close_at
-        weight = sum(w for w, _ in losses)
-        loss = sum(w * v for w, v in losses) / weight if weight else None
         assigned = len(plan.clients)
         return self._record(plan.round, closure.outcome.status, assigned, len(finished), dropped,
-                            stragglers, loss, down_total / assigned, up_total / assigned, started,
-                            shrunk)
+                            stragglers, _weighted_mean(losses), down_total / assigned,
+                            up_total / assigned, started, shrunk, lr=plan.hyper.lr,
+                            check_loss=_weighted_mean(checks))
 
     def _record(self, round_: int, status: str, assigned: int, reports: int, dropped: int,
                 stragglers: int, loss: float | None, down: float, up: float,
-                started: float, shrunk_batches: int = 0) -> RoundRecord:
+                started: float, shrunk_batches: int = 0, *, lr: float | None = None,
+                check_loss: float | None = None) -> RoundRecord:
         record = RoundRecord(round_, status, self.engine.version, assigned, reports, dropped,
                              stragglers, self.clock, self.forwards, loss, down, up,
-                             time.perf_counter() - started, shrunk_batches=shrunk_batches)
+                             time.perf_counter() - started, shrunk_batches=shrunk_batches,
+                             lr=lr, check_loss=check_loss)
         published = record.version != (self.records[-1].version if self.records else 0)
         self.records.append(record)
         # Evaluated whenever the round moved the model: an applied round, or the loss guard's
@@ -455,3 +464,8 @@ def _report_bytes(assignment: Assignment, steps: int) -> int:
 
 def _seconds(num_bytes: float, mbps: float) -> float:
     return 8.0 * num_bytes / (mbps * 1e6)
+
+
+def _weighted_mean(pairs: list[tuple[float, float]]) -> float | None:
+    weight = sum(w for w, _ in pairs)
+    return sum(w * v for w, v in pairs) / weight if weight else None
