@@ -343,5 +343,5 @@ def test_a_first_round_judges_its_batches_by_the_estimators_forwards_per_step() 
     one_sided = HyperParams(lr=1e-4, mu=1e-3, batch_size=8, seq_len=48, estimator=ONE_SIDED,
                             directions=4)
     assert step_estimate_s(0.0, 0.8, one_sided) == pytest.approx(1.0)
-    assert step_estimate_s(0.0, 0.8, one_sided, first_order=True) == pytest.approx(1.6)
+    assert step_estimate_s(0.0, 0.8, one_sided, first_order=True) == pytest.approx(2.4)
     assert step_estimate_s(0.7, 0.8, one_sided) == 0.7  # a measured round wins

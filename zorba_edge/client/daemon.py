@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from zorba_edge.client.byte_sizes import format_size
 from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
+from zorba_edge.client.fedavg import FORWARDS_PER_STEP as FIRST_ORDER_STEP_FORWARDS
 from zorba_edge.client.profiling import PROFILE_STEP_FORWARDS
 from zorba_edge.client.state import ClientState, StateStore
 from zorba_edge.client.trainer import LocalRoundResult, StepGate, SyncError, finish_by
@@ -100,11 +101,11 @@ def step_estimate_s(last_step_s: float, forward_s: float, hyper: HyperParams, *,
     any), else the probe's forward times the forwards a step costs. The profile's step is an
     antithetic one, two forwards; a one-sided batch of 4 directions costs 1.25 a step, and
     judging its batches by the profile's kept every quickstart client out of its first round.
-    A first-order (fedavg) step is counted as the profile's."""
+    A first-order (fedavg) step is a forward and a backward: the forwards fedavg counts it as."""
     if last_step_s > 0:
         return last_step_s
     if first_order:
-        return forward_s * PROFILE_STEP_FORWARDS
+        return forward_s * FIRST_ORDER_STEP_FORWARDS
     return forward_s * forwards_per_step(hyper.estimator, hyper.directions)
 
 
