@@ -289,7 +289,7 @@ class Simulation:
         info = engine.run_info("simulation")
         finished: dict[str, float] = {}
         losses: list[tuple[float, float]] = []
-        checks: list[tuple[float, float]] = []
+        checks: list[tuple[str, float]] = []
         dropped = stragglers = shrunk = 0
         down_total = up_total = 0.0
         for cid in sorted(plan.clients):
@@ -340,17 +340,20 @@ class Simulation:
             finished[cid] = done
             losses.append((float(report.num_samples), report.loss_mean))
             if report.loss_check is not None:
-                checks.append((float(report.num_samples), report.loss_check))
+                checks.append((cid, report.loss_check))
         close_at = max(finished.values()) if len(finished) == len(plan.clients) else plan.deadline
         closure = engine.decide_close(close_at)
         engine.apply_close(closure)
         training.close(closure, engine)
         self.clock = close_at
         assigned = len(plan.clients)
+        # The guard's own weights (each member's data size), not the examples of this round.
+        check_weights = engine.sample_weights(cid for cid, _ in checks)
+        check_loss = _weighted_mean([(check_weights[cid], v) for cid, v in checks])
         return self._record(plan.round, closure.outcome.status, assigned, len(finished), dropped,
                             stragglers, _weighted_mean(losses), down_total / assigned,
                             up_total / assigned, started, shrunk, lr=plan.hyper.lr,
-                            check_loss=_weighted_mean(checks))
+                            check_loss=check_loss)
 
     def _record(self, round_: int, status: str, assigned: int, reports: int, dropped: int,
                 stragglers: int, loss: float | None, down: float, up: float,
