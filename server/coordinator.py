@@ -323,8 +323,10 @@ class Coordinator:
         if self.engine.finished:
             self._changed.notify()
         self.weights.closed(closure)
-        log.info("round %d %s: %s", closure.plan.round, closure.outcome.status,
-                 closure.outcome.message)
+        # Back-offs at WARNING: an operator running at that level still learns that the step
+        # was cut or a round rolled back.
+        log.log(logging.WARNING if closure.backs_off else logging.INFO, "round %d %s: %s",
+                closure.plan.round, closure.outcome.status, closure.outcome.message)
 
     # ------------------------------------------------------------------------ views
 

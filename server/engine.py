@@ -109,6 +109,28 @@ class RoundClosure:
     """The loss guard's anchor after this round (None: unchanged)."""
     plateau: Plateau = field(default_factory=Plateau)
     """The plateau count after this round."""
+    step_cut: bool = False
+    """This round's plateau cut the step for the next rounds."""
+
+    @property
+    def backs_off(self) -> bool:
+        """The server backs off after this round: not applied by the loss guard (rolled back,
+        step halved), or a plateau cut the step. Worth an operator's attention."""
+        return self.outcome.status == REJECTED or self.step_cut
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """What the loss guard makes of an applicable round."""
+
+    anchor: Anchor | None = None
+    """The new anchor (None: unchanged)."""
+    rollback: RoundDelta | None = None
+    """The increments that take the table back to the anchor (None: nothing to undo)."""
+    rejection: str | None = None
+    """Why the round is not applied (None: it is)."""
+    progressed: bool | None = None
+    """The check losses came back to the anchor's (None: not judged)."""
 
 
 class RoundEngine:
@@ -427,18 +449,20 @@ class RoundEngine:
                                aggregation=self.config.aggregation)
         checks = {cid: rec.report.loss_check for cid, rec in sorted(r.received.items())
                   if rec.report.loss_check is not None and weights[cid] > 0}
-        anchor, change, plateau = None, None, self._plateau
+        anchor, change, plateau, step_cut = None, None, self._plateau, False
         if outcome.status == APPLIED:
-            anchor, change, reason, progressed = self._guard(checks, weights, r.received)
-            if reason is not None:
+            guard = self._guard(checks, weights, r.received)
+            anchor, change = guard.anchor, guard.rollback
+            if guard.rejection is not None:
                 outcome = dataclasses.replace(outcome, status=REJECTED, delta=None, message=(
-                    f"{reason}; the step is halved to "
+                    f"{guard.rejection}; the step is halved to "
                     f"{self.config.run.lr * self.lr_factor() * LOSS_JUMP_BACKOFF:.3g} for the next rounds"))
                 plateau = Plateau(0, plateau.step_decays)
             else:
                 change = outcome.delta
-                plateau = plateau.after(progressed, self.config.run.plateau_rounds)
-                if plateau.step_decays > self._plateau.step_decays:
+                plateau = plateau.after(guard.progressed, self.config.run.plateau_rounds)
+                step_cut = plateau.step_decays > self._plateau.step_decays
+                if step_cut:
                     outcome = dataclasses.replace(outcome, message=self._plateau_message(outcome))
         delta, alpha = None, None
         if change is not None:
@@ -451,7 +475,7 @@ class RoundEngine:
                         | calibration.measured(self.config.run, self.members, plan, r.received))
         return RoundClosure(plan, outcome, delta, alpha, calibrations, now, tuple(sorted(r.received)),
                             {cid: rec.report.loss_mean for cid, rec in sorted(r.received.items())},
-                            anchor, plateau)
+                            anchor, plateau, step_cut)
 
     def _plateau_message(self, outcome: RoundOutcome) -> str:
         run = self.config.run
@@ -462,28 +486,25 @@ class RoundEngine:
         return f"{outcome.message}; {cut}" if outcome.message else cut
 
     def _guard(self, checks: dict[str, float], weights: dict[str, float],
-               received: dict[str, ReceivedReport],
-               ) -> tuple[Anchor | None, RoundDelta | None, str | None, bool | None]:
-        """The loss guard on an applicable round: (new anchor or None, the rollback's delta or
-        None, why the round is not applied or None, whether the check losses improved on the
-        anchor's or None when not judged)."""
+               received: dict[str, ReceivedReport]) -> GuardResult:
+        """The loss guard on an applicable round."""
         assert self.alpha is not None
         run = self.config.run
         tolerance = run.loss_jump_tolerance
         if tolerance <= 0 and run.plateau_rounds <= 0:
-            return None, None, None, None
+            return GuardResult()
         verdict = judge(self._anchor, checks, weights, tolerance) if self._anchor else None
         if tolerance > 0 and verdict is not None and verdict.regressed:
             anchor = self._anchor
             assert anchor is not None
-            return anchor, rollback_delta(self.alpha, anchor.alpha), (
+            return GuardResult(anchor, rollback_delta(self.alpha, anchor.alpha), (
                 f"the clients' check loss rose from {verdict.before:.4g} (version "
                 f"{anchor.version}) to {verdict.now:.4g} (version {self.version}): this round is "
                 f"not applied and the table is rolled back to version {anchor.version}; the "
                 f"step is halved (x{self.lr_factor() * LOSS_JUMP_BACKOFF:g} of run.lr from the "
                 "next round). Rounds rejected again and again mean run.lr is far too large for "
                 "this model: lower it, or use run.estimator = 'normalised', whose step does not "
-                "grow with the model's gradient scale (docs/learning.md)"), None
+                "grow with the model's gradient scale (docs/learning.md)"))
         anchor = None
         if checks and (self._anchor is None or verdict is None or verdict.improved):
             anchor = advance(self._anchor, self.version, self.alpha, checks)
@@ -493,8 +514,8 @@ class RoundEngine:
         # losses, which roll it back.
         jump = None if checks else training_loss_jump(received, weights, self._reference_losses,
                                                       tolerance)
-        progressed = None if verdict is None else verdict.improved
-        return anchor, None, None if jump is None else f"{jump}: not applied", progressed
+        return GuardResult(anchor, None, None if jump is None else f"{jump}: not applied",
+                           None if verdict is None else verdict.improved)
 
     def sample_weights(self, client_ids: Iterable[str]) -> dict[str, float]:
         return {cid: self._sample_weight(cid) for cid in client_ids}

@@ -12,7 +12,7 @@ from engine_fakes import engine, join, open_next, received
 from server_fakes import FINGERPRINT, FOOTPRINT, config_dict, profile
 
 from zorba_server.config import config_from_dict
-from zorba_server.engine import RoundEngine
+from zorba_server.engine import RoundClosure, RoundEngine
 from zorba_server.errors import Conflict, NotFound, Unprocessable
 from zorba_server.members import Member
 from zorba_server.rounds import APPLIED, FAILED, REJECTED, RoundPlan
@@ -227,6 +227,11 @@ def test_the_loss_guard_compares_the_same_clients_across_rounds(tmp_path: Path) 
 def run_checked_round(e: RoundEngine, now: float, checks: dict[str, float],
                       loss: float = 1.0) -> str:
     """A round whose clients report these check-batch losses (measured at the round's base)."""
+    return checked_closure(e, now, checks, loss).outcome.status
+
+
+def checked_closure(e: RoundEngine, now: float, checks: dict[str, float],
+                    loss: float = 1.0) -> RoundClosure:
     plan = e.propose_round(now=now)
     assert plan is not None
     e.open_round(plan)
@@ -236,7 +241,7 @@ def run_checked_round(e: RoundEngine, now: float, checks: dict[str, float],
         e.accept_report(rep)
     closure = e.decide_close(now=now + 1)
     e.apply_close(closure)
-    return closure.outcome.status
+    return closure
 
 
 def test_a_slow_drift_of_the_check_loss_rolls_the_table_back_to_the_last_good_version(
@@ -253,7 +258,8 @@ def test_a_slow_drift_of_the_check_loss_rolls_the_table_back_to_the_last_good_ve
     assert run_checked_round(e, 4.0, {"a": 1.1, "b": 2.1}) == APPLIED  # +19%: within 50%
     assert run_checked_round(e, 6.0, {"a": 1.3, "b": 2.5}) == APPLIED  # +41%
     before = e.version
-    assert run_checked_round(e, 8.0, {"a": 1.5, "b": 2.9}) == REJECTED  # +63% over version 1
+    rolled_back = checked_closure(e, 8.0, {"a": 1.5, "b": 2.9})  # +63% over version 1
+    assert rolled_back.outcome.status == REJECTED and rolled_back.backs_off
     message = e.history[-1].message
     assert "rolled back to version 1" in message and "check loss rose" in message
     assert "x0.5 of run.lr" in message and "normalised" in message  # what to do about it
@@ -303,10 +309,12 @@ def test_check_losses_that_stop_improving_halve_the_step_without_rolling_back(
     assert run_checked_round(e, 4.0, {"a": 0.85}) == APPLIED  # 1 round without progress
     assert run_checked_round(e, 6.0, {"a": 0.79}) == APPLIED  # progress: the count restarts
     for r in range(2):
-        assert run_checked_round(e, 8.0 + 2 * r, {"a": 0.82}) == APPLIED
+        stale = checked_closure(e, 8.0 + 2 * r, {"a": 0.82})
+        assert stale.outcome.status == APPLIED and not stale.backs_off
     assert e.lr_factor() == 1.0 and "step is cut" not in e.history[-1].message
     version = e.version
-    assert run_checked_round(e, 12.0, {"a": 0.81}) == APPLIED  # the third: cut
+    cut = checked_closure(e, 12.0, {"a": 0.81})  # the third: cut
+    assert cut.outcome.status == APPLIED and cut.step_cut and cut.backs_off  # logged at WARNING
     assert e.version == version + 1  # applied: nothing is rolled back
     assert e.lr_factor() == 0.5
     assert "have not improved on version 3's for 3 rounds" in e.history[-1].message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -726,9 +727,10 @@ async def test_each_clients_bytes_per_round_are_the_same_after_a_restart(
 
 @BOTH_STORES
 async def test_the_loss_guard_rolls_back_through_the_real_server_and_the_run_goes_on(
-        start: Any) -> None:
+        start: Any, caplog: pytest.LogCaptureFixture) -> None:
     """A rejected round with a rollback is stored, published and synced like any version (the
     stored status was refused by schema 1 and the round driver failed on every retry)."""
+    caplog.set_level(logging.INFO, logger="zorba_server")
     http, _ = await start(min_clients=1, min_reports=1, loss_jump_tolerance=0.5)
     (c,) = await joined(http, 1)
 
@@ -749,6 +751,11 @@ async def test_the_loss_guard_rolls_back_through_the_real_server_and_the_run_goe
     np.testing.assert_allclose(state.matrix(), 0.0, atol=1e-6)  # version 0's table again
     np.testing.assert_allclose(c.alpha, state.matrix(), atol=0)  # and the client synced to it
     assert nxt.assignment.hyper.lr == pytest.approx(0.005)  # the step halved
+    # A server run at --log-level WARNING (as the quickstart's is) still says it backed off.
+    closes = [(r.levelno, r.getMessage()) for r in caplog.records if " applied: " in r.getMessage()
+              or " rejected: " in r.getMessage()]
+    assert [level for level, _ in closes] == [logging.INFO, logging.INFO, logging.WARNING]
+    assert "rolled back to version 0" in closes[2][1]
 
 
 async def test_a_waiting_client_hears_of_a_new_version_even_when_the_next_round_fails_to_open(

@@ -183,9 +183,10 @@ class FlowerRounds:
         self.rounds.append(entry)
         if self.on_round is not None:
             self.on_round(entry)
-        log.info("round %d %s: %d/%d reports in %.2f s, alpha version %d (%s)", plan.round,
-                 entry.status, len(reported), len(nodes), wall, engine.version,
-                 closure.outcome.message)
+        log.log(logging.WARNING if closure.backs_off else logging.INFO,
+                "round %d %s: %d/%d reports in %.2f s, alpha version %d (%s)", plan.round,
+                entry.status, len(reported), len(nodes), wall, engine.version,
+                closure.outcome.message)
         return entry
 
     # ------------------------------------------------------------------ membership
