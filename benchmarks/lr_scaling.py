@@ -18,19 +18,12 @@ import sys
 import time
 
 import torch
+from quickstart_sim import QuickstartRun, quickstart_simulation
 
-from zorba_edge.client.assembly import footprint_of
-from zorba_edge.common.schema import ESTIMATORS, ONE_SIDED, ZORBA
-from zorba_edge.data.movie_reviews import load_movie_reviews
-from zorba_edge.data.splits import train_heldout_split
-from zorba_edge.model.pretrained import packaged_model_path
-from zorba_edge.model.sources import open_source
+from zorba_edge.common.schema import ESTIMATORS, ONE_SIDED
 from zorba_server.aggregation_rules import RULES
-from zorba_server.config import LR_SCALINGS, AggregationConfig, config_from_dict
-from zorba_sim.fleet import GIB, DeviceClass, DeviceGroup, Fleet
-from zorba_sim.simulation import CENTRAL_MEZO, ZO_SIM_MODES, Simulation, SimulationConfig
-
-BUDGETS_GIB = (1.0, 1.1, 1.3, 1.7)
+from zorba_server.config import LR_SCALINGS, AggregationConfig
+from zorba_sim.simulation import ZO_SIM_MODES
 
 
 def main() -> None:
@@ -57,30 +50,16 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    examples = load_movie_reviews()
-    train_idx, heldout_idx = train_heldout_split(len(examples), 0.1, 0)
-    train = [examples[i] for i in train_idx]
-    heldout = [examples[i] for i in heldout_idx][: args.heldout]
-    fleet = Fleet(tuple(DeviceGroup(DeviceClass(f"budget-{b}GiB", int(b * GIB), 1.0, 50, 50), 1, 0)
-                        for b in BUDGETS_GIB))
-    source = open_source(packaged_model_path())
-    scheduler = {} if args.cap_blocks is None else {
-        "max_perturbed_params": args.cap_blocks * max(footprint_of(source).block_params)}
-    server = config_from_dict({"enrolment_secret": "benchmark-secret", "run": {
-        "seed": args.seed, "pool_size": 1024, "lr": args.lr, "mu": 1e-3, "batch_size": 8,
-        "seq_len": 48, "round_duration_s": 30, "max_steps": 8, "lr_scaling": args.scaling,
-        "estimator": args.estimator, "directions": args.directions,
-        "mode": ZORBA if args.mode == CENTRAL_MEZO else args.mode}, "scheduler": scheduler,
-        "aggregation": {"method": args.aggregation}})
     started = time.time()
-    sim = Simulation.build(SimulationConfig(server, rounds=args.rounds, reference_step_s=2.0,
-                                            data_seed=args.seed, mode=args.mode),
-                           source, fleet, train, heldout)
+    sim = quickstart_simulation(QuickstartRun(
+        seed=args.seed, lr=args.lr, lr_scaling=args.scaling, estimator=args.estimator,
+        directions=args.directions, mode=args.mode, cap_blocks=args.cap_blocks,
+        aggregation=args.aggregation, rounds=args.rounds, heldout=args.heldout))
     accuracy, loss = sim.evaluate()
     result = {"mode": args.mode, "cap_blocks": args.cap_blocks,
               "scaling": args.scaling, "aggregation": args.aggregation, "lr": args.lr,
               "estimator": args.estimator,
-              "directions": args.directions, "seed": args.seed, "heldout": len(heldout),
+              "directions": args.directions, "seed": args.seed, "heldout": args.heldout,
               "rounds": [{"round": 0, "forwards": 0, "accuracy": accuracy, "loss": loss}]}
     for _ in range(args.rounds):
         record = sim.run_round()

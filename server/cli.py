@@ -18,6 +18,8 @@ from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.app import create_app
 from zorba_server.config import (
     PLATEAU_ROUNDS_HELP,
+    POOL_SLICES,
+    POOL_SLICES_HELP,
     TRUST_RADIUS_HELP,
     AggregationConfig,
     ConfigError,
@@ -64,6 +66,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"{TRUST_RADIUS_HELP} (default {RunConfig.trust_radius:g})")
     g.add_argument("--plateau-rounds", type=int, metavar="N",
                    help=f"{PLATEAU_ROUNDS_HELP} (default {RunConfig.plateau_rounds})")
+    g.add_argument("--pool-slices", choices=list(POOL_SLICES),
+                   help=f"{POOL_SLICES_HELP} (default {RunConfig.pool_slices})")
     g.add_argument("--batch-size", type=int, help="examples per local step (default 8)")
     g.add_argument("--seq-len", type=int, help="tokens per example (default 64)")
     g.add_argument("--min-clients", type=int,
@@ -98,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "run": {"seed": args.seed, "pool_size": args.pool_size, "lr": args.lr, "mu": args.mu,
                 "estimator": args.estimator, "directions": args.directions,
                 "trust_radius": args.trust_radius, "plateau_rounds": args.plateau_rounds,
-                "batch_size": args.batch_size, "seq_len": args.seq_len,
+                "pool_slices": args.pool_slices, "batch_size": args.batch_size, "seq_len": args.seq_len,
                 "min_clients": args.min_clients, "min_reports": args.min_reports,
                 "round_duration_s": args.round_duration, "max_rounds": args.max_rounds,
                 "mode": args.mode},

@@ -24,7 +24,7 @@ from typing import Any
 from zorba_edge.common.memory_model import ModelFootprint
 from zorba_edge.common.schema import ESTIMATORS, NORMALISED, ONE_SIDED, ZORBA
 from zorba_edge.errors import ZorbaError
-from zorba_server.aggregation_rules import RULES
+from zorba_server.aggregation_rules import RULES, VOTING_RULES
 from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig
 
@@ -82,6 +82,12 @@ TRUST_RADIUS_HELP = ("the trust region: the longest RMS move per perturbed param
 PLATEAU_ROUNDS_HELP = ("rounds in a row whose clients' check losses do not improve on the "
                        "best version's before the step is halved; 0: never")
 """run.plateau_rounds's meaning, as every command that takes --plateau-rounds explains it."""
+POOL_SLICES = ("shared", "disjoint")
+POOL_SLICES_HELP = ("shared: every client of a round takes the round's first pool indices, so "
+                    "the holders of a block measure the same directions; disjoint: each client "
+                    "its own indices, so a block moves along the directions of all its holders "
+                    "(more rows in each round's published increments)")
+"""run.pool_slices's meaning, as every command that takes --pool-slices explains it."""
 MAX_STEPS = 65_536
 """The most local steps a round may assign (a report's size limit)."""
 
@@ -149,6 +155,13 @@ class RunConfig:
     (0: never). In the 20-minute quickstart it cut the step after rounds 28, 34, 40 and 46 and
     the held-out loss fell to the end instead of turning up after round 33; no 3-minute run
     reaches a cut (docs/learning.md, "A step that decays on a plateau")."""
+    pool_slices: str = "shared"
+    """Which pool indices each client of a round measures. `shared`: a prefix of one list, so
+    the holders of a block measure the same directions and aggregation averages their
+    estimates of each one (the published increments have as many rows as the longest client's
+    steps). `disjoint`: consecutive slices of a longer list, one per client, so a block moves
+    along every holder's directions (rows: the sum of the clients' steps). What each does to
+    learning and to the bytes per round: docs/learning.md, "Shared directions"."""
     mode: str = ZORBA
     """A mode of zorba_server.modes.MODES: `zorba` (the scheduler assigns blocks), or a
     baseline: `zorba-uniform` (the same number of random blocks on every client), `fedzo-full`
@@ -175,6 +188,8 @@ class RunConfig:
              f"run.lr_scaling={self.lr_scaling!r}: use one of {', '.join(LR_SCALINGS)}"),
             (self.loss_jump_tolerance >= 0, "run.loss_jump_tolerance must be >= 0 (0: off)"),
             (self.plateau_rounds >= 0, "run.plateau_rounds must be >= 0 (0: never)"),
+            (self.pool_slices in POOL_SLICES,
+             f"run.pool_slices={self.pool_slices!r}: use one of {', '.join(POOL_SLICES)}"),
             (math.isfinite(self.trust_radius) and self.trust_radius >= 0,
              "run.trust_radius must be a finite number >= 0 (0: off)"),
             (self.estimator in ESTIMATORS,
@@ -254,6 +269,13 @@ class ServerConfig:
                 "the enrolment secret must have at least 8 characters: set enrolment_secret, "
                 f"enrolment_secret_file or {SECRET_ENV}"
             )
+        if self.run.pool_slices == "disjoint" and self.aggregation.method in VOTING_RULES:
+            # A robust rule votes per direction among the clients that measured it; with
+            # disjoint slices each direction has one measurer, and the rule would guard nothing.
+            raise ConfigError(
+                f"aggregation.method={self.aggregation.method!r} votes among the clients that "
+                "measured a direction, and run.pool_slices='disjoint' gives each direction one: "
+                "use run.pool_slices='shared' with a robust rule")
 
 
 SECTIONS = {

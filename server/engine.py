@@ -59,6 +59,7 @@ from zorba_server.rounds import (
     RoundPlan,
     check_report,
     decide_round,
+    slice_pool,
 )
 from zorba_server.scheduler import ClientSpec, Schedule, local_steps
 
@@ -317,11 +318,12 @@ class RoundEngine:
                 self.lr_scale(schedule.assignments[m.client_id]))
             for m in members if m.client_id in schedule.assignments
         }
-        longest = max(p.num_steps for p in clients.values())
+        clients = slice_pool(clients, run.pool_slices)
+        length = max(p.first_step + p.num_steps for p in clients.values())
         return RoundPlan(
             round=self.round_counter, base_version=self.version, opened_at=now,
             deadline=now + run.round_duration_s, hyper=self.hyper(),
-            pool_indices=round_pool_indices(self.seed, self.round_counter, longest, self.pool_size),
+            pool_indices=round_pool_indices(self.seed, self.round_counter, length, self.pool_size),
             clients=clients, excluded=dict(schedule.excluded_clients),
             uncovered_blocks=tuple(sorted(schedule.uncovered_blocks)),
             schedule_method=schedule.method, step_decays=self._plateau.step_decays,

@@ -35,6 +35,25 @@ class ClientPlan:
     num_steps: int
     lr_scale: float = 1.0
     """The client's step is the round's lr times this (see RunConfig.lr_scaling)."""
+    first_step: int = 0
+    """Where its pool indices start in the round's list (0 for every client when the clients
+    share the list's prefix; see RunConfig.pool_slices)."""
+
+    def steps(self) -> slice:
+        """Its part of the round's pool-index list."""
+        return slice(self.first_step, self.first_step + self.num_steps)
+
+
+def slice_pool(clients: Mapping[str, ClientPlan], pool_slices: str) -> dict[str, ClientPlan]:
+    """Each client's first step in the round's pool-index list: 0 for every client (`shared`),
+    or consecutive slices in client-id order (`disjoint`; RunConfig.pool_slices)."""
+    if pool_slices == "shared":
+        return {cid: replace(plan, first_step=0) for cid, plan in clients.items()}
+    sliced, offset = {}, 0
+    for cid in sorted(clients):
+        sliced[cid] = replace(clients[cid], first_step=offset)
+        offset += clients[cid].num_steps
+    return sliced
 
 
 @dataclass(frozen=True)
@@ -47,7 +66,7 @@ class RoundPlan:
     deadline: float
     hyper: HyperParams
     pool_indices: tuple[int, ...]
-    """k_t for the longest client; each client gets its own prefix."""
+    """The round's pool indices; each client measures its slice (`ClientPlan.steps`)."""
     clients: Mapping[str, ClientPlan]
     excluded: Mapping[str, str] = field(default_factory=dict)
     """Members the scheduler left out, with its reason."""
@@ -63,7 +82,7 @@ class RoundPlan:
             round=self.round,
             base_version=self.base_version,
             blocks=plan.blocks,
-            pool_indices=self.pool_indices[: plan.num_steps],
+            pool_indices=self.pool_indices[plan.steps()],
             hyper=replace(self.hyper, lr=self.client_lr(client_id)),
             deadline_in_s=max(0.0, self.deadline - now),
             deadline_unix=self.deadline,
@@ -82,7 +101,7 @@ class RoundPlan:
             "hyper": [self.hyper.lr, self.hyper.mu, self.hyper.batch_size, self.hyper.seq_len,
                       self.hyper.estimator, self.hyper.directions, self.hyper.trust_radius],
             "pool_indices": list(self.pool_indices),
-            "clients": {cid: [list(p.blocks), p.num_steps, p.lr_scale]
+            "clients": {cid: [list(p.blocks), p.num_steps, p.lr_scale, p.first_step]
                         for cid, p in self.clients.items()},
             "excluded": dict(self.excluded),
             "uncovered_blocks": list(self.uncovered_blocks),
@@ -102,8 +121,9 @@ class RoundPlan:
             deadline=rec["deadline"],
             hyper=HyperParams(lr, mu, batch_size, seq_len, *estimator),
             pool_indices=tuple(rec["pool_indices"]),
-            # Plans stored before per-client step sizes have no scale: 1.0.
-            clients={cid: ClientPlan(tuple(p[0]), p[1], *p[2:3]) for cid, p in rec["clients"].items()},
+            # Plans stored before per-client step sizes have no scale (1.0), before
+            # disjoint slices no first step (0: every client took the list's prefix).
+            clients={cid: ClientPlan(tuple(p[0]), p[1], *p[2:4]) for cid, p in rec["clients"].items()},
             excluded=dict(rec["excluded"]),
             uncovered_blocks=tuple(rec["uncovered_blocks"]),
             schedule_method=rec["schedule_method"],
@@ -161,11 +181,12 @@ def check_report(plan: RoundPlan, client_id: str, report: Report, *, max_abs_sca
             "wrong_steps",
             f"{len(report.steps)} steps reported, the assignment has {own.num_steps}",
         )
-    for t, (k, _) in enumerate(report.steps):
-        if k != plan.pool_indices[t]:
+    for t, (k, expected) in enumerate(zip((k for k, _ in report.steps),
+                                          plan.pool_indices[own.steps()], strict=False)):
+        if k != expected:
             raise errors.unprocessable(
                 "wrong_steps",
-                f"step {t} reports pool index {k}, the assignment gave {plan.pool_indices[t]}: "
+                f"step {t} reports pool index {k}, the assignment gave {expected}: "
                 "report steps in the order of the assignment's pool_indices",
             )
     try:

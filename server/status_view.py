@@ -40,7 +40,7 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
                   "directions": hyper.directions, "configured_lr": run.lr,
                   "lr_factor": engine.lr_factor(), "lr_scaling": run.lr_scaling,
                   "loss_jump_tolerance": run.loss_jump_tolerance,
-                  "plateau_rounds": run.plateau_rounds,
+                  "plateau_rounds": run.plateau_rounds, "pool_slices": run.pool_slices,
                   "round_duration_s": run.round_duration_s, "max_steps": run.max_steps},
         "pool_size": engine.pool_size,
         "num_blocks": num_blocks, "model_fingerprint": engine.fingerprint,

@@ -403,3 +403,45 @@ def test_the_run_counters_count_booked_reports_and_closed_rounds_by_outcome(tmp_
     assert counters == {"reports_accepted": 3, "rounds_applied": 1, "rounds_failed": 1,
                         "schedules_solved": e.schedules_solved}
     assert e.schedules_solved >= 1
+
+
+def test_disjoint_pool_slices_give_each_holder_of_a_block_its_own_directions(
+        tmp_path: Path) -> None:
+    """Shared (the default): the holders of a block measure the same pool indices, so a
+    round moves each block along as many directions as its longest client's steps. Disjoint:
+    every client its own slice, so a block moves along all its holders' directions."""
+    def round_with(pool_slices: str) -> tuple[RoundPlan, RoundClosure]:
+        e = engine(tmp_path, pool_slices=pool_slices, max_steps=3, loss_jump_tolerance=0.0)
+        join(e, "a"), join(e, "b")
+        plan = open_next(e)
+        for cid in plan.clients:
+            e.accept_report(received(e, cid, [1.0] * plan.clients[cid].num_steps))
+        return plan, e.decide_close(now=1.0)
+
+    shared, shared_close = round_with("shared")
+    assert [shared.assignment_for(c, 0.0).pool_indices for c in ("a", "b")] == \
+        [shared.pool_indices[:3]] * 2
+    disjoint, disjoint_close = round_with("disjoint")
+    a, b = (disjoint.assignment_for(c, 0.0).pool_indices for c in ("a", "b"))
+    assert len(disjoint.pool_indices) == 6 and a + b == disjoint.pool_indices
+    assert (disjoint.clients["a"].first_step, disjoint.clients["b"].first_step) == (0, 3)
+    # Both clients hold every block here: the shared round publishes 3 rows, the disjoint
+    # one a row for every distinct index of the 6 (the same index drawn twice adds up).
+    assert shared_close.delta is not None and disjoint_close.delta is not None
+    assert len(shared_close.delta.pool_indices) == len(set(shared.pool_indices))
+    assert len(disjoint_close.delta.pool_indices) == len(set(disjoint.pool_indices))
+    # A client reporting another client's slice is refused; the plan survives its record.
+    e = engine(tmp_path, pool_slices="disjoint", max_steps=3)
+    join(e, "a"), join(e, "b")
+    plan = open_next(e)
+    wrong = received(e, "a")
+    wrong.report = dataclasses.replace(wrong.report, steps=tuple(
+        (k, 0.1) for k in plan.pool_indices[3:6]))
+    assert plan.pool_indices[3] != plan.pool_indices[0]  # the run's seed draws them so
+    with pytest.raises(Unprocessable, match="step 0 reports pool index"):
+        e.check_report("a", plan.round, wrong.report, now=0.5)
+    e.check_report("b", plan.round, wrong.report, now=0.5)  # b's own slice is fine
+    assert RoundPlan.from_record(plan.to_record()) == plan
+    older = plan.to_record()
+    older["clients"] = {cid: p[:3] for cid, p in older["clients"].items()}  # before slices
+    assert all(p.first_step == 0 for p in RoundPlan.from_record(older).clients.values())

@@ -76,6 +76,9 @@ def test_flags_override_the_file_and_the_secret_can_come_from_the_environment(
     ('enrolment_secret = "long-enough"\n[server]\ntls_cert = "c.pem"\n', "go together"),
     ("enrolment_secret = \n", "not valid TOML"),
     ('enrolment_secret = "long-enough"\n[run]\nmodel_fingerprint = "m"\n', "give both"),
+    ('enrolment_secret = "long-enough"\n[run]\npool_slices = "split"\n', "use one of shared, disjoint"),
+    ('enrolment_secret = "long-enough"\n[run]\npool_slices = "disjoint"\n[aggregation]\n'
+     'method = "median"\n', "gives each direction one"),
 ])
 def test_bad_settings_are_refused_with_what_to_change(tmp_path: Path, text: str,
                                                       needle: str) -> None:

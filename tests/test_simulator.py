@@ -20,11 +20,11 @@ def one_thread() -> None:
 
 
 def build(root: Path, rounds: int = 3, fleet: str = "laptop-16gb=3,phone-6gb=2",
-          device: str = "cpu") -> Simulation:
+          device: str = "cpu", **run: object) -> Simulation:
     world = make_world(root)
     server = config_from_dict({"enrolment_secret": "s" * 16, "run": {
         "pool_size": 64, "lr": 1e-3, "mu": 1e-3, "batch_size": 4, "seq_len": 16,
-        "round_duration_s": 30, "max_steps": 4, "seed": 3}})
+        "round_duration_s": 30, "max_steps": 4, "seed": 3, **run}})
     config = SimulationConfig(server, rounds=rounds, reference_step_s=1.0, device=device)
     return Simulation.build(config, open_source(world.model_dir), fleet_from_counts(fleet),
                             signal_examples(120), signal_examples(24, seed=1))
@@ -38,6 +38,22 @@ def test_the_same_seeds_give_the_same_alpha_bit_for_bit(tmp_path: Path) -> None:
     assert first.engine.version == 3
     assert first.alpha_hash() == second.alpha_hash()
     assert [r.forwards for r in first.records] == [r.forwards for r in second.records]
+
+
+def test_disjoint_slices_move_each_block_along_more_directions_at_more_bytes(
+        tmp_path: Path) -> None:
+    shared = build(tmp_path / "shared", rounds=2)
+    shared.run()
+    disjoint = build(tmp_path / "disjoint", rounds=2, pool_slices="disjoint")
+    disjoint.run()
+    assert shared.engine.alpha is not None and disjoint.engine.alpha is not None
+    rows = [int((table != 0).any(axis=1).sum())
+            for table in (shared.engine.alpha, disjoint.engine.alpha)]
+    assert rows[1] > rows[0]  # 2 rounds x 4 steps at most shared; every client's own here
+    assert sum(r.bytes_down for r in disjoint.records) > sum(r.bytes_down for r in shared.records)
+    again = build(tmp_path / "again", rounds=2, pool_slices="disjoint")
+    again.run()
+    assert again.alpha_hash() == disjoint.alpha_hash()
 
 
 def test_a_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:

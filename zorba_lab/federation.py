@@ -52,6 +52,7 @@ class FederationPlan:
     estimator: str = RunConfig.estimator
     directions: int = RunConfig.directions
     plateau_rounds: int = RunConfig.plateau_rounds
+    pool_slices: str = RunConfig.pool_slices
     rounds: int = 0
     """Applied rounds to run (0: until `minutes`)."""
     minutes: float = 3.0
@@ -80,7 +81,8 @@ class FederationPlan:
                "round_duration_s": self.round_duration_s, "min_clients": len(self.clients),
                "min_reports": 1, "max_rounds": self.rounds, "max_steps": self.max_steps,
                "estimator": self.estimator, "directions": self.directions,
-               "plateau_rounds": self.plateau_rounds, "poll_timeout_s": 20.0, "mode": self.mode,
+               "plateau_rounds": self.plateau_rounds, "pool_slices": self.pool_slices,
+               "poll_timeout_s": 20.0, "mode": self.mode,
                "keep_weight_versions": self.keep_weight_versions}
         lines = [f'enrolment_secret = "{SECRET}"', "", "[storage]", f'path = "{db_path}"',
                  'synchronous = "normal"', "", "[run]"]

@@ -29,6 +29,8 @@ from zorba_server.config import (
     LR_SCALING_HELP,
     LR_SCALINGS,
     PLATEAU_ROUNDS_HELP,
+    POOL_SLICES,
+    POOL_SLICES_HELP,
     AggregationConfig,
     RunConfig,
 )
@@ -87,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "forward (default %(default)s)")
     p.add_argument("--plateau-rounds", type=int, default=RunConfig.plateau_rounds, metavar="N",
                    help=f"{PLATEAU_ROUNDS_HELP} (default %(default)s)")
+    p.add_argument("--pool-slices", choices=POOL_SLICES, default=RunConfig.pool_slices,
+                   help=f"{POOL_SLICES_HELP} (default %(default)s)")
     p.add_argument("--pool-size", type=int, default=1024, help="seed pool K (default %(default)s)")
     p.add_argument("--dirichlet-alpha", type=float, default=0.5,
                    help="label skew across clients (default %(default)s)")
@@ -121,6 +125,7 @@ def plan_from_args(args: argparse.Namespace, out_dir: Path) -> FederationPlan:
         batch_size=args.batch_size, seq_len=args.seq_len, pool_size=args.pool_size,
         round_duration_s=args.round_duration, max_steps=args.max_steps, rounds=args.rounds,
         estimator=args.estimator, directions=args.directions, plateau_rounds=args.plateau_rounds,
+        pool_slices=args.pool_slices,
         minutes=args.minutes, seed=args.seed, data_seed=args.data_seed,
         dirichlet_alpha=args.dirichlet_alpha, threads=args.threads,
         frozen_dtype=args.frozen_dtype, model=args.model,

@@ -30,6 +30,8 @@ from zorba_server.config import (
     LR_SCALING_HELP,
     LR_SCALINGS,
     PLATEAU_ROUNDS_HELP,
+    POOL_SLICES,
+    POOL_SLICES_HELP,
     TRUST_RADIUS_HELP,
     AggregationConfig,
     RunConfig,
@@ -64,6 +66,7 @@ class Settings:
     estimator: str = RunConfig.estimator
     trust_radius: float = RunConfig.trust_radius
     plateau_rounds: int = RunConfig.plateau_rounds
+    pool_slices: str = RunConfig.pool_slices
     directions: int = RunConfig.directions
     batch_size: int = 8
     seq_len: int = 48
@@ -190,6 +193,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--plateau-rounds", type=_number(int, strict=False), metavar="N",
                    default=d.plateau_rounds,
                    help=f"{PLATEAU_ROUNDS_HELP} (default %(default)s)")
+    g.add_argument("--pool-slices", choices=list(POOL_SLICES), default=d.pool_slices,
+                   help=f"{POOL_SLICES_HELP} (default %(default)s)")
     g.add_argument("--directions", type=_number(int), default=d.directions,
                    help="directions measured on each batch (default %(default)s)")
     g.add_argument("--batch-size", type=_number(int), default=d.batch_size,
@@ -294,7 +299,7 @@ def simulation_config(settings: Settings, device: str) -> Any:
         "seed": settings.seed, "pool_size": settings.pool_size, "lr": settings.lr,
         "lr_scaling": settings.lr_scaling, "mu": settings.mu, "estimator": settings.estimator,
         "directions": settings.directions, "trust_radius": settings.trust_radius,
-        "plateau_rounds": settings.plateau_rounds,
+        "plateau_rounds": settings.plateau_rounds, "pool_slices": settings.pool_slices,
         "batch_size": settings.batch_size, "seq_len": settings.seq_len,
         "round_duration_s": settings.round_duration_s, "max_steps": settings.max_steps},
         "aggregation": {"method": settings.aggregation}})

@@ -18,6 +18,8 @@ from zorba_server.aggregation_rules.trimmed_mean import trimmed_mean
 RULES: dict[str, Rule] = {"mean": mean, "sum": weighted_sum, "trimmed_mean": trimmed_mean,
                           "median": median}
 """aggregation.method -> its rule, the default first."""
+VOTING_RULES = ("trimmed_mean", "median")
+"""Rules that vote, per direction, among the clients that measured it (the robust ones)."""
 
 
 def rules_help() -> str:
@@ -31,4 +33,4 @@ def describe(rule: Rule) -> str:
     return " ".join(doc.split()).rstrip(".")
 
 
-__all__ = ["RULES", "RoundScalars", "Rule", "describe", "rules_help"]
+__all__ = ["RULES", "VOTING_RULES", "RoundScalars", "Rule", "describe", "rules_help"]

@@ -1,0 +1,73 @@
+"""The quickstart's federation on the simulator, for the benchmarks that vary its settings.
+
+Four virtual laptops with the quickstart's memory budgets (1.0 / 1.1 / 1.3 / 1.7 GiB), each
+running one step in `REFERENCE_STEP_S` virtual seconds, fine-tune the packaged SmolLM2-135M
+(`make models`) on movie reviews (held-out split of seed 0, Dirichlet split of the run's seed).
+`benchmarks/lr_scaling.py` and `benchmarks/sweep.py` build their runs here, so both measure the
+same federation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from zorba_edge.client.assembly import footprint_of
+from zorba_edge.common.schema import ONE_SIDED, ZORBA
+from zorba_edge.data.movie_reviews import load_movie_reviews
+from zorba_edge.data.splits import train_heldout_split
+from zorba_edge.model.pretrained import packaged_model_path
+from zorba_edge.model.sources import open_source
+from zorba_server.config import AggregationConfig, RunConfig, config_from_dict
+from zorba_sim.fleet import GIB, DeviceClass, DeviceGroup, Fleet
+from zorba_sim.simulation import CENTRAL_MEZO, Simulation, SimulationConfig
+
+BUDGETS_GIB = (1.0, 1.1, 1.3, 1.7)
+REFERENCE_STEP_S = 2.0
+"""Virtual seconds of one step on every device: a 30-second round leaves room for the default
+8 steps and the quickstart's 12 after the transfers."""
+
+
+@dataclass(frozen=True)
+class QuickstartRun:
+    """What a benchmark may vary; everything else is the server's default."""
+
+    seed: int = 0
+    lr: float = RunConfig.lr
+    mu: float = RunConfig.mu
+    max_steps: int = 8
+    round_duration_s: float = 30.0
+    pool_size: int = RunConfig.pool_size
+    lr_scaling: str = RunConfig.lr_scaling
+    estimator: str = ONE_SIDED
+    directions: int = RunConfig.directions
+    mode: str = ZORBA
+    cap_blocks: int | None = None
+    """The scheduler's max_perturbed_params as this many of the model's largest blocks."""
+    aggregation: str = AggregationConfig.method
+    rounds: int = 8
+    heldout: int = 200
+
+
+def quickstart_simulation(run: QuickstartRun) -> Simulation:
+    """The simulation of `run`, built and ready for `run_round` (the model is loaded)."""
+    examples = load_movie_reviews()
+    train_idx, heldout_idx = train_heldout_split(len(examples), 0.1, 0)
+    train = [examples[i] for i in train_idx]
+    heldout = [examples[i] for i in heldout_idx][: run.heldout]
+    fleet = Fleet(tuple(DeviceGroup(DeviceClass(f"budget-{b}GiB", int(b * GIB), 1.0, 50, 50), 1, 0)
+                        for b in BUDGETS_GIB))
+    source = open_source(packaged_model_path())
+    scheduler: dict[str, Any] = {} if run.cap_blocks is None else {
+        "max_perturbed_params": run.cap_blocks * max(footprint_of(source).block_params)}
+    server = config_from_dict({"enrolment_secret": "benchmark-secret", "run": {
+        "seed": run.seed, "pool_size": run.pool_size, "lr": run.lr, "mu": run.mu,
+        "batch_size": 8, "seq_len": 48, "round_duration_s": run.round_duration_s,
+        "max_steps": run.max_steps, "lr_scaling": run.lr_scaling, "estimator": run.estimator,
+        "directions": run.directions,
+        "mode": ZORBA if run.mode == CENTRAL_MEZO else run.mode}, "scheduler": scheduler,
+        "aggregation": {"method": run.aggregation}})
+    return Simulation.build(SimulationConfig(server, rounds=run.rounds,
+                                             reference_step_s=REFERENCE_STEP_S,
+                                             data_seed=run.seed, mode=run.mode),
+                            source, fleet, train, heldout)
