@@ -14,7 +14,7 @@ Every run ends with held-out accuracy and loss on the same reviews; the base mod
 once per seed. Runs go to `--jobs` worker processes (one torch thread each); each finished run
 is appended to `--out` (JSON lines), and a rerun with the same `--out` skips what it holds.
 A run is 60 scalars per client; on the project's 2-core machine, shared with other work, ten
-runs took about 80 minutes (docs/results.md quotes them).
+runs took about 55 minutes (docs/results.md quotes them).
 
     python benchmarks/sweep.py --json                 # both seeds, every factor: 18 runs
     python benchmarks/sweep.py --factors lr --seeds 0 --json
