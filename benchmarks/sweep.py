@@ -13,8 +13,8 @@ laptops with the quickstart's budgets, SmolLM2-135M, movie reviews), for each se
 Every run ends with held-out accuracy and loss on the same reviews; the base model is scored
 once per seed. Runs go to `--jobs` worker processes (one torch thread each); each finished run
 is appended to `--out` (JSON lines), and a rerun with the same `--out` skips what it holds.
-A run is 60 scalars per client; on the project's 2-core machine, shared with other work, ten
-runs took about 55 minutes (docs/results.md quotes them).
+A run is 60 scalars per client; on the project's 2-core machine, idle, two at a time took about
+six minutes (docs/results.md quotes the figures).
 
     python benchmarks/sweep.py --json                 # both seeds, every factor: 18 runs
     python benchmarks/sweep.py --factors lr --seeds 0 --json
