@@ -36,8 +36,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check zorba_edge server zorba_sim zorba_flower zorba_lab tests benchmarks sdk_examples
-	mkdir -p build/mypy-path && ln -sfn ../../server build/mypy-path/zorba_server
+	$(VENV)/bin/ruff check zorba_common zorba_edge zorba_server zorba_sim zorba_flower zorba_lab tests benchmarks sdk_examples
 	$(VENV)/bin/mypy
 
 # The pretrained model and real data for examples and benchmarks (never needed by tests):

@@ -80,8 +80,8 @@ def client_values(model: Path, data: Path) -> dict[str, Any]:
 def budgets_mib(model: Path, run: dict[str, Any], blocks: tuple[int, ...]) -> tuple[float, ...]:
     """Per node, the model's fixed part and its `blocks[i]` largest blocks, by its own fp32
     memory model (the tiny model's (1, 2): one block's worth and both blocks' worth)."""
+    from zorba_common.memory_model import linear_memory_model
     from zorba_edge.client.assembly import footprint_of, memory_profile
-    from zorba_edge.common.memory_model import linear_memory_model
     from zorba_edge.model.loading import LoadConfig
     from zorba_edge.model.sources import open_source
 

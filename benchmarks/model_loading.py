@@ -34,7 +34,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from zorba_edge.errors import ModelSourceError
+from zorba_common.errors import ModelSourceError
 from zorba_edge.model.pretrained import packaged_model_path
 
 TRAINABLE = (0, 1, 2, 3)

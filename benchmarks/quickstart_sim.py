@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from zorba_common.schema import ONE_SIDED, ZORBA
 from zorba_edge.client.assembly import footprint_of
-from zorba_edge.common.schema import ONE_SIDED, ZORBA
 from zorba_edge.data.movie_reviews import load_movie_reviews
 from zorba_edge.data.splits import train_heldout_split
 from zorba_edge.model.pretrained import packaged_model_path

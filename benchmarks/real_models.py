@@ -92,9 +92,9 @@ def measure_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
+    from zorba_common.memory_model import client_memory_bytes
     from zorba_edge.client.assembly import footprint_of, memory_profile
     from zorba_edge.client.memory_probe import PeakMemoryProbe
-    from zorba_edge.common.memory_model import client_memory_bytes
     from zorba_edge.data.collate import ClassificationCollator
     from zorba_edge.data.movie_reviews import load_movie_reviews
     from zorba_edge.data.templates import SENTIMENT_TEMPLATE
@@ -422,7 +422,7 @@ def checks_of(record: dict[str, Any]) -> dict[str, bool]:
 
 
 def run_model(args: argparse.Namespace, key: str, work: Path, files: TaskFiles) -> dict[str, Any]:
-    from zorba_edge.errors import ModelSourceError
+    from zorba_common.errors import ModelSourceError
     from zorba_edge.model import pretrained
 
     packaged = getattr(pretrained, MODELS[key])

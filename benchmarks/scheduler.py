@@ -35,7 +35,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from zorba_edge.common.memory_model import (
+from zorba_common.memory_model import (
     MemorySettings,
     ModelFootprint,
     linear_memory_model,

@@ -41,8 +41,8 @@ from pathlib import Path
 import msgpack
 import psutil
 
-from zorba_edge.common.memory_model import ModelFootprint
-from zorba_edge.common.schema import (
+from zorba_common.memory_model import ModelFootprint
+from zorba_common.schema import (
     CONTENT_TYPE,
     DeviceProfile,
     NextRound,

@@ -61,7 +61,7 @@ def legacy_zo_step(model, blocks, loss_fn, batch, run_seed: int, k: int, config)
     import numpy as np
     import torch
 
-    from zorba_edge.common.noise import _CHUNK, _MASK32, _mix32_, direction_keys, sign_table
+    from zorba_common.noise import _CHUNK, _MASK32, _mix32_, direction_keys, sign_table
 
     def rademacher(block: int, start: int, count: int) -> torch.Tensor:
         key_index, key_mix = direction_keys(run_seed, k, block)

@@ -12,8 +12,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from zorba_edge.common.memory_model import ModelFootprint
-from zorba_edge.common.schema import (
+from zorba_common.memory_model import ModelFootprint
+from zorba_common.schema import (
     CONTENT_TYPE,
     AlphaState,
     Assignment,

@@ -1,4 +1,4 @@
-"""server/broadcast.py: one notify wakes every long-poll waiting, and only those."""
+"""zorba_server/broadcast.py: one notify wakes every long-poll waiting, and only those."""
 
 from __future__ import annotations
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from zorba_edge.client.admission import admit
-from zorba_edge.client.byte_sizes import format_size, parse_margin, parse_size
-from zorba_edge.client.errors import BudgetError, DeviceError
-from zorba_edge.client.profiling import MIN_DEFAULT_MARGIN, compute_budget
-from zorba_edge.common.memory_model import (
+from zorba_common.memory_model import (
     MemorySettings,
     ModelFootprint,
     client_memory_bytes,
     linear_memory_model,
 )
+from zorba_edge.client.admission import admit
+from zorba_edge.client.byte_sizes import format_size, parse_margin, parse_size
+from zorba_edge.client.errors import BudgetError, DeviceError
+from zorba_edge.client.profiling import MIN_DEFAULT_MARGIN, compute_budget
 
 FOOTPRINT = ModelFootprint(
     block_params=(1_000_000, 2_000_000, 1_000_000),
@@ -104,9 +104,9 @@ def test_admission_refuses_when_no_block_can_be_trained_and_suggests_a_smaller_p
 def test_run_admission_uses_the_runs_batch_shape_and_names_it(tiny_llama_config_factory) -> None:
     """A device that does not fit the probe's batch 8 x 64 but fits the run's batch 1 x 16
     is admitted; a run at a larger shape is refused with the numbers it was checked at."""
+    from zorba_common.schema import HyperParams, MemoryProfile, RunInfo
     from zorba_edge.client import assembly
     from zorba_edge.client.profiling import Budget, DeviceSurvey
-    from zorba_edge.common.schema import HyperParams, MemoryProfile, RunInfo
     from zorba_edge.model.sources import RandomInitSource
 
     source = RandomInitSource(tiny_llama_config_factory(vocab_size=50_000))

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from client_support import TinyWorld, free_port, make_world
 
+from zorba_common.memory_model import client_memory_bytes
 from zorba_edge.client import cli
 from zorba_edge.client.assembly import default_frozen_dtype, footprint_of, memory_profile
 from zorba_edge.client.state import StateStore
-from zorba_edge.common.memory_model import client_memory_bytes
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.quantize import PLAIN_DTYPES, PRECISIONS
 from zorba_edge.model.sources import open_source

@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestServer
 from client_support import SECRET, free_port, signal_examples, tiny_text_config
 from fixtures_text import make_tokenizer
 
+from zorba_common.schema import DeviceProfile, RegisterRequest, RunInfo
 from zorba_edge.client.assembly import check_run, footprint_of, memory_profile
 from zorba_edge.client.backoff import Backoff
 from zorba_edge.client.daemon import ClientDaemon, DaemonSettings, Listener, RoundSummary
@@ -32,7 +33,6 @@ from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.state import StateStore
 from zorba_edge.client.trainer import LocalTrainer
 from zorba_edge.client.transport import ServerClient
-from zorba_edge.common.schema import DeviceProfile, RegisterRequest, RunInfo
 from zorba_edge.data.examples import GenerationExample
 from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.engine.losses import classification_loss

@@ -28,9 +28,9 @@ from client_support import (
 )
 from transformers import AutoModelForCausalLM
 
+from zorba_common.schema import AlphaState, decode
 from zorba_edge.client import cli
 from zorba_edge.client.state import StateStore
-from zorba_edge.common.schema import AlphaState, decode
 from zorba_edge.engine.coefficients import CoefficientTable, block_materializer
 from zorba_edge.model.sources import open_source
 

@@ -8,6 +8,7 @@ import psutil
 import pytest
 import torch
 
+from zorba_common.memory_model import MemorySettings
 from zorba_edge.client import profiling
 from zorba_edge.client.assembly import memory_profile, time_forward
 from zorba_edge.client.errors import DeviceError
@@ -16,7 +17,6 @@ from zorba_edge.client.profiling import (
     survey,
     time_call,
 )
-from zorba_edge.common.memory_model import MemorySettings
 from zorba_edge.model.loading import LoadConfig
 
 

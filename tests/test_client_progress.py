@@ -13,12 +13,12 @@ from client_support import TinyWorld, make_world
 from rich.console import Console
 from test_trainer import delta, make_trainer
 
+from zorba_common.schema import AlphaState
 from zorba_edge.client import cli
 from zorba_edge.client.assembly import DataChoice, build_task, heldout_examples, probe_step_time
 from zorba_edge.client.command_handlers import ConsoleListener
 from zorba_edge.client.evaluation import evaluate
 from zorba_edge.client.progress import ProgressReporter
-from zorba_edge.common.schema import AlphaState
 from zorba_edge.model.loading import LoadConfig, load_model
 from zorba_edge.model.progress import tracked
 from zorba_edge.model.sources import open_source

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from zorba_common.schema import HyperParams, RunInfo
 from zorba_edge.client.errors import StateFileError
 from zorba_edge.client.state import ClientState, StateStore, atomic_write
-from zorba_edge.common.schema import HyperParams, RunInfo
 from zorba_edge.engine.coefficients import CoefficientTable
 
 RUN = RunInfo("run-1", 7, 16, 3, "fp-abc", HyperParams(0.01, 0.001, 8, 64), 30.0, 5.0, 1e6)

@@ -15,10 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from client_support import free_port
 
-from zorba_edge.client.backoff import Backoff
-from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
-from zorba_edge.client.transport import RetryNotice, ServerClient, normalize_url
-from zorba_edge.common.schema import (
+from zorba_common.schema import (
     CONTENT_TYPE,
     ErrorBody,
     Report,
@@ -26,6 +23,9 @@ from zorba_edge.common.schema import (
     decode,
     encode,
 )
+from zorba_edge.client.backoff import Backoff
+from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
+from zorba_edge.client.transport import RetryNotice, ServerClient, normalize_url
 
 FAST = Backoff(initial_s=0.01, max_s=0.05)
 REPORT = Report("key-1", 3, ((5, 0.25), (9, -1.5)), 16, 0.7, 0.6, 1000, 0.1)

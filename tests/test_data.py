@@ -11,6 +11,7 @@ import pytest
 import torch
 from fixtures_text import FILLER, make_tokenizer
 
+from zorba_common.errors import DataError
 from zorba_edge.data import movie_reviews
 from zorba_edge.data.batches import IGNORE_INDEX
 from zorba_edge.data.collate import ClassificationCollator, LMCollator, special_prefix_ids
@@ -23,7 +24,6 @@ from zorba_edge.data.jsonl import (
 from zorba_edge.data.sampling import BatchSampler
 from zorba_edge.data.splits import dirichlet_label_split, label_skew, train_heldout_split
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate, label_token_ids
-from zorba_edge.errors import DataError
 
 LABELS = SENTIMENT_TEMPLATE.label_names
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zorba_edge.engine.directions as directions
-from zorba_edge.common.noise import rademacher
+from zorba_common.noise import rademacher
 from zorba_edge.engine.directions import Direction, add_direction_
 from zorba_edge.engine.zo import ZOConfig, zo_step
 

@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from tiny_models import FAMILY_NAMES, random_model, tiny_config
 from torch import nn
 
-from zorba_edge.client.assembly import memory_profile
-from zorba_edge.common.memory_model import (
+from zorba_common.errors import DTypeError
+from zorba_common.memory_model import (
     BYTES_PER_PARAM,
     HEAD_CAST_CHUNK_BYTES,
     MemorySettings,
     embed_head_bytes,
     linear_memory_model,
 )
-from zorba_edge.errors import DTypeError
+from zorba_edge.client.assembly import memory_profile
 from zorba_edge.model.loading import LoadConfig, load_model
 from zorba_edge.model.quantize import CastLinear
 from zorba_edge.model.skeleton import build_skeleton, model_footprint

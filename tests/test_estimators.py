@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from zorba_edge.common.noise import block_direction
+from zorba_common.errors import InvalidScalarError
+from zorba_common.noise import block_direction
 from zorba_edge.engine.zo import (
     Estimate,
     RoundSnapshot,
@@ -18,7 +19,6 @@ from zorba_edge.engine.zo import (
     trusted,
     weight_scale,
 )
-from zorba_edge.errors import InvalidScalarError
 
 SEED = 13
 

@@ -9,8 +9,8 @@ import torch
 from tiny_models import tiny_llama_config
 from transformers import AutoModelForCausalLM
 
+from zorba_common.errors import ModelSourceError
 from zorba_edge.engine.coefficients import AlphaIncrement, CoefficientTable, block_materializer
-from zorba_edge.errors import ModelSourceError
 from zorba_edge.model.export import export_checkpoint
 from zorba_edge.model.loading import LoadConfig, load_model
 from zorba_edge.model.sources import RandomInitSource

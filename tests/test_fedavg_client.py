@@ -16,11 +16,11 @@ from safetensors.torch import load
 from test_trainer import HYPER, examples
 from tiny_models import tiny_llama_config
 
+from zorba_common.schema import FEDAVG, AlphaDelta, Assignment, RunInfo
+from zorba_common.weights import tensor_key, version_path
 from zorba_edge.client.fedavg import FedAvgTrainer
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.trainer import SyncError
-from zorba_edge.common.schema import FEDAVG, AlphaDelta, Assignment, RunInfo
-from zorba_edge.common.weights import tensor_key, version_path
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.sources import RandomInitSource
 

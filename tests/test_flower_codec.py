@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, RecordDict  # noqa: E402
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto  # noqa: E402
 from server_fakes import FINGERPRINT, FOOTPRINT, profile  # noqa: E402
 
-from zorba_edge.common.schema import (  # noqa: E402
+from zorba_common.schema import (  # noqa: E402
     AlphaDelta,
     Assignment,
     HyperParams,

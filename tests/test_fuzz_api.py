@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_fakes import SECRET, FakeClient, config_dict, make_report, profile
 
-from zorba_edge.common.schema import CONTENT_TYPE, RegisterRequest, encode
+from zorba_common.schema import CONTENT_TYPE, RegisterRequest, encode
 from zorba_server.app import SERVICES, create_app
 from zorba_server.config import config_from_dict
 

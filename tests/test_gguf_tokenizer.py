@@ -11,8 +11,8 @@ import torch
 from tiny_models import SPIECE_WORDS, random_model, tiny_config, tiny_spm_vocab, write_tiny_llama_gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from zorba_common.errors import ModelSourceError
 from zorba_edge.engine.coefficients import CoefficientTable
-from zorba_edge.errors import ModelSourceError
 from zorba_edge.model.export import export_checkpoint
 from zorba_edge.model.gguf_tokenizer import (
     build_sentencepiece_bpe,

@@ -14,13 +14,13 @@ from tiny_models import FAMILY_NAMES, random_model, tiny_config, write_tiny_llam
 from torch import nn
 from transformers import AutoModelForCausalLM, OPTConfig
 
-from zorba_edge.common.memory_model import BYTES_PER_PARAM, MemorySettings, frozen_block_bytes
-from zorba_edge.errors import (
+from zorba_common.errors import (
     AssignmentError,
     DTypeError,
     ModelSourceError,
     UnsupportedArchitectureError,
 )
+from zorba_common.memory_model import BYTES_PER_PARAM, MemorySettings, frozen_block_bytes
 from zorba_edge.model.families import find_blocks
 from zorba_edge.model.loading import LoadConfig, load_model
 from zorba_edge.model.quantize import CastLinear, require_bitsandbytes

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from zorba_edge.common.noise import block_direction, direction_keys, rademacher
+from zorba_common.noise import block_direction, direction_keys, rademacher
 
 # Golden values: changing these means every past run's directions changed. Never update
 # them to make a test pass; a new noise scheme needs a new versioned function instead.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from zorba_edge.common import schema
+from zorba_common import schema
 from zorba_server import calibration, cli, protocol_docs
 
 ROOT = Path(__file__).resolve().parent.parent

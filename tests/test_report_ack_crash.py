@@ -29,7 +29,7 @@ import pytest
 from server_fakes import FakeClient, make_report, profile
 from test_server_durability import ServerProcess, recompute_alpha
 
-from zorba_edge.common.schema import CONTENT_TYPE, Report, ReportAck, encode
+from zorba_common.schema import CONTENT_TYPE, Report, ReportAck, encode
 
 pytestmark = pytest.mark.asyncio
 SLICE_S = 0.0002

@@ -9,14 +9,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 
-from zorba_edge.common.memory_model import (
+from zorba_common.errors import AssignmentError
+from zorba_common.memory_model import (
     LinearMemoryModel,
     MemorySettings,
     ModelFootprint,
     client_memory_bytes,
     linear_memory_model,
 )
-from zorba_edge.errors import AssignmentError
 from zorba_server.scheduler import (
     ClientSpec,
     Schedule,

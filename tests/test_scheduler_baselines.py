@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zorba_edge.common.memory_model import LinearMemoryModel
+from zorba_common.memory_model import LinearMemoryModel
 from zorba_server.scheduler import ClientSpec, SchedulerConfig
 from zorba_server.scheduler_baselines import fedavg_schedule, full_schedule, uniform_schedule
 

@@ -9,8 +9,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from zorba_edge.common.memory_model import ModelFootprint
-from zorba_edge.common.schema import (
+from zorba_common.memory_model import ModelFootprint
+from zorba_common.schema import (
     MAX_REPORT_BYTES,
     MAX_STEPS_PER_REPORT,
     TRAIN,

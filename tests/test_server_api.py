@@ -23,8 +23,8 @@ from server_fakes import (
     profile,
 )
 
-from zorba_edge.common.memory_model import ModelFootprint
-from zorba_edge.common.schema import (
+from zorba_common.memory_model import ModelFootprint
+from zorba_common.schema import (
     FINISHED,
     MAX_STEPS_PER_REPORT,
     TRAIN,

@@ -1,5 +1,5 @@
 """The server's pure identity rules: who may register, whose bearer token a request carries
-(server/enrolment.py), and what a resent report is answered (server/idempotency.py). The
+(zorba_server/enrolment.py), and what a resent report is answered (zorba_server/idempotency.py). The
 HTTP tests (test_server_api.py) prove the same refusals through the app."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import hashlib
 import pytest
 from server_fakes import SECRET, make_report, profile
 
-from zorba_edge.common.schema import PROTOCOL_VERSION, Assignment, HyperParams, RegisterRequest
+from zorba_common.schema import PROTOCOL_VERSION, Assignment, HyperParams, RegisterRequest
 from zorba_server.enrolment import Credentials, Tokens, check_enrolment, token_hash
 from zorba_server.errors import Conflict, Forbidden, Malformed, Unauthenticated
 from zorba_server.idempotency import check_retry, report_hash, stored_ack

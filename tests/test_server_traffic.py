@@ -1,4 +1,4 @@
-"""Each client's bytes per round (server/traffic.py): what a report ends, and what a refused
+"""Each client's bytes per round (zorba_server/traffic.py): what a report ends, and what a refused
 report gives back."""
 
 from __future__ import annotations

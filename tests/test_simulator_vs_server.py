@@ -36,6 +36,7 @@ import pytest
 import torch
 from client_support import make_world, signal_examples, write_jsonl
 
+from zorba_common.schema import TRAIN, DeviceProfile, RegisterRequest, RegisterResponse
 from zorba_edge.client.assembly import (
     DataChoice,
     build_task,
@@ -45,7 +46,6 @@ from zorba_edge.client.assembly import (
 )
 from zorba_edge.client.trainer import LocalTrainer
 from zorba_edge.client.transport import ServerClient
-from zorba_edge.common.schema import TRAIN, DeviceProfile, RegisterRequest, RegisterResponse
 from zorba_edge.data.jsonl import load_classification_jsonl
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE
 from zorba_edge.model.loading import LoadConfig

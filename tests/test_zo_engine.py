@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from zorba_edge.common.noise import block_direction
+from zorba_common.errors import AssignmentError, InvalidScalarError
+from zorba_common.noise import block_direction
 from zorba_edge.engine.coefficients import (
     AlphaIncrement,
     CoefficientTable,
@@ -24,7 +25,6 @@ from zorba_edge.engine.zo import (
     projected_gradient,
     zo_step,
 )
-from zorba_edge.errors import AssignmentError, InvalidScalarError
 
 VOCAB = 32
 

@@ -21,8 +21,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from zorba_edge.common.memory_model import ModelFootprint
-from zorba_edge.common.schema import AlphaDelta, DeviceProfile, decode, encode
+from zorba_common.memory_model import ModelFootprint
+from zorba_common.schema import AlphaDelta, DeviceProfile, decode, encode
 from zorba_server.config import ConfigError
 from zorba_server.engine import RoundEngine
 from zorba_server.members import Member

@@ -28,6 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from zorba_common.schema import DeviceProfile, Report
 from zorba_edge.client.assembly import (
     DataChoice,
     build_task,
@@ -37,7 +38,6 @@ from zorba_edge.client.assembly import (
     training_examples,
 )
 from zorba_edge.client.local_task import LocalTask
-from zorba_edge.common.schema import DeviceProfile, Report
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.sources import ModelSource, open_source
 from zorba_flower.codec import Decline, ProfileQuery, Timing, TrainInstruction, TrainOutcome

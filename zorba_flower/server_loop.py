@@ -27,7 +27,7 @@ from typing import Protocol
 
 from flwr.app import Message, MessageType, RecordDict
 
-from zorba_edge.common.schema import AlphaDelta, SchemaError
+from zorba_common.schema import AlphaDelta, SchemaError
 from zorba_flower import checkpoint, codec
 from zorba_server.engine import RoundEngine
 from zorba_server.errors import Refusal

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zorba_edge.common.schema import MAX_REGISTER_BYTES, MAX_RESPONSE_BYTES, decode, encode
+from zorba_common.schema import MAX_REGISTER_BYTES, MAX_RESPONSE_BYTES, decode, encode
 from zorba_flower.client_worker import NodeWorker
 from zorba_flower.codec import Decline, ProfileQuery, TrainInstruction
 from zorba_flower.worker_link import recv_frame, send_frame, settings_from_wire

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from zorba_edge.errors import ZorbaError
+from zorba_common.errors import ZorbaError
 
 LISTENING = re.compile(r"zorba-server listening on (https?://\S+)")
 

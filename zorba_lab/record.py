@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-from zorba_edge.errors import ZorbaError
+from zorba_common.errors import ZorbaError
 from zorba_server.rounds import ReceivedReport
 from zorba_server.storage import ALL_DELTAS, Snapshot, is_postgres_url, open_store
 

@@ -9,7 +9,7 @@ versions in order:
   server's record (read through its `Store`, zorba_lab/record.py), applied exactly as a
   client syncs (`theta[b] -= d * z[k, b]`);
 - fedavg: each version's global weights file, which the server keeps when the run is started
-  with `keep_weight_versions` (the file format is zorba_edge.common.weights).
+  with `keep_weight_versions` (the file format is zorba_common.weights).
 
 Version 0 is the base model. Every n-th version (and always the last) is evaluated on the
 held-out reviews the quickstart evaluates on.
@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from zorba_edge.common.schema import FEDAVG, RUN_MODES, AlphaDelta
-from zorba_edge.common.weights import default_weights_dir, parse_key, version_path
+from zorba_common.errors import ZorbaError
+from zorba_common.schema import FEDAVG, RUN_MODES, AlphaDelta
+from zorba_common.weights import default_weights_dir, parse_key, version_path
 from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_
 from zorba_edge.engine.losses import evaluate_classification
-from zorba_edge.errors import ZorbaError
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model
 from zorba_lab.record import RecordError, read_record
 

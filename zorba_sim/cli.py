@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zorba_common.errors import ZorbaError
+from zorba_common.schema import ESTIMATORS
 from zorba_edge.client.errors import UsageError
-from zorba_edge.common.schema import ESTIMATORS
-from zorba_edge.errors import ZorbaError
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.config import (
     LR_SCALING_HELP,
@@ -252,12 +252,12 @@ def read_fleet(settings: Settings) -> Fleet:
 
 def read_examples(settings: Settings) -> tuple[list[Any], list[Any]]:
     """(train, held-out) classification examples."""
+    from zorba_common.errors import DataError
     from zorba_edge.client.assembly import DataChoice, heldout_examples, training_examples
     from zorba_edge.data.examples import ClassificationExample
     from zorba_edge.data.jsonl import jsonl_task_kind, load_classification_jsonl
     from zorba_edge.data.splits import train_heldout_split
     from zorba_edge.data.templates import SENTIMENT_TEMPLATE
-    from zorba_edge.errors import DataError
 
     choice = DataChoice(settings.data, seed=settings.data_seed,
                         heldout_fraction=settings.heldout_fraction)
@@ -291,7 +291,7 @@ def _subset(examples: list[Any], limit: int | None, seed: int) -> list[Any]:
 
 
 def simulation_config(settings: Settings, device: str) -> Any:
-    from zorba_edge.common.schema import MemoryProfile
+    from zorba_common.schema import MemoryProfile
     from zorba_server.config import config_from_dict
     from zorba_sim.simulation import SimulationConfig
 

@@ -24,15 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from zorba_edge.client.fedavg import FORWARDS_PER_STEP
-from zorba_edge.client.local_task import LocalTask
-from zorba_edge.common.schema import (
+from zorba_common.schema import (
     FEDAVG,
     FEDZO_FULL,
     ZORBA,
     ZORBA_UNIFORM,
     MemoryProfile,
 )
+from zorba_edge.client.fedavg import FORWARDS_PER_STEP
+from zorba_edge.client.local_task import LocalTask
 from zorba_edge.data.examples import ClassificationExample
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE
 from zorba_edge.engine.losses import evaluate_classification

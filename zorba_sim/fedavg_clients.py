@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
+from zorba_common.schema import Assignment, RunInfo
+from zorba_common.weights import tensor_key
 from zorba_edge.client.fedavg import run_adamw_steps
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.trainer import LocalRoundResult, first_steps
-from zorba_edge.common.schema import Assignment, RunInfo
-from zorba_edge.common.weights import tensor_key
 from zorba_edge.model.loading import LoadedModel
 from zorba_server.engine import RoundClosure, RoundEngine
 from zorba_server.weights import weighted_average
@@ -112,7 +112,7 @@ class FedAvgClients:
         return outcome
 
     def close(self, closure: RoundClosure, engine: RoundEngine) -> None:
-        """As the server's close (server/weight_rounds.py): the average of the reporting
+        """As the server's close (zorba_server/weight_rounds.py): the average of the reporting
         clients' uploads when the round publishes a version, otherwise nothing changes."""
         assert self._global is not None
         if closure.delta is not None:

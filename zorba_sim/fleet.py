@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zorba_edge.errors import ZorbaError
+from zorba_common.errors import ZorbaError
 
 if sys.version_info >= (3, 11):
     import tomllib

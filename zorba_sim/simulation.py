@@ -41,9 +41,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from zorba_edge.client.assembly import client_task_seed, footprint_of
-from zorba_edge.client.local_task import LocalTask
-from zorba_edge.common.schema import (
+from zorba_common.schema import (
     FEDAVG,
     FEDZO_FULL,
     TRAIN,
@@ -54,6 +52,8 @@ from zorba_edge.common.schema import (
     Report,
     encode,
 )
+from zorba_edge.client.assembly import client_task_seed, footprint_of
+from zorba_edge.client.local_task import LocalTask
 from zorba_edge.data.examples import ClassificationExample
 from zorba_edge.data.splits import dirichlet_label_split
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate

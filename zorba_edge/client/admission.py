@@ -1,6 +1,6 @@
 """The client's own admission check: does the run fit this device's budget at all?
 
-It asks the same memory model the scheduler uses (`zorba_edge.common.memory_model`), so a
+It asks the same memory model the scheduler uses (`zorba_common.memory_model`), so a
 client refuses to start exactly when the server could never give it a block: when even the
 frozen model does not fit, or when no single block can be activated on top of it.
 """
@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zorba_edge.client.byte_sizes import format_size
-from zorba_edge.client.errors import BudgetError
-from zorba_edge.common.memory_model import (
+from zorba_common.memory_model import (
     MemorySettings,
     ModelFootprint,
     client_memory_bytes,
     linear_memory_model,
     max_blocks_within,
 )
+from zorba_edge.client.byte_sizes import format_size
+from zorba_edge.client.errors import BudgetError
 
 _SMALLER = {"fp32": "bf16", "fp16": "int8", "bf16": "int8", "int8": "nf4"}
 

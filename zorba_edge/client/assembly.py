@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zorba_common.errors import DTypeError
+from zorba_common.memory_model import MemorySettings, ModelFootprint
+from zorba_common.schema import DeviceProfile, MemoryProfile, RegisterRequest, RunInfo
 from zorba_edge.client.admission import Admission, admit
 from zorba_edge.client.errors import BudgetError, UsageError
 from zorba_edge.client.local_task import LocalTask
@@ -29,14 +32,11 @@ from zorba_edge.client.profiling import (
     time_call,
 )
 from zorba_edge.client.progress import LOG_INTERVAL_S
-from zorba_edge.common.memory_model import MemorySettings, ModelFootprint
-from zorba_edge.common.schema import DeviceProfile, MemoryProfile, RegisterRequest, RunInfo
 from zorba_edge.data.examples import ClassificationExample, Example
 from zorba_edge.data.jsonl import jsonl_task_kind, load_classification_jsonl, load_generation_jsonl
 from zorba_edge.data.movie_reviews import load_movie_reviews
 from zorba_edge.data.splits import dirichlet_label_split, train_heldout_split
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
-from zorba_edge.errors import DTypeError
 from zorba_edge.model.loading import LoadConfig, load_model, release_freed_memory
 from zorba_edge.model.pretrained import packaged_model_path
 from zorba_edge.model.progress import Progress

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from zorba_common.errors import ZorbaError
+from zorba_common.memory_model import MemorySettings
 from zorba_edge.client.byte_sizes import parse_margin, parse_size
 from zorba_edge.client.errors import UsageError
 from zorba_edge.client.transport import TOKEN_ENV
-from zorba_edge.common.memory_model import MemorySettings
-from zorba_edge.errors import ZorbaError
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from zorba_common.schema import RegisterRequest, RunInfo
 from zorba_edge.client import assembly
 from zorba_edge.client.assembly import DataChoice, DeviceReport
 from zorba_edge.client.backoff import Backoff
@@ -46,7 +47,6 @@ from zorba_edge.client.progress import ProgressReporter
 from zorba_edge.client.run_modes import CLIENT_MODES
 from zorba_edge.client.state import StateStore, default_state_path
 from zorba_edge.client.transport import ServerClient, normalize_url
-from zorba_edge.common.schema import RegisterRequest, RunInfo
 from zorba_edge.data.splits import small_share_warning
 from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.model.loading import LoadConfig

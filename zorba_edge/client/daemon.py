@@ -28,14 +28,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from zorba_edge.client.byte_sizes import format_size
-from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
-from zorba_edge.client.fedavg import FORWARDS_PER_STEP as FIRST_ORDER_STEP_FORWARDS
-from zorba_edge.client.profiling import PROFILE_STEP_FORWARDS
-from zorba_edge.client.state import ClientState, StateStore
-from zorba_edge.client.trainer import LocalRoundResult, StepGate, SyncError, finish_by
-from zorba_edge.client.transport import ServerClient
-from zorba_edge.common.schema import (
+from zorba_common.errors import InvalidScalarError
+from zorba_common.schema import (
     FINISHED,
     WAIT,
     AlphaDelta,
@@ -48,9 +42,15 @@ from zorba_edge.common.schema import (
     ReportAck,
     RunInfo,
 )
+from zorba_edge.client.byte_sizes import format_size
+from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
+from zorba_edge.client.fedavg import FORWARDS_PER_STEP as FIRST_ORDER_STEP_FORWARDS
+from zorba_edge.client.profiling import PROFILE_STEP_FORWARDS
+from zorba_edge.client.state import ClientState, StateStore
+from zorba_edge.client.trainer import LocalRoundResult, StepGate, SyncError, finish_by
+from zorba_edge.client.transport import ServerClient
 from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.engine.zo import forwards_per_step
-from zorba_edge.errors import InvalidScalarError
 from zorba_edge.model.progress import Progress
 
 log = logging.getLogger("zorba_edge.client")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zorba_edge.errors import ZorbaError
+from zorba_common.errors import ZorbaError
 
 
 class BudgetError(ZorbaError):

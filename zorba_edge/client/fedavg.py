@@ -25,11 +25,11 @@ from collections.abc import Iterable, Sequence
 import torch
 from safetensors.torch import save
 
+from zorba_common.schema import AlphaDelta, AlphaState, Assignment, RunInfo
+from zorba_common.weights import tensor_key
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.memory_probe import PeakMemoryProbe
 from zorba_edge.client.trainer import LocalRoundResult, StepGate, SyncError, advance_table, check_saved_table
-from zorba_edge.common.schema import AlphaDelta, AlphaState, Assignment, RunInfo
-from zorba_edge.common.weights import tensor_key
 from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, release_freed_memory
 from zorba_edge.model.progress import Progress

@@ -13,6 +13,7 @@ from typing import Any, cast
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from zorba_common.errors import DataError
 from zorba_edge.data.batches import ClassificationBatch, LMBatch
 from zorba_edge.data.collate import ClassificationCollator, LMCollator
 from zorba_edge.data.examples import ClassificationExample, Example, GenerationExample
@@ -20,7 +21,6 @@ from zorba_edge.data.sampling import BatchSampler
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
 from zorba_edge.engine.losses import classification_loss, lm_loss
 from zorba_edge.engine.zo import LossFn
-from zorba_edge.errors import DataError
 
 CLASSIFICATION, GENERATION = "classification", "generation"
 

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from zorba_common.schema import RunInfo, SchemaError, from_wire
 from zorba_edge.client.errors import StateFileError
-from zorba_edge.common.schema import RunInfo, SchemaError, from_wire
 
 if TYPE_CHECKING:  # the engine imports torch; the CLI's parser must not need it
     from zorba_edge.engine.coefficients import CoefficientTable

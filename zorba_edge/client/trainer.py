@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from zorba_edge.client.local_task import LocalTask
-from zorba_edge.client.memory_probe import PeakMemoryProbe
-from zorba_edge.common.schema import (
+from zorba_common.errors import ZorbaError
+from zorba_common.schema import (
     MAX_LOSS,
     AlphaDelta,
     AlphaState,
@@ -32,6 +31,8 @@ from zorba_edge.common.schema import (
     Report,
     RunInfo,
 )
+from zorba_edge.client.local_task import LocalTask
+from zorba_edge.client.memory_probe import PeakMemoryProbe
 from zorba_edge.engine.coefficients import (
     AlphaIncrement,
     CoefficientTable,
@@ -47,7 +48,6 @@ from zorba_edge.engine.zo import (
     ZOConfig,
     weight_scale,
 )
-from zorba_edge.errors import ZorbaError
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, release_freed_memory
 from zorba_edge.model.progress import Progress, tracked
 from zorba_edge.model.sources import ModelSource
@@ -98,7 +98,7 @@ class LocalRoundResult:
     step_time_s: float
     cancelled: bool
     upload: bytes | None = None
-    """fedavg only: the trained block weights (zorba_edge.common.weights format) to PUT."""
+    """fedavg only: the trained block weights (zorba_common.weights format) to PUT."""
 
     local_steps: int | None = None
     """Steps taken, when they are not the ZO steps themselves (fedavg)."""

@@ -24,9 +24,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgpack
 
-from zorba_edge.client.backoff import Backoff
-from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
-from zorba_edge.common.schema import (
+from zorba_common.schema import (
     CONTENT_TYPE,
     MAX_RESPONSE_BYTES,
     MAX_WEIGHTS_BYTES,
@@ -42,7 +40,9 @@ from zorba_edge.common.schema import (
     encode,
     from_wire,
 )
-from zorba_edge.common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
+from zorba_common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
+from zorba_edge.client.backoff import Backoff
+from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
 
 log = logging.getLogger("zorba_edge.client")
 M = TypeVar("M")

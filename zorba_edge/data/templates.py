@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from zorba_edge.errors import DataError
+from zorba_common.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from zorba_common.errors import AssignmentError, InvalidScalarError
 from zorba_edge.engine.directions import BlockTensors, NamedTensors, add_direction_
-from zorba_edge.errors import AssignmentError, InvalidScalarError
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from zorba_edge.common.noise import hash_bytes, ordered_names, sign_table
+from zorba_common.noise import hash_bytes, ordered_names, sign_table
 
 NamedTensors = Sequence[tuple[str, torch.Tensor]]
 """A block's full-precision tensors, names relative to the block (any order)."""

@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from zorba_edge.common.schema import ANTITHETIC, NORMALISED, ONE_SIDED
+from zorba_common.errors import InvalidScalarError
+from zorba_common.schema import ANTITHETIC, NORMALISED, ONE_SIDED
 from zorba_edge.engine.directions import BlockTensors, Direction
-from zorba_edge.errors import InvalidScalarError
 
 MIN_DIRECTIONS = {NORMALISED: 2}
 """Fewest directions a batch of each estimator measures (a spread needs two): the trainer
@@ -285,7 +285,7 @@ def normalised_estimate(
 
 ESTIMATORS: dict[str, Estimator] = {ANTITHETIC: antithetic_estimate, ONE_SIDED: one_sided_estimate,
                                     NORMALISED: normalised_estimate}
-"""The run settings' names (zorba_edge.common.schema.ESTIMATORS) -> their functions."""
+"""The run settings' names (zorba_common.schema.ESTIMATORS) -> their functions."""
 
 
 class SnapshotBuffers:

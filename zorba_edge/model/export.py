@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from zorba_common.errors import ModelSourceError
 from zorba_edge.engine.coefficients import CoefficientTable, block_materializer
-from zorba_edge.errors import ModelSourceError
 from zorba_edge.model.families import family_of
 from zorba_edge.model.progress import Progress
 from zorba_edge.model.skeleton import build_skeleton

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from zorba_edge.errors import UnsupportedArchitectureError
+from zorba_common.errors import UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from zorba_edge.errors import ModelSourceError
+from zorba_common.errors import ModelSourceError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 """llama.cpp's token types (`tokenizer.ggml.token_type`)."""

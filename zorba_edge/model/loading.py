@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from zorba_edge.common.memory_model import HEAD_CAST_CHUNK_BYTES, ModelFootprint
-from zorba_edge.errors import AssignmentError, ModelSourceError
+from zorba_common.errors import AssignmentError, ModelSourceError
+from zorba_common.memory_model import HEAD_CAST_CHUNK_BYTES, ModelFootprint
 from zorba_edge.model.families import find_blocks
 from zorba_edge.model.progress import Progress
 from zorba_edge.model.quantize import (

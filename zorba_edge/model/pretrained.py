@@ -14,7 +14,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from zorba_edge.errors import ModelSourceError
+from zorba_common.errors import ModelSourceError
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from zorba_edge.errors import DTypeError
+from zorba_common.errors import DTypeError
 
 PLAIN_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,

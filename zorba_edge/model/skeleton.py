@@ -30,8 +30,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from zorba_edge.common.memory_model import ModelFootprint
-from zorba_edge.errors import AssignmentError, UnsupportedArchitectureError
+from zorba_common.errors import AssignmentError, UnsupportedArchitectureError
+from zorba_common.memory_model import ModelFootprint
 from zorba_edge.model.families import family_of, find_blocks
 
 LINEAR_TYPES = (nn.Linear, Conv1D)

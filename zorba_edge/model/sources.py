@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from zorba_edge.errors import ModelSourceError, UnsupportedArchitectureError
+from zorba_common.errors import ModelSourceError, UnsupportedArchitectureError
 from zorba_edge.model.families import family_of, find_blocks
 from zorba_edge.model.gguf_reading import parse_metadata, reader_reused, transformers_config
 from zorba_edge.model.gguf_tokenizer import read_gguf_vocab, vocab_from_reader

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from zorba_edge.errors import ModelSourceError
+from zorba_common.errors import ModelSourceError
 from zorba_edge.model.gguf_tokenizer import (
     TOKENIZER_HINT,
     GGUFVocab,

@@ -1,7 +1,7 @@
 """Who may join a run, and what the engine knows of each member (pure).
 
 One admission rule: a device joins when it runs the run's model and its memory budget holds
-at least the cheapest block under the shared memory model (`zorba_edge.common.memory_model`,
+at least the cheapest block under the shared memory model (`zorba_common.memory_model`,
 the same model the client's own check and the scheduler use).
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from zorba_edge.common.memory_model import LinearMemoryModel, ModelFootprint, linear_memory_model
-from zorba_edge.common.schema import DeviceProfile
+from zorba_common.memory_model import LinearMemoryModel, ModelFootprint, linear_memory_model
+from zorba_common.schema import DeviceProfile
 from zorba_server import errors
 from zorba_server.config import RunConfig
 

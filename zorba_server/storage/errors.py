@@ -6,7 +6,7 @@ so callers written against it keep working.
 
 from __future__ import annotations
 
-from zorba_edge.errors import ZorbaError
+from zorba_common.errors import ZorbaError
 
 
 class StoreError(ZorbaError):

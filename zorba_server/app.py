@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from zorba_edge.common.schema import (
+from zorba_common.schema import (
     CONTENT_TYPE,
     MAX_COUNTER,
     MAX_REGISTER_BYTES,
@@ -32,7 +32,7 @@ from zorba_edge.common.schema import (
     decode,
     encode,
 )
-from zorba_edge.common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
+from zorba_common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
 from zorba_server import errors, metrics, status_page
 from zorba_server.config import ServerConfig
 from zorba_server.coordinator import Coordinator

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zorba_edge.common.memory_model import LinearMemoryModel
-from zorba_edge.errors import AssignmentError
+from zorba_common.errors import AssignmentError
+from zorba_common.memory_model import LinearMemoryModel
 from zorba_server import scheduler_heuristic as heuristic
 from zorba_server import scheduler_milp as exact
 from zorba_server.scheduler_problem import (

@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from zorba_edge.common.schema import (
+from zorba_common.schema import (
     NextRound,
     RegisterRequest,
     RegisterResponse,

@@ -1,5 +1,5 @@
 """The wire contract from one source: docs/protocol.md's reference tables and
-docs/protocol.schema.json, generated from `zorba_edge.common.schema` (and the `[run]` table
+docs/protocol.schema.json, generated from `zorba_common.schema` (and the `[run]` table
 from `zorba_server.config.RunConfig`, the aggregation rules from `zorba_server.aggregation_rules`).
 
     python -m zorba_server.protocol_docs           # rewrite both files
@@ -30,8 +30,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from zorba_edge.common import schema
-from zorba_edge.common.memory_model import ModelFootprint
+from zorba_common import schema
+from zorba_common.memory_model import ModelFootprint
 from zorba_server.aggregation_rules import RULES, describe
 from zorba_server.config import RunConfig
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zorba_edge.common.memory_model import ModelFootprint
-from zorba_edge.common.schema import ESTIMATORS, NORMALISED, ONE_SIDED, ZORBA
-from zorba_edge.errors import ZorbaError
+from zorba_common.errors import ZorbaError
+from zorba_common.memory_model import ModelFootprint
+from zorba_common.schema import ESTIMATORS, NORMALISED, ONE_SIDED, ZORBA
 from zorba_server.aggregation_rules import RULES, VOTING_RULES
 from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig

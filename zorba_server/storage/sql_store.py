@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from zorba_edge.common.memory_model import ModelFootprint
-from zorba_edge.common.schema import AlphaDelta, DeviceProfile
+from zorba_common.memory_model import ModelFootprint
+from zorba_common.schema import AlphaDelta, DeviceProfile
 from zorba_server.rounds import ReceivedReport, RoundPlan
 from zorba_server.storage import sql
 from zorba_server.storage.committer import Committer

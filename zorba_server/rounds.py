@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from zorba_edge.common.schema import Assignment, HyperParams, Report
-from zorba_edge.errors import InvalidScalarError
+from zorba_common.errors import InvalidScalarError
+from zorba_common.schema import Assignment, HyperParams, Report
 from zorba_server import errors
 from zorba_server.aggregation import Contribution, RoundDelta, aggregate, check_scalars
 from zorba_server.config import AggregationConfig

@@ -13,7 +13,7 @@ SolveFn = Callable[[Sequence[ClientSpec], Sequence[int], SchedulerConfig, int], 
 
 @dataclass(frozen=True)
 class RunMode:
-    """One value of `run.mode` (zorba_edge.common.schema.RUN_MODES names them on the wire)."""
+    """One value of `run.mode` (zorba_common.schema.RUN_MODES names them on the wire)."""
 
     name: str
     summary: str
@@ -25,6 +25,6 @@ class RunMode:
     draws the same blocks); otherwise a schedule is reused until membership changes."""
     weights_only: bool = False
     """Training travels as uploaded weights: reports carry no ZO steps, the server averages
-    the weight files (server/weight_rounds.py)."""
+    the weight files (zorba_server/weight_rounds.py)."""
     enforces_budget: bool = True
     """Registration refuses a device whose budget cannot hold a single block."""

@@ -6,7 +6,7 @@ coordinator know nothing of HTTP; `app.py` maps each kind to a status (`HTTP_STA
 
 from __future__ import annotations
 
-from zorba_edge.errors import ZorbaError
+from zorba_common.errors import ZorbaError
 
 
 class Refusal(ZorbaError):

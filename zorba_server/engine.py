@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from zorba_edge.common.memory_model import LinearMemoryModel, ModelFootprint
-from zorba_edge.common.schema import (
+from zorba_common.memory_model import LinearMemoryModel, ModelFootprint
+from zorba_common.schema import (
     AlphaDelta,
     AlphaState,
     DeviceProfile,
@@ -169,7 +169,7 @@ class RoundEngine:
         """Each client's mean loss in the last applied or rejected round it reported in (the
         loss guard's reference; empty after a restart until a round closes)."""
         self._anchor: Anchor | None = None
-        """The last version whose check losses did not rise (server/loss_guard.py; re-made
+        """The last version whose check losses did not rise (zorba_server/loss_guard.py; re-made
         from the first round after a restart)."""
         self._plateau = Plateau()
         """Rounds without progress on the anchor, and the step cuts they made (after a

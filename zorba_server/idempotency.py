@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
-from zorba_edge.common.schema import Report, ReportAck, encode
+from zorba_common.schema import Report, ReportAck, encode
 from zorba_server import errors
 from zorba_server.rounds import ReceivedReport
 from zorba_server.storage.store import StoredReport

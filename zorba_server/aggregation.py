@@ -17,7 +17,7 @@ Robust modes (`trimmed_mean`, `median`) aggregate, per (k, b), the unweighted s[
 the clients that hold b *and took step k* (a client that did not take the step has no
 opinion on it); scalars are clipped first when `clip` is set. A weighted median would let a
 client buy influence with its sample count, which is what robust mode is meant to resist.
-Each rule is a file of server/aggregation_rules/, found through its registry `RULES`.
+Each rule is a file of zorba_server/aggregation_rules/, found through its registry `RULES`.
 
 Determinism: contributions are ordered by client id and every sum runs in a fixed order,
 so the same reports give bit-identical increments whatever order they arrived in (a
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zorba_edge.errors import InvalidScalarError
+from zorba_common.errors import InvalidScalarError
 from zorba_server.aggregation_rules import RULES, RoundScalars
 from zorba_server.config import AggregationConfig
 

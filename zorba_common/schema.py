@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 import msgpack
 import numpy as np
 
-from zorba_edge.common.memory_model import BYTES_PER_PARAM, MemorySettings, ModelFootprint
-from zorba_edge.errors import ZorbaError
+from zorba_common.errors import ZorbaError
+from zorba_common.memory_model import BYTES_PER_PARAM, MemorySettings, ModelFootprint
 
 PROTOCOL_VERSION = 1
 CONTENT_TYPE = "application/msgpack"
@@ -99,7 +99,7 @@ def wire(doc: str = "", *, unit: str = "", min_len: int | None = None,
     values; `gradient` marks the projected
     gradients, whose non-finite values are `invalid_scalar` (422) rather than
     `invalid_message` (400). docs/protocol.md and docs/protocol.schema.json are generated
-    from this metadata (`python -m zorba_edge.common.protocol_docs`).
+    from this metadata (`python -m zorba_common.protocol_docs`).
     """
     limits = {"min_len": min_len, "max_len": max_len, "ge": ge, "le": le, "gt": gt,
               "gradient": gradient or None, "choices": choices,
@@ -271,7 +271,7 @@ class RunInfo:
 
     run_id: str = field(metadata=wire("Identifies the run (and its database)."))
     seed: int = field(metadata=wire(
-        "Run seed of the noise z[k, b] (zorba_edge.common.noise).", ge=0))
+        "Run seed of the noise z[k, b] (zorba_common.noise).", ge=0))
     pool_size: int = field(metadata=wire("K, seeds in the pool.", ge=1))
     num_blocks: int = field(metadata=wire("B, blocks of the model.", ge=1, le=MAX_BLOCKS))
     model_fingerprint: str = field(metadata=wire("The run's base model."))

@@ -20,8 +20,8 @@ from typing import Protocol
 
 import numpy as np
 
-from zorba_edge.common.memory_model import ModelFootprint
-from zorba_edge.common.schema import AlphaDelta, DeviceProfile
+from zorba_common.memory_model import ModelFootprint
+from zorba_common.schema import AlphaDelta, DeviceProfile
 from zorba_server.rounds import ReceivedReport, RoundPlan
 from zorba_server.traffic import RoundBytes
 

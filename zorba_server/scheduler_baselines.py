@@ -7,7 +7,7 @@
   scheduler's optimisation adds over a naive heterogeneous activation.
 
 They return the scheduler's `Schedule`, so the coordinator and the accounting treat every
-mode alike; their `method` names the mode. Each mode's file in server/modes/ names its solver.
+mode alike; their `method` names the mode. Each mode's file in zorba_server/modes/ names its solver.
 """
 
 from __future__ import annotations
