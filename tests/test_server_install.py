@@ -130,6 +130,7 @@ def _assert_refuses(done: subprocess.CompletedProcess[str], extra: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_the_server_role_runs_the_server_without_torch(wheel: Path, tmp_path: Path) -> None:
     bin_dir = _venv(tmp_path / "server", f"{wheel}[server]")
     helped = _run(bin_dir, "zorba-server", "--help")
@@ -148,6 +149,7 @@ def test_the_server_role_runs_the_server_without_torch(wheel: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.skipif(os.environ.get("ZORBA_TEST_CLIENT_WHEEL") != "1",
                     reason="installs torch and transformers (GBs): set ZORBA_TEST_CLIENT_WHEEL=1")
 def test_the_client_role_runs_the_client_without_server_dependencies(wheel: Path, tmp_path: Path) -> None:
