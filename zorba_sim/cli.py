@@ -440,8 +440,8 @@ def run(args: argparse.Namespace) -> int:
     if not base_file.exists() and not (checkpoint / "LATEST").exists():
         # The base model's accuracy and loss (before any checkpoint moves the model): the
         # curves' starting point, at round 0 with no forward pass spent.
-        accuracy, loss = sim.evaluate()
-        write_json(base_file, {"accuracy": accuracy, "loss": loss})
+        base_point = sim.evaluate()
+        write_json(base_file, {"accuracy": base_point[0], "loss": base_point[1]})
     if args.resume is not None and not sim.load_checkpoint(checkpoint):
         print(f"zorba-simulate: no checkpoint in {checkpoint} yet: starting the run afresh",
               file=sys.stderr)
