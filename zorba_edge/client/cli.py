@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from zorba_common.memory_model import MemorySettings
 from zorba_common.roles import docs_location, version_text
 from zorba_edge.client.byte_sizes import parse_margin, parse_size
 from zorba_edge.client.errors import UsageError
+from zorba_edge.client.hub_warnings import quiet_hub_kernel_warnings
 from zorba_edge.client.transport import TOKEN_ENV
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
@@ -285,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Before anything imports bitsandbytes: its Hub-kernel warnings become one log line.
+    quiet_hub_kernel_warnings(logging.getLogger("zorba_edge.client"))
     try:
         from zorba_edge.client import command_handlers
 
