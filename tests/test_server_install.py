@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from email.parser import Parser
 from pathlib import Path
@@ -64,13 +65,19 @@ def test_python_dash_m_runs_each_command(module: str, prog: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    # The build runs in a copy: building writes build/ and egg-info beside the sources.
-    src = out / "src"
+def source_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Builds run in a copy: building writes build/ and egg-info beside the sources.
+    src = tmp_path_factory.mktemp("build") / "src"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
         ".venv*", ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache",
-        "runs"))
+        "runs", ".env"))
+    return src
+
+
+@pytest.fixture(scope="module")
+def wheel(source_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    src = source_copy
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                            "-w", str(out), str(src)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -101,6 +108,7 @@ def test_the_wheel_splits_its_dependencies_by_role(wheel: Path) -> None:
     assert "License-Expression: Apache-2.0" in meta and "Project-URL:" in meta and "Classifier:" in meta
     assert any(n.endswith("licenses/LICENSE") for n in names)
     assert any("/data/share/doc/zorba-edge/guide/" in n for n in names), "the user's guide is not installed"
+    assert any(n.endswith("/data/share/doc/zorba-edge/systemd/zorba-edge.service") for n in names)
     assert not any(n.startswith("tests/") for n in names)
 
 
@@ -108,6 +116,19 @@ def _clean_env() -> dict[str, str]:
     # A venv of its own: nothing of this checkout (PYTHONPATH, an egg-info) may stand in for
     # the installed wheel.
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+
+def test_the_sdist_ships_the_guide_and_the_fleet_kit_and_leaves_the_tests_out(
+        source_copy: Path, tmp_path: Path) -> None:
+    code = f"from setuptools import build_meta; print(build_meta.build_sdist({str(tmp_path)!r}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=source_copy, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with tarfile.open(tmp_path / done.stdout.strip().splitlines()[-1]) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    assert {"LICENSE", "docs/guide/install.md", "deploy/compose.yaml", "deploy/server/Dockerfile",
+            "requirements/base.txt", "zorba_common/roles.py"} <= names
+    assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
 
 
 def _venv(path: Path, *requirements: str) -> Path:
