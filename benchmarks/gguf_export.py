@@ -7,7 +7,9 @@ type (f16, q8_0) it writes base + alpha as GGUF, reads it back through the proje
 loader (transformers' tables, llama.cpp's q/k layout undone) and prints one JSON object:
 seconds, file bytes, the max |exported - (base + alpha)| over every block tensor and that
 error relative to the tensor's max |w|, whether the tokenizer came along (same ids on a
-sentence), and the fp32 checkpoint export's size for comparison.
+sentence), and how far the logits of the file loaded by transformers' own GGUF loader
+(`from_pretrained(dir, gguf_file=...)`) are from those of the fp32 checkpoint export, with
+the share of positions whose top token agrees.
 
     python benchmarks/gguf_export.py --json
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
 from zorba_edge.engine.coefficients import CoefficientTable, block_materializer
 from zorba_edge.model.export import export_checkpoint
@@ -73,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = export_checkpoint(source, table, 0, Path(tmp) / "checkpoint", save_tokenizer=False)
         result["checkpoint_fp32"] = {"seconds": round(time.perf_counter() - started, 1),
                                      "bytes": _dir_bytes(checkpoint)}
+        ids = source.tokenizer()(SENTENCE, return_tensors="pt").input_ids
+        with torch.no_grad():
+            reference = AutoModelForCausalLM.from_pretrained(checkpoint).eval()(input_ids=ids).logits
         for kind in ("f16", "q8_0"):
             started = time.perf_counter()
             out = export_gguf(source, table, 0, Path(tmp) / f"{kind}.gguf", gguf_type=kind)
@@ -88,9 +94,16 @@ def main(argv: list[str] | None = None) -> int:
             same_ids = None
             if isinstance(source, GGUFSource):
                 same_ids = back.tokenizer().encode(SENTENCE) == source.tokenizer().encode(SENTENCE)
+            with torch.no_grad():
+                loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
+                logits = loaded(input_ids=ids).logits
+            del loaded
             result[kind] = {"seconds": round(seconds, 1), "bytes": out.stat().st_size,
                             "max_abs_error": worst_abs, "max_error_relative_to_max_abs_w": worst_rel,
-                            "tokenizer_same_ids": same_ids}
+                            "tokenizer_same_ids": same_ids,
+                            "transformers_max_logit_diff": float((logits - reference).abs().max()),
+                            "transformers_top1_agreement": float(
+                                (logits.argmax(-1) == reference.argmax(-1)).float().mean())}
     if args.json:
         print(json.dumps(result))
     else:
