@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from zorba_common.errors import ZorbaError
-from zorba_common.roles import version_text
+from zorba_common.roles import docs_location, version_text
 from zorba_common.schema import ESTIMATORS
 from zorba_edge.client.errors import UsageError
 from zorba_server.aggregation_rules import RULES, rules_help
@@ -131,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
         description="Simulate a federation of heterogeneous edge devices in one process: one "
         "loaded model, the real round engine, scheduler, aggregation and client training loop, "
         "virtual time. Writes summary.json, rounds.csv, accuracy plots and a checkpoint to --out.",
-        epilog=catalogue_text() + "\n\n" + FLEET_FILE_HELP,
+        epilog=catalogue_text() + "\n\n" + FLEET_FILE_HELP + f"\n\nUser's guide: {docs_location()}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=version_text("zorba-simulate"))
     g = p.add_argument_group("model and data")
