@@ -51,7 +51,7 @@ HARNESSES = ("simulator", "processes")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from zorba_common.schema import ESTIMATORS
+    from zorba_common.messages import ESTIMATORS
     from zorba_server.aggregation_rules import RULES, rules_help
     from zorba_server.config import LR_SCALING_HELP, LR_SCALINGS
     from zorba_sim.compare import REFERENCE_FORWARD_S, CompareSetting

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zorba_common.errors import ZorbaError
-from zorba_common.schema import FEDAVG, RUN_MODES, ZORBA
+from zorba_common.messages import FEDAVG, RUN_MODES, ZORBA
 from zorba_lab import compare_report as report
 from zorba_lab.federation import FederationPlan, FederationResult
 from zorba_lab.quickstart import DEFAULT_BUDGETS, plan_from_args

@@ -20,7 +20,7 @@ import time
 import torch
 from quickstart_sim import QuickstartRun, quickstart_simulation
 
-from zorba_common.schema import ESTIMATORS, ONE_SIDED
+from zorba_common.messages import ESTIMATORS, ONE_SIDED
 from zorba_server.aggregation_rules import RULES
 from zorba_server.config import LR_SCALINGS, AggregationConfig
 from zorba_sim.simulation import ZO_SIM_MODES

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from zorba_common.schema import ONE_SIDED, ZORBA
+from zorba_common.messages import ONE_SIDED, ZORBA
 from zorba_edge.client.assembly import footprint_of
 from zorba_edge.data.movie_reviews import load_movie_reviews
 from zorba_edge.data.splits import train_heldout_split

@@ -397,7 +397,7 @@ def resumed_equal(model: str, data: str, root: Path, env: dict[str, str]) -> boo
 
 def scheduler_seconds(model: str, members: int) -> dict[str, Any]:
     """propose_round for `members` registered devices, cycling through the catalogue."""
-    from zorba_common.schema import DeviceProfile, MemoryProfile
+    from zorba_common.messages import DeviceProfile, MemoryProfile
     from zorba_edge.client.assembly import footprint_of, open_model
     from zorba_server.config import config_from_dict
     from zorba_server.engine import RoundEngine

@@ -12,9 +12,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from zorba_common.codec import CONTENT_TYPE, decode, encode
 from zorba_common.memory_model import ModelFootprint
-from zorba_common.schema import (
-    CONTENT_TYPE,
+from zorba_common.messages import (
     AlphaState,
     Assignment,
     DeviceProfile,
@@ -23,8 +23,6 @@ from zorba_common.schema import (
     RegisterResponse,
     Report,
     ReportAck,
-    decode,
-    encode,
 )
 
 SECRET = "test-enrolment-secret"

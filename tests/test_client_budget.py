@@ -104,7 +104,7 @@ def test_admission_refuses_when_no_block_can_be_trained_and_suggests_a_smaller_p
 def test_run_admission_uses_the_runs_batch_shape_and_names_it(tiny_llama_config_factory) -> None:
     """A device that does not fit the probe's batch 8 x 64 but fits the run's batch 1 x 16
     is admitted; a run at a larger shape is refused with the numbers it was checked at."""
-    from zorba_common.schema import HyperParams, MemoryProfile, RunInfo
+    from zorba_common.messages import HyperParams, MemoryProfile, RunInfo
     from zorba_edge.client import assembly
     from zorba_edge.client.profiling import Budget, DeviceSurvey
     from zorba_edge.model.sources import RandomInitSource

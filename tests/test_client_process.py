@@ -28,7 +28,8 @@ from client_support import (
 )
 from transformers import AutoModelForCausalLM
 
-from zorba_common.schema import AlphaState, decode
+from zorba_common.codec import decode
+from zorba_common.messages import AlphaState
 from zorba_edge.client import cli
 from zorba_edge.client.state import StateStore
 from zorba_edge.engine.coefficients import CoefficientTable, block_materializer

@@ -106,7 +106,7 @@ def test_a_tiny_federation_runs_end_to_end_and_reports_bytes_peaks_and_accuracy(
 
 
 def test_the_demo_plan_writes_a_server_config_the_server_reads_in_every_mode(tmp_path: Path) -> None:
-    from zorba_common.schema import RUN_MODES
+    from zorba_common.messages import RUN_MODES
     from zorba_server.config import load_config
 
     for mode in RUN_MODES:

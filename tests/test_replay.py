@@ -16,7 +16,7 @@ from fixtures_text import make_tokenizer
 from safetensors.numpy import save_file
 from tiny_models import tiny_llama_config
 
-from zorba_common.schema import AlphaDelta, HyperParams
+from zorba_common.messages import AlphaDelta, HyperParams
 from zorba_common.weights import default_weights_dir, tensor_key, version_path
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.data.examples import ClassificationExample

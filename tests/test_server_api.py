@@ -23,17 +23,10 @@ from server_fakes import (
     profile,
 )
 
+from zorba_common.codec import encode
+from zorba_common.limits import MAX_STEPS_PER_REPORT
 from zorba_common.memory_model import ModelFootprint
-from zorba_common.schema import (
-    FINISHED,
-    MAX_STEPS_PER_REPORT,
-    TRAIN,
-    WAIT,
-    RegisterRequest,
-    Report,
-    ReportAck,
-    encode,
-)
+from zorba_common.messages import FINISHED, TRAIN, WAIT, RegisterRequest, Report, ReportAck
 from zorba_server.app import SERVICES, create_app
 from zorba_server.config import ConfigError, config_from_dict
 from zorba_server.scheduler import solve_schedule

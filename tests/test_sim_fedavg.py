@@ -23,7 +23,7 @@ from client_support import make_world, signal_examples, write_jsonl
 from safetensors.numpy import load_file
 from test_simulator_vs_server import LOAD, lab_device, ordered_ids, serve_lab_fleet, simulate
 
-from zorba_common.schema import TRAIN
+from zorba_common.messages import TRAIN
 from zorba_common.weights import default_weights_dir, version_path
 from zorba_edge.client.assembly import build_task
 from zorba_edge.client.fedavg import FORWARDS_PER_STEP, FedAvgTrainer

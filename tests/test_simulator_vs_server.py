@@ -36,7 +36,7 @@ import pytest
 import torch
 from client_support import make_world, signal_examples, write_jsonl
 
-from zorba_common.schema import TRAIN, DeviceProfile, RegisterRequest, RegisterResponse
+from zorba_common.messages import TRAIN, DeviceProfile, RegisterRequest, RegisterResponse
 from zorba_edge.client.assembly import (
     DataChoice,
     build_task,

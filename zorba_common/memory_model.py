@@ -18,6 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from zorba_common.codec import wire
+from zorba_common.limits import MAX_BLOCKS, MAX_DIMENSION, MAX_MODEL_PARAMS
+
 # Storage cost per parameter of each precision a block can be held in. nf4 packs two
 # weights per byte plus one fp32 absmax per 64-weight block (bitsandbytes' default).
 BYTES_PER_PARAM: dict[str, float] = {
@@ -35,18 +38,27 @@ for each forward pass (model/loading.py): the one transient it adds, counted bel
 
 @dataclass(frozen=True)
 class ModelFootprint:
-    """Sizes of one causal LM, as the loader reports them (parameter counts only)."""
+    """Sizes of one causal LM, as the loader reports them (parameter counts only).
 
-    block_params: tuple[int, ...]
-    """Parameters of each transformer block, in block order."""
-    quantizable_block_params: tuple[int, ...]
-    """Of those, the ones in Linear layers (the rest, norms and biases, stay in bytes_frozen_other)."""
-    embed_head_params: int
-    """Embeddings, final norm and LM head (tied weights counted once)."""
-    hidden_size: int
-    vocab_size: int
-    num_layers: int
-    intermediate_size: int
+    Its sizes travel in a client's registration and reach the server's memory arithmetic, so
+    each field carries its wire meaning and bounds (`wire`), as the messages' fields do.
+    """
+
+    block_params: tuple[int, ...] = field(metadata=wire(
+        "Parameters of each transformer block, in block order.", unit="parameters", min_len=1,
+        max_len=MAX_BLOCKS, item=wire(ge=1, le=MAX_MODEL_PARAMS)))
+    quantizable_block_params: tuple[int, ...] = field(metadata=wire(
+        "Of each block's parameters, those in Linear layers (at most the block's; the rest, "
+        "norms and biases, stay in `frozen_other_dtype`).", unit="parameters",
+        min_len=1, max_len=MAX_BLOCKS, item=wire(ge=0, le=MAX_MODEL_PARAMS)))
+    embed_head_params: int = field(metadata=wire(
+        "Embeddings, final norm and LM head (tied weights counted once).",
+        unit="parameters", ge=1, le=MAX_MODEL_PARAMS))
+    hidden_size: int = field(metadata=wire("Width of the residual stream.", ge=1, le=MAX_DIMENSION))
+    vocab_size: int = field(metadata=wire("Tokens in the vocabulary.", ge=1, le=MAX_DIMENSION))
+    num_layers: int = field(metadata=wire("Transformer blocks; equals the length of `block_params`.",
+                                          ge=1, le=MAX_BLOCKS))
+    intermediate_size: int = field(metadata=wire("Width of the MLP.", ge=1, le=MAX_DIMENSION))
 
     def __post_init__(self) -> None:
         if len(self.block_params) != len(self.quantizable_block_params):

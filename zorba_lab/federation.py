@@ -58,7 +58,7 @@ class FederationPlan:
     minutes: float = 3.0
     """Training time limit when `rounds` is 0 (the run stops at the next round boundary)."""
     mode: str = "zorba"
-    """A run mode of zorba_common.schema.RUN_MODES (the baselines for benchmarks/compare.py)."""
+    """A run mode of zorba_common.messages.RUN_MODES (the baselines for benchmarks/compare.py)."""
     keep_weight_versions: bool = False
     """fedavg: the server keeps every version's weights (per-round evaluation reads them)."""
     scheduler_epsilon: float | None = None
@@ -201,7 +201,8 @@ async def _fetch_table(url: str, clients: list[ClientRun]) -> RemoteTable | None
     its transport reads a body with a single `content.read(n)`, which returns only the bytes
     buffered so far, and a SmolLM2 table (K x 30 float64, 245 KB) arrives in several chunks.
     """
-    from zorba_common.schema import AlphaState, decode
+    from zorba_common.codec import decode
+    from zorba_common.messages import AlphaState
     from zorba_edge.client.evaluation import RemoteTable
     from zorba_edge.client.state import StateStore
     from zorba_edge.engine.coefficients import CoefficientTable

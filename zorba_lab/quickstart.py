@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zorba_common.schema import ESTIMATORS
+from zorba_common.messages import ESTIMATORS
 from zorba_edge.client.byte_sizes import format_size, parse_size
 from zorba_lab.federation import ClientSetup, FederationPlan, FederationResult
 from zorba_server.aggregation_rules import RULES, rules_help

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from zorba_common.errors import ZorbaError
-from zorba_common.schema import FEDAVG, RUN_MODES, AlphaDelta
+from zorba_common.messages import FEDAVG, RUN_MODES, AlphaDelta
 from zorba_common.weights import default_weights_dir, parse_key, version_path
 from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_
 from zorba_edge.engine.losses import evaluate_classification

@@ -23,7 +23,7 @@ from typing import Any
 
 from zorba_common.errors import ZorbaError
 from zorba_common.memory_model import ModelFootprint
-from zorba_common.schema import ESTIMATORS, NORMALISED, ONE_SIDED, ZORBA
+from zorba_common.messages import ESTIMATORS, NORMALISED, ONE_SIDED, ZORBA
 from zorba_server.aggregation_rules import RULES, VOTING_RULES
 from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig

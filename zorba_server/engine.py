@@ -28,14 +28,7 @@ from typing import Any
 import numpy as np
 
 from zorba_common.memory_model import LinearMemoryModel, ModelFootprint
-from zorba_common.schema import (
-    AlphaDelta,
-    AlphaState,
-    DeviceProfile,
-    HyperParams,
-    Report,
-    RunInfo,
-)
+from zorba_common.messages import AlphaDelta, AlphaState, DeviceProfile, HyperParams, Report, RunInfo
 from zorba_server import calibration, errors
 from zorba_server.aggregation import RoundDelta, apply_delta
 from zorba_server.config import ServerConfig

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from zorba_common.schema import PROTOCOL_VERSION, RegisterRequest
+from zorba_common.messages import PROTOCOL_VERSION, RegisterRequest
 from zorba_server import errors
 
 M = TypeVar("M")

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from zorba_common.memory_model import LinearMemoryModel, ModelFootprint, linear_memory_model
-from zorba_common.schema import DeviceProfile
+from zorba_common.messages import DeviceProfile
 from zorba_server import errors
 from zorba_server.config import RunConfig
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from zorba_common.errors import InvalidScalarError
-from zorba_common.schema import Assignment, HyperParams, Report
+from zorba_common.messages import Assignment, HyperParams, Report
 from zorba_server import errors
 from zorba_server.aggregation import Contribution, RoundDelta, aggregate, check_scalars
 from zorba_server.config import AggregationConfig

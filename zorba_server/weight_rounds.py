@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import AsyncIterable
 from pathlib import Path
 
-from zorba_common.schema import MAX_WEIGHTS_BYTES
+from zorba_common.limits import MAX_WEIGHTS_BYTES
 from zorba_server import errors
 from zorba_server.config import ConfigError, ServerConfig
 from zorba_server.engine import OpenRound, RoundClosure, RoundEngine, round_closed

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from zorba_common.errors import ZorbaError
-from zorba_common.schema import ESTIMATORS
+from zorba_common.messages import ESTIMATORS
 from zorba_edge.client.errors import UsageError
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.config import (
@@ -291,7 +291,7 @@ def _subset(examples: list[Any], limit: int | None, seed: int) -> list[Any]:
 
 
 def simulation_config(settings: Settings, device: str) -> Any:
-    from zorba_common.schema import MemoryProfile
+    from zorba_common.messages import MemoryProfile
     from zorba_server.config import config_from_dict
     from zorba_sim.simulation import SimulationConfig
 

@@ -24,13 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from zorba_common.schema import (
-    FEDAVG,
-    FEDZO_FULL,
-    ZORBA,
-    ZORBA_UNIFORM,
-    MemoryProfile,
-)
+from zorba_common.messages import FEDAVG, FEDZO_FULL, ZORBA, ZORBA_UNIFORM, MemoryProfile
 from zorba_edge.client.fedavg import FORWARDS_PER_STEP
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.data.examples import ClassificationExample

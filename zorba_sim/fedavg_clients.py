@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from zorba_common.schema import Assignment, RunInfo
+from zorba_common.messages import Assignment, RunInfo
 from zorba_common.weights import tensor_key
 from zorba_edge.client.fedavg import run_adamw_steps
 from zorba_edge.client.local_task import LocalTask

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from zorba_common.schema import (
+from zorba_common.codec import encode
+from zorba_common.messages import (
     FEDAVG,
     FEDZO_FULL,
     TRAIN,
@@ -50,7 +51,6 @@ from zorba_common.schema import (
     MemoryProfile,
     NextRound,
     Report,
-    encode,
 )
 from zorba_edge.client.assembly import client_task_seed, footprint_of
 from zorba_edge.client.local_task import LocalTask

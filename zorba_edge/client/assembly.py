@@ -20,7 +20,7 @@ import torch
 
 from zorba_common.errors import DTypeError
 from zorba_common.memory_model import MemorySettings, ModelFootprint
-from zorba_common.schema import DeviceProfile, MemoryProfile, RegisterRequest, RunInfo
+from zorba_common.messages import DeviceProfile, MemoryProfile, RegisterRequest, RunInfo
 from zorba_edge.client.admission import Admission, admit
 from zorba_edge.client.errors import BudgetError, UsageError
 from zorba_edge.client.local_task import LocalTask

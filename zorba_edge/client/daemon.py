@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from zorba_common.errors import InvalidScalarError
-from zorba_common.schema import (
+from zorba_common.messages import (
     FINISHED,
     WAIT,
     AlphaDelta,

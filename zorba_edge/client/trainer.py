@@ -23,14 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from zorba_common.errors import ZorbaError
-from zorba_common.schema import (
-    MAX_LOSS,
-    AlphaDelta,
-    AlphaState,
-    Assignment,
-    Report,
-    RunInfo,
-)
+from zorba_common.limits import MAX_LOSS
+from zorba_common.messages import AlphaDelta, AlphaState, Assignment, Report, RunInfo
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.memory_probe import PeakMemoryProbe
 from zorba_edge.engine.coefficients import (
