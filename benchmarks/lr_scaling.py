@@ -20,10 +20,9 @@ import time
 import torch
 from quickstart_sim import QuickstartRun, quickstart_simulation
 
-from zorba_common.messages import ESTIMATORS, ONE_SIDED
+from zorba_common.run_defaults import ESTIMATORS, ONE_SIDED, ZO_SIM_MODES
 from zorba_server.aggregation_rules import RULES
 from zorba_server.config import LR_SCALINGS, AggregationConfig
-from zorba_sim.simulation import ZO_SIM_MODES
 
 
 def main() -> None:

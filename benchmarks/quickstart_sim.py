@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from zorba_common.messages import ONE_SIDED, ZORBA
+from zorba_common.run_defaults import CENTRAL_MEZO, ONE_SIDED, ZORBA
 from zorba_edge.client.assembly import footprint_of
 from zorba_edge.data.movie_reviews import load_movie_reviews
 from zorba_edge.data.splits import train_heldout_split
@@ -20,7 +20,7 @@ from zorba_edge.model.pretrained import packaged_model_path
 from zorba_edge.model.sources import open_source
 from zorba_server.config import AggregationConfig, RunConfig, config_from_dict
 from zorba_sim.fleet import GIB, DeviceClass, DeviceGroup, Fleet
-from zorba_sim.simulation import CENTRAL_MEZO, Simulation, SimulationConfig
+from zorba_sim.simulation import Simulation, SimulationConfig
 
 BUDGETS_GIB = (1.0, 1.1, 1.3, 1.7)
 REFERENCE_STEP_S = 2.0

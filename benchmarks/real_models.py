@@ -293,9 +293,9 @@ def federate(args: argparse.Namespace, path: Path, out: Path, data: Path, budget
     """A server and CLIENTS `zorba-edge run` clients for ROUNDS rounds on `data`."""
     from zorba_lab.federation import ClientSetup, FederationPlan, run_federation
 
-    plan = FederationPlan(
-        out_dir=out, clients=tuple(ClientSetup(f"client{i}", budget) for i in range(CLIENTS)),
-        data=str(data), model=str(path), rounds=ROUNDS, max_steps=args.steps,
+    plan = FederationPlan.of(
+        out, tuple(ClientSetup(f"client{i}", budget) for i in range(CLIENTS)),
+        data=str(data), model=str(path), max_rounds=ROUNDS, max_steps=args.steps,
         batch_size=BATCH_SIZE, seq_len=SEQ_LEN, round_duration_s=args.round_duration,
         threads=args.threads_per_client, frozen_dtype=FROZEN_DTYPE, **task_args)
     started = time.perf_counter()

@@ -84,7 +84,7 @@ def inputs(args: argparse.Namespace, root: Path) -> tuple[str, str]:
 
 
 def settings(model: str, data: str, **overrides: Any) -> Any:
-    from zorba_sim.cli import Settings
+    from zorba_sim.cli import settings_of
 
     base = {"model": model, "data": data, "rounds": 4, "batch_size": 8, "seq_len": 48,
             "pool_size": 1024, "max_steps": 4, "round_duration_s": 300.0, "eval_examples": 16,
@@ -92,7 +92,7 @@ def settings(model: str, data: str, **overrides: Any) -> Any:
             # The bare step it is timed against is zo_step, the antithetic estimator's step
             # (two forwards, one direction): the simulated clients use the same.
             "estimator": "antithetic", "directions": 1}
-    return Settings(**(base | overrides))
+    return settings_of(base | overrides)
 
 
 def bench_device(count: int) -> Any:

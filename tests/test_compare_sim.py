@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def one_thread() -> None:
 def test_a_tiny_comparison_produces_the_json_figures_page_and_plots(
         tmp_path: Path, one_thread: None) -> None:
     world = make_world(tmp_path)
-    setting = CompareSetting(modes=("zorba", "central-mezo"), seeds=2, rounds=2, lr=1e-3,
+    setting = CompareSetting.of(modes=("zorba", "central-mezo"), seeds=2, rounds=2, lr=1e-3,
                              batch_size=4, seq_len=16, pool_size=64, max_steps=3,
                              reference_step_s=1.0, curve_examples=16, point_examples=24,
                              frozen_dtype="bf16", eval_batch_size=8)
@@ -162,7 +163,7 @@ def test_a_version_scored_after_rewinding_equals_the_model_trained_to_it(
     from zorba_sim.compare import _batches, train_mode
 
     world = make_world(tmp_path)
-    setting = CompareSetting(modes=("zorba",), seeds=1, rounds=3, lr=3e-2, batch_size=4,
+    setting = CompareSetting.of(modes=("zorba",), seeds=1, rounds=3, lr=3e-2, batch_size=4,
                              seq_len=16, pool_size=64, max_steps=3, reference_step_s=1.0,
                              frozen_dtype="bf16", eval_batch_size=8)
     from zorba_sim.simulation import Simulation
@@ -171,7 +172,7 @@ def test_a_version_scored_after_rewinding_equals_the_model_trained_to_it(
     sims = []
     for rounds in (1, 3):
         sims.append(Simulation.build(
-            CompareSetting(**{**setting.__dict__, "rounds": rounds}).simulation_config("zorba", 0),
+            dataclasses.replace(setting, rounds=rounds).simulation_config("zorba", 0),
             open_source(world.model_dir), fleet_from_counts("laptop-16gb=2"),
             signal_examples(60), signal_examples(8, seed=1), eval_batch_size=8))
     one, three = sims
@@ -200,7 +201,7 @@ def test_fedavg_is_compared_with_zorba_at_equal_virtual_time(tmp_path: Path, one
     from zorba_edge.client.fedavg import FORWARDS_PER_STEP
 
     world = make_world(tmp_path)
-    setting = CompareSetting(modes=("zorba", "fedavg"), seeds=2, rounds=2, lr=1e-3,
+    setting = CompareSetting.of(modes=("zorba", "fedavg"), seeds=2, rounds=2, lr=1e-3,
                              fedavg_lr=1e-3, batch_size=4, seq_len=16, pool_size=64, max_steps=3,
                              curve_examples=16, point_examples=24, frozen_dtype="bf16",
                              eval_batch_size=8)
@@ -208,11 +209,11 @@ def test_fedavg_is_compared_with_zorba_at_equal_virtual_time(tmp_path: Path, one
     forward_s = setting.step_s / setting.forwards_per_scalar
     assert setting.step_s_of("fedavg") == pytest.approx(FORWARDS_PER_STEP * forward_s)
     assert setting.simulation_config("fedavg", 0).server.run.lr == 1e-3
-    summed = CompareSetting(aggregation="sum").simulation_config("zorba", 0)
+    summed = CompareSetting.of(aggregation="sum").simulation_config("zorba", 0)
     assert summed.server.aggregation.method == "sum"
-    assert CompareSetting(modes=("fedavg",), fedavg_step_s=7.0).step_s_of("fedavg") == 7.0
+    assert CompareSetting.of(modes=("fedavg",), fedavg_step_s=7.0).step_s_of("fedavg") == 7.0
     with pytest.raises(ValueError, match="fedavg_step_s must be positive"):
-        CompareSetting(fedavg_step_s=0.0)
+        CompareSetting.of(fedavg_step_s=0.0)
     results = run_comparison(
         setting, open_source(world.model_dir), fleet_from_counts("laptop-16gb=2,phone-6gb=1"),
         lambda seed: SeedData(signal_examples(60, seed=seed), signal_examples(16, seed=100 + seed),
@@ -236,12 +237,12 @@ def test_a_fedavg_version_scored_after_rewinding_is_the_model_trained_to_it(
     from zorba_sim.simulation import Simulation
 
     world = make_world(tmp_path)
-    setting = CompareSetting(modes=("fedavg",), seeds=1, rounds=3, fedavg_lr=3e-3, batch_size=4,
+    setting = CompareSetting.of(modes=("fedavg",), seeds=1, rounds=3, fedavg_lr=3e-3, batch_size=4,
                              seq_len=16, pool_size=64, max_steps=3, reference_step_s=1.0,
                              frozen_dtype="bf16", eval_batch_size=8)
     points = signal_examples(40, seed=5)
     sims = [Simulation.build(
-        CompareSetting(**{**setting.__dict__, "rounds": rounds}).simulation_config("fedavg", 0),
+        dataclasses.replace(setting, rounds=rounds).simulation_config("fedavg", 0),
         open_source(world.model_dir), fleet_from_counts("laptop-16gb=2"), signal_examples(60),
         signal_examples(8, seed=1), eval_batch_size=8) for rounds in (1, 3)]
     one, three = sims

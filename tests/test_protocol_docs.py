@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from zorba_common import codec, limits, messages
+from zorba_common import codec, limits, messages, run_defaults
 from zorba_common.memory_model import ModelFootprint
 from zorba_server import calibration, cli, protocol_docs
 
@@ -82,7 +82,7 @@ def test_the_json_schema_states_the_decoders_limits() -> None:
     assert steps["items"]["prefixItems"][1]["x-nonFiniteError"] == "invalid_scalar"
     footprint = doc["$defs"]["ModelFootprint"]["properties"]
     assert footprint["block_params"]["minItems"] == 1
-    assert doc["$defs"]["RunInfo"]["properties"]["mode"]["enum"] == list(messages.RUN_MODES)
+    assert doc["$defs"]["RunInfo"]["properties"]["mode"]["enum"] == list(run_defaults.RUN_MODES)
 
 
 def test_the_calibration_rule_documented_is_the_one_that_runs() -> None:

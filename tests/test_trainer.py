@@ -335,7 +335,8 @@ def test_a_first_round_judges_its_batches_by_the_estimators_forwards_per_step() 
     """The profile's step is two forwards; a one-sided batch of 4 costs 5 forwards, 1.25 a
     step. Before any round, the gate's estimate must be the latter, or a batch the plan sized
     to fit looks 1.6x too long (every quickstart client sat its first round out)."""
-    from zorba_common.messages import ANTITHETIC, ONE_SIDED, HyperParams
+    from zorba_common.messages import HyperParams
+    from zorba_common.run_defaults import ANTITHETIC, ONE_SIDED
     from zorba_edge.client.daemon import step_estimate_s
     from zorba_edge.engine.zo import forwards_per_step
 

@@ -27,21 +27,12 @@ from zorba_common.limits import (
     MAX_STEP_TIME_S,
     MAX_STEPS_PER_REPORT,
 )
-from zorba_common.memory_model import BYTES_PER_PARAM, MemorySettings, ModelFootprint
+from zorba_common.memory_model import MemorySettings, ModelFootprint
+from zorba_common.run_defaults import ANTITHETIC, DTYPES, ESTIMATORS, RUN_MODES, ZORBA
 
 PROTOCOL_VERSION = 1
 
 
-# Run modes (issue 5): the system and the baselines it is measured against, as one server and
-# client. `zorba`: the scheduler's heterogeneous block activation; `zorba-uniform`: the same
-# number of random blocks on every client; `fedzo-full`: zeroth-order on every block, clients
-# that cannot hold them all excluded; `fedavg`: first-order AdamW on every block, weights
-# exchanged both ways (budgets are reported against, not enforced).
-ZORBA, ZORBA_UNIFORM, FEDZO_FULL, FEDAVG = "zorba", "zorba-uniform", "fedzo-full", "fedavg"
-RUN_MODES = (ZORBA, ZORBA_UNIFORM, FEDZO_FULL, FEDAVG)
-
-DTYPES = tuple(BYTES_PER_PARAM)
-"""Precisions a block can be held in."""
 
 
 def check_footprint(footprint: ModelFootprint) -> None:
@@ -145,10 +136,6 @@ class RegisterRequest:
     profile: DeviceProfile = field(metadata=wire("The device and its model."))
     protocol: int = field(default=PROTOCOL_VERSION, metadata=wire(
         f"Protocol version the client speaks ({PROTOCOL_VERSION})."))
-
-
-ANTITHETIC, ONE_SIDED, NORMALISED = "antithetic", "one-sided", "normalised"
-ESTIMATORS = (ANTITHETIC, ONE_SIDED, NORMALISED)
 
 
 @dataclass(frozen=True)

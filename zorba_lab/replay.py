@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from zorba_common.errors import ZorbaError
-from zorba_common.messages import FEDAVG, RUN_MODES, AlphaDelta
+from zorba_common.messages import AlphaDelta
+from zorba_common.run_defaults import FEDAVG, RUN_MODES
 from zorba_common.weights import default_weights_dir, parse_key, version_path
 from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_
 from zorba_edge.engine.losses import evaluate_classification
@@ -241,5 +242,5 @@ def replay_run(plan: FederationPlan, db_path: Path, examples: int, *, every: int
 
     source, task = heldout_task(plan, examples)
     # Tokenised once: every version is scored on the very same batches.
-    batches = list(task.batches(EVAL_BATCH_SIZE, plan.seq_len))
-    return replay(db_path, plan.mode, source, batches, every=every, progress=progress)
+    batches = list(task.batches(EVAL_BATCH_SIZE, plan.run.seq_len))
+    return replay(db_path, plan.run.mode, source, batches, every=every, progress=progress)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from zorba_common.messages import ESTIMATORS
+from zorba_common.run_defaults import ESTIMATORS
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.app import create_app
 from zorba_server.config import (

@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from zorba_common.errors import ZorbaError
-from zorba_common.messages import ESTIMATORS
+from zorba_common.run_defaults import (
+    CENTRAL_MEZO,
+    CPU_FROZEN_DTYPE,
+    DTYPES,
+    ESTIMATORS,
+    REVIEW_SEQ_LEN,
+    SIM_MAX_STEPS,
+    SIM_MODES,
+)
 from zorba_edge.client.errors import UsageError
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.config import (
@@ -35,53 +43,64 @@ from zorba_server.config import (
     TRUST_RADIUS_HELP,
     AggregationConfig,
     RunConfig,
+    ServerConfig,
+    harness_run,
 )
 from zorba_sim.fleet import CATALOGUE, GIB, Fleet, fleet_from_counts, load_fleet
 
 EXIT_USAGE = 2
 SETTINGS, CHECKPOINT, BASE = "settings.json", "checkpoint", "base.json"
-MODES = ("zorba", "zorba-uniform", "fedzo-full", "central-mezo", "fedavg")
-"""The simulator's modes (zorba_sim.simulation.SIM_MODES; spelled out so --help needs no torch)."""
 DEFAULT_FLEET = "pi4-4gb=2,jetson-orin-nano-8gb=1,laptop-16gb=1,phone-6gb=2"
 SECRET = "simulated-run-with-no-network"
 """The server config requires an enrolment secret; nothing in a simulation enrols over a network."""
+SIM_RUN = RunConfig(seq_len=REVIEW_SEQ_LEN, max_steps=SIM_MAX_STEPS)
+"""The server's run config with the simulator's own defaults (zorba_common.run_defaults says why)."""
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything a run was started with (saved as settings.json; --resume reads it back)."""
+    """Everything a run was started with (saved as settings.json; --resume reads it back): the
+    server's run and aggregation config, held as a server is given them, and the simulator's
+    own fields."""
 
+    run: RunConfig = SIM_RUN
+    aggregation: AggregationConfig = AggregationConfig()
+    central: bool = False
+    """central-mezo: one device with all the data trains every block (the no-federation
+    reference; the fleet is ignored); `run.mode` is then not used."""
     model: str | None = None
     data: str = "movie-reviews"
     fleet: str | None = DEFAULT_FLEET
     fleet_file: str | None = None
-    mode: str = "zorba"
     rounds: int = 6
-    seed: int = 0
+    """Rounds to run, applied or not (the server's max_rounds counts applied ones)."""
     data_seed: int = 0
-    lr: float = RunConfig.lr
-    lr_scaling: str = RunConfig.lr_scaling
-    aggregation: str = AggregationConfig.method
-    mu: float = RunConfig.mu
-    estimator: str = RunConfig.estimator
-    trust_radius: float = RunConfig.trust_radius
-    plateau_rounds: int = RunConfig.plateau_rounds
-    pool_slices: str = RunConfig.pool_slices
-    directions: int = RunConfig.directions
-    batch_size: int = 8
-    seq_len: int = 48
-    round_duration_s: float = 300.0
-    max_steps: int = 4
-    pool_size: int = 1024
     dirichlet_alpha: float = 0.5
     train_examples: int | None = None
     eval_examples: int = 100
     eval_every: int = 3
     heldout_fraction: float = 0.1
-    frozen_dtype: str = "bf16"
+    frozen_dtype: str = CPU_FROZEN_DTYPE
+    """How every virtual device is taken to hold its frozen blocks (its memory check only)."""
     reference_step_s: float | None = None
     device: str | None = None
     threads: int | None = None
+
+    @property
+    def mode(self) -> str:
+        """The simulator's mode: a run mode, or central-mezo."""
+        return CENTRAL_MEZO if self.central else self.run.mode
+
+
+def settings_of(values: dict[str, Any]) -> Settings:
+    """Settings from one flat map of names (the command line's, an older settings file's):
+    a run field goes to `run`, `aggregation` names the rule, `mode` may be central-mezo."""
+    values = dict(values)
+    if values.get("mode") == CENTRAL_MEZO:
+        del values["mode"]
+        values["central"] = True
+    run, aggregation, own = harness_run(values, SIM_RUN)
+    return Settings(run=run, aggregation=aggregation, **own)
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -156,13 +175,12 @@ def parser() -> argparse.ArgumentParser:
     fleet.add_argument("--fleet", default=d.fleet, metavar="CLASS=N,...",
                        help="counts of catalogue devices (default %(default)s)")
     fleet.add_argument("--fleet-file", metavar="TOML", help="a fleet file (see below)")
-    g.add_argument("--frozen-dtype", default=d.frozen_dtype, choices=("nf4", "int8", "bf16", "fp16",
-                                                                      "fp32"),
+    g.add_argument("--frozen-dtype", default=d.frozen_dtype, choices=DTYPES,
                    help="the precision every virtual device is taken to hold its frozen blocks "
                    "in, for the memory check against its budget only: the simulation itself "
                    "holds every block in fp32 (default %(default)s)")
     g = p.add_argument_group("the run")
-    g.add_argument("--mode", choices=MODES, default=d.mode,
+    g.add_argument("--mode", choices=SIM_MODES, default=d.mode,
                    help="zorba: the scheduler assigns blocks to fit each device; zorba-uniform: "
                    "the same number of random blocks on every device, redrawn each round; "
                    "fedzo-full: every block, devices that cannot hold them all sit out; "
@@ -172,44 +190,44 @@ def parser() -> argparse.ArgumentParser:
                    "(default %(default)s)")
     g.add_argument("--rounds", type=_number(int), default=d.rounds,
                    help="rounds to run (default %(default)s)")
-    g.add_argument("--seed", type=_number(int, strict=False), default=d.seed,
+    g.add_argument("--seed", type=_number(int, strict=False), default=d.run.seed,
                    help="run seed: perturbation noise, pool indices, availability (default 0)")
     g.add_argument("--data-seed", type=_number(int, strict=False), default=d.data_seed,
                    help="data split, subsets and batch order (default 0)")
-    g.add_argument("--lr", type=_number(float), default=d.lr,
+    g.add_argument("--lr", type=_number(float), default=d.run.lr,
                    help="learning rate: the ZO step's, or AdamW's in fedavg (default %(default)s)")
-    g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=d.lr_scaling,
+    g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=d.run.lr_scaling,
                    help=f"{LR_SCALING_HELP} (default %(default)s)")
-    g.add_argument("--aggregation", choices=list(RULES), default=d.aggregation,
+    g.add_argument("--aggregation", choices=list(RULES), default=d.aggregation.method,
                    help=f"how a round's scalars become alpha: {rules_help()} (default %(default)s)")
-    g.add_argument("--mu", type=_number(float), default=d.mu,
+    g.add_argument("--mu", type=_number(float), default=d.run.mu,
                    help="perturbation scale (default %(default)s)")
-    g.add_argument("--estimator", choices=list(ESTIMATORS), default=d.estimator,
+    g.add_argument("--estimator", choices=list(ESTIMATORS), default=d.run.estimator,
                    help="one-sided: --directions perturbed forwards share one unperturbed one; "
                    "antithetic: two forwards per direction (default %(default)s)")
     g.add_argument("--trust-radius", type=_number(float, strict=False),
-                   default=d.trust_radius, metavar="FRACTION",
+                   default=d.run.trust_radius, metavar="FRACTION",
                    help=f"{TRUST_RADIUS_HELP} (default %(default)s)")
     g.add_argument("--plateau-rounds", type=_number(int, strict=False), metavar="N",
-                   default=d.plateau_rounds,
+                   default=d.run.plateau_rounds,
                    help=f"{PLATEAU_ROUNDS_HELP} (default %(default)s)")
-    g.add_argument("--pool-slices", choices=list(POOL_SLICES), default=d.pool_slices,
+    g.add_argument("--pool-slices", choices=list(POOL_SLICES), default=d.run.pool_slices,
                    help=f"{POOL_SLICES_HELP} (default %(default)s)")
-    g.add_argument("--directions", type=_number(int), default=d.directions,
+    g.add_argument("--directions", type=_number(int), default=d.run.directions,
                    help="directions measured on each batch (default %(default)s)")
-    g.add_argument("--batch-size", type=_number(int), default=d.batch_size,
+    g.add_argument("--batch-size", type=_number(int), default=d.run.batch_size,
                    help="examples per step (default %(default)s)")
-    g.add_argument("--seq-len", type=_number(int), default=d.seq_len,
+    g.add_argument("--seq-len", type=_number(int), default=d.run.seq_len,
                    help="tokens per example (default %(default)s)")
-    g.add_argument("--round-duration", type=_number(float), default=d.round_duration_s,
+    g.add_argument("--round-duration", type=_number(float), default=d.run.round_duration_s,
                    dest="round_duration_s", metavar="SECONDS",
                    help="virtual seconds from a round's opening to its deadline; devices take "
                    "the steps that fit (default %(default)s)")
-    g.add_argument("--max-steps", type=_number(int), default=d.max_steps,
+    g.add_argument("--max-steps", type=_number(int), default=d.run.max_steps,
                    help="most local steps (pool indices, one scalar each; a batch measures "
                    "--directions of them) per device and round: every step is computed for "
                    "real, so this bounds the wall time of a round (default %(default)s)")
-    g.add_argument("--pool-size", type=_number(int), default=d.pool_size,
+    g.add_argument("--pool-size", type=_number(int), default=d.run.pool_size,
                    help="seed pool K: the coefficient table is K x blocks (default %(default)s)")
     g.add_argument("--reference-step-s", type=_number(float), default=d.reference_step_s,
                    metavar="SECONDS",
@@ -233,11 +251,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    names = {f.name for f in dataclasses.fields(Settings)}
+    names = ({f.name for f in dataclasses.fields(Settings)} | {f.name for f in dataclasses.fields(RunConfig)}
+             | {"aggregation"})
     values = {k: v for k, v in vars(args).items() if k in names}
     if values.get("fleet_file"):
         values["fleet"] = None
-    return Settings(**values)
+    return settings_of(values)
 
 
 # ------------------------------------------------------------------------------ building
@@ -292,17 +311,9 @@ def _subset(examples: list[Any], limit: int | None, seed: int) -> list[Any]:
 
 def simulation_config(settings: Settings, device: str) -> Any:
     from zorba_common.messages import MemoryProfile
-    from zorba_server.config import config_from_dict
     from zorba_sim.simulation import SimulationConfig
 
-    server = config_from_dict({"enrolment_secret": SECRET, "run": {
-        "seed": settings.seed, "pool_size": settings.pool_size, "lr": settings.lr,
-        "lr_scaling": settings.lr_scaling, "mu": settings.mu, "estimator": settings.estimator,
-        "directions": settings.directions, "trust_radius": settings.trust_radius,
-        "plateau_rounds": settings.plateau_rounds, "pool_slices": settings.pool_slices,
-        "batch_size": settings.batch_size, "seq_len": settings.seq_len,
-        "round_duration_s": settings.round_duration_s, "max_steps": settings.max_steps},
-        "aggregation": {"method": settings.aggregation}})
+    server = ServerConfig(SECRET, run=settings.run, aggregation=settings.aggregation)
     return SimulationConfig(
         server, rounds=settings.rounds, reference_step_s=settings.reference_step_s,
         mode=settings.mode, dirichlet_alpha=settings.dirichlet_alpha, data_seed=settings.data_seed,
@@ -336,6 +347,7 @@ def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots:
         groups[client.device] = groups.get(client.device, 0) + 1
     return {
         "settings": dataclasses.asdict(settings),
+        "mode": settings.mode,
         "model": {"path": model, "fingerprint": sim.source.fingerprint,
                   "blocks": sim.loaded.num_blocks},
         "fleet": {"origin": fleet.origin if settings.mode != "central-mezo" else "central-mezo",
@@ -376,14 +388,18 @@ def load_settings(folder: Path) -> Settings:
     path = folder / SETTINGS
     try:
         data = json.loads(path.read_text())
-        # A run begun before the trust region existed resumes as it was run: without one.
+        if isinstance(data.get("run"), dict):
+            return Settings(run=RunConfig(**data.pop("run")),
+                            aggregation=AggregationConfig(**data.pop("aggregation")), **data)
+        # A run begun when the settings were one flat map resumes as it was run: before the
+        # trust region and the plateau cut existed, without them.
         data.setdefault("trust_radius", 0.0)
-        data.setdefault("plateau_rounds", 0)  # likewise: a run begun before the plateau cut
-        return Settings(**data)
+        data.setdefault("plateau_rounds", 0)
+        return settings_of(data)
     except OSError as exc:
         raise UsageError(f"--resume {folder}: cannot read {path} ({exc.strerror}): give the "
                           "results folder of a zorba-simulate run") from None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, KeyError) as exc:
         raise UsageError(f"--resume {folder}: {path} is not a zorba-simulate settings file "
                           f"({exc})") from None
 

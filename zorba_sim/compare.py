@@ -19,12 +19,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from zorba_common.messages import FEDAVG, FEDZO_FULL, ZORBA, ZORBA_UNIFORM, MemoryProfile
+from zorba_common.messages import MemoryProfile
+from zorba_common.run_defaults import (
+    CENTRAL_MEZO,
+    COMPARE_MAX_STEPS,
+    CPU_FROZEN_DTYPE,
+    FEDAVG,
+    FEDZO_FULL,
+    HARNESS_ROUND_S,
+    REVIEW_SEQ_LEN,
+    SIM_MODES,
+    ZO_SIM_MODES,
+    ZORBA,
+    ZORBA_UNIFORM,
+)
 from zorba_edge.client.fedavg import FORWARDS_PER_STEP
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.data.examples import ClassificationExample
@@ -32,14 +45,11 @@ from zorba_edge.data.templates import SENTIMENT_TEMPLATE
 from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.engine.zo import forwards_per_step
 from zorba_edge.model.sources import ModelSource
-from zorba_server.config import AggregationConfig, RunConfig, config_from_dict
+from zorba_server.config import AggregationConfig, RunConfig, ServerConfig, harness_run
 from zorba_server.rounds import APPLIED
 from zorba_sim import comparison as stats
 from zorba_sim.fleet import Fleet
 from zorba_sim.simulation import (
-    CENTRAL_MEZO,
-    SIM_MODES,
-    ZO_SIM_MODES,
     RoundRecord,
     Simulation,
     SimulationConfig,
@@ -65,31 +75,27 @@ speed-1.0 device: half the 2.6 s antithetic one-direction step measured on the p
 2-core machine alone with every block of SmolLM2-135M (docs/results.md)."""
 
 
+COMPARE_RUN = RunConfig(seq_len=REVIEW_SEQ_LEN, max_steps=COMPARE_MAX_STEPS,
+                        round_duration_s=HARNESS_ROUND_S)
+"""The server's run config with the comparison's own defaults (zorba_common.run_defaults says
+why); every mode and seed runs it, with only mode and seed replaced."""
+
+
 @dataclass(frozen=True)
 class CompareSetting:
-    """One comparison: every mode and seed runs with these, only mode and seed vary."""
+    """One comparison: every mode and seed runs with these, only mode and seed vary. The run
+    and aggregation config are the server's, held; the rest is the comparison's own."""
 
+    run: RunConfig = COMPARE_RUN
+    """run.lr, run.lr_scaling, ...: the zeroth-order modes' (fedavg trains at `fedavg_lr`)."""
+    aggregation: AggregationConfig = AggregationConfig()
+    """The zeroth-order modes' rule (central-mezo, one client, is the same under every rule
+    that only weighs clients against each other)."""
     modes: tuple[str, ...] = ZO_SIM_MODES
     seeds: int = 5
     rounds: int = 3
-    lr: float = RunConfig.lr
-    lr_scaling: str = RunConfig.lr_scaling
-    """run.lr_scaling of the zeroth-order modes (docs/learning.md)."""
-    aggregation: str = AggregationConfig.method
-    """aggregation.method of the zeroth-order modes (central-mezo, one client, is the same
-    under every rule that only weighs clients against each other)."""
     fedavg_lr: float = 1e-5
     """fedavg's AdamW learning rate (the multi-process harness's; not tuned)."""
-    mu: float = RunConfig.mu
-    batch_size: int = 8
-    seq_len: int = 48
-    pool_size: int = 1024
-    max_steps: int = 8
-    """Most pool indices (scalars) per client and round: with 4 directions, two batches."""
-    estimator: str = RunConfig.estimator
-    directions: int = RunConfig.directions
-    """The quickstart's estimator: `directions` perturbed forwards share one unperturbed one."""
-    round_duration_s: float = 30.0
     reference_step_s: float | None = None
     """Virtual seconds of one step (one pool index, one scalar) on a speed-1.0 device: fixed
     (not measured per run) so every mode and seed shares one clock and a rerun gives the same
@@ -100,10 +106,17 @@ class CompareSetting:
     curve_examples: int = 200
     point_examples: int = 1000
     dirichlet_alpha: float = 0.5
-    frozen_dtype: str = "nf4"
+    frozen_dtype: str = CPU_FROZEN_DTYPE
     """How each virtual device would hold its frozen blocks (what budgets are checked against)."""
     device: str = "cpu"
     eval_batch_size: int = 32
+
+    @classmethod
+    def of(cls, **values: Any) -> CompareSetting:
+        """A setting from flat names (a command line's): run fields replace COMPARE_RUN's,
+        `aggregation` names the rule."""
+        run, aggregation, own = harness_run(values, COMPARE_RUN)
+        return cls(run=run, aggregation=aggregation, **own)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in SIM_MODES]
@@ -122,7 +135,7 @@ class CompareSetting:
     @property
     def forwards_per_scalar(self) -> float:
         """Forward passes per pool index (one reported scalar, what a "step" counts)."""
-        return forwards_per_step(self.estimator, self.directions)
+        return forwards_per_step(self.run.estimator, self.run.directions)
 
     @property
     def step_s(self) -> float:
@@ -144,14 +157,9 @@ class CompareSetting:
         return self.step_s
 
     def simulation_config(self, mode: str, seed: int) -> SimulationConfig:
-        lr = self.fedavg_lr if mode == FEDAVG else self.lr
-        server = config_from_dict({"enrolment_secret": "simulated-run-secret", "run": {
-            "seed": seed, "pool_size": self.pool_size, "lr": lr, "mu": self.mu,
-            "batch_size": self.batch_size, "seq_len": self.seq_len,
-            "round_duration_s": self.round_duration_s, "max_steps": self.max_steps,
-            "estimator": self.estimator, "directions": self.directions,
-            "lr_scaling": self.lr_scaling, "mode": ZORBA if mode == CENTRAL_MEZO else mode},
-            "aggregation": {"method": self.aggregation}})
+        run = replace(self.run, seed=seed, mode=ZORBA if mode == CENTRAL_MEZO else mode,
+                      lr=self.fedavg_lr if mode == FEDAVG else self.run.lr)
+        server = ServerConfig("simulated-run-secret", run=run, aggregation=self.aggregation)
         return SimulationConfig(server, rounds=self.rounds, reference_step_s=self.step_s_of(mode),
                                 mode=mode, dirichlet_alpha=self.dirichlet_alpha, data_seed=seed,
                                 memory=MemoryProfile(frozen_dtype=self.frozen_dtype),

@@ -42,16 +42,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zorba_common.codec import encode
-from zorba_common.messages import (
-    FEDAVG,
-    FEDZO_FULL,
-    TRAIN,
-    Assignment,
-    DeviceProfile,
-    MemoryProfile,
-    NextRound,
-    Report,
-)
+from zorba_common.messages import TRAIN, Assignment, DeviceProfile, MemoryProfile, NextRound, Report
+from zorba_common.run_defaults import CENTRAL_MEZO, CPU_FROZEN_DTYPE, FEDZO_FULL, SIM_MODES
 from zorba_edge.client.assembly import client_task_seed, footprint_of
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.data.examples import ClassificationExample
@@ -71,13 +63,6 @@ from zorba_sim.client_training import ClientTraining, ZOClients
 from zorba_sim.fedavg_clients import FedAvgClients
 from zorba_sim.fleet import DeviceClass, DeviceGroup, Fleet, FleetError
 
-CENTRAL_MEZO = "central-mezo"
-"""One client holding all the data trains every block with the same estimator: the
-"federation costs nothing" reference for zeroth-order methods."""
-ZO_SIM_MODES = ("zorba", "zorba-uniform", "fedzo-full", CENTRAL_MEZO)
-"""The zeroth-order modes (a comparison's default)."""
-SIM_MODES = (*ZO_SIM_MODES, FEDAVG)
-
 CENTRAL_DEVICE = DeviceClass("central", 1 << 50, speed=1.0, upload_mbps=1e6, download_mbps=1e6,
                              source="one device holding all data and memory: no federation")
 
@@ -95,7 +80,7 @@ class SimulationConfig:
     """A run mode, or central-mezo."""
     dirichlet_alpha: float = 0.5
     data_seed: int = 0
-    memory: MemoryProfile = MemoryProfile(frozen_dtype="bf16", frozen_other_dtype="fp32")
+    memory: MemoryProfile = MemoryProfile(frozen_dtype=CPU_FROZEN_DTYPE, frozen_other_dtype="fp32")
     """How every virtual device would hold the model (what its budget is checked against)."""
     eval_every: int = 1
     device: str = "cpu"

@@ -16,16 +16,17 @@ from typing import Any
 
 from zorba_common.errors import ZorbaError
 from zorba_common.memory_model import MemorySettings
+from zorba_common.run_defaults import DTYPES
 from zorba_edge.client.byte_sizes import parse_margin, parse_size
 from zorba_edge.client.errors import UsageError
 from zorba_edge.client.transport import TOKEN_ENV
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
 
-# The precisions of zorba_edge.model.quantize, spelled out so that the parser (and --help)
-# needs no torch; LoadConfig checks them again.
+# The precisions of zorba_edge.model.quantize, from the torch-free list so that the parser (and
+# --help) needs no torch; LoadConfig checks them again.
 TRAIN_DTYPES = ("fp32", "bf16", "fp16")
-FROZEN_DTYPES = ("nf4", "int8", "bf16", "fp16", "fp32")
+FROZEN_DTYPES = DTYPES
 
 
 # ------------------------------------------------------------------------------ arguments

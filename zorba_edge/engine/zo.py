@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from zorba_common.errors import InvalidScalarError
-from zorba_common.messages import ANTITHETIC, NORMALISED, ONE_SIDED
+from zorba_common.run_defaults import ANTITHETIC, NORMALISED, ONE_SIDED
 from zorba_edge.engine.directions import BlockTensors, Direction
 
 MIN_DIRECTIONS = {NORMALISED: 2}
@@ -285,7 +285,7 @@ def normalised_estimate(
 
 ESTIMATORS: dict[str, Estimator] = {ANTITHETIC: antithetic_estimate, ONE_SIDED: one_sided_estimate,
                                     NORMALISED: normalised_estimate}
-"""The run settings' names (zorba_common.messages.ESTIMATORS) -> their functions."""
+"""The run settings' names (zorba_common.run_defaults.ESTIMATORS) -> their functions."""
 
 
 class SnapshotBuffers:
