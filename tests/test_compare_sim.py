@@ -11,10 +11,10 @@ import torch
 from client_support import make_world, signal_examples
 
 from zorba_edge.model.sources import open_source
+from zorba_lab.compare import stats
+from zorba_lab.compare.page import sim_markdown, write_sim_plots
+from zorba_lab.compare.simulator import CompareSetting, SeedData, SeedResult, figures, run_comparison
 from zorba_server.config import config_from_dict
-from zorba_sim import comparison as stats
-from zorba_sim.compare import CompareSetting, SeedData, SeedResult, figures, run_comparison
-from zorba_sim.compare_page import sim_markdown, write_sim_plots
 from zorba_sim.fleet import fleet_from_counts
 from zorba_sim.simulation import central_mezo
 
@@ -79,7 +79,7 @@ def test_an_interval_needs_two_seeds() -> None:
 
 
 def test_each_mode_is_scored_only_where_a_reported_difference_needs_it() -> None:
-    from zorba_sim.compare import scored_axes
+    from zorba_lab.compare.simulator import scored_axes
 
     modes = ("zorba", "zorba-uniform", "fedzo-full", "central-mezo")
     assert scored_axes("zorba", modes) == (stats.TIME, stats.FORWARDS)
@@ -160,7 +160,7 @@ def test_a_version_scored_after_rewinding_equals_the_model_trained_to_it(
         tmp_path: Path, one_thread: None) -> None:
     """Moving the model back along the coefficient table reproduces the version's accuracy."""
     from zorba_edge.engine.losses import evaluate_classification
-    from zorba_sim.compare import _batches, train_mode
+    from zorba_lab.compare.simulator import _batches, train_mode
 
     world = make_world(tmp_path)
     setting = CompareSetting.of(modes=("zorba",), seeds=1, rounds=3, lr=3e-2, batch_size=4,
@@ -233,7 +233,7 @@ def test_a_fedavg_version_scored_after_rewinding_is_the_model_trained_to_it(
         tmp_path: Path, one_thread: None) -> None:
     """fedavg keeps each version's weights: going back installs them exactly."""
     from zorba_edge.engine.losses import evaluate_classification
-    from zorba_sim.compare import _batches, train_mode
+    from zorba_lab.compare.simulator import _batches, train_mode
     from zorba_sim.simulation import Simulation
 
     world = make_world(tmp_path)

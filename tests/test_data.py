@@ -22,7 +22,7 @@ from zorba_edge.data.jsonl import (
     load_generation_jsonl,
 )
 from zorba_edge.data.sampling import BatchSampler
-from zorba_edge.data.splits import dirichlet_label_split, label_skew, train_heldout_split
+from zorba_edge.data.splits import dirichlet_label_split, train_heldout_split
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate, label_token_ids
 
 LABELS = SENTIMENT_TEMPLATE.label_names
@@ -330,6 +330,19 @@ def test_dirichlet_split_gives_every_client_its_minimum_even_when_very_skewed():
                                       min_per_client=4)
         assert min(len(part) for part in parts) >= 4
         assert sum(len(part) for part in parts) == 400
+
+
+def label_skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:
+    """Mean total-variation distance between each client's label mix and the global one: 0
+    for an IID split, near 1 - the largest global share when each client holds one label."""
+    labels = np.asarray(labels, dtype=np.int64)
+    num_labels = int(labels.max()) + 1
+
+    def mix(part: np.ndarray) -> np.ndarray:
+        counts = np.bincount(part, minlength=num_labels)
+        return counts / max(int(counts.sum()), 1)
+
+    return float(np.mean([0.5 * np.abs(mix(labels[p]) - mix(labels)).sum() for p in parts]))
 
 
 def test_label_skew_grows_as_alpha_shrinks():

@@ -15,12 +15,12 @@ import pytest
 from zorba_common import run_defaults
 from zorba_common.memory_model import BYTES_PER_PARAM
 from zorba_flower.settings import ClientAppSettings, ServerAppSettings, server_config
+from zorba_lab.compare.simulator import COMPARE_RUN, CompareSetting
 from zorba_lab.federation import QUICKSTART_RUN, FederationPlan
 from zorba_server.config import AggregationConfig, RunConfig, ServerConfig
 from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig
 from zorba_sim.cli import SIM_RUN, Settings
-from zorba_sim.compare import COMPARE_RUN, CompareSetting
 
 try:
     import tomllib

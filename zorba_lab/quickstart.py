@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from zorba_common.run_defaults import DTYPES, ESTIMATORS
 from zorba_edge.client.byte_sizes import format_size, parse_size
 from zorba_lab.federation import QUICKSTART_RUN, ClientSetup, FederationPlan, FederationResult
+from zorba_lab.heldout import EVAL_BATCH_SIZE, heldout_task
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.config import (
     LR_SCALING_HELP,
@@ -35,8 +36,7 @@ from zorba_server.config import (
 )
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
-    from zorba_edge.client.local_task import LocalTask
-    from zorba_edge.model.sources import ModelSource
+    pass
 
 # The frozen SmolLM2 (bf16) with runtime and activations measures ~0.9 GiB: a 0.9 GiB budget
 # was refused on a fresh machine (914.9 MiB fixed + 26 MiB per block), so the smallest budget
@@ -131,26 +131,6 @@ def plan_from_args(args: argparse.Namespace, out_dir: Path) -> FederationPlan:
         dirichlet_alpha=args.dirichlet_alpha, threads=args.threads,
         frozen_dtype=args.frozen_dtype, model=args.model,
         labels=tuple(w.strip() for w in args.labels.split(",")) if args.labels else None)
-
-
-EVAL_BATCH_SIZE = 32
-"""Held-out reviews per forward pass when evaluating (the quickstart and benchmarks/compare.py)."""
-
-
-def heldout_task(plan: FederationPlan, examples: int) -> tuple[ModelSource, LocalTask]:
-    """The run's base model and its held-out examples (at most `examples`), as a task.
-
-    One function for every evaluation of a run (before/after here, per version in
-    demo/replay.py), so that all of them score the same reviews with the same prompt.
-    """
-    from zorba_edge.client import assembly
-
-    template = assembly.make_template(plan.labels, None, None, None)
-    choice = assembly.DataChoice(spec=plan.data, seed=plan.data_seed,
-                                 heldout_fraction=plan.heldout_fraction, max_examples=examples,
-                                 template=template)
-    source = assembly.open_model(plan.model)
-    return source, assembly.build_task(assembly.heldout_examples(choice), source, choice)
 
 
 def evaluate_accuracy(plan: FederationPlan, examples: int, remote: Any = None) -> dict[str, Any]:

@@ -238,7 +238,7 @@ def replay(db_path: Path, mode: str, source: ModelSource,
 def replay_run(plan: FederationPlan, db_path: Path, examples: int, *, every: int = 1,
                progress: Progress | None = None) -> Replay:
     """`replay` on the held-out reviews quickstart.evaluate_accuracy scores (same seed, prompt)."""
-    from zorba_lab.quickstart import EVAL_BATCH_SIZE, heldout_task
+    from zorba_lab.heldout import EVAL_BATCH_SIZE, heldout_task
 
     source, task = heldout_task(plan, examples)
     # Tokenised once: every version is scored on the very same batches.

@@ -107,8 +107,3 @@ def add_direction_(
     if scale != 0.0 and tensors:
         Direction({block: tensors}, run_seed, k).add_(scale)
 
-
-def perturb_(blocks: BlockTensors, run_seed: int, k: int, scale: float) -> None:
-    """theta[b] += scale * z[k, b] for every block b given (hashing z[k] anew)."""
-    if scale != 0.0:
-        Direction(blocks, run_seed, k).add_(scale)

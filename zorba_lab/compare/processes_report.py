@@ -478,22 +478,6 @@ def relative_link(path: Path, results_path: Path) -> str:
         return str(path)
 
 
-def with_discussion(generated: str, existing: str | None) -> str:
-    """The page: the generated part, then the existing discussion (or a placeholder)."""
-    if existing is not None:
-        lines = existing.splitlines(keepends=True)
-        for i, line in enumerate(lines):
-            if line.rstrip() == DISCUSSION:
-                return generated.rstrip("\n") + "\n\n" + "".join(lines[i:])
-    return generated.rstrip("\n") + f"\n\n{DISCUSSION}\n\n{DISCUSSION_PLACEHOLDER}"
-
-
-def write_page(path: Path, generated: str) -> None:
-    existing = path.read_text(encoding="utf-8") if path.exists() else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(with_discussion(generated, existing), encoding="utf-8")
-
-
 # ---------------------------------------------------------------------------- plots
 
 

@@ -3,7 +3,7 @@ every mode, several seeds, and paired comparisons at equal virtual time and forw
 
 For each seed r (run seed r, data seed r) every mode trains on its own `Simulation` over the
 same fleet and data. Held-out accuracy is measured after every applied round on a few hundred
-examples (the curves). The comparison points (zorba_sim/comparison.py says where and how) are
+examples (the curves). The comparison points (zorba_lab/compare/stats.py says where and how) are
 scored on a larger held-out set: each mode's model is brought back to the version it held at
 the point and evaluated there. A zeroth-order mode moves along its coefficient table (the
 difference of the tables, applied as a client syncs; exact up to fp32 rounding); fedavg,
@@ -45,9 +45,9 @@ from zorba_edge.data.templates import SENTIMENT_TEMPLATE
 from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.engine.zo import forwards_per_step
 from zorba_edge.model.sources import ModelSource
+from zorba_lab.compare import stats
 from zorba_server.config import AggregationConfig, RunConfig, ServerConfig, harness_run
 from zorba_server.rounds import APPLIED
-from zorba_sim import comparison as stats
 from zorba_sim.fleet import Fleet
 from zorba_sim.simulation import (
     RoundRecord,
@@ -216,7 +216,7 @@ class SeedResult:
     base_curve: float
     base_points: float
     common: dict[str, float]
-    """axis -> the seed's common point (zorba_sim/comparison.py)."""
+    """axis -> the seed's common point (zorba_lab/compare/stats.py)."""
     runs: dict[str, ModeRun]
 
     def as_dict(self) -> dict[str, Any]:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from zorba_edge.client.fedavg import FORWARDS_PER_STEP
-from zorba_lab.compare_report import DISCUSSION, DISCUSSION_PLACEHOLDER, relative_link
-from zorba_sim import comparison as stats
-from zorba_sim.compare import CompareSetting, SeedResult
+from zorba_lab.compare import stats
+from zorba_lab.compare.processes_report import DISCUSSION, DISCUSSION_PLACEHOLDER, relative_link
+from zorba_lab.compare.simulator import CompareSetting, SeedResult
 
 TITLE = "# ZorBA against its baselines, measured"
 SIMULATOR, PROCESSES = "simulator", "processes"
@@ -37,6 +37,11 @@ def _begin(name: str) -> str:
 
 def _end(name: str) -> str:
     return f"<!-- END {name} -->"
+
+
+def read_page(path: Path) -> str:
+    """The page at `path`, or "" when there is none yet."""
+    return path.read_text(encoding="utf-8") if path.exists() else ""
 
 
 def split_page(text: str) -> tuple[dict[str, str], str | None]:
@@ -58,7 +63,7 @@ def split_page(text: str) -> tuple[dict[str, str], str | None]:
 
 
 def processes_section(markdown: str) -> str:
-    """The multi-process harness's page (compare_report.markdown) as this page's section:
+    """The multi-process harness's page (processes_report.markdown) as this page's section:
     its title replaced by the section heading, its headings one level down."""
     body = markdown.strip("\n").splitlines()
     if body and body[0].startswith("# "):
@@ -67,11 +72,11 @@ def processes_section(markdown: str) -> str:
     return "\n".join([PROCESSES_HEADING, *body]).strip("\n")
 
 
-def write_section(path: Path, name: str, body: str) -> None:
-    """Rewrite one generated section of the page at `path`, keeping everything else."""
+def with_section(existing: str, name: str, body: str) -> str:
+    """The page `existing` (empty: none yet) with one generated section rewritten and
+    everything else kept. The benchmark that made the figures writes it to docs/."""
     if name not in SECTIONS:
         raise ValueError(f"unknown section {name!r}: one of {SECTIONS}")
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
     sections, discussion = split_page(existing)
     sections[name] = body.strip("\n")
     parts = [TITLE, ""]
@@ -79,8 +84,7 @@ def write_section(path: Path, name: str, body: str) -> None:
         if n in sections:
             parts += [_begin(n), sections[n], _end(n), ""]
     parts.append(discussion if discussion is not None else f"{DISCUSSION}\n\n{DISCUSSION_PLACEHOLDER}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts).rstrip("\n") + "\n", encoding="utf-8")
+    return "\n".join(parts).rstrip("\n") + "\n"
 
 
 # ---------------------------------------------------------------------------- the simulator's section
