@@ -24,7 +24,7 @@ from safetensors.numpy import load_file
 from test_simulator_vs_server import LOAD, lab_device, ordered_ids, serve_lab_fleet, simulate
 
 from zorba_common.messages import TRAIN
-from zorba_common.weights import default_weights_dir, version_path
+from zorba_common.weight_files import default_weights_dir, version_path
 from zorba_edge.client.assembly import build_task
 from zorba_edge.client.fedavg import FORWARDS_PER_STEP, FedAvgTrainer
 from zorba_edge.model.sources import open_source

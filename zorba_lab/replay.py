@@ -9,7 +9,7 @@ versions in order:
   server's record (read through its `Store`, zorba_lab/record.py), applied exactly as a
   client syncs (`theta[b] -= d * z[k, b]`);
 - fedavg: each version's global weights file, which the server keeps when the run is started
-  with `keep_weight_versions` (the file format is zorba_common.weights).
+  with `keep_weight_versions` (the file format is zorba_common.weight_files).
 
 Version 0 is the base model. Every n-th version (and always the last) is evaluated on the
 held-out reviews the quickstart evaluates on.
@@ -28,7 +28,7 @@ import torch
 from zorba_common.errors import ZorbaError
 from zorba_common.messages import AlphaDelta
 from zorba_common.run_defaults import FEDAVG, RUN_MODES
-from zorba_common.weights import default_weights_dir, parse_key, version_path
+from zorba_common.weight_files import default_weights_dir, parse_key, version_path
 from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_
 from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model

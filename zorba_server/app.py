@@ -22,7 +22,7 @@ from aiohttp import web
 from zorba_common.codec import CONTENT_TYPE, SchemaError, decode, encode
 from zorba_common.limits import MAX_COUNTER, MAX_REGISTER_BYTES, MAX_REPORT_BYTES, MAX_WEIGHTS_BYTES
 from zorba_common.messages import ErrorBody, RegisterRequest, Report
-from zorba_common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
+from zorba_common.weight_files import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
 from zorba_server import errors, metrics, status_page
 from zorba_server.config import ServerConfig
 from zorba_server.coordinator import Coordinator

@@ -1,4 +1,5 @@
-"""Who may join a run, and how a client proves who it is afterwards (pure: no I/O).
+"""Registration: the run's secret and protocol version, and the bearer token a client proves
+who it is with afterwards (pure: no I/O). Whether its device can train is members.py.
 
 A client registers with the run's enrolment secret, speaking this server's protocol; it gets
 a client id and a bearer token. Only the token's hash is kept (the store holds the hashes),

@@ -1,4 +1,6 @@
-"""Who may join a run, and what the engine knows of each member (pure).
+"""What the engine knows of each member, and whether its device can train in this run (pure).
+
+(Who may *register*, with the run's secret and a bearer token, is enrolment.py.)
 
 One admission rule: a device joins when it runs the run's model and its memory budget holds
 at least the cheapest block under the shared memory model (`zorba_common.memory_model`,

@@ -1,4 +1,6 @@
-"""The round state machine (pure: no I/O, no clock of its own).
+"""One round's states and records: its plan, its reports, how it closes (pure: no I/O, no
+clock of its own). The policy across rounds (who trains, when a round opens or closes, the
+loss guard) is the round engine's, engine.py.
 
 A round is *open* from the moment its plan is stored until its deadline passes or every
 assigned client has reported; it then *closes* as

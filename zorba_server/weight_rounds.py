@@ -14,7 +14,7 @@ from zorba_server import errors
 from zorba_server.config import ConfigError, ServerConfig
 from zorba_server.engine import OpenRound, RoundClosure, RoundEngine, round_closed
 from zorba_server.storage import is_postgres_url
-from zorba_server.weights import Upload, WeightStore
+from zorba_server.weight_store import Upload, WeightStore
 
 
 def weight_rounds(config: ServerConfig, engine: RoundEngine) -> WeightRounds | NoWeights:

@@ -92,7 +92,7 @@ class LocalRoundResult:
     step_time_s: float
     cancelled: bool
     upload: bytes | None = None
-    """fedavg only: the trained block weights (zorba_common.weights format) to PUT."""
+    """fedavg only: the trained block weights (zorba_common.weight_files format) to PUT."""
 
     local_steps: int | None = None
     """Steps taken, when they are not the ZO steps themselves (fedavg)."""

@@ -35,7 +35,7 @@ from zorba_common.messages import (
     Report,
     ReportAck,
 )
-from zorba_common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
+from zorba_common.weight_files import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
 from zorba_edge.client.backoff import Backoff
 from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
 
