@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()
-    sim = quickstart_simulation(QuickstartRun(
+    sim = quickstart_simulation(QuickstartRun.of(
         seed=args.seed, lr=args.lr, lr_scaling=args.scaling, estimator=args.estimator,
         directions=args.directions, mode=args.mode, cap_blocks=args.cap_blocks,
         aggregation=args.aggregation, rounds=args.rounds, heldout=args.heldout))

@@ -28,7 +28,11 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 ROOT = Path(__file__).resolve().parent.parent
-HARNESSES = (Settings, CompareSetting, FederationPlan, ClientAppSettings, ServerAppSettings)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from quickstart_sim import QuickstartRun  # noqa: E402  (a benchmark's module, by its path)
+
+HARNESSES = (Settings, CompareSetting, FederationPlan, ClientAppSettings, ServerAppSettings,
+             QuickstartRun)
 SERVER_SECTIONS = (RunConfig, AggregationConfig, SchedulerConfig)
 
 
