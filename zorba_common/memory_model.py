@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from zorba_common.codec import wire
 from zorba_common.limits import MAX_BLOCKS, MAX_DIMENSION, MAX_MODEL_PARAMS
+from zorba_common.run_defaults import BATCH_SIZE, SEQ_LEN
 
 # Storage cost per parameter of each precision a block can be held in. nf4 packs two
 # weights per byte plus one fp32 absmax per 64-weight block (bitsandbytes' default).
@@ -84,8 +85,8 @@ class MemorySettings:
     train_dtype is computed in train_dtype, widened a chunk of rows at a time."""
     snapshot_dtype: str | None = "fp32"
     """Host copy of each trainable block for the exact round-end revert (None: no copy)."""
-    batch_size: int = 8
-    seq_len: int = 64
+    batch_size: int = BATCH_SIZE
+    seq_len: int = SEQ_LEN
     runtime_bytes: int = 350 * 2**20
     """Interpreter, torch, transformers and allocator overhead, measured on CPU (calibrated)."""
     calibration: float = 1.0

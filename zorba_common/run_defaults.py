@@ -10,10 +10,14 @@ run default is RunConfig's own. Importable without torch (`--help` answers at on
 
 from __future__ import annotations
 
-from zorba_common.memory_model import BYTES_PER_PARAM
+DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4")
+"""Precisions a block can be held in (memory_model.BYTES_PER_PARAM says what each costs)."""
 
-DTYPES: tuple[str, ...] = tuple(BYTES_PER_PARAM)
-"""Precisions a block can be held in (memory_model.py knows what each costs)."""
+BATCH_SIZE = 8
+"""Examples per local step: the run's (RunConfig) and what a client plans for before it has
+joined a run (`zorba-edge profile`, MemorySettings)."""
+SEQ_LEN = 64
+"""Tokens per example, likewise for any task (the movie-review harnesses take REVIEW_SEQ_LEN)."""
 
 # Run modes (issue 5): the system and the baselines it is measured against, as one server and
 # client. `zorba`: the scheduler's heterogeneous block activation; `zorba-uniform`: the same

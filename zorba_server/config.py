@@ -23,7 +23,7 @@ from typing import Any
 
 from zorba_common.errors import ZorbaError
 from zorba_common.memory_model import ModelFootprint
-from zorba_common.run_defaults import ESTIMATORS, NORMALISED, ONE_SIDED, ZORBA
+from zorba_common.run_defaults import BATCH_SIZE, ESTIMATORS, NORMALISED, ONE_SIDED, SEQ_LEN, ZORBA
 from zorba_server.aggregation_rules import RULES, VOTING_RULES
 from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig
@@ -105,9 +105,9 @@ class RunConfig:
     too large for."""
     mu: float = 1e-3
     """Perturbation scale of the two-sided estimate."""
-    batch_size: int = 8
+    batch_size: int = BATCH_SIZE
     """Examples per local step."""
-    seq_len: int = 64
+    seq_len: int = SEQ_LEN
     """Tokens per example."""
     round_duration_s: float = 300.0
     """From a round's opening to its deadline; local steps are sized to fit it."""

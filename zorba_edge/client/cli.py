@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from zorba_common.errors import ZorbaError
-from zorba_common.memory_model import MemorySettings
-from zorba_common.run_defaults import DTYPES
+from zorba_common.run_defaults import BATCH_SIZE, DTYPES, SEQ_LEN
 from zorba_edge.client.byte_sizes import parse_margin, parse_size
 from zorba_edge.client.errors import UsageError
 from zorba_edge.client.transport import TOKEN_ENV
@@ -166,10 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_model(p)
     _add_budget(p)
-    p.add_argument("--batch-size", type=_positive(int), default=MemorySettings.batch_size,
-                   help="the run's batch size to plan for (default 8, the server's default)")
-    p.add_argument("--seq-len", type=_positive(int), default=MemorySettings.seq_len,
-                   help="the run's sequence length to plan for (default 64)")
+    p.add_argument("--batch-size", type=_positive(int), default=BATCH_SIZE,
+                   help="the run's batch size to plan for (default %(default)s, the server's)")
+    p.add_argument("--seq-len", type=_positive(int), default=SEQ_LEN,
+                   help="the run's sequence length to plan for (default %(default)s, the server's)")
     p.add_argument("--no-probe", action="store_true",
                    help="skip the timing probe (it loads the model once)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
