@@ -74,5 +74,5 @@ def quickstart_simulation(run: QuickstartRun) -> Simulation:
     return Simulation.build(SimulationConfig(server, rounds=run.rounds,
                                              reference_step_s=REFERENCE_STEP_S,
                                              data_seed=run.run.seed,
-                                             mode=CENTRAL_MEZO if run.central else run.run.mode),
+                                             central=run.central),
                             source, fleet, train, heldout)

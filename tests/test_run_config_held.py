@@ -21,6 +21,7 @@ from zorba_server.config import AggregationConfig, RunConfig, ServerConfig
 from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig
 from zorba_sim.cli import SIM_RUN, Settings
+from zorba_sim.simulation import SimulationConfig
 
 try:
     import tomllib
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from quickstart_sim import QuickstartRun  # noqa: E402  (a benchmark's module, by its path)
 
 HARNESSES = (Settings, CompareSetting, FederationPlan, ClientAppSettings, ServerAppSettings,
-             QuickstartRun)
+             QuickstartRun, SimulationConfig)
 SERVER_SECTIONS = (RunConfig, AggregationConfig, SchedulerConfig)
 
 

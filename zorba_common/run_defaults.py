@@ -4,8 +4,9 @@ One owner for what used to be spelled out in each command: the precisions a bloc
 in, the run modes and the estimators (the wire checks them: zorba_common.messages), and, for
 each harness that runs with other defaults than `zorba_server.config.RunConfig`'s, the value
 and why. A harness (the simulator, the comparison, the quickstart, the Flower app) holds the
-server's RunConfig and AggregationConfig, and replaces only the fields listed here; every other
-run default is RunConfig's own. Importable without torch (`--help` answers at once).
+server's RunConfig and AggregationConfig and replaces only the fields listed here, besides
+what its own deployment fixes (the quickstart's min_clients is its client count, the Flower
+app's pyproject its two nodes); every other run default is RunConfig's own. Importable without torch (`--help` answers at once).
 """
 
 from __future__ import annotations

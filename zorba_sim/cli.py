@@ -316,7 +316,7 @@ def simulation_config(settings: Settings, device: str) -> Any:
     server = ServerConfig(SECRET, run=settings.run, aggregation=settings.aggregation)
     return SimulationConfig(
         server, rounds=settings.rounds, reference_step_s=settings.reference_step_s,
-        mode=settings.mode, dirichlet_alpha=settings.dirichlet_alpha, data_seed=settings.data_seed,
+        central=settings.central, dirichlet_alpha=settings.dirichlet_alpha, data_seed=settings.data_seed,
         memory=MemoryProfile(frozen_dtype=settings.frozen_dtype, frozen_other_dtype="fp32"),
         eval_every=settings.eval_every, device=device)
 

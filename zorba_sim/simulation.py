@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from zorba_common.codec import encode
 from zorba_common.messages import TRAIN, Assignment, DeviceProfile, MemoryProfile, NextRound, Report
-from zorba_common.run_defaults import CENTRAL_MEZO, CPU_FROZEN_DTYPE, FEDZO_FULL, SIM_MODES
+from zorba_common.run_defaults import CENTRAL_MEZO, CPU_FROZEN_DTYPE, FEDZO_FULL
 from zorba_edge.client.assembly import client_task_seed, footprint_of
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.data.examples import ClassificationExample
@@ -76,8 +76,9 @@ class SimulationConfig:
     reference_step_s: float | None = None
     """Virtual seconds of one step on a speed-1.0 device (in fedavg one AdamW step, in the
     zeroth-order modes one pool index); None: measured on this machine."""
-    mode: str = "zorba"
-    """A run mode, or central-mezo."""
+    central: bool = False
+    """central-mezo: one client holding all the data trains every block (the fleet is
+    replaced); otherwise the mode is the server's `run.mode`."""
     dirichlet_alpha: float = 0.5
     data_seed: int = 0
     memory: MemoryProfile = MemoryProfile(frozen_dtype=CPU_FROZEN_DTYPE, frozen_other_dtype="fp32")
@@ -86,12 +87,15 @@ class SimulationConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.mode not in SIM_MODES:
-            raise ValueError(f"unknown mode {self.mode!r}: use one of {', '.join(SIM_MODES)}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.reference_step_s is not None and not self.reference_step_s > 0:
             raise ValueError(f"reference_step_s must be positive, got {self.reference_step_s}")
+
+    @property
+    def mode(self) -> str:
+        """The simulated mode: the run's, or central-mezo."""
+        return CENTRAL_MEZO if self.central else self.server.run.mode
 
 
 @dataclass
@@ -161,10 +165,8 @@ class Simulation:
               train: Sequence[ClassificationExample], heldout: Sequence[ClassificationExample], *,
               template: PromptTemplate = SENTIMENT_TEMPLATE, eval_batch_size: int = 16) -> Simulation:
         server = config.server
-        if config.mode == CENTRAL_MEZO:
+        if config.central:
             fleet, server = central_mezo(fleet, server)
-        elif config.mode != server.run.mode:
-            server = dataclasses.replace(server, run=dataclasses.replace(server.run, mode=config.mode))
         config = dataclasses.replace(config, server=server)
         devices = fleet.devices()
         labels = [e.label for e in train]

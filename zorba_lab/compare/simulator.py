@@ -161,7 +161,8 @@ class CompareSetting:
                       lr=self.fedavg_lr if mode == FEDAVG else self.run.lr)
         server = ServerConfig("simulated-run-secret", run=run, aggregation=self.aggregation)
         return SimulationConfig(server, rounds=self.rounds, reference_step_s=self.step_s_of(mode),
-                                mode=mode, dirichlet_alpha=self.dirichlet_alpha, data_seed=seed,
+                                central=mode == CENTRAL_MEZO, dirichlet_alpha=self.dirichlet_alpha,
+                                data_seed=seed,
                                 memory=MemoryProfile(frozen_dtype=self.frozen_dtype),
                                 device=self.device)
 
