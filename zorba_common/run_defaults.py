@@ -6,7 +6,8 @@ each harness that runs with other defaults than `zorba_server.config.RunConfig`'
 and why. A harness (the simulator, the comparison, the quickstart, the Flower app) holds the
 server's RunConfig and AggregationConfig and replaces only the fields listed here, besides
 what its own deployment fixes (the quickstart's min_clients is its client count, the Flower
-app's pyproject its two nodes); every other run default is RunConfig's own. Importable without torch (`--help` answers at once).
+app's pyproject its two nodes); every other run default is RunConfig's own. Importable
+without torch (`--help` answers at once).
 """
 
 from __future__ import annotations
