@@ -33,6 +33,9 @@ class Member:
     rounds_reported: int = 0
     last_loss: float | None = None
     last_peak_bytes: int = 0
+    guard_outlier_rounds: int = 0
+    """Rounds in which the loss guard found this client's check loss implausible next to the
+    others' (from QUARANTINE_ROUNDS on it ignores them; counted afresh after a restart)."""
 
     @classmethod
     def joining(cls, client_id: str, profile: DeviceProfile, now: float) -> Member:
