@@ -10,10 +10,12 @@ import signal
 import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
 from zorba_common.schema import ESTIMATORS
+from zorba_server import store_tools
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.app import create_app
 from zorba_server.config import (
@@ -27,6 +29,7 @@ from zorba_server.config import (
     ServerConfig,
     load_config,
 )
+from zorba_server.enrolment import new_secret
 from zorba_server.modes import MODES
 from zorba_server.storage import StoreError
 
@@ -156,7 +159,44 @@ async def serve(config: ServerConfig) -> None:
         await runner.cleanup()
 
 
+TOOLS = ("check", "backup", "secret")
+"""`zorba-server TOOL ...`: commands that do one job and exit, without serving."""
+
+
+def tool_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="zorba-server", description="Tools of the aggregation "
+                                "server; run `zorba-server --help` for the server itself.")
+    sub = p.add_subparsers(dest="tool", required=True)
+    c = sub.add_parser("check", help="check a run database as the server does on open (and "
+                       "SQLite's page checks); writes nothing")
+    c.add_argument("--db", required=True, metavar="FILE|URL")
+    b = sub.add_parser("backup", help="a consistent copy of a SQLite run database, even while a "
+                       "server runs on it (PostgreSQL: pg_dump)")
+    b.add_argument("--db", required=True, metavar="FILE|URL")
+    b.add_argument("--out", required=True, metavar="FILE", help="a new file")
+    sub.add_parser("secret", help="print a fresh random enrolment secret")
+    return p.parse_args(argv)
+
+
+def run_tool(argv: Sequence[str]) -> int:
+    args = tool_args(argv)
+    try:
+        if args.tool == "check":
+            print(store_tools.check(args.db))
+        elif args.tool == "backup":
+            print(store_tools.backup(args.db, Path(args.out)))
+        else:
+            print(new_secret())
+    except StoreError as exc:
+        print(f"zorba-server {args.tool}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:
+        return run_tool(argv)
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(message)s")
