@@ -33,7 +33,7 @@ from zorba_common.schema import (
     encode,
 )
 from zorba_common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
-from zorba_server import errors, metrics, status_page
+from zorba_server import errors, metrics, run_lock, status_page
 from zorba_server.config import ServerConfig
 from zorba_server.coordinator import Coordinator
 from zorba_server.engine import SolveFn
@@ -90,21 +90,33 @@ def create_app(config: ServerConfig, *, solve: SolveFn | None = None,
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     storage = services.config.storage
-    store = await open_store(storage.path, storage.synchronous)
+    # One server per run: the lock comes before the store is opened, checked or resumed.
+    lock = run_lock.acquire(storage.path)
+    try:
+        store = await open_store(storage.path, storage.synchronous)
+    except BaseException:
+        lock.release()
+        raise
     try:
         coordinator = Coordinator(services.config, store, solve=services.solve,
                                   clock=services.clock)
         await coordinator.start()
     except BaseException:
         await store.close()
+        lock.release()
         raise
     services.store, services.coordinator = store, coordinator
     services.metrics.watch(coordinator, store.stats)
-    yield
-    services.metrics.unwatch()
-    services.coordinator = None
-    await coordinator.stop()
-    await store.close()
+    try:
+        yield
+    finally:
+        services.metrics.unwatch()
+        services.coordinator = None
+        try:
+            await coordinator.stop()
+            await store.close()
+        finally:
+            lock.release()
 
 
 # ---------------------------------------------------------------------------- plumbing

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import logging
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Sequence
@@ -115,14 +117,39 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
-    if config.server.tls_cert is None or config.server.tls_key is None:
+    """The HTTPS context, or a ConfigError naming the file that is missing or bad."""
+    cert, key = config.server.tls_cert, config.server.tls_key
+    if cert is None or key is None:
         return None
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not Path(path).is_file():
+            raise ConfigError(f"the TLS file {path} ({flag}) does not exist")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(config.server.tls_cert, config.server.tls_key)
+        context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the TLS certificate/key: {exc}") from None
+        raise ConfigError(f"cannot load the TLS certificate {cert} (--tls-cert) with the key "
+                          f"{key} (--tls-key): {exc}") from None
     return context
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before any run is created or resumed: a busy port is one
+    line naming it, and no database was touched."""
+    where = f"{host}:{port}"
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+        return socket.create_server(address[:2], family=family)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {where}: the host does not resolve ({exc.strerror}); "
+                          "check --host") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"cannot listen on {where}: the port is in use (another server?); "
+                              "stop it or pick another --port") from None
+        raise ConfigError(f"cannot listen on {where}: {exc.strerror}; check --host and --port"
+                          ) from None
 
 
 def tune_gc() -> None:
@@ -140,11 +167,18 @@ def tune_gc() -> None:
 
 async def serve(config: ServerConfig) -> None:
     """Run until SIGINT/SIGTERM, then finish the queued commits and stop."""
-    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
-    await runner.setup()
-    tune_gc()
+    # Everything that can fail without a database first: the TLS files, then the port. Only
+    # then does the app take the run's lock and create or resume the run (runner.setup).
     context = ssl_context(config)
-    site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=context)
+    sock = bind(config.server.host, config.server.port)
+    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
+    try:
+        await runner.setup()
+    except BaseException:
+        sock.close()
+        raise
+    tune_gc()
+    site = web.SockSite(runner, sock, ssl_context=context)
     await site.start()
     scheme = "https" if context else "http"
     for host, port, *_ in runner.addresses:
