@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from zorba_common.errors import ZorbaError
-from zorba_common.memory_model import ModelFootprint
+from zorba_common.memory_model import MEMORY_HEADROOM, ModelFootprint
 from zorba_common.schema import ESTIMATORS, NORMALISED, ONE_SIDED, ZORBA
 from zorba_server.aggregation_rules import RULES, VOTING_RULES
 from zorba_server.modes import MODES
@@ -170,10 +170,11 @@ class RunConfig:
     keep_weight_versions: bool = False
     """fedavg: keep every version's global weights on disk (for per-round evaluation), not
     just the latest."""
-    memory_headroom: float = 0.05
-    """Share of each declared budget the scheduler leaves free: the memory model is an estimate
-    (allocator fragmentation and slow RSS growth are not in it; measured: peaks 0.6% over a
-    budget filled to the edge in the quickstart)."""
+    memory_headroom: float = MEMORY_HEADROOM
+    """Share of each declared budget that registration and the scheduler leave free (the
+    client's own check leaves the same default): the memory model is an estimate (allocator
+    fragmentation and slow RSS growth are not in it; measured: peaks 0.6% over a budget filled
+    to the edge in the quickstart)."""
     catch_up_rounds: int = 64
     """Deltas kept for syncing; a client further behind fetches /v1/state."""
     model_fingerprint: str | None = None

@@ -35,6 +35,7 @@ from zorba_server.broadcast import Broadcast
 from zorba_server.config import ServerConfig
 from zorba_server.engine import OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
 from zorba_server.enrolment import Credentials, Tokens, check_enrolment
+from zorba_server.errors import Refusal
 from zorba_server.idempotency import ack, check_retry, idempotency_conflict, report_hash, stored_ack
 from zorba_server.members import Member
 from zorba_server.polling import poll_answer
@@ -149,7 +150,12 @@ class Coordinator:
         check_enrolment(request, self.config.enrolment_secret)
         profile = request.profile
         engine = self.engine
-        engine.check_registration(profile)
+        try:
+            engine.check_registration(profile)
+        except Refusal as exc:
+            log.info("refused the registration of %s (%s): %s", profile.name or "a device",
+                     exc.code, exc.message)
+            raise
         now = self._clock()
         new = Credentials.new()
         # Pinned before awaiting the commit so concurrent registrations compare against it.
@@ -164,6 +170,9 @@ class Coordinator:
         engine.add_member(Member.joining(new.client_id, profile, now))
         self._tokens.add(new.token_hash, new.client_id)
         self._registrations += 1
+        log.info("registered %s%s: %s, budget %.0f MiB, %d samples", new.client_id,
+                 f" ({profile.name})" if profile.name else "", profile.device_type,
+                 profile.memory_budget_bytes / 2**20, profile.num_samples)
         self._wake.set()
         return RegisterResponse(new.client_id, new.token, engine.run_info(self.run_id))
 
@@ -301,6 +310,8 @@ class Coordinator:
         self._changed.notify()
         log.info("round %d open: %d clients, deadline in %.0f s", plan.round, len(plan.clients),
                  self.config.run.round_duration_s)
+        for cid, why in sorted(plan.excluded.items()):
+            log.info("round %d: client %s left out: %s", plan.round, cid, why)
 
     async def _close(self) -> None:
         self._closing = True

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from zorba_common.memory_model import LinearMemoryModel, ModelFootprint
+from zorba_common.memory_model import LinearMemoryModel, ModelFootprint, usable_budget
 from zorba_common.schema import (
     AlphaDelta,
     AlphaState,
@@ -356,7 +356,7 @@ class RoundEngine:
         assert self.footprint is not None
         run = self.config.run
         specs = [
-            ClientSpec(m.client_id, int(m.profile.memory_budget_bytes * (1 - run.memory_headroom)),
+            ClientSpec(m.client_id, usable_budget(m.profile.memory_budget_bytes, run.memory_headroom),
                        self.memory_model(m.profile, m.calibration), float(m.profile.num_samples),
                        m.step_time_s, self._previous.get(m.client_id, frozenset()))
             for m in members
