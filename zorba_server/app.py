@@ -37,6 +37,7 @@ from zorba_server import errors, metrics, run_lock, status_page
 from zorba_server.config import ServerConfig
 from zorba_server.coordinator import Coordinator
 from zorba_server.engine import SolveFn
+from zorba_server.enrolment_limit import EnrolmentLimiter
 from zorba_server.errors import Refusal
 from zorba_server.members import Member
 from zorba_server.storage import Store, StoreUnavailableError, open_store
@@ -55,6 +56,8 @@ class Services:
     metrics: metrics.Metrics = field(default_factory=metrics.Metrics)
     store: Store | None = None
     coordinator: Coordinator | None = None
+    enrolments: EnrolmentLimiter = field(default_factory=EnrolmentLimiter)
+    """Failed enrolments per source address (429 with Retry-After past a few)."""
 
     @property
     def running(self) -> Coordinator:
@@ -133,7 +136,8 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 HTTP_STATUS: dict[type[Refusal], int] = {
     errors.Malformed: 400, errors.Unauthenticated: 401, errors.Forbidden: 403,
     errors.NotFound: 404, errors.Conflict: 409, errors.TooLarge: 413,
-    errors.UnsupportedMediaType: 415, errors.Unprocessable: 422, errors.Unavailable: 503,
+    errors.UnsupportedMediaType: 415, errors.Unprocessable: 422, errors.TooManyRequests: 429,
+    errors.Unavailable: 503,
 }
 """Each kind of refusal's HTTP status: the one place the server speaks HTTP about errors."""
 
@@ -148,11 +152,15 @@ async def error_middleware(request: web.Request,
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     started = time.perf_counter()
+    headers: dict[str, str] = {}
     try:
         response = await handler(request)
         stats.answered(route, request.method, response.status, time.perf_counter() - started)
         _count_traffic(request, route, response)
         return response
+    except errors.TooManyRequests as exc:
+        status, code, message = 429, exc.code, exc.message
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     except Refusal as exc:
         status, code, message = HTTP_STATUS[type(exc)], exc.code, exc.message
     except SchemaError as exc:
@@ -175,6 +183,7 @@ async def error_middleware(request: web.Request,
         message = "the server failed on this request; retry (a report: with the same key)"
     stats.answered(route, request.method, status, time.perf_counter() - started, refusal=code)
     response = error_response(status, code, message)
+    response.headers.update(headers)
     _count_traffic(request, route, response)
     return response
 
@@ -276,9 +285,27 @@ def _query_number(request: web.Request, name: str, default: float, *, integer: b
 
 
 async def register(request: web.Request) -> web.Response:
-    coordinator = request.app[SERVICES].running
+    services = request.app[SERVICES]
+    coordinator = services.running
+    # Per source address: a guesser waits out a growing delay before its secret is compared.
+    source, now = request.remote or "unknown", services.clock()
+    try:
+        services.enrolments.check(source, now)
+    except errors.TooManyRequests:
+        services.metrics.requests.enrolment_failures.labels("throttled").inc()
+        raise
     message = await read_message(request, RegisterRequest, MAX_REGISTER_BYTES)
-    return msgpack_response(await coordinator.register(message), status=201)
+    try:
+        answer = await coordinator.register(message)
+    except errors.Forbidden:
+        services.metrics.requests.enrolment_failures.labels("wrong_secret").inc()
+        delay = services.enrolments.failed(source, now)
+        if delay:
+            log.warning("wrong enrolment secret from %s again: its registrations wait %.0f s",
+                        source, delay)
+        raise
+    services.enrolments.succeeded(source)
+    return msgpack_response(answer, status=201)
 
 
 async def next_round(request: web.Request) -> web.Response:

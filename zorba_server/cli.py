@@ -41,7 +41,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="zorba-server",
         description="Aggregation server of zorba-edge (zeroth-order federated fine-tuning). "
         "Flags override the config file; the enrolment secret comes from the file or the "
-        "ZORBA_ENROLMENT_SECRET environment variable.",
+        "ZORBA_ENROLMENT_SECRET environment variable. Tools: `zorba-server check --db DB` "
+        "(check a run database), `zorba-server backup --db DB --out FILE`, `zorba-server secret` "
+        "(a fresh enrolment secret).",
     )
     p.add_argument("--config", metavar="FILE",
                    help="TOML config file with [server], [storage], [run], [aggregation] and "
@@ -94,6 +96,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--epsilon", type=float,
                    help="share of the best coverage the memory stage may give up (default 0.05)")
     g.add_argument("--min-cover", type=int, help="clients wanted per block (default 1)")
+    p.add_argument("--insecure-secret", action="store_true",
+                   help="accept an enrolment secret shorter than 16 characters (a throwaway run "
+                   "on a trusted network only; `zorba-server secret` makes a good one)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="default INFO")
     return p.parse_args(argv)
@@ -113,7 +118,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                 "mode": args.mode},
         "aggregation": {"method": args.aggregation, "clip": args.clip},
         "scheduler": {"epsilon": args.epsilon, "min_cover": args.min_cover},
-    })
+    }, insecure_secret=args.insecure_secret)
 
 
 def ssl_context(config: ServerConfig) -> ssl.SSLContext | None:

@@ -85,7 +85,7 @@ def _acquire_postgres(location: str) -> RunLock:
     try:
         conn = psycopg.connect(location, autocommit=True)
     except psycopg.Error as exc:
-        raise StoreError(f"cannot connect to the PostgreSQL database: {exc}".splitlines()[0]) from None
+        raise StoreError(f"cannot open the PostgreSQL database: {exc}".splitlines()[0]) from None
     row = conn.execute("SELECT pg_try_advisory_lock(%s)", (PG_LOCK_KEY,)).fetchone()
     if not row or not row[0]:
         holder = conn.execute(
