@@ -86,6 +86,7 @@ def create_app(config: ServerConfig, *, solve: SolveFn | None = None,
     app.router.add_get("/v1/state", state)
     app.router.add_get("/v1/status", status_json)
     app.router.add_get("/metrics", metrics_text)
+    app.router.add_get("/healthz", healthz)
     app.router.add_get("/", index)
     return app
 
@@ -259,8 +260,13 @@ def _count_traffic(request: web.Request, route: str, response: web.StreamRespons
 
 
 def bearer(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+    """The request's bearer token. Two Authorization headers are refused: the first won, so a
+    proxy that adds its own and a client's could act as whichever came first."""
+    headers = request.headers.getall("Authorization", [])
+    if len(headers) > 1:
+        raise errors.bad_request("duplicate_authorization",
+                                 "send one Authorization header (Bearer <token>), not several")
+    scheme, _, token = (headers[0] if headers else "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else None
 
 
@@ -270,8 +276,9 @@ def _query_number(request: web.Request, name: str, default: float, *, integer: b
         return default
     value: float = -1
     if not integer:
+        # ASCII only: float() also reads other scripts' digits ("٣" is 3).
         with contextlib.suppress(ValueError):
-            value = float(raw)
+            value = float(raw) if raw.isascii() else -1
     elif raw.isascii() and raw.isdigit() and len(raw) <= len(str(MAX_COUNTER)):
         value = int(raw)
     if value < 0 or not math.isfinite(value) or (integer and value > MAX_COUNTER):
@@ -325,10 +332,21 @@ async def submit_report(request: web.Request) -> web.Response:
         member, round_, report, body_bytes=request.content_length or 0))
 
 
+async def healthz(request: web.Request) -> web.Response:
+    """200 `ok` once the run is loaded and its round driver runs (503 while starting): for a
+    load balancer or an orchestrator's probe. Cheap: no store access."""
+    coordinator = request.app[SERVICES].running
+    if not coordinator.driving:
+        raise errors.Unavailable("round_driver_stopped", "the round driver is not running")
+    return web.Response(text="ok\n")
+
+
 async def leave(request: web.Request) -> web.Response:
     """The client stops taking part: not counted active from now on (204, no body)."""
     coordinator = request.app[SERVICES].running
     member = authenticated(request, coordinator)
+    if request.body_exists:  # no body is read: a 50 MiB one was accepted and discarded
+        raise errors.too_large("POST /v1/leave takes no body")
     await coordinator.leave(member)
     return web.Response(status=204)
 

@@ -73,12 +73,17 @@ class Coordinator:
         self._driver: asyncio.Task[None] | None = None
         self._state_cache: tuple[int, bytes] | None = None
         self._registrations = 0
-        """By this process (the engine counts the run's reports and rounds)."""
+        """Over the run: the stored clients on a restart, plus this process's registrations."""
         self.traffic: defaultdict[str, ClientTraffic] = defaultdict(ClientTraffic)
         """Body bytes per client and round, as the HTTP layer counts them; each report's row
         stores its round's (restored on restart)."""
         self.weights = weight_rounds(config, self.engine)
         """fedavg's uploaded and averaged weights (other modes: none)."""
+
+    @property
+    def driving(self) -> bool:
+        """The round driver task runs (what /healthz reports)."""
+        return self._driver is not None and not self._driver.done()
 
     @property
     def counters(self) -> dict[str, int]:
@@ -122,6 +127,7 @@ class Coordinator:
         resumed = resume(self.engine, snap, self.config.run, now)
         self.run_id, self.created_at = resumed.run_id, resumed.created_at
         self._tokens = resumed.tokens
+        self._registrations = len(snap.clients)
         self.traffic.update(resumed.traffic)
         engine = self.engine
         log.info("resumed run %s at version %d, round %d%s", self.run_id, engine.version,
@@ -145,6 +151,7 @@ class Coordinator:
         await self._store.set_left(member.client_id, self._clock())
         self.engine.mark_left(member)
         log.info("client %s left", member.client_id)
+        self._wake.set()  # a round whose other clients all reported closes now, not at its deadline
 
     async def register(self, request: RegisterRequest) -> RegisterResponse:
         check_enrolment(request, self.config.enrolment_secret)
@@ -336,8 +343,12 @@ class Coordinator:
         self.weights.closed(closure)
         # Back-offs at WARNING: an operator running at that level still learns that the step
         # was cut or a round rolled back.
-        log.log(logging.WARNING if closure.backs_off else logging.INFO, "round %d %s: %s",
-                closure.plan.round, closure.outcome.status, closure.outcome.message)
+        outcome, engine = closure.outcome, self.engine
+        loss = "-" if outcome.loss is None else f"{outcome.loss:.4g}"
+        log.log(logging.WARNING if closure.backs_off else logging.INFO,
+                "round %d %s: %d of %d reports, loss %s, version %d, next step %.3g: %s",
+                closure.plan.round, outcome.status, outcome.reports, len(closure.plan.clients),
+                loss, engine.version, engine.hyper().lr, outcome.message)
 
     # ------------------------------------------------------------------------ views
 

@@ -249,11 +249,12 @@ class RoundEngine:
                           np.ascontiguousarray(self.alpha, dtype="<f8").tobytes())
 
     def counters(self) -> dict[str, int]:
-        """The run's totals: reports booked, closed rounds by outcome (a rejected round counts
-        as failed: nothing applied), and this engine's scheduler runs."""
+        """The run's totals: reports booked, closed rounds by outcome (derived from the
+        history, so they survive a restart), and this engine's scheduler runs."""
         applied = sum(1 for h in self.history if h.status == APPLIED)
+        rejected = sum(1 for h in self.history if h.status == REJECTED)
         return {"reports_accepted": self.reports_accepted, "rounds_applied": applied,
-                "rounds_failed": len(self.history) - applied,
+                "rounds_rejected": rejected, "rounds_failed": len(self.history) - applied - rejected,
                 "schedules_solved": self.schedules_solved}
 
     # ------------------------------------------------------------------ membership

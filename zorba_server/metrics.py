@@ -102,6 +102,7 @@ class _RunCollector:
         rounds = CounterMetricFamily("zorba_rounds_total", "Closed rounds by outcome.",
                                      labels=["status"])
         rounds.add_metric(["applied"], c["rounds_applied"])
+        rounds.add_metric(["rejected"], c["rounds_rejected"])
         rounds.add_metric(["failed"], c["rounds_failed"])
         yield rounds
         yield counter("schedules_solved_total", "Scheduler runs.", c["schedules_solved"])
