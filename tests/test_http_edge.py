@@ -89,3 +89,33 @@ async def test_registrations_and_rejections_are_counted_across_a_restart(
     assert 'zorba_rounds_total{status="rejected"} 0.0' in metrics
     status = await (await again.get("/v1/status")).json()
     assert status["counters"]["registrations"] == 2 and status["counters"]["rounds_rejected"] == 0
+
+
+async def test_malformed_http_is_one_warning_line_not_a_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from aiohttp import web
+
+    from zorba_server.http_log import http_logger
+
+    app = create_app(config_from_dict(config_dict(tmp_path / "db.sqlite3")))
+    runner = web.AppRunner(app, access_log=None, logger=http_logger())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        with caplog.at_level(logging.INFO):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
+            await writer.drain()
+            answer = await reader.read()  # aiohttp answers 400 and closes the connection
+            writer.close()
+    finally:
+        await runner.cleanup()
+    assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request")
+    records = [r for r in caplog.records if r.name == "zorba_server.http"]
+    assert len(records) == 1 and records[0].levelname == "WARNING"
+    assert records[0].getMessage().startswith("malformed HTTP from 127.0.0.1: ")
+    assert records[0].exc_info is None and "\n" not in records[0].getMessage()

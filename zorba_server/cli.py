@@ -32,6 +32,7 @@ from zorba_server.config import (
     load_config,
 )
 from zorba_server.enrolment import new_secret
+from zorba_server.http_log import http_logger
 from zorba_server.modes import MODES
 from zorba_server.storage import StoreError
 
@@ -176,7 +177,8 @@ async def serve(config: ServerConfig) -> None:
     # then does the app take the run's lock and create or resume the run (runner.setup).
     context = ssl_context(config)
     sock = bind(config.server.host, config.server.port)
-    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
+    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False,
+                           logger=http_logger())
     try:
         await runner.setup()
     except BaseException:
