@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from zorba_common.memory_model import (
+    MEMORY_HEADROOM,
     MemorySettings,
     ModelFootprint,
     client_memory_bytes,
@@ -78,7 +81,9 @@ def test_a_small_device_keeps_at_least_the_minimum_default_margin() -> None:
 
 def test_admission_reports_what_the_scheduler_will_see() -> None:
     model = linear_memory_model(FOOTPRINT, SETTINGS)
-    budget = model.fixed_bytes + model.block_bytes[0] + model.block_bytes[2] + 1
+    # The usable part of the budget (what the scheduler fills: all but MEMORY_HEADROOM).
+    usable = model.fixed_bytes + model.block_bytes[0] + model.block_bytes[2] + 1
+    budget = math.ceil(usable / (1 - MEMORY_HEADROOM))
     admission = admit(FOOTPRINT, SETTINGS, budget)
     assert admission.fixed_bytes == client_memory_bytes(FOOTPRINT, SETTINGS, ())
     assert admission.block_bytes == model.block_bytes
@@ -97,7 +102,7 @@ def test_admission_refuses_when_no_block_can_be_trained_and_suggests_a_smaller_p
     settings = MemorySettings(frozen_dtype="int8", runtime_bytes=100 * 2**20)
     frozen = client_memory_bytes(FOOTPRINT, settings, ())
     with pytest.raises(BudgetError, match="cheapest block") as info:
-        admit(FOOTPRINT, settings, frozen + 10)
+        admit(FOOTPRINT, settings, math.ceil((frozen + 10) / (1 - MEMORY_HEADROOM)))
     assert "--frozen-dtype nf4" in str(info.value)
 
 

@@ -15,6 +15,7 @@ the client's own admission check both call it; nothing else estimates memory.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -106,6 +107,19 @@ class MemorySettings:
             raise ValueError("calibration must be positive")
 
 
+MEMORY_HEADROOM = 0.05
+"""Share of a declared budget that admission and scheduling leave free: the memory model is an
+estimate (allocator fragmentation and slow RSS growth are not in it). One number for the
+client's own check, the server's registration and the scheduler (`run.memory_headroom`
+defaults to it): when the client and the registration judged the whole budget and the
+scheduler 95% of it, a client could be admitted and then never scheduled (issue 27)."""
+
+
+def usable_budget(budget_bytes: int, headroom: float = MEMORY_HEADROOM) -> int:
+    """The part of a declared budget the memory model may fill."""
+    return int(budget_bytes * (1 - headroom))
+
+
 @dataclass(frozen=True)
 class LinearMemoryModel:
     """M(A) = fixed_bytes + sum_{b in A} block_bytes[b]: the form the scheduler's MILP uses."""
@@ -118,8 +132,7 @@ class LinearMemoryModel:
 
     def blocks_within(self, budget_bytes: int) -> int:
         """How many blocks (the cheapest first) fit a budget; -1 if not even the frozen model
-        fits. The admission rule: a device takes part when this is >= 1 (the client's own
-        check and the server's registration both ask it)."""
+        fits. The admission rule (`admits`) asks it of the usable budget."""
         room = budget_bytes - self.fixed_bytes
         if room < 0:
             return -1
@@ -130,6 +143,20 @@ class LinearMemoryModel:
             room -= cost
             count += 1
         return count
+
+
+    def admits(self, budget_bytes: int, headroom: float = MEMORY_HEADROOM) -> bool:
+        """The admission rule: the device can train at least one block within the usable part
+        of its declared budget. The client's own check, the server's registration and the
+        scheduler (through `usable_budget`) all ask this, so a device admitted is a device
+        that can be scheduled."""
+        return self.blocks_within(usable_budget(budget_bytes, headroom)) >= 1
+
+    def budget_needed(self, headroom: float = MEMORY_HEADROOM) -> int:
+        """The smallest declared budget that admits this device (the frozen model plus its
+        cheapest block within the usable part): what to pass as --memory-budget."""
+        need = self.fixed_bytes + min(self.block_bytes, default=0)
+        return math.ceil(need / (1 - headroom))
 
 
 def frozen_block_bytes(footprint: ModelFootprint, settings: MemorySettings, block: int) -> float:

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from zorba_common.errors import ZorbaError
-from zorba_common.memory_model import ModelFootprint
+from zorba_common.memory_model import MEMORY_HEADROOM, ModelFootprint
 from zorba_common.run_defaults import BATCH_SIZE, ESTIMATORS, NORMALISED, ONE_SIDED, SEQ_LEN, ZORBA
 from zorba_server.aggregation_rules import RULES, VOTING_RULES
+from zorba_server.enrolment import MIN_SECRET_CHARS
 from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig
 
@@ -144,10 +145,13 @@ class RunConfig:
     and every client moves the loss alike. `dimension` at lr 2.6e-3 lowered the held-out loss
     faster but did not raise accuracy, so it is not the default (docs/learning.md)."""
     loss_jump_tolerance: float = 0.5
-    """The loss guard: a round whose clients' check-batch losses stand more than this fraction
-    above theirs at the last version whose losses did not rise is not applied, and the table
-    is rolled back to that version (clients without check losses: judged by their training
-    losses). Each rejection halves the step for later rounds (0: off; docs/learning.md)."""
+    """The loss guard: a round in which a majority of the clients (by count and by sample
+    weight) see their check-batch loss stand more than this fraction above theirs at the last
+    version whose losses did not rise is not applied, and the table is rolled back to that
+    version (clients without check losses: judged by their training losses; a client whose
+    losses are implausible next to the others' is left out, then ignored). Each rejection
+    halves the step for later rounds, never below 1/32 of lr; 5 applied rounds in a row undo
+    one halving (0: off; docs/learning.md)."""
     plateau_rounds: int = 6
     """A step that decays as learning flattens: this many applied rounds in a row whose
     clients' check losses do not come back to the loss guard's anchor (the last version whose
@@ -170,10 +174,11 @@ class RunConfig:
     keep_weight_versions: bool = False
     """fedavg: keep every version's global weights on disk (for per-round evaluation), not
     just the latest."""
-    memory_headroom: float = 0.05
-    """Share of each declared budget the scheduler leaves free: the memory model is an estimate
-    (allocator fragmentation and slow RSS growth are not in it; measured: peaks 0.6% over a
-    budget filled to the edge in the quickstart)."""
+    memory_headroom: float = MEMORY_HEADROOM
+    """Share of each declared budget that registration and the scheduler leave free (the
+    client's own check leaves the same default): the memory model is an estimate (allocator
+    fragmentation and slow RSS growth are not in it; measured: peaks 0.6% over a budget filled
+    to the edge in the quickstart)."""
     catch_up_rounds: int = 64
     """Deltas kept for syncing; a client further behind fetches /v1/state."""
     model_fingerprint: str | None = None
@@ -262,12 +267,17 @@ class ServerConfig:
     run: RunConfig = RunConfig()
     aggregation: AggregationConfig = AggregationConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    insecure_secret: bool = False
+    """Accept an enrolment secret shorter than MIN_SECRET_CHARS (`--insecure-secret`): for a
+    throwaway run on a trusted network only."""
 
     def __post_init__(self) -> None:
-        if len(self.enrolment_secret) < 8:
+        if len(self.enrolment_secret) < (1 if self.insecure_secret else MIN_SECRET_CHARS):
             raise ConfigError(
-                "the enrolment secret must have at least 8 characters: set enrolment_secret, "
-                f"enrolment_secret_file or {SECRET_ENV}"
+                f"the enrolment secret must have at least {MIN_SECRET_CHARS} characters (it has "
+                f"{len(self.enrolment_secret)}): make one with `zorba-server secret` and set "
+                f"enrolment_secret, enrolment_secret_file or {SECRET_ENV}; or pass "
+                "--insecure-secret (insecure_secret = true) for a throwaway run"
             )
         if self.run.pool_slices == "disjoint" and self.aggregation.method in VOTING_RULES:
             # A robust rule votes per direction among the clients that measured it; with
@@ -288,8 +298,10 @@ SECTIONS = {
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
-                environ: typing.Mapping[str, str] | None = None) -> ServerConfig:
-    """Config from a TOML file (optional), then `overrides` {section: {key: value}} on top."""
+                environ: typing.Mapping[str, str] | None = None, *,
+                insecure_secret: bool = False) -> ServerConfig:
+    """Config from a TOML file (optional), then `overrides` {section: {key: value}} on top
+    (and `insecure_secret`, the flag, over the file's)."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -300,6 +312,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    if insecure_secret:
+        data["insecure_secret"] = True
     return config_from_dict(data, base_dir=Path(path).parent if path else Path.cwd(),
                             environ=os.environ if environ is None else environ)
 
@@ -308,6 +322,9 @@ def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None,
                      environ: typing.Mapping[str, str] | None = None) -> ServerConfig:
     data = dict(data)
     base_dir = Path.cwd() if base_dir is None else base_dir
+    insecure = data.pop("insecure_secret", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"insecure_secret = {insecure!r}: expected true or false")
     secret = data.pop("enrolment_secret", None)
     secret_file = data.pop("enrolment_secret_file", None)
     if secret is None and secret_file is not None:
@@ -333,7 +350,7 @@ def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None,
             raise ConfigError(f"{misplaced} are not [scheduler] keys: set min_steps and max_steps in "
                               "[run]; the deadline follows from run.round_duration_s")
         sections[name] = _build(SECTIONS[name], values, name)
-    return ServerConfig(enrolment_secret=str(secret), **sections)
+    return ServerConfig(enrolment_secret=str(secret), insecure_secret=insecure, **sections)
 
 
 def _build(cls: type, values: dict[str, Any], section: str) -> Any:

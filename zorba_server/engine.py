@@ -27,15 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from zorba_common.memory_model import LinearMemoryModel, ModelFootprint
+from zorba_common.memory_model import LinearMemoryModel, ModelFootprint, usable_budget
 from zorba_common.messages import AlphaDelta, AlphaState, DeviceProfile, HyperParams, Report, RunInfo
 from zorba_server import calibration, errors
 from zorba_server.aggregation import RoundDelta, apply_delta
 from zorba_server.config import ServerConfig
 from zorba_server.loss_guard import (
+    QUARANTINE_ROUNDS,
     Anchor,
     Plateau,
     advance,
+    backoff_factor,
     judge,
     rollback_delta,
     training_loss_jump,
@@ -105,6 +107,8 @@ class RoundClosure:
     """The plateau count after this round."""
     step_cut: bool = False
     """This round's plateau cut the step for the next rounds."""
+    guard_outliers: tuple[str, ...] = ()
+    """Clients whose check losses the loss guard found implausible this round."""
 
     @property
     def backs_off(self) -> bool:
@@ -125,6 +129,8 @@ class GuardResult:
     """Why the round is not applied (None: it is)."""
     progressed: bool | None = None
     """The check losses came back to the anchor's (None: not judged)."""
+    outliers: tuple[str, ...] = ()
+    """Clients left out of the verdict: their change stood apart from the others'."""
 
 
 class RoundEngine:
@@ -200,12 +206,13 @@ class RoundEngine:
         return HyperParams(run.lr * self.lr_factor(), run.mu, run.batch_size, run.seq_len,
                            run.estimator, run.directions, run.trust_radius)
 
-    def lr_factor(self) -> float:
-        """Halved for every round the loss guard rejected (derived from the history) and for
-        every plateau (carried by each round's plan), so a restarted server continues with the
-        same step."""
-        rejected = sum(1 for h in self.history if h.status == REJECTED)
-        return LOSS_JUMP_BACKOFF ** rejected * PLATEAU_DECAY ** self._plateau.step_decays
+    def lr_factor(self, *then: str) -> float:
+        """Halved for every round the loss guard rejected, recovering after sound rounds
+        (derived from the history: `loss_guard.backoff_factor`), and for every plateau (carried
+        by each round's plan), so a restarted server continues with the same step. `then`:
+        the statuses of rounds yet to close (the factor a rejection now would leave)."""
+        rejections = backoff_factor([*(h.status for h in self.history), *then], LOSS_JUMP_BACKOFF)
+        return rejections * PLATEAU_DECAY ** self._plateau.step_decays
 
     def lr_scale(self, blocks: Sequence[int]) -> float:
         """A client's step scale: mean block size / parameters it perturbs (docs/learning.md)."""
@@ -235,11 +242,12 @@ class RoundEngine:
                           np.ascontiguousarray(self.alpha, dtype="<f8").tobytes())
 
     def counters(self) -> dict[str, int]:
-        """The run's totals: reports booked, closed rounds by outcome (a rejected round counts
-        as failed: nothing applied), and this engine's scheduler runs."""
+        """The run's totals: reports booked, closed rounds by outcome (derived from the
+        history, so they survive a restart), and this engine's scheduler runs."""
         applied = sum(1 for h in self.history if h.status == APPLIED)
+        rejected = sum(1 for h in self.history if h.status == REJECTED)
         return {"reports_accepted": self.reports_accepted, "rounds_applied": applied,
-                "rounds_failed": len(self.history) - applied,
+                "rounds_rejected": rejected, "rounds_failed": len(self.history) - applied - rejected,
                 "schedules_solved": self.schedules_solved}
 
     # ------------------------------------------------------------------ membership
@@ -342,7 +350,7 @@ class RoundEngine:
         assert self.footprint is not None
         run = self.config.run
         specs = [
-            ClientSpec(m.client_id, int(m.profile.memory_budget_bytes * (1 - run.memory_headroom)),
+            ClientSpec(m.client_id, usable_budget(m.profile.memory_budget_bytes, run.memory_headroom),
                        self.memory_model(m.profile, m.calibration), float(m.profile.num_samples),
                        m.step_time_s, self._previous.get(m.client_id, frozenset()))
             for m in members
@@ -445,13 +453,14 @@ class RoundEngine:
         checks = {cid: rec.report.loss_check for cid, rec in sorted(r.received.items())
                   if rec.report.loss_check is not None and weights[cid] > 0}
         anchor, change, plateau, step_cut = None, None, self._plateau, False
+        outliers: tuple[str, ...] = ()
         if outcome.status == APPLIED:
             guard = self._guard(checks, weights, r.received)
-            anchor, change = guard.anchor, guard.rollback
+            anchor, change, outliers = guard.anchor, guard.rollback, guard.outliers
             if guard.rejection is not None:
                 outcome = dataclasses.replace(outcome, status=REJECTED, delta=None, message=(
                     f"{guard.rejection}; the step is halved to "
-                    f"{self.config.run.lr * self.lr_factor() * LOSS_JUMP_BACKOFF:.3g} for the next rounds"))
+                    f"{self.config.run.lr * self.lr_factor(REJECTED):.3g} for the next rounds"))
                 plateau = Plateau(0, plateau.step_decays)
             else:
                 change = outcome.delta
@@ -459,6 +468,9 @@ class RoundEngine:
                 step_cut = plateau.step_decays > self._plateau.step_decays
                 if step_cut:
                     outcome = dataclasses.replace(outcome, message=self._plateau_message(outcome))
+            if outliers:
+                outcome = dataclasses.replace(outcome, message=join_messages(
+                    outcome.message, self._outlier_message(outliers, checks)))
         delta, alpha = None, None
         if change is not None:
             delta = AlphaDelta.from_matrix(self.version + 1, plan.round, change.pool_indices,
@@ -470,7 +482,7 @@ class RoundEngine:
                         | calibration.measured(self.config.run, self.members, plan, r.received))
         return RoundClosure(plan, outcome, delta, alpha, calibrations, now, tuple(sorted(r.received)),
                             {cid: rec.report.loss_mean for cid, rec in sorted(r.received.items())},
-                            anchor, plateau, step_cut)
+                            anchor, plateau, step_cut, outliers)
 
     def _plateau_message(self, outcome: RoundOutcome) -> str:
         run = self.config.run
@@ -480,6 +492,19 @@ class RoundEngine:
                f"{run.lr * self.lr_factor() * PLATEAU_DECAY:.3g} for the next rounds")
         return f"{outcome.message}; {cut}" if outcome.message else cut
 
+    def guard_quarantined(self) -> set[str]:
+        """Members whose check losses the loss guard ignores: implausible too often."""
+        return {cid for cid, m in self.members.items()
+                if m.guard_outlier_rounds >= QUARANTINE_ROUNDS}
+
+    def _outlier_message(self, outliers: tuple[str, ...], checks: dict[str, float]) -> str:
+        assert self._anchor is not None
+        named = ", ".join(f"{cid} ({self._anchor.losses[cid]:.4g} -> {checks[cid]:.4g})"
+                          for cid in outliers)
+        return (f"check losses implausible next to the other clients' changes, left out of the "
+                f"loss guard: {named}; a client that stands out in {QUARANTINE_ROUNDS} rounds is "
+                "ignored by the guard for the rest of the run")
+
     def _guard(self, checks: dict[str, float], weights: dict[str, float],
                received: dict[str, ReceivedReport]) -> GuardResult:
         """The loss guard on an applicable round."""
@@ -488,21 +513,28 @@ class RoundEngine:
         tolerance = run.loss_jump_tolerance
         if tolerance <= 0 and run.plateau_rounds <= 0:
             return GuardResult()
+        quarantined = self.guard_quarantined()
+        checks = {cid: loss for cid, loss in checks.items() if cid not in quarantined}
         verdict = judge(self._anchor, checks, weights, tolerance) if self._anchor else None
+        outliers = verdict.outliers if verdict is not None else ()
         if tolerance > 0 and verdict is not None and verdict.regressed:
             anchor = self._anchor
             assert anchor is not None
             return GuardResult(anchor, rollback_delta(self.alpha, anchor.alpha), (
                 f"the clients' check loss rose from {verdict.before:.4g} (version "
-                f"{anchor.version}) to {verdict.now:.4g} (version {self.version}): this round is "
+                f"{anchor.version}) to {verdict.now:.4g} (version {self.version}; {verdict.rising} "
+                f"of {verdict.judged} clients past the tolerance): this round is "
                 f"not applied and the table is rolled back to version {anchor.version}; the "
-                f"step is halved (x{self.lr_factor() * LOSS_JUMP_BACKOFF:g} of run.lr from the "
+                f"step is halved (x{self.lr_factor(REJECTED):g} of run.lr from the "
                 "next round). Rounds rejected again and again mean run.lr is far too large for "
                 "this model: lower it, or use run.estimator = 'normalised', whose step does not "
-                "grow with the model's gradient scale (docs/learning.md)"))
+                "grow with the model's gradient scale (docs/learning.md)"), outliers=outliers)
         anchor = None
         if checks and (self._anchor is None or verdict is None or verdict.improved):
-            anchor = advance(self._anchor, self.version, self.alpha, checks)
+            # An implausible value does not anchor: the next one is measured against the last
+            # plausible one, so a client that keeps standing out is quarantined.
+            anchor = advance(self._anchor, self.version, self.alpha,
+                             {cid: loss for cid, loss in checks.items() if cid not in outliers})
         # Without check losses (older clients) the training losses judge, as before. With them
         # the training losses do not: one client's few batches are noisy (a last step twice the
         # round's mean is common), and a rise they would catch shows in the next round's check
@@ -510,7 +542,7 @@ class RoundEngine:
         jump = None if checks else training_loss_jump(received, weights, self._reference_losses,
                                                       tolerance)
         return GuardResult(anchor, None, None if jump is None else f"{jump}: not applied",
-                           None if verdict is None else verdict.improved)
+                           None if verdict is None else verdict.improved, outliers)
 
     def sample_weights(self, client_ids: Iterable[str]) -> dict[str, float]:
         return {cid: self._sample_weight(cid) for cid in client_ids}
@@ -526,6 +558,9 @@ class RoundEngine:
             self.deltas.append(closure.delta)
         if closure.anchor is not None:
             self._anchor = closure.anchor
+        for cid in closure.guard_outliers:
+            if cid in self.members:
+                self.members[cid].guard_outlier_rounds += 1
         self._plateau = closure.plateau
         if closure.outcome.status in (APPLIED, REJECTED):
             # A rejected round moved nothing, so its losses are those of the model as it is:
@@ -566,6 +601,10 @@ class RoundEngine:
             self.history.pop()
         self.open = OpenRound(plan, {r.client_id: r for r in received})
         self.round_counter = plan.round + 1
+
+
+def join_messages(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
 
 
 def round_seed(run_seed: int, round_: int) -> int:

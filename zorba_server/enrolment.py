@@ -20,6 +20,14 @@ from zorba_server import errors
 
 M = TypeVar("M")
 
+MIN_SECRET_CHARS = 16
+"""The shortest enrolment secret a server accepts without --insecure-secret."""
+
+
+def new_secret() -> str:
+    """A fresh random enrolment secret (32 URL-safe characters, 192 bits)."""
+    return secrets.token_urlsafe(24)
+
 
 def check_enrolment(request: RegisterRequest, secret: str) -> None:
     """Refuse a registration without the run's secret or in another protocol version."""

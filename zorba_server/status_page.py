@@ -45,20 +45,23 @@ def render(status: dict[str, Any]) -> str:
     parts.append("<h2>Clients</h2><table><tr><th>id</th><th>name</th><th>device</th>"
                  "<th>budget MiB</th><th>samples</th><th>blocks</th><th>step s</th>"
                  "<th>calibration</th><th>reports</th><th>last loss</th><th>last peak MiB</th>"
-                 "<th>peak / budget</th><th>last round KiB up / down</th><th>seen s ago</th></tr>")
+                 "<th>peak / budget</th><th>last round KiB up / down</th><th>loss guard</th>"
+                 "<th>seen s ago</th></tr>")
     for c in status["clients"]:
         loss = "" if c["last_loss"] is None else f"{c['last_loss']:.4f}"
         peak = f"{c['last_peak_bytes'] / 2**20:.0f}" if c["last_peak_bytes"] else ""
         share = "" if c["peak_over_budget"] is None else f"{c['peak_over_budget']:.0%}"
         wire = ("" if c["last_round_bytes_up"] is None else
                 f"{c['last_round_bytes_up'] / 1024:.1f} / {c['last_round_bytes_down'] / 1024:.1f}")
+        guard = ("quarantined" if c["guard_quarantined"] else
+                 f"{c['guard_outlier_rounds']} implausible" if c["guard_outlier_rounds"] else "")
         parts.append(
             f"<tr{'' if c['active'] else ' style=color:#999'}><td>{e(c['client_id'])}</td>"
             f"<td>{e(c['name'])}</td><td>{e(c['device'])}</td>"
             f"<td>{c['budget_bytes'] / 2**20:.0f}</td><td>{c['num_samples']}</td>"
             f"<td>{e(','.join(map(str, c['blocks'])))}</td><td>{c['step_time_s']:.3f}</td>"
             f"<td>{c['calibration']:.2f}</td><td>{c['rounds_reported']}</td><td>{loss}</td>"
-            f"<td>{peak}</td><td>{share}</td><td>{wire}</td>"
+            f"<td>{peak}</td><td>{share}</td><td>{wire}</td><td>{guard}</td>"
             f"<td>{'left' if c['left'] else format(c['last_seen_s'], '.0f')}</td></tr>")
     parts.append("</table><h2>Rounds (latest 50)</h2><table><tr><th>round</th><th>status</th>"
                  "<th>reports</th><th>loss</th><th>schedule</th><th>note</th></tr>")

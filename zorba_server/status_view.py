@@ -33,6 +33,7 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
         for b in p.blocks:
             coverage[b] += 1
     run, hyper = engine.config.run, engine.hyper()
+    quarantined = engine.guard_quarantined()
     return {
         "run_id": run_id, "mode": run.mode, "seed": engine.seed,
         "hyper": {"lr": hyper.lr, "mu": hyper.mu, "batch_size": hyper.batch_size,
@@ -56,6 +57,8 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
              "last_seen_s": now - m.last_seen if not m.left else None,
              "calibration": m.calibration, "step_time_s": m.step_time_s,
              "rounds_reported": m.rounds_reported, "last_loss": m.last_loss,
+             "guard_outlier_rounds": m.guard_outlier_rounds,
+             "guard_quarantined": m.client_id in quarantined,
              "last_peak_bytes": m.last_peak_bytes,
              "peak_over_budget": (m.last_peak_bytes / m.profile.memory_budget_bytes
                                   if m.last_peak_bytes else None),
