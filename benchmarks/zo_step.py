@@ -12,7 +12,10 @@ For 1, 8 and all 30 blocks assigned, with frozen blocks in nf4 and in fp32, it m
   are the steadier figure (with --threads 1 they are exact shares of one core's work);
 - peak_over_inference: the peak RSS of a training process (model, round snapshot, steps)
   divided by that of an inference-only process that holds the model in the same
-  precisions and runs forward passes on the same batch;
+  precisions and runs forward passes on the same batch. The snapshot is a client's, spilled
+  to disk (zorba_edge.engine.snapshot); `peak_over_inference_host_snapshot` is the same
+  with the snapshot held in host memory as before (a third process, measured in the same
+  run for the comparison);
 - load_peak_over_steady: the peak RSS while loading divided by the RSS once loaded.
 Peaks are read from VmHWM after resetting it (`/proc/self/clear_refs`), so the loading peak
 does not hide the peak of the phase that follows. Linux only.
@@ -201,7 +204,8 @@ def worker(args: argparse.Namespace) -> Measurement:
     torch.set_num_threads(args.threads)
     from zorba_edge.client.memory_probe import PeakMemoryProbe
     from zorba_edge.engine.losses import classification_loss
-    from zorba_edge.engine.zo import RoundSnapshot, ZOConfig, zo_step
+    from zorba_edge.engine.snapshot import RoundSnapshot, Snapshot, SpilledSnapshot
+    from zorba_edge.engine.zo import ZOConfig, zo_step
     from zorba_edge.model.loading import LoadConfig, load_model, release_freed_memory
     from zorba_edge.model.sources import open_source
 
@@ -231,7 +235,7 @@ def worker(args: argparse.Namespace) -> Measurement:
     steps: dict[str, Callable[[int], object]] = {"forward": lambda k: forward()}
     if args.role == "train":
         blocks = {b: loaded.trainable_parameters(b) for b in assignment}
-        snapshot = RoundSnapshot(blocks)
+        snapshot: Snapshot = RoundSnapshot(blocks) if args.host_snapshot else SpilledSnapshot(blocks)
         config = ZOConfig(mu=1e-3, lr=1e-6)
         steps["step"] = lambda k: zo_step(model, blocks, classification_loss, batch, 0, k, config)
         steps["old_step"] = lambda k: legacy_zo_step(
@@ -246,6 +250,7 @@ def worker(args: argparse.Namespace) -> Measurement:
             cpu_times[name].append(time.process_time() - c0)
     if args.role == "train":
         snapshot.revert()
+        snapshot.close()
 
     def median(name: str, table: dict[str, list[float]] = times) -> float | None:
         return statistics.median(table[name][1:]) if name in table else None
@@ -259,10 +264,14 @@ def worker(args: argparse.Namespace) -> Measurement:
     )
 
 
-def run_worker(args: argparse.Namespace, role: str, assigned: int, frozen: str) -> Measurement:
+def run_worker(args: argparse.Namespace, role: str, assigned: int, frozen: str,
+               host_snapshot: bool = False) -> Measurement:
+    # The host-snapshot process is there for its peak only: one timed repetition.
+    repeats = 1 if host_snapshot else args.repeats
     command = [
         sys.executable, __file__, "--worker", role, "--assigned", str(assigned), "--frozen", frozen,
-        "--model", str(args.model), "--threads", str(args.threads), "--repeats", str(args.repeats),
+        "--model", str(args.model), "--threads", str(args.threads), "--repeats", str(repeats),
+        *(["--host-snapshot"] if host_snapshot else []),
     ]
     out = subprocess.run(command, check=True, capture_output=True, text=True)
     return Measurement(**json.loads(out.stdout.strip().splitlines()[-1]))
@@ -287,6 +296,7 @@ def main() -> None:
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--assigned", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--frozen", help=argparse.SUPPRESS)
+    parser.add_argument("--host-snapshot", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.model is None:
@@ -307,6 +317,8 @@ def main() -> None:
             print(f"[zo_step] {assigned} blocks assigned, frozen {frozen}: training process...",
                   file=sys.stderr, flush=True)
             train = run_worker(args, "train", assigned, frozen)
+            print("[zo_step]   ...training process, snapshot in host memory", file=sys.stderr, flush=True)
+            host = run_worker(args, "train", assigned, frozen, host_snapshot=True)
             print("[zo_step]   ...inference process", file=sys.stderr, flush=True)
             infer = run_worker(args, "infer", assigned, frozen)
             row = {
@@ -324,6 +336,7 @@ def main() -> None:
                 "train_peak_mib": round(train.phase_peak_rss / 2**20, 1),
                 "inference_peak_mib": round(infer.phase_peak_rss / 2**20, 1),
                 "peak_over_inference": round(train.phase_peak_rss / infer.phase_peak_rss, 3),
+                "peak_over_inference_host_snapshot": round(host.phase_peak_rss / infer.phase_peak_rss, 3),
                 "load_s": round(train.load_s, 2),
                 "load_peak_mib": round(train.load_peak_rss / 2**20, 1),
                 "steady_mib": round(train.steady_rss / 2**20, 1),
@@ -346,6 +359,8 @@ def main() -> None:
         "step_over_forward_max": max(r["step_over_forward"] for r in rows),
         "step_over_forward_before_max": max(r["step_over_forward_before"] for r in rows),
         "peak_over_inference": headline["peak_over_inference"],
+        "peak_over_inference_max": max(r["peak_over_inference"] for r in rows),
+        "peak_over_inference_host_snapshot_max": max(r["peak_over_inference_host_snapshot"] for r in rows),
         "load_peak_over_steady": headline["load_peak_over_steady"],
         "table": rows,
         "command": "python benchmarks/zo_step.py --json",
