@@ -238,8 +238,9 @@ def worker(args: argparse.Namespace) -> Measurement:
         snapshot: Snapshot = RoundSnapshot(blocks) if args.host_snapshot else SpilledSnapshot(blocks)
         config = ZOConfig(mu=1e-3, lr=1e-6)
         steps["step"] = lambda k: zo_step(model, blocks, classification_loss, batch, 0, k, config)
-        steps["old_step"] = lambda k: legacy_zo_step(
-            model, blocks, classification_loss, batch, 0, k, config)
+        if not args.skip_before:
+            steps["old_step"] = lambda k: legacy_zo_step(
+                model, blocks, classification_loss, batch, 0, k, config)
     times: dict[str, list[float]] = {name: [] for name in steps}
     cpu_times: dict[str, list[float]] = {name: [] for name in steps}
     for k in range(args.repeats + 1):  # interleaved: a busy machine slows every path alike
@@ -264,6 +265,11 @@ def worker(args: argparse.Namespace) -> Measurement:
     )
 
 
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator to 3 decimals; None where either was not measured."""
+    return None if numerator is None or not denominator else round(numerator / denominator, 3)
+
+
 def run_worker(args: argparse.Namespace, role: str, assigned: int, frozen: str,
                host_snapshot: bool = False) -> Measurement:
     # The host-snapshot process is there for its peak only: one timed repetition.
@@ -272,6 +278,7 @@ def run_worker(args: argparse.Namespace, role: str, assigned: int, frozen: str,
         sys.executable, __file__, "--worker", role, "--assigned", str(assigned), "--frozen", frozen,
         "--model", str(args.model), "--threads", str(args.threads), "--repeats", str(repeats),
         *(["--host-snapshot"] if host_snapshot else []),
+        *(["--skip-before"] if args.skip_before or host_snapshot else []),
     ]
     out = subprocess.run(command, check=True, capture_output=True, text=True)
     return Measurement(**json.loads(out.stdout.strip().splitlines()[-1]))
@@ -296,6 +303,8 @@ def main() -> None:
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--assigned", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--frozen", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-before", action="store_true",
+                        help="do not time the legacy step (the `_before` figures; saves most of the time)")
     parser.add_argument("--host-snapshot", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -327,12 +336,11 @@ def main() -> None:
                 "forward_s": round(train.forward_s, 4),
                 "step_s": round(train.step_s or 0.0, 4),
                 "step_over_forward": round((train.step_s or 0.0) / train.forward_s, 3),
-                "step_over_forward_before": round((train.old_step_s or 0.0) / train.forward_s, 3),
+                "step_over_forward_before": ratio(train.old_step_s, train.forward_s),
                 "step_over_forward_cpu": round((train.step_cpu_s or 0.0) / train.forward_cpu_s, 3),
-                "step_over_forward_cpu_before": round(
-                    (train.old_step_cpu_s or 0.0) / train.forward_cpu_s, 3),
+                "step_over_forward_cpu_before": ratio(train.old_step_cpu_s, train.forward_cpu_s),
                 "steps_per_s": round(1.0 / (train.step_s or float("inf")), 3),
-                "steps_per_s_before": round(1.0 / (train.old_step_s or float("inf")), 3),
+                "steps_per_s_before": ratio(1.0, train.old_step_s),
                 "train_peak_mib": round(train.phase_peak_rss / 2**20, 1),
                 "inference_peak_mib": round(infer.phase_peak_rss / 2**20, 1),
                 "peak_over_inference": round(train.phase_peak_rss / infer.phase_peak_rss, 3),
@@ -357,7 +365,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "step_over_forward": headline["step_over_forward"],
         "step_over_forward_max": max(r["step_over_forward"] for r in rows),
-        "step_over_forward_before_max": max(r["step_over_forward_before"] for r in rows),
+        "step_over_forward_before_max": max((r["step_over_forward_before"] or 0.0) for r in rows) or None,
         "peak_over_inference": headline["peak_over_inference"],
         "peak_over_inference_max": max(r["peak_over_inference"] for r in rows),
         "peak_over_inference_host_snapshot_max": max(r["peak_over_inference_host_snapshot"] for r in rows),
@@ -372,7 +380,7 @@ def main() -> None:
               f"{'train MiB':>9} {'infer MiB':>9} {'peak/inf':>8} {'load/steady':>11}")
         for r in rows:
             print(f"{r['assigned']:>8} {r['frozen']:>6} {r['forward_s']:>7.3f} {r['step_s']:>7.3f} "
-                  f"{r['step_over_forward']:>8.3f} {r['step_over_forward_before']:>7.3f} "
+                  f"{r['step_over_forward']:>8.3f} {r['step_over_forward_before'] or float('nan'):>7.3f} "
                   f"{r['train_peak_mib']:>9.1f} "
                   f"{r['inference_peak_mib']:>9.1f} "
                   f"{r['peak_over_inference']:>8.3f} {r['load_peak_over_steady']:>11.3f}")
