@@ -16,6 +16,9 @@ For 1, 8 and all 30 blocks assigned, with frozen blocks in nf4 and in fp32, it m
   to disk (zorba_edge.engine.snapshot); `peak_over_inference_host_snapshot` is the same
   with the snapshot held in host memory as before (a third process, measured in the same
   run for the comparison);
+- one_sided_scalar_over_forward: one batch of the one-sided estimator (the run default, 4
+  directions on one batch, 5 forwards) per reported scalar, over a forward pass; its floor
+  is (n + 1) / n = 1.25 (`_cpu`: CPU time, as above);
 - load_peak_over_steady: the peak RSS while loading divided by the RSS once loaded.
 Peaks are read from VmHWM after resetting it (`/proc/self/clear_refs`), so the loading peak
 does not hide the peak of the phase that follows. Linux only.
@@ -40,6 +43,8 @@ from pathlib import Path
 
 BATCH_SIZE = 8
 SEQ_LEN = 64
+ONE_SIDED_DIRECTIONS = 4
+"""The run default's directions (zorba_server.config.RunConfig.directions)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,9 @@ class Measurement:
     forward_cpu_s: float
     step_cpu_s: float | None
     old_step_cpu_s: float | None
+    one_sided_s: float | None = None
+    """One batch of the one-sided estimator over ONE_SIDED_DIRECTIONS directions."""
+    one_sided_cpu_s: float | None = None
 
 
 def legacy_zo_step(model, blocks, loss_fn, batch, run_seed: int, k: int, config) -> float:
@@ -205,7 +213,7 @@ def worker(args: argparse.Namespace) -> Measurement:
     from zorba_edge.client.memory_probe import PeakMemoryProbe
     from zorba_edge.engine.losses import classification_loss
     from zorba_edge.engine.snapshot import RoundSnapshot, Snapshot, SpilledSnapshot
-    from zorba_edge.engine.zo import ZOConfig, zo_step
+    from zorba_edge.engine.zo import ZOConfig, one_sided_estimate, zo_step
     from zorba_edge.model.loading import LoadConfig, load_model, release_freed_memory
     from zorba_edge.model.sources import open_source
 
@@ -238,6 +246,9 @@ def worker(args: argparse.Namespace) -> Measurement:
         snapshot: Snapshot = RoundSnapshot(blocks) if args.host_snapshot else SpilledSnapshot(blocks)
         config = ZOConfig(mu=1e-3, lr=1e-6)
         steps["step"] = lambda k: zo_step(model, blocks, classification_loss, batch, 0, k, config)
+        n = ONE_SIDED_DIRECTIONS
+        steps["one_sided"] = lambda k: one_sided_estimate(
+            model, blocks, classification_loss, batch, 0, list(range(n * k + 1000, n * k + 1000 + n)), config)
         if not args.skip_before:
             steps["old_step"] = lambda k: legacy_zo_step(
                 model, blocks, classification_loss, batch, 0, k, config)
@@ -262,6 +273,7 @@ def worker(args: argparse.Namespace) -> Measurement:
         forward_s=median("forward"), step_s=median("step"), old_step_s=median("old_step"),
         forward_cpu_s=median("forward", cpu_times), step_cpu_s=median("step", cpu_times),
         old_step_cpu_s=median("old_step", cpu_times),
+        one_sided_s=median("one_sided"), one_sided_cpu_s=median("one_sided", cpu_times),
     )
 
 
@@ -340,6 +352,12 @@ def main() -> None:
                 "step_over_forward_cpu": round((train.step_cpu_s or 0.0) / train.forward_cpu_s, 3),
                 "step_over_forward_cpu_before": ratio(train.old_step_cpu_s, train.forward_cpu_s),
                 "steps_per_s": round(1.0 / (train.step_s or float("inf")), 3),
+                # Per reported scalar, against its floor (n + 1) / n forwards.
+                "one_sided_scalar_over_forward": ratio(
+                    (train.one_sided_s or 0.0) / ONE_SIDED_DIRECTIONS, train.forward_s),
+                "one_sided_scalar_over_forward_cpu": ratio(
+                    (train.one_sided_cpu_s or 0.0) / ONE_SIDED_DIRECTIONS, train.forward_cpu_s),
+                "one_sided_floor": round((ONE_SIDED_DIRECTIONS + 1) / ONE_SIDED_DIRECTIONS, 3),
                 "steps_per_s_before": ratio(1.0, train.old_step_s),
                 "train_peak_mib": round(train.phase_peak_rss / 2**20, 1),
                 "inference_peak_mib": round(infer.phase_peak_rss / 2**20, 1),
