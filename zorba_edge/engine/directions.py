@@ -91,7 +91,9 @@ def _add_packed_(
         return
     flat = tensor.view(-1)
     step = 8 * _CHUNK_BYTES
-    buffer = torch.empty(_CHUNK_BYTES + 1, dtype=torch.int64, device=tensor.device)
+    # Sized to the tensor when it is smaller than a chunk: small tensors (norms, biases,
+    # tiny test models) then cost no chunk-sized allocation per move.
+    buffer = torch.empty(min(_CHUNK_BYTES, count // 8 + 1) + 1, dtype=torch.int64, device=tensor.device)
     for lo in range(start, start + count, step):
         hi = min(lo + step, start + count)
         chunk = bits[lo // 8 : (hi + 7) // 8]
