@@ -99,7 +99,8 @@ def measure_worker(args: argparse.Namespace) -> dict[str, Any]:
     from zorba_edge.data.movie_reviews import load_movie_reviews
     from zorba_edge.data.templates import SENTIMENT_TEMPLATE
     from zorba_edge.engine.losses import classification_loss
-    from zorba_edge.engine.zo import RoundSnapshot, ZOConfig, zo_step
+    from zorba_edge.engine.snapshot import RoundSnapshot
+    from zorba_edge.engine.zo import ZOConfig, zo_step
     from zorba_edge.model.gguf_tokenizer import check_tokenizer, read_gguf_vocab
     from zorba_edge.model.loading import LoadConfig, load_model, release_freed_memory
     from zorba_edge.model.sources import open_source

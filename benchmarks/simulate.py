@@ -185,8 +185,17 @@ class PhaseClock:
         clock = self
         LocalTask.loss_fn = property(  # type: ignore[method-assign,assignment]
             lambda task: clock.timed("check_forward", loss_fn.fget(task), unless_inside="zo_steps"))
-        snapshot = trainer_module.RoundSnapshot
-        self._undo.append((trainer_module, "RoundSnapshot", snapshot))
+        # The simulator's snapshot (host buffers) and a client's (spilled to disk) alike.
+        for name in ("RoundSnapshot", "SpilledSnapshot"):
+            self._undo.append((trainer_module, name, getattr(trainer_module, name)))
+            setattr(trainer_module, name, self.timed_snapshot(getattr(trainer_module, name)))
+        self.patch(trainer_module, "release_freed_memory", "release_memory")
+        self.patch(sim.training, "close", "sync")
+        self.patch(trainer, "apply_deltas", "sync")
+
+    def timed_snapshot(self, snapshot: type) -> type:
+        """`snapshot` with its taking timed as `snapshot` and its revert and close as `revert`."""
+        clock = self
 
         class TimedSnapshot(snapshot):  # type: ignore[misc,valid-type]
             def __init__(self, *args: Any) -> None:
@@ -195,10 +204,10 @@ class PhaseClock:
             def revert(self) -> None:
                 clock.timed("revert", super().revert)()
 
-        trainer_module.RoundSnapshot = TimedSnapshot  # type: ignore[misc]
-        self.patch(trainer_module, "release_freed_memory", "release_memory")
-        self.patch(sim.training, "close", "sync")
-        self.patch(trainer, "apply_deltas", "sync")
+            def close(self) -> None:
+                clock.timed("revert", super().close)()
+
+        return TimedSnapshot
 
     def patch_item(self, mapping: dict[str, Any], key: str, name: str) -> None:
         self._undo.append((mapping, key, mapping[key]))

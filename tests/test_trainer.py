@@ -264,7 +264,7 @@ def test_kept_snapshot_buffers_and_no_heap_trim_change_no_value_of_a_round(
     round, as a real client's."""
     from zorba_edge.client import trainer as trainer_module
     from zorba_edge.client.trainer import run_local_steps
-    from zorba_edge.engine.zo import SnapshotBuffers
+    from zorba_edge.engine.snapshot import SnapshotBuffers
 
     real, sim = make_trainer(), make_trainer()
     buffers = SnapshotBuffers()

@@ -1,10 +1,14 @@
 """What a client needs in memory to train a given set of blocks (docs/design.md §4).
 
-    M_n(A) = W_frozen + sum_{b in A} P_b * (bytes_train + bytes_snapshot - bytes_frozen)
+    M_n(A) = W_frozen + sum_{b in A} P_b * (bytes_train + bytes_direction + bytes_snapshot
+                                            - bytes_frozen)
              + W_embed_head + M_activations(batch, seq_len) + M_runtime
 
 (W_embed_head at the embeddings' own precision, which may be narrower than the training
-dtype, plus one widened chunk of the head when it is.)
+dtype, plus one widened chunk of the head when it is.) bytes_direction is the packed
+direction a step moves along (one bit a parameter); bytes_snapshot is 0 for a client, which
+keeps the round's revert copy on disk (zorba_edge.engine.snapshot), and counts a host copy
+only for a profile that declares one.
 
 The model is *linear* in the assignment: a fixed part (every block held frozen, plus
 embeddings, activations and runtime) and a per-block increment for activating block b.
@@ -32,6 +36,10 @@ BYTES_PER_PARAM: dict[str, float] = {
     "int8": 1.0 + 4.0 / 4096,  # LLM.int8 row-wise scale, amortised (rows of >= 4096 bytes)
     "nf4": 0.5 + 4.0 / 64,
 }
+
+DIRECTION_BYTES_PER_PARAM = 1 / 8
+"""A step's direction z[k], held packed one bit per perturbed parameter while the step moves
+along it (zorba_edge.engine.directions.Direction)."""
 
 HEAD_CAST_CHUNK_BYTES = 8 * 2**20
 """An LM head held narrower than the activations is widened this many bytes of rows at a time
@@ -84,8 +92,9 @@ class MemorySettings:
     embed_dtype: str = "fp32"
     """Embeddings and LM head (the frozen weights outside the blocks); a head narrower than
     train_dtype is computed in train_dtype, widened a chunk of rows at a time."""
-    snapshot_dtype: str | None = "fp32"
-    """Host copy of each trainable block for the exact round-end revert (None: no copy)."""
+    snapshot_dtype: str | None = None
+    """Host copy of each trainable block for the exact round-end revert (None: no copy in
+    memory; a client spills it to disk, zorba_edge.engine.snapshot)."""
     batch_size: int = BATCH_SIZE
     seq_len: int = SEQ_LEN
     runtime_bytes: int = 350 * 2**20
@@ -171,7 +180,7 @@ def frozen_block_bytes(footprint: ModelFootprint, settings: MemorySettings, bloc
 def trainable_block_bytes(footprint: ModelFootprint, settings: MemorySettings, block: int) -> float:
     params = footprint.block_params[block]
     snapshot = BYTES_PER_PARAM[settings.snapshot_dtype] if settings.snapshot_dtype else 0.0
-    return params * (BYTES_PER_PARAM[settings.train_dtype] + snapshot)
+    return params * (BYTES_PER_PARAM[settings.train_dtype] + DIRECTION_BYTES_PER_PARAM + snapshot)
 
 
 def activation_bytes(footprint: ModelFootprint, settings: MemorySettings) -> float:

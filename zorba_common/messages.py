@@ -77,9 +77,9 @@ class MemoryProfile:
         "Precision of a frozen block's other parameters (norms, biases).", choices=DTYPES))
     embed_dtype: str = field(default="fp32", metadata=wire(
         "Precision of the embeddings and LM head.", choices=DTYPES))
-    snapshot_dtype: str | None = field(default="fp32", metadata=wire(
-        "Host copy of each trainable block for the exact round-end revert (nil: no copy).",
-        choices=DTYPES))
+    snapshot_dtype: str | None = field(default=None, metadata=wire(
+        "Host copy of each trainable block for the exact round-end revert, counted against "
+        "the budget (nil: none in memory; the client spills it to disk).", choices=DTYPES))
     runtime_bytes: int = field(default=350 * 2**20, metadata=wire(
         "Interpreter, framework and allocator overhead.", unit="bytes", ge=0,
         le=MAX_MEMORY_BYTES))

@@ -94,16 +94,15 @@ def footprint_of(source: ModelSource) -> ModelFootprint:
 def memory_profile(load_config: LoadConfig, runtime_bytes: int | None) -> MemoryProfile:
     """How this device holds the model, as the memory model needs it.
 
-    The round snapshot lives in host memory: on an accelerator it does not count against
-    the device's budget.
+    The round snapshot is spilled to disk (zorba_edge.engine.snapshot): it counts against no
+    memory budget, so the profile declares none.
     """
-    on_host = torch.device(load_config.device).type == "cpu"
     profile = MemoryProfile(
         train_dtype=load_config.train_dtype,
         frozen_dtype=load_config.frozen_dtype,
         frozen_other_dtype=load_config.train_dtype,
         embed_dtype=load_config.held_embed_dtype,
-        snapshot_dtype=load_config.train_dtype if on_host else None,
+        snapshot_dtype=None,
     )
     # Without a measurement the profile keeps its default runtime allowance.
     if runtime_bytes is None:

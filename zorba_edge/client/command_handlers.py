@@ -187,7 +187,7 @@ def _print_profile(report: DeviceReport, load_config: LoadConfig, timing: StepTi
     m = report.memory
     table.add_row("holding", f"trained blocks {m.train_dtype}, frozen blocks {m.frozen_dtype}, "
                   f"embeddings {m.embed_dtype}, "
-                  f"snapshot {m.snapshot_dtype or 'none (host)'}, runtime "
+                  f"snapshot {m.snapshot_dtype or 'on disk'}, runtime "
                   f"{format_size(m.runtime_bytes)}")
     a = report.admission
     assert a is not None  # profile measures with refuse=True
