@@ -118,6 +118,40 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_alpha(
     assert resumed["base_accuracy"] == uninterrupted["base_accuracy"] is not None
 
 
+def test_a_finished_run_started_with_relative_paths_extends_from_another_directory(
+        world: TinyWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = tiny_args(world, Path("run"), "--rounds", "2", "--fleet", "laptop-16gb=1")
+    args[args.index("--model") + 1] = world.model_dir.name  # relative to tmp_path
+    args[args.index("--data") + 1] = world.data.name
+    assert cli.main(args) == 0
+    saved = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert saved["model"] == str(world.model_dir.resolve()) and saved["data"] == str(world.data.resolve())
+    assert set(json.loads((tmp_path / "run" / "base.json").read_text())) == {"accuracy", "loss"}
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert cli.main(["--resume", str(tmp_path / "run"), "--rounds", "3", "--log-lines"]) == 0
+    assert re.findall(r" round +(\d+)/3 ", capsys.readouterr().err) == ["3"]
+    assert summary_of(tmp_path / "run")["rounds_run"] == 3
+    assert json.loads((tmp_path / "run" / "settings.json").read_text())["rounds"] == 3
+    assert cli.main(["--resume", str(tmp_path / "run"), "--rounds", "2"]) == 2
+    assert "has 3 rounds already" in capsys.readouterr().err
+
+
+def test_the_accuracy_band_is_the_wilson_interval() -> None:
+    from zorba_sim.results import wilson_interval
+
+    low, high = wilson_interval(0.7, 100)
+    assert low == pytest.approx(0.6041, abs=1e-4) and high == pytest.approx(0.7810, abs=1e-4)
+    assert wilson_interval(1.0, 16)[1] == 1.0 and wilson_interval(0.0, 16)[0] == 0.0
+    narrow, wide = wilson_interval(0.7, 10_000), wilson_interval(0.7, 100)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
+
+
 def test_an_out_folder_holding_a_run_is_not_overwritten(
         world: TinyWorld, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"

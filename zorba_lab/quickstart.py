@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from zorba_common.roles import docs_location, version_text
 from zorba_common.run_defaults import DTYPES, ESTIMATORS
 from zorba_edge.client.byte_sizes import format_size, parse_size
 from zorba_lab.federation import QUICKSTART_RUN, ClientSetup, FederationPlan, FederationResult
@@ -54,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zorba-quickstart",
         description="Run a whole zorba-edge federation on this machine (a server and several "
         "clients with different memory budgets), then print held-out accuracy before and "
-        "after, bytes per client per round and peak memory against each budget.")
+        "after, bytes per client per round and peak memory against each budget.",
+        epilog=f"User's guide: {docs_location()}")
+    p.add_argument("--version", action="version", version=version_text("zorba-quickstart"))
     p.add_argument("--minutes", type=float, default=3.0,
                    help="training time; the run stops at the first round boundary after it "
                    "(default 3; loading and evaluation add about 2 more)")
@@ -82,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "one float per (step, trained block), so this bounds the bytes per round: 12 "
                    "steps over 30 blocks is 1.5 KB (default %(default)s)")
     p.add_argument("--estimator", choices=ESTIMATORS, default=run.estimator,
-                   help="how a batch's projected gradients are measured (docs/learning.md) "
+                   help="how a batch's projected gradients are measured "
                    "(default %(default)s)")
     p.add_argument("--directions", type=int, default=run.directions,
                    help="directions measured on each batch; one-sided: they share one unperturbed "

