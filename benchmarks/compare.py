@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         return compare_processes.main(rest)
     args = build_parser().parse_args(argv)
     from compare_processes import machine
+    from results_page import save_plots, write_section
 
     from zorba_edge.client import assembly
     from zorba_lab.compare import page as compare_page
@@ -285,12 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {**figures(setting, results), **header, "timings": timings(results),
               "runs": [run.as_dict() for r in results for run in r.runs.values()],
               "results": str(args.results), "out_dir": str(out_dir)}
-    plots = compare_page.write_sim_plots(setting, results, args.results)
+    plots = save_plots(compare_page.sim_plots(setting, results), args.results)
     result["plots"] = {k: str(v) for k, v in plots.items()}
-    args.results.write_text(compare_page.with_section(
-        compare_page.read_page(args.results), compare_page.SIMULATOR,
-        compare_page.sim_markdown(setting, results, result, header, plots, args.results)),
-        encoding="utf-8")
+    write_section(args.results, compare_page.SIMULATOR, compare_page.sim_markdown(
+        setting, results, result, header, plots, args.results))
     (out_dir / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))

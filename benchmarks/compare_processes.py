@@ -46,10 +46,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from results_page import save_plots, write_section  # the sibling module (benchmarks/ is on sys.path)
+
 from zorba_common.errors import ZorbaError
 from zorba_common.run_defaults import FEDAVG, RUN_MODES, ZORBA
 from zorba_lab.compare import processes_report as report
-from zorba_lab.compare.page import PROCESSES, processes_section, read_page, with_section
+from zorba_lab.compare.page import PROCESSES, processes_section
 from zorba_lab.federation import FederationPlan, FederationResult
 from zorba_lab.quickstart import DEFAULT_BUDGETS, plan_from_args
 from zorba_lab.quickstart import build_parser as quickstart_parser
@@ -344,12 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         log("no run finished: nothing to report")
         return 1
-    plots = report.write_plots(runs, args.results)
+    plots = save_plots(report.plots(runs), args.results)
     page = report.Page(header["setting"], header["command"], header["machine"], header["date"],
                        plots=plots, failures=tuple(f"rep {f['rep']} {f['mode']}: {f['error']}"
                                                    for f in failures))
-    args.results.write_text(with_section(read_page(args.results), PROCESSES, processes_section(
-        report.markdown(runs, page, args.results))), encoding="utf-8")
+    write_section(args.results, PROCESSES, processes_section(report.markdown(runs, page, args.results)))
     summaries = report.summarize(runs)
     result = {
         **report.headline(summaries), **header,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from results_page import write_section  # benchmarks/ (conftest.py)
+
 from zorba_lab.compare.page import (
     PROCESSES,
     PROCESSES_HEADING,
     SIMULATOR,
     processes_section,
-    read_page,
     split_page,
-    with_section,
 )
 
 LEGACY = """# ZorBA against its baselines, measured
@@ -30,17 +30,11 @@ Written by hand: fedavg wins.
 """
 
 
-def _write_section(page: Path, name: str, body: str) -> None:
-    """What a benchmark does with the page."""
-    page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text(with_section(read_page(page), name, body))
-
-
 def test_a_page_from_before_the_sections_keeps_its_figures_under_their_own_heading(
         tmp_path: Path) -> None:
     page = tmp_path / "results.md"
     page.write_text(LEGACY)
-    _write_section(page, SIMULATOR, "## On the simulator\n\nnew figures")
+    write_section(page, SIMULATOR, "## On the simulator\n\nnew figures")
     text = page.read_text()
     assert text.startswith("# ZorBA against its baselines, measured\n")
     assert text.count("# ZorBA against") == 1
@@ -53,9 +47,9 @@ def test_a_page_from_before_the_sections_keeps_its_figures_under_their_own_headi
 def test_rewriting_one_section_leaves_the_other_and_the_discussion(tmp_path: Path) -> None:
     page = tmp_path / "results.md"
     page.write_text(LEGACY)
-    _write_section(page, SIMULATOR, "## On the simulator\n\nfirst")
-    _write_section(page, SIMULATOR, "## On the simulator\n\nsecond")
-    _write_section(page, PROCESSES, processes_section("# Title\n\n## Per mode\n\nprocess figures"))
+    write_section(page, SIMULATOR, "## On the simulator\n\nfirst")
+    write_section(page, SIMULATOR, "## On the simulator\n\nsecond")
+    write_section(page, PROCESSES, processes_section("# Title\n\n## Per mode\n\nprocess figures"))
     sections, discussion = split_page(page.read_text())
     assert sections[SIMULATOR] == "## On the simulator\n\nsecond"
     assert sections[PROCESSES] == f"{PROCESSES_HEADING}\n\n### Per mode\n\nprocess figures"
@@ -65,7 +59,7 @@ def test_rewriting_one_section_leaves_the_other_and_the_discussion(tmp_path: Pat
 
 def test_a_new_page_gets_a_discussion_placeholder(tmp_path: Path) -> None:
     page = tmp_path / "new" / "results.md"
-    _write_section(page, SIMULATOR, "## On the simulator")
+    write_section(page, SIMULATOR, "## On the simulator")
     sections, discussion = split_page(page.read_text())
     assert list(sections) == [SIMULATOR]
     assert discussion is not None and "Placeholder" in discussion

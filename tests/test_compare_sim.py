@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from client_support import make_world, signal_examples
+from results_page import save_plots  # benchmarks/ (conftest.py)
 
 from zorba_edge.model.sources import open_source
 from zorba_lab.compare import stats
-from zorba_lab.compare.page import sim_markdown, write_sim_plots
+from zorba_lab.compare.page import sim_markdown, sim_plots
 from zorba_lab.compare.simulator import CompareSetting, SeedData, SeedResult, figures, run_comparison
 from zorba_server.config import config_from_dict
 from zorba_sim.fleet import fleet_from_counts
@@ -149,7 +150,7 @@ def test_a_tiny_comparison_produces_the_json_figures_page_and_plots(
     assert not any("[seed 0" in line for line in resumed_lines)
     assert any("[seed 1" in line for line in resumed_lines)
     assert figures(setting, resumed) == out
-    plots = write_sim_plots(setting, results, tmp_path / "results.md")
+    plots = save_plots(sim_plots(setting, results), tmp_path / "results.md")  # as the benchmark
     header = {"command": "test", "machine": "x", "date": "d", "setting": {"seeds": 2}}
     text = sim_markdown(setting, results, out, header, plots, tmp_path / "results.md")
     assert "fedavg was not among this run's modes" in text and "bootstrap" in text

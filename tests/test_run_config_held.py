@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from quickstart_sim import QuickstartRun  # benchmarks/ (conftest.py)
 
 from zorba_common import run_defaults
 from zorba_common.memory_model import BYTES_PER_PARAM
@@ -29,8 +30,6 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from quickstart_sim import QuickstartRun  # noqa: E402  (a benchmark's module, by its path)
 
 HARNESSES = (Settings, CompareSetting, FederationPlan, ClientAppSettings, ServerAppSettings,
              QuickstartRun, SimulationConfig)

@@ -134,9 +134,9 @@ class RoundRecord:
     """Batches of this round whose step the trust region scaled down (every client)."""
     lr: float | None = None
     """The round's step size (run.lr after the loss guard's and the plateaus' cuts)."""
-    check_loss: float | None = None
-    """The reporting clients' check-batch losses at the round's base version, weighted as
-    the loss guard weighs them."""
+    loss_check: float | None = None
+    """The reporting clients' `Report.loss_check` (check-batch loss at the round's base
+    version), weighted as the loss guard weighs them."""
 
 
 @dataclass
@@ -336,20 +336,20 @@ class Simulation:
         assigned = len(plan.clients)
         # The guard's own weights (each member's data size), not the examples of this round.
         check_weights = engine.sample_weights(cid for cid, _ in checks)
-        check_loss = _weighted_mean([(check_weights[cid], v) for cid, v in checks])
+        loss_check = _weighted_mean([(check_weights[cid], v) for cid, v in checks])
         return self._record(plan.round, closure.outcome.status, assigned, len(finished), dropped,
                             stragglers, _weighted_mean(losses), down_total / assigned,
                             up_total / assigned, started, shrunk, lr=plan.hyper.lr,
-                            check_loss=check_loss)
+                            loss_check=loss_check)
 
     def _record(self, round_: int, status: str, assigned: int, reports: int, dropped: int,
                 stragglers: int, loss: float | None, down: float, up: float,
                 started: float, shrunk_batches: int = 0, *, lr: float | None = None,
-                check_loss: float | None = None) -> RoundRecord:
+                loss_check: float | None = None) -> RoundRecord:
         record = RoundRecord(round_, status, self.engine.version, assigned, reports, dropped,
                              stragglers, self.clock, self.forwards, loss, down, up,
                              time.perf_counter() - started, shrunk_batches=shrunk_batches,
-                             lr=lr, check_loss=check_loss)
+                             lr=lr, loss_check=loss_check)
         published = record.version != (self.records[-1].version if self.records else 0)
         self.records.append(record)
         # Evaluated whenever the round moved the model: an applied round, or the loss guard's

@@ -18,6 +18,7 @@ from typing import Any
 
 from zorba_edge.client.fedavg import FORWARDS_PER_STEP
 from zorba_lab.compare import stats
+from zorba_lab.compare.plots import Plot, pyplot
 from zorba_lab.compare.processes_report import DISCUSSION, DISCUSSION_PLACEHOLDER, relative_link
 from zorba_lab.compare.simulator import CompareSetting, SeedResult
 
@@ -230,18 +231,13 @@ def sim_markdown(setting: CompareSetting, results: Sequence[SeedResult], figures
 # ---------------------------------------------------------------------------- plots
 
 
-def write_sim_plots(setting: CompareSetting, results: Sequence[SeedResult],
-                    results_path: Path) -> dict[str, Path]:
-    """Curve accuracy against virtual time and against forwards, beside the page
-    (<stem>_sim_accuracy_<axis>.png); empty when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on a server or in CI
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return {}
-    out = {}
+def sim_plots(setting: CompareSetting, results: Sequence[SeedResult]) -> list[Plot]:
+    """Curve accuracy against virtual time and against forwards (saved as
+    <page stem>_sim_accuracy_<axis>.png); empty when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        return []
+    out = []
     for axis, name in ((stats.TIME, "time"), (stats.FORWARDS, "forwards")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for mode in setting.modes:
@@ -265,9 +261,6 @@ def write_sim_plots(setting: CompareSetting, results: Sequence[SeedResult],
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        path = results_path.parent / f"{results_path.stem}_sim_accuracy_{name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        out[f"simulator: accuracy vs {AXIS_LABEL[axis]} (thin: each seed)"] = path
+        out.append(Plot(f"simulator: accuracy vs {AXIS_LABEL[axis]} (thin: each seed)",
+                        f"sim_accuracy_{name}", fig))
     return out
