@@ -27,6 +27,7 @@ from zorba_common.schema import ESTIMATORS, NORMALISED, ONE_SIDED, ZORBA
 from zorba_server.aggregation_rules import RULES, VOTING_RULES
 from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig
+from zorba_server.step_size import LR_SCALINGS
 
 try:
     import tomllib
@@ -71,7 +72,6 @@ class StorageConfig:
             raise ConfigError(f"storage.synchronous={self.synchronous!r}: use 'full' or 'normal'")
 
 
-LR_SCALINGS = ("dimension", "none")
 LR_SCALING_HELP = ("none: one lr for every client; dimension: lr x mean block size / the "
                    "parameters a client perturbs (docs/learning.md)")
 """run.lr_scaling's meaning, as every command that takes --lr-scaling explains it."""

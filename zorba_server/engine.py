@@ -62,11 +62,8 @@ from zorba_server.rounds import (
     slice_pool,
 )
 from zorba_server.scheduler import ClientSpec, Schedule, local_steps
+from zorba_server.step_size import StepSize
 
-# The step is multiplied by this for every round the loss guard rejects.
-LOSS_JUMP_BACKOFF = 0.5
-# ... and by this whenever the check losses have not improved for run.plateau_rounds rounds.
-PLATEAU_DECAY = 0.5
 
 @dataclass
 class OpenRound:
@@ -175,6 +172,8 @@ class RoundEngine:
         """Rounds without progress on the anchor, and the step cuts they made (after a
         restart: the cuts the last stored plan carries, counting afresh)."""
         self._previous: dict[str, frozenset[int]] = {}
+        self.step_size = StepSize(run.lr, run.lr_scaling, run.trust_radius)
+        """The one owner of the step size (zorba_server/step_size.py)."""
 
     # ------------------------------------------------------------------ the model and its table
 
@@ -204,23 +203,26 @@ class RoundEngine:
 
     def hyper(self) -> HyperParams:
         run = self.config.run
-        return HyperParams(run.lr * self.lr_factor(), run.mu, run.batch_size, run.seq_len,
-                           run.estimator, run.directions, run.trust_radius)
+        return HyperParams(self.step_size.round_lr(*self._cuts()), run.mu, run.batch_size,
+                           run.seq_len, run.estimator, run.directions, self.step_size.trust_radius)
+
+    def _cuts(self) -> tuple[int, int]:
+        """(rounds the loss guard rejected, plateau cuts): the rejections derived from the
+        history, the cuts carried by each round's plan, so a restarted server continues with
+        the same step."""
+        rejected = sum(1 for h in self.history if h.status == REJECTED)
+        return rejected, self._plateau.step_decays
 
     def lr_factor(self) -> float:
-        """Halved for every round the loss guard rejected (derived from the history) and for
-        every plateau (carried by each round's plan), so a restarted server continues with the
-        same step."""
-        rejected = sum(1 for h in self.history if h.status == REJECTED)
-        return LOSS_JUMP_BACKOFF ** rejected * PLATEAU_DECAY ** self._plateau.step_decays
+        """What the cuts have left of run.lr (StepSize.factor)."""
+        return self.step_size.factor(*self._cuts())
 
     def lr_scale(self, blocks: Sequence[int]) -> float:
-        """A client's step scale: mean block size / parameters it perturbs (docs/learning.md)."""
+        """A client's step scale (StepSize.client_scale)."""
         if self.config.run.lr_scaling == "none":
             return 1.0
         assert self.footprint is not None
-        params = self.footprint.block_params
-        return (sum(params) / len(params)) / sum(params[b] for b in blocks)
+        return self.step_size.client_scale(self.footprint.block_params, blocks)
 
     def run_info(self, run_id: str) -> RunInfo:
         run = self.config.run
@@ -458,7 +460,7 @@ class RoundEngine:
             if guard.rejection is not None:
                 outcome = dataclasses.replace(outcome, status=REJECTED, delta=None, message=(
                     f"{guard.rejection}; the step is halved to "
-                    f"{self.config.run.lr * self.lr_factor() * LOSS_JUMP_BACKOFF:.3g} for the next rounds"))
+                    f"{self.step_size.after_backoff(*self._cuts()):.3g} for the next rounds"))
                 plateau = Plateau(0, plateau.step_decays)
             else:
                 change = outcome.delta
@@ -484,7 +486,7 @@ class RoundEngine:
         assert self._anchor is not None
         cut = (f"the clients' check losses have not improved on version {self._anchor.version}'s "
                f"for {run.plateau_rounds} rounds: the step is cut to "
-               f"{run.lr * self.lr_factor() * PLATEAU_DECAY:.3g} for the next rounds")
+               f"{self.step_size.after_plateau(*self._cuts()):.3g} for the next rounds")
         return f"{outcome.message}; {cut}" if outcome.message else cut
 
     def _guard(self, checks: dict[str, float], weights: dict[str, float],
@@ -496,6 +498,7 @@ class RoundEngine:
         if tolerance <= 0 and run.plateau_rounds <= 0:
             return GuardResult()
         verdict = judge(self._anchor, checks, weights, tolerance) if self._anchor else None
+        rejected, decays = self._cuts()
         if tolerance > 0 and verdict is not None and verdict.regressed:
             anchor = self._anchor
             assert anchor is not None
@@ -503,7 +506,7 @@ class RoundEngine:
                 f"the clients' check loss rose from {verdict.before:.4g} (version "
                 f"{anchor.version}) to {verdict.now:.4g} (version {self.version}): this round is "
                 f"not applied and the table is rolled back to version {anchor.version}; the "
-                f"step is halved (x{self.lr_factor() * LOSS_JUMP_BACKOFF:g} of run.lr from the "
+                f"step is halved (x{self.step_size.factor(rejected + 1, decays):g} of run.lr from the "
                 "next round). Rounds rejected again and again mean run.lr is far too large for "
                 "this model: lower it, or use run.estimator = 'normalised', whose step does not "
                 "grow with the model's gradient scale (docs/learning.md)"))

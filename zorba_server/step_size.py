@@ -1,0 +1,68 @@
+"""The one owner of the zeroth-order step size (pure: no I/O, no clock).
+
+Every number that sets how far a round moves the model is decided here and nowhere else:
+
+    round lr   = run.lr x LOSS_JUMP_BACKOFF ** (rounds the loss guard rejected)
+                        x PLATEAU_DECAY ** (plateau cuts so far)
+    client lr  = round lr x client scale      (run.lr_scaling: 1, or mean block / its blocks)
+    local step = client lr x g x z, at most the trust region's length (run.trust_radius x the
+                 RMS of the client's perturbed weights; the client applies it, because only
+                 it holds the weights: zorba_edge.engine.zo.ZOConfig.for_round)
+
+The engine asks `StepSize` for the round's lr and each client's scale; `RoundPlan.client_lr`
+multiplies them; aggregation adds lr x scale x g per scalar, which is what the client moved.
+A restarted server recomputes the same step: the rejections come from the stored history and
+the plateau cuts from the last stored plan. docs/learning.md says why each factor exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+LOSS_JUMP_BACKOFF = 0.5
+"""The step is multiplied by this for every round the loss guard rejected."""
+PLATEAU_DECAY = 0.5
+"""... and by this whenever the check losses have not improved for run.plateau_rounds rounds."""
+LR_SCALINGS = ("dimension", "none")
+"""run.lr_scaling's choices: `none` one lr for every client; `dimension` lr x mean block size /
+the parameters a client perturbs."""
+
+
+@dataclass(frozen=True)
+class StepSize:
+    """The run's step-size settings (from RunConfig) and the rules that turn them into steps."""
+
+    lr: float
+    """run.lr: the step before any cut (with `dimension` scaling: a one-average-block client's)."""
+    scaling: str = "none"
+    trust_radius: float = 0.0
+    """Passed to clients in HyperParams; each applies it to its own weights' scale."""
+
+    def __post_init__(self) -> None:
+        if self.scaling not in LR_SCALINGS:
+            raise ValueError(f"lr scaling {self.scaling!r}: use one of {', '.join(LR_SCALINGS)}")
+
+    @staticmethod
+    def factor(rejected_rounds: int, step_decays: int) -> float:
+        """What the loss guard's rollbacks and the plateau cuts have left of run.lr."""
+        return LOSS_JUMP_BACKOFF ** rejected_rounds * PLATEAU_DECAY ** step_decays
+
+    def round_lr(self, rejected_rounds: int, step_decays: int) -> float:
+        """The lr a round opens with (the one every client's scale multiplies)."""
+        return self.lr * self.factor(rejected_rounds, step_decays)
+
+    def client_scale(self, block_params: Sequence[int], blocks: Sequence[int]) -> float:
+        """A client's step scale: 1, or mean block size / the parameters it perturbs
+        (docs/learning.md, "Step size by perturbed dimension")."""
+        if self.scaling == "none":
+            return 1.0
+        return (sum(block_params) / len(block_params)) / sum(block_params[b] for b in blocks)
+
+    def after_backoff(self, rejected_rounds: int, step_decays: int) -> float:
+        """The round lr once one more rejection has halved it (what a rejection message says)."""
+        return self.round_lr(rejected_rounds + 1, step_decays)
+
+    def after_plateau(self, rejected_rounds: int, step_decays: int) -> float:
+        """The round lr once one more plateau cut has applied (what a cut message says)."""
+        return self.round_lr(rejected_rounds, step_decays + 1)
