@@ -111,6 +111,11 @@ class RunConfig:
     """Tokens per example."""
     round_duration_s: float = 300.0
     """From a round's opening to its deadline; local steps are sized to fit it."""
+    report_grace_s: float = 5.0
+    """How long after its deadline a round still takes reports before it closes (when one is
+    missing): clients plan their steps to end before the deadline, and a report already on its
+    way then (its upload, the server's store) still counts rather than being thrown away
+    (issue 26, item 6: 3 of 18 reports were, one with all of its planned steps done)."""
     min_reports: int = 1
     """Fewer reports by the deadline: the round applies nothing and is re-run."""
     min_clients: int = 1
@@ -203,6 +208,8 @@ class RunConfig:
             (self.batch_size >= 1 and self.seq_len >= 1,
              "run.batch_size and run.seq_len must be >= 1"),
             (self.round_duration_s > 0, "run.round_duration_s must be > 0"),
+            (math.isfinite(self.report_grace_s) and self.report_grace_s >= 0,
+             "run.report_grace_s must be a finite number >= 0"),
             (self.min_reports >= 1, "run.min_reports must be >= 1"),
             (self.min_clients >= 1, "run.min_clients must be >= 1"),
             (self.max_rounds >= 0, "run.max_rounds must be >= 0 (0: no limit)"),

@@ -392,7 +392,7 @@ class RoundEngine:
         if client_id in r.received:
             raise errors.conflict("already_reported",
                                   f"client {client_id} already reported for round {round_}")
-        if now >= r.plan.deadline:
+        if now >= self.closes_at(r.plan):
             raise round_closed(round_)
         check_report(r.plan, client_id, report, max_abs_scalar=self.config.aggregation.max_abs_scalar,
                      weights_only=self.weights_only)
@@ -424,14 +424,21 @@ class RoundEngine:
 
     # ------------------------------------------------------------------ closing a round
 
+    def closes_at(self, plan: RoundPlan) -> float:
+        """When a round closes at the latest: its deadline plus run.report_grace_s, so that a
+        report already on its way at the deadline (a client that planned its steps to end by
+        then, and the upload and the store after them) still counts (issue 26, item 6)."""
+        return plan.deadline + self.config.run.report_grace_s
+
     def due(self, now: float, *, committing: bool = False) -> bool:
-        """The open round should close: every assigned client reported (or left), or the deadline
-        passed. `committing`: reports are still being committed (a durable shell's); the round
-        waits for them until its deadline (a close then waits for the commits to land)."""
+        """The open round should close: every assigned client reported (or left), or its
+        closing time passed (`closes_at`). `committing`: reports are still being committed (a
+        durable shell's); the round waits for them until then (a close then waits for the
+        commits to land)."""
         r = self.open
         if r is None:
             return False
-        if now >= r.plan.deadline:
+        if now >= self.closes_at(r.plan):
             return True
         # A client that left or was dropped will not report: no waiting.
         waiting = [cid for cid in r.plan.clients if cid not in r.received
@@ -439,9 +446,10 @@ class RoundEngine:
         return not waiting and not committing
 
     def time_left(self, now: float) -> float | None:
-        """Seconds until the open round's deadline (0 once it passed); None: no round is open."""
+        """Seconds until the open round closes at the latest (0 once it passed; `closes_at`);
+        None: no round is open."""
         r = self.open
-        return None if r is None else max(0.0, r.plan.deadline - now)
+        return None if r is None else max(0.0, self.closes_at(r.plan) - now)
 
     def decide_close(self, now: float) -> RoundClosure:
         """What closing the open round changes; nothing is applied yet."""

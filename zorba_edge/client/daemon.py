@@ -187,6 +187,9 @@ class ClientDaemon:
         self.rounds_reported = 0
         self._upload_s = INITIAL_UPLOAD_S
         """How long the last weight upload took (fedavg)."""
+        self._report_s = 0.0
+        """How long the last report took to be acknowledged (its upload and the server's
+        store): kept free before the deadline."""
         self._last_step_s = 0.0
         """The last round's time per local step (0 before the first: `step_estimate_s`)."""
         self._forward_s = 0.0
@@ -369,7 +372,12 @@ class ClientDaemon:
         assert self.trainer is not None
         loop = asyncio.get_running_loop()
         deadline_at = loop.time() + assignment.deadline_in_s
-        budget_s = assignment.deadline_in_s - self.settings.deadline_margin_s
+        # The report must reach the server before it closes the round: keep the margin, or
+        # twice the last round's time from the steps' end to the ack when that is longer (at
+        # most half the round). The server also takes reports for run.report_grace_s after
+        # the deadline, for a report that is on its way all the same.
+        budget_s = assignment.deadline_in_s - max(
+            self.settings.deadline_margin_s, min(2 * self._report_s, assignment.deadline_in_s / 2))
         # A step in progress runs to its end, and the report (and fedavg's upload) must land
         # before the deadline too: steps start only while they should end in time (judged by
         # this round's own step times), and fedavg keeps twice its last upload time (at most
@@ -437,10 +445,12 @@ class ClientDaemon:
             if uploaded != "reported":
                 self._notify(assignment, outcome, uploaded)
                 return
+        posted_at = loop.time()
         report = outcome.report(assignment, uuid.uuid4().hex)
         status = await self._post_report(assignment.round, report)
         if status == "reported":
             self.rounds_reported += 1
+            self._report_s = loop.time() - posted_at
         self._notify(assignment, outcome, status)
 
     async def _fetch_weights(self, assignment: Assignment) -> bool:
