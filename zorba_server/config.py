@@ -73,7 +73,8 @@ class StorageConfig:
 
 
 LR_SCALING_HELP = ("none: one lr for every client; dimension: lr x mean block size / the "
-                   "parameters a client perturbs (docs/learning.md)")
+                   "parameters a client perturbs; energy: lr x the measured E[g^2] of all blocks "
+                   "/ that of the client's blocks (docs/learning.md)")
 """run.lr_scaling's meaning, as every command that takes --lr-scaling explains it."""
 TRUST_RADIUS_HELP = ("the trust region: the longest RMS move per perturbed parameter of one "
                      "batch's step, as a fraction of the perturbed weights' RMS; longer steps "

@@ -38,6 +38,7 @@ from zorba_common.schema import (
 )
 from zorba_server import calibration, errors
 from zorba_server.aggregation import RoundDelta, apply_delta
+from zorba_server.block_energy import BlockEnergy
 from zorba_server.config import ServerConfig
 from zorba_server.loss_guard import (
     Anchor,
@@ -174,6 +175,9 @@ class RoundEngine:
         self._previous: dict[str, frozenset[int]] = {}
         self.step_size = StepSize(run.lr, run.lr_scaling, run.trust_radius)
         """The one owner of the step size (zorba_server/step_size.py)."""
+        self.energy: BlockEnergy | None = None
+        """Per-block E[g^2] from the reported scalars (zorba_server/block_energy.py; None until
+        the model is pinned)."""
 
     # ------------------------------------------------------------------ the model and its table
 
@@ -184,6 +188,7 @@ class RoundEngine:
         if alpha is None:
             alpha = np.zeros((self.pool_size, footprint.num_blocks))
         self.fingerprint, self.footprint, self.alpha = fingerprint, footprint, alpha
+        self.energy = BlockEnergy(footprint.block_params)
         return alpha
 
     def pin_first(self, profile: DeviceProfile) -> np.ndarray | None:
@@ -222,7 +227,9 @@ class RoundEngine:
         if self.config.run.lr_scaling == "none":
             return 1.0
         assert self.footprint is not None
-        return self.step_size.client_scale(self.footprint.block_params, blocks)
+        energy = self.energy.estimate() if self.energy is not None else None
+        return self.step_size.client_scale(self.footprint.block_params, blocks,
+                                           None if energy is None else energy.tolist())
 
     def run_info(self, run_id: str) -> RunInfo:
         run = self.config.run
@@ -539,6 +546,11 @@ class RoundEngine:
 
     def apply_close(self, closure: RoundClosure) -> None:
         plan, outcome = closure.plan, closure.outcome
+        if self.open is not None and self.open.plan.round == plan.round and self.energy is not None:
+            # Every report's scalars measured the round's base model, whatever the round's fate.
+            for cid, rec in sorted(self.open.received.items()):
+                self.energy.observe(plan.round, plan.clients[cid].blocks,
+                                    [g for _, g in rec.report.steps])
         if closure.delta is not None and closure.alpha is not None:
             self.alpha, self.version = closure.alpha, closure.delta.version
             self.deltas.append(closure.delta)

@@ -4,7 +4,8 @@ Every number that sets how far a round moves the model is decided here and nowhe
 
     round lr   = run.lr x LOSS_JUMP_BACKOFF ** (rounds the loss guard rejected)
                         x PLATEAU_DECAY ** (plateau cuts so far)
-    client lr  = round lr x client scale      (run.lr_scaling: 1, or mean block / its blocks)
+    client lr  = round lr x client scale      (run.lr_scaling: 1; mean block / its blocks;
+                                               or all blocks' energy / its blocks' energy)
     local step = client lr x g x z, at most the trust region's length (run.trust_radius x the
                  RMS of the client's perturbed weights; the client applies it, because only
                  it holds the weights: zorba_edge.engine.zo.ZOConfig.for_round)
@@ -24,9 +25,13 @@ LOSS_JUMP_BACKOFF = 0.5
 """The step is multiplied by this for every round the loss guard rejected."""
 PLATEAU_DECAY = 0.5
 """... and by this whenever the check losses have not improved for run.plateau_rounds rounds."""
-LR_SCALINGS = ("dimension", "none")
+LR_SCALINGS = ("dimension", "energy", "none")
 """run.lr_scaling's choices: `none` one lr for every client; `dimension` lr x mean block size /
-the parameters a client perturbs."""
+the parameters a client perturbs; `energy` lr x the estimated gradient energy of all blocks /
+that of the client's blocks (zorba_server/block_energy.py)."""
+MAX_ENERGY_SCALE = 100.0
+"""The largest `energy` scale: a client holding one block of little energy would otherwise get
+hundreds of times the step (the trust region bounds its length; this bounds it without one)."""
 
 
 @dataclass(frozen=True)
@@ -52,12 +57,24 @@ class StepSize:
         """The lr a round opens with (the one every client's scale multiplies)."""
         return self.lr * self.factor(rejected_rounds, step_decays)
 
-    def client_scale(self, block_params: Sequence[int], blocks: Sequence[int]) -> float:
-        """A client's step scale: 1, or mean block size / the parameters it perturbs
-        (docs/learning.md, "Step size by perturbed dimension")."""
+    def client_scale(self, block_params: Sequence[int], blocks: Sequence[int],
+                     energy: Sequence[float] | None = None) -> float:
+        """A client's step scale: 1 (`none`); mean block size / the parameters it perturbs
+        (`dimension`; docs/learning.md, "Step size by perturbed dimension"); or (`energy`) the
+        gradient energy of all blocks / that of its blocks, at most MAX_ENERGY_SCALE, so that
+        `lr` is the step of a client perturbing every block and a client's step falls as the
+        E[g^2] of what it perturbs grows (docs/learning.md, "Gradient energy per block": with
+        the curvature proportional to the energy, the best step is 1 / (c E[g^2])). Before any
+        energy is measured (`energy` None or all zero), parameter counts stand in for it."""
         if self.scaling == "none":
             return 1.0
-        return (sum(block_params) / len(block_params)) / sum(block_params[b] for b in blocks)
+        if self.scaling == "dimension":
+            return (sum(block_params) / len(block_params)) / sum(block_params[b] for b in blocks)
+        weights = list(energy) if energy is not None and sum(energy) > 0 else list(block_params)
+        held = sum(weights[b] for b in blocks)
+        if held <= 0:
+            return MAX_ENERGY_SCALE
+        return min(sum(weights) / held, MAX_ENERGY_SCALE)
 
     def after_backoff(self, rejected_rounds: int, step_decays: int) -> float:
         """The round lr once one more rejection has halved it (what a rejection message says)."""
