@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from engine_fakes import engine, join, open_next, received
 
 from zorba_server.block_energy import BlockEnergy
+from zorba_server.status_page import render
+from zorba_server.status_view import run_status
 from zorba_server.step_size import MAX_ENERGY_SCALE, StepSize
 
 
@@ -55,3 +60,17 @@ def test_energy_scaling_steps_a_client_by_all_blocks_energy_over_its_own() -> No
     assert step.client_scale(params, [2], [1.0, 3.0, 4.0]) == pytest.approx(2.0)
     assert step.client_scale(params, [0], None) == pytest.approx(4.0)  # parameter counts stand in
     assert step.client_scale(params, [0], [1e-9, 3.0, 4.0]) == MAX_ENERGY_SCALE
+
+
+def test_a_closed_rounds_scalars_reach_the_status_page(tmp_path: Path) -> None:
+    e = engine(tmp_path, min_clients=2, lr_scaling="energy")
+    join(e, "a"), join(e, "b")
+    plan = open_next(e)
+    for cid in ("a", "b"):
+        e.accept_report(received(e, cid, [2.0] * len(plan.assignment_for(cid, 0.0).pool_indices)))
+    e.apply_close(e.decide_close(now=1.0))
+    status = run_status(e, "run", {}, now=1.0)
+    assert status["block_energy"]["rows"] == 2
+    held = sorted({b for p in plan.clients.values() for b in p.blocks})
+    assert sum(status["block_energy"]["e_g2"][b] for b in held) > 0
+    assert "Gradient energy per block" in render(status)
