@@ -148,7 +148,9 @@ class RunConfig:
     """`none`: one lr for every client; `dimension`: each client's step is lr x (mean block
     size / parameters it perturbs), so `lr` is the step of a client holding one average block
     and every client moves the loss alike. `dimension` at lr 2.6e-3 lowered the held-out loss
-    faster but did not raise accuracy, so it is not the default (docs/learning.md)."""
+    faster but did not raise accuracy, so it is not the default (docs/learning.md). `energy`:
+    lr x (estimated E[g^2] of all blocks / that of the client's blocks), so `lr` is the step of
+    a client perturbing every block (docs/learning.md, "Gradient energy per block")."""
     loss_jump_tolerance: float = 0.5
     """The loss guard: a round whose clients' check-batch losses stand more than this fraction
     above theirs at the last version whose losses did not rise is not applied, and the table
