@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zorba_edge.client.daemon import step_budget_s
 from zorba_edge.engine.zo import ZOConfig, weight_scale
 from zorba_server.step_size import LOSS_JUMP_BACKOFF, PLATEAU_DECAY, StepSize
 
@@ -32,3 +33,10 @@ def test_the_clients_local_config_multiplies_lr_by_the_directions_and_scales_the
     assert config.lr == pytest.approx(4e-4) and config.mu == 1e-3
     assert config.max_move == pytest.approx(0.03 * weight_scale(blocks)) and weight_scale(blocks) == 0.5
     assert ZOConfig.for_round(1e-4, 1e-3, 1, 0.0, blocks, 1e6).max_move == 0.0
+
+
+def test_the_step_budget_keeps_the_reports_round_trip_and_the_upload_free() -> None:
+    assert step_budget_s(30.0, 1.0, 0.0) == 29.0  # no report yet: the margin
+    assert step_budget_s(30.0, 1.0, 3.0) == 24.0  # twice the last report's round trip
+    assert step_budget_s(30.0, 1.0, 60.0) == 15.0  # at most half the round
+    assert step_budget_s(30.0, 1.0, 3.0, upload_s=2.0) == 20.0  # fedavg's upload on top
