@@ -74,3 +74,8 @@ def test_a_closed_rounds_scalars_reach_the_status_page(tmp_path: Path) -> None:
     held = sorted({b for p in plan.clients.values() for b in p.blocks})
     assert sum(status["block_energy"]["e_g2"][b] for b in held) > 0
     assert "Gradient energy per block" in render(status)
+    # the next round's energy step reads the new estimate
+    assert e.energy is not None and e.footprint is not None
+    energy = e.energy.estimate()
+    assert e.lr_scale([held[0]]) == pytest.approx(
+        min(energy.sum() / energy[held[0]], MAX_ENERGY_SCALE))
