@@ -93,6 +93,31 @@ def test_the_time_left_counts_down_to_the_open_rounds_deadline(tmp_path: Path) -
     assert e.time_left(now=15.0) == 20.0 and e.time_left(now=40.0) == 0.0
 
 
+def test_a_report_on_its_way_at_the_deadline_counts_within_the_grace(tmp_path: Path) -> None:
+    e = engine(tmp_path, min_clients=2, round_duration_s=30.0, report_grace_s=5.0)
+    join(e, "a"), join(e, "b")
+    plan = open_next(e)
+    e.accept_report(received(e, "a"))
+    # b is still missing at the deadline: the round waits the grace for it
+    assert not e.due(now=plan.deadline) and e.time_left(now=plan.deadline) == 5.0
+    late = received(e, "b")
+    e.check_report("b", plan.round, late.report, now=plan.deadline + 4.0)
+    e.accept_report(late)
+    assert e.due(now=plan.deadline + 4.0)
+    assert e.decide_close(now=plan.deadline + 4.0).outcome.reports == 2
+
+
+def test_a_report_after_the_grace_is_refused_and_the_round_closes_without_it(
+        tmp_path: Path) -> None:
+    e = engine(tmp_path, min_clients=2, round_duration_s=30.0, report_grace_s=5.0)
+    join(e, "a"), join(e, "b")
+    plan = open_next(e)
+    e.accept_report(received(e, "a"))
+    assert e.due(now=plan.deadline + 5.0)
+    with pytest.raises(Conflict, match="closed"):
+        e.check_report("b", plan.round, received(e, "b").report, now=plan.deadline + 5.0)
+
+
 def test_a_report_for_a_round_that_is_not_open_is_unknown_or_closed(tmp_path: Path) -> None:
     e = engine(tmp_path)
     join(e, "a"), join(e, "b")

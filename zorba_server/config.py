@@ -28,6 +28,7 @@ from zorba_server.aggregation_rules import RULES, VOTING_RULES
 from zorba_server.enrolment import MIN_SECRET_CHARS
 from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig
+from zorba_server.step_size import LR_SCALINGS
 
 try:
     import tomllib
@@ -72,9 +73,9 @@ class StorageConfig:
             raise ConfigError(f"storage.synchronous={self.synchronous!r}: use 'full' or 'normal'")
 
 
-LR_SCALINGS = ("dimension", "none")
 LR_SCALING_HELP = ("none: one lr for every client; dimension: lr x mean block size / the "
-                   "parameters a client perturbs")
+                   "parameters a client perturbs; energy: lr x the measured E[g^2] of all blocks "
+                   "/ that of the client's blocks (docs/learning.md)")
 """run.lr_scaling's meaning, as every command that takes --lr-scaling explains it."""
 TRUST_RADIUS_HELP = ("the trust region: the longest RMS move per perturbed parameter of one "
                      "batch's step, as a fraction of the perturbed weights' RMS; longer steps "
@@ -112,6 +113,11 @@ class RunConfig:
     """Tokens per example."""
     round_duration_s: float = 300.0
     """From a round's opening to its deadline; local steps are sized to fit it."""
+    report_grace_s: float = 5.0
+    """How long after its deadline a round still takes reports before it closes (when one is
+    missing): clients plan their steps to end before the deadline, and a report already on its
+    way then (its upload, the server's store) still counts rather than being thrown away
+    (issue 26, item 6: 3 of 18 reports were, one with all of its planned steps done)."""
     min_reports: int = 1
     """Fewer reports by the deadline: the round applies nothing and is re-run."""
     min_clients: int = 1
@@ -143,7 +149,9 @@ class RunConfig:
     """`none`: one lr for every client; `dimension`: each client's step is lr x (mean block
     size / parameters it perturbs), so `lr` is the step of a client holding one average block
     and every client moves the loss alike. `dimension` at lr 2.6e-3 lowered the held-out loss
-    faster but did not raise accuracy, so it is not the default (docs/learning.md)."""
+    faster but did not raise accuracy, so it is not the default (docs/learning.md). `energy`:
+    lr x (estimated E[g^2] of all blocks / that of the client's blocks), so `lr` is the step of
+    a client perturbing every block (docs/learning.md, "Gradient energy per block")."""
     loss_jump_tolerance: float = 0.5
     """The loss guard: a round in which a majority of the clients (by count and by sample
     weight) see their check-batch loss stand more than this fraction above theirs at the last
@@ -208,6 +216,8 @@ class RunConfig:
             (self.batch_size >= 1 and self.seq_len >= 1,
              "run.batch_size and run.seq_len must be >= 1"),
             (self.round_duration_s > 0, "run.round_duration_s must be > 0"),
+            (math.isfinite(self.report_grace_s) and self.report_grace_s >= 0,
+             "run.report_grace_s must be a finite number >= 0"),
             (self.min_reports >= 1, "run.min_reports must be >= 1"),
             (self.min_clients >= 1, "run.min_clients must be >= 1"),
             (self.max_rounds >= 0, "run.max_rounds must be >= 0 (0: no limit)"),

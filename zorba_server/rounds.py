@@ -27,8 +27,11 @@ from zorba_server import errors
 from zorba_server.aggregation import Contribution, RoundDelta, aggregate, check_scalars
 from zorba_server.config import AggregationConfig
 
-APPLIED, FAILED, REJECTED, OPEN = "applied", "failed", "rejected", "open"
-"""`rejected`: enough reports, but the loss jumped; nothing applied and the step is halved."""
+# Re-exported: a round's record and its readers name the statuses through this module.
+from zorba_server.round_status import APPLIED as APPLIED  # noqa: I001
+from zorba_server.round_status import FAILED as FAILED
+from zorba_server.round_status import OPEN as OPEN
+from zorba_server.round_status import REJECTED as REJECTED
 
 
 @dataclass(frozen=True)

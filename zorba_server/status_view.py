@@ -49,6 +49,7 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
         "state": "round open" if r is not None else engine.idle_reason,
         "current_round": current,
         "block_coverage": coverage,
+        "block_energy": _block_energy(engine),
         "clients": [
             {"client_id": m.client_id, "name": m.profile.name,
              "device": m.profile.device_type, "budget_bytes": m.profile.memory_budget_bytes,
@@ -82,3 +83,11 @@ def _round_bytes(traffic: ClientTraffic | None) -> dict[str, int | None]:
     last = traffic.last_round if traffic is not None else None
     return {"last_round_bytes_up": last.up if last is not None else None,
             "last_round_bytes_down": last.down if last is not None else None}
+
+
+def _block_energy(engine: RoundEngine) -> dict[str, Any]:
+    """Each block's estimated E[g_b^2] (zorba_server/block_energy.py) and the rows behind it."""
+    energy = engine.energy
+    if energy is None:
+        return {"e_g2": [], "rows": 0}
+    return {"e_g2": [float(v) for v in energy.estimate()], "rows": len(energy.rows)}

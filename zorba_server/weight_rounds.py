@@ -42,7 +42,7 @@ class WeightRounds:
     async def receive(self, r: OpenRound | None, round_: int, client_id: str, *, busy: bool,
                       reported: bool, now: float, chunks: AsyncIterable[bytes]) -> int:
         """A client's trained weights for the open round `r` (`busy`: it is closing)."""
-        if r is None or r.plan.round != round_ or busy or now >= r.plan.deadline:
+        if r is None or r.plan.round != round_ or busy or now >= self._engine.closes_at(r.plan):
             raise round_closed(round_)
         if client_id not in r.plan.clients:
             raise errors.conflict("not_assigned",

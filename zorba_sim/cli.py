@@ -373,6 +373,8 @@ def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots:
         "forwards": sim.forwards,
         "reference_step_s": sim.reference_step_s,
         "alpha_hash": sim.alpha_hash(),
+        "block_energy": ([] if sim.engine.energy is None
+                         else [float(v) for v in sim.engine.energy.estimate()]),
         "device": sim.config.device,
         "wall_s": wall_s,
         "plots": plots or "none: matplotlib is not installed (pip install 'zorba-edge[lab]')",

@@ -328,7 +328,8 @@ class Simulation:
             losses.append((float(report.num_samples), report.loss_mean))
             if report.loss_check is not None:
                 checks.append((cid, report.loss_check))
-        close_at = max(finished.values()) if len(finished) == len(plan.clients) else plan.deadline
+        close_at = (max(finished.values()) if len(finished) == len(plan.clients)
+                    else engine.closes_at(plan))
         closure = engine.decide_close(close_at)
         engine.apply_close(closure)
         training.close(closure, engine)

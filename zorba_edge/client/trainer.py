@@ -36,7 +36,7 @@ from zorba_edge.engine.coefficients import (
 )
 from zorba_edge.engine.directions import BlockTensors
 from zorba_edge.engine.snapshot import RoundSnapshot, Snapshot, SnapshotBuffers, SpilledSnapshot
-from zorba_edge.engine.zo import ESTIMATORS, MIN_DIRECTIONS, ZOConfig, weight_scale
+from zorba_edge.engine.zo import ESTIMATORS, MIN_DIRECTIONS, ZOConfig
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, release_freed_memory
 from zorba_edge.model.progress import Progress, tracked
 from zorba_edge.model.sources import ModelSource
@@ -290,10 +290,8 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
     """
     hyper = assignment.hyper
     n = hyper.directions
-    # The estimators move theta by -(lr / n) sum g_i z_i; each scalar here is worth lr * g.
-    config = ZOConfig(mu=hyper.mu, lr=hyper.lr * n, max_abs_grad=run.max_abs_scalar,
-                      max_move=hyper.trust_radius * weight_scale(blocks)
-                      if hyper.trust_radius > 0 else 0.0)
+    config = ZOConfig.for_round(hyper.lr, hyper.mu, n, hyper.trust_radius, blocks,
+                                run.max_abs_scalar)
     estimate = ESTIMATORS[hyper.estimator]
     steps: list[tuple[int, float]] = []
     losses: list[float] = []

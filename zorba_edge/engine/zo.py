@@ -85,6 +85,17 @@ class ZOConfig:
         if not (math.isfinite(self.max_move) and self.max_move >= 0):
             raise ValueError(f"max_move must be a non-negative finite number, got {self.max_move!r}")
 
+    @staticmethod
+    def for_round(lr: float, mu: float, directions: int, trust_radius: float,
+                  blocks: BlockTensors, max_abs_grad: float) -> ZOConfig:
+        """The local steps' settings for a round: the client's side of the step size, whose
+        server side is zorba_server/step_size.py. `lr` is what the server told this client
+        (it adds lr x g per scalar); the estimators move theta by (lr' / n) sum g_i z_i, so
+        lr' = lr x n. The trust region is `trust_radius` x the RMS of the blocks' weights,
+        which only the client holds."""
+        return ZOConfig(mu=mu, lr=lr * directions, max_abs_grad=max_abs_grad,
+                        max_move=trust_radius * weight_scale(blocks) if trust_radius > 0 else 0.0)
+
 
 @dataclass(frozen=True)
 class StepResult:
