@@ -65,9 +65,14 @@ def test_a_run_writes_its_summary_rounds_plots_and_checkpoint(
     assert len(summary["alpha_hash"]) == 64
     assert summary["final_accuracy"] == summary["rounds"][-1]["accuracy"] is not None
     assert 0.0 <= summary["base_accuracy"] <= 1.0
+    # The bias floor stands beside every accuracy: in base.json, the summary and each row.
+    floor = summary["acc_bias_floor"]
+    assert 0.0 <= floor <= 1.0
+    assert json.loads((out / "base.json").read_text())["acc_bias_floor"] == floor
     with (out / "rounds.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    assert {float(r["acc_bias_floor"]) for r in rows} == {floor}
     assert (out / "checkpoint" / "LATEST").read_text() == "round-000003"
     try:
         import matplotlib  # noqa: F401

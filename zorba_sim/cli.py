@@ -327,7 +327,8 @@ def default_device() -> str:
 
 
 def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots: list[str],
-            model: str, eval_examples: int, base_accuracy: float | None) -> dict[str, Any]:
+            model: str, eval_examples: int, base_accuracy: float | None,
+            acc_bias_floor: float | None = None) -> dict[str, Any]:
     from zorba_sim.results import final_accuracy, records_as_dicts
 
     accuracy, measured_after = final_accuracy(sim.records)
@@ -346,6 +347,7 @@ def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots:
         "rounds_run": len(sim.records),
         "applied_rounds": applied_rounds(sim),
         "base_accuracy": base_accuracy,
+        "acc_bias_floor": acc_bias_floor,
         "final_accuracy": accuracy,
         "final_accuracy_after_round": measured_after,
         "virtual_time_s": sim.clock,
@@ -361,14 +363,15 @@ def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots:
 
 def write_results(out: Path, sim: Any, settings: Settings, fleet: Fleet, wall_s: float,
                   model: str, eval_examples: int, base_accuracy: float | None, *,
-                  plots: bool) -> list[str]:
+                  plots: bool, acc_bias_floor: float | None = None) -> list[str]:
     from zorba_sim.results import ROUNDS_CSV, SUMMARY, write_json, write_plots, write_rounds_csv
 
     title = f"{settings.mode}, {len(sim.clients)} devices"
     written = write_plots(out, sim.records, title, base_accuracy) if plots else []
     write_json(out / SUMMARY, summary(sim, settings, fleet, wall_s=wall_s, plots=written, model=model,
-                                     eval_examples=eval_examples, base_accuracy=base_accuracy))
-    write_rounds_csv(out / ROUNDS_CSV, sim.records)
+                                     eval_examples=eval_examples, base_accuracy=base_accuracy,
+                                     acc_bias_floor=acc_bias_floor))
+    write_rounds_csv(out / ROUNDS_CSV, sim.records, acc_bias_floor)
     return written
 
 
@@ -428,11 +431,12 @@ def run(args: argparse.Namespace) -> int:
     if not base_file.exists() and not (checkpoint / "LATEST").exists():
         # The base model's accuracy (before any checkpoint moves the model): the curves'
         # starting point, at round 0 with no forward pass spent.
-        write_json(base_file, {"accuracy": sim.evaluate()[0]})
+        write_json(base_file, {"accuracy": sim.evaluate()[0], "acc_bias_floor": sim.bias_floor()})
     if args.resume is not None and not sim.load_checkpoint(checkpoint):
         print(f"zorba-simulate: no checkpoint in {checkpoint} yet: starting the run afresh",
               file=sys.stderr)
-    base_accuracy = json.loads(base_file.read_text())["accuracy"] if base_file.exists() else None
+    base = json.loads(base_file.read_text()) if base_file.exists() else {}
+    base_accuracy, acc_bias_floor = base.get("accuracy"), base.get("acc_bias_floor")
     model = str(source.path)
     print(f"zorba-simulate: {settings.mode}, {len(sim.clients)} virtual devices, "
           f"{sim.loaded.num_blocks} blocks, step {sim.reference_step_s:.3f} s on this machine "
@@ -443,18 +447,20 @@ def run(args: argparse.Namespace) -> int:
         show(record)
         # Cheap enough every round: a killed run leaves results up to its last checkpoint.
         write_results(out, sim, settings, fleet, time.perf_counter() - started, model,
-                      len(heldout), base_accuracy, plots=False)
+                      len(heldout), base_accuracy, plots=False, acc_bias_floor=acc_bias_floor)
 
     with progress_display(settings.rounds, len(sim.records), live=live) as show:
         sim.run(progress=after_round, checkpoint_dir=checkpoint)
     plots = write_results(out, sim, settings, fleet, time.perf_counter() - started, model,
-                      len(heldout), base_accuracy, plots=True)
+                      len(heldout), base_accuracy, plots=True, acc_bias_floor=acc_bias_floor)
     from zorba_sim.results import final_accuracy
 
     accuracy, _ = final_accuracy(sim.records)
     print(f"zorba-simulate: {len(sim.records)} rounds ({applied_rounds(sim)} applied), virtual "
           f"time {sim.clock:,.0f} s, {sim.forwards:,} forward passes, held-out accuracy "
-          + (f"{accuracy:.3f}" if accuracy is not None else "not measured"), file=sys.stderr)
+          + (f"{accuracy:.3f}" if accuracy is not None else "not measured")
+          + (f" (bias floor {acc_bias_floor:.3f})" if acc_bias_floor is not None else ""),
+          file=sys.stderr)
     if not plots:
         print("zorba-simulate: no plots: matplotlib is not installed (pip install "
               "'zorba-edge[demo]')", file=sys.stderr)

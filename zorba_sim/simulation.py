@@ -57,6 +57,7 @@ from zorba_edge.client.local_task import LocalTask
 from zorba_edge.data.examples import ClassificationExample
 from zorba_edge.data.splits import dirichlet_label_split
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
+from zorba_edge.engine.bias_floor import FIT_EXAMPLES, bias_floor_accuracy, score_examples
 from zorba_edge.engine.directions import BlockTensors
 from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model
@@ -375,6 +376,20 @@ class Simulation:
     def evaluate(self) -> tuple[float, float]:
         result = evaluate_classification(self.loaded.model, self.heldout)
         return result.accuracy, result.loss
+
+    def bias_floor(self, fit_examples: int = FIT_EXAMPLES, batch_size: int = 16) -> float:
+        """The held-out accuracy of the model as it stands with one offset per label fitted on
+        a seeded sample of the clients' training examples (engine/bias_floor.py). Called on
+        the base model, before a round moves it; no client's batch order moves."""
+        examples = [e for client in self.clients.values() for e in client.task.examples]
+        order = np.random.default_rng([self.config.data_seed, 1]).permutation(len(examples))
+        some = next(iter(self.clients.values())).task
+        task = LocalTask([examples[int(i)] for i in np.sort(order[:fit_examples])],
+                         some.tokenizer, some.template)
+        device = self.config.device
+        fit = score_examples(self.loaded.model, (b.to(device) for b in
+                                                 task.batches(batch_size, self.config.server.run.seq_len)))
+        return bias_floor_accuracy(fit, score_examples(self.loaded.model, self.heldout))
 
     # ------------------------------------------------------------------ identity and checkpoints
 
