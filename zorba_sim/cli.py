@@ -25,6 +25,7 @@ from typing import Any
 from zorba_common.errors import ZorbaError
 from zorba_common.schema import ESTIMATORS
 from zorba_edge.client.errors import UsageError
+from zorba_edge.data.generic_text import FLUENCY_TOLERANCE
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.config import (
     LR_SCALING_HELP,
@@ -66,6 +67,8 @@ class Settings:
     estimator: str = RunConfig.estimator
     trust_radius: float = RunConfig.trust_radius
     plateau_rounds: int = RunConfig.plateau_rounds
+    max_drift: float = RunConfig.max_drift
+    fluency_tolerance: float = FLUENCY_TOLERANCE
     pool_slices: str = RunConfig.pool_slices
     directions: int = RunConfig.directions
     batch_size: int = 8
@@ -193,6 +196,16 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--plateau-rounds", type=_number(int, strict=False), metavar="N",
                    default=d.plateau_rounds,
                    help=f"{PLATEAU_ROUNDS_HELP} (default %(default)s)")
+    g.add_argument("--max-drift", type=_number(float, strict=False), default=d.max_drift,
+                   metavar="FRACTION",
+                   help="the drift bound: the longest distance of a block from its base weights, "
+                   "as a fraction of their norm; a round that would go further is scaled down "
+                   "(0: off; default %(default)s)")
+    g.add_argument("--fluency-tolerance", type=_number(float, strict=False),
+                   default=d.fluency_tolerance, metavar="FRACTION",
+                   help="the fluency watch: a next-token loss on a packaged generic text more than "
+                   "this fraction above the base model's, at an evaluation, rolls the table back "
+                   "to the last fluent version and stops the run (0: off; default %(default)s)")
     g.add_argument("--pool-slices", choices=list(POOL_SLICES), default=d.pool_slices,
                    help=f"{POOL_SLICES_HELP} (default %(default)s)")
     g.add_argument("--directions", type=_number(int), default=d.directions,
@@ -300,6 +313,7 @@ def simulation_config(settings: Settings, device: str) -> Any:
         "lr_scaling": settings.lr_scaling, "mu": settings.mu, "estimator": settings.estimator,
         "directions": settings.directions, "trust_radius": settings.trust_radius,
         "plateau_rounds": settings.plateau_rounds, "pool_slices": settings.pool_slices,
+        "max_drift": settings.max_drift,
         "batch_size": settings.batch_size, "seq_len": settings.seq_len,
         "round_duration_s": settings.round_duration_s, "max_steps": settings.max_steps},
         "aggregation": {"method": settings.aggregation}})
@@ -307,7 +321,7 @@ def simulation_config(settings: Settings, device: str) -> Any:
         server, rounds=settings.rounds, reference_step_s=settings.reference_step_s,
         mode=settings.mode, dirichlet_alpha=settings.dirichlet_alpha, data_seed=settings.data_seed,
         memory=MemoryProfile(frozen_dtype=settings.frozen_dtype, frozen_other_dtype="fp32"),
-        eval_every=settings.eval_every, device=device)
+        eval_every=settings.eval_every, device=device, fluency_tolerance=settings.fluency_tolerance)
 
 
 def applied_rounds(sim: Any) -> int:
@@ -348,6 +362,8 @@ def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots:
         "applied_rounds": applied_rounds(sim),
         "base_accuracy": base_accuracy,
         "acc_bias_floor": acc_bias_floor,
+        "base_generic_loss": sim.base_generic_loss,
+        "stopped": next((r.stopped for r in sim.records if r.stopped), None),
         "final_accuracy": accuracy,
         "final_accuracy_after_round": measured_after,
         "virtual_time_s": sim.clock,
@@ -382,6 +398,8 @@ def load_settings(folder: Path) -> Settings:
         # A run begun before the trust region existed resumes as it was run: without one.
         data.setdefault("trust_radius", 0.0)
         data.setdefault("plateau_rounds", 0)  # likewise: a run begun before the plateau cut
+        data.setdefault("max_drift", 0.0)  # and before the drift bound and the fluency watch
+        data.setdefault("fluency_tolerance", 0.0)
         return Settings(**data)
     except OSError as exc:
         raise UsageError(f"--resume {folder}: cannot read {path} ({exc.strerror}): give the "
@@ -461,6 +479,9 @@ def run(args: argparse.Namespace) -> int:
           + (f"{accuracy:.3f}" if accuracy is not None else "not measured")
           + (f" (bias floor {acc_bias_floor:.3f})" if acc_bias_floor is not None else ""),
           file=sys.stderr)
+    stopped = next((r.stopped for r in sim.records if r.stopped), None)
+    if stopped:
+        print(f"zorba-simulate: stopped: {stopped}", file=sys.stderr)
     if not plots:
         print("zorba-simulate: no plots: matplotlib is not installed (pip install "
               "'zorba-edge[demo]')", file=sys.stderr)

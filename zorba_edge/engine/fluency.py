@@ -16,13 +16,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from zorba_edge.data.batches import LMBatch
-from zorba_edge.data.generic_text import GENERIC_TEXT
+from zorba_edge.data.generic_text import FLUENCY_TOLERANCE, GENERIC_TEXT
 from zorba_edge.engine.losses import lm_loss
-
-FLUENCY_TOLERANCE = 0.2
-"""How far (a fraction of the base model's) the generic-text loss may rise before the run is
-stopped: a classification run leaves it about where it was; broken generation moves it by far
-more (docs/learning.md, "Safety of the defaults")."""
 
 
 def generic_batch(tokenizer: PreTrainedTokenizerBase, seq_len: int, text: str = GENERIC_TEXT) -> LMBatch:
