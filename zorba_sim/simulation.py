@@ -422,10 +422,12 @@ class Simulation:
         result = evaluate_classification(self.loaded.model, self.heldout)
         return result.accuracy, result.loss
 
-    def bias_floor(self, fit_examples: int = FIT_EXAMPLES, batch_size: int = 16) -> float:
-        """The held-out accuracy of the model as it stands with one offset per label fitted on
-        a seeded sample of the clients' training examples (engine/bias_floor.py). Called on
-        the base model, before a round moves it; no client's batch order moves."""
+    def bias_floor(self, fit_examples: int = FIT_EXAMPLES, batch_size: int = 16,
+                   heldout: Sequence[Any] | None = None) -> float:
+        """The held-out accuracy (on `heldout` batches, else the simulation's own) of the model
+        as it stands with one offset per label fitted on a seeded sample of the clients'
+        training examples (engine/bias_floor.py). Called on the base model, before a round
+        moves it; no client's batch order moves."""
         examples = [e for client in self.clients.values() for e in client.task.examples]
         order = np.random.default_rng([self.config.data_seed, 1]).permutation(len(examples))
         some = next(iter(self.clients.values())).task
@@ -434,7 +436,8 @@ class Simulation:
         device = self.config.device
         fit = score_examples(self.loaded.model, (b.to(device) for b in
                                                  task.batches(batch_size, self.config.server.run.seq_len)))
-        return bias_floor_accuracy(fit, score_examples(self.loaded.model, self.heldout))
+        scored = score_examples(self.loaded.model, self.heldout if heldout is None else heldout)
+        return bias_floor_accuracy(fit, scored)
 
     # ------------------------------------------------------------------ identity and checkpoints
 
