@@ -64,6 +64,7 @@ from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model
 from zorba_edge.model.sources import ModelSource
 from zorba_server.config import MAX_STEPS, ServerConfig
+from zorba_server.drift import block_drift
 from zorba_server.engine import RoundEngine
 from zorba_server.errors import Refusal
 from zorba_server.members import Member
@@ -159,6 +160,9 @@ class RoundRecord:
     watch)."""
     stopped: str | None = None
     """Why the run stopped after this round (the fluency watch), or None."""
+    drift_max: float | None = None
+    """The largest block drift of base + alpha after the round: |theta_b - theta0_b| /
+    |theta0_b| (zorba_server/drift.py), in the zeroth-order modes."""
 
 
 @dataclass
@@ -389,6 +393,8 @@ class Simulation:
                              time.perf_counter() - started, shrunk_batches=shrunk_batches,
                              lr=lr, check_loss=check_loss)
         published = record.version != (self.records[-1].version if self.records else 0)
+        if self.engine.base_rms is not None and self.engine.alpha is not None:
+            record.drift_max = float(block_drift(self.engine.alpha, self.engine.base_rms).max())
         self.records.append(record)
         # Evaluated whenever the round moved the model: an applied round, or the loss guard's
         # rollback (a rejected round that publishes the way back).
