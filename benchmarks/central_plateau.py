@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from zorba_edge.client.local_task import LocalTask
     from zorba_edge.data.templates import SENTIMENT_TEMPLATE
     from zorba_edge.engine.bias_floor import bias_floor_accuracy, score_examples
+    from zorba_edge.engine.fluency import generic_batch, generic_loss
     from zorba_edge.engine.losses import classification_loss, evaluate_classification
     from zorba_edge.engine.zo import ZOConfig, one_sided_estimate, weight_scale
     from zorba_edge.model.loading import LoadConfig, load_model
@@ -97,10 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     model = loaded.model.eval()
     blocks = {b: loaded.trainable_parameters(b) for b in every_block}
     max_move = args.trust_radius * weight_scale(blocks) if args.trust_radius > 0 else 0.0
+    # Safety figures beside accuracy: next-token loss on the packaged generic text, and the
+    # largest block drift sqrt(sum_k alpha_k^2) / rms(theta0_b) (zorba_server/drift.py).
+    generic = generic_batch(tokenizer, args.seq_len)
+    base_rms = [math.sqrt(sum(float(t.double().square().sum()) for _, t in blocks[b])
+                          / sum(t.numel() for _, t in blocks[b])) for b in every_block]
+    alpha: dict[int, float] = {}
 
     def evaluate(spent: int) -> dict[str, Any]:
         result = evaluate_classification(model, eval_batches)
+        moved = math.sqrt(sum(a * a for a in alpha.values()))
         point = {"forwards": spent, "accuracy": result.accuracy, "loss": round(result.loss, 4),
+                 "generic_loss": round(generic_loss(model, generic), 4),
+                 "drift_max": round(moved / min(base_rms), 5),
                  "wall_s": round(time.perf_counter() - started, 1)}
         print(f"[central_plateau] {point}", file=sys.stderr, flush=True)
         return point
@@ -122,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                                       task.next_batch(args.batch_size, args.seq_len), args.seed, ks, config)
         spent += estimate.forwards
         batches += 1
+        for k, g in estimate.steps:  # theta moved by -(lr / n) g z[k] on every block
+            alpha[k] = alpha.get(k, 0.0) + config.lr / len(ks) * g
         shrunk += estimate.shrink < 1.0
         crossed = spent // args.eval_every > (spent - estimate.forwards) // args.eval_every
         if crossed or spent >= args.forwards:
