@@ -19,6 +19,9 @@ Printed figures (one JSON object with --json; progress goes to stderr):
     ci90_zorba_minus_zorba_uniform      difference at equal virtual time (target: low > 0)
     ci90_zorba_minus_fedavg             the same against fedavg (when it is in --modes)
     acc_<mode>_final                    final accuracy per mode (curve set, mean over seeds)
+    acc_bias_floor                      the base model with one offset per label fitted on
+                                        training reviews (point set, mean over seeds): a gain
+                                        up to it is calibration, not the task
 
 Needs `make models`.
 

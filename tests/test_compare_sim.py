@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from client_support import make_world, signal_examples
@@ -123,6 +124,9 @@ def test_a_tiny_comparison_produces_the_json_figures_page_and_plots(
                 "accuracy_at_equal_virtual_time", "accuracy_at_equal_forwards", "base_accuracy"):
         assert key in out
     assert out["ci90_zorba_minus_fedavg"] is None  # fedavg not among the modes: no figure
+    # The bias floor stands beside the accuracies: each seed's, and their mean.
+    assert all(r.acc_bias_floor is not None and 0 <= r.acc_bias_floor <= 1 for r in results)
+    assert out["acc_bias_floor"] == pytest.approx(np.mean([r.acc_bias_floor for r in results]))
     assert stats.TIME not in out["paired_differences"]  # no pair of these two modes there
     pair = out["paired_differences"][stats.FORWARDS]["zorba - central-mezo"]
     assert len(pair["per_seed"]) == 2 and pair["ci90"][0] <= pair["ci90"][1]

@@ -88,6 +88,9 @@ def test_a_tiny_federation_runs_end_to_end_and_reports_bytes_peaks_and_accuracy(
         assert acc == evaluated["accuracy"]
         assert acc * 64 == pytest.approx(round(acc * 64), abs=1e-9)
     assert summary["loss_after"] != summary["loss_before"]  # alpha changed the model
+    # The base model's evaluation carries the bias floor; the trained model's does not.
+    assert 0.0 <= before["acc_bias_floor"] <= 1.0 and after["acc_bias_floor"] is None
+    assert summary["acc_bias_floor"] == before["acc_bias_floor"]
     for client in summary["clients"]:
         assert client["rounds_reported"] >= 1
         # Every report crossed the proxy: a report body holds at least its steps.

@@ -68,9 +68,14 @@ def test_a_run_writes_its_summary_rounds_plots_and_checkpoint(
     assert len(summary["alpha_hash"]) == 64
     assert summary["final_accuracy"] == summary["rounds"][-1]["accuracy"] is not None
     assert 0.0 <= summary["base_accuracy"] <= 1.0
+    # The bias floor stands beside every accuracy: in base.json, the summary and each row.
+    floor = summary["acc_bias_floor"]
+    assert 0.0 <= floor <= 1.0
+    assert json.loads((out / "base.json").read_text())["acc_bias_floor"] == floor
     with (out / "rounds.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    assert {float(r["acc_bias_floor"]) for r in rows} == {floor}
     assert (out / "checkpoint" / "LATEST").read_text() == "round-000003"
     try:
         import matplotlib  # noqa: F401
@@ -128,7 +133,7 @@ def test_a_finished_run_started_with_relative_paths_extends_from_another_directo
     assert cli.main(args) == 0
     saved = json.loads((tmp_path / "run" / "settings.json").read_text())
     assert saved["model"] == str(world.model_dir.resolve()) and saved["data"] == str(world.data.resolve())
-    assert set(json.loads((tmp_path / "run" / "base.json").read_text())) == {"accuracy", "loss"}
+    assert set(json.loads((tmp_path / "run" / "base.json").read_text())) == {"accuracy", "loss", "acc_bias_floor"}
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -29,3 +29,16 @@ def heldout_task(plan: FederationPlan, examples: int) -> tuple[ModelSource, Loca
                                  template=template)
     source = assembly.open_model(plan.model)
     return source, assembly.build_task(assembly.heldout_examples(choice), source, choice)
+
+
+def fit_task(plan: FederationPlan, source: ModelSource) -> LocalTask:
+    """A seeded sample of the run's training examples (all clients' shares together), on
+    which the bias floor's label offsets are fitted."""
+    from zorba_edge.client import assembly
+    from zorba_edge.engine.bias_floor import FIT_EXAMPLES
+
+    template = assembly.make_template(plan.labels, None, None, None)
+    choice = assembly.DataChoice(spec=plan.data, seed=plan.data_seed,
+                                 heldout_fraction=plan.heldout_fraction, max_examples=FIT_EXAMPLES,
+                                 template=template)
+    return assembly.build_task(assembly.training_examples(choice), source, choice)

@@ -25,7 +25,7 @@ from zorba_common.roles import docs_location, version_text
 from zorba_common.run_defaults import DTYPES, ESTIMATORS
 from zorba_edge.client.byte_sizes import format_size, parse_size
 from zorba_lab.federation import QUICKSTART_RUN, ClientSetup, FederationPlan, FederationResult
-from zorba_lab.heldout import EVAL_BATCH_SIZE, heldout_task
+from zorba_lab.heldout import EVAL_BATCH_SIZE, fit_task, heldout_task
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.config import (
     LR_SCALING_HELP,
@@ -140,14 +140,17 @@ def evaluate_accuracy(plan: FederationPlan, examples: int, remote: Any = None) -
     """Held-out accuracy of the base model, or of base + alpha, with every block in fp32.
 
     fp32, not the clients' nf4: re-quantising base + alpha would round away most of a short
-    run's small ZO updates, and before/after must use the same precision to compare.
+    run's small ZO updates, and before/after must use the same precision to compare. The base
+    model's result also holds `acc_bias_floor` (engine/bias_floor.py).
     """
     from zorba_edge.client.evaluation import evaluate
     from zorba_edge.model.loading import LoadConfig
 
     source, task = heldout_task(plan, examples)
+    fit = fit_task(plan, source) if remote is None and task.kind == "classification" else None
     result = evaluate(source, LoadConfig(train_dtype="fp32", frozen_dtype="fp32", device="cpu"),
-                      task, remote=remote, batch_size=EVAL_BATCH_SIZE, seq_len=plan.run.seq_len)
+                      task, remote=remote, batch_size=EVAL_BATCH_SIZE, seq_len=plan.run.seq_len,
+                      fit=fit)
     return asdict(result)
 
 
@@ -164,6 +167,7 @@ def summarize(plan: FederationPlan, result: FederationResult, before: dict[str, 
         "command": command,
         "acc_before": before["accuracy"] if before else None,
         "acc_after": after["accuracy"] if after else None,
+        "acc_bias_floor": before.get("acc_bias_floor") if before else None,
         "loss_before": before["loss"] if before else None,
         "loss_after": after["loss"] if after else None,
         "eval_examples": before["examples"] if before else eval_examples,
@@ -189,6 +193,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"\naccuracy on {summary['eval_examples']} evaluation examples: before {b:.4f}  after "
               f"{a:.4f}  ({a - b:+.4f}); loss {summary['loss_before']:.4f} -> "
               f"{summary['loss_after']:.4f}")
+    floor = summary.get("acc_bias_floor")
+    if floor is not None:
+        # A gain up to the floor is calibration of the label words, not the task learned.
+        print(f"bias floor (the base model with one offset per label fitted on training examples): "
+              f"{floor:.4f}" + (f"; after - floor {a - floor:+.4f}" if a is not None else ""))
     print(f"{summary['rounds_applied']} rounds applied ({summary['rounds_failed']} failed) in "
           f"{summary['train_s']:.0f} s of training")
     print(f"{'client':<10} {'budget':>10} {'peak':>10} {'peak/budget':>11} {'blocks':>8} "
@@ -230,7 +239,9 @@ def run_quickstart(args: argparse.Namespace, command: str) -> dict[str, Any]:
     if not args.skip_eval:
         print(f"evaluating the base model on {args.eval_examples} held-out reviews ...", flush=True)
         before = evaluate_accuracy(plan, args.eval_examples)
-        print(f"base model: accuracy {before['accuracy']:.4f}, loss {before['loss']:.4f}", flush=True)
+        floor = before.get("acc_bias_floor")
+        print(f"base model: accuracy {before['accuracy']:.4f}, loss {before['loss']:.4f}"
+              + (f", bias floor {floor:.4f}" if floor is not None else ""), flush=True)
     limit = f"{args.rounds} rounds" if args.rounds else f"{args.minutes:g} min of training"
     print(f"starting the federation ({len(plan.clients)} clients, {limit}) in {out_dir}", flush=True)
     result = asyncio.run(run_federation(plan, progress=lambda line: print(line, flush=True)))

@@ -167,6 +167,18 @@ class RunConfig:
     (0: never). In the 20-minute quickstart it cut the step after rounds 28, 34, 40 and 46 and
     the held-out loss fell to the end instead of turning up after round 33; no 3-minute run
     reaches a cut (docs/learning.md, "A step that decays on a plateau")."""
+    loss_drift_rounds: int = 3
+    """The loss guard's slow rule: when the check losses have stood above the anchor's for
+    this many applied rounds in a row and now exceed it by more than `loss_drift_tolerance`,
+    the round is rolled back as for a jump (0: off; zorba_server/loss_drift.py)."""
+    loss_drift_tolerance: float = 0.1
+    """How far above the anchor's a drifting check loss may stand (a fraction of
+    max(anchor's loss, ln 2)) before `loss_drift_rounds` rounds of it roll the table back."""
+    max_drift: float = 0.0
+    """The drift bound: the longest distance of a block of base + alpha from its base weights,
+    as a fraction of their norm; a round that would go further is scaled down on that block
+    (0: off). Needs each block's base RMS, which the simulator gives the engine
+    (zorba_server/drift.py)."""
     pool_slices: str = "shared"
     """Which pool indices each client of a round measures. `shared`: a prefix of one list, so
     the holders of a block measure the same directions and aggregation averages their
@@ -201,6 +213,11 @@ class RunConfig:
              f"run.lr_scaling={self.lr_scaling!r}: use one of {', '.join(LR_SCALINGS)}"),
             (self.loss_jump_tolerance >= 0, "run.loss_jump_tolerance must be >= 0 (0: off)"),
             (self.plateau_rounds >= 0, "run.plateau_rounds must be >= 0 (0: never)"),
+            (self.loss_drift_rounds >= 0, "run.loss_drift_rounds must be >= 0 (0: off)"),
+            (math.isfinite(self.loss_drift_tolerance) and self.loss_drift_tolerance >= 0,
+             "run.loss_drift_tolerance must be a finite number >= 0"),
+            (math.isfinite(self.max_drift) and self.max_drift >= 0,
+             "run.max_drift must be a finite number >= 0 (0: off)"),
             (self.pool_slices in POOL_SLICES,
              f"run.pool_slices={self.pool_slices!r}: use one of {', '.join(POOL_SLICES)}"),
             (math.isfinite(self.trust_radius) and self.trust_radius >= 0,

@@ -29,7 +29,8 @@ import numpy as np
 
 from zorba_common.memory_model import LinearMemoryModel, ModelFootprint, usable_budget
 from zorba_common.messages import AlphaDelta, AlphaState, DeviceProfile, HyperParams, Report, RunInfo
-from zorba_server import calibration, errors
+from zorba_server import calibration, errors, loss_drift
+from zorba_server import drift as drift_bound
 from zorba_server.aggregation import RoundDelta, apply_delta
 from zorba_server.block_energy import BlockEnergy
 from zorba_server.config import ServerConfig
@@ -176,6 +177,10 @@ class RoundEngine:
         self.energy: BlockEnergy | None = None
         """Per-block E[g^2] from the reported scalars (zorba_server/block_energy.py; None until
         the model is pinned)."""
+        self.base_rms: tuple[float, ...] | None = None
+        """RMS of each block's base weights, where a shell that holds the model gives it (the
+        simulator): what run.max_drift is relative to (zorba_server/drift.py). None: the bound
+        is off, whatever run.max_drift says."""
 
     # ------------------------------------------------------------------ the model and its table
 
@@ -478,6 +483,13 @@ class RoundEngine:
                 plateau = Plateau(0, plateau.step_decays)
             else:
                 change = outcome.delta
+                if change is not None and self.base_rms is not None and self.config.run.max_drift > 0:
+                    change, scaled = drift_bound.bounded(self.alpha, change, self.base_rms,
+                                                         self.config.run.max_drift)
+                    if scaled:
+                        note = drift_bound.describe(scaled, self.config.run.max_drift)
+                        outcome = dataclasses.replace(outcome, delta=change, message=(
+                            f"{outcome.message}; {note}" if outcome.message else note))
                 plateau = plateau.after(guard.progressed, self.config.run.plateau_rounds)
                 step_cut = plateau.step_decays > self._plateau.step_decays
                 if step_cut:
@@ -525,25 +537,30 @@ class RoundEngine:
         assert self.alpha is not None
         run = self.config.run
         tolerance = run.loss_jump_tolerance
-        if tolerance <= 0 and run.plateau_rounds <= 0:
+        if tolerance <= 0 and run.plateau_rounds <= 0 and run.loss_drift_rounds <= 0:
             return GuardResult()
         quarantined = self.guard_quarantined()
         checks = {cid: loss for cid, loss in checks.items() if cid not in quarantined}
         verdict = judge(self._anchor, checks, weights, tolerance) if self._anchor else None
         outliers = verdict.outliers if verdict is not None else ()
         statuses, decays = self._cuts()
-        if tolerance > 0 and verdict is not None and verdict.regressed:
+        drift = verdict is not None and self._anchor is not None and loss_drift.drifted(
+            verdict, self._anchor.version, self.version, run.loss_drift_rounds,
+            run.loss_drift_tolerance)
+        if verdict is not None and (drift or (tolerance > 0 and verdict.regressed)):
             anchor = self._anchor
             assert anchor is not None
+            jumped = tolerance > 0 and verdict.regressed
+            why = (loss_drift.message(verdict, anchor.version, self.version) if not jumped else
+                   f"the clients' check loss rose from {verdict.before:.4g} (version "
+                   f"{anchor.version}) to {verdict.now:.4g} (version {self.version})")
             return GuardResult(anchor, rollback_delta(self.alpha, anchor.alpha), (
-                f"the clients' check loss rose from {verdict.before:.4g} (version "
-                f"{anchor.version}) to {verdict.now:.4g} (version {self.version}; {verdict.rising} "
-                f"of {verdict.judged} clients past the tolerance): this round is "
-                f"not applied and the table is rolled back to version {anchor.version}; the "
-                f"step is halved (x{self.step_size.factor([*statuses, REJECTED], decays):g} of "
-                "run.lr from the next round). Rounds rejected again and again mean run.lr is far "
-                "too large for this model: lower it, or use run.estimator = 'normalised', whose "
-                "step does not grow with the model's gradient scale (docs/learning.md)"),
+                f"{why}; {verdict.rising} of {verdict.judged} clients past the tolerance: this "
+                f"round is not applied and the table is rolled back to version {anchor.version}; "
+                f"the step is halved (x{self.step_size.factor([*statuses, REJECTED], decays):g} "
+                "of run.lr from the next round). Rounds rejected again and again mean run.lr is "
+                "far too large for this model: lower it, or use run.estimator = 'normalised', "
+                "whose step does not grow with the model's gradient scale (docs/learning.md)"),
                 outliers=outliers)
         anchor = None
         if checks and (self._anchor is None or verdict is None or verdict.improved):

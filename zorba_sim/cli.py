@@ -34,6 +34,7 @@ from zorba_common.run_defaults import (
     SIM_MODES,
 )
 from zorba_edge.client.errors import UsageError
+from zorba_edge.data.generic_text import FLUENCY_TOLERANCE
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.config import (
     LR_SCALING_HELP,
@@ -76,6 +77,8 @@ class Settings:
     rounds: int = 6
     """Rounds to run, applied or not (the server's max_rounds counts applied ones)."""
     data_seed: int = 0
+    fluency_tolerance: float = FLUENCY_TOLERANCE
+    """The simulator's fluency watch (SimulationConfig.fluency_tolerance)."""
     dirichlet_alpha: float = 0.5
     train_examples: int | None = None
     eval_examples: int = 100
@@ -215,6 +218,16 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--plateau-rounds", type=_number(int, strict=False), metavar="N",
                    default=d.run.plateau_rounds,
                    help=f"{PLATEAU_ROUNDS_HELP} (default %(default)s)")
+    g.add_argument("--max-drift", type=_number(float, strict=False), default=d.run.max_drift,
+                   metavar="FRACTION",
+                   help="the drift bound: the longest distance of a block from its base weights, "
+                   "as a fraction of their norm; a round that would go further is scaled down "
+                   "(0: off; default %(default)s)")
+    g.add_argument("--fluency-tolerance", type=_number(float, strict=False),
+                   default=d.fluency_tolerance, metavar="FRACTION",
+                   help="the fluency watch: a next-token loss on a packaged generic text more than "
+                   "this fraction above the base model's, at an evaluation, rolls the table back "
+                   "to the last fluent version and stops the run (0: off; default %(default)s)")
     g.add_argument("--pool-slices", choices=list(POOL_SLICES), default=d.run.pool_slices,
                    help=f"{POOL_SLICES_HELP} (default %(default)s)")
     g.add_argument("--directions", type=_number(int), default=d.run.directions,
@@ -327,7 +340,7 @@ def simulation_config(settings: Settings, device: str) -> Any:
         server, rounds=settings.rounds, reference_step_s=settings.reference_step_s,
         central=settings.central, dirichlet_alpha=settings.dirichlet_alpha, data_seed=settings.data_seed,
         memory=MemoryProfile(frozen_dtype=settings.frozen_dtype, frozen_other_dtype="fp32"),
-        eval_every=settings.eval_every, device=device)
+        eval_every=settings.eval_every, device=device, fluency_tolerance=settings.fluency_tolerance)
 
 
 def applied_rounds(sim: Any) -> int:
@@ -347,7 +360,8 @@ def default_device() -> str:
 
 
 def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots: list[str],
-            model: str, eval_examples: int, base_accuracy: float | None) -> dict[str, Any]:
+            model: str, eval_examples: int, base_accuracy: float | None,
+            acc_bias_floor: float | None = None) -> dict[str, Any]:
     from zorba_sim.results import final_accuracy, records_as_dicts
 
     accuracy, measured_after = final_accuracy(sim.records)
@@ -367,6 +381,9 @@ def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots:
         "rounds_run": len(sim.records),
         "applied_rounds": applied_rounds(sim),
         "base_accuracy": base_accuracy,
+        "acc_bias_floor": acc_bias_floor,
+        "base_generic_loss": sim.base_generic_loss,
+        "stopped": next((r.stopped for r in sim.records if r.stopped), None),
         "final_accuracy": accuracy,
         "final_accuracy_after_round": measured_after,
         "virtual_time_s": sim.clock,
@@ -384,15 +401,17 @@ def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots:
 
 def write_results(out: Path, sim: Any, settings: Settings, fleet: Fleet, wall_s: float,
                   model: str, eval_examples: int, base_accuracy: float | None,
-                  base_loss: float | None = None, *, plots: bool) -> list[str]:
+                  base_loss: float | None = None, *, plots: bool,
+                  acc_bias_floor: float | None = None) -> list[str]:
     from zorba_sim.results import ROUNDS_CSV, SUMMARY, write_json, write_plots, write_rounds_csv
 
     title = f"{settings.mode}, {len(sim.clients)} devices"
     written = write_plots(out, sim.records, title, base_accuracy, base_loss=base_loss,
                           eval_examples=eval_examples) if plots else []
     write_json(out / SUMMARY, summary(sim, settings, fleet, wall_s=wall_s, plots=written, model=model,
-                                     eval_examples=eval_examples, base_accuracy=base_accuracy))
-    write_rounds_csv(out / ROUNDS_CSV, sim.records)
+                                     eval_examples=eval_examples, base_accuracy=base_accuracy,
+                                     acc_bias_floor=acc_bias_floor))
+    write_rounds_csv(out / ROUNDS_CSV, sim.records, acc_bias_floor)
     return written
 
 
@@ -407,6 +426,8 @@ def load_settings(folder: Path) -> Settings:
         # trust region and the plateau cut existed, without them.
         data.setdefault("trust_radius", 0.0)
         data.setdefault("plateau_rounds", 0)
+        data.setdefault("max_drift", 0.0)  # and before the drift bound and the fluency watch
+        data.setdefault("fluency_tolerance", 0.0)
         return settings_of(data)
     except OSError as exc:
         raise UsageError(f"--resume {folder}: cannot read {path} ({exc.strerror}): give the "
@@ -457,9 +478,10 @@ def run(args: argparse.Namespace) -> int:
         write_json(out / SETTINGS, dataclasses.asdict(settings))
     if not base_file.exists() and not (checkpoint / "LATEST").exists():
         # The base model's accuracy and loss (before any checkpoint moves the model): the
-        # curves' starting point, at round 0 with no forward pass spent.
+        # curves' starting point, at round 0 with no forward pass spent; and its bias floor.
         base_point = sim.evaluate()
-        write_json(base_file, {"accuracy": base_point[0], "loss": base_point[1]})
+        write_json(base_file, {"accuracy": base_point[0], "loss": base_point[1],
+                               "acc_bias_floor": sim.bias_floor()})
     if args.resume is not None and not sim.load_checkpoint(checkpoint):
         print(f"zorba-simulate: no checkpoint in {checkpoint} yet: starting the run afresh",
               file=sys.stderr)
@@ -470,6 +492,7 @@ def run(args: argparse.Namespace) -> int:
         write_json(out / SETTINGS, dataclasses.asdict(settings))
     base = json.loads(base_file.read_text()) if base_file.exists() else {}
     base_accuracy, base_loss = base.get("accuracy"), base.get("loss")
+    acc_bias_floor = base.get("acc_bias_floor")
     model = str(source.path)
     print(f"zorba-simulate: {settings.mode}, {len(sim.clients)} virtual devices, "
           f"{sim.loaded.num_blocks} blocks, step {sim.reference_step_s:.3f} s on this machine "
@@ -480,18 +503,25 @@ def run(args: argparse.Namespace) -> int:
         show(record)
         # Cheap enough every round: a killed run leaves results up to its last checkpoint.
         write_results(out, sim, settings, fleet, time.perf_counter() - started, model,
-                      len(heldout), base_accuracy, base_loss, plots=False)
+                      len(heldout), base_accuracy, base_loss, plots=False,
+                      acc_bias_floor=acc_bias_floor)
 
     with progress_display(settings.rounds, len(sim.records), live=live) as show:
         sim.run(progress=after_round, checkpoint_dir=checkpoint)
     plots = write_results(out, sim, settings, fleet, time.perf_counter() - started, model,
-                          len(heldout), base_accuracy, base_loss, plots=True)
+                          len(heldout), base_accuracy, base_loss, plots=True,
+                          acc_bias_floor=acc_bias_floor)
     from zorba_sim.results import final_accuracy
 
     accuracy, _ = final_accuracy(sim.records)
     print(f"zorba-simulate: {len(sim.records)} rounds ({applied_rounds(sim)} applied), virtual "
           f"time {sim.clock:,.0f} s, {sim.forwards:,} forward passes, held-out accuracy "
-          + (f"{accuracy:.3f}" if accuracy is not None else "not measured"), file=sys.stderr)
+          + (f"{accuracy:.3f}" if accuracy is not None else "not measured")
+          + (f" (bias floor {acc_bias_floor:.3f})" if acc_bias_floor is not None else ""),
+          file=sys.stderr)
+    stopped = next((r.stopped for r in sim.records if r.stopped), None)
+    if stopped:
+        print(f"zorba-simulate: stopped: {stopped}", file=sys.stderr)
     if not plots:
         print("zorba-simulate: no plots: matplotlib is not installed (pip install "
               "'zorba-edge[lab]')", file=sys.stderr)

@@ -219,15 +219,19 @@ class SeedResult:
     common: dict[str, float]
     """axis -> the seed's common point (zorba_lab/compare/stats.py)."""
     runs: dict[str, ModeRun]
+    acc_bias_floor: float | None = None
+    """The base model with label offsets fitted on training examples, on the point examples."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "base_curve": self.base_curve, "base_points": self.base_points,
+                "acc_bias_floor": self.acc_bias_floor,
                 "common": self.common, "runs": {m: run.as_dict() for m, run in self.runs.items()}}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SeedResult:
         return cls(int(data["seed"]), float(data["base_curve"]), float(data["base_points"]),
-                   dict(data["common"]), {m: ModeRun.from_dict(r) for m, r in data["runs"].items()})
+                   dict(data["common"]), {m: ModeRun.from_dict(r) for m, r in data["runs"].items()},
+                   data.get("acc_bias_floor"))
 
 
 # ---------------------------------------------------------------------------- running
@@ -296,14 +300,16 @@ def run_seed(setting: CompareSetting, seed: int, source: ModelSource, fleet: Fle
     sims: dict[str, tuple[Simulation, dict[int, Any]]] = {}
     runs: dict[str, ModeRun] = {}
     base: tuple[float, float] | None = None
+    floor: float | None = None
     for mode in setting.modes:
         sim = Simulation.build(setting.simulation_config(mode, seed), source, fleet, data.train,
                                data.curve, eval_batch_size=setting.eval_batch_size)
         if base is None:  # every mode starts from the same model: score it once
             base = (sim.evaluate()[0], evaluate_classification(
                 sim.loaded.model, _batches(sim, data.points, setting.eval_batch_size)).accuracy)
+            floor = sim.bias_floor(heldout=_batches(sim, data.points, setting.eval_batch_size))
             log(f"[seed {seed}] base model: {base[0]:.4f} on {len(data.curve)} curve examples, "
-                f"{base[1]:.4f} on {len(data.points)} point examples")
+                f"{base[1]:.4f} on {len(data.points)} point examples (bias floor {floor:.4f})")
         run, tables = train_mode(setting, sim, base[0], log)
         sims[mode], runs[mode] = (sim, tables), run
     assert base is not None
@@ -321,7 +327,7 @@ def run_seed(setting: CompareSetting, seed: int, source: ModelSource, fleet: Fle
         log(f"[seed {seed} {mode}] " + "; ".join(
             f"at equal {axis} ({common[axis]:.0f}): v{v} {acc:.4f}"
             for axis, (v, acc) in run.at_points.items()))
-    return SeedResult(seed, base[0], base[1], common, runs)
+    return SeedResult(seed, base[0], base[1], common, runs, floor)
 
 
 def run_comparison(setting: CompareSetting, source: ModelSource, fleet: Fleet,
@@ -361,6 +367,8 @@ def figures(setting: CompareSetting, results: Sequence[SeedResult]) -> dict[str,
     out: dict[str, Any] = {
         "seeds": len(results),
         "base_accuracy": _mean(list(base.values())),
+        # Beside every accuracy: a gain up to it is calibration of the label words.
+        "acc_bias_floor": _mean([r.acc_bias_floor for r in results if r.acc_bias_floor is not None]),
         "accuracy_at_equal_virtual_time": {m: _mean(list(v.values()))
                                            for m, v in by_axis[stats.TIME].items() if v},
         "accuracy_at_equal_forwards": {m: _mean(list(v.values()))
