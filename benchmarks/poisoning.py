@@ -3,7 +3,8 @@
 Ten always-online virtual devices with a laptop's budget (6 GiB, speed 1.0), SmolLM2-135M
 (`make models`), movie reviews, one seed. One client (`--attacker`, default v000000) runs its
 honest local steps and then sends every projected gradient scaled (`scale`, x100 by
-default) or negated (`sign-flip`); the simulator hands that report to the real engine
+default) or negated (`sign-flip`), or honest scalars with a check loss of 0.0 and then 1e6
+(`guard-veto`, an attack on the loss guard: issue 27); the simulator hands that report to the real engine
 (`zorba_sim/adversary.py`), so `check_report`, `accept_report`, the aggregation rule and the
 loss guard see what a server would. For every aggregation rule the run repeats the clean
 federation (no attacker) and each attack with the same seeds, and prints the held-out loss
@@ -38,12 +39,12 @@ from zorba_edge.data.splits import train_heldout_split
 from zorba_edge.model.pretrained import packaged_model_path
 from zorba_edge.model.sources import ModelSource, open_source
 from zorba_server.config import AggregationConfig, RunConfig, config_from_dict
-from zorba_sim.adversary import Adversary, FlipSigns, ScaleScalars, exposure
+from zorba_sim.adversary import Adversary, FlipSigns, GuardVeto, ScaleScalars, exposure
 from zorba_sim.fleet import GIB, DeviceClass, DeviceGroup, Fleet, fleet_from_counts
 from zorba_sim.simulation import Simulation, SimulationConfig
 
 CLEAN = "clean"
-ATTACK_NAMES = (CLEAN, "scale", "sign-flip")
+ATTACK_NAMES = (CLEAN, "scale", "sign-flip", "guard-veto")
 LAPTOP = DeviceClass("laptop-6gib", 6 * GIB, 1.0, 50, 50,
                      source="a laptop's budget, always online, never drops (so the attacker is "
                             "in every round)")
@@ -69,6 +70,8 @@ def make_adversary(attack: str, args: argparse.Namespace) -> Adversary | None:
         return ScaleScalars(factor=args.scale)
     if attack == "sign-flip":
         return FlipSigns(factor=args.flip_factor)
+    if attack == "guard-veto":
+        return GuardVeto()
     return None
 
 
@@ -79,7 +82,8 @@ def run_one(aggregation: AggregationConfig, attack: str, args: argparse.Namespac
     """One federation; with `score_base`, the untrained model is scored first (`base`)."""
     server = config_from_dict({"enrolment_secret": "benchmark-secret", "run": {
         "seed": args.seed, "pool_size": 1024, "lr": args.lr, "mu": 1e-3, "batch_size": 8,
-        "seq_len": 48, "round_duration_s": 30, "max_steps": args.max_steps},
+        "seq_len": 48, "round_duration_s": 30, "max_steps": args.max_steps,
+        "loss_jump_tolerance": args.loss_jump_tolerance},
         "scheduler": {"min_cover": args.min_cover}})
     server = dataclasses.replace(server, aggregation=aggregation)
     started = time.time()
@@ -113,6 +117,8 @@ def run_one(aggregation: AggregationConfig, attack: str, args: argparse.Namespac
     result: dict[str, Any] = {
         "rule": rule_name(aggregation), "attack": attack, "accuracy": accuracy, "loss": loss,
         "applied_rounds": sim.engine.version, "lr_factor": sim.engine.lr_factor(),
+        "rejected_rounds": sum(1 for h in sim.engine.history if h.status == "rejected"),
+        "guard_quarantined": sorted(sim.engine.guard_quarantined()),
         "alpha_l2": float(np.linalg.norm(alpha)), "rounds": rounds,
         "attacker_weight_share": weights[attacker] / sum(weights.values()),
         "wall_s": time.time() - started,
@@ -147,6 +153,8 @@ def main() -> None:
     parser.add_argument("--min-cover", type=int, default=1,
                         help="scheduler.min_cover: clients each block should have")
     parser.add_argument("--lr", type=float, default=RunConfig.lr)
+    parser.add_argument("--loss-jump-tolerance", type=float, default=RunConfig.loss_jump_tolerance,
+                        help="run.loss_jump_tolerance (0: the loss guard off)")
     parser.add_argument("--seed", type=int, default=0, help="run seed and data seed")
     parser.add_argument("--heldout", type=int, default=100, help="held-out reviews scored")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestServer
 from client_support import SECRET, free_port, signal_examples, tiny_text_config
 from fixtures_text import make_tokenizer
 
-from zorba_common.schema import DeviceProfile, RegisterRequest, RunInfo
+from zorba_common.messages import DeviceProfile, RegisterRequest, RunInfo
 from zorba_edge.client.assembly import check_run, footprint_of, memory_profile
 from zorba_edge.client.backoff import Backoff
 from zorba_edge.client.daemon import ClientDaemon, DaemonSettings, Listener, RoundSummary
@@ -286,8 +286,8 @@ async def test_a_stop_mid_round_abandons_it_reports_nothing_and_reverts_the_mode
     async with ServerClient(server.url) as client:
         daemon = device.daemon(client)
         running = asyncio.ensure_future(daemon.run())
+        # Its local steps have begun (the event, not a sleep): the stop lands mid-round.
         await asyncio.to_thread(device.task.started.wait, 30)  # type: ignore[attr-defined]
-        await asyncio.sleep(0.2)  # a few local steps in
         daemon.request_stop()
         result = await asyncio.wait_for(running, timeout=30)
 
@@ -360,7 +360,9 @@ async def test_clients_survive_a_server_restart_and_finish_the_run(
         await asyncio.sleep(0.05)
     with caplog.at_level(logging.WARNING, logger="zorba_edge.client"):
         await server.stop()
-        await asyncio.sleep(1.0)  # the clients retry meanwhile
+        # Restarted once a client has found it gone (an event, not a second of wall time).
+        while not any("server unreachable" in r.getMessage() for r in caplog.records):
+            await asyncio.sleep(0.05)
         await server.start()
         results = await asyncio.wait_for(asyncio.gather(*running), timeout=120)
     assert any("server unreachable" in r.getMessage() for r in caplog.records)
@@ -431,9 +433,11 @@ async def test_a_round_too_close_to_its_deadline_is_sat_out_without_polling_in_a
         # Every assignment arrives with less time left than the margin the daemon keeps.
         daemon = device.daemon(client, deadline_margin_s=5.0)
         running = asyncio.ensure_future(daemon.run())
-        await asyncio.sleep(3.0)
+        # Two rounds sat out (the listener's events), however long the machine takes to them.
+        while len(device.listener.rounds) < 2 and not running.done():
+            await asyncio.sleep(0.05)
         daemon.request_stop()
-        result = await asyncio.wait_for(running, timeout=10)
+        result = await asyncio.wait_for(running, timeout=60)
     statuses = [s.status for s in device.listener.rounds]
     assert result.rounds_reported == 0 and statuses and set(statuses) == {"skipped"}
     # Sitting each round out until its deadline: a few polls, not a storm.

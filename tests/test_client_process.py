@@ -28,7 +28,9 @@ from client_support import (
 )
 from transformers import AutoModelForCausalLM
 
-from zorba_common.schema import AlphaState, decode
+from zorba_common.codec import decode
+from zorba_common.limits import MAX_STEPS_PER_REPORT
+from zorba_common.messages import AlphaState
 from zorba_edge.client import cli
 from zorba_edge.client.state import StateStore
 from zorba_edge.engine.coefficients import CoefficientTable, block_materializer
@@ -95,8 +97,7 @@ def test_a_federation_survives_a_killed_client_and_a_server_restart(
 
     # Stop the server while both clients run, and bring it back on the same port and database.
     server.signal(signal.SIGTERM)
-    assert server.wait(30) == 0
-    time.sleep(1.0)
+    assert server.wait(30) == 0  # exited: its port and its run lock are free
     server, url = start_server(tmp_path, config, name="server-again")
     procs.append(server)
 
@@ -152,22 +153,30 @@ def test_a_federation_survives_a_killed_client_and_a_server_restart(
 
 def test_sigterm_mid_round_abandons_the_round_and_exits_cleanly(
         tmp_path: Path, world: TinyWorld, procs: list[Proc]) -> None:
+    # Synchronised on the client's own event, not on time: the client prints "training
+    # round 1" after it armed the round's cancel event, so a SIGTERM from then on stops the
+    # steps and abandons the round. A tiny declared step time makes the server plan the most
+    # steps a report may hold; with 400 the tiny client once finished the round before a
+    # SIGTERM sent a second after the line arrived (issue 27).
     config = server_toml(tmp_path / "server.toml", tmp_path / "server.sqlite3", free_port(),
-                         min_clients=1, max_steps=400, round_duration_s=120.0)
+                         min_clients=1, max_steps=MAX_STEPS_PER_REPORT, round_duration_s=600.0)
     server, url = start_server(tmp_path, config)
     state = tmp_path / "c" / "state.json"
-    # A tiny declared step time makes the server plan a long round (400 steps).
-    client = start_client(tmp_path, world, url, state, "--step-time", "0.001")
+    client = start_client(tmp_path, world, url, state, "--step-time", "0.0001")
     procs += [server, client]
-    client.wait_for("training round 1", timeout=90)
-    time.sleep(1.0)
+    client.wait_for(f"training round 1: .*, {MAX_STEPS_PER_REPORT} steps", timeout=90)
     client.signal(signal.SIGTERM)
     assert client.wait(30) == 0, client.output()
     out = client.output()
     assert "round 1 abandoned" in out and "zorba-edge: stopped: 0 round(s) reported" in out
     assert "loading the model: 3/3, done in" in out  # off a terminal: progress as log lines
     status = json.loads(http_get(f"{url}/v1/status"))
-    assert status["current_round"]["round"] == 1
-    assert status["current_round"]["reported"] == 0 and status["current_round"]["pending"] == 0
+    # The only assigned client left, so the server closes round 1 at once (issue 27) or, had the
+    # leave not been processed yet, still holds it open: either way with nothing reported.
+    if status["current_round"] is not None:
+        assert status["current_round"]["round"] == 1
+        assert status["current_round"]["reported"] == 0 and status["current_round"]["pending"] == 0
+    else:
+        assert [(h["round"], h["reports"]) for h in status["rounds"]] == [(1, 0)], status["rounds"]
     assert status["clients"][0]["rounds_reported"] == 0
     assert StateStore(state).load() is not None

@@ -11,7 +11,7 @@ import pytest
 from postgres_server import PostgresServer, postgres_server  # noqa: F401 (fixture)
 from server_fakes import FOOTPRINT, profile
 
-from zorba_common.schema import AlphaDelta, HyperParams, Report
+from zorba_common.messages import AlphaDelta, HyperParams, Report
 from zorba_lab.record import RecordError, read_record
 from zorba_lab.results import read_clients, read_reports, read_rounds
 from zorba_server.rounds import ClientPlan, ReceivedReport, RoundPlan
@@ -36,14 +36,17 @@ async def write(location: str) -> None:
     for i, cid in enumerate(("c-a", "c-b", "c-c")):
         pin = ModelPin("fp", FOOTPRINT, np.zeros((8, 4))) if i == 0 else None
         await store.insert_client(cid, cid.encode(), profile(name=cid), float(i), pin)
+    alpha = np.zeros((8, 4))  # the sum of the increments, as a server keeps it
     for round_, version in ((1, 1), (2, 2)):
         await store.insert_round(plan(round_, version - 1))
         for cid, loss in (("c-b", 2.0 / round_), ("c-a", 1.0 / round_)):
             await store.insert_report(round_, ReceivedReport(
                 cid, report(f"{cid}-{round_}", loss), b"h", 10.0 * round_ + 1))
         delta = AlphaDelta.from_matrix(version, round_, (3,), (0,), np.array([[0.1 * round_]]))
+        alpha = alpha.copy()
+        alpha[3, 0] += float(delta.matrix()[0, 0])
         await store.close_round(round_, "applied", 10.0 * round_ + 4, 2, 1.0, "ok", delta=delta,
-                                alpha=np.zeros((8, 4)))
+                                alpha=alpha)
     await store.close()
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zorba_common.schema import Report
+from zorba_common.messages import Report
 from zorba_server.loss_guard import training_loss_jump
 from zorba_server.rounds import ReceivedReport
 
@@ -19,7 +19,7 @@ def test_a_rise_of_the_same_clients_over_their_reference_is_a_jump() -> None:
     weights = {"a": 1.0, "b": 1.0}
     # Only "a" reported before: "b" (another data shard, another loss) is not compared.
     why = training_loss_jump(received, weights, {"a": 1.0}, tolerance=0.2)
-    assert why == "the clients' loss jumped from 1 to 1.3"
+    assert why == "the clients' loss jumped from 1 to 1.3: 1 of 1 clients past the tolerance"
     assert training_loss_jump(received, weights, {"a": 1.2}, tolerance=0.2) is None
 
 

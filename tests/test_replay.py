@@ -7,6 +7,7 @@ writes it, and the replay reads it back through the same protocol.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,11 @@ import pytest
 import torch
 from fixtures_text import make_tokenizer
 from safetensors.numpy import save_file
+from server_fakes import FOOTPRINT
 from tiny_models import tiny_llama_config
 
-from zorba_common.schema import AlphaDelta, HyperParams
-from zorba_common.weights import default_weights_dir, tensor_key, version_path
+from zorba_common.messages import AlphaDelta, HyperParams
+from zorba_common.weight_files import default_weights_dir, tensor_key, version_path
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.data.examples import ClassificationExample
 from zorba_edge.engine.coefficients import AlphaIncrement, CoefficientTable, block_materializer
@@ -76,6 +78,11 @@ async def _write_record(db_path: Path, make_delta) -> list[AlphaDelta]:
     store = await SqliteStore.open(db_path)
     await store.create_run("run-1", SEED, POOL, created_at=90.0)
     alpha = np.zeros((POOL, BLOCKS))
+    # As a server writes it: the model pinned, the table the sum of the increments (a store
+    # refuses a table that is not: zorba_server/storage/integrity.py).
+    await store.pin_model("fp", dataclasses.replace(
+        FOOTPRINT, block_params=(1000,) * BLOCKS, quantizable_block_params=(900,) * BLOCKS,
+        num_layers=BLOCKS), alpha)
     deltas: list[AlphaDelta] = []
     for round_, applied, closed_at in ROUNDS:
         plan = RoundPlan(round_, len(deltas), opened_at=closed_at - 10.0, deadline=closed_at,
@@ -83,6 +90,10 @@ async def _write_record(db_path: Path, make_delta) -> list[AlphaDelta]:
         await store.insert_round(plan)
         if applied:
             deltas.append(make_delta(len(deltas) + 1, round_))
+            d = deltas[-1]
+            alpha = alpha.copy()
+            if d.pool_indices:
+                alpha[np.ix_(d.pool_indices, d.blocks)] += d.matrix().astype(np.float64)
             await store.close_round(round_, "applied", closed_at, 1, 0.5, "", delta=deltas[-1],
                                     alpha=alpha)
         else:

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +24,10 @@ from server_fakes import (
     profile,
 )
 
+from zorba_common.codec import encode
+from zorba_common.limits import MAX_STEPS_PER_REPORT
 from zorba_common.memory_model import ModelFootprint
-from zorba_common.schema import (
-    FINISHED,
-    MAX_STEPS_PER_REPORT,
-    TRAIN,
-    WAIT,
-    RegisterRequest,
-    Report,
-    ReportAck,
-    encode,
-)
+from zorba_common.messages import FINISHED, TRAIN, WAIT, RegisterRequest, Report, ReportAck
 from zorba_server.app import SERVICES, create_app
 from zorba_server.config import ConfigError, config_from_dict
 from zorba_server.scheduler import solve_schedule
@@ -59,8 +53,9 @@ def start(database: str, aiohttp_client: Any) -> Any:
     """start(**run_settings) -> (http client, app); one database per test."""
     db = database
 
-    async def _start(solve: Any = solve_schedule, **run: Any) -> tuple[Any, Any]:
-        app = create_app(config_from_dict(config_dict(db, **run)), solve=solve)
+    async def _start(solve: Any = solve_schedule, clock: Any = time.time,
+                     **run: Any) -> tuple[Any, Any]:
+        app = create_app(config_from_dict(config_dict(db, **run)), solve=solve, clock=clock)
         return await aiohttp_client(app), app
 
     _start.db = db  # type: ignore[attr-defined]
@@ -146,16 +141,35 @@ async def test_retry_with_the_same_key_returns_the_original_ack_and_counts_once(
     assert db_fingerprint(start.db)["version"] == 1
 
 
+class FakeClock:
+    """The server's clock, moved by the test: a deadline passes when the test says so, not
+    when a busy machine gets round to it (with wall time, a report meant to be on time could
+    arrive after a 1-s deadline)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def until_version(client: FakeClient, version: int) -> None:
+    """Long-poll until the client hears of `version` (the driver closed the round)."""
+    while (await client.poll(wait=5)).version < version:
+        pass
+
+
 async def test_a_late_report_is_refused_and_never_merged(start: Any) -> None:
-    http, _ = await start(min_clients=2, min_reports=1, round_duration_s=1.0)
+    clock = FakeClock()
+    http, _ = await start(min_clients=2, min_reports=1, round_duration_s=1.0, clock=clock)
     fast, slow = await joined(http, 2)
     a_fast, a_slow = (await fast.poll()).assignment, (await slow.poll()).assignment
     assert (await fast.report(1, make_report(a_fast))).status == 200
-    await asyncio.sleep(1.2)
+    clock.now += 1.2  # past the deadline
     late = await slow.report(1, make_report(a_slow, [5.0] * len(a_slow.pool_indices)))
     assert (late.status, late.error) == (409, "round_closed")
     assert "round 1 closed" in late.body["message"]
-    await fast.poll(wait=2)
+    await until_version(fast, 1)
     state = await fast.state()
     alone = reference_increment({"f": (a_fast.blocks, a_fast.pool_indices)},
                                 {"f": [0.1 * (t + 1) for t in range(len(a_fast.pool_indices))]},
@@ -164,13 +178,16 @@ async def test_a_late_report_is_refused_and_never_merged(start: Any) -> None:
 
 
 async def test_too_few_reports_fail_the_round_which_is_re_run(start: Any) -> None:
-    http, _ = await start(min_clients=2, min_reports=2, round_duration_s=1.0)
+    clock = FakeClock()
+    http, _ = await start(min_clients=2, min_reports=2, round_duration_s=1.0, clock=clock)
     one, _two = await joined(http, 2)
     first = (await one.poll()).assignment
     assert (await one.report(first.round, make_report(first))).status == 200
-    await asyncio.sleep(1.2)
-    rerun = await one.poll(wait=3)
-    assert rerun.status == TRAIN and rerun.assignment.round == 2
+    clock.now += 1.2  # past the deadline: the driver closes the round when it next looks
+    rerun = await one.poll(wait=5)
+    while rerun.status != TRAIN:  # the round closed and the next opened: the poll hears it
+        rerun = await one.poll(wait=5)
+    assert rerun.assignment.round == 2
     assert rerun.assignment.base_version == 0 and rerun.version == 0
     status = await (await http.get("/v1/status")).json()
     failed = status["rounds"][0]
@@ -411,6 +428,9 @@ async def test_status_page_metrics_and_status_json_show_the_run(start: Any) -> N
     hyper = status["hyper"]
     assert (hyper["lr"], hyper["batch_size"], hyper["seq_len"]) == (0.01, 8, 64)
     assert hyper["lr_factor"] == 1.0 and hyper["estimator"] == "one-sided"
+    # The slow loss rule is on; the drift bound is not (the server holds no base weights).
+    assert hyper["loss_drift_rounds"] == 3 and hyper["max_drift"] == 0.0
+    assert status["block_drift"] is None
     page = await (await http.get("/")).text()
     assert "<polyline" in page and c.client_id in page and "batch_size 8" in page
     metrics = await (await http.get("/metrics")).text()

@@ -10,7 +10,7 @@ from zorba_server.cli import config_from_args, parse_args
 from zorba_server.config import SECRET_ENV, ConfigError, load_config
 
 TOML = """
-enrolment_secret = "from-the-file"
+enrolment_secret = "from-the-file-1234"
 [server]
 port = 9000
 [storage]
@@ -39,7 +39,7 @@ def test_a_toml_file_fills_every_section(tmp_path: Path) -> None:
     path = tmp_path / "server.toml"
     path.write_text(TOML)
     config = load_config(path, environ={})
-    assert config.enrolment_secret == "from-the-file"
+    assert config.enrolment_secret == "from-the-file-1234"
     assert config.server.port == 9000 and config.storage.synchronous == "normal"
     assert config.run.seed == 7 and config.run.lr == 1.0 and config.run.min_reports == 2
     assert config.run.footprint is not None and config.run.footprint.block_params == (10, 10)
@@ -65,19 +65,20 @@ def test_flags_override_the_file_and_the_secret_can_come_from_the_environment(
 
 @pytest.mark.parametrize(("text", "needle"), [
     ("[run]\nseed = 1\n", "no enrolment secret"),
-    ('enrolment_secret = "short"\n', "at least 8 characters"),
-    ('enrolment_secret = "long-enough"\n[runn]\n', "unknown config section [runn]"),
-    ('enrolment_secret = "long-enough"\n[run]\nsead = 1\n', "unknown key(s) ['sead'] in [run]"),
-    ('enrolment_secret = "long-enough"\n[run]\nseed = "one"\n', "run.seed = 'one': expected int"),
-    ('enrolment_secret = "long-enough"\n[run]\nmin_reports = 0\n', "run.min_reports must be >= 1"),
-    ('enrolment_secret = "long-enough"\n[run]\nestimator = "normalised"\ndirections = 1\n',
+    ('enrolment_secret = "short"\n', "at least 16 characters (it has 5): make one with"),
+    ('enrolment_secret = "short"\ninsecure_secret = "yes"\n', "expected true or false"),
+    ('enrolment_secret = "sixteen-chars-ok"\n[runn]\n', "unknown config section [runn]"),
+    ('enrolment_secret = "sixteen-chars-ok"\n[run]\nsead = 1\n', "unknown key(s) ['sead'] in [run]"),
+    ('enrolment_secret = "sixteen-chars-ok"\n[run]\nseed = "one"\n', "run.seed = 'one': expected int"),
+    ('enrolment_secret = "sixteen-chars-ok"\n[run]\nmin_reports = 0\n', "run.min_reports must be >= 1"),
+    ('enrolment_secret = "sixteen-chars-ok"\n[run]\nestimator = "normalised"\ndirections = 1\n',
      "needs run.directions >= 2"),
-    ('enrolment_secret = "long-enough"\n[aggregation]\nmethod = "max"\n', "use mean, sum, trimmed_mean"),
-    ('enrolment_secret = "long-enough"\n[server]\ntls_cert = "c.pem"\n', "go together"),
+    ('enrolment_secret = "sixteen-chars-ok"\n[aggregation]\nmethod = "max"\n', "use mean, sum, trimmed_mean"),
+    ('enrolment_secret = "sixteen-chars-ok"\n[server]\ntls_cert = "c.pem"\n', "go together"),
     ("enrolment_secret = \n", "not valid TOML"),
-    ('enrolment_secret = "long-enough"\n[run]\nmodel_fingerprint = "m"\n', "give both"),
-    ('enrolment_secret = "long-enough"\n[run]\npool_slices = "split"\n', "use one of shared, disjoint"),
-    ('enrolment_secret = "long-enough"\n[run]\npool_slices = "disjoint"\n[aggregation]\n'
+    ('enrolment_secret = "sixteen-chars-ok"\n[run]\nmodel_fingerprint = "m"\n', "give both"),
+    ('enrolment_secret = "sixteen-chars-ok"\n[run]\npool_slices = "split"\n', "use one of shared, disjoint"),
+    ('enrolment_secret = "sixteen-chars-ok"\n[run]\npool_slices = "disjoint"\n[aggregation]\n'
      'method = "median"\n', "gives each direction one"),
 ])
 def test_bad_settings_are_refused_with_what_to_change(tmp_path: Path, text: str,
@@ -90,10 +91,10 @@ def test_bad_settings_are_refused_with_what_to_change(tmp_path: Path, text: str,
 
 
 def test_the_secret_can_be_read_from_a_file_next_to_the_config(tmp_path: Path) -> None:
-    (tmp_path / "secret.txt").write_text("  file-secret-123\n")
+    (tmp_path / "secret.txt").write_text("  file-secret-12345\n")
     path = tmp_path / "server.toml"
     path.write_text('enrolment_secret_file = "secret.txt"\n')
-    assert load_config(path, environ={}).enrolment_secret == "file-secret-123"
+    assert load_config(path, environ={}).enrolment_secret == "file-secret-12345"
 
 
 def test_an_unreachable_postgresql_database_is_named_and_the_server_exits_2(

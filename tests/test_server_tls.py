@@ -54,5 +54,11 @@ async def test_with_a_certificate_the_api_is_served_over_https(tmp_path: Path) -
 def test_an_unreadable_certificate_is_a_config_error(tmp_path: Path) -> None:
     data = config_dict(tmp_path / "db.sqlite3")
     data["server"] = {"tls_cert": str(tmp_path / "missing.pem"), "tls_key": str(tmp_path / "k")}
-    with pytest.raises(ConfigError, match="cannot load the TLS certificate"):
+    with pytest.raises(ConfigError, match=r"missing.pem \(--tls-cert\) does not exist"):
+        ssl_context(config_from_dict(data))
+    (tmp_path / "missing.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError, match=r"/k \(--tls-key\) does not exist"):
+        ssl_context(config_from_dict(data))
+    (tmp_path / "k").write_text("not a key")
+    with pytest.raises(ConfigError, match="cannot load the TLS certificate .*missing.pem"):
         ssl_context(config_from_dict(data))

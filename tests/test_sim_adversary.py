@@ -10,11 +10,11 @@ import pytest
 import torch
 from client_support import make_world, signal_examples
 
-from zorba_common.schema import HyperParams
+from zorba_common.messages import HyperParams
 from zorba_edge.model.sources import open_source
 from zorba_server.config import AggregationConfig, config_from_dict
 from zorba_server.rounds import ClientPlan, RoundPlan
-from zorba_sim.adversary import Adversary, FlipSigns, ScaleScalars, exposure
+from zorba_sim.adversary import Adversary, FlipSigns, GuardVeto, ScaleScalars, exposure
 from zorba_sim.fleet import GIB, DeviceClass, DeviceGroup, Fleet
 from zorba_sim.simulation import Simulation, SimulationConfig
 
@@ -33,10 +33,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run(model_dir: Path, aggregation: AggregationConfig, adversary: Adversary | None,
-        rounds: int = 2, clients: int = 10) -> Simulation:
+        rounds: int = 2, clients: int = 10, **run_settings: float) -> Simulation:
     server = config_from_dict({"enrolment_secret": "s" * 16, "run": {
         "pool_size": 64, "lr": 1e-3, "mu": 1e-3, "batch_size": 4, "seq_len": 16,
-        "round_duration_s": 30, "max_steps": 2, "seed": 3}})
+        "round_duration_s": 30, "max_steps": 2, "seed": 3} | run_settings})
     server = dataclasses.replace(server, aggregation=aggregation)
     config = SimulationConfig(server, rounds=rounds, reference_step_s=1.0,
                               eval_every=rounds + 1)
@@ -122,3 +122,15 @@ def test_exposure_needs_three_voters_for_the_median_and_one_over_f_for_a_trimmed
     assert wider.outvoted_blocks == 1
     assert exposure(plan, ATTACKER, AggregationConfig()).outvoted_blocks == 0
     assert exposure(plan, "absent", AggregationConfig()).attacker_blocks == 0
+
+
+def test_one_client_of_four_cannot_veto_the_loss_guard_with_its_check_losses(world: Path) -> None:
+    """Issue 27's attack through the simulator: check loss 0.0, then 1e6 (a weighted mean
+    judged: 7 of 8 rounds rolled back, the step at x0.0078)."""
+    veto = GuardVeto()
+    sim = run(world, AggregationConfig(method="median"), veto, rounds=5, clients=4,
+              loss_jump_tolerance=0.5)
+    assert veto.sent == 5
+    assert [h.status for h in sim.engine.history] == ["applied"] * 5
+    assert sim.engine.lr_factor() == 1.0
+    assert sim.engine.guard_quarantined() == {ATTACKER}

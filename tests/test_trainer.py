@@ -10,7 +10,7 @@ import torch
 from fixtures_text import make_tokenizer
 from tiny_models import tiny_llama_config
 
-from zorba_common.schema import AlphaDelta, Assignment, HyperParams, RunInfo
+from zorba_common.messages import AlphaDelta, Assignment, HyperParams, RunInfo
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.trainer import LocalTrainer, SyncError
 from zorba_edge.data.examples import ClassificationExample
@@ -143,52 +143,70 @@ def test_rounds_with_server_style_updates_lower_the_task_loss() -> None:
     assert loss_after < loss_before - 0.05, (loss_before, loss_after)
 
 
-def test_a_round_gated_by_finish_by_ends_its_last_step_before_the_instant() -> None:
+class FakeMonotonic:
+    """`time` as zorba_edge.client.trainer sees it, on a clock the test moves: the gate's
+    arithmetic is checked exactly, whatever a busy machine does to real sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fake_time(monkeypatch: pytest.MonkeyPatch) -> FakeMonotonic:
+    from zorba_edge.client import trainer
+
+    clock = FakeMonotonic()
+    monkeypatch.setattr(trainer, "time", clock)
+    return clock
+
+
+def test_a_round_gated_by_finish_by_ends_its_last_step_before_the_instant(
+        fake_time: FakeMonotonic) -> None:
     """A cancel flag lets the step in progress overrun the deadline; the gate starts a step
     only when this round's own step time says it will end in time."""
     import threading
-    import time
 
     from zorba_edge.client.trainer import finish_by
 
     calls: list[float] = []
 
     def slow_step(t: int) -> None:
-        calls.append(time.monotonic())
-        time.sleep(0.15)
+        calls.append(fake_time.now)
+        fake_time.now += 0.15
 
-    stop_by = time.monotonic() + 0.5
+    stop_by = fake_time.now + 0.5
     gate = finish_by(stop_by, prior_step_s=0.01)
     cancel = threading.Event()
     for t in range(20):
         if cancel.is_set() or not gate(t, 1):
             break
         slow_step(t)
-    ended = time.monotonic()
-    assert 2 <= len(calls) <= 3
-    assert ended <= stop_by + 0.05
+    # Steps at 0, 0.15 and 0.30 end by 0.45; a fourth would end at 0.60.
+    assert len(calls) == 3
+    assert fake_time.now <= stop_by
 
 
-def test_finish_by_judges_a_batch_of_directions_by_all_its_steps() -> None:
+def test_finish_by_judges_a_batch_of_directions_by_all_its_steps(
+        fake_time: FakeMonotonic) -> None:
     """A batch of 4 directions takes 4 steps' time: judged by one step's time, a last batch
     started 0.1 s before the deadline and ended 0.1 s after it (the quickstart's largest
     client missed its round so)."""
-    import time
-
     from zorba_edge.client.trainer import finish_by
 
     per_step, directions = 0.05, 4
-    started = time.monotonic()
-    stop_by = started + 0.5
+    stop_by = fake_time.now + 0.5
     gate = finish_by(stop_by, prior_step_s=per_step)
     batches = 0
     for t in range(0, 40, directions):
         if not gate(t, directions):
             break
-        time.sleep(per_step * directions)
+        fake_time.now += per_step * directions
         batches += 1
     assert batches == 2  # a third would end at 0.6 s
-    assert time.monotonic() <= stop_by
+    assert fake_time.now <= stop_by
 
 
 def test_first_steps_starts_no_batch_that_would_pass_its_count() -> None:
@@ -246,7 +264,7 @@ def test_kept_snapshot_buffers_and_no_heap_trim_change_no_value_of_a_round(
     round, as a real client's."""
     from zorba_edge.client import trainer as trainer_module
     from zorba_edge.client.trainer import run_local_steps
-    from zorba_edge.engine.zo import SnapshotBuffers
+    from zorba_edge.engine.snapshot import SnapshotBuffers
 
     real, sim = make_trainer(), make_trainer()
     buffers = SnapshotBuffers()
@@ -335,7 +353,8 @@ def test_a_first_round_judges_its_batches_by_the_estimators_forwards_per_step() 
     """The profile's step is two forwards; a one-sided batch of 4 costs 5 forwards, 1.25 a
     step. Before any round, the gate's estimate must be the latter, or a batch the plan sized
     to fit looks 1.6x too long (every quickstart client sat its first round out)."""
-    from zorba_common.schema import ANTITHETIC, ONE_SIDED, HyperParams
+    from zorba_common.messages import HyperParams
+    from zorba_common.run_defaults import ANTITHETIC, ONE_SIDED
     from zorba_edge.client.daemon import step_estimate_s
     from zorba_edge.engine.zo import forwards_per_step
 

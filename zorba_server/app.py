@@ -19,24 +19,15 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from zorba_common.schema import (
-    CONTENT_TYPE,
-    MAX_COUNTER,
-    MAX_REGISTER_BYTES,
-    MAX_REPORT_BYTES,
-    MAX_WEIGHTS_BYTES,
-    ErrorBody,
-    RegisterRequest,
-    Report,
-    SchemaError,
-    decode,
-    encode,
-)
-from zorba_common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
-from zorba_server import errors, metrics, status_page
+from zorba_common.codec import CONTENT_TYPE, SchemaError, decode, encode
+from zorba_common.limits import MAX_COUNTER, MAX_REGISTER_BYTES, MAX_REPORT_BYTES, MAX_WEIGHTS_BYTES
+from zorba_common.messages import ErrorBody, RegisterRequest, Report
+from zorba_common.weight_files import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
+from zorba_server import errors, metrics, run_lock, status_page
 from zorba_server.config import ServerConfig
 from zorba_server.coordinator import Coordinator
 from zorba_server.engine import SolveFn
+from zorba_server.enrolment_limit import EnrolmentLimiter
 from zorba_server.errors import Refusal
 from zorba_server.members import Member
 from zorba_server.storage import Store, StoreUnavailableError, open_store
@@ -55,6 +46,8 @@ class Services:
     metrics: metrics.Metrics = field(default_factory=metrics.Metrics)
     store: Store | None = None
     coordinator: Coordinator | None = None
+    enrolments: EnrolmentLimiter = field(default_factory=EnrolmentLimiter)
+    """Failed enrolments per source address (429 with Retry-After past a few)."""
 
     @property
     def running(self) -> Coordinator:
@@ -83,6 +76,7 @@ def create_app(config: ServerConfig, *, solve: SolveFn | None = None,
     app.router.add_get("/v1/state", state)
     app.router.add_get("/v1/status", status_json)
     app.router.add_get("/metrics", metrics_text)
+    app.router.add_get("/healthz", healthz)
     app.router.add_get("/", index)
     return app
 
@@ -90,21 +84,33 @@ def create_app(config: ServerConfig, *, solve: SolveFn | None = None,
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     storage = services.config.storage
-    store = await open_store(storage.path, storage.synchronous)
+    # One server per run: the lock comes before the store is opened, checked or resumed.
+    lock = run_lock.acquire(storage.path)
+    try:
+        store = await open_store(storage.path, storage.synchronous)
+    except BaseException:
+        lock.release()
+        raise
     try:
         coordinator = Coordinator(services.config, store, solve=services.solve,
                                   clock=services.clock)
         await coordinator.start()
     except BaseException:
         await store.close()
+        lock.release()
         raise
     services.store, services.coordinator = store, coordinator
     services.metrics.watch(coordinator, store.stats)
-    yield
-    services.metrics.unwatch()
-    services.coordinator = None
-    await coordinator.stop()
-    await store.close()
+    try:
+        yield
+    finally:
+        services.metrics.unwatch()
+        services.coordinator = None
+        try:
+            await coordinator.stop()
+            await store.close()
+        finally:
+            lock.release()
 
 
 # ---------------------------------------------------------------------------- plumbing
@@ -121,7 +127,8 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 HTTP_STATUS: dict[type[Refusal], int] = {
     errors.Malformed: 400, errors.Unauthenticated: 401, errors.Forbidden: 403,
     errors.NotFound: 404, errors.Conflict: 409, errors.TooLarge: 413,
-    errors.UnsupportedMediaType: 415, errors.Unprocessable: 422, errors.Unavailable: 503,
+    errors.UnsupportedMediaType: 415, errors.Unprocessable: 422, errors.TooManyRequests: 429,
+    errors.Unavailable: 503,
 }
 """Each kind of refusal's HTTP status: the one place the server speaks HTTP about errors."""
 
@@ -136,11 +143,15 @@ async def error_middleware(request: web.Request,
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     started = time.perf_counter()
+    headers: dict[str, str] = {}
     try:
         response = await handler(request)
         stats.answered(route, request.method, response.status, time.perf_counter() - started)
         _count_traffic(request, route, response)
         return response
+    except errors.TooManyRequests as exc:
+        status, code, message = 429, exc.code, exc.message
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     except Refusal as exc:
         status, code, message = HTTP_STATUS[type(exc)], exc.code, exc.message
     except SchemaError as exc:
@@ -163,6 +174,7 @@ async def error_middleware(request: web.Request,
         message = "the server failed on this request; retry (a report: with the same key)"
     stats.answered(route, request.method, status, time.perf_counter() - started, refusal=code)
     response = error_response(status, code, message)
+    response.headers.update(headers)
     _count_traffic(request, route, response)
     return response
 
@@ -238,8 +250,13 @@ def _count_traffic(request: web.Request, route: str, response: web.StreamRespons
 
 
 def bearer(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+    """The request's bearer token. Two Authorization headers are refused: the first won, so a
+    proxy that adds its own and a client's could act as whichever came first."""
+    headers = request.headers.getall("Authorization", [])
+    if len(headers) > 1:
+        raise errors.bad_request("duplicate_authorization",
+                                 "send one Authorization header (Bearer <token>), not several")
+    scheme, _, token = (headers[0] if headers else "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else None
 
 
@@ -249,8 +266,9 @@ def _query_number(request: web.Request, name: str, default: float, *, integer: b
         return default
     value: float = -1
     if not integer:
+        # ASCII only: float() also reads other scripts' digits ("٣" is 3).
         with contextlib.suppress(ValueError):
-            value = float(raw)
+            value = float(raw) if raw.isascii() else -1
     elif raw.isascii() and raw.isdigit() and len(raw) <= len(str(MAX_COUNTER)):
         value = int(raw)
     if value < 0 or not math.isfinite(value) or (integer and value > MAX_COUNTER):
@@ -264,9 +282,27 @@ def _query_number(request: web.Request, name: str, default: float, *, integer: b
 
 
 async def register(request: web.Request) -> web.Response:
-    coordinator = request.app[SERVICES].running
+    services = request.app[SERVICES]
+    coordinator = services.running
+    # Per source address: a guesser waits out a growing delay before its secret is compared.
+    source, now = request.remote or "unknown", services.clock()
+    try:
+        services.enrolments.check(source, now)
+    except errors.TooManyRequests:
+        services.metrics.requests.enrolment_failures.labels("throttled").inc()
+        raise
     message = await read_message(request, RegisterRequest, MAX_REGISTER_BYTES)
-    return msgpack_response(await coordinator.register(message), status=201)
+    try:
+        answer = await coordinator.register(message)
+    except errors.Forbidden:
+        services.metrics.requests.enrolment_failures.labels("wrong_secret").inc()
+        delay = services.enrolments.failed(source, now)
+        if delay:
+            log.warning("wrong enrolment secret from %s again: its registrations wait %.0f s",
+                        source, delay)
+        raise
+    services.enrolments.succeeded(source)
+    return msgpack_response(answer, status=201)
 
 
 async def next_round(request: web.Request) -> web.Response:
@@ -286,10 +322,21 @@ async def submit_report(request: web.Request) -> web.Response:
         member, round_, report, body_bytes=request.content_length or 0))
 
 
+async def healthz(request: web.Request) -> web.Response:
+    """200 `ok` once the run is loaded and its round driver runs (503 while starting): for a
+    load balancer or an orchestrator's probe. Cheap: no store access."""
+    coordinator = request.app[SERVICES].running
+    if not coordinator.driving:
+        raise errors.Unavailable("round_driver_stopped", "the round driver is not running")
+    return web.Response(text="ok\n")
+
+
 async def leave(request: web.Request) -> web.Response:
     """The client stops taking part: not counted active from now on (204, no body)."""
     coordinator = request.app[SERVICES].running
     member = authenticated(request, coordinator)
+    if request.body_exists:  # no body is read: a 50 MiB one was accepted and discarded
+        raise errors.too_large("POST /v1/leave takes no body")
     await coordinator.leave(member)
     return web.Response(status=204)
 

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import logging
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
 from zorba_common.roles import docs_location, version_text
-from zorba_common.schema import ESTIMATORS
+from zorba_common.run_defaults import ESTIMATORS
+from zorba_server import store_tools
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.app import create_app
 from zorba_server.config import (
@@ -28,6 +32,8 @@ from zorba_server.config import (
     ServerConfig,
     load_config,
 )
+from zorba_server.enrolment import new_secret
+from zorba_server.http_log import http_logger
 from zorba_server.modes import MODES
 from zorba_server.storage import StoreError
 
@@ -37,7 +43,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="zorba-server",
         description="Aggregation server of zorba-edge (zeroth-order federated fine-tuning). "
         "Flags override the config file; the enrolment secret comes from the file or the "
-        "ZORBA_ENROLMENT_SECRET environment variable.",
+        "ZORBA_ENROLMENT_SECRET environment variable. Tools: `zorba-server check --db DB` "
+        "(check a run database), `zorba-server backup --db DB --out FILE`, `zorba-server secret` "
+        "(a fresh enrolment secret).",
         epilog=f"User's guide: {docs_location()} (operating a server: server.md).",
     )
     p.add_argument("--version", action="version", version=version_text("zorba-server"))
@@ -92,6 +100,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--epsilon", type=float,
                    help="share of the best coverage the memory stage may give up (default 0.05)")
     g.add_argument("--min-cover", type=int, help="clients wanted per block (default 1)")
+    p.add_argument("--insecure-secret", action="store_true",
+                   help="accept an enrolment secret shorter than 16 characters (a throwaway run "
+                   "on a trusted network only; `zorba-server secret` makes a good one)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="default INFO")
     return p.parse_args(argv)
@@ -111,18 +122,43 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                 "mode": args.mode},
         "aggregation": {"method": args.aggregation, "clip": args.clip},
         "scheduler": {"epsilon": args.epsilon, "min_cover": args.min_cover},
-    })
+    }, insecure_secret=args.insecure_secret)
 
 
 def ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
-    if config.server.tls_cert is None or config.server.tls_key is None:
+    """The HTTPS context, or a ConfigError naming the file that is missing or bad."""
+    cert, key = config.server.tls_cert, config.server.tls_key
+    if cert is None or key is None:
         return None
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not Path(path).is_file():
+            raise ConfigError(f"the TLS file {path} ({flag}) does not exist")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(config.server.tls_cert, config.server.tls_key)
+        context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the TLS certificate/key: {exc}") from None
+        raise ConfigError(f"cannot load the TLS certificate {cert} (--tls-cert) with the key "
+                          f"{key} (--tls-key): {exc}") from None
     return context
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before any run is created or resumed: a busy port is one
+    line naming it, and no database was touched."""
+    where = f"{host}:{port}"
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+        return socket.create_server(address[:2], family=family)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {where}: the host does not resolve ({exc.strerror}); "
+                          "check --host") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"cannot listen on {where}: the port is in use (another server?); "
+                              "stop it or pick another --port") from None
+        raise ConfigError(f"cannot listen on {where}: {exc.strerror}; check --host and --port"
+                          ) from None
 
 
 def tune_gc() -> None:
@@ -140,11 +176,19 @@ def tune_gc() -> None:
 
 async def serve(config: ServerConfig) -> None:
     """Run until SIGINT/SIGTERM, then finish the queued commits and stop."""
-    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
-    await runner.setup()
-    tune_gc()
+    # Everything that can fail without a database first: the TLS files, then the port. Only
+    # then does the app take the run's lock and create or resume the run (runner.setup).
     context = ssl_context(config)
-    site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=context)
+    sock = bind(config.server.host, config.server.port)
+    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False,
+                           logger=http_logger())
+    try:
+        await runner.setup()
+    except BaseException:
+        sock.close()
+        raise
+    tune_gc()
+    site = web.SockSite(runner, sock, ssl_context=context)
     await site.start()
     scheme = "https" if context else "http"
     for host, port, *_ in runner.addresses:
@@ -159,7 +203,44 @@ async def serve(config: ServerConfig) -> None:
         await runner.cleanup()
 
 
+TOOLS = ("check", "backup", "secret")
+"""`zorba-server TOOL ...`: commands that do one job and exit, without serving."""
+
+
+def tool_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="zorba-server", description="Tools of the aggregation "
+                                "server; run `zorba-server --help` for the server itself.")
+    sub = p.add_subparsers(dest="tool", required=True)
+    c = sub.add_parser("check", help="check a run database as the server does on open (and "
+                       "SQLite's page checks); writes nothing")
+    c.add_argument("--db", required=True, metavar="FILE|URL")
+    b = sub.add_parser("backup", help="a consistent copy of a SQLite run database, even while a "
+                       "server runs on it (PostgreSQL: pg_dump)")
+    b.add_argument("--db", required=True, metavar="FILE|URL")
+    b.add_argument("--out", required=True, metavar="FILE", help="a new file")
+    sub.add_parser("secret", help="print a fresh random enrolment secret")
+    return p.parse_args(argv)
+
+
+def run_tool(argv: Sequence[str]) -> int:
+    args = tool_args(argv)
+    try:
+        if args.tool == "check":
+            print(store_tools.check(args.db))
+        elif args.tool == "backup":
+            print(store_tools.backup(args.db, Path(args.out)))
+        else:
+            print(new_secret())
+    except StoreError as exc:
+        print(f"zorba-server {args.tool}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:
+        return run_tool(argv)
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(message)s")

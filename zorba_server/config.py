@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from zorba_common.errors import ZorbaError
-from zorba_common.memory_model import ModelFootprint
-from zorba_common.schema import ESTIMATORS, NORMALISED, ONE_SIDED, ZORBA
+from zorba_common.memory_model import MEMORY_HEADROOM, ModelFootprint
+from zorba_common.run_defaults import BATCH_SIZE, ESTIMATORS, NORMALISED, ONE_SIDED, SEQ_LEN, ZORBA
 from zorba_server.aggregation_rules import RULES, VOTING_RULES
+from zorba_server.enrolment import MIN_SECRET_CHARS
 from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig
+from zorba_server.step_size import LR_SCALINGS
 
 try:
     import tomllib
@@ -71,9 +73,9 @@ class StorageConfig:
             raise ConfigError(f"storage.synchronous={self.synchronous!r}: use 'full' or 'normal'")
 
 
-LR_SCALINGS = ("dimension", "none")
 LR_SCALING_HELP = ("none: one lr for every client; dimension: lr x mean block size / the "
-                   "parameters a client perturbs")
+                   "parameters a client perturbs; energy: lr x the measured E[g^2] of all blocks "
+                   "/ that of the client's blocks (docs/learning.md)")
 """run.lr_scaling's meaning, as every command that takes --lr-scaling explains it."""
 TRUST_RADIUS_HELP = ("the trust region: the longest RMS move per perturbed parameter of one "
                      "batch's step, as a fraction of the perturbed weights' RMS; longer steps "
@@ -105,12 +107,17 @@ class RunConfig:
     too large for."""
     mu: float = 1e-3
     """Perturbation scale of the two-sided estimate."""
-    batch_size: int = 8
+    batch_size: int = BATCH_SIZE
     """Examples per local step."""
-    seq_len: int = 64
+    seq_len: int = SEQ_LEN
     """Tokens per example."""
     round_duration_s: float = 300.0
     """From a round's opening to its deadline; local steps are sized to fit it."""
+    report_grace_s: float = 5.0
+    """How long after its deadline a round still takes reports before it closes (when one is
+    missing): clients plan their steps to end before the deadline, and a report already on its
+    way then (its upload, the server's store) still counts rather than being thrown away
+    (issue 26, item 6: 3 of 18 reports were, one with all of its planned steps done)."""
     min_reports: int = 1
     """Fewer reports by the deadline: the round applies nothing and is re-run."""
     min_clients: int = 1
@@ -142,12 +149,17 @@ class RunConfig:
     """`none`: one lr for every client; `dimension`: each client's step is lr x (mean block
     size / parameters it perturbs), so `lr` is the step of a client holding one average block
     and every client moves the loss alike. `dimension` at lr 2.6e-3 lowered the held-out loss
-    faster but did not raise accuracy, so it is not the default (docs/learning.md)."""
+    faster but did not raise accuracy, so it is not the default (docs/learning.md). `energy`:
+    lr x (estimated E[g^2] of all blocks / that of the client's blocks), so `lr` is the step of
+    a client perturbing every block (docs/learning.md, "Gradient energy per block")."""
     loss_jump_tolerance: float = 0.5
-    """The loss guard: a round whose clients' check-batch losses stand more than this fraction
-    above theirs at the last version whose losses did not rise is not applied, and the table
-    is rolled back to that version (clients without check losses: judged by their training
-    losses). Each rejection halves the step for later rounds (0: off; docs/learning.md)."""
+    """The loss guard: a round in which a majority of the clients (by count and by sample
+    weight) see their check-batch loss stand more than this fraction above theirs at the last
+    version whose losses did not rise is not applied, and the table is rolled back to that
+    version (clients without check losses: judged by their training losses; a client whose
+    losses are implausible next to the others' is left out, then ignored). Each rejection
+    halves the step for later rounds, never below 1/32 of lr; 5 applied rounds in a row undo
+    one halving (0: off; docs/learning.md)."""
     plateau_rounds: int = 6
     """A step that decays as learning flattens: this many applied rounds in a row whose
     clients' check losses do not come back to the loss guard's anchor (the last version whose
@@ -155,6 +167,18 @@ class RunConfig:
     (0: never). In the 20-minute quickstart it cut the step after rounds 28, 34, 40 and 46 and
     the held-out loss fell to the end instead of turning up after round 33; no 3-minute run
     reaches a cut (docs/learning.md, "A step that decays on a plateau")."""
+    loss_drift_rounds: int = 3
+    """The loss guard's slow rule: when the check losses have stood above the anchor's for
+    this many applied rounds in a row and now exceed it by more than `loss_drift_tolerance`,
+    the round is rolled back as for a jump (0: off; zorba_server/loss_drift.py)."""
+    loss_drift_tolerance: float = 0.1
+    """How far above the anchor's a drifting check loss may stand (a fraction of
+    max(anchor's loss, ln 2)) before `loss_drift_rounds` rounds of it roll the table back."""
+    max_drift: float = 0.0
+    """The drift bound: the longest distance of a block of base + alpha from its base weights,
+    as a fraction of their norm; a round that would go further is scaled down on that block
+    (0: off). Needs each block's base RMS, which the simulator gives the engine
+    (zorba_server/drift.py)."""
     pool_slices: str = "shared"
     """Which pool indices each client of a round measures. `shared`: a prefix of one list, so
     the holders of a block measure the same directions and aggregation averages their
@@ -170,10 +194,11 @@ class RunConfig:
     keep_weight_versions: bool = False
     """fedavg: keep every version's global weights on disk (for per-round evaluation), not
     just the latest."""
-    memory_headroom: float = 0.05
-    """Share of each declared budget the scheduler leaves free: the memory model is an estimate
-    (allocator fragmentation and slow RSS growth are not in it; measured: peaks 0.6% over a
-    budget filled to the edge in the quickstart)."""
+    memory_headroom: float = MEMORY_HEADROOM
+    """Share of each declared budget that registration and the scheduler leave free (the
+    client's own check leaves the same default): the memory model is an estimate (allocator
+    fragmentation and slow RSS growth are not in it; measured: peaks 0.6% over a budget filled
+    to the edge in the quickstart)."""
     catch_up_rounds: int = 64
     """Deltas kept for syncing; a client further behind fetches /v1/state."""
     model_fingerprint: str | None = None
@@ -188,6 +213,11 @@ class RunConfig:
              f"run.lr_scaling={self.lr_scaling!r}: use one of {', '.join(LR_SCALINGS)}"),
             (self.loss_jump_tolerance >= 0, "run.loss_jump_tolerance must be >= 0 (0: off)"),
             (self.plateau_rounds >= 0, "run.plateau_rounds must be >= 0 (0: never)"),
+            (self.loss_drift_rounds >= 0, "run.loss_drift_rounds must be >= 0 (0: off)"),
+            (math.isfinite(self.loss_drift_tolerance) and self.loss_drift_tolerance >= 0,
+             "run.loss_drift_tolerance must be a finite number >= 0"),
+            (math.isfinite(self.max_drift) and self.max_drift >= 0,
+             "run.max_drift must be a finite number >= 0 (0: off)"),
             (self.pool_slices in POOL_SLICES,
              f"run.pool_slices={self.pool_slices!r}: use one of {', '.join(POOL_SLICES)}"),
             (math.isfinite(self.trust_radius) and self.trust_radius >= 0,
@@ -203,6 +233,8 @@ class RunConfig:
             (self.batch_size >= 1 and self.seq_len >= 1,
              "run.batch_size and run.seq_len must be >= 1"),
             (self.round_duration_s > 0, "run.round_duration_s must be > 0"),
+            (math.isfinite(self.report_grace_s) and self.report_grace_s >= 0,
+             "run.report_grace_s must be a finite number >= 0"),
             (self.min_reports >= 1, "run.min_reports must be >= 1"),
             (self.min_clients >= 1, "run.min_clients must be >= 1"),
             (self.max_rounds >= 0, "run.max_rounds must be >= 0 (0: no limit)"),
@@ -262,12 +294,17 @@ class ServerConfig:
     run: RunConfig = RunConfig()
     aggregation: AggregationConfig = AggregationConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    insecure_secret: bool = False
+    """Accept an enrolment secret shorter than MIN_SECRET_CHARS (`--insecure-secret`): for a
+    throwaway run on a trusted network only."""
 
     def __post_init__(self) -> None:
-        if len(self.enrolment_secret) < 8:
+        if len(self.enrolment_secret) < (1 if self.insecure_secret else MIN_SECRET_CHARS):
             raise ConfigError(
-                "the enrolment secret must have at least 8 characters: set enrolment_secret, "
-                f"enrolment_secret_file or {SECRET_ENV}"
+                f"the enrolment secret must have at least {MIN_SECRET_CHARS} characters (it has "
+                f"{len(self.enrolment_secret)}): make one with `zorba-server secret` and set "
+                f"enrolment_secret, enrolment_secret_file or {SECRET_ENV}; or pass "
+                "--insecure-secret (insecure_secret = true) for a throwaway run"
             )
         if self.run.pool_slices == "disjoint" and self.aggregation.method in VOTING_RULES:
             # A robust rule votes per direction among the clients that measured it; with
@@ -288,8 +325,10 @@ SECTIONS = {
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
-                environ: typing.Mapping[str, str] | None = None) -> ServerConfig:
-    """Config from a TOML file (optional), then `overrides` {section: {key: value}} on top."""
+                environ: typing.Mapping[str, str] | None = None, *,
+                insecure_secret: bool = False) -> ServerConfig:
+    """Config from a TOML file (optional), then `overrides` {section: {key: value}} on top
+    (and `insecure_secret`, the flag, over the file's)."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -300,6 +339,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    if insecure_secret:
+        data["insecure_secret"] = True
     return config_from_dict(data, base_dir=Path(path).parent if path else Path.cwd(),
                             environ=os.environ if environ is None else environ)
 
@@ -308,6 +349,9 @@ def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None,
                      environ: typing.Mapping[str, str] | None = None) -> ServerConfig:
     data = dict(data)
     base_dir = Path.cwd() if base_dir is None else base_dir
+    insecure = data.pop("insecure_secret", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"insecure_secret = {insecure!r}: expected true or false")
     secret = data.pop("enrolment_secret", None)
     secret_file = data.pop("enrolment_secret_file", None)
     if secret is None and secret_file is not None:
@@ -333,7 +377,7 @@ def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None,
             raise ConfigError(f"{misplaced} are not [scheduler] keys: set min_steps and max_steps in "
                               "[run]; the deadline follows from run.round_duration_s")
         sections[name] = _build(SECTIONS[name], values, name)
-    return ServerConfig(enrolment_secret=str(secret), **sections)
+    return ServerConfig(enrolment_secret=str(secret), insecure_secret=insecure, **sections)
 
 
 def _build(cls: type, values: dict[str, Any], section: str) -> Any:
@@ -365,3 +409,17 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     if tp in (int, float, str) and type(value) is not tp:
         raise ConfigError(f"{name} = {value!r}: expected {tp.__name__}")
     return value
+
+
+def harness_run(values: typing.Mapping[str, Any], run: RunConfig,
+                aggregation: AggregationConfig = AggregationConfig()
+                ) -> tuple[RunConfig, AggregationConfig, dict[str, Any]]:
+    """A harness's flat map of names (its command line's, a benchmark's) as the run config it
+    holds and its own fields: each RunConfig field replaces `run`'s, `aggregation` names the
+    rule (aggregation.method), and the rest is returned for the harness's own dataclass."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    own = {k: v for k, v in values.items() if k not in names and k != "aggregation"}
+    run = dataclasses.replace(run, **{k: v for k, v in values.items() if k in names})
+    if "aggregation" in values:
+        aggregation = dataclasses.replace(aggregation, method=values["aggregation"])
+    return run, aggregation, own

@@ -23,18 +23,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from zorba_common.schema import (
-    NextRound,
-    RegisterRequest,
-    RegisterResponse,
-    Report,
-    ReportAck,
-    encode,
-)
+from zorba_common.codec import encode
+from zorba_common.messages import NextRound, RegisterRequest, RegisterResponse, Report, ReportAck
 from zorba_server.broadcast import Broadcast
 from zorba_server.config import ServerConfig
 from zorba_server.engine import OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
 from zorba_server.enrolment import Credentials, Tokens, check_enrolment
+from zorba_server.errors import Refusal
 from zorba_server.idempotency import ack, check_retry, idempotency_conflict, report_hash, stored_ack
 from zorba_server.members import Member
 from zorba_server.polling import poll_answer
@@ -72,12 +67,17 @@ class Coordinator:
         self._driver: asyncio.Task[None] | None = None
         self._state_cache: tuple[int, bytes] | None = None
         self._registrations = 0
-        """By this process (the engine counts the run's reports and rounds)."""
+        """Over the run: the stored clients on a restart, plus this process's registrations."""
         self.traffic: defaultdict[str, ClientTraffic] = defaultdict(ClientTraffic)
         """Body bytes per client and round, as the HTTP layer counts them; each report's row
         stores its round's (restored on restart)."""
         self.weights = weight_rounds(config, self.engine)
         """fedavg's uploaded and averaged weights (other modes: none)."""
+
+    @property
+    def driving(self) -> bool:
+        """The round driver task runs (what /healthz reports)."""
+        return self._driver is not None and not self._driver.done()
 
     @property
     def counters(self) -> dict[str, int]:
@@ -121,6 +121,7 @@ class Coordinator:
         resumed = resume(self.engine, snap, self.config.run, now)
         self.run_id, self.created_at = resumed.run_id, resumed.created_at
         self._tokens = resumed.tokens
+        self._registrations = len(snap.clients)
         self.traffic.update(resumed.traffic)
         engine = self.engine
         log.info("resumed run %s at version %d, round %d%s", self.run_id, engine.version,
@@ -144,12 +145,18 @@ class Coordinator:
         await self._store.set_left(member.client_id, self._clock())
         self.engine.mark_left(member)
         log.info("client %s left", member.client_id)
+        self._wake.set()  # a round whose other clients all reported closes now, not at its deadline
 
     async def register(self, request: RegisterRequest) -> RegisterResponse:
         check_enrolment(request, self.config.enrolment_secret)
         profile = request.profile
         engine = self.engine
-        engine.check_registration(profile)
+        try:
+            engine.check_registration(profile)
+        except Refusal as exc:
+            log.info("refused the registration of %s (%s): %s", profile.name or "a device",
+                     exc.code, exc.message)
+            raise
         now = self._clock()
         new = Credentials.new()
         # Pinned before awaiting the commit so concurrent registrations compare against it.
@@ -164,6 +171,9 @@ class Coordinator:
         engine.add_member(Member.joining(new.client_id, profile, now))
         self._tokens.add(new.token_hash, new.client_id)
         self._registrations += 1
+        log.info("registered %s%s: %s, budget %.0f MiB, %d samples", new.client_id,
+                 f" ({profile.name})" if profile.name else "", profile.device_type,
+                 profile.memory_budget_bytes / 2**20, profile.num_samples)
         self._wake.set()
         return RegisterResponse(new.client_id, new.token, engine.run_info(self.run_id))
 
@@ -301,6 +311,8 @@ class Coordinator:
         self._changed.notify()
         log.info("round %d open: %d clients, deadline in %.0f s", plan.round, len(plan.clients),
                  self.config.run.round_duration_s)
+        for cid, why in sorted(plan.excluded.items()):
+            log.info("round %d: client %s left out: %s", plan.round, cid, why)
 
     async def _close(self) -> None:
         self._closing = True
@@ -325,8 +337,12 @@ class Coordinator:
         self.weights.closed(closure)
         # Back-offs at WARNING: an operator running at that level still learns that the step
         # was cut or a round rolled back.
-        log.log(logging.WARNING if closure.backs_off else logging.INFO, "round %d %s: %s",
-                closure.plan.round, closure.outcome.status, closure.outcome.message)
+        outcome, engine = closure.outcome, self.engine
+        loss = "-" if outcome.loss is None else f"{outcome.loss:.4g}"
+        log.log(logging.WARNING if closure.backs_off else logging.INFO,
+                "round %d %s: %d of %d reports, loss %s, version %d, next step %.3g: %s",
+                closure.plan.round, outcome.status, outcome.reports, len(closure.plan.clients),
+                loss, engine.version, engine.hyper().lr, outcome.message)
 
     # ------------------------------------------------------------------------ views
 

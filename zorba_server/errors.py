@@ -54,6 +54,14 @@ class Unavailable(Refusal):
     """The server cannot answer yet."""
 
 
+class TooManyRequests(Refusal):
+    """The caller must wait `retry_after_s` before asking again (too many failed enrolments)."""
+
+    def __init__(self, code: str, message: str, retry_after_s: float) -> None:
+        super().__init__(code, message)
+        self.retry_after_s = retry_after_s
+
+
 def bad_request(code: str, message: str) -> Refusal:
     return Malformed(code, message)
 

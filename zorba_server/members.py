@@ -1,8 +1,11 @@
-"""Who may join a run, and what the engine knows of each member (pure).
+"""What the engine knows of each member, and whether its device can train in this run (pure).
 
-One admission rule: a device joins when it runs the run's model and its memory budget holds
-at least the cheapest block under the shared memory model (`zorba_common.memory_model`,
-the same model the client's own check and the scheduler use).
+(Who may *register*, with the run's secret and a bearer token, is enrolment.py.)
+
+One admission rule: a device joins when it runs the run's model and the usable part of its
+memory budget (all but run.memory_headroom) holds at least the cheapest block under the shared
+memory model (`zorba_common.memory_model`: `LinearMemoryModel.admits`, the same rule the
+client's own check asks and the same budget the scheduler plans with).
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import math
 from dataclasses import dataclass
 
 from zorba_common.memory_model import LinearMemoryModel, ModelFootprint, linear_memory_model
-from zorba_common.schema import DeviceProfile
+from zorba_common.messages import DeviceProfile
 from zorba_server import errors
 from zorba_server.config import RunConfig
 
+MIB = 2**20
 LEFT = -math.inf
 """`Member.last_seen` of a client that left (POST /v1/leave): seen too long ago to be active,
 however long the membership timeout; its next request makes it active again."""
@@ -33,6 +37,9 @@ class Member:
     rounds_reported: int = 0
     last_loss: float | None = None
     last_peak_bytes: int = 0
+    guard_outlier_rounds: int = 0
+    """Rounds in which the loss guard found this client's check loss implausible next to the
+    others' (from QUARANTINE_ROUNDS on it ignores them; counted afresh after a restart)."""
 
     @classmethod
     def joining(cls, client_id: str, profile: DeviceProfile, now: float) -> Member:
@@ -52,16 +59,20 @@ def memory_model(run: RunConfig, profile: DeviceProfile, calibration: float) -> 
 
 
 def check_budget(run: RunConfig, profile: DeviceProfile) -> None:
-    """Refuse a device that could never hold a block."""
+    """Refuse a device that no round could use: the admission rule the scheduler plans by
+    (`LinearMemoryModel.admits`: the usable part of the budget holds a block), with the
+    budget it would need."""
     model = memory_model(run, profile, 1.0)
-    if model.blocks_within(profile.memory_budget_bytes) < 1:
+    if not model.admits(profile.memory_budget_bytes, run.memory_headroom):
         need = model.fixed_bytes + min(model.block_bytes)
         raise errors.unprocessable(
             "budget_too_small",
-            f"training even the cheapest block needs {need / 2**20:.0f} MiB with this run's "
-            f"batch_size={run.batch_size}, seq_len={run.seq_len}; the device offers "
-            f"{profile.memory_budget_bytes / 2**20:.0f} MiB: free memory or hold frozen blocks "
-            "in a smaller precision",
+            f"training even the cheapest block needs {need / MIB:.0f} MiB with this run's "
+            f"batch_size={run.batch_size}, seq_len={run.seq_len}, and the scheduler fills at most "
+            f"{1 - run.memory_headroom:.0%} of a budget; the device offers "
+            f"{profile.memory_budget_bytes / MIB:.0f} MiB: give it --memory-budget "
+            f"{math.ceil(model.budget_needed(run.memory_headroom) / MIB)}MiB or more (if it has "
+            "the memory), free memory, or hold frozen blocks in a smaller precision",
         )
 
 

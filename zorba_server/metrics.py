@@ -34,6 +34,10 @@ class RequestStats:
                                  ["route", "status"], registry=registry)
         self.refusals = Counter("zorba_refusals", "Requests refused, by error code.", ["code"],
                                 registry=registry)
+        self.enrolment_failures = Counter(
+            "zorba_enrolment_failures", "Registrations refused: a wrong enrolment secret "
+            "(wrong_secret), or a source waiting out its delay after too many (throttled).",
+            ["outcome"], registry=registry)
         self.latency = Histogram("zorba_request_seconds",
                                  "Time from a request's arrival to its answer, by route.",
                                  ["route", "method"], buckets=LATENCY_BUCKETS_S, registry=registry)
@@ -98,6 +102,7 @@ class _RunCollector:
         rounds = CounterMetricFamily("zorba_rounds_total", "Closed rounds by outcome.",
                                      labels=["status"])
         rounds.add_metric(["applied"], c["rounds_applied"])
+        rounds.add_metric(["rejected"], c["rounds_rejected"])
         rounds.add_metric(["failed"], c["rounds_failed"])
         yield rounds
         yield counter("schedules_solved_total", "Scheduler runs.", c["schedules_solved"])

@@ -270,9 +270,12 @@ def _exclusions(
             why[c.client_id] = "it reports no training samples (weight 0): give it data to join"
         elif room < 0:
             why[c.client_id] = (
-                f"its budget of {c.budget_bytes / MIB:.0f} MiB cannot hold the frozen model "
-                f"({c.memory.fixed_bytes / MIB:.0f} MiB): free memory, or lower batch_size / "
-                "seq_len or the frozen precision"
+                f"its budget of {c.budget_bytes / MIB:.0f} MiB (after the run's memory headroom) "
+                f"cannot hold the frozen model ({c.memory.fixed_bytes / MIB:.0f} MiB, as its "
+                f"measured peaks calibrate it): raise the client's --memory-budget by at least "
+                f"{(c.memory.fixed_bytes + min(c.memory.block_bytes, default=0) - c.budget_bytes) / MIB:.0f}"
+                " MiB if the device has the memory, free memory, or lower batch_size / seq_len or "
+                "the frozen precision"
             )
         elif not fitting and min(block_params) > cap:
             why[c.client_id] = (
@@ -285,8 +288,9 @@ def _exclusions(
             )
             why[c.client_id] = (
                 f"after the frozen model its budget leaves {room / MIB:.1f} MiB, less than the "
-                f"{cheapest / MIB:.1f} MiB its cheapest block needs to train: free memory or "
-                "lower the training precision"
+                f"{cheapest / MIB:.1f} MiB its cheapest block needs to train: raise the client's "
+                f"--memory-budget by at least {(cheapest - room) / MIB:.1f} MiB if the device has "
+                "the memory, free memory, or lower the training precision"
             )
         elif (
             config.round_deadline_s is not None

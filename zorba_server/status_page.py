@@ -40,25 +40,30 @@ def render(status: dict[str, Any]) -> str:
     for b, n in enumerate(status["block_coverage"]):
         shade = "#cfc" if n else "#fcc"
         parts.append(f"<span class='cov' style='background:{shade}' title='block {b}'>{n}</span>")
-    parts.append("</p><h2>Loss</h2>")
+    parts.append("</p>")
+    parts.append(energy_html(status.get("block_energy", {})))
+    parts.append("<h2>Loss</h2>")
     parts.append(loss_svg([(r["round"], r["loss"]) for r in rounds if r["loss"] is not None]))
     parts.append("<h2>Clients</h2><table><tr><th>id</th><th>name</th><th>device</th>"
                  "<th>budget MiB</th><th>samples</th><th>blocks</th><th>step s</th>"
                  "<th>calibration</th><th>reports</th><th>last loss</th><th>last peak MiB</th>"
-                 "<th>peak / budget</th><th>last round KiB up / down</th><th>seen s ago</th></tr>")
+                 "<th>peak / budget</th><th>last round KiB up / down</th><th>loss guard</th>"
+                 "<th>seen s ago</th></tr>")
     for c in status["clients"]:
         loss = "" if c["last_loss"] is None else f"{c['last_loss']:.4f}"
         peak = f"{c['last_peak_bytes'] / 2**20:.0f}" if c["last_peak_bytes"] else ""
         share = "" if c["peak_over_budget"] is None else f"{c['peak_over_budget']:.0%}"
         wire = ("" if c["last_round_bytes_up"] is None else
                 f"{c['last_round_bytes_up'] / 1024:.1f} / {c['last_round_bytes_down'] / 1024:.1f}")
+        guard = ("quarantined" if c["guard_quarantined"] else
+                 f"{c['guard_outlier_rounds']} implausible" if c["guard_outlier_rounds"] else "")
         parts.append(
             f"<tr{'' if c['active'] else ' style=color:#999'}><td>{e(c['client_id'])}</td>"
             f"<td>{e(c['name'])}</td><td>{e(c['device'])}</td>"
             f"<td>{c['budget_bytes'] / 2**20:.0f}</td><td>{c['num_samples']}</td>"
             f"<td>{e(','.join(map(str, c['blocks'])))}</td><td>{c['step_time_s']:.3f}</td>"
             f"<td>{c['calibration']:.2f}</td><td>{c['rounds_reported']}</td><td>{loss}</td>"
-            f"<td>{peak}</td><td>{share}</td><td>{wire}</td>"
+            f"<td>{peak}</td><td>{share}</td><td>{wire}</td><td>{guard}</td>"
             f"<td>{'left' if c['left'] else format(c['last_seen_s'], '.0f')}</td></tr>")
     parts.append("</table><h2>Rounds (latest 50)</h2><table><tr><th>round</th><th>status</th>"
                  "<th>reports</th><th>loss</th><th>schedule</th><th>note</th></tr>")
@@ -71,6 +76,20 @@ def render(status: dict[str, Any]) -> str:
     parts.append("</table><p><a href='/v1/status'>JSON</a> &middot; <a href='/metrics'>metrics</a>"
                  "</p></body></html>")
     return "".join(parts)
+
+
+def energy_html(energy: dict[str, Any]) -> str:
+    """Each block's estimated gradient energy E[g_b^2], as a share of the largest (a bar)."""
+    values = energy.get("e_g2") or []
+    if not values or max(values) <= 0:
+        return "<h2>Gradient energy per block</h2><p>no scalars reported yet</p>"
+    top = max(values)
+    bars = "".join(
+        f"<span class='cov' title='block {b}: E[g^2] {v:.4g}' style='background:#36c;"
+        f"height:{max(1, round(40 * v / top))}px;vertical-align:bottom'></span>"
+        for b, v in enumerate(values))
+    return (f"<h2>Gradient energy per block</h2><p>E[g_b^2] estimated from "
+            f"{energy.get('rows', 0)} reports (largest {top:.4g}):</p><p>{bars}</p>")
 
 
 def loss_svg(points: list[tuple[int, float]]) -> str:

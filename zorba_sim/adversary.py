@@ -13,9 +13,10 @@ Nothing here is known to the server or the SDK: attacks live only in the simulat
     sim = Simulation.build(...)
     sim.adversaries = {"v000000": ScaleScalars(100.0)}
 
-The attacks change only the projected-gradient scalars (what aggregation turns into alpha);
-the reported losses, sample counts and timings stay honest, so the loss guard judges the
-attacker's rounds as it would an honest client's.
+The scalar attacks change only the projected-gradient scalars (what aggregation turns into
+alpha); the reported losses, sample counts and timings stay honest, so the loss guard judges
+the attacker's rounds as it would an honest client's. `GuardVeto` does the opposite: honest
+scalars, implausible check losses (an attack on the loss guard itself).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from zorba_common.schema import Report
+from zorba_common.messages import Report
 from zorba_server.config import AggregationConfig
 from zorba_server.rounds import RoundPlan
 
@@ -71,8 +72,21 @@ class FlipSigns(Adversary):
         return -self.factor * g
 
 
+@dataclass
+class GuardVeto(Adversary):
+    """Honest scalars; a check loss of 0.0 in its first report and `high` in every later one
+    (both inside the wire's bounds): the attack on the loss guard of issue 27, which, judged on
+    a weighted mean, rolled back 7 of 8 rounds of a run of four."""
+
+    high: float = 1e6
+
+    def transform(self, report: Report) -> Report:
+        sent = super().transform(report)
+        return dataclasses.replace(sent, loss_check=0.0 if self.sent == 1 else self.high)
+
+
 ATTACKS: dict[str, type[Adversary]] = {"identity": Adversary, "scale": ScaleScalars,
-                                       "sign-flip": FlipSigns}
+                                       "sign-flip": FlipSigns, "guard-veto": GuardVeto}
 """Attack name (as benchmarks/poisoning.py takes it) -> class."""
 
 

@@ -1,6 +1,7 @@
 """A simulation's results folder and its progress display.
 
     base.json                 the base model's held-out accuracy and loss (the curves' point at 0)
+                              and its acc_bias_floor (label offsets fitted on training examples)
     summary.json              settings, fleet, per-round records, final accuracy, virtual time,
                               forward passes, reference step time, alpha hash
     rounds.csv                one line per round (the records of summary.json)
@@ -66,12 +67,16 @@ def records_as_dicts(records: Sequence[RoundRecord]) -> list[dict[str, Any]]:
              for k, v in dataclasses.asdict(r).items()} for r in records]
 
 
-def write_rounds_csv(path: Path, records: Sequence[RoundRecord]) -> None:
+def write_rounds_csv(path: Path, records: Sequence[RoundRecord],
+                     acc_bias_floor: float | None = None) -> None:
+    """One row per round; `acc_bias_floor` (the base model's, the same on every row) stands
+    beside each accuracy so that a reader of the file alone sees how much is calibration."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RECORD_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=[*RECORD_FIELDS, "acc_bias_floor"])
         writer.writeheader()
         for row in records_as_dicts(records):
+            row["acc_bias_floor"] = acc_bias_floor
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
     os.replace(tmp, path)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from zorba_common.errors import ZorbaError
-from zorba_common.memory_model import MemorySettings
 from zorba_common.roles import docs_location, version_text
+from zorba_common.run_defaults import BATCH_SIZE, DTYPES, SEQ_LEN
 from zorba_edge.client.byte_sizes import parse_margin, parse_size
 from zorba_edge.client.errors import UsageError
 from zorba_edge.client.hub_warnings import quiet_hub_kernel_warnings
@@ -26,11 +26,11 @@ from zorba_edge.client.transport import TOKEN_ENV
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
 
-# The precisions of zorba_edge.model.quantize, spelled out so that the parser (and --help)
-# needs no torch; LoadConfig checks them again.
+# The precisions of zorba_edge.model.quantize, from the torch-free list so that the parser (and
+# --help) needs no torch; LoadConfig checks them again.
 TRAIN_DTYPES = ("fp32", "bf16", "fp16")
 GGUF_TYPES = ("f16", "q8_0")  # zorba_edge.model.gguf_export.GGUF_TYPES
-FROZEN_DTYPES = ("nf4", "int8", "bf16", "fp16", "fp32")
+FROZEN_DTYPES = DTYPES
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -203,10 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_model(p)
     _add_budget(p)
-    p.add_argument("--batch-size", type=_positive(int), default=MemorySettings.batch_size,
-                   help="the run's batch size to plan for (default 8, the server's default)")
-    p.add_argument("--seq-len", type=_positive(int), default=MemorySettings.seq_len,
-                   help="the run's sequence length to plan for (default 64)")
+    p.add_argument("--batch-size", type=_positive(int), default=BATCH_SIZE,
+                   help="the run's batch size to plan for (default %(default)s, the server's)")
+    p.add_argument("--seq-len", type=_positive(int), default=SEQ_LEN,
+                   help="the run's sequence length to plan for (default %(default)s, the server's)")
     p.add_argument("--no-probe", action="store_true",
                    help="skip the timing probe (it loads the model once)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

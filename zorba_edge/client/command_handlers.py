@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from zorba_common.schema import RegisterRequest, RunInfo
+from zorba_common.messages import RegisterRequest, RunInfo
 from zorba_edge.client import assembly
 from zorba_edge.client.assembly import DataChoice, DeviceReport
 from zorba_edge.client.backoff import Backoff
@@ -187,7 +187,7 @@ def _print_profile(report: DeviceReport, load_config: LoadConfig, timing: StepTi
     m = report.memory
     table.add_row("holding", f"trained blocks {m.train_dtype}, frozen blocks {m.frozen_dtype}, "
                   f"embeddings {m.embed_dtype}, "
-                  f"snapshot {m.snapshot_dtype or 'none (host)'}, runtime "
+                  f"snapshot {m.snapshot_dtype or 'on disk'}, runtime "
                   f"{format_size(m.runtime_bytes)}")
     a = report.admission
     assert a is not None  # profile measures with refuse=True

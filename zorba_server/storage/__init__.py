@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from zorba_server.storage.errors import (
     AlreadyPinnedError,
+    CorruptStoreError,
     DuplicateError,
     RoundNotOpenError,
     SchemaMismatchError,
@@ -33,7 +34,8 @@ if TYPE_CHECKING:
     from zorba_server.storage.postgres import PostgresStore
 
 __all__ = [
-    "ALL_DELTAS", "AlreadyPinnedError", "DuplicateError", "ModelPin", "PostgresStore", "RoundNotOpenError",
+    "ALL_DELTAS", "AlreadyPinnedError", "CorruptStoreError", "DuplicateError", "ModelPin",
+    "PostgresStore", "RoundNotOpenError",
     "SchemaMismatchError", "Snapshot", "SqliteStore", "Store", "StoreError",
     "StoreUnavailableError", "StoredClient", "StoredReport", "StoredRound", "is_postgres_url",
     "open_store",

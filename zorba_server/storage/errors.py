@@ -32,3 +32,9 @@ class AlreadyPinnedError(StoreError, RuntimeError):
 
 class SchemaMismatchError(StoreError, RuntimeError):
     """The database was written by a server with another storage schema."""
+
+
+class CorruptStoreError(StoreError):
+    """The database holds what no server wrote (a NaN in the table, a table that differs from
+    its increments, a missing table, an unreadable row or schema version) or is no database at
+    all: it is refused, with one line naming it and what to do, before anything is written."""

@@ -16,7 +16,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.pq import TransactionStatus
 
-from zorba_server.storage import sql
+from zorba_server.storage import integrity, sql
 from zorba_server.storage.committer import Committer
 from zorba_server.storage.errors import DuplicateError, StoreError, StoreUnavailableError
 from zorba_server.storage.sql_store import SqlStore
@@ -100,11 +100,18 @@ def connect(conninfo: str) -> PgConnection:
         conn.execute("BEGIN")
         # One server at a time creates the tables: concurrent CREATE IF NOT EXISTS can clash.
         conn.execute("SELECT pg_advisory_xact_lock(7267011)")
+        where = f"PostgreSQL database {raw.info.dbname!r}"
+        tables = {name for (name,) in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")}
+        integrity.check_tables(where, tables)
+        if tables:
+            integrity.read_schema_version(conn, where)
+            integrity.check_alpha(conn, where)
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
         # Migrations run inside this transaction: a crash leaves the old schema whole.
-        sql.check_schema_version(conn, f"PostgreSQL database {raw.info.dbname!r}",
+        sql.check_schema_version(conn, where,
                                  {1: lambda: _widen_round_status(conn),
                                   2: lambda: sql.add_report_bytes(conn, "BIGINT")})
         conn.execute("COMMIT")

@@ -26,10 +26,17 @@ from typing import Any, Protocol, TypeVar
 import msgpack
 import numpy as np
 
+from zorba_common.codec import decode, encode
 from zorba_common.memory_model import ModelFootprint
-from zorba_common.schema import AlphaDelta, DeviceProfile, Report, decode, encode
+from zorba_common.messages import AlphaDelta, DeviceProfile, Report
 from zorba_server.rounds import APPLIED, FAILED, OPEN, REJECTED, ReceivedReport, RoundPlan
-from zorba_server.storage.errors import AlreadyPinnedError, RoundNotOpenError, SchemaMismatchError
+from zorba_server.storage import integrity
+from zorba_server.storage.errors import (
+    AlreadyPinnedError,
+    CorruptStoreError,
+    RoundNotOpenError,
+    SchemaMismatchError,
+)
 from zorba_server.storage.store import ClientReports, ModelPin, Snapshot, StoredClient, StoredRound
 from zorba_server.traffic import RoundBytes
 
@@ -60,14 +67,13 @@ def check_schema_version(conn: Connection, where: str,
                          migrations: Mapping[int, Callable[[], None]]) -> None:
     """Stamp a new database with SCHEMA_VERSION; bring an older one up step by step, where
     `migrations[v]` turns schema v into v + 1 (each store knows its own DDL); refuse any other."""
-    found = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    if found is None:
+    version = integrity.read_schema_version(conn, where)
+    if version is None:
         conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         return
-    version = int(found[0])
     if version > SCHEMA_VERSION or any(v not in migrations for v in range(version, SCHEMA_VERSION)):
         raise SchemaMismatchError(
-            f"{where} has storage schema {found[0]}, this server writes {SCHEMA_VERSION}: "
+            f"{where} has storage schema {version}, this server writes {SCHEMA_VERSION}: "
             "use the server version that created it or start a new database"
         )
     for step in range(version, SCHEMA_VERSION):
@@ -135,6 +141,17 @@ def commit(conn: Connection) -> Exception | None:
 
 
 def load(conn: Connection, *, recent_deltas: int) -> Snapshot:
+    """Everything a restarted server needs; a row that cannot be read is a CorruptStoreError
+    (one line), not a traceback."""
+    try:
+        return _load(conn, recent_deltas)
+    except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+        raise CorruptStoreError(
+            f"the database is damaged: a stored row cannot be read ({type(exc).__name__}: {exc}); "
+            f"{integrity.WHAT_TO_DO}") from None
+
+
+def _load(conn: Connection, recent_deltas: int) -> Snapshot:
     row = conn.execute(
         "SELECT run_id, seed, pool_size, created_at, model_fingerprint, footprint, version, alpha"
         " FROM run WHERE id = 1"

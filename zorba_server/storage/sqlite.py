@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from zorba_server.storage import sql
+from zorba_server.storage import integrity, sql
 from zorba_server.storage.committer import Committer
 from zorba_server.storage.errors import DuplicateError, StoreError, StoreUnavailableError
 from zorba_server.storage.sql_store import SqlStore
@@ -68,16 +68,45 @@ CREATE TABLE IF NOT EXISTS increments (
 
 
 def connect(path: str | Path, synchronous: str = "full") -> sqlite3.Connection:
-    """Open (creating if needed) the database; transactions are explicit (BEGIN/COMMIT)."""
+    """Open (creating if needed) the database; transactions are explicit (BEGIN/COMMIT).
+
+    An existing database is checked before anything is written to it (`integrity.py`): a
+    0-byte file, missing tables, an unreadable schema version, or a coefficient table that
+    is not finite or not the sum of its increments is a CorruptStoreError."""
+    where = f"the SQLite database {path}"
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise integrity.refuse(where, "the file is empty (0 bytes), not a run database")
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=5000")
-    conn.executescript(SCHEMA)
-    sql.check_schema_version(conn, str(path), {1: lambda: _rebuild_rounds_table(conn),
-                                               2: lambda: _add_report_bytes(conn)})
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        check_existing(conn, where)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.executescript(SCHEMA)
+        sql.check_schema_version(conn, str(path), {1: lambda: _rebuild_rounds_table(conn),
+                                                   2: lambda: _add_report_bytes(conn)})
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def check_existing(conn: sqlite3.Connection, where: str) -> integrity.Checked | None:
+    """The checks of `integrity.py` on a database that holds a run (None: a new one)."""
+    try:
+        tables = {name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:  # "file is not a database", and the like
+        raise integrity.refuse(where, f"SQLite cannot read it ({exc})") from None
+    integrity.check_tables(where, tables)
+    if not tables:
+        return None
+    integrity.read_schema_version(conn, where)
+    try:
+        return integrity.check_alpha(conn, where)
+    except sqlite3.DatabaseError as exc:  # "database disk image is malformed"
+        raise integrity.refuse(where, f"SQLite cannot read it ({exc})") from None
 
 
 def _rebuild_rounds_table(conn: sqlite3.Connection) -> None:
@@ -121,6 +150,8 @@ def domain_error(exc: Exception) -> Exception:
     """sqlite3's exceptions as the store's own; anything else as it is."""
     if isinstance(exc, StoreError) or not isinstance(exc, sqlite3.Error):
         return exc
+    if type(exc) is sqlite3.DatabaseError:  # "database disk image is malformed", not a busy disk
+        return integrity.refuse("the SQLite database", f"SQLite cannot read it ({exc})")
     if isinstance(exc, sqlite3.IntegrityError):
         if str(exc).startswith("UNIQUE constraint failed"):
             return DuplicateError(f"already stored: {exc}")
