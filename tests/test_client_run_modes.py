@@ -1,7 +1,13 @@
 """The client's side of the run modes: every mode on the wire has a trainer here, and fedavg is
-the one that trains first-order and does not keep the budget."""
+the one that trains first-order, exchanges weights around the daemon's round (its hooks) and
+does not keep the budget; the zeroth-order modes' hooks do nothing."""
 
 from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from fixtures_text import make_tokenizer
@@ -10,10 +16,14 @@ from tiny_models import tiny_llama_config
 
 from zorba_common.messages import RunInfo
 from zorba_common.run_defaults import FEDAVG, RUN_MODES
-from zorba_edge.client.fedavg import FedAvgTrainer
+from zorba_edge.client import daemon
 from zorba_edge.client.local_task import LocalTask
-from zorba_edge.client.run_modes import CLIENT_MODES
+from zorba_edge.client.modes import CLIENT_MODES
+from zorba_edge.client.modes.client_mode import RoundHooks
+from zorba_edge.client.modes.fedavg import INITIAL_UPLOAD_S, WeightRounds
+from zorba_edge.client.modes.fedavg_training import FORWARDS_PER_STEP, FedAvgTrainer
 from zorba_edge.client.trainer import LocalTrainer
+from zorba_edge.engine.zo import forwards_per_step
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.sources import RandomInitSource
 
@@ -37,3 +47,29 @@ def test_each_mode_builds_its_trainer_holding_the_model(mode: str) -> None:
     assert type(trainer) is (FedAvgTrainer if mode == FEDAVG else LocalTrainer)
     assert isinstance(trainer, FedAvgTrainer | LocalTrainer)
     assert trainer.loaded is not None  # loaded now, not inside the first round's deadline
+    hooks = CLIENT_MODES[mode].round_hooks(trainer)
+    if mode == FEDAVG:
+        assert isinstance(hooks, WeightRounds) and hooks.trainer is trainer
+        assert hooks.upload_s() == INITIAL_UPLOAD_S  # kept free before any upload was timed
+        assert hooks.step_forwards(HYPER) == FORWARDS_PER_STEP
+    else:
+        assert type(hooks) is RoundHooks and hooks.upload_s() == 0.0
+        assert hooks.step_forwards(HYPER) == forwards_per_step(HYPER.estimator, HYPER.directions)
+
+
+def test_the_zeroth_order_rounds_fetch_and_upload_nothing() -> None:
+    hooks = RoundHooks()
+    io: Any = object()  # any use of the daemon would fail
+    assignment: Any = object()
+    assert asyncio.run(hooks.before_training(assignment, io)) is True
+    assert asyncio.run(hooks.after_training(assignment, cast(Any, None), io)) is None
+
+
+def test_fedavg_refuses_a_trainer_that_cannot_exchange_weights() -> None:
+    with pytest.raises(TypeError, match="exchanges weights"):
+        CLIENT_MODES[FEDAVG].round_hooks(cast(Any, object()))
+
+
+def test_the_daemon_does_not_know_any_run_mode() -> None:
+    source = Path(daemon.__file__).read_text()
+    assert not re.search(r"fedavg|weights?_|WeightExchange|isinstance", source, re.IGNORECASE)

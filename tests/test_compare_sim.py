@@ -203,7 +203,7 @@ def test_central_mezo_has_all_the_data_every_block_and_the_fleets_compute() -> N
 
 
 def test_fedavg_is_compared_with_zorba_at_equal_virtual_time(tmp_path: Path, one_thread: None) -> None:
-    from zorba_edge.client.fedavg import FORWARDS_PER_STEP
+    from zorba_edge.client.modes.fedavg_training import FORWARDS_PER_STEP
 
     world = make_world(tmp_path)
     setting = CompareSetting.of(modes=("zorba", "fedavg"), seeds=2, rounds=2, lr=1e-3,

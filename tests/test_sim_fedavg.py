@@ -26,7 +26,7 @@ from test_simulator_vs_server import LOAD, lab_device, ordered_ids, serve_lab_fl
 from zorba_common.messages import TRAIN
 from zorba_common.weight_files import default_weights_dir, version_path
 from zorba_edge.client.assembly import build_task
-from zorba_edge.client.fedavg import FORWARDS_PER_STEP, FedAvgTrainer
+from zorba_edge.client.modes.fedavg_training import FORWARDS_PER_STEP, FedAvgTrainer
 from zorba_edge.model.sources import open_source
 from zorba_server.config import config_from_dict
 from zorba_sim.fedavg_clients import FedAvgClients
