@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from client_support import make_world, signal_examples
 from results_page import save_plots  # benchmarks/ (conftest.py)
 
@@ -95,11 +94,6 @@ def test_gain_ratio_divides_the_mean_gains_over_the_base_model() -> None:
     base = {0: 0.5, 1: 0.6}
     assert stats.gain_ratio({0: 0.6, 1: 0.7}, {0: 0.7, 1: 0.8}, base) == pytest.approx(0.5)
     assert stats.gain_ratio({0: 0.6, 1: 0.7}, {0: 0.5, 1: 0.6}, base) is None  # no reference gain
-
-
-@pytest.fixture
-def one_thread() -> None:
-    torch.set_num_threads(1)
 
 
 def test_a_tiny_comparison_produces_the_json_figures_page_and_plots(

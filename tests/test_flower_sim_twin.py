@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("flwr", reason="the Flower app needs the `flower` extra (pip install -e '.[flower]')")
 
@@ -35,11 +34,6 @@ from zorba_server.rounds import APPLIED  # noqa: E402
 ONE_BLOCK_MIB = 0.2282
 """The tiny model's fixed part and one block, by its own fp32 memory model (0.2281 MiB)."""
 ROUNDS = 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    torch.set_num_threads(1)
 
 
 def run_values(world_dir: Path, nodes: int, data_seed: int = 1) -> dict[str, object]:
