@@ -22,7 +22,8 @@ from zorba_edge.client.modes import CLIENT_MODES
 from zorba_edge.client.modes.client_mode import RoundHooks
 from zorba_edge.client.modes.fedavg import INITIAL_UPLOAD_S, WeightRounds
 from zorba_edge.client.modes.fedavg_training import FORWARDS_PER_STEP, FedAvgTrainer
-from zorba_edge.client.trainer import LocalTrainer
+from zorba_edge.client.trainer import LocalTrainer, SyncError
+from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.engine.zo import forwards_per_step
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.sources import RandomInitSource
@@ -73,3 +74,21 @@ def test_fedavg_refuses_a_trainer_that_cannot_exchange_weights() -> None:
 def test_the_daemon_does_not_know_any_run_mode() -> None:
     source = Path(daemon.__file__).read_text()
     assert not re.search(r"fedavg|weights?_|WeightExchange|isinstance", source, re.IGNORECASE)
+
+
+@pytest.mark.parametrize("trainer_class", [LocalTrainer, FedAvgTrainer])
+def test_every_trainer_resumes_a_saved_table_of_the_runs_shape_only(trainer_class: Any) -> None:
+    tokenizer = make_tokenizer()
+    source = RandomInitSource(tiny_llama_config(num_layers=2, vocab=160), seed=1,
+                              tokenizer=tokenizer)
+    run = RunInfo(run_id="r", seed=5, pool_size=16, num_blocks=2,
+                  model_fingerprint=source.fingerprint, hyper=HYPER, round_duration_s=60,
+                  poll_timeout_s=10, max_abs_scalar=1e4)
+    task = LocalTask(examples(8), tokenizer, seed=2)
+    load = LoadConfig(frozen_dtype="fp32")
+    fresh = trainer_class(source, load, run, task)
+    assert (fresh.table.pool_size, fresh.table.num_blocks, fresh.table.version) == (16, 2, 0)
+    saved = CoefficientTable(16, 2, version=3)
+    assert trainer_class(source, load, run, task, table=saved).table is saved
+    with pytest.raises(SyncError, match="the saved table is 8 x 2 but the run's is 16 x 2"):
+        trainer_class(source, load, run, task, table=CoefficientTable(8, 2))

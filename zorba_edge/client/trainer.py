@@ -126,13 +126,17 @@ class LocalRoundResult:
         return bool(self.steps) or self.upload is not None
 
 
-def check_saved_table(table: CoefficientTable | None, run: RunInfo) -> None:
-    """A table resumed from the client's state must have the run's shape."""
-    if table is not None and (table.pool_size, table.num_blocks) != (run.pool_size, run.num_blocks):
+def starting_table(table: CoefficientTable | None, run: RunInfo) -> CoefficientTable:
+    """The table a trainer starts from: the one resumed from the client's state, which must
+    have the run's shape, or (None) the run's table at version 0."""
+    if table is None:
+        return CoefficientTable(run.pool_size, run.num_blocks)
+    if (table.pool_size, table.num_blocks) != (run.pool_size, run.num_blocks):
         raise SyncError(
             f"the saved table is {table.pool_size} x {table.num_blocks} but the run's is "
             f"{run.pool_size} x {run.num_blocks}: delete the client state to start afresh"
         )
+    return table
 
 
 def advance_table(table: CoefficientTable, deltas: Iterable[AlphaDelta]) -> list[AlphaIncrement]:
@@ -170,12 +174,11 @@ class LocalTrainer:
         table: CoefficientTable | None = None,
         refresh_every: int = 20,
     ) -> None:
-        check_saved_table(table, run)
         self.source = source
         self.load_config = load_config
         self.run = run
         self.task = task
-        self.table = table or CoefficientTable(run.pool_size, run.num_blocks)
+        self.table = starting_table(table, run)
         self.refresh_every = refresh_every
         self.loaded: LoadedModel | None = None
         self._built: dict[int, int] = {}
