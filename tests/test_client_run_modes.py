@@ -34,17 +34,24 @@ def test_every_run_mode_on_the_wire_has_a_client_mode() -> None:
     assert {m for m, c in CLIENT_MODES.items() if not c.keeps_budget} == {FEDAVG}
 
 
-@pytest.mark.parametrize("mode", RUN_MODES)
-def test_each_mode_builds_its_trainer_holding_the_model(mode: str) -> None:
+LOAD = LoadConfig(frozen_dtype="fp32")
+
+
+def world(mode: str = RUN_MODES[0]) -> tuple[RandomInitSource, RunInfo, LocalTask]:
+    """A tiny 2-block model, a run of `mode` on it, and a local task."""
     tokenizer = make_tokenizer()
     source = RandomInitSource(tiny_llama_config(num_layers=2, vocab=160), seed=1,
                               tokenizer=tokenizer)
     run = RunInfo(run_id="r", seed=5, pool_size=16, num_blocks=2,
                   model_fingerprint=source.fingerprint, hyper=HYPER, round_duration_s=60,
                   poll_timeout_s=10, max_abs_scalar=1e4, mode=mode)
-    task = LocalTask(examples(8), tokenizer, seed=2)
-    trainer = CLIENT_MODES[mode].make_trainer(source, LoadConfig(frozen_dtype="fp32"), run, task,
-                                              None)
+    return source, run, LocalTask(examples(8), tokenizer, seed=2)
+
+
+@pytest.mark.parametrize("mode", RUN_MODES)
+def test_each_mode_builds_its_trainer_holding_the_model(mode: str) -> None:
+    source, run, task = world(mode)
+    trainer = CLIENT_MODES[mode].make_trainer(source, LOAD, run, task, None)
     assert type(trainer) is (FedAvgTrainer if mode == FEDAVG else LocalTrainer)
     assert isinstance(trainer, FedAvgTrainer | LocalTrainer)
     assert trainer.loaded is not None  # loaded now, not inside the first round's deadline
@@ -78,17 +85,10 @@ def test_the_daemon_does_not_know_any_run_mode() -> None:
 
 @pytest.mark.parametrize("trainer_class", [LocalTrainer, FedAvgTrainer])
 def test_every_trainer_resumes_a_saved_table_of_the_runs_shape_only(trainer_class: Any) -> None:
-    tokenizer = make_tokenizer()
-    source = RandomInitSource(tiny_llama_config(num_layers=2, vocab=160), seed=1,
-                              tokenizer=tokenizer)
-    run = RunInfo(run_id="r", seed=5, pool_size=16, num_blocks=2,
-                  model_fingerprint=source.fingerprint, hyper=HYPER, round_duration_s=60,
-                  poll_timeout_s=10, max_abs_scalar=1e4)
-    task = LocalTask(examples(8), tokenizer, seed=2)
-    load = LoadConfig(frozen_dtype="fp32")
-    fresh = trainer_class(source, load, run, task)
+    source, run, task = world()
+    fresh = trainer_class(source, LOAD, run, task)
     assert (fresh.table.pool_size, fresh.table.num_blocks, fresh.table.version) == (16, 2, 0)
     saved = CoefficientTable(16, 2, version=3)
-    assert trainer_class(source, load, run, task, table=saved).table is saved
+    assert trainer_class(source, LOAD, run, task, table=saved).table is saved
     with pytest.raises(SyncError, match="the saved table is 8 x 2 but the run's is 16 x 2"):
-        trainer_class(source, load, run, task, table=CoefficientTable(8, 2))
+        trainer_class(source, LOAD, run, task, table=CoefficientTable(8, 2))
