@@ -276,7 +276,7 @@ def step_ratio(model: str, data: str, steps: int, repeats: int) -> dict[str, Any
     run = sim.config.server.run
     blocks = {b: sim.loaded.trainable_parameters(b) for b in blocks_ids}
     loss_fn = client.task.loss_fn
-    config = ZOConfig(mu=run.mu, lr=run.lr, max_abs_grad=sim.config.server.aggregation.max_abs_scalar)
+    config = ZOConfig(mu=run.mu, lr=run.lr, max_abs_scalar=sim.config.server.aggregation.max_abs_scalar)
     trainer = real_client(sim, client)
     client_round(trainer, sim, client.client_id, steps)  # warm-up: loads the model
     clock = PhaseClock()

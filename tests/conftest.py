@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from client_support import make_world
 from tiny_models import save_tiny_model, tiny_config, tiny_llama_config
 from transformers import PretrainedConfig
 
@@ -26,6 +27,19 @@ def pytest_configure(config: pytest.Config) -> None:
     # a loaded 2-core machine (CI, or servers started by the tests) spinning threads made
     # a 300-step test take minutes instead of seconds.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    """Every test starts at one torch thread (as above): a test whose code sets more (the
+    simulator's --threads) must not slow the ones after it."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model saved on disk (client_support.make_world), one per test module."""
+    return make_world(tmp_path_factory.mktemp("world")).model_dir
 
 
 @pytest.fixture

@@ -30,6 +30,9 @@ from zorba_edge.client.daemon import ClientDaemon, DaemonSettings, Listener, Rou
 from zorba_edge.client.errors import BudgetError, ServerRefusedError, UsageError
 from zorba_edge.client.evaluation import RemoteTable, evaluate
 from zorba_edge.client.local_task import LocalTask
+from zorba_edge.client.modes import CLIENT_MODES
+from zorba_edge.client.modes.fedavg import INITIAL_UPLOAD_S, WeightRounds
+from zorba_edge.client.modes.fedavg_training import FedAvgTrainer
 from zorba_edge.client.state import StateStore
 from zorba_edge.client.trainer import LocalTrainer
 from zorba_edge.client.transport import ServerClient
@@ -507,3 +510,51 @@ async def test_a_generation_task_federates_and_its_held_out_completion_loss_fall
     after = evaluate(source, LOAD, heldout, batch_size=16, seq_len=16, remote=remote)
     assert before.accuracy is None and before.perplexity == pytest.approx(np.exp(before.loss))
     assert after.loss < before.loss - 0.02, (before, after)
+
+
+# ------------------------------------------------------------------ the fedavg run mode
+# Its hooks download the round's weights before training and upload the trained ones before
+# the report; the daemon is the same.
+
+
+class StatusRecording(Recording):
+    def __init__(self) -> None:
+        super().__init__()
+        self.statuses: list[str] = []
+
+    def on_status(self, text: str) -> None:
+        self.statuses.append(text)
+
+
+class FedAvgDevice(Device):
+    """A Device whose trainer is the run mode's own, as the command builds it."""
+
+    def trainer(self, run: RunInfo, table: CoefficientTable | None, progress: Any) -> Any:
+        with MODEL_LOCK:
+            made = CLIENT_MODES[run.mode].make_trainer(self.source, LOAD, run, self.task, table,
+                                                       progress)
+        self.trainers.append(made)
+        return made
+
+
+async def test_a_fedavg_client_downloads_trains_uploads_and_reports_each_round(
+        tmp_path: Path, world: Any, servers: Any) -> None:
+    server = await servers(mode="fedavg", min_clients=1, min_reports=1, max_rounds=3,
+                           max_steps=2, lr=1e-3)
+    device = FedAvgDevice(tmp_path, world, 0, 1)
+    device.listener = StatusRecording()
+    async with ServerClient(server.url, backoff=Backoff(0.05, max_s=0.5)) as client:
+        daemon = device.daemon(client)
+        result = await asyncio.wait_for(daemon.run(), timeout=120)
+    hooks = daemon._hooks
+
+    assert result.reason == "finished" and result.rounds_reported == 3
+    assert [s.status for s in device.listener.rounds] == ["reported"] * 3
+    statuses = device.listener.statuses
+    # Round 1 starts from the base model it loaded; rounds 2 and 3 from the averaged uploads.
+    assert [s for s in statuses if s.startswith("downloading")] == [
+        "downloading the weights of version 1", "downloading the weights of version 2"]
+    assert sum(s.startswith("uploading") for s in statuses) == 3
+    trainer = device.trainers[-1]
+    assert isinstance(trainer, FedAvgTrainer) and isinstance(hooks, WeightRounds)
+    assert hooks.trainer is trainer and hooks.upload_s() != INITIAL_UPLOAD_S  # timed

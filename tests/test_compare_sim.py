@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from client_support import make_world, signal_examples
 from results_page import save_plots  # benchmarks/ (conftest.py)
 
@@ -95,11 +94,6 @@ def test_gain_ratio_divides_the_mean_gains_over_the_base_model() -> None:
     base = {0: 0.5, 1: 0.6}
     assert stats.gain_ratio({0: 0.6, 1: 0.7}, {0: 0.7, 1: 0.8}, base) == pytest.approx(0.5)
     assert stats.gain_ratio({0: 0.6, 1: 0.7}, {0: 0.5, 1: 0.6}, base) is None  # no reference gain
-
-
-@pytest.fixture
-def one_thread() -> None:
-    torch.set_num_threads(1)
 
 
 def test_a_tiny_comparison_produces_the_json_figures_page_and_plots(
@@ -203,7 +197,7 @@ def test_central_mezo_has_all_the_data_every_block_and_the_fleets_compute() -> N
 
 
 def test_fedavg_is_compared_with_zorba_at_equal_virtual_time(tmp_path: Path, one_thread: None) -> None:
-    from zorba_edge.client.fedavg import FORWARDS_PER_STEP
+    from zorba_edge.client.modes.fedavg_training import FORWARDS_PER_STEP
 
     world = make_world(tmp_path)
     setting = CompareSetting.of(modes=("zorba", "fedavg"), seeds=2, rounds=2, lr=1e-3,

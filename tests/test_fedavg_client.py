@@ -19,8 +19,8 @@ from tiny_models import tiny_llama_config
 from zorba_common.messages import AlphaDelta, Assignment, RunInfo
 from zorba_common.run_defaults import FEDAVG
 from zorba_common.weight_files import tensor_key, version_path
-from zorba_edge.client.fedavg import FedAvgTrainer
 from zorba_edge.client.local_task import LocalTask
+from zorba_edge.client.modes.fedavg_training import FedAvgTrainer
 from zorba_edge.client.trainer import SyncError
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.sources import RandomInitSource

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("flwr", reason="the Flower app needs the `flower` extra (pip install -e '.[flower]')")
 
@@ -39,11 +38,6 @@ only its direction and update buffers), so every node holds one block and not tw
 NODE_STEP_MIB = 0.0001
 """Each node's budget a little above the previous one (well under half a block)."""
 ROUNDS = 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    torch.set_num_threads(1)
 
 
 def run_values(world_dir: Path, nodes: int, data_seed: int = 1) -> dict[str, object]:

@@ -5,25 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-import torch
-from client_support import make_world, signal_examples
+from client_support import signal_examples
 
 from zorba_edge.model.sources import open_source
 from zorba_server.config import config_from_dict
 from zorba_server.rounds import REJECTED
 from zorba_sim.fleet import fleet_from_counts
 from zorba_sim.simulation import Simulation, SimulationConfig
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_world(tmp_path_factory.mktemp("world")).model_dir
 
 
 def huge_step_run(model_dir: Path, tolerance: float, radius: float = 0.0) -> Simulation:

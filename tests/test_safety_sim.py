@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from client_support import make_world, signal_examples
+from client_support import signal_examples
 
 from zorba_edge.engine.fluency import generic_loss
 from zorba_edge.model.sources import open_source
@@ -17,16 +16,6 @@ from zorba_server.config import config_from_dict
 from zorba_server.drift import block_drift
 from zorba_sim.fleet import fleet_from_counts
 from zorba_sim.simulation import Simulation, SimulationConfig
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_world(tmp_path_factory.mktemp("world")).model_dir
 
 
 def huge_step_run(model_dir: Path, *, max_drift: float = 0.0, fluency: float = 0.0,

@@ -10,7 +10,8 @@ import pytest
 
 from zorba_common.errors import InvalidScalarError
 from zorba_common.messages import HyperParams, Report
-from zorba_server.aggregation import Contribution, aggregate, apply_delta, check_scalars
+from zorba_common.scalars import check_scalars
+from zorba_server.aggregation import Contribution, aggregate, apply_delta
 from zorba_server.config import AggregationConfig
 from zorba_server.errors import Refusal
 from zorba_server.pool_indices import round_pool_indices
@@ -106,7 +107,7 @@ def test_robust_modes_only_count_clients_that_took_the_step() -> None:
 @pytest.mark.parametrize("g", [float("nan"), float("inf"), -1e7])
 def test_non_finite_or_out_of_range_scalars_are_refused(g: float) -> None:
     with pytest.raises(InvalidScalarError, match="step 1"):
-        check_scalars([(0, 1.0), (1, g)], max_abs=1e6)
+        check_scalars([(0, 1.0), (1, g)], max_abs_scalar=1e6)
 
 
 def test_pool_indices_are_a_pure_function_of_seed_and_round() -> None:

@@ -6,9 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
-from client_support import make_world, signal_examples
+from client_support import signal_examples
 
 from zorba_common.messages import HyperParams
 from zorba_edge.model.sources import open_source
@@ -20,16 +18,6 @@ from zorba_sim.simulation import Simulation, SimulationConfig
 
 ATTACKER = "v000000"
 LAB = DeviceClass("lab", 6 * GIB, 1.0, 50, 50)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_world(tmp_path_factory.mktemp("world")).model_dir
 
 
 def run(model_dir: Path, aggregation: AggregationConfig, adversary: Adversary | None,
@@ -53,34 +41,34 @@ def alpha(sim: Simulation) -> np.ndarray:
     return sim.engine.alpha
 
 
-def test_an_identity_adversary_changes_nothing_and_its_reports_reach_the_engine(world: Path) -> None:
-    clean = run(world, AggregationConfig(), None)
+def test_an_identity_adversary_changes_nothing_and_its_reports_reach_the_engine(model_dir: Path) -> None:
+    clean = run(model_dir, AggregationConfig(), None)
     identity = Adversary()
-    hooked = run(world, AggregationConfig(), identity)
+    hooked = run(model_dir, AggregationConfig(), identity)
     assert identity.sent == 2 and not identity.refused
     assert hooked.alpha_hash() == clean.alpha_hash()
     assert np.abs(alpha(clean)).max() > 0  # the run moved alpha: the equality says something
 
 
-def test_the_attackers_scalars_are_what_the_engine_aggregates(world: Path) -> None:
-    clean = run(world, AggregationConfig(), None, rounds=1)
-    flipped = run(world, AggregationConfig(), FlipSigns(), rounds=1)
+def test_the_attackers_scalars_are_what_the_engine_aggregates(model_dir: Path) -> None:
+    clean = run(model_dir, AggregationConfig(), None, rounds=1)
+    flipped = run(model_dir, AggregationConfig(), FlipSigns(), rounds=1)
     assert not np.array_equal(alpha(clean), alpha(flipped))
     reports = flipped.engine.history[-1].reports
     assert reports == 10
 
 
 def test_a_scaling_attacker_moves_alpha_under_mean_far_more_than_under_robust_rules(
-        world: Path) -> None:
+        model_dir: Path) -> None:
     moved = {}
     rules = {"mean": AggregationConfig(method="mean"),
              "median": AggregationConfig(method="median"),
              # 10 voters: the default 0.1 trims one from each end.
              "trimmed_mean": AggregationConfig(method="trimmed_mean", trim_fraction=0.1)}
     for name, aggregation in rules.items():
-        clean = run(world, aggregation, None, rounds=1)
+        clean = run(model_dir, aggregation, None, rounds=1)
         attack = ScaleScalars(factor=1e4)
-        attacked = run(world, aggregation, attack, rounds=1)
+        attacked = run(model_dir, aggregation, attack, rounds=1)
         assert attack.sent == 1 and not attack.refused
         plan = attacked.engine.last_plan
         assert plan is not None
@@ -95,9 +83,9 @@ def test_a_scaling_attacker_moves_alpha_under_mean_far_more_than_under_robust_ru
     assert moved["mean"] > 20 * moved["trimmed_mean"]
 
 
-def test_a_report_the_engine_refuses_is_dropped_and_counted(world: Path) -> None:
+def test_a_report_the_engine_refuses_is_dropped_and_counted(model_dir: Path) -> None:
     attack = ScaleScalars(factor=1e12)  # past max_abs_scalar (1e6)
-    sim = run(world, AggregationConfig(), attack, rounds=1)
+    sim = run(model_dir, AggregationConfig(), attack, rounds=1)
     assert attack.sent == 1 and len(attack.refused) == 1
     assert "exceeds the run's limit" in attack.refused[0][1]
     assert sim.engine.history[-1].reports == 9 and sim.engine.version == 1
@@ -124,11 +112,11 @@ def test_exposure_needs_three_voters_for_the_median_and_one_over_f_for_a_trimmed
     assert exposure(plan, "absent", AggregationConfig()).attacker_blocks == 0
 
 
-def test_one_client_of_four_cannot_veto_the_loss_guard_with_its_check_losses(world: Path) -> None:
+def test_one_client_of_four_cannot_veto_the_loss_guard_with_its_check_losses(model_dir: Path) -> None:
     """Issue 27's attack through the simulator: check loss 0.0, then 1e6 (a weighted mean
     judged: 7 of 8 rounds rolled back, the step at x0.0078)."""
     veto = GuardVeto()
-    sim = run(world, AggregationConfig(method="median"), veto, rounds=5, clients=4,
+    sim = run(model_dir, AggregationConfig(method="median"), veto, rounds=5, clients=4,
               loss_jump_tolerance=0.5)
     assert veto.sent == 5
     assert [h.status for h in sim.engine.history] == ["applied"] * 5

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from client_support import make_world, signal_examples, write_jsonl
 from safetensors.numpy import load_file
 from test_simulator_vs_server import LOAD, lab_device, ordered_ids, serve_lab_fleet, simulate
@@ -26,7 +25,7 @@ from test_simulator_vs_server import LOAD, lab_device, ordered_ids, serve_lab_fl
 from zorba_common.messages import TRAIN
 from zorba_common.weight_files import default_weights_dir, version_path
 from zorba_edge.client.assembly import build_task
-from zorba_edge.client.fedavg import FORWARDS_PER_STEP, FedAvgTrainer
+from zorba_edge.client.modes.fedavg_training import FORWARDS_PER_STEP, FedAvgTrainer
 from zorba_edge.model.sources import open_source
 from zorba_server.config import config_from_dict
 from zorba_sim.fedavg_clients import FedAvgClients
@@ -37,11 +36,6 @@ CLIENTS, ROUNDS = 3, 2
 RUN = {"mode": "fedavg", "seed": 3, "pool_size": 64, "lr": 1e-3, "batch_size": 4, "seq_len": 16,
        "round_duration_s": 60.0, "max_steps": 3, "min_clients": CLIENTS, "min_reports": CLIENTS,
        "poll_timeout_s": 5.0, "keep_weight_versions": True}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    torch.set_num_threads(1)
 
 
 def fedavg_weights(sim: Simulation) -> FedAvgClients:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from client_support import CHILD_ENV, REPO, TinyWorld, make_world, signal_examples, write_jsonl
 
 from zorba_common.run_defaults import CENTRAL_MEZO, SIM_MODES
@@ -24,11 +23,6 @@ from zorba_server.config import AggregationConfig, config_from_dict
 from zorba_sim import cli, simulation
 from zorba_sim.fleet import CATALOGUE, GIB, DeviceClass, DeviceGroup, Fleet
 from zorba_sim.simulation import Simulation, SimulationConfig
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    torch.set_num_threads(1)
 
 
 @pytest.fixture

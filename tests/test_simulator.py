@@ -15,11 +15,6 @@ from zorba_sim.fleet import fleet_from_counts
 from zorba_sim.simulation import Simulation, SimulationConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 def build(root: Path, rounds: int = 3, fleet: str = "laptop-16gb=3,phone-6gb=2",
           device: str = "cpu", **run: object) -> Simulation:
     world = make_world(root)

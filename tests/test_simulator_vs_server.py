@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from client_support import make_world, signal_examples, write_jsonl
 
 from zorba_common.messages import TRAIN, DeviceProfile, RegisterRequest, RegisterResponse
@@ -66,11 +65,6 @@ RUN = {"seed": 3, "pool_size": 64, "lr": 1e-3, "mu": 1e-3, "batch_size": 4, "seq
 LAB = DeviceClass("lab", 4 * GIB, speed=1.0, upload_mbps=1000, download_mbps=1000,
                   availability=1.0, dropout=0.0, source="a test device that never fails")
 LOAD = LoadConfig(train_dtype="fp32", frozen_dtype="fp32")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    torch.set_num_threads(1)
 
 
 def ordered_ids(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -356,11 +356,14 @@ def test_a_first_round_judges_its_batches_by_the_estimators_forwards_per_step() 
     from zorba_common.messages import HyperParams
     from zorba_common.run_defaults import ANTITHETIC, ONE_SIDED
     from zorba_edge.client.daemon import step_estimate_s
+    from zorba_edge.client.modes.client_mode import RoundHooks
+    from zorba_edge.client.modes.fedavg_training import FORWARDS_PER_STEP
     from zorba_edge.engine.zo import forwards_per_step
 
     assert forwards_per_step(ONE_SIDED, 4) == 1.25 and forwards_per_step(ANTITHETIC, 4) == 2.0
     one_sided = HyperParams(lr=1e-4, mu=1e-3, batch_size=8, seq_len=48, estimator=ONE_SIDED,
                             directions=4)
-    assert step_estimate_s(0.0, 0.8, one_sided) == pytest.approx(1.0)
-    assert step_estimate_s(0.0, 0.8, one_sided, first_order=True) == pytest.approx(2.4)
-    assert step_estimate_s(0.7, 0.8, one_sided) == 0.7  # a measured round wins
+    zo_forwards = RoundHooks().step_forwards(one_sided)
+    assert step_estimate_s(0.0, 0.8, zo_forwards) == pytest.approx(1.0)
+    assert step_estimate_s(0.0, 0.8, FORWARDS_PER_STEP) == pytest.approx(2.4)  # fwd + bwd
+    assert step_estimate_s(0.7, 0.8, zo_forwards) == 0.7  # a measured round wins

@@ -26,13 +26,11 @@ restarted server recomputes exactly what an uninterrupted one would have).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from zorba_common.errors import InvalidScalarError
 from zorba_server.aggregation_rules import RULES, RoundScalars
 from zorba_server.config import AggregationConfig
 
@@ -57,18 +55,6 @@ class RoundDelta:
     blocks: tuple[int, ...]
     values: np.ndarray
     """float32, len(pool_indices) x len(blocks)."""
-
-
-def check_scalars(steps: Iterable[tuple[int, float]], max_abs: float) -> None:
-    """Refuse NaN, infinite or out-of-range projected gradients, naming the first bad step."""
-    for t, (_, g) in enumerate(steps):
-        if not math.isfinite(g):
-            raise InvalidScalarError(f"step {t}: projected gradient {g} is not finite")
-        if abs(g) > max_abs:
-            raise InvalidScalarError(
-                f"step {t}: projected gradient {g:.6g} exceeds the run's limit {max_abs:.6g}; "
-                "the loss difference is implausible (lower lr or mu, or check the data)"
-            )
 
 
 def aggregate(contributions: Sequence[Contribution], lr: float,

@@ -23,8 +23,9 @@ import numpy as np
 
 from zorba_common.errors import InvalidScalarError
 from zorba_common.messages import Assignment, HyperParams, Report
+from zorba_common.scalars import check_scalars
 from zorba_server import errors
-from zorba_server.aggregation import Contribution, RoundDelta, aggregate, check_scalars
+from zorba_server.aggregation import Contribution, RoundDelta, aggregate
 from zorba_server.config import AggregationConfig
 
 # Re-exported: a round's record and its readers name the statuses through this module.

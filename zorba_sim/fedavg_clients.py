@@ -1,7 +1,7 @@
 """fedavg's virtual clients: first-order AdamW on every block, weights exchanged both ways.
 
 Per round, each client in turn installs the round's global block weights into the one model,
-runs the real fedavg client's local loop (`zorba_edge.client.fedavg.run_adamw_steps`), and,
+runs the real fedavg client's local loop (`zorba_edge.client.modes.fedavg_training.run_adamw_steps`), and,
 when its report will reach the server, leaves a copy of its trained weights (float32, what
 it would upload). At the close the server's own average (`zorba_server.weight_store.
 weighted_average`, the clients' registered sample counts as weights, in client-id order)
@@ -24,8 +24,8 @@ from safetensors.torch import save
 
 from zorba_common.messages import Assignment, RunInfo
 from zorba_common.weight_files import tensor_key
-from zorba_edge.client.fedavg import run_adamw_steps
 from zorba_edge.client.local_task import LocalTask
+from zorba_edge.client.modes.fedavg_training import run_adamw_steps
 from zorba_edge.client.trainer import LocalRoundResult, first_steps
 from zorba_edge.model.loading import LoadedModel
 from zorba_server.engine import RoundClosure, RoundEngine

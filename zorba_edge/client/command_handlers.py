@@ -36,6 +36,7 @@ from zorba_edge.client.daemon import (
 from zorba_edge.client.daemonize import claim_pid_file, detach
 from zorba_edge.client.errors import UsageError
 from zorba_edge.client.evaluation import evaluate, fetch_remote_table
+from zorba_edge.client.modes import CLIENT_MODES
 from zorba_edge.client.profiling import (
     StepTiming,
     compute_budget,
@@ -44,7 +45,6 @@ from zorba_edge.client.profiling import (
     survey,
 )
 from zorba_edge.client.progress import ProgressReporter
-from zorba_edge.client.run_modes import CLIENT_MODES
 from zorba_edge.client.state import StateStore, default_state_path
 from zorba_edge.client.transport import ServerClient, normalize_url
 from zorba_edge.data.splits import small_share_warning

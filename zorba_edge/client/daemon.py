@@ -3,7 +3,9 @@
     join     register (or rejoin with the saved token, resuming from the saved alpha)
     poll     GET /v1/rounds/next?version=v (a long-poll)
     sync     apply the deltas it brings, or catch up from GET /v1/state
-    train    the assignment's local steps, in a worker thread (the event loop stays free)
+    train    the assignment's local steps, in a worker thread (the event loop stays free),
+             between the run mode's hooks (zorba_edge/client/modes: what it fetches before
+             and uploads after)
     report   POST the scalars with an idempotency key that its retries keep
 
 Stopping (SIGTERM/SIGINT, or `request_stop`) is clean at every point: a poll is simply
@@ -24,18 +26,15 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, TypeVar
 
 from zorba_common.errors import InvalidScalarError
 from zorba_common.messages import (
     FINISHED,
     WAIT,
-    AlphaDelta,
-    AlphaState,
     Assignment,
-    HyperParams,
     NextRound,
     RegisterRequest,
     Report,
@@ -44,45 +43,20 @@ from zorba_common.messages import (
 )
 from zorba_edge.client.byte_sizes import format_size
 from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
-from zorba_edge.client.fedavg import FORWARDS_PER_STEP as FIRST_ORDER_STEP_FORWARDS
+from zorba_edge.client.modes import CLIENT_MODES
+from zorba_edge.client.modes.client_mode import RoundHooks, Trainer
 from zorba_edge.client.profiling import PROFILE_STEP_FORWARDS
 from zorba_edge.client.state import ClientState, StateStore
-from zorba_edge.client.trainer import LocalRoundResult, StepGate, SyncError, finish_by
+from zorba_edge.client.trainer import LocalRoundResult, SyncError, finish_by
 from zorba_edge.client.transport import ServerClient
 from zorba_edge.engine.coefficients import CoefficientTable
-from zorba_edge.engine.zo import forwards_per_step
 from zorba_edge.model.progress import Progress
 
 log = logging.getLogger("zorba_edge.client")
 T = TypeVar("T")
 
-INITIAL_UPLOAD_S = 5.0
-"""fedavg: assumed weight-upload time before one was measured."""
 SIT_OUT_SLACK_S = 0.2
 """After a round's deadline, before polling again: the server closes it by then."""
-
-
-class Trainer(Protocol):
-    """What the daemon needs of `LocalTrainer` (zorba_edge/client/trainer.py)."""
-
-    table: CoefficientTable
-
-    def apply_deltas(self, deltas: Iterable[AlphaDelta],
-                     progress: Progress | None = None) -> None: ...
-
-    def replace_table(self, state: AlphaState, progress: Progress | None = None) -> None: ...
-
-    def train_round(self, assignment: Assignment, cancel: threading.Event,
-                    on_step: StepGate | None = None) -> LocalRoundResult: ...
-
-
-@runtime_checkable
-class WeightExchange(Protocol):
-    """A trainer whose rounds start from downloaded weights (the fedavg baseline)."""
-
-    def weights_needed(self, assignment: Assignment) -> bool: ...
-
-    def install_weights(self, buffer: bytearray, version: int) -> None: ...
 
 
 MakeTrainer = Callable[[RunInfo, CoefficientTable | None, Progress | None], Trainer]
@@ -95,18 +69,15 @@ CheckRun = Callable[[RunInfo], None]
 """Raises (BudgetError, UsageError) when this device cannot take part in `run`."""
 
 
-def step_estimate_s(last_step_s: float, forward_s: float, hyper: HyperParams, *,
-                    first_order: bool = False) -> float:
+def step_estimate_s(last_step_s: float, forward_s: float, step_forwards: float) -> float:
     """Seconds per local step before a round's first: the last round's (`last_step_s`, 0 before
-    any), else the probe's forward times the forwards a step costs. The profile's step is an
-    antithetic one, two forwards; a one-sided batch of 4 directions costs 1.25 a step, and
-    judging its batches by the profile's kept every quickstart client out of its first round.
-    A first-order (fedavg) step is a forward and a backward: the forwards fedavg counts it as."""
+    any), else the probe's forward times the forwards a step costs (`step_forwards`, the run
+    mode's `RoundHooks.step_forwards`). The profile's step is an antithetic one, two forwards;
+    a one-sided batch of 4 directions costs 1.25 a step, and judging its batches by the
+    profile's kept every quickstart client out of its first round."""
     if last_step_s > 0:
         return last_step_s
-    if first_order:
-        return forward_s * FIRST_ORDER_STEP_FORWARDS
-    return forward_s * forwards_per_step(hyper.estimator, hyper.directions)
+    return forward_s * step_forwards
 
 
 def step_budget_s(deadline_in_s: float, margin_s: float, report_s: float,
@@ -114,14 +85,15 @@ def step_budget_s(deadline_in_s: float, margin_s: float, report_s: float,
     """Seconds of a round the local steps may take: what is left once the report can still
     reach the server before the deadline.
 
-    A step in progress runs to its end, and the report (and fedavg's weight upload) must land
-    before the deadline too: steps start only while they should end in time (the trainer's
-    gate), and the plan keeps free the larger of the margin and twice the last report's round
-    trip (its upload and the server's store; issue 26 saw a client that had done all 46 of its
-    steps lose its report at the deadline), plus twice the last weight upload (fedavg; without
-    it 2 of 3 Gemma 3 clients' whole rounds arrived late). Each reserve is at most half the
-    round: a slower device cannot make any round anyway. The server also takes reports for
-    run.report_grace_s after the deadline, for one on its way all the same."""
+    A step in progress runs to its end, and the report (and the run mode's upload after
+    training) must land before the deadline too: steps start only while they should end in
+    time (the trainer's gate), and the plan keeps free the larger of the margin and twice the
+    last report's round trip (its upload and the server's store; issue 26 saw a client that had
+    done all 46 of its steps lose its report at the deadline), plus twice the mode's upload
+    (`upload_s`, `RoundHooks.upload_s`: without it 2 of 3 Gemma 3 clients' whole rounds
+    arrived late). Each reserve is at most half the round: a slower device cannot make any round
+    anyway. The server also takes reports for run.report_grace_s after the deadline, for one
+    on its way all the same."""
     half = deadline_in_s / 2
     return deadline_in_s - max(margin_s, min(2 * report_s, half)) - min(2 * upload_s, half)
 
@@ -201,9 +173,9 @@ class ClientDaemon:
         self._cancel: threading.Event | None = None
         self.state: ClientState | None = None
         self.trainer: Trainer | None = None
+        self._hooks = RoundHooks()
+        """The run mode's part of each round (zorba_edge/client/modes), one per trainer."""
         self.rounds_reported = 0
-        self._upload_s = INITIAL_UPLOAD_S
-        """How long the last weight upload took (fedavg)."""
         self._report_s = 0.0
         """How long the last report took to be acknowledged (its upload and the server's
         store): kept free before the deadline."""
@@ -301,6 +273,7 @@ class ClientDaemon:
         self._listener.on_status("loading the model")
         self.trainer = await asyncio.to_thread(self._make_trainer, self.state.run, table,
                                                self._listener.progress("loading the model"))
+        self._hooks = CLIENT_MODES[self.state.run.mode].round_hooks(self.trainer)
         self._save()
 
     # ------------------------------------------------------------------------ one cycle
@@ -391,7 +364,7 @@ class ClientDaemon:
         deadline_at = loop.time() + assignment.deadline_in_s
         budget_s = step_budget_s(
             assignment.deadline_in_s, self.settings.deadline_margin_s, self._report_s,
-            self._upload_s if isinstance(self.trainer, WeightExchange) else 0.0)
+            self._hooks.upload_s())
         if budget_s <= 0:
             log.warning("round %d: only %.1f s left before its deadline; sitting it out",
                         assignment.round, assignment.deadline_in_s)
@@ -407,11 +380,11 @@ class ClientDaemon:
         self._listener.on_status(f"training round {assignment.round}: blocks [{blocks}], "
                                  f"{len(assignment.pool_indices)} steps")
         try:
-            if not await self._fetch_weights(assignment):
+            if not await self._hooks.before_training(assignment, self):
                 await self._sit_out(deadline_at)
                 return
-            step_s = step_estimate_s(self._last_step_s, self._forward_s, assignment.hyper,
-                                     first_order=isinstance(self.trainer, WeightExchange))
+            step_s = step_estimate_s(self._last_step_s, self._forward_s,
+                                     self._hooks.step_forwards(assignment.hyper))
             gate = finish_by(time.monotonic() + budget_s, step_s)
             outcome = await asyncio.to_thread(self.trainer.train_round, assignment, cancel, gate)
         except InvalidScalarError as exc:
@@ -447,11 +420,15 @@ class ClientDaemon:
             log.info("round %d: %d batch step(s) longer than the trust radius (%g of the "
                      "weights' RMS) were scaled down to it", assignment.round,
                      outcome.shrunk_batches, assignment.hyper.trust_radius)
-        if outcome.upload is not None:
-            uploaded = await self._upload_weights(assignment.round, outcome.upload)
-            if uploaded != "reported":
-                self._notify(assignment, outcome, uploaded)
-                return
+        try:
+            ended = await self._hooks.after_training(assignment, outcome, self)
+        except ServerRefusedError as exc:
+            if exc.status == 401:
+                raise _Rejoin from None
+            raise
+        if ended is not None:
+            self._notify(assignment, outcome, ended)
+            return
         posted_at = loop.time()
         report = outcome.report(assignment, uuid.uuid4().hex)
         status = await self._post_report(assignment.round, report)
@@ -459,46 +436,6 @@ class ClientDaemon:
             self.rounds_reported += 1
             self._report_s = loop.time() - posted_at
         self._notify(assignment, outcome, status)
-
-    async def _fetch_weights(self, assignment: Assignment) -> bool:
-        """fedavg: download the round's base weights when the trainer lacks them; False: skip."""
-        trainer = self.trainer
-        if not isinstance(trainer, WeightExchange) or not trainer.weights_needed(assignment):
-            return True
-        self._listener.on_status(f"downloading the weights of version {assignment.base_version}")
-        try:
-            got = await self._until_stop(self._client.weights())
-        except ServerRefusedError as exc:
-            log.error("round %d: the weights download was refused: %s", assignment.round, exc)
-            return False
-        if got is None:
-            return False
-        buffer, version = got
-        if version != assignment.base_version:
-            log.warning("round %d trains on version %d but the server now serves %d: sitting "
-                        "it out", assignment.round, assignment.base_version, version)
-            return False
-        await asyncio.to_thread(trainer.install_weights, buffer, version)
-        return True
-
-    async def _upload_weights(self, round_: int, body: bytes) -> str:
-        """fedavg: PUT the trained weights before the report; `reported` when accepted."""
-        self._listener.on_status(f"uploading {format_size(len(body))} of weights for round {round_}")
-        started = asyncio.get_running_loop().time()
-        try:
-            done = await self._until_stop(self._client.upload_weights(round_, body))
-        except ServerRefusedError as exc:
-            if exc.status == 401:
-                raise _Rejoin from None
-            if exc.code in ("round_closed", "unknown_round"):
-                log.warning("round %d closed before the weights arrived", round_)
-                return "late"
-            log.error("round %d: weights refused: %s", round_, exc)
-            return "refused"
-        if done is None:
-            return "abandoned"
-        self._upload_s = asyncio.get_running_loop().time() - started
-        return "reported"
 
     async def _post_report(self, round_: int, report: Report) -> str:
         self._listener.on_status(f"reporting round {round_}")
@@ -555,6 +492,17 @@ class ClientDaemon:
             step_time_s=outcome.step_time_s if outcome else 0.0, status=status))
 
     # ------------------------------------------------------------------------ plumbing
+    # What a run mode's round hooks use of the daemon (modes.RoundIO).
+
+    @property
+    def client(self) -> ServerClient:
+        return self._client
+
+    def on_status(self, text: str) -> None:
+        self._listener.on_status(text)
+
+    async def until_stop(self, awaitable: Awaitable[T]) -> T | None:
+        return await self._until_stop(awaitable)
 
     def _save(self) -> None:
         if self.state is not None:
@@ -598,6 +546,5 @@ def describe_summary(summary: RoundSummary) -> str:
 
 __all__ = [
     "ClientDaemon", "DaemonResult", "DaemonSettings", "Listener", "RoundSummary", "Trainer",
-    "WeightExchange",
     "describe_summary",
 ]

@@ -37,6 +37,7 @@ from zorba_edge.engine.coefficients import (
 from zorba_edge.engine.directions import BlockTensors
 from zorba_edge.engine.snapshot import RoundSnapshot, Snapshot, SnapshotBuffers, SpilledSnapshot
 from zorba_edge.engine.zo import ESTIMATORS, MIN_DIRECTIONS, ZOConfig
+from zorba_edge.model.assignment import check_assignment
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, release_freed_memory
 from zorba_edge.model.progress import Progress, tracked
 from zorba_edge.model.sources import ModelSource
@@ -125,13 +126,17 @@ class LocalRoundResult:
         return bool(self.steps) or self.upload is not None
 
 
-def check_saved_table(table: CoefficientTable | None, run: RunInfo) -> None:
-    """A table resumed from the client's state must have the run's shape."""
-    if table is not None and (table.pool_size, table.num_blocks) != (run.pool_size, run.num_blocks):
+def starting_table(table: CoefficientTable | None, run: RunInfo) -> CoefficientTable:
+    """The table a trainer starts from: the one resumed from the client's state, which must
+    have the run's shape, or (None) the run's table at version 0."""
+    if table is None:
+        return CoefficientTable(run.pool_size, run.num_blocks)
+    if (table.pool_size, table.num_blocks) != (run.pool_size, run.num_blocks):
         raise SyncError(
             f"the saved table is {table.pool_size} x {table.num_blocks} but the run's is "
             f"{run.pool_size} x {run.num_blocks}: delete the client state to start afresh"
         )
+    return table
 
 
 def advance_table(table: CoefficientTable, deltas: Iterable[AlphaDelta]) -> list[AlphaIncrement]:
@@ -169,12 +174,11 @@ class LocalTrainer:
         table: CoefficientTable | None = None,
         refresh_every: int = 20,
     ) -> None:
-        check_saved_table(table, run)
         self.source = source
         self.load_config = load_config
         self.run = run
         self.task = task
-        self.table = table or CoefficientTable(run.pool_size, run.num_blocks)
+        self.table = starting_table(table, run)
         self.refresh_every = refresh_every
         self.loaded: LoadedModel | None = None
         self._built: dict[int, int] = {}
@@ -203,8 +207,9 @@ class LocalTrainer:
     def hold(self, blocks: Iterable[int], progress: Progress | None = None) -> LoadedModel:
         """Load the model (first time) or move it to a new assignment, and rebuild the
         stalest frozen blocks (at most REFRESH_BLOCKS_PER_ROUND). `progress` counts the
-        first load's parts (load_model), the one wait here that takes minutes."""
-        blocks = tuple(sorted(set(blocks)))
+        first load's parts (load_model), the one wait here that takes minutes. `blocks` is
+        checked here (AssignmentError) unless it comes checked (`Blocks`)."""
+        blocks = check_assignment(blocks, self.run.num_blocks)
         version = self.table.version
         if self.loaded is None:
             self.loaded = load_model(self.source, blocks, self.load_config,
@@ -257,8 +262,10 @@ class LocalTrainer:
                 f"round {assignment.round} trains on alpha version {assignment.base_version} "
                 f"but this client is at {self.table.version}: sync first"
             )
+        # The one check of the assignment's blocks: everything below trusts them.
+        blocks = check_assignment(assignment.blocks, self.run.num_blocks)
         self._probe.reset()
-        loaded = self.hold(assignment.blocks)
+        loaded = self.hold(blocks)
         outcome = run_local_steps(loaded.model, self._held(), self.task, assignment, self.run,
                                   self.load_config.device, cancel, on_step)
         return dataclasses.replace(outcome, peak_memory_bytes=self._probe.peak_bytes())

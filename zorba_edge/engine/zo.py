@@ -43,6 +43,7 @@ from torch import nn
 
 from zorba_common.errors import InvalidScalarError
 from zorba_common.run_defaults import ANTITHETIC, NORMALISED, ONE_SIDED
+from zorba_common.scalars import check_scalar
 from zorba_edge.engine.directions import BlockTensors, Direction
 
 MIN_DIRECTIONS = {NORMALISED: 2}
@@ -71,8 +72,9 @@ class ZOConfig:
     """Perturbation scale of the two-point estimate."""
     lr: float = 1e-6
     """Local learning rate: theta -= lr * g * z."""
-    max_abs_grad: float = 1e6
-    """A projected gradient beyond this is treated as divergence and refused."""
+    max_abs_scalar: float = 1e6
+    """A projected gradient beyond this is treated as divergence and refused (the run's limit,
+    zorba_common/scalars.py)."""
     max_move: float = 0.0
     """Longest RMS move per perturbed parameter one batch's step may make; a longer step is
     scaled down to it (0: no limit). See the module docstring."""
@@ -87,13 +89,13 @@ class ZOConfig:
 
     @staticmethod
     def for_round(lr: float, mu: float, directions: int, trust_radius: float,
-                  blocks: BlockTensors, max_abs_grad: float) -> ZOConfig:
+                  blocks: BlockTensors, max_abs_scalar: float) -> ZOConfig:
         """The local steps' settings for a round: the client's side of the step size, whose
         server side is zorba_server/step_size.py. `lr` is what the server told this client
         (it adds lr x g per scalar); the estimators move theta by (lr' / n) sum g_i z_i, so
         lr' = lr x n. The trust region is `trust_radius` x the RMS of the blocks' weights,
         which only the client holds."""
-        return ZOConfig(mu=mu, lr=lr * directions, max_abs_grad=max_abs_grad,
+        return ZOConfig(mu=mu, lr=lr * directions, max_abs_scalar=max_abs_scalar,
                         max_move=trust_radius * weight_scale(blocks) if trust_radius > 0 else 0.0)
 
 
@@ -108,17 +110,6 @@ class StepResult:
     def loss(self) -> float:
         """The two-point average: an O(mu^2) estimate of the unperturbed loss."""
         return 0.5 * (self.loss_plus + self.loss_minus)
-
-
-def check_scalar(value: float, what: str, limit: float) -> float:
-    """Refuse NaN, infinities and values past `limit`: one bad scalar would corrupt alpha."""
-    if not math.isfinite(value):
-        raise InvalidScalarError(
-            f"{what} is {value}: the loss diverged or overflowed; lower lr or mu, or check the data"
-        )
-    if abs(value) > limit:
-        raise InvalidScalarError(f"{what} = {value:.4g} exceeds the limit {limit:.4g}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -245,7 +236,7 @@ def _local_step(
     """
     try:
         for k, g in zip(ks, grads, strict=True):
-            check_scalar(g, f"projected gradient at k={k}", config.max_abs_grad)
+            check_scalar(g, config.max_abs_scalar, f"projected gradient at k={k}")
     except InvalidScalarError:
         last.add_(undo)
         raise

@@ -35,6 +35,7 @@ from transformers import PreTrainedModel
 
 from zorba_common.errors import AssignmentError, ModelSourceError
 from zorba_common.memory_model import HEAD_CAST_CHUNK_BYTES, ModelFootprint
+from zorba_edge.model.assignment import check_assignment, check_block
 from zorba_edge.model.families import find_blocks
 from zorba_edge.model.progress import Progress
 from zorba_edge.model.quantize import (
@@ -52,7 +53,6 @@ from zorba_edge.model.skeleton import (
     linear_layers,
     model_footprint,
     non_block_parameter_names,
-    normalize_assignment,
     registration_lock,
 )
 from zorba_edge.model.sources import ModelSource, StateDict, check_state_dict
@@ -183,13 +183,10 @@ class LoadedModel:
     def num_blocks(self) -> int:
         return len(self.blocks)
 
-    def _check_block(self, block: int) -> None:
-        normalize_assignment([block], self.num_blocks)
-
     def trainable_parameters(self, block: int) -> list[tuple[str, nn.Parameter]]:
         """The block's parameters sorted by name relative to it: the order the noise uses."""
-        self._check_block(block)
-        if block not in self.assignment:
+        if block not in self.assignment:  # the assignment holds only blocks that exist
+            check_block(block, self.num_blocks)  # a block that does not exist says so
             raise AssignmentError(
                 f"block {block} is frozen (assigned blocks: {list(self.assignment)}): only "
                 "assigned blocks have trainable parameters"
@@ -202,7 +199,7 @@ class LoadedModel:
 
     def exact_parameters(self, block: int) -> list[tuple[str, nn.Parameter]]:
         """An `exact` block's parameters sorted by name (the noise's order), frozen or not."""
-        self._check_block(block)
+        check_block(block, self.num_blocks)
         if not self.exact(block):
             raise AssignmentError(
                 f"block {block} is frozen in {self.config.frozen_dtype}, not the training "
@@ -216,14 +213,19 @@ class LoadedModel:
         Takes ownership of the tensors: where no conversion is needed (fp32 into an fp32
         trainable block) the parameters *are* those tensors, so callers must not reuse them.
         """
-        self._check_block(block)
+        check_block(block, self.num_blocks)
+        self._install_block(block, state_dict, trainable)
+
+    @torch.no_grad()
+    def _install_block(self, block: int, state_dict: StateDict, trainable: bool) -> None:
+        """install_block for a block known to exist (of a checked assignment, or every block)."""
         check_state_dict(
             state_dict, self._shapes[block], f"block {block} state dict", "install_block"
         )
         with registration_lock():
-            self._install_block(block, state_dict, trainable)
+            self._hold_block(block, state_dict, trainable)
 
-    def _install_block(self, block: int, state_dict: StateDict, trainable: bool) -> None:
+    def _hold_block(self, block: int, state_dict: StateDict, trainable: bool) -> None:
         target = self.blocks[block]
         dtype = self.config.compute_dtype
         inside_layers: set[str] = set()
@@ -264,10 +266,11 @@ class LoadedModel:
         return sum(held[name].numel() * held[name].element_size() for name in self._non_block_shapes)
 
     def reassign(self, assignment: Iterable[int], materialize: Materialize) -> None:
-        """Make `assignment` the trainable blocks, re-installing only blocks whose role changed."""
-        new = normalize_assignment(assignment, self.num_blocks)
+        """Make `assignment` the trainable blocks, re-installing only blocks whose role changed.
+        It is checked here unless it comes checked (`Blocks`, model/assignment.py)."""
+        new = check_assignment(assignment, self.num_blocks)
         for block in sorted(set(new) ^ set(self.assignment)):
-            self.install_block(block, materialize(block), trainable=block in new)
+            self._install_block(block, materialize(block), trainable=block in new)
             release_freed_memory()
 
     def footprint(self) -> ModelFootprint:
@@ -340,7 +343,7 @@ def load_model(
     config = config or LoadConfig()
     require_bitsandbytes(config.frozen_dtype)
     loaded = LoadedModel(build_skeleton(source.config), source, config)
-    blocks = normalize_assignment(assignment, loaded.num_blocks)
+    blocks = check_assignment(assignment, loaded.num_blocks)
     materialize = materialize or source.block_state_dict
     total = loaded.num_blocks + 1
     loaded.install_non_block(source.non_block_state_dict())
@@ -348,7 +351,7 @@ def load_model(
     if progress is not None:
         progress(1, total)
     for block in range(loaded.num_blocks):
-        loaded.install_block(block, materialize(block), trainable=block in blocks)
+        loaded._install_block(block, materialize(block), trainable=block in blocks)
         # Without this, glibc keeps each block's freed fp32 copy and quantisation
         # temporaries in its heap and the resident size creeps up block by block.
         release_freed_memory()

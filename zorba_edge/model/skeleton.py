@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from zorba_common.errors import AssignmentError, UnsupportedArchitectureError
+from zorba_common.errors import UnsupportedArchitectureError
 from zorba_common.memory_model import ModelFootprint
 from zorba_edge.model.families import family_of, find_blocks
 
@@ -126,18 +126,3 @@ def model_footprint(model: PreTrainedModel) -> ModelFootprint:
         num_layers=len(blocks),
         intermediate_size=intermediate or 4 * hidden,
     )
-
-
-def normalize_assignment(assignment: Iterable[int], num_blocks: int) -> tuple[int, ...]:
-    """Sorted unique block indices, or AssignmentError naming the bad block and the count."""
-    blocks = []
-    for block in assignment:
-        if isinstance(block, bool) or not isinstance(block, int):
-            raise AssignmentError(f"assignment entry {block!r} is not a block index (an int)")
-        if not 0 <= block < num_blocks:
-            raise AssignmentError(
-                f"block {block} does not exist: the model has {num_blocks} blocks "
-                f"(0..{num_blocks - 1})"
-            )
-        blocks.append(block)
-    return tuple(sorted(set(blocks)))

@@ -35,6 +35,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from zorba_common.errors import ModelSourceError, UnsupportedArchitectureError
+from zorba_edge.model.assignment import check_block
 from zorba_edge.model.families import family_of, find_blocks
 from zorba_edge.model.gguf_reading import parse_metadata, reader_reused, transformers_config
 from zorba_edge.model.gguf_tokenizer import read_gguf_vocab, vocab_from_reader
@@ -42,7 +43,6 @@ from zorba_edge.model.hub_cache import cached_model_path, looks_like_model_id
 from zorba_edge.model.skeleton import (
     build_skeleton,
     non_block_parameter_names,
-    normalize_assignment,
     registration_lock,
 )
 from zorba_edge.model.tokenizer_loading import (
@@ -121,7 +121,7 @@ class _SkeletonNames:
         self.skeleton = skeleton
 
     def check_block(self, block: int) -> None:
-        normalize_assignment([block], self.num_blocks)
+        check_block(block, self.num_blocks)
 
     def block_keys(self, block: int) -> dict[str, str]:
         """Relative name -> full model name of each parameter of `block`."""

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from zorba_edge.client.fedavg import FORWARDS_PER_STEP
+from zorba_edge.client.modes.fedavg_training import FORWARDS_PER_STEP
 from zorba_lab.compare import stats
 from zorba_lab.compare.plots import Plot, pyplot
 from zorba_lab.compare.processes_report import DISCUSSION, DISCUSSION_PLACEHOLDER, relative_link

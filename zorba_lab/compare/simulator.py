@@ -38,8 +38,8 @@ from zorba_common.run_defaults import (
     ZORBA,
     ZORBA_UNIFORM,
 )
-from zorba_edge.client.fedavg import FORWARDS_PER_STEP
 from zorba_edge.client.local_task import LocalTask
+from zorba_edge.client.modes.fedavg_training import FORWARDS_PER_STEP
 from zorba_edge.data.examples import ClassificationExample
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE
 from zorba_edge.engine.losses import evaluate_classification

@@ -3,7 +3,7 @@ carries). The config's check and `zorba-server --mode` read their choices from `
 wire's list of names stays `zorba_common.run_defaults.RUN_MODES`, which MODES covers exactly.
 
 A new mode is a file defining `MODE = RunMode(...)`, its name in RUN_MODES, an entry here, and
-its tests (and its client side in zorba_edge/client/run_modes.py).
+its tests (and its client side in zorba_edge/client/modes/).
 """
 
 from __future__ import annotations

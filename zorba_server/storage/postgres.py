@@ -21,57 +21,7 @@ from zorba_server.storage.committer import Committer
 from zorba_server.storage.errors import DuplicateError, StoreError, StoreUnavailableError
 from zorba_server.storage.sql_store import SqlStore
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS run (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    run_id TEXT NOT NULL,
-    seed BIGINT NOT NULL,
-    pool_size INTEGER NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    model_fingerprint TEXT,
-    footprint BYTEA,
-    version INTEGER NOT NULL DEFAULT 0,
-    alpha BYTEA
-);
-CREATE TABLE IF NOT EXISTS clients (
-    client_id TEXT PRIMARY KEY,
-    token_hash BYTEA NOT NULL UNIQUE,
-    profile BYTEA NOT NULL,
-    registered_at DOUBLE PRECISION NOT NULL,
-    calibration DOUBLE PRECISION NOT NULL DEFAULT 1.0
-);
-CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY,
-    status TEXT NOT NULL {status_check},
-    plan BYTEA NOT NULL,
-    closed_at DOUBLE PRECISION,
-    reports INTEGER NOT NULL DEFAULT 0,
-    loss DOUBLE PRECISION,
-    message TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS reports (
-    round INTEGER NOT NULL REFERENCES rounds (round),
-    client_id TEXT NOT NULL REFERENCES clients (client_id),
-    idempotency_key TEXT NOT NULL,
-    body_hash BYTEA NOT NULL,
-    body BYTEA NOT NULL,
-    received_at DOUBLE PRECISION NOT NULL,
-    bytes_up BIGINT,
-    bytes_down BIGINT,
-    PRIMARY KEY (round, client_id),
-    UNIQUE (client_id, idempotency_key)
-);
-CREATE TABLE IF NOT EXISTS departures (
-    client_id TEXT PRIMARY KEY REFERENCES clients (client_id),
-    left_at DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE IF NOT EXISTS increments (
-    version INTEGER PRIMARY KEY,
-    round INTEGER NOT NULL UNIQUE REFERENCES rounds (round),
-    delta BYTEA NOT NULL
-);
-""".replace("{status_check}", sql.ROUND_STATUS_CHECK)
+SCHEMA = sql.schema(blob="BYTEA", real="DOUBLE PRECISION", bigint="BIGINT")
 
 
 class PgConnection:

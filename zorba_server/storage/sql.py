@@ -12,7 +12,7 @@ transaction:
 - closing a round writes its status, its increment row and the new alpha together, so
   alpha holds a round's increments iff that round's status is `applied`.
 
-The tables themselves (`sqlite.SCHEMA`, `postgres.SCHEMA`) differ only in column types.
+The tables are written once too (`schema`); the stores differ only in column types.
 A table added later (`departures`) is created IF NOT EXISTS when a store opens, so a database
 of an older server gains it without a schema version change; a changed table needs a new
 SCHEMA_VERSION and a migration step (`check_schema_version`).
@@ -47,6 +47,66 @@ REPORT_BYTES = ("bytes_up", "bytes_down")
 """The reports table's columns of `RoundBytes` (NULL in rows stored before schema 3)."""
 ROUND_STATUS_CHECK = f"CHECK (status IN ({', '.join(repr(s) for s in (OPEN, APPLIED, FAILED, REJECTED))}))"
 """The rounds table's status constraint, one text for both stores and their migrations."""
+_TABLES = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS run (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    run_id TEXT NOT NULL,
+    seed {bigint} NOT NULL,
+    pool_size INTEGER NOT NULL,
+    created_at {real} NOT NULL,
+    model_fingerprint TEXT,
+    footprint {blob},
+    version INTEGER NOT NULL DEFAULT 0,
+    alpha {blob}
+);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id TEXT PRIMARY KEY,
+    token_hash {blob} NOT NULL UNIQUE,
+    profile {blob} NOT NULL,
+    registered_at {real} NOT NULL,
+    calibration {real} NOT NULL DEFAULT 1.0
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    status TEXT NOT NULL {status_check},
+    plan {blob} NOT NULL,
+    closed_at {real},
+    reports INTEGER NOT NULL DEFAULT 0,
+    loss {real},
+    message TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS reports (
+    round INTEGER NOT NULL REFERENCES rounds (round),
+    client_id TEXT NOT NULL REFERENCES clients (client_id),
+    idempotency_key TEXT NOT NULL,
+    body_hash {blob} NOT NULL,
+    body {blob} NOT NULL,
+    received_at {real} NOT NULL,
+    bytes_up {bigint},
+    bytes_down {bigint},
+    PRIMARY KEY (round, client_id),
+    UNIQUE (client_id, idempotency_key)
+);
+CREATE TABLE IF NOT EXISTS departures (
+    client_id TEXT PRIMARY KEY REFERENCES clients (client_id),
+    left_at {real} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS increments (
+    version INTEGER PRIMARY KEY,
+    round INTEGER NOT NULL UNIQUE REFERENCES rounds (round),
+    delta {blob} NOT NULL
+);
+"""
+"""The tables, with `{blob}`, `{real}` and `{bigint}` for the column types the stores name
+in their own dialect."""
+
+
+def schema(*, blob: str, real: str, bigint: str) -> str:
+    """The CREATE TABLE statements in one dialect's column types."""
+    return _TABLES.format(blob=blob, real=real, bigint=bigint, status_check=ROUND_STATUS_CHECK)
+
+
 _UNLIMITED = 1 << 40  # our own rows: trusted, sized by the schema limits when written
 
 T = TypeVar("T")

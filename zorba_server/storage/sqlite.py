@@ -14,57 +14,8 @@ from zorba_server.storage.committer import Committer
 from zorba_server.storage.errors import DuplicateError, StoreError, StoreUnavailableError
 from zorba_server.storage.sql_store import SqlStore
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS run (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    run_id TEXT NOT NULL,
-    seed INTEGER NOT NULL,
-    pool_size INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    model_fingerprint TEXT,
-    footprint BLOB,
-    version INTEGER NOT NULL DEFAULT 0,
-    alpha BLOB
-);
-CREATE TABLE IF NOT EXISTS clients (
-    client_id TEXT PRIMARY KEY,
-    token_hash BLOB NOT NULL UNIQUE,
-    profile BLOB NOT NULL,
-    registered_at REAL NOT NULL,
-    calibration REAL NOT NULL DEFAULT 1.0
-);
-CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY,
-    status TEXT NOT NULL {status_check},
-    plan BLOB NOT NULL,
-    closed_at REAL,
-    reports INTEGER NOT NULL DEFAULT 0,
-    loss REAL,
-    message TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS reports (
-    round INTEGER NOT NULL REFERENCES rounds (round),
-    client_id TEXT NOT NULL REFERENCES clients (client_id),
-    idempotency_key TEXT NOT NULL,
-    body_hash BLOB NOT NULL,
-    body BLOB NOT NULL,
-    received_at REAL NOT NULL,
-    bytes_up INTEGER,
-    bytes_down INTEGER,
-    PRIMARY KEY (round, client_id),
-    UNIQUE (client_id, idempotency_key)
-);
-CREATE TABLE IF NOT EXISTS departures (
-    client_id TEXT PRIMARY KEY REFERENCES clients (client_id),
-    left_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS increments (
-    version INTEGER PRIMARY KEY,
-    round INTEGER NOT NULL UNIQUE REFERENCES rounds (round),
-    delta BLOB NOT NULL
-);
-""".replace("{status_check}", sql.ROUND_STATUS_CHECK)
+SCHEMA = sql.schema(blob="BLOB", real="REAL", bigint="INTEGER")
+"""The tables (SQLite's INTEGER is 64 bits wide)."""
 
 
 def connect(path: str | Path, synchronous: str = "full") -> sqlite3.Connection:

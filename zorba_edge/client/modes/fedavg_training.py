@@ -29,7 +29,7 @@ from zorba_common.messages import AlphaDelta, AlphaState, Assignment, RunInfo
 from zorba_common.weight_files import tensor_key
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.memory_probe import PeakMemoryProbe
-from zorba_edge.client.trainer import LocalRoundResult, StepGate, SyncError, advance_table, check_saved_table
+from zorba_edge.client.trainer import LocalRoundResult, StepGate, SyncError, advance_table, starting_table
 from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, release_freed_memory
 from zorba_edge.model.progress import Progress
@@ -47,12 +47,11 @@ class FedAvgTrainer:
 
     def __init__(self, source: ModelSource, load_config: LoadConfig, run: RunInfo,
                  task: LocalTask, *, table: CoefficientTable | None = None) -> None:
-        check_saved_table(table, run)
         self.source = source
         self.load_config = load_config
         self.run = run
         self.task = task
-        self.table = table or CoefficientTable(run.pool_size, run.num_blocks)
+        self.table = starting_table(table, run)
         """Only its version matters here: fedavg rounds publish empty alpha deltas."""
         self.loaded: LoadedModel | None = None
         self.weights_version = 0
