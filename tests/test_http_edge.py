@@ -119,3 +119,25 @@ async def test_malformed_http_is_one_warning_line_not_a_traceback(
     assert len(records) == 1 and records[0].levelname == "WARNING"
     assert records[0].getMessage().startswith("malformed HTTP from 127.0.0.1: ")
     assert records[0].exc_info is None and "\n" not in records[0].getMessage()
+
+
+async def test_bytes_up_count_a_chunked_body_as_read(tmp_path: Path, aiohttp_client: Any) -> None:
+    """A proxy or client that streams its body sends no Content-Length: it counted 0 bytes."""
+    from zorba_common.schema import CONTENT_TYPE, encode
+
+    http = await started(tmp_path, aiohttp_client)
+    c = FakeClient(http)
+    assert (await c.register()).status == 201
+    assignment = (await c.poll()).assignment
+    body = encode(make_report(assignment))
+
+    async def chunks() -> Any:
+        yield body[:10]
+        yield body[10:]
+
+    answer = await http.post(f"/v1/rounds/{assignment.round}/reports", data=chunks(),
+                             headers={"Authorization": f"Bearer {c.token}",
+                                      "Content-Type": CONTENT_TYPE})
+    assert answer.status == 200 and answer.request_info.headers.get("Transfer-Encoding") == "chunked"
+    status = await (await http.get("/v1/status")).json()
+    assert status["clients"][0]["last_round_bytes_up"] == len(body)
