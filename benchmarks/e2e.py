@@ -6,6 +6,8 @@ object:
 
     acc_before, acc_after     held-out movie-review accuracy of the base model and of
                               base + the server's alpha (fp32, same reviews)
+    acc_bias_floor            the base model with one offset per label fitted on training
+                              reviews, nothing else trained: a gain up to it is calibration
     bytes_up_per_round        HTTP request bodies per client per round (mean over clients),
     bytes_down_per_round      reply bodies likewise; counted by a proxy on each client's
                               wire; registration and the final table fetch excluded
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "acc_before": summary["acc_before"],
         "acc_after": summary["acc_after"],
+        "acc_bias_floor": summary["acc_bias_floor"],
         "bytes_up_per_round": summary["bytes_up_per_round"],
         "bytes_down_per_round": summary["bytes_down_per_round"],
         "peak_over_budget": summary["peak_over_budget"],

@@ -20,10 +20,9 @@ import time
 import torch
 from quickstart_sim import QuickstartRun, quickstart_simulation
 
-from zorba_common.schema import ESTIMATORS, ONE_SIDED
+from zorba_common.run_defaults import ESTIMATORS, ONE_SIDED, ZO_SIM_MODES
 from zorba_server.aggregation_rules import RULES
 from zorba_server.config import LR_SCALINGS, AggregationConfig
-from zorba_sim.simulation import ZO_SIM_MODES
 
 
 def main() -> None:
@@ -51,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()
-    sim = quickstart_simulation(QuickstartRun(
+    sim = quickstart_simulation(QuickstartRun.of(
         seed=args.seed, lr=args.lr, lr_scaling=args.scaling, estimator=args.estimator,
         directions=args.directions, mode=args.mode, cap_blocks=args.cap_blocks,
         aggregation=args.aggregation, rounds=args.rounds, heldout=args.heldout))

@@ -9,18 +9,19 @@ same federation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from zorba_common.schema import ONE_SIDED, ZORBA
+from zorba_common.run_defaults import CENTRAL_MEZO
 from zorba_edge.client.assembly import footprint_of
 from zorba_edge.data.movie_reviews import load_movie_reviews
 from zorba_edge.data.splits import train_heldout_split
 from zorba_edge.model.pretrained import packaged_model_path
 from zorba_edge.model.sources import open_source
-from zorba_server.config import AggregationConfig, RunConfig, config_from_dict
+from zorba_lab.compare.simulator import COMPARE_RUN
+from zorba_server.config import AggregationConfig, RunConfig, config_from_dict, harness_run
 from zorba_sim.fleet import GIB, DeviceClass, DeviceGroup, Fleet
-from zorba_sim.simulation import CENTRAL_MEZO, Simulation, SimulationConfig
+from zorba_sim.simulation import Simulation, SimulationConfig
 
 BUDGETS_GIB = (1.0, 1.1, 1.3, 1.7)
 REFERENCE_STEP_S = 2.0
@@ -30,23 +31,31 @@ REFERENCE_STEP_S = 2.0
 
 @dataclass(frozen=True)
 class QuickstartRun:
-    """What a benchmark may vary; everything else is the server's default."""
+    """What a benchmark may vary: the server's run and aggregation config, held (by default
+    the comparison's: the quickstart's, 8 steps a round), and the benchmark's own fields."""
 
-    seed: int = 0
-    lr: float = RunConfig.lr
-    mu: float = RunConfig.mu
-    max_steps: int = 8
-    round_duration_s: float = 30.0
-    pool_size: int = RunConfig.pool_size
-    lr_scaling: str = RunConfig.lr_scaling
-    estimator: str = ONE_SIDED
-    directions: int = RunConfig.directions
-    mode: str = ZORBA
+    run: RunConfig = COMPARE_RUN
+    aggregation: AggregationConfig = AggregationConfig()
+    central: bool = False
+    """central-mezo: one device with all the data trains every block (the no-federation
+    reference); `run.mode` is then not used."""
     cap_blocks: int | None = None
     """The scheduler's max_perturbed_params as this many of the model's largest blocks."""
-    aggregation: str = AggregationConfig.method
     rounds: int = 8
     heldout: int = 200
+
+    @classmethod
+    def of(cls, **values: Any) -> QuickstartRun:
+        """From flat names: run fields replace COMPARE_RUN's, `aggregation` names the rule,
+        `mode` may be central-mezo."""
+        if values.get("mode") == CENTRAL_MEZO:
+            del values["mode"]
+            values["central"] = True
+        run, aggregation, own = harness_run(values, COMPARE_RUN)
+        return cls(run=run, aggregation=aggregation, **own)
+
+    def with_run(self, **changes: Any) -> QuickstartRun:
+        return replace(self, run=replace(self.run, **changes))
 
 
 def quickstart_simulation(run: QuickstartRun) -> Simulation:
@@ -60,14 +69,10 @@ def quickstart_simulation(run: QuickstartRun) -> Simulation:
     source = open_source(packaged_model_path())
     scheduler: dict[str, Any] = {} if run.cap_blocks is None else {
         "max_perturbed_params": run.cap_blocks * max(footprint_of(source).block_params)}
-    server = config_from_dict({"enrolment_secret": "benchmark-secret", "run": {
-        "seed": run.seed, "pool_size": run.pool_size, "lr": run.lr, "mu": run.mu,
-        "batch_size": 8, "seq_len": 48, "round_duration_s": run.round_duration_s,
-        "max_steps": run.max_steps, "lr_scaling": run.lr_scaling, "estimator": run.estimator,
-        "directions": run.directions,
-        "mode": ZORBA if run.mode == CENTRAL_MEZO else run.mode}, "scheduler": scheduler,
-        "aggregation": {"method": run.aggregation}})
+    server = config_from_dict({"enrolment_secret": "benchmark-secret", "scheduler": scheduler})
+    server = replace(server, run=run.run, aggregation=run.aggregation)
     return Simulation.build(SimulationConfig(server, rounds=run.rounds,
                                              reference_step_s=REFERENCE_STEP_S,
-                                             data_seed=run.seed, mode=run.mode),
+                                             data_seed=run.run.seed,
+                                             central=run.central),
                             source, fleet, train, heldout)

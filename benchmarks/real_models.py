@@ -99,7 +99,8 @@ def measure_worker(args: argparse.Namespace) -> dict[str, Any]:
     from zorba_edge.data.movie_reviews import load_movie_reviews
     from zorba_edge.data.templates import SENTIMENT_TEMPLATE
     from zorba_edge.engine.losses import classification_loss
-    from zorba_edge.engine.zo import RoundSnapshot, ZOConfig, zo_step
+    from zorba_edge.engine.snapshot import RoundSnapshot
+    from zorba_edge.engine.zo import ZOConfig, zo_step
     from zorba_edge.model.gguf_tokenizer import check_tokenizer, read_gguf_vocab
     from zorba_edge.model.loading import LoadConfig, load_model, release_freed_memory
     from zorba_edge.model.sources import open_source
@@ -293,9 +294,9 @@ def federate(args: argparse.Namespace, path: Path, out: Path, data: Path, budget
     """A server and CLIENTS `zorba-edge run` clients for ROUNDS rounds on `data`."""
     from zorba_lab.federation import ClientSetup, FederationPlan, run_federation
 
-    plan = FederationPlan(
-        out_dir=out, clients=tuple(ClientSetup(f"client{i}", budget) for i in range(CLIENTS)),
-        data=str(data), model=str(path), rounds=ROUNDS, max_steps=args.steps,
+    plan = FederationPlan.of(
+        out, tuple(ClientSetup(f"client{i}", budget) for i in range(CLIENTS)),
+        data=str(data), model=str(path), max_rounds=ROUNDS, max_steps=args.steps,
         batch_size=BATCH_SIZE, seq_len=SEQ_LEN, round_duration_s=args.round_duration,
         threads=args.threads_per_client, frozen_dtype=FROZEN_DTYPE, **task_args)
     started = time.perf_counter()

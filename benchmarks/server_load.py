@@ -41,17 +41,9 @@ from pathlib import Path
 import msgpack
 import psutil
 
+from zorba_common.codec import CONTENT_TYPE, decode, encode
 from zorba_common.memory_model import ModelFootprint
-from zorba_common.schema import (
-    CONTENT_TYPE,
-    DeviceProfile,
-    NextRound,
-    RegisterRequest,
-    RegisterResponse,
-    Report,
-    decode,
-    encode,
-)
+from zorba_common.messages import DeviceProfile, NextRound, RegisterRequest, RegisterResponse, Report
 
 SECRET = "benchmark-enrolment-secret"
 FINGERPRINT = "bench-30-blocks"

@@ -84,7 +84,7 @@ def inputs(args: argparse.Namespace, root: Path) -> tuple[str, str]:
 
 
 def settings(model: str, data: str, **overrides: Any) -> Any:
-    from zorba_sim.cli import Settings
+    from zorba_sim.cli import settings_of
 
     base = {"model": model, "data": data, "rounds": 4, "batch_size": 8, "seq_len": 48,
             "pool_size": 1024, "max_steps": 4, "round_duration_s": 300.0, "eval_examples": 16,
@@ -92,7 +92,7 @@ def settings(model: str, data: str, **overrides: Any) -> Any:
             # The bare step it is timed against is zo_step, the antithetic estimator's step
             # (two forwards, one direction): the simulated clients use the same.
             "estimator": "antithetic", "directions": 1}
-    return Settings(**(base | overrides))
+    return settings_of(base | overrides)
 
 
 def bench_device(count: int) -> Any:
@@ -185,8 +185,17 @@ class PhaseClock:
         clock = self
         LocalTask.loss_fn = property(  # type: ignore[method-assign,assignment]
             lambda task: clock.timed("check_forward", loss_fn.fget(task), unless_inside="zo_steps"))
-        snapshot = trainer_module.RoundSnapshot
-        self._undo.append((trainer_module, "RoundSnapshot", snapshot))
+        # The simulator's snapshot (host buffers) and a client's (spilled to disk) alike.
+        for name in ("RoundSnapshot", "SpilledSnapshot"):
+            self._undo.append((trainer_module, name, getattr(trainer_module, name)))
+            setattr(trainer_module, name, self.timed_snapshot(getattr(trainer_module, name)))
+        self.patch(trainer_module, "release_freed_memory", "release_memory")
+        self.patch(sim.training, "close", "sync")
+        self.patch(trainer, "apply_deltas", "sync")
+
+    def timed_snapshot(self, snapshot: type) -> type:
+        """`snapshot` with its taking timed as `snapshot` and its revert and close as `revert`."""
+        clock = self
 
         class TimedSnapshot(snapshot):  # type: ignore[misc,valid-type]
             def __init__(self, *args: Any) -> None:
@@ -195,10 +204,10 @@ class PhaseClock:
             def revert(self) -> None:
                 clock.timed("revert", super().revert)()
 
-        trainer_module.RoundSnapshot = TimedSnapshot  # type: ignore[misc]
-        self.patch(trainer_module, "release_freed_memory", "release_memory")
-        self.patch(sim.training, "close", "sync")
-        self.patch(trainer, "apply_deltas", "sync")
+            def close(self) -> None:
+                clock.timed("revert", super().close)()
+
+        return TimedSnapshot
 
     def patch_item(self, mapping: dict[str, Any], key: str, name: str) -> None:
         self._undo.append((mapping, key, mapping[key]))
@@ -397,7 +406,7 @@ def resumed_equal(model: str, data: str, root: Path, env: dict[str, str]) -> boo
 
 def scheduler_seconds(model: str, members: int) -> dict[str, Any]:
     """propose_round for `members` registered devices, cycling through the catalogue."""
-    from zorba_common.schema import DeviceProfile, MemoryProfile
+    from zorba_common.messages import DeviceProfile, MemoryProfile
     from zorba_edge.client.assembly import footprint_of, open_model
     from zorba_server.config import config_from_dict
     from zorba_server.engine import RoundEngine

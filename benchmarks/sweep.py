@@ -37,7 +37,7 @@ import torch
 from quickstart_sim import QuickstartRun, quickstart_simulation
 
 SCALARS_PER_CLIENT = 60
-DEFAULT = QuickstartRun(max_steps=12, rounds=5, round_duration_s=32.0)
+DEFAULT = QuickstartRun.of(max_steps=12, rounds=5, round_duration_s=32.0)
 FACTORS: dict[str, tuple[Any, ...]] = {
     "lr": (5e-5, 1e-4, 2e-4, 4e-4),
     "mu": (1e-4, 1e-3, 1e-2),
@@ -51,14 +51,14 @@ def with_factor(base: QuickstartRun, factor: str, value: Any) -> QuickstartRun:
     time its steps need: the server plans compute_fraction (0.8) of a round for them, at
     `quickstart_sim.REFERENCE_STEP_S` (2 s) a step, plus 2 s of slack."""
     if factor == "lr":
-        return dataclasses.replace(base, lr=value)
+        return base.with_run(lr=value)
     if factor == "mu":
-        return dataclasses.replace(base, mu=value)
+        return base.with_run(mu=value)
     if factor == "pool":
-        return dataclasses.replace(base, pool_size=value)
+        return base.with_run(pool_size=value)
     if factor == "steps":
-        return dataclasses.replace(base, max_steps=value, rounds=SCALARS_PER_CLIENT // value,
-                                   round_duration_s=2.5 * value + 2.0)
+        return dataclasses.replace(base.with_run(max_steps=value, round_duration_s=2.5 * value + 2.0),
+                                   rounds=SCALARS_PER_CLIENT // value)
     raise ValueError(f"unknown factor {factor!r}: use one of {', '.join(FACTORS)}")
 
 
@@ -66,7 +66,7 @@ def grid(factors: list[str], seeds: list[int]) -> Iterator[tuple[str, Any, Quick
     """(factor, value, run) for every point; the default is listed under "default" once per
     seed, not again under each factor."""
     for seed in seeds:
-        base = dataclasses.replace(DEFAULT, seed=seed)
+        base = DEFAULT.with_run(seed=seed)
         yield "default", None, base
         for factor in factors:
             for value in FACTORS[factor]:
@@ -80,7 +80,7 @@ def run_point(factor: str, value: Any, run: QuickstartRun, heldout: int,
     torch.set_num_threads(1)
     started = time.time()
     sim = quickstart_simulation(dataclasses.replace(run, heldout=heldout))
-    point: dict[str, Any] = {"factor": factor, "value": value, "seed": run.seed,
+    point: dict[str, Any] = {"factor": factor, "value": value, "seed": run.run.seed,
                              "run": dataclasses.asdict(run)}
     if score_base:
         point["base_accuracy"], point["base_loss"] = sim.evaluate()

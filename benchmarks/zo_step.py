@@ -12,7 +12,13 @@ For 1, 8 and all 30 blocks assigned, with frozen blocks in nf4 and in fp32, it m
   are the steadier figure (with --threads 1 they are exact shares of one core's work);
 - peak_over_inference: the peak RSS of a training process (model, round snapshot, steps)
   divided by that of an inference-only process that holds the model in the same
-  precisions and runs forward passes on the same batch;
+  precisions and runs forward passes on the same batch. The snapshot is a client's, spilled
+  to disk (zorba_edge.engine.snapshot); `peak_over_inference_host_snapshot` is the same
+  with the snapshot held in host memory as before (a third process, measured in the same
+  run for the comparison);
+- one_sided_scalar_over_forward: one batch of the one-sided estimator (the run default, 4
+  directions on one batch, 5 forwards) per reported scalar, over a forward pass; its floor
+  is (n + 1) / n = 1.25 (`_cpu`: CPU time, as above);
 - load_peak_over_steady: the peak RSS while loading divided by the RSS once loaded.
 Peaks are read from VmHWM after resetting it (`/proc/self/clear_refs`), so the loading peak
 does not hide the peak of the phase that follows. Linux only.
@@ -37,6 +43,8 @@ from pathlib import Path
 
 BATCH_SIZE = 8
 SEQ_LEN = 64
+ONE_SIDED_DIRECTIONS = 4
+"""The run default's directions (zorba_server.config.RunConfig.directions)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,9 @@ class Measurement:
     forward_cpu_s: float
     step_cpu_s: float | None
     old_step_cpu_s: float | None
+    one_sided_s: float | None = None
+    """One batch of the one-sided estimator over ONE_SIDED_DIRECTIONS directions."""
+    one_sided_cpu_s: float | None = None
 
 
 def legacy_zo_step(model, blocks, loss_fn, batch, run_seed: int, k: int, config) -> float:
@@ -201,7 +212,8 @@ def worker(args: argparse.Namespace) -> Measurement:
     torch.set_num_threads(args.threads)
     from zorba_edge.client.memory_probe import PeakMemoryProbe
     from zorba_edge.engine.losses import classification_loss
-    from zorba_edge.engine.zo import RoundSnapshot, ZOConfig, zo_step
+    from zorba_edge.engine.snapshot import RoundSnapshot, Snapshot, SpilledSnapshot
+    from zorba_edge.engine.zo import ZOConfig, one_sided_estimate, zo_step
     from zorba_edge.model.loading import LoadConfig, load_model, release_freed_memory
     from zorba_edge.model.sources import open_source
 
@@ -231,11 +243,15 @@ def worker(args: argparse.Namespace) -> Measurement:
     steps: dict[str, Callable[[int], object]] = {"forward": lambda k: forward()}
     if args.role == "train":
         blocks = {b: loaded.trainable_parameters(b) for b in assignment}
-        snapshot = RoundSnapshot(blocks)
+        snapshot: Snapshot = RoundSnapshot(blocks) if args.host_snapshot else SpilledSnapshot(blocks)
         config = ZOConfig(mu=1e-3, lr=1e-6)
         steps["step"] = lambda k: zo_step(model, blocks, classification_loss, batch, 0, k, config)
-        steps["old_step"] = lambda k: legacy_zo_step(
-            model, blocks, classification_loss, batch, 0, k, config)
+        n = ONE_SIDED_DIRECTIONS
+        steps["one_sided"] = lambda k: one_sided_estimate(
+            model, blocks, classification_loss, batch, 0, list(range(n * k + 1000, n * k + 1000 + n)), config)
+        if not args.skip_before:
+            steps["old_step"] = lambda k: legacy_zo_step(
+                model, blocks, classification_loss, batch, 0, k, config)
     times: dict[str, list[float]] = {name: [] for name in steps}
     cpu_times: dict[str, list[float]] = {name: [] for name in steps}
     for k in range(args.repeats + 1):  # interleaved: a busy machine slows every path alike
@@ -246,6 +262,7 @@ def worker(args: argparse.Namespace) -> Measurement:
             cpu_times[name].append(time.process_time() - c0)
     if args.role == "train":
         snapshot.revert()
+        snapshot.close()
 
     def median(name: str, table: dict[str, list[float]] = times) -> float | None:
         return statistics.median(table[name][1:]) if name in table else None
@@ -256,13 +273,24 @@ def worker(args: argparse.Namespace) -> Measurement:
         forward_s=median("forward"), step_s=median("step"), old_step_s=median("old_step"),
         forward_cpu_s=median("forward", cpu_times), step_cpu_s=median("step", cpu_times),
         old_step_cpu_s=median("old_step", cpu_times),
+        one_sided_s=median("one_sided"), one_sided_cpu_s=median("one_sided", cpu_times),
     )
 
 
-def run_worker(args: argparse.Namespace, role: str, assigned: int, frozen: str) -> Measurement:
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator to 3 decimals; None where either was not measured."""
+    return None if numerator is None or not denominator else round(numerator / denominator, 3)
+
+
+def run_worker(args: argparse.Namespace, role: str, assigned: int, frozen: str,
+               host_snapshot: bool = False) -> Measurement:
+    # The host-snapshot process is there for its peak only: one timed repetition.
+    repeats = 1 if host_snapshot else args.repeats
     command = [
         sys.executable, __file__, "--worker", role, "--assigned", str(assigned), "--frozen", frozen,
-        "--model", str(args.model), "--threads", str(args.threads), "--repeats", str(args.repeats),
+        "--model", str(args.model), "--threads", str(args.threads), "--repeats", str(repeats),
+        *(["--host-snapshot"] if host_snapshot else []),
+        *(["--skip-before"] if args.skip_before or host_snapshot else []),
     ]
     out = subprocess.run(command, check=True, capture_output=True, text=True)
     return Measurement(**json.loads(out.stdout.strip().splitlines()[-1]))
@@ -287,6 +315,9 @@ def main() -> None:
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--assigned", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--frozen", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-before", action="store_true",
+                        help="do not time the legacy step (the `_before` figures; saves most of the time)")
+    parser.add_argument("--host-snapshot", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.model is None:
@@ -307,6 +338,8 @@ def main() -> None:
             print(f"[zo_step] {assigned} blocks assigned, frozen {frozen}: training process...",
                   file=sys.stderr, flush=True)
             train = run_worker(args, "train", assigned, frozen)
+            print("[zo_step]   ...training process, snapshot in host memory", file=sys.stderr, flush=True)
+            host = run_worker(args, "train", assigned, frozen, host_snapshot=True)
             print("[zo_step]   ...inference process", file=sys.stderr, flush=True)
             infer = run_worker(args, "infer", assigned, frozen)
             row = {
@@ -315,15 +348,21 @@ def main() -> None:
                 "forward_s": round(train.forward_s, 4),
                 "step_s": round(train.step_s or 0.0, 4),
                 "step_over_forward": round((train.step_s or 0.0) / train.forward_s, 3),
-                "step_over_forward_before": round((train.old_step_s or 0.0) / train.forward_s, 3),
+                "step_over_forward_before": ratio(train.old_step_s, train.forward_s),
                 "step_over_forward_cpu": round((train.step_cpu_s or 0.0) / train.forward_cpu_s, 3),
-                "step_over_forward_cpu_before": round(
-                    (train.old_step_cpu_s or 0.0) / train.forward_cpu_s, 3),
+                "step_over_forward_cpu_before": ratio(train.old_step_cpu_s, train.forward_cpu_s),
                 "steps_per_s": round(1.0 / (train.step_s or float("inf")), 3),
-                "steps_per_s_before": round(1.0 / (train.old_step_s or float("inf")), 3),
+                # Per reported scalar, against its floor (n + 1) / n forwards.
+                "one_sided_scalar_over_forward": ratio(
+                    (train.one_sided_s or 0.0) / ONE_SIDED_DIRECTIONS, train.forward_s),
+                "one_sided_scalar_over_forward_cpu": ratio(
+                    (train.one_sided_cpu_s or 0.0) / ONE_SIDED_DIRECTIONS, train.forward_cpu_s),
+                "one_sided_floor": round((ONE_SIDED_DIRECTIONS + 1) / ONE_SIDED_DIRECTIONS, 3),
+                "steps_per_s_before": ratio(1.0, train.old_step_s),
                 "train_peak_mib": round(train.phase_peak_rss / 2**20, 1),
                 "inference_peak_mib": round(infer.phase_peak_rss / 2**20, 1),
                 "peak_over_inference": round(train.phase_peak_rss / infer.phase_peak_rss, 3),
+                "peak_over_inference_host_snapshot": round(host.phase_peak_rss / infer.phase_peak_rss, 3),
                 "load_s": round(train.load_s, 2),
                 "load_peak_mib": round(train.load_peak_rss / 2**20, 1),
                 "steady_mib": round(train.steady_rss / 2**20, 1),
@@ -344,8 +383,10 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "step_over_forward": headline["step_over_forward"],
         "step_over_forward_max": max(r["step_over_forward"] for r in rows),
-        "step_over_forward_before_max": max(r["step_over_forward_before"] for r in rows),
+        "step_over_forward_before_max": max((r["step_over_forward_before"] or 0.0) for r in rows) or None,
         "peak_over_inference": headline["peak_over_inference"],
+        "peak_over_inference_max": max(r["peak_over_inference"] for r in rows),
+        "peak_over_inference_host_snapshot_max": max(r["peak_over_inference_host_snapshot"] for r in rows),
         "load_peak_over_steady": headline["load_peak_over_steady"],
         "table": rows,
         "command": "python benchmarks/zo_step.py --json",
@@ -357,7 +398,7 @@ def main() -> None:
               f"{'train MiB':>9} {'infer MiB':>9} {'peak/inf':>8} {'load/steady':>11}")
         for r in rows:
             print(f"{r['assigned']:>8} {r['frozen']:>6} {r['forward_s']:>7.3f} {r['step_s']:>7.3f} "
-                  f"{r['step_over_forward']:>8.3f} {r['step_over_forward_before']:>7.3f} "
+                  f"{r['step_over_forward']:>8.3f} {r['step_over_forward_before'] or float('nan'):>7.3f} "
                   f"{r['train_peak_mib']:>9.1f} "
                   f"{r['inference_peak_mib']:>9.1f} "
                   f"{r['peak_over_inference']:>8.3f} {r['load_peak_over_steady']:>11.3f}")

@@ -7,6 +7,7 @@ them out, and `tiny_model_dir` saves a model into the test's temporary directory
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +15,10 @@ import pytest
 import torch
 from tiny_models import save_tiny_model, tiny_config, tiny_llama_config
 from transformers import PretrainedConfig
+
+# The benchmarks' own modules (benchmarks/results_page.py, quickstart_sim.py) import by name,
+# as they do when a benchmark runs from that folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
 def pytest_configure(config: pytest.Config) -> None:

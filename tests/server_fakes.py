@@ -12,9 +12,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from zorba_common.codec import CONTENT_TYPE, decode, encode
 from zorba_common.memory_model import ModelFootprint
-from zorba_common.schema import (
-    CONTENT_TYPE,
+from zorba_common.messages import (
     AlphaState,
     Assignment,
     DeviceProfile,
@@ -23,8 +23,6 @@ from zorba_common.schema import (
     RegisterResponse,
     Report,
     ReportAck,
-    decode,
-    encode,
 )
 
 SECRET = "test-enrolment-secret"
@@ -49,9 +47,11 @@ def profile(samples: int = 100, *, budget: int = 2**32, fingerprint: str = FINGE
 
 def config_dict(db: Path, **run: Any) -> dict[str, Any]:
     # One lr for every client, so expected alphas are lr x the mean of the reported scalars;
-    # the per-client step scale has its own tests (test_round_engine.py).
+    # the per-client step scale has its own tests (test_round_engine.py). No grace after the
+    # deadline: rounds close at it (the grace has its own tests there too).
     defaults = {"pool_size": 64, "min_clients": 1, "min_reports": 1, "round_duration_s": 30.0,
-                "max_steps": 8, "lr": 0.01, "poll_timeout_s": 5.0, "lr_scaling": "none"}
+                "max_steps": 8, "lr": 0.01, "poll_timeout_s": 5.0, "lr_scaling": "none",
+                "report_grace_s": 0.0}
     return {"enrolment_secret": SECRET, "storage": {"path": str(db)}, "run": defaults | run}
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zorba_common.schema import HyperParams, Report
+from zorba_common.messages import HyperParams, Report
 from zorba_server.aggregation_rules import RULES, RoundScalars
 from zorba_server.aggregation_rules.scalars import per_voter_set
 from zorba_server.cli import parse_args

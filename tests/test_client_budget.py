@@ -109,7 +109,7 @@ def test_admission_refuses_when_no_block_can_be_trained_and_suggests_a_smaller_p
 def test_run_admission_uses_the_runs_batch_shape_and_names_it(tiny_llama_config_factory) -> None:
     """A device that does not fit the probe's batch 8 x 64 but fits the run's batch 1 x 16
     is admitted; a run at a larger shape is refused with the numbers it was checked at."""
-    from zorba_common.schema import HyperParams, MemoryProfile, RunInfo
+    from zorba_common.messages import HyperParams, MemoryProfile, RunInfo
     from zorba_edge.client import assembly
     from zorba_edge.client.profiling import Budget, DeviceSurvey
     from zorba_edge.model.sources import RandomInitSource
@@ -138,3 +138,26 @@ def test_run_admission_uses_the_runs_batch_shape_and_names_it(tiny_llama_config_
     assembly.check_run(run(1, 16), source, memory, budget_bytes)
     with pytest.raises(BudgetError, match="batch_size=8, seq_len=64"):
         assembly.check_run(run(8, 64), source, memory, budget_bytes)
+
+
+def test_a_client_with_its_snapshot_on_disk_is_admitted_more_blocks_at_the_same_budget() -> None:
+    """A client's round snapshot is spilled to disk (zorba_edge.engine.snapshot): its profile
+    declares none, each trainable block costs its weights and its direction's bit a parameter
+    over the frozen block, and a budget that fitted one block with an fp32 host copy fits two
+    without."""
+    import dataclasses
+
+    from zorba_common.memory_model import DIRECTION_BYTES_PER_PARAM
+    from zorba_edge.client.assembly import memory_profile
+    from zorba_edge.model.loading import LoadConfig
+
+    spilled = memory_profile(LoadConfig(frozen_dtype="nf4"), runtime_bytes=100 * 2**20).settings(8, 64)
+    assert spilled.snapshot_dtype is None
+    host_copy = dataclasses.replace(spilled, snapshot_dtype="fp32")
+    model = linear_memory_model(FOOTPRINT, spilled)
+    for b, params in enumerate(FOOTPRINT.block_params):
+        frozen = 0.9 * params * (0.5 + 4 / 64) + 0.1 * params * 4.0
+        assert model.block_bytes[b] == round(params * (4.0 + DIRECTION_BYTES_PER_PARAM) - frozen)
+    budget = client_memory_bytes(FOOTPRINT, host_copy, (0,))
+    assert linear_memory_model(FOOTPRINT, host_copy).blocks_within(budget) == 1
+    assert model.blocks_within(budget) == 2

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestServer
 from client_support import SECRET, free_port, signal_examples, tiny_text_config
 from fixtures_text import make_tokenizer
 
-from zorba_common.schema import DeviceProfile, RegisterRequest, RunInfo
+from zorba_common.messages import DeviceProfile, RegisterRequest, RunInfo
 from zorba_edge.client.assembly import check_run, footprint_of, memory_profile
 from zorba_edge.client.backoff import Backoff
 from zorba_edge.client.daemon import ClientDaemon, DaemonSettings, Listener, RoundSummary

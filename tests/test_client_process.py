@@ -28,7 +28,9 @@ from client_support import (
 )
 from transformers import AutoModelForCausalLM
 
-from zorba_common.schema import MAX_STEPS_PER_REPORT, AlphaState, decode
+from zorba_common.codec import decode
+from zorba_common.limits import MAX_STEPS_PER_REPORT
+from zorba_common.messages import AlphaState
 from zorba_edge.client import cli
 from zorba_edge.client.state import StateStore
 from zorba_edge.engine.coefficients import CoefficientTable, block_materializer
@@ -137,6 +139,16 @@ def test_a_federation_survives_a_killed_client_and_a_server_restart(
         expected = materialize(block)
         for name, tensor in layer.state_dict().items():
             torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+
+    # The run file carries the same model to a machine without the server: applied to the
+    # base, it gives the checkpoint export's weights bit for bit.
+    run_file = tmp_path / "run.json"
+    assert cli.main(["export", "--server", url, "--format", "run", "--out", str(run_file), *common]) == 0
+    applied = tmp_path / "applied"
+    assert cli.main(["apply", str(run_file), "--model", str(world.model_dir), "--out", str(applied)]) == 0
+    reapplied = AutoModelForCausalLM.from_pretrained(applied)
+    for mine, theirs in zip(exported.state_dict().values(), reapplied.state_dict().values(), strict=True):
+        assert torch.equal(mine, theirs)
 
 
 def test_sigterm_mid_round_abandons_the_round_and_exits_cleanly(

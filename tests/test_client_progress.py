@@ -13,7 +13,7 @@ from client_support import TinyWorld, make_world
 from rich.console import Console
 from test_trainer import delta, make_trainer
 
-from zorba_common.schema import AlphaState
+from zorba_common.messages import AlphaState
 from zorba_edge.client import cli
 from zorba_edge.client.assembly import DataChoice, build_task, heldout_examples, probe_step_time
 from zorba_edge.client.command_handlers import ConsoleListener

@@ -8,7 +8,8 @@ from fixtures_text import make_tokenizer
 from test_trainer import HYPER, examples
 from tiny_models import tiny_llama_config
 
-from zorba_common.schema import FEDAVG, RUN_MODES, RunInfo
+from zorba_common.messages import RunInfo
+from zorba_common.run_defaults import FEDAVG, RUN_MODES
 from zorba_edge.client.fedavg import FedAvgTrainer
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.run_modes import CLIENT_MODES

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zorba_common.schema import HyperParams, RunInfo
+from zorba_common.messages import HyperParams, RunInfo
 from zorba_edge.client.errors import StateFileError
 from zorba_edge.client.state import ClientState, StateStore, atomic_write
 from zorba_edge.engine.coefficients import CoefficientTable

@@ -15,14 +15,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from client_support import free_port
 
-from zorba_common.schema import (
-    CONTENT_TYPE,
-    ErrorBody,
-    Report,
-    ReportAck,
-    decode,
-    encode,
-)
+from zorba_common.codec import CONTENT_TYPE, decode, encode
+from zorba_common.messages import ErrorBody, Report, ReportAck
 from zorba_edge.client.backoff import Backoff
 from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
 from zorba_edge.client.transport import RetryNotice, ServerClient, normalize_url

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zorba_sim.compare_page import (
+from results_page import write_section  # benchmarks/ (conftest.py)
+
+from zorba_lab.compare.page import (
     PROCESSES,
     PROCESSES_HEADING,
     SIMULATOR,
     processes_section,
     split_page,
-    write_section,
 )
 
 LEGACY = """# ZorBA against its baselines, measured

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from results_page import save_plots  # benchmarks/ (conftest.py)
 
-from zorba_lab.compare_report import (
-    DISCUSSION,
-    DISCUSSION_PLACEHOLDER,
+from zorba_lab.compare.processes_report import (
     AccuracyPoint,
     ClientResult,
     ModeRun,
@@ -18,9 +17,8 @@ from zorba_lab.compare_report import (
     headline,
     markdown,
     summarize,
-    write_page,
-    write_plots,
 )
+from zorba_lab.compare.processes_report import plots as report_plots
 
 GIB = 2**30
 
@@ -138,26 +136,10 @@ def test_the_page_has_a_row_per_mode_the_exclusions_and_the_per_round_table(tmp_
     assert "| 2 | 0.7100 (100) | 0.7200 (100) | 0.7300 (100) | 0.7400 (160) |" in rows
 
 
-def test_the_discussion_is_written_once_and_kept_afterwards(tmp_path: Path) -> None:
-    path = tmp_path / "docs" / "results.md"
-    page = Page({"kind": "full"}, "cmd", "x86", "2025-01-01")
-    write_page(path, markdown(four_modes(), page, path))
-    first = path.read_text()
-    assert first.count(DISCUSSION) == 1 and DISCUSSION_PLACEHOLDER in first
-    path.write_text(first.replace(DISCUSSION_PLACEHOLDER, "Hand-written: zorba wins.\n"))
-    runs = four_modes()[:2]  # a rerun with other figures
-    write_page(path, markdown(runs, page, path))
-    second = path.read_text()
-    assert second.count(DISCUSSION) == 1
-    assert second.endswith(f"{DISCUSSION}\n\nHand-written: zorba wins.\n")
-    assert DISCUSSION_PLACEHOLDER not in second
-    assert "| fedavg | " not in second  # the generated part was rewritten
-
-
 def test_plots_land_beside_the_page_and_are_embedded(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     path = tmp_path / "results.md"
-    plots = write_plots(four_modes(), path)
+    plots = save_plots(report_plots(four_modes()), path)  # what the benchmark does
     assert sorted(p.name for p in plots.values()) == [
         "results_accuracy_rounds.png", "results_accuracy_time.png", "results_peaks.png"]
     assert all(p.stat().st_size > 1000 for p in plots.values())

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from client_support import make_world, signal_examples
+from results_page import save_plots  # benchmarks/ (conftest.py)
 
 from zorba_edge.model.sources import open_source
+from zorba_lab.compare import stats
+from zorba_lab.compare.page import sim_markdown, sim_plots
+from zorba_lab.compare.simulator import CompareSetting, SeedData, SeedResult, figures, run_comparison
 from zorba_server.config import config_from_dict
-from zorba_sim import comparison as stats
-from zorba_sim.compare import CompareSetting, SeedData, SeedResult, figures, run_comparison
-from zorba_sim.compare_page import sim_markdown, write_sim_plots
 from zorba_sim.fleet import fleet_from_counts
 from zorba_sim.simulation import central_mezo
 
@@ -78,7 +81,7 @@ def test_an_interval_needs_two_seeds() -> None:
 
 
 def test_each_mode_is_scored_only_where_a_reported_difference_needs_it() -> None:
-    from zorba_sim.compare import scored_axes
+    from zorba_lab.compare.simulator import scored_axes
 
     modes = ("zorba", "zorba-uniform", "fedzo-full", "central-mezo")
     assert scored_axes("zorba", modes) == (stats.TIME, stats.FORWARDS)
@@ -102,7 +105,7 @@ def one_thread() -> None:
 def test_a_tiny_comparison_produces_the_json_figures_page_and_plots(
         tmp_path: Path, one_thread: None) -> None:
     world = make_world(tmp_path)
-    setting = CompareSetting(modes=("zorba", "central-mezo"), seeds=2, rounds=2, lr=1e-3,
+    setting = CompareSetting.of(modes=("zorba", "central-mezo"), seeds=2, rounds=2, lr=1e-3,
                              batch_size=4, seq_len=16, pool_size=64, max_steps=3,
                              reference_step_s=1.0, curve_examples=16, point_examples=24,
                              frozen_dtype="bf16", eval_batch_size=8)
@@ -121,6 +124,9 @@ def test_a_tiny_comparison_produces_the_json_figures_page_and_plots(
                 "accuracy_at_equal_virtual_time", "accuracy_at_equal_forwards", "base_accuracy"):
         assert key in out
     assert out["ci90_zorba_minus_fedavg"] is None  # fedavg not among the modes: no figure
+    # The bias floor stands beside the accuracies: each seed's, and their mean.
+    assert all(r.acc_bias_floor is not None and 0 <= r.acc_bias_floor <= 1 for r in results)
+    assert out["acc_bias_floor"] == pytest.approx(np.mean([r.acc_bias_floor for r in results]))
     assert stats.TIME not in out["paired_differences"]  # no pair of these two modes there
     pair = out["paired_differences"][stats.FORWARDS]["zorba - central-mezo"]
     assert len(pair["per_seed"]) == 2 and pair["ci90"][0] <= pair["ci90"][1]
@@ -148,7 +154,7 @@ def test_a_tiny_comparison_produces_the_json_figures_page_and_plots(
     assert not any("[seed 0" in line for line in resumed_lines)
     assert any("[seed 1" in line for line in resumed_lines)
     assert figures(setting, resumed) == out
-    plots = write_sim_plots(setting, results, tmp_path / "results.md")
+    plots = save_plots(sim_plots(setting, results), tmp_path / "results.md")  # as the benchmark
     header = {"command": "test", "machine": "x", "date": "d", "setting": {"seeds": 2}}
     text = sim_markdown(setting, results, out, header, plots, tmp_path / "results.md")
     assert "fedavg was not among this run's modes" in text and "bootstrap" in text
@@ -159,10 +165,10 @@ def test_a_version_scored_after_rewinding_equals_the_model_trained_to_it(
         tmp_path: Path, one_thread: None) -> None:
     """Moving the model back along the coefficient table reproduces the version's accuracy."""
     from zorba_edge.engine.losses import evaluate_classification
-    from zorba_sim.compare import _batches, train_mode
+    from zorba_lab.compare.simulator import _batches, train_mode
 
     world = make_world(tmp_path)
-    setting = CompareSetting(modes=("zorba",), seeds=1, rounds=3, lr=3e-2, batch_size=4,
+    setting = CompareSetting.of(modes=("zorba",), seeds=1, rounds=3, lr=3e-2, batch_size=4,
                              seq_len=16, pool_size=64, max_steps=3, reference_step_s=1.0,
                              frozen_dtype="bf16", eval_batch_size=8)
     from zorba_sim.simulation import Simulation
@@ -171,7 +177,7 @@ def test_a_version_scored_after_rewinding_equals_the_model_trained_to_it(
     sims = []
     for rounds in (1, 3):
         sims.append(Simulation.build(
-            CompareSetting(**{**setting.__dict__, "rounds": rounds}).simulation_config("zorba", 0),
+            dataclasses.replace(setting, rounds=rounds).simulation_config("zorba", 0),
             open_source(world.model_dir), fleet_from_counts("laptop-16gb=2"),
             signal_examples(60), signal_examples(8, seed=1), eval_batch_size=8))
     one, three = sims
@@ -200,7 +206,7 @@ def test_fedavg_is_compared_with_zorba_at_equal_virtual_time(tmp_path: Path, one
     from zorba_edge.client.fedavg import FORWARDS_PER_STEP
 
     world = make_world(tmp_path)
-    setting = CompareSetting(modes=("zorba", "fedavg"), seeds=2, rounds=2, lr=1e-3,
+    setting = CompareSetting.of(modes=("zorba", "fedavg"), seeds=2, rounds=2, lr=1e-3,
                              fedavg_lr=1e-3, batch_size=4, seq_len=16, pool_size=64, max_steps=3,
                              curve_examples=16, point_examples=24, frozen_dtype="bf16",
                              eval_batch_size=8)
@@ -208,11 +214,11 @@ def test_fedavg_is_compared_with_zorba_at_equal_virtual_time(tmp_path: Path, one
     forward_s = setting.step_s / setting.forwards_per_scalar
     assert setting.step_s_of("fedavg") == pytest.approx(FORWARDS_PER_STEP * forward_s)
     assert setting.simulation_config("fedavg", 0).server.run.lr == 1e-3
-    summed = CompareSetting(aggregation="sum").simulation_config("zorba", 0)
+    summed = CompareSetting.of(aggregation="sum").simulation_config("zorba", 0)
     assert summed.server.aggregation.method == "sum"
-    assert CompareSetting(modes=("fedavg",), fedavg_step_s=7.0).step_s_of("fedavg") == 7.0
+    assert CompareSetting.of(modes=("fedavg",), fedavg_step_s=7.0).step_s_of("fedavg") == 7.0
     with pytest.raises(ValueError, match="fedavg_step_s must be positive"):
-        CompareSetting(fedavg_step_s=0.0)
+        CompareSetting.of(fedavg_step_s=0.0)
     results = run_comparison(
         setting, open_source(world.model_dir), fleet_from_counts("laptop-16gb=2,phone-6gb=1"),
         lambda seed: SeedData(signal_examples(60, seed=seed), signal_examples(16, seed=100 + seed),
@@ -232,16 +238,16 @@ def test_a_fedavg_version_scored_after_rewinding_is_the_model_trained_to_it(
         tmp_path: Path, one_thread: None) -> None:
     """fedavg keeps each version's weights: going back installs them exactly."""
     from zorba_edge.engine.losses import evaluate_classification
-    from zorba_sim.compare import _batches, train_mode
+    from zorba_lab.compare.simulator import _batches, train_mode
     from zorba_sim.simulation import Simulation
 
     world = make_world(tmp_path)
-    setting = CompareSetting(modes=("fedavg",), seeds=1, rounds=3, fedavg_lr=3e-3, batch_size=4,
+    setting = CompareSetting.of(modes=("fedavg",), seeds=1, rounds=3, fedavg_lr=3e-3, batch_size=4,
                              seq_len=16, pool_size=64, max_steps=3, reference_step_s=1.0,
                              frozen_dtype="bf16", eval_batch_size=8)
     points = signal_examples(40, seed=5)
     sims = [Simulation.build(
-        CompareSetting(**{**setting.__dict__, "rounds": rounds}).simulation_config("fedavg", 0),
+        dataclasses.replace(setting, rounds=rounds).simulation_config("fedavg", 0),
         open_source(world.model_dir), fleet_from_counts("laptop-16gb=2"), signal_examples(60),
         signal_examples(8, seed=1), eval_batch_size=8) for rounds in (1, 3)]
     one, three = sims

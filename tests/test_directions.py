@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from packaged_assets import CUDA_REASON
 
 import zorba_edge.engine.directions as directions
 from zorba_common.noise import rademacher
@@ -71,7 +72,7 @@ def test_a_step_hashes_each_block_once_and_moves_theta_three_times(monkeypatch) 
     assert moves == [1e-3, -2e-3, pytest.approx(1e-3 - 1e-2 * result.projected_grad)]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (CI has none)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_moves_on_cuda_equal_those_on_cpu_bit_for_bit(dtype: torch.dtype) -> None:
     on_cpu = odd_block(dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +11,9 @@ from torch import nn
 
 from zorba_common.errors import InvalidScalarError
 from zorba_common.noise import block_direction
+from zorba_edge.engine.snapshot import RoundSnapshot, SpilledSnapshot
 from zorba_edge.engine.zo import (
     Estimate,
-    RoundSnapshot,
     ZOConfig,
     antithetic_estimate,
     one_sided_estimate,
@@ -136,12 +137,14 @@ def test_the_local_step_is_minus_lr_over_n_times_the_sum_of_g_z(name: str) -> No
     assert len(calls) == estimate.forwards == (2 * len(ks) if name == "antithetic" else len(ks) + 1)
 
 
+@pytest.mark.parametrize("spilled", [False, True], ids=["in-memory", "spilled"])
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
-def test_the_round_snapshot_reverts_every_estimator_bit_for_bit(name: str) -> None:
+def test_the_round_snapshot_reverts_every_estimator_bit_for_bit(
+        name: str, spilled: bool, tmp_path: Path) -> None:
     model = Quadratic()
     blocks = blocks_of(model)
     start = model.x().detach().clone()
-    snapshot = RoundSnapshot(blocks)
+    snapshot = SpilledSnapshot(blocks, tmp_path) if spilled else RoundSnapshot(blocks)
     for step in range(5):
         ESTIMATORS[name](model, blocks, loss_fn, None, SEED, [2 * step, 2 * step + 1],
                          ZOConfig(mu=1e-3, lr=1e-2))

@@ -16,8 +16,9 @@ from safetensors.torch import load
 from test_trainer import HYPER, examples
 from tiny_models import tiny_llama_config
 
-from zorba_common.schema import FEDAVG, AlphaDelta, Assignment, RunInfo
-from zorba_common.weights import tensor_key, version_path
+from zorba_common.messages import AlphaDelta, Assignment, RunInfo
+from zorba_common.run_defaults import FEDAVG
+from zorba_common.weight_files import tensor_key, version_path
 from zorba_edge.client.fedavg import FedAvgTrainer
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.trainer import SyncError

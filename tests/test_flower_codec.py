@@ -13,14 +13,8 @@ from flwr.app import ConfigRecord, RecordDict  # noqa: E402
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto  # noqa: E402
 from server_fakes import FINGERPRINT, FOOTPRINT, profile  # noqa: E402
 
-from zorba_common.schema import (  # noqa: E402
-    AlphaDelta,
-    Assignment,
-    HyperParams,
-    Report,
-    RunInfo,
-    SchemaError,
-)
+from zorba_common.codec import SchemaError
+from zorba_common.messages import AlphaDelta, Assignment, HyperParams, Report, RunInfo
 from zorba_flower import codec  # noqa: E402
 
 HYPER = HyperParams(lr=0.01, mu=1e-3, batch_size=4, seq_len=16)

@@ -11,7 +11,7 @@ from fixtures_text import make_tokenizer
 from test_trainer import HYPER, examples
 from tiny_models import tiny_llama_config
 
-from zorba_common.schema import AlphaDelta, RunInfo
+from zorba_common.messages import AlphaDelta, RunInfo
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.trainer import SyncError
 from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_, block_materializer

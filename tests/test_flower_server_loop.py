@@ -15,7 +15,7 @@ from flower_fakes import Crash, FakeGrid, Handler  # noqa: E402
 from flwr.app import Error, Message, MessageType, RecordDict  # noqa: E402
 from server_fakes import config_dict, profile  # noqa: E402
 
-from zorba_common.schema import DeviceProfile, Report  # noqa: E402
+from zorba_common.messages import DeviceProfile, Report
 from zorba_flower import codec  # noqa: E402
 from zorba_flower.server_loop import FlowerRounds, LoopSettings, NoRoundError  # noqa: E402
 from zorba_server.config import ConfigError, config_from_dict  # noqa: E402

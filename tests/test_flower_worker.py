@@ -25,7 +25,7 @@ from client_support import make_world  # noqa: E402
 from flower_fakes import FakeGrid, Handler, node_handler  # noqa: E402
 from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
 
-from zorba_common.schema import Report  # noqa: E402
+from zorba_common.messages import Report
 from zorba_flower import codec  # noqa: E402
 from zorba_flower.client_app import make_client_app  # noqa: E402
 from zorba_flower.client_worker import NodeWorker  # noqa: E402

@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_fakes import SECRET, FakeClient, config_dict, make_report, profile
 
-from zorba_common.schema import CONTENT_TYPE, RegisterRequest, encode
+from zorba_common.codec import CONTENT_TYPE, encode
+from zorba_common.messages import RegisterRequest
 from zorba_server.app import SERVICES, create_app
 from zorba_server.config import config_from_dict
 

@@ -113,7 +113,7 @@ def test_the_step_never_falls_below_its_floor(tmp_path: Path) -> None:
     assert close_round(e, 0.0, {"a": 0.7}).outcome.status == APPLIED
     for r in range(12):
         assert close_round(e, 2.0 + 2 * r, {"a": 5.0}).outcome.status == REJECTED
-    from zorba_server.loss_guard import STEP_FLOOR
+    from zorba_server.step_size import STEP_FLOOR
     assert e.lr_factor() == STEP_FLOOR
 
 

@@ -123,7 +123,7 @@ async def test_malformed_http_is_one_warning_line_not_a_traceback(
 
 async def test_bytes_up_count_a_chunked_body_as_read(tmp_path: Path, aiohttp_client: Any) -> None:
     """A proxy or client that streams its body sends no Content-Length: it counted 0 bytes."""
-    from zorba_common.schema import CONTENT_TYPE, encode
+    from zorba_common.codec import CONTENT_TYPE, encode
 
     http = await started(tmp_path, aiohttp_client)
     c = FakeClient(http)

@@ -11,7 +11,7 @@ import pytest
 from postgres_server import PostgresServer, postgres_server  # noqa: F401 (fixture)
 from server_fakes import FOOTPRINT, profile
 
-from zorba_common.schema import AlphaDelta, HyperParams, Report
+from zorba_common.messages import AlphaDelta, HyperParams, Report
 from zorba_lab.record import RecordError, read_record
 from zorba_lab.results import read_clients, read_reports, read_rounds
 from zorba_server.rounds import ClientPlan, ReceivedReport, RoundPlan

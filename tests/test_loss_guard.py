@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zorba_common.schema import Report
+from zorba_common.messages import Report
 from zorba_server.loss_guard import training_loss_jump
 from zorba_server.rounds import ReceivedReport
 

@@ -52,7 +52,7 @@ def test_a_huge_step_is_rolled_back_and_the_model_ends_where_it_started(model_di
     assert guarded.engine.lr_factor() <= 0.5
     # The results show each round's step and the check losses the guard judged.
     assert guarded.records[0].lr == 1e3 and min(r.lr or 1e3 for r in guarded.records) <= 500
-    assert all(r.check_loss is not None and r.check_loss > 0
+    assert all(r.loss_check is not None and r.loss_check > 0
                for r in guarded.records if r.reports)
     # Unguarded, the damage of lr 1e3 stays; guarded, the table went back.
     end_guarded, end_unguarded = guarded.evaluate()[1], unguarded.evaluate()[1]

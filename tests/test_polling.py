@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from engine_fakes import engine, join, received
 
-from zorba_common.schema import FINISHED, TRAIN, WAIT
+from zorba_common.messages import FINISHED, TRAIN, WAIT
 from zorba_server.engine import RoundEngine
 from zorba_server.errors import Conflict
 from zorba_server.polling import next_for, poll_answer, waiting

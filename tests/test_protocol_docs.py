@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import types
 from pathlib import Path
 
 import pytest
 
-from zorba_common import schema
+from zorba_common import codec, limits, messages, run_defaults
+from zorba_common.memory_model import ModelFootprint
 from zorba_server import calibration, cli, protocol_docs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,43 +45,44 @@ def test_a_hand_edited_table_is_caught(tmp_path: Path) -> None:
 def test_a_changed_limit_in_the_code_makes_both_files_stale(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = _copy_docs(tmp_path)
-    changed = dict(schema.FOOTPRINT_FIELDS)
-    changed["hidden_size"] = schema.wire("Width of the residual stream.", ge=1, le=2**20)
-    monkeypatch.setattr(schema, "FOOTPRINT_FIELDS", changed)
+    # The footprint's limits are declared on its own fields (memory_model.py), as a message's.
+    hidden = next(f for f in dataclasses.fields(ModelFootprint) if f.name == "hidden_size")
+    monkeypatch.setattr(hidden, "metadata", types.MappingProxyType(
+        codec.wire("Width of the residual stream.", ge=1, le=2**20)))
     assert set(protocol_docs.stale_files(root)) == {root / protocol_docs.PROTOCOL_MD,
                                                     root / protocol_docs.SCHEMA_JSON}
 
 
 def test_every_field_of_every_message_is_documented() -> None:
     undocumented = [f"{cls.__name__}.{f.name}" for cls in protocol_docs.message_types()
-                    for f in dataclasses.fields(cls) if not schema.field_meta(cls, f).get("doc")]
+                    for f in dataclasses.fields(cls) if not f.metadata.get("doc")]
     assert undocumented == []
 
 
-@pytest.mark.parametrize("message", schema.MESSAGES, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("message", messages.MESSAGES, ids=lambda m: m.__name__)
 def test_every_message_has_an_example_that_decodes_as_itself(message: type) -> None:
     example = protocol_docs.EXAMPLES[message]
-    assert schema.decode(message, schema.encode(example), max_bytes=schema.MAX_REPORT_BYTES) \
+    assert codec.decode(message, codec.encode(example), max_bytes=limits.MAX_REPORT_BYTES) \
         == example
     md = (ROOT / protocol_docs.PROTOCOL_MD).read_text()
-    assert protocol_docs._hex(schema.encode(example)) in md
+    assert protocol_docs._hex(codec.encode(example)) in md
 
 
 def test_the_json_schema_states_the_decoders_limits() -> None:
     doc = json.loads((ROOT / protocol_docs.SCHEMA_JSON).read_text())
     report = doc["$defs"]["Report"]
     assert report["additionalProperties"] is False
-    assert set(report["required"]) == {f.name for f in dataclasses.fields(schema.Report)
+    assert set(report["required"]) == {f.name for f in dataclasses.fields(messages.Report)
                                        if f.default is dataclasses.MISSING}
     assert "loss_check" in report["properties"] and "loss_check" not in report["required"]
-    assert report["properties"]["loss_mean"]["maximum"] == schema.MAX_LOSS
-    assert report["properties"]["peak_memory_bytes"]["maximum"] == schema.MAX_MEMORY_BYTES
+    assert report["properties"]["loss_mean"]["maximum"] == limits.MAX_LOSS
+    assert report["properties"]["peak_memory_bytes"]["maximum"] == limits.MAX_MEMORY_BYTES
     steps = report["properties"]["steps"]
-    assert steps["maxItems"] == schema.MAX_STEPS_PER_REPORT
+    assert steps["maxItems"] == limits.MAX_STEPS_PER_REPORT
     assert steps["items"]["prefixItems"][1]["x-nonFiniteError"] == "invalid_scalar"
     footprint = doc["$defs"]["ModelFootprint"]["properties"]
     assert footprint["block_params"]["minItems"] == 1
-    assert doc["$defs"]["RunInfo"]["properties"]["mode"]["enum"] == list(schema.RUN_MODES)
+    assert doc["$defs"]["RunInfo"]["properties"]["mode"]["enum"] == list(run_defaults.RUN_MODES)
 
 
 def test_the_calibration_rule_documented_is_the_one_that_runs() -> None:

@@ -14,6 +14,7 @@ from client_support import make_world
 from zorba_lab.byte_proxy import CountingProxy, route_of
 from zorba_lab.federation import ClientRun, ClientSetup, FederationPlan, run_federation
 from zorba_lab.quickstart import accuracy_curve, evaluate_accuracy, summarize
+from zorba_server.scheduler import SchedulerConfig
 
 
 def test_route_of_folds_round_numbers_so_counts_group_by_endpoint() -> None:
@@ -58,11 +59,10 @@ async def _through_proxy() -> CountingProxy:
 def test_a_tiny_federation_runs_end_to_end_and_reports_bytes_peaks_and_accuracy(
         tmp_path: Path) -> None:
     world = make_world(tmp_path)
-    plan = FederationPlan(
-        out_dir=tmp_path / "run",
-        clients=(ClientSetup("client-0", 3 * 2**30), ClientSetup("client-1", 4 * 2**30)),
+    plan = FederationPlan.of(
+        tmp_path / "run", (ClientSetup("client-0", 3 * 2**30), ClientSetup("client-1", 4 * 2**30)),
         data=str(world.data), model=str(world.model_dir), lr=0.03, mu=1e-3, batch_size=8,
-        seq_len=16, pool_size=64, round_duration_s=8.0, max_steps=4, rounds=2,
+        seq_len=16, pool_size=64, round_duration_s=8.0, max_steps=4, max_rounds=2,
         frozen_dtype="fp32", extra_client_args=("--step-time", "0.05"))
     served: list[tuple[int, list[int | None]]] = []
 
@@ -88,6 +88,9 @@ def test_a_tiny_federation_runs_end_to_end_and_reports_bytes_peaks_and_accuracy(
         assert acc == evaluated["accuracy"]
         assert acc * 64 == pytest.approx(round(acc * 64), abs=1e-9)
     assert summary["loss_after"] != summary["loss_before"]  # alpha changed the model
+    # The base model's evaluation carries the bias floor; the trained model's does not.
+    assert 0.0 <= before["acc_bias_floor"] <= 1.0 and after["acc_bias_floor"] is None
+    assert summary["acc_bias_floor"] == before["acc_bias_floor"]
     for client in summary["clients"]:
         assert client["rounds_reported"] >= 1
         # Every report crossed the proxy: a report body holds at least its steps.
@@ -106,17 +109,18 @@ def test_a_tiny_federation_runs_end_to_end_and_reports_bytes_peaks_and_accuracy(
 
 
 def test_the_demo_plan_writes_a_server_config_the_server_reads_in_every_mode(tmp_path: Path) -> None:
-    from zorba_common.schema import RUN_MODES
+    from zorba_common.run_defaults import RUN_MODES
     from zorba_server.config import load_config
 
     for mode in RUN_MODES:
-        plan = FederationPlan(tmp_path, (ClientSetup("a", 2**30),), mode=mode,
-                              keep_weight_versions=mode == "fedavg", scheduler_epsilon=0.5)
+        plan = FederationPlan.of(tmp_path, (ClientSetup("a", 2**30),), mode=mode,
+                                 keep_weight_versions=mode == "fedavg",
+                                 scheduler=SchedulerConfig(epsilon=0.5))
         path = tmp_path / f"{mode}.toml"
         path.write_text(plan.server_toml(tmp_path / "db.sqlite3"))
         config = load_config(str(path), {})
         assert config.run.mode == mode and config.scheduler.epsilon == 0.5
         assert config.run.keep_weight_versions == (mode == "fedavg")
-    plan = FederationPlan(tmp_path, (ClientSetup("a", 2**30),), aggregation="sum")
+    plan = FederationPlan.of(tmp_path, (ClientSetup("a", 2**30),), aggregation="sum")
     (tmp_path / "sum.toml").write_text(plan.server_toml(tmp_path / "db.sqlite3"))
     assert load_config(str(tmp_path / "sum.toml"), {}).aggregation.method == "sum"

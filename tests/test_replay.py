@@ -18,8 +18,8 @@ from safetensors.numpy import save_file
 from server_fakes import FOOTPRINT
 from tiny_models import tiny_llama_config
 
-from zorba_common.schema import AlphaDelta, HyperParams
-from zorba_common.weights import default_weights_dir, tensor_key, version_path
+from zorba_common.messages import AlphaDelta, HyperParams
+from zorba_common.weight_files import default_weights_dir, tensor_key, version_path
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.data.examples import ClassificationExample
 from zorba_edge.engine.coefficients import AlphaIncrement, CoefficientTable, block_materializer

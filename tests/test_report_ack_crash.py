@@ -29,7 +29,8 @@ import pytest
 from server_fakes import FakeClient, make_report, profile
 from test_server_durability import ServerProcess, recompute_alpha
 
-from zorba_common.schema import CONTENT_TYPE, Report, ReportAck, encode
+from zorba_common.codec import CONTENT_TYPE, encode
+from zorba_common.messages import Report, ReportAck
 
 pytestmark = pytest.mark.asyncio
 SLICE_S = 0.0002

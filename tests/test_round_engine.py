@@ -12,6 +12,7 @@ from engine_fakes import engine, join, open_next, received
 from server_fakes import FINGERPRINT, FOOTPRINT, config_dict, profile
 
 from zorba_server.config import config_from_dict
+from zorba_server.drift import block_drift
 from zorba_server.engine import RoundClosure, RoundEngine
 from zorba_server.errors import Conflict, NotFound, Unprocessable
 from zorba_server.members import Member
@@ -91,6 +92,31 @@ def test_the_time_left_counts_down_to_the_open_rounds_deadline(tmp_path: Path) -
     assert plan is not None
     e.open_round(plan)
     assert e.time_left(now=15.0) == 20.0 and e.time_left(now=40.0) == 0.0
+
+
+def test_a_report_on_its_way_at_the_deadline_counts_within_the_grace(tmp_path: Path) -> None:
+    e = engine(tmp_path, min_clients=2, round_duration_s=30.0, report_grace_s=5.0)
+    join(e, "a"), join(e, "b")
+    plan = open_next(e)
+    e.accept_report(received(e, "a"))
+    # b is still missing at the deadline: the round waits the grace for it
+    assert not e.due(now=plan.deadline) and e.time_left(now=plan.deadline) == 5.0
+    late = received(e, "b")
+    e.check_report("b", plan.round, late.report, now=plan.deadline + 4.0)
+    e.accept_report(late)
+    assert e.due(now=plan.deadline + 4.0)
+    assert e.decide_close(now=plan.deadline + 4.0).outcome.reports == 2
+
+
+def test_a_report_after_the_grace_is_refused_and_the_round_closes_without_it(
+        tmp_path: Path) -> None:
+    e = engine(tmp_path, min_clients=2, round_duration_s=30.0, report_grace_s=5.0)
+    join(e, "a"), join(e, "b")
+    plan = open_next(e)
+    e.accept_report(received(e, "a"))
+    assert e.due(now=plan.deadline + 5.0)
+    with pytest.raises(Conflict, match="closed"):
+        e.check_report("b", plan.round, received(e, "b").report, now=plan.deadline + 5.0)
 
 
 def test_a_report_for_a_round_that_is_not_open_is_unknown_or_closed(tmp_path: Path) -> None:
@@ -446,3 +472,45 @@ def test_disjoint_pool_slices_give_each_holder_of_a_block_its_own_directions(
     older = plan.to_record()
     older["clients"] = {cid: p[:3] for cid, p in older["clients"].items()}  # before slices
     assert all(p.first_step == 0 for p in RoundPlan.from_record(older).clients.values())
+
+
+def test_check_losses_drifting_up_within_the_jump_tolerance_roll_back_after_some_rounds(
+        tmp_path: Path) -> None:
+    """Gemma 3 at the defaults: 0.763 -> 0.883 over six rounds, each within the 50% tolerance
+    and the total too. Three rounds in a row above the anchor, the last more than 10% above
+    it, are a trend: the table goes back to the anchor (loss_drift.py)."""
+    e = engine(tmp_path, lr=0.01, loss_jump_tolerance=0.5, plateau_rounds=0)
+    join(e, "a")
+    assert run_checked_round(e, 0.0, {"a": 0.76}) == APPLIED  # version 0: the anchor
+    assert run_checked_round(e, 2.0, {"a": 0.80}) == APPLIED  # 1 round above it
+    assert run_checked_round(e, 4.0, {"a": 0.83}) == APPLIED  # 2
+    drifted = checked_closure(e, 6.0, {"a": 0.86})  # 3 rounds, +13%: rolled back
+    assert drifted.outcome.status == REJECTED and drifted.backs_off
+    assert "drifted up over 3 rounds" in drifted.outcome.message
+    assert "rolled back to version 0" in drifted.outcome.message
+    # Back to version 0's table (zeros) up to the float32 the rollback delta travels in.
+    assert e.alpha is not None and np.abs(e.alpha).max() < 1e-6 and e.lr_factor() == 0.5
+
+
+def test_the_drift_rule_waits_for_its_rounds_and_its_tolerance_and_is_off_at_zero(
+        tmp_path: Path) -> None:
+    slow = engine(tmp_path, loss_jump_tolerance=0.5, plateau_rounds=0)
+    join(slow, "a")
+    # Above the anchor for five rounds, but never by 10%: a plateau, not a drift.
+    assert [run_checked_round(slow, 2.0 * r, {"a": 1.0 + 0.015 * r}) for r in range(6)] == [APPLIED] * 6
+    off = engine(tmp_path, loss_jump_tolerance=0.5, plateau_rounds=0, loss_drift_rounds=0)
+    join(off, "a")
+    assert [run_checked_round(off, 2.0 * r, {"a": 1.0 + 0.05 * r}) for r in range(6)] == [APPLIED] * 6
+
+
+def test_the_drift_bound_scales_a_round_that_would_carry_a_block_past_it(tmp_path: Path) -> None:
+    e = engine(tmp_path, lr=1.0, max_drift=0.05)
+    join(e, "a")
+    assert e.alpha is not None
+    e.base_rms = (1.0,) * e.alpha.shape[1]
+    closure = checked_closure(e, 0.0, {"a": 1.0})
+    assert closure.outcome.status == APPLIED and "run.max_drift = 0.05" in closure.outcome.message
+    assert block_drift(e.alpha, e.base_rms).max() == pytest.approx(0.05, rel=1e-5)
+    unbounded = engine(tmp_path, lr=1.0, max_drift=0.05)  # no base RMS given: the bound is off
+    join(unbounded, "a")
+    assert "max_drift" not in checked_closure(unbounded, 0.0, {"a": 1.0}).outcome.message

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from server_fakes import FINGERPRINT, FOOTPRINT, config_dict, profile
 
-from zorba_common.schema import RUN_MODES
+from zorba_common.run_defaults import RUN_MODES
 from zorba_server.cli import parse_args
 from zorba_server.config import ConfigError, RunConfig, config_from_dict
 from zorba_server.engine import RoundEngine

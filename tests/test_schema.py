@@ -9,10 +9,10 @@ import msgpack
 import numpy as np
 import pytest
 
+from zorba_common.codec import SchemaError, decode, encode, from_wire
+from zorba_common.limits import MAX_REPORT_BYTES, MAX_STEPS_PER_REPORT
 from zorba_common.memory_model import ModelFootprint
-from zorba_common.schema import (
-    MAX_REPORT_BYTES,
-    MAX_STEPS_PER_REPORT,
+from zorba_common.messages import (
     TRAIN,
     AlphaDelta,
     AlphaState,
@@ -27,10 +27,6 @@ from zorba_common.schema import (
     Report,
     ReportAck,
     RunInfo,
-    SchemaError,
-    decode,
-    encode,
-    from_wire,
 )
 
 FP = ModelFootprint((10, 12), (8, 9), 50, 8, 10, 2, 16)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from zorba_common.errors import InvalidScalarError
-from zorba_common.schema import HyperParams, Report
+from zorba_common.messages import HyperParams, Report
 from zorba_server.aggregation import Contribution, aggregate, apply_delta, check_scalars
 from zorba_server.config import AggregationConfig
 from zorba_server.errors import Refusal

@@ -24,17 +24,10 @@ from server_fakes import (
     profile,
 )
 
+from zorba_common.codec import encode
+from zorba_common.limits import MAX_STEPS_PER_REPORT
 from zorba_common.memory_model import ModelFootprint
-from zorba_common.schema import (
-    FINISHED,
-    MAX_STEPS_PER_REPORT,
-    TRAIN,
-    WAIT,
-    RegisterRequest,
-    Report,
-    ReportAck,
-    encode,
-)
+from zorba_common.messages import FINISHED, TRAIN, WAIT, RegisterRequest, Report, ReportAck
 from zorba_server.app import SERVICES, create_app
 from zorba_server.config import ConfigError, config_from_dict
 from zorba_server.scheduler import solve_schedule
@@ -437,6 +430,9 @@ async def test_status_page_metrics_and_status_json_show_the_run(start: Any) -> N
     hyper = status["hyper"]
     assert (hyper["lr"], hyper["batch_size"], hyper["seq_len"]) == (0.01, 8, 64)
     assert hyper["lr_factor"] == 1.0 and hyper["estimator"] == "one-sided"
+    # The slow loss rule is on; the drift bound is not (the server holds no base weights).
+    assert hyper["loss_drift_rounds"] == 3 and hyper["max_drift"] == 0.0
+    assert status["block_drift"] is None
     page = await (await http.get("/")).text()
     assert "<polyline" in page and c.client_id in page and "batch_size 8" in page
     metrics = await (await http.get("/metrics")).text()

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from server_fakes import SECRET, FakeClient, make_report, profile
 
-from zorba_common.schema import Report, decode
+from zorba_common.codec import decode
+from zorba_common.messages import Report
 from zorba_server.aggregation import Contribution, aggregate, apply_delta
 from zorba_server.config import AggregationConfig
 from zorba_server.rounds import RoundPlan

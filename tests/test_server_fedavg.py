@@ -13,8 +13,8 @@ import pytest
 from safetensors.numpy import load, save
 from server_fakes import FOOTPRINT, FakeClient, config_dict, profile
 
-from zorba_common.schema import TRAIN, Assignment, Report
-from zorba_common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE, tensor_key, version_path
+from zorba_common.messages import TRAIN, Assignment, Report
+from zorba_common.weight_files import VERSION_HEADER, WEIGHTS_CONTENT_TYPE, tensor_key, version_path
 from zorba_server.app import create_app
 from zorba_server.config import config_from_dict
 

@@ -10,7 +10,7 @@ import hashlib
 import pytest
 from server_fakes import SECRET, make_report, profile
 
-from zorba_common.schema import PROTOCOL_VERSION, Assignment, HyperParams, RegisterRequest
+from zorba_common.messages import PROTOCOL_VERSION, Assignment, HyperParams, RegisterRequest
 from zorba_server.enrolment import Credentials, Tokens, check_enrolment, token_hash
 from zorba_server.errors import Conflict, Forbidden, Malformed, Unauthenticated
 from zorba_server.idempotency import check_retry, report_hash, stored_ack

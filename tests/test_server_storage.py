@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from server_fakes import FOOTPRINT, profile
 
-from zorba_common.schema import AlphaDelta, HyperParams, Report
+from zorba_common.messages import AlphaDelta, HyperParams, Report
 from zorba_server.rounds import ClientPlan, ReceivedReport, RoundPlan
 from zorba_server.storage import sql
 from zorba_server.storage.committer import Committer

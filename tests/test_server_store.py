@@ -15,7 +15,7 @@ import pytest_asyncio
 from postgres_server import PostgresServer, postgres_server  # noqa: F401 (fixture)
 from server_fakes import FOOTPRINT, profile
 
-from zorba_common.schema import AlphaDelta, HyperParams, Report
+from zorba_common.messages import AlphaDelta, HyperParams, Report
 from zorba_server.rounds import ClientPlan, ReceivedReport, RoundPlan
 from zorba_server.storage import (
     AlreadyPinnedError,

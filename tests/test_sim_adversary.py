@@ -10,7 +10,7 @@ import pytest
 import torch
 from client_support import make_world, signal_examples
 
-from zorba_common.schema import HyperParams
+from zorba_common.messages import HyperParams
 from zorba_edge.model.sources import open_source
 from zorba_server.config import AggregationConfig, config_from_dict
 from zorba_server.rounds import ClientPlan, RoundPlan

@@ -23,8 +23,8 @@ from client_support import make_world, signal_examples, write_jsonl
 from safetensors.numpy import load_file
 from test_simulator_vs_server import LOAD, lab_device, ordered_ids, serve_lab_fleet, simulate
 
-from zorba_common.schema import TRAIN
-from zorba_common.weights import default_weights_dir, version_path
+from zorba_common.messages import TRAIN
+from zorba_common.weight_files import default_weights_dir, version_path
 from zorba_edge.client.assembly import build_task
 from zorba_edge.client.fedavg import FORWARDS_PER_STEP, FedAvgTrainer
 from zorba_edge.model.sources import open_source
@@ -113,7 +113,7 @@ def build(root: Path, rounds: int, lr: float = 3e-3) -> Simulation:
     server = config_from_dict({"enrolment_secret": "s" * 16, "run": {
         "pool_size": 64, "lr": lr, "batch_size": 4, "seq_len": 16, "round_duration_s": 30,
         "max_steps": 4, "seed": 3, "mode": "fedavg"}})
-    config = SimulationConfig(server, rounds=rounds, reference_step_s=1.0, mode="fedavg")
+    config = SimulationConfig(server, rounds=rounds, reference_step_s=1.0)
     return Simulation.build(config, open_source(world.model_dir),
                             fleet_from_counts("laptop-16gb=3,phone-6gb=2"),
                             signal_examples(120), signal_examples(24, seed=1))
@@ -154,7 +154,7 @@ def test_fedavg_clients_are_admitted_whatever_their_budget_as_on_the_server(tmp_
     def simulation(mode: str) -> Simulation:
         server = config_from_dict({"enrolment_secret": "s" * 16, "run": {
             "pool_size": 64, "batch_size": 4, "seq_len": 16, "max_steps": 2, "mode": mode}})
-        return Simulation.build(SimulationConfig(server, rounds=1, reference_step_s=1.0, mode=mode),
+        return Simulation.build(SimulationConfig(server, rounds=1, reference_step_s=1.0),
                                 open_source(world.model_dir), Fleet((DeviceGroup(tiny, 2, 0),)),
                                 signal_examples(40), signal_examples(8, seed=1))
 

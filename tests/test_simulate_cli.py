@@ -4,6 +4,7 @@ errors that name the file's line (before any weights are loaded)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import pytest
 import torch
 from client_support import CHILD_ENV, REPO, TinyWorld, make_world, signal_examples, write_jsonl
 
+from zorba_common.run_defaults import CENTRAL_MEZO, SIM_MODES
 from zorba_edge.model.sources import open_source
 from zorba_server.config import AggregationConfig, config_from_dict
 from zorba_sim import cli, simulation
@@ -56,7 +58,8 @@ def test_a_run_writes_its_summary_rounds_plots_and_checkpoint(
                               "--eval-every", "1")) == 0
     summary = summary_of(out)
     assert summary["rounds_run"] == 3 and len(summary["rounds"]) == 3
-    assert summary["settings"]["mode"] == "zorba" and summary["reference_step_s"] == 0.5
+    assert summary["mode"] == summary["settings"]["run"]["mode"] == "zorba"
+    assert summary["reference_step_s"] == 0.5
     assert summary["fleet"]["devices"] == 4
     assert {c["name"]: c["count"] for c in summary["fleet"]["classes"]} == {"laptop-16gb": 2,
                                                                            "phone-6gb": 2}
@@ -65,9 +68,14 @@ def test_a_run_writes_its_summary_rounds_plots_and_checkpoint(
     assert len(summary["alpha_hash"]) == 64
     assert summary["final_accuracy"] == summary["rounds"][-1]["accuracy"] is not None
     assert 0.0 <= summary["base_accuracy"] <= 1.0
+    # The bias floor stands beside every accuracy: in base.json, the summary and each row.
+    floor = summary["acc_bias_floor"]
+    assert 0.0 <= floor <= 1.0
+    assert json.loads((out / "base.json").read_text())["acc_bias_floor"] == floor
     with (out / "rounds.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    assert {float(r["acc_bias_floor"]) for r in rows} == {floor}
     assert (out / "checkpoint" / "LATEST").read_text() == "round-000003"
     try:
         import matplotlib  # noqa: F401
@@ -123,6 +131,41 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_alpha(
     assert resumed["forwards"] == uninterrupted["forwards"]
     assert resumed["rounds"][-1]["accuracy"] == uninterrupted["rounds"][-1]["accuracy"]
     assert resumed["base_accuracy"] == uninterrupted["base_accuracy"] is not None
+
+
+def test_a_finished_run_started_with_relative_paths_extends_from_another_directory(
+        world: TinyWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = tiny_args(world, Path("run"), "--rounds", "2", "--fleet", "laptop-16gb=1")
+    args[args.index("--model") + 1] = world.model_dir.name  # relative to tmp_path
+    args[args.index("--data") + 1] = world.data.name
+    assert cli.main(args) == 0
+    saved = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert saved["model"] == str(world.model_dir.resolve()) and saved["data"] == str(world.data.resolve())
+    base = json.loads((tmp_path / "run" / "base.json").read_text())
+    assert set(base) == {"accuracy", "loss", "acc_bias_floor"}
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert cli.main(["--resume", str(tmp_path / "run"), "--rounds", "3", "--log-lines"]) == 0
+    assert re.findall(r" round +(\d+)/3 ", capsys.readouterr().err) == ["3"]
+    assert summary_of(tmp_path / "run")["rounds_run"] == 3
+    assert json.loads((tmp_path / "run" / "settings.json").read_text())["rounds"] == 3
+    assert cli.main(["--resume", str(tmp_path / "run"), "--rounds", "2"]) == 2
+    assert "has 3 rounds already" in capsys.readouterr().err
+
+
+def test_the_accuracy_band_is_the_wilson_interval() -> None:
+    from zorba_sim.results import wilson_interval
+
+    low, high = wilson_interval(0.7, 100)
+    assert low == pytest.approx(0.6041, abs=1e-4) and high == pytest.approx(0.7810, abs=1e-4)
+    assert wilson_interval(1.0, 16)[1] == 1.0 and wilson_interval(0.0, 16)[0] == 0.0
+    narrow, wide = wilson_interval(0.7, 10_000), wilson_interval(0.7, 100)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
 
 
 def test_an_out_folder_holding_a_run_is_not_overwritten(
@@ -248,7 +291,29 @@ def test_the_help_explains_every_flag_and_the_catalogue(capsys: pytest.CaptureFi
 
 
 def test_the_command_offers_every_simulator_mode() -> None:
-    assert cli.MODES == simulation.SIM_MODES
+    mode = next(a for a in cli.parser()._actions if a.dest == "mode")
+    assert tuple(mode.choices) == SIM_MODES
+
+
+def test_central_mezo_is_the_simulators_own_mode_beside_the_run_config() -> None:
+    settings = cli.settings_from_args(cli.parser().parse_args(["--mode", "central-mezo"]))
+    assert settings.central and settings.mode == CENTRAL_MEZO
+    assert settings.run == cli.SIM_RUN  # the server's run config, not a copy of its fields
+    assert cli.simulation_config(settings, "cpu").mode == CENTRAL_MEZO
+
+
+def test_saved_settings_resume_as_they_were_started(tmp_path: Path) -> None:
+    settings = cli.settings_from_args(cli.parser().parse_args(
+        ["--mode", "fedzo-full", "--lr", "3e-4", "--aggregation", "median", "--rounds", "2"]))
+    (tmp_path / cli.SETTINGS).write_text(json.dumps(dataclasses.asdict(settings)))
+    assert cli.load_settings(tmp_path) == settings
+    # A settings file of the flat layout, from before the simulator held the run config.
+    flat = {"mode": "central-mezo", "lr": 3e-4, "aggregation": "median", "seq_len": 48,
+            "max_steps": 4, "rounds": 2}
+    (tmp_path / cli.SETTINGS).write_text(json.dumps(flat))
+    old = cli.load_settings(tmp_path)
+    assert old.central and old.run.lr == 3e-4 and old.aggregation.method == "median"
+    assert old.run.trust_radius == 0.0 and old.run.plateau_rounds == 0  # as it was run then
 
 
 def test_the_aggregation_flag_reaches_the_engine() -> None:

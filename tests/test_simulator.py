@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from client_support import make_world, signal_examples
+from packaged_assets import CUDA_REASON
 
 from zorba_edge.model.sources import open_source
 from zorba_server.config import config_from_dict
@@ -69,7 +70,7 @@ def test_a_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_does(
     assert resumed.forwards == whole.forwards
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (CI has none)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
 def test_on_cuda_the_same_seeds_give_the_same_alpha_and_the_model_stays_on_the_gpu(
         tmp_path: Path) -> None:
     hashes = []

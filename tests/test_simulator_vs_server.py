@@ -36,7 +36,7 @@ import pytest
 import torch
 from client_support import make_world, signal_examples, write_jsonl
 
-from zorba_common.schema import TRAIN, DeviceProfile, RegisterRequest, RegisterResponse
+from zorba_common.messages import TRAIN, DeviceProfile, RegisterRequest, RegisterResponse
 from zorba_edge.client.assembly import (
     DataChoice,
     build_task,
@@ -83,7 +83,7 @@ def ordered_ids(monkeypatch: pytest.MonkeyPatch) -> None:
 def simulate(model_dir: Path, data: Path, run: dict[str, Any] = RUN) -> Simulation:
     server = config_from_dict({"enrolment_secret": SECRET, "run": run})
     config = SimulationConfig(server, rounds=ROUNDS, reference_step_s=STEP_S, data_seed=DATA_SEED,
-                              memory=memory_profile(LOAD, None), mode=str(run.get("mode", "zorba")))
+                              memory=memory_profile(LOAD, None))
     examples = load_classification_jsonl(data, SENTIMENT_TEMPLATE.label_names)
     sim = Simulation.build(config, open_source(model_dir), Fleet((DeviceGroup(LAB, CLIENTS, 0),)),
                            examples, signal_examples(16, seed=1))

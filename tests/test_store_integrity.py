@@ -14,7 +14,7 @@ import pytest
 from postgres_server import PostgresServer, postgres_server  # noqa: F401 (fixture)
 from server_fakes import FOOTPRINT, profile
 
-from zorba_common.schema import AlphaDelta, HyperParams
+from zorba_common.messages import AlphaDelta, HyperParams
 from zorba_server.aggregation import RoundDelta, apply_delta
 from zorba_server.rounds import APPLIED, REJECTED, ClientPlan, RoundPlan
 from zorba_server.storage import CorruptStoreError, SqliteStore, Store

@@ -10,7 +10,7 @@ import torch
 from fixtures_text import make_tokenizer
 from tiny_models import tiny_llama_config
 
-from zorba_common.schema import AlphaDelta, Assignment, HyperParams, RunInfo
+from zorba_common.messages import AlphaDelta, Assignment, HyperParams, RunInfo
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.trainer import LocalTrainer, SyncError
 from zorba_edge.data.examples import ClassificationExample
@@ -264,7 +264,7 @@ def test_kept_snapshot_buffers_and_no_heap_trim_change_no_value_of_a_round(
     round, as a real client's."""
     from zorba_edge.client import trainer as trainer_module
     from zorba_edge.client.trainer import run_local_steps
-    from zorba_edge.engine.zo import SnapshotBuffers
+    from zorba_edge.engine.snapshot import SnapshotBuffers
 
     real, sim = make_trainer(), make_trainer()
     buffers = SnapshotBuffers()
@@ -353,7 +353,8 @@ def test_a_first_round_judges_its_batches_by_the_estimators_forwards_per_step() 
     """The profile's step is two forwards; a one-sided batch of 4 costs 5 forwards, 1.25 a
     step. Before any round, the gate's estimate must be the latter, or a batch the plan sized
     to fit looks 1.6x too long (every quickstart client sat its first round out)."""
-    from zorba_common.schema import ANTITHETIC, ONE_SIDED, HyperParams
+    from zorba_common.messages import HyperParams
+    from zorba_common.run_defaults import ANTITHETIC, ONE_SIDED
     from zorba_edge.client.daemon import step_estimate_s
     from zorba_edge.engine.zo import forwards_per_step
 

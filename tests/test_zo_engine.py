@@ -18,9 +18,8 @@ from zorba_edge.engine.coefficients import (
     block_materializer,
 )
 from zorba_edge.engine.directions import BlockTensors
+from zorba_edge.engine.snapshot import RoundSnapshot, SnapshotBuffers
 from zorba_edge.engine.zo import (
-    RoundSnapshot,
-    SnapshotBuffers,
     ZOConfig,
     projected_gradient,
     zo_step,

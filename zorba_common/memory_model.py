@@ -1,10 +1,14 @@
 """What a client needs in memory to train a given set of blocks (docs/design.md §4).
 
-    M_n(A) = W_frozen + sum_{b in A} P_b * (bytes_train + bytes_snapshot - bytes_frozen)
+    M_n(A) = W_frozen + sum_{b in A} P_b * (bytes_train + bytes_direction + bytes_snapshot
+                                            - bytes_frozen)
              + W_embed_head + M_activations(batch, seq_len) + M_runtime
 
 (W_embed_head at the embeddings' own precision, which may be narrower than the training
-dtype, plus one widened chunk of the head when it is.)
+dtype, plus one widened chunk of the head when it is.) bytes_direction is the packed
+direction a step moves along (one bit a parameter); bytes_snapshot is 0 for a client, which
+keeps the round's revert copy on disk (zorba_edge.engine.snapshot), and counts a host copy
+only for a profile that declares one.
 
 The model is *linear* in the assignment: a fixed part (every block held frozen, plus
 embeddings, activations and runtime) and a per-block increment for activating block b.
@@ -19,6 +23,10 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from zorba_common.codec import wire
+from zorba_common.limits import MAX_BLOCKS, MAX_DIMENSION, MAX_MODEL_PARAMS
+from zorba_common.run_defaults import BATCH_SIZE, SEQ_LEN
+
 # Storage cost per parameter of each precision a block can be held in. nf4 packs two
 # weights per byte plus one fp32 absmax per 64-weight block (bitsandbytes' default).
 BYTES_PER_PARAM: dict[str, float] = {
@@ -29,6 +37,10 @@ BYTES_PER_PARAM: dict[str, float] = {
     "nf4": 0.5 + 4.0 / 64,
 }
 
+DIRECTION_BYTES_PER_PARAM = 1 / 8
+"""A step's direction z[k], held packed one bit per perturbed parameter while the step moves
+along it (zorba_edge.engine.directions.Direction)."""
+
 HEAD_CAST_CHUNK_BYTES = 8 * 2**20
 """An LM head held narrower than the activations is widened this many bytes of rows at a time
 for each forward pass (model/loading.py): the one transient it adds, counted below."""
@@ -36,18 +48,27 @@ for each forward pass (model/loading.py): the one transient it adds, counted bel
 
 @dataclass(frozen=True)
 class ModelFootprint:
-    """Sizes of one causal LM, as the loader reports them (parameter counts only)."""
+    """Sizes of one causal LM, as the loader reports them (parameter counts only).
 
-    block_params: tuple[int, ...]
-    """Parameters of each transformer block, in block order."""
-    quantizable_block_params: tuple[int, ...]
-    """Of those, the ones in Linear layers (the rest, norms and biases, stay in bytes_frozen_other)."""
-    embed_head_params: int
-    """Embeddings, final norm and LM head (tied weights counted once)."""
-    hidden_size: int
-    vocab_size: int
-    num_layers: int
-    intermediate_size: int
+    Its sizes travel in a client's registration and reach the server's memory arithmetic, so
+    each field carries its wire meaning and bounds (`wire`), as the messages' fields do.
+    """
+
+    block_params: tuple[int, ...] = field(metadata=wire(
+        "Parameters of each transformer block, in block order.", unit="parameters", min_len=1,
+        max_len=MAX_BLOCKS, item=wire(ge=1, le=MAX_MODEL_PARAMS)))
+    quantizable_block_params: tuple[int, ...] = field(metadata=wire(
+        "Of each block's parameters, those in Linear layers (at most the block's; the rest, "
+        "norms and biases, stay in `frozen_other_dtype`).", unit="parameters",
+        min_len=1, max_len=MAX_BLOCKS, item=wire(ge=0, le=MAX_MODEL_PARAMS)))
+    embed_head_params: int = field(metadata=wire(
+        "Embeddings, final norm and LM head (tied weights counted once).",
+        unit="parameters", ge=1, le=MAX_MODEL_PARAMS))
+    hidden_size: int = field(metadata=wire("Width of the residual stream.", ge=1, le=MAX_DIMENSION))
+    vocab_size: int = field(metadata=wire("Tokens in the vocabulary.", ge=1, le=MAX_DIMENSION))
+    num_layers: int = field(metadata=wire("Transformer blocks; equals the length of `block_params`.",
+                                          ge=1, le=MAX_BLOCKS))
+    intermediate_size: int = field(metadata=wire("Width of the MLP.", ge=1, le=MAX_DIMENSION))
 
     def __post_init__(self) -> None:
         if len(self.block_params) != len(self.quantizable_block_params):
@@ -71,10 +92,11 @@ class MemorySettings:
     embed_dtype: str = "fp32"
     """Embeddings and LM head (the frozen weights outside the blocks); a head narrower than
     train_dtype is computed in train_dtype, widened a chunk of rows at a time."""
-    snapshot_dtype: str | None = "fp32"
-    """Host copy of each trainable block for the exact round-end revert (None: no copy)."""
-    batch_size: int = 8
-    seq_len: int = 64
+    snapshot_dtype: str | None = None
+    """Host copy of each trainable block for the exact round-end revert (None: no copy in
+    memory; a client spills it to disk, zorba_edge.engine.snapshot)."""
+    batch_size: int = BATCH_SIZE
+    seq_len: int = SEQ_LEN
     runtime_bytes: int = 350 * 2**20
     """Interpreter, torch, transformers and allocator overhead, measured on CPU (calibrated)."""
     calibration: float = 1.0
@@ -158,7 +180,7 @@ def frozen_block_bytes(footprint: ModelFootprint, settings: MemorySettings, bloc
 def trainable_block_bytes(footprint: ModelFootprint, settings: MemorySettings, block: int) -> float:
     params = footprint.block_params[block]
     snapshot = BYTES_PER_PARAM[settings.snapshot_dtype] if settings.snapshot_dtype else 0.0
-    return params * (BYTES_PER_PARAM[settings.train_dtype] + snapshot)
+    return params * (BYTES_PER_PARAM[settings.train_dtype] + DIRECTION_BYTES_PER_PARAM + snapshot)
 
 
 def activation_bytes(footprint: ModelFootprint, settings: MemorySettings) -> float:

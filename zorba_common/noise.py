@@ -18,6 +18,7 @@ changing anything here changes the directions of every past run.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -29,6 +30,7 @@ _MIX_MULTIPLIER_1 = 0x7FEB352D
 _MIX_MULTIPLIER_2 = 0x5F356495
 _WORDS = 1 << 27  # 2**32 elements per block, 32 per hash word
 _CHUNK = 1 << 16  # hash words per chunk (2M elements): bounds the scratch to a few MiB
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def _splitmix64(value: int) -> int:
@@ -65,6 +67,14 @@ def sign_table(device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
     return (1 - 2 * bits).to(dtype)
 
 
+def packed_sign_table(device: torch.device | str) -> torch.Tensor:
+    """`sign_table` in int8, each row's 8 bytes held as one int64 (256 elements): gathering
+    one int64 per packed byte copies its 8 signs at once, which a gather of 8-wide rows does
+    at a third of the speed. Viewing the result as int8 gives the signs back in order on any
+    byte order (the bytes are only moved, never read as a number)."""
+    return sign_table(device, torch.int8).contiguous().view(torch.int64).view(-1)
+
+
 def hash_bytes(
     run_seed: int, k: int, block: int, first_word: int, words: int,
     device: torch.device | str = "cpu",
@@ -87,7 +97,14 @@ def hash_bytes(
         _mix32_(x)
         x.bitwise_xor_(key_mix)
         _mix32_(x)
-        out[4 * offset : 4 * (offset + n)] = (x.unsqueeze(1) >> byte_shifts).bitwise_and_(0xFF).view(-1)
+        if _LITTLE_ENDIAN:
+            # The word's int32 bytes are its bytes least significant first: a 13x cheaper
+            # split than shifting. x - 2**32 above 2**31 makes it fit int32 without relying
+            # on how a device wraps an overflowing cast.
+            x.sub_((x >> 31) << 32)
+            out[4 * offset : 4 * (offset + n)].view(torch.int32).copy_(x)
+        else:
+            out[4 * offset : 4 * (offset + n)] = (x.unsqueeze(1) >> byte_shifts).bitwise_and_(0xFF).view(-1)
     return out
 
 

@@ -1,3 +1,5 @@
 """zorba-edge: zeroth-order federated fine-tuning of LLMs with heterogeneous block activation."""
 
-__version__ = "0.1.0"
+from zorba_common import __version__
+
+__all__ = ["__version__"]

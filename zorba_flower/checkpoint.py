@@ -21,8 +21,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from zorba_common.codec import decode, encode
 from zorba_common.memory_model import ModelFootprint
-from zorba_common.schema import AlphaDelta, DeviceProfile, decode, encode
+from zorba_common.messages import AlphaDelta, DeviceProfile
 from zorba_server.config import ConfigError
 from zorba_server.engine import RoundEngine
 from zorba_server.members import Member

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from zorba_common.schema import DeviceProfile
+from zorba_common.messages import DeviceProfile
 from zorba_flower import codec
 from zorba_flower.settings import ClientAppSettings, client_app_settings
 from zorba_flower.worker_link import WorkerLink

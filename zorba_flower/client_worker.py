@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from zorba_common.schema import DeviceProfile, Report
+from zorba_common.messages import DeviceProfile, Report
 from zorba_edge.client.assembly import (
     DataChoice,
     build_task,

@@ -1,7 +1,7 @@
 """zorba-edge's messages inside Flower records.
 
 Each Flower message carries one `ConfigRecord` under the key `zorba`, whose one entry is the
-msgpack body of a protocol message (`zorba_common.schema`). The same strict decoder the
+msgpack body of a protocol message (`zorba_common.messages`). The same strict decoder the
 HTTP server uses validates it, so a Flower peer gets no looser a check than an HTTP one and
 there is one definition of every field. Flower itself moves the bytes (protobuf, gRPC).
 
@@ -16,21 +16,9 @@ from typing import Any, TypeVar
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from zorba_common.schema import (
-    MAX_REGISTER_BYTES,
-    MAX_REPORT_BYTES,
-    MAX_RESPONSE_BYTES,
-    PROTOCOL_VERSION,
-    AlphaDelta,
-    Assignment,
-    DeviceProfile,
-    Report,
-    RunInfo,
-    SchemaError,
-    decode,
-    encode,
-    wire,
-)
+from zorba_common.codec import SchemaError, decode, encode, wire
+from zorba_common.limits import MAX_REGISTER_BYTES, MAX_REPORT_BYTES, MAX_RESPONSE_BYTES
+from zorba_common.messages import PROTOCOL_VERSION, AlphaDelta, Assignment, DeviceProfile, Report, RunInfo
 
 RECORD = "zorba"
 """The ConfigRecord every zorba message travels in."""

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from zorba_common.schema import AlphaDelta, AlphaState, RunInfo
+from zorba_common.messages import AlphaDelta, AlphaState, RunInfo
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.trainer import LocalTrainer, SyncError, advance_table
 from zorba_edge.engine.coefficients import (

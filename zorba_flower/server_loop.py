@@ -27,7 +27,8 @@ from typing import Protocol
 
 from flwr.app import Message, MessageType, RecordDict
 
-from zorba_common.schema import AlphaDelta, SchemaError
+from zorba_common.codec import SchemaError
+from zorba_common.messages import AlphaDelta
 from zorba_flower import checkpoint, codec
 from zorba_server.engine import RoundEngine
 from zorba_server.errors import Refusal

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zorba_common.run_defaults import CPU_FROZEN_DTYPE
 from zorba_server.config import SECTIONS, ConfigError, ServerConfig, config_from_dict
 
 FLOWER_ENROLMENT = "flower-supernode-auth"
@@ -67,6 +68,7 @@ class ClientAppSettings:
     budget_bytes: int
     data_seed: int
     frozen_dtype: str
+    """`client.frozen-dtype` (default: the CPU one; a node's worker holds the model on CPU)."""
     runtime_bytes: int | None
     step_time_s: float | None
     """Declared instead of measured (a fixed value makes a simulation run reproducible)."""
@@ -102,7 +104,7 @@ def client_app_settings(run_config: Values, node_config: Values) -> ClientAppSet
         model=str(need("client.model")), data=str(need("client.data")), partition_id=partition,
         num_partitions=partitions, budget_bytes=int(budget_mib * 2**20),
         data_seed=int(run_config.get("client.data-seed", 0)),
-        frozen_dtype=str(run_config.get("client.frozen-dtype", "bf16")),
+        frozen_dtype=str(run_config.get("client.frozen-dtype", CPU_FROZEN_DTYPE)),
         runtime_bytes=int(float(runtime) * 2**20) if runtime is not None else None,
         step_time_s=float(step_time) if step_time else None,
         deadline_margin_s=float(run_config.get("client.deadline-margin-s", 1.0)),

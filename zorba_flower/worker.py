@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zorba_common.schema import MAX_REGISTER_BYTES, MAX_RESPONSE_BYTES, decode, encode
+from zorba_common.codec import decode, encode
+from zorba_common.limits import MAX_REGISTER_BYTES, MAX_RESPONSE_BYTES
 from zorba_flower.client_worker import NodeWorker
 from zorba_flower.codec import Decline, ProfileQuery, TrainInstruction
 from zorba_flower.worker_link import recv_frame, send_frame, settings_from_wire

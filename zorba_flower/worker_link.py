@@ -8,7 +8,7 @@ runs the same `NodeWorker` the in-process path runs.
 
 Wire: one connection per request; each way one frame, a 4-byte big-endian length and a
 msgpack map. The zorba message inside travels as the same msgpack body the Flower record
-carries (`zorba_common.schema.encode`) and is decoded by the same strict decoder.
+carries (`zorba_common.codec.encode`) and is decoded by the same strict decoder.
 
     request  {"op": "train"|"profile", "settings": {...}, "body": bytes, "batches_drawn": int}
     reply    {"kind": "report"|"decline"|"profile", "body": bytes,
@@ -28,16 +28,9 @@ from typing import Any
 
 import msgpack
 
-from zorba_common.schema import (
-    MAX_REGISTER_BYTES,
-    MAX_REPORT_BYTES,
-    MAX_RESPONSE_BYTES,
-    DeviceProfile,
-    Report,
-    SchemaError,
-    decode,
-    encode,
-)
+from zorba_common.codec import SchemaError, decode, encode
+from zorba_common.limits import MAX_REGISTER_BYTES, MAX_REPORT_BYTES, MAX_RESPONSE_BYTES
+from zorba_common.messages import DeviceProfile, Report
 from zorba_flower.codec import Decline, ProfileQuery, Timing, TrainInstruction, TrainOutcome
 from zorba_flower.settings import WORKER_SOCKET, ClientAppSettings
 

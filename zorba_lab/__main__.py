@@ -1,5 +1,5 @@
-import sys
+"""`python -m zorba_lab`: the same as the `zorba-quickstart` command."""
 
-from zorba_lab.quickstart import main
+from zorba_common.roles import launch
 
-sys.exit(main())
+raise SystemExit(launch("zorba-quickstart"))

@@ -8,6 +8,7 @@ max_rounds) or, with a time limit, at the first round boundary after it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -17,9 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from zorba_common.run_defaults import (
+    CPU_FROZEN_DTYPE,
+    HARNESS_ROUND_S,
+    QUICKSTART_MAX_STEPS,
+    REVIEW_SEQ_LEN,
+)
 from zorba_lab.byte_proxy import CountingProxy, TrafficCount
 from zorba_lab.processes import DemoError, Managed, offline_env, spawn, start_server
-from zorba_server.config import AggregationConfig, RunConfig
+from zorba_server.config import AggregationConfig, RunConfig, harness_run
+from zorba_server.scheduler import SchedulerConfig
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
     from zorba_edge.client.evaluation import RemoteTable
@@ -33,63 +41,58 @@ class ClientSetup:
     budget_bytes: int
 
 
+QUICKSTART_RUN = RunConfig(seq_len=REVIEW_SEQ_LEN, max_steps=QUICKSTART_MAX_STEPS,
+                          round_duration_s=HARNESS_ROUND_S)
+"""The server's run config with the quickstart's own defaults (zorba_common.run_defaults says
+why). `run.max_rounds` is the applied rounds to run (0: until `minutes`)."""
+
+
 @dataclass(frozen=True)
 class FederationPlan:
-    """What to run; the quickstart's CLI fills it."""
+    """What to run; the quickstart's CLI fills it. The run, aggregation and scheduler config
+    are the server's, held and written to its TOML; the rest is the harness's own."""
 
     out_dir: Path
     clients: tuple[ClientSetup, ...]
+    run: RunConfig = QUICKSTART_RUN
+    aggregation: AggregationConfig = AggregationConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
     data: str = "movie-reviews"
-    lr: float = RunConfig.lr
-    lr_scaling: str = RunConfig.lr_scaling
-    aggregation: str = AggregationConfig.method
-    mu: float = RunConfig.mu
-    batch_size: int = 8
-    seq_len: int = 48
-    pool_size: int = 1024
-    round_duration_s: float = 30.0
-    max_steps: int = 12
-    estimator: str = RunConfig.estimator
-    directions: int = RunConfig.directions
-    plateau_rounds: int = RunConfig.plateau_rounds
-    pool_slices: str = RunConfig.pool_slices
-    rounds: int = 0
-    """Applied rounds to run (0: until `minutes`)."""
     minutes: float = 3.0
-    """Training time limit when `rounds` is 0 (the run stops at the next round boundary)."""
-    mode: str = "zorba"
-    """A run mode of zorba_common.schema.RUN_MODES (the baselines for benchmarks/compare.py)."""
-    keep_weight_versions: bool = False
-    """fedavg: the server keeps every version's weights (per-round evaluation reads them)."""
-    scheduler_epsilon: float | None = None
-    """The scheduler's stage-2 epsilon (None: the server's default, 0.05)."""
-    seed: int = 0
+    """Training time limit when `run.max_rounds` is 0 (the run stops at the next round boundary)."""
     data_seed: int = 0
     dirichlet_alpha: float = 0.5
     heldout_fraction: float = 0.1
     threads: int = 1
-    frozen_dtype: str = "nf4"
+    frozen_dtype: str = CPU_FROZEN_DTYPE
+    """The clients' frozen blocks (`zorba-edge run --frozen-dtype`): the client processes run
+    on this machine's CPU."""
     model: str | None = None
     labels: tuple[str, ...] | None = None
     """Label names of a JSONL classification file (None: negative,positive)."""
     extra_client_args: tuple[str, ...] = ()
 
+    @classmethod
+    def of(cls, out_dir: Path, clients: tuple[ClientSetup, ...], **values: Any) -> FederationPlan:
+        """A plan from flat names (a command line's): run fields replace QUICKSTART_RUN's,
+        `aggregation` names the rule."""
+        run, aggregation, own = harness_run(values, QUICKSTART_RUN)
+        return cls(out_dir, clients, run=run, aggregation=aggregation, **own)
+
     def server_toml(self, db_path: Path) -> str:
-        run = {"seed": self.seed, "pool_size": self.pool_size, "lr": self.lr,
-               "lr_scaling": self.lr_scaling, "mu": self.mu,
-               "batch_size": self.batch_size, "seq_len": self.seq_len,
-               "round_duration_s": self.round_duration_s, "min_clients": len(self.clients),
-               "min_reports": 1, "max_rounds": self.rounds, "max_steps": self.max_steps,
-               "estimator": self.estimator, "directions": self.directions,
-               "plateau_rounds": self.plateau_rounds, "pool_slices": self.pool_slices,
-               "poll_timeout_s": 20.0, "mode": self.mode,
-               "keep_weight_versions": self.keep_weight_versions}
+        # Every client of the plan takes part before the first round opens.
+        run = dataclasses.replace(self.run, min_clients=len(self.clients))
         lines = [f'enrolment_secret = "{SECRET}"', "", "[storage]", f'path = "{db_path}"',
-                 'synchronous = "normal"', "", "[run]"]
-        lines += [f"{k} = {json.dumps(v)}" for k, v in run.items()]  # JSON scalars are TOML
-        lines += ["", "[aggregation]", f"method = {json.dumps(self.aggregation)}"]
-        if self.scheduler_epsilon is not None:
-            lines += ["", "[scheduler]", f"epsilon = {json.dumps(self.scheduler_epsilon)}"]
+                 'synchronous = "normal"']
+        for section, config, default in (("run", run, RunConfig()),
+                                         ("aggregation", self.aggregation, AggregationConfig()),
+                                         ("scheduler", self.scheduler, SchedulerConfig())):
+            # What the plan sets apart from the server's defaults (an absent key is the
+            # default); JSON scalars are TOML.
+            lines += ["", f"[{section}]"]
+            lines += [f"{f.name} = {json.dumps(getattr(config, f.name))}"
+                      for f in dataclasses.fields(config)
+                      if getattr(config, f.name) != getattr(default, f.name)]
         return "\n".join(lines) + "\n"
 
     def client_args(self, index: int, url: str, client_dir: Path, secret_file: Path) -> list[str]:
@@ -201,7 +204,8 @@ async def _fetch_table(url: str, clients: list[ClientRun]) -> RemoteTable | None
     its transport reads a body with a single `content.read(n)`, which returns only the bytes
     buffered so far, and a SmolLM2 table (K x 30 float64, 245 KB) arrives in several chunks.
     """
-    from zorba_common.schema import AlphaState, decode
+    from zorba_common.codec import decode
+    from zorba_common.messages import AlphaState
     from zorba_edge.client.evaluation import RemoteTable
     from zorba_edge.client.state import StateStore
     from zorba_edge.engine.coefficients import CoefficientTable
@@ -248,7 +252,7 @@ async def _watch(plan: FederationPlan, url: str, session: aiohttp.ClientSession,
             train_started = time.monotonic()
             # A run of `rounds` rounds runs them all, however long they take (the baselines'
             # comparison needs equal rounds); the time limit is for `rounds` = 0.
-            deadline = None if plan.rounds else loop.time() + plan.minutes * 60
+            deadline = None if plan.run.max_rounds else loop.time() + plan.minutes * 60
             blocks = {c["name"]: c["blocks"] for c in status.get("clients", [])}
             progress("first round open; blocks per client: " + ", ".join(
                 f"{name} {len(b)} ({_span(b)})" for name, b in blocks.items()))

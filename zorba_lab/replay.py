@@ -9,7 +9,7 @@ versions in order:
   server's record (read through its `Store`, zorba_lab/record.py), applied exactly as a
   client syncs (`theta[b] -= d * z[k, b]`);
 - fedavg: each version's global weights file, which the server keeps when the run is started
-  with `keep_weight_versions` (the file format is zorba_common.weights).
+  with `keep_weight_versions` (the file format is zorba_common.weight_files).
 
 Version 0 is the base model. Every n-th version (and always the last) is evaluated on the
 held-out reviews the quickstart evaluates on.
@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from zorba_common.errors import ZorbaError
-from zorba_common.schema import FEDAVG, RUN_MODES, AlphaDelta
-from zorba_common.weights import default_weights_dir, parse_key, version_path
+from zorba_common.messages import AlphaDelta
+from zorba_common.run_defaults import FEDAVG, RUN_MODES
+from zorba_common.weight_files import default_weights_dir, parse_key, version_path
 from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_
 from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model
@@ -237,9 +238,9 @@ def replay(db_path: Path, mode: str, source: ModelSource,
 def replay_run(plan: FederationPlan, db_path: Path, examples: int, *, every: int = 1,
                progress: Progress | None = None) -> Replay:
     """`replay` on the held-out reviews quickstart.evaluate_accuracy scores (same seed, prompt)."""
-    from zorba_lab.quickstart import EVAL_BATCH_SIZE, heldout_task
+    from zorba_lab.heldout import EVAL_BATCH_SIZE, heldout_task
 
     source, task = heldout_task(plan, examples)
     # Tokenised once: every version is scored on the very same batches.
-    batches = list(task.batches(EVAL_BATCH_SIZE, plan.seq_len))
-    return replay(db_path, plan.mode, source, batches, every=every, progress=progress)
+    batches = list(task.batches(EVAL_BATCH_SIZE, plan.run.seq_len))
+    return replay(db_path, plan.run.mode, source, batches, every=every, progress=progress)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zorba_common.schema import DeviceProfile, Report
+from zorba_common.messages import DeviceProfile, Report
 from zorba_lab.byte_proxy import TrafficCount
 from zorba_lab.record import RunRecord, read_record
 

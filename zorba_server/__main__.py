@@ -1,5 +1,5 @@
 """`python -m zorba_server`: the same as the `zorba-server` command."""
 
-from zorba_server.cli import main
+from zorba_common.roles import launch
 
-raise SystemExit(main())
+raise SystemExit(launch("zorba-server"))

@@ -19,20 +19,10 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from zorba_common.schema import (
-    CONTENT_TYPE,
-    MAX_COUNTER,
-    MAX_REGISTER_BYTES,
-    MAX_REPORT_BYTES,
-    MAX_WEIGHTS_BYTES,
-    ErrorBody,
-    RegisterRequest,
-    Report,
-    SchemaError,
-    decode,
-    encode,
-)
-from zorba_common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
+from zorba_common.codec import CONTENT_TYPE, SchemaError, decode, encode
+from zorba_common.limits import MAX_COUNTER, MAX_REGISTER_BYTES, MAX_REPORT_BYTES, MAX_WEIGHTS_BYTES
+from zorba_common.messages import ErrorBody, RegisterRequest, Report
+from zorba_common.weight_files import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
 from zorba_server import errors, metrics, run_lock, status_page
 from zorba_server.config import ServerConfig
 from zorba_server.coordinator import Coordinator

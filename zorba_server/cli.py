@@ -16,7 +16,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from zorba_common.schema import ESTIMATORS
+from zorba_common.roles import docs_location, version_text
+from zorba_common.run_defaults import ESTIMATORS
 from zorba_server import store_tools
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.app import create_app
@@ -46,10 +47,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "ZORBA_ENROLMENT_SECRET environment variable. Tools: `zorba-server check --db DB` "
         "(check a run database), `zorba-server backup --db DB --out FILE`, `zorba-server secret` "
         "(a fresh enrolment secret).",
+        epilog=f"User's guide: {docs_location()} (operating a server: server.md).",
     )
+    p.add_argument("--version", action="version", version=version_text("zorba-server"))
     p.add_argument("--config", metavar="FILE",
                    help="TOML config file with [server], [storage], [run], [aggregation] and "
-                   "[scheduler] sections (see docs/protocol.md); flags below override it")
+                   "[scheduler] sections (the user's guide, server.md); flags below override it")
     g = p.add_argument_group("listening")
     g.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for a LAN)")
     g.add_argument("--port", type=int, help="TCP port (default 8470; 0: any free port, printed)")

@@ -23,14 +23,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from zorba_common.schema import (
-    NextRound,
-    RegisterRequest,
-    RegisterResponse,
-    Report,
-    ReportAck,
-    encode,
-)
+from zorba_common.codec import encode
+from zorba_common.messages import NextRound, RegisterRequest, RegisterResponse, Report, ReportAck
 from zorba_server.broadcast import Broadcast
 from zorba_server.config import ServerConfig
 from zorba_server.engine import OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed

@@ -28,23 +28,17 @@ from typing import Any
 import numpy as np
 
 from zorba_common.memory_model import LinearMemoryModel, ModelFootprint, usable_budget
-from zorba_common.schema import (
-    AlphaDelta,
-    AlphaState,
-    DeviceProfile,
-    HyperParams,
-    Report,
-    RunInfo,
-)
-from zorba_server import calibration, errors
+from zorba_common.messages import AlphaDelta, AlphaState, DeviceProfile, HyperParams, Report, RunInfo
+from zorba_server import calibration, errors, loss_drift
+from zorba_server import drift as drift_bound
 from zorba_server.aggregation import RoundDelta, apply_delta
+from zorba_server.block_energy import BlockEnergy
 from zorba_server.config import ServerConfig
 from zorba_server.loss_guard import (
     QUARANTINE_ROUNDS,
     Anchor,
     Plateau,
     advance,
-    backoff_factor,
     judge,
     rollback_delta,
     training_loss_jump,
@@ -64,11 +58,8 @@ from zorba_server.rounds import (
     slice_pool,
 )
 from zorba_server.scheduler import ClientSpec, Schedule, local_steps
+from zorba_server.step_size import StepSize
 
-# The step is multiplied by this for every round the loss guard rejects.
-LOSS_JUMP_BACKOFF = 0.5
-# ... and by this whenever the check losses have not improved for run.plateau_rounds rounds.
-PLATEAU_DECAY = 0.5
 
 @dataclass
 class OpenRound:
@@ -181,6 +172,15 @@ class RoundEngine:
         """Rounds without progress on the anchor, and the step cuts they made (after a
         restart: the cuts the last stored plan carries, counting afresh)."""
         self._previous: dict[str, frozenset[int]] = {}
+        self.step_size = StepSize(run.lr, run.lr_scaling, run.trust_radius)
+        """The one owner of the step size (zorba_server/step_size.py)."""
+        self.energy: BlockEnergy | None = None
+        """Per-block E[g^2] from the reported scalars (zorba_server/block_energy.py; None until
+        the model is pinned)."""
+        self.base_rms: tuple[float, ...] | None = None
+        """RMS of each block's base weights, where a shell that holds the model gives it (the
+        simulator): what run.max_drift is relative to (zorba_server/drift.py). None: the bound
+        is off, whatever run.max_drift says."""
 
     # ------------------------------------------------------------------ the model and its table
 
@@ -191,6 +191,7 @@ class RoundEngine:
         if alpha is None:
             alpha = np.zeros((self.pool_size, footprint.num_blocks))
         self.fingerprint, self.footprint, self.alpha = fingerprint, footprint, alpha
+        self.energy = BlockEnergy(footprint.block_params)
         return alpha
 
     def pin_first(self, profile: DeviceProfile) -> np.ndarray | None:
@@ -210,24 +211,27 @@ class RoundEngine:
 
     def hyper(self) -> HyperParams:
         run = self.config.run
-        return HyperParams(run.lr * self.lr_factor(), run.mu, run.batch_size, run.seq_len,
-                           run.estimator, run.directions, run.trust_radius)
+        return HyperParams(self.step_size.round_lr(*self._cuts()), run.mu, run.batch_size,
+                           run.seq_len, run.estimator, run.directions, self.step_size.trust_radius)
 
-    def lr_factor(self, *then: str) -> float:
-        """Halved for every round the loss guard rejected, recovering after sound rounds
-        (derived from the history: `loss_guard.backoff_factor`), and for every plateau (carried
-        by each round's plan), so a restarted server continues with the same step. `then`:
-        the statuses of rounds yet to close (the factor a rejection now would leave)."""
-        rejections = backoff_factor([*(h.status for h in self.history), *then], LOSS_JUMP_BACKOFF)
-        return rejections * PLATEAU_DECAY ** self._plateau.step_decays
+    def _cuts(self) -> tuple[tuple[str, ...], int]:
+        """(the closed rounds' statuses, plateau cuts): the loss guard's rejections and
+        recoveries are derived from the history, the cuts carried by each round's plan, so a
+        restarted server continues with the same step."""
+        return tuple(h.status for h in self.history), self._plateau.step_decays
+
+    def lr_factor(self) -> float:
+        """What the cuts have left of run.lr (StepSize.factor)."""
+        return self.step_size.factor(*self._cuts())
 
     def lr_scale(self, blocks: Sequence[int]) -> float:
-        """A client's step scale: mean block size / parameters it perturbs (docs/learning.md)."""
+        """A client's step scale (StepSize.client_scale)."""
         if self.config.run.lr_scaling == "none":
             return 1.0
         assert self.footprint is not None
-        params = self.footprint.block_params
-        return (sum(params) / len(params)) / sum(params[b] for b in blocks)
+        energy = self.energy.estimate() if self.energy is not None else None
+        return self.step_size.client_scale(self.footprint.block_params, blocks,
+                                           None if energy is None else energy.tolist())
 
     def run_info(self, run_id: str) -> RunInfo:
         run = self.config.run
@@ -398,7 +402,7 @@ class RoundEngine:
         if client_id in r.received:
             raise errors.conflict("already_reported",
                                   f"client {client_id} already reported for round {round_}")
-        if now >= r.plan.deadline:
+        if now >= self.closes_at(r.plan):
             raise round_closed(round_)
         check_report(r.plan, client_id, report, max_abs_scalar=self.config.aggregation.max_abs_scalar,
                      weights_only=self.weights_only)
@@ -430,14 +434,21 @@ class RoundEngine:
 
     # ------------------------------------------------------------------ closing a round
 
+    def closes_at(self, plan: RoundPlan) -> float:
+        """When a round closes at the latest: its deadline plus run.report_grace_s, so that a
+        report already on its way at the deadline (a client that planned its steps to end by
+        then, and the upload and the store after them) still counts (issue 26, item 6)."""
+        return plan.deadline + self.config.run.report_grace_s
+
     def due(self, now: float, *, committing: bool = False) -> bool:
-        """The open round should close: every assigned client reported (or left), or the deadline
-        passed. `committing`: reports are still being committed (a durable shell's); the round
-        waits for them until its deadline (a close then waits for the commits to land)."""
+        """The open round should close: every assigned client reported (or left), or its
+        closing time passed (`closes_at`). `committing`: reports are still being committed (a
+        durable shell's); the round waits for them until then (a close then waits for the
+        commits to land)."""
         r = self.open
         if r is None:
             return False
-        if now >= r.plan.deadline:
+        if now >= self.closes_at(r.plan):
             return True
         # A client that left or was dropped will not report: no waiting.
         waiting = [cid for cid in r.plan.clients if cid not in r.received
@@ -445,9 +456,10 @@ class RoundEngine:
         return not waiting and not committing
 
     def time_left(self, now: float) -> float | None:
-        """Seconds until the open round's deadline (0 once it passed); None: no round is open."""
+        """Seconds until the open round closes at the latest (0 once it passed; `closes_at`);
+        None: no round is open."""
         r = self.open
-        return None if r is None else max(0.0, r.plan.deadline - now)
+        return None if r is None else max(0.0, self.closes_at(r.plan) - now)
 
     def decide_close(self, now: float) -> RoundClosure:
         """What closing the open round changes; nothing is applied yet."""
@@ -467,10 +479,17 @@ class RoundEngine:
             if guard.rejection is not None:
                 outcome = dataclasses.replace(outcome, status=REJECTED, delta=None, message=(
                     f"{guard.rejection}; the step is halved to "
-                    f"{self.config.run.lr * self.lr_factor(REJECTED):.3g} for the next rounds"))
+                    f"{self.step_size.after_backoff(*self._cuts()):.3g} for the next rounds"))
                 plateau = Plateau(0, plateau.step_decays)
             else:
                 change = outcome.delta
+                if change is not None and self.base_rms is not None and self.config.run.max_drift > 0:
+                    change, scaled = drift_bound.bounded(self.alpha, change, self.base_rms,
+                                                         self.config.run.max_drift)
+                    if scaled:
+                        note = drift_bound.describe(scaled, self.config.run.max_drift)
+                        outcome = dataclasses.replace(outcome, delta=change, message=(
+                            f"{outcome.message}; {note}" if outcome.message else note))
                 plateau = plateau.after(guard.progressed, self.config.run.plateau_rounds)
                 step_cut = plateau.step_decays > self._plateau.step_decays
                 if step_cut:
@@ -496,7 +515,7 @@ class RoundEngine:
         assert self._anchor is not None
         cut = (f"the clients' check losses have not improved on version {self._anchor.version}'s "
                f"for {run.plateau_rounds} rounds: the step is cut to "
-               f"{run.lr * self.lr_factor() * PLATEAU_DECAY:.3g} for the next rounds")
+               f"{self.step_size.after_plateau(*self._cuts()):.3g} for the next rounds")
         return f"{outcome.message}; {cut}" if outcome.message else cut
 
     def guard_quarantined(self) -> set[str]:
@@ -518,24 +537,31 @@ class RoundEngine:
         assert self.alpha is not None
         run = self.config.run
         tolerance = run.loss_jump_tolerance
-        if tolerance <= 0 and run.plateau_rounds <= 0:
+        if tolerance <= 0 and run.plateau_rounds <= 0 and run.loss_drift_rounds <= 0:
             return GuardResult()
         quarantined = self.guard_quarantined()
         checks = {cid: loss for cid, loss in checks.items() if cid not in quarantined}
         verdict = judge(self._anchor, checks, weights, tolerance) if self._anchor else None
         outliers = verdict.outliers if verdict is not None else ()
-        if tolerance > 0 and verdict is not None and verdict.regressed:
+        statuses, decays = self._cuts()
+        drift = verdict is not None and self._anchor is not None and loss_drift.drifted(
+            verdict, self._anchor.version, self.version, run.loss_drift_rounds,
+            run.loss_drift_tolerance)
+        if verdict is not None and (drift or (tolerance > 0 and verdict.regressed)):
             anchor = self._anchor
             assert anchor is not None
+            jumped = tolerance > 0 and verdict.regressed
+            why = (loss_drift.message(verdict, anchor.version, self.version) if not jumped else
+                   f"the clients' check loss rose from {verdict.before:.4g} (version "
+                   f"{anchor.version}) to {verdict.now:.4g} (version {self.version})")
             return GuardResult(anchor, rollback_delta(self.alpha, anchor.alpha), (
-                f"the clients' check loss rose from {verdict.before:.4g} (version "
-                f"{anchor.version}) to {verdict.now:.4g} (version {self.version}; {verdict.rising} "
-                f"of {verdict.judged} clients past the tolerance): this round is "
-                f"not applied and the table is rolled back to version {anchor.version}; the "
-                f"step is halved (x{self.lr_factor(REJECTED):g} of run.lr from the "
-                "next round). Rounds rejected again and again mean run.lr is far too large for "
-                "this model: lower it, or use run.estimator = 'normalised', whose step does not "
-                "grow with the model's gradient scale (docs/learning.md)"), outliers=outliers)
+                f"{why}; {verdict.rising} of {verdict.judged} clients past the tolerance: this "
+                f"round is not applied and the table is rolled back to version {anchor.version}; "
+                f"the step is halved (x{self.step_size.factor([*statuses, REJECTED], decays):g} "
+                "of run.lr from the next round). Rounds rejected again and again mean run.lr is "
+                "far too large for this model: lower it, or use run.estimator = 'normalised', "
+                "whose step does not grow with the model's gradient scale (docs/learning.md)"),
+                outliers=outliers)
         anchor = None
         if checks and (self._anchor is None or verdict is None or verdict.improved):
             # An implausible value does not anchor: the next one is measured against the last
@@ -560,6 +586,11 @@ class RoundEngine:
 
     def apply_close(self, closure: RoundClosure) -> None:
         plan, outcome = closure.plan, closure.outcome
+        if self.open is not None and self.open.plan.round == plan.round and self.energy is not None:
+            # Every report's scalars measured the round's base model, whatever the round's fate.
+            for cid, rec in sorted(self.open.received.items()):
+                self.energy.observe(plan.round, plan.clients[cid].blocks,
+                                    [g for _, g in rec.report.steps])
         if closure.delta is not None and closure.alpha is not None:
             self.alpha, self.version = closure.alpha, closure.delta.version
             self.deltas.append(closure.delta)

@@ -1,4 +1,5 @@
-"""Who may join a run, and how a client proves who it is afterwards (pure: no I/O).
+"""Registration: the run's secret and protocol version, and the bearer token a client proves
+who it is with afterwards (pure: no I/O). Whether its device can train is members.py.
 
 A client registers with the run's enrolment secret, speaking this server's protocol; it gets
 a client id and a bearer token. Only the token's hash is kept (the store holds the hashes),
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from zorba_common.schema import PROTOCOL_VERSION, RegisterRequest
+from zorba_common.messages import PROTOCOL_VERSION, RegisterRequest
 from zorba_server import errors
 
 M = TypeVar("M")

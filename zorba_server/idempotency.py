@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 
-from zorba_common.schema import Report, ReportAck, encode
+from zorba_common.codec import encode
+from zorba_common.messages import Report, ReportAck
 from zorba_server import errors
 from zorba_server.rounds import ReceivedReport
 from zorba_server.storage.store import StoredReport

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from zorba_server.aggregation import RoundDelta
-from zorba_server.rounds import APPLIED, REJECTED, ReceivedReport
+from zorba_server.rounds import ReceivedReport
 
 LOSS_SCALE_FLOOR = math.log(2)
 """The smallest loss a rise is measured against: a coin flip between two labels. Below it a
@@ -214,32 +214,6 @@ def mean_of(pairs: Iterable[tuple[float, float]]) -> float:
 
 def count(flags: Sequence[tuple[float, bool]]) -> int:
     return sum(1 for _, f in flags if f)
-
-
-STEP_RECOVERY_ROUNDS = 5
-"""Applied rounds in a row after which one halving of the step by a rejection is undone: a
-rejection once halved the step for good, and a run whose early rounds were rejected crawled
-for the rest of it (issue 27)."""
-STEP_FLOOR = 1 / 32
-"""The smallest factor rejections bring run.lr to (five halvings): below it a round moves the
-model too little to tell, and the guard's rollbacks already keep a step that is too large from
-doing harm."""
-
-
-def backoff_factor(statuses: Iterable[str], backoff: float) -> float:
-    """The step factor the loss guard's rejections leave after the closed rounds' `statuses`
-    (in order): x`backoff` per rejected round, not below STEP_FLOOR; back up by 1/`backoff`
-    after every STEP_RECOVERY_ROUNDS applied rounds in a row, up to 1. Derived from the
-    history alone, so a restarted server continues with the same step."""
-    factor, streak = 1.0, 0
-    for status in statuses:
-        if status == REJECTED:
-            factor, streak = max(STEP_FLOOR, factor * backoff), 0
-        elif status == APPLIED:
-            streak += 1
-            if streak >= STEP_RECOVERY_ROUNDS and factor < 1.0:
-                factor, streak = min(1.0, factor / backoff), 0
-    return factor
 
 
 @dataclass(frozen=True)

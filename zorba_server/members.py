@@ -1,4 +1,6 @@
-"""Who may join a run, and what the engine knows of each member (pure).
+"""What the engine knows of each member, and whether its device can train in this run (pure).
+
+(Who may *register*, with the run's secret and a bearer token, is enrolment.py.)
 
 One admission rule: a device joins when it runs the run's model and the usable part of its
 memory budget (all but run.memory_headroom) holds at least the cheapest block under the shared
@@ -12,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from zorba_common.memory_model import LinearMemoryModel, ModelFootprint, linear_memory_model
-from zorba_common.schema import DeviceProfile
+from zorba_common.messages import DeviceProfile
 from zorba_server import errors
 from zorba_server.config import RunConfig
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from zorba_common.schema import FINISHED, TRAIN, WAIT, NextRound
+from zorba_common.messages import FINISHED, TRAIN, WAIT, NextRound
 from zorba_server import errors
 
 if TYPE_CHECKING:

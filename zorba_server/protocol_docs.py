@@ -1,11 +1,11 @@
 """The wire contract from one source: docs/protocol.md's reference tables and
-docs/protocol.schema.json, generated from `zorba_common.schema` (and the `[run]` table
+docs/protocol.schema.json, generated from `zorba_common.messages` (and the `[run]` table
 from `zorba_server.config.RunConfig`, the aggregation rules from `zorba_server.aggregation_rules`).
 
     python -m zorba_server.protocol_docs           # rewrite both files
     python -m zorba_server.protocol_docs --check   # exit 1 when either is stale
 
-Each field's meaning, unit and limits are metadata on the dataclass field (`schema.wire`);
+Each field's meaning, unit and limits are metadata on the dataclass field (`codec.wire`);
 the decoder enforces the same metadata, so the documents cannot promise what the code does
 not check. The generated parts of protocol.md sit between `<!-- generated:NAME -->` and
 `<!-- end generated:NAME -->`; everything else in the file is written by hand.
@@ -30,7 +30,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from zorba_common import schema
+from zorba_common import codec, limits, messages
 from zorba_common.memory_model import ModelFootprint
 from zorba_server.aggregation_rules import RULES, describe
 from zorba_server.config import RunConfig
@@ -41,23 +41,23 @@ PROTOCOL_MD = Path("docs/protocol.md")
 SCHEMA_JSON = Path("docs/protocol.schema.json")
 
 _FOOTPRINT = ModelFootprint((1000, 1000), (900, 900), 5000, 16, 100, 2, 32)
-_HYPER = schema.HyperParams(1e-6, 1e-3, 8, 64)
-_RUN = schema.RunInfo("run-3f2a", 42, 1024, 2, "sha256:9c1e", _HYPER, 300.0, 25.0, 1e6)
-_ASSIGNMENT = schema.Assignment(7, 5, (1,), (17, 903, 17), _HYPER, 287.5, 1_764_000_000.0)
+_HYPER = messages.HyperParams(1e-6, 1e-3, 8, 64)
+_RUN = messages.RunInfo("run-3f2a", 42, 1024, 2, "sha256:9c1e", _HYPER, 300.0, 25.0, 1e6)
+_ASSIGNMENT = messages.Assignment(7, 5, (1,), (17, 903, 17), _HYPER, 287.5, 1_764_000_000.0)
 EXAMPLES: dict[type, Any] = {
-    schema.RegisterRequest: schema.RegisterRequest("the-enrolment-secret", schema.DeviceProfile(
-        "cpu", 3 * 2**30, 0.42, 2000, _FOOTPRINT, "sha256:9c1e", schema.MemoryProfile(),
+    messages.RegisterRequest: messages.RegisterRequest("the-enrolment-secret", messages.DeviceProfile(
+        "cpu", 3 * 2**30, 0.42, 2000, _FOOTPRINT, "sha256:9c1e", messages.MemoryProfile(),
         "laptop")),
-    schema.RegisterResponse: schema.RegisterResponse("c-5b1d", "tok-8f0e", _RUN),
-    schema.NextRound: schema.NextRound(schema.TRAIN, 5, _ASSIGNMENT, (
-        schema.AlphaDelta.from_matrix(5, 6, (4, 88), (0, 1), np.array([[1e-6, 0], [-2e-6, 5e-7]])),
+    messages.RegisterResponse: messages.RegisterResponse("c-5b1d", "tok-8f0e", _RUN),
+    messages.NextRound: messages.NextRound(messages.TRAIN, 5, _ASSIGNMENT, (
+        messages.AlphaDelta.from_matrix(5, 6, (4, 88), (0, 1), np.array([[1e-6, 0], [-2e-6, 5e-7]])),
     )),
-    schema.Report: schema.Report("7d0c9a1e", 5, ((17, 0.125), (903, -0.5), (17, 0.03125)), 24,
+    messages.Report: messages.Report("7d0c9a1e", 5, ((17, 0.125), (903, -0.5), (17, 0.03125)), 24,
                                  2.31, 2.25, 2_750_000_000, 0.44),
-    schema.ReportAck: schema.ReportAck(7, "7d0c9a1e", 1_764_000_123.5),
-    schema.AlphaState: schema.AlphaState("run-3f2a", 5, 2, 2,
+    messages.ReportAck: messages.ReportAck(7, "7d0c9a1e", 1_764_000_123.5),
+    messages.AlphaState: messages.AlphaState("run-3f2a", 5, 2, 2,
                                          np.array([[0.0, 1e-6], [-2e-6, 0.0]]).tobytes()),
-    schema.ErrorBody: schema.ErrorBody("round_closed", "round 7 closed: its reports were "
+    messages.ErrorBody: messages.ErrorBody("round_closed", "round 7 closed: its reports were "
                                        "aggregated without this one; poll for the next round"),
 }
 
@@ -80,14 +80,14 @@ def message_types() -> list[type]:
         for arg in typing.get_args(tp):
             visit(arg)
 
-    for message in schema.MESSAGES:
+    for message in messages.MESSAGES:
         visit(message)
     return seen
 
 
 def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any, dict[str, Any]]]:
     hints = typing.get_type_hints(cls)
-    return [(f, hints[f.name], dict(schema.field_meta(cls, f))) for f in dataclasses.fields(cls)]
+    return [(f, hints[f.name], dict(f.metadata)) for f in dataclasses.fields(cls)]
 
 
 def _optional_inner(tp: Any) -> Any | None:
@@ -139,7 +139,7 @@ def _limits_text(tp: Any, meta: dict[str, Any]) -> str:
     if unit and "choices" not in meta:
         if meta.get("min_len"):
             parts.append(f"at least {meta['min_len']} {unit}")
-        default = schema.MAX_STR_LEN if tp is str else schema.MAX_SEQUENCE_LEN
+        default = limits.MAX_STR_LEN if tp is str else limits.MAX_SEQUENCE_LEN
         parts.append(f"at most {_number(meta.get('max_len') or default)} {unit}")
     if sequence:
         item = dict(meta.get("item", ()))
@@ -176,7 +176,7 @@ def message_tables() -> str:
             out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         example = EXAMPLES.get(cls)
         if example is not None:
-            body = schema.encode(example)
+            body = codec.encode(example)
             out += ["", f"Example (JSON view; `bin` fields shown as base64), {len(body)} bytes "
                     "of msgpack:", "", "```json", _json_view(example), "```", "",
                     "```text", _hex(body), "```"]
@@ -194,7 +194,7 @@ def _json_view(message: Any) -> str:
             return [plain(x) for x in v]
         return v
 
-    text = json.dumps(plain(msgpack.unpackb(schema.encode(message))), indent=1)
+    text = json.dumps(plain(msgpack.unpackb(codec.encode(message))), indent=1)
     # Short arrays of numbers on one line: the examples stay readable.
     return re.sub(r"\[\s+([-\d.e, \n]+?)\s+\]",
                   lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
@@ -259,7 +259,7 @@ def _json_type(tp: Any, meta: dict[str, Any]) -> dict[str, Any]:
         if len(args) == 2 and args[1] is Ellipsis:
             item = dict(meta.get("item", ())) | ({"gradient": True} if meta.get("gradient") else {})
             out = {"type": "array", "items": _json_type(args[0], item),
-                   "maxItems": meta.get("max_len") or schema.MAX_SEQUENCE_LEN}
+                   "maxItems": meta.get("max_len") or limits.MAX_SEQUENCE_LEN}
             if meta.get("min_len"):
                 out["minItems"] = meta["min_len"]
             return out
@@ -277,12 +277,12 @@ def _json_type(tp: Any, meta: dict[str, Any]) -> dict[str, Any]:
     if tp is str:
         if "choices" in meta:
             return {"type": "string", "enum": list(meta["choices"])}
-        out = {"type": "string", "maxLength": meta.get("max_len") or schema.MAX_STR_LEN}
+        out = {"type": "string", "maxLength": meta.get("max_len") or limits.MAX_STR_LEN}
         if meta.get("min_len"):
             out["minLength"] = meta["min_len"]
         return out
     if tp is bytes:
-        return {"x-msgpack": "bin", "x-maxBytes": meta.get("max_len") or schema.MAX_SEQUENCE_LEN}
+        return {"x-msgpack": "bin", "x-maxBytes": meta.get("max_len") or limits.MAX_SEQUENCE_LEN}
     raise TypeError(f"no JSON Schema for {tp!r}")
 
 
@@ -306,14 +306,14 @@ def json_schema() -> dict[str, Any]:
                               "required": required, "additionalProperties": False}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": f"zorba-edge wire protocol v{schema.PROTOCOL_VERSION}",
+        "title": f"zorba-edge wire protocol v{messages.PROTOCOL_VERSION}",
         "description": (
             "Every body is one msgpack map (Content-Type: application/msgpack) whose structure "
             "this schema states in JSON terms. `x-msgpack: bin` marks msgpack binary fields "
             "(limit `x-maxBytes`); integers are msgpack ints (a bool is not one); a float "
             "field also takes an int; no NaN or infinity anywhere; a map must not repeat a "
             "key. Generated by `python -m zorba_server.protocol_docs`: do not edit."),
-        "oneOf": [{"$ref": f"#/$defs/{m.__name__}"} for m in schema.MESSAGES],
+        "oneOf": [{"$ref": f"#/$defs/{m.__name__}"} for m in messages.MESSAGES],
         "$defs": defs,
     }
 

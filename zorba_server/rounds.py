@@ -1,4 +1,6 @@
-"""The round state machine (pure: no I/O, no clock of its own).
+"""One round's states and records: its plan, its reports, how it closes (pure: no I/O, no
+clock of its own). The policy across rounds (who trains, when a round opens or closes, the
+loss guard) is the round engine's, engine.py.
 
 A round is *open* from the moment its plan is stored until its deadline passes or every
 assigned client has reported; it then *closes* as
@@ -20,13 +22,16 @@ from typing import Any
 import numpy as np
 
 from zorba_common.errors import InvalidScalarError
-from zorba_common.schema import Assignment, HyperParams, Report
+from zorba_common.messages import Assignment, HyperParams, Report
 from zorba_server import errors
 from zorba_server.aggregation import Contribution, RoundDelta, aggregate, check_scalars
 from zorba_server.config import AggregationConfig
 
-APPLIED, FAILED, REJECTED, OPEN = "applied", "failed", "rejected", "open"
-"""`rejected`: enough reports, but the loss jumped; nothing applied and the step is halved."""
+# Re-exported: a round's record and its readers name the statuses through this module.
+from zorba_server.round_status import APPLIED as APPLIED  # noqa: I001
+from zorba_server.round_status import FAILED as FAILED
+from zorba_server.round_status import OPEN as OPEN
+from zorba_server.round_status import REJECTED as REJECTED
 
 
 @dataclass(frozen=True)

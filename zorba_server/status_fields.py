@@ -24,6 +24,11 @@ STATUS_FIELDS: dict[str, str] = {
     "hyper.loss_jump_tolerance": "The loss guard's tolerance (0: off).",
     "hyper.plateau_rounds": "run.plateau_rounds (0: the step never decays on a plateau).",
     "hyper.pool_slices": "run.pool_slices.",
+    "hyper.loss_drift_rounds": "The loss guard's slow rule: applied rounds above the anchor "
+                               "before a drift rolls back (0: off).",
+    "hyper.loss_drift_tolerance": "How far above the anchor's a drifting check loss may stand.",
+    "hyper.max_drift": "The drift bound on each block's distance from its base (0: off, or no "
+                       "base RMS known to this engine).",
     "hyper.round_duration_s": "Seconds from a round's opening to its deadline.",
     "hyper.max_steps": "Most local steps a client is assigned.",
     "pool_size": "K, rows of the coefficient table.",
@@ -43,6 +48,11 @@ STATUS_FIELDS: dict[str, str] = {
     "current_round.uncovered_blocks": "Blocks no admitted client could train this round.",
     "current_round.schedule_method": "How its assignment was solved (`milp`, a heuristic, a baseline).",
     "block_coverage": "Per block: clients training it in the open (else the last) round.",
+    "block_energy": "Each block's estimated E[g_b^2] (zorba_server/block_energy.py).",
+    "block_energy.e_g2": "The estimate per block (empty: none yet).",
+    "block_energy.rows": "Reported rows behind the estimate.",
+    "block_drift": "Per block: its distance from the base weights, relative to their norm "
+                   "(null: no base RMS known to this engine).",
     "clients": "Every registered client, in registration order.",
     "clients[].client_id": "Its id.",
     "clients[].name": "The name it registered with (may be empty).",

@@ -40,7 +40,9 @@ def render(status: dict[str, Any]) -> str:
     for b, n in enumerate(status["block_coverage"]):
         shade = "#cfc" if n else "#fcc"
         parts.append(f"<span class='cov' style='background:{shade}' title='block {b}'>{n}</span>")
-    parts.append("</p><h2>Loss</h2>")
+    parts.append("</p>")
+    parts.append(energy_html(status.get("block_energy", {})))
+    parts.append("<h2>Loss</h2>")
     parts.append(loss_svg([(r["round"], r["loss"]) for r in rounds if r["loss"] is not None]))
     parts.append("<h2>Clients</h2><table><tr><th>id</th><th>name</th><th>device</th>"
                  "<th>budget MiB</th><th>samples</th><th>blocks</th><th>step s</th>"
@@ -74,6 +76,20 @@ def render(status: dict[str, Any]) -> str:
     parts.append("</table><p><a href='/v1/status'>JSON</a> &middot; <a href='/metrics'>metrics</a>"
                  "</p></body></html>")
     return "".join(parts)
+
+
+def energy_html(energy: dict[str, Any]) -> str:
+    """Each block's estimated gradient energy E[g_b^2], as a share of the largest (a bar)."""
+    values = energy.get("e_g2") or []
+    if not values or max(values) <= 0:
+        return "<h2>Gradient energy per block</h2><p>no scalars reported yet</p>"
+    top = max(values)
+    bars = "".join(
+        f"<span class='cov' title='block {b}: E[g^2] {v:.4g}' style='background:#36c;"
+        f"height:{max(1, round(40 * v / top))}px;vertical-align:bottom'></span>"
+        for b, v in enumerate(values))
+    return (f"<h2>Gradient energy per block</h2><p>E[g_b^2] estimated from "
+            f"{energy.get('rows', 0)} reports (largest {top:.4g}):</p><p>{bars}</p>")
 
 
 def loss_svg(points: list[tuple[int, float]]) -> str:

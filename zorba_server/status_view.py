@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from zorba_server.drift import block_drift
 from zorba_server.engine import RoundEngine
 from zorba_server.traffic import ClientTraffic
 
@@ -42,6 +43,10 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
                   "lr_factor": engine.lr_factor(), "lr_scaling": run.lr_scaling,
                   "loss_jump_tolerance": run.loss_jump_tolerance,
                   "plateau_rounds": run.plateau_rounds, "pool_slices": run.pool_slices,
+                  "loss_drift_rounds": run.loss_drift_rounds,
+                  "loss_drift_tolerance": run.loss_drift_tolerance,
+                  # The bound acts only where the engine knows the blocks' base RMS.
+                  "max_drift": run.max_drift if engine.base_rms is not None else 0.0,
                   "round_duration_s": run.round_duration_s, "max_steps": run.max_steps},
         "pool_size": engine.pool_size,
         "num_blocks": num_blocks, "model_fingerprint": engine.fingerprint,
@@ -49,6 +54,9 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
         "state": "round open" if r is not None else engine.idle_reason,
         "current_round": current,
         "block_coverage": coverage,
+        "block_energy": _block_energy(engine),
+        "block_drift": (None if engine.base_rms is None or engine.alpha is None else
+                        [round(float(d), 5) for d in block_drift(engine.alpha, engine.base_rms)]),
         "clients": [
             {"client_id": m.client_id, "name": m.profile.name,
              "device": m.profile.device_type, "budget_bytes": m.profile.memory_budget_bytes,
@@ -82,3 +90,11 @@ def _round_bytes(traffic: ClientTraffic | None) -> dict[str, int | None]:
     last = traffic.last_round if traffic is not None else None
     return {"last_round_bytes_up": last.up if last is not None else None,
             "last_round_bytes_down": last.down if last is not None else None}
+
+
+def _block_energy(engine: RoundEngine) -> dict[str, Any]:
+    """Each block's estimated E[g_b^2] (zorba_server/block_energy.py) and the rows behind it."""
+    energy = engine.energy
+    if energy is None:
+        return {"e_g2": [], "rows": 0}
+    return {"e_g2": [float(v) for v in energy.estimate()], "rows": len(energy.rows)}

@@ -9,12 +9,12 @@ import asyncio
 from collections.abc import AsyncIterable
 from pathlib import Path
 
-from zorba_common.schema import MAX_WEIGHTS_BYTES
+from zorba_common.limits import MAX_WEIGHTS_BYTES
 from zorba_server import errors
 from zorba_server.config import ConfigError, ServerConfig
 from zorba_server.engine import OpenRound, RoundClosure, RoundEngine, round_closed
 from zorba_server.storage import is_postgres_url
-from zorba_server.weights import Upload, WeightStore
+from zorba_server.weight_store import Upload, WeightStore
 
 
 def weight_rounds(config: ServerConfig, engine: RoundEngine) -> WeightRounds | NoWeights:
@@ -42,7 +42,7 @@ class WeightRounds:
     async def receive(self, r: OpenRound | None, round_: int, client_id: str, *, busy: bool,
                       reported: bool, now: float, chunks: AsyncIterable[bytes]) -> int:
         """A client's trained weights for the open round `r` (`busy`: it is closing)."""
-        if r is None or r.plan.round != round_ or busy or now >= r.plan.deadline:
+        if r is None or r.plan.round != round_ or busy or now >= self._engine.closes_at(r.plan):
             raise round_closed(round_)
         if client_id not in r.plan.clients:
             raise errors.conflict("not_assigned",

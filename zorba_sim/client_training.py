@@ -13,12 +13,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from zorba_common.schema import Assignment, RunInfo
+from zorba_common.messages import Assignment, RunInfo
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.trainer import LocalRoundResult, StepGate, first_steps, run_local_steps
 from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_
 from zorba_edge.engine.directions import BlockTensors
-from zorba_edge.engine.zo import SnapshotBuffers
+from zorba_edge.engine.snapshot import SnapshotBuffers
 from zorba_edge.model.loading import LoadedModel
 from zorba_server.engine import RoundClosure, RoundEngine
 

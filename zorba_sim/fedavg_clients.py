@@ -3,7 +3,7 @@
 Per round, each client in turn installs the round's global block weights into the one model,
 runs the real fedavg client's local loop (`zorba_edge.client.fedavg.run_adamw_steps`), and,
 when its report will reach the server, leaves a copy of its trained weights (float32, what
-it would upload). At the close the server's own average (`zorba_server.weights.
+it would upload). At the close the server's own average (`zorba_server.weight_store.
 weighted_average`, the clients' registered sample counts as weights, in client-id order)
 becomes the model's new global weights; a round that does not apply leaves them as they were.
 
@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from zorba_common.schema import Assignment, RunInfo
-from zorba_common.weights import tensor_key
+from zorba_common.messages import Assignment, RunInfo
+from zorba_common.weight_files import tensor_key
 from zorba_edge.client.fedavg import run_adamw_steps
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.trainer import LocalRoundResult, first_steps
 from zorba_edge.model.loading import LoadedModel
 from zorba_server.engine import RoundClosure, RoundEngine
-from zorba_server.weights import weighted_average
+from zorba_server.weight_store import weighted_average
 
 Weights = dict[str, np.ndarray]
 """tensor_key(block, name) -> float32 array: every block's trainable parameters."""

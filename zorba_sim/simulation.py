@@ -41,27 +41,22 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from zorba_common.schema import (
-    FEDAVG,
-    FEDZO_FULL,
-    TRAIN,
-    Assignment,
-    DeviceProfile,
-    MemoryProfile,
-    NextRound,
-    Report,
-    encode,
-)
+from zorba_common.codec import encode
+from zorba_common.messages import TRAIN, Assignment, DeviceProfile, MemoryProfile, NextRound, Report
+from zorba_common.run_defaults import CENTRAL_MEZO, CPU_FROZEN_DTYPE, FEDZO_FULL
 from zorba_edge.client.assembly import client_task_seed, footprint_of
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.data.examples import ClassificationExample
 from zorba_edge.data.splits import dirichlet_label_split
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
+from zorba_edge.engine.bias_floor import FIT_EXAMPLES, bias_floor_accuracy, score_examples
 from zorba_edge.engine.directions import BlockTensors
+from zorba_edge.engine.fluency import FLUENCY_TOLERANCE, broken, generic_batch, generic_loss
 from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model
 from zorba_edge.model.sources import ModelSource
 from zorba_server.config import MAX_STEPS, ServerConfig
+from zorba_server.drift import block_drift
 from zorba_server.engine import RoundEngine
 from zorba_server.errors import Refusal
 from zorba_server.members import Member
@@ -70,13 +65,6 @@ from zorba_sim.adversary import Adversary
 from zorba_sim.client_training import ClientTraining, ZOClients
 from zorba_sim.fedavg_clients import FedAvgClients
 from zorba_sim.fleet import DeviceClass, DeviceGroup, Fleet, FleetError
-
-CENTRAL_MEZO = "central-mezo"
-"""One client holding all the data trains every block with the same estimator: the
-"federation costs nothing" reference for zeroth-order methods."""
-ZO_SIM_MODES = ("zorba", "zorba-uniform", "fedzo-full", CENTRAL_MEZO)
-"""The zeroth-order modes (a comparison's default)."""
-SIM_MODES = (*ZO_SIM_MODES, FEDAVG)
 
 CENTRAL_DEVICE = DeviceClass("central", 1 << 50, speed=1.0, upload_mbps=1e6, download_mbps=1e6,
                              source="one device holding all data and memory: no federation")
@@ -91,22 +79,30 @@ class SimulationConfig:
     reference_step_s: float | None = None
     """Virtual seconds of one step on a speed-1.0 device (in fedavg one AdamW step, in the
     zeroth-order modes one pool index); None: measured on this machine."""
-    mode: str = "zorba"
-    """A run mode, or central-mezo."""
+    central: bool = False
+    """central-mezo: one client holding all the data trains every block (the fleet is
+    replaced); otherwise the mode is the server's `run.mode`."""
     dirichlet_alpha: float = 0.5
     data_seed: int = 0
-    memory: MemoryProfile = MemoryProfile(frozen_dtype="bf16", frozen_other_dtype="fp32")
+    memory: MemoryProfile = MemoryProfile(frozen_dtype=CPU_FROZEN_DTYPE, frozen_other_dtype="fp32")
     """How every virtual device would hold the model (what its budget is checked against)."""
     eval_every: int = 1
     device: str = "cpu"
+    fluency_tolerance: float = FLUENCY_TOLERANCE
+    """The fluency watch: at each evaluation, a generic-text loss more than this fraction above
+    the base model's rolls the table back to the last evaluated version within it and stops
+    the run (0: off; zeroth-order modes; zorba_edge/engine/fluency.py)."""
 
     def __post_init__(self) -> None:
-        if self.mode not in SIM_MODES:
-            raise ValueError(f"unknown mode {self.mode!r}: use one of {', '.join(SIM_MODES)}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.reference_step_s is not None and not self.reference_step_s > 0:
             raise ValueError(f"reference_step_s must be positive, got {self.reference_step_s}")
+
+    @property
+    def mode(self) -> str:
+        """The simulated mode: the run's, or central-mezo."""
+        return CENTRAL_MEZO if self.central else self.server.run.mode
 
 
 @dataclass
@@ -145,9 +141,17 @@ class RoundRecord:
     """Batches of this round whose step the trust region scaled down (every client)."""
     lr: float | None = None
     """The round's step size (run.lr after the loss guard's and the plateaus' cuts)."""
-    check_loss: float | None = None
-    """The reporting clients' check-batch losses at the round's base version, weighted as
-    the loss guard weighs them."""
+    loss_check: float | None = None
+    """The reporting clients' `Report.loss_check` (check-batch loss at the round's base
+    version), weighted as the loss guard weighs them."""
+    generic_loss: float | None = None
+    """Next-token loss on the packaged generic text, measured with the accuracy (the fluency
+    watch)."""
+    stopped: str | None = None
+    """Why the run stopped after this round (the fluency watch), or None."""
+    drift_max: float | None = None
+    """The largest block drift of base + alpha after the round: |theta_b - theta0_b| /
+    |theta0_b| (zorba_server/drift.py), in the zeroth-order modes."""
 
 
 @dataclass
@@ -168,6 +172,12 @@ class Simulation:
     adversaries: dict[str, Adversary] = field(default_factory=dict)
     """Client id -> what replaces its honest report before the engine sees it
     (zorba_sim/adversary.py; empty: every client is honest). Not in checkpoints."""
+    generic: Any = None
+    """The generic-text batch the fluency watch scores (None: the watch is off)."""
+    base_generic_loss: float | None = None
+    fluent: tuple[int, np.ndarray] | None = None
+    """The last evaluated version whose generic-text loss was within the tolerance, and its
+    table: what the watch rolls back to (the base model's until a round is evaluated)."""
 
     # ------------------------------------------------------------------ building
 
@@ -176,10 +186,8 @@ class Simulation:
               train: Sequence[ClassificationExample], heldout: Sequence[ClassificationExample], *,
               template: PromptTemplate = SENTIMENT_TEMPLATE, eval_batch_size: int = 16) -> Simulation:
         server = config.server
-        if config.mode == CENTRAL_MEZO:
+        if config.central:
             fleet, server = central_mezo(fleet, server)
-        elif config.mode != server.run.mode:
-            server = dataclasses.replace(server, run=dataclasses.replace(server.run, mode=config.mode))
         config = dataclasses.replace(config, server=server)
         devices = fleet.devices()
         labels = [e.label for e in train]
@@ -221,6 +229,14 @@ class Simulation:
             FedAvgClients(loaded, config.device) if engine.weights_only
             else ZOClients(loaded, run.seed, config.device))
         sim = cls(config, source, engine, loaded, clients, batches, training, reference_step_s=0.0)
+        if not engine.weights_only:
+            # What run.max_drift is relative to; the watch's reference is the base model's loss.
+            engine.base_rms = _block_rms(sim.all_blocks())
+            if config.fluency_tolerance > 0:
+                sim.generic = generic_batch(tokenizer, run.seq_len).to(config.device)
+                sim.base_generic_loss = generic_loss(loaded.model, sim.generic)
+                assert engine.alpha is not None
+                sim.fluent = (0, engine.alpha.copy())
         sim.reference_step_s = config.reference_step_s or sim.measure_step_s()
         for cid, client in clients.items():
             step = sim.reference_step_s / client.device.speed
@@ -258,7 +274,7 @@ class Simulation:
     def run(self, progress: Callable[[RoundRecord], None] | None = None,
             checkpoint_dir: Path | None = None, stop_after: int | None = None) -> list[RoundRecord]:
         """Run the remaining rounds (checkpointing after each when a folder is given)."""
-        while len(self.records) < self.config.rounds:
+        while len(self.records) < self.config.rounds and not (self.records and self.records[-1].stopped):
             record = self.run_round()
             if checkpoint_dir is not None:
                 self.save_checkpoint(checkpoint_dir)
@@ -341,7 +357,8 @@ class Simulation:
             losses.append((float(report.num_samples), report.loss_mean))
             if report.loss_check is not None:
                 checks.append((cid, report.loss_check))
-        close_at = max(finished.values()) if len(finished) == len(plan.clients) else plan.deadline
+        close_at = (max(finished.values()) if len(finished) == len(plan.clients)
+                    else engine.closes_at(plan))
         closure = engine.decide_close(close_at)
         engine.apply_close(closure)
         training.close(closure, engine)
@@ -349,32 +366,72 @@ class Simulation:
         assigned = len(plan.clients)
         # The guard's own weights (each member's data size), not the examples of this round.
         check_weights = engine.sample_weights(cid for cid, _ in checks)
-        check_loss = _weighted_mean([(check_weights[cid], v) for cid, v in checks])
+        loss_check = _weighted_mean([(check_weights[cid], v) for cid, v in checks])
         return self._record(plan.round, closure.outcome.status, assigned, len(finished), dropped,
                             stragglers, _weighted_mean(losses), down_total / assigned,
                             up_total / assigned, started, shrunk, lr=plan.hyper.lr,
-                            check_loss=check_loss)
+                            loss_check=loss_check)
 
     def _record(self, round_: int, status: str, assigned: int, reports: int, dropped: int,
                 stragglers: int, loss: float | None, down: float, up: float,
                 started: float, shrunk_batches: int = 0, *, lr: float | None = None,
-                check_loss: float | None = None) -> RoundRecord:
+                loss_check: float | None = None) -> RoundRecord:
         record = RoundRecord(round_, status, self.engine.version, assigned, reports, dropped,
                              stragglers, self.clock, self.forwards, loss, down, up,
                              time.perf_counter() - started, shrunk_batches=shrunk_batches,
-                             lr=lr, check_loss=check_loss)
+                             lr=lr, loss_check=loss_check)
         published = record.version != (self.records[-1].version if self.records else 0)
+        if self.engine.base_rms is not None and self.engine.alpha is not None:
+            record.drift_max = float(block_drift(self.engine.alpha, self.engine.base_rms).max())
         self.records.append(record)
         # Evaluated whenever the round moved the model: an applied round, or the loss guard's
         # rollback (a rejected round that publishes the way back).
         if published and (len(self.records) % self.config.eval_every == 0
                           or len(self.records) == self.config.rounds):
             record.accuracy, record.eval_loss = self.evaluate()
+            self._watch_fluency(record)
         return record
+
+    def _watch_fluency(self, record: RoundRecord) -> None:
+        """Score the generic text; past the tolerance, roll the model and the table back to
+        the last fluent version and stop the run, saying so in the record."""
+        if self.generic is None or self.base_generic_loss is None or self.fluent is None:
+            return
+        record.generic_loss = generic_loss(self.loaded.model, self.generic)
+        if not broken(self.base_generic_loss, record.generic_loss, self.config.fluency_tolerance):
+            assert self.engine.alpha is not None
+            self.fluent = (record.version, self.engine.alpha.copy())
+            return
+        version, alpha = self.fluent
+        self.move_to_version_(self.version_state(), alpha)
+        self.engine.alpha = alpha.copy()
+        record.stopped = (
+            f"generation broke: the generic-text loss rose from {self.base_generic_loss:.4g} (base) "
+            f"to {record.generic_loss:.4g} (version {record.version}), more than "
+            f"{self.config.fluency_tolerance:.0%}; the table is rolled back to version {version}'s "
+            "and the run stops (lower run.lr, or set run.max_drift)")
+        record.accuracy, record.eval_loss = self.evaluate()
 
     def evaluate(self) -> tuple[float, float]:
         result = evaluate_classification(self.loaded.model, self.heldout)
         return result.accuracy, result.loss
+
+    def bias_floor(self, fit_examples: int = FIT_EXAMPLES, batch_size: int = 16,
+                   heldout: Sequence[Any] | None = None) -> float:
+        """The held-out accuracy (on `heldout` batches, else the simulation's own) of the model
+        as it stands with one offset per label fitted on a seeded sample of the clients'
+        training examples (engine/bias_floor.py). Called on the base model, before a round
+        moves it; no client's batch order moves."""
+        examples = [e for client in self.clients.values() for e in client.task.examples]
+        order = np.random.default_rng([self.config.data_seed, 1]).permutation(len(examples))
+        some = next(iter(self.clients.values())).task
+        task = LocalTask([examples[int(i)] for i in np.sort(order[:fit_examples])],
+                         some.tokenizer, some.template)
+        device = self.config.device
+        fit = score_examples(self.loaded.model, (b.to(device) for b in
+                                                 task.batches(batch_size, self.config.server.run.seq_len)))
+        scored = score_examples(self.loaded.model, self.heldout if heldout is None else heldout)
+        return bias_floor_accuracy(fit, scored)
 
     # ------------------------------------------------------------------ identity and checkpoints
 
@@ -440,6 +497,16 @@ class Simulation:
                 for name, tensor in named:
                     tensor.copy_(saved[f"{b}/{name}"])
         return True
+
+
+def _block_rms(blocks: BlockTensors) -> tuple[float, ...]:
+    """RMS of each block's weights, every tensor (what a direction perturbs), in float64."""
+    out = []
+    for b in sorted(blocks):
+        tensors = [t for _, t in blocks[b]]
+        squares = sum(float(t.detach().to(torch.float64).square().sum()) for t in tensors)
+        out.append(math.sqrt(squares / max(1, sum(t.numel() for t in tensors))))
+    return tuple(out)
 
 
 def central_mezo(fleet: Fleet, server: ServerConfig) -> tuple[Fleet, ServerConfig]:

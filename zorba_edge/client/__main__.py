@@ -1,5 +1,5 @@
 """`python -m zorba_edge.client`: the same as the `zorba-edge` command."""
 
-from zorba_edge.client.cli import main
+from zorba_common.roles import launch
 
-raise SystemExit(main())
+raise SystemExit(launch("zorba-edge"))

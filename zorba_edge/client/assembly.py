@@ -20,7 +20,8 @@ import torch
 
 from zorba_common.errors import DTypeError
 from zorba_common.memory_model import MemorySettings, ModelFootprint
-from zorba_common.schema import DeviceProfile, MemoryProfile, RegisterRequest, RunInfo
+from zorba_common.messages import DeviceProfile, MemoryProfile, RegisterRequest, RunInfo
+from zorba_common.run_defaults import CPU_FROZEN_DTYPE, CUDA_FROZEN_DTYPE
 from zorba_edge.client.admission import Admission, admit
 from zorba_edge.client.errors import BudgetError, UsageError
 from zorba_edge.client.local_task import LocalTask
@@ -70,19 +71,19 @@ def open_model(path: str | None, tokenizer_dir: str | None = None) -> FileSource
 
 
 def default_frozen_dtype(device: str) -> str:
-    """nf4 on CUDA where bitsandbytes works; bf16 elsewhere.
+    """CUDA_FROZEN_DTYPE (nf4) on CUDA where bitsandbytes works; CPU_FROZEN_DTYPE (bf16)
+    elsewhere (zorba_common.run_defaults says why).
 
     Not for speed: on CPU nf4 is no slower here (README, "Frozen blocks on CPU"). On CPU the
-    frozen layers dequantise to the activations' dtype for every product, and nf4's rounding
-    errs by 31% on SmolLM2's ZO gradient estimate where bf16 errs by 0.5%, for 126 MiB saved.
+    frozen layers dequantise to the activations' dtype for every product.
     """
     if torch.device(device).type != "cuda":
-        return "bf16"
+        return CPU_FROZEN_DTYPE
     try:
-        require_bitsandbytes("nf4")
+        require_bitsandbytes(CUDA_FROZEN_DTYPE)
     except DTypeError:
-        return "bf16"
-    return "nf4"
+        return CPU_FROZEN_DTYPE
+    return CUDA_FROZEN_DTYPE
 
 
 def footprint_of(source: ModelSource) -> ModelFootprint:
@@ -93,16 +94,15 @@ def footprint_of(source: ModelSource) -> ModelFootprint:
 def memory_profile(load_config: LoadConfig, runtime_bytes: int | None) -> MemoryProfile:
     """How this device holds the model, as the memory model needs it.
 
-    The round snapshot lives in host memory: on an accelerator it does not count against
-    the device's budget.
+    The round snapshot is spilled to disk (zorba_edge.engine.snapshot): it counts against no
+    memory budget, so the profile declares none.
     """
-    on_host = torch.device(load_config.device).type == "cpu"
     profile = MemoryProfile(
         train_dtype=load_config.train_dtype,
         frozen_dtype=load_config.frozen_dtype,
         frozen_other_dtype=load_config.train_dtype,
         embed_dtype=load_config.held_embed_dtype,
-        snapshot_dtype=load_config.train_dtype if on_host else None,
+        snapshot_dtype=None,
     )
     # Without a measurement the profile keeps its default runtime allowance.
     if runtime_bytes is None:

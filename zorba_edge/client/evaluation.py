@@ -13,11 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from zorba_edge.client.errors import UsageError
 from zorba_edge.client.local_task import CLASSIFICATION, LocalTask
 from zorba_edge.client.state import StateStore
 from zorba_edge.client.transport import TOKEN_ENV, ServerClient
+from zorba_edge.engine.bias_floor import bias_floor_accuracy, score_examples
 from zorba_edge.engine.coefficients import CoefficientTable, block_materializer
 from zorba_edge.engine.losses import evaluate_classification, lm_loss
 from zorba_edge.model.loading import LoadConfig, load_model
@@ -37,6 +39,9 @@ class EvalResult:
     perplexity: float | None = None
     """Generation only: exp(loss), the perplexity of the completions with each example
     weighing the same (the loss is a mean of per-example means, as training minimises)."""
+    acc_bias_floor: float | None = None
+    """Classification with a `fit` task only: the accuracy of the same model with one offset
+    per label fitted on `fit` and nothing else trained (engine/bias_floor.py)."""
 
 
 @dataclass(frozen=True)
@@ -49,10 +54,13 @@ class RemoteTable:
 def evaluate(source: ModelSource, load_config: LoadConfig, task: LocalTask, *,
              remote: RemoteTable | None = None, batch_size: int = 16,
              seq_len: int = 64, on_load: Progress | None = None,
-             on_batch: Progress | None = None) -> EvalResult:
+             on_batch: Progress | None = None, fit: LocalTask | None = None) -> EvalResult:
     """Loss (and accuracy) of the base model or base + alpha over every example of `task`.
 
-    `on_load` counts the loaded parts (blocks + 1), `on_batch` the evaluated batches."""
+    With `fit` (training examples of a classification task), also the bias floor: the
+    accuracy once label offsets fitted on `fit` shift the scores (its examples are scored
+    too, which costs their forward passes). `on_load` counts the loaded parts (blocks + 1),
+    `on_batch` the evaluated batches."""
     materialize = None
     if remote is not None:
         materialize = block_materializer(source.block_state_dict, remote.table, remote.seed)
@@ -62,6 +70,12 @@ def evaluate(source: ModelSource, load_config: LoadConfig, task: LocalTask, *,
     batches = (batch.to(device)
                for batch in tracked(task.batches(batch_size, seq_len), count, on_batch))
     version = remote.table.version if remote is not None else None
+    if task.kind == CLASSIFICATION and fit is not None:
+        heldout = score_examples(loaded.model, batches)
+        fitted = score_examples(loaded.model, (b.to(device) for b in fit.batches(batch_size, seq_len)))
+        loss = float(F.cross_entropy(heldout.scores, heldout.labels))
+        return EvalResult(len(heldout.labels), loss, heldout.accuracy(), version,
+                          acc_bias_floor=bias_floor_accuracy(fitted, heldout))
     if task.kind == CLASSIFICATION:
         result = evaluate_classification(loaded.model, batches)
         return EvalResult(result.examples, result.loss, result.accuracy, version)

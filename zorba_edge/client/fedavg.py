@@ -25,8 +25,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from safetensors.torch import save
 
-from zorba_common.schema import AlphaDelta, AlphaState, Assignment, RunInfo
-from zorba_common.weights import tensor_key
+from zorba_common.messages import AlphaDelta, AlphaState, Assignment, RunInfo
+from zorba_common.weight_files import tensor_key
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.memory_probe import PeakMemoryProbe
 from zorba_edge.client.trainer import LocalRoundResult, StepGate, SyncError, advance_table, check_saved_table

@@ -1,6 +1,6 @@
 """What a run mode is to this client: which trainer runs its rounds, and whether the device's
 memory budget is kept. The server's side of each mode is zorba_server.modes; the names are
-zorba_common.schema.RUN_MODES (a RunInfo carrying another is refused when decoded).
+zorba_common.run_defaults.RUN_MODES (a RunInfo carrying another is refused when decoded).
 
 The three zeroth-order modes differ only in which blocks the server assigns, so they share a
 trainer; fedavg trains first-order and exchanges weights (zorba_edge/client/fedavg.py).
@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from zorba_common.schema import FEDAVG, FEDZO_FULL, ZORBA, ZORBA_UNIFORM, RunInfo
+from zorba_common.messages import RunInfo
+from zorba_common.run_defaults import FEDAVG, FEDZO_FULL, ZORBA, ZORBA_UNIFORM
 from zorba_edge.client.daemon import Trainer
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.engine.coefficients import CoefficientTable

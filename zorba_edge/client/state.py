@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from zorba_common.schema import RunInfo, SchemaError, from_wire
+from zorba_common.codec import SchemaError, from_wire
+from zorba_common.messages import RunInfo
 from zorba_edge.client.errors import StateFileError
 
 if TYPE_CHECKING:  # the engine imports torch; the CLI's parser must not need it

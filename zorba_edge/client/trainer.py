@@ -1,8 +1,9 @@
 """The local training loop of one client (docs/design.md §2), free of any networking.
 
 Per round: bring the held model to the assignment (re-materialising from base + alpha
-only the blocks whose role changed), snapshot the assigned blocks, take one seeded ZO step
-per pool index, then revert, so that the next sync starts from the global model. Alpha
+only the blocks whose role changed), snapshot the assigned blocks (to disk, off the memory
+budget: zorba_edge.engine.snapshot), take one seeded ZO step per pool index, then revert,
+so that the next sync starts from the global model. Alpha
 increments from the server are applied to the trainable blocks as they arrive; a frozen
 (quantised) block is rebuilt from base + alpha once it is `refresh_every` versions stale, at
 most `REFRESH_BLOCKS_PER_ROUND` of them a round: a rebuild replays every (k, alpha) of the
@@ -23,14 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from zorba_common.errors import ZorbaError
-from zorba_common.schema import (
-    MAX_LOSS,
-    AlphaDelta,
-    AlphaState,
-    Assignment,
-    Report,
-    RunInfo,
-)
+from zorba_common.limits import MAX_LOSS
+from zorba_common.messages import AlphaDelta, AlphaState, Assignment, Report, RunInfo
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.memory_probe import PeakMemoryProbe
 from zorba_edge.engine.coefficients import (
@@ -40,14 +35,8 @@ from zorba_edge.engine.coefficients import (
     block_materializer,
 )
 from zorba_edge.engine.directions import BlockTensors
-from zorba_edge.engine.zo import (
-    ESTIMATORS,
-    MIN_DIRECTIONS,
-    RoundSnapshot,
-    SnapshotBuffers,
-    ZOConfig,
-    weight_scale,
-)
+from zorba_edge.engine.snapshot import RoundSnapshot, Snapshot, SnapshotBuffers, SpilledSnapshot
+from zorba_edge.engine.zo import ESTIMATORS, MIN_DIRECTIONS, ZOConfig
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, release_freed_memory
 from zorba_edge.model.progress import Progress, tracked
 from zorba_edge.model.sources import ModelSource
@@ -98,7 +87,7 @@ class LocalRoundResult:
     step_time_s: float
     cancelled: bool
     upload: bytes | None = None
-    """fedavg only: the trained block weights (zorba_common.weights format) to PUT."""
+    """fedavg only: the trained block weights (zorba_common.weight_files format) to PUT."""
 
     local_steps: int | None = None
     """Steps taken, when they are not the ZO steps themselves (fedavg)."""
@@ -280,7 +269,8 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
                     cancel: threading.Event | None = None,
                     on_step: StepGate | None = None, *,
                     snapshot_buffers: SnapshotBuffers | None = None,
-                    release_memory: bool = True) -> LocalRoundResult:
+                    release_memory: bool = True,
+                    snapshot_dir: str | None = None) -> LocalRoundResult:
     """A round's ZO steps on `blocks` (the assignment's blocks of `model`), then the exact
     revert: the one local training loop that real clients and the simulator both run.
 
@@ -291,23 +281,24 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
     its deadline or when it drops out). The outcome's peak memory is left 0: only a real
     device measures one.
 
-    A process that runs round after round on the same model and measures no memory (the
-    simulator) passes `snapshot_buffers` to keep the snapshot's host copy between rounds, and
-    `release_memory=False` to skip handing freed pages back to the OS (which only keeps a
-    device's measured footprint honest); neither changes a value.
+    The round-start copy the revert needs is spilled to an unlinked file in `snapshot_dir`
+    (default: spill_directory()), so it costs no memory. A process that runs round after round
+    on the same model and measures no memory (the simulator) passes `snapshot_buffers` to keep
+    the copy in host buffers between rounds instead, and `release_memory=False` to skip
+    handing freed pages back to the OS (which only keeps a device's measured footprint
+    honest); neither changes a value.
     """
     hyper = assignment.hyper
     n = hyper.directions
-    # The estimators move theta by -(lr / n) sum g_i z_i; each scalar here is worth lr * g.
-    config = ZOConfig(mu=hyper.mu, lr=hyper.lr * n, max_abs_grad=run.max_abs_scalar,
-                      max_move=hyper.trust_radius * weight_scale(blocks)
-                      if hyper.trust_radius > 0 else 0.0)
+    config = ZOConfig.for_round(hyper.lr, hyper.mu, n, hyper.trust_radius, blocks,
+                                run.max_abs_scalar)
     estimate = ESTIMATORS[hyper.estimator]
     steps: list[tuple[int, float]] = []
     losses: list[float] = []
     forwards = batches = shrunk = 0
     started = time.perf_counter()
-    snapshot = RoundSnapshot(blocks, snapshot_buffers)
+    snapshot: Snapshot = (SpilledSnapshot(blocks, snapshot_dir) if snapshot_buffers is None
+                          else RoundSnapshot(blocks, snapshot_buffers))
     pool = assignment.pool_indices
     loss_check = None
     try:
@@ -331,8 +322,10 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
             batches += 1
             shrunk += result.shrink < 1.0
     finally:
-        snapshot.revert()
-        del snapshot
+        try:
+            snapshot.revert()
+        finally:
+            snapshot.close()
         # Give the round's freed buffers back to the OS: without it the quickstart's
         # measured peaks crept up ~5 MiB a round (glibc heap growth).
         if release_memory:

@@ -24,10 +24,9 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgpack
 
-from zorba_common.schema import (
-    CONTENT_TYPE,
-    MAX_RESPONSE_BYTES,
-    MAX_WEIGHTS_BYTES,
+from zorba_common.codec import CONTENT_TYPE, SchemaError, decode, encode, from_wire
+from zorba_common.limits import MAX_RESPONSE_BYTES, MAX_WEIGHTS_BYTES
+from zorba_common.messages import (
     AlphaState,
     ErrorBody,
     NextRound,
@@ -35,12 +34,8 @@ from zorba_common.schema import (
     RegisterResponse,
     Report,
     ReportAck,
-    SchemaError,
-    decode,
-    encode,
-    from_wire,
 )
-from zorba_common.weights import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
+from zorba_common.weight_files import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
 from zorba_edge.client.backoff import Backoff
 from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
 

@@ -77,28 +77,6 @@ def _top_up(parts: list[list[int]], minimum: int, rng: np.random.Generator) -> N
             parts[client].append(taken)
 
 
-def label_distribution(labels: Sequence[int] | np.ndarray, num_labels: int) -> np.ndarray:
-    """The fraction of each label among `labels`."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)
-    return counts / max(int(counts.sum()), 1)
-
-
-def label_skew(labels: Sequence[int] | np.ndarray, parts: Sequence[np.ndarray]) -> float:
-    """Mean total-variation distance between each client's label mix and the global one.
-
-    0 for a perfectly IID split; approaches 1 - max global share when every client holds a
-    single label. Reported by the examples and benchmarks to say how non-IID a split is.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    num_labels = int(labels.max()) + 1
-    overall = label_distribution(labels, num_labels)
-    distances = [
-        0.5 * np.abs(label_distribution(labels[part], num_labels) - overall).sum()
-        for part in parts
-    ]
-    return float(np.mean(distances))
-
-
 def small_share_warning(share: int, total: int, num_clients: int, batch_size: int) -> str | None:
     """A sentence for the start of a run when this client's share of a split is a handful.
 

@@ -6,8 +6,8 @@
 The last move restores theta and takes the local step theta[A] -= lr * g * z in one pass
 (so later steps see it). z[k] is hashed once per step and kept packed, one bit per
 parameter (`Direction`), never stored as numbers, so a step needs inference memory only.
-The round-end revert restores the assigned blocks bit-exactly from a host snapshot, so the
-next sync starts from the global model rather than from this client's local trajectory.
+The round-end revert (zorba_edge.engine.snapshot) restores the assigned blocks bit-exactly,
+so the next sync starts from the global model rather than from this client's local trajectory.
 
 Estimators over n directions k_1..k_n on one batch (`zo_step` is the antithetic one, n = 1).
 Each reports (k_i, g_i) and moves theta by -(lr / n) * sum_i g_i z_i: the 1/n is the client's,
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from zorba_common.errors import InvalidScalarError
-from zorba_common.schema import ANTITHETIC, NORMALISED, ONE_SIDED
+from zorba_common.run_defaults import ANTITHETIC, NORMALISED, ONE_SIDED
 from zorba_edge.engine.directions import BlockTensors, Direction
 
 MIN_DIRECTIONS = {NORMALISED: 2}
@@ -84,6 +84,17 @@ class ZOConfig:
             raise ValueError(f"lr must be a non-negative finite number, got {self.lr!r}")
         if not (math.isfinite(self.max_move) and self.max_move >= 0):
             raise ValueError(f"max_move must be a non-negative finite number, got {self.max_move!r}")
+
+    @staticmethod
+    def for_round(lr: float, mu: float, directions: int, trust_radius: float,
+                  blocks: BlockTensors, max_abs_grad: float) -> ZOConfig:
+        """The local steps' settings for a round: the client's side of the step size, whose
+        server side is zorba_server/step_size.py. `lr` is what the server told this client
+        (it adds lr x g per scalar); the estimators move theta by (lr' / n) sum g_i z_i, so
+        lr' = lr x n. The trust region is `trust_radius` x the RMS of the blocks' weights,
+        which only the client holds."""
+        return ZOConfig(mu=mu, lr=lr * directions, max_abs_grad=max_abs_grad,
+                        max_move=trust_radius * weight_scale(blocks) if trust_radius > 0 else 0.0)
 
 
 @dataclass(frozen=True)
@@ -285,50 +296,4 @@ def normalised_estimate(
 
 ESTIMATORS: dict[str, Estimator] = {ANTITHETIC: antithetic_estimate, ONE_SIDED: one_sided_estimate,
                                     NORMALISED: normalised_estimate}
-"""The run settings' names (zorba_common.schema.ESTIMATORS) -> their functions."""
-
-
-class SnapshotBuffers:
-    """Host tensors that `RoundSnapshot` copies into instead of allocating its own, kept
-    between rounds: for a process that snapshots the same tensors round after round and has
-    no device footprint to keep small (the simulator). A fresh 0.5 GB copy a round cost
-    SmolLM2's simulated round 0.4 s of allocation and page faults; a copy into warm buffers
-    costs about a revert. A real client allocates per round, so it holds no copy between
-    rounds."""
-
-    def __init__(self) -> None:
-        self._held: dict[tuple[int, int], torch.Tensor] = {}
-
-    def copy_of(self, block: int, index: int, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor`'s values in the host buffer kept for (block, index); a buffer of another
-        shape or dtype is replaced."""
-        held = self._held.get((block, index))
-        if held is None or held.shape != tensor.shape or held.dtype != tensor.dtype:
-            held = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
-            self._held[(block, index)] = held
-        return held.copy_(tensor.detach())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._held.values())
-
-
-class RoundSnapshot:
-    """A host-memory copy of the assigned blocks, taken at round start, for the exact revert
-    (into `buffers` when given, else into tensors of its own)."""
-
-    def __init__(self, blocks: BlockTensors, buffers: SnapshotBuffers | None = None) -> None:
-        self._blocks = blocks
-        self._saved = {
-            block: [tensor.detach().to("cpu", copy=True) if buffers is None
-                    else buffers.copy_of(block, i, tensor)
-                    for i, (_, tensor) in enumerate(tensors)]
-            for block, tensors in blocks.items()
-        }
-
-    @torch.no_grad()
-    def revert(self) -> None:
-        """Put every assigned tensor back to its round-start value, bit for bit."""
-        for block, tensors in self._blocks.items():
-            for (_, tensor), saved in zip(tensors, self._saved[block], strict=True):
-                tensor.copy_(saved)
+"""The run settings' names (zorba_common.run_defaults.ESTIMATORS) -> their functions."""

@@ -38,6 +38,7 @@ from zorba_common.errors import ModelSourceError, UnsupportedArchitectureError
 from zorba_edge.model.families import family_of, find_blocks
 from zorba_edge.model.gguf_reading import parse_metadata, reader_reused, transformers_config
 from zorba_edge.model.gguf_tokenizer import read_gguf_vocab, vocab_from_reader
+from zorba_edge.model.hub_cache import cached_model_path, looks_like_model_id
 from zorba_edge.model.skeleton import (
     build_skeleton,
     non_block_parameter_names,
@@ -81,12 +82,16 @@ class ModelSource(Protocol):
 def open_source(spec: str | Path, tokenizer_dir: str | Path | None = None) -> FileSource:
     """The source for a path: a directory is a transformers checkpoint, `*.gguf` a GGUF file.
 
-    `tokenizer_dir` (`--tokenizer DIR`) replaces the model's own tokenizer."""
+    `tokenizer_dir` (`--tokenizer DIR`) replaces the model's own tokenizer. A Hugging Face
+    model id (`ORG/NAME`) that is not a local path is looked up in the local HF cache."""
     path = Path(spec).expanduser()
+    if not path.exists() and looks_like_model_id(str(spec)):
+        path = cached_model_path(str(spec))
     if not path.exists():
         raise ModelSourceError(
             f"{path}: no such file or directory. Give a transformers model directory "
-            "(config.json + *.safetensors) or a .gguf file."
+            "(config.json + *.safetensors), a .gguf file, or the id (ORG/NAME) of a model in the "
+            "local Hugging Face cache."
         )
     if path.is_dir():
         return SafetensorsDirSource(path, tokenizer_dir)

@@ -1,6 +1,6 @@
 """Run modes, one file each: the server's side of `run.mode` (how a round is planned and what it
 carries). The config's check and `zorba-server --mode` read their choices from `MODES`; the
-wire's list of names stays `zorba_common.schema.RUN_MODES`, which MODES covers exactly.
+wire's list of names stays `zorba_common.run_defaults.RUN_MODES`, which MODES covers exactly.
 
 A new mode is a file defining `MODE = RunMode(...)`, its name in RUN_MODES, an entry here, and
 its tests (and its client side in zorba_edge/client/run_modes.py).

@@ -13,7 +13,7 @@ SolveFn = Callable[[Sequence[ClientSpec], Sequence[int], SchedulerConfig, int], 
 
 @dataclass(frozen=True)
 class RunMode:
-    """One value of `run.mode` (zorba_common.schema.RUN_MODES names them on the wire)."""
+    """One value of `run.mode` (zorba_common.run_defaults.RUN_MODES names them on the wire)."""
 
     name: str
     summary: str

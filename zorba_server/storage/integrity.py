@@ -25,7 +25,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from zorba_common.schema import AlphaDelta, decode
+from zorba_common.codec import decode
+from zorba_common.messages import AlphaDelta
 from zorba_server.storage.errors import CorruptStoreError
 
 REQUIRED_TABLES = ("meta", "run", "clients", "rounds", "reports", "increments")

@@ -26,8 +26,9 @@ from typing import Any, Protocol, TypeVar
 import msgpack
 import numpy as np
 
+from zorba_common.codec import decode, encode
 from zorba_common.memory_model import ModelFootprint
-from zorba_common.schema import AlphaDelta, DeviceProfile, Report, decode, encode
+from zorba_common.messages import AlphaDelta, DeviceProfile, Report
 from zorba_server.rounds import APPLIED, FAILED, OPEN, REJECTED, ReceivedReport, RoundPlan
 from zorba_server.storage import integrity
 from zorba_server.storage.errors import (

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from zorba_common.memory_model import ModelFootprint
-from zorba_common.schema import AlphaDelta, DeviceProfile
+from zorba_common.messages import AlphaDelta, DeviceProfile
 from zorba_server.rounds import ReceivedReport, RoundPlan
 from zorba_server.storage import sql
 from zorba_server.storage.committer import Committer

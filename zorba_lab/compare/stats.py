@@ -1,6 +1,6 @@
 """The pure statistics of a comparison between run modes: curves in, paired figures out.
 
-No model, simulator or clock here (zorba_sim/compare.py fills the inputs; the tests fill
+No model, simulator or clock here (zorba_lab/compare/simulator.py fills the inputs; the tests fill
 them by hand).
 
 Where the modes are compared. Within one seed every mode ran the same rounds on the same

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from zorba_edge.client.fedavg import FORWARDS_PER_STEP
-from zorba_lab.compare_report import DISCUSSION, DISCUSSION_PLACEHOLDER, relative_link
-from zorba_sim import comparison as stats
-from zorba_sim.compare import CompareSetting, SeedResult
+from zorba_lab.compare import stats
+from zorba_lab.compare.plots import Plot, pyplot
+from zorba_lab.compare.processes_report import DISCUSSION, DISCUSSION_PLACEHOLDER, relative_link
+from zorba_lab.compare.simulator import CompareSetting, SeedResult
 
 TITLE = "# ZorBA against its baselines, measured"
 SIMULATOR, PROCESSES = "simulator", "processes"
@@ -37,6 +38,11 @@ def _begin(name: str) -> str:
 
 def _end(name: str) -> str:
     return f"<!-- END {name} -->"
+
+
+def read_page(path: Path) -> str:
+    """The page at `path`, or "" when there is none yet."""
+    return path.read_text(encoding="utf-8") if path.exists() else ""
 
 
 def split_page(text: str) -> tuple[dict[str, str], str | None]:
@@ -58,7 +64,7 @@ def split_page(text: str) -> tuple[dict[str, str], str | None]:
 
 
 def processes_section(markdown: str) -> str:
-    """The multi-process harness's page (compare_report.markdown) as this page's section:
+    """The multi-process harness's page (processes_report.markdown) as this page's section:
     its title replaced by the section heading, its headings one level down."""
     body = markdown.strip("\n").splitlines()
     if body and body[0].startswith("# "):
@@ -67,11 +73,11 @@ def processes_section(markdown: str) -> str:
     return "\n".join([PROCESSES_HEADING, *body]).strip("\n")
 
 
-def write_section(path: Path, name: str, body: str) -> None:
-    """Rewrite one generated section of the page at `path`, keeping everything else."""
+def with_section(existing: str, name: str, body: str) -> str:
+    """The page `existing` (empty: none yet) with one generated section rewritten and
+    everything else kept. The benchmark that made the figures writes it to docs/."""
     if name not in SECTIONS:
         raise ValueError(f"unknown section {name!r}: one of {SECTIONS}")
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
     sections, discussion = split_page(existing)
     sections[name] = body.strip("\n")
     parts = [TITLE, ""]
@@ -79,8 +85,7 @@ def write_section(path: Path, name: str, body: str) -> None:
         if n in sections:
             parts += [_begin(n), sections[n], _end(n), ""]
     parts.append(discussion if discussion is not None else f"{DISCUSSION}\n\n{DISCUSSION_PLACEHOLDER}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts).rstrip("\n") + "\n", encoding="utf-8")
+    return "\n".join(parts).rstrip("\n") + "\n"
 
 
 # ---------------------------------------------------------------------------- the simulator's section
@@ -226,18 +231,13 @@ def sim_markdown(setting: CompareSetting, results: Sequence[SeedResult], figures
 # ---------------------------------------------------------------------------- plots
 
 
-def write_sim_plots(setting: CompareSetting, results: Sequence[SeedResult],
-                    results_path: Path) -> dict[str, Path]:
-    """Curve accuracy against virtual time and against forwards, beside the page
-    (<stem>_sim_accuracy_<axis>.png); empty when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on a server or in CI
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return {}
-    out = {}
+def sim_plots(setting: CompareSetting, results: Sequence[SeedResult]) -> list[Plot]:
+    """Curve accuracy against virtual time and against forwards (saved as
+    <page stem>_sim_accuracy_<axis>.png); empty when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        return []
+    out = []
     for axis, name in ((stats.TIME, "time"), (stats.FORWARDS, "forwards")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for mode in setting.modes:
@@ -261,9 +261,6 @@ def write_sim_plots(setting: CompareSetting, results: Sequence[SeedResult],
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        path = results_path.parent / f"{results_path.stem}_sim_accuracy_{name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        out[f"simulator: accuracy vs {AXIS_LABEL[axis]} (thin: each seed)"] = path
+        out.append(Plot(f"simulator: accuracy vs {AXIS_LABEL[axis]} (thin: each seed)",
+                        f"sim_accuracy_{name}", fig))
     return out

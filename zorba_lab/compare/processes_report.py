@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zorba_common.schema import FEDAVG, FEDZO_FULL, RUN_MODES, ZORBA, ZORBA_UNIFORM
+from zorba_common.run_defaults import FEDAVG, FEDZO_FULL, RUN_MODES, ZORBA, ZORBA_UNIFORM
+from zorba_lab.compare.plots import Plot, pyplot
 
 TARGET_PEAK_RATIO = 0.4
 """Largest client peak of zorba / of fedavg."""
@@ -478,45 +479,17 @@ def relative_link(path: Path, results_path: Path) -> str:
         return str(path)
 
 
-def with_discussion(generated: str, existing: str | None) -> str:
-    """The page: the generated part, then the existing discussion (or a placeholder)."""
-    if existing is not None:
-        lines = existing.splitlines(keepends=True)
-        for i, line in enumerate(lines):
-            if line.rstrip() == DISCUSSION:
-                return generated.rstrip("\n") + "\n\n" + "".join(lines[i:])
-    return generated.rstrip("\n") + f"\n\n{DISCUSSION}\n\n{DISCUSSION_PLACEHOLDER}"
-
-
-def write_page(path: Path, generated: str) -> None:
-    existing = path.read_text(encoding="utf-8") if path.exists() else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(with_discussion(generated, existing), encoding="utf-8")
-
-
 # ---------------------------------------------------------------------------- plots
 
 
-def plot_paths(results_path: Path) -> dict[str, Path]:
-    """Beside the page: docs/results.md -> docs/results_<name>.png."""
-    stem, parent = results_path.stem, results_path.parent
-    return {name: parent / f"{stem}_{name}.png"
-            for name in ("accuracy_rounds", "accuracy_time", "peaks")}
-
-
-def write_plots(runs: Sequence[ModeRun], results_path: Path) -> dict[str, Path]:
-    """caption -> PNG; empty (nothing written) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on a server or in CI
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return {}
-    paths = plot_paths(results_path)
-    paths["peaks"].parent.mkdir(parents=True, exist_ok=True)
+def plots(runs: Sequence[ModeRun]) -> list[Plot]:
+    """Accuracy against rounds and wall time, and the peaks against budgets; empty when
+    matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        return []
     table = per_version(runs)
-    out = {}
+    out = []
     for name, x_of, xlabel in (("accuracy_rounds", lambda v, _c: v, "applied rounds (version)"),
                                ("accuracy_time", lambda _v, c: c.wall_s,
                                 "seconds since the first round opened (mean over reps)")):
@@ -535,15 +508,14 @@ def write_plots(runs: Sequence[ModeRun], results_path: Path) -> dict[str, Path]:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(paths[name], dpi=120)
-        plt.close(fig)
-        out[f"accuracy vs {'round' if name == 'accuracy_rounds' else 'wall time'}"] = paths[name]
-    _plot_peaks(plt, summarize(runs), paths["peaks"])
-    out["peak memory per client and mode, budget marked"] = paths["peaks"]
+        out.append(Plot(f"accuracy vs {'round' if name == 'accuracy_rounds' else 'wall time'}",
+                        name, fig))
+    out.append(Plot("peak memory per client and mode, budget marked", "peaks",
+                    _plot_peaks(plt, summarize(runs))))
     return out
 
 
-def _plot_peaks(plt: Any, summaries: Mapping[str, ModeSummary], path: Path) -> None:
+def _plot_peaks(plt: Any, summaries: Mapping[str, ModeSummary]) -> Any:
     modes = list(summaries)
     names = sorted({c.name for s in summaries.values() for c in s.clients})
     width = 0.8 / max(len(modes), 1)
@@ -560,5 +532,4 @@ def _plot_peaks(plt: Any, summaries: Mapping[str, ModeSummary], path: Path) -> N
     ax.set_ylabel("largest reported peak (MiB)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from zorba_common.memory_model import ModelFootprint
-from zorba_common.weights import default_weights_dir, parse_key, version_path
+from zorba_common.weight_files import default_weights_dir, parse_key, version_path
 from zorba_server import errors
 
 HEADER_LIMIT = 64 * 1024 * 1024

@@ -3,7 +3,7 @@ every mode, several seeds, and paired comparisons at equal virtual time and forw
 
 For each seed r (run seed r, data seed r) every mode trains on its own `Simulation` over the
 same fleet and data. Held-out accuracy is measured after every applied round on a few hundred
-examples (the curves). The comparison points (zorba_sim/comparison.py says where and how) are
+examples (the curves). The comparison points (zorba_lab/compare/stats.py says where and how) are
 scored on a larger held-out set: each mode's model is brought back to the version it held at
 the point and evaluated there. A zeroth-order mode moves along its coefficient table (the
 difference of the tables, applied as a client syncs; exact up to fp32 rounding); fedavg,
@@ -19,17 +19,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from zorba_common.schema import (
+from zorba_common.messages import MemoryProfile
+from zorba_common.run_defaults import (
+    CENTRAL_MEZO,
+    COMPARE_MAX_STEPS,
+    CPU_FROZEN_DTYPE,
     FEDAVG,
     FEDZO_FULL,
+    HARNESS_ROUND_S,
+    REVIEW_SEQ_LEN,
+    SIM_MODES,
+    ZO_SIM_MODES,
     ZORBA,
     ZORBA_UNIFORM,
-    MemoryProfile,
 )
 from zorba_edge.client.fedavg import FORWARDS_PER_STEP
 from zorba_edge.client.local_task import LocalTask
@@ -38,14 +45,11 @@ from zorba_edge.data.templates import SENTIMENT_TEMPLATE
 from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.engine.zo import forwards_per_step
 from zorba_edge.model.sources import ModelSource
-from zorba_server.config import AggregationConfig, RunConfig, config_from_dict
+from zorba_lab.compare import stats
+from zorba_server.config import AggregationConfig, RunConfig, ServerConfig, harness_run
 from zorba_server.rounds import APPLIED
-from zorba_sim import comparison as stats
 from zorba_sim.fleet import Fleet
 from zorba_sim.simulation import (
-    CENTRAL_MEZO,
-    SIM_MODES,
-    ZO_SIM_MODES,
     RoundRecord,
     Simulation,
     SimulationConfig,
@@ -71,31 +75,27 @@ speed-1.0 device: half the 2.6 s antithetic one-direction step measured on the p
 2-core machine alone with every block of SmolLM2-135M (docs/results.md)."""
 
 
+COMPARE_RUN = RunConfig(seq_len=REVIEW_SEQ_LEN, max_steps=COMPARE_MAX_STEPS,
+                        round_duration_s=HARNESS_ROUND_S)
+"""The server's run config with the comparison's own defaults (zorba_common.run_defaults says
+why); every mode and seed runs it, with only mode and seed replaced."""
+
+
 @dataclass(frozen=True)
 class CompareSetting:
-    """One comparison: every mode and seed runs with these, only mode and seed vary."""
+    """One comparison: every mode and seed runs with these, only mode and seed vary. The run
+    and aggregation config are the server's, held; the rest is the comparison's own."""
 
+    run: RunConfig = COMPARE_RUN
+    """run.lr, run.lr_scaling, ...: the zeroth-order modes' (fedavg trains at `fedavg_lr`)."""
+    aggregation: AggregationConfig = AggregationConfig()
+    """The zeroth-order modes' rule (central-mezo, one client, is the same under every rule
+    that only weighs clients against each other)."""
     modes: tuple[str, ...] = ZO_SIM_MODES
     seeds: int = 5
     rounds: int = 3
-    lr: float = RunConfig.lr
-    lr_scaling: str = RunConfig.lr_scaling
-    """run.lr_scaling of the zeroth-order modes (docs/learning.md)."""
-    aggregation: str = AggregationConfig.method
-    """aggregation.method of the zeroth-order modes (central-mezo, one client, is the same
-    under every rule that only weighs clients against each other)."""
     fedavg_lr: float = 1e-5
     """fedavg's AdamW learning rate (the multi-process harness's; not tuned)."""
-    mu: float = RunConfig.mu
-    batch_size: int = 8
-    seq_len: int = 48
-    pool_size: int = 1024
-    max_steps: int = 8
-    """Most pool indices (scalars) per client and round: with 4 directions, two batches."""
-    estimator: str = RunConfig.estimator
-    directions: int = RunConfig.directions
-    """The quickstart's estimator: `directions` perturbed forwards share one unperturbed one."""
-    round_duration_s: float = 30.0
     reference_step_s: float | None = None
     """Virtual seconds of one step (one pool index, one scalar) on a speed-1.0 device: fixed
     (not measured per run) so every mode and seed shares one clock and a rerun gives the same
@@ -106,10 +106,17 @@ class CompareSetting:
     curve_examples: int = 200
     point_examples: int = 1000
     dirichlet_alpha: float = 0.5
-    frozen_dtype: str = "nf4"
+    frozen_dtype: str = CPU_FROZEN_DTYPE
     """How each virtual device would hold its frozen blocks (what budgets are checked against)."""
     device: str = "cpu"
     eval_batch_size: int = 32
+
+    @classmethod
+    def of(cls, **values: Any) -> CompareSetting:
+        """A setting from flat names (a command line's): run fields replace COMPARE_RUN's,
+        `aggregation` names the rule."""
+        run, aggregation, own = harness_run(values, COMPARE_RUN)
+        return cls(run=run, aggregation=aggregation, **own)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in SIM_MODES]
@@ -128,7 +135,7 @@ class CompareSetting:
     @property
     def forwards_per_scalar(self) -> float:
         """Forward passes per pool index (one reported scalar, what a "step" counts)."""
-        return forwards_per_step(self.estimator, self.directions)
+        return forwards_per_step(self.run.estimator, self.run.directions)
 
     @property
     def step_s(self) -> float:
@@ -150,16 +157,12 @@ class CompareSetting:
         return self.step_s
 
     def simulation_config(self, mode: str, seed: int) -> SimulationConfig:
-        lr = self.fedavg_lr if mode == FEDAVG else self.lr
-        server = config_from_dict({"enrolment_secret": "simulated-run-secret", "run": {
-            "seed": seed, "pool_size": self.pool_size, "lr": lr, "mu": self.mu,
-            "batch_size": self.batch_size, "seq_len": self.seq_len,
-            "round_duration_s": self.round_duration_s, "max_steps": self.max_steps,
-            "estimator": self.estimator, "directions": self.directions,
-            "lr_scaling": self.lr_scaling, "mode": ZORBA if mode == CENTRAL_MEZO else mode},
-            "aggregation": {"method": self.aggregation}})
+        run = replace(self.run, seed=seed, mode=ZORBA if mode == CENTRAL_MEZO else mode,
+                      lr=self.fedavg_lr if mode == FEDAVG else self.run.lr)
+        server = ServerConfig("simulated-run-secret", run=run, aggregation=self.aggregation)
         return SimulationConfig(server, rounds=self.rounds, reference_step_s=self.step_s_of(mode),
-                                mode=mode, dirichlet_alpha=self.dirichlet_alpha, data_seed=seed,
+                                central=mode == CENTRAL_MEZO, dirichlet_alpha=self.dirichlet_alpha,
+                                data_seed=seed,
                                 memory=MemoryProfile(frozen_dtype=self.frozen_dtype),
                                 device=self.device)
 
@@ -214,17 +217,21 @@ class SeedResult:
     base_curve: float
     base_points: float
     common: dict[str, float]
-    """axis -> the seed's common point (zorba_sim/comparison.py)."""
+    """axis -> the seed's common point (zorba_lab/compare/stats.py)."""
     runs: dict[str, ModeRun]
+    acc_bias_floor: float | None = None
+    """The base model with label offsets fitted on training examples, on the point examples."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "base_curve": self.base_curve, "base_points": self.base_points,
+                "acc_bias_floor": self.acc_bias_floor,
                 "common": self.common, "runs": {m: run.as_dict() for m, run in self.runs.items()}}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SeedResult:
         return cls(int(data["seed"]), float(data["base_curve"]), float(data["base_points"]),
-                   dict(data["common"]), {m: ModeRun.from_dict(r) for m, r in data["runs"].items()})
+                   dict(data["common"]), {m: ModeRun.from_dict(r) for m, r in data["runs"].items()},
+                   data.get("acc_bias_floor"))
 
 
 # ---------------------------------------------------------------------------- running
@@ -293,14 +300,16 @@ def run_seed(setting: CompareSetting, seed: int, source: ModelSource, fleet: Fle
     sims: dict[str, tuple[Simulation, dict[int, Any]]] = {}
     runs: dict[str, ModeRun] = {}
     base: tuple[float, float] | None = None
+    floor: float | None = None
     for mode in setting.modes:
         sim = Simulation.build(setting.simulation_config(mode, seed), source, fleet, data.train,
                                data.curve, eval_batch_size=setting.eval_batch_size)
         if base is None:  # every mode starts from the same model: score it once
             base = (sim.evaluate()[0], evaluate_classification(
                 sim.loaded.model, _batches(sim, data.points, setting.eval_batch_size)).accuracy)
+            floor = sim.bias_floor(heldout=_batches(sim, data.points, setting.eval_batch_size))
             log(f"[seed {seed}] base model: {base[0]:.4f} on {len(data.curve)} curve examples, "
-                f"{base[1]:.4f} on {len(data.points)} point examples")
+                f"{base[1]:.4f} on {len(data.points)} point examples (bias floor {floor:.4f})")
         run, tables = train_mode(setting, sim, base[0], log)
         sims[mode], runs[mode] = (sim, tables), run
     assert base is not None
@@ -318,7 +327,7 @@ def run_seed(setting: CompareSetting, seed: int, source: ModelSource, fleet: Fle
         log(f"[seed {seed} {mode}] " + "; ".join(
             f"at equal {axis} ({common[axis]:.0f}): v{v} {acc:.4f}"
             for axis, (v, acc) in run.at_points.items()))
-    return SeedResult(seed, base[0], base[1], common, runs)
+    return SeedResult(seed, base[0], base[1], common, runs, floor)
 
 
 def run_comparison(setting: CompareSetting, source: ModelSource, fleet: Fleet,
@@ -358,6 +367,8 @@ def figures(setting: CompareSetting, results: Sequence[SeedResult]) -> dict[str,
     out: dict[str, Any] = {
         "seeds": len(results),
         "base_accuracy": _mean(list(base.values())),
+        # Beside every accuracy: a gain up to it is calibration of the label words.
+        "acc_bias_floor": _mean([r.acc_bias_floor for r in results if r.acc_bias_floor is not None]),
         "accuracy_at_equal_virtual_time": {m: _mean(list(v.values()))
                                            for m, v in by_axis[stats.TIME].items() if v},
         "accuracy_at_equal_forwards": {m: _mean(list(v.values()))

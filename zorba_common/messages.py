@@ -1,0 +1,366 @@
+"""The wire messages of protocol v1 (docs/design.md §6), shared by the client daemon and the server.
+
+Every body is one msgpack map whose keys are the fields of a dataclass below, each field's
+meaning and limits declared with it (`wire()`); zorba_common.codec encodes and strictly
+decodes them. Both sides validate: the server what it receives, the client what it receives
+back.
+
+`docs/protocol.md` describes the endpoints that carry these messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from zorba_common.codec import SchemaError, wire
+from zorba_common.limits import (
+    MAX_BLOCKS,
+    MAX_COUNTER,
+    MAX_LOSS,
+    MAX_MEMORY_BYTES,
+    MAX_MODEL_PARAMS,
+    MAX_RESPONSE_BYTES,
+    MAX_SAMPLES,
+    MAX_SEQUENCE_LEN,
+    MAX_STEP_TIME_S,
+    MAX_STEPS_PER_REPORT,
+)
+from zorba_common.memory_model import MemorySettings, ModelFootprint
+from zorba_common.run_defaults import ANTITHETIC, DTYPES, ESTIMATORS, RUN_MODES, ZORBA
+
+PROTOCOL_VERSION = 1
+
+
+
+
+def check_footprint(footprint: ModelFootprint) -> None:
+    """The cross-field rules of a footprint (each field's own bounds are on its field)."""
+    over = [(b, q, p) for b, (q, p) in enumerate(
+        zip(footprint.quantizable_block_params, footprint.block_params, strict=True)) if q > p]
+    if over:
+        b, q, p = over[0]
+        raise SchemaError(f"footprint.quantizable_block_params[{b}]: {q} exceeds the block's "
+                          f"{p} parameters; send the loader's footprint unchanged")
+    total = sum(footprint.block_params) + footprint.embed_head_params
+    if total > MAX_MODEL_PARAMS:
+        raise SchemaError(f"footprint: {total} parameters in all exceed the limit of "
+                          f"{MAX_MODEL_PARAMS}")
+
+
+
+
+@dataclass(frozen=True)
+class ErrorBody:
+    """Body of every 4xx/5xx answer."""
+
+    error: str = field(metadata=wire(
+        "Stable machine-readable code, e.g. `round_closed`, `invalid_scalar` (see Errors)."))
+    message: str = field(metadata=wire("What was wrong and what to do, for people.",
+                                       max_len=4096))
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """How the device holds the model: the device-side half of `MemorySettings`.
+
+    The run fixes batch size and sequence length and the server learns the calibration
+    from measured peaks, so those are not the client's to send.
+    """
+
+    train_dtype: str = field(default="fp32", metadata=wire(
+        "Precision of an activated (trainable) block.", choices=DTYPES))
+    frozen_dtype: str = field(default="nf4", metadata=wire(
+        "Precision of a frozen block's Linear weights.", choices=DTYPES))
+    frozen_other_dtype: str = field(default="fp32", metadata=wire(
+        "Precision of a frozen block's other parameters (norms, biases).", choices=DTYPES))
+    embed_dtype: str = field(default="fp32", metadata=wire(
+        "Precision of the embeddings and LM head.", choices=DTYPES))
+    snapshot_dtype: str | None = field(default=None, metadata=wire(
+        "Host copy of each trainable block for the exact round-end revert, counted against "
+        "the budget (nil: none in memory; the client spills it to disk).", choices=DTYPES))
+    runtime_bytes: int = field(default=350 * 2**20, metadata=wire(
+        "Interpreter, framework and allocator overhead.", unit="bytes", ge=0,
+        le=MAX_MEMORY_BYTES))
+
+    def __post_init__(self) -> None:
+        self.settings(batch_size=1, seq_len=1)  # MemorySettings checks the dtype names
+
+    def settings(self, batch_size: int, seq_len: int, calibration: float = 1.0) -> MemorySettings:
+        return MemorySettings(
+            train_dtype=self.train_dtype,
+            frozen_dtype=self.frozen_dtype,
+            frozen_other_dtype=self.frozen_other_dtype,
+            embed_dtype=self.embed_dtype,
+            snapshot_dtype=self.snapshot_dtype,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            runtime_bytes=self.runtime_bytes,
+            calibration=calibration,
+        )
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What a device tells the server when it registers."""
+
+    device_type: str = field(metadata=wire("`cpu`, `cuda`, `mps`, ...: for people and metrics."))
+    memory_budget_bytes: int = field(metadata=wire(
+        "Free memory measured at start-up, less the client's safety margin.", unit="bytes",
+        gt=0, le=MAX_MEMORY_BYTES))
+    step_time_s: float = field(metadata=wire(
+        "Measured time of one local step (two forward passes) on this device.", unit="seconds",
+        gt=0, le=MAX_STEP_TIME_S))
+    num_samples: int = field(metadata=wire(
+        "Local training examples: the client's aggregation and coverage weight w_n.",
+        unit="examples", gt=0, le=MAX_SAMPLES))
+    footprint: ModelFootprint = field(metadata=wire(
+        "Sizes of the model, as the loader reports them."))
+    model_fingerprint: str = field(metadata=wire(
+        "Identifies the base model (weights and tokenizer); every client of a run must match.",
+        min_len=1))
+    memory: MemoryProfile = field(default=MemoryProfile(), metadata=wire(
+        "The device's precisions and runtime overhead."))
+    name: str = field(default="", metadata=wire("Optional label for the status page."))
+
+    def __post_init__(self) -> None:
+        check_footprint(self.footprint)
+
+
+@dataclass(frozen=True)
+class RegisterRequest:
+    """POST /v1/clients."""
+
+    enrolment_secret: str = field(metadata=wire("The run's enrolment secret."))
+    profile: DeviceProfile = field(metadata=wire("The device and its model."))
+    protocol: int = field(default=PROTOCOL_VERSION, metadata=wire(
+        f"Protocol version the client speaks ({PROTOCOL_VERSION})."))
+
+
+@dataclass(frozen=True)
+class HyperParams:
+    """The run's hyper-parameters of local training."""
+
+    lr: float = field(metadata=wire("Learning rate of the ZO steps.", gt=0))
+    mu: float = field(metadata=wire("Perturbation scale.", gt=0))
+    batch_size: int = field(metadata=wire("Examples per local step.", unit="examples", ge=1))
+    seq_len: int = field(metadata=wire("Tokens per example.", unit="tokens", ge=1))
+    estimator: str = field(default=ANTITHETIC, metadata=wire(
+        "How a batch's projected gradients are measured: `antithetic` (two forwards per "
+        "direction), `one-sided` (n directions share one unperturbed forward: n + 1) or "
+        "`normalised` (one-sided, each loss difference divided by the standard deviation of "
+        "the batch's n differences instead of by mu: a step of one size whatever the model's "
+        "gradient scale; n >= 2).",
+        choices=ESTIMATORS))
+    directions: int = field(default=1, metadata=wire(
+        "Directions (pool indices) measured on each batch; each reports its own (k, g) and "
+        "moves theta by lr * g * z.", ge=1, le=64))
+    trust_radius: float = field(default=0.0, metadata=wire(
+        "The trust region: the longest RMS move per perturbed parameter one batch's step may "
+        "make, as a fraction of the RMS of the client's perturbed weight matrices; a longer "
+        "step is scaled down to it, its reported scalars with it (0: no limit; a client of an "
+        "older server, which sends no field, takes no limit).", ge=0))
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """The run a client joined: what it needs to build the same directions and model."""
+
+    run_id: str = field(metadata=wire("Identifies the run (and its database)."))
+    seed: int = field(metadata=wire(
+        "Run seed of the noise z[k, b] (zorba_common.noise).", ge=0))
+    pool_size: int = field(metadata=wire("K, seeds in the pool.", ge=1))
+    num_blocks: int = field(metadata=wire("B, blocks of the model.", ge=1, le=MAX_BLOCKS))
+    model_fingerprint: str = field(metadata=wire("The run's base model."))
+    hyper: HyperParams = field(metadata=wire("Hyper-parameters of local training."))
+    round_duration_s: float = field(metadata=wire(
+        "From a round's opening to its deadline.", unit="seconds", gt=0))
+    poll_timeout_s: float = field(metadata=wire(
+        "Longest wait of a long poll.", unit="seconds", gt=0))
+    max_abs_scalar: float = field(metadata=wire(
+        "Reports with a projected gradient beyond this magnitude are refused.", gt=0))
+    mode: str = field(default=ZORBA, metadata=wire(
+        "The run mode (see Run modes); a client of an older server (no field) runs `zorba`.",
+        choices=RUN_MODES))
+
+
+@dataclass(frozen=True)
+class RegisterResponse:
+    """201 answer to POST /v1/clients."""
+
+    client_id: str = field(metadata=wire("The client's id, kept in its state file."))
+    token: str = field(metadata=wire(
+        "Bearer token for every later request; the server keeps only its hash."))
+    run: RunInfo = field(metadata=wire("The run joined."))
+
+
+@dataclass(frozen=True)
+class AlphaDelta:
+    """One applied round: alpha[k, b] += values[i, j] for k = pool_indices[i], b = blocks[j].
+
+    A client syncs by `theta[b] -= value * z[k, b]` for every entry whose block it holds.
+    """
+
+    version: int = field(metadata=wire(
+        "The alpha version this delta produces (versions count published deltas: applied "
+        "rounds and the loss guard's rollbacks).",
+        ge=1, le=MAX_COUNTER))
+    round: int = field(metadata=wire("The round applied.", ge=1, le=MAX_COUNTER))
+    pool_indices: tuple[int, ...] = field(metadata=wire("Rows of alpha: distinct, ascending.",
+                                                        item=wire(ge=0)))
+    blocks: tuple[int, ...] = field(metadata=wire("Columns of alpha: distinct, ascending.",
+                                                  item=wire(ge=0)))
+    values: bytes = field(metadata=wire(
+        "float32 little-endian, len(pool_indices) x len(blocks), row-major.",
+        max_len=MAX_SEQUENCE_LEN * 256 * 4))
+
+    def __post_init__(self) -> None:
+        expected = 4 * len(self.pool_indices) * len(self.blocks)
+        if len(self.values) != expected:
+            raise SchemaError(
+                f"values: {len(self.values)} bytes for {len(self.pool_indices)} pool indices x "
+                f"{len(self.blocks)} blocks; expected {expected} (float32)"
+            )
+
+    def matrix(self) -> np.ndarray:
+        return np.frombuffer(self.values, dtype="<f4").reshape(
+            len(self.pool_indices), len(self.blocks)
+        )
+
+    def entries(self) -> list[tuple[int, int, float]]:
+        """The non-zero (k, block, delta) triples, k-major."""
+        matrix = self.matrix()
+        return [
+            (self.pool_indices[i], self.blocks[j], float(matrix[i, j]))
+            for i, j in zip(*np.nonzero(matrix), strict=True)
+        ]
+
+    @staticmethod
+    def from_matrix(version: int, round_: int, pool_indices: tuple[int, ...],
+                    blocks: tuple[int, ...], matrix: np.ndarray) -> AlphaDelta:
+        values = np.ascontiguousarray(matrix, dtype="<f4").tobytes()
+        return AlphaDelta(version, round_, tuple(pool_indices), tuple(blocks), values)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What one client trains in one round."""
+
+    round: int = field(metadata=wire("The round.", ge=1, le=MAX_COUNTER))
+    base_version: int = field(metadata=wire(
+        "The alpha version the round trains on; the client must be synced to it.",
+        ge=0, le=MAX_COUNTER))
+    blocks: tuple[int, ...] = field(metadata=wire(
+        "The activated blocks; every other block stays frozen.", item=wire(ge=0)))
+    pool_indices: tuple[int, ...] = field(metadata=wire(
+        "One pool index per local step, in order (k_t for step t).", item=wire(ge=0)))
+    hyper: HyperParams = field(metadata=wire("Hyper-parameters of this round."))
+    deadline_in_s: float = field(metadata=wire(
+        "Time from the answer to the round's deadline (use this, not the wall clock).",
+        unit="seconds"))
+    deadline_unix: float = field(metadata=wire("The deadline on the server's clock.",
+                                               unit="seconds since 1970 (UTC)"))
+
+
+WAIT, TRAIN, FINISHED = "wait", "train", "finished"
+
+
+@dataclass(frozen=True)
+class NextRound:
+    """200 answer to GET /v1/rounds/next."""
+
+    status: str = field(metadata=wire(
+        "`train` (assignment set), `wait` (poll again), `finished` (the run is over).",
+        choices=(TRAIN, WAIT, FINISHED)))
+    version: int = field(metadata=wire("The server's alpha version now.", ge=0, le=MAX_COUNTER))
+    assignment: Assignment | None = field(default=None, metadata=wire(
+        "The work, with status `train` and only then."))
+    deltas: tuple[AlphaDelta, ...] = field(default=(), metadata=wire(
+        "From the client's version to the assignment's base version (or to `version`)."))
+    catch_up: bool = field(default=False, metadata=wire(
+        "The gap is too large for deltas: fetch GET /v1/state, then poll again."))
+    retry_after_s: float = field(default=0.0, metadata=wire(
+        "Suggested pause before the next poll.", unit="seconds", ge=0))
+    reason: str = field(default="", metadata=wire("Why there is no work, for people.",
+                                                  max_len=4096))
+
+    def __post_init__(self) -> None:
+        if self.status not in (WAIT, TRAIN, FINISHED):
+            raise SchemaError(f"status: {self.status!r} is not one of train, wait, finished")
+        if (self.status == TRAIN) != (self.assignment is not None):
+            raise SchemaError("status: an assignment comes with status 'train' and only then")
+
+
+@dataclass(frozen=True)
+class Report:
+    """POST /v1/rounds/{round}/reports: what a client measured in one round."""
+
+    idempotency_key: str = field(metadata=wire(
+        "Client-chosen, unique per report: a retry with the same key and content is safe.",
+        max_len=128))
+    base_version: int = field(metadata=wire("The alpha version the client trained on.",
+                                            ge=0, le=MAX_COUNTER))
+    steps: tuple[tuple[int, float], ...] = field(metadata=wire(
+        "(k_t, g_t) per local step, in step order: a prefix of the assignment's pool indices "
+        "(at least one; none in the fedavg baseline, whose training travels as weights). "
+        "Each g_t finite with |g_t| <= the run's max_abs_scalar.",
+        max_len=MAX_STEPS_PER_REPORT, gradient=True))
+    num_samples: int = field(metadata=wire(
+        "Examples seen this round (the aggregation weight is the registered sample count).",
+        unit="examples", ge=0, le=MAX_SAMPLES))
+    loss_mean: float = field(metadata=wire("Mean training loss of the round.", unit="nats",
+                                           ge=0, le=MAX_LOSS))
+    loss_last: float = field(metadata=wire("Training loss of the last step.", unit="nats",
+                                           ge=0, le=MAX_LOSS))
+    peak_memory_bytes: int = field(metadata=wire(
+        "Measured peak of the round (0: not measured).", unit="bytes", ge=0,
+        le=MAX_MEMORY_BYTES))
+    step_time_s: float = field(metadata=wire("Measured time of one local step.", unit="seconds",
+                                             ge=0, le=MAX_STEP_TIME_S))
+    loss_check: float | None = field(default=None, metadata=wire(
+        "Loss of the model as received (base_version, before any local step) on the client's "
+        "check batch, the same examples every round: how the server tells whether an applied "
+        "update made the model worse (docs/learning.md, the loss guard). Absent: not measured.",
+        unit="nats", ge=0, le=MAX_LOSS))
+
+    def __post_init__(self) -> None:
+        if not self.idempotency_key:
+            raise SchemaError("idempotency_key: must not be empty (use a fresh random string)")
+
+
+@dataclass(frozen=True)
+class ReportAck:
+    """200 answer to a report; a retry with the same key gets the very same ack."""
+
+    round: int = field(metadata=wire("The round reported to."))
+    idempotency_key: str = field(metadata=wire("The report's key.", max_len=128))
+    received_at: float = field(metadata=wire("When the server committed the report.",
+                                             unit="seconds since 1970 (UTC)"))
+
+
+@dataclass(frozen=True)
+class AlphaState:
+    """200 answer to GET /v1/state: the whole coefficient table."""
+
+    run_id: str = field(metadata=wire("The run."))
+    version: int = field(metadata=wire("The table's alpha version.", ge=0, le=MAX_COUNTER))
+    pool_size: int = field(metadata=wire("K, rows.", ge=1))
+    num_blocks: int = field(metadata=wire("B, columns.", ge=1))
+    alpha: bytes = field(metadata=wire(
+        "float64 little-endian, pool_size x num_blocks, row-major (alpha[k, b] at k*B + b).",
+        max_len=MAX_RESPONSE_BYTES))
+
+    def __post_init__(self) -> None:
+        expected = 8 * self.pool_size * self.num_blocks
+        if len(self.alpha) != expected:
+            raise SchemaError(
+                f"alpha: {len(self.alpha)} bytes, expected {expected} (float64 K x B)")
+
+    def matrix(self) -> np.ndarray:
+        return np.frombuffer(self.alpha, dtype="<f8").reshape(self.pool_size, self.num_blocks)
+
+
+MESSAGES: tuple[type, ...] = (RegisterRequest, RegisterResponse, NextRound, Report, ReportAck,
+                              AlphaState, ErrorBody)
+"""The top-level bodies, in the order docs/protocol.md lists them."""

@@ -1,0 +1,43 @@
+"""Is the model still a language model? Its next-token loss on generic text (the watch).
+
+Fine-tuning on a classification task moves the label scores; it should leave the model's
+plain next-token predictions about where the base model has them. A run whose blocks drift far
+from their base weights breaks generation without the task's loss saying so (issue 26: Gemma 3
+generated garbage while its held-out task loss had risen only 16%). The watch measures the
+mean next-token cross-entropy over the packaged generic text (zorba_edge/data/generic_text.py,
+every token a target) and calls the model broken once it stands more than `tolerance` (a
+fraction) above the base model's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from zorba_edge.data.batches import LMBatch
+from zorba_edge.data.generic_text import FLUENCY_TOLERANCE, GENERIC_TEXT
+from zorba_edge.engine.losses import lm_loss
+
+
+def generic_batch(tokenizer: PreTrainedTokenizerBase, seq_len: int, text: str = GENERIC_TEXT) -> LMBatch:
+    """The text as full rows of `seq_len` tokens (the tail that fills no row is dropped; a text
+    shorter than one row is one shorter row), every token a target."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < 2:
+        raise ValueError("the generic text must have at least two tokens")
+    width = min(seq_len, len(ids))
+    rows = torch.tensor(ids[: len(ids) // width * width], dtype=torch.long).view(-1, width)
+    return LMBatch(rows, torch.ones_like(rows), rows.clone())
+
+
+@torch.no_grad()
+def generic_loss(model: nn.Module, batch: LMBatch) -> float:
+    """Mean next-token cross-entropy over the batch's rows."""
+    return float(lm_loss(model, batch))
+
+
+def broken(base_loss: float, loss: float, tolerance: float = FLUENCY_TOLERANCE) -> bool:
+    """The model's generic-text loss stands more than `tolerance` above the base model's (a
+    NaN or infinite loss is broken too)."""
+    return not loss == loss or loss > base_loss * (1 + tolerance)

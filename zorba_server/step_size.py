@@ -1,0 +1,115 @@
+"""The one owner of the zeroth-order step size (pure: no I/O, no clock).
+
+Every number that sets how far a round moves the model is decided here and nowhere else:
+
+    round lr   = run.lr x backoff_factor(the closed rounds' statuses)   (x1/2 per rejection,
+                                         recovering after sound rounds, never below STEP_FLOOR)
+                        x PLATEAU_DECAY ** (plateau cuts so far)
+    client lr  = round lr x client scale      (run.lr_scaling: 1; mean block / its blocks;
+                                               or all blocks' energy / its blocks' energy)
+    local step = client lr x g x z, at most the trust region's length (run.trust_radius x the
+                 RMS of the client's perturbed weights; the client applies it, because only
+                 it holds the weights: zorba_edge.engine.zo.ZOConfig.for_round)
+
+The engine asks `StepSize` for the round's lr and each client's scale; `RoundPlan.client_lr`
+multiplies them; aggregation adds lr x scale x g per scalar, which is what the client moved.
+A restarted server recomputes the same step: the rejections come from the stored history and
+the plateau cuts from the last stored plan. docs/learning.md says why each factor exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from zorba_server.round_status import APPLIED, REJECTED
+
+LOSS_JUMP_BACKOFF = 0.5
+"""The step is multiplied by this for every round the loss guard rejected."""
+PLATEAU_DECAY = 0.5
+"""... and by this whenever the check losses have not improved for run.plateau_rounds rounds."""
+STEP_RECOVERY_ROUNDS = 5
+"""Applied rounds in a row after which one halving of the step by a rejection is undone: a
+rejection once halved the step for good, and a run whose early rounds were rejected crawled
+for the rest of it (issue 27)."""
+STEP_FLOOR = 1 / 32
+"""The smallest factor rejections bring run.lr to (five halvings): below it a round moves the
+model too little to tell, and the guard's rollbacks already keep a step that is too large from
+doing harm."""
+
+
+def backoff_factor(statuses: Iterable[str], backoff: float = LOSS_JUMP_BACKOFF) -> float:
+    """The step factor the loss guard's rejections leave after the closed rounds' `statuses`
+    (in order): x`backoff` per rejected round, not below STEP_FLOOR; back up by 1/`backoff`
+    after every STEP_RECOVERY_ROUNDS applied rounds in a row, up to 1. Derived from the
+    history alone, so a restarted server continues with the same step."""
+    factor, streak = 1.0, 0
+    for status in statuses:
+        if status == REJECTED:
+            factor, streak = max(STEP_FLOOR, factor * backoff), 0
+        elif status == APPLIED:
+            streak += 1
+            if streak >= STEP_RECOVERY_ROUNDS and factor < 1.0:
+                factor, streak = min(1.0, factor / backoff), 0
+    return factor
+
+
+LR_SCALINGS = ("dimension", "energy", "none")
+"""run.lr_scaling's choices: `none` one lr for every client; `dimension` lr x mean block size /
+the parameters a client perturbs; `energy` lr x the estimated gradient energy of all blocks /
+that of the client's blocks (zorba_server/block_energy.py)."""
+MAX_ENERGY_SCALE = 100.0
+"""The largest `energy` scale: a client holding one block of little energy would otherwise get
+hundreds of times the step (the trust region bounds its length; this bounds it without one)."""
+
+
+@dataclass(frozen=True)
+class StepSize:
+    """The run's step-size settings (from RunConfig) and the rules that turn them into steps."""
+
+    lr: float
+    """run.lr: the step before any cut (with `dimension` scaling: a one-average-block client's)."""
+    scaling: str = "none"
+    trust_radius: float = 0.0
+    """Passed to clients in HyperParams; each applies it to its own weights' scale."""
+
+    def __post_init__(self) -> None:
+        if self.scaling not in LR_SCALINGS:
+            raise ValueError(f"lr scaling {self.scaling!r}: use one of {', '.join(LR_SCALINGS)}")
+
+    @staticmethod
+    def factor(statuses: Sequence[str], step_decays: int) -> float:
+        """What the loss guard's rollbacks (the closed rounds' `statuses`, in order) and the
+        plateau cuts have left of run.lr."""
+        return backoff_factor(statuses) * PLATEAU_DECAY ** step_decays
+
+    def round_lr(self, statuses: Sequence[str], step_decays: int) -> float:
+        """The lr a round opens with (the one every client's scale multiplies)."""
+        return self.lr * self.factor(statuses, step_decays)
+
+    def client_scale(self, block_params: Sequence[int], blocks: Sequence[int],
+                     energy: Sequence[float] | None = None) -> float:
+        """A client's step scale: 1 (`none`); mean block size / the parameters it perturbs
+        (`dimension`; docs/learning.md, "Step size by perturbed dimension"); or (`energy`) the
+        gradient energy of all blocks / that of its blocks, at most MAX_ENERGY_SCALE, so that
+        `lr` is the step of a client perturbing every block and a client's step falls as the
+        E[g^2] of what it perturbs grows (docs/learning.md, "Gradient energy per block": with
+        the curvature proportional to the energy, the best step is 1 / (c E[g^2])). Before any
+        energy is measured (`energy` None or all zero), parameter counts stand in for it."""
+        if self.scaling == "none":
+            return 1.0
+        if self.scaling == "dimension":
+            return (sum(block_params) / len(block_params)) / sum(block_params[b] for b in blocks)
+        weights = list(energy) if energy is not None and sum(energy) > 0 else list(block_params)
+        held = sum(weights[b] for b in blocks)
+        if held <= 0:
+            return MAX_ENERGY_SCALE
+        return min(sum(weights) / held, MAX_ENERGY_SCALE)
+
+    def after_backoff(self, statuses: Sequence[str], step_decays: int) -> float:
+        """The round lr once one more rejection has halved it (what a rejection message says)."""
+        return self.round_lr([*statuses, REJECTED], step_decays)
+
+    def after_plateau(self, statuses: Sequence[str], step_decays: int) -> float:
+        """The round lr once one more plateau cut has applied (what a cut message says)."""
+        return self.round_lr(statuses, step_decays + 1)
