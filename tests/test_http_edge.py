@@ -119,3 +119,91 @@ async def test_malformed_http_is_one_warning_line_not_a_traceback(
     assert len(records) == 1 and records[0].levelname == "WARNING"
     assert records[0].getMessage().startswith("malformed HTTP from 127.0.0.1: ")
     assert records[0].exc_info is None and "\n" not in records[0].getMessage()
+
+
+async def test_bytes_up_count_a_chunked_body_as_read(tmp_path: Path, aiohttp_client: Any) -> None:
+    """A proxy or client that streams its body sends no Content-Length: it counted 0 bytes."""
+    from zorba_common.codec import CONTENT_TYPE, encode
+
+    http = await started(tmp_path, aiohttp_client)
+    c = FakeClient(http)
+    assert (await c.register()).status == 201
+    assignment = (await c.poll()).assignment
+    body = encode(make_report(assignment))
+
+    async def chunks() -> Any:
+        yield body[:10]
+        yield body[10:]
+
+    answer = await http.post(f"/v1/rounds/{assignment.round}/reports", data=chunks(),
+                             headers={"Authorization": f"Bearer {c.token}",
+                                      "Content-Type": CONTENT_TYPE})
+    assert answer.status == 200 and answer.request_info.headers.get("Transfer-Encoding") == "chunked"
+    status = await (await http.get("/v1/status")).json()
+    assert status["clients"][0]["last_round_bytes_up"] == len(body)
+
+
+async def guarded(tmp_path: Path, limits: Any) -> tuple[Any, Any, int]:
+    import socket
+
+    from aiohttp import web
+
+    from zorba_server.http_edge import listen
+
+    runner = web.AppRunner(create_app(config_from_dict(config_dict(tmp_path / "db.sqlite3"))))
+    await runner.setup()
+    sock = socket.create_server(("127.0.0.1", 0))
+    listening = await listen(runner, sock, None, limits)
+    return runner, listening, sock.getsockname()[1]
+
+
+async def test_a_connection_that_never_finishes_its_request_head_is_closed(tmp_path: Path) -> None:
+    import asyncio
+
+    import aiohttp
+
+    from zorba_server.http_edge import HeadLimits
+
+    runner, listening, port = await guarded(tmp_path, HeadLimits(timeout_s=0.2, max_pending=16))
+    try:
+        async with aiohttp.ClientSession() as http:  # a whole request is served as before
+            answer = await http.get(f"http://127.0.0.1:{port}/healthz")
+            assert answer.status == 200
+        for sent in (b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"):  # nothing; half a head
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(sent)
+            await writer.drain()
+            assert await reader.read() == b""  # the server closed it (the event awaited)
+            writer.close()
+    finally:
+        listening.close()
+        await runner.cleanup()
+
+
+async def test_connections_past_the_cap_of_pending_heads_are_refused(tmp_path: Path) -> None:
+    import asyncio
+
+    from zorba_server.http_edge import HeadLimits
+
+    runner, listening, port = await guarded(tmp_path, HeadLimits(timeout_s=300, max_pending=2))
+    held = []
+    try:
+        for _ in range(2):
+            held.append(await asyncio.open_connection("127.0.0.1", port))
+        while len(listening.pending) < 2:  # the server has taken both (an event, polled)
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            assert await reader.read() == b""
+        except ConnectionResetError:
+            pass  # aborted: as refused as a clean close
+        writer.close()
+        # A held connection that completes its head is served: the cap was on heads, not work.
+        reader, writer = held[0]
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await reader.read()).split(b"\r\n")[0].endswith(b"200 OK")
+    finally:
+        for _, writer in held:
+            writer.close()
+        listening.close()
+        await runner.cleanup()

@@ -113,3 +113,38 @@ def test_every_run_key_and_its_default_is_documented() -> None:
     for f in dataclasses.fields(RunConfig):
         default = "none" if f.default is None else f"`{json.dumps(f.default)}`"
         assert f"| `{f.name}` | {default}" in md, f.name
+
+
+def _paths(value: object, prefix: str = "") -> set[str]:
+    """Every field path of a status document (`a.b`, `a[].b`), as status_fields names them."""
+    paths: set[str] = set()
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            path = f"{prefix}.{key}" if prefix else key
+            paths.add(path)
+            if key not in ("excluded",):  # a map of client ids, not fields
+                paths |= _paths(inner, path)
+    elif isinstance(value, list):
+        for item in value:
+            paths |= _paths(item, f"{prefix}[]")
+    return paths
+
+
+def test_every_status_field_is_documented_and_every_documented_one_exists(tmp_path: Path) -> None:
+    """The status of a run with a member, a closed round and an open one: its field names are
+    those of zorba_server/status_fields.py, no more, no fewer."""
+    from engine_fakes import engine, join, open_next, received
+
+    from zorba_server.status_fields import STATUS_FIELDS
+    from zorba_server.status_view import run_status
+
+    e = engine(tmp_path)
+    join(e, "a")
+    open_next(e)
+    e.accept_report(received(e, "a"))
+    e.apply_close(e.decide_close(now=1.0))
+    open_next(e, now=2.0)
+    counters = {"registrations": 1, **e.counters()}
+    status = run_status(e, "run", counters, now=3.0)
+    found = {p for p in _paths(status) if not p.startswith("current_round.excluded.")}
+    assert found == set(STATUS_FIELDS), (found ^ set(STATUS_FIELDS))

@@ -62,3 +62,31 @@ def test_an_unreadable_certificate_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "k").write_text("not a key")
     with pytest.raises(ConfigError, match="cannot load the TLS certificate .*missing.pem"):
         ssl_context(config_from_dict(data))
+
+
+@pytest.mark.asyncio
+async def test_https_through_the_head_guard_as_zorba_server_listens(tmp_path: Path) -> None:
+    """zorba-server listens through http_edge.listen (a deadline on request heads): TLS
+    connections pass through it like plain ones."""
+    import socket
+
+    from zorba_server.http_edge import HeadLimits, listen
+
+    cert, key = self_signed(tmp_path)
+    data = config_dict(tmp_path / "db.sqlite3")
+    data["server"] = {"tls_cert": str(cert), "tls_key": str(key)}
+    config = config_from_dict(data)
+    runner = web.AppRunner(create_app(config))
+    await runner.setup()
+    sock = socket.create_server(("127.0.0.1", 0))
+    listening = await listen(runner, sock, ssl_context(config), HeadLimits(timeout_s=30))
+    port = sock.getsockname()[1]
+    try:
+        trusting = ssl.create_default_context(cafile=str(cert))
+        async with aiohttp.ClientSession() as http:
+            resp = await http.get(f"https://127.0.0.1:{port}/healthz", ssl=trusting)
+            assert resp.status == 200 and await resp.text() == "ok\n"
+        assert not listening.pending  # the head arrived: nothing left waiting
+    finally:
+        listening.close()
+        await runner.cleanup()

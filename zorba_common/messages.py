@@ -203,7 +203,8 @@ class AlphaDelta:
     """
 
     version: int = field(metadata=wire(
-        "The alpha version this delta produces (versions count applied rounds).",
+        "The alpha version this delta produces (versions count published deltas: applied "
+        "rounds and the loss guard's rollbacks).",
         ge=1, le=MAX_COUNTER))
     round: int = field(metadata=wire("The round applied.", ge=1, le=MAX_COUNTER))
     pool_indices: tuple[int, ...] = field(metadata=wire("Rows of alpha: distinct, ascending.",

@@ -187,6 +187,7 @@ async def read_message(request: web.Request, cls: type[M], limit: int) -> M:
         raise errors.too_large(f"body of {request.content_length} bytes exceeds the "
                                f"{limit}-byte limit of {cls.__name__}")
     body = await request.read()
+    request[BODY_BYTES] = len(body)
     return decode(cls, body, max_bytes=limit)
 
 
@@ -228,6 +229,8 @@ def path_round(request: web.Request) -> int:
 
 
 CLIENT_ID = web.RequestKey("client_id", str)
+BODY_BYTES = web.RequestKey("body_bytes", int)
+"""The request body's bytes as read (a chunked body has no Content-Length: it counted 0)."""
 """Request key: the authenticated client, whose body bytes the middleware counts."""
 REPORT_ROUTE = "/v1/rounds/{round}/reports"
 
@@ -245,7 +248,7 @@ def _count_traffic(request: web.Request, route: str, response: web.StreamRespons
         return
     if route == REPORT_ROUTE and response.status == 200:
         return  # the coordinator counted the report and its ack (their round's row stores them)
-    coordinator.count_traffic(client_id, request.content_length or 0,
+    coordinator.count_traffic(client_id, request.get(BODY_BYTES, request.content_length or 0),
                               response.content_length or 0)
 
 
@@ -319,7 +322,7 @@ async def submit_report(request: web.Request) -> web.Response:
     round_ = path_round(request)
     report = await read_message(request, Report, MAX_REPORT_BYTES)
     return msgpack_response(await coordinator.submit_report(
-        member, round_, report, body_bytes=request.content_length or 0))
+        member, round_, report, body_bytes=request[BODY_BYTES]))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -353,7 +356,8 @@ async def upload_weights(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_WEIGHTS_BYTES:
         raise errors.too_large(f"weights of {request.content_length} bytes exceed the "
                                f"{MAX_WEIGHTS_BYTES}-byte limit")
-    await coordinator.receive_weights(member, round_, request.content.iter_chunked(1 << 20))
+    request[BODY_BYTES] = await coordinator.receive_weights(
+        member, round_, request.content.iter_chunked(1 << 20))
     return web.Response(status=204)
 
 

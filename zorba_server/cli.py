@@ -33,6 +33,7 @@ from zorba_server.config import (
     load_config,
 )
 from zorba_server.enrolment import new_secret
+from zorba_server.http_edge import HeadLimits, listen
 from zorba_server.http_log import http_logger
 from zorba_server.modes import MODES
 from zorba_server.storage import StoreError
@@ -188,11 +189,11 @@ async def serve(config: ServerConfig) -> None:
         sock.close()
         raise
     tune_gc()
-    site = web.SockSite(runner, sock, ssl_context=context)
-    await site.start()
+    listening = await listen(runner, sock, context, HeadLimits(
+        config.server.header_timeout_s, config.server.max_pending_heads))
     scheme = "https" if context else "http"
-    for host, port, *_ in runner.addresses:
-        print(f"zorba-server listening on {scheme}://{host}:{port}", flush=True)
+    host, port, *_ = sock.getsockname()
+    print(f"zorba-server listening on {scheme}://{host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -200,6 +201,7 @@ async def serve(config: ServerConfig) -> None:
     try:
         await stop.wait()
     finally:
+        listening.close()
         await runner.cleanup()
 
 

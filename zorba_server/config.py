@@ -53,8 +53,14 @@ class ListenConfig:
     port: int = 8470
     tls_cert: str | None = None
     tls_key: str | None = None
+    header_timeout_s: float = 30.0
+    """Longest a new connection may take to send its first request's head (then it is closed)."""
+    max_pending_heads: int = 1024
+    """Connections that may be sending a first request's head at once; more are refused."""
 
     def __post_init__(self) -> None:
+        if self.header_timeout_s <= 0 or self.max_pending_heads < 1:
+            raise ConfigError("server.header_timeout_s must be > 0 and server.max_pending_heads >= 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError(
                 "server.tls_cert and server.tls_key go together: give both or neither")

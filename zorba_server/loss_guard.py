@@ -18,7 +18,7 @@ Clients that send no check loss (older ones) are judged on their training losses
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,9 +127,9 @@ def weighted_median(values: Sequence[tuple[float, float]]) -> float:
 
 
 def judge(anchor: Anchor, checks: Mapping[str, float], weights: Mapping[str, float],
-          tolerance: float, ignored: Collection[str] = ()) -> Verdict | None:
+          tolerance: float) -> Verdict | None:
     """Compare this round's check losses with the anchor's, client by client, over the clients
-    in both that are not `ignored` (quarantined); None when none is left with weight.
+    in both (the engine leaves quarantined clients out of `checks`); None when none has weight.
 
     Judged by the clients, not by one weighted mean: one client's extreme value (0.0, then
     1e6, both on the wire's bounds) stopped every round of a run of four when a mean judged
@@ -137,7 +137,7 @@ def judge(anchor: Anchor, checks: Mapping[str, float], weights: Mapping[str, flo
     verdict and named, so the engine can quarantine one that does so again."""
     changes = [Change(cid, weights.get(cid, 0.0), anchor.losses[cid], loss)
                for cid, loss in sorted(checks.items())
-               if cid in anchor.losses and cid not in ignored and weights.get(cid, 0.0) > 0]
+               if cid in anchor.losses and weights.get(cid, 0.0) > 0]
     odd = outliers(changes)
     judged = [c for c in changes if c.client_id not in odd]
     total = sum(c.weight for c in judged)

@@ -34,6 +34,7 @@ from zorba_common import codec, limits, messages
 from zorba_common.memory_model import ModelFootprint
 from zorba_server.aggregation_rules import RULES, describe
 from zorba_server.config import RunConfig
+from zorba_server.status_fields import STATUS_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL_MD = Path("docs/protocol.md")
@@ -215,6 +216,13 @@ def run_table() -> str:
     return "\n".join(out) + "\n"
 
 
+def status_table() -> str:
+    """The fields of GET /v1/status (zorba_server/status_fields.py)."""
+    out = ["| Field | Meaning |", "|---|---|"]
+    out += [f"| `{name}` | {meaning} |" for name, meaning in STATUS_FIELDS.items()]
+    return "\n".join(out) + "\n"
+
+
 def aggregation_table() -> str:
     """The registered aggregation rules: `aggregation.method` and what the rule computes."""
     out = ["| `aggregation.method` | Per (k, b), alpha[k, b] += lr x |", "|---|---|"]
@@ -316,7 +324,8 @@ def json_schema() -> dict[str, Any]:
 def render_protocol_md(text: str) -> str:
     """`text` with every generated section replaced by what the code says now."""
     for name, content in (("messages", message_tables()), ("run-keys", run_table()),
-                          ("aggregation-rules", aggregation_table())):
+                          ("aggregation-rules", aggregation_table()),
+                          ("status-fields", status_table())):
         pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- end generated:{name} -->)",
                              re.DOTALL)
         if not pattern.search(text):
