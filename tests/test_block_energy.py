@@ -49,7 +49,7 @@ def test_no_report_no_estimate_and_unseen_blocks_get_the_fits_energy_per_paramet
     assert tracker.estimate().tolist() == [0.0, 0.0, 0.0]
     tracker.observe(1, [], [1.0]), tracker.observe(1, [0], [])
     assert not tracker.rows
-    tracker.observe(1, [0], [2.0, 2.0])
+    tracker.observe(1, [0], [1.0, 2.6457513])  # mean square 4
     assert tracker.estimate() == pytest.approx([4.0, 4.0, 8.0])
 
 
@@ -67,7 +67,8 @@ def test_a_closed_rounds_scalars_reach_the_status_page(tmp_path: Path) -> None:
     join(e, "a"), join(e, "b")
     plan = open_next(e)
     for cid in ("a", "b"):
-        e.accept_report(received(e, cid, [2.0] * len(plan.assignment_for(cid, 0.0).pool_indices)))
+        count = len(plan.assignment_for(cid, 0.0).pool_indices)
+        e.accept_report(received(e, cid, [1.0 + 0.1 * t for t in range(count)]))
     e.apply_close(e.decide_close(now=1.0))
     status = run_status(e, "run", {}, now=1.0)
     assert status["block_energy"]["rows"] == 2
@@ -79,3 +80,13 @@ def test_a_closed_rounds_scalars_reach_the_status_page(tmp_path: Path) -> None:
     energy = e.energy.estimate()
     assert e.lr_scale([held[0]]) == pytest.approx(
         min(energy.sum() / energy[held[0]], MAX_ENERGY_SCALE))
+
+
+def test_a_report_whose_batches_the_trust_region_shrank_is_left_out() -> None:
+    tracker = BlockEnergy([10, 10])
+    # two batches of 2 directions scaled to the same length: the region's
+    shrunk = [0.3, 0.4, 0.5, 0.0]
+    tracker.observe(1, [0], shrunk, directions=2)
+    assert not tracker.rows
+    tracker.observe(1, [0], [0.3, 0.4, 0.1, 0.2], directions=2)
+    assert len(tracker.rows) == 1

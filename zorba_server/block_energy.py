@@ -27,9 +27,11 @@ learns; at most MAX_ROWS rows are kept. A restarted server starts afresh.
 
 What the estimate is for: a client's step from its blocks' total energy (run.lr_scaling =
 "energy", zorba_server/step_size.py), the status page, and a scheduler that assigns expected
-progress (docs/learning.md, "Gradient energy per block"). Caveats: scalars the trust region
-shrank are counted as reported (shrunk: an under-estimate), and the normalised estimator's
-scalars are divided by their batch's spread, so their squares are not energies at all.
+progress (docs/learning.md, "Gradient energy per block"). Caveats: a report whose batches the
+trust region shrank is left out when two or more of its batches were (`clipped`); one shrunk
+batch among others cannot be told from the longest unshrunk one and is counted (an
+under-estimate). The normalised estimator's scalars are divided by their batch's spread, so
+their squares are not energies at all.
 """
 
 from __future__ import annotations
@@ -58,6 +60,20 @@ class EnergyRow:
     steps: int
 
 
+def clipped(values: np.ndarray, directions: int) -> bool:
+    """The trust region shrank this report's batches: two or more batches share the largest
+    step length (a shrunk batch's scalars are scaled so that its length is exactly the
+    region's). Such scalars are not energies: counting them made a feedback loop under
+    `energy` steps (a large step is shrunk, its small scalars lower its blocks' energy, which
+    raises its step), measured on the simulator (docs/learning.md)."""
+    batches = [values[i:i + directions] for i in range(0, values.size, max(directions, 1))]
+    if len(batches) < 2:
+        return False
+    norms = np.array([float(np.sqrt(np.sum(b * b))) for b in batches])
+    top = norms.max()
+    return top > 0 and int(np.sum(np.abs(norms - top) <= 1e-6 * top)) >= 2
+
+
 class BlockEnergy:
     """Running estimate of every block's gradient energy s_b (see the module docstring)."""
 
@@ -68,11 +84,13 @@ class BlockEnergy:
         self.rows: deque[EnergyRow] = deque(maxlen=MAX_ROWS)
         self._cache: np.ndarray | None = None
 
-    def observe(self, round_: int, blocks: Sequence[int], grads: Sequence[float]) -> None:
-        """Book one report's scalars (a report without scalars or blocks adds nothing)."""
+    def observe(self, round_: int, blocks: Sequence[int], grads: Sequence[float],
+                directions: int = 1) -> None:
+        """Book one report's scalars, measured in batches of `directions` (a report without
+        scalars or blocks adds nothing, nor does one the trust region shrank: `clipped`)."""
         values = np.asarray(grads, dtype=np.float64)
         values = values[np.isfinite(values)]
-        if not len(blocks) or not values.size:
+        if not len(blocks) or not values.size or clipped(values, directions):
             return
         self.rows.append(EnergyRow(round_, tuple(sorted(set(blocks))),
                                    float(np.mean(values * values)), int(values.size)))

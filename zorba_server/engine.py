@@ -590,7 +590,7 @@ class RoundEngine:
             # Every report's scalars measured the round's base model, whatever the round's fate.
             for cid, rec in sorted(self.open.received.items()):
                 self.energy.observe(plan.round, plan.clients[cid].blocks,
-                                    [g for _, g in rec.report.steps])
+                                    [g for _, g in rec.report.steps], plan.hyper.directions)
         if closure.delta is not None and closure.alpha is not None:
             self.alpha, self.version = closure.alpha, closure.delta.version
             self.deltas.append(closure.delta)

@@ -58,9 +58,10 @@ LR_SCALINGS = ("dimension", "energy", "none")
 """run.lr_scaling's choices: `none` one lr for every client; `dimension` lr x mean block size /
 the parameters a client perturbs; `energy` lr x the estimated gradient energy of all blocks /
 that of the client's blocks (zorba_server/block_energy.py)."""
-MAX_ENERGY_SCALE = 100.0
-"""The largest `energy` scale: a client holding one block of little energy would otherwise get
-hundreds of times the step (the trust region bounds its length; this bounds it without one)."""
+MAX_ENERGY_SCALE = 32.0
+"""The largest `energy` scale, about what parameter counts give a client holding one block of
+thirty: one block of little energy would otherwise get hundreds of times the step (the trust
+region bounds its length; this bounds it without one)."""
 
 
 @dataclass(frozen=True)
