@@ -19,6 +19,9 @@ For 1, 8 and all 30 blocks assigned, with frozen blocks in nf4 and in fp32, it m
 - one_sided_scalar_over_forward: one batch of the one-sided estimator (the run default, 4
   directions on one batch, 5 forwards) per reported scalar, over a forward pass; its floor
   is (n + 1) / n = 1.25 (`_cpu`: CPU time, as above);
+- hash_over_forward_cpu, move_over_forward_cpu: hashing one direction over the assigned
+  blocks, and one move of them along it, in forwards of CPU time: an antithetic step is
+  2 forwards + 1 hash + 3 moves + the rest (Python, the loss's float);
 - load_peak_over_steady: the peak RSS while loading divided by the RSS once loaded.
 Peaks are read from VmHWM after resetting it (`/proc/self/clear_refs`), so the loading peak
 does not hide the peak of the phase that follows. Linux only.
@@ -65,6 +68,10 @@ class Measurement:
     one_sided_s: float | None = None
     """One batch of the one-sided estimator over ONE_SIDED_DIRECTIONS directions."""
     one_sided_cpu_s: float | None = None
+    hash_cpu_s: float | None = None
+    """Hashing one direction over the assigned blocks (`Direction(...)`), CPU seconds."""
+    move_cpu_s: float | None = None
+    """One move of the assigned blocks along a hashed direction (`Direction.add_`)."""
 
 
 def legacy_zo_step(model, blocks, loss_fn, batch, run_seed: int, k: int, config) -> float:
@@ -260,7 +267,20 @@ def worker(args: argparse.Namespace) -> Measurement:
             run(k)
             times[name].append(time.perf_counter() - t0)
             cpu_times[name].append(time.process_time() - c0)
+    components: dict[str, float | None] = {"hash_cpu_s": None, "move_cpu_s": None}
     if args.role == "train":
+        from zorba_edge.engine.directions import Direction
+
+        hashes, moves = [], []
+        for k in range(args.repeats + 1):
+            c0 = time.process_time()
+            z = Direction(blocks, 0, 10_000 + k)
+            c1 = time.process_time()
+            z.add_(1e-3)
+            moves.append(time.process_time() - c1)
+            hashes.append(c1 - c0)
+        components = {"hash_cpu_s": statistics.median(hashes[1:]),
+                      "move_cpu_s": statistics.median(moves[1:])}
         snapshot.revert()
         snapshot.close()
 
@@ -274,6 +294,7 @@ def worker(args: argparse.Namespace) -> Measurement:
         forward_cpu_s=median("forward", cpu_times), step_cpu_s=median("step", cpu_times),
         old_step_cpu_s=median("old_step", cpu_times),
         one_sided_s=median("one_sided"), one_sided_cpu_s=median("one_sided", cpu_times),
+        **components,
     )
 
 
@@ -358,6 +379,10 @@ def main() -> None:
                 "one_sided_scalar_over_forward_cpu": ratio(
                     (train.one_sided_cpu_s or 0.0) / ONE_SIDED_DIRECTIONS, train.forward_cpu_s),
                 "one_sided_floor": round((ONE_SIDED_DIRECTIONS + 1) / ONE_SIDED_DIRECTIONS, 3),
+                # Where a step's time beyond its forwards goes, in forwards (CPU time): an
+                # antithetic step hashes z once and moves theta three times.
+                "hash_over_forward_cpu": ratio(train.hash_cpu_s, train.forward_cpu_s),
+                "move_over_forward_cpu": ratio(train.move_cpu_s, train.forward_cpu_s),
                 "steps_per_s_before": ratio(1.0, train.old_step_s),
                 "train_peak_mib": round(train.phase_peak_rss / 2**20, 1),
                 "inference_peak_mib": round(infer.phase_peak_rss / 2**20, 1),

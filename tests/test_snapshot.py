@@ -94,3 +94,10 @@ def test_a_spill_goes_where_it_is_told_and_never_to_a_ram_temp_directory(
     monkeypatch.setattr(snapshot, "filesystem_type", lambda path: "tmpfs")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert spill_directory() == tmp_path / "cache" / "zorba-edge"
+
+
+def test_a_spill_that_cannot_be_written_says_where_and_what_to_do(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    with pytest.raises(OSError, match="TMPDIR"):
+        SpilledSnapshot(blocks_of((4, 4)), blocked / "spill")

@@ -101,13 +101,21 @@ class SpilledSnapshot:
 
     def __init__(self, blocks: BlockTensors, directory: str | Path | None = None) -> None:
         self._blocks = blocks
-        self._file: IO[bytes] | None = tempfile.TemporaryFile(dir=spill_directory(directory))
+        where: str | Path = directory or "the temporary directory"
+        self._file: IO[bytes] | None = None
         try:
+            where = spill_directory(directory)
+            self._file = tempfile.TemporaryFile(dir=where)
             for tensors in blocks.values():
                 for _, tensor in tensors:
                     self._file.write(_host_bytes(tensor))
             self._file.flush()
             _drop_cached(self._file)
+        except OSError as error:
+            self.close()
+            raise OSError(error.errno, f"the round snapshot could not be spilled to {where} "
+                          f"({error.strerror or error}): point TMPDIR at a writable directory "
+                          "on disk with room for the assigned blocks") from error
         except BaseException:
             self.close()
             raise
