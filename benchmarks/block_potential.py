@@ -13,6 +13,10 @@ two disjoint sets of training batches A and B, and prints one JSON object:
                       every block's curvature is measured positive in both sets, else of e_g2
                       (`rank_agreement_of` says which; both are given where defined)
     inequality        largest / smallest e_g2, and the share of the largest block
+    exact_g2_every_block  every block's autograd |grad_b|^2 per set (what E_z[g_b^2] is,
+                      without the directions' noise), its rank agreement between the sets,
+                      and `signal_fraction`: the share of it that is the task's gradient
+                      rather than the batch's noise
 
 Directions are taken round-robin (one per block and set in turn), so a run stopped by
 --max-minutes still has the same number of directions on every block. A triple costs two
