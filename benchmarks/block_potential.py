@@ -13,6 +13,10 @@ two disjoint sets of training batches A and B, and prints one JSON object:
                       every block's curvature is measured positive in both sets, else of e_g2
                       (`rank_agreement_of` says which; both are given where defined)
     inequality        largest / smallest e_g2, and the share of the largest block
+    exact_g2_every_block  every block's autograd |grad_b|^2 per set (what E_z[g_b^2] is,
+                      without the directions' noise), its rank agreement between the sets,
+                      and `signal_fraction`: the share of it that is the task's gradient
+                      rather than the batch's noise
 
 Directions are taken round-robin (one per block and set in turn), so a run stopped by
 --max-minutes still has the same number of directions on every block. A triple costs two
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from zorba_edge.data.templates import SENTIMENT_TEMPLATE
     from zorba_edge.engine.losses import classification_loss
     from zorba_edge.model.loading import LoadConfig, load_model
-    from zorba_lab.block_potential import Triple, measure_triples, squared_gradient_norms, summarise
+    from zorba_lab.block_potential import Triple, gradient_signal, measure_triples, summarise
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -86,10 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         zero = {name: [float(classification_loss(model, b)) for b in batches]
                 for name, batches in sets.items()}
     # The noise-free reference, every block from one backward per batch: E_z[g_b^2] on a
-    # batch is |grad_b|^2 there.
+    # batch is |grad_b|^2 there; the batches' mean gradient says how much of it is signal.
     tensors_of = {b: loaded.trainable_parameters(b) for b in every_block}
-    exact_g2 = {name: _mean_norms([squared_gradient_norms(model, tensors_of, classification_loss, batch)
-                                   for batch in batches]) for name, batches in sets.items()}
+    signal = {name: gradient_signal(model, tensors_of, classification_loss, batches)
+              for name, batches in sets.items()}
+    exact_g2 = {name: s.mean_batch_g2 for name, s in signal.items()}
     measure_started = time.perf_counter()
     spent_before = 2 * args.batches
     triples: dict[str, dict[int, list[Triple]]] = {name: {b: [] for b in blocks} for name in sets}
@@ -123,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         "rank_agreement": spearman([exact_g2["A"][b] for b in every_block],
                                    [exact_g2["B"][b] for b in every_block]),
         "max_over_min": max(exact_g2["A"].values()) / min(exact_g2["A"].values()),
+        # How much of a batch's gradient is the task's: |mu_b|^2 / mean_j |grad_b,j|^2, per set
+        # (the rest is minibatch noise, which no number of directions removes).
+        "signal_fraction": {name: [round(s.fraction(b), 4) for b in every_block]
+                            for name, s in signal.items()},
+        "signal_g2": {name: [s.signal_g2[b] for b in every_block] for name, s in signal.items()},
     }
     result.update({
         "directions_per_block_and_set": len(triples["A"][blocks[0]]),
@@ -148,10 +158,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"E[zHz] {entry['e_zhz']:10.4g} {entry['e_zhz_ci90']}")
         print(f"rank agreement ({result['rank_agreement_of']}): {result['rank_agreement']:.3f}")
     return 0
-
-
-def _mean_norms(per_batch: list[dict[int, float]]) -> dict[int, float]:
-    return {b: float(np.mean([n[b] for n in per_batch])) for b in per_batch[0]}
 
 
 def report(blocks: list[int], per_set: dict[str, dict[int, BlockPotential]],

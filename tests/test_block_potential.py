@@ -11,9 +11,9 @@ from zorba_edge.engine.directions import Direction
 from zorba_lab.block_potential import (
     Triple,
     bootstrap_mean,
+    gradient_signal,
     measure_triples,
     spearman,
-    squared_gradient_norms,
     summarise,
 )
 
@@ -136,9 +136,17 @@ def test_spearman_is_one_for_the_same_order_minus_one_reversed_and_handles_ties(
         spearman([1, 2], [1])
 
 
-def test_autograd_gives_each_blocks_squared_gradient_norm_and_leaves_the_model_frozen():
+def test_the_gradient_signal_separates_the_common_gradient_from_the_batches_noise():
+    """Two batches whose gradients are mu + e and mu - e: the mean is mu exactly, so the
+    estimate (2 |mu|^2 - mean |g_j|^2) equals |mu|^2 - |e|^2, the unbiased formula at m = 2."""
     model = Quadratic()
-    norms = squared_gradient_norms(model, {b: block_tensors(model, b) for b in BLOCKS}, loss_fn, 1)
+    stats = gradient_signal(model, {b: block_tensors(model, b) for b in BLOCKS}, loss_fn, [0, 1])
     for block, span in BLOCKS.items():
-        assert norms[block] == pytest.approx(float(model.grad(1)[span].square().sum()), rel=1e-12)
+        g0, g1 = model.grad(0)[span], model.grad(1)[span]
+        mean, noise = (g0 + g1) / 2, (g0 - g1) / 2
+        assert stats.mean_batch_g2[block] == pytest.approx(float((g0.square().sum() + g1.square().sum()) / 2))
+        assert stats.signal_g2[block] == pytest.approx(float(mean.square().sum() - noise.square().sum()))
+        assert stats.fraction(block) == pytest.approx(stats.signal_g2[block] / stats.mean_batch_g2[block])
     assert not model.first.requires_grad and model.first.grad is None
+    with pytest.raises(ValueError, match="at least two batches"):
+        gradient_signal(model, {0: block_tensors(model, 0)}, loss_fn, [0])

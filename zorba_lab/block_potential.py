@@ -140,21 +140,55 @@ def measure_triples(model: nn.Module, block: int, tensors: NamedTensors, loss_fn
     return triples
 
 
-def squared_gradient_norms(model: nn.Module, blocks: BlockTensors, loss_fn: LossFn,
-                           batch: Any) -> dict[int, float]:
-    """|grad_b L(batch)|^2 per block, by autograd: what E_z[g_b^2] is on that batch for
-    Rademacher z (E[z z^T] = I), free of the directions' noise. A check on the triples and a
-    measure of how much of their spread between batch sets is the batches' own."""
+@dataclass(frozen=True)
+class GradientSignal:
+    """Per block, from the autograd gradients of m batches: how much of a batch's gradient is
+    the task's (the population gradient mu) and how much is the batch's own noise."""
+
+    mean_batch_g2: dict[int, float]
+    """mean_j |grad_b L(batch_j)|^2: E_z[g_b^2] averaged over the batches."""
+    signal_g2: dict[int, float]
+    """(m |mean_j grad_j|^2 - mean_j |grad_j|^2) / (m - 1): an unbiased estimate of |mu_b|^2
+    for batches drawn independently (E|mean|^2 = |mu|^2 + E|noise|^2 / m)."""
+
+    def fraction(self, block: int) -> float:
+        return self.signal_g2[block] / self.mean_batch_g2[block]
+
+
+def gradient_signal(model: nn.Module, blocks: BlockTensors, loss_fn: LossFn,
+                    batches: Sequence[Any]) -> GradientSignal:
+    """Backward once per batch, keeping each block's squared gradient norm and the running sum
+    of the gradients (one extra copy of the blocks' parameters)."""
+    if len(batches) < 2:
+        raise ValueError("the signal of a gradient needs at least two batches")
     params = [p for tensors in blocks.values() for _, p in tensors]
     flags = [p.requires_grad for p in params]
+    sums: dict[int, list[torch.Tensor]] = {}
+    norms: dict[int, list[float]] = {b: [] for b in blocks}
     try:
         for p in params:
             p.requires_grad_(True)
-            p.grad = None
-        loss_fn(model, batch).backward()
-        return {b: float(sum(float(p.grad.double().square().sum()) for _, p in tensors
-                             if p.grad is not None)) for b, tensors in blocks.items()}
+        for batch in batches:
+            for p in params:
+                p.grad = None
+            loss_fn(model, batch).backward()
+            for b, tensors in blocks.items():
+                grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+                         for _, p in tensors]
+                # Squares summed in float64 a tensor at a time; the running sums stay fp32.
+                norms[b].append(float(sum(float(g.double().square().sum()) for g in grads)))
+                if b not in sums:
+                    sums[b] = [g.clone() for g in grads]
+                else:
+                    for total, g in zip(sums[b], grads, strict=True):
+                        total.add_(g)
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.grad = None
             p.requires_grad_(flag)
+    m = len(batches)
+    mean_g2 = {b: float(np.mean(norms[b])) for b in blocks}
+    of_mean = {b: sum(float((t.double() / m).square().sum()) for t in sums[b]) for b in blocks}
+    signal = {b: (m * of_mean[b] - mean_g2[b]) / (m - 1) for b in blocks}
+    return GradientSignal(mean_g2, signal)
+
