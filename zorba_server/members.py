@@ -1,4 +1,6 @@
-"""What the engine knows of each member, and whether its device can train in this run (pure).
+"""What the engine knows of each member, and whether its device can train in this run (pure):
+`Member`, the admission rule, and the round engine's `Membership` part (who is active, what
+each member weighs).
 
 (Who may *register*, with the run's secret and a bearer token, is enrolment.py.)
 
