@@ -24,6 +24,8 @@ MAY_IMPORT = {
 }
 TORCH_IN_COMMON = {"zorba_common.noise"}
 """The one shared module that needs torch (a direction is tensor ops on the tensor's device)."""
+MAX_SERVER_MODULE_LINES = 450
+"""A server module longer than this is doing several jobs: split it (issue 28 split RoundEngine)."""
 
 
 def module_name(path: Path) -> str:
@@ -124,3 +126,25 @@ def test_the_checker_sees_a_lazy_or_relative_forbidden_import() -> None:
     names = imports_in(relative, "zorba_lab.replay_x.y")
     assert names[0] == "zorba_lab.compare" and room(names[0]) == BENCH
     assert broken("zorba_lab", "zorba_lab.replay_x.y", names) != []
+
+
+def too_long(paths: dict[str, Path], limit: int) -> list[str]:
+    """The modules of `paths` with more than `limit` lines, with their length."""
+    lengths = {module: len(path.read_text().splitlines()) for module, path in paths.items()}
+    return [f"{module}: {n} lines" for module, n in sorted(lengths.items()) if n > limit]
+
+
+def test_no_server_module_passes_the_line_limit() -> None:
+    server = {module: path for module, path in MODULES.items() if room(module) == "zorba_server"}
+    assert len(server) > 30  # the walk found the server's modules, its subpackages included
+    assert too_long(server, MAX_SERVER_MODULE_LINES) == [], (
+        f"docs/architecture.md: no zorba_server module passes {MAX_SERVER_MODULE_LINES} lines; "
+        "move a cohesive part into a module of its own")
+
+
+def test_the_line_limit_sees_a_long_module(tmp_path: Path) -> None:
+    # A rule that cannot fail proves nothing.
+    long, short = tmp_path / "long.py", tmp_path / "short.py"
+    long.write_text("x = 1\n" * 451)
+    short.write_text("x = 1\n" * 450)
+    assert too_long({"long": long, "short": short}, 450) == ["long: 451 lines"]

@@ -1,4 +1,6 @@
-"""What the engine knows of each member, and whether its device can train in this run (pure).
+"""What the engine knows of each member, and whether its device can train in this run (pure):
+`Member`, the admission rule, and the round engine's `Membership` part (who is active, what
+each member weighs).
 
 (Who may *register*, with the run's secret and a bearer token, is enrolment.py.)
 
@@ -11,12 +13,14 @@ client's own check asks and the same budget the scheduler plans with).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from zorba_common.memory_model import LinearMemoryModel, ModelFootprint, linear_memory_model
 from zorba_common.messages import DeviceProfile
 from zorba_server import errors
 from zorba_server.config import RunConfig
+from zorba_server.engine_state import EngineState
 
 MIB = 2**20
 LEFT = -math.inf
@@ -93,3 +97,48 @@ def check_same_model(profile: DeviceProfile, fingerprint: str, footprint: ModelF
             f"the client's model footprint differs from the run's in {', '.join(diff)}: "
             "same fingerprint but another architecture; load the run's base model",
         )
+
+
+class Membership(EngineState):
+    """The round engine's members: who is admitted, who is active, what each weighs."""
+
+    def memory_model(self, profile: DeviceProfile, calibration: float) -> LinearMemoryModel:
+        return memory_model(self.config.run, profile, calibration)
+
+    def check_registration(self, profile: DeviceProfile) -> None:
+        """Refuse a device that runs another model, or that could never hold a block."""
+        if self.fingerprint is not None:
+            assert self.footprint is not None
+            check_same_model(profile, self.fingerprint, self.footprint)
+        if self.mode.enforces_budget:  # fedavg: its peaks over the budget are the finding
+            check_budget(self.config.run, profile)
+
+    def add_member(self, member: Member) -> None:
+        self.members[member.client_id] = member
+
+    def drop_member(self, client_id: str) -> None:
+        """Forget a member; its assignment in an open round stays, unreported."""
+        self.members.pop(client_id, None)
+
+    def mark_left(self, member: Member) -> None:
+        """The client stopped: not active (the next schedule leaves it out without waiting for
+        its membership timeout, and an open round does not wait for its report)."""
+        member.last_seen = LEFT
+
+    def mark_seen(self, member: Member, now: float) -> bool:
+        """The client made a request: active again. True when it had left (it is back)."""
+        returned = member.left
+        member.last_seen = now
+        return returned
+
+    def active_members(self, now: float) -> list[Member]:
+        horizon = now - self.config.run.membership_timeout_s
+        return [m for m in self.members.values() if m.last_seen >= horizon]
+
+    def sample_weights(self, client_ids: Iterable[str]) -> dict[str, float]:
+        return {cid: self._sample_weight(cid) for cid in client_ids}
+
+    def _sample_weight(self, client_id: str) -> float:
+        member = self.members.get(client_id)
+        return float(member.profile.num_samples) if member is not None else 0.0
+

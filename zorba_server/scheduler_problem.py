@@ -1,6 +1,6 @@
 """One scheduling instance as arrays, and the measures both solvers are judged by.
 
-`scheduler.py` builds a `Problem` from the public inputs (after excluding the clients
+`scheduler_inputs.py` builds a `Problem` from the public inputs (after excluding the clients
 that cannot take part); `scheduler_milp.py` and `scheduler_heuristic.py` each turn it into
 an assignment matrix `a[n, b]` (bool, clients x blocks). Everything that defines what a
 *good* assignment is (feasibility, coverage, the stage-2 objective) lives here, once, so

@@ -1,0 +1,195 @@
+"""The round engine's state: one run's model, coefficient table, members and rounds.
+
+`EngineState` holds what every part of the round engine reads and writes (`RoundEngine` in
+engine.py combines the parts: membership in members.py, planning in planning.py, the close of a
+round in round_close.py), and answers what depends on the table alone: the pinned model, the
+step of the next round (zorba_server/step_size.py owns it), the published deltas. Pure: no I/O,
+no clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from zorba_common.memory_model import ModelFootprint
+from zorba_common.messages import AlphaDelta, AlphaState, DeviceProfile, HyperParams, RunInfo
+from zorba_server import errors
+from zorba_server.block_energy import BlockEnergy
+from zorba_server.config import ServerConfig
+from zorba_server.loss_guard import Anchor, Plateau
+from zorba_server.modes import MODES, SolveFn
+from zorba_server.rounds import APPLIED, REJECTED, ReceivedReport, RoundPlan
+from zorba_server.scheduler import Schedule
+from zorba_server.step_size import StepSize
+
+if TYPE_CHECKING:  # members.py builds on this module
+    from zorba_server.members import Member
+
+
+@dataclass
+class OpenRound:
+    plan: RoundPlan
+    received: dict[str, ReceivedReport] = field(default_factory=dict)
+    """Accepted reports (for the server: committed ones)."""
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """A closed round as the status page lists it."""
+
+    round: int
+    status: str
+    assigned: int
+    reports: int
+    opened_at: float
+    closed_at: float | None
+    loss: float | None
+    message: str
+    method: str
+
+
+class EngineState:
+    """The state of one run, and what the table alone answers."""
+
+    def __init__(self, config: ServerConfig, solve: SolveFn | None = None) -> None:
+        """`solve`: a test's or benchmark's own solver in place of the run mode's."""
+        run = config.run
+        self.config = config
+        self.mode = MODES[run.mode]
+        self._solve = solve or self.mode.solve
+        self.seed = run.seed
+        self.pool_size = run.pool_size
+        self.fingerprint: str | None = None
+        self.footprint: ModelFootprint | None = None
+        self.alpha: np.ndarray | None = None
+        self.version = 0
+        self.deltas: deque[AlphaDelta] = deque(maxlen=run.catch_up_rounds)
+        self.members: dict[str, Member] = {}
+        self.history: list[RoundRecord] = []
+        self.open: OpenRound | None = None
+        self.round_counter = 1
+        """The number the next round to open gets."""
+        self.finished = False
+        self.idle_reason = "starting"
+        self.last_plan: RoundPlan | None = None
+        self.last_schedule: Schedule | None = None
+        self.schedule_solve_s = 0.0
+        self.schedules_solved = 0
+        """Scheduler runs by this engine (a restarted server counts from 0)."""
+        self.reports_accepted = 0
+        """Reports booked over the whole run (a shell that resumes adds the stored ones)."""
+        self._schedule_key: tuple[Any, ...] | None = None
+        self._reference_losses: dict[str, float] = {}
+        """Each client's mean loss in the last applied or rejected round it reported in (the
+        loss guard's reference; empty after a restart until a round closes)."""
+        self._anchor: Anchor | None = None
+        """The last version whose check losses did not rise (zorba_server/loss_guard.py; re-made
+        from the first round after a restart)."""
+        self._plateau = Plateau()
+        """Rounds without progress on the anchor, and the step cuts they made (after a
+        restart: the cuts the last stored plan carries, counting afresh)."""
+        self._previous: dict[str, frozenset[int]] = {}
+        self.step_size = StepSize(run.lr, run.lr_scaling, run.trust_radius)
+        """The one owner of the step size (zorba_server/step_size.py)."""
+        self.energy: BlockEnergy | None = None
+        """Per-block E[g^2] from the reported scalars (zorba_server/block_energy.py; None until
+        the model is pinned)."""
+        self.base_rms: tuple[float, ...] | None = None
+        """RMS of each block's base weights, where a shell that holds the model gives it (the
+        simulator): what run.max_drift is relative to (zorba_server/drift.py). None: the bound
+        is off, whatever run.max_drift says."""
+
+    # ------------------------------------------------------------------ the model and its table
+
+    def pin(self, fingerprint: str, footprint: ModelFootprint,
+            alpha: np.ndarray | None = None) -> np.ndarray:
+        """Fix the run's model and its coefficient table (zeros unless given); returns the
+        table, for a shell to store."""
+        if alpha is None:
+            alpha = np.zeros((self.pool_size, footprint.num_blocks))
+        self.fingerprint, self.footprint, self.alpha = fingerprint, footprint, alpha
+        self.energy = BlockEnergy(footprint.block_params)
+        return alpha
+
+    def pin_first(self, profile: DeviceProfile) -> np.ndarray | None:
+        """The first registration pins the run's model: the new table when this one did (a
+        shell that fails to store it calls `unpin`), None when the model was pinned already."""
+        if self.fingerprint is not None:
+            return None
+        return self.pin(profile.model_fingerprint, profile.footprint)
+
+    def unpin(self) -> None:
+        self.fingerprint = self.footprint = self.alpha = None
+
+    @property
+    def weights_only(self) -> bool:
+        """fedavg: training travels as uploaded weights, reports carry no ZO steps."""
+        return self.mode.weights_only
+
+    def hyper(self) -> HyperParams:
+        run = self.config.run
+        return HyperParams(self.step_size.round_lr(*self._cuts()), run.mu, run.batch_size,
+                           run.seq_len, run.estimator, run.directions, self.step_size.trust_radius)
+
+    def _cuts(self) -> tuple[tuple[str, ...], int]:
+        """(the closed rounds' statuses, plateau cuts): the loss guard's rejections and
+        recoveries are derived from the history, the cuts carried by each round's plan, so a
+        restarted server continues with the same step."""
+        return tuple(h.status for h in self.history), self._plateau.step_decays
+
+    def lr_factor(self) -> float:
+        """What the cuts have left of run.lr (StepSize.factor)."""
+        return self.step_size.factor(*self._cuts())
+
+    def lr_scale(self, blocks: Sequence[int]) -> float:
+        """A client's step scale (StepSize.client_scale)."""
+        if self.config.run.lr_scaling == "none":
+            return 1.0
+        assert self.footprint is not None
+        energy = self.energy.estimate() if self.energy is not None else None
+        return self.step_size.client_scale(self.footprint.block_params, blocks,
+                                           None if energy is None else energy.tolist())
+
+    def run_info(self, run_id: str) -> RunInfo:
+        run = self.config.run
+        assert self.footprint is not None and self.fingerprint is not None
+        return RunInfo(
+            run_id=run_id, seed=self.seed, pool_size=self.pool_size,
+            num_blocks=self.footprint.num_blocks, model_fingerprint=self.fingerprint,
+            hyper=self.hyper(), round_duration_s=run.round_duration_s,
+            poll_timeout_s=run.poll_timeout_s,
+            max_abs_scalar=self.config.aggregation.max_abs_scalar, mode=run.mode,
+        )
+
+    def alpha_state(self, run_id: str) -> AlphaState:
+        """The whole table at the current version (what a client far behind syncs from)."""
+        if self.alpha is None or self.footprint is None:
+            raise errors.conflict(
+                "model_not_pinned", "no client has registered a model yet: the table has no shape")
+        return AlphaState(run_id, self.version, self.pool_size, self.footprint.num_blocks,
+                          np.ascontiguousarray(self.alpha, dtype="<f8").tobytes())
+
+    def counters(self) -> dict[str, int]:
+        """The run's totals: reports booked, closed rounds by outcome (derived from the
+        history, so they survive a restart), and this engine's scheduler runs."""
+        applied = sum(1 for h in self.history if h.status == APPLIED)
+        rejected = sum(1 for h in self.history if h.status == REJECTED)
+        return {"reports_accepted": self.reports_accepted, "rounds_applied": applied,
+                "rounds_rejected": rejected, "rounds_failed": len(self.history) - applied - rejected,
+                "schedules_solved": self.schedules_solved}
+
+    # ------------------------------------------------------------------ the published deltas
+
+    def deltas_since(self, version: int) -> tuple[tuple[AlphaDelta, ...], bool]:
+        """The published deltas after `version`, or catch_up=True when they are no longer kept."""
+        gap = self.version - version
+        if gap <= 0:
+            return (), False
+        if gap > len(self.deltas):
+            return (), True
+        return tuple(self.deltas)[-gap:], False

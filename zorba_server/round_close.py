@@ -1,0 +1,268 @@
+"""Closing a round: the decision (aggregation, the loss guard, plateaus, the drift bound) and
+its application.
+
+`RoundClosing.decide_close` returns a `RoundClosure`, everything closing the open round
+changes, before any of it is applied (a durable shell commits it first); `apply_close` then
+moves the engine. The guard's verdicts are zorba_server/loss_guard.py's and loss_drift.py's,
+the drift bound drift.py's, the step cuts step_size.py's; this module composes them. Pure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from zorba_common.messages import AlphaDelta
+from zorba_server import calibration, loss_drift
+from zorba_server import drift as drift_bound
+from zorba_server.aggregation import RoundDelta, apply_delta
+from zorba_server.engine_state import RoundRecord
+from zorba_server.loss_guard import (
+    QUARANTINE_ROUNDS,
+    Anchor,
+    Plateau,
+    advance,
+    judge,
+    rollback_delta,
+    training_loss_jump,
+)
+from zorba_server.members import Membership
+from zorba_server.rounds import APPLIED, REJECTED, ReceivedReport, RoundOutcome, RoundPlan, decide_round
+
+
+@dataclass(frozen=True)
+class RoundClosure:
+    """Everything closing a round changes, decided before any of it is applied."""
+
+    plan: RoundPlan
+    outcome: RoundOutcome
+    delta: AlphaDelta | None
+    """The published increments (None unless the round applied)."""
+    alpha: np.ndarray | None
+    """The table after the increments (None unless the round applied)."""
+    calibrations: dict[str, float]
+    closed_at: float
+    client_ids: tuple[str, ...]
+    """Clients whose reports were aggregated, in id order."""
+    client_losses: dict[str, float] = field(default_factory=dict)
+    """Each reporting client's mean loss this round."""
+    anchor: Anchor | None = None
+    """The loss guard's anchor after this round (None: unchanged)."""
+    plateau: Plateau = field(default_factory=Plateau)
+    """The plateau count after this round."""
+    step_cut: bool = False
+    """This round's plateau cut the step for the next rounds."""
+    guard_outliers: tuple[str, ...] = ()
+    """Clients whose check losses the loss guard found implausible this round."""
+
+    @property
+    def backs_off(self) -> bool:
+        """The server backs off after this round: not applied by the loss guard (rolled back,
+        step halved), or a plateau cut the step. Worth an operator's attention."""
+        return self.outcome.status == REJECTED or self.step_cut
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """What the loss guard makes of an applicable round."""
+
+    anchor: Anchor | None = None
+    """The new anchor (None: unchanged)."""
+    rollback: RoundDelta | None = None
+    """The increments that take the table back to the anchor (None: nothing to undo)."""
+    rejection: str | None = None
+    """Why the round is not applied (None: it is)."""
+    progressed: bool | None = None
+    """The check losses came back to the anchor's (None: not judged)."""
+    outliers: tuple[str, ...] = ()
+    """Clients left out of the verdict: their change stood apart from the others'."""
+
+
+class RoundClosing(Membership):
+    """The round engine's close of a round: when it is due, what it changes, applying it."""
+
+    def closes_at(self, plan: RoundPlan) -> float:
+        """When a round closes at the latest: its deadline plus run.report_grace_s, so that a
+        report already on its way at the deadline (a client that planned its steps to end by
+        then, and the upload and the store after them) still counts (issue 26, item 6)."""
+        return plan.deadline + self.config.run.report_grace_s
+
+    def due(self, now: float, *, committing: bool = False) -> bool:
+        """The open round should close: every assigned client reported (or left), or its
+        closing time passed (`closes_at`). `committing`: reports are still being committed (a
+        durable shell's); the round waits for them until then (a close then waits for the
+        commits to land)."""
+        r = self.open
+        if r is None:
+            return False
+        if now >= self.closes_at(r.plan):
+            return True
+        # A client that left or was dropped will not report: no waiting.
+        waiting = [cid for cid in r.plan.clients if cid not in r.received
+                   and cid in self.members and not self.members[cid].left]
+        return not waiting and not committing
+
+    def time_left(self, now: float) -> float | None:
+        """Seconds until the open round closes at the latest (0 once it passed; `closes_at`);
+        None: no round is open."""
+        r = self.open
+        return None if r is None else max(0.0, self.closes_at(r.plan) - now)
+
+    def decide_close(self, now: float) -> RoundClosure:
+        """What closing the open round changes; nothing is applied yet."""
+        r = self.open
+        assert r is not None and self.alpha is not None
+        plan = r.plan
+        weights = {cid: self._sample_weight(cid) for cid in plan.clients}
+        outcome = decide_round(plan, r.received, weights, min_reports=self.config.run.min_reports,
+                               aggregation=self.config.aggregation)
+        checks = {cid: rec.report.loss_check for cid, rec in sorted(r.received.items())
+                  if rec.report.loss_check is not None and weights[cid] > 0}
+        anchor, change, plateau, step_cut = None, None, self._plateau, False
+        outliers: tuple[str, ...] = ()
+        if outcome.status == APPLIED:
+            guard = self._guard(checks, weights, r.received)
+            anchor, change, outliers = guard.anchor, guard.rollback, guard.outliers
+            if guard.rejection is not None:
+                outcome = dataclasses.replace(outcome, status=REJECTED, delta=None, message=(
+                    f"{guard.rejection}; the step is halved to "
+                    f"{self.step_size.after_backoff(*self._cuts()):.3g} for the next rounds"))
+                plateau = Plateau(0, plateau.step_decays)
+            else:
+                change = outcome.delta
+                if change is not None and self.base_rms is not None and self.config.run.max_drift > 0:
+                    change, scaled = drift_bound.bounded(self.alpha, change, self.base_rms,
+                                                         self.config.run.max_drift)
+                    if scaled:
+                        note = drift_bound.describe(scaled, self.config.run.max_drift)
+                        outcome = dataclasses.replace(outcome, delta=change, message=(
+                            f"{outcome.message}; {note}" if outcome.message else note))
+                plateau = plateau.after(guard.progressed, self.config.run.plateau_rounds)
+                step_cut = plateau.step_decays > self._plateau.step_decays
+                if step_cut:
+                    outcome = dataclasses.replace(outcome, message=self._plateau_message(outcome))
+            if outliers:
+                outcome = dataclasses.replace(outcome, message=join_messages(
+                    outcome.message, self._outlier_message(outliers, checks)))
+        delta, alpha = None, None
+        if change is not None:
+            delta = AlphaDelta.from_matrix(self.version + 1, plan.round, change.pool_indices,
+                                           change.blocks, change.values)
+            alpha = apply_delta(self.alpha, change)
+            if anchor is not None and outcome.status == REJECTED:  # rolled back to it
+                anchor = Anchor(delta.version, alpha, anchor.losses)
+        calibrations = (calibration.decayed(self.members, plan)
+                        | calibration.measured(self.config.run, self.members, plan, r.received))
+        return RoundClosure(plan, outcome, delta, alpha, calibrations, now, tuple(sorted(r.received)),
+                            {cid: rec.report.loss_mean for cid, rec in sorted(r.received.items())},
+                            anchor, plateau, step_cut, outliers)
+
+    def _plateau_message(self, outcome: RoundOutcome) -> str:
+        run = self.config.run
+        assert self._anchor is not None
+        cut = (f"the clients' check losses have not improved on version {self._anchor.version}'s "
+               f"for {run.plateau_rounds} rounds: the step is cut to "
+               f"{self.step_size.after_plateau(*self._cuts()):.3g} for the next rounds")
+        return f"{outcome.message}; {cut}" if outcome.message else cut
+
+    def guard_quarantined(self) -> set[str]:
+        """Members whose check losses the loss guard ignores: implausible too often."""
+        return {cid for cid, m in self.members.items()
+                if m.guard_outlier_rounds >= QUARANTINE_ROUNDS}
+
+    def _outlier_message(self, outliers: tuple[str, ...], checks: dict[str, float]) -> str:
+        assert self._anchor is not None
+        named = ", ".join(f"{cid} ({self._anchor.losses[cid]:.4g} -> {checks[cid]:.4g})"
+                          for cid in outliers)
+        return (f"check losses implausible next to the other clients' changes, left out of the "
+                f"loss guard: {named}; a client that stands out in {QUARANTINE_ROUNDS} rounds is "
+                "ignored by the guard for the rest of the run")
+
+    def _guard(self, checks: dict[str, float], weights: dict[str, float],
+               received: dict[str, ReceivedReport]) -> GuardResult:
+        """The loss guard on an applicable round."""
+        assert self.alpha is not None
+        run = self.config.run
+        tolerance = run.loss_jump_tolerance
+        if tolerance <= 0 and run.plateau_rounds <= 0 and run.loss_drift_rounds <= 0:
+            return GuardResult()
+        quarantined = self.guard_quarantined()
+        checks = {cid: loss for cid, loss in checks.items() if cid not in quarantined}
+        verdict = judge(self._anchor, checks, weights, tolerance) if self._anchor else None
+        outliers = verdict.outliers if verdict is not None else ()
+        statuses, decays = self._cuts()
+        drift = verdict is not None and self._anchor is not None and loss_drift.drifted(
+            verdict, self._anchor.version, self.version, run.loss_drift_rounds,
+            run.loss_drift_tolerance)
+        if verdict is not None and (drift or (tolerance > 0 and verdict.regressed)):
+            anchor = self._anchor
+            assert anchor is not None
+            jumped = tolerance > 0 and verdict.regressed
+            why = (loss_drift.message(verdict, anchor.version, self.version) if not jumped else
+                   f"the clients' check loss rose from {verdict.before:.4g} (version "
+                   f"{anchor.version}) to {verdict.now:.4g} (version {self.version})")
+            return GuardResult(anchor, rollback_delta(self.alpha, anchor.alpha), (
+                f"{why}; {verdict.rising} of {verdict.judged} clients past the tolerance: this "
+                f"round is not applied and the table is rolled back to version {anchor.version}; "
+                f"the step is halved (x{self.step_size.factor([*statuses, REJECTED], decays):g} "
+                "of run.lr from the next round). Rounds rejected again and again mean run.lr is "
+                "far too large for this model: lower it, or use run.estimator = 'normalised', "
+                "whose step does not grow with the model's gradient scale (docs/learning.md)"),
+                outliers=outliers)
+        anchor = None
+        if checks and (self._anchor is None or verdict is None or verdict.improved):
+            # An implausible value does not anchor: the next one is measured against the last
+            # plausible one, so a client that keeps standing out is quarantined.
+            anchor = advance(self._anchor, self.version, self.alpha,
+                             {cid: loss for cid, loss in checks.items() if cid not in outliers})
+        # Without check losses (older clients) the training losses judge, as before. With them
+        # the training losses do not: one client's few batches are noisy (a last step twice the
+        # round's mean is common), and a rise they would catch shows in the next round's check
+        # losses, which roll it back.
+        jump = None if checks else training_loss_jump(received, weights, self._reference_losses,
+                                                      tolerance)
+        return GuardResult(anchor, None, None if jump is None else f"{jump}: not applied",
+                           None if verdict is None else verdict.improved, outliers)
+
+    def apply_close(self, closure: RoundClosure) -> None:
+        plan, outcome = closure.plan, closure.outcome
+        if self.open is not None and self.open.plan.round == plan.round and self.energy is not None:
+            # Every report's scalars measured the round's base model, whatever the round's fate.
+            for cid, rec in sorted(self.open.received.items()):
+                self.energy.observe(plan.round, plan.clients[cid].blocks,
+                                    [g for _, g in rec.report.steps], plan.hyper.directions)
+        if closure.delta is not None and closure.alpha is not None:
+            self.alpha, self.version = closure.alpha, closure.delta.version
+            self.deltas.append(closure.delta)
+        if closure.anchor is not None:
+            self._anchor = closure.anchor
+        for cid in closure.guard_outliers:
+            if cid in self.members:
+                self.members[cid].guard_outlier_rounds += 1
+        self._plateau = closure.plateau
+        if closure.outcome.status in (APPLIED, REJECTED):
+            # A rejected round moved nothing, so its losses are those of the model as it is:
+            # the next round (at half the step) is judged against them. Judged against the
+            # last applied round instead, a run whose loss an applied round had already raised
+            # was rejected for good (SmolLM2 at lr 1e-3 on the simulator: rounds 2-4).
+            self._reference_losses.update(closure.client_losses)
+        for cid, value in closure.calibrations.items():
+            if cid in self.members:
+                self.members[cid].calibration = value
+        self._previous = {cid: frozenset(p.blocks) for cid, p in plan.clients.items()}
+        self.last_plan = plan
+        self.history.append(RoundRecord(plan.round, outcome.status, len(plan.clients),
+                                        outcome.reports, plan.opened_at, closure.closed_at,
+                                        outcome.loss, outcome.message, plan.schedule_method))
+        self.open = None
+        max_rounds = self.config.run.max_rounds
+        if max_rounds and self.version >= max_rounds:
+            self.finished = True
+            self.idle_reason = f"the run finished after {self.version} applied rounds"
+
+
+def join_messages(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
