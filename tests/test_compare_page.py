@@ -63,3 +63,14 @@ def test_a_new_page_gets_a_discussion_placeholder(tmp_path: Path) -> None:
     sections, discussion = split_page(page.read_text())
     assert list(sections) == [SIMULATOR]
     assert discussion is not None and "Placeholder" in discussion
+
+
+def test_rewriting_a_section_keeps_the_hand_written_head_of_the_page() -> None:
+    from zorba_lab.compare.page import with_section
+
+    generated = with_section("", "simulator", "## On the simulator\n\nold figures")
+    assert generated.startswith("# ZorBA against its baselines")  # a new page: the title
+    head = "# zorba-edge, measured\n\nAn index of figures, written by hand.\n"
+    page = head + generated.split("\n", 1)[1]
+    again = with_section(page, "simulator", "## On the simulator\n\nnew figures")
+    assert again.startswith(head) and "new figures" in again and "old figures" not in again

@@ -73,6 +73,14 @@ def processes_section(markdown: str) -> str:
     return "\n".join([PROCESSES_HEADING, *body]).strip("\n")
 
 
+def preamble(existing: str) -> str:
+    """What the page holds above its first generated section (its title and the hand-written
+    index of figures), kept when a section is rewritten; TITLE for a page without one."""
+    starts = [existing.find(_begin(n)) for n in SECTIONS if _begin(n) in existing]
+    head = existing[:min(starts)].strip("\n") if starts else ""
+    return head if head.startswith("# ") else TITLE
+
+
 def with_section(existing: str, name: str, body: str) -> str:
     """The page `existing` (empty: none yet) with one generated section rewritten and
     everything else kept. The benchmark that made the figures writes it to docs/."""
@@ -80,7 +88,7 @@ def with_section(existing: str, name: str, body: str) -> str:
         raise ValueError(f"unknown section {name!r}: one of {SECTIONS}")
     sections, discussion = split_page(existing)
     sections[name] = body.strip("\n")
-    parts = [TITLE, ""]
+    parts = [preamble(existing), ""]
     for n in SECTIONS:
         if n in sections:
             parts += [_begin(n), sections[n], _end(n), ""]
