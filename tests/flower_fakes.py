@@ -8,7 +8,9 @@ from typing import Any
 
 from flwr.app import Context, Error, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.supercore.task_identity import TaskIdentity
 
 Handler = Callable[[Message], "RecordDict | Error | None"]
 
@@ -29,6 +31,11 @@ class FakeGrid:
     lost: set[int] = field(default_factory=set)
     """Nodes the SuperLink lost: it answers for them with an error from itself (node 1)."""
 
+    def __post_init__(self) -> None:
+        # The identity Flower gives a process that runs a ServerApp, which the Message
+        # constructor reads (the values flwr.simulation.run_simulation sets for run 1).
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
 
@@ -42,6 +49,8 @@ class FakeGrid:
                          timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for msg in messages:
+            if not msg.metadata.message_id:  # the SuperLink names each message it accepts
+                msg.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"
             self.sent.append(msg)
             self.timeouts.append(timeout)
             if self.crash_on_round is not None and msg.metadata.group_id == str(self.crash_on_round):

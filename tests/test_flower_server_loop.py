@@ -4,6 +4,8 @@ round's TTL, failed nodes dropped, and a resume from the checkpoint after a cras
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ pytest.importorskip("flwr", reason="the Flower app needs the `flower` extra (pip
 
 from flower_fakes import Crash, FakeGrid, Handler  # noqa: E402
 from flwr.app import Error, Message, MessageType, RecordDict  # noqa: E402
+from flwr.common.logger import LOGGER_NAME  # noqa: E402
 from server_fakes import config_dict, profile  # noqa: E402
 
 from zorba_common.messages import DeviceProfile, Report
@@ -24,8 +27,9 @@ from zorba_server.rounds import APPLIED, FAILED, RoundPlan  # noqa: E402
 
 
 def node(device: DeviceProfile, *, fail_from_round: int | None = None, silent: bool = False,
-         partition: int = 0) -> Handler:
-    """A well-behaved node: its profile on QUERY, g = 0.01 * (k + 1) for every step on TRAIN."""
+         partition: int = 0, loss: float = 1.0) -> Handler:
+    """A well-behaved node: its profile on QUERY, g = 0.01 * (k + 1) for every step on TRAIN
+    and a mean training loss of `loss`."""
 
     def handle(msg: Message) -> RecordDict | Error | None:
         if msg.metadata.message_type == MessageType.QUERY:
@@ -36,7 +40,7 @@ def node(device: DeviceProfile, *, fail_from_round: int | None = None, silent: b
         if fail_from_round is not None and a.round >= fail_from_round:
             return None if silent else Error(code=0, reason="the ClientApp raised")
         steps = tuple((k, 0.01 * (k + 1)) for k in a.pool_indices)
-        report = Report(f"r{a.round}", a.base_version, steps, 4 * len(steps), 1.0, 1.0, 0, 0.01)
+        report = Report(f"r{a.round}", a.base_version, steps, 4 * len(steps), loss, loss, 0, 0.01)
         return codec.report_reply(report, codec.Timing(0.5, 0.25, 10**8))
 
     return handle
@@ -77,6 +81,53 @@ def test_rounds_follow_each_nodes_budget_and_apply_their_reports(tmp_path: Path)
     assert train.metadata.ttl == pytest.approx(engine.config.run.round_duration_s, abs=1.0)
     assert grid.timeouts[2] == pytest.approx(engine.config.run.round_duration_s, abs=1.0)
     assert engine.alpha is not None and np.count_nonzero(engine.alpha) > 0
+
+
+class FlowerLines(logging.Handler):
+    """Stands where Flower's console handler stands: on the "flwr" logger, at INFO."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[tuple[int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.levelno, record.getMessage()))
+
+
+@pytest.fixture
+def flower_lines() -> Iterator[FlowerLines]:
+    handler = FlowerLines()
+    logging.getLogger(LOGGER_NAME).addHandler(handler)
+    yield handler
+    logging.getLogger(LOGGER_NAME).removeHandler(handler)
+
+
+def test_each_round_logs_its_status_reports_loss_and_version_through_flowers_logger(
+        tmp_path: Path, flower_lines: FlowerLines) -> None:
+    engine = make_engine(tmp_path, max_rounds=2)
+    _, large = budgets(engine)
+    grid = FakeGrid({11: node(profile(50, budget=large), loss=0.75),
+                     22: node(profile(50, budget=large), loss=0.75)})
+    rounds_loop(engine, tmp_path).run(grid)
+    closed = [(level, line) for level, line in flower_lines.lines if " applied: " in line]
+    assert [level for level, _ in closed] == [logging.INFO] * 2
+    for n, (_, line) in enumerate(closed, 1):
+        assert line.startswith(f"round {n} applied: 2 of 2 reports, loss 0.75, version {n}, ")
+
+
+def test_messages_are_built_with_flowers_constructor_not_the_deprecated_grid_method(
+        tmp_path: Path) -> None:
+    engine = make_engine(tmp_path, max_rounds=1)
+    _, large = budgets(engine)
+    grid = FakeGrid({11: node(profile(50, budget=large)), 22: node(profile(50, budget=large))})
+
+    def deprecated(*args: object, **kwargs: object) -> Message:
+        raise AssertionError("Grid.create_message is deprecated in Flower 1.42 and logs so")
+
+    grid.create_message = deprecated  # type: ignore[method-assign]
+    loop = rounds_loop(engine, tmp_path)
+    loop.run(grid)
+    assert engine.version == 1 and {m.metadata.dst_node_id for m in grid.sent} == {11, 22}
 
 
 def test_a_node_whose_message_fails_is_dropped_and_the_others_go_on(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from zorba_flower import checkpoint
-from zorba_flower.server_loop import FlowerRounds, LoopSettings, RoundLog
+from zorba_flower.server_loop import FlowerRounds, LoopSettings, RoundLog, log
 from zorba_flower.settings import server_app_settings, server_config
 from zorba_server.engine import RoundEngine
-
-log = logging.getLogger("zorba_flower.server")
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None,
@@ -58,9 +55,9 @@ def round_logger(path: Path | None) -> Callable[[RoundLog], None] | None:
 
     def write(entry: RoundLog) -> None:
         row = {"round": entry.round, "status": entry.status, "wall_s": entry.wall_s,
-               "overhead_s": entry.overhead_s, "version": entry.version,
+               "overhead_s": entry.overhead_s, "version": entry.version, "loss": entry.loss,
                "assigned": {str(n): list(b) for n, b in entry.assigned.items()},
-               "dropped": list(entry.dropped),
+               "reported": list(entry.reported), "dropped": list(entry.dropped),
                "timings": [dataclasses.asdict(t) for t in entry.timings]}
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -14,6 +14,10 @@ server drives); this loop only moves messages and time around it:
 
 Flower's `Strategy.start()` wants an ArrayRecord and an evaluate phase per round; ZorBA
 moves neither weights nor evaluation, so this is a plain loop over `send_and_receive`.
+
+Its lines go to a child of Flower's own logger ("flwr"), whose console handler is the one a
+run's log stream (`flwr log`, the SuperLink's output) carries at INFO; a logger of our own
+would reach only Python's last-resort handler, which shows warnings alone.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 from flwr.app import Message, MessageType, RecordDict
+from flwr.common.logger import LOGGER_NAME
 
 from zorba_common.codec import SchemaError
 from zorba_common.messages import AlphaDelta
@@ -34,18 +39,16 @@ from zorba_server.engine import RoundEngine
 from zorba_server.errors import Refusal
 from zorba_server.idempotency import report_hash
 from zorba_server.members import Member
+from zorba_server.round_line import closed_round_line
 from zorba_server.rounds import ReceivedReport, RoundPlan
 
-log = logging.getLogger("zorba_flower.server")
+log = logging.getLogger(f"{LOGGER_NAME}.zorba.server")
 
 
 class Grid(Protocol):
     """The part of `flwr.serverapp.Grid` this loop uses (a fake one in the tests)."""
 
     def get_node_ids(self) -> Iterable[int]: ...
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message: ...
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]: ...
@@ -87,6 +90,8 @@ class RoundLog:
     """From sending the TRAIN messages to the last reply (or the deadline)."""
     timings: tuple[NodeTiming, ...]
     version: int
+    loss: float | None = None
+    """Sample-weighted mean training loss of the round's reports (None without reports)."""
 
     @property
     def overhead_s(self) -> float | None:
@@ -97,6 +102,15 @@ class RoundLog:
 
 class NoRoundError(RuntimeError):
     """No round could open for `max_idle_s`."""
+
+
+def instruction(content: RecordDict, message_type: str, node: int, group_id: str,
+                ttl: float) -> Message:
+    """A message to `node`. Flower's Message constructor, not the deprecated
+    `Grid.create_message` (whose one-time deprecation warning was all a run's log showed): it
+    takes the run and sender from the process's `TaskIdentity`, which Flower sets in every
+    process that runs a ServerApp (and the tests' fake grid sets as the simulation does)."""
+    return Message(content, node, message_type, ttl=ttl, group_id=group_id)
 
 
 def client_id(node_id: int, partition: int) -> str:
@@ -161,9 +175,10 @@ class FlowerRounds:
         self.plans[plan.round] = plan
         self._save()
         nodes = {node_of(cid): cid for cid in plan.clients}
-        messages = [grid.create_message(codec.train_instruction(self._instruction(plan, cid)),
-                                        MessageType.TRAIN, node, str(plan.round),
-                                        ttl=plan.deadline - plan.opened_at)
+        log.info("round %d open: %d nodes, deadline in %.0f s", plan.round, len(nodes),
+                 plan.deadline - plan.opened_at)
+        messages = [instruction(codec.train_instruction(self._instruction(plan, cid)),
+                                MessageType.TRAIN, node, str(plan.round), plan.deadline - plan.opened_at)
                     for node, cid in nodes.items()]
         sent = self.clock()
         replies = list(grid.send_and_receive(messages, timeout=max(0.0, plan.deadline - sent)))
@@ -180,14 +195,12 @@ class FlowerRounds:
         entry = RoundLog(plan.round, closure.outcome.status,
                          {node: plan.clients[cid].blocks for node, cid in nodes.items()},
                          tuple(sorted(reported)), tuple(sorted(failed)), wall, tuple(timings),
-                         engine.version)
+                         engine.version, closure.outcome.loss)
         self.rounds.append(entry)
         if self.on_round is not None:
             self.on_round(entry)
-        log.log(logging.WARNING if closure.backs_off else logging.INFO,
-                "round %d %s: %d/%d reports in %.2f s, alpha version %d (%s)", plan.round,
-                entry.status, len(reported), len(nodes), wall, engine.version,
-                closure.outcome.message)
+        level, line = closed_round_line(closure, engine)
+        log.log(level, "%s (%.2f s)", line, wall)
         return entry
 
     # ------------------------------------------------------------------ membership
@@ -207,8 +220,8 @@ class FlowerRounds:
             return
         run = engine.config.run
         query = codec.profile_query(codec.ProfileQuery(run.batch_size, run.seq_len))
-        messages = [grid.create_message(query, MessageType.QUERY, n, "profile",
-                                        ttl=self.settings.query_timeout_s) for n in new]
+        messages = [instruction(query, MessageType.QUERY, n, "profile", self.settings.query_timeout_s)
+                    for n in new]
         replies = grid.send_and_receive(messages, timeout=self.settings.query_timeout_s)
         admitted = []
         for reply in replies:

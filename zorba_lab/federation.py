@@ -3,6 +3,11 @@
 Every client is a real subprocess that talks HTTP to the real server through its own
 counting proxy (byte_proxy.py). The run ends after `rounds` applied rounds (the server's
 max_rounds) or, with a time limit, at the first round boundary after it.
+
+At a time limit the server has usually opened the next round already. The clients are stopped
+and leave; that round then closes at once, applied with the reports that came in before the
+stop or failed without any. The run waits for that close before it reads the table, so the
+live lines, the evaluated alpha version and the record's round counts tell the same story.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from zorba_common.run_defaults import (
 from zorba_lab.byte_proxy import CountingProxy, TrafficCount
 from zorba_lab.processes import DemoError, Managed, offline_env, spawn, start_server
 from zorba_server.config import AggregationConfig, RunConfig, harness_run
+from zorba_server.round_status import APPLIED
 from zorba_server.scheduler import SchedulerConfig
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
@@ -134,10 +140,44 @@ class FederationResult:
     wall_s: float
     train_s: float
     timeline: list[dict[str, Any]] = field(default_factory=list)
-    """(elapsed, version, last loss) per closed round, as the status polls saw it."""
+    """One entry per closed round, as the live lines showed it (RoundLines)."""
 
 
 Progress = Callable[[str], None]
+
+
+@dataclass
+class RoundLines:
+    """One live line per closed round, from the server's status as the polls see it:
+    `round N STATUS R/A reports  loss L  alpha version V`, V being the version that round
+    left (a poll may see several rounds close at once; each gets its own)."""
+
+    progress: Progress
+    started: float | None = None
+    """When training started (time.monotonic()): lines say how long after it."""
+    seen: set[int] = field(default_factory=set)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+    def show(self, status: dict[str, Any], note: str = "") -> None:
+        rounds = status.get("rounds", [])
+        # The status lists the latest rounds and the current version: walking back from it,
+        # each applied round published one version.
+        version, left = status.get("version", 0), []
+        for r in reversed(rounds):
+            left.append(version)
+            if r["status"] == APPLIED:
+                version -= 1
+        for r, after in zip(rounds, reversed(left), strict=True):
+            if r["round"] in self.seen:
+                continue
+            self.seen.add(r["round"])
+            elapsed = time.monotonic() - (self.started or time.monotonic())
+            loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+            self.progress(f"[{elapsed:6.0f} s] round {r['round']:>3} {r['status']:<8} "
+                          f"{r['reports']}/{r['assigned']} reports  loss {loss}  "
+                          f"alpha version {after}{note}")
+            self.timeline.append({"elapsed_s": elapsed, "round": r["round"], "status": r["status"],
+                                  "loss": r["loss"], "version": after, "at_stop": bool(note)})
 
 
 async def _status(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:
@@ -178,14 +218,17 @@ async def run_federation(plan: FederationPlan, progress: Progress = print,
             clients.append(ClientRun(setup, process, proxy, client_dir / "state.json"))
             progress(f"{setup.name}: budget {setup.budget_bytes / 2**30:.2f} GiB, "
                      f"log {client_dir / 'client.log'}")
+        lines = RoundLines(progress)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            status, train_started, timeline = await _watch(plan, url, session, clients, server,
-                                                           progress)
+            status, train_started = await _watch(plan, url, session, clients, server, lines)
             train_s = time.monotonic() - train_started
-            for c in clients:
-                c.exit_code = await c.process.stop()
+            # All at once: one by one, the clients still running could finish the abandoned
+            # round and report while the first ones stop.
+            codes = await asyncio.gather(*(c.process.stop() for c in clients))
+            for c, code in zip(clients, codes, strict=True):
+                c.exit_code = code
+            status = await settle(url, session, server, lines, status)
             remote = await _fetch_table(url, clients)
-            status = await _status(session, url) or status
             if while_serving is not None:
                 await while_serving(url, clients)
     finally:
@@ -194,7 +237,7 @@ async def run_federation(plan: FederationPlan, progress: Progress = print,
             await c.proxy.close()
         await server.stop()
     return FederationResult(url, db_path, clients, status, remote, time.monotonic() - started,
-                            train_s, timeline)
+                            train_s, lines.timeline)
 
 
 async def _fetch_table(url: str, clients: list[ClientRun]) -> RemoteTable | None:
@@ -228,13 +271,12 @@ async def _fetch_table(url: str, clients: list[ClientRun]) -> RemoteTable | None
 
 async def _watch(plan: FederationPlan, url: str, session: aiohttp.ClientSession,
                  clients: list[ClientRun], server: Managed,
-                 progress: Progress) -> tuple[dict[str, Any], float, list[dict[str, Any]]]:
+                 lines: RoundLines) -> tuple[dict[str, Any], float]:
     """Poll the server until the run is over; print one line per closed round."""
     loop = asyncio.get_running_loop()
+    progress = lines.progress
     train_started: float | None = None
     deadline = None
-    seen_rounds: set[int] = set()
-    timeline: list[dict[str, Any]] = []
     status: dict[str, Any] = {}
     stop_after_version: int | None = None
     while True:
@@ -249,24 +291,14 @@ async def _watch(plan: FederationPlan, url: str, session: aiohttp.ClientSession,
         if polled is not None:
             status = polled
         if train_started is None and status.get("current_round"):
-            train_started = time.monotonic()
+            train_started = lines.started = time.monotonic()
             # A run of `rounds` rounds runs them all, however long they take (the baselines'
             # comparison needs equal rounds); the time limit is for `rounds` = 0.
             deadline = None if plan.run.max_rounds else loop.time() + plan.minutes * 60
             blocks = {c["name"]: c["blocks"] for c in status.get("clients", [])}
             progress("first round open; blocks per client: " + ", ".join(
                 f"{name} {len(b)} ({_span(b)})" for name, b in blocks.items()))
-        for r in status.get("rounds", []):
-            if r["round"] in seen_rounds:
-                continue
-            seen_rounds.add(r["round"])
-            elapsed = time.monotonic() - (train_started or time.monotonic())
-            loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
-            progress(f"[{elapsed:6.0f} s] round {r['round']:>3} {r['status']:<7} "
-                     f"{r['reports']}/{r['assigned']} reports  loss {loss}  "
-                     f"version {status.get('version')}")
-            timeline.append({"elapsed_s": elapsed, "round": r["round"], "status": r["status"],
-                             "loss": r["loss"], "version": status.get("version")})
+        lines.show(status)
         if status.get("finished") or not alive:
             break
         if not status.get("current_round") and train_started is None:
@@ -284,7 +316,36 @@ async def _watch(plan: FederationPlan, url: str, session: aiohttp.ClientSession,
             if not status.get("current_round") or status.get("version", 0) > stop_after_version:
                 progress("time limit reached: stopping the clients")
                 break
-    return status, train_started or time.monotonic(), timeline
+    return status, train_started or time.monotonic()
+
+
+SETTLE_GRACE_S = 10.0
+"""Beyond the open round's deadline, how long to wait for the server to close it."""
+
+
+async def settle(url: str, session: aiohttp.ClientSession, server: Managed, lines: RoundLines,
+                  status: dict[str, Any], poll_s: float = 0.5) -> dict[str, Any]:
+    """The server's status once the round open at the stop has closed (the clients left, so
+    it closes at once; at its deadline at the latest), with a line for each round closed
+    meanwhile. A round the server never closes stays open in the record: its blocks are left
+    out of the figures and it counts as neither applied nor failed."""
+    loop = asyncio.get_running_loop()
+    give_up: float | None = None
+    while True:
+        polled = await _status(session, url)
+        if polled is not None:
+            status = polled
+        lines.show(status, note="  (closed while the clients stopped)")
+        current = status.get("current_round")
+        if not current or not server.running:
+            return status
+        if give_up is None:
+            give_up = loop.time() + float(current.get("deadline_in_s") or 0.0) + SETTLE_GRACE_S
+        elif loop.time() >= give_up:
+            lines.progress(f"round {current['round']} is still open {SETTLE_GRACE_S:.0f} s past "
+                           "its deadline; reading the run as it is")
+            return status
+        await asyncio.sleep(poll_s)
 
 
 def _span(blocks: list[int]) -> str:

@@ -35,6 +35,7 @@ from zorba_server.config import (
     POOL_SLICES_HELP,
     AggregationConfig,
 )
+from zorba_server.round_status import APPLIED, FAILED, REJECTED
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
     pass
@@ -161,6 +162,7 @@ def summarize(plan: FederationPlan, result: FederationResult, before: dict[str, 
     figures = client_figures(result.db_path, {c.setup.name: c.traffic for c in result.clients},
                              {c.setup.name: c.process.sampled_peak_rss for c in result.clients})
     rounds = read_rounds(result.db_path)
+    closed = {status: sum(r.status == status for r in rounds) for status in (APPLIED, FAILED, REJECTED)}
     taking_part = [f for f in figures if f.rounds_reported]
     mean = (lambda xs: sum(xs) / len(xs) if xs else 0.0)  # noqa: E731
     return {
@@ -171,9 +173,13 @@ def summarize(plan: FederationPlan, result: FederationResult, before: dict[str, 
         "loss_before": before["loss"] if before else None,
         "loss_after": after["loss"] if after else None,
         "eval_examples": before["examples"] if before else eval_examples,
+        # The version evaluated: one per applied round (a failed or rejected round publishes
+        # nothing), read once the last round had closed (zorba_lab/federation.py).
         "alpha_version": result.remote.table.version if result.remote else result.status.get("version"),
-        "rounds_applied": sum(r.status == "applied" for r in rounds),
-        "rounds_failed": sum(r.status == "failed" for r in rounds),
+        "rounds_applied": closed[APPLIED],
+        "rounds_failed": closed[FAILED],
+        "rounds_rejected": closed[REJECTED],
+        "rounds_closed_at_stop": [t["round"] for t in result.timeline if t["at_stop"]],
         "bytes_up_per_round": round(mean([f.bytes_up_per_round for f in taking_part]), 1),
         "bytes_down_per_round": round(mean([f.bytes_down_per_round for f in taking_part]), 1),
         "peak_over_budget": round(max((f.peak_over_budget for f in taking_part), default=0.0), 4),
@@ -187,6 +193,17 @@ def summarize(plan: FederationPlan, result: FederationResult, before: dict[str, 
     }
 
 
+def round_counts(summary: dict[str, Any]) -> str:
+    """The rounds as the live lines counted them: applied (each published one alpha version),
+    failed and rejected (nothing published), and which closed while the clients stopped."""
+    at_stop = summary["rounds_closed_at_stop"]
+    return (f"{summary['rounds_applied']} rounds applied (alpha version {summary['alpha_version']}), "
+            f"{summary['rounds_failed']} failed, {summary['rounds_rejected']} rejected in "
+            f"{summary['train_s']:.0f} s of training"
+            + (f"; round {', '.join(map(str, at_stop))} closed while the clients stopped"
+               if at_stop else ""))
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     b, a = summary["acc_before"], summary["acc_after"]
     if b is not None and a is not None:
@@ -198,8 +215,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         # A gain up to the floor is calibration of the label words, not the task learned.
         print(f"bias floor (the base model with one offset per label fitted on training examples): "
               f"{floor:.4f}" + (f"; after - floor {a - floor:+.4f}" if a is not None else ""))
-    print(f"{summary['rounds_applied']} rounds applied ({summary['rounds_failed']} failed) in "
-          f"{summary['train_s']:.0f} s of training")
+    print(round_counts(summary))
     print(f"{'client':<10} {'budget':>10} {'peak':>10} {'peak/budget':>11} {'blocks':>8} "
           f"{'rounds':>6} {'steps':>5} {'up B/round':>10} {'down B/round':>12}")
     for c in summary["clients"]:

@@ -34,6 +34,7 @@ from zorba_server.idempotency import ack, check_retry, idempotency_conflict, rep
 from zorba_server.members import Member
 from zorba_server.polling import poll_answer
 from zorba_server.resume import resume
+from zorba_server.round_line import closed_round_line
 from zorba_server.rounds import ReceivedReport
 from zorba_server.status_view import run_status
 from zorba_server.storage import DuplicateError, ModelPin, Snapshot, Store
@@ -335,14 +336,7 @@ class Coordinator:
         if self.engine.finished:
             self._changed.notify()
         self.weights.closed(closure)
-        # Back-offs at WARNING: an operator running at that level still learns that the step
-        # was cut or a round rolled back.
-        outcome, engine = closure.outcome, self.engine
-        loss = "-" if outcome.loss is None else f"{outcome.loss:.4g}"
-        log.log(logging.WARNING if closure.backs_off else logging.INFO,
-                "round %d %s: %d of %d reports, loss %s, version %d, next step %.3g: %s",
-                closure.plan.round, outcome.status, outcome.reports, len(closure.plan.clients),
-                loss, engine.version, engine.hyper().lr, outcome.message)
+        log.log(*closed_round_line(closure, self.engine))
 
     # ------------------------------------------------------------------------ views
 
