@@ -71,6 +71,12 @@ def test_the_flower_app_runs_at_the_servers_defaults() -> None:
     config = server_config(values)
     assert config == ServerConfig(config.enrolment_secret,
                                   run=RunConfig(min_clients=2, max_rounds=3))
+    # Flower 1.42 refuses a --run-config key the app does not list, so every run and
+    # aggregation setting with a TOML default is listed (at the server's default, above).
+    for section, cls in (("run", RunConfig), ("aggregation", AggregationConfig)):
+        for f in dataclasses.fields(cls):
+            if isinstance(f.default, bool | int | float | str):
+                assert f"{section}.{f.name.replace('_', '-')}" in values, (section, f.name)
 
 
 def _flat(table: dict, prefix: str = "") -> dict:
