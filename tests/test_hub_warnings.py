@@ -17,10 +17,19 @@ FAILED = ("Failed to load CPU gemm_4bit_forward from kernels-community: Version 
 
 @pytest.fixture
 def hub_filter() -> Iterator[OfflineHubFilter]:
+    # A filter an earlier test's client installed (one per process, by design) is set aside,
+    # so this test sees a fresh one and its count; it is put back afterwards.
+    earlier = {name: [f for f in logging.getLogger(name).filters if isinstance(f, OfflineHubFilter)]
+               for name in HUB_LOGGERS}
+    for name, filters in earlier.items():
+        for f in filters:
+            logging.getLogger(name).removeFilter(f)
     installed = quiet_hub_kernel_warnings(logging.getLogger("zorba_edge.client"))
     yield installed
     for name in HUB_LOGGERS:
         logging.getLogger(name).removeFilter(installed)
+        for f in earlier[name]:
+            logging.getLogger(name).addFilter(f)
 
 
 def test_the_hub_kernel_warnings_become_one_line(hub_filter: OfflineHubFilter,
