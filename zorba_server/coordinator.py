@@ -281,8 +281,7 @@ class Coordinator:
                 log.exception("round driver failed; retrying in %.0f s", IDLE_RECHECK_S)
                 await asyncio.sleep(IDLE_RECHECK_S)
             left = self.engine.time_left(self._clock())  # (the open round's deadline)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), IDLE_RECHECK_S if left is None else left)
+            await _wait_for_event(self._wake, IDLE_RECHECK_S if left is None else left)
 
     async def _advance(self) -> None:
         version = self.engine.version
@@ -359,3 +358,15 @@ class Coordinator:
 def _log_failure(done: asyncio.Future[None]) -> None:
     if not done.cancelled() and done.exception() is not None:
         log.warning("could not record a client's return: %s", done.exception())
+
+
+async def _wait_for_event(event: asyncio.Event, timeout_s: float) -> None:
+    """Until `event` is set or `timeout_s` passes. Not `asyncio.wait_for`: before Python 3.12
+    it can swallow a cancellation that arrives as the event is set (a leave waking the
+    driver while the server stops), and the driver then loops on and `stop` waits forever."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout_s)
+    finally:
+        waiter.cancel()
+
