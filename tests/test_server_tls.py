@@ -6,6 +6,7 @@ import shutil
 import ssl
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -29,14 +30,20 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-@pytest.mark.asyncio
-async def test_with_a_certificate_the_api_is_served_over_https(tmp_path: Path) -> None:
+async def tls_runner(tmp_path: Path) -> tuple[Path, Any, web.AppRunner]:
+    """A self-signed certificate, the server config that serves it, and the set-up runner."""
     cert, key = self_signed(tmp_path)
     data = config_dict(tmp_path / "db.sqlite3")
     data["server"] = {"tls_cert": str(cert), "tls_key": str(key)}
     config = config_from_dict(data)
     runner = web.AppRunner(create_app(config))
     await runner.setup()
+    return cert, config, runner
+
+
+@pytest.mark.asyncio
+async def test_with_a_certificate_the_api_is_served_over_https(tmp_path: Path) -> None:
+    cert, config, runner = await tls_runner(tmp_path)
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context(config))
     await site.start()
     port = runner.addresses[0][1]
@@ -72,12 +79,7 @@ async def test_https_through_the_head_guard_as_zorba_server_listens(tmp_path: Pa
 
     from zorba_server.http_edge import HeadLimits, listen
 
-    cert, key = self_signed(tmp_path)
-    data = config_dict(tmp_path / "db.sqlite3")
-    data["server"] = {"tls_cert": str(cert), "tls_key": str(key)}
-    config = config_from_dict(data)
-    runner = web.AppRunner(create_app(config))
-    await runner.setup()
+    cert, config, runner = await tls_runner(tmp_path)
     sock = socket.create_server(("127.0.0.1", 0))
     listening = await listen(runner, sock, ssl_context(config), HeadLimits(timeout_s=30))
     port = sock.getsockname()[1]
