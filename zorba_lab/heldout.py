@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch-free at import
+    from zorba_edge.client.assembly import DataChoice
     from zorba_edge.client.local_task import LocalTask
     from zorba_edge.model.sources import ModelSource
     from zorba_lab.federation import FederationPlan
@@ -23,10 +24,7 @@ def heldout_task(plan: FederationPlan, examples: int) -> tuple[ModelSource, Loca
     """
     from zorba_edge.client import assembly
 
-    template = assembly.make_template(plan.labels, None, None, None)
-    choice = assembly.DataChoice(spec=plan.data, seed=plan.data_seed,
-                                 heldout_fraction=plan.heldout_fraction, max_examples=examples,
-                                 template=template)
+    choice = _data_choice(plan, examples)
     source = assembly.open_model(plan.model)
     return source, assembly.build_task(assembly.heldout_examples(choice), source, choice)
 
@@ -37,8 +35,15 @@ def fit_task(plan: FederationPlan, source: ModelSource) -> LocalTask:
     from zorba_edge.client import assembly
     from zorba_edge.engine.bias_floor import FIT_EXAMPLES
 
-    template = assembly.make_template(plan.labels, None, None, None)
-    choice = assembly.DataChoice(spec=plan.data, seed=plan.data_seed,
-                                 heldout_fraction=plan.heldout_fraction, max_examples=FIT_EXAMPLES,
-                                 template=template)
+    choice = _data_choice(plan, FIT_EXAMPLES)
     return assembly.build_task(assembly.training_examples(choice), source, choice)
+
+
+def _data_choice(plan: FederationPlan, max_examples: int) -> DataChoice:
+    """The run's data, split and prompt as its clients see them, at most `max_examples`."""
+    from zorba_edge.client import assembly
+
+    template = assembly.make_template(plan.labels, None, None, None)
+    return assembly.DataChoice(spec=plan.data, seed=plan.data_seed,
+                               heldout_fraction=plan.heldout_fraction, max_examples=max_examples,
+                               template=template)
