@@ -18,10 +18,12 @@ from zorba_common.memory_model import BYTES_PER_PARAM
 from zorba_flower.settings import ClientAppSettings, ServerAppSettings, server_config
 from zorba_lab.compare.simulator import COMPARE_RUN, CompareSetting
 from zorba_lab.federation import QUICKSTART_RUN, FederationPlan
+from zorba_lab.quickstart import DEFAULT_BUDGETS
 from zorba_server.config import AggregationConfig, RunConfig, ServerConfig
 from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig
 from zorba_sim.cli import SIM_RUN, Settings
+from zorba_sim.fleet import load_fleet, parse_size
 from zorba_sim.simulation import SimulationConfig
 
 try:
@@ -99,3 +101,11 @@ def test_the_defaults_module_imports_without_torch() -> None:
     code = ("import sys; import zorba_common.run_defaults, zorba_server.config; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_the_comparison_runs_on_the_quickstarts_budgets() -> None:
+    """compare_fleet.toml once kept 1.0 GiB after the quickstart moved to 1.2 GiB, where a
+    CPU client holding frozen blocks in bf16 cannot train even one block."""
+    fleet = load_fleet(ROOT / "benchmarks" / "compare_fleet.toml")
+    budgets = sorted(device.memory_budget_bytes for device, _ in fleet.devices())
+    assert budgets == sorted(parse_size(b, "DEFAULT_BUDGETS") for b in DEFAULT_BUDGETS)
