@@ -100,9 +100,9 @@ class RoundClosing(Membership):
         if now >= self.closes_at(r.plan):
             return True
         # A client that left or was dropped will not report: no waiting.
-        waiting = [cid for cid in r.plan.clients if cid not in r.received
-                   and cid in self.members and not self.members[cid].left]
-        return not waiting and not committing
+        members = self.members
+        waiting = r.waiting_for(lambda cid: cid in members and not members[cid].left)
+        return waiting is None and not committing
 
     def time_left(self, now: float) -> float | None:
         """Seconds until the open round closes at the latest (0 once it passed; `closes_at`);
