@@ -321,8 +321,8 @@ async def submit_report(request: web.Request) -> web.Response:
     member = authenticated(request, coordinator)
     round_ = path_round(request)
     report = await read_message(request, Report, MAX_REPORT_BYTES)
-    return msgpack_response(await coordinator.submit_report(
-        member, round_, report, body_bytes=request[BODY_BYTES]))
+    ack = await coordinator.submit_report(member, round_, report, body_bytes=request[BODY_BYTES])
+    return web.Response(body=ack, content_type=CONTENT_TYPE)
 
 
 async def healthz(request: web.Request) -> web.Response:

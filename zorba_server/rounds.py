@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from zorba_common.codec import encode
 from zorba_common.errors import InvalidScalarError
 from zorba_common.messages import Assignment, HyperParams, Report
 from zorba_common.scalars import check_scalars
@@ -143,6 +144,12 @@ class ReceivedReport:
     report: Report
     body_hash: bytes
     received_at: float
+    encoded: bytes | None = field(default=None, repr=False, compare=False)
+    """`encode(report)` when the shell has it already (hashed): stored as is, not encoded again."""
+
+    def canonical(self) -> bytes:
+        """The report's canonical encoding, as stored."""
+        return self.encoded if self.encoded is not None else encode(self.report)
 
 
 @dataclass(frozen=True)

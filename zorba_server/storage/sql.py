@@ -350,7 +350,7 @@ def insert_report(conn: Connection, round_: int, received: ReceivedReport,
         "INSERT INTO reports (round, client_id, idempotency_key, body_hash, body, received_at,"
         f" {', '.join(REPORT_BYTES)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (round_, received.client_id, received.report.idempotency_key, received.body_hash,
-         encode(received.report), received.received_at,
+         received.canonical(), received.received_at,
          None if traffic is None else traffic.up, None if traffic is None else traffic.down),
     )
 
