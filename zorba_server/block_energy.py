@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +76,18 @@ def clipped(values: Sequence[float], directions: int) -> bool:
     return top > 0 and sum(abs(n - top) <= 1e-6 * top for n in norms) >= 2
 
 
+def _row(round_: int, blocks: Sequence[int], grads: Iterable[float],
+         directions: int) -> EnergyRow | None:
+    """One report's row (None: no scalars or blocks, or `clipped`)."""
+    # Plain floats, not numpy: a report holds a few dozen scalars, and numpy's per-call cost
+    # on arrays that small was a tenth of the server's CPU at 1,000 clients a round.
+    values = [v for v in map(float, grads) if math.isfinite(v)]
+    if not len(blocks) or not values or clipped(values, directions):
+        return None
+    return EnergyRow(round_, tuple(sorted(set(blocks))),
+                     math.fsum(v * v for v in values) / len(values), len(values))
+
+
 class BlockEnergy:
     """Running estimate of every block's gradient energy s_b (see the module docstring)."""
 
@@ -90,14 +102,23 @@ class BlockEnergy:
                 directions: int = 1) -> None:
         """Book one report's scalars, measured in batches of `directions` (a report without
         scalars or blocks adds nothing, nor does one the trust region shrank: `clipped`)."""
-        # Plain floats, not numpy: a report holds a few dozen scalars, and numpy's per-call
-        # cost on arrays that small was a tenth of the server's CPU at 1,000 clients a round.
-        values = [v for v in map(float, grads) if math.isfinite(v)]
-        if not len(blocks) or not values or clipped(values, directions):
-            return
-        self.rows.append(EnergyRow(round_, tuple(sorted(set(blocks))),
-                                   math.fsum(v * v for v in values) / len(values), len(values)))
-        self._cache = None
+        self.observe_round(round_, [(blocks, grads)], directions)
+
+    def observe_round(self, round_: int, reports: Sequence[tuple[Sequence[int], Iterable[float]]],
+                      directions: int = 1) -> None:
+        """Book a round's reports ((blocks, scalars) each) in their order, as `observe` would
+        one by one. Only the last MAX_ROWS rows are kept, so the reports before those are
+        not looked at: at 1,000 clients a round, most of a round's reports."""
+        rows: list[EnergyRow] = []
+        for blocks, grads in reversed(reports):
+            row = _row(round_, blocks, grads, directions)
+            if row is not None:
+                rows.append(row)
+                if len(rows) == MAX_ROWS:
+                    break
+        if rows:
+            self.rows.extend(reversed(rows))
+            self._cache = None
 
     def estimate(self) -> np.ndarray:
         """s_b for every block (float64); the prior's proportions scaled to the data where no

@@ -225,9 +225,10 @@ class Coordinator:
         answer = encode(ack(round_, received))
         sizes = (body_bytes, len(answer))
         ended = self.traffic[cid].end_round(*sizes)
-        # Queued now (the store orders writes by call); a task so that the callback below is
-        # registered before anyone awaits it and runs first when the commit lands: the
-        # round's book is updated before any waiter (a close) looks at it.
+        # Queued now (the store orders writes by call); a future (the SQL stores' own, or a
+        # task around another store's coroutine) so that the callback below is registered
+        # before anyone awaits it and runs first when the commit lands: the round's book is
+        # updated before any waiter (a close) looks at it.
         committed = asyncio.ensure_future(self._store.insert_report(round_, received, ended))
         committed.add_done_callback(partial(self._report_committed, r, received, ended, sizes))
         self.pending[cid] = (received, committed)

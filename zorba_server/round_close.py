@@ -230,9 +230,9 @@ class RoundClosing(Membership):
         plan, outcome = closure.plan, closure.outcome
         if self.open is not None and self.open.plan.round == plan.round and self.energy is not None:
             # Every report's scalars measured the round's base model, whatever the round's fate.
-            for cid, rec in sorted(self.open.received.items()):
-                self.energy.observe(plan.round, plan.clients[cid].blocks,
-                                    [g for _, g in rec.report.steps], plan.hyper.directions)
+            self.energy.observe_round(plan.round, [
+                (plan.clients[cid].blocks, (g for _, g in rec.report.steps))
+                for cid, rec in sorted(self.open.received.items())], plan.hyper.directions)
         if closure.delta is not None and closure.alpha is not None:
             self.alpha, self.version = closure.alpha, closure.delta.version
             self.deltas.append(closure.delta)
