@@ -294,7 +294,7 @@ def main() -> int:
                     else cores - {args.server_core})
     os.sched_setaffinity(0, client_cores or cores)
     raise_fd_limit(4 * args.clients + 256)
-    gc.set_threshold(50_000, 20, 100)  # as the server does (zorba_server.cli.tune_gc)
+    gc.set_threshold(200_000, 20, 100)  # as the server does (zorba_server.cli.tune_gc)
     result = asyncio.run(run(args))
     if args.json:
         print(json.dumps(result))
