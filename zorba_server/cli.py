@@ -14,8 +14,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from aiohttp import web
-
 from zorba_common.roles import docs_location, version_text
 from zorba_common.run_defaults import ESTIMATORS
 from zorba_server import store_tools
@@ -33,8 +31,7 @@ from zorba_server.config import (
     load_config,
 )
 from zorba_server.enrolment import new_secret
-from zorba_server.http_edge import HeadLimits, listen
-from zorba_server.http_log import http_logger
+from zorba_server.http_edge import HeadLimits, app_runner, listen
 from zorba_server.modes import MODES
 from zorba_server.storage import StoreError
 
@@ -187,8 +184,7 @@ async def serve(config: ServerConfig) -> None:
     # then does the app take the run's lock and create or resume the run (runner.setup).
     context = ssl_context(config)
     sock = bind(config.server.host, config.server.port)
-    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False,
-                           logger=http_logger())
+    runner = app_runner(create_app(config))
     try:
         await runner.setup()
     except BaseException:
