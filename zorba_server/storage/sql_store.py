@@ -5,7 +5,7 @@ mapping of its driver's exceptions to `storage.errors`."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -113,8 +113,9 @@ class SqlStore:
     def close_round(self, round_: int, status: str, closed_at: float, reports: int,
                     loss: float | None, message: str, *, delta: AlphaDelta | None = None,
                     alpha: np.ndarray | None = None,
-                    calibrations: dict[str, float] | None = None) -> Awaitable[None]:
+                    calibrations: dict[str, float] | None = None,
+                    guard_outliers: Sequence[str] = ()) -> Awaitable[None]:
         return self._write(partial(sql.close_round, round_=round_, status=status,
                                    closed_at=closed_at, reports=reports, loss=loss,
                                    message=message, delta=delta, alpha=alpha,
-                                   calibrations=calibrations))
+                                   calibrations=calibrations, guard_outliers=guard_outliers))
