@@ -16,7 +16,11 @@ Figures:
                  (polls, round closes and aggregation included);
   p50_ms, p99_ms latency of POST /v1/rounds/{r}/reports, measured rounds only;
   poll_p99_ms    latency of the long-poll answers that carried an assignment.
+  server_cpu_s   the server process's CPU time (user + system) from before the first
+                 registration to the end of the last round: divided by `reports`, the
+                 figure that load on the machine barely changes (wall time it does).
 Bounded: `--rounds` rounds after `--warmup` rounds, and a hard `--timeout-s`.
+`--profile FILE` runs the server under cProfile (`python -m pstats FILE` reads it).
 """
 
 from __future__ import annotations
@@ -201,8 +205,11 @@ def start_server(workdir: Path, args: argparse.Namespace, port: int) -> subproce
         os.sched_setaffinity(0, server_cores)
         raise_fd_limit(4 * args.clients + 256)
 
+    # --profile: the server under cProfile, which writes its stats when SIGTERM stops it.
+    profiler = ["-m", "cProfile", "-o", str(Path(args.profile).resolve())] if args.profile else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "zorba_server", "--config", str(config), "--host", "127.0.0.1",
+        [sys.executable, *profiler, "-m", "zorba_server", "--config", str(config),
+         "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "WARNING"],
         stdout=subprocess.PIPE, stderr=(workdir / "server.log").open("wb"), preexec_fn=pin)
     assert proc.stdout is not None
@@ -254,6 +261,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "errors": stats.errors,
         "wall_s": round(total, 2),
         "server_cpu_s": round(server_cpu, 2),
+        "server_cpu_ms_per_report": round(1000 * server_cpu / stats.reports, 3)
+        if stats.reports else None,
         "client_cpu_s": round(own_cpu, 2),
         "server_core": args.server_core,
         "client_cores": sorted(os.sched_getaffinity(0)),
@@ -275,6 +284,9 @@ def main() -> int:
                    help="core for the clients (default: every core but the server's)")
     p.add_argument("--sync", choices=("full", "normal"), default="full")
     p.add_argument("--timeout-s", type=float, default=300.0)
+    p.add_argument("--profile", metavar="FILE",
+                   help="run the server under cProfile and write its stats to FILE (pstats); "
+                   "its figures are then the profiler's, not the server's")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
     cores = os.sched_getaffinity(0)
@@ -282,7 +294,7 @@ def main() -> int:
                     else cores - {args.server_core})
     os.sched_setaffinity(0, client_cores or cores)
     raise_fd_limit(4 * args.clients + 256)
-    gc.set_threshold(50_000, 20, 100)  # as the server does (zorba_server.cli.tune_gc)
+    gc.set_threshold(200_000, 20, 100)  # as the server does (zorba_server.cli.tune_gc)
     result = asyncio.run(run(args))
     if args.json:
         print(json.dumps(result))

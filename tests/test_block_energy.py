@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from engine_fakes import engine, join, open_next, received
 
-from zorba_server.block_energy import BlockEnergy
+from zorba_server.block_energy import MAX_ROWS, BlockEnergy
 from zorba_server.status_page import render
 from zorba_server.status_view import run_status
 from zorba_server.step_size import MAX_ENERGY_SCALE, StepSize
@@ -90,3 +90,19 @@ def test_a_report_whose_batches_the_trust_region_shrank_is_left_out() -> None:
     assert not tracker.rows
     tracker.observe(1, [0], [0.3, 0.4, 0.1, 0.2], directions=2)
     assert len(tracker.rows) == 1
+
+
+def test_a_rounds_reports_booked_at_once_keep_the_rows_booking_each_would() -> None:
+    rng = np.random.default_rng(3)
+    one_by_one, at_once = BlockEnergy([10, 10, 20]), BlockEnergy([10, 10, 20])
+    for r in (1, 2):
+        reports: list[tuple[list[int], list[float]]] = []
+        for i in range(MAX_ROWS + 40):
+            blocks = [i % 3] if i % 5 else [0, 2]
+            # every 7th report's two batches share one length: clipped, left out
+            grads = [0.3, 0.4, 0.5, 0.0] if i % 7 == 0 else rng.normal(size=4).tolist()
+            reports.append((blocks, grads))
+            one_by_one.observe(r, blocks, grads, directions=2)
+        at_once.observe_round(r, reports, directions=2)
+    assert list(at_once.rows) == list(one_by_one.rows) and len(at_once.rows) == MAX_ROWS
+    assert at_once.estimate().tolist() == one_by_one.estimate().tolist()

@@ -146,11 +146,9 @@ async def test_bytes_up_count_a_chunked_body_as_read(tmp_path: Path, aiohttp_cli
 async def guarded(tmp_path: Path, limits: Any) -> tuple[Any, Any, int]:
     import socket
 
-    from aiohttp import web
+    from zorba_server.http_edge import app_runner, listen
 
-    from zorba_server.http_edge import listen
-
-    runner = web.AppRunner(create_app(config_from_dict(config_dict(tmp_path / "db.sqlite3"))))
+    runner = app_runner(create_app(config_from_dict(config_dict(tmp_path / "db.sqlite3"))))
     await runner.setup()
     sock = socket.create_server(("127.0.0.1", 0))
     listening = await listen(runner, sock, None, limits)
@@ -207,3 +205,33 @@ async def test_connections_past_the_cap_of_pending_heads_are_refused(tmp_path: P
             writer.close()
         listening.close()
         await runner.cleanup()
+
+
+async def test_malformed_http_is_answered_with_the_error_body_and_logged_in_one_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from zorba_server.http_edge import HeadLimits
+
+    runner, listening, port = await guarded(tmp_path, HeadLimits())
+    try:
+        with caplog.at_level(logging.INFO):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+            await writer.drain()
+            answer = await reader.read()  # the server closes the connection after answering
+            writer.close()
+    finally:
+        listening.close()
+        await runner.cleanup()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].split()[1] == "400"  # (HTTP/1.0: the request line was not read)
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+    assert headers["content-type"] == "application/msgpack"
+    error = msgpack.unpackb(body)
+    assert error["error"] == "malformed_http" and "could not be parsed" in error["message"]
+    malformed = [r for r in caplog.records if "malformed HTTP" in r.getMessage()]
+    assert len(malformed) == 1 and malformed[0].levelno == logging.WARNING
+    assert malformed[0].exc_info is None and "\n" not in malformed[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -393,6 +393,28 @@ def test_a_member_that_left_is_not_waited_for_and_is_active_again_at_its_next_re
     assert not e.mark_seen(b, now=3.0)  # an ordinary request
 
 
+def test_the_round_waits_for_every_assigned_client_whatever_the_order_of_reports_and_returns(
+        tmp_path: Path) -> None:
+    # `due` looks first where it found a client waited for last time (O(n) per round, not
+    # O(n^2)): a client behind that point, back after leaving, must still be waited for.
+    e = engine(tmp_path, min_clients=5)
+    members = {cid: join(e, cid) for cid in "abcde"}
+    open_next(e)
+    assert e.open is not None
+    order = list(e.open.plan.clients)
+    first, last = order[0], order[-1]
+    e.mark_left(members[first])
+    for cid in order[1:-1]:
+        assert not e.due(now=1.0)
+        e.accept_report(received(e, cid))
+    assert not e.due(now=1.0)  # the last one is waited for
+    e.mark_seen(members[first], now=1.5)  # back, behind where `due` looks first
+    e.accept_report(received(e, last))
+    assert not e.due(now=2.0)
+    e.accept_report(received(e, first))
+    assert e.due(now=2.0)
+
+
 def test_only_the_first_registration_pins_the_model_and_its_zero_table(tmp_path: Path) -> None:
     e = RoundEngine(config_from_dict(config_dict(tmp_path / "unused.sqlite3")))
     with pytest.raises(Conflict, match="no client has registered"):

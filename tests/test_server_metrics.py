@@ -80,3 +80,34 @@ async def test_two_servers_in_one_process_count_their_own_requests(
     register = frozenset({("route", "/v1/clients"), ("method", "POST")})
     assert a[("zorba_request_seconds_count", register)] == 3
     assert ("zorba_request_seconds_count", register) not in b
+
+
+async def test_answers_and_latencies_read_as_prometheus_own_counter_and_histogram_would_show_them(
+) -> None:
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from zorba_server.metrics import LATENCY_BUCKETS_S, Metrics
+
+    reference = CollectorRegistry()
+    responses = Counter("zorba_responses", "HTTP answers by route and status.", ["route", "status"],
+                        registry=reference)
+    latency = Histogram("zorba_request_seconds", "Time from a request's arrival to its answer, by "
+                        "route.", ["route", "method"], buckets=LATENCY_BUCKETS_S, registry=reference)
+    ours = Metrics()
+    answers = [("/v1/clients", "POST", 201, 0.004), ("/v1/state", "GET", 401, 0.0005),
+               ("/v1/rounds/next", "GET", 200, 2.5), ("/v1/rounds/next", "GET", 200, 0.001),
+               ("/v1/rounds/next", "GET", 200, 0.0025), ("unmatched", "GET", 404, 0.0),
+               ("/v1/rounds/next", "GET", 200, 500.0)]  # on a bound, at 0, past the last
+    for route, method, status, seconds in answers:
+        responses.labels(route, str(status)).inc()
+        latency.labels(route, method).observe(seconds)
+        ours.requests.answered(route, method, status, seconds)
+
+    def shown(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return {key: value for key, value in samples(text).items()
+                if key[0].startswith(("zorba_responses", "zorba_request_seconds"))
+                and not key[0].endswith("_created")}
+
+    expected = shown(generate_latest(reference).decode())
+    assert len(expected) == 4 + 4 * (len(LATENCY_BUCKETS_S) + 3)  # 4 series of each
+    assert shown(ours.render().decode()) == expected

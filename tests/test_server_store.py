@@ -313,3 +313,33 @@ async def test_a_schema_2_database_gains_the_report_byte_columns_and_keeps_its_r
     snap = await reopened.load(recent_deltas=4)
     assert snap.client_reports["c-1"].last_round_bytes == RoundBytes(10, 20)
     assert await reopened.find_report("c-0", "a") is not None
+
+
+async def test_the_loss_guards_outlier_rounds_are_stored_with_the_close_and_come_back(
+        open_store: Opener) -> None:
+    store = await fresh(open_store)
+    await store.close_round(1, "failed", 3.0, 0, None, "too few reports",
+                            guard_outliers=("c-1", "c-2"))
+    await store.insert_round(dataclasses.replace(PLAN, round=2))
+    await store.close_round(2, "failed", 4.0, 0, None, "too few reports", guard_outliers=("c-1",))
+    await store.close()
+    snap = await (await open_store()).load(recent_deltas=4)
+    assert {c.client_id: c.guard_outlier_rounds for c in snap.clients if c.guard_outlier_rounds} == {
+        "c-1": 2, "c-2": 1}
+
+
+async def test_a_schema_3_database_gains_the_outlier_column_at_zero(
+        open_store: Opener, backend: tuple[str, Any]) -> None:
+    store = await fresh(open_store)
+    await store.close()
+    run_sql(backend, [  # the clients table as schema 3 created it
+        "ALTER TABLE clients DROP COLUMN guard_outlier_rounds",
+        "UPDATE meta SET value = '3' WHERE key = 'schema_version'",
+    ])
+    again = await open_store()
+    assert {c.guard_outlier_rounds for c in (await again.load(recent_deltas=4)).clients} == {0}
+    await again.close_round(1, "failed", 3.0, 0, None, "too few reports", guard_outliers=("c-0",))
+    await again.close()
+    reopened = await open_store()  # stamped 4 now: opens without migrating again
+    snap = await reopened.load(recent_deltas=4)
+    assert [c.guard_outlier_rounds for c in snap.clients if c.client_id == "c-0"] == [1]

@@ -9,7 +9,7 @@ unstepped and the round unreported), the server on each reported step before boo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from zorba_common.errors import InvalidScalarError
 
@@ -26,7 +26,12 @@ def check_scalar(g: float, max_abs_scalar: float, what: str) -> float:
     return g
 
 
-def check_scalars(steps: Iterable[tuple[int, float]], max_abs_scalar: float) -> None:
+def check_scalars(steps: Sequence[tuple[int, float]], max_abs_scalar: float) -> None:
     """Every (k, g) of a report checked, the first bad one named by its step and pool index."""
+    # One comparison per scalar when all are good (the server checks every report): a NaN
+    # or an infinity fails it as well (the limit is finite), and the loop below names it.
+    if math.isfinite(max_abs_scalar) and all(
+            -max_abs_scalar <= g <= max_abs_scalar for _, g in steps):
+        return
     for t, (k, g) in enumerate(steps):
         check_scalar(g, max_abs_scalar, f"step {t}: projected gradient at k={k}")

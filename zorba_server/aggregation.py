@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -68,8 +69,10 @@ def aggregate(contributions: Sequence[Contribution], lr: float,
     # over every scalar (a round of 1,000 clients x 64 steps is 64,000 of them).
     step_counts = [len(c.steps) for c in ordered]
     step_client = np.repeat(np.arange(len(ordered)), step_counts)
-    step_k = np.fromiter((k for c in ordered for k, _ in c.steps), np.int64, sum(step_counts))
-    step_g = np.fromiter((g for c in ordered for _, g in c.steps), np.float64, sum(step_counts))
+    # k, g, k, g, ... read at C speed (a pool index is exact in a float64).
+    pairs = np.fromiter(chain.from_iterable(chain.from_iterable(c.steps for c in ordered)),
+                        np.float64, 2 * sum(step_counts))
+    step_k, step_g = pairs[0::2].astype(np.int64), pairs[1::2]
     if config.clip is not None:
         step_g = np.clip(step_g, -config.clip, config.clip)
     ks, step_col = np.unique(step_k, return_inverse=True)

@@ -139,7 +139,8 @@ _AIOHTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 async def error_middleware(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                            ) -> web.StreamResponse:
-    stats = request.app[SERVICES].metrics.requests
+    services = request.app[SERVICES]
+    stats = services.metrics.requests
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     started = time.perf_counter()
@@ -147,7 +148,7 @@ async def error_middleware(request: web.Request,
     try:
         response = await handler(request)
         stats.answered(route, request.method, response.status, time.perf_counter() - started)
-        _count_traffic(request, route, response)
+        _count_traffic(services, request, route, response)
         return response
     except errors.TooManyRequests as exc:
         status, code, message = 429, exc.code, exc.message
@@ -175,7 +176,7 @@ async def error_middleware(request: web.Request,
     stats.answered(route, request.method, status, time.perf_counter() - started, refusal=code)
     response = error_response(status, code, message)
     response.headers.update(headers)
-    _count_traffic(request, route, response)
+    _count_traffic(services, request, route, response)
     return response
 
 
@@ -241,8 +242,9 @@ def authenticated(request: web.Request, coordinator: Coordinator) -> Member:
     return member
 
 
-def _count_traffic(request: web.Request, route: str, response: web.StreamResponse) -> None:
-    coordinator = request.app[SERVICES].coordinator
+def _count_traffic(services: Services, request: web.Request, route: str,
+                   response: web.StreamResponse) -> None:
+    coordinator = services.coordinator
     client_id = request.get(CLIENT_ID)
     if coordinator is None or client_id is None:
         return
@@ -321,8 +323,8 @@ async def submit_report(request: web.Request) -> web.Response:
     member = authenticated(request, coordinator)
     round_ = path_round(request)
     report = await read_message(request, Report, MAX_REPORT_BYTES)
-    return msgpack_response(await coordinator.submit_report(
-        member, round_, report, body_bytes=request[BODY_BYTES]))
+    ack = await coordinator.submit_report(member, round_, report, body_bytes=request[BODY_BYTES])
+    return web.Response(body=ack, content_type=CONTENT_TYPE)
 
 
 async def healthz(request: web.Request) -> web.Response:

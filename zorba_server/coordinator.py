@@ -30,7 +30,7 @@ from zorba_server.config import ServerConfig
 from zorba_server.engine import OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
 from zorba_server.enrolment import Credentials, Tokens, check_enrolment
 from zorba_server.errors import Refusal
-from zorba_server.idempotency import ack, check_retry, idempotency_conflict, report_hash, stored_ack
+from zorba_server.idempotency import ack, check_retry, content_hash, idempotency_conflict, stored_ack
 from zorba_server.members import Member
 from zorba_server.polling import poll_answer
 from zorba_server.resume import resume
@@ -192,12 +192,14 @@ class Coordinator:
             await self._changed.wait(remaining)
 
     async def submit_report(self, member: Member, round_: int, report: Report, *,
-                            body_bytes: int) -> ReportAck:
-        """Store a report and return its ack (a retry's: the original ack). `body_bytes`: the
-        request body's size; the caller sends the ack's encoding and counts neither (this
-        counts both: a new report's row stores the bytes of the client's round it ends)."""
+                            body_bytes: int) -> bytes:
+        """Store a report and return its ack, encoded (a retry's: the original ack).
+        `body_bytes`: the request body's size; the caller sends the ack and counts neither
+        (this counts both: a new report's row stores the bytes of the client's round it ends)."""
         cid = member.client_id
-        digest = report_hash(round_, report)
+        # Encoded once: the content hash and the stored row share it.
+        encoded = encode(report)
+        digest = content_hash(round_, encoded)
         r = self.engine.open
         if r is None or r.plan.round != round_:
             # A retry of a report stored in an earlier round gets that report's ack.
@@ -219,13 +221,14 @@ class Coordinator:
             raise round_closed(round_)
         self.engine.check_report(cid, round_, report, now)
         self.weights.check_uploaded(round_, cid)
-        received = ReceivedReport(cid, report, digest, now)
-        answer = ack(round_, received)
-        sizes = (body_bytes, len(encode(answer)))
+        received = ReceivedReport(cid, report, digest, now, encoded=encoded)
+        answer = encode(ack(round_, received))
+        sizes = (body_bytes, len(answer))
         ended = self.traffic[cid].end_round(*sizes)
-        # Queued now (the store orders writes by call); a task so that the callback below is
-        # registered before anyone awaits it and runs first when the commit lands: the
-        # round's book is updated before any waiter (a close) looks at it.
+        # Queued now (the store orders writes by call); a future (the SQL stores' own, or a
+        # task around another store's coroutine) so that the callback below is registered
+        # before anyone awaits it and runs first when the commit lands: the round's book is
+        # updated before any waiter (a close) looks at it.
         committed = asyncio.ensure_future(self._store.insert_report(round_, received, ended))
         committed.add_done_callback(partial(self._report_committed, r, received, ended, sizes))
         self.pending[cid] = (received, committed)
@@ -325,7 +328,7 @@ class Coordinator:
             await self._store.close_round(
                 closure.plan.round, outcome.status, closure.closed_at, outcome.reports,
                 outcome.loss, outcome.message, delta=closure.delta, alpha=closure.alpha,
-                calibrations=closure.calibrations)
+                calibrations=closure.calibrations, guard_outliers=closure.guard_outliers)
             self._after_close(closure)
         finally:
             self._closing = False
@@ -348,11 +351,12 @@ class Coordinator:
         counts that one itself)."""
         self.traffic[client_id].add(up, down)
 
-    def _retry_answered(self, client_id: str, body_bytes: int, ack: ReportAck) -> ReportAck:
+    def _retry_answered(self, client_id: str, body_bytes: int, ack: ReportAck) -> bytes:
         """A retry ends no round (its report's row holds that round's bytes already): its bytes
         count toward the next one."""
-        self.count_traffic(client_id, body_bytes, len(encode(ack)))
-        return ack
+        answer = encode(ack)
+        self.count_traffic(client_id, body_bytes, len(answer))
+        return answer
 
 
 def _log_failure(done: asyncio.Future[None]) -> None:

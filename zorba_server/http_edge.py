@@ -9,6 +9,10 @@ connection while `max_pending` others are still sending theirs. Once a head is i
 connection is aiohttp's alone (an idle keep-alive one is closed by aiohttp's own
 `keepalive_timeout`).
 
+A request aiohttp cannot parse (a bad request line or header) is answered as every other
+refusal, with the msgpack error body of docs/protocol.md (`malformed_http`), not aiohttp's
+own text/plain page (`MsgpackErrors`); http_log.py logs it as one WARNING line.
+
     listening = await listen(runner, sock, ssl_context, HeadLimits())
 """
 
@@ -22,6 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from zorba_server.app import error_response
+from zorba_server.http_log import http_logger
 
 log = logging.getLogger("zorba_server")
 
@@ -110,12 +119,51 @@ class HeadGuard(asyncio.Protocol):
         self._transport.abort()
 
 
+class MsgpackErrors(RequestHandler):
+    """aiohttp's request handler, answering what it cannot parse with our error body.
+
+    aiohttp answers a request it could not parse (and a failure outside every handler) from
+    `handle_error`, as text/plain; this answers the same status with the documented msgpack
+    body. aiohttp builds its handlers itself and has no hook for that answer, so `listen`
+    gives each new handler this class (it adds no state: `__slots__` is empty).
+    """
+
+    __slots__ = ()
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        # aiohttp's own first: it logs (http_log.py makes a parse error one WARNING line) and
+        # refuses when part of an answer went out already.
+        super().handle_error(request, status, exc, message)
+        if status >= 500:
+            answer = error_response(status, "internal_error",
+                                    "the server failed on this request; retry")
+        else:
+            detail = " ".join(str(getattr(exc, "message", None) or exc or message).split())
+            answer = error_response(status, "malformed_http",
+                                    f"the request line or headers could not be parsed ({detail}); "
+                                    "send HTTP/1.1 (RFC 9112); the connection is closed")
+        answer.force_close()
+        return answer
+
+
+def app_runner(app: web.Application) -> web.AppRunner:
+    """The runner of the server's application, as `listen` serves it: no access log, no signal
+    handlers of aiohttp's own, aiohttp's request log through http_log.py."""
+    return web.AppRunner(app, access_log=None, handle_signals=False, logger=http_logger())
+
+
 async def listen(runner: web.AppRunner, sock: socket.socket, context: ssl.SSLContext | None,
                  limits: HeadLimits) -> Listening:
     """Serve `runner`'s application (set up already) on the bound `sock`."""
     handlers = runner.server
     assert handlers is not None, "runner.setup() first"
     pending: set[HeadGuard] = set()
-    server = await asyncio.get_running_loop().create_server(
-        lambda: HeadGuard(handlers(), limits, pending), sock=sock, ssl=context)
+
+    def connection() -> HeadGuard:
+        inner = handlers()
+        inner.__class__ = MsgpackErrors  # see MsgpackErrors
+        return HeadGuard(inner, limits, pending)
+
+    server = await asyncio.get_running_loop().create_server(connection, sock=sock, ssl=context)
     return Listening(server, pending)

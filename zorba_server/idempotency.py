@@ -19,7 +19,12 @@ from zorba_server.storage.store import StoredReport
 
 def report_hash(round_: int, report: Report) -> bytes:
     """Content identity of a report (canonical re-encoding, so int-for-float is the same)."""
-    return hashlib.sha256(round_.to_bytes(8, "little") + encode(report)).digest()
+    return content_hash(round_, encode(report))
+
+
+def content_hash(round_: int, encoded: bytes) -> bytes:
+    """`report_hash` of a report whose canonical encoding (`encode(report)`) is at hand."""
+    return hashlib.sha256(round_.to_bytes(8, "little") + encoded).digest()
 
 
 def ack(round_: int, received: ReceivedReport) -> ReportAck:

@@ -43,7 +43,8 @@ class Member:
     last_peak_bytes: int = 0
     guard_outlier_rounds: int = 0
     """Rounds in which the loss guard found this client's check loss implausible next to the
-    others' (from QUARANTINE_ROUNDS on it ignores them; counted afresh after a restart)."""
+    others' (from QUARANTINE_ROUNDS on it ignores them; stored with each round's close, so a
+    restarted server goes on counting)."""
 
     @classmethod
     def joining(cls, client_id: str, profile: DeviceProfile, now: float) -> Member:

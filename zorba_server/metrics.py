@@ -9,12 +9,23 @@ every change; what only the HTTP layer sees (answers, refusals, latencies) is co
 
 from __future__ import annotations
 
+import math
+import time
+from bisect import bisect_left
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 
 from zorba_server.coordinator import Coordinator
 from zorba_server.storage.store import CommitStats
@@ -27,27 +38,85 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 
 
 class RequestStats:
-    """What the HTTP layer counts, in the application's own registry."""
+    """What the HTTP layer counts, in the application's own registry.
+
+    Every request's answer and latency are counted in plain dicts and lists and handed to
+    Prometheus when it scrapes (`_AnswerCollector`): prometheus-client's own Counter and
+    Histogram take a lock per update and walk the buckets in Python, 3 us a request, a
+    twentieth of the server's CPU per report. The series and their text are the same
+    (`zorba_responses`, `zorba_request_seconds`); refusals, rarer, stay plain Counters.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.responses = Counter("zorba_responses", "HTTP answers by route and status.",
-                                 ["route", "status"], registry=registry)
         self.refusals = Counter("zorba_refusals", "Requests refused, by error code.", ["code"],
                                 registry=registry)
         self.enrolment_failures = Counter(
             "zorba_enrolment_failures", "Registrations refused: a wrong enrolment secret "
             "(wrong_secret), or a source waiting out its delay after too many (throttled).",
             ["outcome"], registry=registry)
-        self.latency = Histogram("zorba_request_seconds",
-                                 "Time from a request's arrival to its answer, by route.",
-                                 ["route", "method"], buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.responses: dict[tuple[str, int], _Count] = {}
+        """Answers by (route, status)."""
+        self.latency: dict[tuple[str, str], _Latency] = {}
+        """Latencies by (route, method)."""
+        registry.register(_AnswerCollector(self))
 
     def answered(self, route: str, method: str, status: int, seconds: float,
                  refusal: str | None = None) -> None:
-        self.responses.labels(route, str(status)).inc()
-        self.latency.labels(route, method).observe(seconds)
+        count = self.responses.get((route, status))
+        if count is None:
+            count = self.responses[(route, status)] = _Count(time.time())
+        count.value += 1
+        latency = self.latency.get((route, method))
+        if latency is None:
+            latency = self.latency[(route, method)] = _Latency(time.time())
+        latency.buckets[bisect_left(_BOUNDS, seconds)] += 1  # le: the first bound >= seconds
+        latency.sum += seconds
         if refusal is not None:
             self.refusals.labels(refusal).inc()
+
+
+_BOUNDS = (*LATENCY_BUCKETS_S, math.inf)
+
+
+@dataclass
+class _Count:
+    created: float
+    value: int = 0
+
+
+@dataclass
+class _Latency:
+    created: float
+    buckets: list[int] = field(default_factory=lambda: [0] * len(_BOUNDS))
+    """Observations per bucket (not cumulative: Prometheus's are summed when scraped)."""
+    sum: float = 0.0
+
+
+class _AnswerCollector:
+    """`RequestStats`' answers and latencies as Prometheus's Counter and Histogram show them."""
+
+    def __init__(self, stats: RequestStats) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        responses = CounterMetricFamily("zorba_responses", "HTTP answers by route and status.",
+                                        labels=["route", "status"])
+        for (route, status), count in self._stats.responses.items():
+            responses.add_metric([route, str(status)], count.value, created=count.created)
+        yield responses
+        latency = HistogramMetricFamily("zorba_request_seconds",
+                                        "Time from a request's arrival to its answer, by route.",
+                                        labels=["route", "method"])
+        for (route, method), seen in self._stats.latency.items():
+            cumulative = list(accumulate(seen.buckets))
+            latency.add_metric([route, method], [(floatToGoString(b), n) for b, n in
+                                                 zip(_BOUNDS, cumulative, strict=True)], seen.sum)
+            latency.add_sample("zorba_request_seconds_created", {"route": route, "method": method},
+                               seen.created)
+        yield latency
 
 
 class Metrics:

@@ -58,7 +58,7 @@ def resume(engine: RoundEngine, snap: Snapshot, run: RunConfig, now: float) -> R
         # back before the schedule drops it), except one that said it left.
         seen = LEFT if c.left_at is not None else now
         member = Member(c.client_id, c.profile, c.registered_at, c.calibration, seen,
-                        c.profile.step_time_s)
+                        c.profile.step_time_s, guard_outlier_rounds=c.guard_outlier_rounds)
         # What it reported before the restart, so the status page and counters go on.
         history = snap.client_reports.get(c.client_id)
         if history is not None:

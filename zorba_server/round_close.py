@@ -100,9 +100,9 @@ class RoundClosing(Membership):
         if now >= self.closes_at(r.plan):
             return True
         # A client that left or was dropped will not report: no waiting.
-        waiting = [cid for cid in r.plan.clients if cid not in r.received
-                   and cid in self.members and not self.members[cid].left]
-        return not waiting and not committing
+        members = self.members
+        waiting = r.waiting_for(lambda cid: cid in members and not members[cid].left)
+        return waiting is None and not committing
 
     def time_left(self, now: float) -> float | None:
         """Seconds until the open round closes at the latest (0 once it passed; `closes_at`);
@@ -230,9 +230,9 @@ class RoundClosing(Membership):
         plan, outcome = closure.plan, closure.outcome
         if self.open is not None and self.open.plan.round == plan.round and self.energy is not None:
             # Every report's scalars measured the round's base model, whatever the round's fate.
-            for cid, rec in sorted(self.open.received.items()):
-                self.energy.observe(plan.round, plan.clients[cid].blocks,
-                                    [g for _, g in rec.report.steps], plan.hyper.directions)
+            self.energy.observe_round(plan.round, [
+                (plan.clients[cid].blocks, (g for _, g in rec.report.steps))
+                for cid, rec in sorted(self.open.received.items())], plan.hyper.directions)
         if closure.delta is not None and closure.alpha is not None:
             self.alpha, self.version = closure.alpha, closure.delta.version
             self.deltas.append(closure.delta)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from zorba_common.codec import encode
 from zorba_common.errors import InvalidScalarError
 from zorba_common.messages import Assignment, HyperParams, Report
 from zorba_common.scalars import check_scalars
@@ -143,6 +144,12 @@ class ReceivedReport:
     report: Report
     body_hash: bytes
     received_at: float
+    encoded: bytes | None = field(default=None, repr=False, compare=False)
+    """`encode(report)` when the shell has it already (hashed): stored as is, not encoded again."""
+
+    def canonical(self) -> bytes:
+        """The report's canonical encoding, as stored."""
+        return self.encoded if self.encoded is not None else encode(self.report)
 
 
 @dataclass(frozen=True)
@@ -187,14 +194,16 @@ def check_report(plan: RoundPlan, client_id: str, report: Report, *, max_abs_sca
             "wrong_steps",
             f"{len(report.steps)} steps reported, the assignment has {own.num_steps}",
         )
-    for t, (k, expected) in enumerate(zip((k for k, _ in report.steps),
-                                          plan.pool_indices[own.steps()], strict=False)):
-        if k != expected:
-            raise errors.unprocessable(
-                "wrong_steps",
-                f"step {t} reports pool index {k}, the assignment gave {expected}: "
-                "report steps in the order of the assignment's pool_indices",
-            )
+    reported = tuple(k for k, _ in report.steps)
+    assigned = plan.pool_indices[own.steps()][:len(reported)]
+    if reported[:len(assigned)] != assigned:  # one comparison; then the first step that differs
+        t, k, expected = next((t, k, e) for t, (k, e) in
+                              enumerate(zip(reported, assigned, strict=False)) if k != e)
+        raise errors.unprocessable(
+            "wrong_steps",
+            f"step {t} reports pool index {k}, the assignment gave {expected}: "
+            "report steps in the order of the assignment's pool_indices",
+        )
     try:
         check_scalars(report.steps, max_abs_scalar)
     except InvalidScalarError as exc:

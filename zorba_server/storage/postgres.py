@@ -63,7 +63,8 @@ def connect(conninfo: str) -> PgConnection:
         # Migrations run inside this transaction: a crash leaves the old schema whole.
         sql.check_schema_version(conn, where,
                                  {1: lambda: _widen_round_status(conn),
-                                  2: lambda: sql.add_report_bytes(conn, "BIGINT")})
+                                  2: lambda: sql.add_report_bytes(conn, "BIGINT"),
+                                  3: lambda: sql.add_guard_outliers(conn)})
         conn.execute("COMMIT")
     except BaseException:
         raw.close()

@@ -40,9 +40,11 @@ from zorba_server.storage.errors import (
 from zorba_server.storage.store import ClientReports, ModelPin, Snapshot, StoredClient, StoredRound
 from zorba_server.traffic import RoundBytes
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """2: rounds may close as `rejected` (the loss guard); schema 1 refused that status.
-3: a report's row holds the body bytes of the client's round it ended (`REPORT_BYTES`)."""
+3: a report's row holds the body bytes of the client's round it ended (`REPORT_BYTES`).
+4: a client's row counts the rounds in which the loss guard found its check loss implausible
+(`guard_outlier_rounds`: its quarantine outlives a restart)."""
 REPORT_BYTES = ("bytes_up", "bytes_down")
 """The reports table's columns of `RoundBytes` (NULL in rows stored before schema 3)."""
 ROUND_STATUS_CHECK = f"CHECK (status IN ({', '.join(repr(s) for s in (OPEN, APPLIED, FAILED, REJECTED))}))"
@@ -65,7 +67,8 @@ CREATE TABLE IF NOT EXISTS clients (
     token_hash {blob} NOT NULL UNIQUE,
     profile {blob} NOT NULL,
     registered_at {real} NOT NULL,
-    calibration {real} NOT NULL DEFAULT 1.0
+    calibration {real} NOT NULL DEFAULT 1.0,
+    guard_outlier_rounds INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
@@ -150,6 +153,14 @@ def add_report_bytes(conn: Connection, integer_type: str) -> None:
             conn.execute(f"ALTER TABLE reports ADD COLUMN {column} {integer_type}")
 
 
+def add_guard_outliers(conn: Connection) -> None:
+    """Schema 3 -> 4: the clients table gains `guard_outlier_rounds` (0 for the clients it has:
+    what the loss guard had counted lived in memory). A column present already is left."""
+    present = {column[0] for column in conn.execute("SELECT * FROM clients LIMIT 0").description}
+    if "guard_outlier_rounds" not in present:
+        conn.execute("ALTER TABLE clients ADD COLUMN guard_outlier_rounds INTEGER NOT NULL DEFAULT 0")
+
+
 def run_batch(conn: Connection, ops: Sequence[Op], begin: str = "BEGIN IMMEDIATE") -> list[Any]:
     """Run ops in one transaction, each in a savepoint: a failing op is rolled back alone.
 
@@ -226,9 +237,10 @@ def _load(conn: Connection, recent_deltas: int) -> Snapshot:
         alpha = alpha.reshape(pool_size, footprint.num_blocks)
     clients = [
         StoredClient(cid, bytes(th), decode(DeviceProfile, prof, max_bytes=_UNLIMITED), at, cal,
-                     left)
-        for cid, th, prof, at, cal, left in conn.execute(
-            "SELECT c.client_id, token_hash, profile, registered_at, calibration, d.left_at"
+                     left, int(outliers))
+        for cid, th, prof, at, cal, left, outliers in conn.execute(
+            "SELECT c.client_id, token_hash, profile, registered_at, calibration, d.left_at,"
+            " guard_outlier_rounds"
             " FROM clients c LEFT JOIN departures d ON d.client_id = c.client_id"
             " ORDER BY registered_at, c.client_id"
         )
@@ -350,7 +362,7 @@ def insert_report(conn: Connection, round_: int, received: ReceivedReport,
         "INSERT INTO reports (round, client_id, idempotency_key, body_hash, body, received_at,"
         f" {', '.join(REPORT_BYTES)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (round_, received.client_id, received.report.idempotency_key, received.body_hash,
-         encode(received.report), received.received_at,
+         received.canonical(), received.received_at,
          None if traffic is None else traffic.up, None if traffic is None else traffic.down),
     )
 
@@ -369,9 +381,11 @@ def find_report(conn: Connection, client_id: str,
 def close_round(conn: Connection, round_: int, status: str, closed_at: float, reports: int,
                 loss: float | None, message: str, *, delta: AlphaDelta | None = None,
                 alpha: np.ndarray | None = None,
-                calibrations: dict[str, float] | None = None) -> None:
+                calibrations: dict[str, float] | None = None,
+                guard_outliers: Sequence[str] = ()) -> None:
     """Close a round; with a delta (an applied round's, or a rejected round's rollback), the
-    increment and the new alpha in the same transaction."""
+    increment and the new alpha in the same transaction, as are the clients' calibrations and
+    one more outlier round for each client the loss guard left out of the verdict."""
     if status not in (APPLIED, FAILED, REJECTED):
         raise ValueError(f"a round closes as applied or failed, not {status!r}")
     updated = conn.execute(
@@ -393,6 +407,9 @@ def close_round(conn: Connection, round_: int, status: str, closed_at: float, re
     for client_id, calibration in (calibrations or {}).items():
         conn.execute("UPDATE clients SET calibration = ? WHERE client_id = ?",
                      (calibration, client_id))
+    for client_id in guard_outliers:
+        conn.execute("UPDATE clients SET guard_outlier_rounds = guard_outlier_rounds + 1"
+                     " WHERE client_id = ?", (client_id,))
 
 
 def _alpha_blob(alpha: np.ndarray) -> bytes:

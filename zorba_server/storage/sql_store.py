@@ -5,7 +5,7 @@ mapping of its driver's exceptions to `storage.errors`."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -36,9 +36,30 @@ class SqlStore:
         self._close_connection()
 
     def _write(self, op: sql.Op) -> Awaitable[Any]:
-        # Queued now (call order is commit order); shielded: a cancelled caller must not
-        # cancel a write that may already be durable.
-        return self._translated(asyncio.shield(self._committer.enqueue(op)))
+        # Queued now (call order is commit order). The caller gets a future of its own: its
+        # cancellation (a client gone) does not reach the write, which may already be durable.
+        # A plain future, not a task around a coroutine: a report's write is one of
+        # thousands a second, and the task, its steps and a shield cost more than the write.
+        queued = self._committer.enqueue(op)
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        queued.add_done_callback(partial(self._settle, answer))
+        return answer
+
+    def _settle(self, answer: asyncio.Future[Any], queued: asyncio.Future[Any]) -> None:
+        """`answer` takes `queued`'s result, or its error as a domain error (`_translated`)."""
+        if answer.cancelled():
+            return
+        if queued.cancelled():
+            answer.cancel()
+            return
+        exc = queued.exception()
+        if exc is None:
+            answer.set_result(queued.result())
+            return
+        mapped = self._domain_error(exc) if isinstance(exc, Exception) else exc
+        if mapped is not exc:
+            mapped.__cause__ = exc
+        answer.set_exception(mapped)
 
     async def _translated(self, result: Awaitable[Any]) -> Any:
         try:
@@ -92,8 +113,9 @@ class SqlStore:
     def close_round(self, round_: int, status: str, closed_at: float, reports: int,
                     loss: float | None, message: str, *, delta: AlphaDelta | None = None,
                     alpha: np.ndarray | None = None,
-                    calibrations: dict[str, float] | None = None) -> Awaitable[None]:
+                    calibrations: dict[str, float] | None = None,
+                    guard_outliers: Sequence[str] = ()) -> Awaitable[None]:
         return self._write(partial(sql.close_round, round_=round_, status=status,
                                    closed_at=closed_at, reports=reports, loss=loss,
                                    message=message, delta=delta, alpha=alpha,
-                                   calibrations=calibrations))
+                                   calibrations=calibrations, guard_outliers=guard_outliers))

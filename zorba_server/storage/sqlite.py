@@ -7,6 +7,7 @@ disk, runs on the committer's helper thread (see `committer.py` for why).
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from zorba_server.storage import integrity, sql
@@ -35,8 +36,10 @@ def connect(path: str | Path, synchronous: str = "full") -> sqlite3.Connection:
         conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(SCHEMA)
-        sql.check_schema_version(conn, str(path), {1: lambda: _rebuild_rounds_table(conn),
-                                                   2: lambda: _add_report_bytes(conn)})
+        sql.check_schema_version(conn, str(path), {
+            1: lambda: _rebuild_rounds_table(conn),
+            2: lambda: _stamped(conn, 3, lambda: sql.add_report_bytes(conn, "INTEGER")),
+            3: lambda: _stamped(conn, 4, lambda: sql.add_guard_outliers(conn))})
     except BaseException:
         conn.close()
         raise
@@ -84,13 +87,14 @@ def _rebuild_rounds_table(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA foreign_keys=ON")
 
 
-def _add_report_bytes(conn: sqlite3.Connection) -> None:
-    """Schema 2 -> 3, in one transaction with its stamp (SQLite's DDL is transactional): a
-    crash leaves either schema 2 or schema 3, never new columns under the old stamp."""
+def _stamped(conn: sqlite3.Connection, version: int, change: Callable[[], None]) -> None:
+    """A step to schema `version` in one transaction with its stamp (SQLite's DDL is
+    transactional): a crash leaves the old schema or the new one, never new columns under the
+    old stamp."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        sql.add_report_bytes(conn, "INTEGER")
-        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+        change()
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

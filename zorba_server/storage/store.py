@@ -14,7 +14,7 @@ after awaiting one is durable.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,6 +38,8 @@ class StoredClient:
     calibration: float
     left_at: float | None = None
     """When it said it left (POST /v1/leave), unless it came back since."""
+    guard_outlier_rounds: int = 0
+    """Rounds in which the loss guard left its check loss out as implausible."""
 
 
 @dataclass
@@ -155,6 +157,8 @@ class Store(Protocol):
     def close_round(self, round_: int, status: str, closed_at: float, reports: int,
                     loss: float | None, message: str, *, delta: AlphaDelta | None = None,
                     alpha: np.ndarray | None = None,
-                    calibrations: dict[str, float] | None = None) -> Awaitable[None]:
+                    calibrations: dict[str, float] | None = None,
+                    guard_outliers: Sequence[str] = ()) -> Awaitable[None]:
         """Close a round once (RoundNotOpenError after); an applied one writes its increment,
-        the new alpha and the clients' calibrations in the same transaction."""
+        the new alpha and the clients' calibrations in the same transaction, and each client
+        in `guard_outliers` counts one more outlier round (`guard_outlier_rounds`)."""
