@@ -27,6 +27,9 @@ from torch.utils.hooks import RemovableHandle
 class LabelReadout(nn.Module):
     """Trainable output rows for `token_ids`, in fp32, initialised from the model's head."""
 
+    token_ids: torch.Tensor
+    """The label tokens, sorted: row i of `rows` is token `token_ids[i]`'s."""
+
     def __init__(self, head: nn.Module, token_ids: Sequence[int]) -> None:
         super().__init__()
         ids = sorted(set(int(t) for t in token_ids))
