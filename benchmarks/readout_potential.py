@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from central_plateau import DECAYS, step_factor  # benchmarks/: the same schedules
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=48)
     p.add_argument("--mu", type=float, default=1e-3)
     p.add_argument("--trust-radius", type=float, default=0.03, help="the run's default (0.03)")
+    p.add_argument("--decay", choices=DECAYS, default="none",
+                   help="the step (lr and trust radius alike) over the run, as in central_plateau.py")
     p.add_argument("--train-examples", type=int, default=1024, help="the pool steps sample from")
     p.add_argument("--eval-examples", type=int, default=500)
     p.add_argument("--data-seed", type=int, default=0)
@@ -173,9 +177,11 @@ def main(argv: list[str] | None = None) -> int:
                     pick = torch.randint(0, len(train_f.labels), (args.batch_size,), generator=draw)
                     ks = [(next_k + i) % 1024 for i in range(n)]
                     next_k += n
+                    factor = step_factor(args.decay, spent / marks[-1])
+                    step = ZOConfig(mu=config.mu, lr=config.lr * factor, max_move=config.max_move * factor)
                     estimate = one_sided_estimate(readout, blocks, loss_fn,
                                                   Batch(train_f.hidden[pick], train_f.labels[pick]),
-                                                  seed, ks, config)
+                                                  seed, ks, step)
                     spent += estimate.forwards
                     batches += 1
                     shrunk += estimate.shrink < 1.0
@@ -192,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "acc_before": acc0, "loss_before": loss0, "acc_bias_floor": floor,
         "readout_params": int(base_rows.numel()), "runs": runs,
         "setting": {"batch_size": args.batch_size, "mu": args.mu, "trust_radius": args.trust_radius,
+                    "decay": args.decay,
                     "train_examples": len(train_f.labels), "estimator": "one_sided"},
         "eval_examples": len(held_f.labels),
         "wall_s": round(time.perf_counter() - started, 1),
