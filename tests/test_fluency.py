@@ -8,8 +8,9 @@ import pytest
 import torch
 from fixtures_text import make_table_lm, make_tokenizer
 
+from zorba_common.fluency import broken
 from zorba_edge.data.generic_text import GENERIC_TEXT
-from zorba_edge.engine.fluency import broken, generic_batch, generic_loss
+from zorba_edge.engine.fluency import generic_batch, generic_loss
 
 
 def test_the_generic_text_is_a_few_hundred_words_cut_into_full_rows_of_targets():

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from zorba_common.errors import ZorbaError
+from zorba_common.fluency import FLUENCY_TOLERANCE
 from zorba_common.roles import docs_location, version_text
 from zorba_common.run_defaults import (
     CENTRAL_MEZO,
@@ -34,7 +35,6 @@ from zorba_common.run_defaults import (
     SIM_MODES,
 )
 from zorba_edge.client.errors import UsageError
-from zorba_edge.data.generic_text import FLUENCY_TOLERANCE
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.config import (
     LR_SCALING_HELP,

@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zorba_common.codec import encode
+from zorba_common.fluency import FLUENCY_TOLERANCE, broken
 from zorba_common.messages import TRAIN, Assignment, DeviceProfile, MemoryProfile, NextRound, Report
 from zorba_common.run_defaults import CENTRAL_MEZO, CPU_FROZEN_DTYPE, FEDZO_FULL
 from zorba_edge.client.assembly import client_task_seed, footprint_of
@@ -51,8 +52,9 @@ from zorba_edge.data.splits import dirichlet_label_split
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
 from zorba_edge.engine.bias_floor import FIT_EXAMPLES, bias_floor_accuracy, score_examples
 from zorba_edge.engine.directions import BlockTensors
-from zorba_edge.engine.fluency import FLUENCY_TOLERANCE, broken, generic_batch, generic_loss
+from zorba_edge.engine.fluency import generic_batch, generic_loss
 from zorba_edge.engine.losses import evaluate_classification
+from zorba_edge.model.base_rms import tensors_rms
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model
 from zorba_edge.model.sources import ModelSource
 from zorba_server.config import MAX_STEPS, ServerConfig
@@ -500,13 +502,9 @@ class Simulation:
 
 
 def _block_rms(blocks: BlockTensors) -> tuple[float, ...]:
-    """RMS of each block's weights, every tensor (what a direction perturbs), in float64."""
-    out = []
-    for b in sorted(blocks):
-        tensors = [t for _, t in blocks[b]]
-        squares = sum(float(t.detach().to(torch.float64).square().sum()) for t in tensors)
-        out.append(math.sqrt(squares / max(1, sum(t.numel() for t in tensors))))
-    return tuple(out)
+    """RMS of each block's weights, every tensor (what a direction perturbs): what a real
+    client sends in its profile (zorba_edge/model/base_rms.py)."""
+    return tuple(tensors_rms(t for _, t in blocks[b]) for b in sorted(blocks))
 
 
 def central_mezo(fleet: Fleet, server: ServerConfig) -> tuple[Fleet, ServerConfig]:

@@ -5,8 +5,8 @@ plain next-token predictions about where the base model has them. A run whose bl
 from their base weights breaks generation without the task's loss saying so (issue 26: Gemma 3
 generated garbage while its held-out task loss had risen only 16%). The watch measures the
 mean next-token cross-entropy over the packaged generic text (zorba_edge/data/generic_text.py,
-every token a target) and calls the model broken once it stands more than `tolerance` (a
-fraction) above the base model's.
+every token a target); zorba_common.fluency.broken calls the model broken once it stands more
+than a tolerance above the base model's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from zorba_edge.data.batches import LMBatch
-from zorba_edge.data.generic_text import FLUENCY_TOLERANCE, GENERIC_TEXT
+from zorba_edge.data.generic_text import GENERIC_TEXT
 from zorba_edge.engine.losses import lm_loss
 
 
@@ -36,8 +36,3 @@ def generic_loss(model: nn.Module, batch: LMBatch) -> float:
     """Mean next-token cross-entropy over the batch's rows."""
     return float(lm_loss(model, batch))
 
-
-def broken(base_loss: float, loss: float, tolerance: float = FLUENCY_TOLERANCE) -> bool:
-    """The model's generic-text loss stands more than `tolerance` above the base model's (a
-    NaN or infinite loss is broken too)."""
-    return not loss == loss or loss > base_loss * (1 + tolerance)
