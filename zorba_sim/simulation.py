@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zorba_common.codec import encode
-from zorba_common.fluency import FLUENCY_TOLERANCE, broken
+from zorba_common.fluency import broken
 from zorba_common.messages import TRAIN, Assignment, DeviceProfile, MemoryProfile, NextRound, Report
 from zorba_common.run_defaults import CENTRAL_MEZO, CPU_FROZEN_DTYPE, FEDZO_FULL
 from zorba_edge.client.assembly import client_task_seed, footprint_of
@@ -90,10 +90,6 @@ class SimulationConfig:
     """How every virtual device would hold the model (what its budget is checked against)."""
     eval_every: int = 1
     device: str = "cpu"
-    fluency_tolerance: float = FLUENCY_TOLERANCE
-    """The fluency watch: at each evaluation, a generic-text loss more than this fraction above
-    the base model's rolls the table back to the last evaluated version within it and stops
-    the run (0: off; zeroth-order modes; zorba_edge/engine/fluency.py)."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -234,7 +230,7 @@ class Simulation:
         if not engine.weights_only:
             # What run.max_drift is relative to; the watch's reference is the base model's loss.
             engine.base_rms = _block_rms(sim.all_blocks())
-            if config.fluency_tolerance > 0:
+            if run.fluency_tolerance > 0:
                 sim.generic = generic_batch(tokenizer, run.seq_len).to(config.device)
                 sim.base_generic_loss = generic_loss(loaded.model, sim.generic)
                 assert engine.alpha is not None
@@ -400,7 +396,8 @@ class Simulation:
         if self.generic is None or self.base_generic_loss is None or self.fluent is None:
             return
         record.generic_loss = generic_loss(self.loaded.model, self.generic)
-        if not broken(self.base_generic_loss, record.generic_loss, self.config.fluency_tolerance):
+        tolerance = self.config.server.run.fluency_tolerance
+        if not broken(self.base_generic_loss, record.generic_loss, tolerance):
             assert self.engine.alpha is not None
             self.fluent = (record.version, self.engine.alpha.copy())
             return
@@ -410,7 +407,7 @@ class Simulation:
         record.stopped = (
             f"generation broke: the generic-text loss rose from {self.base_generic_loss:.4g} (base) "
             f"to {record.generic_loss:.4g} (version {record.version}), more than "
-            f"{self.config.fluency_tolerance:.0%}; the table is rolled back to version {version}'s "
+            f"{tolerance:.0%}; the table is rolled back to version {version}'s "
             "and the run stops (lower run.lr, or set run.max_drift)")
         record.accuracy, record.eval_loss = self.evaluate()
 
