@@ -20,8 +20,9 @@ def engine(tmp_path: Path, **run: object) -> RoundEngine:
     return made
 
 
-def join(e: RoundEngine, name: str, samples: int = 100, budget: int = 2**32) -> Member:
-    p = profile(samples, budget=budget, name=name)
+def join(e: RoundEngine, name: str, samples: int = 100, budget: int = 2**32,
+         base_rms: tuple[float, ...] | None = None) -> Member:
+    p = profile(samples, budget=budget, name=name, base_rms=base_rms)
     e.check_registration(p)
     member = Member(name, p, 0.0, 1.0, 0.0, p.step_time_s)
     e.add_member(member)

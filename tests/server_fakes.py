@@ -41,8 +41,9 @@ BIG = 1 << 40
 
 def profile(samples: int = 100, *, budget: int = 2**32, fingerprint: str = FINGERPRINT,
             footprint: ModelFootprint = FOOTPRINT, step_time_s: float = 0.01,
-            name: str = "") -> DeviceProfile:
-    return DeviceProfile("cpu", budget, step_time_s, samples, footprint, fingerprint, name=name)
+            name: str = "", base_rms: tuple[float, ...] | None = None) -> DeviceProfile:
+    return DeviceProfile("cpu", budget, step_time_s, samples, footprint, fingerprint, name=name,
+                         base_rms=base_rms)
 
 
 def config_dict(db: Path, **run: Any) -> dict[str, Any]:
@@ -56,7 +57,8 @@ def config_dict(db: Path, **run: Any) -> dict[str, Any]:
 
 
 def make_report(assignment: Assignment, grads: list[float] | None = None, *,
-                key: str | None = None, peak: int = 0, loss: float = 1.0) -> Report:
+                key: str | None = None, peak: int = 0, loss: float = 1.0,
+                loss_generic: float | None = None) -> Report:
     ks = assignment.pool_indices
     grads = grads if grads is not None else [0.1 * (t + 1) for t in range(len(ks))]
     return Report(
@@ -68,6 +70,7 @@ def make_report(assignment: Assignment, grads: list[float] | None = None, *,
         loss_last=loss,
         peak_memory_bytes=peak,
         step_time_s=0.01,
+        loss_generic=loss_generic,
     )
 
 

@@ -112,6 +112,11 @@ def test_a_federation_survives_a_killed_client_and_a_server_restart(
     status = json.loads(http_get(f"{url}/v1/status"))
     assert status["finished"] and status["version"] == 10
     assert len(status["clients"]) == 2  # the restarted client came back as itself
+    # Real clients feed the drift bound and the fluency watch: their blocks' base RMS (the
+    # same from both), and a generic-text loss the watch judged after the restart too.
+    assert status["block_base_rms"] is not None and len(status["block_base_rms"]) == 2
+    assert not any(c["base_rms_ignored"] for c in status["clients"])
+    assert status["fluency"] is not None and status["fluency"]["judged"] == 2
     stores = [StateStore(s) for s in states]
     alpha = server_alpha(url, stores[0].load().token)
     for store in stores:

@@ -8,22 +8,36 @@ import pytest
 import torch
 from fixtures_text import make_table_lm, make_tokenizer
 
+from zorba_common.fluency import broken
 from zorba_edge.data.generic_text import GENERIC_TEXT
-from zorba_edge.engine.fluency import broken, generic_batch, generic_loss
+from zorba_edge.engine.fluency import generic_batch, generic_loss
 
 
 def test_the_generic_text_is_a_few_hundred_words_cut_into_full_rows_of_targets():
     assert 250 <= len(GENERIC_TEXT.split()) <= 600
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(add_bos=False)
     batch = generic_batch(tokenizer, seq_len=16)
     rows, width = batch.input_ids.shape
     assert width == 16 and rows == len(tokenizer(GENERIC_TEXT, add_special_tokens=False)["input_ids"]) // 16
     assert torch.equal(batch.labels, batch.input_ids) and bool(batch.attention_mask.all())
 
 
+def test_every_row_opens_with_the_tokenizers_bos_as_a_task_row_does():
+    """Gemma 3 without its BOS continues the generic text with "and and and": a watch on such
+    rows judged a model the run never trains."""
+    tokenizer = make_tokenizer(add_bos=True)
+    text = tokenizer(GENERIC_TEXT, add_special_tokens=False)["input_ids"]
+    batch = generic_batch(tokenizer, seq_len=16)
+    rows, width = batch.input_ids.shape
+    assert width == 16 and rows == len(text) // 15
+    assert bool((batch.input_ids[:, 0] == tokenizer.bos_token_id).all())
+    assert batch.input_ids[:, 1:].flatten().tolist() == text[: rows * 15]
+
+
 def test_a_short_text_is_one_shorter_row():
-    batch = generic_batch(make_tokenizer(), seq_len=64, text="the movie was fun")
+    batch = generic_batch(make_tokenizer(add_bos=False), seq_len=64, text="the movie was fun")
     assert batch.input_ids.shape == (1, 4)
+    assert generic_batch(make_tokenizer(), seq_len=64, text="the movie was fun").input_ids.shape == (1, 5)
 
 
 def test_the_loss_is_the_mean_next_token_cross_entropy_and_a_wrecked_model_is_broken():

@@ -139,9 +139,9 @@ def test_every_status_field_is_documented_and_every_documented_one_exists(tmp_pa
     from zorba_server.status_view import run_status
 
     e = engine(tmp_path)
-    join(e, "a")
-    open_next(e)
-    e.accept_report(received(e, "a"))
+    join(e, "a", base_rms=(0.02, 0.02, 0.02, 0.02))  # a client that feeds the drift bound and
+    open_next(e)                                     # the fluency watch: their fields show
+    e.accept_report(received(e, "a", loss_generic=3.5))
     e.apply_close(e.decide_close(now=1.0))
     open_next(e, now=2.0)
     counters = {"registrations": 1, **e.counters()}

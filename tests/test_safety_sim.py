@@ -25,9 +25,8 @@ def huge_step_run(model_dir: Path, *, max_drift: float = 0.0, fluency: float = 0
         "pool_size": 64, "lr": 1e3, "mu": 1e-3, "batch_size": 4, "seq_len": 16,
         "round_duration_s": 30, "max_steps": 4, "seed": 3, "loss_jump_tolerance": 0.0,
         "loss_drift_rounds": 0, "plateau_rounds": 0, "trust_radius": 0.0, "max_drift": max_drift,
-        "estimator": "antithetic", "directions": 1}})
-    config = SimulationConfig(server, rounds=rounds, reference_step_s=1.0, eval_every=1,
-                              fluency_tolerance=fluency)
+        "estimator": "antithetic", "directions": 1, "fluency_tolerance": fluency}})
+    config = SimulationConfig(server, rounds=rounds, reference_step_s=1.0, eval_every=1)
     sim = Simulation.build(config, open_source(model_dir), fleet_from_counts("laptop-16gb=3"),
                            signal_examples(120), signal_examples(24, seed=1))
     sim.run()

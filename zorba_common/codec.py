@@ -42,20 +42,25 @@ class SchemaError(ZorbaError, ValueError):
 def wire(doc: str = "", *, unit: str = "", min_len: int | None = None,
          max_len: int | None = None, ge: float | None = None, le: float | None = None,
          gt: float | None = None, item: dict[str, Any] | None = None,
-         gradient: bool = False, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+         gradient: bool = False, choices: tuple[str, ...] | None = None,
+         omit_default: bool = False) -> dict[str, Any]:
     """Field metadata: what the field means (doc, unit) and what the decoder enforces.
 
     `min_len`/`max_len` bound a string, bytes or list; `ge`/`gt`/`le` bound a number; `item` holds
     the bounds of each item of a list (`wire(ge=1)`); `choices` lists a string's allowed
     values; `gradient` marks the projected
     gradients, whose non-finite values are `invalid_scalar` (422) rather than
-    `invalid_message` (400). docs/protocol.md and docs/protocol.schema.json are generated
-    from this metadata (`python -m zorba_server.protocol_docs`).
+    `invalid_message` (400). `omit_default`: the encoder leaves the field out while it holds
+    its default (the decoder fills it in), so a peer of an older protocol revision, whose
+    strict decoder knows no such field, keeps working until the field is used. docs/protocol.md
+    and docs/protocol.schema.json are generated from this metadata
+    (`python -m zorba_server.protocol_docs`).
     """
     limits = {"min_len": min_len, "max_len": max_len, "ge": ge, "le": le, "gt": gt,
               "gradient": gradient or None, "choices": choices,
               "item": None if item is None else _limit_items(item)}
-    return {"doc": doc, "unit": unit, **{k: v for k, v in limits.items() if v is not None}}
+    return {"doc": doc, "unit": unit, **({"omit_default": True} if omit_default else {}),
+            **{k: v for k, v in limits.items() if v is not None}}
 
 
 def _limit_items(meta: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -76,7 +81,15 @@ def _as_map(value: Any) -> dict[str, Any]:
     names = _field_names(type(value))  # type: ignore[arg-type]
     if names is None:
         raise TypeError(f"cannot encode {type(value).__name__} as a protocol message")
-    return {name: getattr(value, name) for name in names}
+    omitted = _omitted_at_default(type(value))  # type: ignore[arg-type]
+    return {name: getattr(value, name) for name in names
+            if name not in omitted or getattr(value, name) != omitted[name]}
+
+
+@cache
+def _omitted_at_default(cls: type) -> dict[str, Any]:
+    """The fields of `cls` left out while they hold their default (`wire(omit_default=True)`)."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.metadata.get("omit_default")}
 
 
 @cache

@@ -123,9 +123,20 @@ class DeviceProfile:
     memory: MemoryProfile = field(default=MemoryProfile(), metadata=wire(
         "The device's precisions and runtime overhead."))
     name: str = field(default="", metadata=wire("Optional label for the status page."))
+    base_rms: tuple[float, ...] | None = field(default=None, metadata=wire(
+        "RMS of each block's base weights (every parameter a direction perturbs, as the model "
+        "source gives them in fp32), one per block in block order: what the server's drift "
+        "bound (run.max_drift) is relative to. The server keeps the value most clients agree "
+        "on and ignores a client whose values stand apart. Left out while nil (not measured: "
+        "an older client), so an older server keeps accepting the profile of a client that "
+        "has none.", unit="weight units", max_len=MAX_BLOCKS, item=wire(gt=0),
+        omit_default=True))
 
     def __post_init__(self) -> None:
         check_footprint(self.footprint)
+        if self.base_rms is not None and len(self.base_rms) != self.footprint.num_blocks:
+            raise SchemaError(f"base_rms: {len(self.base_rms)} values for a model of "
+                              f"{self.footprint.num_blocks} blocks; send one per block")
 
 
 @dataclass(frozen=True)
@@ -261,6 +272,12 @@ class Assignment:
         unit="seconds"))
     deadline_unix: float = field(metadata=wire("The deadline on the server's clock.",
                                                unit="seconds since 1970 (UTC)"))
+    measure_generic: bool = field(default=False, metadata=wire(
+        "The fluency watch asks this client to measure the next-token loss of the model as "
+        "received on the generic text every client package carries, beside its check loss, "
+        "and to report it as `loss_generic` (one forward pass of a few rows). Left out while "
+        "false: the server asks only clients whose profile carried `base_rms`, which came with "
+        "this field, so an older client is never sent it.", omit_default=True))
 
 
 WAIT, TRAIN, FINISHED = "wait", "train", "finished"
@@ -323,6 +340,12 @@ class Report:
         "check batch, the same examples every round: how the server tells whether an applied "
         "update made the model worse (docs/learning.md, the loss guard). Absent: not measured.",
         unit="nats", ge=0, le=MAX_LOSS))
+    loss_generic: float | None = field(default=None, metadata=wire(
+        "Next-token loss of the model as received (base_version) on the packaged generic text, "
+        "measured where the assignment's `measure_generic` asked for it: how the server's "
+        "fluency watch tells whether the run still leaves a language model (docs/learning.md, "
+        "the fluency watch). Left out while nil (not measured).", unit="nats", ge=0,
+        le=MAX_LOSS, omit_default=True))
 
     def __post_init__(self) -> None:
         if not self.idempotency_key:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from zorba_common.errors import ZorbaError
+from zorba_common.fluency import FLUENCY_TOLERANCE
 from zorba_common.memory_model import MEMORY_HEADROOM, ModelFootprint
 from zorba_common.run_defaults import BATCH_SIZE, ESTIMATORS, NORMALISED, ONE_SIDED, SEQ_LEN, ZORBA
 from zorba_server.aggregation_rules import RULES, VOTING_RULES
@@ -183,8 +184,15 @@ class RunConfig:
     max_drift: float = 0.0
     """The drift bound: the longest distance of a block of base + alpha from its base weights,
     as a fraction of their norm; a round that would go further is scaled down on that block
-    (0: off). Needs each block's base RMS, which the simulator gives the engine
-    (zorba_server/drift.py)."""
+    (0: off). Needs each block's base RMS: the simulator gives it to the engine, clients send
+    it in their profiles (zorba_server/drift.py, base_rms.py)."""
+    fluency_tolerance: float = FLUENCY_TOLERANCE
+    """The fluency watch: every client that sent its base RMS (a client of this protocol
+    revision) measures, each round, the next-token loss of the model it received on a packaged
+    generic text (one forward pass of a few rows); when a majority of them see it more than
+    this fraction above their base model's, the round is not applied, the table goes back to
+    the last version the watch found fluent and the step is halved (0: off;
+    zorba_server/fluency_watch.py)."""
     pool_slices: str = "shared"
     """Which pool indices each client of a round measures. `shared`: a prefix of one list, so
     the holders of a block measure the same directions and aggregation averages their
@@ -224,6 +232,8 @@ class RunConfig:
              "run.loss_drift_tolerance must be a finite number >= 0"),
             (math.isfinite(self.max_drift) and self.max_drift >= 0,
              "run.max_drift must be a finite number >= 0 (0: off)"),
+            (math.isfinite(self.fluency_tolerance) and self.fluency_tolerance >= 0,
+             "run.fluency_tolerance must be a finite number >= 0 (0: off)"),
             (self.pool_slices in POOL_SLICES,
              f"run.pool_slices={self.pool_slices!r}: use one of {', '.join(POOL_SLICES)}"),
             (math.isfinite(self.trust_radius) and self.trust_radius >= 0,

@@ -25,6 +25,7 @@ from typing import Any
 
 from zorba_common.codec import encode
 from zorba_common.messages import NextRound, RegisterRequest, RegisterResponse, Report, ReportAck
+from zorba_server.base_rms import RMS_AGREEMENT
 from zorba_server.broadcast import Broadcast
 from zorba_server.config import ServerConfig
 from zorba_server.engine import OpenRound, RoundClosure, RoundEngine, SolveFn, round_closed
@@ -170,6 +171,10 @@ class Coordinator:
                 engine.unpin()
             raise
         engine.add_member(Member.joining(new.client_id, profile, now))
+        if new.client_id in engine.base_rms_ignored:
+            log.warning("client %s sent base-weight RMS values that stand apart from the other "
+                        "clients' (more than %.0f%% on a block): the drift bound ignores them",
+                        new.client_id, 100 * RMS_AGREEMENT)
         self._tokens.add(new.token_hash, new.client_id)
         self._registrations += 1
         log.info("registered %s%s: %s, budget %.0f MiB, %d samples", new.client_id,

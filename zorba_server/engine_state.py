@@ -21,6 +21,7 @@ from zorba_common.messages import AlphaDelta, AlphaState, DeviceProfile, HyperPa
 from zorba_server import errors
 from zorba_server.block_energy import BlockEnergy
 from zorba_server.config import ServerConfig
+from zorba_server.fluency_watch import FluencyVerdict, Fluent, Reference
 from zorba_server.loss_guard import Anchor, Plateau
 from zorba_server.modes import MODES, SolveFn
 from zorba_server.rounds import APPLIED, REJECTED, ReceivedReport, RoundPlan
@@ -124,9 +125,20 @@ class EngineState:
         """Per-block E[g^2] from the reported scalars (zorba_server/block_energy.py; None until
         the model is pinned)."""
         self.base_rms: tuple[float, ...] | None = None
-        """RMS of each block's base weights, where a shell that holds the model gives it (the
-        simulator): what run.max_drift is relative to (zorba_server/drift.py). None: the bound
-        is off, whatever run.max_drift says."""
+        """RMS of each block's base weights: what run.max_drift is relative to
+        (zorba_server/drift.py), as the clients sent it (the values most agree on:
+        base_rms.py), or where a shell that holds the model gives it (the simulator). None:
+        the bound is off, whatever run.max_drift says."""
+        self.base_rms_ignored: tuple[str, ...] = ()
+        """Clients whose base RMS disagreed with the values the run uses."""
+        self.generic_references: dict[str, Reference] = {}
+        """The fluency watch's reference per client (zorba_server/fluency_watch.py; empty
+        after a restart, when each client's first value after it becomes its reference)."""
+        self.fluent: Fluent | None = None
+        """The last version the fluency watch found fluent (None: none judged since the
+        server started; a broken verdict then rolls back to the base model)."""
+        self.last_fluency: FluencyVerdict | None = None
+        """The watch's last verdict, for the status page."""
 
     # ------------------------------------------------------------------ the model and its table
 

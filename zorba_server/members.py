@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from zorba_common.memory_model import LinearMemoryModel, ModelFootprint, linear_memory_model
 from zorba_common.messages import DeviceProfile
 from zorba_server import errors
+from zorba_server.base_rms import agreed
 from zorba_server.config import RunConfig
 from zorba_server.engine_state import EngineState
 
@@ -115,7 +116,13 @@ class Membership(EngineState):
             check_budget(self.config.run, profile)
 
     def add_member(self, member: Member) -> None:
+        """Admit a member; a profile with base RMS values takes part in choosing the ones the
+        drift bound uses (base_rms.py: see `base_rms_ignored` for the clients left out)."""
         self.members[member.client_id] = member
+        if member.profile.base_rms is not None:
+            chosen = agreed([(m.client_id, m.profile.base_rms) for m in self.members.values()
+                             if m.profile.base_rms is not None])
+            self.base_rms, self.base_rms_ignored = chosen.rms, chosen.ignored
 
     def drop_member(self, client_id: str) -> None:
         """Forget a member; its assignment in an open round stays, unreported."""

@@ -8,7 +8,7 @@ members (or a calibration band) change, or the run mode redraws its blocks every
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,7 +66,17 @@ class RoundPlanning(Membership):
             clients=clients, excluded=dict(schedule.excluded_clients),
             uncovered_blocks=tuple(sorted(schedule.uncovered_blocks)),
             schedule_method=schedule.method, step_decays=self._plateau.step_decays,
+            measure_generic=self._asked_for_generic(clients),
         )
+
+    def _asked_for_generic(self, clients: Iterable[str]) -> frozenset[str]:
+        """The clients the fluency watch asks for their generic-text loss: those that sent
+        their base RMS (the same protocol revision brought `measure_generic`, so an older
+        client, whose strict decoder knows no such field, is never sent it)."""
+        if self.config.run.fluency_tolerance <= 0 or self.weights_only:
+            return frozenset()
+        return frozenset(cid for cid in clients
+                         if cid in self.members and self.members[cid].profile.base_rms is not None)
 
     def open_round(self, plan: RoundPlan) -> None:
         self.open = OpenRound(plan)

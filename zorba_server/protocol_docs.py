@@ -43,17 +43,19 @@ SCHEMA_JSON = Path("docs/protocol.schema.json")
 _FOOTPRINT = ModelFootprint((1000, 1000), (900, 900), 5000, 16, 100, 2, 32)
 _HYPER = messages.HyperParams(1e-6, 1e-3, 8, 64)
 _RUN = messages.RunInfo("run-3f2a", 42, 1024, 2, "sha256:9c1e", _HYPER, 300.0, 25.0, 1e6)
-_ASSIGNMENT = messages.Assignment(7, 5, (1,), (17, 903, 17), _HYPER, 287.5, 1_764_000_000.0)
+_ASSIGNMENT = messages.Assignment(7, 5, (1,), (17, 903, 17), _HYPER, 287.5, 1_764_000_000.0,
+                                  measure_generic=True)
 EXAMPLES: dict[type, Any] = {
     messages.RegisterRequest: messages.RegisterRequest("the-enrolment-secret", messages.DeviceProfile(
         "cpu", 3 * 2**30, 0.42, 2000, _FOOTPRINT, "sha256:9c1e", messages.MemoryProfile(),
-        "laptop")),
+        "laptop", base_rms=(0.0213, 0.0198))),
     messages.RegisterResponse: messages.RegisterResponse("c-5b1d", "tok-8f0e", _RUN),
     messages.NextRound: messages.NextRound(messages.TRAIN, 5, _ASSIGNMENT, (
         messages.AlphaDelta.from_matrix(5, 6, (4, 88), (0, 1), np.array([[1e-6, 0], [-2e-6, 5e-7]])),
     )),
     messages.Report: messages.Report("7d0c9a1e", 5, ((17, 0.125), (903, -0.5), (17, 0.03125)), 24,
-                                 2.31, 2.25, 2_750_000_000, 0.44),
+                                 2.31, 2.25, 2_750_000_000, 0.44, loss_check=2.28,
+                                 loss_generic=3.69),
     messages.ReportAck: messages.ReportAck(7, "7d0c9a1e", 1_764_000_123.5),
     messages.AlphaState: messages.AlphaState("run-3f2a", 5, 2, 2,
                                          np.array([[0.0, 1e-6], [-2e-6, 0.0]]).tobytes()),

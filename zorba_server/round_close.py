@@ -1,10 +1,11 @@
-"""Closing a round: the decision (aggregation, the loss guard, plateaus, the drift bound) and
-its application.
+"""Closing a round: the decision (aggregation, the fluency watch, the loss guard, plateaus,
+the drift bound) and its application.
 
 `RoundClosing.decide_close` returns a `RoundClosure`, everything closing the open round
 changes, before any of it is applied (a durable shell commits it first); `apply_close` then
 moves the engine. The guard's verdicts are zorba_server/loss_guard.py's and loss_drift.py's,
-the drift bound drift.py's, the step cuts step_size.py's; this module composes them. Pure.
+the fluency watch's fluency_watch.py's, the drift bound drift.py's, the step cuts
+step_size.py's; this module composes them. Pure.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from zorba_common.messages import AlphaDelta
-from zorba_server import calibration, loss_drift
+from zorba_server import calibration, fluency_watch, loss_drift
 from zorba_server import drift as drift_bound
 from zorba_server.aggregation import RoundDelta, apply_delta
 from zorba_server.engine_state import RoundRecord
+from zorba_server.fluency_watch import FluencyVerdict, Fluent, Reference
 from zorba_server.loss_guard import (
     QUARANTINE_ROUNDS,
     Anchor,
@@ -56,6 +58,12 @@ class RoundClosure:
     """This round's plateau cut the step for the next rounds."""
     guard_outliers: tuple[str, ...] = ()
     """Clients whose check losses the loss guard found implausible this round."""
+    generic_references: dict[str, Reference] = field(default_factory=dict)
+    """The fluency watch's references after this round."""
+    fluency: FluencyVerdict | None = None
+    """The fluency watch's verdict on the round's base version (None: not judged)."""
+    fluent: Fluent | None = None
+    """The last version the watch found fluent after this round (None: unchanged)."""
 
     @property
     def backs_off(self) -> bool:
@@ -122,7 +130,20 @@ class RoundClosing(Membership):
                   if rec.report.loss_check is not None and weights[cid] > 0}
         anchor, change, plateau, step_cut = None, None, self._plateau, False
         outliers: tuple[str, ...] = ()
-        if outcome.status == APPLIED:
+        references, fluency, fluent = self._watch_fluency(plan, weights)
+        if outcome.status == APPLIED and fluency is not None and fluency.broken:
+            # The model the clients received no longer generates: back to the last fluent
+            # version, whatever the loss guard would say, and the step halved like its rollbacks.
+            target = self.fluent or Fluent(0, np.zeros_like(self.alpha))
+            change = rollback_delta(self.alpha, target.alpha)
+            outcome = dataclasses.replace(outcome, status=REJECTED, delta=None, message=(
+                f"{fluency_watch.message(fluency, self.config.run.fluency_tolerance, target.version)}"
+                f"; the step is halved to {self.step_size.after_backoff(*self._cuts()):.3g} for "
+                "the next rounds (lower run.lr, or set run.max_drift)"))
+            plateau = Plateau(0, plateau.step_decays)
+            if self._anchor is not None and self._anchor.version > target.version:
+                anchor = self._anchor  # moved onto the rolled-back table below
+        elif outcome.status == APPLIED:
             guard = self._guard(checks, weights, r.received)
             anchor, change, outliers = guard.anchor, guard.rollback, guard.outliers
             if guard.rejection is not None:
@@ -157,7 +178,23 @@ class RoundClosing(Membership):
                         | calibration.measured(self.config.run, self.members, plan, r.received))
         return RoundClosure(plan, outcome, delta, alpha, calibrations, now, tuple(sorted(r.received)),
                             {cid: rec.report.loss_mean for cid, rec in sorted(r.received.items())},
-                            anchor, plateau, step_cut, outliers)
+                            anchor, plateau, step_cut, outliers, references, fluency, fluent)
+
+    def _watch_fluency(self, plan: RoundPlan, weights: dict[str, float]) -> tuple[
+            dict[str, Reference], FluencyVerdict | None, Fluent | None]:
+        """The fluency watch on the open round's generic-text losses: the references after
+        it, its verdict on the round's base version (None: nobody judged), and the new last
+        fluent version (None: unchanged)."""
+        assert self.open is not None and self.alpha is not None
+        losses = {cid: rec.report.loss_generic for cid, rec in sorted(self.open.received.items())
+                  if rec.report.loss_generic is not None}
+        references = fluency_watch.remember(self.generic_references, plan.base_version, losses)
+        if plan.base_version != self.version:  # measured a model no longer held: not judged
+            return references, None, None
+        verdict = fluency_watch.judge(references, plan.base_version, losses, weights,
+                                      self.config.run.fluency_tolerance)
+        fluent = None if verdict is None or verdict.broken else Fluent(self.version, self.alpha.copy())
+        return references, verdict, fluent
 
     def _plateau_message(self, outcome: RoundOutcome) -> str:
         run = self.config.run
@@ -238,6 +275,11 @@ class RoundClosing(Membership):
             self.deltas.append(closure.delta)
         if closure.anchor is not None:
             self._anchor = closure.anchor
+        self.generic_references = closure.generic_references
+        if closure.fluency is not None:
+            self.last_fluency = closure.fluency
+        if closure.fluent is not None:
+            self.fluent = closure.fluent
         for cid in closure.guard_outliers:
             if cid in self.members:
                 self.members[cid].guard_outlier_rounds += 1

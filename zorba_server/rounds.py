@@ -82,6 +82,8 @@ class RoundPlan:
     step_decays: int = 0
     """How many times a plateau of the check losses had cut the step when this round opened
     (kept with the plan, so a restarted server continues at the same step)."""
+    measure_generic: frozenset[str] = frozenset()
+    """Clients asked for their generic-text loss (the fluency watch)."""
 
     def assignment_for(self, client_id: str, now: float) -> Assignment:
         plan = self.clients[client_id]
@@ -93,6 +95,7 @@ class RoundPlan:
             hyper=replace(self.hyper, lr=self.client_lr(client_id)),
             deadline_in_s=max(0.0, self.deadline - now),
             deadline_unix=self.deadline,
+            measure_generic=client_id in self.measure_generic,
         )
 
     def client_lr(self, client_id: str) -> float:
@@ -114,6 +117,7 @@ class RoundPlan:
             "uncovered_blocks": list(self.uncovered_blocks),
             "schedule_method": self.schedule_method,
             "step_decays": self.step_decays,
+            "measure_generic": sorted(self.measure_generic),
         }
 
     @staticmethod
@@ -135,6 +139,8 @@ class RoundPlan:
             uncovered_blocks=tuple(rec["uncovered_blocks"]),
             schedule_method=rec["schedule_method"],
             step_decays=rec.get("step_decays", 0),
+            # Plans stored before the fluency watch asked nobody.
+            measure_generic=frozenset(rec.get("measure_generic", ())),
         )
 
 

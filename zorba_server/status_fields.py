@@ -29,6 +29,8 @@ STATUS_FIELDS: dict[str, str] = {
     "hyper.loss_drift_tolerance": "How far above the anchor's a drifting check loss may stand.",
     "hyper.max_drift": "The drift bound on each block's distance from its base (0: off, or no "
                        "base RMS known to this engine).",
+    "hyper.fluency_tolerance": "The fluency watch: how far above a client's base value its "
+                               "generic-text loss may rise (0: off).",
     "hyper.round_duration_s": "Seconds from a round's opening to its deadline.",
     "hyper.max_steps": "Most local steps a client is assigned.",
     "pool_size": "K, rows of the coefficient table.",
@@ -53,6 +55,18 @@ STATUS_FIELDS: dict[str, str] = {
     "block_energy.rows": "Reported rows behind the estimate.",
     "block_drift": "Per block: its distance from the base weights, relative to their norm "
                    "(null: no base RMS known to this engine).",
+    "block_base_rms": "Per block: the RMS of its base weights the drift bound uses, as the "
+                      "clients sent it (null: none known).",
+    "fluency": "The fluency watch's last verdict (null: none yet; zorba_server/fluency_watch.py).",
+    "fluency.version": "The version it judged (a round's base version).",
+    "fluency.broken": "A majority of the judged clients saw their generic-text loss past the "
+                      "tolerance: the round was rolled back.",
+    "fluency.reference": "The judged clients' mean generic-text loss on the base model.",
+    "fluency.loss": "Their mean generic-text loss at that version.",
+    "fluency.breaking": "Clients past the tolerance.",
+    "fluency.judged": "Clients judged.",
+    "fluency.fluent_version": "The last version the watch found fluent: what it rolls back to "
+                              "(null: none since the server started; the base model).",
     "clients": "Every registered client, in registration order.",
     "clients[].client_id": "Its id.",
     "clients[].name": "The name it registered with (may be empty).",
@@ -70,13 +84,18 @@ STATUS_FIELDS: dict[str, str] = {
     "clients[].guard_outlier_rounds": "Rounds in which the loss guard found its check loss "
                                       "implausible next to the others' (since the server started).",
     "clients[].guard_quarantined": "The loss guard ignores its check losses (implausible too often).",
+    "clients[].base_rms_ignored": "Its base RMS values stood apart from the other clients': "
+                                  "the drift bound does not use them.",
+    "clients[].generic_reference": "The fluency watch's reference for it: its generic-text loss "
+                                   "on the base model (null: none yet).",
     "clients[].peak_over_budget": "last_peak_bytes / budget_bytes (null: no peak measured).",
     "clients[].last_round_bytes_up": "Request bodies of its last reported round (null: unknown).",
     "clients[].last_round_bytes_down": "Answer bodies of its last reported round (null: unknown).",
     "clients[].blocks": "The blocks it trains in the open round (empty: none).",
     "rounds": "The latest closed rounds (at most 500), oldest first.",
     "rounds[].round": "Its number.",
-    "rounds[].status": "`applied`, `rejected` (the loss guard rolled it back) or `failed`.",
+    "rounds[].status": "`applied`, `rejected` (the loss guard or the fluency watch rolled it "
+                       "back) or `failed`.",
     "rounds[].assigned": "Clients assigned.",
     "rounds[].reports": "Reports aggregated (or counted, when it failed).",
     "rounds[].loss": "The reports' mean training loss (null: none).",
@@ -88,7 +107,8 @@ STATUS_FIELDS: dict[str, str] = {
     "counters.registrations": "Clients registered.",
     "counters.reports_accepted": "Reports stored and acknowledged.",
     "counters.rounds_applied": "Rounds applied.",
-    "counters.rounds_rejected": "Rounds the loss guard rejected (and rolled back).",
+    "counters.rounds_rejected": "Rounds the loss guard or the fluency watch rejected (and rolled "
+                                "back).",
     "counters.rounds_failed": "Rounds with too few reports.",
     "counters.schedules_solved": "Scheduler runs by this server process.",
 }

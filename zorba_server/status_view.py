@@ -47,6 +47,7 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
                   "loss_drift_tolerance": run.loss_drift_tolerance,
                   # The bound acts only where the engine knows the blocks' base RMS.
                   "max_drift": run.max_drift if engine.base_rms is not None else 0.0,
+                  "fluency_tolerance": run.fluency_tolerance,
                   "round_duration_s": run.round_duration_s, "max_steps": run.max_steps},
         "pool_size": engine.pool_size,
         "num_blocks": num_blocks, "model_fingerprint": engine.fingerprint,
@@ -57,6 +58,8 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
         "block_energy": _block_energy(engine),
         "block_drift": (None if engine.base_rms is None or engine.alpha is None else
                         [round(float(d), 5) for d in block_drift(engine.alpha, engine.base_rms)]),
+        "block_base_rms": None if engine.base_rms is None else list(engine.base_rms),
+        "fluency": _fluency(engine),
         "clients": [
             {"client_id": m.client_id, "name": m.profile.name,
              "device": m.profile.device_type, "budget_bytes": m.profile.memory_budget_bytes,
@@ -67,6 +70,9 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
              "rounds_reported": m.rounds_reported, "last_loss": m.last_loss,
              "guard_outlier_rounds": m.guard_outlier_rounds,
              "guard_quarantined": m.client_id in quarantined,
+             "base_rms_ignored": m.client_id in engine.base_rms_ignored,
+             "generic_reference": (reference.loss if (reference := engine.generic_references.get(
+                 m.client_id)) is not None else None),
              "last_peak_bytes": m.last_peak_bytes,
              "peak_over_budget": (m.last_peak_bytes / m.profile.memory_budget_bytes
                                   if m.last_peak_bytes else None),
@@ -98,3 +104,13 @@ def _block_energy(engine: RoundEngine) -> dict[str, Any]:
     if energy is None:
         return {"e_g2": [], "rows": 0}
     return {"e_g2": [float(v) for v in energy.estimate()], "rows": len(energy.rows)}
+
+
+def _fluency(engine: RoundEngine) -> dict[str, Any] | None:
+    """The fluency watch's last verdict (zorba_server/fluency_watch.py; None: none yet)."""
+    verdict = engine.last_fluency
+    if verdict is None:
+        return None
+    return {"version": verdict.version, "broken": verdict.broken, "reference": verdict.reference,
+            "loss": verdict.now, "breaking": verdict.breaking, "judged": verdict.judged,
+            "fluent_version": engine.fluent.version if engine.fluent is not None else None}

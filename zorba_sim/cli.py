@@ -34,7 +34,6 @@ from zorba_common.run_defaults import (
     SIM_MODES,
 )
 from zorba_edge.client.errors import UsageError
-from zorba_edge.data.generic_text import FLUENCY_TOLERANCE
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.config import (
     LR_SCALING_HELP,
@@ -77,8 +76,6 @@ class Settings:
     rounds: int = 6
     """Rounds to run, applied or not (the server's max_rounds counts applied ones)."""
     data_seed: int = 0
-    fluency_tolerance: float = FLUENCY_TOLERANCE
-    """The simulator's fluency watch (SimulationConfig.fluency_tolerance)."""
     dirichlet_alpha: float = 0.5
     train_examples: int | None = None
     eval_examples: int = 100
@@ -224,7 +221,7 @@ def parser() -> argparse.ArgumentParser:
                    "as a fraction of their norm; a round that would go further is scaled down "
                    "(0: off; default %(default)s)")
     g.add_argument("--fluency-tolerance", type=_number(float, strict=False),
-                   default=d.fluency_tolerance, metavar="FRACTION",
+                   default=d.run.fluency_tolerance, metavar="FRACTION",
                    help="the fluency watch: a next-token loss on a packaged generic text more than "
                    "this fraction above the base model's, at an evaluation, rolls the table back "
                    "to the last fluent version and stops the run (0: off; default %(default)s)")
@@ -340,7 +337,7 @@ def simulation_config(settings: Settings, device: str) -> Any:
         server, rounds=settings.rounds, reference_step_s=settings.reference_step_s,
         central=settings.central, dirichlet_alpha=settings.dirichlet_alpha, data_seed=settings.data_seed,
         memory=MemoryProfile(frozen_dtype=settings.frozen_dtype, frozen_other_dtype="fp32"),
-        eval_every=settings.eval_every, device=device, fluency_tolerance=settings.fluency_tolerance)
+        eval_every=settings.eval_every, device=device)
 
 
 def applied_rounds(sim: Any) -> int:
@@ -420,7 +417,10 @@ def load_settings(folder: Path) -> Settings:
     try:
         data = json.loads(path.read_text())
         if isinstance(data.get("run"), dict):
-            return Settings(run=RunConfig(**data.pop("run")),
+            run = data.pop("run")
+            # Saved when the simulator's fluency watch was its own setting (now run's).
+            run.setdefault("fluency_tolerance", data.pop("fluency_tolerance", 0.0))
+            return Settings(run=RunConfig(**run),
                             aggregation=AggregationConfig(**data.pop("aggregation")), **data)
         # A run begun when the settings were one flat map resumes as it was run: before the
         # trust region and the plateau cut existed, without them.

@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zorba_common.codec import encode
+from zorba_common.fluency import broken
 from zorba_common.messages import TRAIN, Assignment, DeviceProfile, MemoryProfile, NextRound, Report
 from zorba_common.run_defaults import CENTRAL_MEZO, CPU_FROZEN_DTYPE, FEDZO_FULL
 from zorba_edge.client.assembly import client_task_seed, footprint_of
@@ -51,8 +52,9 @@ from zorba_edge.data.splits import dirichlet_label_split
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
 from zorba_edge.engine.bias_floor import FIT_EXAMPLES, bias_floor_accuracy, score_examples
 from zorba_edge.engine.directions import BlockTensors
-from zorba_edge.engine.fluency import FLUENCY_TOLERANCE, broken, generic_batch, generic_loss
+from zorba_edge.engine.fluency import generic_batch, generic_loss
 from zorba_edge.engine.losses import evaluate_classification
+from zorba_edge.model.base_rms import tensors_rms
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model
 from zorba_edge.model.sources import ModelSource
 from zorba_server.config import MAX_STEPS, ServerConfig
@@ -88,10 +90,6 @@ class SimulationConfig:
     """How every virtual device would hold the model (what its budget is checked against)."""
     eval_every: int = 1
     device: str = "cpu"
-    fluency_tolerance: float = FLUENCY_TOLERANCE
-    """The fluency watch: at each evaluation, a generic-text loss more than this fraction above
-    the base model's rolls the table back to the last evaluated version within it and stops
-    the run (0: off; zeroth-order modes; zorba_edge/engine/fluency.py)."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -232,7 +230,7 @@ class Simulation:
         if not engine.weights_only:
             # What run.max_drift is relative to; the watch's reference is the base model's loss.
             engine.base_rms = _block_rms(sim.all_blocks())
-            if config.fluency_tolerance > 0:
+            if run.fluency_tolerance > 0:
                 sim.generic = generic_batch(tokenizer, run.seq_len).to(config.device)
                 sim.base_generic_loss = generic_loss(loaded.model, sim.generic)
                 assert engine.alpha is not None
@@ -398,7 +396,8 @@ class Simulation:
         if self.generic is None or self.base_generic_loss is None or self.fluent is None:
             return
         record.generic_loss = generic_loss(self.loaded.model, self.generic)
-        if not broken(self.base_generic_loss, record.generic_loss, self.config.fluency_tolerance):
+        tolerance = self.config.server.run.fluency_tolerance
+        if not broken(self.base_generic_loss, record.generic_loss, tolerance):
             assert self.engine.alpha is not None
             self.fluent = (record.version, self.engine.alpha.copy())
             return
@@ -408,7 +407,7 @@ class Simulation:
         record.stopped = (
             f"generation broke: the generic-text loss rose from {self.base_generic_loss:.4g} (base) "
             f"to {record.generic_loss:.4g} (version {record.version}), more than "
-            f"{self.config.fluency_tolerance:.0%}; the table is rolled back to version {version}'s "
+            f"{tolerance:.0%}; the table is rolled back to version {version}'s "
             "and the run stops (lower run.lr, or set run.max_drift)")
         record.accuracy, record.eval_loss = self.evaluate()
 
@@ -500,13 +499,9 @@ class Simulation:
 
 
 def _block_rms(blocks: BlockTensors) -> tuple[float, ...]:
-    """RMS of each block's weights, every tensor (what a direction perturbs), in float64."""
-    out = []
-    for b in sorted(blocks):
-        tensors = [t for _, t in blocks[b]]
-        squares = sum(float(t.detach().to(torch.float64).square().sum()) for t in tensors)
-        out.append(math.sqrt(squares / max(1, sum(t.numel() for t in tensors))))
-    return tuple(out)
+    """RMS of each block's weights, every tensor (what a direction perturbs): what a real
+    client sends in its profile (zorba_edge/model/base_rms.py)."""
+    return tuple(tensors_rms(t for _, t in blocks[b]) for b in sorted(blocks))
 
 
 def central_mezo(fleet: Fleet, server: ServerConfig) -> tuple[Fleet, ServerConfig]:

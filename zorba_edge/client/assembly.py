@@ -38,6 +38,7 @@ from zorba_edge.data.jsonl import jsonl_task_kind, load_classification_jsonl, lo
 from zorba_edge.data.movie_reviews import load_movie_reviews
 from zorba_edge.data.splits import dirichlet_label_split, train_heldout_split
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
+from zorba_edge.model.base_rms import BlockRMS
 from zorba_edge.model.loading import LoadConfig, load_model, release_freed_memory
 from zorba_edge.model.pretrained import packaged_model_path
 from zorba_edge.model.progress import Progress
@@ -112,10 +113,11 @@ def memory_profile(load_config: LoadConfig, runtime_bytes: int | None) -> Memory
 
 def probe_step_time(source: ModelSource, load_config: LoadConfig, *, repeats: int = 3,
                     batch_size: int = PROBE_BATCH_SIZE, seq_len: int = PROBE_SEQ_LEN,
-                    progress: Progress | None = None) -> StepTiming:
+                    progress: Progress | None = None, rms: BlockRMS | None = None) -> StepTiming:
     """Load the model as it will be held (every block frozen) and time its forward pass.
 
-    `progress` counts the loaded parts (blocks + 1) and then the timed forward passes."""
+    `progress` counts the loaded parts (blocks + 1) and then the timed forward passes; `rms`
+    records each block's base RMS as the load reads it (the profile's `base_rms`)."""
     loading = int(source.config.num_hidden_layers) + 1
     timed = repeats + 1  # time_call's one warm-up call
 
@@ -127,7 +129,8 @@ def probe_step_time(source: ModelSource, load_config: LoadConfig, *, repeats: in
         if progress is not None:
             progress(loading + done, loading + timed)
 
-    model = load_model(source, (), load_config, progress=loaded).model
+    materialize = rms.reading(source.block_state_dict) if rms is not None else None
+    model = load_model(source, (), load_config, materialize=materialize, progress=loaded).model
     try:
         return time_forward(model, int(source.config.vocab_size), load_config.device,
                             repeats=repeats, batch_size=batch_size, seq_len=seq_len,
@@ -187,7 +190,7 @@ def device_report(source: ModelSource, load_config: LoadConfig, survey: DeviceSu
 
 
 def registration(report: DeviceReport, *, device_type: str, num_samples: int, secret: str,
-                 name: str = "") -> RegisterRequest:
+                 name: str = "", base_rms: tuple[float, ...] | None = None) -> RegisterRequest:
     if report.step_time_s is None:
         raise ValueError("a registration needs a measured step time")
     profile = DeviceProfile(
@@ -199,6 +202,7 @@ def registration(report: DeviceReport, *, device_type: str, num_samples: int, se
         model_fingerprint=report.fingerprint,
         memory=report.memory,
         name=(name or socket.gethostname())[:256],
+        base_rms=base_rms,
     )
     return RegisterRequest(secret, profile)
 

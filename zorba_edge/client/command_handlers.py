@@ -49,6 +49,7 @@ from zorba_edge.client.state import StateStore, default_state_path
 from zorba_edge.client.transport import ServerClient, normalize_url
 from zorba_edge.data.splits import small_share_warning
 from zorba_edge.engine.coefficients import CoefficientTable
+from zorba_edge.model.base_rms import BlockRMS, read_base_rms
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.progress import Progress
 from zorba_edge.model.quantize import require_bitsandbytes
@@ -315,18 +316,22 @@ def _run(args: argparse.Namespace) -> int:
 
     def make_registration(progress: Progress | None) -> RegisterRequest:
         step_time = args.step_time
+        rms = BlockRMS()
         if step_time is None:
-            timing = assembly.probe_step_time(source, load_config, progress=progress)
+            timing = assembly.probe_step_time(source, load_config, progress=progress, rms=rms)
             step_time = timing.step_time_s
             log.info("timing probe: %.3f s per step (2 x forward %.3f s)", step_time,
                      timing.forward_s)
+        # The drift bound's reference: read off the probe's load, else one pass over the blocks.
+        base_rms = rms.values(report.footprint.num_blocks) or read_base_rms(source)
         measured = DeviceReport(report.survey, report.budget, report.admission, report.memory,
                                 report.footprint, report.fingerprint, step_time)
         if secret is None:
             raise UsageError("this client must register again but was started with a state "
                              "file and no enrolment secret: pass --enrolment-secret-file")
         return assembly.registration(measured, device_type=torch.device(load_config.device).type,
-                                     num_samples=len(examples), secret=secret, name=args.name)
+                                     num_samples=len(examples), secret=secret, name=args.name,
+                                     base_rms=base_rms)
 
     def make_trainer(run: RunInfo, table: CoefficientTable | None,
                      progress: Progress | None) -> Trainer:

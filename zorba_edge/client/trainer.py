@@ -35,6 +35,7 @@ from zorba_edge.engine.coefficients import (
     block_materializer,
 )
 from zorba_edge.engine.directions import BlockTensors
+from zorba_edge.engine.fluency import generic_batch, generic_loss
 from zorba_edge.engine.snapshot import RoundSnapshot, Snapshot, SnapshotBuffers, SpilledSnapshot
 from zorba_edge.engine.zo import ESTIMATORS, MIN_DIRECTIONS, ZOConfig
 from zorba_edge.model.assignment import check_assignment
@@ -99,6 +100,10 @@ class LocalRoundResult:
     loss_check: float | None = None
     """Loss of the model as received on the task's check batch (LocalTask.check_batch)."""
 
+    loss_generic: float | None = None
+    """Next-token loss of the model as received on the packaged generic text (the fluency
+    watch), where the assignment asked for it."""
+
     shrunk_batches: int = 0
     """Batches whose step the trust region scaled down (zorba_edge.engine.zo.trusted)."""
 
@@ -118,6 +123,7 @@ class LocalRoundResult:
             peak_memory_bytes=self.peak_memory_bytes,
             step_time_s=self.step_time_s,
             loss_check=self.loss_check,
+            loss_generic=self.loss_generic,
         )
 
     @property
@@ -307,13 +313,18 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
     snapshot: Snapshot = (SpilledSnapshot(blocks, snapshot_dir) if snapshot_buffers is None
                           else RoundSnapshot(blocks, snapshot_buffers))
     pool = assignment.pool_indices
-    loss_check = None
+    loss_check = loss_generic = None
     try:
         if pool and not (cancel is not None and cancel.is_set()):
             with torch.no_grad():
                 check = task.check_batch(hyper.batch_size, hyper.seq_len).to(device)
                 loss_check = float(task.loss_fn(model, check))
             forwards += 1
+            if assignment.measure_generic:
+                # The same model as the check loss, on text no task holds: one forward of
+                # len(text tokens) // seq_len rows (zorba_edge/engine/fluency.py).
+                loss_generic = generic_loss(model, generic_batch(task.tokenizer, hyper.seq_len).to(device))
+                forwards += 1
         for t in range(0, len(pool), n):
             ks = pool[t:t + n]
             if (cancel is not None and cancel.is_set()) or (
@@ -348,7 +359,13 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
         cancelled=cancel is not None and cancel.is_set() and len(steps) < len(pool),
         forwards=forwards,
         # A model that gives no finite loss is as bad as a report can say.
-        loss_check=None if loss_check is None else (
-            min(loss_check, MAX_LOSS) if math.isfinite(loss_check) else MAX_LOSS),
+        loss_check=_reportable(loss_check),
+        loss_generic=_reportable(loss_generic),
         shrunk_batches=shrunk,
     )
+
+
+def _reportable(loss: float | None) -> float | None:
+    """A measured loss as the wire takes it: a model that gives no finite loss is as bad as a
+    report can say."""
+    return None if loss is None else (min(loss, MAX_LOSS) if math.isfinite(loss) else MAX_LOSS)

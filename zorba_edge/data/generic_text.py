@@ -32,9 +32,3 @@ GENERIC_TEXT = (
     "time to read the newspaper, write letters or simply look out of the window at the "
     "changing seasons."
 )
-
-FLUENCY_TOLERANCE = 0.2
-"""How far (a fraction of the base model's) the loss on GENERIC_TEXT may rise before a run is
-stopped: a classification run should leave it about where it was; broken generation moves it
-by far more (docs/learning.md, "Safety of the defaults"). Here, not in the watch's module, so
-that command lines can show it without importing torch."""
