@@ -536,3 +536,18 @@ def test_the_drift_bound_scales_a_round_that_would_carry_a_block_past_it(tmp_pat
     unbounded = engine(tmp_path, lr=1.0, max_drift=0.05)  # no base RMS given: the bound is off
     join(unbounded, "a")
     assert "max_drift" not in checked_closure(unbounded, 0.0, {"a": 1.0}).outcome.message
+
+
+def test_max_rounds_counts_applied_rounds_not_versions(tmp_path: Path) -> None:
+    """A rollback publishes a version of its own; a run of max_rounds = 5 once stopped after 4
+    applied rounds and a rollback, saying it had applied 5 (issue 26, the Gemma 3 trial)."""
+    e = engine(tmp_path, lr=0.01, loss_jump_tolerance=0.5, max_rounds=5)
+    join(e, "a"), join(e, "b")
+    for now, checks in ((0.0, {"a": 1.0, "b": 2.0}), (2.0, {"a": 0.9, "b": 1.8}),
+                        (4.0, {"a": 1.1, "b": 2.1}), (6.0, {"a": 1.3, "b": 2.5})):
+        assert run_checked_round(e, now, checks) == APPLIED
+    assert checked_closure(e, 8.0, {"a": 1.5, "b": 2.9}).outcome.status == REJECTED
+    assert e.version == 5 and e.rounds_applied == 4 and not e.finished
+    assert run_checked_round(e, 10.0, {"a": 0.9, "b": 1.8}) == APPLIED
+    assert e.rounds_applied == 5 and e.finished
+    assert e.idle_reason == "the run finished after 5 applied rounds"

@@ -210,10 +210,17 @@ class EngineState:
         return AlphaState(run_id, self.version, self.pool_size, self.footprint.num_blocks,
                           np.ascontiguousarray(self.alpha, dtype="<f8").tobytes())
 
+    @property
+    def rounds_applied(self) -> int:
+        """Rounds whose update was applied (from the history, so it survives a restart). Not
+        the version: a rolled-back round publishes a version too, and run.max_rounds counts
+        applied rounds."""
+        return sum(1 for h in self.history if h.status == APPLIED)
+
     def counters(self) -> dict[str, int]:
         """The run's totals: reports booked, closed rounds by outcome (derived from the
         history, so they survive a restart), and this engine's scheduler runs."""
-        applied = sum(1 for h in self.history if h.status == APPLIED)
+        applied = self.rounds_applied
         rejected = sum(1 for h in self.history if h.status == REJECTED)
         return {"reports_accepted": self.reports_accepted, "rounds_applied": applied,
                 "rounds_rejected": rejected, "rounds_failed": len(self.history) - applied - rejected,

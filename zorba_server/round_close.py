@@ -300,9 +300,9 @@ class RoundClosing(Membership):
                                         outcome.loss, outcome.message, plan.schedule_method))
         self.open = None
         max_rounds = self.config.run.max_rounds
-        if max_rounds and self.version >= max_rounds:
+        if max_rounds and self.rounds_applied >= max_rounds:
             self.finished = True
-            self.idle_reason = f"the run finished after {self.version} applied rounds"
+            self.idle_reason = f"the run finished after {self.rounds_applied} applied rounds"
 
 
 def join_messages(*parts: str) -> str:
