@@ -16,6 +16,10 @@ The greedy of `scheduler_heuristic` always runs (milliseconds to a second). Up t
 `scheduler_milp`) seeded with the heuristic's value as a bound, under `time_limit_s`:
 the schedule returned is never worse than the greedy one, and optimal where HiGHS
 proves it. docs/scheduler.md has the formulation, the reasons and the measurements.
+
+That is `objective = "coverage"` (the default). Under `objective = "progress"` the two stages
+are replaced by scheduler_progress.assign: each client on the blocks of the highest estimated
+signal share it can hold, coverage deciding only among ties.
 """
 
 from __future__ import annotations
