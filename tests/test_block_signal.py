@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zorba_server.block_signal import BlockSignal
+from zorba_server.block_signal import MAX_PAIRS, BlockSignal
 
 
 def _round(rng: np.random.Generator, energy: np.ndarray, rho: np.ndarray,
@@ -64,3 +64,9 @@ def test_a_pair_measures_the_product_of_its_scalars_on_common_indices() -> None:
     (row,) = tracker.rows
     assert row.blocks == (1,) and row.products == 1 and row.mean_product == 6.0
     assert row.noise == pytest.approx(2.5 * 17.0)
+
+
+def test_a_round_books_at_most_max_pairs() -> None:
+    tracker = BlockSignal(1)
+    tracker.observe(1, [([0], [(0, 1.0 + i)]) for i in range(40)])  # 780 pairs
+    assert len(tracker.rows) == MAX_PAIRS

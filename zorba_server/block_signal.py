@@ -99,8 +99,10 @@ class BlockSignal:
                 usable.append((frozenset(int(b) for b in blocks), scalars))
         booked = 0
         for (blocks_n, g_n), (blocks_m, g_m) in itertools.combinations(usable, 2):
+            if booked >= MAX_PAIRS:
+                break  # a thousand clients make half a million pairs: the first ones suffice
             shared_blocks, shared_k = blocks_n & blocks_m, sorted(g_n.keys() & g_m.keys())
-            if not shared_blocks or not shared_k or booked >= MAX_PAIRS:
+            if not shared_blocks or not shared_k:
                 continue
             a = np.array([g_n[k] for k in shared_k])
             b = np.array([g_m[k] for k in shared_k])
