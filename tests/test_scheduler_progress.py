@@ -14,6 +14,8 @@ from test_scheduler import HEURISTIC, check_feasible, client, random_clients
 from zorba_server.config import ConfigError, config_from_dict
 from zorba_server.scheduler import SchedulerConfig, solve_schedule
 from zorba_server.scheduler_progress import fleet_progress
+from zorba_server.status_page import render
+from zorba_server.status_view import run_status
 
 PROGRESS = SchedulerConfig(objective="progress")
 BLOCKS = [10] * 6
@@ -97,3 +99,8 @@ def test_the_engine_re_solves_each_round_with_its_signal_estimate(tmp_path: Path
     open_next(e, now=2.0)
     assert e.schedules_solved == solved + 1  # same members, solved again
     assert e.signal is not None and e.signal.rows  # both held every block: one pair row
+    status = run_status(e, "run", {}, now=2.0)
+    assert e.footprint is not None
+    signal = status["block_signal"]
+    assert signal["rows"] == 1 and len(signal["rho"]) == e.footprint.num_blocks
+    assert "pairs of reports" in render(status)
