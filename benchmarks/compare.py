@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     from zorba_lab.compare.simulator import REFERENCE_FORWARD_S, CompareSetting
     from zorba_server.aggregation_rules import RULES, rules_help
     from zorba_server.config import LR_SCALING_HELP, LR_SCALINGS
+    from zorba_server.scheduler import OBJECTIVES
 
     d = CompareSetting()
     p = argparse.ArgumentParser(prog="benchmarks/compare.py", description=__doc__.split("\n\n")[0])
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     p.add_argument("--fedavg-lr", type=float, default=d.fedavg_lr,
                    help="fedavg's AdamW learning rate (default %(default)s; not tuned)")
+    p.add_argument("--scheduler-objective", default=d.scheduler_objective, choices=OBJECTIVES,
+                   help="the zorba mode's scheduler.objective (docs/scheduler.md; default "
+                   "%(default)s)")
     p.add_argument("--mu", type=float, default=d.run.mu, help="perturbation scale (default %(default)s)")
     p.add_argument("--estimator", default=d.run.estimator, choices=list(ESTIMATORS),
                    help="zeroth-order estimator, every mode (default %(default)s, the quickstart's)")
@@ -140,7 +144,7 @@ def resolve(args: argparse.Namespace) -> tuple[Any, str]:
     try:
         setting = CompareSetting.of(
             modes=modes, lr=args.lr, lr_scaling=args.lr_scaling, aggregation=args.aggregation,
-            fedavg_lr=args.fedavg_lr,
+            fedavg_lr=args.fedavg_lr, scheduler_objective=args.scheduler_objective,
             mu=args.mu, estimator=args.estimator,
             directions=args.directions, batch_size=args.batch_size, seq_len=args.seq_len,
             pool_size=args.pool_size, round_duration_s=args.round_duration,

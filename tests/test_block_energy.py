@@ -75,6 +75,11 @@ def test_a_closed_rounds_scalars_reach_the_status_page(tmp_path: Path) -> None:
     held = sorted({b for p in plan.clients.values() for b in p.blocks})
     assert sum(status["block_energy"]["e_g2"][b] for b in held) > 0
     assert "Gradient energy per block" in render(status)
+    # the signal share sits beside it: both clients measured the same indices on common blocks
+    signal = status["block_signal"]
+    assert len(signal["rho"]) == len(signal["sd"]) == len(status["block_energy"]["e_g2"])
+    assert signal["rows"] == (1 if set(plan.clients["a"].blocks) & set(plan.clients["b"].blocks) else 0)
+    assert "Signal share per block" in render(status)
     # the next round's energy step reads the new estimate
     assert e.energy is not None and e.footprint is not None
     energy = e.energy.estimate()

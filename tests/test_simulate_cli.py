@@ -60,6 +60,7 @@ def test_a_run_writes_its_summary_rounds_plots_and_checkpoint(
     assert summary["forwards"] == summary["rounds"][-1]["forwards"] > 0
     assert summary["virtual_time_s"] == summary["rounds"][-1]["virtual_time_s"] > 0
     assert len(summary["alpha_hash"]) == 64
+    assert len(summary["block_signal"]["rho"]) == len(summary["block_energy"])
     assert summary["final_accuracy"] == summary["rounds"][-1]["accuracy"] is not None
     assert 0.0 <= summary["base_accuracy"] <= 1.0
     # The bias floor stands beside every accuracy: in base.json, the summary and each row.

@@ -5,7 +5,7 @@
     [run]         seed, pool_size, lr, mu, batch_size, seq_len, round/membership timing,
                   min_reports, min_clients, max_rounds, model_fingerprint, [run.footprint]
     [aggregation] method, clip, trim_fraction, max_abs_scalar
-    [scheduler]   min_cover, epsilon, max_perturbed_params, stability_bonus, time_limit_s
+    [scheduler]   objective, min_cover, epsilon, max_perturbed_params, stability_bonus, time_limit_s
 
 The enrolment secret is never a flag (it would show in `ps`): it comes from the file,
 from `enrolment_secret_file`, or from the ZORBA_ENROLMENT_SECRET environment variable.
@@ -299,7 +299,7 @@ class AggregationConfig:
 
 # The [scheduler] section is the scheduler's own SchedulerConfig (one definition of its
 # knobs); the round-dependent fields come from [run] and the coordinator, not the file.
-SCHEDULER_FIELDS_FROM_RUN = ("round_deadline_s", "min_steps", "max_steps")
+SCHEDULER_FIELDS_FROM_RUN = ("round_deadline_s", "min_steps", "max_steps", "signal_share", "signal_sd")
 
 
 @dataclass(frozen=True)
@@ -391,7 +391,8 @@ def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None,
         misplaced = sorted(set(values) & set(SCHEDULER_FIELDS_FROM_RUN)) if name == "scheduler" else []
         if misplaced:
             raise ConfigError(f"{misplaced} are not [scheduler] keys: set min_steps and max_steps in "
-                              "[run]; the deadline follows from run.round_duration_s")
+                              "[run]; the deadline follows from run.round_duration_s, the signal "
+                              "shares are the server's estimate")
         sections[name] = _build(SECTIONS[name], values, name)
     return ServerConfig(enrolment_secret=str(secret), insecure_secret=insecure, **sections)
 

@@ -20,6 +20,7 @@ from zorba_common.memory_model import ModelFootprint
 from zorba_common.messages import AlphaDelta, AlphaState, DeviceProfile, HyperParams, RunInfo
 from zorba_server import errors
 from zorba_server.block_energy import BlockEnergy
+from zorba_server.block_signal import BlockSignal, SignalEstimate
 from zorba_server.config import ServerConfig
 from zorba_server.fluency_watch import FluencyVerdict, Fluent, Reference
 from zorba_server.loss_guard import Anchor, Plateau
@@ -124,6 +125,9 @@ class EngineState:
         self.energy: BlockEnergy | None = None
         """Per-block E[g^2] from the reported scalars (zorba_server/block_energy.py; None until
         the model is pinned)."""
+        self.signal: BlockSignal | None = None
+        """Per-block signal share from pairs of clients' scalars on common directions
+        (zorba_server/block_signal.py; None until the model is pinned)."""
         self.base_rms: tuple[float, ...] | None = None
         """RMS of each block's base weights: what run.max_drift is relative to
         (zorba_server/drift.py), as the clients sent it (the values most agree on:
@@ -150,6 +154,7 @@ class EngineState:
             alpha = np.zeros((self.pool_size, footprint.num_blocks))
         self.fingerprint, self.footprint, self.alpha = fingerprint, footprint, alpha
         self.energy = BlockEnergy(footprint.block_params)
+        self.signal = BlockSignal(footprint.num_blocks)
         return alpha
 
     def pin_first(self, profile: DeviceProfile) -> np.ndarray | None:
@@ -181,6 +186,12 @@ class EngineState:
     def lr_factor(self) -> float:
         """What the cuts have left of run.lr (StepSize.factor)."""
         return self.step_size.factor(*self._cuts())
+
+    def signal_estimate(self) -> SignalEstimate | None:
+        """Each block's signal share rho_b given the energies (None before the model is pinned)."""
+        if self.signal is None or self.energy is None:
+            return None
+        return self.signal.estimate(self.energy.estimate())
 
     def lr_scale(self, blocks: Sequence[int]) -> float:
         """A client's step scale (StepSize.client_scale)."""

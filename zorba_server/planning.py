@@ -91,7 +91,9 @@ class RoundPlanning(Membership):
         mode redraws its blocks every round."""
         key: tuple[Any, ...] = tuple(sorted(
             (m.client_id, calibration.band(m.calibration)) for m in members))
-        if self.mode.redraws_each_round:
+        progress = self.config.scheduler.objective == "progress"
+        if self.mode.redraws_each_round or progress:
+            # The progress objective follows the signal estimate, which every round updates.
             key += (self.round_counter,)
         if key == self._schedule_key and self.last_schedule is not None:
             return self.last_schedule if self.last_schedule.assignments else None
@@ -106,6 +108,11 @@ class RoundPlanning(Membership):
         sched_config = dataclasses.replace(
             self.config.scheduler, round_deadline_s=self.compute_time_s(),
             min_steps=run.min_steps, max_steps=run.max_steps)
+        estimate = self.signal_estimate() if progress else None
+        if estimate is not None and estimate.rows:
+            sched_config = dataclasses.replace(
+                sched_config, signal_share=tuple(float(v) for v in estimate.rho),
+                signal_sd=tuple(float(v) for v in estimate.sd))
         schedule = self._solve(specs, self.footprint.block_params, sched_config,
                                round_seed(self.seed, self.round_counter))
         self.schedule_solve_s = schedule.solve_s

@@ -270,6 +270,10 @@ class RoundClosing(Membership):
             self.energy.observe_round(plan.round, [
                 (plan.clients[cid].blocks, (g for _, g in rec.report.steps))
                 for cid, rec in sorted(self.open.received.items())], plan.hyper.directions)
+            if self.signal is not None:
+                self.signal.observe(plan.round, [
+                    (plan.clients[cid].blocks, rec.report.steps)
+                    for cid, rec in sorted(self.open.received.items())], plan.hyper.directions)
         if closure.delta is not None and closure.alpha is not None:
             self.alpha, self.version = closure.alpha, closure.delta.version
             self.deltas.append(closure.delta)

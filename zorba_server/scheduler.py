@@ -16,6 +16,10 @@ The greedy of `scheduler_heuristic` always runs (milliseconds to a second). Up t
 `scheduler_milp`) seeded with the heuristic's value as a bound, under `time_limit_s`:
 the schedule returned is never worse than the greedy one, and optimal where HiGHS
 proves it. docs/scheduler.md has the formulation, the reasons and the measurements.
+
+That is `objective = "coverage"` (the default). Under `objective = "progress"` the two stages
+are replaced by scheduler_progress.assign: each client on the blocks of the highest estimated
+signal share it can hold, coverage deciding only among ties.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 from zorba_common.memory_model import LinearMemoryModel
 from zorba_server import scheduler_heuristic as heuristic
 from zorba_server import scheduler_milp as exact
+from zorba_server import scheduler_progress as progress
 from zorba_server.scheduler_inputs import MIB, prepare
 from zorba_server.scheduler_problem import (
     Problem,
@@ -59,6 +64,10 @@ class ClientSpec:
     """Blocks it trained last round."""
 
 
+OBJECTIVES = ("coverage", "progress")
+"""What the scheduler maximises (docs/scheduler.md)."""
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     min_cover: int = 1
@@ -79,9 +88,21 @@ class SchedulerConfig:
     admitted client its steps with `local_steps`.)"""
     min_steps: int = 1
     max_steps: int = 32
+    objective: str = "coverage"
+    """`coverage`: stage 1 maximises the least data-weighted coverage, stage 2 trims
+    (docs/scheduler.md). `progress`: each client on the blocks of the highest signal share it
+    can hold, coverage only among ties (zorba_server/scheduler_progress.py)."""
+    signal_share: tuple[float, ...] | None = None
+    """rho_b per block, and below its standard deviation: the round engine's estimate
+    (zorba_server/block_signal.py), set each round where the objective is `progress`."""
+    signal_sd: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         checks = [
+            (self.objective in OBJECTIVES,
+             f"objective={self.objective!r}: use one of {', '.join(OBJECTIVES)}"),
+            ((self.signal_share is None) == (self.signal_sd is None),
+             "signal_share and signal_sd come together"),
             (self.min_cover >= 1, f"min_cover={self.min_cover}: must be >= 1"),
             (0.0 <= self.epsilon < 1.0, f"epsilon={self.epsilon}: must be in [0, 1)"),
             (
@@ -170,7 +191,8 @@ def solve_schedule(
     block_params = tuple(int(p) for p in block_params)
     cap = math.inf if config.max_perturbed_params is None else float(config.max_perturbed_params)
     excluded, admitted, problem = prepare(clients, block_params, cap, config)
-    result = _solve(problem, config, started)
+    result = (_solve_progress(problem, config) if config.objective == "progress"
+              else _solve(problem, config, started))
 
     a, required = result.a, result.required
     cov = coverage(problem, a)
@@ -184,7 +206,8 @@ def solve_schedule(
         stage1_bound=result.stage1_bound,
         block_coverage=tuple(float(x) for x in cov),
         required_blocks=tuple(int(b) for b in np.flatnonzero(required)),
-        uncovered_blocks=_uncovered(problem, a, required, admitted, block_params, cap, config),
+        uncovered_blocks=_uncovered(problem, a, required, admitted, block_params, cap, config,
+                                    LEFT_OUT_WHY[config.objective]),
         excluded_clients=excluded,
         method=result.method,
         optimal=result.optimal,
@@ -283,6 +306,16 @@ def _solve(problem: Problem, config: SchedulerConfig, started: float) -> _Result
     return _Result(best, required, t_star, t_bound, method, optimal)
 
 
+def _solve_progress(problem: Problem, config: SchedulerConfig) -> _Result:
+    """The progress objective (scheduler_progress.py): no MILP, no stage-2 trim."""
+    a = progress.assign(problem, config.signal_share, config.signal_sd)
+    if problem.num_clients and violations(problem, a):
+        raise AssertionError(f"scheduler produced an invalid assignment: {violations(problem, a)}")
+    required = meets_target(problem, a)
+    t = min_coverage(problem, a, required)
+    return _Result(a, required, t, None, "progress", False)
+
+
 def _share(deadline: float, fraction: float) -> float:
     """This stage's time: `fraction` of what is left before the deadline."""
     return max(deadline - time.perf_counter(), 0.0) * fraction
@@ -300,6 +333,16 @@ def _stage2_valid(problem: Problem, a: np.ndarray, required: np.ndarray, floor: 
     return min_coverage(problem, a, required) >= floor - problem.coverage_tolerance()
 
 
+LEFT_OUT_WHY = {
+    "coverage": "the federation's memory cannot bring every block to min_cover this round; "
+                "blocks left out are covered first next round",
+    "progress": "the progress objective left it out: every client that can hold it holds blocks "
+                "of a higher signal share (block_signal on /v1/status) or the memory for it is "
+                "used by tied blocks covered less",
+}
+"""Why a coverable block has fewer than its target of clients, by objective."""
+
+
 # --- reporting --------------------------------------------------------------------------
 
 
@@ -311,6 +354,7 @@ def _uncovered(
     block_params: tuple[int, ...],
     cap: float,
     config: SchedulerConfig,
+    left_out_why: str,
 ) -> dict[int, str]:
     why: dict[int, str] = {}
     held = a.sum(axis=0)
@@ -337,10 +381,7 @@ def _uncovered(
                 f"min_cover={config.min_cover}"
             )
         elif not required[b]:
-            why[b] = (
-                "the federation's memory cannot bring every block to min_cover this round; "
-                "blocks left out are covered first next round"
-            )
+            why[b] = left_out_why
         else:
             raise AssertionError(f"required block {b} has {held[b]} clients, below its target")
     return why

@@ -53,6 +53,12 @@ STATUS_FIELDS: dict[str, str] = {
     "block_energy": "Each block's estimated E[g_b^2] (zorba_server/block_energy.py).",
     "block_energy.e_g2": "The estimate per block (empty: none yet).",
     "block_energy.rows": "Reported rows behind the estimate.",
+    "block_signal": "Each block's estimated signal share rho_b = G_b / s_b, from pairs of clients' "
+                    "scalars on common directions (zorba_server/block_signal.py).",
+    "block_signal.rho": "The estimate per block, in [0, 1] (empty: the model is not pinned).",
+    "block_signal.sd": "Its posterior standard deviation per block.",
+    "block_signal.prior": "The fleet's pooled share, which blocks without pairs keep.",
+    "block_signal.rows": "Pair rows (two clients, one round) behind the estimate.",
     "block_drift": "Per block: its distance from the base weights, relative to their norm "
                    "(null: no base RMS known to this engine).",
     "block_base_rms": "Per block: the RMS of its base weights the drift bound uses, as the "

@@ -42,6 +42,7 @@ def render(status: dict[str, Any]) -> str:
         parts.append(f"<span class='cov' style='background:{shade}' title='block {b}'>{n}</span>")
     parts.append("</p>")
     parts.append(energy_html(status.get("block_energy", {})))
+    parts.append(signal_html(status.get("block_signal", {})))
     parts.append("<h2>Loss</h2>")
     parts.append(loss_svg([(r["round"], r["loss"]) for r in rounds if r["loss"] is not None]))
     parts.append("<h2>Clients</h2><table><tr><th>id</th><th>name</th><th>device</th>"
@@ -90,6 +91,21 @@ def energy_html(energy: dict[str, Any]) -> str:
         for b, v in enumerate(values))
     return (f"<h2>Gradient energy per block</h2><p>E[g_b^2] estimated from "
             f"{energy.get('rows', 0)} reports (largest {top:.4g}):</p><p>{bars}</p>")
+
+
+def signal_html(signal: dict[str, Any]) -> str:
+    """Each block's estimated signal share rho_b in [0, 1] (a bar, its sd in the title)."""
+    values, sds = signal.get("rho") or [], signal.get("sd") or []
+    if not signal.get("rows"):
+        return ("<h2>Signal share per block</h2><p>no two clients have measured a common "
+                "direction on a common block yet</p>")
+    bars = "".join(
+        f"<span class='cov' title='block {b}: rho {v:.3f} +- {s:.3f}' style='background:#3a3;"
+        f"height:{max(1, round(40 * v))}px;vertical-align:bottom'></span>"
+        for b, (v, s) in enumerate(zip(values, sds, strict=True)))
+    return (f"<h2>Signal share per block</h2><p>rho_b = G_b / E[g_b^2] from {signal['rows']} "
+            f"pairs of reports (fleet mean {signal.get('prior', 0.0):.3f}; full bar = 1):</p>"
+            f"<p>{bars}</p>")
 
 
 def loss_svg(points: list[tuple[int, float]]) -> str:

@@ -56,6 +56,7 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
         "current_round": current,
         "block_coverage": coverage,
         "block_energy": _block_energy(engine),
+        "block_signal": _block_signal(engine),
         "block_drift": (None if engine.base_rms is None or engine.alpha is None else
                         [round(float(d), 5) for d in block_drift(engine.alpha, engine.base_rms)]),
         "block_base_rms": None if engine.base_rms is None else list(engine.base_rms),
@@ -114,3 +115,12 @@ def _fluency(engine: RoundEngine) -> dict[str, Any] | None:
     return {"version": verdict.version, "broken": verdict.broken, "reference": verdict.reference,
             "loss": verdict.now, "breaking": verdict.breaking, "judged": verdict.judged,
             "fluent_version": engine.fluent.version if engine.fluent is not None else None}
+
+
+def _block_signal(engine: RoundEngine) -> dict[str, Any]:
+    """Each block's estimated signal share rho_b (zorba_server/block_signal.py)."""
+    estimate = engine.signal_estimate()
+    if estimate is None:
+        return {"rho": [], "sd": [], "prior": 0.0, "rows": 0}
+    return {"rho": [float(v) for v in estimate.rho], "sd": [float(v) for v in estimate.sd],
+            "prior": estimate.prior, "rows": estimate.rows}

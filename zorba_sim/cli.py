@@ -356,6 +356,15 @@ def default_device() -> str:
 # ------------------------------------------------------------------------------ the run
 
 
+def _signal(sim: Any) -> dict[str, Any]:
+    """The engine's per-block signal share at the end (zorba_server/block_signal.py)."""
+    estimate = sim.engine.signal_estimate()
+    if estimate is None:
+        return {}
+    return {"rho": [float(v) for v in estimate.rho], "sd": [float(v) for v in estimate.sd],
+            "prior": estimate.prior, "rows": estimate.rows}
+
+
 def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots: list[str],
             model: str, eval_examples: int, base_accuracy: float | None,
             acc_bias_floor: float | None = None) -> dict[str, Any]:
@@ -389,6 +398,7 @@ def summary(sim: Any, settings: Settings, fleet: Fleet, *, wall_s: float, plots:
         "alpha_hash": sim.alpha_hash(),
         "block_energy": ([] if sim.engine.energy is None
                          else [float(v) for v in sim.engine.energy.estimate()]),
+        "block_signal": _signal(sim),
         "device": sim.config.device,
         "wall_s": wall_s,
         "plots": plots or "none: matplotlib is not installed (pip install 'zorba-edge[lab]')",
@@ -544,3 +554,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

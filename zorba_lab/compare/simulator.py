@@ -48,6 +48,7 @@ from zorba_edge.model.sources import ModelSource
 from zorba_lab.compare import stats
 from zorba_server.config import AggregationConfig, RunConfig, ServerConfig, harness_run
 from zorba_server.rounds import APPLIED
+from zorba_server.scheduler import SchedulerConfig
 from zorba_sim.fleet import Fleet
 from zorba_sim.simulation import (
     RoundRecord,
@@ -110,6 +111,9 @@ class CompareSetting:
     """How each virtual device would hold its frozen blocks (what budgets are checked against)."""
     device: str = "cpu"
     eval_batch_size: int = 32
+    scheduler_objective: str = "coverage"
+    """The zorba mode's scheduler.objective (zorba_server/scheduler.py OBJECTIVES); the
+    baselines' assignments do not read it."""
 
     @classmethod
     def of(cls, **values: Any) -> CompareSetting:
@@ -159,7 +163,8 @@ class CompareSetting:
     def simulation_config(self, mode: str, seed: int) -> SimulationConfig:
         run = replace(self.run, seed=seed, mode=ZORBA if mode == CENTRAL_MEZO else mode,
                       lr=self.fedavg_lr if mode == FEDAVG else self.run.lr)
-        server = ServerConfig("simulated-run-secret", run=run, aggregation=self.aggregation)
+        server = ServerConfig("simulated-run-secret", run=run, aggregation=self.aggregation,
+                              scheduler=SchedulerConfig(objective=self.scheduler_objective))
         return SimulationConfig(server, rounds=self.rounds, reference_step_s=self.step_s_of(mode),
                                 central=mode == CENTRAL_MEZO, dirichlet_alpha=self.dirichlet_alpha,
                                 data_seed=seed,
