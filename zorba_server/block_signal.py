@@ -91,8 +91,8 @@ class BlockSignal:
         """Book one round's reports, each (blocks held, [(pool index, scalar)])."""
         usable = []
         for blocks, steps in reports:
-            values = np.asarray([g for _, g in steps], dtype=np.float64)
-            if not len(blocks) or not values.size or clipped(values, directions):
+            values = [float(g) for _, g in steps]
+            if not len(blocks) or not values or clipped(values, directions):
                 continue
             scalars = {int(k): float(g) for k, g in steps if np.isfinite(g)}
             if scalars:
