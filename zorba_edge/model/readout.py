@@ -6,8 +6,9 @@ columns are the rows of the label tokens: for one-token labels the cross-entropy
 label scores is a softmax over `h . w_label` (the vocabulary's normaliser cancels), a linear
 probe on the final hidden state h. Those rows are a tiny, separate set of parameters
 (labels x hidden: 1,152 for SmolLM2's two labels) with a high signal share: zeroth-order
-steps on them alone kept learning past the bias floor where steps on every transformer
-block stalled at it (docs/learning.md, "The label readout").
+steps on them alone rose to 0.77-0.79 held-out accuracy, 0.11-0.13 above the bias floor,
+where steps over every transformer block had stood near it (docs/learning.md, "The label
+readout").
 
 `LabelReadout` holds a copy of those rows and, attached to a model, replaces the head's
 output at the label columns by `h @ rows.T`: the vocabulary's other columns, and the input
