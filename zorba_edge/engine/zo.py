@@ -146,12 +146,12 @@ def antithetic_estimate(
     mu, losses = config.mu, []
     z: Direction | None = None
     for k in _checked(ks):
-        previous, z = z, Direction(blocks, run_seed, k)
-        # From theta - mu z_prev, restoring it and moving along z_k is one pass over theta.
-        if previous is None:
-            z.add_(mu)
-        else:
-            move_([Term(mu, previous), Term(mu, z)])
+        step = Direction(blocks, run_seed, k)
+        if z is None:
+            step.add_(mu)
+        else:  # from theta - mu z_prev: restoring it and moving along z_k is one pass over theta
+            move_([Term(mu, z), Term(mu, step)])
+        z = step  # z_prev's bits go: one direction held during the forwards
         plus = float(loss_fn(model, batch))
         z.add_(-2.0 * mu)
         losses.append((plus, float(loss_fn(model, batch))))
@@ -178,12 +178,12 @@ def one_sided_estimate(
     base, mu, losses = float(loss_fn(model, batch)), config.mu, []
     z: Direction | None = None
     for k in _checked(ks):
-        previous, z = z, Direction(blocks, run_seed, k)
-        # theta + mu z_prev -> theta + mu z_k in one pass and one rounding (see `Term`).
-        if previous is None:
-            z.add_(mu)
-        else:
-            move_([Term(mu, z, previous)])
+        step = Direction(blocks, run_seed, k)
+        if z is None:
+            step.add_(mu)
+        else:  # theta + mu z_prev -> theta + mu z_k in one pass and one rounding (see `Term`)
+            move_([Term(mu, step, z)])
+        z = step  # z_prev's bits go: one direction held during the forwards
         losses.append((float(loss_fn(model, batch)), base))
     diffs = [plus - base for plus, _ in losses]
     spread = _stdev(diffs) if normalise else None
