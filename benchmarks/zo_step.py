@@ -311,16 +311,19 @@ def move_components(blocks, repeats: int) -> dict[str, float]:
     from zorba_edge.engine.directions import Direction, Term, move_
 
     def expand_only(z: Direction) -> None:
-        # The kernel's expansion over every chunk of every tensor, its update left out
-        # (private names: this benchmark measures the kernel's parts).
+        # The kernel's expansion (table rows, then the gather) over every chunk of every
+        # tensor, its update left out (private names: this benchmark measures the kernel).
         largest = max(t.numel() for _, slots in z._layout for t, _ in slots)
         kernel = directions._Kernel(torch.device("cpu"), largest, False)
         step = 8 * directions._CHUNK_BYTES
         for index, (_, slots) in enumerate(z._layout):
             bits = z.block_bits(index)
             for tensor, start in slots:
+                rows, table = kernel.rows(bits[start // 8 : (start + tensor.numel() + 7) // 8], None)
                 for lo in range(start, start + tensor.numel(), step):
-                    kernel._expand(bits, None, lo, min(lo + step, start + tensor.numel()))
+                    hi = min(lo + step, start + tensor.numel())
+                    first, end = lo // 8 - start // 8, (hi + 7) // 8 - start // 8
+                    torch.index_select(table, 0, rows[first:end], out=kernel.expanded[: end - first])
 
     n = ONE_SIDED_DIRECTIONS
     parts: dict[str, list[float]] = {name: [] for name in

@@ -14,6 +14,15 @@ in cache, instead of materialising z for a whole tensor: each packed byte select
 as it reads them. Per element that is 1 byte written and read, where an fp32 table of
 8-float rows cost 4 and a gather three times as slow (0.33 ns against 0.07 ns an element
 on one core of this project's 2-core x86 machine).
+
+A move is memory-bound (theta read and written: 8 bytes an fp32 parameter, against 1/8 byte
+of packed bits), so `move_` makes several in one pass: a chunk of the parameters is moved by
+every `Term` while it is in cache, each term still its own rounding. The one-sided estimator
+uses it for theta + mu z_i -> theta + mu z_(i+1) (one exact difference, one rounding) and
+for its local step (the restore and the n updates in one pass), the sync for a block's
+increments. At 30 blocks of SmolLM2, in forwards of one core's CPU time
+(`benchmarks/zo_step.py`): a hash 0.007, a move 0.046 (expansion 0.013, update 0.033), a
+difference 0.062, the one-sided local step over 4 directions 0.176.
 """
 
 from __future__ import annotations
@@ -106,10 +115,11 @@ def move_(terms: Sequence[Term]) -> None:
         device = slots[0][0].device
         if device not in kernels:
             kernels[device] = _Kernel(device, largest, any(t.minus is not None for t in terms))
+        kernel = kernels[device]
         bits = [(t.z.block_bits(index), None if t.minus is None else t.minus.block_bits(index), t.scale)
                 for t in terms]
         for tensor, start in slots:
-            kernels[device].move_tensor_(tensor, start, bits)
+            kernel.move_tensor_(tensor, start, bits)
 
 
 Layout = list[tuple[int, list[tuple[torch.Tensor, int]]]]
@@ -150,22 +160,30 @@ def _hash_block(run_seed: int, k: int, block: int, slots: list[tuple[torch.Tenso
 
 
 PackedTerm = tuple[torch.Tensor, torch.Tensor | None, float]
-"""A term's packed bits (z, minus or None) over one block, and its fp32 scale."""
+"""A term's packed bits over one block (z, minus or None) and its fp32 scale."""
 
 
 class _Kernel:
     """What a move needs on one device, made once per move: the sign tables and scratch
-    buffers sized for the largest tensor (up to a chunk)."""
+    buffers sized for the largest tensor (up to a chunk), with views of them kept by length:
+    a move makes ~10 tensor calls per chunk and term, a few microseconds each, which is 10%
+    of a move over SmolLM2's 270 tensors unless each is a single call."""
 
     def __init__(self, device: torch.device, largest: int, differences: bool) -> None:
         self.table = packed_sign_table(device)
         # Row 256 a + b: the 8 lanes of z_a - z_b for packed bytes a and b (512 KiB), so a
         # difference costs one expansion instead of two and a subtraction (1.5x faster).
-        self.pairs = (pair_sign_table(device) if differences else None)
-        size = min(_CHUNK_BYTES, largest // 8 + 1) + 1
-        self.expanded = torch.empty(size, dtype=torch.int64, device=device)
-        self.rows = torch.empty(size, dtype=torch.int32, device=device)
+        self.pairs = pair_sign_table(device) if differences else None
+        self.expanded = torch.empty(min(_CHUNK_BYTES, largest // 8 + 1) + 1, dtype=torch.int64, device=device)
         self.widened = torch.empty(min(8 * _CHUNK_BYTES, largest), dtype=torch.float32, device=device)
+        self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def rows(self, plus: torch.Tensor, minus: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The table rows for packed bytes of z_plus (- z_minus), one int32 a byte, and the table."""
+        rows = plus.to(torch.int32)
+        if minus is None or self.pairs is None:
+            return rows, self.table
+        return rows.mul_(256).add_(minus), self.pairs
 
     def move_tensor_(self, tensor: torch.Tensor, start: int, terms: list[PackedTerm]) -> None:
         """`tensor` (elements [start, start + numel) of its block's directions) moved by each
@@ -177,22 +195,31 @@ class _Kernel:
             tensor.copy_(dense)
             return
         flat = tensor.view(-1)
-        for lo in range(start, start + count, 8 * _CHUNK_BYTES):
-            hi = min(lo + 8 * _CHUNK_BYTES, start + count)
-            target = flat[lo - start : hi - start]
-            for plus, minus, scale in terms:
-                _add_fp32_(target, self._expand(plus, minus, lo, hi), scale, self.widened[: hi - lo])
+        # The tensor's packed bytes: their table rows are made once per term (tensor calls
+        # by method, not by indexing: a third of the Python cost).
+        base, size = start // 8, (start + count + 7) // 8 - start // 8
+        rows = [self.rows(plus.narrow(0, base, size), None if minus is None else minus.narrow(0, base, size))
+                + (scale,) for plus, minus, scale in terms]
+        step = 8 * _CHUNK_BYTES
+        for lo in range(start, start + count, step):
+            hi = min(lo + step, start + count)
+            target = flat if hi - lo == count else flat.narrow(0, lo - start, hi - lo)
+            first, end = lo // 8 - base, (hi + 7) // 8 - base
+            expanded, signs, widened = self._view(end - first, lo % 8, hi - lo)
+            for chunk_rows, table, scale in rows:
+                torch.index_select(table, 0, chunk_rows if end - first == size
+                                   else chunk_rows.narrow(0, first, end - first), out=expanded)
+                _add_fp32_(target, signs, scale, widened)
 
-    def _expand(self, plus: torch.Tensor, minus: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
-        """Elements [lo, hi) of z_plus (- z_minus) as int8 (a view into the scratch buffer)."""
-        first, end = lo // 8, (hi + 7) // 8
-        rows = self.rows[: end - first].copy_(plus[first:end])
-        table = self.table
-        if minus is not None and self.pairs is not None:
-            rows.mul_(256).add_(minus[first:end])
-            table = self.pairs
-        signs = torch.index_select(table, 0, rows, out=self.expanded[: end - first])
-        return signs.view(torch.int8)[lo % 8 : lo % 8 + hi - lo]
+    def _view(self, packed: int, offset: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scratch views for a chunk of `count` elements starting `offset` into its first of
+        `packed` bytes: the expanded rows (int64), their signs (int8), the widened signs."""
+        key = (packed, offset, count)
+        if key not in self._views:
+            expanded = self.expanded[:packed]
+            self._views[key] = (expanded, expanded.view(torch.int8)[offset : offset + count],
+                                self.widened[:count])
+        return self._views[key]
 
 
 def pair_sign_table(device: torch.device | str) -> torch.Tensor:

@@ -10,6 +10,9 @@ The round-end revert (zorba_edge.engine.snapshot) restores the assigned blocks b
 so the next sync starts from the global model rather than from this client's local trajectory.
 
 Estimators over n directions k_1..k_n on one batch (`zo_step` is the antithetic one, n = 1).
+Between two forwards theta makes one pass (`move_`): the one-sided estimator goes from
+theta + mu z_i to theta + mu z_(i+1) in one exact difference, and its local step restores
+theta and adds the n updates in one more (n + 1 passes for n + 1 forwards).
 Each reports (k_i, g_i) and moves theta by -(lr / n) * sum_i g_i z_i: the 1/n is the client's,
 so the server, which adds lr * g per reported scalar, must divide by n to aggregate:
 
