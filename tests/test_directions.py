@@ -136,3 +136,39 @@ def test_a_sync_of_many_increments_equals_one_move_per_increment_bit_for_bit() -
     for b in ours:
         for (name, a), (_, r) in zip(ours[b], reference[b], strict=True):
             assert torch.equal(a, r), (b, name)
+
+
+def test_the_one_sided_estimator_holds_one_direction_during_its_forwards_and_hashes_each_once(
+        monkeypatch) -> None:
+    import gc
+    import weakref
+
+    from zorba_edge.engine.zo import one_sided_estimate
+
+    alive: weakref.WeakSet[Direction] = weakref.WeakSet()
+    hashed: list[int] = []
+    real_init, real_hash = Direction.__init__, directions.hash_bytes
+
+    def tracking_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        if self._bits is not None:
+            alive.add(self)
+
+    def counting_hash(*args, **kwargs):
+        hashed.append(args[1])
+        return real_hash(*args, **kwargs)
+
+    held_at_forwards = []
+
+    def loss(model, batch):
+        gc.collect()
+        held_at_forwards.append(len(alive))
+        return blocks[0][0][1].sum()
+
+    monkeypatch.setattr(Direction, "__init__", tracking_init)
+    monkeypatch.setattr(directions, "hash_bytes", counting_hash)
+    blocks = {0: odd_block(torch.float32)[:2]}
+    one_sided_estimate(torch.nn.Identity(), blocks, loss, None, 1, [3, 4, 5, 6], ZOConfig(mu=1e-3, lr=1e-2))
+    assert held_at_forwards == [0, 1, 1, 1, 1]
+    # Each direction hashed for its perturbation, the first three again for the local step.
+    assert sorted(hashed) == [3, 3, 4, 4, 5, 5, 6]
