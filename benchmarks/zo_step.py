@@ -21,7 +21,14 @@ For 1, 8 and all 30 blocks assigned, with frozen blocks in nf4 and in fp32, it m
   is (n + 1) / n = 1.25 (`_cpu`: CPU time, as above);
 - hash_over_forward_cpu, move_over_forward_cpu: hashing one direction over the assigned
   blocks, and one move of them along it, in forwards of CPU time: an antithetic step is
-  2 forwards + 1 hash + 3 moves + the rest (Python, the loss's float);
+  2 forwards + 1 hash + 3 moves + the rest (Python, the loss's float); of a move,
+  expand_over_forward_cpu is the expansion of the packed bits to signs (the rest is the
+  update: widening the signs, the fp32 add, the parameters' memory traffic);
+  difference_over_forward_cpu, local_step_over_forward_cpu: the one-sided estimator's other
+  moves, theta + mu z_i -> theta + mu z_(i+1) in one pass, and its last move (restore and
+  the n updates in one pass, the n - 1 earlier directions hashed again block by block): a
+  one-sided batch is n + 1 forwards + n hashes + 1 move + (n - 1) differences + 1 local
+  step + the rest;
 - load_peak_over_steady: the peak RSS while loading divided by the RSS once loaded.
 Peaks are read from VmHWM after resetting it (`/proc/self/clear_refs`), so the loading peak
 does not hide the peak of the phase that follows. Linux only.
@@ -72,6 +79,12 @@ class Measurement:
     """Hashing one direction over the assigned blocks (`Direction(...)`), CPU seconds."""
     move_cpu_s: float | None = None
     """One move of the assigned blocks along a hashed direction (`Direction.add_`)."""
+    expand_cpu_s: float | None = None
+    """The sign expansion of one move alone (no update)."""
+    difference_cpu_s: float | None = None
+    """One move from theta + mu z_1 to theta + mu z_2 (`Term(mu, z_2, z_1)`)."""
+    local_step_cpu_s: float | None = None
+    """The one-sided estimator's last move over ONE_SIDED_DIRECTIONS directions."""
 
 
 def legacy_zo_step(model, blocks, loss_fn, batch, run_seed: int, k: int, config) -> float:
@@ -267,20 +280,9 @@ def worker(args: argparse.Namespace) -> Measurement:
             run(k)
             times[name].append(time.perf_counter() - t0)
             cpu_times[name].append(time.process_time() - c0)
-    components: dict[str, float | None] = {"hash_cpu_s": None, "move_cpu_s": None}
+    components: dict[str, float | None] = {}
     if args.role == "train":
-        from zorba_edge.engine.directions import Direction
-
-        hashes, moves = [], []
-        for k in range(args.repeats + 1):
-            c0 = time.process_time()
-            z = Direction(blocks, 0, 10_000 + k)
-            c1 = time.process_time()
-            z.add_(1e-3)
-            moves.append(time.process_time() - c1)
-            hashes.append(c1 - c0)
-        components = {"hash_cpu_s": statistics.median(hashes[1:]),
-                      "move_cpu_s": statistics.median(moves[1:])}
+        components = move_components(blocks, args.repeats)
         snapshot.revert()
         snapshot.close()
 
@@ -296,6 +298,54 @@ def worker(args: argparse.Namespace) -> Measurement:
         one_sided_s=median("one_sided"), one_sided_cpu_s=median("one_sided", cpu_times),
         **components,
     )
+
+
+def move_components(blocks, repeats: int) -> dict[str, float]:
+    """CPU seconds (medians after a warm-up) of a step's parts over the assigned blocks:
+    hashing one direction, one move, its expansion alone, a difference move, the one-sided
+    estimator's last move. Each part moves theta by +-1e-3 z at most and is undone by the
+    round's revert."""
+    import torch
+
+    from zorba_edge.engine import directions
+    from zorba_edge.engine.directions import Direction, Term, move_
+
+    def expand_only(z: Direction) -> None:
+        # The kernel's expansion (table rows, then the gather) over every chunk of every
+        # tensor, its update left out (private names: this benchmark measures the kernel).
+        largest = max(t.numel() for _, slots in z._layout for t, _ in slots)
+        kernel = directions._Kernel(torch.device("cpu"), largest, False)
+        step = 8 * directions._CHUNK_BYTES
+        for index, (_, slots) in enumerate(z._layout):
+            bits = z.block_bits(index)
+            for tensor, start in slots:
+                rows, table = kernel.rows(bits[start // 8 : (start + tensor.numel() + 7) // 8], None)
+                for lo in range(start, start + tensor.numel(), step):
+                    hi = min(lo + step, start + tensor.numel())
+                    first, end = lo // 8 - start // 8, (hi + 7) // 8 - start // 8
+                    torch.index_select(table, 0, rows[first:end], out=kernel.expanded[: end - first])
+
+    n = ONE_SIDED_DIRECTIONS
+    parts: dict[str, list[float]] = {name: [] for name in
+                                     ("hash", "move", "expand", "difference", "local_step")}
+    for k in range(repeats + 1):
+        c0 = time.process_time()
+        z = Direction(blocks, 0, 10_000 + k)
+        c1 = time.process_time()
+        z.add_(1e-3)
+        c2 = time.process_time()
+        expand_only(z)
+        c3 = time.process_time()
+        other = Direction(blocks, 0, 20_000 + k)
+        c4 = time.process_time()
+        move_([Term(1e-3, other, z)])
+        c5 = time.process_time()
+        move_([Term(1e-4, Direction(blocks, 0, 30_000 + i, held=False)) for i in range(n - 1)]
+              + [Term(-1e-3, other)])
+        c6 = time.process_time()
+        for name, seconds in zip(parts, (c1 - c0, c2 - c1, c3 - c2, c5 - c4, c6 - c5), strict=True):
+            parts[name].append(seconds)
+    return {f"{name}_cpu_s": statistics.median(values[1:]) for name, values in parts.items()}
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -383,6 +433,9 @@ def main() -> None:
                 # antithetic step hashes z once and moves theta three times.
                 "hash_over_forward_cpu": ratio(train.hash_cpu_s, train.forward_cpu_s),
                 "move_over_forward_cpu": ratio(train.move_cpu_s, train.forward_cpu_s),
+                "expand_over_forward_cpu": ratio(train.expand_cpu_s, train.forward_cpu_s),
+                "difference_over_forward_cpu": ratio(train.difference_cpu_s, train.forward_cpu_s),
+                "local_step_over_forward_cpu": ratio(train.local_step_cpu_s, train.forward_cpu_s),
                 "steps_per_s_before": ratio(1.0, train.old_step_s),
                 "train_peak_mib": round(train.phase_peak_rss / 2**20, 1),
                 "inference_peak_mib": round(infer.phase_peak_rss / 2**20, 1),

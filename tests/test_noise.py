@@ -8,7 +8,8 @@ import pytest
 import torch
 from packaged_assets import ACCELERATOR_REASON
 
-from zorba_common.noise import block_direction, direction_keys, rademacher
+import zorba_common.noise as noise
+from zorba_common.noise import block_direction, direction_keys, hash_bytes, rademacher
 
 # Golden values: changing these means every past run's directions changed. Never update
 # them to make a test pass; a new noise scheme needs a new versioned function instead.
@@ -114,3 +115,14 @@ def test_accelerator_directions_and_updates_are_bit_identical_to_cpu(key: tuple[
                 add_direction_([("w", on_cpu)], *key, scale)
                 add_direction_([("w", on_device)], *key, scale)
             assert torch.equal(on_device.cpu(), on_cpu), (device, dtype)
+
+
+@pytest.mark.parametrize("first_word,words", [(0, 1), (3, 70_000), (2**27 - 5, 5), (0, 0)])
+def test_the_cpu_hash_equals_the_int64_hash_every_device_runs(first_word: int, words: int) -> None:
+    # The CPU hashes with numpy uint32 (wrapping products), other devices with int64 tensors:
+    # the golden values above pin the first, this pins the second to it, bit for bit.
+    for key in sorted(GOLDEN):
+        keys = direction_keys(*key)
+        ours = torch.from_numpy(noise._hash_words_uint32(keys, first_word, words))
+        assert torch.equal(ours, noise._hash_words_int64(keys, first_word, words, "cpu"))
+        assert torch.equal(hash_bytes(*key, first_word, words), ours)

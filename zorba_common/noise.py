@@ -5,8 +5,9 @@ index k, block b), whatever its processor: torch's generators give different str
 CPU, CUDA and MPS, so seeding them would silently make clients disagree on the model.
 Here each element of z[k, b] is a Rademacher sign that is a pure function of
 (run_seed, k, b, element index), computed with int64 tensor ops on the tensor's own
-device. Every product stays below 2**63 (32-bit state times a constant below 2**31), so
-no step relies on overflow behaviour, and the result is bit-identical everywhere.
+device, where every product stays below 2**63 (32-bit state times a constant below 2**31),
+so no step relies on how a device handles overflow; on the CPU with numpy's uint32, whose
+products wrap modulo 2**32 by definition. The result is bit-identical everywhere.
 
 Element indices run over block b's parameters concatenated in the order of their names
 (relative to the block), so a direction does not depend on module construction order.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -84,10 +86,57 @@ def hash_bytes(
     Byte 4 w + j is byte j (least significant first) of the hash of word first_word + w,
     so bit i of the result is element 32 * first_word + i of z[k, block] (1 for -1, 0 for
     +1): a whole direction packed 8 elements to a byte, made the same way on every device.
+    On the CPU the words are hashed as numpy uint32 (`_hash_words_uint32`), elsewhere as
+    int64 tensors on the device (`_hash_words_int64`): the same function, bit for bit
+    (`tests/test_noise.py` compares them and pins golden values through both).
     """
     if first_word < 0 or words < 0 or first_word + words > _WORDS:
         raise ValueError(f"hash words [{first_word}, {first_word + words}) are outside [0, 2**27)")
-    key_index, key_mix = direction_keys(run_seed, k, block)
+    keys = direction_keys(run_seed, k, block)
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(_hash_words_uint32(keys, first_word, words))
+    return _hash_words_int64(keys, first_word, words, device)
+
+
+def _hash_words_uint32(keys: tuple[int, int], first_word: int, words: int) -> np.ndarray:
+    """The CPU's hash: numpy's uint32 arithmetic wraps modulo 2**32 by definition, which is
+    exactly the `& _MASK32` the int64 path spends a pass on after every product, at half the
+    bytes a word: 4x faster than the int64 tensors on one core of this project's x86 machine
+    (0.06 against 0.25 ns an element), and the hash is a third of a step's work beyond its
+    forwards. Returns the bytes (uint8), least significant byte of each word first."""
+    key_index, key_mix = np.uint32(keys[0]), np.uint32(keys[1])
+    out = np.empty(words, dtype=np.uint32)
+    scratch = np.empty(min(words, _CHUNK), dtype=np.uint32)
+    for offset in range(0, words, _CHUNK):
+        n = min(_CHUNK, words - offset)
+        x, tmp = out[offset : offset + n], scratch[:n]
+        x[:] = np.arange(first_word + offset, first_word + offset + n, dtype=np.uint32)
+        np.multiply(x, np.uint32(_INDEX_MULTIPLIER), out=x)
+        np.add(x, key_index, out=x)
+        _mix32_uint32_(x, tmp)
+        np.bitwise_xor(x, key_mix, out=x)
+        _mix32_uint32_(x, tmp)
+    if not _LITTLE_ENDIAN:
+        out.byteswap(inplace=True)
+    return out.view(np.uint8)
+
+
+def _mix32_uint32_(x: np.ndarray, tmp: np.ndarray) -> None:
+    """`_mix32_` on uint32 (products wrap modulo 2**32), `tmp` a scratch array like `x`."""
+    for shift, multiplier in ((16, _MIX_MULTIPLIER_1), (15, _MIX_MULTIPLIER_2)):
+        np.right_shift(x, shift, out=tmp)
+        np.bitwise_xor(x, tmp, out=x)
+        np.multiply(x, np.uint32(multiplier), out=x)
+    np.right_shift(x, 16, out=tmp)
+    np.bitwise_xor(x, tmp, out=x)
+
+
+def _hash_words_int64(
+    keys: tuple[int, int], first_word: int, words: int, device: torch.device | str
+) -> torch.Tensor:
+    """The hash as int64 tensor ops on any device: every product stays below 2**63, so no
+    step relies on how a device handles overflow."""
+    key_index, key_mix = keys
     byte_shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64, device=device)
     out = torch.empty(4 * words, dtype=torch.uint8, device=device)
     for offset in range(0, words, _CHUNK):

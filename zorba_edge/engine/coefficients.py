@@ -5,7 +5,7 @@
 Clients keep their trainable blocks in step with the table by applying increments
 (`apply_increments_`), and rebuild any block from its base weights plus the table's
 column (`materialize_block_`) when an assignment changes, a frozen block is refreshed or
-a checkpoint is exported. Both go through `add_direction_`, the one update primitive.
+a checkpoint is exported. Both go through `move_`, the one update primitive.
 
 The two give the same weights up to fp32 rounding, not bit for bit: the in-place path adds
 each round's increment on its own, the rebuild adds each pool index's sum at once. Where
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from zorba_common.errors import AssignmentError, InvalidScalarError
-from zorba_edge.engine.directions import BlockTensors, NamedTensors, add_direction_
+from zorba_edge.engine.directions import BlockTensors, Direction, NamedTensors, Term, move_
 
 
 @dataclass(frozen=True)
@@ -88,22 +88,36 @@ class CoefficientTable:
         return [(int(k), float(col[k])) for k in np.flatnonzero(col)]
 
 
+SYNC_TERMS = 8
+"""Increments of one block applied in one pass over its weights (`move_`): each is still its
+own rounding in its order, so the bits are those of one pass per increment; their directions
+are hashed for that pass only, 1/8 byte a parameter each."""
+
+
 def apply_increments_(
     blocks: BlockTensors, run_seed: int, increments: Iterable[AlphaIncrement]
 ) -> None:
-    """Sync: theta[b] -= delta * z[k, b] for each increment whose block is held here."""
+    """Sync: theta[b] -= delta * z[k, b] for each increment whose block is held here, in the
+    given order within each block (blocks share no weights, so their order is free)."""
+    by_block: dict[int, list[tuple[int, float]]] = {}
     for inc in increments:
-        tensors = blocks.get(inc.block)
-        if tensors is not None:
-            add_direction_(tensors, run_seed, inc.k, inc.block, -inc.delta)
+        if inc.block in blocks:
+            by_block.setdefault(inc.block, []).append((inc.k, inc.delta))
+    for block, column in by_block.items():
+        materialize_block_(blocks[block], run_seed, block, column)
 
 
 def materialize_block_(
     tensors: NamedTensors, run_seed: int, block: int, column: Iterable[tuple[int, float]]
 ) -> None:
-    """In place: base weights of `block` become base - sum_k alpha[k, block] z[k, block]."""
-    for k, alpha in column:
-        add_direction_(tensors, run_seed, k, block, -alpha)
+    """In place: base weights of `block` become base - sum_k alpha[k, block] z[k, block], one
+    fp32 rounding per (k, alpha) in the given order (`SYNC_TERMS` of them a pass)."""
+    if not tensors:
+        return
+    pairs = list(column)
+    for first in range(0, len(pairs), SYNC_TERMS):
+        move_([Term(-alpha, Direction({block: tensors}, run_seed, k, held=False))
+               for k, alpha in pairs[first:first + SYNC_TERMS]])
 
 
 def block_materializer(

@@ -10,6 +10,9 @@ The round-end revert (zorba_edge.engine.snapshot) restores the assigned blocks b
 so the next sync starts from the global model rather than from this client's local trajectory.
 
 Estimators over n directions k_1..k_n on one batch (`zo_step` is the antithetic one, n = 1).
+Between two forwards theta makes one pass (`move_`): the one-sided estimator goes from
+theta + mu z_i to theta + mu z_(i+1) in one exact difference, and its local step restores
+theta and adds the n updates in one more (n + 1 passes for n + 1 forwards).
 Each reports (k_i, g_i) and moves theta by -(lr / n) * sum_i g_i z_i: the 1/n is the client's,
 so the server, which adds lr * g per reported scalar, must divide by n to aggregate:
 
@@ -44,7 +47,7 @@ from torch import nn
 from zorba_common.errors import InvalidScalarError
 from zorba_common.run_defaults import ANTITHETIC, NORMALISED, ONE_SIDED
 from zorba_common.scalars import check_scalar
-from zorba_edge.engine.directions import BlockTensors, Direction
+from zorba_edge.engine.directions import BlockTensors, Direction, Term, move_
 
 MIN_DIRECTIONS = {NORMALISED: 2}
 """Fewest directions a batch of each estimator measures (a spread needs two): the trainer
@@ -144,14 +147,17 @@ def antithetic_estimate(
 ) -> Estimate:
     """Two-sided differences along each z[k_i] (2n forwards), then the local step."""
     mu, losses = config.mu, []
-    for i, k in enumerate(_checked(ks)):
-        z = Direction(blocks, run_seed, k)
-        z.add_(mu)
+    z: Direction | None = None
+    for k in _checked(ks):
+        step = Direction(blocks, run_seed, k)
+        if z is None:
+            step.add_(mu)
+        else:  # from theta - mu z_prev: restoring it and moving along z_k is one pass over theta
+            move_([Term(mu, z), Term(mu, step)])
+        z = step  # z_prev's bits go: one direction held during the forwards
         plus = float(loss_fn(model, batch))
         z.add_(-2.0 * mu)
         losses.append((plus, float(loss_fn(model, batch))))
-        if i < len(ks) - 1:
-            z.add_(mu)  # the last restore is fused with the local step
     grads, shrink = trusted([(plus - minus) / (2.0 * mu) for plus, minus in losses], config)
     _local_step(blocks, run_seed, ks, grads, config, last=z, undo=mu)
     return Estimate(tuple(zip(ks, grads, strict=True)), tuple(losses), 2 * len(ks),
@@ -173,12 +179,15 @@ def one_sided_estimate(
         raise ValueError(f"the normalised estimator needs at least {MIN_DIRECTIONS[NORMALISED]} "
                          f"directions, got {len(ks)}")
     base, mu, losses = float(loss_fn(model, batch)), config.mu, []
-    for i, k in enumerate(_checked(ks)):
-        z = Direction(blocks, run_seed, k)
-        z.add_(mu)
+    z: Direction | None = None
+    for k in _checked(ks):
+        step = Direction(blocks, run_seed, k)
+        if z is None:
+            step.add_(mu)
+        else:  # theta + mu z_prev -> theta + mu z_k in one pass and one rounding (see `Term`)
+            move_([Term(mu, step, z)])
+        z = step  # z_prev's bits go: one direction held during the forwards
         losses.append((float(loss_fn(model, batch)), base))
-        if i < len(ks) - 1:
-            z.add_(-mu)
     diffs = [plus - base for plus, _ in losses]
     spread = _stdev(diffs) if normalise else None
     grads = [d / spread if spread else 0.0 for d in diffs] if normalise else [d / mu for d in diffs]
@@ -228,12 +237,14 @@ def _checked(ks: Sequence[int]) -> Sequence[int]:
 
 def _local_step(
     blocks: BlockTensors, run_seed: int, ks: Sequence[int], grads: Sequence[float],
-    config: ZOConfig, last: Direction, undo: float,
+    config: ZOConfig, last: Direction | None, undo: float,
 ) -> None:
     """Undo the last perturbation (`undo` along z[k_n]) and move theta by -(lr/n) sum g_i z_i.
 
     A refused scalar leaves theta restored (up to the perturbations' roundings) and unstepped.
     """
+    if last is None:  # `_checked` refused an empty ks before any move
+        raise ValueError("an estimate needs at least one direction (pool index), got none")
     try:
         for k, g in zip(ks, grads, strict=True):
             check_scalar(g, config.max_abs_scalar, f"projected gradient at k={k}")
@@ -241,9 +252,14 @@ def _local_step(
         last.add_(undo)
         raise
     scale = config.lr / len(ks)
-    for k, g in zip(ks[:-1], grads[:-1], strict=True):
-        Direction(blocks, run_seed, k).add_(-scale * g)
-    last.add_(undo - scale * grads[-1])  # restore and step in one pass, one rounding
+    if len(ks) == 1:
+        last.add_(undo - scale * grads[0])  # restore and step in one pass, one rounding
+        return
+    # One pass over theta for the whole step, the directions before the last hashed again a
+    # block at a time (holding them all would cost their bits, one per parameter each).
+    move_([Term(-scale * g, Direction(blocks, run_seed, k, held=False))
+           for k, g in zip(ks[:-1], grads[:-1], strict=True)]
+          + [Term(undo - scale * grads[-1], last)])  # restore and step in one rounding
 
 
 Estimator = Callable[..., Estimate]
