@@ -70,3 +70,17 @@ def test_a_round_books_at_most_max_pairs() -> None:
     tracker = BlockSignal(1)
     tracker.observe(1, [([0], [(0, 1.0 + i)]) for i in range(40)])  # 780 pairs
     assert len(tracker.rows) == MAX_PAIRS
+
+
+def test_a_large_fleets_booked_pairs_spread_over_every_client() -> None:
+    """With more clients than MAX_PAIRS pairs can cover, the pairs booked are neighbours first
+    (clients n and n + 1), not all the pairs of the first client (whose noise would then be
+    in every row)."""
+    clients = 80
+    # client n reports (n + 1) at pool index 0: a pair's product names its two clients
+    reports = [([0], [(0, float(n + 1))]) for n in range(clients)]
+    tracker = BlockSignal(1)
+    tracker.observe(1, reports)
+    assert len(tracker.rows) == MAX_PAIRS < clients - 1
+    products = sorted(row.mean_product for row in tracker.rows)
+    assert products == sorted(float((n + 1) * (n + 2)) for n in range(MAX_PAIRS))

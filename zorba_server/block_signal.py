@@ -29,21 +29,26 @@ deviation (the bounds ignored) says how far apart two blocks must be to be told 
 is what the progress scheduler's ties use (zorba_server/scheduler_progress.py).
 
 Reports the trust region shrank are left out (`block_energy.clipped`), as for the energy. At
-most MAX_PAIRS pairs per round are booked (the first in client-id order), so the cost stays
-bounded in a large fleet. Rows age by DECAY per round; a restarted server starts afresh.
+most MAX_PAIRS pairs per round are booked, so the cost stays bounded in a large fleet; they are
+taken neighbours first (clients i and i + 1 in report order, then i and i + 2, ...), so that in a
+fleet of more than a dozen clients the booked pairs spread over every client instead of all
+holding the first one (whose noise would then be in every row). Rows age by DECAY per round;
+a restarted server starts afresh.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from scipy.optimize import lsq_linear
 
 from zorba_server.block_energy import DECAY, clipped
+
+T = TypeVar("T")
 
 MAX_ROWS = 512
 """Pair rows kept for the fit (one per pair of clients and round)."""
@@ -98,7 +103,7 @@ class BlockSignal:
             if scalars:
                 usable.append((frozenset(int(b) for b in blocks), scalars))
         booked = 0
-        for (blocks_n, g_n), (blocks_m, g_m) in itertools.combinations(usable, 2):
+        for (blocks_n, g_n), (blocks_m, g_m) in _neighbours_first(usable):
             if booked >= MAX_PAIRS:
                 break  # a thousand clients make half a million pairs: the first ones suffice
             shared_blocks, shared_k = blocks_n & blocks_m, sorted(g_n.keys() & g_m.keys())
@@ -143,3 +148,11 @@ class BlockSignal:
         precision = matrix.T @ matrix
         sd = np.sqrt(np.clip(np.diag(np.linalg.pinv(precision)), 0.0, None))
         return SignalEstimate(rho, sd, rho_bar, len(self.rows))
+
+
+def _neighbours_first(items: Sequence[T]) -> Iterator[tuple[T, T]]:
+    """Every unordered pair of `items` once, by distance in the sequence: (0, 1), (1, 2), ...,
+    then (0, 2), (1, 3), ...: any prefix of it spreads over all the items."""
+    for distance in range(1, len(items)):
+        for first in range(len(items) - distance):
+            yield items[first], items[first + distance]
