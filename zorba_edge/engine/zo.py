@@ -213,8 +213,9 @@ def weight_scale(blocks: BlockTensors) -> float:
     """RMS of the blocks' matrices (norms and biases are few and on another scale; all tensors
     where there is no matrix), to 4 significant digits so that every side that holds the same
     weights gets the same value whatever its thread count. Accumulated in float64 (where each
-    fp32 square is exact) by the norm's own reduction, which reads each tensor once and copies
-    nothing: a float64 copy of each tensor and its square took 1.5 times as long."""
+    fp32 square is exact) by the norm's reduction, over a float64 copy of one tensor at a time:
+    squaring that copy into another, then summing, took twice as long (118 ms against 52 for
+    SmolLM2's 30 blocks on one core, 1% of a step)."""
     tensors = [t for pairs in blocks.values() for _, t in pairs]
     matrices = [t for t in tensors if t.dim() >= 2] or tensors
     count = sum(t.numel() for t in matrices)
