@@ -215,7 +215,7 @@ def weight_scale(blocks: BlockTensors) -> float:
     weights gets the same value whatever its thread count. Accumulated in float64 (where each
     fp32 square is exact) by the norm's reduction, over a float64 copy of one tensor at a time:
     squaring that copy into another, then summing, took twice as long (118 ms against 52 for
-    SmolLM2's 30 blocks on one core, 1% of a step)."""
+    SmolLM2's 30 blocks on one busy core, where a step took about 2 s)."""
     tensors = [t for pairs in blocks.values() for _, t in pairs]
     matrices = [t for t in tensors if t.dim() >= 2] or tensors
     count = sum(t.numel() for t in matrices)
