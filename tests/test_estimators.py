@@ -211,6 +211,26 @@ def test_the_weight_scale_is_the_rms_of_the_matrices() -> None:
         model.v.detach().double().square().mean().sqrt().item(), rel=1e-3)  # no matrix: all
 
 
+def test_the_weight_scale_is_the_float64_rms_to_4_digits_whatever_the_thread_count() -> None:
+    """Every side that holds the same weights (a client, the simulator, a replay) must get the
+    same trust region: tensors large enough for torch to split their reduction across threads
+    give the float64 RMS, rounded, with one thread and with two."""
+    gen = torch.Generator().manual_seed(3)
+    blocks = {b: [("w", 0.02 * torch.randn(512, 1024, generator=gen) + 0.001),
+                  ("u", 0.05 * torch.randn(300, 700, generator=gen))] for b in range(2)}
+    matrices = torch.cat([t.flatten().double() for pairs in blocks.values() for _, t in pairs])
+    expected = float(f"{matrices.square().mean().sqrt().item():.4g}")
+    threads = torch.get_num_threads()
+    try:
+        scales = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            scales.append(weight_scale(blocks))
+    finally:
+        torch.set_num_threads(threads)
+    assert scales == [expected, expected]
+
+
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_a_step_past_the_trust_region_moves_theta_by_its_shrunk_reported_scalars(name: str) -> None:
     ks = [3, 9, 4]

