@@ -333,7 +333,8 @@ class Coordinator:
             await self._store.close_round(
                 closure.plan.round, outcome.status, closure.closed_at, outcome.reports,
                 outcome.loss, outcome.message, delta=closure.delta, alpha=closure.alpha,
-                calibrations=closure.calibrations, guard_outliers=closure.guard_outliers)
+                calibrations=closure.calibrations, guard_outliers=closure.guard_outliers,
+                safety=self.engine.safety_after(closure))
             self._after_close(closure)
         finally:
             self._closing = False

@@ -37,7 +37,8 @@ STATUS_FIELDS: dict[str, str] = {
     "num_blocks": "B, columns of the table (0 until the model is pinned).",
     "model_fingerprint": "The pinned model's fingerprint (null until the first registration).",
     "version": "The table's version: published deltas (applied rounds and rollbacks).",
-    "finished": "The run reached run.max_rounds applied rounds.",
+    "finished": "The run reached run.max_rounds applied rounds and ended on a judged version "
+                "(its final check closed `checked` or rolled back; zorba_server/final_check.py).",
     "state": "`round open`, or why no round is open (what the server waits for).",
     "current_round": "The open round (null when none is open).",
     "current_round.round": "Its number.",
@@ -101,7 +102,7 @@ STATUS_FIELDS: dict[str, str] = {
     "rounds": "The latest closed rounds (at most 500), oldest first.",
     "rounds[].round": "Its number.",
     "rounds[].status": "`applied`, `rejected` (the loss guard or the fluency watch rolled it "
-                       "back) or `failed`.",
+                       "back), `checked` (a final check found the final version sound) or `failed`.",
     "rounds[].assigned": "Clients assigned.",
     "rounds[].reports": "Reports aggregated (or counted, when it failed).",
     "rounds[].loss": "The reports' mean training loss (null: none).",
@@ -116,5 +117,6 @@ STATUS_FIELDS: dict[str, str] = {
     "counters.rounds_rejected": "Rounds the loss guard or the fluency watch rejected (and rolled "
                                 "back).",
     "counters.rounds_failed": "Rounds with too few reports.",
+    "counters.rounds_checked": "Final checks that found the final version sound (0 or 1).",
     "counters.schedules_solved": "Scheduler runs by this server process.",
 }
