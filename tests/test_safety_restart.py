@@ -58,6 +58,11 @@ async def run(db: Path, aiohttp_client: Any, restart_before: set[int]) -> tuple[
             http = await started(db, aiohttp_client)
             for client in clients:
                 client.http = http
+        if i == len(ROUNDS) - 1:  # the final check is open, and the status page says so
+            assert (await clients[0].poll()).assignment is not None
+            current = (await (await http.get("/v1/status")).json())["current_round"]
+            assert current["final_check"] and current["base_version"] == 4
+            assert "the final check of version 4" in await (await http.get("/")).text()
         await one_round(clients, check, generic)
     assert (await clients[0].poll()).status == "finished"
     status = await (await http.get("/v1/status")).json()

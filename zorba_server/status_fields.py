@@ -50,6 +50,8 @@ STATUS_FIELDS: dict[str, str] = {
     "current_round.excluded": "Clients the scheduler left out -> why, and what would let them in.",
     "current_round.uncovered_blocks": "Blocks no admitted client could train this round.",
     "current_round.schedule_method": "How its assignment was solved (`milp`, a heuristic, a baseline).",
+    "current_round.final_check": "It checks the final version (one step per client, never "
+                                 "applied; zorba_server/final_check.py).",
     "block_coverage": "Per block: clients training it in the open (else the last) round.",
     "block_energy": "Each block's estimated E[g_b^2] (zorba_server/block_energy.py).",
     "block_energy.e_g2": "The estimate per block (empty: none yet).",
