@@ -123,3 +123,24 @@ async def test_a_database_of_the_previous_schema_gains_the_new_status_and_the_sa
     assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "5"
     assert conn.execute("SELECT COUNT(*) FROM safety").fetchone()[0] == 1
     conn.close()
+
+
+async def test_a_run_restarted_with_max_rounds_reached_ends_with_a_final_check(
+        tmp_path: Path, aiohttp_client: Any) -> None:
+    """How an operator ends a run early on a judged version (docs/learning.md)."""
+    db = tmp_path / "db.sqlite3"
+    http = await aiohttp_client(create_app(config_from_dict(config_dict(db, **(RUN | {"max_rounds": 0})))))
+    clients = [FakeClient(http) for _ in range(3)]
+    for client in clients:
+        assert (await client.register(profile(name="dev", base_rms=RMS))).status == 201
+    for check, generic in ROUNDS[:2]:
+        await one_round(clients, check, generic)
+    await http.close()
+    http = await aiohttp_client(create_app(config_from_dict(config_dict(db, **(RUN | {"max_rounds": 2})))))
+    for client in clients:
+        client.http = http
+    await one_round(clients, 1.0, 3.2)
+    assert (await clients[0].poll()).status == "finished"
+    status = await (await http.get("/v1/status")).json()
+    assert [r["status"] for r in status["rounds"]] == ["applied", "applied", "checked"]
+    assert status["version"] == 2
