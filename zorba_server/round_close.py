@@ -160,7 +160,8 @@ class RoundClosing(Membership):
             guard = self._guard(checks, weights, r.received, training=not plan.final_check)
             anchor, change, outliers = guard.anchor, guard.rollback, guard.outliers
             if guard.rejection is not None:
-                fluent = None  # a version the guard rejects is no version to roll back to
+                if guard.rollback is not None:  # the guard rejected the version itself:
+                    fluent = None  # no version for the watch to roll back to
                 target_version = self._anchor.version if self._anchor is not None else self.version
                 outcome = dataclasses.replace(outcome, status=REJECTED, delta=None, message=(
                     final_check.rejected(self.version, guard.rejection, target_version)
