@@ -19,7 +19,7 @@ from zorba_flower.client_app import make_client_app  # noqa: E402
 from zorba_flower.server_loop import FlowerRounds, LoopSettings  # noqa: E402
 from zorba_flower.settings import server_config  # noqa: E402
 from zorba_server.engine import RoundEngine  # noqa: E402
-from zorba_server.rounds import APPLIED  # noqa: E402
+from zorba_server.rounds import APPLIED, CHECKED  # noqa: E402
 
 RUN = {"run.pool-size": 16, "run.max-rounds": 2, "run.min-clients": 2, "run.min-steps": 2,
        "run.max-steps": 2, "run.batch-size": 2, "run.seq-len": 16, "run.lr": 0.01,
@@ -61,7 +61,7 @@ def test_the_client_app_trains_each_nodes_budget_and_is_deterministic(tmp_path: 
     first = run_two_nodes(tmp_path / "b", world_dir, (one, both), (shared, shared))
     again = run_two_nodes(tmp_path / "c", world_dir, (one, both),
                           (make_client_app(overrides), make_client_app(overrides)))
-    assert [r.status for r in first.rounds] == [APPLIED, APPLIED]
+    assert [r.status for r in first.rounds] == [APPLIED, APPLIED, CHECKED]  # (the final check)
     for r in first.rounds:
         assert len(r.assigned[1]) == 1 and r.reported == (1, 2)
         assert all(t.train_s > 0 and t.rss_peak_bytes > 0 for t in r.timings)

@@ -29,7 +29,7 @@ from zorba_flower.client_app import make_client_app  # noqa: E402
 from zorba_flower.server_loop import FlowerRounds, LoopSettings  # noqa: E402
 from zorba_flower.settings import server_config  # noqa: E402
 from zorba_server.engine import RoundEngine  # noqa: E402
-from zorba_server.rounds import APPLIED  # noqa: E402
+from zorba_server.rounds import APPLIED, CHECKED  # noqa: E402
 
 ONE_BLOCK_MIB = 0.1845
 """The tiny model's fixed part and one and a half blocks, by its own fp32 memory model (fixed
@@ -69,7 +69,8 @@ def test_a_flower_run_publishes_the_table_zorba_sim_publishes_bit_for_bit(
                        for p, n in enumerate(node_ids)}))
     sim = twin_simulation(values, budgets, signal_examples(8, seed=1))
 
-    assert [r.status for r in loop.rounds] == [APPLIED] * ROUNDS
+    # The clients measure check losses: the run ends on a final check of its last version.
+    assert [r.status for r in loop.rounds] == [APPLIED] * ROUNDS + [CHECKED]
     assert [r.status for r in sim.records] == [APPLIED] * ROUNDS
     # Every node trains one block and every block is trained: the schedule is compared too.
     for r in loop.rounds:

@@ -34,7 +34,7 @@ from zorba_flower.settings import client_app_settings, server_config  # noqa: E4
 from zorba_flower.worker import WorkerServer  # noqa: E402
 from zorba_flower.worker_link import WorkerError, WorkerLink  # noqa: E402
 from zorba_server.engine import RoundEngine  # noqa: E402
-from zorba_server.rounds import APPLIED  # noqa: E402
+from zorba_server.rounds import APPLIED, CHECKED  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = {"run.pool-size": 16, "run.max-rounds": 2, "run.min-clients": 2, "run.min-steps": 2,
@@ -108,11 +108,11 @@ def test_rounds_through_the_worker_equal_the_in_process_rounds(
     through, inside = {}, {}
     forwarded = run_two_nodes(tmp_path / "worker", values, socket_path, through)
     in_process = run_two_nodes(tmp_path / "in-process", values, None, inside)
-    assert [r.status for r in forwarded.rounds] == [APPLIED, APPLIED]
+    assert [r.status for r in forwarded.rounds] == [APPLIED, APPLIED, CHECKED]  # (the final check)
     # The worker did the work: it holds a trainer and both partitions' batch streams.
     assert worker.worker.trainer is not None and len(worker.worker.tasks) == 2
     for node in (1, 2):
-        assert len(through[node]) == 2
+        assert len(through[node]) == 3  # two rounds and the final check
         assert [comparable(r) for r in through[node]] == [comparable(r) for r in inside[node]]
     assert forwarded.engine.alpha is not None and np.count_nonzero(forwarded.engine.alpha) > 0
     assert np.array_equal(forwarded.engine.alpha, in_process.engine.alpha)

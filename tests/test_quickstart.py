@@ -83,7 +83,9 @@ def test_a_tiny_federation_runs_end_to_end_and_reports_bytes_peaks_and_accuracy(
     summary = summarize(plan, result, before, after, "test", 64)
     assert summary["rounds_applied"] == summary["alpha_version"] == 2
     # One live line per closed round, the last naming the version evaluated.
-    assert [t["round"] for t in result.timeline] == [r["round"] for r in summary["rounds"]] == [1, 2]
+    # ... and the final check of version 2 (one step per client, not applied).
+    assert [t["round"] for t in result.timeline] == [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    assert result.timeline[-1]["status"] == "checked"
     assert result.timeline[-1]["version"] == 2
     # Both accuracies are counts over the same 64 held-out examples, and the summary carries
     # exactly what was evaluated.

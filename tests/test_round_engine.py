@@ -16,7 +16,7 @@ from zorba_server.drift import block_drift
 from zorba_server.engine import RoundClosure, RoundEngine
 from zorba_server.errors import Conflict, NotFound, Unprocessable
 from zorba_server.members import Member
-from zorba_server.rounds import APPLIED, FAILED, REJECTED, RoundPlan
+from zorba_server.rounds import APPLIED, CHECKED, FAILED, REJECTED, RoundPlan
 
 
 def test_a_round_is_planned_accepted_and_closed_into_alpha_increments(tmp_path: Path) -> None:
@@ -449,7 +449,7 @@ def test_the_run_counters_count_booked_reports_and_closed_rounds_by_outcome(tmp_
         e.apply_close(closure)
     counters = e.counters()
     assert counters == {"reports_accepted": 3, "rounds_applied": 1, "rounds_rejected": 0,
-                        "rounds_failed": 1,
+                        "rounds_failed": 1, "rounds_checked": 0,
                         "schedules_solved": e.schedules_solved}
     assert e.schedules_solved >= 1
 
@@ -549,5 +549,7 @@ def test_max_rounds_counts_applied_rounds_not_versions(tmp_path: Path) -> None:
     assert checked_closure(e, 8.0, {"a": 1.5, "b": 2.9}).outcome.status == REJECTED
     assert e.version == 5 and e.rounds_applied == 4 and not e.finished
     assert run_checked_round(e, 10.0, {"a": 0.9, "b": 1.8}) == APPLIED
+    assert e.rounds_applied == 5 and not e.finished  # its final version is checked first
+    assert run_checked_round(e, 12.0, {"a": 0.9, "b": 1.8}) == CHECKED
     assert e.rounds_applied == 5 and e.finished
-    assert e.idle_reason == "the run finished after 5 applied rounds"
+    assert e.idle_reason.startswith("the run finished after 5 applied rounds")

@@ -16,7 +16,10 @@ from postgres_server import PostgresServer, postgres_server  # noqa: F401 (fixtu
 from server_fakes import FOOTPRINT, profile
 
 from zorba_common.messages import AlphaDelta, HyperParams, Report
+from zorba_server.fluency_watch import FluencyVerdict, Fluent, Reference
+from zorba_server.loss_guard import Anchor, Plateau
 from zorba_server.rounds import ClientPlan, ReceivedReport, RoundPlan
+from zorba_server.safety_state import SafetyState
 from zorba_server.storage import (
     AlreadyPinnedError,
     DuplicateError,
@@ -343,3 +346,65 @@ async def test_a_schema_3_database_gains_the_outlier_column_at_zero(
     reopened = await open_store()  # stamped 4 now: opens without migrating again
     snap = await reopened.load(recent_deltas=4)
     assert [c.guard_outlier_rounds for c in snap.clients if c.client_id == "c-0"] == [1]
+
+
+async def test_the_safety_state_comes_back_with_its_tables_replayed_from_the_increments(
+        open_store: Opener) -> None:
+    """What the loss guard and the fluency watch remember (safety_state.py) is stored with a
+    close and loaded with the tables of its versions, which are not stored themselves."""
+    store = await fresh(open_store)
+    first = AlphaDelta.from_matrix(1, 1, (3,), (0,), np.array([[-0.5]]))
+    alpha = np.zeros((8, 4))
+    alpha[3, 0] = -0.5
+    at_1 = alpha.copy()
+    state = SafetyState(Anchor(1, at_1, {"c-0": 0.7}), Fluent(0, np.zeros((8, 4))),
+                        {"c-0": Reference(3.1, True), "c-1": Reference(3.2, False)},
+                        Plateau(2, 1), {"c-0": 0.9},
+                        FluencyVerdict(1, False, 3.1, 3.3, 0, 2))
+    await store.close_round(1, "applied", 3.0, 1, 1.0, "ok", delta=first, alpha=alpha, safety=state)
+    await store.insert_round(dataclasses.replace(PLAN, round=2, base_version=1))
+    second = AlphaDelta.from_matrix(2, 2, (4,), (1,), np.array([[0.25]]))
+    alpha[4, 1] = 0.25
+    await store.close_round(2, "applied", 5.0, 1, 1.0, "ok", delta=second, alpha=alpha)
+    await store.insert_round(dataclasses.replace(PLAN, round=3, base_version=2))
+    await store.close_round(3, "checked", 7.0, 1, 1.0, "final check of version 2: sound",
+                            safety=dataclasses.replace(state, plateau=Plateau(0, 1)))
+    await store.close()
+    snap = await (await open_store()).load(recent_deltas=1)
+    assert [r.status for r in snap.rounds] == ["applied", "applied", "checked"]
+    loaded = snap.safety
+    assert loaded is not None and loaded.anchor is not None and loaded.fluent is not None
+    assert loaded.anchor.version == 1 and np.array_equal(loaded.anchor.alpha, at_1)
+    assert loaded.anchor.losses == {"c-0": 0.7}
+    assert loaded.fluent.version == 0 and not loaded.fluent.alpha.any()
+    assert loaded.references == state.references and loaded.plateau == Plateau(0, 1)
+    assert loaded.reference_losses == {"c-0": 0.9} and loaded.last_fluency == state.last_fluency
+
+
+async def test_a_schema_4_database_is_migrated_and_can_close_a_final_check(
+        open_store: Opener, backend: tuple[str, Any]) -> None:
+    store = await fresh(open_store)
+    await store.close()
+    old_check = "CHECK (status IN ('open', 'applied', 'failed', 'rejected'))"
+    run_sql(backend, [  # the rounds table as schema 4 created it, and no safety table
+        "PRAGMA foreign_keys=OFF", "BEGIN",
+        "CREATE TABLE old_rounds AS SELECT * FROM rounds",
+        "DROP TABLE rounds",
+        f"CREATE TABLE rounds (round INTEGER PRIMARY KEY, status TEXT NOT NULL {old_check}, "
+        "plan BLOB NOT NULL, closed_at REAL, reports INTEGER NOT NULL DEFAULT 0, loss REAL, "
+        "message TEXT NOT NULL DEFAULT '')",
+        "INSERT INTO rounds SELECT * FROM old_rounds",
+        "DROP TABLE old_rounds", "DROP TABLE safety",
+        "UPDATE meta SET value = '4' WHERE key = 'schema_version'",
+        "COMMIT",
+    ], postgres=[
+        "ALTER TABLE rounds DROP CONSTRAINT rounds_status_check",
+        f"ALTER TABLE rounds ADD CONSTRAINT rounds_status_check {old_check}",
+        "DROP TABLE safety",
+        "UPDATE meta SET value = '4' WHERE key = 'schema_version'",
+    ])
+    again = await open_store()
+    assert (await again.load(recent_deltas=4)).safety is None
+    await again.close_round(1, "checked", 3.0, 1, 1.0, "final check", safety=SafetyState())
+    snap = await again.load(recent_deltas=4)
+    assert [r.status for r in snap.rounds] == ["checked"] and snap.safety == SafetyState()

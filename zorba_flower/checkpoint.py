@@ -28,6 +28,7 @@ from zorba_server.config import ConfigError
 from zorba_server.engine import RoundEngine
 from zorba_server.members import Member
 from zorba_server.rounds import RoundPlan
+from zorba_server.safety_state import SafetyState, tables_at
 
 FORMAT = 2
 """2: every published delta (the TRAIN messages' history); 1 kept the engine's last few."""
@@ -86,6 +87,7 @@ def _state(engine: RoundEngine, run_id: str, plans: dict[int, RoundPlan],
             for r, plan in closed_rounds
         ],
         "open": engine.open.plan.to_record() if engine.open is not None else None,
+        "safety": engine.safety_state().to_record(),
     }
 
 
@@ -132,6 +134,10 @@ def restore(engine: RoundEngine, path: Path, now: float, plans: dict[int, RoundP
         plan = RoundPlan.from_record(r["plan"])
         plans[plan.round] = plan
         engine.restore_round(plan, r["status"], r["reports"], r["closed_at"], r["loss"], r["message"])
+    record = state.get("safety")  # (a checkpoint written before it kept none)
+    if record is not None and engine.alpha is not None:
+        engine.restore_safety(SafetyState.from_record(
+            record, tables_at(history, engine.alpha.shape, record["tables"])))
     engine.round_counter = max(engine.round_counter, state["round_counter"])
     abandoned = None
     if state["open"] is not None:
@@ -143,6 +149,5 @@ def restore(engine: RoundEngine, path: Path, now: float, plans: dict[int, RoundP
         if closure.delta is not None:
             history.append(closure.delta)
         abandoned = plan.round
-    max_rounds = engine.config.run.max_rounds
-    engine.finished = bool(max_rounds) and engine.version >= max_rounds
+    engine.finished = engine.run_end() is not None
     return Resumed(engine.version, engine.round_counter, abandoned)

@@ -317,8 +317,9 @@ class Coordinator:
         await self._store.insert_round(plan)
         engine.open_round(plan)
         self._changed.notify()
-        log.info("round %d open: %d clients, deadline in %.0f s", plan.round, len(plan.clients),
-                 self.config.run.round_duration_s)
+        log.info("round %d open: %d clients, deadline in %.0f s%s", plan.round, len(plan.clients),
+                 self.config.run.round_duration_s,
+                 f" (the final check of version {plan.base_version})" if plan.final_check else "")
         for cid, why in sorted(plan.excluded.items()):
             log.info("round %d: client %s left out: %s", plan.round, cid, why)
 
@@ -333,7 +334,8 @@ class Coordinator:
             await self._store.close_round(
                 closure.plan.round, outcome.status, closure.closed_at, outcome.reports,
                 outcome.loss, outcome.message, delta=closure.delta, alpha=closure.alpha,
-                calibrations=closure.calibrations, guard_outliers=closure.guard_outliers)
+                calibrations=closure.calibrations, guard_outliers=closure.guard_outliers,
+                safety=self.engine.safety_after(closure))
             self._after_close(closure)
         finally:
             self._closing = False

@@ -89,7 +89,7 @@ class RoundEngine(RoundPlanning, RoundClosing):
         self._plateau = Plateau(0, plan.step_decays)
         self.history.append(RoundRecord(plan.round, status, len(plan.clients), reports,
                                         plan.opened_at, closed_at, loss, message,
-                                        plan.schedule_method))
+                                        plan.schedule_method, plan.final_check))
 
     def reopen(self, plan: RoundPlan, received: Iterable[ReceivedReport]) -> None:
         """Resume a round that was open when the shell stopped, with its accepted reports."""

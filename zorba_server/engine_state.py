@@ -25,7 +25,8 @@ from zorba_server.config import ServerConfig
 from zorba_server.fluency_watch import FluencyVerdict, Fluent, Reference
 from zorba_server.loss_guard import Anchor, Plateau
 from zorba_server.modes import MODES, SolveFn
-from zorba_server.rounds import APPLIED, REJECTED, ReceivedReport, RoundPlan
+from zorba_server.rounds import APPLIED, CHECKED, FAILED, REJECTED, ReceivedReport, RoundPlan
+from zorba_server.safety_state import SafetyState
 from zorba_server.scheduler import Schedule
 from zorba_server.step_size import StepSize
 
@@ -77,6 +78,8 @@ class RoundRecord:
     loss: float | None
     message: str
     method: str
+    final_check: bool = False
+    """The round checked the final version (final_check.py), trained nothing."""
 
 
 class EngineState:
@@ -112,13 +115,11 @@ class EngineState:
         self._schedule_key: tuple[Any, ...] | None = None
         self._reference_losses: dict[str, float] = {}
         """Each client's mean loss in the last applied or rejected round it reported in (the
-        loss guard's reference; empty after a restart until a round closes)."""
+        loss guard's reference)."""
         self._anchor: Anchor | None = None
-        """The last version whose check losses did not rise (zorba_server/loss_guard.py; re-made
-        from the first round after a restart)."""
+        """The last version whose check losses did not rise (zorba_server/loss_guard.py)."""
         self._plateau = Plateau()
-        """Rounds without progress on the anchor, and the step cuts they made (after a
-        restart: the cuts the last stored plan carries, counting afresh)."""
+        """Rounds without progress on the anchor, and the step cuts they made."""
         self._previous: dict[str, frozenset[int]] = {}
         self.step_size = StepSize(run.lr, run.lr_scaling, run.trust_radius)
         """The one owner of the step size (zorba_server/step_size.py)."""
@@ -136,13 +137,14 @@ class EngineState:
         self.base_rms_ignored: tuple[str, ...] = ()
         """Clients whose base RMS disagreed with the values the run uses."""
         self.generic_references: dict[str, Reference] = {}
-        """The fluency watch's reference per client (zorba_server/fluency_watch.py; empty
-        after a restart, when each client's first value after it becomes its reference)."""
+        """The fluency watch's reference per client (zorba_server/fluency_watch.py)."""
         self.fluent: Fluent | None = None
-        """The last version the fluency watch found fluent (None: none judged since the
-        server started; a broken verdict then rolls back to the base model)."""
+        """The last version the fluency watch found fluent (None: none judged yet; a broken
+        verdict then rolls back to the base model)."""
         self.last_fluency: FluencyVerdict | None = None
         """The watch's last verdict, for the status page."""
+        # All of the safety rules' memory above is durable: a shell stores `safety_state()`
+        # with each round's close and a restarted engine takes it back (`restore_safety`).
 
     # ------------------------------------------------------------------ the model and its table
 
@@ -231,11 +233,31 @@ class EngineState:
     def counters(self) -> dict[str, int]:
         """The run's totals: reports booked, closed rounds by outcome (derived from the
         history, so they survive a restart), and this engine's scheduler runs."""
-        applied = self.rounds_applied
-        rejected = sum(1 for h in self.history if h.status == REJECTED)
-        return {"reports_accepted": self.reports_accepted, "rounds_applied": applied,
-                "rounds_rejected": rejected, "rounds_failed": len(self.history) - applied - rejected,
-                "schedules_solved": self.schedules_solved}
+        def closed(status: str) -> int:
+            return sum(1 for h in self.history if h.status == status)
+
+        return {"reports_accepted": self.reports_accepted, "rounds_applied": self.rounds_applied,
+                "rounds_rejected": closed(REJECTED), "rounds_failed": closed(FAILED),
+                "rounds_checked": closed(CHECKED), "schedules_solved": self.schedules_solved}
+
+    # ------------------------------------------------------------------ the safety rules' memory
+
+    def safety_state(self) -> SafetyState:
+        """What the loss guard and the fluency watch remember (safety_state.py)."""
+        return SafetyState(self._anchor, self.fluent, dict(self.generic_references),
+                           self._plateau, dict(self._reference_losses), self.last_fluency)
+
+    @property
+    def safety_measured(self) -> bool:
+        """Some client has sent what the safety rules read (a check or generic-text loss)."""
+        return self._anchor is not None or bool(self.generic_references)
+
+    def restore_safety(self, state: SafetyState) -> None:
+        """Take back what `safety_state` gave (after a round's close, or a restart)."""
+        self._anchor, self.fluent = state.anchor, state.fluent
+        self.generic_references = dict(state.references)
+        self._plateau, self._reference_losses = state.plateau, dict(state.reference_losses)
+        self.last_fluency = state.last_fluency
 
     # ------------------------------------------------------------------ the published deltas
 

@@ -173,6 +173,7 @@ class _RunCollector:
         rounds.add_metric(["applied"], c["rounds_applied"])
         rounds.add_metric(["rejected"], c["rounds_rejected"])
         rounds.add_metric(["failed"], c["rounds_failed"])
+        rounds.add_metric(["checked"], c["rounds_checked"])
         yield rounds
         yield counter("schedules_solved_total", "Scheduler runs.", c["schedules_solved"])
         yield counter("commit_batches_total", "Database transactions.", commits.batches)

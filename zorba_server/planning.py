@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from zorba_common.memory_model import usable_budget
-from zorba_server import calibration
+from zorba_server import calibration, final_check
 from zorba_server.engine_state import OpenRound
 from zorba_server.members import Member, Membership
 from zorba_server.pool_indices import round_pool_indices
@@ -35,25 +35,26 @@ class RoundPlanning(Membership):
         if self.open is not None or self.finished:
             return None
         run = self.config.run
+        final = final_check.due(run, self.safety_measured, self.rounds_applied)
         members = list(self.active_members(now) if members is None else members)
         if len(members) < run.min_clients:
-            self.idle_reason = (f"waiting for clients: {len(members)} active, {run.min_clients} "
-                                "needed to open a round")
+            self._idle(f"waiting for clients: {len(members)} active, {run.min_clients} needed to "
+                       "open a round", final)
             return None
         schedule = self._schedule(members)
         if schedule is None:
             return None
         if len(schedule.assignments) < run.min_reports:
             # Such a round could only fail: wait for more clients instead.
-            self.idle_reason = (
-                f"the scheduler admitted {len(schedule.assignments)} clients, fewer than "
-                f"min_reports={run.min_reports}: waiting for more clients")
+            self._idle(f"the scheduler admitted {len(schedule.assignments)} clients, fewer than "
+                       f"min_reports={run.min_reports}: waiting for more clients", final)
             return None
         clients = {
             m.client_id: ClientPlan(
                 schedule.assignments[m.client_id],
-                local_steps(m.step_time_s, self.compute_time_s(), min_steps=run.min_steps,
-                            max_steps=run.max_steps),
+                final_check.STEPS if final else local_steps(
+                    m.step_time_s, self.compute_time_s(), min_steps=run.min_steps,
+                    max_steps=run.max_steps),
                 self.lr_scale(schedule.assignments[m.client_id]))
             for m in members if m.client_id in schedule.assignments
         }
@@ -66,8 +67,11 @@ class RoundPlanning(Membership):
             clients=clients, excluded=dict(schedule.excluded_clients),
             uncovered_blocks=tuple(sorted(schedule.uncovered_blocks)),
             schedule_method=schedule.method, step_decays=self._plateau.step_decays,
-            measure_generic=self._asked_for_generic(clients),
+            measure_generic=self._asked_for_generic(clients), final_check=final,
         )
+
+    def _idle(self, reason: str, final: bool) -> None:
+        self.idle_reason = final_check.waiting(reason, self.version) if final else reason
 
     def _asked_for_generic(self, clients: Iterable[str]) -> frozenset[str]:
         """The clients the fluency watch asks for their generic-text loss: those that sent

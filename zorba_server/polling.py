@@ -31,7 +31,7 @@ def next_for(engine: RoundEngine, client_id: str, version: int, now: float) -> N
     if engine.finished:
         deltas, catch_up = engine.deltas_since(version)
         return NextRound(FINISHED, engine.version, None, deltas, catch_up,
-                         reason=f"the run finished after {engine.rounds_applied} applied rounds")
+                         reason=engine.idle_reason)
     r = engine.open
     if (r is None or client_id not in r.plan.clients or client_id in r.received
             or now >= r.plan.deadline):

@@ -73,5 +73,9 @@ def resume(engine: RoundEngine, snap: Snapshot, run: RunConfig, now: float) -> R
         engine.restore_round(r.plan, r.status, r.reports, r.closed_at, r.loss, r.message)
     if snap.rounds and snap.rounds[-1].status == OPEN:
         engine.reopen(snap.rounds[-1].plan, snap.open_reports)
-    engine.finished = bool(run.max_rounds) and engine.rounds_applied >= run.max_rounds
+    if snap.safety is not None:
+        engine.restore_safety(snap.safety)
+    end = engine.run_end()
+    if end is not None:
+        engine.finished, engine.idle_reason = True, end
     return out

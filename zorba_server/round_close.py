@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from zorba_common.messages import AlphaDelta
-from zorba_server import calibration, fluency_watch, loss_drift
+from zorba_server import calibration, final_check, fluency_watch, loss_drift
 from zorba_server import drift as drift_bound
 from zorba_server.aggregation import RoundDelta, apply_delta
 from zorba_server.engine_state import RoundRecord
@@ -25,13 +25,23 @@ from zorba_server.loss_guard import (
     QUARANTINE_ROUNDS,
     Anchor,
     Plateau,
+    Verdict,
     advance,
     judge,
     rollback_delta,
     training_loss_jump,
 )
 from zorba_server.members import Membership
-from zorba_server.rounds import APPLIED, REJECTED, ReceivedReport, RoundOutcome, RoundPlan, decide_round
+from zorba_server.rounds import (
+    APPLIED,
+    CHECKED,
+    REJECTED,
+    ReceivedReport,
+    RoundOutcome,
+    RoundPlan,
+    decide_round,
+)
+from zorba_server.safety_state import SafetyState
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,8 @@ class GuardResult:
     """The check losses came back to the anchor's (None: not judged)."""
     outliers: tuple[str, ...] = ()
     """Clients left out of the verdict: their change stood apart from the others'."""
+    verdict: Verdict | None = None
+    """The check losses' verdict (None: not judged)."""
 
 
 class RoundClosing(Membership):
@@ -136,21 +148,32 @@ class RoundClosing(Membership):
             # version, whatever the loss guard would say, and the step halved like its rollbacks.
             target = self.fluent or Fluent(0, np.zeros_like(self.alpha))
             change = rollback_delta(self.alpha, target.alpha)
+            why = fluency_watch.message(fluency, self.config.run.fluency_tolerance, target.version)
             outcome = dataclasses.replace(outcome, status=REJECTED, delta=None, message=(
-                f"{fluency_watch.message(fluency, self.config.run.fluency_tolerance, target.version)}"
-                f"; the step is halved to {self.step_size.after_backoff(*self._cuts()):.3g} for "
-                "the next rounds (lower run.lr, or set run.max_drift)"))
+                final_check.rejected(self.version, why, target.version) if plan.final_check else
+                f"{why}; the step is halved to {self.step_size.after_backoff(*self._cuts()):.3g} "
+                "for the next rounds (lower run.lr, or set run.max_drift)"))
             plateau = Plateau(0, plateau.step_decays)
             if self._anchor is not None and self._anchor.version > target.version:
                 anchor = self._anchor  # moved onto the rolled-back table below
         elif outcome.status == APPLIED:
-            guard = self._guard(checks, weights, r.received)
+            guard = self._guard(checks, weights, r.received, training=not plan.final_check)
             anchor, change, outliers = guard.anchor, guard.rollback, guard.outliers
             if guard.rejection is not None:
+                if guard.rollback is not None:  # the guard rejected the version itself:
+                    fluent = None  # no version for the watch to roll back to
+                target_version = self._anchor.version if self._anchor is not None else self.version
                 outcome = dataclasses.replace(outcome, status=REJECTED, delta=None, message=(
+                    final_check.rejected(self.version, guard.rejection, target_version)
+                    if plan.final_check else
                     f"{guard.rejection}; the step is halved to "
                     f"{self.step_size.after_backoff(*self._cuts()):.3g} for the next rounds"))
                 plateau = Plateau(0, plateau.step_decays)
+            elif plan.final_check:
+                # Sound: the run ends on this version; the round's own steps measured nothing
+                # anyone needs.
+                outcome = dataclasses.replace(outcome, status=CHECKED, delta=None, message=(
+                    final_check.passed(self.version, guard.verdict, fluency)))
             else:
                 change = outcome.delta
                 if change is not None and self.base_rms is not None and self.config.run.max_drift > 0:
@@ -167,6 +190,9 @@ class RoundClosing(Membership):
             if outliers:
                 outcome = dataclasses.replace(outcome, message=join_messages(
                     outcome.message, self._outlier_message(outliers, checks)))
+        elif plan.final_check:
+            outcome = dataclasses.replace(outcome, message=final_check.not_judged(
+                outcome.message, self.version))
         delta, alpha = None, None
         if change is not None:
             delta = AlphaDelta.from_matrix(self.version + 1, plan.round, change.pool_indices,
@@ -179,6 +205,20 @@ class RoundClosing(Membership):
         return RoundClosure(plan, outcome, delta, alpha, calibrations, now, tuple(sorted(r.received)),
                             {cid: rec.report.loss_mean for cid, rec in sorted(r.received.items())},
                             anchor, plateau, step_cut, outliers, references, fluency, fluent)
+
+    def safety_after(self, closure: RoundClosure) -> SafetyState:
+        """What the safety rules remember once `closure` is applied: what a durable shell
+        stores with the close (safety_state.py), and what `apply_close` takes on."""
+        losses = dict(self._reference_losses)
+        if closure.outcome.status in (APPLIED, REJECTED):
+            # A rejected round moved nothing, so its losses are those of the model as it is:
+            # the next round (at half the step) is judged against them. Judged against the
+            # last applied round instead, a run whose loss an applied round had already raised
+            # was rejected for good (SmolLM2 at lr 1e-3 on the simulator: rounds 2-4).
+            losses.update(closure.client_losses)
+        return SafetyState(closure.anchor or self._anchor, closure.fluent or self.fluent,
+                           dict(closure.generic_references), closure.plateau, losses,
+                           closure.fluency or self.last_fluency)
 
     def _watch_fluency(self, plan: RoundPlan, weights: dict[str, float]) -> tuple[
             dict[str, Reference], FluencyVerdict | None, Fluent | None]:
@@ -218,8 +258,9 @@ class RoundClosing(Membership):
                 "ignored by the guard for the rest of the run")
 
     def _guard(self, checks: dict[str, float], weights: dict[str, float],
-               received: dict[str, ReceivedReport]) -> GuardResult:
-        """The loss guard on an applicable round."""
+               received: dict[str, ReceivedReport], *, training: bool = True) -> GuardResult:
+        """The loss guard on an applicable round (`training` False: the round's own steps are
+        not judged, only the model its clients received: a final check's)."""
         assert self.alpha is not None
         run = self.config.run
         tolerance = run.loss_jump_tolerance
@@ -247,7 +288,7 @@ class RoundClosing(Membership):
                 "of run.lr from the next round). Rounds rejected again and again mean run.lr is "
                 "far too large for this model: lower it, or use run.estimator = 'normalised', "
                 "whose step does not grow with the model's gradient scale (docs/learning.md)"),
-                outliers=outliers)
+                outliers=outliers, verdict=verdict)
         anchor = None
         if checks and (self._anchor is None or verdict is None or verdict.improved):
             # An implausible value does not anchor: the next one is measured against the last
@@ -258,10 +299,10 @@ class RoundClosing(Membership):
         # the training losses do not: one client's few batches are noisy (a last step twice the
         # round's mean is common), and a rise they would catch shows in the next round's check
         # losses, which roll it back.
-        jump = None if checks else training_loss_jump(received, weights, self._reference_losses,
-                                                      tolerance)
+        jump = None if checks or not training else training_loss_jump(
+            received, weights, self._reference_losses, tolerance)
         return GuardResult(anchor, None, None if jump is None else f"{jump}: not applied",
-                           None if verdict is None else verdict.improved, outliers)
+                           None if verdict is None else verdict.improved, outliers, verdict)
 
     def apply_close(self, closure: RoundClosure) -> None:
         plan, outcome = closure.plan, closure.outcome
@@ -277,23 +318,10 @@ class RoundClosing(Membership):
         if closure.delta is not None and closure.alpha is not None:
             self.alpha, self.version = closure.alpha, closure.delta.version
             self.deltas.append(closure.delta)
-        if closure.anchor is not None:
-            self._anchor = closure.anchor
-        self.generic_references = closure.generic_references
-        if closure.fluency is not None:
-            self.last_fluency = closure.fluency
-        if closure.fluent is not None:
-            self.fluent = closure.fluent
+        self.restore_safety(self.safety_after(closure))
         for cid in closure.guard_outliers:
             if cid in self.members:
                 self.members[cid].guard_outlier_rounds += 1
-        self._plateau = closure.plateau
-        if closure.outcome.status in (APPLIED, REJECTED):
-            # A rejected round moved nothing, so its losses are those of the model as it is:
-            # the next round (at half the step) is judged against them. Judged against the
-            # last applied round instead, a run whose loss an applied round had already raised
-            # was rejected for good (SmolLM2 at lr 1e-3 on the simulator: rounds 2-4).
-            self._reference_losses.update(closure.client_losses)
         for cid, value in closure.calibrations.items():
             if cid in self.members:
                 self.members[cid].calibration = value
@@ -301,12 +329,17 @@ class RoundClosing(Membership):
         self.last_plan = plan
         self.history.append(RoundRecord(plan.round, outcome.status, len(plan.clients),
                                         outcome.reports, plan.opened_at, closure.closed_at,
-                                        outcome.loss, outcome.message, plan.schedule_method))
+                                        outcome.loss, outcome.message, plan.schedule_method,
+                                        plan.final_check))
         self.open = None
-        max_rounds = self.config.run.max_rounds
-        if max_rounds and self.rounds_applied >= max_rounds:
-            self.finished = True
-            self.idle_reason = f"the run finished after {self.rounds_applied} applied rounds"
+        end = self.run_end()
+        if end is not None:
+            self.finished, self.idle_reason = True, end
+
+    def run_end(self) -> str | None:
+        """Why the run is over (None: it is not; final_check.py)."""
+        return final_check.run_end(self.config.run, self.safety_measured, self.rounds_applied,
+                                   self.history)
 
 
 def join_messages(*parts: str) -> str:

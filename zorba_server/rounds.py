@@ -31,6 +31,7 @@ from zorba_server.config import AggregationConfig
 
 # Re-exported: a round's record and its readers name the statuses through this module.
 from zorba_server.round_status import APPLIED as APPLIED  # noqa: I001
+from zorba_server.round_status import CHECKED as CHECKED
 from zorba_server.round_status import FAILED as FAILED
 from zorba_server.round_status import OPEN as OPEN
 from zorba_server.round_status import REJECTED as REJECTED
@@ -84,6 +85,9 @@ class RoundPlan:
     (kept with the plan, so a restarted server continues at the same step)."""
     measure_generic: frozenset[str] = frozenset()
     """Clients asked for their generic-text loss (the fluency watch)."""
+    final_check: bool = False
+    """The round checks the final version: its clients' check and generic-text losses judge
+    it, its steps are never applied (zorba_server/final_check.py)."""
 
     def assignment_for(self, client_id: str, now: float) -> Assignment:
         plan = self.clients[client_id]
@@ -118,6 +122,7 @@ class RoundPlan:
             "schedule_method": self.schedule_method,
             "step_decays": self.step_decays,
             "measure_generic": sorted(self.measure_generic),
+            "final_check": self.final_check,
         }
 
     @staticmethod
@@ -141,6 +146,7 @@ class RoundPlan:
             step_decays=rec.get("step_decays", 0),
             # Plans stored before the fluency watch asked nobody.
             measure_generic=frozenset(rec.get("measure_generic", ())),
+            final_check=bool(rec.get("final_check", False)),  # stored before it: none was
         )
 
 

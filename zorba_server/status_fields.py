@@ -37,7 +37,8 @@ STATUS_FIELDS: dict[str, str] = {
     "num_blocks": "B, columns of the table (0 until the model is pinned).",
     "model_fingerprint": "The pinned model's fingerprint (null until the first registration).",
     "version": "The table's version: published deltas (applied rounds and rollbacks).",
-    "finished": "The run reached run.max_rounds applied rounds.",
+    "finished": "The run reached run.max_rounds applied rounds and ended on a judged version "
+                "(its final check closed `checked` or rolled back; zorba_server/final_check.py).",
     "state": "`round open`, or why no round is open (what the server waits for).",
     "current_round": "The open round (null when none is open).",
     "current_round.round": "Its number.",
@@ -49,6 +50,8 @@ STATUS_FIELDS: dict[str, str] = {
     "current_round.excluded": "Clients the scheduler left out -> why, and what would let them in.",
     "current_round.uncovered_blocks": "Blocks no admitted client could train this round.",
     "current_round.schedule_method": "How its assignment was solved (`milp`, a heuristic, a baseline).",
+    "current_round.final_check": "It checks the final version (one step per client, never "
+                                 "applied; zorba_server/final_check.py).",
     "block_coverage": "Per block: clients training it in the open (else the last) round.",
     "block_energy": "Each block's estimated E[g_b^2] (zorba_server/block_energy.py).",
     "block_energy.e_g2": "The estimate per block (empty: none yet).",
@@ -101,7 +104,7 @@ STATUS_FIELDS: dict[str, str] = {
     "rounds": "The latest closed rounds (at most 500), oldest first.",
     "rounds[].round": "Its number.",
     "rounds[].status": "`applied`, `rejected` (the loss guard or the fluency watch rolled it "
-                       "back) or `failed`.",
+                       "back), `checked` (a final check found the final version sound) or `failed`.",
     "rounds[].assigned": "Clients assigned.",
     "rounds[].reports": "Reports aggregated (or counted, when it failed).",
     "rounds[].loss": "The reports' mean training loss (null: none).",
@@ -116,5 +119,6 @@ STATUS_FIELDS: dict[str, str] = {
     "counters.rounds_rejected": "Rounds the loss guard or the fluency watch rejected (and rolled "
                                 "back).",
     "counters.rounds_failed": "Rounds with too few reports.",
+    "counters.rounds_checked": "Final checks that found the final version sound (0 or 1).",
     "counters.schedules_solved": "Scheduler runs by this server process.",
 }

@@ -28,8 +28,10 @@ def render(status: dict[str, Any]) -> str:
         + "</p>",
     ]
     if current is not None:
+        final = (f": the final check of version {current['base_version']}"
+                 if current.get("final_check") else "")
         parts.append(
-            f"<h2>Round {current['round']}</h2><p>{current['reported']} of {current['assigned']} "
+            f"<h2>Round {current['round']}{final}</h2><p>{current['reported']} of {current['assigned']} "
             f"reports ({current['pending']} committing), deadline in "
             f"{current['deadline_in_s']:.0f} s, schedule by {e(current['schedule_method'])}</p>"
         )

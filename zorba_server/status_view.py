@@ -25,7 +25,7 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
             "deadline_in_s": engine.time_left(now), "assigned": len(plan.clients),
             "reported": len(r.received), "pending": pending,
             "excluded": dict(plan.excluded), "uncovered_blocks": list(plan.uncovered_blocks),
-            "schedule_method": plan.schedule_method,
+            "schedule_method": plan.schedule_method, "final_check": plan.final_check,
         }
     num_blocks = engine.footprint.num_blocks if engine.footprint else 0
     coverage = [0] * num_blocks

@@ -38,6 +38,7 @@ from zorba_common.messages import (
 from zorba_common.weight_files import VERSION_HEADER, WEIGHTS_CONTENT_TYPE
 from zorba_edge.client.backoff import Backoff
 from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
+from zorba_edge.client.older_server import unknown_fields, without_unknown
 
 log = logging.getLogger("zorba_edge.client")
 M = TypeVar("M")
@@ -128,8 +129,20 @@ class ServerClient:
     # ------------------------------------------------------------------------ endpoints
 
     async def register(self, request: RegisterRequest) -> RegisterResponse:
-        return await self._call("POST", "/v1/clients", RegisterResponse, body=encode(request),
-                                auth=False)
+        """Register; an older server that refuses an optional profile field it does not know
+        is asked again without it (older_server.py)."""
+        try:
+            return await self._call("POST", "/v1/clients", RegisterResponse, body=encode(request),
+                                    auth=False)
+        except ServerRefusedError as exc:
+            plainer = without_unknown(request, exc)
+            if plainer is None:
+                raise
+            log.warning("the server does not know the profile field(s) %s (an older zorba-server): "
+                        "registering without them; its drift bound gets no base-weight RMS from "
+                        "this client", ", ".join(unknown_fields(exc)))
+            return await self._call("POST", "/v1/clients", RegisterResponse,
+                                    body=encode(plainer), auth=False)
 
     async def next_round(self, version: int, wait_s: float) -> NextRound:
         query = {"version": str(version), "wait": f"{wait_s:g}"}

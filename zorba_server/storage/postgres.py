@@ -64,7 +64,8 @@ def connect(conninfo: str) -> PgConnection:
         sql.check_schema_version(conn, where,
                                  {1: lambda: _widen_round_status(conn),
                                   2: lambda: sql.add_report_bytes(conn, "BIGINT"),
-                                  3: lambda: sql.add_guard_outliers(conn)})
+                                  3: lambda: sql.add_guard_outliers(conn),
+                                  4: lambda: _widen_round_status(conn)})
         conn.execute("COMMIT")
     except BaseException:
         raw.close()
@@ -73,8 +74,8 @@ def connect(conninfo: str) -> PgConnection:
 
 
 def _widen_round_status(conn: PgConnection) -> None:
-    """Schema 1 -> 2 (inside connect's transaction): the rounds table's status constraint
-    admits `rejected`."""
+    """Schema 1 -> 2 and 4 -> 5 (inside connect's transaction): the rounds table's status
+    constraint admits every status of ROUND_STATUS_CHECK (`rejected`, then `checked`)."""
     conn.execute("ALTER TABLE rounds DROP CONSTRAINT IF EXISTS rounds_status_check")
     conn.execute(f"ALTER TABLE rounds ADD CONSTRAINT rounds_status_check {sql.ROUND_STATUS_CHECK}")
 

@@ -13,7 +13,7 @@ transaction:
   alpha holds a round's increments iff that round's status is `applied`.
 
 The tables are written once too (`schema`); the stores differ only in column types.
-A table added later (`departures`) is created IF NOT EXISTS when a store opens, so a database
+A table added later (`departures`, `safety`) is created IF NOT EXISTS when a store opens, so a database
 of an older server gains it without a schema version change; a changed table needs a new
 SCHEMA_VERSION and a migration step (`check_schema_version`).
 """
@@ -29,7 +29,8 @@ import numpy as np
 from zorba_common.codec import decode, encode
 from zorba_common.memory_model import ModelFootprint
 from zorba_common.messages import AlphaDelta, DeviceProfile, Report
-from zorba_server.rounds import APPLIED, FAILED, OPEN, REJECTED, ReceivedReport, RoundPlan
+from zorba_server.rounds import APPLIED, CHECKED, FAILED, OPEN, REJECTED, ReceivedReport, RoundPlan
+from zorba_server.safety_state import SafetyState, tables_at
 from zorba_server.storage import integrity
 from zorba_server.storage.errors import (
     AlreadyPinnedError,
@@ -40,14 +41,17 @@ from zorba_server.storage.errors import (
 from zorba_server.storage.store import ClientReports, ModelPin, Snapshot, StoredClient, StoredRound
 from zorba_server.traffic import RoundBytes
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """2: rounds may close as `rejected` (the loss guard); schema 1 refused that status.
 3: a report's row holds the body bytes of the client's round it ended (`REPORT_BYTES`).
 4: a client's row counts the rounds in which the loss guard found its check loss implausible
-(`guard_outlier_rounds`: its quarantine outlives a restart)."""
+(`guard_outlier_rounds`: its quarantine outlives a restart).
+5: rounds may close as `checked` (the final check, zorba_server/final_check.py); the `safety`
+table (created when missing) holds what the safety rules remember (safety_state.py)."""
 REPORT_BYTES = ("bytes_up", "bytes_down")
 """The reports table's columns of `RoundBytes` (NULL in rows stored before schema 3)."""
-ROUND_STATUS_CHECK = f"CHECK (status IN ({', '.join(repr(s) for s in (OPEN, APPLIED, FAILED, REJECTED))}))"
+ROUND_STATUS_CHECK = ("CHECK (status IN ("
+                      f"{', '.join(repr(s) for s in (OPEN, APPLIED, FAILED, REJECTED, CHECKED))}))")
 """The rounds table's status constraint, one text for both stores and their migrations."""
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -99,6 +103,10 @@ CREATE TABLE IF NOT EXISTS increments (
     version INTEGER PRIMARY KEY,
     round INTEGER NOT NULL UNIQUE REFERENCES rounds (round),
     delta {blob} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS safety (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    state {blob} NOT NULL
 );
 """
 """The tables, with `{blob}`, `{real}` and `{bigint}` for the column types the stores name
@@ -281,7 +289,20 @@ def _load(conn: Connection, recent_deltas: int) -> Snapshot:
         client_reports[cid] = ClientReports(int(counts[cid]), last.loss_mean,
                                             last.peak_memory_bytes, traffic)
     return Snapshot(run_id, seed, pool_size, created_at, fingerprint, footprint, version, alpha,
-                    clients, rounds, open_reports, deltas, client_reports)
+                    clients, rounds, open_reports, deltas, client_reports,
+                    _load_safety(conn, alpha))
+
+
+def _load_safety(conn: Connection, alpha: np.ndarray | None) -> SafetyState | None:
+    """The stored safety state, its tables replayed from the increments (safety_state.py)."""
+    row = conn.execute("SELECT state FROM safety WHERE id = 1").fetchone()
+    if row is None or alpha is None:
+        return None
+    record = msgpack.unpackb(bytes(row[0]), strict_map_key=False)
+    last = max(record["tables"], default=0)
+    deltas = (decode(AlphaDelta, bytes(blob), max_bytes=_UNLIMITED) for (blob,) in conn.execute(
+        "SELECT delta FROM increments WHERE version <= ? ORDER BY version", (last,)))
+    return SafetyState.from_record(record, tables_at(deltas, alpha.shape, record["tables"]))
 
 
 def read_reports(conn: Connection) -> list[tuple[int, ReceivedReport]]:
@@ -382,12 +403,13 @@ def close_round(conn: Connection, round_: int, status: str, closed_at: float, re
                 loss: float | None, message: str, *, delta: AlphaDelta | None = None,
                 alpha: np.ndarray | None = None,
                 calibrations: dict[str, float] | None = None,
-                guard_outliers: Sequence[str] = ()) -> None:
+                guard_outliers: Sequence[str] = (), safety: SafetyState | None = None) -> None:
     """Close a round; with a delta (an applied round's, or a rejected round's rollback), the
-    increment and the new alpha in the same transaction, as are the clients' calibrations and
-    one more outlier round for each client the loss guard left out of the verdict."""
-    if status not in (APPLIED, FAILED, REJECTED):
-        raise ValueError(f"a round closes as applied or failed, not {status!r}")
+    increment and the new alpha in the same transaction, as are the clients' calibrations,
+    one more outlier round for each client the loss guard left out of the verdict, and what
+    the safety rules remember after it."""
+    if status not in (APPLIED, FAILED, REJECTED, CHECKED):
+        raise ValueError(f"a round closes as applied, rejected, checked or failed, not {status!r}")
     updated = conn.execute(
         "UPDATE rounds SET status = ?, closed_at = ?, reports = ?, loss = ?, message = ?"
         " WHERE round = ? AND status = 'open'",
@@ -410,6 +432,10 @@ def close_round(conn: Connection, round_: int, status: str, closed_at: float, re
     for client_id in guard_outliers:
         conn.execute("UPDATE clients SET guard_outlier_rounds = guard_outlier_rounds + 1"
                      " WHERE client_id = ?", (client_id,))
+    if safety is not None:
+        conn.execute("INSERT INTO safety (id, state) VALUES (1, ?)"
+                     " ON CONFLICT (id) DO UPDATE SET state = excluded.state",
+                     (msgpack.packb(safety.to_record()),))
 
 
 def _alpha_blob(alpha: np.ndarray) -> bytes:

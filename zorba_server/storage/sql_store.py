@@ -14,6 +14,7 @@ import numpy as np
 from zorba_common.memory_model import ModelFootprint
 from zorba_common.messages import AlphaDelta, DeviceProfile
 from zorba_server.rounds import ReceivedReport, RoundPlan
+from zorba_server.safety_state import SafetyState
 from zorba_server.storage import sql
 from zorba_server.storage.committer import Committer
 from zorba_server.storage.store import CommitStats, ModelPin, Snapshot, StoredReport
@@ -114,8 +115,10 @@ class SqlStore:
                     loss: float | None, message: str, *, delta: AlphaDelta | None = None,
                     alpha: np.ndarray | None = None,
                     calibrations: dict[str, float] | None = None,
-                    guard_outliers: Sequence[str] = ()) -> Awaitable[None]:
+                    guard_outliers: Sequence[str] = (),
+                    safety: SafetyState | None = None) -> Awaitable[None]:
         return self._write(partial(sql.close_round, round_=round_, status=status,
                                    closed_at=closed_at, reports=reports, loss=loss,
                                    message=message, delta=delta, alpha=alpha,
-                                   calibrations=calibrations, guard_outliers=guard_outliers))
+                                   calibrations=calibrations, guard_outliers=guard_outliers,
+                                   safety=safety))

@@ -37,9 +37,10 @@ def connect(path: str | Path, synchronous: str = "full") -> sqlite3.Connection:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(SCHEMA)
         sql.check_schema_version(conn, str(path), {
-            1: lambda: _rebuild_rounds_table(conn),
+            1: lambda: _rebuild_rounds_table(conn, 2),
             2: lambda: _stamped(conn, 3, lambda: sql.add_report_bytes(conn, "INTEGER")),
-            3: lambda: _stamped(conn, 4, lambda: sql.add_guard_outliers(conn))})
+            3: lambda: _stamped(conn, 4, lambda: sql.add_guard_outliers(conn)),
+            4: lambda: _rebuild_rounds_table(conn, 5)})
     except BaseException:
         conn.close()
         raise
@@ -63,10 +64,11 @@ def check_existing(conn: sqlite3.Connection, where: str) -> integrity.Checked | 
         raise integrity.refuse(where, f"SQLite cannot read it ({exc})") from None
 
 
-def _rebuild_rounds_table(conn: sqlite3.Connection) -> None:
-    """Schema 1 -> 2: SQLite cannot alter a CHECK constraint, so the rounds table is rebuilt
-    with the new one and its rows copied, in one transaction (SQLite's documented procedure:
-    foreign keys off meanwhile, checked before the commit)."""
+def _rebuild_rounds_table(conn: sqlite3.Connection, version: int) -> None:
+    """Schema 1 -> 2 and 4 -> 5 (a round status more): SQLite cannot alter a CHECK
+    constraint, so the rounds table is rebuilt with the new one and its rows copied, in one
+    transaction with the stamp `version` (SQLite's documented procedure: foreign keys off
+    meanwhile, checked before the commit)."""
     start = SCHEMA.index("CREATE TABLE IF NOT EXISTS rounds (")
     create = SCHEMA[start : SCHEMA.index(";", start)]
     conn.execute("PRAGMA foreign_keys=OFF")
@@ -78,7 +80,7 @@ def _rebuild_rounds_table(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE rounds_v2 RENAME TO rounds")
         if conn.execute("PRAGMA foreign_key_check").fetchone() is not None:
             raise sqlite3.IntegrityError("rebuilding the rounds table broke a foreign key")
-        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

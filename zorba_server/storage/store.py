@@ -23,6 +23,7 @@ import numpy as np
 from zorba_common.memory_model import ModelFootprint
 from zorba_common.messages import AlphaDelta, DeviceProfile
 from zorba_server.rounds import ReceivedReport, RoundPlan
+from zorba_server.safety_state import SafetyState
 from zorba_server.traffic import RoundBytes
 
 ALL_DELTAS = 1 << 62
@@ -70,6 +71,9 @@ class Snapshot:
     """The most recent increments, oldest first."""
     client_reports: dict[str, ClientReports] = field(default_factory=dict)
     """What each client has reported over the run (for the counters a restart must keep)."""
+    safety: SafetyState | None = None
+    """What the safety rules remembered at the last close (None: nothing stored: no round
+    closed yet, or a database of an older server)."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,9 @@ class Store(Protocol):
                     loss: float | None, message: str, *, delta: AlphaDelta | None = None,
                     alpha: np.ndarray | None = None,
                     calibrations: dict[str, float] | None = None,
-                    guard_outliers: Sequence[str] = ()) -> Awaitable[None]:
+                    guard_outliers: Sequence[str] = (),
+                    safety: SafetyState | None = None) -> Awaitable[None]:
         """Close a round once (RoundNotOpenError after); an applied one writes its increment,
         the new alpha and the clients' calibrations in the same transaction, and each client
-        in `guard_outliers` counts one more outlier round (`guard_outlier_rounds`)."""
+        in `guard_outliers` counts one more outlier round (`guard_outlier_rounds`); `safety`,
+        what the safety rules remember after the close, replaces the stored one."""
