@@ -14,6 +14,19 @@ from __future__ import annotations
 
 MAX_READOUT_DIRECTIONS = 64
 """Most readout directions a batch may measure (as run.directions)."""
+READOUT_LR = 1e-2
+"""The readout's step per scalar (run.readout_lr): benchmarks/readout_potential.py measured
+1e-2 best of 1e-3 and 1e-2 at the run's trust radius 0.03, which bounds the step in nearly
+every batch (docs/learning.md, "The label readout")."""
+
+READOUT_DIRECTIONS_HELP = ("the label readout as a block of the run: directions per batch on the LM "
+                           "head's rows of the label tokens (one more column of alpha, held by every "
+                           "client of a classification run), scored from the batch's first forward "
+                           "at no forward of their own; 0: off (1..64)")
+"""run.readout_directions's meaning, as every command that takes --readout-directions explains it."""
+READOUT_LR_HELP = ("the label readout's step: alpha[k, R] += readout_lr x g per readout scalar "
+                   "(the trust region bounds it relative to the rows' RMS)")
+"""run.readout_lr's meaning, as every command that takes --readout-lr explains it."""
 
 
 def readout_block(num_blocks: int) -> int:

@@ -380,7 +380,7 @@ class Simulation:
                              lr=lr, loss_check=loss_check)
         published = record.version != (self.records[-1].version if self.records else 0)
         if self.engine.base_rms is not None and self.engine.alpha is not None:
-            record.drift_max = float(block_drift(self.engine.alpha, self.engine.base_rms).max())
+            record.drift_max = float(block_drift(self.engine.body_alpha(), self.engine.base_rms).max())
         self.records.append(record)
         # Evaluated whenever the round moved the model: an applied round, or the loss guard's
         # rollback (a rejected round that publishes the way back).
