@@ -77,6 +77,13 @@ class LabelReadout(nn.Module):
         """Make `head`'s output at the label columns `h @ rows.T`; remove the handle to undo."""
         return head.register_forward_hook(self._replace_label_logits)
 
+    @torch.no_grad()
+    def reset_(self, head: nn.Module) -> None:
+        """The rows back to `head`'s (the base model's: the run never moves the head)."""
+        weight = head.weight
+        assert isinstance(weight, torch.Tensor)  # __init__ refused a head without one
+        self.rows.copy_(weight.detach()[self.token_ids].to(torch.float32))
+
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Block R's named tensors, as a `BlockTensors` entry holds a block's."""
         return [(READOUT_TENSOR, self.rows)]
