@@ -42,9 +42,18 @@ def client_readout(model: nn.Module, run: RunInfo, task: LocalTask,
     if task.kind != CLASSIFICATION:
         log.warning(LM_TASK_MESSAGE.format(n=run.hyper.readout_directions))
         return None
+    return table_readout(model, task, table, run.seed, run.num_blocks)
+
+
+def table_readout(model: nn.Module, task: LocalTask, table: CoefficientTable, run_seed: int,
+                  num_blocks: int) -> LabelReadout | None:
+    """The readout a table's column R gives `model` (attached), or None where the table has no
+    readout column or the task no label words: what an evaluation of base + alpha scores."""
+    if table.num_blocks != num_blocks + 1 or task.kind != CLASSIFICATION:
+        return None
     readout, _ = attach_readout(model, readout_tokens(task))
-    block = readout_block(run.num_blocks)
-    materialize_block_(readout.tensors(), run.seed, block, table.column(block))
+    block = readout_block(num_blocks)
+    materialize_block_(readout.tensors(), run_seed, block, table.column(block))
     return readout
 
 
