@@ -154,10 +154,10 @@ class RunConfig:
     was chosen for (Gemma 3's are ~60x SmolLM2's) and leaves a step within it unchanged
     (docs/learning.md, "The trust region")."""
     readout_directions: int = 0
-    """The label readout as a block of the run: READOUT_DIRECTIONS_HELP (zorba_common/readout.py;
-    docs/learning.md, "The label readout in the run")."""
+    """Label-readout directions per batch (0: off; 1..64): the head's label rows as column R of
+    alpha, held by every client of a classification run, scored from each batch's first forward."""
     readout_lr: float = READOUT_LR
-    """READOUT_LR_HELP; cut with lr by the loss guard and the plateau rule, not lr_scaling's."""
+    """The readout's step: alpha[k, R] += readout_lr x g per scalar (cut with lr; no lr_scaling)."""
     lr_scaling: str = "none"
     """`none`: one lr for every client; `dimension`: each client's step is lr x (mean block
     size / parameters it perturbs), so `lr` is the step of a client holding one average block
