@@ -94,3 +94,21 @@ def rows_of(sim: Any) -> LabelReadout:
     training = sim.training
     assert isinstance(training, ZOClients) and training.readout is not None
     return training.readout
+
+
+def test_a_readout_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_does(
+        tmp_path: Path) -> None:
+    from test_simulator import build
+
+    readout = {"readout_directions": 4, "readout_lr": 0.05}
+    whole = build(tmp_path / "whole", rounds=3, **readout)
+    whole.run()
+    interrupted = build(tmp_path / "cut", rounds=3, **readout)
+    interrupted.run(checkpoint_dir=tmp_path / "ckpt", stop_after=2)
+    resumed = build(tmp_path / "cut2", rounds=3, **readout)
+    assert resumed.load_checkpoint(tmp_path / "ckpt")
+    resumed.run(checkpoint_dir=tmp_path / "ckpt")
+    assert whole.engine.alpha is not None
+    assert np.count_nonzero(whole.engine.alpha[:, readout_block(whole.loaded.num_blocks)]) > 0
+    assert resumed.alpha_hash() == whole.alpha_hash()
+    assert torch.equal(rows_of(resumed).rows, rows_of(whole).rows)

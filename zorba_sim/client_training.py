@@ -33,6 +33,10 @@ class ClientTraining(Protocol):
     def begin_round(self) -> None:
         """A round opens: the model holds the round's global state."""
 
+    def held_beside_blocks(self) -> dict[int, NamedTensors]:
+        """Tensors every client holds beside the model's blocks, by block index: the label
+        readout's rows (block R) where the run has one; what a checkpoint keeps with them."""
+
     def weights_down_bytes(self, client_id: str, assignment: Assignment) -> int:
         """Bytes the client downloads besides the NextRound message."""
 
@@ -87,12 +91,12 @@ class ZOClients:
     def blocks(self) -> BlockTensors:
         """The model's blocks, and the readout's rows as block R where it is held: what a
         closed round's increments move."""
-        return {**self.body(), **self._readout()}
+        return {**self.body(), **self.held_beside_blocks()}
 
     def body(self) -> dict[int, NamedTensors]:
         return {b: self.loaded.trainable_parameters(b) for b in range(self.loaded.num_blocks)}
 
-    def _readout(self) -> dict[int, NamedTensors]:
+    def held_beside_blocks(self) -> dict[int, NamedTensors]:
         if self.readout is None:
             return {}
         return {readout_block(self.loaded.num_blocks): self.readout.tensors()}

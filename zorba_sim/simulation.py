@@ -252,6 +252,11 @@ class Simulation:
     def all_blocks(self) -> BlockTensors:
         return {b: self.loaded.trainable_parameters(b) for b in range(self.loaded.num_blocks)}
 
+    def checkpointed(self) -> BlockTensors:
+        """What a checkpoint keeps of the model: every block, and what the clients hold beside
+        them (the label readout's rows, block R)."""
+        return {**self.all_blocks(), **self.training.held_beside_blocks()}
+
     def measure_step_s(self, steps: int = 3) -> float:
         """Median seconds of one step of the mode's local loop on this machine, every block
         held (on a probe copy of a client's task, so no client's batch order moves; the model
@@ -461,7 +466,7 @@ class Simulation:
             f.flush()
             os.fsync(f.fileno())
         tensors = {f"{b}/{name}": t.detach().to("cpu").contiguous()
-                   for b, named in self.all_blocks().items() for name, t in named}
+                   for b, named in self.checkpointed().items() for name, t in named}
         save_file(tensors, str(partial / "blocks.safetensors"))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(partial, target)
@@ -496,7 +501,7 @@ class Simulation:
             client.task._samplers, client.rng, client.version = samplers, rng, version
         saved = load_file(str(folder / "blocks.safetensors"))
         with torch.no_grad():
-            for b, named in self.all_blocks().items():
+            for b, named in self.checkpointed().items():
                 for name, tensor in named:
                     tensor.copy_(saved[f"{b}/{name}"])
         return True
