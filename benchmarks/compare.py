@@ -54,6 +54,7 @@ HARNESSES = ("simulator", "processes")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from zorba_common.readout import READOUT_DIRECTIONS_HELP, READOUT_LR_HELP
     from zorba_common.run_defaults import DTYPES, ESTIMATORS, SIM_MODES
     from zorba_lab.compare.simulator import REFERENCE_FORWARD_S, CompareSetting
     from zorba_server.aggregation_rules import RULES, rules_help
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zeroth-order estimator, every mode (default %(default)s, the quickstart's)")
     p.add_argument("--directions", type=int, default=d.run.directions,
                    help="directions per batch (default %(default)s, the quickstart's)")
+    p.add_argument("--readout-directions", type=int, default=d.run.readout_directions, metavar="N",
+                   help=f"{READOUT_DIRECTIONS_HELP} (default %(default)s)")
+    p.add_argument("--readout-lr", type=float, default=d.run.readout_lr,
+                   help=f"{READOUT_LR_HELP} (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.run.batch_size, help="default %(default)s")
     p.add_argument("--seq-len", type=int, default=d.run.seq_len, help="default %(default)s")
     p.add_argument("--pool-size", type=int, default=d.run.pool_size, help="default %(default)s")
@@ -147,6 +152,7 @@ def resolve(args: argparse.Namespace) -> tuple[Any, str]:
             fedavg_lr=args.fedavg_lr, scheduler_objective=args.scheduler_objective,
             mu=args.mu, estimator=args.estimator,
             directions=args.directions, batch_size=args.batch_size, seq_len=args.seq_len,
+            readout_directions=args.readout_directions, readout_lr=args.readout_lr,
             pool_size=args.pool_size, round_duration_s=args.round_duration,
             reference_step_s=args.reference_step_s, fedavg_step_s=args.fedavg_step_s,
             frozen_dtype=args.frozen_dtype,

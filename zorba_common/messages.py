@@ -28,6 +28,7 @@ from zorba_common.limits import (
     MAX_STEPS_PER_REPORT,
 )
 from zorba_common.memory_model import MemorySettings, ModelFootprint
+from zorba_common.readout import MAX_READOUT_DIRECTIONS, READOUT_LR
 from zorba_common.run_defaults import ANTITHETIC, DTYPES, ESTIMATORS, RUN_MODES, ZORBA
 
 PROTOCOL_VERSION = 1
@@ -172,6 +173,17 @@ class HyperParams:
         "make, as a fraction of the RMS of the client's perturbed weight matrices; a longer "
         "step is scaled down to it, its reported scalars with it (0: no limit; a client of an "
         "older server, which sends no field, takes no limit).", ge=0))
+    readout_directions: int = field(default=0, metadata=wire(
+        "Directions measured on the label readout (the LM head's rows of the label tokens, "
+        "column R = num_blocks of alpha) per batch, every client of a classification run "
+        "holding it besides its blocks; all scored from the batch's first forward's head "
+        "inputs, no forward of their own (0: the readout is off and alpha has num_blocks "
+        "columns; left out while 0).", ge=0, le=MAX_READOUT_DIRECTIONS, omit_default=True))
+    readout_lr: float = field(default=READOUT_LR, metadata=wire(
+        "Step of the readout: alpha[k, R] gains readout_lr x g per readout scalar, and the "
+        "client's rows move by readout_lr x sum g z (the trust region bounds it as a body "
+        "step, relative to the rows' RMS). Left out while at its default.", gt=0,
+        omit_default=True))
 
 
 @dataclass(frozen=True)
@@ -346,6 +358,13 @@ class Report:
         "fluency watch tells whether the run still leaves a language model (docs/learning.md, "
         "the fluency watch). Left out while nil (not measured).", unit="nats", ge=0,
         le=MAX_LOSS, omit_default=True))
+    readout_steps: tuple[tuple[int, float], ...] = field(default=(), metadata=wire(
+        "(k, g) per pool index of the label readout's directions (block R = num_blocks), "
+        "summed over the round's batches: each k one of the assignment's pool indices, at most "
+        "once. Present only where the assignment's hyper has readout_directions > 0 and the "
+        "client's task is a classification; each g finite with |g| <= the run's "
+        "max_abs_scalar. Left out while empty.",
+        max_len=MAX_STEPS_PER_REPORT, gradient=True, omit_default=True))
 
     def __post_init__(self) -> None:
         if not self.idempotency_key:

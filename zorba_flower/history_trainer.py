@@ -29,7 +29,7 @@ import torch
 
 from zorba_common.messages import AlphaDelta, AlphaState, RunInfo
 from zorba_edge.client.local_task import LocalTask
-from zorba_edge.client.trainer import LocalTrainer, SyncError, advance_table
+from zorba_edge.client.trainer import LocalTrainer, SyncError, advance_table, run_table_columns
 from zorba_edge.engine.coefficients import (
     AlphaIncrement,
     CoefficientTable,
@@ -85,7 +85,8 @@ class HistoryTrainer(LocalTrainer):
 
     def _start_over(self) -> None:
         self.loaded = None
-        self.table = CoefficientTable(self.run.pool_size, self.run.num_blocks)
+        self.table = CoefficientTable(self.run.pool_size, run_table_columns(self.run))
+        self.readout = None
         self.history, self._rounds, self._built = [], [], {}
         release_freed_memory()
 
@@ -93,7 +94,8 @@ class HistoryTrainer(LocalTrainer):
         """Every block held at the training precision, trainable or frozen."""
         loaded = self.loaded
         assert loaded is not None
-        return {b: loaded.exact_parameters(b) for b in range(loaded.num_blocks) if loaded.exact(b)}
+        return {**{b: loaded.exact_parameters(b) for b in range(loaded.num_blocks) if loaded.exact(b)},
+                **self._readout()}
 
     def apply_deltas(self, deltas: Iterable[AlphaDelta], progress: Progress | None = None) -> None:
         raise SyncError("a HistoryTrainer moves by follow(history), the run's whole history")

@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from zorba_common.readout import READOUT_DIRECTIONS_HELP, READOUT_LR_HELP
 from zorba_common.roles import docs_location, version_text
 from zorba_common.run_defaults import DTYPES, ESTIMATORS
 from zorba_edge.client.byte_sizes import format_size, parse_size
@@ -92,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--directions", type=int, default=run.directions,
                    help="directions measured on each batch; one-sided: they share one unperturbed "
                    "forward (default %(default)s)")
+    p.add_argument("--readout-directions", type=int, default=run.readout_directions, metavar="N",
+                   help=f"{READOUT_DIRECTIONS_HELP} (default %(default)s)")
+    p.add_argument("--readout-lr", type=float, default=run.readout_lr,
+                   help=f"{READOUT_LR_HELP} (default %(default)s)")
     p.add_argument("--plateau-rounds", type=int, default=run.plateau_rounds, metavar="N",
                    help=f"{PLATEAU_ROUNDS_HELP} (default %(default)s)")
     p.add_argument("--pool-slices", choices=POOL_SLICES, default=run.pool_slices,
@@ -131,6 +136,7 @@ def plan_from_args(args: argparse.Namespace, out_dir: Path) -> FederationPlan:
         batch_size=args.batch_size, seq_len=args.seq_len, pool_size=args.pool_size,
         round_duration_s=args.round_duration, max_steps=args.max_steps, max_rounds=args.rounds,
         estimator=args.estimator, directions=args.directions, plateau_rounds=args.plateau_rounds,
+        readout_directions=args.readout_directions, readout_lr=args.readout_lr,
         pool_slices=args.pool_slices,
         minutes=args.minutes, seed=args.seed, data_seed=args.data_seed,
         dirichlet_alpha=args.dirichlet_alpha, threads=args.threads,

@@ -27,11 +27,15 @@ import torch
 
 from zorba_common.errors import ZorbaError
 from zorba_common.messages import AlphaDelta
+from zorba_common.readout import readout_block
 from zorba_common.run_defaults import FEDAVG, RUN_MODES
 from zorba_common.weight_files import default_weights_dir, parse_key, version_path
+from zorba_edge.data.batches import IGNORE_INDEX
 from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_
+from zorba_edge.engine.directions import BlockTensors, NamedTensors
 from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model
+from zorba_edge.model.readout import LabelReadout, attach_readout
 from zorba_lab.record import RecordError, read_record
 
 if TYPE_CHECKING:
@@ -126,18 +130,36 @@ def load_replay_model(source: ModelSource) -> LoadedModel:
     return load_model(source, range(num_blocks), REPLAY_LOAD)
 
 
-def _all_blocks(loaded: LoadedModel) -> dict[int, list[tuple[str, torch.nn.Parameter]]]:
-    return {b: loaded.trainable_parameters(b) for b in range(loaded.num_blocks)}
+def _all_blocks(loaded: LoadedModel, readout: LabelReadout | None = None) -> BlockTensors:
+    blocks: dict[int, NamedTensors] = {b: loaded.trainable_parameters(b) for b in range(loaded.num_blocks)}
+    if readout is not None:
+        blocks[readout_block(loaded.num_blocks)] = readout.tensors()
+    return blocks
 
 
-def apply_delta_(loaded: LoadedModel, seed: int, applied: AppliedVersion) -> None:
-    """Sync as a client does (client/trainer.py `apply_deltas`): one direction per entry."""
+def replay_readout(loaded: LoadedModel, db_path: Path,
+                   batches: Sequence[ClassificationBatch]) -> LabelReadout | None:
+    """The label readout attached to `loaded` at the base head's rows where the record's
+    increments move one (column R, zorba_common.readout), for `apply_delta_` to move; its
+    tokens are the batches' label words'."""
+    column = readout_block(loaded.num_blocks)
+    if not batches or not any(column in v.delta.blocks for v in applied_versions(db_path)):
+        return None
+    words = batches[0].label_tokens
+    readout, _ = attach_readout(loaded.model, sorted(set(words[words != IGNORE_INDEX].tolist())))
+    return readout
+
+
+def apply_delta_(loaded: LoadedModel, seed: int, applied: AppliedVersion,
+                 readout: LabelReadout | None = None) -> None:
+    """Sync as a client does (client/trainer.py `apply_deltas`): one direction per entry
+    (the readout's rows too, where the run has one)."""
     delta = applied.delta
     if delta.version != applied.version:
         raise ReplayError(f"the increment stored as version {applied.version} says it is "
                           f"version {delta.version}")
     increments = [AlphaIncrement(k, b, v) for k, b, v in delta.entries()]
-    apply_increments_(_all_blocks(loaded), seed, increments)
+    apply_increments_(_all_blocks(loaded, readout), seed, increments)
 
 
 @torch.no_grad()
@@ -176,7 +198,8 @@ def load_weights_(loaded: LoadedModel, path: Path) -> None:
                           f"blocks.{b}.{name}: fedavg weights cover every block")
 
 
-def replay_versions(loaded: LoadedModel, db_path: Path, mode: str) -> Iterator[AppliedVersion]:
+def replay_versions(loaded: LoadedModel, db_path: Path, mode: str,
+                    readout: LabelReadout | None = None) -> Iterator[AppliedVersion]:
     """Bring `loaded` (at the base weights) to each applied version in turn, yielding each.
 
     The model holds that version's weights while the caller has the yielded value.
@@ -192,7 +215,7 @@ def replay_versions(loaded: LoadedModel, db_path: Path, mode: str) -> Iterator[A
         return
     seed = run_seed(db_path)
     for applied in versions:
-        apply_delta_(loaded, seed, applied)
+        apply_delta_(loaded, seed, applied, readout)
         yield applied
 
 
@@ -222,7 +245,8 @@ def replay(db_path: Path, mode: str, source: ModelSource,
     points = [_evaluate(loaded, batches, 0, 0, None)]
     apply_s = 0.0
     stepping = time.perf_counter()
-    for applied in replay_versions(loaded, db_path, mode):
+    readout = None if mode == FEDAVG else replay_readout(loaded, db_path, batches)
+    for applied in replay_versions(loaded, db_path, mode, readout):
         apply_s += time.perf_counter() - stepping
         if applied.version in chosen:
             points.append(_evaluate(loaded, batches, applied.version, applied.round,

@@ -24,6 +24,7 @@ from typing import Any
 from zorba_common.errors import ZorbaError
 from zorba_common.fluency import FLUENCY_TOLERANCE
 from zorba_common.memory_model import MEMORY_HEADROOM, ModelFootprint
+from zorba_common.readout import MAX_READOUT_DIRECTIONS, READOUT_LR
 from zorba_common.run_defaults import BATCH_SIZE, ESTIMATORS, NORMALISED, ONE_SIDED, SEQ_LEN, ZORBA
 from zorba_server.aggregation_rules import RULES, VOTING_RULES
 from zorba_server.enrolment import MIN_SECRET_CHARS
@@ -152,6 +153,11 @@ class RunConfig:
     down to it (0: off). It bounds the step on a model whose gradients are far larger than lr
     was chosen for (Gemma 3's are ~60x SmolLM2's) and leaves a step within it unchanged
     (docs/learning.md, "The trust region")."""
+    readout_directions: int = 0
+    """Label-readout directions per batch (0: off; 1..64): the head's label rows as column R of
+    alpha, held by every client of a classification run, scored from each batch's first forward."""
+    readout_lr: float = READOUT_LR
+    """The readout's step: alpha[k, R] += readout_lr x g per scalar (cut with lr; no lr_scaling)."""
     lr_scaling: str = "none"
     """`none`: one lr for every client; `dimension`: each client's step is lr x (mean block
     size / parameters it perturbs), so `lr` is the step of a client holding one average block
@@ -241,6 +247,8 @@ class RunConfig:
             (self.estimator in ESTIMATORS,
              f"run.estimator={self.estimator!r}: use one of {', '.join(ESTIMATORS)}"),
             (1 <= self.directions <= 64, "run.directions must be in 1..64"),
+            (0 <= self.readout_directions <= MAX_READOUT_DIRECTIONS, "run.readout_directions: 0..64"),
+            (math.isfinite(self.readout_lr) and self.readout_lr > 0, "run.readout_lr must be finite and > 0"),
             (self.estimator != NORMALISED or self.directions >= 2,
              "run.estimator='normalised' divides by the spread of a batch's differences: it "
              "needs run.directions >= 2"),

@@ -38,7 +38,8 @@ from zorba_server.aggregation import RoundDelta
 
 
 def block_drift(alpha: np.ndarray, base_rms: Sequence[float]) -> np.ndarray:
-    """(blocks,) |theta_b - theta0_b| / |theta0_b| for the table `alpha` (K x B)."""
+    """(blocks,) |theta_b - theta0_b| / |theta0_b| for the table `alpha` (K x B: the body's
+    columns, without a label readout's, `EngineState.body_alpha`)."""
     rms = np.asarray(base_rms, dtype=np.float64)
     if rms.shape != (alpha.shape[1],) or not np.all(rms > 0):
         raise ValueError(f"give one positive base RMS per block ({alpha.shape[1]}), got {rms.shape}")
@@ -67,6 +68,8 @@ def bounded(alpha: np.ndarray, change: RoundDelta, base_rms: Sequence[float],
     values = change.values.astype(np.float64)
     scales: dict[int, float] = {}
     for j, b in enumerate(change.blocks):
+        if b >= len(base_rms):
+            continue  # the label readout's column: not a block with base weights to drift from
         column, step = alpha[:, b].astype(np.float64), values[:, j]
         s = _largest_step(float(column @ column), float(column[rows] @ step), float(step @ step),
                           max_drift * float(base_rms[b]))

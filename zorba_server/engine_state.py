@@ -18,6 +18,7 @@ import numpy as np
 
 from zorba_common.memory_model import ModelFootprint
 from zorba_common.messages import AlphaDelta, AlphaState, DeviceProfile, HyperParams, RunInfo
+from zorba_common.readout import readout_block, table_columns
 from zorba_server import errors
 from zorba_server.block_energy import BlockEnergy
 from zorba_server.block_signal import BlockSignal, SignalEstimate
@@ -153,7 +154,7 @@ class EngineState:
         """Fix the run's model and its coefficient table (zeros unless given); returns the
         table, for a shell to store."""
         if alpha is None:
-            alpha = np.zeros((self.pool_size, footprint.num_blocks))
+            alpha = np.zeros((self.pool_size, self.table_columns(footprint)))
         self.fingerprint, self.footprint, self.alpha = fingerprint, footprint, alpha
         self.energy = BlockEnergy(footprint.block_params)
         self.signal = BlockSignal(footprint.num_blocks)
@@ -166,6 +167,23 @@ class EngineState:
             return None
         return self.pin(profile.model_fingerprint, profile.footprint)
 
+    def table_columns(self, footprint: ModelFootprint) -> int:
+        """The table's columns for the model: its blocks, and the label readout's when on."""
+        return table_columns(footprint.num_blocks, self.config.run.readout_directions)
+
+    def body_alpha(self) -> np.ndarray:
+        """The table's columns of the model's blocks (without the readout's), a view; the
+        model must be pinned."""
+        assert self.alpha is not None and self.footprint is not None
+        return self.alpha[:, : self.footprint.num_blocks]
+
+    def readout_block(self) -> int | None:
+        """The readout's column R (zorba_common.readout), None while it is off or no model is
+        pinned."""
+        if self.footprint is None or self.config.run.readout_directions <= 0:
+            return None
+        return readout_block(self.footprint.num_blocks)
+
     def unpin(self) -> None:
         self.fingerprint = self.footprint = self.alpha = None
 
@@ -176,8 +194,14 @@ class EngineState:
 
     def hyper(self) -> HyperParams:
         run = self.config.run
-        return HyperParams(self.step_size.round_lr(*self._cuts()), run.mu, run.batch_size,
-                           run.seq_len, run.estimator, run.directions, self.step_size.trust_radius)
+        cuts = self._cuts()
+        # The readout's step is cut with lr (the loss guard, the plateau rule), not scaled by
+        # lr_scaling, which weighs the body's blocks.
+        return HyperParams(self.step_size.round_lr(*cuts), run.mu, run.batch_size,
+                           run.seq_len, run.estimator, run.directions, self.step_size.trust_radius,
+                           run.readout_directions,
+                           run.readout_lr * self.step_size.factor(*cuts) if run.readout_directions
+                           else run.readout_lr)
 
     def _cuts(self) -> tuple[tuple[str, ...], int]:
         """(the closed rounds' statuses, plateau cuts): the loss guard's rejections and
@@ -220,7 +244,7 @@ class EngineState:
         if self.alpha is None or self.footprint is None:
             raise errors.conflict(
                 "model_not_pinned", "no client has registered a model yet: the table has no shape")
-        return AlphaState(run_id, self.version, self.pool_size, self.footprint.num_blocks,
+        return AlphaState(run_id, self.version, self.pool_size, self.alpha.shape[1],
                           np.ascontiguousarray(self.alpha, dtype="<f8").tobytes())
 
     @property

@@ -51,6 +51,13 @@ def resume(engine: RoundEngine, snap: Snapshot, run: RunConfig, now: float) -> R
     out = Resumed(snap.run_id or "", snap.created_at)
     engine.version = snap.version
     if snap.model_fingerprint and snap.footprint is not None and snap.alpha is not None:
+        columns = engine.table_columns(snap.footprint)
+        if snap.alpha.shape[1] != columns:
+            raise ConfigError(
+                f"run {snap.run_id}'s coefficient table has {snap.alpha.shape[1]} columns, and "
+                f"run.readout_directions = {run.readout_directions} needs {columns}: the label "
+                "readout is on or off for a whole run; keep the run's setting or start a new run "
+                "with another storage.path")
         engine.pin(snap.model_fingerprint, snap.footprint, snap.alpha)
     engine.deltas.extend(snap.deltas)
     for c in snap.clients:

@@ -137,7 +137,8 @@ class RoundClosing(Membership):
         plan = r.plan
         weights = {cid: self._sample_weight(cid) for cid in plan.clients}
         outcome = decide_round(plan, r.received, weights, min_reports=self.config.run.min_reports,
-                               aggregation=self.config.aggregation)
+                               aggregation=self.config.aggregation,
+                               readout_block=self.readout_block())
         checks = {cid: rec.report.loss_check for cid, rec in sorted(r.received.items())
                   if rec.report.loss_check is not None and weights[cid] > 0}
         anchor, change, plateau, step_cut = None, None, self._plateau, False

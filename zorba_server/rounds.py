@@ -113,7 +113,8 @@ class RoundPlan:
             "opened_at": self.opened_at,
             "deadline": self.deadline,
             "hyper": [self.hyper.lr, self.hyper.mu, self.hyper.batch_size, self.hyper.seq_len,
-                      self.hyper.estimator, self.hyper.directions, self.hyper.trust_radius],
+                      self.hyper.estimator, self.hyper.directions, self.hyper.trust_radius,
+                      self.hyper.readout_directions, self.hyper.readout_lr],
             "pool_indices": list(self.pool_indices),
             "clients": {cid: [list(p.blocks), p.num_steps, p.lr_scale, p.first_step]
                         for cid, p in self.clients.items()},
@@ -128,7 +129,8 @@ class RoundPlan:
     @staticmethod
     def from_record(rec: Mapping[str, Any]) -> RoundPlan:
         # Plans stored before the estimator was a setting have 4 entries (antithetic, n = 1),
-        # before the trust region 6 (no region, as their clients were told).
+        # before the trust region 6 (no region, as their clients were told), before the label
+        # readout 7 (no readout).
         lr, mu, batch_size, seq_len, *estimator = rec["hyper"]
         return RoundPlan(
             round=rec["round"],
@@ -220,12 +222,43 @@ def check_report(plan: RoundPlan, client_id: str, report: Report, *, max_abs_sca
         check_scalars(report.steps, max_abs_scalar)
     except InvalidScalarError as exc:
         raise errors.unprocessable("invalid_scalar", str(exc)) from None
+    _check_readout_steps(plan, own, report, max_abs_scalar)
+
+
+def _check_readout_steps(plan: RoundPlan, own: ClientPlan, report: Report,
+                         max_abs_scalar: float) -> None:
+    """The label readout's scalars: only where the round asked for them, each k one of the
+    client's pool indices at most once, each g a valid scalar."""
+    if not report.readout_steps:
+        return
+    if plan.hyper.readout_directions <= 0:
+        raise errors.unprocessable(
+            "wrong_steps", f"round {plan.round} measures no label readout (readout_directions "
+            "0): send no readout_steps")
+    ks = [k for k, _ in report.readout_steps]
+    stray = sorted(set(ks) - set(plan.pool_indices[own.steps()]))
+    if stray:
+        raise errors.unprocessable(
+            "wrong_steps", f"readout_steps name pool index {stray[0]}, which is not one of the "
+            "assignment's pool_indices")
+    if len(set(ks)) != len(ks):
+        raise errors.unprocessable(
+            "wrong_steps", "readout_steps name a pool index twice: sum its scalars into one")
+    try:
+        check_scalars(report.readout_steps, max_abs_scalar)
+    except InvalidScalarError as exc:
+        raise errors.unprocessable("invalid_scalar", f"readout_steps: {exc}") from None
 
 
 def decide_round(plan: RoundPlan, reports: Mapping[str, ReceivedReport],
                  weights: Mapping[str, float], *, min_reports: int,
-                 aggregation: AggregationConfig) -> RoundOutcome:
-    """Decide a closing round's fate and, when it applies, its increments."""
+                 aggregation: AggregationConfig, readout_block: int | None = None) -> RoundOutcome:
+    """Decide a closing round's fate and, when it applies, its increments.
+
+    `readout_block`: the label readout's column R (zorba_common.readout) when the run has one.
+    A report's readout scalars are a second contribution of its client, to block R alone, at
+    the round's readout step (lr x readout_lr / lr): the rule (mean, median, ...) treats them
+    as every block's, and the delta carries column R with the body's."""
     count = len(reports)
     loss = _weighted_loss(reports, weights)
     if count < min_reports:
@@ -240,6 +273,11 @@ def decide_round(plan: RoundPlan, reports: Mapping[str, ReceivedReport],
                      plan.clients[cid].lr_scale)
         for cid, r in reports.items()
     ]
+    if readout_block is not None:
+        readout_scale = plan.hyper.readout_lr / plan.hyper.lr
+        contributions += [Contribution(cid, (readout_block,), weights[cid], r.report.readout_steps,
+                                       readout_scale)
+                          for cid, r in reports.items() if r.report.readout_steps]
     delta = aggregate(contributions, plan.hyper.lr, aggregation)
     return RoundOutcome(
         plan.round, APPLIED, count,

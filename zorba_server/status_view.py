@@ -58,7 +58,7 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
         "block_energy": _block_energy(engine),
         "block_signal": _block_signal(engine),
         "block_drift": (None if engine.base_rms is None or engine.alpha is None else
-                        [round(float(d), 5) for d in block_drift(engine.alpha, engine.base_rms)]),
+                        [round(float(d), 5) for d in block_drift(engine.body_alpha(), engine.base_rms)]),
         "block_base_rms": None if engine.base_rms is None else list(engine.base_rms),
         "fluency": _fluency(engine),
         "clients": [

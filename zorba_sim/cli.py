@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from zorba_common.errors import ZorbaError
+from zorba_common.readout import READOUT_DIRECTIONS_HELP, READOUT_LR_HELP
 from zorba_common.roles import docs_location, version_text
 from zorba_common.run_defaults import (
     CENTRAL_MEZO,
@@ -229,6 +230,11 @@ def parser() -> argparse.ArgumentParser:
                    help=f"{POOL_SLICES_HELP} (default %(default)s)")
     g.add_argument("--directions", type=_number(int), default=d.run.directions,
                    help="directions measured on each batch (default %(default)s)")
+    g.add_argument("--readout-directions", type=_number(int, strict=False),
+                   default=d.run.readout_directions, metavar="N",
+                   help=f"{READOUT_DIRECTIONS_HELP} (default %(default)s)")
+    g.add_argument("--readout-lr", type=_number(float), default=d.run.readout_lr,
+                   help=f"{READOUT_LR_HELP} (default %(default)s)")
     g.add_argument("--batch-size", type=_number(int), default=d.run.batch_size,
                    help="examples per step (default %(default)s)")
     g.add_argument("--seq-len", type=_number(int), default=d.run.seq_len,

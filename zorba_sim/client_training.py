@@ -14,12 +14,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from zorba_common.messages import Assignment, RunInfo
+from zorba_common.readout import readout_block
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.trainer import LocalRoundResult, StepGate, first_steps, run_local_steps
 from zorba_edge.engine.coefficients import AlphaIncrement, apply_increments_
-from zorba_edge.engine.directions import BlockTensors
+from zorba_edge.engine.directions import BlockTensors, NamedTensors
 from zorba_edge.engine.snapshot import SnapshotBuffers
 from zorba_edge.model.loading import LoadedModel
+from zorba_edge.model.readout import LabelReadout
 from zorba_server.engine import RoundClosure, RoundEngine
 
 
@@ -30,6 +32,10 @@ class ClientTraining(Protocol):
 
     def begin_round(self) -> None:
         """A round opens: the model holds the round's global state."""
+
+    def held_beside_blocks(self) -> dict[int, NamedTensors]:
+        """Tensors every client holds beside the model's blocks, by block index: the label
+        readout's rows (block R) where the run has one; what a checkpoint keeps with them."""
 
     def weights_down_bytes(self, client_id: str, assignment: Assignment) -> int:
         """Bytes the client downloads besides the NextRound message."""
@@ -68,18 +74,32 @@ class ZOClients:
     allocation and heap trim keep its measured footprint small, and no virtual device
     measures one; neither changes a value."""
 
-    def __init__(self, loaded: LoadedModel, run_seed: int, device: str) -> None:
+    def __init__(self, loaded: LoadedModel, run_seed: int, device: str,
+                 readout: LabelReadout | None = None) -> None:
+        """`readout`: the label readout attached to the model where the run measures one
+        (zorba_edge.client.readout_setup.client_readout): every client holds it, block R."""
         self.loaded, self.run_seed, self.device = loaded, run_seed, device
+        self.readout = readout
         self.snapshot_buffers = SnapshotBuffers()
 
     def _run(self, blocks: BlockTensors, task: LocalTask, assignment: Assignment, info: RunInfo,
              on_step: StepGate | None = None) -> LocalRoundResult:
         return run_local_steps(self.loaded.model, blocks, task, assignment, info, self.device,
                                on_step=on_step, snapshot_buffers=self.snapshot_buffers,
-                               release_memory=False)
+                               release_memory=False, readout=self.readout)
 
     def blocks(self) -> BlockTensors:
+        """The model's blocks, and the readout's rows as block R where it is held: what a
+        closed round's increments move."""
+        return {**self.body(), **self.held_beside_blocks()}
+
+    def body(self) -> dict[int, NamedTensors]:
         return {b: self.loaded.trainable_parameters(b) for b in range(self.loaded.num_blocks)}
+
+    def held_beside_blocks(self) -> dict[int, NamedTensors]:
+        if self.readout is None:
+            return {}
+        return {readout_block(self.loaded.num_blocks): self.readout.tensors()}
 
     def probe_step_s(self, task: LocalTask, engine: RoundEngine, info: RunInfo) -> float:
         hyper = engine.hyper()  # one batch: every estimator measures its directions
@@ -87,7 +107,7 @@ class ZOClients:
                            blocks=tuple(range(self.loaded.num_blocks)),
                            pool_indices=tuple(range(hyper.directions)),
                            hyper=hyper, deadline_in_s=0.0, deadline_unix=0.0)
-        return self._run(self.blocks(), task, probe, info).step_time_s
+        return self._run(self.body(), task, probe, info).step_time_s
 
     def begin_round(self) -> None:
         pass
@@ -100,7 +120,7 @@ class ZOClients:
 
     def train(self, client_id: str, task: LocalTask, assignment: Assignment, info: RunInfo,
               take: int, reports: bool) -> LocalRoundResult:
-        blocks = self.blocks()
+        blocks = self.body()
         return self._run({b: blocks[b] for b in assignment.blocks}, task, assignment, info,
                          first_steps(take))
 

@@ -27,6 +27,7 @@ from zorba_common.weight_files import tensor_key
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.modes.fedavg_training import run_adamw_steps
 from zorba_edge.client.trainer import LocalRoundResult, first_steps
+from zorba_edge.engine.directions import NamedTensors
 from zorba_edge.model.loading import LoadedModel
 from zorba_server.engine import RoundClosure, RoundEngine
 from zorba_server.weight_store import weighted_average
@@ -83,6 +84,9 @@ class FedAvgClients:
                                    self.device).step_time_s
         finally:
             self.install(before)
+
+    def held_beside_blocks(self) -> dict[int, NamedTensors]:
+        return {}  # fedavg trains the blocks' weights alone
 
     def begin_round(self) -> None:
         self._global = self.weights()

@@ -47,15 +47,18 @@ from zorba_common.messages import TRAIN, Assignment, DeviceProfile, MemoryProfil
 from zorba_common.run_defaults import CENTRAL_MEZO, CPU_FROZEN_DTYPE, FEDZO_FULL
 from zorba_edge.client.assembly import client_task_seed, footprint_of
 from zorba_edge.client.local_task import LocalTask
+from zorba_edge.client.readout_setup import client_readout
 from zorba_edge.data.examples import ClassificationExample
 from zorba_edge.data.splits import dirichlet_label_split
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
 from zorba_edge.engine.bias_floor import FIT_EXAMPLES, bias_floor_accuracy, score_examples
+from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.engine.directions import BlockTensors
 from zorba_edge.engine.fluency import generic_batch, generic_loss
 from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.model.base_rms import tensors_rms
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model
+from zorba_edge.model.readout import LabelReadout
 from zorba_edge.model.sources import ModelSource
 from zorba_server.config import MAX_STEPS, ServerConfig
 from zorba_server.drift import block_drift
@@ -225,7 +228,8 @@ class Simulation:
         batches = [b.to(config.device) for b in heldout_task.batches(eval_batch_size, run.seq_len)]
         training: ClientTraining = (
             FedAvgClients(loaded, config.device) if engine.weights_only
-            else ZOClients(loaded, run.seed, config.device))
+            else ZOClients(loaded, run.seed, config.device,
+                           _readout(loaded.model, engine, heldout_task)))
         sim = cls(config, source, engine, loaded, clients, batches, training, reference_step_s=0.0)
         if not engine.weights_only:
             # What run.max_drift is relative to; the watch's reference is the base model's loss.
@@ -247,6 +251,11 @@ class Simulation:
 
     def all_blocks(self) -> BlockTensors:
         return {b: self.loaded.trainable_parameters(b) for b in range(self.loaded.num_blocks)}
+
+    def checkpointed(self) -> BlockTensors:
+        """What a checkpoint keeps of the model: every block, and what the clients hold beside
+        them (the label readout's rows, block R)."""
+        return {**self.all_blocks(), **self.training.held_beside_blocks()}
 
     def measure_step_s(self, steps: int = 3) -> float:
         """Median seconds of one step of the mode's local loop on this machine, every block
@@ -313,7 +322,7 @@ class Simulation:
             down = len(encode(NextRound(TRAIN, engine.version, assignment, deltas, catch_up)))
             down += training.weights_down_bytes(cid, assignment)
             if catch_up:
-                down += 8 * engine.pool_size * (engine.footprint.num_blocks if engine.footprint else 0)
+                down += 8 * (engine.alpha.size if engine.alpha is not None else 0)
             client.version = engine.version
             step_s = self.reference_step_s / client.device.speed
             planned = len(assignment.pool_indices)
@@ -380,7 +389,7 @@ class Simulation:
                              lr=lr, loss_check=loss_check)
         published = record.version != (self.records[-1].version if self.records else 0)
         if self.engine.base_rms is not None and self.engine.alpha is not None:
-            record.drift_max = float(block_drift(self.engine.alpha, self.engine.base_rms).max())
+            record.drift_max = float(block_drift(self.engine.body_alpha(), self.engine.base_rms).max())
         self.records.append(record)
         # Evaluated whenever the round moved the model: an applied round, or the loss guard's
         # rollback (a rejected round that publishes the way back).
@@ -457,7 +466,7 @@ class Simulation:
             f.flush()
             os.fsync(f.fileno())
         tensors = {f"{b}/{name}": t.detach().to("cpu").contiguous()
-                   for b, named in self.all_blocks().items() for name, t in named}
+                   for b, named in self.checkpointed().items() for name, t in named}
         save_file(tensors, str(partial / "blocks.safetensors"))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(partial, target)
@@ -492,7 +501,7 @@ class Simulation:
             client.task._samplers, client.rng, client.version = samplers, rng, version
         saved = load_file(str(folder / "blocks.safetensors"))
         with torch.no_grad():
-            for b, named in self.all_blocks().items():
+            for b, named in self.checkpointed().items():
                 for name, tensor in named:
                     tensor.copy_(saved[f"{b}/{name}"])
         return True
@@ -520,11 +529,22 @@ def central_mezo(fleet: Fleet, server: ServerConfig) -> tuple[Fleet, ServerConfi
 
 
 def _report_bytes(assignment: Assignment, steps: int) -> int:
-    """The encoded size of a report of `steps` steps (what the client must leave time for)."""
+    """The encoded size of a report of `steps` steps (what the client must leave time for),
+    with as many readout scalars where the round measures the readout."""
+    ks = tuple((k, 0.0) for k in assignment.pool_indices[:steps])
     probe = Report(idempotency_key="x" * 32, base_version=assignment.base_version,
-                   steps=tuple((k, 0.0) for k in assignment.pool_indices[:steps]), num_samples=1,
-                   loss_mean=0.0, loss_last=0.0, peak_memory_bytes=0, step_time_s=1.0)
+                   steps=ks, num_samples=1, loss_mean=0.0, loss_last=0.0, peak_memory_bytes=0,
+                   step_time_s=1.0, readout_steps=ks if assignment.hyper.readout_directions else ())
     return len(encode(probe))
+
+
+def _readout(model: torch.nn.Module, engine: RoundEngine, task: LocalTask) -> LabelReadout | None:
+    """The label readout every virtual client holds where the run measures one (the fleet
+    shares one template, so one readout; rows from the table's column R)."""
+    assert engine.alpha is not None
+    info = engine.run_info("simulation")
+    table = CoefficientTable(engine.pool_size, engine.alpha.shape[1], engine.alpha, engine.version)
+    return client_readout(model, info, task, table)
 
 
 def _seconds(num_bytes: float, mbps: float) -> float:

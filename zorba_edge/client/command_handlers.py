@@ -48,6 +48,7 @@ from zorba_edge.client.progress import ProgressReporter
 from zorba_edge.client.state import StateStore, default_state_path
 from zorba_edge.client.transport import ServerClient, normalize_url
 from zorba_edge.data.splits import small_share_warning
+from zorba_edge.data.templates import PromptTemplate, label_token_ids
 from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.model.base_rms import BlockRMS, read_base_rms
 from zorba_edge.model.loading import LoadConfig
@@ -394,20 +395,24 @@ async def _run_daemon(url: str, args: argparse.Namespace, store: StateStore,
 
 
 def _write_model(args: argparse.Namespace, source: ModelSource, table: CoefficientTable,
-                 seed: int) -> Path:
-    """base + alpha to args.out as args.format (checkpoint or gguf)."""
+                 seed: int, template: PromptTemplate) -> Path:
+    """base + alpha to args.out as args.format (checkpoint or gguf); a run with a label readout
+    gets an untied head with the rows of `template`'s label words."""
     from zorba_edge.model.quantize import torch_dtype
 
+    tokens = None
+    if table.num_blocks > getattr(source.config, "num_hidden_layers", table.num_blocks):
+        tokens = sorted({t for word in label_token_ids(source.tokenizer(), template) for t in word})
     with ProgressReporter("exporting blocks") as progress:
         if args.format == "gguf":
             from zorba_edge.model.gguf_export import export_gguf
 
             return export_gguf(source, table, seed, args.out, gguf_type=args.gguf_type,
-                               progress=progress)
+                               progress=progress, readout_tokens=tokens)
         from zorba_edge.model.export import export_checkpoint
 
         return export_checkpoint(source, table, seed, args.out, dtype=torch_dtype(args.dtype),
-                                 progress=progress)
+                                 progress=progress, readout_tokens=tokens)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -423,13 +428,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         # The check `run` makes at registration: another base would give another model.
         assembly.check_model(state.run, source)
     log.info("run %s at alpha version %d", remote.run_id, remote.table.version)
+    words = [f" {w}" for w in args.label_words] if args.label_words else None
+    template = assembly.make_template(args.labels, words, args.prompt_suffix, None)
     if args.format == "run":
-        words = [f" {w}" for w in args.label_words] if args.label_words else None
-        template = assembly.make_template(args.labels, words, args.prompt_suffix, None)
         out = write_run_file(RunFile(remote.run_id, source.fingerprint, remote.seed, remote.table,
                                      template, base_name=source.path.name), args.out)
     else:
-        out = _write_model(args, source, remote.table, remote.seed)
+        out = _write_model(args, source, remote.table, remote.seed, template)
     print(f"exported run {remote.run_id} at alpha version {remote.table.version} to {out}")
     return EXIT_OK
 
@@ -441,7 +446,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     run = read_run_file(args.run_file)
     source = assembly.open_model(args.model, args.tokenizer)
     run.check_base(source.fingerprint, args.model or "the packaged model")
-    out = _write_model(args, source, run.table, run.seed)
+    out = _write_model(args, source, run.table, run.seed, run.template)
     template = run.template
     print(f"applied run {run.run_id} at alpha version {run.table.version} to {out}\n"
           f"its task: prompt {template.prefix!r} + text + {template.suffix!r}, then the label words "

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from zorba_edge.client.errors import UsageError
 from zorba_edge.client.local_task import CLASSIFICATION, LocalTask
+from zorba_edge.client.readout_setup import table_readout
 from zorba_edge.client.state import StateStore
 from zorba_edge.client.transport import TOKEN_ENV, ServerClient
 from zorba_edge.engine.bias_floor import bias_floor_accuracy, score_examples
@@ -65,6 +66,8 @@ def evaluate(source: ModelSource, load_config: LoadConfig, task: LocalTask, *,
     if remote is not None:
         materialize = block_materializer(source.block_state_dict, remote.table, remote.seed)
     loaded = load_model(source, (), load_config, materialize=materialize, progress=on_load)
+    if remote is not None:  # a run with a label readout: its rows, as the clients hold them
+        table_readout(loaded.model, task, remote.table, remote.seed, loaded.num_blocks)
     device = load_config.device
     count = -(-len(task.examples) // batch_size)
     batches = (batch.to(device)

@@ -31,6 +31,7 @@ import numpy as np
 
 from zorba_common.codec import SchemaError, from_wire
 from zorba_common.messages import RunInfo
+from zorba_common.readout import table_columns
 from zorba_edge.client.errors import StateFileError
 
 if TYPE_CHECKING:  # the engine imports torch; the CLI's parser must not need it
@@ -181,13 +182,14 @@ class StateStore:
             return None
         values = np.load(io.BytesIO(raw), allow_pickle=False)
         run = state.run
-        if values.shape != (run.pool_size, run.num_blocks):
+        columns = table_columns(run.num_blocks, run.hyper.readout_directions)
+        if values.shape != (run.pool_size, columns):
             log.warning("the local alpha table is %s, the run's %d x %d: catching up",
-                        values.shape, run.pool_size, run.num_blocks)
+                        values.shape, run.pool_size, columns)
             return None
         from zorba_edge.engine.coefficients import CoefficientTable
 
-        return CoefficientTable(run.pool_size, run.num_blocks, values, state.alpha_version)
+        return CoefficientTable(run.pool_size, columns, values, state.alpha_version)
 
     def save(self, state: ClientState, table: CoefficientTable | None = None) -> ClientState:
         """Write `state` (and `table`, when given); returns the state as written."""

@@ -20,27 +20,37 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from zorba_common.errors import ZorbaError
 from zorba_common.limits import MAX_LOSS
 from zorba_common.messages import AlphaDelta, AlphaState, Assignment, Report, RunInfo
+from zorba_common.readout import readout_block, table_columns
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.memory_probe import PeakMemoryProbe
+from zorba_edge.client.readout_setup import client_readout, rebuild_readout
 from zorba_edge.engine.coefficients import (
     AlphaIncrement,
     CoefficientTable,
     apply_increments_,
     block_materializer,
 )
-from zorba_edge.engine.directions import BlockTensors
+from zorba_edge.engine.directions import BlockTensors, NamedTensors
 from zorba_edge.engine.fluency import generic_batch, generic_loss
 from zorba_edge.engine.snapshot import RoundSnapshot, Snapshot, SnapshotBuffers, SpilledSnapshot
-from zorba_edge.engine.zo import ESTIMATORS, MIN_DIRECTIONS, ZOConfig
+from zorba_edge.engine.zo import (
+    ESTIMATORS,
+    MIN_DIRECTIONS,
+    ZOConfig,
+    readout_estimate,
+    record_first_forward,
+)
 from zorba_edge.model.assignment import check_assignment
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, release_freed_memory
 from zorba_edge.model.progress import Progress, tracked
+from zorba_edge.model.readout import HeadCall, LabelReadout
 from zorba_edge.model.sources import ModelSource
 
 StepGate = Callable[[int, int], bool]
@@ -107,6 +117,9 @@ class LocalRoundResult:
     shrunk_batches: int = 0
     """Batches whose step the trust region scaled down (zorba_edge.engine.zo.trusted)."""
 
+    readout_steps: tuple[tuple[int, float], ...] = ()
+    """(k, sum of g) per pool index of the label readout's directions (block R), in ascending k."""
+
     @property
     def steps_taken(self) -> int:
         return len(self.steps) if self.local_steps is None else self.local_steps
@@ -124,6 +137,7 @@ class LocalRoundResult:
             step_time_s=self.step_time_s,
             loss_check=self.loss_check,
             loss_generic=self.loss_generic,
+            readout_steps=self.readout_steps,
         )
 
     @property
@@ -135,14 +149,20 @@ class LocalRoundResult:
 def starting_table(table: CoefficientTable | None, run: RunInfo) -> CoefficientTable:
     """The table a trainer starts from: the one resumed from the client's state, which must
     have the run's shape, or (None) the run's table at version 0."""
+    columns = run_table_columns(run)
     if table is None:
-        return CoefficientTable(run.pool_size, run.num_blocks)
-    if (table.pool_size, table.num_blocks) != (run.pool_size, run.num_blocks):
+        return CoefficientTable(run.pool_size, columns)
+    if (table.pool_size, table.num_blocks) != (run.pool_size, columns):
         raise SyncError(
             f"the saved table is {table.pool_size} x {table.num_blocks} but the run's is "
-            f"{run.pool_size} x {run.num_blocks}: delete the client state to start afresh"
+            f"{run.pool_size} x {columns}: delete the client state to start afresh"
         )
     return table
+
+
+def run_table_columns(run: RunInfo) -> int:
+    """The run's table columns: its blocks, and the label readout's when the run has one."""
+    return table_columns(run.num_blocks, run.hyper.readout_directions)
 
 
 def advance_table(table: CoefficientTable, deltas: Iterable[AlphaDelta]) -> list[AlphaIncrement]:
@@ -190,6 +210,8 @@ class LocalTrainer:
         self._built: dict[int, int] = {}
         """Block -> the alpha version its frozen weights were built at."""
         self._probe = PeakMemoryProbe(load_config.device)
+        self.readout: LabelReadout | None = None
+        """The label readout attached to the model where the run measures one (block R)."""
 
     # ------------------------------------------------------------------ model state
 
@@ -199,7 +221,14 @@ class LocalTrainer:
     def _held(self) -> BlockTensors:
         if self.loaded is None:
             return {}
-        return {b: self.loaded.trainable_parameters(b) for b in self.loaded.assignment}
+        return {**{b: self.loaded.trainable_parameters(b) for b in self.loaded.assignment},
+                **self._readout()}
+
+    def _readout(self) -> dict[int, NamedTensors]:
+        """Block R's tensors where the readout is held (every delta moves them), else none."""
+        if self.readout is None:
+            return {}
+        return {readout_block(self.run.num_blocks): self.readout.tensors()}
 
     def _rebuild_all(self, progress: Progress | None = None) -> None:
         """Every block from base + alpha: after a catch-up from the whole table (each block
@@ -221,6 +250,7 @@ class LocalTrainer:
             self.loaded = load_model(self.source, blocks, self.load_config,
                                      materialize=self._materialize(), progress=progress)
             self._built = dict.fromkeys(range(self.run.num_blocks), version)
+            self.readout = client_readout(self.loaded.model, self.run, self.task, self.table)
         elif set(blocks) != set(self.loaded.assignment):
             changed = set(blocks) ^ set(self.loaded.assignment)
             self.loaded.reassign(blocks, self._materialize())
@@ -257,6 +287,8 @@ class LocalTrainer:
         self.table = CoefficientTable(state.pool_size, state.num_blocks, state.matrix(), state.version)
         if self.loaded is not None:
             self._rebuild_all(progress)
+            if self.readout is not None:
+                rebuild_readout(self.readout, self.loaded.model, self.run, self.table)
 
     # ------------------------------------------------------------------ a round
 
@@ -272,8 +304,9 @@ class LocalTrainer:
         blocks = check_assignment(assignment.blocks, self.run.num_blocks)
         self._probe.reset()
         loaded = self.hold(blocks)
-        outcome = run_local_steps(loaded.model, self._held(), self.task, assignment, self.run,
-                                  self.load_config.device, cancel, on_step)
+        trained = {b: loaded.trainable_parameters(b) for b in loaded.assignment}
+        outcome = run_local_steps(loaded.model, trained, self.task, assignment, self.run,
+                                  self.load_config.device, cancel, on_step, readout=self.readout)
         return dataclasses.replace(outcome, peak_memory_bytes=self._probe.peak_bytes())
 
 
@@ -283,7 +316,8 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
                     on_step: StepGate | None = None, *,
                     snapshot_buffers: SnapshotBuffers | None = None,
                     release_memory: bool = True,
-                    snapshot_dir: str | None = None) -> LocalRoundResult:
+                    snapshot_dir: str | None = None,
+                    readout: LabelReadout | None = None) -> LocalRoundResult:
     """A round's ZO steps on `blocks` (the assignment's blocks of `model`), then the exact
     revert: the one local training loop that real clients and the simulator both run.
 
@@ -300,6 +334,13 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
     the copy in host buffers between rounds instead, and `release_memory=False` to skip
     handing freed pages back to the OS (which only keeps a device's measured footprint
     honest); neither changes a value.
+
+    `readout`: the label readout attached to `model` (`ClientReadout`), where the round measures
+    one (hyper.readout_directions > 0). Each batch's first forward records the head's inputs,
+    and `readout_directions` directions on the rows are then scored from them and stepped
+    (zorba_edge.engine.zo.readout_estimate), on pool indices taken from the assignment's in
+    turn; their scalars are summed per pool index (aggregation sums a client's scalars per k
+    anyway). The round-end revert covers the rows.
     """
     hyper = assignment.hyper
     n = hyper.directions
@@ -310,9 +351,11 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
     losses: list[float] = []
     forwards = batches = shrunk = 0
     started = time.perf_counter()
-    snapshot: Snapshot = (SpilledSnapshot(blocks, snapshot_dir) if snapshot_buffers is None
-                          else RoundSnapshot(blocks, snapshot_buffers))
     pool = assignment.pool_indices
+    on_readout = ReadoutRound.of(readout, run, assignment) if readout is not None else None
+    held = blocks if on_readout is None else {**blocks, on_readout.block: on_readout.readout.tensors()}
+    snapshot: Snapshot = (SpilledSnapshot(held, snapshot_dir) if snapshot_buffers is None
+                          else RoundSnapshot(held, snapshot_buffers))
     loss_check = loss_generic = None
     try:
         if pool and not (cancel is not None and cancel.is_set()):
@@ -333,7 +376,12 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
             if len(ks) < MIN_DIRECTIONS.get(hyper.estimator, 1):
                 break  # a short last batch the estimator cannot measure: left unreported
             batch = task.next_batch(hyper.batch_size, hyper.seq_len).to(device)
-            result = estimate(model, blocks, task.loss_fn, batch, run.seed, ks, config)
+            if on_readout is None:
+                result = estimate(model, blocks, task.loss_fn, batch, run.seed, ks, config)
+            else:
+                loss_fn, calls = record_first_forward(task.loss_fn, on_readout.readout)
+                result = estimate(model, blocks, loss_fn, batch, run.seed, ks, config)
+                on_readout.step(batches, calls, batch, run.seed)
             steps.extend(result.steps)
             losses.append(result.loss)
             forwards += result.forwards
@@ -362,7 +410,52 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
         loss_check=_reportable(loss_check),
         loss_generic=_reportable(loss_generic),
         shrunk_batches=shrunk,
+        readout_steps=() if on_readout is None else on_readout.scalars(),
     )
+
+
+@dataclass
+class ReadoutRound:
+    """One round's steps on the label readout (block R): which pool indices each batch's
+    readout directions take, their step, and the scalars summed per pool index."""
+
+    readout: LabelReadout
+    block: int
+    pool: tuple[int, ...]
+    directions: int
+    """Per batch: hyper.readout_directions, at most the pool's length (a batch's directions
+    are distinct)."""
+    config: ZOConfig
+    sums: dict[int, float] = dataclasses.field(default_factory=dict)
+
+    @staticmethod
+    def of(readout: LabelReadout, run: RunInfo, assignment: Assignment) -> ReadoutRound | None:
+        """The round's readout steps, or None where the round measures no readout."""
+        hyper, pool = assignment.hyper, assignment.pool_indices
+        if hyper.readout_directions <= 0 or not pool:
+            return None
+        block = readout_block(run.num_blocks)
+        directions = min(hyper.readout_directions, len(pool))
+        # The server adds readout_lr x g per scalar; the estimator moves the rows by
+        # (lr' / n) sum g z, so lr' = readout_lr x n, as the body's (ZOConfig.for_round).
+        config = ZOConfig.for_round(hyper.readout_lr, hyper.mu, directions, hyper.trust_radius,
+                                    {block: readout.tensors()}, run.max_abs_scalar)
+        return ReadoutRound(readout, block, pool, directions, config)
+
+    def pool_indices(self, batch: int) -> list[int]:
+        """Batch t's readout directions: the pool's indices t*n .. t*n + n - 1, cycling."""
+        start = batch * self.directions
+        return [self.pool[(start + j) % len(self.pool)] for j in range(self.directions)]
+
+    def step(self, batch_index: int, calls: list[HeadCall], batch: Any, run_seed: int) -> None:
+        """Measure and step the batch's readout directions from its first forward's `calls`."""
+        result = readout_estimate(self.readout, self.block, calls, batch, run_seed,
+                                  self.pool_indices(batch_index), self.config)
+        for k, g in result.steps:
+            self.sums[k] = self.sums.get(k, 0.0) + g
+
+    def scalars(self) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted(self.sums.items()))
 
 
 def _reportable(loss: float | None) -> float | None:

@@ -12,7 +12,7 @@ head only at those positions.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zorba_edge.data.batches import IGNORE_INDEX, ClassificationBatch, LMBatch
+from zorba_edge.model.readout import HeadCall, LabelReadout, capped
 
 
 def _has_left_padding(attention_mask: torch.Tensor) -> bool:
@@ -137,6 +138,69 @@ def classification_loss(model: nn.Module, batch: ClassificationBatch) -> torch.T
     """Cross-entropy over the labels' scores (MeZO's candidate scoring, words of any length)."""
     scores = label_scores(model, batch)
     return F.cross_entropy(scores, batch.labels.to(scores.device))
+
+
+def cached_label_scores(calls: Sequence[HeadCall], readout: LabelReadout,
+                        batch: ClassificationBatch) -> torch.Tensor:
+    """`label_scores` of the model as recorded in `calls` (the head calls of one
+    `classification_loss`, `LabelReadout.recording`) with its label rows replaced by `readout`'s
+    current rows, without a forward: the label logits are h @ rows.T, the normaliser
+    logaddexp(the other columns' logsumexp, the label logits' logsumexp), and each label's score
+    the sum of its tokens' log-probabilities, gathered at the positions `label_scores` reads."""
+    lengths = batch.label_lengths.tolist()
+    seq_len = batch.input_ids.shape[1]
+    if len(calls) != (1 if max(lengths) == 1 else len(lengths)):
+        raise ValueError(f"{len(calls)} recorded head calls for labels of lengths {lengths}: record "
+                         "exactly one classification_loss of this batch")
+    if max(lengths) == 1:
+        last = last_token_positions(batch.attention_mask)[:, None]
+        log_probs = _cached_log_probs(calls[0], last, seq_len, readout)[:, 0]
+        return log_probs[:, _rows_of(readout, batch.label_tokens[:, 0])]
+    # As _continuation_log_likelihood: each row's prompt, then the label's tokens after it.
+    starts = batch.attention_mask.bool().sum(dim=1) - 1
+    scores = []
+    for label, length in enumerate(lengths):
+        positions = starts[:, None] + torch.arange(length, device=starts.device)
+        log_probs = _cached_log_probs(calls[label], positions, seq_len, readout)
+        index = _rows_of(readout, batch.label_tokens[label, :length])
+        scores.append(log_probs.gather(-1, index[None, :, None].expand(len(batch), length, 1))
+                      .squeeze(-1).sum(dim=1))
+    return torch.stack(scores, dim=1)
+
+
+def cached_classification_loss(calls: Sequence[HeadCall], readout: LabelReadout,
+                               batch: ClassificationBatch) -> torch.Tensor:
+    """`classification_loss` from recorded head calls and the readout's current rows."""
+    scores = cached_label_scores(calls, readout, batch)
+    return F.cross_entropy(scores, batch.labels.to(scores.device))
+
+
+def _cached_log_probs(call: HeadCall, positions: torch.Tensor, seq_len: int,
+                      readout: LabelReadout) -> torch.Tensor:
+    """(batch, k, labels' tokens) log-probabilities at `positions` ((batch, k)) of one head call.
+
+    The head ran at every position (seq_len of them) or at the distinct positions the batch
+    needed (`logits_at`'s logits_to_keep, sorted): the same selection as `logits_at`."""
+    rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+    if call.hidden.shape[1] == seq_len:
+        index = positions
+    else:
+        _, column = torch.unique(positions.flatten(), sorted=True, return_inverse=True)
+        index = column.view_as(positions)
+    hidden, lse_other = call.hidden[rows, index], call.lse_other[rows, index]
+    label_logits = capped(hidden @ readout.rows.T, readout.softcap)
+    normaliser = torch.logaddexp(lse_other, label_logits.logsumexp(dim=-1))
+    return label_logits - normaliser[..., None]
+
+
+def _rows_of(readout: LabelReadout, tokens: torch.Tensor) -> torch.Tensor:
+    """The readout's row of each token of `tokens` (its rows are in sorted token order)."""
+    ids = readout.token_ids
+    index = torch.searchsorted(ids, tokens.to(ids.device))
+    if bool((index >= len(ids)).any()) or bool((ids[index.clamp(max=len(ids) - 1)] != tokens).any()):
+        raise ValueError(f"label tokens {tokens.tolist()} are not all rows of the readout "
+                         f"({ids.tolist()})")
+    return index
 
 
 @dataclass(frozen=True)

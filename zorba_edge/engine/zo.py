@@ -32,10 +32,18 @@ first-order progress, and its curvature cost grows with its length; bounding the
 relative to the weights is what one `lr` cannot do across models (Gemma 3's projected
 gradients are ~60x SmolLM2's, its weights ~5x smaller). Within the region nothing changes
 (docs/learning.md, "The trust region").
+
+The label readout (block R, zorba_edge/model/readout.py) is not perturbed through the body: a
+direction on its rows leaves every hidden state as it was, so one forward's head inputs
+(`record_first_forward`) give the loss of any rows. `readout_estimate` runs the one-sided
+estimator above on the rows, every loss from that record (no forward), with its own lr and
+trust region (the rows' RMS): n readout directions per batch cost nothing but a product of the
+hidden states with the rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,7 +55,10 @@ from torch import nn
 from zorba_common.errors import InvalidScalarError
 from zorba_common.run_defaults import ANTITHETIC, NORMALISED, ONE_SIDED
 from zorba_common.scalars import check_scalar
+from zorba_edge.data.batches import ClassificationBatch
 from zorba_edge.engine.directions import BlockTensors, Direction, Term, move_
+from zorba_edge.engine.losses import cached_classification_loss
+from zorba_edge.model.readout import HeadCall, LabelReadout
 
 MIN_DIRECTIONS = {NORMALISED: 2}
 """Fewest directions a batch of each estimator measures (a spread needs two): the trainer
@@ -302,6 +313,39 @@ def normalised_estimate(
 ) -> Estimate:
     """`one_sided_estimate` normalised by the spread of its differences (FZOO)."""
     return one_sided_estimate(model, blocks, loss_fn, batch, run_seed, ks, config, normalise=True)
+
+
+def record_first_forward(loss_fn: LossFn, readout: LabelReadout) -> tuple[LossFn, list[HeadCall]]:
+    """`loss_fn`, recording the readout's head calls during its first call only, and the list
+    they go to. An estimator's first forward is the one-sided estimators' unperturbed L0; the
+    antithetic estimator's is L(theta + mu z_1), the body perturbed by mu along its first
+    direction (an O(mu) difference the readout's scalars then carry)."""
+    calls: list[HeadCall] = []
+    first = [True]
+
+    def recorded(model: nn.Module, batch: Any) -> torch.Tensor:
+        if not first[0]:
+            return loss_fn(model, batch)
+        first[0] = False
+        with readout.recording() as seen:
+            value = loss_fn(model, batch)
+        calls.extend(seen)
+        return value
+
+    return recorded, calls
+
+
+@torch.no_grad()
+def readout_estimate(readout: LabelReadout, block: int, calls: list[HeadCall],
+                     batch: ClassificationBatch, run_seed: int, ks: Sequence[int],
+                     config: ZOConfig) -> Estimate:
+    """n directions z[k_i, block] on the readout's rows, scored from `calls` (one forward's
+    head inputs, `record_first_forward`), then their local step: `one_sided_estimate` itself,
+    its losses the rows against the recorded hidden states. `forwards` is 0: no model forward."""
+    estimate = one_sided_estimate(
+        readout, {block: readout.tensors()},
+        lambda _model, b: cached_classification_loss(calls, readout, b), batch, run_seed, ks, config)
+    return dataclasses.replace(estimate, forwards=0)
 
 
 ESTIMATORS: dict[str, Estimator] = {ANTITHETIC: antithetic_estimate, ONE_SIDED: one_sided_estimate,

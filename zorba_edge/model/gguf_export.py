@@ -16,7 +16,7 @@ transformers-directory base gets the architecture keys from its config and no to
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from zorba_common.errors import ModelSourceError, UnsupportedArchitectureError
 from zorba_edge.engine.coefficients import CoefficientTable, block_materializer
 from zorba_edge.model.families import family_of
 from zorba_edge.model.progress import Progress
+from zorba_edge.model.readout_export import body_blocks, readout_head
 from zorba_edge.model.skeleton import build_skeleton
 from zorba_edge.model.sources import ModelSource
 
@@ -159,8 +160,11 @@ def export_gguf(
     gguf_type: str = "f16",
     name: str | None = None,
     progress: Progress | None = None,
+    readout_tokens: Sequence[int] | None = None,
 ) -> Path:
-    """Write theta0 + alpha to the GGUF file `out_path`; returns its path."""
+    """Write theta0 + alpha to the GGUF file `out_path`; returns its path. A table with the
+    label readout's column writes an untied `output` tensor with its rows
+    (zorba_edge/model/readout_export.py; `readout_tokens`: the task's label tokens)."""
     kind = GGUF_TYPES.get(gguf_type)
     if kind is None:
         raise ModelSourceError(f"GGUF type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
@@ -170,16 +174,19 @@ def export_gguf(
     config = source.config
     layout = _Layout(config, kind)
     family = family_of(build_skeleton(config))
-    if config.num_hidden_layers != table.num_blocks:
-        raise ModelSourceError(
-            f"the coefficient table has {table.num_blocks} blocks but the model has "
-            f"{config.num_hidden_layers}: is this the run's base model?")
+    num_blocks = body_blocks(table, config.num_hidden_layers)
+    head = readout_head(source, table, run_seed, num_blocks, readout_tokens)
     shapes = _parameter_shapes(config)
+    if head is not None:  # untied: llama.cpp uses an `output` tensor where the file has one
+        shapes[head.name] = tuple(head.weight.shape)
     materialize = block_materializer(source.block_state_dict, table, run_seed)
 
     def parts() -> Iterator[tuple[int | None, dict[str, torch.Tensor]]]:
-        yield None, source.non_block_state_dict()
-        for block in range(table.num_blocks):
+        non_block = source.non_block_state_dict()
+        if head is not None:
+            non_block[head.name] = head.weight
+        yield None, non_block
+        for block in range(num_blocks):
             prefix = family.block_prefix(block)
             yield block, {prefix + n: t for n, t in materialize(block).items()}
 
@@ -213,7 +220,7 @@ def export_gguf(
                 writer.write_tensor_data(layout.array(hf_name, state[hf_name]))
                 written += 1
         if block is not None and progress is not None:
-            progress(block + 1, table.num_blocks)
+            progress(block + 1, num_blocks)
     writer.close()
     if written != len(order):
         out.unlink(missing_ok=True)

@@ -92,9 +92,13 @@ def check_alpha(conn: Any, where: str) -> Checked:
     except Exception as exc:  # any damage of the blob: the message says which row
         raise refuse(where, f"the run's model footprint cannot be read ({exc})") from None
     alpha = np.frombuffer(bytes(alpha_blob), dtype="<f8")
-    if alpha.size != pool_size * num_blocks:
+    # The model's blocks, and the label readout's column when the run has one
+    # (zorba_common.readout).
+    if alpha.size not in (pool_size * num_blocks, pool_size * (num_blocks + 1)):
         raise refuse(where, f"the coefficient table has {alpha.size} cells, the run's "
-                            f"{pool_size} x {num_blocks} needs {pool_size * num_blocks}")
+                            f"{pool_size} x {num_blocks} needs {pool_size * num_blocks} (with "
+                            f"the label readout's column {pool_size * (num_blocks + 1)})")
+    num_blocks = alpha.size // pool_size
     alpha = alpha.reshape(pool_size, num_blocks)
     bad = int(np.count_nonzero(~np.isfinite(alpha)))
     if bad:

@@ -242,7 +242,8 @@ def _load(conn: Connection, recent_deltas: int) -> Snapshot:
     alpha = None
     if alpha_blob is not None and footprint is not None:
         alpha = np.frombuffer(alpha_blob, dtype="<f8").copy()
-        alpha = alpha.reshape(pool_size, footprint.num_blocks)
+        # K x B, or K x (B + 1) with the label readout's column (zorba_common.readout).
+        alpha = alpha.reshape(pool_size, alpha.size // pool_size)
     clients = [
         StoredClient(cid, bytes(th), decode(DeviceProfile, prof, max_bytes=_UNLIMITED), at, cal,
                      left, int(outliers))
