@@ -31,8 +31,6 @@ from zorba_edge.engine.coefficients import CoefficientTable, materialize_block_
 from zorba_edge.model.readout import LabelReadout
 from zorba_sim.client_training import ZOClients
 
-pytestmark = pytest.mark.asyncio
-
 READOUT_RUN = RUN | {"readout_directions": 3, "readout_lr": 0.05}
 
 
@@ -63,6 +61,7 @@ async def readout_client(url: str, index: int, model_dir: Path, data: Path,
         return readout_scalars, trainer.readout.rows.detach().clone(), trainer.table
 
 
+@pytest.mark.asyncio
 async def test_a_readout_run_moves_column_r_alike_in_the_simulator_and_on_a_real_server(
         tmp_path: Path, aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     world = make_world(tmp_path)
