@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     from compare_processes import machine
     from results_page import save_plots, write_section
 
+    from zorba_common.run_dirs import new_run_dir
     from zorba_edge.client import assembly
     from zorba_lab.compare import page as compare_page
     from zorba_lab.compare.simulator import figures, run_comparison
@@ -267,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
 
     fleet = load_fleet(args.fleet) if args.fleet.endswith(".toml") else fleet_from_counts(args.fleet)
     done = resumed_seeds(args.resume, setting) if args.resume else []
-    out_dir = (args.resume or args.out
-               or Path("runs") / f"compare-sim-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    given = args.resume or args.out
+    out_dir = given.resolve() if given else new_run_dir("compare-sim")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     def save_partial(done: list[Any]) -> None:

@@ -317,3 +317,16 @@ def test_the_aggregation_flag_reaches_the_engine() -> None:
     assert config.server.aggregation.method == "sum"
     default = cli.simulation_config(cli.settings_from_args(cli.parser().parse_args([])), "cpu")
     assert default.server.aggregation.method == AggregationConfig().method
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two jobs launched together used to share runs/sim-<second> and overwrite each other's
+    checkpoint; the folder is now made exclusively, a suffix where the name is taken."""
+    from zorba_common.run_dirs import new_run_dir
+
+    monkeypatch.setattr("time.strftime", lambda _fmt: "20261207-132503")
+    first, second, third = (new_run_dir("sim", tmp_path) for _ in range(3))
+    assert [p.name for p in (first, second, third)] == [
+        "sim-20261207-132503", "sim-20261207-132503-2", "sim-20261207-132503-3"]
+    assert all(p.is_dir() for p in (first, second, third))

@@ -251,11 +251,11 @@ def accuracy_curve(plan: FederationPlan, db_path: Path, examples: int, every: in
 
 
 def run_quickstart(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    from zorba_common.run_dirs import new_run_dir
     from zorba_lab.federation import run_federation
     from zorba_lab.plot import write_plot
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = (args.out or Path("runs") / f"quickstart-{stamp}").resolve()
+    out_dir = args.out.resolve() if args.out else new_run_dir("quickstart")
     plan = plan_from_args(args, out_dir)
     started = time.monotonic()
     before = None

@@ -454,6 +454,7 @@ def load_settings(folder: Path) -> Settings:
 
 
 def run(args: argparse.Namespace) -> int:
+    from zorba_common.run_dirs import new_run_dir
     from zorba_sim.results import progress_display, write_json
 
     if args.resume is not None:
@@ -463,7 +464,7 @@ def run(args: argparse.Namespace) -> int:
             settings = dataclasses.replace(settings, rounds=args.rounds)
     else:
         settings = settings_from_args(args)
-        out = (args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).expanduser().resolve()
+        out = args.out.expanduser().resolve() if args.out else new_run_dir("sim")
         if (out / SETTINGS).exists():
             raise UsageError(f"--out {out} holds a run already: continue it with --resume {out} "
                               "or choose another --out")

@@ -193,3 +193,4 @@ def progress_display(rounds: int, done: int, *, live: bool | None = None) -> Ite
                 + (f"  acc {record.accuracy:.3f}" if record.accuracy is not None else "")))
 
         yield update
+
