@@ -255,23 +255,8 @@ async def test_a_schema_1_database_is_migrated_and_can_then_reject_a_round(
     store = await fresh(open_store)
     await store.insert_report(1, received("c-0", "a"))
     await store.close()
-    old_check = "CHECK (status IN ('open', 'applied', 'failed'))"
-    run_sql(backend, [  # the rounds table exactly as schema 1 created it
-        "PRAGMA foreign_keys=OFF", "BEGIN",
-        "CREATE TABLE old_rounds AS SELECT * FROM rounds",
-        "DROP TABLE rounds",
-        f"CREATE TABLE rounds (round INTEGER PRIMARY KEY, status TEXT NOT NULL {old_check}, "
-        "plan BLOB NOT NULL, closed_at REAL, reports INTEGER NOT NULL DEFAULT 0, loss REAL, "
-        "message TEXT NOT NULL DEFAULT '')",
-        "INSERT INTO rounds SELECT * FROM old_rounds",
-        "DROP TABLE old_rounds",
-        "UPDATE meta SET value = '1' WHERE key = 'schema_version'",
-        "COMMIT",
-    ], postgres=[
-        "ALTER TABLE rounds DROP CONSTRAINT rounds_status_check",
-        f"ALTER TABLE rounds ADD CONSTRAINT rounds_status_check {old_check}",
-        "UPDATE meta SET value = '1' WHERE key = 'schema_version'",
-    ])
+    # the rounds table exactly as schema 1 created it
+    rewind_rounds_table(backend, 1, ("open", "applied", "failed"))
     again = await open_store()
     await again.close_round(1, "rejected", 3.0, 1, 1.0, "loss jumped: not applied")
     snap = await again.load(recent_deltas=4)
@@ -385,8 +370,23 @@ async def test_a_schema_4_database_is_migrated_and_can_close_a_final_check(
         open_store: Opener, backend: tuple[str, Any]) -> None:
     store = await fresh(open_store)
     await store.close()
-    old_check = "CHECK (status IN ('open', 'applied', 'failed', 'rejected'))"
-    run_sql(backend, [  # the rounds table as schema 4 created it, and no safety table
+    # the rounds table as schema 4 created it, and no safety table
+    rewind_rounds_table(backend, 4, ("open", "applied", "failed", "rejected"),
+                        also=["DROP TABLE safety"])
+    again = await open_store()
+    assert (await again.load(recent_deltas=4)).safety is None
+    await again.close_round(1, "checked", 3.0, 1, 1.0, "final check", safety=SafetyState())
+    snap = await again.load(recent_deltas=4)
+    assert [r.status for r in snap.rounds] == ["checked"] and snap.safety == SafetyState()
+
+
+def rewind_rounds_table(backend: tuple[str, Any], version: int, statuses: tuple[str, ...],
+                        also: Sequence[str] = ()) -> None:
+    """Make a store's database look as schema `version` left it: the rounds table's status
+    check allowing only `statuses`, the statements `also` run, the schema stamped `version`."""
+    old_check = "CHECK (status IN (" + ", ".join(f"'{s}'" for s in statuses) + "))"
+    stamp = f"UPDATE meta SET value = '{version}' WHERE key = 'schema_version'"
+    run_sql(backend, [
         "PRAGMA foreign_keys=OFF", "BEGIN",
         "CREATE TABLE old_rounds AS SELECT * FROM rounds",
         "DROP TABLE rounds",
@@ -394,17 +394,10 @@ async def test_a_schema_4_database_is_migrated_and_can_close_a_final_check(
         "plan BLOB NOT NULL, closed_at REAL, reports INTEGER NOT NULL DEFAULT 0, loss REAL, "
         "message TEXT NOT NULL DEFAULT '')",
         "INSERT INTO rounds SELECT * FROM old_rounds",
-        "DROP TABLE old_rounds", "DROP TABLE safety",
-        "UPDATE meta SET value = '4' WHERE key = 'schema_version'",
+        "DROP TABLE old_rounds", *also, stamp,
         "COMMIT",
     ], postgres=[
         "ALTER TABLE rounds DROP CONSTRAINT rounds_status_check",
         f"ALTER TABLE rounds ADD CONSTRAINT rounds_status_check {old_check}",
-        "DROP TABLE safety",
-        "UPDATE meta SET value = '4' WHERE key = 'schema_version'",
+        *also, stamp,
     ])
-    again = await open_store()
-    assert (await again.load(recent_deltas=4)).safety is None
-    await again.close_round(1, "checked", 3.0, 1, 1.0, "final check", safety=SafetyState())
-    snap = await again.load(recent_deltas=4)
-    assert [r.status for r in snap.rounds] == ["checked"] and snap.safety == SafetyState()
