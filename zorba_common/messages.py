@@ -132,6 +132,14 @@ class DeviceProfile:
         "an older client), so an older server keeps accepting the profile of a client that "
         "has none.", unit="weight units", max_len=MAX_BLOCKS, item=wire(gt=0),
         omit_default=True))
+    fluency_curvature: float | None = field(default=None, metadata=wire(
+        "The model's fluency curvature kappa: the relative rise of its next-token loss on the "
+        "packaged generic text per squared RMS move per parameter, when every block moves at "
+        "once along random directions (measured at start-up, zorba_edge/engine/"
+        "drift_tolerance.py). The server turns the clients' median into the largest move any "
+        "block may make (run.drift_budget). Left out while nil (not measured: an older client, "
+        "or one that could not hold every block at the training precision).",
+        unit="1 / weight units^2", ge=0, omit_default=True))
 
     def __post_init__(self) -> None:
         check_footprint(self.footprint)

@@ -23,6 +23,7 @@ from zorba_common.memory_model import MemorySettings, ModelFootprint
 from zorba_common.messages import DeviceProfile, MemoryProfile, RegisterRequest, RunInfo
 from zorba_common.run_defaults import CPU_FROZEN_DTYPE, CUDA_FROZEN_DTYPE
 from zorba_edge.client.admission import Admission, admit
+from zorba_edge.client.byte_sizes import format_size
 from zorba_edge.client.errors import BudgetError, UsageError
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.profiling import (
@@ -38,6 +39,9 @@ from zorba_edge.data.jsonl import jsonl_task_kind, load_classification_jsonl, lo
 from zorba_edge.data.movie_reviews import load_movie_reviews
 from zorba_edge.data.splits import dirichlet_label_split, train_heldout_split
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
+from zorba_edge.engine.drift_tolerance import DriftProbe
+from zorba_edge.engine.drift_tolerance import probe as drift_probe
+from zorba_edge.engine.fluency import generic_batch
 from zorba_edge.model.base_rms import BlockRMS
 from zorba_edge.model.loading import LoadConfig, load_model, release_freed_memory
 from zorba_edge.model.pretrained import packaged_model_path
@@ -142,6 +146,34 @@ def probe_step_time(source: ModelSource, load_config: LoadConfig, *, repeats: in
             torch.cuda.empty_cache()
 
 
+def probe_drift_tolerance(source: ModelSource, load_config: LoadConfig, *,
+                          budget_bytes: int | None = None,
+                          seq_len: int = PROBE_SEQ_LEN) -> DriftProbe | None:
+    """The model's fluency curvature (zorba_edge/engine/drift_tolerance.py): its generic-text
+    loss under random drift of every block, the profile's `fluency_curvature`. The probe moves
+    every block in place, so it loads them all at the training precision: where that would not
+    fit `budget_bytes` (the weights at 4 bytes a parameter, with a quarter more for the
+    forward), it measures nothing (None) and the server runs without this client's value."""
+    footprint = footprint_of(source)
+    weights = (sum(footprint.block_params) + footprint.embed_head_params) * 4
+    if budget_bytes is not None and weights * 5 // 4 > budget_bytes:
+        log.info("drift probe skipped: every block at the training precision (%s) does not fit "
+                 "the budget", format_size(weights))
+        return None
+    frozen = dataclasses.replace(load_config, frozen_dtype=load_config.train_dtype)
+    loaded = load_model(source, range(int(source.config.num_hidden_layers)), frozen)
+    try:
+        device = torch.device(load_config.device)
+        batch = generic_batch(source.tokenizer(), seq_len).to(device)
+        params = [p for b in range(loaded.num_blocks) for _, p in loaded.trainable_parameters(b)]
+        return drift_probe(loaded.model, params, batch)
+    finally:
+        del loaded
+        release_freed_memory()
+        if torch.device(load_config.device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def time_forward(model: torch.nn.Module, vocab_size: int, device: str, *, repeats: int,
                  batch_size: int, seq_len: int, progress: Progress | None = None) -> StepTiming:
     """Median forward time of `model` on a seeded random batch of the given shape."""
@@ -190,7 +222,8 @@ def device_report(source: ModelSource, load_config: LoadConfig, survey: DeviceSu
 
 
 def registration(report: DeviceReport, *, device_type: str, num_samples: int, secret: str,
-                 name: str = "", base_rms: tuple[float, ...] | None = None) -> RegisterRequest:
+                 name: str = "", base_rms: tuple[float, ...] | None = None,
+                 fluency_curvature: float | None = None) -> RegisterRequest:
     if report.step_time_s is None:
         raise ValueError("a registration needs a measured step time")
     profile = DeviceProfile(
@@ -203,6 +236,7 @@ def registration(report: DeviceReport, *, device_type: str, num_samples: int, se
         memory=report.memory,
         name=(name or socket.gethostname())[:256],
         base_rms=base_rms,
+        fluency_curvature=fluency_curvature,
     )
     return RegisterRequest(secret, profile)
 

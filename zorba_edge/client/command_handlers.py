@@ -325,6 +325,12 @@ def _run(args: argparse.Namespace) -> int:
                      timing.forward_s)
         # The drift bound's reference: read off the probe's load, else one pass over the blocks.
         base_rms = rms.values(report.footprint.num_blocks) or read_base_rms(source)
+        # How far the run may move the model before its generation suffers (the drift budget).
+        drift = assembly.probe_drift_tolerance(source, load_config, budget_bytes=budget_bytes)
+        if drift is not None:
+            log.info("drift probe: generic-text loss %.3f, +%.1f%% at a random move of %.2g per "
+                     "parameter: fluency curvature %.4g", drift.base_loss,
+                     100 * sum(drift.rises) / len(drift.rises), drift.move, drift.curvature)
         measured = DeviceReport(report.survey, report.budget, report.admission, report.memory,
                                 report.footprint, report.fingerprint, step_time)
         if secret is None:
@@ -332,7 +338,8 @@ def _run(args: argparse.Namespace) -> int:
                              "file and no enrolment secret: pass --enrolment-secret-file")
         return assembly.registration(measured, device_type=torch.device(load_config.device).type,
                                      num_samples=len(examples), secret=secret, name=args.name,
-                                     base_rms=base_rms)
+                                     base_rms=base_rms,
+                                     fluency_curvature=None if drift is None else drift.curvature)
 
     def make_trainer(run: RunInfo, table: CoefficientTable | None,
                      progress: Progress | None) -> Trainer:
