@@ -21,8 +21,9 @@ def engine(tmp_path: Path, **run: object) -> RoundEngine:
 
 
 def join(e: RoundEngine, name: str, samples: int = 100, budget: int = 2**32,
-         base_rms: tuple[float, ...] | None = None) -> Member:
-    p = profile(samples, budget=budget, name=name, base_rms=base_rms)
+         base_rms: tuple[float, ...] | None = None, fluency_curvature: float | None = None) -> Member:
+    p = profile(samples, budget=budget, name=name, base_rms=base_rms,
+                fluency_curvature=fluency_curvature)
     e.check_registration(p)
     member = Member(name, p, 0.0, 1.0, 0.0, p.step_time_s)
     e.add_member(member)

@@ -41,9 +41,10 @@ BIG = 1 << 40
 
 def profile(samples: int = 100, *, budget: int = 2**32, fingerprint: str = FINGERPRINT,
             footprint: ModelFootprint = FOOTPRINT, step_time_s: float = 0.01,
-            name: str = "", base_rms: tuple[float, ...] | None = None) -> DeviceProfile:
+            name: str = "", base_rms: tuple[float, ...] | None = None,
+            fluency_curvature: float | None = None) -> DeviceProfile:
     return DeviceProfile("cpu", budget, step_time_s, samples, footprint, fingerprint, name=name,
-                         base_rms=base_rms)
+                         base_rms=base_rms, fluency_curvature=fluency_curvature)
 
 
 def config_dict(db: Path, **run: Any) -> dict[str, Any]:

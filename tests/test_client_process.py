@@ -116,6 +116,10 @@ def test_a_federation_survives_a_killed_client_and_a_server_restart(
     # same from both), and a generic-text loss the watch judged after the restart too.
     assert status["block_base_rms"] is not None and len(status["block_base_rms"]) == 2
     assert not any(c["base_rms_ignored"] for c in status["clients"])
+    # ... and their probe's fluency curvature, the same from both (the drift budget).
+    assert all(c["fluency_curvature"] is not None for c in status["clients"])
+    assert status["hyper"]["fluency_curvature"] is not None
+    assert not any(c["curvature_ignored"] for c in status["clients"])
     assert status["fluency"] is not None and status["fluency"]["judged"] == 2
     stores = [StateStore(s) for s in states]
     alpha = server_alpha(url, stores[0].load().token)

@@ -106,3 +106,12 @@ def test_only_a_refusal_naming_optional_fields_the_request_carried_is_answered_w
     assert without_unknown(request, refused("body.profile.num_samples: must be > 0")) is None
     assert without_unknown(request, refused("unknown field(s) ['base_rms']", 403)) is None
     assert without_unknown(RegisterRequest("secret", profile()), named) is None
+
+
+def test_a_server_that_knows_neither_optional_field_gets_the_profile_without_both() -> None:
+    request = RegisterRequest("secret", profile(base_rms=RMS, fluency_curvature=660.0))
+    named = ServerRefusedError(400, "invalid_message", "body.profile: unknown field(s) "
+                               "['base_rms', 'fluency_curvature']; DeviceProfile has [...]")
+    plainer = without_unknown(request, named)
+    assert plainer is not None
+    assert plainer.profile == dataclasses.replace(request.profile, base_rms=None, fluency_curvature=None)

@@ -19,13 +19,15 @@ from zorba_sim.simulation import Simulation, SimulationConfig
 
 
 def huge_step_run(model_dir: Path, *, max_drift: float = 0.0, fluency: float = 0.0,
-                  rounds: int = 4) -> Simulation:
-    """lr 1e3 with the loss guard and the trust region off: nothing else stands in the way."""
+                  rounds: int = 4, drift_budget: float = 0.0) -> Simulation:
+    """lr 1e3 with the loss guard, the trust region and the drift budget off: nothing else
+    stands in the way."""
     server = config_from_dict({"enrolment_secret": "s" * 16, "run": {
         "pool_size": 64, "lr": 1e3, "mu": 1e-3, "batch_size": 4, "seq_len": 16,
         "round_duration_s": 30, "max_steps": 4, "seed": 3, "loss_jump_tolerance": 0.0,
         "loss_drift_rounds": 0, "plateau_rounds": 0, "trust_radius": 0.0, "max_drift": max_drift,
-        "estimator": "antithetic", "directions": 1, "fluency_tolerance": fluency}})
+        "estimator": "antithetic", "directions": 1, "fluency_tolerance": fluency,
+        "drift_budget": drift_budget}})
     config = SimulationConfig(server, rounds=rounds, reference_step_s=1.0, eval_every=1)
     sim = Simulation.build(config, open_source(model_dir), fleet_from_counts("laptop-16gb=3"),
                            signal_examples(120), signal_examples(24, seed=1))
@@ -42,6 +44,19 @@ def test_the_drift_bound_keeps_every_block_within_it_and_says_so(model_dir: Path
     drift = block_drift(bounded.engine.alpha, free.engine.base_rms)
     assert drift.max() == pytest.approx(0.05, rel=1e-4)
     assert any("run.max_drift = 0.05" in h.message for h in bounded.engine.history)
+
+
+def test_the_simulator_probes_its_model_and_the_drift_budget_bounds_every_block(model_dir: Path) -> None:
+    sim = huge_step_run(model_dir, fluency=0.2, drift_budget=0.5, rounds=2)
+    kappa = sim.engine.fluency_curvature
+    assert kappa is not None and kappa > 0
+    bound = sim.engine.max_move()
+    assert bound == pytest.approx((0.5 * 0.2 / kappa) ** 0.5)
+    assert sim.engine.alpha is not None
+    move = block_drift(sim.engine.body_alpha(), (1.0,) * sim.engine.body_alpha().shape[1])
+    assert move.max() == pytest.approx(bound, rel=1e-4)
+    assert any("the drift budget" in h.message for h in sim.engine.history)
+    assert not any(r.stopped for r in sim.records)  # the watch had nothing to roll back
 
 
 def test_broken_generation_is_rolled_back_to_the_last_fluent_version_and_stops_the_run(

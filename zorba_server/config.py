@@ -27,6 +27,7 @@ from zorba_common.memory_model import MEMORY_HEADROOM, ModelFootprint
 from zorba_common.readout import MAX_READOUT_DIRECTIONS, READOUT_LR
 from zorba_common.run_defaults import BATCH_SIZE, ESTIMATORS, NORMALISED, ONE_SIDED, SEQ_LEN, ZORBA
 from zorba_server.aggregation_rules import RULES, VOTING_RULES
+from zorba_server.drift_budget import DRIFT_BUDGET
 from zorba_server.enrolment import MIN_SECRET_CHARS
 from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig
@@ -192,6 +193,12 @@ class RunConfig:
     as a fraction of their norm; a round that would go further is scaled down on that block
     (0: off). Needs each block's base RMS: the simulator gives it to the engine, clients send
     it in their profiles (zorba_server/drift.py, base_rms.py)."""
+    drift_budget: float = DRIFT_BUDGET
+    """The drift budget, measured: no block of base + alpha moves further (RMS per parameter)
+    than the move at which the clients' probe predicts the generic-text loss to stand this
+    fraction of `fluency_tolerance` above the base model's; a round that would go further is
+    scaled down on that block (0: off; without a measurement, from older clients, off too;
+    zorba_server/drift_budget.py, docs/learning.md "The drift budget")."""
     fluency_tolerance: float = FLUENCY_TOLERANCE
     """The fluency watch: every client that sent its base RMS (a client of this protocol
     revision) measures, each round, the next-token loss of the model it received on a packaged
@@ -238,6 +245,8 @@ class RunConfig:
              "run.loss_drift_tolerance must be a finite number >= 0"),
             (math.isfinite(self.max_drift) and self.max_drift >= 0,
              "run.max_drift must be a finite number >= 0 (0: off)"),
+            (math.isfinite(self.drift_budget) and self.drift_budget >= 0,
+             "run.drift_budget must be a finite number >= 0 (0: off)"),
             (math.isfinite(self.fluency_tolerance) and self.fluency_tolerance >= 0,
              "run.fluency_tolerance must be a finite number >= 0 (0: off)"),
             (self.pool_slices in POOL_SLICES,

@@ -19,7 +19,7 @@ import numpy as np
 from zorba_common.memory_model import ModelFootprint
 from zorba_common.messages import AlphaDelta, AlphaState, DeviceProfile, HyperParams, RunInfo
 from zorba_common.readout import readout_block, table_columns
-from zorba_server import errors
+from zorba_server import drift_budget, errors
 from zorba_server.block_energy import BlockEnergy
 from zorba_server.block_signal import BlockSignal, SignalEstimate
 from zorba_server.config import ServerConfig
@@ -137,6 +137,11 @@ class EngineState:
         the bound is off, whatever run.max_drift says."""
         self.base_rms_ignored: tuple[str, ...] = ()
         """Clients whose base RMS disagreed with the values the run uses."""
+        self.fluency_curvature: float | None = None
+        """The model's fluency curvature the drift budget is set from (the median of the
+        clients' values: drift_budget.py; or the simulator's own probe). None: no budget."""
+        self.curvature_ignored: tuple[str, ...] = ()
+        """Clients whose fluency curvature stood apart from the run's."""
         self.generic_references: dict[str, Reference] = {}
         """The fluency watch's reference per client (zorba_server/fluency_watch.py)."""
         self.fluent: Fluent | None = None
@@ -208,6 +213,11 @@ class EngineState:
         recoveries are derived from the history, the cuts carried by each round's plan, so a
         restarted server continues with the same step."""
         return tuple(h.status for h in self.history), self._plateau.step_decays
+
+    def max_move(self) -> float:
+        """The drift budget's bound on each block's RMS move per parameter (0: none)."""
+        run = self.config.run
+        return drift_budget.max_move(self.fluency_curvature, run.fluency_tolerance, run.drift_budget)
 
     def lr_factor(self) -> float:
         """What the cuts have left of run.lr (StepSize.factor)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from zorba_common.memory_model import LinearMemoryModel, ModelFootprint, linear_memory_model
 from zorba_common.messages import DeviceProfile
-from zorba_server import errors
+from zorba_server import drift_budget, errors
 from zorba_server.base_rms import agreed
 from zorba_server.config import RunConfig
 from zorba_server.engine_state import EngineState
@@ -123,6 +123,11 @@ class Membership(EngineState):
             chosen = agreed([(m.client_id, m.profile.base_rms) for m in self.members.values()
                              if m.profile.base_rms is not None])
             self.base_rms, self.base_rms_ignored = chosen.rms, chosen.ignored
+        if member.profile.fluency_curvature is not None:
+            curvature = drift_budget.agreed([
+                (m.client_id, m.profile.fluency_curvature) for m in self.members.values()
+                if m.profile.fluency_curvature is not None])
+            self.fluency_curvature, self.curvature_ignored = curvature.curvature, curvature.ignored
 
     def drop_member(self, client_id: str) -> None:
         """Forget a member; its assignment in an open round stays, unreported."""

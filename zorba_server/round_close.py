@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from zorba_common.messages import AlphaDelta
-from zorba_server import calibration, final_check, fluency_watch, loss_drift
+from zorba_server import calibration, drift_budget, final_check, fluency_watch, loss_drift
 from zorba_server import drift as drift_bound
 from zorba_server.aggregation import RoundDelta, apply_delta
 from zorba_server.engine_state import RoundRecord
@@ -182,6 +182,17 @@ class RoundClosing(Membership):
                                                          self.config.run.max_drift)
                     if scaled:
                         note = drift_bound.describe(scaled, self.config.run.max_drift)
+                        outcome = dataclasses.replace(outcome, delta=change, message=(
+                            f"{outcome.message}; {note}" if outcome.message else note))
+                move = self.max_move()
+                if change is not None and move > 0:
+                    # A block's RMS move per parameter is its column's norm: drift.py's bound
+                    # with every base RMS at 1 (drift_budget.py).
+                    assert self.footprint is not None
+                    change, scaled = drift_bound.bounded(
+                        self.alpha, change, (1.0,) * self.footprint.num_blocks, move)
+                    if scaled:
+                        note = drift_budget.describe(scaled, move)
                         outcome = dataclasses.replace(outcome, delta=change, message=(
                             f"{outcome.message}; {note}" if outcome.message else note))
                 plateau = plateau.after(guard.progressed, self.config.run.plateau_rounds)

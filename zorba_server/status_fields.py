@@ -29,6 +29,12 @@ STATUS_FIELDS: dict[str, str] = {
     "hyper.loss_drift_tolerance": "How far above the anchor's a drifting check loss may stand.",
     "hyper.max_drift": "The drift bound on each block's distance from its base (0: off, or no "
                        "base RMS known to this engine).",
+    "hyper.drift_budget": "run.drift_budget: the predicted generic-text loss rise at the drift "
+                          "budget's bound, as a fraction of fluency_tolerance (0: off).",
+    "hyper.max_move": "The drift budget's bound on each block's RMS move per parameter, from "
+                      "the clients' fluency curvature (0: none: off or not measured).",
+    "hyper.fluency_curvature": "The run's fluency curvature: the median of the clients' "
+                               "(null: none sent; zorba_server/drift_budget.py).",
     "hyper.fluency_tolerance": "The fluency watch: how far above a client's base value its "
                                "generic-text loss may rise (0: off).",
     "hyper.round_duration_s": "Seconds from a round's opening to its deadline.",
@@ -64,6 +70,9 @@ STATUS_FIELDS: dict[str, str] = {
     "block_signal.rows": "Pair rows (two clients, one round) behind the estimate.",
     "block_drift": "Per block: its distance from the base weights, relative to their norm "
                    "(null: no base RMS known to this engine).",
+    "block_move": "Per block: the RMS move per parameter of base + alpha from the base weights, "
+                  "the norm of its column of alpha (what the drift budget bounds; null: no "
+                  "model pinned).",
     "block_base_rms": "Per block: the RMS of its base weights the drift bound uses, as the "
                       "clients sent it (null: none known).",
     "fluency": "The fluency watch's last verdict (null: none yet; zorba_server/fluency_watch.py).",
@@ -95,6 +104,9 @@ STATUS_FIELDS: dict[str, str] = {
     "clients[].guard_quarantined": "The loss guard ignores its check losses (implausible too often).",
     "clients[].base_rms_ignored": "Its base RMS values stood apart from the other clients': "
                                   "the drift bound does not use them.",
+    "clients[].fluency_curvature": "The fluency curvature it measured at start-up (null: none).",
+    "clients[].curvature_ignored": "Its fluency curvature stood more than a factor 2 from the "
+                                   "run's (the median of all clients').",
     "clients[].generic_reference": "The fluency watch's reference for it: its generic-text loss "
                                    "on the base model (null: none yet).",
     "clients[].peak_over_budget": "last_peak_bytes / budget_bytes (null: no peak measured).",

@@ -47,6 +47,8 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
                   "loss_drift_tolerance": run.loss_drift_tolerance,
                   # The bound acts only where the engine knows the blocks' base RMS.
                   "max_drift": run.max_drift if engine.base_rms is not None else 0.0,
+                  "drift_budget": run.drift_budget, "max_move": engine.max_move(),
+                  "fluency_curvature": engine.fluency_curvature,
                   "fluency_tolerance": run.fluency_tolerance,
                   "round_duration_s": run.round_duration_s, "max_steps": run.max_steps},
         "pool_size": engine.pool_size,
@@ -60,6 +62,9 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
         "block_drift": (None if engine.base_rms is None or engine.alpha is None else
                         [round(float(d), 5) for d in block_drift(engine.body_alpha(), engine.base_rms)]),
         "block_base_rms": None if engine.base_rms is None else list(engine.base_rms),
+        # A block's move per parameter is its drift relative to an RMS of 1 (drift_budget.py).
+        "block_move": (None if engine.alpha is None else [
+            float(f"{m:.6g}") for m in block_drift(engine.body_alpha(), (1.0,) * num_blocks)]),
         "fluency": _fluency(engine),
         "clients": [
             {"client_id": m.client_id, "name": m.profile.name,
@@ -72,6 +77,8 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
              "guard_outlier_rounds": m.guard_outlier_rounds,
              "guard_quarantined": m.client_id in quarantined,
              "base_rms_ignored": m.client_id in engine.base_rms_ignored,
+             "fluency_curvature": m.profile.fluency_curvature,
+             "curvature_ignored": m.client_id in engine.curvature_ignored,
              "generic_reference": (reference.loss if (reference := engine.generic_references.get(
                  m.client_id)) is not None else None),
              "last_peak_bytes": m.last_peak_bytes,

@@ -221,6 +221,11 @@ def parser() -> argparse.ArgumentParser:
                    help="the drift bound: the longest distance of a block from its base weights, "
                    "as a fraction of their norm; a round that would go further is scaled down "
                    "(0: off; default %(default)s)")
+    g.add_argument("--drift-budget", type=_number(float, strict=False), default=d.run.drift_budget,
+                   metavar="FRACTION",
+                   help="the drift budget: no block moves further than the probe predicts raises the "
+                   "generic-text loss by this fraction of --fluency-tolerance (0: off; default "
+                   "%(default)s)")
     g.add_argument("--fluency-tolerance", type=_number(float, strict=False),
                    default=d.run.fluency_tolerance, metavar="FRACTION",
                    help="the fluency watch: a next-token loss on a packaged generic text more than "
@@ -436,6 +441,7 @@ def load_settings(folder: Path) -> Settings:
             run = data.pop("run")
             # Saved when the simulator's fluency watch was its own setting (now run's).
             run.setdefault("fluency_tolerance", data.pop("fluency_tolerance", 0.0))
+            run.setdefault("drift_budget", 0.0)  # saved before the drift budget: resumed without
             return Settings(run=RunConfig(**run),
                             aggregation=AggregationConfig(**data.pop("aggregation")), **data)
         # A run begun when the settings were one flat map resumes as it was run: before the
@@ -444,6 +450,7 @@ def load_settings(folder: Path) -> Settings:
         data.setdefault("plateau_rounds", 0)
         data.setdefault("max_drift", 0.0)  # and before the drift bound and the fluency watch
         data.setdefault("fluency_tolerance", 0.0)
+        data.setdefault("drift_budget", 0.0)
         return settings_of(data)
     except OSError as exc:
         raise UsageError(f"--resume {folder}: cannot read {path} ({exc.strerror}): give the "

@@ -45,7 +45,7 @@ from zorba_common.codec import encode
 from zorba_common.fluency import broken
 from zorba_common.messages import TRAIN, Assignment, DeviceProfile, MemoryProfile, NextRound, Report
 from zorba_common.run_defaults import CENTRAL_MEZO, CPU_FROZEN_DTYPE, FEDZO_FULL
-from zorba_edge.client.assembly import client_task_seed, footprint_of
+from zorba_edge.client.assembly import PROBE_SEQ_LEN, client_task_seed, footprint_of
 from zorba_edge.client.local_task import LocalTask
 from zorba_edge.client.readout_setup import client_readout
 from zorba_edge.data.examples import ClassificationExample
@@ -54,6 +54,7 @@ from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
 from zorba_edge.engine.bias_floor import FIT_EXAMPLES, bias_floor_accuracy, score_examples
 from zorba_edge.engine.coefficients import CoefficientTable
 from zorba_edge.engine.directions import BlockTensors
+from zorba_edge.engine.drift_tolerance import probe as drift_probe
 from zorba_edge.engine.fluency import generic_batch, generic_loss
 from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.model.base_rms import tensors_rms
@@ -233,7 +234,14 @@ class Simulation:
         sim = cls(config, source, engine, loaded, clients, batches, training, reference_step_s=0.0)
         if not engine.weights_only:
             # What run.max_drift is relative to; the watch's reference is the base model's loss.
-            engine.base_rms = _block_rms(sim.all_blocks())
+            blocks = sim.all_blocks()
+            engine.base_rms = _block_rms(blocks)
+            if run.drift_budget > 0 and run.fluency_tolerance > 0:
+                # The drift budget from the probe a real client runs at start-up, on the
+                # simulator's one copy of the model (zorba_edge/engine/drift_tolerance.py).
+                engine.fluency_curvature = drift_probe(
+                    loaded.model, [t for b in sorted(blocks) for _, t in blocks[b]],
+                    generic_batch(tokenizer, PROBE_SEQ_LEN).to(config.device)).curvature
             if run.fluency_tolerance > 0:
                 sim.generic = generic_batch(tokenizer, run.seq_len).to(config.device)
                 sim.base_generic_loss = generic_loss(loaded.model, sim.generic)
