@@ -14,7 +14,7 @@ from zorba_common.codec import SchemaError, decode, encode
 from zorba_common.messages import DeviceProfile
 from zorba_server.config import config_from_dict
 from zorba_server.drift import block_drift
-from zorba_server.drift_budget import agreed, describe, max_move
+from zorba_server.drift_budget import agreed, describe, max_move, round_bounds
 from zorba_server.rounds import APPLIED
 from zorba_server.status_view import run_status
 
@@ -69,6 +69,32 @@ def test_a_round_past_the_budget_is_scaled_so_every_trained_block_lands_on_it(tm
     assert status["hyper"]["fluency_curvature"] == GEMMA
     assert status["block_move"] == pytest.approx(list(move), rel=1e-5)
     assert [c["fluency_curvature"] for c in status["clients"]] == [GEMMA]
+
+
+def test_a_run_of_set_length_spends_the_budget_evenly_over_its_rounds():
+    assert round_bounds([0.0, 0.5, 1.0, 2.0], 1.0, 0) == (1.0, 1.0, 1.0, 1.0)
+    # Each round adds an even share of what is left of the squared budget.
+    assert round_bounds([0.0, 0.5, 1.0, 2.0], 1.0, 4) == pytest.approx(
+        (0.5, math.sqrt(0.25 + 0.75 / 4), 1.0, 1.0))
+    assert round_bounds([0.3], 1.0, 1) == (1.0,)
+
+
+def test_with_max_rounds_each_round_takes_its_share_and_the_last_reaches_the_bound(tmp_path: Path):
+    e = engine(tmp_path, max_rounds=4)
+    join(e, "a", fluency_curvature=GEMMA)
+    bound = e.max_move()
+    for round_, expected in enumerate((bound / 2, bound / math.sqrt(2), bound * math.sqrt(0.75), bound), 1):
+        open_next(e, now=float(round_))
+        e.accept_report(received(e, "a"))
+        closure = e.decide_close(now=float(round_))
+        e.apply_close(closure)
+        assert closure.outcome.status == APPLIED
+        assert e.alpha is not None
+        move = block_drift(e.alpha, (1.0,) * e.alpha.shape[1])
+        trained = sorted(closure.plan.clients["a"].blocks)
+        assert np.allclose(move[trained], expected, rtol=1e-5), (round_, move)
+        if round_ < 4:
+            assert f"{5 - round_} round(s) left" in closure.outcome.message
 
 
 def test_older_clients_or_a_budget_of_zero_leave_the_round_as_it_was(tmp_path: Path):

@@ -8,7 +8,9 @@ directions, which is what a zeroth-order run's moves nearly all are. The run tur
     s* = sqrt(run.drift_budget x run.fluency_tolerance / kappa),
 
 the move per parameter at which the loss is predicted to stand `drift_budget` of the fluency
-watch's tolerance above the base model's, and no block of base + alpha may move further: a
+watch's tolerance above the base model's, and no block of base + alpha may move further (in a
+run of set length, run.max_rounds, each round may take only its share of what is left:
+`round_bounds`): a
 block's move per parameter is the norm of its column of alpha, sqrt(sum_k alpha[k,b]^2)
 (zorba_server/drift.py), so the bound is drift.bounded with every base RMS at 1. Measured
 (docs/learning.md, "The drift budget"): Gemma 3 270M kappa ~1.7e4, s* ~2.4e-3 (its first
@@ -69,9 +71,30 @@ def max_move(curvature: float | None, fluency_tolerance: float, budget: float) -
     return math.sqrt(budget * fluency_tolerance / curvature)
 
 
-def describe(scales: dict[int, float], bound: float) -> str:
+def round_bounds(moves: Sequence[float], bound: float, rounds_left: int) -> tuple[float, ...]:
+    """Per block, the move this round may bring it to, given each block's move now (`moves`):
+    with the run's remaining rounds counted (`rounds_left` >= 1, this one included), its
+    squared move plus an even share of what is left of the squared budget,
+    sqrt(m^2 + (s*^2 - m^2) / rounds_left), so the run reaches the bound at its last round;
+    with `rounds_left` 0 (a run of no set length) the bound itself. A block at or past the
+    bound stays bounded by it.
+
+    Why spread it: a run's move is nearly all noise, growing as sqrt(steps) x step, while what
+    it learns grows as steps x step; within one budget, n times the steps learn sqrt(n) times
+    as much. A run that spent the budget in its first round (Gemma 3: 20 steps) would spend
+    the rest frozen at the bound. Scaling a round's increments after the fact gives the same
+    learning per move as shorter steps would (both shrink signal and noise alike)."""
+    if rounds_left <= 0:
+        return tuple(bound for _ in moves)
+    return tuple(bound if m >= bound else math.sqrt(m * m + (bound * bound - m * m) / rounds_left)
+                 for m in moves)
+
+
+def describe(scales: dict[int, float], bound: float, rounds_left: int = 0) -> str:
     """One line for the round's message and the status page."""
     shown = ", ".join(f"{b} x{s:.2f}" for b, s in sorted(scales.items())[:6])
     more = f" and {len(scales) - 6} more" if len(scales) > 6 else ""
+    share = (f"; this round's share of it, {rounds_left} round(s) left" if rounds_left > 1
+             else "")
     return (f"the drift budget (a move of at most {bound:.3g} per parameter, measured: "
-            f"run.drift_budget) scaled this round's increments on block(s) {shown}{more}")
+            f"run.drift_budget{share}) scaled this round's increments on block(s) {shown}{more}")

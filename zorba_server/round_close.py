@@ -186,13 +186,17 @@ class RoundClosing(Membership):
                             f"{outcome.message}; {note}" if outcome.message else note))
                 move = self.max_move()
                 if change is not None and move > 0:
-                    # A block's RMS move per parameter is its column's norm: drift.py's bound
-                    # with every base RMS at 1 (drift_budget.py).
+                    # A block's RMS move per parameter is its column's norm: drift.py's drift
+                    # with every base RMS at 1; the round's limit per block is its share of
+                    # the budget (drift_budget.py), passed as the bound's per-block scale.
                     assert self.footprint is not None
-                    change, scaled = drift_bound.bounded(
-                        self.alpha, change, (1.0,) * self.footprint.num_blocks, move)
+                    moved = drift_bound.block_drift(self.body_alpha(), (1.0,) * self.footprint.num_blocks)
+                    rounds_left = (max(1, self.config.run.max_rounds - self.rounds_applied)
+                                   if self.config.run.max_rounds > 0 else 0)
+                    limits = drift_budget.round_bounds([float(m) for m in moved], move, rounds_left)
+                    change, scaled = drift_bound.bounded(self.alpha, change, limits, 1.0)
                     if scaled:
-                        note = drift_budget.describe(scaled, move)
+                        note = drift_budget.describe(scaled, move, rounds_left)
                         outcome = dataclasses.replace(outcome, delta=change, message=(
                             f"{outcome.message}; {note}" if outcome.message else note))
                 plateau = plateau.after(guard.progressed, self.config.run.plateau_rounds)
