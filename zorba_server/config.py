@@ -197,8 +197,9 @@ class RunConfig:
     """The drift budget, measured: no block of base + alpha moves further (RMS per parameter)
     than the move at which the clients' probe predicts the generic-text loss to stand this
     fraction of `fluency_tolerance` above the base model's; a round that would go further is
-    scaled down on that block (0: off; without a measurement, from older clients, off too;
-    zorba_server/drift_budget.py, docs/learning.md "The drift budget")."""
+    scaled down on that block; with max_rounds set, each round takes only an even share of
+    what is left, so the run reaches the bound at its end (0: off; without a measurement, from
+    older clients, off too; zorba_server/drift_budget.py, docs/learning.md "The drift budget")."""
     fluency_tolerance: float = FLUENCY_TOLERANCE
     """The fluency watch: every client that sent its base RMS (a client of this protocol
     revision) measures, each round, the next-token loss of the model it received on a packaged
