@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from client_support import signal_examples
 
 from zorba_edge.engine.fluency import generic_loss
@@ -19,9 +20,9 @@ from zorba_sim.simulation import Simulation, SimulationConfig
 
 
 def huge_step_run(model_dir: Path, *, max_drift: float = 0.0, fluency: float = 0.0,
-                  rounds: int = 4, drift_budget: float = 0.0) -> Simulation:
+                  rounds: int = 4, drift_budget: float = 0.0, run: bool = True) -> Simulation:
     """lr 1e3 with the loss guard, the trust region and the drift budget off: nothing else
-    stands in the way."""
+    stands in the way (`run` False: built, not run)."""
     server = config_from_dict({"enrolment_secret": "s" * 16, "run": {
         "pool_size": 64, "lr": 1e3, "mu": 1e-3, "batch_size": 4, "seq_len": 16,
         "round_duration_s": 30, "max_steps": 4, "seed": 3, "loss_jump_tolerance": 0.0,
@@ -31,7 +32,8 @@ def huge_step_run(model_dir: Path, *, max_drift: float = 0.0, fluency: float = 0
     config = SimulationConfig(server, rounds=rounds, reference_step_s=1.0, eval_every=1)
     sim = Simulation.build(config, open_source(model_dir), fleet_from_counts("laptop-16gb=3"),
                            signal_examples(120), signal_examples(24, seed=1))
-    sim.run()
+    if run:
+        sim.run()
     return sim
 
 
@@ -57,6 +59,16 @@ def test_the_simulator_probes_its_model_and_the_drift_budget_bounds_every_block(
     assert move.max() == pytest.approx(bound, rel=1e-4)
     assert any("the drift budget" in h.message for h in sim.engine.history)
     assert not any(r.stopped for r in sim.records)  # the watch had nothing to roll back
+
+
+def test_the_simulators_probe_leaves_its_model_bit_for_bit_as_it_was(model_dir: Path) -> None:
+    probed = huge_step_run(model_dir, fluency=0.2, drift_budget=0.5, run=False)
+    plain = huge_step_run(model_dir, fluency=0.2, drift_budget=0.0, run=False)
+    assert probed.engine.fluency_curvature is not None and plain.engine.fluency_curvature is None
+    a, b = probed.all_blocks(), plain.all_blocks()
+    for block in a:
+        for (name, x), (_, y) in zip(a[block], b[block], strict=True):
+            assert torch.equal(x, y), (block, name)
 
 
 def test_broken_generation_is_rolled_back_to_the_last_fluent_version_and_stops_the_run(

@@ -239,9 +239,16 @@ class Simulation:
             if run.drift_budget > 0 and run.fluency_tolerance > 0:
                 # The drift budget from the probe a real client runs at start-up, on the
                 # simulator's one copy of the model (zorba_edge/engine/drift_tolerance.py).
+                # It moves the run's own model and back, up to rounding: restored exactly, so
+                # the run is bit for bit the one without the probe.
+                params = [t for b in sorted(blocks) for _, t in blocks[b]]
+                saved = [t.detach().clone() for t in params]
                 engine.fluency_curvature = drift_probe(
-                    loaded.model, [t for b in sorted(blocks) for _, t in blocks[b]],
-                    generic_batch(tokenizer, PROBE_SEQ_LEN).to(config.device)).curvature
+                    loaded.model, params, generic_batch(tokenizer, PROBE_SEQ_LEN).to(config.device)).curvature
+                with torch.no_grad():
+                    for t, kept in zip(params, saved, strict=True):
+                        t.copy_(kept)
+                del saved
             if run.fluency_tolerance > 0:
                 sim.generic = generic_batch(tokenizer, run.seq_len).to(config.device)
                 sim.base_generic_loss = generic_loss(loaded.model, sim.generic)
