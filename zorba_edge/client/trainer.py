@@ -438,7 +438,7 @@ class ReadoutRound:
         directions = min(hyper.readout_directions, len(pool))
         # The server adds readout_lr x g per scalar; the estimator moves the rows by
         # (lr' / n) sum g z, so lr' = readout_lr x n, as the body's (ZOConfig.for_round).
-        config = ZOConfig.for_round(hyper.readout_lr, hyper.mu, directions, hyper.trust_radius,
+        config = ZOConfig.for_round(hyper.readout_lr, hyper.mu, directions, hyper.readout_trust_radius,
                                     {block: readout.tensors()}, run.max_abs_scalar)
         return ReadoutRound(readout, block, pool, directions, config)
 
