@@ -72,7 +72,7 @@ def test_the_readout_rows_move_by_the_readout_radius_not_the_bodys() -> None:
     assert round_ is not None and round_.config.max_move == pytest.approx(1e-3 * scale)
 
     outcome = trainer.train_round(task, threading.Event())
-    assert [k for k, _ in outcome.readout_steps] == [3, 9]
+    assert [k for k, _ in outcome.readout_steps] == [3, 9] and outcome.readout_shrunk_batches == 1
     # What the server adds (readout_lr x g per scalar) has the region's length exactly ...
     length = hyper.readout_lr * math.sqrt(sum(g * g for _, g in outcome.readout_steps))
     assert length == pytest.approx(1e-3 * scale, rel=1e-5)
