@@ -54,7 +54,7 @@ HARNESSES = ("simulator", "processes")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from zorba_common.readout import READOUT_DIRECTIONS_HELP, READOUT_LR_HELP
+    from zorba_common.readout import READOUT_DIRECTIONS_HELP, READOUT_LR_HELP, READOUT_TRUST_RADIUS_HELP
     from zorba_common.run_defaults import DTYPES, ESTIMATORS, SIM_MODES
     from zorba_lab.compare.simulator import REFERENCE_FORWARD_S, CompareSetting
     from zorba_server.aggregation_rules import RULES, rules_help
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{READOUT_DIRECTIONS_HELP} (default %(default)s)")
     p.add_argument("--readout-lr", type=float, default=d.run.readout_lr,
                    help=f"{READOUT_LR_HELP} (default %(default)s)")
+    p.add_argument("--readout-trust-radius", type=float, default=d.run.readout_trust_radius,
+                   metavar="FRACTION", help=f"{READOUT_TRUST_RADIUS_HELP} (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.run.batch_size, help="default %(default)s")
     p.add_argument("--seq-len", type=int, default=d.run.seq_len, help="default %(default)s")
     p.add_argument("--pool-size", type=int, default=d.run.pool_size, help="default %(default)s")
@@ -153,6 +155,7 @@ def resolve(args: argparse.Namespace) -> tuple[Any, str]:
             mu=args.mu, estimator=args.estimator,
             directions=args.directions, batch_size=args.batch_size, seq_len=args.seq_len,
             readout_directions=args.readout_directions, readout_lr=args.readout_lr,
+            readout_trust_radius=args.readout_trust_radius,
             pool_size=args.pool_size, round_duration_s=args.round_duration,
             reference_step_s=args.reference_step_s, fedavg_step_s=args.fedavg_step_s,
             frozen_dtype=args.frozen_dtype,

@@ -16,8 +16,8 @@ def test_each_rejection_and_each_plateau_cut_multiplies_the_round_lr() -> None:
     assert step.round_lr((), 0) == 1e-3
     two = (REJECTED, APPLIED, REJECTED)
     assert step.round_lr(two, 1) == pytest.approx(1e-3 * LOSS_JUMP_BACKOFF ** 2 * PLATEAU_DECAY)
-    assert step.after_backoff(two, 1) == pytest.approx(step.round_lr((*two, REJECTED), 1))
-    assert step.after_plateau(two, 1) == pytest.approx(step.round_lr(two, 2))
+    assert step.after_backoff(two, 1).lr == pytest.approx(step.round_lr((*two, REJECTED), 1))
+    assert step.after_plateau(two, 1).lr == pytest.approx(step.round_lr(two, 2))
 
 
 def test_dimension_scaling_gives_a_client_mean_block_over_its_perturbed_parameters() -> None:

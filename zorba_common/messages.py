@@ -28,7 +28,7 @@ from zorba_common.limits import (
     MAX_STEPS_PER_REPORT,
 )
 from zorba_common.memory_model import MemorySettings, ModelFootprint
-from zorba_common.readout import MAX_READOUT_DIRECTIONS, READOUT_LR
+from zorba_common.readout import MAX_READOUT_DIRECTIONS, READOUT_LR, READOUT_TRUST_RADIUS
 from zorba_common.run_defaults import ANTITHETIC, DTYPES, ESTIMATORS, RUN_MODES, ZORBA
 
 PROTOCOL_VERSION = 1
@@ -189,8 +189,13 @@ class HyperParams:
         "columns; left out while 0).", ge=0, le=MAX_READOUT_DIRECTIONS, omit_default=True))
     readout_lr: float = field(default=READOUT_LR, metadata=wire(
         "Step of the readout: alpha[k, R] gains readout_lr x g per readout scalar, and the "
-        "client's rows move by readout_lr x sum g z (the trust region bounds it as a body "
-        "step, relative to the rows' RMS). Left out while at its default.", gt=0,
+        "client's rows move by readout_lr x sum g z (at most readout_trust_radius x the rows' "
+        "RMS). Left out while at its default.", gt=0, omit_default=True))
+    readout_trust_radius: float = field(default=READOUT_TRUST_RADIUS, metadata=wire(
+        "The readout's own trust region: the longest RMS move of the label rows one batch's "
+        "readout step may make, as a fraction of the rows' RMS; a longer step is scaled down "
+        "to it, its reported scalars with it (0: no limit). The server cuts it with the step "
+        "(the loss guard's halving, the plateau cut). Left out while at its default.", ge=0,
         omit_default=True))
 
 

@@ -19,14 +19,24 @@ READOUT_LR = 1e-2
 1e-2 best of 1e-3 and 1e-2 at the run's trust radius 0.03, which bounds the step in nearly
 every batch (docs/learning.md, "The label readout")."""
 
+READOUT_TRUST_RADIUS = 0.01
+"""The readout's own trust radius (run.readout_trust_radius): its step moves the rows by at most
+this fraction of their RMS. On the simulator every readout batch was trust-bound, so this, not
+readout_lr, is the readout's step size; at the body's 0.03 the readout lowered accuracy and at
+0.01 it raised it (docs/learning.md, "The label readout in the run")."""
+
 READOUT_DIRECTIONS_HELP = ("the label readout as a block of the run: directions per batch on the LM "
                            "head's rows of the label tokens (one more column of alpha, held by every "
                            "client of a classification run), scored from the batch's first forward "
                            "at no forward of their own; 0: off (1..64)")
 """run.readout_directions's meaning, as every command that takes --readout-directions explains it."""
 READOUT_LR_HELP = ("the label readout's step: alpha[k, R] += readout_lr x g per readout scalar "
-                   "(the trust region bounds it relative to the rows' RMS)")
+                   "(run.readout_trust_radius bounds it relative to the rows' RMS)")
 """run.readout_lr's meaning, as every command that takes --readout-lr explains it."""
+READOUT_TRUST_RADIUS_HELP = ("the label readout's own trust region: the longest RMS move of the label "
+                             "rows in one batch's step, as a fraction of their RMS, cut with the "
+                             "step by the loss guard and the plateau rule; 0: off")
+"""run.readout_trust_radius's meaning, as every command that takes --readout-trust-radius explains it."""
 
 
 def readout_block(num_blocks: int) -> int:

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zorba_common.readout import READOUT_DIRECTIONS_HELP, READOUT_LR_HELP
+from zorba_common.readout import READOUT_DIRECTIONS_HELP, READOUT_LR_HELP, READOUT_TRUST_RADIUS_HELP
 from zorba_common.roles import docs_location, version_text
 from zorba_common.run_defaults import DTYPES, ESTIMATORS
 from zorba_edge.client.byte_sizes import format_size, parse_size
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{READOUT_DIRECTIONS_HELP} (default %(default)s)")
     p.add_argument("--readout-lr", type=float, default=run.readout_lr,
                    help=f"{READOUT_LR_HELP} (default %(default)s)")
+    p.add_argument("--readout-trust-radius", type=float, default=run.readout_trust_radius,
+                   metavar="FRACTION", help=f"{READOUT_TRUST_RADIUS_HELP} (default %(default)s)")
     p.add_argument("--plateau-rounds", type=int, default=run.plateau_rounds, metavar="N",
                    help=f"{PLATEAU_ROUNDS_HELP} (default %(default)s)")
     p.add_argument("--pool-slices", choices=POOL_SLICES, default=run.pool_slices,
@@ -137,6 +139,7 @@ def plan_from_args(args: argparse.Namespace, out_dir: Path) -> FederationPlan:
         round_duration_s=args.round_duration, max_steps=args.max_steps, max_rounds=args.rounds,
         estimator=args.estimator, directions=args.directions, plateau_rounds=args.plateau_rounds,
         readout_directions=args.readout_directions, readout_lr=args.readout_lr,
+        readout_trust_radius=args.readout_trust_radius,
         pool_slices=args.pool_slices,
         minutes=args.minutes, seed=args.seed, data_seed=args.data_seed,
         dirichlet_alpha=args.dirichlet_alpha, threads=args.threads,

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from zorba_common.readout import READOUT_DIRECTIONS_HELP, READOUT_LR_HELP
+from zorba_common.readout import READOUT_DIRECTIONS_HELP, READOUT_LR_HELP, READOUT_TRUST_RADIUS_HELP
 from zorba_common.roles import docs_location, version_text
 from zorba_common.run_defaults import ESTIMATORS
 from zorba_server import store_tools
@@ -78,6 +78,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"{READOUT_DIRECTIONS_HELP} (default {RunConfig.readout_directions})")
     g.add_argument("--readout-lr", type=float,
                    help=f"{READOUT_LR_HELP} (default {RunConfig.readout_lr:g})")
+    g.add_argument("--readout-trust-radius", type=float, metavar="FRACTION",
+                   help=f"{READOUT_TRUST_RADIUS_HELP} (default {RunConfig.readout_trust_radius:g})")
     g.add_argument("--plateau-rounds", type=int, metavar="N",
                    help=f"{PLATEAU_ROUNDS_HELP} (default {RunConfig.plateau_rounds})")
     g.add_argument("--pool-slices", choices=list(POOL_SLICES),
@@ -119,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "run": {"seed": args.seed, "pool_size": args.pool_size, "lr": args.lr, "mu": args.mu,
                 "estimator": args.estimator, "directions": args.directions,
                 "readout_directions": args.readout_directions, "readout_lr": args.readout_lr,
+                "readout_trust_radius": args.readout_trust_radius,
                 "trust_radius": args.trust_radius, "plateau_rounds": args.plateau_rounds,
                 "pool_slices": args.pool_slices, "batch_size": args.batch_size, "seq_len": args.seq_len,
                 "min_clients": args.min_clients, "min_reports": args.min_reports,

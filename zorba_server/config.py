@@ -24,7 +24,7 @@ from typing import Any
 from zorba_common.errors import ZorbaError
 from zorba_common.fluency import FLUENCY_TOLERANCE
 from zorba_common.memory_model import MEMORY_HEADROOM, ModelFootprint
-from zorba_common.readout import MAX_READOUT_DIRECTIONS, READOUT_LR
+from zorba_common.readout import MAX_READOUT_DIRECTIONS, READOUT_LR, READOUT_TRUST_RADIUS
 from zorba_common.run_defaults import BATCH_SIZE, ESTIMATORS, NORMALISED, ONE_SIDED, SEQ_LEN, ZORBA
 from zorba_server.aggregation_rules import RULES, VOTING_RULES
 from zorba_server.drift_budget import DRIFT_BUDGET
@@ -159,6 +159,10 @@ class RunConfig:
     alpha, held by every client of a classification run, scored from each batch's first forward."""
     readout_lr: float = READOUT_LR
     """The readout's step: alpha[k, R] += readout_lr x g per scalar (cut with lr; no lr_scaling)."""
+    readout_trust_radius: float = READOUT_TRUST_RADIUS
+    """The readout's own trust region, relative to the label rows' RMS (0: off). Every readout
+    batch measured was trust-bound, so this is the readout's step size; it is cut with lr by
+    the loss guard and the plateau rule (zorba_server/step_size.py)."""
     lr_scaling: str = "none"
     """`none`: one lr for every client; `dimension`: each client's step is lr x (mean block
     size / parameters it perturbs), so `lr` is the step of a client holding one average block
@@ -259,6 +263,8 @@ class RunConfig:
             (1 <= self.directions <= 64, "run.directions must be in 1..64"),
             (0 <= self.readout_directions <= MAX_READOUT_DIRECTIONS, "run.readout_directions: 0..64"),
             (math.isfinite(self.readout_lr) and self.readout_lr > 0, "run.readout_lr must be finite and > 0"),
+            (math.isfinite(self.readout_trust_radius) and self.readout_trust_radius >= 0,
+             "run.readout_trust_radius must be a finite number >= 0 (0: off)"),
             (self.estimator != NORMALISED or self.directions >= 2,
              "run.estimator='normalised' divides by the spread of a batch's differences: it "
              "needs run.directions >= 2"),

@@ -122,7 +122,8 @@ class EngineState:
         self._plateau = Plateau()
         """Rounds without progress on the anchor, and the step cuts they made."""
         self._previous: dict[str, frozenset[int]] = {}
-        self.step_size = StepSize(run.lr, run.lr_scaling, run.trust_radius)
+        self.step_size = StepSize(run.lr, run.lr_scaling, run.trust_radius, run.readout_lr,
+                                  run.readout_trust_radius, readout=run.readout_directions > 0)
         """The one owner of the step size (zorba_server/step_size.py)."""
         self.energy: BlockEnergy | None = None
         """Per-block E[g^2] from the reported scalars (zorba_server/block_energy.py; None until
@@ -199,14 +200,10 @@ class EngineState:
 
     def hyper(self) -> HyperParams:
         run = self.config.run
-        cuts = self._cuts()
-        # The readout's step is cut with lr (the loss guard, the plateau rule), not scaled by
-        # lr_scaling, which weighs the body's blocks.
-        return HyperParams(self.step_size.round_lr(*cuts), run.mu, run.batch_size,
-                           run.seq_len, run.estimator, run.directions, self.step_size.trust_radius,
-                           run.readout_directions,
-                           run.readout_lr * self.step_size.factor(*cuts) if run.readout_directions
-                           else run.readout_lr)
+        step = self.step_size.round_step(*self._cuts())
+        return HyperParams(step.lr, run.mu, run.batch_size, run.seq_len, run.estimator,
+                           run.directions, step.trust_radius, run.readout_directions,
+                           step.readout_lr, step.readout_trust_radius)
 
     def _cuts(self) -> tuple[tuple[str, ...], int]:
         """(the closed rounds' statuses, plateau cuts): the loss guard's rejections and

@@ -152,7 +152,7 @@ class RoundClosing(Membership):
             why = fluency_watch.message(fluency, self.config.run.fluency_tolerance, target.version)
             outcome = dataclasses.replace(outcome, status=REJECTED, delta=None, message=(
                 final_check.rejected(self.version, why, target.version) if plan.final_check else
-                f"{why}; the step is halved to {self.step_size.after_backoff(*self._cuts()):.3g} "
+                f"{why}; the step is halved to {self.step_size.after_backoff(*self._cuts())} "
                 "for the next rounds (lower run.lr, or set run.max_drift)"))
             plateau = Plateau(0, plateau.step_decays)
             if self._anchor is not None and self._anchor.version > target.version:
@@ -168,7 +168,7 @@ class RoundClosing(Membership):
                     final_check.rejected(self.version, guard.rejection, target_version)
                     if plan.final_check else
                     f"{guard.rejection}; the step is halved to "
-                    f"{self.step_size.after_backoff(*self._cuts()):.3g} for the next rounds"))
+                    f"{self.step_size.after_backoff(*self._cuts())} for the next rounds"))
                 plateau = Plateau(0, plateau.step_decays)
             elif plan.final_check:
                 # Sound: the run ends on this version; the round's own steps measured nothing
@@ -257,7 +257,7 @@ class RoundClosing(Membership):
         assert self._anchor is not None
         cut = (f"the clients' check losses have not improved on version {self._anchor.version}'s "
                f"for {run.plateau_rounds} rounds: the step is cut to "
-               f"{self.step_size.after_plateau(*self._cuts()):.3g} for the next rounds")
+               f"{self.step_size.after_plateau(*self._cuts())} for the next rounds")
         return f"{outcome.message}; {cut}" if outcome.message else cut
 
     def guard_quarantined(self) -> set[str]:

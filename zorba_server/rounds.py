@@ -114,7 +114,8 @@ class RoundPlan:
             "deadline": self.deadline,
             "hyper": [self.hyper.lr, self.hyper.mu, self.hyper.batch_size, self.hyper.seq_len,
                       self.hyper.estimator, self.hyper.directions, self.hyper.trust_radius,
-                      self.hyper.readout_directions, self.hyper.readout_lr],
+                      self.hyper.readout_directions, self.hyper.readout_lr,
+                      self.hyper.readout_trust_radius],
             "pool_indices": list(self.pool_indices),
             "clients": {cid: [list(p.blocks), p.num_steps, p.lr_scale, p.first_step]
                         for cid, p in self.clients.items()},
@@ -130,8 +131,10 @@ class RoundPlan:
     def from_record(rec: Mapping[str, Any]) -> RoundPlan:
         # Plans stored before the estimator was a setting have 4 entries (antithetic, n = 1),
         # before the trust region 6 (no region, as their clients were told), before the label
-        # readout 7 (no readout).
+        # readout 7 (no readout), before the readout's own radius 9 (it took the body's).
         lr, mu, batch_size, seq_len, *estimator = rec["hyper"]
+        if len(estimator) == 5:
+            estimator.append(estimator[2])
         return RoundPlan(
             round=rec["round"],
             base_version=rec["base_version"],

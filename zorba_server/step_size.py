@@ -10,11 +10,15 @@ Every number that sets how far a round moves the model is decided here and nowhe
     local step = client lr x g x z, at most the trust region's length (run.trust_radius x the
                  RMS of the client's perturbed weights; the client applies it, because only
                  it holds the weights: zorba_edge.engine.zo.ZOConfig.for_round)
+    readout    = run.readout_lr and run.readout_trust_radius, both x the same factor as the
+                 round lr (no lr_scaling): the readout's steps are trust-bound, so a cut of
+                 lr alone would not shorten them
 
-The engine asks `StepSize` for the round's lr and each client's scale; `RoundPlan.client_lr`
-multiplies them; aggregation adds lr x scale x g per scalar, which is what the client moved.
-A restarted server recomputes the same step: the rejections come from the stored history and
-the plateau cuts from the last stored plan. docs/learning.md says why each factor exists.
+The engine asks `StepSize` for the round's settings (`RoundStep`) and each client's scale;
+`RoundPlan.client_lr` multiplies them; aggregation adds lr x scale x g per scalar, which is
+what the client moved. A restarted server recomputes the same step: the rejections come from
+the stored history and the plateau cuts from the last stored plan. docs/learning.md says why
+each factor exists.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from zorba_common.readout import READOUT_LR, READOUT_TRUST_RADIUS
 from zorba_server.round_status import APPLIED, REJECTED
 
 LOSS_JUMP_BACKOFF = 0.5
@@ -65,6 +70,25 @@ region bounds its length; this bounds it without one)."""
 
 
 @dataclass(frozen=True)
+class RoundStep:
+    """The step settings one round hands its clients (HyperParams' lr and radii), after the cuts."""
+
+    lr: float
+    trust_radius: float
+    readout_lr: float
+    readout_trust_radius: float
+    readout: bool
+    """Whether the run has the label readout (its settings mean nothing otherwise)."""
+
+    def __str__(self) -> str:
+        """How a cut's message states the new step."""
+        if not self.readout:
+            return f"{self.lr:.3g}"
+        return (f"{self.lr:.3g} (the readout's lr {self.readout_lr:.3g}, its trust radius "
+                f"{self.readout_trust_radius:.3g})")
+
+
+@dataclass(frozen=True)
 class StepSize:
     """The run's step-size settings (from RunConfig) and the rules that turn them into steps."""
 
@@ -73,6 +97,13 @@ class StepSize:
     scaling: str = "none"
     trust_radius: float = 0.0
     """Passed to clients in HyperParams; each applies it to its own weights' scale."""
+    readout_lr: float = READOUT_LR
+    readout_trust_radius: float = READOUT_TRUST_RADIUS
+    """The readout's own radius, relative to the label rows' RMS: its steps are trust-bound
+    (docs/learning.md, "The label readout in the run")."""
+    readout: bool = False
+    """Whether the run has the readout (run.readout_directions > 0): only then are its
+    settings cut, so a run without it sends them at their defaults, left off the wire."""
 
     def __post_init__(self) -> None:
         if self.scaling not in LR_SCALINGS:
@@ -87,6 +118,15 @@ class StepSize:
     def round_lr(self, statuses: Sequence[str], step_decays: int) -> float:
         """The lr a round opens with (the one every client's scale multiplies)."""
         return self.lr * self.factor(statuses, step_decays)
+
+    def round_step(self, statuses: Sequence[str], step_decays: int) -> RoundStep:
+        """Everything a round opens with: its lr, and the readout's lr and trust radius cut by
+        the same factor (a trust-bound step ignores a cut of lr; the body's steps rarely are
+        on SmolLM2, and its radius stays as set)."""
+        factor = self.factor(statuses, step_decays)
+        readout = factor if self.readout else 1.0
+        return RoundStep(self.lr * factor, self.trust_radius, self.readout_lr * readout,
+                         self.readout_trust_radius * readout, self.readout)
 
     def client_scale(self, block_params: Sequence[int], blocks: Sequence[int],
                      energy: Sequence[float] | None = None) -> float:
@@ -107,10 +147,10 @@ class StepSize:
             return MAX_ENERGY_SCALE
         return min(sum(weights) / held, MAX_ENERGY_SCALE)
 
-    def after_backoff(self, statuses: Sequence[str], step_decays: int) -> float:
-        """The round lr once one more rejection has halved it (what a rejection message says)."""
-        return self.round_lr([*statuses, REJECTED], step_decays)
+    def after_backoff(self, statuses: Sequence[str], step_decays: int) -> RoundStep:
+        """The round's step once one more rejection has halved it (what a rejection message says)."""
+        return self.round_step([*statuses, REJECTED], step_decays)
 
-    def after_plateau(self, statuses: Sequence[str], step_decays: int) -> float:
-        """The round lr once one more plateau cut has applied (what a cut message says)."""
-        return self.round_lr(statuses, step_decays + 1)
+    def after_plateau(self, statuses: Sequence[str], step_decays: int) -> RoundStep:
+        """The round's step once one more plateau cut has applied (what a cut message says)."""
+        return self.round_step(statuses, step_decays + 1)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from zorba_common.errors import ZorbaError
-from zorba_common.readout import READOUT_DIRECTIONS_HELP, READOUT_LR_HELP
+from zorba_common.readout import READOUT_DIRECTIONS_HELP, READOUT_LR_HELP, READOUT_TRUST_RADIUS_HELP
 from zorba_common.roles import docs_location, version_text
 from zorba_common.run_defaults import (
     CENTRAL_MEZO,
@@ -240,6 +240,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"{READOUT_DIRECTIONS_HELP} (default %(default)s)")
     g.add_argument("--readout-lr", type=_number(float), default=d.run.readout_lr,
                    help=f"{READOUT_LR_HELP} (default %(default)s)")
+    g.add_argument("--readout-trust-radius", type=_number(float, strict=False),
+                   default=d.run.readout_trust_radius, metavar="FRACTION",
+                   help=f"{READOUT_TRUST_RADIUS_HELP} (default %(default)s)")
     g.add_argument("--batch-size", type=_number(int), default=d.run.batch_size,
                    help="examples per step (default %(default)s)")
     g.add_argument("--seq-len", type=_number(int), default=d.run.seq_len,
@@ -442,6 +445,9 @@ def load_settings(folder: Path) -> Settings:
             # Saved when the simulator's fluency watch was its own setting (now run's).
             run.setdefault("fluency_tolerance", data.pop("fluency_tolerance", 0.0))
             run.setdefault("drift_budget", 0.0)  # saved before the drift budget: resumed without
+            # Saved before the readout had a radius of its own: it took the body's.
+            if run.get("readout_directions", 0) > 0:
+                run.setdefault("readout_trust_radius", run.get("trust_radius", 0.0))
             return Settings(run=RunConfig(**run),
                             aggregation=AggregationConfig(**data.pop("aggregation")), **data)
         # A run begun when the settings were one flat map resumes as it was run: before the

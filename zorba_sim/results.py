@@ -162,6 +162,8 @@ def describe_record(record: RoundRecord, rounds: int) -> str:
         parts.append(f"acc {record.accuracy:.3f}")
     if record.shrunk_batches:
         parts.append(f"trust-shrunk {record.shrunk_batches}")
+    if record.readout_shrunk_batches:
+        parts.append(f"readout-shrunk {record.readout_shrunk_batches}")
     parts.append(f"({record.wall_s:.1f} s)")
     return "  ".join(parts)
 

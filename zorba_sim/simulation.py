@@ -141,6 +141,8 @@ class RoundRecord:
     eval_loss: float | None = None
     shrunk_batches: int = 0
     """Batches of this round whose step the trust region scaled down (every client)."""
+    readout_shrunk_batches: int = 0
+    """... and whose readout step its own region (run.readout_trust_radius) scaled down."""
     lr: float | None = None
     """The round's step size (run.lr after the loss guard's and the plateaus' cuts)."""
     loss_check: float | None = None
@@ -328,7 +330,7 @@ class Simulation:
         finished: dict[str, float] = {}
         losses: list[tuple[float, float]] = []
         checks: list[tuple[str, float]] = []
-        dropped = stragglers = shrunk = 0
+        dropped = stragglers = shrunk = readout_shrunk = 0
         down_total = up_total = 0.0
         for cid in sorted(plan.clients):
             client = self.clients[cid]
@@ -355,6 +357,7 @@ class Simulation:
             outcome = training.train(cid, client.task, assignment, info, take, reports=not drops)
             self.forwards += outcome.forwards
             shrunk += outcome.shrunk_batches
+            readout_shrunk += outcome.readout_shrunk_batches
             down_total += down
             if drops or not outcome.steps_taken:
                 dropped += drops
@@ -392,16 +395,17 @@ class Simulation:
         return self._record(plan.round, closure.outcome.status, assigned, len(finished), dropped,
                             stragglers, _weighted_mean(losses), down_total / assigned,
                             up_total / assigned, started, shrunk, lr=plan.hyper.lr,
-                            loss_check=loss_check)
+                            loss_check=loss_check, readout_shrunk_batches=readout_shrunk)
 
     def _record(self, round_: int, status: str, assigned: int, reports: int, dropped: int,
                 stragglers: int, loss: float | None, down: float, up: float,
                 started: float, shrunk_batches: int = 0, *, lr: float | None = None,
-                loss_check: float | None = None) -> RoundRecord:
+                loss_check: float | None = None, readout_shrunk_batches: int = 0) -> RoundRecord:
         record = RoundRecord(round_, status, self.engine.version, assigned, reports, dropped,
                              stragglers, self.clock, self.forwards, loss, down, up,
                              time.perf_counter() - started, shrunk_batches=shrunk_batches,
-                             lr=lr, loss_check=loss_check)
+                             lr=lr, loss_check=loss_check,
+                             readout_shrunk_batches=readout_shrunk_batches)
         published = record.version != (self.records[-1].version if self.records else 0)
         if self.engine.base_rms is not None and self.engine.alpha is not None:
             record.drift_max = float(block_drift(self.engine.body_alpha(), self.engine.base_rms).max())

@@ -120,6 +120,9 @@ class LocalRoundResult:
     readout_steps: tuple[tuple[int, float], ...] = ()
     """(k, sum of g) per pool index of the label readout's directions (block R), in ascending k."""
 
+    readout_shrunk_batches: int = 0
+    """Batches whose readout step its own trust region (hyper.readout_trust_radius) scaled down."""
+
     @property
     def steps_taken(self) -> int:
         return len(self.steps) if self.local_steps is None else self.local_steps
@@ -411,6 +414,7 @@ def run_local_steps(model: torch.nn.Module, blocks: BlockTensors, task: LocalTas
         loss_generic=_reportable(loss_generic),
         shrunk_batches=shrunk,
         readout_steps=() if on_readout is None else on_readout.scalars(),
+        readout_shrunk_batches=0 if on_readout is None else on_readout.shrunk,
     )
 
 
@@ -427,6 +431,8 @@ class ReadoutRound:
     are distinct)."""
     config: ZOConfig
     sums: dict[int, float] = dataclasses.field(default_factory=dict)
+    shrunk: int = 0
+    """Batches whose readout step the readout's trust region scaled down."""
 
     @staticmethod
     def of(readout: LabelReadout, run: RunInfo, assignment: Assignment) -> ReadoutRound | None:
@@ -438,7 +444,7 @@ class ReadoutRound:
         directions = min(hyper.readout_directions, len(pool))
         # The server adds readout_lr x g per scalar; the estimator moves the rows by
         # (lr' / n) sum g z, so lr' = readout_lr x n, as the body's (ZOConfig.for_round).
-        config = ZOConfig.for_round(hyper.readout_lr, hyper.mu, directions, hyper.trust_radius,
+        config = ZOConfig.for_round(hyper.readout_lr, hyper.mu, directions, hyper.readout_trust_radius,
                                     {block: readout.tensors()}, run.max_abs_scalar)
         return ReadoutRound(readout, block, pool, directions, config)
 
@@ -453,6 +459,7 @@ class ReadoutRound:
                                   self.pool_indices(batch_index), self.config)
         for k, g in result.steps:
             self.sums[k] = self.sums.get(k, 0.0) + g
+        self.shrunk += result.shrink < 1.0
 
     def scalars(self) -> tuple[tuple[int, float], ...]:
         return tuple(sorted(self.sums.items()))
