@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     from zorba_common.run_defaults import DTYPES, ESTIMATORS, SIM_MODES
     from zorba_lab.compare.simulator import REFERENCE_FORWARD_S, CompareSetting
     from zorba_server.aggregation_rules import RULES, rules_help
-    from zorba_server.config import LR_SCALING_HELP, LR_SCALINGS
+    from zorba_server.config import LR_SCALINGS
+    from zorba_server.run_help import LR_SCALING_HELP
     from zorba_server.scheduler import OBJECTIVES
 
     d = CompareSetting()

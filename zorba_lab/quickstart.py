@@ -29,14 +29,12 @@ from zorba_lab.federation import QUICKSTART_RUN, ClientSetup, FederationPlan, Fe
 from zorba_lab.heldout import EVAL_BATCH_SIZE, fit_task, heldout_task
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.config import (
-    LR_SCALING_HELP,
     LR_SCALINGS,
-    PLATEAU_ROUNDS_HELP,
     POOL_SLICES,
-    POOL_SLICES_HELP,
     AggregationConfig,
 )
 from zorba_server.round_status import APPLIED, FAILED, REJECTED
+from zorba_server.run_help import LR_SCALING_HELP, PLATEAU_ROUNDS_HELP, POOL_SLICES_HELP
 
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
     pass

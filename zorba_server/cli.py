@@ -21,10 +21,7 @@ from zorba_server import store_tools
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.app import create_app
 from zorba_server.config import (
-    PLATEAU_ROUNDS_HELP,
     POOL_SLICES,
-    POOL_SLICES_HELP,
-    TRUST_RADIUS_HELP,
     AggregationConfig,
     ConfigError,
     RunConfig,
@@ -34,6 +31,7 @@ from zorba_server.config import (
 from zorba_server.enrolment import new_secret
 from zorba_server.http_edge import HeadLimits, app_runner, listen
 from zorba_server.modes import MODES
+from zorba_server.run_help import PLATEAU_ROUNDS_HELP, POOL_SLICES_HELP, TRUST_RADIUS_HELP
 from zorba_server.storage import StoreError
 
 

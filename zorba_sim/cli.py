@@ -37,17 +37,14 @@ from zorba_common.run_defaults import (
 from zorba_edge.client.errors import UsageError
 from zorba_server.aggregation_rules import RULES, rules_help
 from zorba_server.config import (
-    LR_SCALING_HELP,
     LR_SCALINGS,
-    PLATEAU_ROUNDS_HELP,
     POOL_SLICES,
-    POOL_SLICES_HELP,
-    TRUST_RADIUS_HELP,
     AggregationConfig,
     RunConfig,
     ServerConfig,
     harness_run,
 )
+from zorba_server.run_help import LR_SCALING_HELP, PLATEAU_ROUNDS_HELP, POOL_SLICES_HELP, TRUST_RADIUS_HELP
 from zorba_sim.fleet import CATALOGUE, GIB, Fleet, fleet_from_counts, load_fleet
 
 EXIT_USAGE = 2
