@@ -19,6 +19,7 @@ def huge_step_run(model_dir: Path, tolerance: float, radius: float = 0.0) -> Sim
         "pool_size": 64, "lr": 1e3, "mu": 1e-3, "batch_size": 4, "seq_len": 16,
         "round_duration_s": 30, "max_steps": 4, "seed": 3, "loss_jump_tolerance": tolerance,
         "trust_radius": radius,
+        "drift_budget": 0.0,  # the budget would bound the huge step first: the guard alone here
         "estimator": "antithetic", "directions": 1}})  # four steps a round, each its own batch
     config = SimulationConfig(server, rounds=4, reference_step_s=1.0, eval_every=1)
     sim = Simulation.build(config, open_source(model_dir), fleet_from_counts("laptop-16gb=3"),
