@@ -2,9 +2,9 @@
 virtual time and equal forward passes (issues 10 and 11).
 
 Every mode (zorba, zorba-uniform, fedzo-full, central-mezo) runs on the same fleet
-(benchmarks/compare_fleet.toml: the quickstart's four budgets), rounds and hyper-parameters;
-rep r uses run seed r and data seed r. Held-out accuracy is measured after every round on a
-few hundred reviews (the curves) and at the comparison points on >= 1,000
+(benchmarks/compare_fleet.toml: four budgets that hold 4 to 30 of SmolLM2's blocks), rounds
+and hyper-parameters; rep r uses run seed r and data seed r. Held-out accuracy is measured
+after every round on a few hundred reviews (the curves) and at the comparison points on >= 1,000
 (zorba_lab/compare/stats.py says how the points are chosen). fedavg (first-order AdamW) runs on
 the simulator too when added to --modes (compared with zorba at equal virtual time, at
 --fedavg-lr); `--harness processes` runs the multi-process federation

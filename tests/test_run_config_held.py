@@ -14,16 +14,16 @@ import pytest
 from quickstart_sim import QuickstartRun  # benchmarks/ (conftest.py)
 
 from zorba_common import run_defaults
-from zorba_common.memory_model import BYTES_PER_PARAM
+from zorba_common.memory_model import BYTES_PER_PARAM, ModelFootprint, linear_memory_model, usable_budget
+from zorba_common.messages import MemoryProfile
 from zorba_flower.settings import ClientAppSettings, ServerAppSettings, server_config
 from zorba_lab.compare.simulator import COMPARE_RUN, CompareSetting
 from zorba_lab.federation import QUICKSTART_RUN, FederationPlan
-from zorba_lab.quickstart import DEFAULT_BUDGETS
 from zorba_server.config import AggregationConfig, RunConfig, ServerConfig
 from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig
 from zorba_sim.cli import SIM_RUN, Settings
-from zorba_sim.fleet import load_fleet, parse_size
+from zorba_sim.fleet import load_fleet
 from zorba_sim.simulation import SimulationConfig
 
 try:
@@ -103,9 +103,24 @@ def test_the_defaults_module_imports_without_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
-def test_the_comparison_runs_on_the_quickstarts_budgets() -> None:
-    """compare_fleet.toml once kept 1.0 GiB after the quickstart moved to 1.2 GiB, where a
-    CPU client holding frozen blocks in bf16 cannot train even one block."""
+SMOLLM2_135M = ModelFootprint(block_params=(3_540_096,) * 30, quantizable_block_params=(3_538_944,) * 30,
+                              embed_head_params=28_312_128, hidden_size=576, vocab_size=49152,
+                              num_layers=30, intermediate_size=1536)
+"""The packaged SmolLM2-135M's parameter counts (assembly.footprint_of; opening the GGUF takes
+seconds, and benchmarks/assignments.py reads them from it)."""
+
+
+def test_the_comparisons_budgets_force_partial_assignments() -> None:
+    """compare_fleet.toml once held the quickstart's budgets, at which every device held all 30
+    blocks in every mode, so ZorBA could not differ from its baselines (issue 26). Each device
+    must train at least one block, and the devices must hold different numbers of blocks, the
+    smallest few and the largest all."""
     fleet = load_fleet(ROOT / "benchmarks" / "compare_fleet.toml")
-    budgets = sorted(device.memory_budget_bytes for device, _ in fleet.devices())
-    assert budgets == sorted(parse_size(b, "DEFAULT_BUDGETS") for b in DEFAULT_BUDGETS)
+    memory = MemoryProfile(frozen_dtype=CompareSetting().frozen_dtype).settings(
+        COMPARE_RUN.batch_size, COMPARE_RUN.seq_len)
+    model = linear_memory_model(SMOLLM2_135M, memory)
+    held = sorted(model.blocks_within(usable_budget(device.memory_budget_bytes, COMPARE_RUN.memory_headroom))
+                  for device, _ in fleet.devices())
+    assert held[0] >= 1
+    assert len(set(held)) == len(held)
+    assert held[0] <= SMOLLM2_135M.num_blocks // 4 and held[-1] == SMOLLM2_135M.num_blocks
