@@ -19,11 +19,12 @@ from zorba_common.messages import MemoryProfile
 from zorba_flower.settings import ClientAppSettings, ServerAppSettings, server_config
 from zorba_lab.compare.simulator import COMPARE_RUN, CompareSetting
 from zorba_lab.federation import QUICKSTART_RUN, FederationPlan
+from zorba_lab.quickstart import DEFAULT_BUDGETS
 from zorba_server.config import AggregationConfig, RunConfig, ServerConfig
 from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig
 from zorba_sim.cli import SIM_RUN, Settings
-from zorba_sim.fleet import load_fleet
+from zorba_sim.fleet import load_fleet, parse_size
 from zorba_sim.simulation import SimulationConfig
 
 try:
@@ -124,3 +125,12 @@ def test_the_comparisons_budgets_force_partial_assignments() -> None:
     assert held[0] >= 1
     assert len(set(held)) == len(held)
     assert held[0] <= SMOLLM2_135M.num_blocks // 4 and held[-1] == SMOLLM2_135M.num_blocks
+
+
+def test_the_quickstarts_fleet_holds_the_quickstarts_budgets() -> None:
+    """quickstart_fleet.toml is the simulator's stand-in for the quickstart's federation: it
+    once kept 1.0 GiB after the quickstart moved to 1.2 GiB, where a CPU client holding frozen
+    blocks in bf16 cannot train even one block."""
+    fleet = load_fleet(ROOT / "benchmarks" / "quickstart_fleet.toml")
+    budgets = sorted(device.memory_budget_bytes for device, _ in fleet.devices())
+    assert budgets == sorted(parse_size(b, "DEFAULT_BUDGETS") for b in DEFAULT_BUDGETS)
