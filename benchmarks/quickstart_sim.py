@@ -1,6 +1,8 @@
 """The quickstart's federation on the simulator, for the benchmarks that vary its settings.
 
-Four virtual laptops with the quickstart's memory budgets (1.0 / 1.1 / 1.3 / 1.7 GiB), each
+Four virtual laptops with the memory budgets the quickstart had when the sweeps in
+docs/results.md were measured (1.0 / 1.1 / 1.3 / 1.7 GiB; the quickstart's own are now
+zorba_lab.quickstart.DEFAULT_BUDGETS, and these stay so the recorded figures reproduce), each
 running one step in `REFERENCE_STEP_S` virtual seconds, fine-tune the packaged SmolLM2-135M
 (`make models`) on movie reviews (held-out split of seed 0, Dirichlet split of the run's seed).
 `benchmarks/lr_scaling.py` and `benchmarks/sweep.py` build their runs here, so both measure the
