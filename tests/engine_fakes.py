@@ -10,6 +10,7 @@ from server_fakes import FINGERPRINT, FOOTPRINT, config_dict, make_report, profi
 from zorba_server.config import config_from_dict
 from zorba_server.engine import RoundEngine
 from zorba_server.members import Member
+from zorba_server.round_close import RoundClosure
 from zorba_server.rounds import ReceivedReport, RoundPlan
 
 
@@ -42,3 +43,14 @@ def open_next(e: RoundEngine, now: float = 0.0) -> RoundPlan:
     assert plan is not None
     e.open_round(plan)
     return plan
+
+
+def close_round(e: RoundEngine, now: float, *reporters: str) -> RoundClosure:
+    """Open the next round at `now`, take a plain report from each of `reporters`, close it
+    and apply what closing decided; the closure says what that was."""
+    open_next(e, now=now)
+    for cid in reporters:
+        e.accept_report(received(e, cid))
+    closure = e.decide_close(now=now)
+    e.apply_close(closure)
+    return closure

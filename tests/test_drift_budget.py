@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_fakes import engine, join, open_next, received
+from engine_fakes import close_round, engine, join, open_next, received
 from server_fakes import config_dict, profile
 
 from zorba_common.codec import SchemaError, decode, encode
@@ -53,10 +53,7 @@ def test_a_round_past_the_budget_is_scaled_so_every_trained_block_lands_on_it(tm
     bound = e.max_move()
     assert bound == pytest.approx(math.sqrt(0.5 * 0.2 / GEMMA))
     for round_ in (1, 2):
-        open_next(e, now=float(round_))
-        e.accept_report(received(e, "a"))
-        closure = e.decide_close(now=float(round_))
-        e.apply_close(closure)
+        closure = close_round(e, float(round_), "a")
         assert closure.outcome.status == APPLIED
         assert "the drift budget (a move of at most" in closure.outcome.message
         assert e.alpha is not None
@@ -84,10 +81,7 @@ def test_with_max_rounds_each_round_takes_its_share_and_the_last_reaches_the_bou
     join(e, "a", fluency_curvature=GEMMA)
     bound = e.max_move()
     for round_, expected in enumerate((bound / 2, bound / math.sqrt(2), bound * math.sqrt(0.75), bound), 1):
-        open_next(e, now=float(round_))
-        e.accept_report(received(e, "a"))
-        closure = e.decide_close(now=float(round_))
-        e.apply_close(closure)
+        closure = close_round(e, float(round_), "a")
         assert closure.outcome.status == APPLIED
         assert e.alpha is not None
         move = block_drift(e.alpha, (1.0,) * e.alpha.shape[1])

@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from engine_fakes import engine, join, open_next, received
+from engine_fakes import close_round, engine, join, open_next, received
 from server_fakes import BIG, FOOTPRINT, FakeClient, config_dict, make_report, profile
 from test_trainer import HYPER, assignment, make_trainer
 
@@ -65,10 +65,7 @@ def test_a_round_that_drifts_past_the_bound_is_scaled_onto_it_as_in_the_simulato
     e = engine(tmp_path, max_drift=0.05)
     join(e, "a", base_rms=RMS)
     for round_ in (1, 2):
-        open_next(e, now=float(round_))
-        e.accept_report(received(e, "a"))
-        closure = e.decide_close(now=float(round_))
-        e.apply_close(closure)
+        closure = close_round(e, float(round_), "a")
         assert closure.outcome.status == APPLIED
         assert "the drift bound (run.max_drift = 0.05" in closure.outcome.message
         assert e.alpha is not None
