@@ -38,12 +38,27 @@ def test_a_mode_holds_the_last_version_published_at_or_before_a_point(axis: str,
 
 def test_the_common_point_is_the_earliest_end_so_every_mode_has_a_model_there() -> None:
     short = [P(0, 0, 0.0, 0), P(1, 1, 25.0, 200)]
-    assert stats.common_point([90.0, 25.0]) == 25.0
-    assert stats.common_point([120, 200]) == 120
-    assert stats.version_at(curve(), stats.TIME, 25.0).version == 0
+    assert stats.common_point([90.0, 25.0], stats.TIME) == 25.01
+    assert stats.common_point([120, 200], stats.FORWARDS) == 120
+    assert stats.version_at(curve(), stats.TIME, 25.01).version == 0
     assert stats.version_at(short, stats.FORWARDS, 120).version == 0
     with pytest.raises(ValueError, match="no runs"):
-        stats.common_point([])
+        stats.common_point([], stats.TIME)
+    with pytest.raises(ValueError, match="unknown axis"):
+        stats.common_point([1.0], "wall_s")
+
+
+def test_runs_whose_last_rounds_close_a_millisecond_apart_are_scored_at_their_last_versions() -> None:
+    """Session 15: a mode with shorter messages closes its last round ~0.1 ms earlier; the mode
+    ending just after it must not be scored one round back."""
+    first = [P(0, 0, 0.0, 0), P(1, 1, 30.0, 40), P(2, 2, 60.0, 80)]
+    later = [P(0, 0, 0.0, 0), P(1, 1, 30.0001, 40), P(2, 2, 60.0001, 80)]
+    x = stats.common_point([60.0, 60.0001], stats.TIME)
+    assert stats.version_at(first, stats.TIME, x).version == 2
+    assert stats.version_at(later, stats.TIME, x).version == 2
+    # A run that ended a whole round later is still scored where the earliest run ended.
+    slow = [P(0, 0, 0.0, 0), P(1, 1, 45.0, 40), P(2, 2, 90.0, 80)]
+    assert stats.version_at(slow, stats.TIME, stats.common_point([60.0, 90.0], stats.TIME)).version == 1
 
 
 def test_a_curve_out_of_order_is_refused() -> None:
@@ -129,7 +144,8 @@ def test_a_tiny_comparison_produces_the_json_figures_page_and_plots(
         assert zorba.applied >= 1 and central.applied >= 1
         first = min((zorba, central), key=lambda run: run.end[stats.FORWARDS])
         assert r.common[stats.FORWARDS] == first.end[stats.FORWARDS]
-        assert r.common[stats.TIME] == min(run.end[stats.TIME] for run in r.runs.values())
+        assert r.common[stats.TIME] == min(run.end[stats.TIME] for run in r.runs.values()) \
+                + stats.SIMULTANEOUS[stats.TIME]
         assert first.at_points[stats.FORWARDS][0] == first.curve[-1].version
         # scored on the 24 point examples (accuracies are multiples of 1/24), where compared
         assert set(zorba.at_points) == set(central.at_points) == {stats.FORWARDS}

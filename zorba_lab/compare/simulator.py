@@ -322,7 +322,7 @@ def run_seed(setting: CompareSetting, seed: int, source: ModelSource, fleet: Fle
     # on the other axis (central MeZO on time, say) must not pull it earlier.
     common = {axis: stats.common_point([run.end[axis] for mode, run in runs.items()
                                         if axis in scored_axes(mode, setting.modes)]
-                                       or [run.end[axis] for run in runs.values()])
+                                       or [run.end[axis] for run in runs.values()], axis)
               for axis in stats.AXES}
     for mode, (sim, tables) in sims.items():
         run = runs[mode]

@@ -13,13 +13,16 @@ at that moment; the forwards and seconds of a round still in progress have produ
 yet. Linear interpolation between versions would credit a mode with half a round it had not
 finished.
 
-Known limitation of that choice: rounds are synchronous, so the modes' last rounds often close
-within milliseconds of each other in virtual time (same speeds and steps, different message
-sizes). The mode that ends first sets the point, and a mode ending a millisecond later is
-scored at its previous version: a whole round less for a negligible difference. Seen in a
-1-round run (zorba-uniform and fedzo-full scored at the base model). Linear interpolation
-between the two versions around the point would remove the cliff at the cost of scoring two
-versions on the point set instead of one (not done yet).
+Rounds are synchronous, so the modes' last rounds often close within milliseconds of each
+other in virtual time (same speeds and steps, different message sizes: a mode with shorter
+messages closes its rounds ~0.1 ms earlier). Taken literally, the mode that ends first would set
+the point, and a mode ending a millisecond later would be scored at its previous version: a
+whole round less for a negligible difference (seen in a 1-round run, and in session 15's
+3-seed comparison, where ZorBA was sometimes scored one version back). So ends within
+`SIMULTANEOUS` of the earliest count as the same moment: the time point is the earliest end
+plus 10 virtual milliseconds, 100x the message-size differences and far below any round's
+length (a simulated round lasts at least one step of a client: seconds). Forward passes are
+counted exactly: no tolerance.
 
 Paired differences: for each seed, mode A's accuracy minus mode B's at the same point (same
 seed: same data split, held-out examples, fleet and noise). The 90% interval is a percentile
@@ -41,6 +44,8 @@ TIME = "virtual_time_s"
 FORWARDS = "forwards"
 AXES = (TIME, FORWARDS)
 """The two axes modes are compared on (attribute names of `VersionPoint`)."""
+SIMULTANEOUS = {TIME: 0.01, FORWARDS: 0.0}
+"""How close two runs' ends on an axis must be to count as the same moment (module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -79,14 +84,17 @@ def version_at(points: Sequence[VersionPoint], axis: str, x: float) -> VersionPo
     return chosen
 
 
-def common_point(ends: Sequence[float]) -> float:
-    """The smallest value on an axis at which the runs ended: every one has a model there.
+def common_point(ends: Sequence[float], axis: str) -> float:
+    """The smallest value on `axis` at which the runs ended, plus the axis's `SIMULTANEOUS`
+    tolerance: every run has a model there, and runs that ended together hold their last one.
 
     A run's end is where its last round closed (applied or not: an idle or failed round
     still spends virtual time, and a failed one forward passes)."""
     if not ends:
         raise ValueError("no runs to compare")
-    return min(ends)
+    if axis not in AXES:
+        raise ValueError(f"unknown axis {axis!r}: use one of {AXES}")
+    return min(ends) + SIMULTANEOUS[axis]
 
 
 def accuracy_on_grid(points: Sequence[VersionPoint], axis: str,
