@@ -300,8 +300,8 @@ class RoundClosing(Membership):
             return GuardResult(anchor, rollback_delta(self.alpha, anchor.alpha), (
                 f"{why}; {verdict.rising} of {verdict.judged} clients past the tolerance: this "
                 f"round is not applied and the table is rolled back to version {anchor.version}; "
-                f"the step is halved (x{self.step_size.factor([*statuses, REJECTED], decays):g} "
-                "of run.lr from the next round). Rounds rejected again and again mean run.lr is "
+                f"the step is halved to {self.step_size.after_backoff(statuses, decays)} from the "
+                "next round. Rounds rejected again and again mean run.lr is "
                 "far too large for this model: lower it, or use run.estimator = 'normalised', "
                 "whose step does not grow with the model's gradient scale (docs/learning.md)"),
                 outliers=outliers, verdict=verdict)
