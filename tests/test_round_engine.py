@@ -289,8 +289,8 @@ def test_a_slow_drift_of_the_check_loss_rolls_the_table_back_to_the_last_good_ve
     message = e.history[-1].message
     assert "rolled back to version 1" in message and "check loss rose" in message
     # The new step itself, as the round will hand it out, and what to do about repeats.
-    assert f"halved to {e.config.run.lr / 2:.3g} from the next round" in message
-    assert "normalised" in message
+    assert f"halved to {e.config.run.lr / 2:.3g} for the next rounds" in message
+    assert "normalised" in message and message.count("halved") == 1
     # The rollback is published as a delta of its own: version 5 holds version 1's table.
     assert e.version == before + 1 and e.deltas[-1].version == e.version
     assert e.alpha is not None

@@ -286,7 +286,6 @@ class RoundClosing(Membership):
         checks = {cid: loss for cid, loss in checks.items() if cid not in quarantined}
         verdict = judge(self._anchor, checks, weights, tolerance) if self._anchor else None
         outliers = verdict.outliers if verdict is not None else ()
-        statuses, decays = self._cuts()
         drift = verdict is not None and self._anchor is not None and loss_drift.drifted(
             verdict, self._anchor.version, self.version, run.loss_drift_rounds,
             run.loss_drift_tolerance)
@@ -299,11 +298,10 @@ class RoundClosing(Membership):
                    f"{anchor.version}) to {verdict.now:.4g} (version {self.version})")
             return GuardResult(anchor, rollback_delta(self.alpha, anchor.alpha), (
                 f"{why}; {verdict.rising} of {verdict.judged} clients past the tolerance: this "
-                f"round is not applied and the table is rolled back to version {anchor.version}; "
-                f"the step is halved to {self.step_size.after_backoff(statuses, decays)} from the "
-                "next round. Rounds rejected again and again mean run.lr is "
+                f"round is not applied and the table is rolled back to version {anchor.version} "
+                "(rounds rejected again and again mean run.lr is "
                 "far too large for this model: lower it, or use run.estimator = 'normalised', "
-                "whose step does not grow with the model's gradient scale (docs/learning.md)"),
+                "whose step does not grow with the model's gradient scale: docs/learning.md)"),
                 outliers=outliers, verdict=verdict)
         anchor = None
         if checks and (self._anchor is None or verdict is None or verdict.improved):
