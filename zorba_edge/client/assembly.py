@@ -7,6 +7,8 @@ admission.py, profiling.py and daemon.py.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import socket
@@ -34,12 +36,13 @@ from zorba_edge.client.profiling import (
     time_call,
 )
 from zorba_edge.client.progress import LOG_INTERVAL_S
+from zorba_edge.client.state import DriftRecord, StateStore
 from zorba_edge.data.examples import ClassificationExample, Example
 from zorba_edge.data.jsonl import jsonl_task_kind, load_classification_jsonl, load_generation_jsonl
 from zorba_edge.data.movie_reviews import load_movie_reviews
 from zorba_edge.data.splits import dirichlet_label_split, train_heldout_split
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
-from zorba_edge.engine.drift_tolerance import DriftProbe
+from zorba_edge.engine.drift_tolerance import PROBE_SETTINGS, DriftProbe
 from zorba_edge.engine.drift_tolerance import probe as drift_probe
 from zorba_edge.engine.fluency import generic_batch
 from zorba_edge.model.base_rms import BlockRMS
@@ -146,6 +149,41 @@ def probe_step_time(source: ModelSource, load_config: LoadConfig, *, repeats: in
             torch.cuda.empty_cache()
 
 
+def drift_probe_key(source: ModelSource, load_config: LoadConfig, *,
+                    seq_len: int = PROBE_SEQ_LEN) -> str:
+    """What determines the drift probe's result, as one digest: the model (its fingerprint),
+    the precisions it is held in, the device type, the probe's settings and the very tokens
+    it measures on (the packaged text as this tokenizer cuts it into rows of `seq_len`)."""
+    tokens = generic_batch(source.tokenizer(), seq_len).input_ids
+    what = {
+        "model": source.fingerprint,
+        "train_dtype": load_config.train_dtype,
+        "embed_dtype": load_config.held_embed_dtype,
+        "device": torch.device(load_config.device).type,
+        "probe": dataclasses.asdict(PROBE_SETTINGS),
+        "tokens": hashlib.sha256(tokens.numpy().astype("<i8").tobytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def cached_drift_tolerance(source: ModelSource, load_config: LoadConfig, store: StateStore, *,
+                           budget_bytes: int | None = None,
+                           seq_len: int = PROBE_SEQ_LEN) -> DriftProbe | None:
+    """The drift probe kept in the state file for this model and setting, else measured now
+    (`probe_drift_tolerance`) and kept: a restart or re-registration does not probe again."""
+    key = drift_probe_key(source, load_config, seq_len=seq_len)
+    kept = store.cached_drift(key)
+    if kept is not None:
+        log.info("drift probe: reusing the measurement kept in %s (same model and settings)",
+                 store.path.name)
+        return DriftProbe(kept.base_loss, kept.move, kept.rises)
+    measured = probe_drift_tolerance(source, load_config, budget_bytes=budget_bytes,
+                                     seq_len=seq_len)
+    if measured is not None:
+        store.keep_drift(DriftRecord(key, measured.base_loss, measured.move, measured.rises))
+    return measured
+
+
 def probe_drift_tolerance(source: ModelSource, load_config: LoadConfig, *,
                           budget_bytes: int | None = None,
                           seq_len: int = PROBE_SEQ_LEN) -> DriftProbe | None:
@@ -166,7 +204,7 @@ def probe_drift_tolerance(source: ModelSource, load_config: LoadConfig, *,
         device = torch.device(load_config.device)
         batch = generic_batch(source.tokenizer(), seq_len).to(device)
         params = [p for b in range(loaded.num_blocks) for _, p in loaded.trainable_parameters(b)]
-        return drift_probe(loaded.model, params, batch)
+        return drift_probe(loaded.model, params, batch, **dataclasses.asdict(PROBE_SETTINGS))
     finally:
         del loaded
         release_freed_memory()

@@ -326,7 +326,9 @@ def _run(args: argparse.Namespace) -> int:
         # The drift bound's reference: read off the probe's load, else one pass over the blocks.
         base_rms = rms.values(report.footprint.num_blocks) or read_base_rms(source)
         # How far the run may move the model before its generation suffers (the drift budget).
-        drift = assembly.probe_drift_tolerance(source, load_config, budget_bytes=budget_bytes)
+        # Kept in the state file: a restart or re-registration with the same model reuses it.
+        drift = assembly.cached_drift_tolerance(source, load_config, store,
+                                                budget_bytes=budget_bytes)
         if drift is not None:
             log.info("drift probe: generic-text loss %.3f, +%.1f%% at a random move of %.2g per "
                      "parameter: fluency curvature %.4g", drift.base_loss,
