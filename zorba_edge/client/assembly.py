@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from zorba_common.errors import DTypeError
-from zorba_common.memory_model import MemorySettings, ModelFootprint
+from zorba_common.memory_model import MemorySettings, ModelFootprint, measured_runtime_bytes
 from zorba_common.messages import DeviceProfile, MemoryProfile, RegisterRequest, RunInfo
 from zorba_common.run_defaults import CPU_FROZEN_DTYPE, CUDA_FROZEN_DTYPE
 from zorba_edge.client.admission import Admission, admit
@@ -32,6 +32,7 @@ from zorba_edge.client.profiling import (
     Budget,
     DeviceSurvey,
     StepTiming,
+    process_rss,
     synchronizer,
     time_call,
 )
@@ -118,10 +119,23 @@ def memory_profile(load_config: LoadConfig, runtime_bytes: int | None) -> Memory
     return dataclasses.replace(profile, runtime_bytes=runtime_bytes)
 
 
+@dataclass(frozen=True)
+class LoadProbe:
+    """What the timing probe found: the step time, and the memory of the process holding the
+    model as it will be held."""
+
+    timing: StepTiming
+    held_bytes: int | None
+    """Resident memory of this process with the model loaded (every block frozen) after the
+    timed forward passes, freed pages handed back; None off the CPU, where the budget is the
+    device's memory, not the process's."""
+
+
 def probe_step_time(source: ModelSource, load_config: LoadConfig, *, repeats: int = 3,
                     batch_size: int = PROBE_BATCH_SIZE, seq_len: int = PROBE_SEQ_LEN,
-                    progress: Progress | None = None, rms: BlockRMS | None = None) -> StepTiming:
-    """Load the model as it will be held (every block frozen) and time its forward pass.
+                    progress: Progress | None = None, rms: BlockRMS | None = None) -> LoadProbe:
+    """Load the model as it will be held (every block frozen), time its forward pass and
+    measure what the process then holds (the memory profile's runtime, `measured_memory`).
 
     `progress` counts the loaded parts (blocks + 1) and then the timed forward passes; `rms`
     records each block's base RMS as the load reads it (the profile's `base_rms`)."""
@@ -139,14 +153,31 @@ def probe_step_time(source: ModelSource, load_config: LoadConfig, *, repeats: in
     materialize = rms.reading(source.block_state_dict) if rms is not None else None
     model = load_model(source, (), load_config, materialize=materialize, progress=loaded).model
     try:
-        return time_forward(model, int(source.config.vocab_size), load_config.device,
-                            repeats=repeats, batch_size=batch_size, seq_len=seq_len,
-                            progress=forwarded)
+        timing = time_forward(model, int(source.config.vocab_size), load_config.device,
+                              repeats=repeats, batch_size=batch_size, seq_len=seq_len,
+                              progress=forwarded)
+        held = None
+        if torch.device(load_config.device).type == "cpu":
+            release_freed_memory()  # as after every round: what the process holds, not its peak
+            held = process_rss()
+        return LoadProbe(timing, held)
     finally:
         del model
         release_freed_memory()
         if torch.device(load_config.device).type == "cuda":
             torch.cuda.empty_cache()
+
+
+def measured_memory(memory: MemoryProfile, footprint: ModelFootprint, probe: LoadProbe) -> MemoryProfile:
+    """`memory` with the runtime the probe measured (`measured_runtime_bytes`): the process's
+    resident memory with the model loaded, less the weights the memory model counts. A reading
+    before the load missed what loading and running the model add (~6% of a SmolLM2 client's
+    peak, docs/design.md §4). Unchanged where the probe measured nothing (off the CPU)."""
+    if probe.held_bytes is None:
+        return memory
+    settings = memory.settings(PROBE_BATCH_SIZE, PROBE_SEQ_LEN)
+    runtime = measured_runtime_bytes(footprint, settings, probe.held_bytes)
+    return dataclasses.replace(memory, runtime_bytes=max(runtime, memory.runtime_bytes))
 
 
 def drift_probe_key(source: ModelSource, load_config: LoadConfig, *,
