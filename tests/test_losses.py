@@ -20,6 +20,7 @@ from zorba_edge.engine.losses import (
     label_scores,
     last_token_positions,
     lm_loss,
+    lm_row_losses,
 )
 
 REVIEWS = [
@@ -255,3 +256,22 @@ def test_multi_token_scores_on_a_real_model_equal_full_sequence_log_likelihoods(
                 logits = model(input_ids=torch.tensor([prompt + word])).logits[0].log_softmax(-1)
                 hand = sum(float(logits[len(prompt) - 1 + j, t]) for j, t in enumerate(word))
                 assert scores[row, label].item() == pytest.approx(hand, abs=1e-4)
+
+
+def test_the_lm_loss_softmaxes_row_by_row_and_ignores_what_has_no_target(tokenizer):
+    """lm_row_losses takes each row's log-softmax on its logits as they are (no gathered copy
+    of every target's logits, which a CPU client's peak held beyond the memory model): the
+    same per-row means as the gathered formula."""
+    model = make_table_lm(len(tokenizer))
+    batch = lm_batch(tokenizer, "right")
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        targets = batch.labels[:, 1:]
+        expected = []
+        for row in range(len(batch)):
+            keep = targets[row] != IGNORE_INDEX
+            if keep.any():
+                expected.append(F.cross_entropy(logits[row, :-1][keep], targets[row][keep]))
+        rows = lm_row_losses(model, batch)
+        assert torch.allclose(rows, torch.stack(expected), rtol=1e-6, atol=1e-7)
+        assert lm_loss(model, batch).item() == pytest.approx(torch.stack(expected).mean().item())

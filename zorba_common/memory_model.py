@@ -210,13 +210,29 @@ def embed_head_bytes(footprint: ModelFootprint, settings: MemorySettings) -> flo
     return held + min(HEAD_CAST_CHUNK_BYTES, head_bytes)
 
 
+def held_weights_bytes(footprint: ModelFootprint, settings: MemorySettings) -> float:
+    """The model as a client holds it between rounds: every block frozen, embeddings and head."""
+    frozen = sum(frozen_block_bytes(footprint, settings, b) for b in range(footprint.num_blocks))
+    return frozen + embed_head_bytes(footprint, settings)
+
+
+def measured_runtime_bytes(footprint: ModelFootprint, settings: MemorySettings,
+                           held_bytes: int) -> int:
+    """The runtime term from a measurement: what a process holding the model (every block
+    frozen, between forward passes) holds beyond the weights this model counts for it.
+
+    Measured so, the runtime takes in all a process gains by loading and running a model that
+    no term names (allocator arenas, thread pools, kernels' scratch, libraries paged in), which
+    a reading before the load missed (docs/design.md §4)."""
+    return max(0, held_bytes - math.ceil(held_weights_bytes(footprint, settings)))
+
+
 def linear_memory_model(footprint: ModelFootprint, settings: MemorySettings) -> LinearMemoryModel:
     """Decompose M(A) into its fixed part and its per-activated-block increments."""
     frozen = [frozen_block_bytes(footprint, settings, b) for b in range(footprint.num_blocks)]
     trainable = [trainable_block_bytes(footprint, settings, b) for b in range(footprint.num_blocks)]
     fixed = (
-        sum(frozen)
-        + embed_head_bytes(footprint, settings)
+        held_weights_bytes(footprint, settings)
         + activation_bytes(footprint, settings)
         + settings.runtime_bytes
     )

@@ -85,7 +85,7 @@ class NodeWorker:
         step_time = s.step_time_s
         if step_time is None:
             step_time = probe_step_time(source, load_config, batch_size=query.batch_size,
-                                        seq_len=query.seq_len).step_time_s
+                                        seq_len=query.seq_len).timing.step_time_s
         return DeviceProfile(
             device_type="cpu", memory_budget_bytes=s.budget_bytes, step_time_s=step_time,
             num_samples=len(self._task(s).examples), footprint=footprint_of(source),

@@ -7,6 +7,8 @@ admission.py, profiling.py and daemon.py.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import socket
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from zorba_common.errors import DTypeError
-from zorba_common.memory_model import MemorySettings, ModelFootprint
+from zorba_common.memory_model import MemorySettings, ModelFootprint, measured_runtime_bytes
 from zorba_common.messages import DeviceProfile, MemoryProfile, RegisterRequest, RunInfo
 from zorba_common.run_defaults import CPU_FROZEN_DTYPE, CUDA_FROZEN_DTYPE
 from zorba_edge.client.admission import Admission, admit
@@ -30,16 +32,18 @@ from zorba_edge.client.profiling import (
     Budget,
     DeviceSurvey,
     StepTiming,
+    process_rss,
     synchronizer,
     time_call,
 )
 from zorba_edge.client.progress import LOG_INTERVAL_S
+from zorba_edge.client.state import DriftRecord, StateStore
 from zorba_edge.data.examples import ClassificationExample, Example
 from zorba_edge.data.jsonl import jsonl_task_kind, load_classification_jsonl, load_generation_jsonl
 from zorba_edge.data.movie_reviews import load_movie_reviews
 from zorba_edge.data.splits import dirichlet_label_split, train_heldout_split
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
-from zorba_edge.engine.drift_tolerance import DriftProbe
+from zorba_edge.engine.drift_tolerance import PROBE_SETTINGS, DriftProbe
 from zorba_edge.engine.drift_tolerance import probe as drift_probe
 from zorba_edge.engine.fluency import generic_batch
 from zorba_edge.model.base_rms import BlockRMS
@@ -115,10 +119,23 @@ def memory_profile(load_config: LoadConfig, runtime_bytes: int | None) -> Memory
     return dataclasses.replace(profile, runtime_bytes=runtime_bytes)
 
 
+@dataclass(frozen=True)
+class LoadProbe:
+    """What the timing probe found: the step time, and the memory of the process holding the
+    model as it will be held."""
+
+    timing: StepTiming
+    held_bytes: int | None
+    """Resident memory of this process with the model loaded (every block frozen) after the
+    timed forward passes, freed pages handed back; None off the CPU, where the budget is the
+    device's memory, not the process's."""
+
+
 def probe_step_time(source: ModelSource, load_config: LoadConfig, *, repeats: int = 3,
                     batch_size: int = PROBE_BATCH_SIZE, seq_len: int = PROBE_SEQ_LEN,
-                    progress: Progress | None = None, rms: BlockRMS | None = None) -> StepTiming:
-    """Load the model as it will be held (every block frozen) and time its forward pass.
+                    progress: Progress | None = None, rms: BlockRMS | None = None) -> LoadProbe:
+    """Load the model as it will be held (every block frozen), time its forward pass and
+    measure what the process then holds (the memory profile's runtime, `measured_memory`).
 
     `progress` counts the loaded parts (blocks + 1) and then the timed forward passes; `rms`
     records each block's base RMS as the load reads it (the profile's `base_rms`)."""
@@ -136,14 +153,66 @@ def probe_step_time(source: ModelSource, load_config: LoadConfig, *, repeats: in
     materialize = rms.reading(source.block_state_dict) if rms is not None else None
     model = load_model(source, (), load_config, materialize=materialize, progress=loaded).model
     try:
-        return time_forward(model, int(source.config.vocab_size), load_config.device,
-                            repeats=repeats, batch_size=batch_size, seq_len=seq_len,
-                            progress=forwarded)
+        timing = time_forward(model, int(source.config.vocab_size), load_config.device,
+                              repeats=repeats, batch_size=batch_size, seq_len=seq_len,
+                              progress=forwarded)
+        held = None
+        if torch.device(load_config.device).type == "cpu":
+            release_freed_memory()  # as after every round: what the process holds, not its peak
+            held = process_rss()
+        return LoadProbe(timing, held)
     finally:
         del model
         release_freed_memory()
         if torch.device(load_config.device).type == "cuda":
             torch.cuda.empty_cache()
+
+
+def measured_memory(memory: MemoryProfile, footprint: ModelFootprint, probe: LoadProbe) -> MemoryProfile:
+    """`memory` with the runtime the probe measured (`measured_runtime_bytes`): the process's
+    resident memory with the model loaded, less the weights the memory model counts. A reading
+    before the load missed what loading and running the model add (~6% of a SmolLM2 client's
+    peak, docs/design.md §4). Unchanged where the probe measured nothing (off the CPU)."""
+    if probe.held_bytes is None:
+        return memory
+    settings = memory.settings(PROBE_BATCH_SIZE, PROBE_SEQ_LEN)
+    runtime = measured_runtime_bytes(footprint, settings, probe.held_bytes)
+    return dataclasses.replace(memory, runtime_bytes=max(runtime, memory.runtime_bytes))
+
+
+def drift_probe_key(source: ModelSource, load_config: LoadConfig, *,
+                    seq_len: int = PROBE_SEQ_LEN) -> str:
+    """What determines the drift probe's result, as one digest: the model (its fingerprint),
+    the precisions it is held in, the device type, the probe's settings and the very tokens
+    it measures on (the packaged text as this tokenizer cuts it into rows of `seq_len`)."""
+    tokens = generic_batch(source.tokenizer(), seq_len).input_ids
+    what = {
+        "model": source.fingerprint,
+        "train_dtype": load_config.train_dtype,
+        "embed_dtype": load_config.held_embed_dtype,
+        "device": torch.device(load_config.device).type,
+        "probe": dataclasses.asdict(PROBE_SETTINGS),
+        "tokens": hashlib.sha256(tokens.numpy().astype("<i8").tobytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def cached_drift_tolerance(source: ModelSource, load_config: LoadConfig, store: StateStore, *,
+                           budget_bytes: int | None = None,
+                           seq_len: int = PROBE_SEQ_LEN) -> DriftProbe | None:
+    """The drift probe kept in the state file for this model and setting, else measured now
+    (`probe_drift_tolerance`) and kept: a restart or re-registration does not probe again."""
+    key = drift_probe_key(source, load_config, seq_len=seq_len)
+    kept = store.cached_drift(key)
+    if kept is not None:
+        log.info("drift probe: reusing the measurement kept in %s (same model and settings)",
+                 store.path.name)
+        return DriftProbe(kept.base_loss, kept.move, kept.rises)
+    measured = probe_drift_tolerance(source, load_config, budget_bytes=budget_bytes,
+                                     seq_len=seq_len)
+    if measured is not None:
+        store.keep_drift(DriftRecord(key, measured.base_loss, measured.move, measured.rises))
+    return measured
 
 
 def probe_drift_tolerance(source: ModelSource, load_config: LoadConfig, *,
@@ -166,7 +235,7 @@ def probe_drift_tolerance(source: ModelSource, load_config: LoadConfig, *,
         device = torch.device(load_config.device)
         batch = generic_batch(source.tokenizer(), seq_len).to(device)
         params = [p for b in range(loaded.num_blocks) for _, p in loaded.trainable_parameters(b)]
-        return drift_probe(loaded.model, params, batch)
+        return drift_probe(loaded.model, params, batch, **dataclasses.asdict(PROBE_SETTINGS))
     finally:
         del loaded
         release_freed_memory()

@@ -140,7 +140,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
     timing: StepTiming | None = None
     if not args.no_probe:
         with ProgressReporter("timing probe (loading, then forward passes)") as progress:
-            timing = assembly.probe_step_time(source, load_config, progress=progress)
+            probe = assembly.probe_step_time(source, load_config, progress=progress)
+        timing = probe.timing
+        # The runtime measured with the model loaded, as `run` registers it.
+        memory = assembly.measured_memory(report.memory, report.footprint, probe)
+        report = assembly.device_report(source, load_config, report.survey, report.budget, memory,
+                                        step_time_s=None, batch_size=args.batch_size,
+                                        seq_len=args.seq_len)
     if args.json:
         print(json.dumps(_profile_json(report, load_config, timing, args), indent=2))
     else:
@@ -314,24 +320,32 @@ def _run(args: argparse.Namespace) -> int:
         if few is not None:
             log.warning("%s", few)
     budget_bytes = report.budget.budget_bytes
+    # The memory profile registered and checked: the runtime as read before the model loaded,
+    # until the timing probe measures it with the model loaded.
+    memory = report.memory
 
     def make_registration(progress: Progress | None) -> RegisterRequest:
+        nonlocal memory
         step_time = args.step_time
         rms = BlockRMS()
         if step_time is None:
-            timing = assembly.probe_step_time(source, load_config, progress=progress, rms=rms)
-            step_time = timing.step_time_s
-            log.info("timing probe: %.3f s per step (2 x forward %.3f s)", step_time,
-                     timing.forward_s)
+            probe = assembly.probe_step_time(source, load_config, progress=progress, rms=rms)
+            step_time = probe.timing.step_time_s
+            memory = assembly.measured_memory(report.memory, report.footprint, probe)
+            log.info("timing probe: %.3f s per step (2 x forward %.3f s); runtime %s with the "
+                     "model loaded (%s before)", step_time, probe.timing.forward_s,
+                     format_size(memory.runtime_bytes), format_size(report.memory.runtime_bytes))
         # The drift bound's reference: read off the probe's load, else one pass over the blocks.
         base_rms = rms.values(report.footprint.num_blocks) or read_base_rms(source)
         # How far the run may move the model before its generation suffers (the drift budget).
-        drift = assembly.probe_drift_tolerance(source, load_config, budget_bytes=budget_bytes)
+        # Kept in the state file: a restart or re-registration with the same model reuses it.
+        drift = assembly.cached_drift_tolerance(source, load_config, store,
+                                                budget_bytes=budget_bytes)
         if drift is not None:
             log.info("drift probe: generic-text loss %.3f, +%.1f%% at a random move of %.2g per "
                      "parameter: fluency curvature %.4g", drift.base_loss,
                      100 * sum(drift.rises) / len(drift.rises), drift.move, drift.curvature)
-        measured = DeviceReport(report.survey, report.budget, report.admission, report.memory,
+        measured = DeviceReport(report.survey, report.budget, report.admission, memory,
                                 report.footprint, report.fingerprint, step_time)
         if secret is None:
             raise UsageError("this client must register again but was started with a state "
@@ -352,7 +366,7 @@ def _run(args: argparse.Namespace) -> int:
                         "of %s is reported against, not kept", run.mode, format_size(budget_bytes))
             assembly.check_model(run, source)
             return
-        assembly.check_run(run, source, report.memory, budget_bytes)
+        assembly.check_run(run, source, memory, budget_bytes)
 
     listener = ConsoleListener(interactive=not args.daemon and sys.stdout.isatty())
     settings = DaemonSettings(budget_bytes=budget_bytes, stop_after_rounds=args.rounds)

@@ -11,6 +11,11 @@ sidecar does not match) and the client falls back to a catch-up from the server.
 One client process holds a state file at a time (`StateStore.claim`, an flock on
 `state.json.lock` beside it, released when the process exits however it exits): two
 clients sharing one file would both act as the same client id.
+
+The state file also keeps the start-up drift probe's result (`DriftRecord`) under a key of
+what determined it (model, precisions, device, probe settings and text): the probe costs ~18 s
+on SmolLM2 and ~70 s on Gemma 3, and a restart or a re-registration with the same model reuses
+it. It belongs to the device and model, not to the run: a new registration keeps it.
 """
 
 from __future__ import annotations
@@ -52,6 +57,24 @@ class ClientState:
     """Version of the saved table (0 with none saved)."""
     alpha_sha256: str = ""
     """SHA-256 of the sidecar file's bytes; empty when no table is saved."""
+
+
+@dataclass(frozen=True)
+class DriftRecord:
+    """A start-up drift probe's measurements (zorba_edge.engine.drift_tolerance.DriftProbe)
+    and the key of what determined them (zorba_edge.client.assembly.drift_probe_key)."""
+
+    key: str
+    base_loss: float
+    move: float
+    rises: tuple[float, ...]
+
+    @classmethod
+    def from_json(cls, data: Any) -> DriftRecord:
+        rises = tuple(float(r) for r in data["rises"])
+        if not isinstance(data["key"], str) or not rises:
+            raise ValueError("a drift record needs a key and at least one rise")
+        return cls(data["key"], float(data["base_loss"]), float(data["move"]), rises)
 
 
 def default_state_path() -> Path:
@@ -97,6 +120,8 @@ class StateStore:
         self.table_path = self.path.with_suffix(".alpha.npy")
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._lock_fd: int | None = None
+        self._drift: DriftRecord | None = None
+        self._drift_read = False
 
     def claim(self) -> None:
         """Hold the state file for this process, or raise StateFileError naming its holder.
@@ -166,6 +191,35 @@ class StateStore:
                 f"{self.table_path.name}) to register as a new client, or use another --state file"
             ) from None
 
+    def cached_drift(self, key: str) -> DriftRecord | None:
+        """The drift probe kept for `key`, None when none is (or it was measured for another
+        model or setting, or the file predates the field: the probe then measures again)."""
+        record = self._kept_drift()
+        return record if record is not None and record.key == key else None
+
+    def keep_drift(self, record: DriftRecord) -> None:
+        """Keep a drift probe's result for later start-ups: written into the state file now
+        when there is one, else with the first save (the one after registering)."""
+        self._drift, self._drift_read = record, True
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # no state yet (or an unreadable one): the next save writes it
+        if isinstance(data, dict) and data.get("format") == STATE_FORMAT:
+            data["drift_probe"] = dataclasses.asdict(record)
+            self._write_json(data)
+
+    def _kept_drift(self) -> DriftRecord | None:
+        """The record held, read from the state file the first time it is asked for."""
+        if not self._drift_read:
+            self._drift_read = True
+            try:
+                saved = json.loads(self.path.read_text(encoding="utf-8")).get("drift_probe")
+                self._drift = None if saved is None else DriftRecord.from_json(saved)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                self._drift = None  # no file, or a record it cannot read: measure again
+        return self._drift
+
     def load_table(self, state: ClientState) -> CoefficientTable | None:
         """The saved table if it is the one the state names; None (catch up) otherwise."""
         if not state.alpha_sha256:
@@ -213,11 +267,17 @@ class StateStore:
             "alpha_version": state.alpha_version,
             "alpha_sha256": state.alpha_sha256,
         }
+        drift = self._kept_drift()
+        if drift is not None:
+            payload["drift_probe"] = dataclasses.asdict(drift)
+        self._write_json(payload)
+        return state
+
+    def _write_json(self, payload: dict[str, Any]) -> None:
         try:
             atomic_write(self.path, (json.dumps(payload, indent=2) + "\n").encode())
         except OSError as exc:
             raise StateFileError(f"{self.path}: cannot write the client state ({exc})") from None
-        return state
 
 
 def _str(data: dict[str, Any], key: str) -> str:

@@ -51,6 +51,22 @@ MAX_ATTEMPTS = 4
 
 
 @dataclass(frozen=True)
+class ProbeSettings:
+    """Everything `probe` takes besides the model and batch: with them, its result is fixed
+    (a client keeps it across start-ups under a key of these, zorba_edge/client/state.py)."""
+
+    radius: float = PROBE_RADIUS
+    directions: int = PROBE_DIRECTIONS
+    seed: int = 0
+    max_rise: float = MAX_QUADRATIC_RISE
+    max_attempts: int = MAX_ATTEMPTS
+
+
+PROBE_SETTINGS = ProbeSettings()
+"""The start-up probe's settings."""
+
+
+@dataclass(frozen=True)
 class DriftProbe:
     """One probe's measurements."""
 

@@ -241,21 +241,31 @@ def lm_loss(model: nn.Module, batch: LMBatch) -> torch.Tensor:
     over examples, so a long completion does not outweigh a short one. Rows without any
     target (a completion truncated away) are left out of the mean.
     """
+    return lm_row_losses(model, batch).mean()
+
+
+def lm_row_losses(model: nn.Module, batch: LMBatch) -> torch.Tensor:
+    """Each row's mean next-token cross-entropy over its target tokens (rows without one left
+    out), from one forward pass.
+
+    The softmax is taken one row at a time, on the row's logits as they are: the forward's
+    logits are the one full-size tensor it holds, as the memory model's activation term
+    counts (zorba_common/memory_model.py). Gathering every target's logits first and taking
+    their log-softmax held two more copies of them; on the fluency watch's 7 rows of SmolLM2
+    that was ~130 MiB the model did not count, the ~8% by which a CPU client's peak stood
+    above it (docs/design.md §4)."""
     logits = forward_logits(model, batch.input_ids, batch.attention_mask)
     # Position t predicts token t + 1: drop the last prediction and the first label.
     targets = batch.labels[:, 1:].to(logits.device)
-    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    if rows.numel() == 0:
+    counts = (targets != IGNORE_INDEX).sum(dim=1)
+    if int(counts.sum()) == 0:
         raise ValueError(
             "the batch has no target tokens (every label is ignored); check that completions "
             "survive truncation to seq_len"
         )
-    token_loss = F.cross_entropy(
-        logits[:, :-1][rows, cols].float(), targets[rows, cols], reduction="none"
-    )
-    size = logits.shape[0]
-    per_row = torch.zeros(size, dtype=torch.float32, device=logits.device)
-    per_row = per_row.index_add(0, rows, token_loss)
-    counts = torch.bincount(rows, minlength=size)
-    present = counts > 0
-    return (per_row[present] / counts[present]).mean()
+    rows = [
+        F.cross_entropy(logits[row, :-1].float(), targets[row], ignore_index=IGNORE_INDEX,
+                        reduction="sum") / counts[row]
+        for row in range(logits.shape[0]) if int(counts[row]) > 0
+    ]
+    return torch.stack(rows)
