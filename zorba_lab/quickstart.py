@@ -3,8 +3,8 @@
     python -m zorba_lab [--minutes 3] [--rounds N] [--out DIR]
 
 Starts a zorba-server and four `zorba-edge run` clients (subprocesses, each behind a
-byte-counting proxy) with different memory budgets, so the scheduler gives them different
-numbers of blocks; fine-tunes SmolLM2-135M-Instruct on the movie-review sentiment task
+byte-counting proxy) with different memory budgets (each checked against its peak memory);
+fine-tunes SmolLM2-135M-Instruct on the movie-review sentiment task
 split non-IID (Dirichlet over labels) across them; evaluates the base model and base +
 the server's alpha on held-out reviews; writes summary.json and a loss/accuracy plot.
 """
@@ -39,10 +39,11 @@ from zorba_server.run_help import LR_SCALING_HELP, PLATEAU_ROUNDS_HELP, POOL_SLI
 if TYPE_CHECKING:  # torch-free at import, so that --help answers at once
     pass
 
-# The frozen SmolLM2 (bf16) with runtime and activations measures ~1 GiB: on a fresh clone
-# (2026-12-07) the cheapest block needed 1,016 MiB and the scheduler fills 95% of a budget, so
-# 1.0 GiB was refused (a 0.9 GiB budget had been, at 914.9 MiB fixed + 26 MiB per block). The
-# smallest budget holds a few blocks, the largest most of the 30.
+# The frozen SmolLM2 (bf16) with runtime and activations measures ~1 GiB, and the scheduler fills
+# 95% of a budget: 1.0 GiB was refused on a fresh clone (2026-12-07). At these budgets the memory
+# model (docs/design.md section 4; within ~5% of a real client's peaks since session 16) lets
+# every client hold all 30 blocks, so the scheduler's choice here is which directions, not which
+# blocks; benchmarks/compare_fleet.toml holds budgets that force partial assignments.
 DEFAULT_BUDGETS = ("1.2GiB", "1.3GiB", "1.5GiB", "1.9GiB")
 
 
