@@ -369,3 +369,21 @@ def test_a_first_round_judges_its_batches_by_the_estimators_forwards_per_step() 
     assert step_estimate_s(0.0, 0.8, zo_forwards) == pytest.approx(1.0)
     assert step_estimate_s(0.0, 0.8, FORWARDS_PER_STEP) == pytest.approx(2.4)  # fwd + bwd
     assert step_estimate_s(0.7, 0.8, zo_forwards) == 0.7  # a measured round wins
+
+
+def test_a_client_whose_step_estimate_is_stale_tries_a_batch_again_within_rounds() -> None:
+    """A step estimate is only measured again by a step taken. A 20-minute e2e client whose
+    estimate rose to 6 s a step on a busy machine never fit a batch of 4 in what was left of a
+    round again (24 s against ~20 s), so it never measured the faster steps it could take."""
+    from zorba_edge.client.daemon import next_step_estimate_s
+
+    batch, room_s, true_step_s = 4, 20.0, 4.5
+    estimate, trained_in = 6.0, None
+    for round_ in range(1, 6):
+        runs = estimate * batch <= room_s  # the trainer's gate before the first batch
+        estimate = next_step_estimate_s(estimate, true_step_s if runs else 0.0)
+        if runs:
+            trained_in = round_
+            break
+    assert trained_in == 2 and estimate == true_step_s  # one round out, then measured again
+    assert next_step_estimate_s(6.0, 7.5) == 7.5  # a measured round wins, slower or faster
