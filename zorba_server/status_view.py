@@ -41,6 +41,7 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
                   "seq_len": hyper.seq_len, "estimator": hyper.estimator,
                   "directions": hyper.directions, "configured_lr": run.lr,
                   "lr_factor": engine.lr_factor(), "lr_scaling": run.lr_scaling,
+                  "step_rule": run.step_rule, "probed_lr": engine.probed_step.lr,
                   "loss_jump_tolerance": run.loss_jump_tolerance,
                   "plateau_rounds": run.plateau_rounds, "pool_slices": run.pool_slices,
                   "loss_drift_rounds": run.loss_drift_rounds,
