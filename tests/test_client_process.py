@@ -120,6 +120,10 @@ def test_a_federation_survives_a_killed_client_and_a_server_restart(
     assert all(c["fluency_curvature"] is not None for c in status["clients"])
     assert status["hyper"]["fluency_curvature"] is not None
     assert not any(c["curvature_ignored"] for c in status["clients"])
+    # ... and their probe of the task loss (run.step_rule; this run keeps the constant lr).
+    assert all(c["task_probe"] is not None and c["task_probe"]["curvature"] != 0
+               for c in status["clients"])
+    assert status["hyper"]["step_rule"] == "constant" and status["hyper"]["probed_lr"] is None
     assert status["fluency"] is not None and status["fluency"]["judged"] == 2
     stores = [StateStore(s) for s in states]
     alpha = server_alpha(url, stores[0].load().token)

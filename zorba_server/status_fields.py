@@ -110,6 +110,8 @@ STATUS_FIELDS: dict[str, str] = {
     "clients[].base_rms_ignored": "Its base RMS values stood apart from the other clients': "
                                   "the drift bound does not use them.",
     "clients[].fluency_curvature": "The fluency curvature it measured at start-up (null: none).",
+    "clients[].task_probe": "Its start-up probe of the task loss (e_g2, signal, curvature, "
+                            "batch_size; null: none; zorba_server/step_rule.py).",
     "clients[].curvature_ignored": "Its fluency curvature stood more than a factor 2 from the "
                                    "run's (the median of all clients').",
     "clients[].generic_reference": "The fluency watch's reference for it: its generic-text loss "

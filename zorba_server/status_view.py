@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from zorba_server.drift import block_drift
@@ -80,6 +81,8 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
              "base_rms_ignored": m.client_id in engine.base_rms_ignored,
              "fluency_curvature": m.profile.fluency_curvature,
              "curvature_ignored": m.client_id in engine.curvature_ignored,
+             "task_probe": (dataclasses.asdict(m.profile.task_probe)
+                            if m.profile.task_probe is not None else None),
              "generic_reference": (reference.loss if (reference := engine.generic_references.get(
                  m.client_id)) is not None else None),
              "last_peak_bytes": m.last_peak_bytes,
