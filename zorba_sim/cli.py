@@ -529,6 +529,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"zorba-simulate: {settings.mode}, {len(sim.clients)} virtual devices, "
           f"{sim.loaded.num_blocks} blocks, step {sim.reference_step_s:.3f} s on this machine "
           f"({device}); results in {out}", file=sys.stderr)
+    if sim.engine.config.run.step_rule == "probe":
+        probed = sim.engine.probed_step
+        print(f"zorba-simulate: the task probe of {len(probed.used)} client(s) set lr "
+              f"{sim.engine.step_size.lr:.4g}" if probed.lr is not None else
+              "zorba-simulate: no client's task probe was usable: lr stays --lr", file=sys.stderr)
     live = None if not args.log_lines else False
 
     def after_round(record: Any) -> None:
