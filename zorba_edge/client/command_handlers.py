@@ -331,8 +331,10 @@ def _run(args: argparse.Namespace) -> int:
             log.info("drift probe: generic-text loss %.3f, +%.1f%% at a random move of %.2g per "
                      "parameter: fluency curvature %.4g", drift.base_loss,
                      100 * sum(drift.rises) / len(drift.rises), drift.move, drift.curvature)
-        # How far a step should go: the task loss's gradient and curvature (run.step_rule).
-        step = assembly.probe_task_step(source, load_config, task, budget_bytes=budget_bytes)
+        # How far a step should go: the task loss's gradient and curvature (run.step_rule),
+        # asked for: 34 forwards a default run (run.step_rule = constant) would not use.
+        step = (assembly.probe_task_step(source, load_config, task, budget_bytes=budget_bytes)
+                if args.task_probe else None)
         if step is not None:
             log.info("task probe: E[g^2] %.4g, signal %.4g, curvature %.4g at a move of %.2g per "
                      "parameter (%d forwards)", step.measured.e_g2, step.measured.signal,
