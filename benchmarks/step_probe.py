@@ -9,8 +9,8 @@ prints one JSON object:
     move, forwards           the move per parameter measured at, and the forwards it took
     lr                       the lr the server's rule gives one such client (run.step_rule =
                              probe, at the run's --directions and --batch-size; null: none)
-    step_length              that lr's step, lr x sqrt(E[g^2] / n) per parameter, and the
-                             trust region's length (run.trust_radius x the matrices' RMS)
+    step_length              that lr's step, lr x sqrt(n E[g^2]) per parameter (and run.lr's),
+                             and the trust region's length (run.trust_radius x the matrices' RMS)
     seconds                  the probe's wall time (this machine's load included)
 
     python benchmarks/step_probe.py --json --threads 1      (SmolLM2-135M, movie reviews)
@@ -29,7 +29,6 @@ import time
 import torch
 
 from zorba_edge.client import assembly
-from zorba_edge.engine.step_probe import PROBE_MOVE
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.pretrained import packaged_model_path
 from zorba_edge.model.sources import open_source
@@ -62,14 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.monotonic() - start
     assert probe is not None  # no budget given: the probe always runs
     m = probe.measured
-    lr = best_lr(m, args.directions, args.batch_size)
-    trust = RunConfig.trust_radius / PROBE_MOVE * probe.move  # the probe moves PROBE_MOVE x the RMS
-    out = {"model": path, "data": args.data, "e_g2": m.e_g2, "signal": m.signal,
+    lr = best_lr(m, args.directions, args.batch_size, RunConfig.trust_radius)
+    trust = RunConfig.trust_radius * m.weight_rms
+    per_lr = math.sqrt(args.directions * m.e_g2)  # a batch's step moves lr x this per parameter
+    out = {"model": path, "data": args.data, "e_g2": m.e_g2, "weight_rms": m.weight_rms, "signal": m.signal,
            "signal_share": m.signal / m.e_g2 if m.e_g2 > 0 else None, "curvature": m.curvature,
            "batch_size": m.batch_size, "move": probe.move, "forwards": probe.forwards,
            "directions": args.directions, "lr": lr, "configured_lr": RunConfig.lr,
-           "step_length": None if lr is None else lr * math.sqrt(m.e_g2 / args.directions),
-           "configured_step_length": RunConfig.lr * math.sqrt(m.e_g2 / args.directions),
+           "step_length": None if lr is None else lr * per_lr,
+           "configured_step_length": RunConfig.lr * per_lr,
            "trust_length": trust, "seconds": round(seconds, 1), "threads": args.threads}
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
     return 0

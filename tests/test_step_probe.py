@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -22,17 +23,19 @@ from zorba_server.step_rule import STEP_SAFETY, best_lr, probed_lr
 
 
 class Quadratic(nn.Module):
-    """L_batch(w) = 0.5 sum_i h_i w_i^2 + batch . w: gradient h w + batch, Hessian diag(h)."""
+    """L_batch(w) = 0.5 sum_i h_i (w_i - c)^2 + batch . (w - c), w starting at c: gradient
+    `batch`, Hessian diag(h)."""
 
-    def __init__(self, h: torch.Tensor) -> None:
+    def __init__(self, h: torch.Tensor, c: float = 0.5) -> None:
         super().__init__()
-        self.h = h
-        self.w = nn.Parameter(torch.zeros_like(h))
+        self.h, self.c = h, c
+        self.w = nn.Parameter(torch.full_like(h, c))
 
 
 def quadratic_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     assert isinstance(model, Quadratic)
-    return 0.5 * (model.h * model.w ** 2).sum() + (batch * model.w).sum()
+    x = model.w - model.c
+    return 0.5 * (model.h * x ** 2).sum() + (batch * x).sum()
 
 
 def test_on_a_quadratic_the_probe_measures_the_trace_the_gradients_and_their_common_part():
@@ -63,13 +66,12 @@ def test_on_a_quadratic_the_probe_measures_the_trace_the_gradients_and_their_com
     assert m.e_g2 == pytest.approx(float((a @ a + b @ b) / 2), rel=0.15)
     assert m.signal == pytest.approx(float(a @ b), rel=0.3)
     assert result.forwards == 2 * (1 + 2 * directions) and m.batch_size == 8
-    assert float(model.w.detach().abs().max()) < 1e-6  # back where it started, up to rounding
+    assert m.weight_rms == pytest.approx(0.5)  # what the trust region is relative to
+    assert float((model.w.detach() - 0.5).abs().max()) < 1e-6  # back where it started, up to rounding
 
 
 def test_the_probe_moves_by_the_default_fraction_of_the_weights_rms():
-    model = Quadratic(torch.ones(64))
-    with torch.no_grad():
-        model.w.fill_(2.0)
+    model = Quadratic(torch.ones(64), c=2.0)
     result = probe(model, {0: [("w", model.w)]}, quadratic_loss, (torch.ones(64), torch.ones(64)), 4,
                    directions=1)
     assert result.move == pytest.approx(0.03 * 2.0)
@@ -77,33 +79,40 @@ def test_the_probe_moves_by_the_default_fraction_of_the_weights_rms():
 
 
 def test_the_rule_is_half_the_one_step_bounds_best_lr_at_the_runs_batch_size():
-    sent = TaskProbe(e_g2=100.0, signal=40.0, curvature=200.0, batch_size=8)
-    # lr* = n S / (E[g^2] C) with E[g^2] at the probe's own batch size.
-    assert best_lr(sent, 4, 8) == pytest.approx(STEP_SAFETY * 4 * 40.0 / (100.0 * 200.0))
+    sent = TaskProbe(e_g2=100.0, signal=40.0, curvature=200.0, batch_size=8, weight_rms=0.2)
+    # lr* = S / (E[g^2] C) with E[g^2] at the probe's own batch size, whatever the directions.
+    assert best_lr(sent, 4, 8, 0.03) == pytest.approx(STEP_SAFETY * 40.0 / (100.0 * 200.0))
+    assert best_lr(sent, 1, 8, 0.03) == best_lr(sent, 4, 8, 0.03)
     # Twice the batch: the noise part (60) halves, the signal stays.
-    assert best_lr(sent, 4, 16) == pytest.approx(STEP_SAFETY * 4 * 40.0 / ((40.0 + 30.0) * 200.0))
-    # More directions per batch: a proportionally larger lr (each moves lr / n).
-    assert best_lr(sent, 8, 8) == pytest.approx(2 * best_lr(sent, 4, 8))  # type: ignore[operator]
-    # No usable signal or curvature: nothing to say.
-    for bad in (dataclasses.replace(sent, signal=-1.0), dataclasses.replace(sent, curvature=0.0),
-                dataclasses.replace(sent, e_g2=0.0)):
-        assert best_lr(bad, 4, 8) is None
+    assert best_lr(sent, 4, 16, 0.03) == pytest.approx(STEP_SAFETY * 40.0 / ((40.0 + 30.0) * 200.0))
+    # No usable signal: nothing to say.
+    for bad in (dataclasses.replace(sent, signal=-1.0), dataclasses.replace(sent, e_g2=0.0)):
+        assert best_lr(bad, 4, 8, 0.03) is None
+
+
+def test_a_loss_that_does_not_curve_up_gets_the_trust_regions_step():
+    flat = TaskProbe(e_g2=100.0, signal=40.0, curvature=-50.0, batch_size=8, weight_rms=0.2)
+    lr = best_lr(flat, 4, 8, 0.03)
+    # A typical batch's step, lr sqrt(n E[g^2]) per parameter, reaches 0.03 x the weights' RMS.
+    assert lr is not None and lr * math.sqrt(4 * 100.0) == pytest.approx(0.03 * 0.2)
+    assert best_lr(dataclasses.replace(flat, curvature=0.0), 4, 8, 0.03) == lr
+    assert best_lr(flat, 4, 8, 0.0) is None  # no region to bound it: the run keeps run.lr
 
 
 def test_the_run_takes_the_smaller_middle_value_of_the_usable_ones():
     def sent(signal: float) -> TaskProbe:
-        return TaskProbe(e_g2=100.0, signal=signal, curvature=100.0, batch_size=8)
+        return TaskProbe(e_g2=100.0, signal=signal, curvature=100.0, batch_size=8, weight_rms=0.2)
 
-    one = best_lr(sent(10.0), 4, 8)
+    one = best_lr(sent(10.0), 4, 8, 0.03)
     assert one is not None
     step = probed_lr([("a", sent(10.0)), ("b", sent(20.0)), ("noise", sent(-5.0)), ("c", sent(40.0))],
-                     4, 8)
+                     4, 8, 0.03)
     assert step.lr == pytest.approx(2 * one) and step.used == ("a", "b", "c")
-    assert probed_lr([("a", sent(10.0)), ("b", sent(20.0))], 4, 8).lr == pytest.approx(one)
-    assert probed_lr([("noise", sent(-5.0))], 4, 8).lr is None
-    assert probed_lr([], 4, 8).lr is None
+    assert probed_lr([("a", sent(10.0)), ("b", sent(20.0))], 4, 8, 0.03).lr == pytest.approx(one)
+    assert probed_lr([("noise", sent(-5.0))], 4, 8, 0.03).lr is None
+    assert probed_lr([], 4, 8, 0.03).lr is None
     # In run.lr's unit: a client of every block gets `all_blocks_scale` x run.lr.
-    assert probed_lr([("a", sent(10.0))], 4, 8, all_blocks_scale=0.25).lr == pytest.approx(4 * one)
+    assert probed_lr([("a", sent(10.0))], 4, 8, 0.03, all_blocks_scale=0.25).lr == pytest.approx(4 * one)
 
 
 def _join(e, name: str, task_probe: TaskProbe | None) -> None:  # type: ignore[no-untyped-def]
@@ -112,13 +121,13 @@ def _join(e, name: str, task_probe: TaskProbe | None) -> None:  # type: ignore[n
     e.add_member(Member(name, p, 0.0, 1.0, 0.0, p.step_time_s))
 
 
-PROBED = TaskProbe(e_g2=100.0, signal=50.0, curvature=1e4, batch_size=8)
+PROBED = TaskProbe(e_g2=100.0, signal=50.0, curvature=1e4, batch_size=8, weight_rms=0.2)
 
 
 def test_a_probe_run_takes_the_probes_lr_and_one_without_probes_keeps_the_constant(tmp_path: Path):
-    probed = engine(tmp_path, step_rule="probe", batch_size=8, directions=4)
+    probed = engine(tmp_path, step_rule="probe", batch_size=8, directions=4, trust_radius=0.03)
     _join(probed, "a", PROBED)
-    expected = best_lr(PROBED, 4, 8)
+    expected = best_lr(PROBED, 4, 8, 0.03)
     assert expected is not None and probed.hyper().lr == pytest.approx(expected)
     status = run_status(probed, "run", {}, now=0.0)["hyper"]
     assert status["probed_lr"] == pytest.approx(expected) and status["step_rule"] == "probe"

@@ -30,7 +30,7 @@ def test_the_simulator_sets_the_step_from_its_clients_probes_and_restores_its_mo
     sent = [(cid, m.profile.task_probe) for cid, m in probed.engine.members.items()]
     assert len(sent) == 3 and all(p is not None and p.batch_size == 4 for _, p in sent)
     assert all(m.profile.task_probe is None for m in plain.engine.members.values())
-    lrs = sorted(v for _, p in sent if p is not None and (v := best_lr(p, 4, 4)) is not None)
+    lrs = sorted(v for _, p in sent if p is not None and (v := best_lr(p, 4, 4, 0.03)) is not None)
     assert lrs, "the tiny model's probes should carry a signal and a curvature"
     assert probed.engine.hyper().lr == probed.engine.probed_step.lr == lrs[(len(lrs) - 1) // 2]
     assert plain.engine.hyper().lr == 1e-4

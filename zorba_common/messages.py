@@ -119,6 +119,9 @@ class TaskProbe:
         unit="loss / weight units^2"))
     batch_size: int = field(metadata=wire(
         "Examples in each of the probe's batches.", unit="examples", gt=0, le=MAX_SAMPLES))
+    weight_rms: float = field(metadata=wire(
+        "RMS of the blocks' weight matrices, what the trust region is relative to (the probe "
+        "moved 0.03 of it per parameter).", unit="weight units", gt=0))
 
 
 @dataclass(frozen=True)

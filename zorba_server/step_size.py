@@ -157,7 +157,7 @@ class StepSize:
         `run_lr` where none is usable; the probe moves every block, so its lr is converted to
         run.lr's unit by the scale a client of every block gets."""
         every = self.client_scale(block_params, range(len(block_params))) if block_params else 1.0
-        step = probed_lr(sent, directions, batch_size, every)
+        step = probed_lr(sent, directions, batch_size, self.trust_radius, every)
         return replace(self, lr=run_lr if step.lr is None else step.lr), step
 
     def after_backoff(self, statuses: Sequence[str], step_decays: int) -> RoundStep:

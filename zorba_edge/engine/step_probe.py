@@ -1,15 +1,16 @@
 """How large a step the task's loss rewards: a start-up probe of its gradient and curvature.
 
-A batch's one-sided step over n directions moves theta by -(lr / n) sum_i g_i z_i, with
-g_i ~ z_i . G (G the batch's gradient, z Rademacher). To second order in the step, and taking
-expectations over z and the batch (docs/learning.md, "The step from a start-up probe"),
+A batch's step over n directions moves theta by -lr sum_i g_i z_i (lr the run's, per reported
+scalar), with g_i ~ z_i . G (G the batch's gradient, z Rademacher). To second order in the step,
+and taking expectations over z and the batch (docs/learning.md, "The step from a start-up
+probe"),
 
-    E[dL] ~ -lr E[g_A g_B] + (lr^2 / (2 n)) E[g^2] E[z^T H z],
+    E[dL] ~ -n lr E[g_A g_B] + (n lr^2 / 2) E[g^2] E[z^T H z],
 
 where E[g_A g_B] = |grad L|^2 is the task's signal (the same direction measured on two
 independent batches A and B: their noise is independent, so only the common gradient
 survives the product), E[g^2] the signal plus the batch's noise, and E[z^T H z] the curvature
-along a random direction (the Hessian's trace). The best lr is n E[g_A g_B] / (E[g^2]
+along a random direction (the Hessian's trace). The best lr is E[g_A g_B] / (E[g^2]
 E[z^T H z]); the server turns the clients' measurements into the run's step
 (zorba_server/step_rule.py).
 
@@ -66,9 +67,10 @@ def probe(model: nn.Module, blocks: BlockTensors, loss_fn: LossFn, batches: tupl
     to rounding afterwards (a caller that needs them bit-exact saves them)."""
     if directions < 1:
         raise ValueError("the task probe needs at least one direction")
-    s = PROBE_MOVE * weight_scale(blocks) if move is None else move
-    if not s > 0:
-        raise ValueError(f"the task probe needs a move > 0 (the blocks' RMS is {s})")
+    rms = weight_scale(blocks)
+    s = PROBE_MOVE * rms if move is None else move
+    if not (s > 0 and rms > 0):
+        raise ValueError(f"the task probe needs a move > 0 and weights (RMS {rms}, move {s})")
     base = [float(loss_fn(model, b)) for b in batches]
     g2: list[float] = []
     products: list[float] = []
@@ -85,6 +87,7 @@ def probe(model: nn.Module, blocks: BlockTensors, loss_fn: LossFn, batches: tupl
         products.append(g[0] * g[1])
         curvatures.extend((p - 2.0 * b + m) / (s * s) for p, b, m in zip(plus, base, minus, strict=True))
     measured = TaskProbe(e_g2=statistics.fmean(g2), signal=statistics.fmean(products),
-                         curvature=statistics.fmean(curvatures), batch_size=batch_size)
+                         curvature=statistics.fmean(curvatures), batch_size=batch_size,
+                         weight_rms=rms)
     return StepProbe(measured, s, len(batches) * (1 + 2 * directions))
 
