@@ -71,7 +71,8 @@ def test_a_federation_survives_a_killed_client_and_a_server_restart(
     procs.append(server)
     states = [tmp_path / f"c{i}" / "state.json" for i in range(2)]
     split = ("--num-clients", "2")
-    c0 = start_client(tmp_path, world, url, states[0], *split, "--client-index", "0", name="c0")
+    c0 = start_client(tmp_path, world, url, states[0], *split, "--client-index", "0", "--task-probe",
+                      name="c0")
     # The other client runs detached, as `--daemon` on a device would.
     c1 = start_client(tmp_path, world, url, states[1], *split, "--client-index", "1", "--daemon",
                       name="c1")
@@ -120,6 +121,12 @@ def test_a_federation_survives_a_killed_client_and_a_server_restart(
     assert all(c["fluency_curvature"] is not None for c in status["clients"])
     assert status["hyper"]["fluency_curvature"] is not None
     assert not any(c["curvature_ignored"] for c in status["clients"])
+    # ... and the one started with --task-probe its probe of the task loss (run.step_rule;
+    # this run keeps the constant lr).
+    probes = [c["task_probe"] for c in status["clients"]]
+    assert sum(p is None for p in probes) == 1, probes
+    assert all(p["curvature"] != 0 and p["e_g2"] > 0 for p in probes if p is not None)
+    assert status["hyper"]["step_rule"] == "constant" and status["hyper"]["probed_lr"] is None
     assert status["fluency"] is not None and status["fluency"]["judged"] == 2
     stores = [StateStore(s) for s in states]
     alpha = server_alpha(url, stores[0].load().token)

@@ -103,6 +103,28 @@ class MemoryProfile:
 
 
 @dataclass(frozen=True)
+class TaskProbe:
+    """A client's start-up probe of its task loss around the base model (zorba_edge/engine/
+    step_probe.py), from which the server may set the run's step (run.step_rule)."""
+
+    e_g2: float = field(metadata=wire(
+        "E[g^2]: the mean squared projected gradient over the probe's directions and batches.",
+        unit="loss^2 / weight units^2", ge=0))
+    signal: float = field(metadata=wire(
+        "E[g_A g_B]: the mean product of one direction's projected gradients on two "
+        "independent batches (the task's |gradient|^2; may come out below 0 by noise).",
+        unit="loss^2 / weight units^2"))
+    curvature: float = field(metadata=wire(
+        "E[z^T H z]: the mean second difference of the loss along the probe's directions.",
+        unit="loss / weight units^2"))
+    batch_size: int = field(metadata=wire(
+        "Examples in each of the probe's batches.", unit="examples", gt=0, le=MAX_SAMPLES))
+    weight_rms: float = field(metadata=wire(
+        "RMS of the blocks' weight matrices, what the trust region is relative to (the probe "
+        "moved 0.03 of it per parameter).", unit="weight units", gt=0))
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """What a device tells the server when it registers."""
 
@@ -140,6 +162,12 @@ class DeviceProfile:
         "block may make (run.drift_budget). Left out while nil (not measured: an older client, "
         "or one that could not hold every block at the training precision).",
         unit="1 / weight units^2", ge=0, omit_default=True))
+    task_probe: TaskProbe | None = field(default=None, metadata=wire(
+        "The task loss's gradient and curvature around the base model, measured at start-up "
+        "on the client's own training batches (zorba_edge/engine/step_probe.py). With "
+        "run.step_rule = probe the server sets the step from the clients' values. Left out "
+        "while nil (not measured: an older client, or one that could not hold every block at "
+        "the training precision).", omit_default=True))
 
     def __post_init__(self) -> None:
         check_footprint(self.footprint)

@@ -31,6 +31,7 @@ from zorba_server.drift_budget import DRIFT_BUDGET
 from zorba_server.enrolment import MIN_SECRET_CHARS
 from zorba_server.modes import MODES
 from zorba_server.scheduler import SchedulerConfig
+from zorba_server.step_rule import STEP_RULES
 from zorba_server.step_size import LR_SCALINGS
 
 try:
@@ -154,6 +155,12 @@ class RunConfig:
     faster but did not raise accuracy, so it is not the default (docs/learning.md). `energy`:
     lr x (estimated E[g^2] of all blocks / that of the client's blocks), so `lr` is the step of
     a client perturbing every block (docs/learning.md, "Gradient energy per block")."""
+    step_rule: str = "constant"
+    """`constant`: the step is `lr`. `probe`: `lr` is set from the clients' start-up probes of
+    the task loss (its gradient, signal and curvature around the base model: half the best lr
+    of the one-step bound, the median over clients; zorba_server/step_rule.py), `lr` where no
+    client sent a usable probe (older clients). Not with the normalised estimator, whose lr
+    is of another unit (docs/learning.md, "The step from a start-up probe")."""
     loss_jump_tolerance: float = 0.5
     """The loss guard: a round in which a majority of the clients (by count and by sample
     weight) see their check-batch loss stand more than this fraction above theirs at the last
@@ -225,6 +232,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.seed >= 0, "run.seed must be >= 0"),
+            (self.step_rule in STEP_RULES,
+             f"run.step_rule={self.step_rule!r}: use one of {', '.join(STEP_RULES)}"),
+            (not (self.step_rule == "probe" and self.estimator == NORMALISED),
+             "run.step_rule = probe sets an lr in the unit of the one-sided and antithetic "
+             "estimators: use one of them, or step_rule = constant"),
             (self.lr_scaling in LR_SCALINGS,
              f"run.lr_scaling={self.lr_scaling!r}: use one of {', '.join(LR_SCALINGS)}"),
             (self.loss_jump_tolerance >= 0, "run.loss_jump_tolerance must be >= 0 (0: off)"),

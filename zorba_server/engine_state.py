@@ -29,6 +29,7 @@ from zorba_server.modes import MODES, SolveFn
 from zorba_server.rounds import APPLIED, CHECKED, FAILED, REJECTED, ReceivedReport, RoundPlan
 from zorba_server.safety_state import SafetyState
 from zorba_server.scheduler import Schedule
+from zorba_server.step_rule import ProbedStep
 from zorba_server.step_size import StepSize
 
 if TYPE_CHECKING:  # members.py builds on this module
@@ -125,6 +126,9 @@ class EngineState:
         self.step_size = StepSize(run.lr, run.lr_scaling, run.trust_radius, run.readout_lr,
                                   run.readout_trust_radius, readout=run.readout_directions > 0)
         """The one owner of the step size (zorba_server/step_size.py)."""
+        self.probed_step: ProbedStep = ProbedStep(None)
+        """The lr the members' task probes give (run.step_rule = probe; zorba_server/
+        step_rule.py) and whose probes entered it; None: run.lr stands."""
         self.energy: BlockEnergy | None = None
         """Per-block E[g^2] from the reported scalars (zorba_server/block_energy.py; None until
         the model is pinned)."""
@@ -210,6 +214,18 @@ class EngineState:
         recoveries are derived from the history, the cuts carried by each round's plan, so a
         restarted server continues with the same step."""
         return tuple(h.status for h in self.history), self._plateau.step_decays
+
+    def step_from_probes(self) -> None:
+        """With run.step_rule = probe, the run's lr from the members' task probes (run.lr
+        where none is usable), set on the step size's owner."""
+        run = self.config.run
+        if run.step_rule != "probe":
+            return
+        sent = [(m.client_id, m.profile.task_probe) for m in self.members.values()
+                if m.profile.task_probe is not None]
+        params = () if self.footprint is None else self.footprint.block_params
+        self.step_size, self.probed_step = self.step_size.probed(
+            run.lr, sent, run.directions, run.batch_size, params)
 
     def max_move(self) -> float:
         """The drift budget's bound on each block's RMS move per parameter (0: none)."""

@@ -128,6 +128,8 @@ class Membership(EngineState):
                 (m.client_id, m.profile.fluency_curvature) for m in self.members.values()
                 if m.profile.fluency_curvature is not None])
             self.fluency_curvature, self.curvature_ignored = curvature.curvature, curvature.ignored
+        if member.profile.task_probe is not None:
+            self.step_from_probes()
 
     def drop_member(self, client_id: str) -> None:
         """Forget a member; its assignment in an open round stays, unreported."""

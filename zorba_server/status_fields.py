@@ -12,7 +12,7 @@ STATUS_FIELDS: dict[str, str] = {
     "mode": "The run mode (`zorba` or a baseline: run.mode).",
     "seed": "The run seed of the perturbation directions and pool indices.",
     "hyper": "The run's hyper-parameters as the next round uses them.",
-    "hyper.lr": "The step of the next round (run.lr x lr_factor), before a client's lr_scale.",
+    "hyper.lr": "The step of the next round (run.lr, or probed_lr, x lr_factor), before a client's lr_scale.",
     "hyper.mu": "Perturbation scale.",
     "hyper.batch_size": "Examples per local step.",
     "hyper.seq_len": "Tokens per example.",
@@ -21,6 +21,11 @@ STATUS_FIELDS: dict[str, str] = {
     "hyper.configured_lr": "run.lr as configured.",
     "hyper.lr_factor": "The loss guard's and the plateaus' factor on run.lr now.",
     "hyper.lr_scaling": "run.lr_scaling.",
+    "hyper.step_rule": "run.step_rule: `constant` (run.lr) or `probe` (the lr from the clients' "
+                       "start-up probes of the task loss).",
+    "hyper.probed_lr": "The lr the clients' task probes give, which replaces run.lr with "
+                       "step_rule = probe (null: none usable or not measured; "
+                       "zorba_server/step_rule.py).",
     "hyper.loss_jump_tolerance": "The loss guard's tolerance (0: off).",
     "hyper.plateau_rounds": "run.plateau_rounds (0: the step never decays on a plateau).",
     "hyper.pool_slices": "run.pool_slices.",
@@ -105,6 +110,8 @@ STATUS_FIELDS: dict[str, str] = {
     "clients[].base_rms_ignored": "Its base RMS values stood apart from the other clients': "
                                   "the drift bound does not use them.",
     "clients[].fluency_curvature": "The fluency curvature it measured at start-up (null: none).",
+    "clients[].task_probe": "Its start-up probe of the task loss (e_g2, signal, curvature, "
+                            "batch_size; null: none; zorba_server/step_rule.py).",
     "clients[].curvature_ignored": "Its fluency curvature stood more than a factor 2 from the "
                                    "run's (the median of all clients').",
     "clients[].generic_reference": "The fluency watch's reference for it: its generic-text loss "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from zorba_server.drift import block_drift
@@ -41,6 +42,7 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
                   "seq_len": hyper.seq_len, "estimator": hyper.estimator,
                   "directions": hyper.directions, "configured_lr": run.lr,
                   "lr_factor": engine.lr_factor(), "lr_scaling": run.lr_scaling,
+                  "step_rule": run.step_rule, "probed_lr": engine.probed_step.lr,
                   "loss_jump_tolerance": run.loss_jump_tolerance,
                   "plateau_rounds": run.plateau_rounds, "pool_slices": run.pool_slices,
                   "loss_drift_rounds": run.loss_drift_rounds,
@@ -79,6 +81,8 @@ def run_status(engine: RoundEngine, run_id: str, counters: dict[str, int], now: 
              "base_rms_ignored": m.client_id in engine.base_rms_ignored,
              "fluency_curvature": m.profile.fluency_curvature,
              "curvature_ignored": m.client_id in engine.curvature_ignored,
+             "task_probe": (dataclasses.asdict(m.profile.task_probe)
+                            if m.profile.task_probe is not None else None),
              "generic_reference": (reference.loss if (reference := engine.generic_references.get(
                  m.client_id)) is not None else None),
              "last_peak_bytes": m.last_peak_bytes,

@@ -2,7 +2,9 @@
 
 Every number that sets how far a round moves the model is decided here and nowhere else:
 
-    round lr   = run.lr x backoff_factor(the closed rounds' statuses)   (x1/2 per rejection,
+    run lr     = run.lr, or with run.step_rule = probe the lr the clients' start-up probes
+                 of the task loss give (zorba_server/step_rule.py; run.lr where none did)
+    round lr   = run lr x backoff_factor(the closed rounds' statuses)   (x1/2 per rejection,
                                          recovering after sound rounds, never below STEP_FLOOR)
                         x PLATEAU_DECAY ** (plateau cuts so far)
     client lr  = round lr x client scale      (run.lr_scaling: 1; mean block / its blocks;
@@ -24,10 +26,12 @@ each factor exists.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from zorba_common.messages import TaskProbe
 from zorba_common.readout import READOUT_LR, READOUT_TRUST_RADIUS
 from zorba_server.round_status import APPLIED, REJECTED
+from zorba_server.step_rule import ProbedStep, probed_lr
 
 LOSS_JUMP_BACKOFF = 0.5
 """The step is multiplied by this for every round the loss guard rejected."""
@@ -146,6 +150,15 @@ class StepSize:
         if held <= 0:
             return MAX_ENERGY_SCALE
         return min(sum(weights) / held, MAX_ENERGY_SCALE)
+
+    def probed(self, run_lr: float, sent: Sequence[tuple[str, TaskProbe]], directions: int,
+               batch_size: int, block_params: Sequence[int]) -> tuple[StepSize, ProbedStep]:
+        """This step size with its lr from the clients' task probes `sent` (step_rule.py), or
+        `run_lr` where none is usable; the probe moves every block, so its lr is converted to
+        run.lr's unit by the scale a client of every block gets."""
+        every = self.client_scale(block_params, range(len(block_params))) if block_params else 1.0
+        step = probed_lr(sent, directions, batch_size, self.trust_radius, every)
+        return replace(self, lr=run_lr if step.lr is None else step.lr), step
 
     def after_backoff(self, statuses: Sequence[str], step_decays: int) -> RoundStep:
         """The round's step once one more rejection has halved it (what a rejection message says)."""

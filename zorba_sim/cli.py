@@ -45,6 +45,7 @@ from zorba_server.config import (
     harness_run,
 )
 from zorba_server.run_help import LR_SCALING_HELP, PLATEAU_ROUNDS_HELP, POOL_SLICES_HELP, TRUST_RADIUS_HELP
+from zorba_server.step_rule import STEP_RULES
 from zorba_sim.fleet import CATALOGUE, GIB, Fleet, fleet_from_counts, load_fleet
 
 EXIT_USAGE = 2
@@ -200,6 +201,10 @@ def parser() -> argparse.ArgumentParser:
                    help="learning rate: the ZO step's, or AdamW's in fedavg (default %(default)s)")
     g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=d.run.lr_scaling,
                    help=f"{LR_SCALING_HELP} (default %(default)s)")
+    g.add_argument("--step-rule", choices=STEP_RULES, default=d.run.step_rule,
+                   help="the step: `constant` --lr, or `probe` from the start-up probe of the task "
+                   "loss on the first clients' data (--lr where it measures none; default "
+                   "%(default)s)")
     g.add_argument("--aggregation", choices=list(RULES), default=d.aggregation.method,
                    help=f"how a round's scalars become alpha: {rules_help()} (default %(default)s)")
     g.add_argument("--mu", type=_number(float), default=d.run.mu,
@@ -524,6 +529,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"zorba-simulate: {settings.mode}, {len(sim.clients)} virtual devices, "
           f"{sim.loaded.num_blocks} blocks, step {sim.reference_step_s:.3f} s on this machine "
           f"({device}); results in {out}", file=sys.stderr)
+    if sim.engine.config.run.step_rule == "probe":
+        probed = sim.engine.probed_step
+        print(f"zorba-simulate: the task probe of {len(probed.used)} client(s) set lr "
+              f"{sim.engine.step_size.lr:.4g}" if probed.lr is not None else
+              "zorba-simulate: no client's task probe was usable: lr stays --lr", file=sys.stderr)
     live = None if not args.log_lines else False
 
     def after_round(record: Any) -> None:

@@ -32,7 +32,8 @@ import pickle
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ from zorba_edge.engine.directions import BlockTensors
 from zorba_edge.engine.drift_tolerance import probe as drift_probe
 from zorba_edge.engine.fluency import generic_batch, generic_loss
 from zorba_edge.engine.losses import evaluate_classification
+from zorba_edge.engine.step_probe import probe as step_probe
 from zorba_edge.model.base_rms import tensors_rms
 from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model
 from zorba_edge.model.readout import LabelReadout
@@ -74,6 +76,9 @@ from zorba_sim.fleet import DeviceClass, DeviceGroup, Fleet, FleetError
 
 CENTRAL_DEVICE = DeviceClass("central", 1 << 50, speed=1.0, upload_mbps=1e6, download_mbps=1e6,
                              source="one device holding all data and memory: no federation")
+PROBED_CLIENTS = 4
+"""With run.step_rule = probe, the clients whose data the simulator probes the task loss on
+(the first ones: a fleet of thousands would spend its start-up probing)."""
 
 
 @dataclass(frozen=True)
@@ -244,13 +249,23 @@ class Simulation:
                 # It moves the run's own model and back, up to rounding: restored exactly, so
                 # the run is bit for bit the one without the probe.
                 params = [t for b in sorted(blocks) for _, t in blocks[b]]
-                saved = [t.detach().clone() for t in params]
-                engine.fluency_curvature = drift_probe(
-                    loaded.model, params, generic_batch(tokenizer, PROBE_SEQ_LEN).to(config.device)).curvature
-                with torch.no_grad():
-                    for t, kept in zip(params, saved, strict=True):
-                        t.copy_(kept)
-                del saved
+                with _restored(params):
+                    generic = generic_batch(tokenizer, PROBE_SEQ_LEN).to(config.device)
+                    engine.fluency_curvature = drift_probe(loaded.model, params, generic).curvature
+            if run.step_rule == "probe":
+                # The task probe a real client runs at start-up (zorba_edge/engine/
+                # step_probe.py), on the first clients' own data; restored exactly, as above.
+                for cid in list(clients)[:PROBED_CLIENTS]:
+                    task = clients[cid].task
+                    copy = LocalTask(task.examples, tokenizer, template, seed=task.seed)
+                    pair = (copy.next_batch(run.batch_size, run.seq_len).to(config.device),
+                            copy.next_batch(run.batch_size, run.seq_len).to(config.device))
+                    with _restored([t for b in sorted(blocks) for _, t in blocks[b]]):
+                        probed = step_probe(loaded.model, blocks, task.loss_fn, pair, run.batch_size,
+                                            seed=task.seed)
+                    member = engine.members[cid]
+                    member.profile = dataclasses.replace(member.profile, task_probe=probed.measured)
+                engine.step_from_probes()
             if run.fluency_tolerance > 0:
                 sim.generic = generic_batch(tokenizer, run.seq_len).to(config.device)
                 sim.base_generic_loss = generic_loss(loaded.model, sim.generic)
@@ -524,6 +539,19 @@ class Simulation:
                 for name, tensor in named:
                     tensor.copy_(saved[f"{b}/{name}"])
         return True
+
+
+@contextmanager
+def _restored(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Put `params` back bit for bit after a probe that moved them and back up to rounding, so
+    that the run is the one without the probe."""
+    saved = [t.detach().clone() for t in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, kept in zip(params, saved, strict=True):
+                t.copy_(kept)
 
 
 def _block_rms(blocks: BlockTensors) -> tuple[float, ...]:

@@ -22,7 +22,7 @@ import torch
 
 from zorba_common.errors import DTypeError
 from zorba_common.memory_model import MemorySettings, ModelFootprint, measured_runtime_bytes
-from zorba_common.messages import DeviceProfile, MemoryProfile, RegisterRequest, RunInfo
+from zorba_common.messages import DeviceProfile, MemoryProfile, RegisterRequest, RunInfo, TaskProbe
 from zorba_common.run_defaults import CPU_FROZEN_DTYPE, CUDA_FROZEN_DTYPE
 from zorba_edge.client.admission import Admission, admit
 from zorba_edge.client.byte_sizes import format_size
@@ -46,8 +46,10 @@ from zorba_edge.data.templates import SENTIMENT_TEMPLATE, PromptTemplate
 from zorba_edge.engine.drift_tolerance import PROBE_SETTINGS, DriftProbe
 from zorba_edge.engine.drift_tolerance import probe as drift_probe
 from zorba_edge.engine.fluency import generic_batch
+from zorba_edge.engine.step_probe import StepProbe
+from zorba_edge.engine.step_probe import probe as step_probe
 from zorba_edge.model.base_rms import BlockRMS
-from zorba_edge.model.loading import LoadConfig, load_model, release_freed_memory
+from zorba_edge.model.loading import LoadConfig, LoadedModel, load_model, release_freed_memory
 from zorba_edge.model.pretrained import packaged_model_path
 from zorba_edge.model.progress import Progress
 from zorba_edge.model.quantize import require_bitsandbytes
@@ -223,14 +225,9 @@ def probe_drift_tolerance(source: ModelSource, load_config: LoadConfig, *,
     every block in place, so it loads them all at the training precision: where that would not
     fit `budget_bytes` (the weights at 4 bytes a parameter, with a quarter more for the
     forward), it measures nothing (None) and the server runs without this client's value."""
-    footprint = footprint_of(source)
-    weights = (sum(footprint.block_params) + footprint.embed_head_params) * 4
-    if budget_bytes is not None and weights * 5 // 4 > budget_bytes:
-        log.info("drift probe skipped: every block at the training precision (%s) does not fit "
-                 "the budget", format_size(weights))
+    if not _every_block_fits(source, budget_bytes, "drift probe"):
         return None
-    frozen = dataclasses.replace(load_config, frozen_dtype=load_config.train_dtype)
-    loaded = load_model(source, range(int(source.config.num_hidden_layers)), frozen)
+    loaded = _every_block(source, load_config)
     try:
         device = torch.device(load_config.device)
         batch = generic_batch(source.tokenizer(), seq_len).to(device)
@@ -241,6 +238,50 @@ def probe_drift_tolerance(source: ModelSource, load_config: LoadConfig, *,
         release_freed_memory()
         if torch.device(load_config.device).type == "cuda":
             torch.cuda.empty_cache()
+
+
+def probe_task_step(source: ModelSource, load_config: LoadConfig, task: LocalTask, *,
+                    budget_bytes: int | None = None, batch_size: int = PROBE_BATCH_SIZE,
+                    seq_len: int = PROBE_SEQ_LEN) -> StepProbe | None:
+    """The task loss's gradient, signal and curvature around the base model on two of this
+    client's training batches (zorba_edge/engine/step_probe.py), the profile's `task_probe`.
+    It moves every block, as the drift probe does, so it measures nothing (None) where they do
+    not fit `budget_bytes` at the training precision. A copy of `task` draws the batches (the
+    client's own stream is left where it was); its seed also picks the directions, so the
+    clients of a run measure different ones and their median averages over more."""
+    if not _every_block_fits(source, budget_bytes, "task probe"):
+        return None
+    loaded = _every_block(source, load_config)
+    try:
+        device = torch.device(load_config.device)
+        copy = LocalTask(task.examples, task.tokenizer, task.template, seed=task.seed)
+        batches = (copy.next_batch(batch_size, seq_len).to(device),
+                   copy.next_batch(batch_size, seq_len).to(device))
+        blocks = {b: loaded.trainable_parameters(b) for b in range(loaded.num_blocks)}
+        return step_probe(loaded.model, blocks, task.loss_fn, batches, batch_size, seed=task.seed)
+    finally:
+        del loaded
+        release_freed_memory()
+        if torch.device(load_config.device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _every_block_fits(source: ModelSource, budget_bytes: int | None, probe: str) -> bool:
+    """Whether every block at the training precision (4 bytes a parameter, with a quarter
+    more for the forward) fits `budget_bytes`; logs that `probe` is skipped where not."""
+    footprint = footprint_of(source)
+    weights = (sum(footprint.block_params) + footprint.embed_head_params) * 4
+    if budget_bytes is not None and weights * 5 // 4 > budget_bytes:
+        log.info("%s skipped: every block at the training precision (%s) does not fit the "
+                 "budget", probe, format_size(weights))
+        return False
+    return True
+
+
+def _every_block(source: ModelSource, load_config: LoadConfig) -> LoadedModel:
+    """The model with every block trainable at the training precision (the probes' copy)."""
+    frozen = dataclasses.replace(load_config, frozen_dtype=load_config.train_dtype)
+    return load_model(source, range(int(source.config.num_hidden_layers)), frozen)
 
 
 def time_forward(model: torch.nn.Module, vocab_size: int, device: str, *, repeats: int,
@@ -292,7 +333,8 @@ def device_report(source: ModelSource, load_config: LoadConfig, survey: DeviceSu
 
 def registration(report: DeviceReport, *, device_type: str, num_samples: int, secret: str,
                  name: str = "", base_rms: tuple[float, ...] | None = None,
-                 fluency_curvature: float | None = None) -> RegisterRequest:
+                 fluency_curvature: float | None = None,
+                 task_probe: TaskProbe | None = None) -> RegisterRequest:
     if report.step_time_s is None:
         raise ValueError("a registration needs a measured step time")
     profile = DeviceProfile(
@@ -306,6 +348,7 @@ def registration(report: DeviceReport, *, device_type: str, num_samples: int, se
         name=(name or socket.gethostname())[:256],
         base_rms=base_rms,
         fluency_curvature=fluency_curvature,
+        task_probe=task_probe,
     )
     return RegisterRequest(secret, profile)
 

@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave after reporting N rounds (default: stay until the run finishes)")
     g.add_argument("--step-time", type=_positive(float), metavar="SECONDS",
                    help="declare this step time instead of measuring it (skips the probe)")
+    g.add_argument("--task-probe", action="store_true",
+                   help="probe the task loss's gradient and curvature at start-up (34 forwards "
+                   "on two training batches) and send it: a server with run.step_rule = probe "
+                   "sets its step from it (without it this client counts as one that sent none)")
     g.add_argument("--daemon", action="store_true",
                    help="detach into the background, logging to --log-file")
     g.add_argument("--log-file", type=Path, metavar="FILE",

@@ -345,6 +345,14 @@ def _run(args: argparse.Namespace) -> int:
             log.info("drift probe: generic-text loss %.3f, +%.1f%% at a random move of %.2g per "
                      "parameter: fluency curvature %.4g", drift.base_loss,
                      100 * sum(drift.rises) / len(drift.rises), drift.move, drift.curvature)
+        # How far a step should go: the task loss's gradient and curvature (run.step_rule),
+        # asked for: 34 forwards a default run (run.step_rule = constant) would not use.
+        step = (assembly.probe_task_step(source, load_config, task, budget_bytes=budget_bytes)
+                if args.task_probe else None)
+        if step is not None:
+            log.info("task probe: E[g^2] %.4g, signal %.4g, curvature %.4g at a move of %.2g per "
+                     "parameter (%d forwards)", step.measured.e_g2, step.measured.signal,
+                     step.measured.curvature, step.move, step.forwards)
         measured = DeviceReport(report.survey, report.budget, report.admission, memory,
                                 report.footprint, report.fingerprint, step_time)
         if secret is None:
@@ -353,7 +361,8 @@ def _run(args: argparse.Namespace) -> int:
         return assembly.registration(measured, device_type=torch.device(load_config.device).type,
                                      num_samples=len(examples), secret=secret, name=args.name,
                                      base_rms=base_rms,
-                                     fluency_curvature=None if drift is None else drift.curvature)
+                                     fluency_curvature=None if drift is None else drift.curvature,
+                                     task_probe=None if step is None else step.measured)
 
     def make_trainer(run: RunInfo, table: CoefficientTable | None,
                      progress: Progress | None) -> Trainer:

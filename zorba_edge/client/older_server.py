@@ -18,10 +18,10 @@ from typing import Any
 from zorba_common.messages import DeviceProfile, RegisterRequest
 from zorba_edge.client.errors import ServerRefusedError
 
-OPTIONAL_PROFILE_FIELDS = ("base_rms", "fluency_curvature")
+OPTIONAL_PROFILE_FIELDS = ("base_rms", "fluency_curvature", "task_probe")
 """DeviceProfile fields added within v1 that a server can do without (the drift bound then
-has no base RMS or fluency curvature from this client: the server takes the other clients', or
-runs without them)."""
+has no base RMS or fluency curvature from this client, the step rule no task probe: the
+server takes the other clients', or runs without them)."""
 _UNKNOWN = re.compile(r"unknown field\(s\) \[([^\]]*)\]")
 
 
