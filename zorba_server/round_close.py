@@ -212,7 +212,7 @@ class RoundClosing(Membership):
         delta, alpha = None, None
         if change is not None:
             delta = AlphaDelta.from_matrix(self.version + 1, plan.round, change.pool_indices,
-                                           change.blocks, change.values)
+                                           change.blocks, change.values, self.readout_block())
             alpha = apply_delta(self.alpha, change)
             if anchor is not None and outcome.status == REJECTED:  # rolled back to it
                 anchor = Anchor(delta.version, alpha, anchor.losses)
