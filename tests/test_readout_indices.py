@@ -17,6 +17,7 @@ from zorba_common.limits import MAX_REPORT_BYTES
 from zorba_common.messages import AlphaDelta, Assignment, NextRound
 from zorba_common.readout import MAX_READOUT_INDICES_PER_ROUND
 from zorba_edge.client.trainer import ReadoutRound
+from zorba_server.aggregation import RoundDelta, with_half_column
 from zorba_server.config import AggregationConfig
 from zorba_server.errors import Refusal
 from zorba_server.pool_indices import round_pool_indices, round_readout_indices
@@ -144,7 +145,7 @@ def test_the_wire_refuses_an_inconsistent_readout_part() -> None:
     good = AlphaDelta.from_matrix(1, 1, (4, 9), (0, 30), np.array([[1e-3, 0.0], [0.0, 2e-3]]), 30)
     assert good.readout_ks() == (9,)
     for bad in ({"readout_values": b""}, {"readout_block": None}, {"readout_block": 0},
-                {"readout_rows": b"\x03"}):
+                {"readout_rows": b"\x07"}):  # 3 bits: neither 3 float16 nor 3 float32
         with pytest.raises(ValueError):
             dataclasses.replace(good, **bad)
 
@@ -189,3 +190,28 @@ def test_each_clients_own_readout_directions_move_column_r_as_it_moved() -> None
                            aggregation=AggregationConfig(clip=1.0), readout_block=5)
     assert clipped.delta is not None
     assert sorted(float(v) for v in clipped.delta.values[:, -1] if v) == pytest.approx([-0.05, 0.05])
+
+
+def test_an_applied_rounds_readout_column_travels_as_float16_and_rebuilds_exactly() -> None:
+    rng = np.random.default_rng(1)
+    ks, blocks = tuple(range(10, 202)), (0, 30)
+    matrix = np.zeros((192, 2), dtype=np.float32)
+    matrix[:, 1] = rng.normal(size=192) * 1e-3
+    matrix[:3, 0] = 1e-4
+    rounded = with_half_column(RoundDelta(ks, blocks, matrix), 30)
+    assert np.array_equal(rounded.values[:, 0], matrix[:, 0])  # the body's as it was
+    assert np.abs(rounded.values[:, 1] - matrix[:, 1]).max() <= 1e-3 * 2.0 ** -10 * 4
+    half = AlphaDelta.from_matrix(1, 1, ks, blocks, rounded.values, readout_block=30)
+    full = AlphaDelta.from_matrix(1, 1, ks, blocks, matrix, readout_block=30)
+    assert len(half.readout_values) == 2 * 192 and len(full.readout_values) == 4 * 192
+    assert decode(AlphaDelta, encode(half), max_bytes=MAX_REPORT_BYTES) == half
+    for delta, values in ((half, rounded.values), (full, matrix)):
+        table, expected = np.zeros((256, 31)), np.zeros((256, 31))
+        delta.add_to_(table)
+        expected[np.ix_(ks, blocks)] += values.astype(np.float64)
+        assert table.tobytes() == expected.tobytes()  # exactly what the server adds
+    assert len(encode(half)) - len(encode(dense_body(half))) <= 192 * 2 + 128 + 60
+    huge = np.array([[0.0, 1e6]], dtype=np.float32)  # no float16: kept, and sent as float32
+    kept = with_half_column(RoundDelta((3,), blocks, huge), 30)
+    assert kept.values[0, 1] == 1e6
+    assert len(AlphaDelta.from_matrix(1, 1, (3,), blocks, kept.values, 30).readout_values) == 4

@@ -264,8 +264,10 @@ class AlphaDelta:
         "(least significant first) of byte k // 8. Left out while empty.",
         max_len=MAX_SEQUENCE_LEN // 8 + 1, omit_default=True))
     readout_values: bytes = field(default=b"", metadata=wire(
-        "float32 little-endian, one per bit set in readout_rows, in ascending k. Left out "
-        "while empty.", max_len=MAX_SEQUENCE_LEN * 4, omit_default=True))
+        "One value per bit set in readout_rows, in ascending k: float16 little-endian where "
+        "it holds 2 bytes per bit (the server rounds an applied round's readout increments to "
+        "float16 before it adds them to its own table, so the rebuild stays exact), else "
+        "float32. Left out while empty.", max_len=MAX_SEQUENCE_LEN * 4, omit_default=True))
 
     def __post_init__(self) -> None:
         expected = 4 * len(self.pool_indices) * len(self.blocks)
@@ -275,9 +277,10 @@ class AlphaDelta:
                 f"{len(self.blocks)} blocks; expected {expected} (float32)"
             )
         rows = len(self.readout_ks())
-        if len(self.readout_values) != 4 * rows:
+        if len(self.readout_values) not in (2 * rows, 4 * rows):
             raise SchemaError(f"readout_values: {len(self.readout_values)} bytes for {rows} bits "
-                              f"set in readout_rows; expected {4 * rows} (float32)")
+                              f"set in readout_rows; expected {2 * rows} (float16) or {4 * rows} "
+                              "(float32)")
         if (self.readout_block is None) != (rows == 0):
             raise SchemaError("readout_block: set exactly when readout_rows has a bit set")
         if self.readout_block is not None and self.readout_block in self.blocks:
@@ -296,7 +299,10 @@ class AlphaDelta:
         return tuple(int(k) for k in np.flatnonzero(bits))
 
     def readout_matrix(self) -> np.ndarray:
-        return np.frombuffer(self.readout_values, dtype="<f4")
+        """The readout's values as float32 (exact: float16 values widen without loss)."""
+        rows = len(self.readout_ks())
+        dtype = "<f2" if rows and len(self.readout_values) == 2 * rows else "<f4"
+        return np.frombuffer(self.readout_values, dtype=dtype).astype(np.float32)
 
     def entries(self) -> list[tuple[int, int, float]]:
         """The non-zero (k, block, delta) triples: the dense part k-major, then the readout's."""
@@ -330,7 +336,8 @@ class AlphaDelta:
                     readout_block: int | None = None) -> AlphaDelta:
         """The delta of a dense (pool_indices x blocks) matrix; with `readout_block` (the run's
         column R), that column travels as a bitmap of its non-zero rows and their values, and
-        rows left all zero are dropped from the dense part."""
+        rows left all zero are dropped from the dense part; its values go as float16 where
+        every one is exactly a float16 (`half_exact`), else as float32."""
         matrix = np.ascontiguousarray(matrix, dtype="<f4")
         if readout_block is None or readout_block not in blocks:
             return AlphaDelta(version, round_, tuple(pool_indices), tuple(blocks), matrix.tobytes())
@@ -350,7 +357,26 @@ class AlphaDelta:
             np.ascontiguousarray(body[keep]).tobytes() if keep.size else b"",
             readout_block if set_rows.size else None,
             np.packbits(bits, bitorder="little").tobytes() if set_rows.size else b"",
-            np.ascontiguousarray(readout[set_rows][order], dtype="<f4").tobytes())
+            _readout_bytes(readout[set_rows][order]))
+
+
+def half_exact(values: np.ndarray) -> np.ndarray:
+    """`values` (float32) rounded to the nearest float16, where that is finite (else as they
+    are): what the server adds for an applied round's readout column, so that the delta can
+    carry it in 2 bytes a value and every client rebuilds the server's table exactly."""
+    with np.errstate(over="ignore"):  # too large for float16: kept as it is
+        half = values.astype(np.float16)
+    return np.where(np.isfinite(half), half.astype(np.float32), values).astype(np.float32)
+
+
+def _readout_bytes(values: np.ndarray) -> bytes:
+    """float16 where every value is one exactly (lossless), else float32."""
+    values = np.asarray(values, dtype=np.float32)
+    with np.errstate(over="ignore"):  # too large: not equal below, sent as float32
+        half = values.astype("<f2")
+    if np.array_equal(half.astype(np.float32), values):
+        return half.tobytes()
+    return np.ascontiguousarray(values, dtype="<f4").tobytes()
 
 
 @dataclass(frozen=True)
