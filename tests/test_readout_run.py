@@ -89,10 +89,9 @@ def test_readout_scalars_become_column_r_at_the_readout_step() -> None:
     assert delta is not None and delta.blocks == (0, 1, 2, 5)
     alpha = np.zeros((10, 6))
     alpha[np.ix_(delta.pool_indices, delta.blocks)] = delta.values
-    # Per direction the weighted mean of the clients that measured it, at readout_lr: k = 7
-    # both, k = 9 only a (its own move, not divided by b's weight) ...
+    # The weighted mean of the holders' scalars (every client holds R) at readout_lr ...
     assert alpha[7, 5] == pytest.approx(0.05 * (1 * 2.0 + 3 * 4.0) / 4, rel=1e-6)
-    assert alpha[9, 5] == pytest.approx(0.05 * -1.0, rel=1e-6)
+    assert alpha[9, 5] == pytest.approx(0.05 * (1 * -1.0) / 4, rel=1e-6)
     # ... and the body's columns as without the readout.
     without = decide_round(PLAN, received, weights, min_reports=1, aggregation=MEAN)
     assert without.delta is not None and without.delta.blocks == (0, 1, 2)

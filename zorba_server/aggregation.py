@@ -33,7 +33,7 @@ from itertools import chain
 import numpy as np
 
 from zorba_common.messages import half_exact
-from zorba_server.aggregation_rules import RULES, RoundScalars, Rule
+from zorba_server.aggregation_rules import RULES, RoundScalars
 from zorba_server.config import AggregationConfig
 
 
@@ -60,9 +60,8 @@ class RoundDelta:
 
 
 def aggregate(contributions: Sequence[Contribution], lr: float,
-              config: AggregationConfig, rule: Rule | None = None) -> RoundDelta:
-    """The increments of one round; an empty delta when nothing was contributed. `rule`: in
-    place of config.method's (the label readout's `measured_mean`)."""
+              config: AggregationConfig) -> RoundDelta:
+    """The increments of one round; an empty delta when nothing was contributed."""
     ordered = sorted(contributions, key=lambda c: c.client_id)
     ordered = [c for c in ordered if c.blocks and c.steps and c.weight > 0]
     if not ordered:
@@ -94,40 +93,8 @@ def aggregate(contributions: Sequence[Contribution], lr: float,
 
     scalars = RoundScalars(sums, np.array([c.weight for c in ordered], dtype=np.float64),
                            took, holds)
-    values = (lr * (rule or RULES[config.method])(scalars, config)).astype(np.float32)
+    values = (lr * RULES[config.method](scalars, config)).astype(np.float32)
     return RoundDelta(tuple(int(k) for k in ks), tuple(int(b) for b in blocks), values)
-
-
-def measured_mean(scalars: RoundScalars, config: AggregationConfig) -> np.ndarray:
-    """The sample-weighted mean of s[n, k] over the clients that hold b and took step k: the
-    label readout's rule. Each client measures readout directions of its own
-    (`ClientPlan.readout_steps`), so each direction's value is its one client's step, as that
-    client moved its rows: the round moves the rows along every client's directions, as one
-    client's consecutive batches would, where the mean over every holder divided each by the
-    clients' number. Directions several clients measured (a server that cycled the body's
-    pool indices) get their mean."""
-    took = scalars.took.astype(np.float64)
-    holds = scalars.holds.astype(np.float64)
-    weights = scalars.weights
-    # einsum without BLAS: a fixed summation order (see mean).
-    numerator = np.einsum("nk,nb->kb", scalars.sums * weights[:, None], holds, optimize=False)
-    denominator = np.einsum("nk,nb->kb", took * weights[:, None], holds, optimize=False)
-    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
-
-
-def merged(first: RoundDelta, second: RoundDelta) -> RoundDelta:
-    """One delta of two whose blocks are disjoint (the body's and the readout's column)."""
-    if not second.pool_indices:
-        return first
-    if not first.pool_indices:
-        return second
-    ks = tuple(sorted(set(first.pool_indices) | set(second.pool_indices)))
-    blocks = tuple(sorted(first.blocks + second.blocks))
-    values = np.zeros((len(ks), len(blocks)), dtype=np.float32)
-    for part in (first, second):
-        values[np.ix_([ks.index(k) for k in part.pool_indices],
-                      [blocks.index(b) for b in part.blocks])] = part.values
-    return RoundDelta(ks, blocks, values)
 
 
 def with_half_column(delta: RoundDelta, block: int | None) -> RoundDelta:

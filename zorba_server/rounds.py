@@ -27,7 +27,7 @@ from zorba_common.messages import Assignment, HyperParams, Report
 from zorba_common.readout import MAX_READOUT_INDICES_PER_ROUND
 from zorba_common.scalars import check_scalars
 from zorba_server import errors
-from zorba_server.aggregation import Contribution, RoundDelta, aggregate, measured_mean, merged
+from zorba_server.aggregation import Contribution, RoundDelta, aggregate
 from zorba_server.config import AggregationConfig
 
 # Re-exported: a round's record and its readers name the statuses through this module.
@@ -309,9 +309,8 @@ def decide_round(plan: RoundPlan, reports: Mapping[str, ReceivedReport],
 
     `readout_block`: the label readout's column R (zorba_common.readout) when the run has one.
     A report's readout scalars are a second contribution of its client, to block R alone, at
-    the round's readout step (lr x readout_lr / lr), aggregated per direction over the clients
-    that measured it (`aggregation.measured_mean`, whatever the body's rule; clipped as the
-    body's), and the delta carries column R with the body's."""
+    the round's readout step (lr x readout_lr / lr): the rule (mean, median, ...) treats them
+    as every block's, and the delta carries column R with the body's."""
     count = len(reports)
     loss = _weighted_loss(reports, weights)
     if count < min_reports:
@@ -326,15 +325,12 @@ def decide_round(plan: RoundPlan, reports: Mapping[str, ReceivedReport],
                      plan.clients[cid].lr_scale)
         for cid, r in reports.items()
     ]
-    delta = aggregate(contributions, plan.hyper.lr, aggregation)
     if readout_block is not None:
         readout_scale = plan.hyper.readout_lr / plan.hyper.lr
-        readout = [Contribution(cid, (readout_block,), weights[cid], r.report.readout_steps,
-                                readout_scale)
-                   for cid, r in reports.items() if r.report.readout_steps]
-        # Each direction the mean of the clients that measured it (their own: each client's
-        # move as it moved), where a rule over every holder would divide it by their number.
-        delta = merged(delta, aggregate(readout, plan.hyper.lr, aggregation, rule=measured_mean))
+        contributions += [Contribution(cid, (readout_block,), weights[cid], r.report.readout_steps,
+                                       readout_scale)
+                          for cid, r in reports.items() if r.report.readout_steps]
+    delta = aggregate(contributions, plan.hyper.lr, aggregation)
     return RoundOutcome(
         plan.round, APPLIED, count,
         f"{count} of {len(plan.clients)} assigned clients reported", delta, loss,
