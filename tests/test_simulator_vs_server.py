@@ -49,7 +49,7 @@ from zorba_edge.data.jsonl import load_classification_jsonl
 from zorba_edge.data.templates import SENTIMENT_TEMPLATE
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.sources import ModelSource, open_source
-from zorba_server import coordinator
+from zorba_server import coordinator, enrolment
 from zorba_server.app import SERVICES, create_app
 from zorba_server.config import config_from_dict
 from zorba_sim.fleet import GIB, DeviceClass, DeviceGroup, Fleet
@@ -68,10 +68,13 @@ LOAD = LoadConfig(train_dtype="fp32", frozen_dtype="fp32")
 
 
 def ordered_ids(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The coordinator names clients "c-" + token_hex(8): make those hex strings count up."""
+    """Enrolment names clients "c-" + token_hex(8): make those hex strings count up (the
+    coordinator's run id draws from the same counter)."""
     counter = iter(range(1 << 30))
-    monkeypatch.setattr(coordinator, "secrets", SimpleNamespace(
-        token_hex=lambda n: f"{next(counter):0{2 * n}x}", token_urlsafe=secrets.token_urlsafe))
+    ordered = SimpleNamespace(token_hex=lambda n: f"{next(counter):0{2 * n}x}",
+                              token_urlsafe=secrets.token_urlsafe)
+    monkeypatch.setattr(coordinator, "secrets", ordered)
+    monkeypatch.setattr(enrolment, "secrets", ordered)
 
 
 def simulate(model_dir: Path, data: Path, run: dict[str, Any] = RUN) -> Simulation:

@@ -261,9 +261,14 @@ class RegisterResponse:
 
 @dataclass(frozen=True)
 class AlphaDelta:
-    """One applied round: alpha[k, b] += values[i, j] for k = pool_indices[i], b = blocks[j].
+    """One applied round: alpha[k, b] += values[i, j] for k = pool_indices[i], b = blocks[j],
+    and alpha[k, readout_block] += readout_values[i] for the i-th k set in `readout_rows`.
 
     A client syncs by `theta[b] -= value * z[k, b]` for every entry whose block it holds.
+    The label readout's column travels apart from the dense matrix: each client of a round
+    measures its own readout pool indices, a few hundred a round, and as rows of the dense
+    matrix each would cost a float for every block (docs/learning.md, "The readout's own
+    directions").
     """
 
     version: int = field(metadata=wire(
@@ -278,6 +283,19 @@ class AlphaDelta:
     values: bytes = field(metadata=wire(
         "float32 little-endian, len(pool_indices) x len(blocks), row-major.",
         max_len=MAX_SEQUENCE_LEN * 256 * 4))
+    readout_block: int | None = field(default=None, metadata=wire(
+        "The label readout's column R (num_blocks) that `readout_rows` and `readout_values` "
+        "move; never one of `blocks`. Left out while nil (no readout entries).",
+        ge=0, omit_default=True))
+    readout_rows: bytes = field(default=b"", metadata=wire(
+        "The pool indices k with an entry in column readout_block, as a bitmap: bit k % 8 "
+        "(least significant first) of byte k // 8. Left out while empty.",
+        max_len=MAX_SEQUENCE_LEN // 8 + 1, omit_default=True))
+    readout_values: bytes = field(default=b"", metadata=wire(
+        "One value per bit set in readout_rows, in ascending k: float16 little-endian where "
+        "it holds 2 bytes per bit (the server rounds an applied round's readout increments to "
+        "float16 before it adds them to its own table, so the rebuild stays exact), else "
+        "float32. Left out while empty.", max_len=MAX_SEQUENCE_LEN * 4, omit_default=True))
 
     def __post_init__(self) -> None:
         expected = 4 * len(self.pool_indices) * len(self.blocks)
@@ -286,25 +304,107 @@ class AlphaDelta:
                 f"values: {len(self.values)} bytes for {len(self.pool_indices)} pool indices x "
                 f"{len(self.blocks)} blocks; expected {expected} (float32)"
             )
+        rows = len(self.readout_ks())
+        if len(self.readout_values) not in (2 * rows, 4 * rows):
+            raise SchemaError(f"readout_values: {len(self.readout_values)} bytes for {rows} bits "
+                              f"set in readout_rows; expected {2 * rows} (float16) or {4 * rows} "
+                              "(float32)")
+        if (self.readout_block is None) != (rows == 0):
+            raise SchemaError("readout_block: set exactly when readout_rows has a bit set")
+        if self.readout_block is not None and self.readout_block in self.blocks:
+            raise SchemaError(f"readout_block: {self.readout_block} is one of blocks; the readout's "
+                              "column travels only in readout_rows and readout_values")
 
     def matrix(self) -> np.ndarray:
+        """The dense part (without the readout's column)."""
         return np.frombuffer(self.values, dtype="<f4").reshape(
             len(self.pool_indices), len(self.blocks)
         )
 
+    def readout_ks(self) -> tuple[int, ...]:
+        """The pool indices of the readout's entries, ascending."""
+        bits = np.unpackbits(np.frombuffer(self.readout_rows, dtype=np.uint8), bitorder="little")
+        return tuple(int(k) for k in np.flatnonzero(bits))
+
+    def readout_matrix(self) -> np.ndarray:
+        """The readout's values as float32 (exact: float16 values widen without loss)."""
+        rows = len(self.readout_ks())
+        dtype = "<f2" if rows and len(self.readout_values) == 2 * rows else "<f4"
+        return np.frombuffer(self.readout_values, dtype=dtype).astype(np.float32)
+
     def entries(self) -> list[tuple[int, int, float]]:
-        """The non-zero (k, block, delta) triples, k-major."""
+        """The non-zero (k, block, delta) triples: the dense part k-major, then the readout's."""
         matrix = self.matrix()
-        return [
+        dense = [
             (self.pool_indices[i], self.blocks[j], float(matrix[i, j]))
             for i, j in zip(*np.nonzero(matrix), strict=True)
         ]
+        if self.readout_block is None:
+            return dense
+        return dense + [(k, self.readout_block, float(v))
+                        for k, v in zip(self.readout_ks(), self.readout_matrix(), strict=True) if v]
+
+    def add_to_(self, table: np.ndarray) -> None:
+        """table[k, b] += each entry, in float64 (the float32 values are exact in it): how the
+        server's stored table is the sum of its deltas (aggregation.apply_delta)."""
+        if self.pool_indices:
+            table[np.ix_(self.pool_indices, self.blocks)] += self.matrix().astype(np.float64)
+        if self.readout_block is not None:
+            table[list(self.readout_ks()), self.readout_block] += self.readout_matrix().astype(np.float64)
+
+    def max_index(self) -> tuple[int, int]:
+        """The largest pool index and block named (-1 where none)."""
+        ks = list(self.pool_indices) + list(self.readout_ks())
+        bs = list(self.blocks) + ([] if self.readout_block is None else [self.readout_block])
+        return max(ks, default=-1), max(bs, default=-1)
 
     @staticmethod
     def from_matrix(version: int, round_: int, pool_indices: tuple[int, ...],
-                    blocks: tuple[int, ...], matrix: np.ndarray) -> AlphaDelta:
-        values = np.ascontiguousarray(matrix, dtype="<f4").tobytes()
-        return AlphaDelta(version, round_, tuple(pool_indices), tuple(blocks), values)
+                    blocks: tuple[int, ...], matrix: np.ndarray,
+                    readout_block: int | None = None) -> AlphaDelta:
+        """The delta of a dense (pool_indices x blocks) matrix; with `readout_block` (the run's
+        column R), that column travels as a bitmap of its non-zero rows and their values, and
+        rows left all zero are dropped from the dense part; its values go as float16 where
+        every one is exactly a float16 (`half_exact`), else as float32."""
+        matrix = np.ascontiguousarray(matrix, dtype="<f4")
+        if readout_block is None or readout_block not in blocks:
+            return AlphaDelta(version, round_, tuple(pool_indices), tuple(blocks), matrix.tobytes())
+        column = list(blocks).index(readout_block)
+        readout = matrix[:, column]
+        body = np.delete(matrix, column, axis=1)
+        body_blocks = tuple(b for b in blocks if b != readout_block)
+        keep = np.flatnonzero(np.any(body != 0, axis=1)) if body_blocks else np.zeros(0, dtype=np.int64)
+        set_rows = np.flatnonzero(readout != 0)
+        ks = np.asarray(pool_indices, dtype=np.int64)
+        bits = np.zeros(int(ks[set_rows].max()) + 1 if set_rows.size else 0, dtype=np.uint8)
+        bits[ks[set_rows]] = 1
+        order = np.argsort(ks[set_rows], kind="stable")
+        return AlphaDelta(
+            version, round_, tuple(int(k) for k in ks[keep]) if body_blocks else (),
+            body_blocks if keep.size else (),
+            np.ascontiguousarray(body[keep]).tobytes() if keep.size else b"",
+            readout_block if set_rows.size else None,
+            np.packbits(bits, bitorder="little").tobytes() if set_rows.size else b"",
+            _readout_bytes(readout[set_rows][order]))
+
+
+def half_exact(values: np.ndarray) -> np.ndarray:
+    """`values` (float32) rounded to the nearest float16, where that is finite (else as they
+    are): what the server adds for an applied round's readout column, so that the delta can
+    carry it in 2 bytes a value and every client rebuilds the server's table exactly."""
+    with np.errstate(over="ignore"):  # too large for float16: kept as it is
+        half = values.astype(np.float16)
+    return np.where(np.isfinite(half), half.astype(np.float32), values).astype(np.float32)
+
+
+def _readout_bytes(values: np.ndarray) -> bytes:
+    """float16 where every value is one exactly (lossless), else float32."""
+    values = np.asarray(values, dtype=np.float32)
+    with np.errstate(over="ignore"):  # too large: not equal below, sent as float32
+        half = values.astype("<f2")
+    if np.array_equal(half.astype(np.float32), values):
+        return half.tobytes()
+    return np.ascontiguousarray(values, dtype="<f4").tobytes()
 
 
 @dataclass(frozen=True)
@@ -331,6 +431,11 @@ class Assignment:
         "and to report it as `loss_generic` (one forward pass of a few rows). Left out while "
         "false: the server asks only clients whose profile carried `base_rms`, which came with "
         "this field, so an older client is never sent it.", omit_default=True))
+    readout_pool_indices: tuple[int, ...] = field(default=(), metadata=wire(
+        "The label readout's own pool indices (column R): `hyper.readout_directions` of them per "
+        "batch, in order, none measured by another client of the round. Left out while empty: "
+        "the readout then takes the body's `pool_indices` in turn.", item=wire(ge=0),
+        omit_default=True))
 
 
 WAIT, TRAIN, FINISHED = "wait", "train", "finished"

@@ -14,6 +14,12 @@ from __future__ import annotations
 
 MAX_READOUT_DIRECTIONS = 64
 """Most readout directions a batch may measure (as run.directions)."""
+MAX_READOUT_INDICES_PER_ROUND = 256
+"""Most label-readout pool indices one round hands out, all clients together (each client an
+equal share, in whole batches). The byte budget (<= 2 KB a client and round each way): the
+published delta carries each as 4 bytes (float32) after a bitmap of the pool (128 bytes for
+1,024), so at most 1,152 bytes a round; a client reports each as a (k, g) pair, ~13 bytes of
+msgpack, and 4 clients' shares of 64 are ~830 bytes up each."""
 READOUT_LR = 1e-2
 """The readout's step per scalar (run.readout_lr): benchmarks/readout_potential.py measured
 1e-2 best of 1e-3 and 1e-2 at the run's trust radius 0.03, which bounds the step in nearly

@@ -143,7 +143,8 @@ def replay_readout(loaded: LoadedModel, db_path: Path,
     increments move one (column R, zorba_common.readout), for `apply_delta_` to move; its
     tokens are the batches' label words'."""
     column = readout_block(loaded.num_blocks)
-    if not batches or not any(column in v.delta.blocks for v in applied_versions(db_path)):
+    if not batches or not any(column in v.delta.blocks or column == v.delta.readout_block
+                                for v in applied_versions(db_path)):
         return None
     words = batches[0].label_tokens
     readout, _ = attach_readout(loaded.model, sorted(set(words[words != IGNORE_INDEX].tolist())))

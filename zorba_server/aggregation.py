@@ -32,6 +32,7 @@ from itertools import chain
 
 import numpy as np
 
+from zorba_common.messages import half_exact
 from zorba_server.aggregation_rules import RULES, RoundScalars
 from zorba_server.config import AggregationConfig
 
@@ -94,6 +95,18 @@ def aggregate(contributions: Sequence[Contribution], lr: float,
                            took, holds)
     values = (lr * RULES[config.method](scalars, config)).astype(np.float32)
     return RoundDelta(tuple(int(k) for k in ks), tuple(int(b) for b in blocks), values)
+
+
+def with_half_column(delta: RoundDelta, block: int | None) -> RoundDelta:
+    """`delta` with column `block` (the label readout's) rounded to float16 values
+    (messages.half_exact): what an applied round adds, so its published delta carries that
+    column in 2 bytes a value and stays exactly what the server's table received."""
+    if block is None or block not in delta.blocks:
+        return delta
+    values = delta.values.copy()
+    column = delta.blocks.index(block)
+    values[:, column] = half_exact(values[:, column])
+    return RoundDelta(delta.pool_indices, delta.blocks, values)
 
 
 def apply_delta(alpha: np.ndarray, delta: RoundDelta) -> np.ndarray:

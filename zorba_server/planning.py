@@ -17,8 +17,8 @@ from zorba_common.memory_model import usable_budget
 from zorba_server import calibration, final_check
 from zorba_server.engine_state import OpenRound
 from zorba_server.members import Member, Membership
-from zorba_server.pool_indices import round_pool_indices
-from zorba_server.rounds import ClientPlan, RoundPlan, slice_pool
+from zorba_server.pool_indices import round_pool_indices, round_readout_indices
+from zorba_server.rounds import ClientPlan, RoundPlan, slice_pool, slice_readout
 from zorba_server.scheduler import ClientSpec, Schedule, local_steps
 
 
@@ -60,10 +60,17 @@ class RoundPlanning(Membership):
         }
         clients = slice_pool(clients, run.pool_slices)
         length = max(p.first_step + p.num_steps for p in clients.values())
+        hyper = self.hyper()
+        if hyper.readout_directions > 0 and not final and not self.weights_only:
+            # The readout's directions cost no forward: each client measures its own.
+            clients = slice_readout(clients, hyper.directions, hyper.readout_directions, self.pool_size)
+        readout_length = sum(p.readout_count for p in clients.values())
         return RoundPlan(
             round=self.round_counter, base_version=self.version, opened_at=now,
-            deadline=now + run.round_duration_s, hyper=self.hyper(),
+            deadline=now + run.round_duration_s, hyper=hyper,
             pool_indices=round_pool_indices(self.seed, self.round_counter, length, self.pool_size),
+            readout_pool_indices=round_readout_indices(self.seed, self.round_counter, readout_length,
+                                                       self.pool_size),
             clients=clients, excluded=dict(schedule.excluded_clients),
             uncovered_blocks=tuple(sorted(schedule.uncovered_blocks)),
             schedule_method=schedule.method, step_decays=self._plateau.step_decays,

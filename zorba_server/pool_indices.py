@@ -24,3 +24,23 @@ def round_pool_indices(seed: int, round_: int, count: int, pool_size: int) -> tu
         digest = hashlib.blake2b(f"zorba-pool:{seed}:{round_}:{t}".encode(), digest_size=8).digest()
         out.append(int.from_bytes(digest, "little") % pool_size)
     return tuple(out)
+
+
+def round_readout_indices(seed: int, round_: int, count: int, pool_size: int) -> tuple[int, ...]:
+    """The label readout's pool indices of round `round_`: the first `count` (at most
+    `pool_size`) of a permutation of the pool that is a pure function of (seed, round), so
+    every entry is distinct. Each client of the round measures its own slice of it
+    (`ClientPlan.readout_steps`): the readout's directions cost no forward, so a round moves
+    the label rows along every client's directions, none measured twice (docs/learning.md,
+    "The readout's own directions"). Its own hash tag keeps it independent of the body's list.
+    """
+    if pool_size < 1:
+        raise ValueError(f"pool_size must be >= 1, got {pool_size}")
+    count = min(count, pool_size)
+    if count <= 0:
+        return ()
+
+    def key(k: int) -> bytes:
+        return hashlib.blake2b(f"zorba-readout:{seed}:{round_}:{k}".encode(), digest_size=8).digest()
+
+    return tuple(sorted(range(pool_size), key=key)[:count])

@@ -162,6 +162,8 @@ def _default_text(f: dataclasses.Field[Any]) -> str:
         return "optional: nil"
     if value == ():
         return "optional: `[]`"
+    if value == b"":
+        return "optional: empty"
     return f"optional: `{json.dumps(value)}`"
 
 
@@ -300,6 +302,8 @@ def json_schema() -> dict[str, Any]:
                 prop["x-unit"] = meta["unit"]
             if _required(f):
                 required.append(f.name)
+            elif isinstance(f.default, bytes):
+                prop["default"] = f.default.decode("ascii")  # only b"": no bin default has bytes
             elif not dataclasses.is_dataclass(f.default):
                 prop["default"] = list(f.default) if isinstance(f.default, tuple) else f.default
             props[f.name] = prop

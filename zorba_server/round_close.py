@@ -18,7 +18,7 @@ import numpy as np
 from zorba_common.messages import AlphaDelta
 from zorba_server import calibration, drift_budget, final_check, fluency_watch, loss_drift
 from zorba_server import drift as drift_bound
-from zorba_server.aggregation import RoundDelta, apply_delta
+from zorba_server.aggregation import RoundDelta, apply_delta, with_half_column
 from zorba_server.engine_state import RoundRecord
 from zorba_server.fluency_watch import FluencyVerdict, Fluent, Reference
 from zorba_server.loss_guard import (
@@ -210,9 +210,13 @@ class RoundClosing(Membership):
             outcome = dataclasses.replace(outcome, message=final_check.not_judged(
                 outcome.message, self.version))
         delta, alpha = None, None
+        if change is not None and outcome.status == APPLIED:
+            # Last, after every bound: the readout's column as the published delta carries it.
+            change = with_half_column(change, self.readout_block())
+            outcome = dataclasses.replace(outcome, delta=change)
         if change is not None:
             delta = AlphaDelta.from_matrix(self.version + 1, plan.round, change.pool_indices,
-                                           change.blocks, change.values)
+                                           change.blocks, change.values, self.readout_block())
             alpha = apply_delta(self.alpha, change)
             if anchor is not None and outcome.status == REJECTED:  # rolled back to it
                 anchor = Anchor(delta.version, alpha, anchor.losses)

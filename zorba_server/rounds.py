@@ -24,6 +24,7 @@ import numpy as np
 from zorba_common.codec import encode
 from zorba_common.errors import InvalidScalarError
 from zorba_common.messages import Assignment, HyperParams, Report
+from zorba_common.readout import MAX_READOUT_INDICES_PER_ROUND
 from zorba_common.scalars import check_scalars
 from zorba_server import errors
 from zorba_server.aggregation import Contribution, RoundDelta, aggregate
@@ -47,9 +48,45 @@ class ClientPlan:
     """Where its pool indices start in the round's list (0 for every client when the clients
     share the list's prefix; see RunConfig.pool_slices)."""
 
+    readout_first: int = 0
+    readout_count: int = 0
+    """Its slice of the round's label-readout list (`RoundPlan.readout_pool_indices`): the
+    readout pool indices only it measures (0 of them: the readout takes its body's pool
+    indices, as before the readout had its own)."""
+
     def steps(self) -> slice:
         """Its part of the round's pool-index list."""
         return slice(self.first_step, self.first_step + self.num_steps)
+
+    def readout_steps(self) -> slice:
+        """Its part of the round's readout pool-index list."""
+        return slice(self.readout_first, self.readout_first + self.readout_count)
+
+
+def readout_indices_needed(num_steps: int, directions: int, readout_directions: int) -> int:
+    """The readout pool indices a client of `num_steps` body steps measures: `readout_directions`
+    new ones for each of its batches (of `directions` body steps, the last one possibly short)."""
+    return readout_directions * -(-num_steps // max(1, directions))
+
+
+def slice_readout(clients: Mapping[str, ClientPlan], directions: int, readout_directions: int,
+                  pool_size: int) -> dict[str, ClientPlan]:
+    """Each client's own slice of the round's readout list, consecutive in client-id order.
+    A client gets what its batches need, at most an equal share of the round's byte budget
+    (MAX_READOUT_INDICES_PER_ROUND and the pool's size, zorba_common.readout) in whole
+    batches; where that share is not one batch, none (its readout then takes its body's pool
+    indices, as before the readout had its own). The list's entries are distinct, so no two
+    clients measure the same readout direction."""
+    if not clients or readout_directions <= 0:
+        return dict(clients)
+    share = min(MAX_READOUT_INDICES_PER_ROUND, pool_size) // len(clients)
+    share -= share % readout_directions
+    sliced, offset = {}, 0
+    for cid in sorted(clients):
+        count = min(readout_indices_needed(clients[cid].num_steps, directions, readout_directions), share)
+        sliced[cid] = replace(clients[cid], readout_first=offset, readout_count=count)
+        offset += count
+    return sliced
 
 
 def slice_pool(clients: Mapping[str, ClientPlan], pool_slices: str) -> dict[str, ClientPlan]:
@@ -85,6 +122,10 @@ class RoundPlan:
     (kept with the plan, so a restarted server continues at the same step)."""
     measure_generic: frozenset[str] = frozenset()
     """Clients asked for their generic-text loss (the fluency watch)."""
+    readout_pool_indices: tuple[int, ...] = ()
+    """The round's label-readout pool indices (zorba_server.pool_indices.round_readout_indices),
+    distinct; each client measures its slice (`ClientPlan.readout_steps`). Empty: the readout
+    is off, or the plan is from before the readout had its own indices."""
     final_check: bool = False
     """The round checks the final version: its clients' check and generic-text losses judge
     it, its steps are never applied (zorba_server/final_check.py)."""
@@ -100,6 +141,7 @@ class RoundPlan:
             deadline_in_s=max(0.0, self.deadline - now),
             deadline_unix=self.deadline,
             measure_generic=client_id in self.measure_generic,
+            readout_pool_indices=self.readout_pool_indices[plan.readout_steps()],
         )
 
     def client_lr(self, client_id: str) -> float:
@@ -117,8 +159,10 @@ class RoundPlan:
                       self.hyper.readout_directions, self.hyper.readout_lr,
                       self.hyper.readout_trust_radius],
             "pool_indices": list(self.pool_indices),
-            "clients": {cid: [list(p.blocks), p.num_steps, p.lr_scale, p.first_step]
+            "clients": {cid: [list(p.blocks), p.num_steps, p.lr_scale, p.first_step,
+                              p.readout_first, p.readout_count]
                         for cid, p in self.clients.items()},
+            "readout_pool_indices": list(self.readout_pool_indices),
             "excluded": dict(self.excluded),
             "uncovered_blocks": list(self.uncovered_blocks),
             "schedule_method": self.schedule_method,
@@ -143,8 +187,10 @@ class RoundPlan:
             hyper=HyperParams(lr, mu, batch_size, seq_len, *estimator),
             pool_indices=tuple(rec["pool_indices"]),
             # Plans stored before per-client step sizes have no scale (1.0), before
-            # disjoint slices no first step (0: every client took the list's prefix).
-            clients={cid: ClientPlan(tuple(p[0]), p[1], *p[2:4]) for cid, p in rec["clients"].items()},
+            # disjoint slices no first step (0: every client took the list's prefix), before
+            # the readout's own indices no readout slice (the readout took the body's).
+            clients={cid: ClientPlan(tuple(p[0]), p[1], *p[2:6]) for cid, p in rec["clients"].items()},
+            readout_pool_indices=tuple(rec.get("readout_pool_indices", ())),
             excluded=dict(rec["excluded"]),
             uncovered_blocks=tuple(rec["uncovered_blocks"]),
             schedule_method=rec["schedule_method"],
@@ -231,7 +277,8 @@ def check_report(plan: RoundPlan, client_id: str, report: Report, *, max_abs_sca
 def _check_readout_steps(plan: RoundPlan, own: ClientPlan, report: Report,
                          max_abs_scalar: float) -> None:
     """The label readout's scalars: only where the round asked for them, each k one of the
-    client's pool indices at most once, each g a valid scalar."""
+    client's own readout pool indices (where it has any; else its body's) at most
+    once, each g a valid scalar."""
     if not report.readout_steps:
         return
     if plan.hyper.readout_directions <= 0:
@@ -239,11 +286,13 @@ def _check_readout_steps(plan: RoundPlan, own: ClientPlan, report: Report,
             "wrong_steps", f"round {plan.round} measures no label readout (readout_directions "
             "0): send no readout_steps")
     ks = [k for k, _ in report.readout_steps]
-    stray = sorted(set(ks) - set(plan.pool_indices[own.steps()]))
+    allowed, field_name = ((plan.readout_pool_indices[own.readout_steps()], "readout_pool_indices")
+                           if own.readout_count else (plan.pool_indices[own.steps()], "pool_indices"))
+    stray = sorted(set(ks) - set(allowed))
     if stray:
         raise errors.unprocessable(
             "wrong_steps", f"readout_steps name pool index {stray[0]}, which is not one of the "
-            "assignment's pool_indices")
+            f"assignment's {field_name}")
     if len(set(ks)) != len(ks):
         raise errors.unprocessable(
             "wrong_steps", "readout_steps name a pool index twice: sum its scalars into one")

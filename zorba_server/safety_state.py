@@ -86,8 +86,7 @@ def tables_at(deltas: Iterable[AlphaDelta], shape: tuple[int, ...],
     for delta in deltas:
         if delta.version > last:
             break
-        if delta.pool_indices:
-            table[np.ix_(delta.pool_indices, delta.blocks)] += delta.matrix().astype(np.float64)
+        delta.add_to_(table)
         if delta.version in wanted:
             out[delta.version] = table.copy()
     return out

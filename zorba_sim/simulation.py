@@ -577,11 +577,12 @@ def central_mezo(fleet: Fleet, server: ServerConfig) -> tuple[Fleet, ServerConfi
 
 def _report_bytes(assignment: Assignment, steps: int) -> int:
     """The encoded size of a report of `steps` steps (what the client must leave time for),
-    with as many readout scalars where the round measures the readout."""
+    with a readout scalar per readout pool index where the round measures the readout."""
     ks = tuple((k, 0.0) for k in assignment.pool_indices[:steps])
+    readout = tuple((k, 0.0) for k in assignment.readout_pool_indices) or ks
     probe = Report(idempotency_key="x" * 32, base_version=assignment.base_version,
                    steps=ks, num_samples=1, loss_mean=0.0, loss_last=0.0, peak_memory_bytes=0,
-                   step_time_s=1.0, readout_steps=ks if assignment.hyper.readout_directions else ())
+                   step_time_s=1.0, readout_steps=readout if assignment.hyper.readout_directions else ())
     return len(encode(probe))
 
 

@@ -438,10 +438,14 @@ class ReadoutRound:
     readout: LabelReadout
     block: int
     pool: tuple[int, ...]
+    """The assignment's own readout pool indices, taken in turn and never twice; where it has
+    none (a server from before them), the body's pool indices, cycled."""
     directions: int
     """Per batch: hyper.readout_directions, at most the pool's length (a batch's directions
     are distinct)."""
     config: ZOConfig
+    own: bool = False
+    """Whether `pool` is the readout's own list (each batch new directions, none after its end)."""
     sums: dict[int, float] = dataclasses.field(default_factory=dict)
     shrunk: int = 0
     """Batches whose readout step the readout's trust region scaled down."""
@@ -449,7 +453,8 @@ class ReadoutRound:
     @staticmethod
     def of(readout: LabelReadout, run: RunInfo, assignment: Assignment) -> ReadoutRound | None:
         """The round's readout steps, or None where the round measures no readout."""
-        hyper, pool = assignment.hyper, assignment.pool_indices
+        hyper, own = assignment.hyper, bool(assignment.readout_pool_indices)
+        pool = assignment.readout_pool_indices if own else assignment.pool_indices
         if hyper.readout_directions <= 0 or not pool:
             return None
         block = readout_block(run.num_blocks)
@@ -458,17 +463,23 @@ class ReadoutRound:
         # (lr' / n) sum g z, so lr' = readout_lr x n, as the body's (ZOConfig.for_round).
         config = ZOConfig.for_round(hyper.readout_lr, hyper.mu, directions, hyper.readout_trust_radius,
                                     {block: readout.tensors()}, run.max_abs_scalar)
-        return ReadoutRound(readout, block, pool, directions, config)
+        return ReadoutRound(readout, block, pool, directions, config, own=own)
 
     def pool_indices(self, batch: int) -> list[int]:
-        """Batch t's readout directions: the pool's indices t*n .. t*n + n - 1, cycling."""
+        """Batch t's readout directions: the pool's indices t*n .. t*n + n - 1; past the end of
+        its own list none (the server sized it to the client's batches), of the body's cycling."""
         start = batch * self.directions
+        if self.own:
+            ks = self.pool[start:start + self.directions]
+            return list(ks) if len(ks) == self.directions else []
         return [self.pool[(start + j) % len(self.pool)] for j in range(self.directions)]
 
     def step(self, batch_index: int, calls: list[HeadCall], batch: Any, run_seed: int) -> None:
         """Measure and step the batch's readout directions from its first forward's `calls`."""
-        result = readout_estimate(self.readout, self.block, calls, batch, run_seed,
-                                  self.pool_indices(batch_index), self.config)
+        ks = self.pool_indices(batch_index)
+        if not ks:
+            return
+        result = readout_estimate(self.readout, self.block, calls, batch, run_seed, ks, self.config)
         for k, g in result.steps:
             self.sums[k] = self.sums.get(k, 0.0) + g
         self.shrunk += result.shrink < 1.0

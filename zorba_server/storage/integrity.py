@@ -110,16 +110,14 @@ def check_alpha(conn: Any, where: str) -> Checked:
             raise refuse(where, f"increment {expected} is missing (the next is {stored_version})")
         try:
             delta = decode(AlphaDelta, bytes(blob), max_bytes=_UNLIMITED)
-            values = delta.matrix().astype(np.float64)
+            values = np.concatenate([delta.matrix().ravel(), delta.readout_matrix()])
+            top_k, top_block = delta.max_index()
         except Exception as exc:  # a damaged blob: the message says which
             raise refuse(where, f"increment {stored_version} cannot be read ({exc})") from None
-        if not np.all(np.isfinite(values)) or (
-                delta.pool_indices and (max(delta.pool_indices) >= pool_size
-                                        or max(delta.blocks) >= num_blocks)):
+        if not np.all(np.isfinite(values)) or top_k >= pool_size or top_block >= num_blocks:
             raise refuse(where, f"increment {stored_version} holds NaN, infinite or out-of-range "
                                 "cells")
-        if delta.pool_indices:
-            replay[np.ix_(delta.pool_indices, delta.blocks)] += values
+        delta.add_to_(replay)
         expected += 1
     if expected - 1 != version:
         raise refuse(where, f"the run is at version {version} but {expected - 1} increments are "
