@@ -21,7 +21,8 @@ from zorba_edge.data.splits import train_heldout_split
 from zorba_edge.model.pretrained import packaged_model_path
 from zorba_edge.model.sources import open_source
 from zorba_lab.compare.simulator import COMPARE_RUN
-from zorba_server.config import AggregationConfig, RunConfig, config_from_dict, harness_run
+from zorba_server.config import AggregationConfig, RunConfig, config_from_dict
+from zorba_server.harness_config import harness_run
 from zorba_sim.fleet import GIB, DeviceClass, DeviceGroup, Fleet
 from zorba_sim.simulation import Simulation, SimulationConfig
 

@@ -31,7 +31,8 @@ from zorba_common.run_defaults import (
 )
 from zorba_lab.byte_proxy import CountingProxy, TrafficCount
 from zorba_lab.processes import DemoError, Managed, offline_env, spawn, start_server
-from zorba_server.config import AggregationConfig, RunConfig, harness_run
+from zorba_server.config import AggregationConfig, RunConfig
+from zorba_server.harness_config import harness_run
 from zorba_server.round_status import APPLIED
 from zorba_server.scheduler import SchedulerConfig
 

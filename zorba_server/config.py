@@ -447,16 +447,3 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         raise ConfigError(f"{name} = {value!r}: expected {tp.__name__}")
     return value
 
-
-def harness_run(values: typing.Mapping[str, Any], run: RunConfig,
-                aggregation: AggregationConfig = AggregationConfig()
-                ) -> tuple[RunConfig, AggregationConfig, dict[str, Any]]:
-    """A harness's flat map of names (its command line's, a benchmark's) as the run config it
-    holds and its own fields: each RunConfig field replaces `run`'s, `aggregation` names the
-    rule (aggregation.method), and the rest is returned for the harness's own dataclass."""
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    own = {k: v for k, v in values.items() if k not in names and k != "aggregation"}
-    run = dataclasses.replace(run, **{k: v for k, v in values.items() if k in names})
-    if "aggregation" in values:
-        aggregation = dataclasses.replace(aggregation, method=values["aggregation"])
-    return run, aggregation, own

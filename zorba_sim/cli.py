@@ -42,8 +42,8 @@ from zorba_server.config import (
     AggregationConfig,
     RunConfig,
     ServerConfig,
-    harness_run,
 )
+from zorba_server.harness_config import harness_run
 from zorba_server.run_help import LR_SCALING_HELP, PLATEAU_ROUNDS_HELP, POOL_SLICES_HELP, TRUST_RADIUS_HELP
 from zorba_server.step_rule import STEP_RULES
 from zorba_sim.fleet import CATALOGUE, GIB, Fleet, fleet_from_counts, load_fleet

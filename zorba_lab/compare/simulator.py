@@ -46,7 +46,8 @@ from zorba_edge.engine.losses import evaluate_classification
 from zorba_edge.engine.zo import forwards_per_step
 from zorba_edge.model.sources import ModelSource
 from zorba_lab.compare import stats
-from zorba_server.config import AggregationConfig, RunConfig, ServerConfig, harness_run
+from zorba_server.config import AggregationConfig, RunConfig, ServerConfig
+from zorba_server.harness_config import harness_run
 from zorba_server.rounds import APPLIED
 from zorba_server.scheduler import SchedulerConfig
 from zorba_sim.fleet import Fleet
