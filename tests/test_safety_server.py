@@ -20,6 +20,7 @@ from test_trainer import HYPER, assignment, make_trainer
 
 from zorba_common.codec import SchemaError, decode, encode
 from zorba_common.messages import Assignment, DeviceProfile, Report
+from zorba_edge.engine.fluency import generic_batch
 from zorba_edge.model.base_rms import BlockRMS, read_base_rms, tensors_rms
 from zorba_edge.model.loading import LoadConfig, load_model
 from zorba_server.app import create_app
@@ -224,13 +225,16 @@ async def test_the_real_server_bounds_drift_and_rolls_back_a_broken_round_saying
 # ------------------------------------------------------------------ the client's side
 
 
-def test_a_client_measures_the_generic_loss_only_when_asked_for_one_forward() -> None:
+def test_a_client_measures_the_generic_loss_only_when_asked_a_batch_of_rows_a_forward() -> None:
     trainer = make_trainer()
     plain = assignment(1, (0, 2), (3, 9))
     quiet = trainer.train_round(plain, threading.Event())
     asked = trainer.train_round(dataclasses.replace(plain, measure_generic=True), threading.Event())
     assert quiet.loss_generic is None and asked.loss_generic is not None
-    assert asked.loss_generic > 0 and asked.forwards == quiet.forwards + 1
+    # The text's rows, at most a batch's a forward (the memory model counts one batch).
+    rows = len(generic_batch(trainer.task.tokenizer, plain.hyper.seq_len))
+    assert asked.loss_generic > 0
+    assert asked.forwards == quiet.forwards + -(-rows // plain.hyper.batch_size)
     # Measured on the model as received: the round's own steps do not change it.
     again = trainer.train_round(dataclasses.replace(plain, measure_generic=True), threading.Event())
     assert again.loss_generic == asked.loss_generic
