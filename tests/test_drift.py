@@ -85,8 +85,8 @@ def test_a_block_at_the_bound_still_takes_its_share_of_the_round_and_stays_on_th
     # The round's rows moved by KEEP_STEP of the step, exactly as the old rule's scaling would.
     assert np.array_equal(out.values[:len(rows)], (change.values * KEEP_STEP).astype(np.float32))
     assert block_drift(after, [1.0])[0] == pytest.approx(1.0, abs=1e-6)
-    # The room came from the largest older coefficients: each shrunk row was at least as large
-    # as any row left untouched, and all but the last went to 0.
+    # The room came from the largest older coefficients (one block: its own largest): each
+    # shrunk row was at least as large as any row left untouched, all but the last now 0.
     shrunk = list(out.pool_indices[len(rows):])
     assert len(shrunk) == how[0].shrunk and not set(shrunk) & set(rows)
     left = np.setdiff1d(np.flatnonzero(alpha[:, 0]), np.array(shrunk + rows))
@@ -134,6 +134,20 @@ def test_the_published_delta_rebuilds_the_same_table_on_a_client():
     client = CoefficientTable(1024, 2, alpha)
     advance_table(client, [AlphaDelta.from_matrix(1, 1, out.pool_indices, out.blocks, out.values)])
     assert np.array_equal(client.values, server)
+
+
+def test_blocks_making_room_shrink_the_same_older_rows():
+    """Each extra row costs every client a value per block: two blocks at the bound whose
+    largest rows differ still add only as many rows as the one that needs most."""
+    rng = np.random.default_rng(3)
+    alpha = np.zeros((64, 2))
+    alpha[:40] = rng.normal(0, 1, (40, 2))
+    alpha /= np.linalg.norm(alpha, axis=0)
+    change = RoundDelta((50, 51, 52), (0, 1), rng.normal(0, 0.3, (3, 2)).astype(np.float32))
+    out, how = bounded(alpha, change, [1.0, 1.0], max_drift=1.0)
+    assert how[0].shrunk > 0 and how[1].shrunk > 0
+    assert len(out.pool_indices) - 3 == max(how[0].shrunk, how[1].shrunk)
+    assert block_drift(apply_delta(alpha, out), [1.0, 1.0]) == pytest.approx([1.0, 1.0], abs=1e-6)
 
 
 def test_a_block_already_past_the_bound_is_brought_back_to_it():

@@ -39,8 +39,9 @@ fraction of it): at the bound, a step taken at scale s adds signal ~s |v|^2 / lr
 on the bound, removes s^2 |v|^2 of older mass carrying signal ~s^2 |v|^2 / lr. The net gain
 s (1 - s) is 0 for a frozen block (s = 0) and for one whose newest step replaces as much old
 content (s = 1), and largest at s = 1/2, which also shrinks a quarter of the rows s = 1 would.
-Largest first because each shrunk row costs every client one more direction to rebuild, and a
-row's signal is proportional to its square whichever row it is.
+Largest first because each shrunk row costs every client one more direction to rebuild (and
+a value per block of downlink), and a row's signal is proportional to its square whichever
+row it is; largest over all of the round's blocks, so that the blocks shrink the same rows.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def bounded(alpha: np.ndarray, change: RoundDelta, base_rms: Sequence[float], ma
     limited: dict[int, Limited] = {}
     moves: dict[int, tuple[np.ndarray, dict[int, float]]] = {}
     """Block -> (increments on the round's rows, {older row: increment})."""
+    order: np.ndarray | None = None
+    """The older rows, largest first over every block of the round (computed when needed)."""
     for j, b in enumerate(change.blocks):
         if b >= len(base_rms):
             continue  # the label readout's column: not a block with base weights to drift from
@@ -103,7 +106,9 @@ def bounded(alpha: np.ndarray, change: RoundDelta, base_rms: Sequence[float], ma
             limited[b] = Limited(s)
             moves[b] = (step * s, {})
             continue
-        fit, older = _make_room(column, rows, column[rows] + keep_step * step, bound)
+        if order is None:
+            order = _older_rows(alpha, rows, change.blocks, base_rms, max_drift)
+        fit, older = _make_room(column, order, column[rows] + keep_step * step, bound)
         limited[b] = Limited(keep_step, len(older))
         # Unprojected, the rows take the step's share itself (no rounding through alpha).
         moves[b] = (keep_step * step if fit == 1.0 else
@@ -123,16 +128,26 @@ def bounded(alpha: np.ndarray, change: RoundDelta, base_rms: Sequence[float], ma
     return RoundDelta(change.pool_indices + tuple(extra), change.blocks, out.astype(np.float32)), limited
 
 
-def _make_room(column: np.ndarray, rows: np.ndarray, touched: np.ndarray,
+def _older_rows(alpha: np.ndarray, rows: np.ndarray, blocks: Sequence[int],
+                base_rms: Sequence[float], max_drift: float) -> np.ndarray:
+    """The rows outside the round's, by their squared share of the bound summed over the
+    round's blocks, largest first: one order for every block, so that blocks making room pick
+    the same rows and the delta grows by few rows (each costs every client a value per block)."""
+    body = [b for b in blocks if b < len(base_rms)]
+    bounds = max_drift * np.asarray([base_rms[b] for b in body], dtype=np.float64)
+    share = np.square(alpha[:, body].astype(np.float64) / bounds).sum(axis=1)
+    share[rows] = 0.0
+    candidates = np.flatnonzero(share > 0)
+    return candidates[np.argsort(-share[candidates], kind="stable")]
+
+
+def _make_room(column: np.ndarray, order: np.ndarray, touched: np.ndarray,
                bound: float) -> tuple[float, dict[int, float]]:
-    """With `touched` the new values on `rows`: the factor to scale them by (1 unless they
-    alone are past the bound) and {older row: increment} that put the column on the bound:
-    the largest other rows go to 0 (the last one needed only part of the way), or all of
-    them where `touched` alone is past the bound."""
-    others = np.ones(column.shape[0], dtype=bool)
-    others[rows] = False
-    candidates = np.flatnonzero(others & (column != 0))
-    candidates = candidates[np.argsort(-np.abs(column[candidates]), kind="stable")]
+    """With `touched` the new values on the round's rows: the factor to scale them by (1
+    unless they alone are past the bound) and {older row: increment} that put the column on
+    the bound: the rows of `order` (the others) go to 0 in that order, the last one needed
+    only part of the way, or all of them where `touched` alone is past the bound."""
+    candidates = order[column[order] != 0]
     room = bound * bound - float(touched @ touched)
     if room <= 0:
         return bound / math.sqrt(float(touched @ touched)), {int(k): -float(column[k]) for k in candidates}
