@@ -84,7 +84,9 @@ def round_bounds(moves: Sequence[float], bound: float, rounds_left: int) -> tupl
     Why spread it: a run's move is nearly all noise, growing as sqrt(steps) x step, while what
     it learns grows as steps x step; within one budget, n times the steps learn sqrt(n) times
     as much. A run that spent the budget in its first round (Gemma 3: 20 steps) would spend
-    the rest frozen at the bound. Scaling a round's increments after the fact gives the same
+    the rest on the bound, each round displacing older content (drift.py's KEEP_STEP: a block
+    at its limit, this round's share or the bound, takes half its step and shrinks older
+    coefficients to make room). Scaling a round's increments after the fact gives the same
     learning per move as shorter steps would (both shrink signal and noise alike)."""
     if rounds_left <= 0:
         return tuple(bound for _ in moves)
