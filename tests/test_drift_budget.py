@@ -15,6 +15,7 @@ from zorba_common.messages import DeviceProfile
 from zorba_server.config import config_from_dict
 from zorba_server.drift import block_drift
 from zorba_server.drift_budget import agreed, describe, max_move, round_bounds
+from zorba_server.drift_limits import Limited
 from zorba_server.rounds import APPLIED
 from zorba_server.status_view import run_status
 
@@ -66,6 +67,28 @@ def test_a_round_past_the_budget_is_scaled_so_every_trained_block_lands_on_it(tm
     assert status["hyper"]["fluency_curvature"] == GEMMA
     assert status["block_move"] == pytest.approx(list(move), rel=1e-5)
     assert [c["fluency_curvature"] for c in status["clients"]] == [GEMMA]
+
+
+def test_a_block_at_the_budget_keeps_moving_along_each_rounds_steps(tmp_path: Path):
+    """The older rule froze a block at its bound (a round's rows are fresh, so every step
+    lengthens the column); now each round moves the round's rows by half its step and the
+    largest older coefficients make room."""
+    e = engine(tmp_path)
+    join(e, "a", fluency_curvature=GEMMA)
+    bound = e.max_move()
+    close_round(e, 1.0, "a")  # lands every trained block on the bound
+    for round_ in (2, 3):
+        assert e.alpha is not None
+        before = e.alpha.copy()
+        closure = close_round(e, float(round_), "a")
+        assert closure.outcome.status == APPLIED and closure.delta is not None
+        assert "older)" in closure.outcome.message, closure.outcome.message
+        trained = sorted(closure.plan.clients["a"].blocks)
+        rows = sorted(set(closure.plan.pool_indices[closure.plan.clients["a"].steps()]))
+        moved = np.abs(e.alpha - before)[np.ix_(rows, trained)]
+        assert (moved.max(axis=0) > 0.1 * np.abs(before[:, trained]).max(axis=0)).all()
+        move = block_drift(e.alpha, (1.0,) * e.alpha.shape[1])
+        assert np.allclose(move[trained], bound, rtol=1e-5), move
 
 
 def test_a_run_of_set_length_spends_the_budget_evenly_over_its_rounds():
@@ -136,5 +159,5 @@ def test_the_setting_must_be_a_finite_share_at_or_above_zero(tmp_path: Path, val
 
 
 def test_the_message_names_the_scaled_blocks_and_the_bound():
-    text = describe({3: 0.5, 1: 0.25}, 2.4e-3)
-    assert "at most 0.0024 per parameter" in text and "1 x0.25, 3 x0.50" in text
+    text = describe({3: Limited(0.5, 2), 1: Limited(0.75)}, 2.4e-3)
+    assert "at most 0.0024 per parameter" in text and "1 x0.75, 3 x0.50 (-2 older)" in text

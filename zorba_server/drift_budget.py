@@ -32,6 +32,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from zorba_server.drift_limits import Limited, describe_blocks
+
 DRIFT_BUDGET = 0.5
 """run.drift_budget's default: the predicted rise at the bound is half the watch's tolerance,
 so the bound stops a run before the watch would roll it back (a run's own moves raised Gemma's
@@ -82,7 +84,9 @@ def round_bounds(moves: Sequence[float], bound: float, rounds_left: int) -> tupl
     Why spread it: a run's move is nearly all noise, growing as sqrt(steps) x step, while what
     it learns grows as steps x step; within one budget, n times the steps learn sqrt(n) times
     as much. A run that spent the budget in its first round (Gemma 3: 20 steps) would spend
-    the rest frozen at the bound. Scaling a round's increments after the fact gives the same
+    the rest on the bound, each round displacing older content (drift.py's KEEP_STEP: a block
+    at its limit, this round's share or the bound, takes half its step and shrinks older
+    coefficients to make room). Scaling a round's increments after the fact gives the same
     learning per move as shorter steps would (both shrink signal and noise alike)."""
     if rounds_left <= 0:
         return tuple(bound for _ in moves)
@@ -90,11 +94,9 @@ def round_bounds(moves: Sequence[float], bound: float, rounds_left: int) -> tupl
                  for m in moves)
 
 
-def describe(scales: dict[int, float], bound: float, rounds_left: int = 0) -> str:
+def describe(limited: dict[int, Limited], bound: float, rounds_left: int = 0) -> str:
     """One line for the round's message and the status page."""
-    shown = ", ".join(f"{b} x{s:.2f}" for b, s in sorted(scales.items())[:6])
-    more = f" and {len(scales) - 6} more" if len(scales) > 6 else ""
     share = (f"; this round's share of it, {rounds_left} round(s) left" if rounds_left > 1
              else "")
     return (f"the drift budget (a move of at most {bound:.3g} per parameter, measured: "
-            f"run.drift_budget{share}) scaled this round's increments on block(s) {shown}{more}")
+            f"run.drift_budget{share}) {describe_blocks(limited)}")
