@@ -49,6 +49,28 @@ async def test_a_second_server_on_one_postgres_run_is_refused(
                                                   "another zorba-server")
 
 
+def test_a_dead_servers_postgres_lock_is_taken_once_its_session_ends(
+        postgres_server: PostgresServer) -> None:  # noqa: F811
+    """A server that died never unlocked: PostgreSQL ends its session after the client has
+    gone, and the next server waits for that instead of refusing the run."""
+    import psycopg
+
+    url = postgres_server.new_database_url()
+    dead = psycopg.connect(url, autocommit=True)
+    dead.execute("SELECT pg_advisory_lock(%s)", (run_lock.PG_LOCK_KEY,))
+    dead.close()  # no unlock: the lock goes when the backend ends, asynchronously
+    lock = run_lock.acquire(url)
+    try:
+        with psycopg.connect(url, autocommit=True) as other:
+            row = other.execute("SELECT pg_try_advisory_lock(%s)", (run_lock.PG_LOCK_KEY,)).fetchone()
+            assert row is not None and row[0] is False  # held: by `lock`
+    finally:
+        lock.release()
+    with psycopg.connect(url, autocommit=True) as after:
+        row = after.execute("SELECT pg_try_advisory_lock(%s)", (run_lock.PG_LOCK_KEY,)).fetchone()
+        assert row is not None and row[0] is True  # released at once, not at the session's end
+
+
 def run_main(args: list[str]) -> int:
     return main([*args, "--log-level", "WARNING"])
 

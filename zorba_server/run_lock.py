@@ -6,8 +6,12 @@ the lock before it opens, checks or resumes anything, and holds it until it has 
 - SQLite: `fcntl.flock` on a file beside the database (`<db>.lock`, holding the owner's pid
   for the refusal's message). The kernel drops the lock when the process dies, so a crashed
   server never leaves a stale lock behind.
-- PostgreSQL: a session advisory lock (`pg_try_advisory_lock`) on a connection of its own,
-  dropped by PostgreSQL when that session ends.
+- PostgreSQL: a session advisory lock on a connection of its own. A server that stops
+  unlocks it before closing that connection: PostgreSQL ends a closed session's backend
+  after the client has gone, so a lock left to the session's end could still be held when a
+  restarted server asks for it. A server that died leaves it to that asynchronous end, so a
+  new server waits up to RELEASE_WAIT_S for a held lock (it has it the moment the session
+  ends) before it refuses.
 
 Readers (`zorba_lab`, `zorba-server check`) take no lock: they do not write.
 """
@@ -24,6 +28,10 @@ from zorba_server.storage import StoreError, is_postgres_url
 
 PG_LOCK_KEY = 7267012
 """The advisory lock key of a run (advisory locks are per database: one run per database)."""
+
+RELEASE_WAIT_S = 10
+"""How long a new server waits for a held PostgreSQL lock before it refuses: time enough for
+the backend of a server that just died to end; a server that is running holds it for longer."""
 
 
 class RunLockedError(StoreError):
@@ -42,8 +50,20 @@ class RunLock:
             return
         if self.kind == "file":
             fcntl.flock(self.handle.fileno(), fcntl.LOCK_UN)
-        self.handle.close()  # a PostgreSQL session's end drops its advisory lock
+        else:
+            _unlock_postgres(self.handle)
+        self.handle.close()
         self.handle = None
+
+
+def _unlock_postgres(conn: Any) -> None:
+    """Give the advisory lock back now, not when PostgreSQL gets round to ending the session."""
+    import psycopg
+
+    try:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (PG_LOCK_KEY,))
+    except psycopg.Error:
+        pass  # the session is gone already, and its lock with it
 
 
 def acquire(location: str) -> RunLock:
@@ -87,7 +107,7 @@ def _acquire_postgres(location: str) -> RunLock:
     except psycopg.Error as exc:
         raise StoreError(f"cannot open the PostgreSQL database: {exc}".splitlines()[0]) from None
     row = conn.execute("SELECT pg_try_advisory_lock(%s)", (PG_LOCK_KEY,)).fetchone()
-    if not row or not row[0]:
+    if not (row and row[0]) and not _wait_for_lock(conn):
         holder = conn.execute(
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = %s AND granted"
             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
@@ -99,3 +119,17 @@ def _acquire_postgres(location: str) -> RunLock:
             f"(backend pid {holder[0] if holder else 'unknown'}): stop that server first, or "
             "give this one another database")
     return RunLock(conn, "postgres")
+
+
+def _wait_for_lock(conn: Any) -> bool:
+    """Wait up to RELEASE_WAIT_S for the lock (returning as soon as it is free): True once held."""
+    import psycopg
+
+    conn.execute(f"SET lock_timeout = {RELEASE_WAIT_S * 1000}")
+    try:
+        conn.execute("SELECT pg_advisory_lock(%s)", (PG_LOCK_KEY,))
+        return True
+    except psycopg.errors.LockNotAvailable:
+        return False
+    finally:
+        conn.execute("SET lock_timeout = 0")
