@@ -106,8 +106,7 @@ def _acquire_postgres(location: str) -> RunLock:
         conn = psycopg.connect(location, autocommit=True)
     except psycopg.Error as exc:
         raise StoreError(f"cannot open the PostgreSQL database: {exc}".splitlines()[0]) from None
-    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (PG_LOCK_KEY,)).fetchone()
-    if not (row and row[0]) and not _wait_for_lock(conn):
+    if not _wait_for_lock(conn):
         holder = conn.execute(
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = %s AND granted"
             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
