@@ -4,6 +4,7 @@ model does not probe again, another model does, and a state file from before the
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from fixtures_text import make_tokenizer
 from zorba_common.messages import HyperParams, RunInfo
 from zorba_edge.client import assembly
 from zorba_edge.client.state import ClientState, DriftRecord, StateStore
-from zorba_edge.engine.drift_tolerance import DriftProbe
+from zorba_edge.engine.drift_tolerance import PROBE_SETTINGS, DriftProbe
 from zorba_edge.model.loading import LoadConfig
 from zorba_edge.model.sources import RandomInitSource
 
@@ -118,3 +119,31 @@ def test_another_model_or_precision_probes_again(
     assembly.cached_drift_tolerance(other, LoadConfig(train_dtype="bf16", frozen_dtype="bf16"),
                                     store)
     assert len(calls) == 3  # the last measurement is the one kept
+
+
+@dataclass(frozen=True)
+class _SettingsBeforeRunDirections:
+    """ProbeSettings as they were while the probe drew its own torch.Generator directions."""
+
+    radius: float = PROBE_SETTINGS.radius
+    directions: int = PROBE_SETTINGS.directions
+    seed: int = PROBE_SETTINGS.seed
+    max_rise: float = PROBE_SETTINGS.max_rise
+    max_attempts: int = PROBE_SETTINGS.max_attempts
+
+
+def test_a_record_measured_along_the_old_directions_is_measured_again(
+        tmp_path: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = LoadConfig(train_dtype="fp32", frozen_dtype="fp32")
+    with monkeypatch.context() as patch:
+        patch.setattr(assembly, "PROBE_SETTINGS", _SettingsBeforeRunDirections())
+        old_key = assembly.drift_probe_key(source(tokenizer), config)
+    assert assembly.drift_probe_key(source(tokenizer), config) != old_key
+    store = StateStore(tmp_path / "state.json")
+    store.save(state())
+    store.keep_drift(DriftRecord(old_key, 3.5, 0.004, (0.01, 0.012)))  # an older client's
+    calls = counting_probe(monkeypatch)
+    measured = assembly.cached_drift_tolerance(source(tokenizer), config,
+                                               StateStore(tmp_path / "state.json"))
+    assert len(calls) == 1
+    assert measured is not None and measured.rises != (0.01, 0.012)

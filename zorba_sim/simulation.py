@@ -251,7 +251,7 @@ class Simulation:
                 params = [t for b in sorted(blocks) for _, t in blocks[b]]
                 with _restored(params):
                     generic = generic_batch(tokenizer, PROBE_SEQ_LEN).to(config.device)
-                    engine.fluency_curvature = drift_probe(loaded.model, params, generic).curvature
+                    engine.fluency_curvature = drift_probe(loaded.model, blocks, generic).curvature
             if run.step_rule == "probe":
                 # The task probe a real client runs at start-up (zorba_edge/engine/
                 # step_probe.py), on the first clients' own data; restored exactly, as above.

@@ -1,4 +1,5 @@
-"""The client's own admission check: does the run fit this device's budget at all?
+"""The client's own admission check: does the run fit this device's budget at all, and does a
+round's assignment (`AssignmentCheck`)?
 
 It asks the same memory model and the same rule the registration and the scheduler use
 (`zorba_common.memory_model`: the usable part of the budget holds the frozen model and a block),
@@ -18,6 +19,7 @@ from zorba_common.memory_model import (
     linear_memory_model,
     usable_budget,
 )
+from zorba_common.messages import Assignment, MemoryProfile
 from zorba_edge.client.byte_sizes import format_size
 from zorba_edge.client.errors import BudgetError
 
@@ -74,3 +76,59 @@ def admit(footprint: ModelFootprint, settings: MemorySettings, budget_bytes: int
             "(--train-dtype bf16)"
         )
     return Admission(budget_bytes, model.fixed_bytes, model.block_bytes, max_blocks)
+
+
+@dataclass(frozen=True)
+class AssignmentCheck:
+    """Whether this device can hold a round's assignment: the admission's rule (the usable part
+    of the budget holds the model with the assignment's blocks trainable), asked of the blocks
+    a server assigned before any of them is loaded.
+
+    A correct server never assigns more: its scheduler plans each client within the same usable
+    budget with the same memory model (times the client's calibration). A buggy or hostile one,
+    or one whose memory model disagrees, can; loading the blocks would then take the device past
+    the memory its owner gave. The protocol has no way to decline a round, so the client sits
+    it out and says why.
+
+    The calibration: the server plans with the model times a factor it learns from the peaks
+    the client reports (zorba_server/calibration.py), which falls below 1 where the peaks came
+    in under the model, and then it may assign more blocks than the model at 1 fits. Every
+    calibration the server has held since it registered this client is at least the smallest
+    peak / model ratio of the client's acknowledged reports, or 1 if that is larger (each
+    update keeps it at or above the report's ratio, and a calibration above 1 decays only to
+    1). Checking at that floor (`ClientState.memory_floor`) refuses nothing such a server
+    plans, where checking at 1 refused its tight plans after a peak under the model, round
+    after round (a round sat out reports no peak, so the server's calibration never moves).
+    The usable part is the client's default (MEMORY_HEADROOM): a server run with a smaller
+    run.memory_headroom may plan into the margin the client keeps, and those rounds are
+    declined."""
+
+    footprint: ModelFootprint
+    memory: MemoryProfile
+    budget_bytes: int
+
+    def refusal(self, assignment: Assignment, calibration: float) -> str | None:
+        """One line saying why this device cannot hold `assignment`'s blocks, None if it can
+        (or if a block does not exist: the trainer's own check refuses those)."""
+        settings = self.memory.settings(assignment.hyper.batch_size, assignment.hyper.seq_len,
+                                        calibration)
+        try:
+            need = client_memory_bytes(self.footprint, settings, assignment.blocks)
+        except ValueError:
+            return None
+        usable = usable_budget(self.budget_bytes)
+        if need <= usable:
+            return None
+        fitting = linear_memory_model(self.footprint, settings).blocks_within(usable)
+        return (f"blocks {list(assignment.blocks)} need {format_size(need)} ({need:,} bytes: "
+                f"{len(set(assignment.blocks))} blocks trainable, batch {settings.batch_size} x "
+                f"{settings.seq_len}, memory model x {calibration:.3g}), over the usable "
+                f"{format_size(usable)} ({usable:,} bytes) of this device's "
+                f"{format_size(self.budget_bytes)} budget, which holds {max(fitting, 0)} "
+                f"blocks at once: not loading them, sitting the round out")
+
+    def peak_ratio(self, assignment: Assignment, peak_bytes: int) -> float:
+        """A round's measured peak over the uncalibrated model's memory for its blocks: the
+        ratio the server's calibration learns from (zorba_server/calibration.py)."""
+        settings = self.memory.settings(assignment.hyper.batch_size, assignment.hyper.seq_len)
+        return peak_bytes / client_memory_bytes(self.footprint, settings, assignment.blocks)

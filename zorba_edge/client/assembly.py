@@ -231,8 +231,8 @@ def probe_drift_tolerance(source: ModelSource, load_config: LoadConfig, *,
     try:
         device = torch.device(load_config.device)
         batch = generic_batch(source.tokenizer(), seq_len).to(device)
-        params = [p for b in range(loaded.num_blocks) for _, p in loaded.trainable_parameters(b)]
-        return drift_probe(loaded.model, params, batch, **dataclasses.asdict(PROBE_SETTINGS))
+        blocks = {b: loaded.trainable_parameters(b) for b in range(loaded.num_blocks)}
+        return drift_probe(loaded.model, blocks, batch, **dataclasses.asdict(PROBE_SETTINGS))
     finally:
         del loaded
         release_freed_memory()

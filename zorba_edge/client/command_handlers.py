@@ -18,10 +18,12 @@ import torch
 
 from zorba_common.messages import RegisterRequest, RunInfo
 from zorba_edge.client import assembly
+from zorba_edge.client.admission import AssignmentCheck
 from zorba_edge.client.assembly import DataChoice, DeviceReport
 from zorba_edge.client.backoff import Backoff
 from zorba_edge.client.byte_sizes import format_size
 from zorba_edge.client.daemon import (
+    CheckMemory,
     CheckRun,
     ClientDaemon,
     DaemonResult,
@@ -377,11 +379,17 @@ def _run(args: argparse.Namespace) -> int:
             return
         assembly.check_run(run, source, memory, budget_bytes)
 
+    def check_memory(run: RunInfo) -> AssignmentCheck | None:
+        # The profile as registered (or, resumed, as read at this start-up), as check_run.
+        if not CLIENT_MODES[run.mode].keeps_budget:
+            return None
+        return AssignmentCheck(report.footprint, memory, budget_bytes)
+
     listener = ConsoleListener(interactive=not args.daemon and sys.stdout.isatty())
     settings = DaemonSettings(budget_bytes=budget_bytes, stop_after_rounds=args.rounds)
     try:
         result = asyncio.run(_run_daemon(url, args, store, settings, listener, make_registration,
-                                         make_trainer, check_run))
+                                         make_trainer, check_run, check_memory))
     finally:
         listener.close()
     print(f"zorba-edge: {result.reason}: {result.rounds_reported} round(s) reported, alpha "
@@ -392,12 +400,12 @@ def _run(args: argparse.Namespace) -> int:
 async def _run_daemon(url: str, args: argparse.Namespace, store: StateStore,
                       settings: DaemonSettings, listener: Listener,
                       make_registration: MakeRegistration, make_trainer: MakeTrainer,
-                      check_run: CheckRun) -> DaemonResult:
+                      check_run: CheckRun, check_memory: CheckMemory) -> DaemonResult:
     backoff = Backoff(give_up_after_s=args.give_up_after)
     async with ServerClient(url, ca_cert=args.ca_cert, backoff=backoff) as client:
         daemon = ClientDaemon(client, store, make_registration=make_registration,
                               make_trainer=make_trainer, check_run=check_run, settings=settings,
-                              listener=listener)
+                              listener=listener, check_memory=check_memory)
         loop = asyncio.get_running_loop()
         signals = 0
 

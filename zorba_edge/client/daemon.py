@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -41,6 +42,7 @@ from zorba_common.messages import (
     ReportAck,
     RunInfo,
 )
+from zorba_edge.client.admission import AssignmentCheck
 from zorba_edge.client.byte_sizes import format_size
 from zorba_edge.client.errors import ServerRefusedError, ServerUnavailableError, UsageError
 from zorba_edge.client.modes import CLIENT_MODES
@@ -67,6 +69,9 @@ MakeRegistration = Callable[[Progress | None], RegisterRequest]
 worker thread."""
 CheckRun = Callable[[RunInfo], None]
 """Raises (BudgetError, UsageError) when this device cannot take part in `run`."""
+CheckMemory = Callable[[RunInfo], AssignmentCheck | None]
+"""(run) -> the check of its assignments against this device's memory budget, or None where
+the run mode keeps no budget (every block trains whatever it costs)."""
 
 
 def step_estimate_s(last_step_s: float, forward_s: float, step_forwards: float) -> float:
@@ -140,7 +145,8 @@ class RoundSummary:
     step_time_s: float
     status: str
     """`reported`; not reported: `abandoned` (stopping), `late` (the round closed first),
-    `refused`, `empty` (no step before the deadline), `skipped` (too close to the deadline)."""
+    `refused`, `empty` (no step before the deadline), `skipped` (too close to the deadline),
+    `declined` (its blocks do not fit this device's budget: not loaded)."""
 
 
 class Listener:
@@ -174,12 +180,14 @@ class ClientDaemon:
     def __init__(self, client: ServerClient, store: StateStore, *,
                  make_registration: MakeRegistration, make_trainer: MakeTrainer,
                  check_run: CheckRun, settings: DaemonSettings,
-                 listener: Listener | None = None) -> None:
+                 listener: Listener | None = None,
+                 check_memory: CheckMemory | None = None) -> None:
         self._client = client
         self._store = store
         self._make_registration = make_registration
         self._make_trainer = make_trainer
         self._check_run = check_run
+        self._check_memory = check_memory
         self.settings = settings
         self._listener = listener or Listener()
         self._stop: asyncio.Event | None = None
@@ -372,9 +380,16 @@ class ClientDaemon:
     # ------------------------------------------------------------------------ a round
 
     async def _train_and_report(self, assignment: Assignment) -> None:
-        assert self.trainer is not None
+        assert self.trainer is not None and self.state is not None
         loop = asyncio.get_running_loop()
         deadline_at = loop.time() + assignment.deadline_in_s
+        memory = self._check_memory(self.state.run) if self._check_memory is not None else None
+        refusal = memory.refusal(assignment, self.state.memory_floor) if memory is not None else None
+        if refusal is not None:
+            log.warning("round %d declined: %s", assignment.round, refusal)
+            self._notify(assignment, None, "declined")
+            await self._sit_out(deadline_at)
+            return
         budget_s = step_budget_s(
             assignment.deadline_in_s, self.settings.deadline_margin_s, self._report_s,
             self._hooks.upload_s())
@@ -447,6 +462,11 @@ class ClientDaemon:
         if status == "reported":
             self.rounds_reported += 1
             self._report_s = loop.time() - posted_at
+            if memory is not None and outcome.peak_memory_bytes > 0:
+                # The server's calibration has now seen this ratio (AssignmentCheck).
+                ratio = memory.peak_ratio(assignment, outcome.peak_memory_bytes)
+                if ratio < self.state.memory_floor:
+                    self.state = dataclasses.replace(self.state, memory_floor=ratio)
         self._notify(assignment, outcome, status)
 
     async def _post_report(self, round_: int, report: Report) -> str:

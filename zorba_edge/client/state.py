@@ -57,6 +57,11 @@ class ClientState:
     """Version of the saved table (0 with none saved)."""
     alpha_sha256: str = ""
     """SHA-256 of the sidecar file's bytes; empty when no table is saved."""
+    memory_floor: float = 1.0
+    """The smallest measured peak / memory model ratio of this registration's acknowledged
+    reports, or 1 if that is larger: the server never plans this client with a calibration
+    below it, so the client checks its assignments at it (zorba_edge.client.admission.
+    AssignmentCheck). Kept across restarts, with the registration it belongs to."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,7 @@ class StateStore:
                 token=_str(data, "token"), run=from_wire(RunInfo, data["run"]),
                 alpha_version=int(data.get("alpha_version", 0)),
                 alpha_sha256=str(data.get("alpha_sha256", "")),
+                memory_floor=_floor(data.get("memory_floor", 1.0)),
             )
         except (ValueError, KeyError, TypeError, AttributeError, SchemaError) as exc:
             raise StateFileError(
@@ -266,6 +272,7 @@ class StateStore:
             "run": dataclasses.asdict(state.run),
             "alpha_version": state.alpha_version,
             "alpha_sha256": state.alpha_sha256,
+            "memory_floor": state.memory_floor,
         }
         drift = self._kept_drift()
         if drift is not None:
@@ -285,3 +292,10 @@ def _str(data: dict[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{key} must be a non-empty string")
     return value
+
+
+def _floor(value: Any) -> float:
+    floor = float(value)
+    if not 0 < floor <= 1:
+        raise ValueError(f"memory_floor must be in (0, 1], got {floor}")
+    return floor

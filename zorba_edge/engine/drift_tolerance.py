@@ -16,6 +16,10 @@ and with the antithetic pair (+s z, -s z) the first-order term cancels exactly:
 when every block has moved an RMS of s per parameter in random directions. The server turns
 the clients' kappa into the largest move it lets any block make (zorba_server/drift_budget.py).
 
+The directions z are the run's own kind, Rademacher z[k] over every parameter of every block,
+hashed and moved as training moves them (zorba_edge/engine/directions.py, the one source of the
+seeded perturbation), at pool indices no run trains along (PROBE_FIRST_ROW).
+
 Why a move per parameter, not relative to each block's weights: Gemma 3's blocks hold norm
 weights of 1 to 14 beside matrices of RMS 0.02-0.04, so a block's RMS (what run.max_drift is
 relative to) is its norms' and differs 3x between blocks, while a run moves every entry alike;
@@ -34,6 +38,7 @@ import torch
 from torch import nn
 
 from zorba_edge.data.batches import LMBatch
+from zorba_edge.engine.directions import BlockTensors, Direction, Term, move_
 from zorba_edge.engine.fluency import generic_loss
 from zorba_edge.model.base_rms import tensors_rms
 
@@ -42,22 +47,35 @@ PROBE_RADIUS = 0.02
 halved while the rise is past the quadratic regime (MAX_QUADRATIC_RISE)."""
 PROBE_DIRECTIONS = 2
 """Antithetic pairs per radius: the quadratic form of a direction over millions of parameters
-concentrates on its mean (the Hessian's trace), so a few directions agree to a few percent."""
+concentrates on its mean (the Hessian's trace). Measured on SmolLM2 over 16 directions, one
+direction's value spreads ~16-19% (SD), so two give kappa to ~11-13%, which the server's median
+over clients and its factor-2 marking absorb (docs/learning.md, "The probe on both models")."""
 MAX_QUADRATIC_RISE = 0.1
 """A mean relative rise above this is past the quadratic regime: the probe measures again at a
 smaller move (at most MAX_ATTEMPTS times)."""
 MAX_ATTEMPTS = 4
 """Smaller moves tried after the first."""
+PROBE_FIRST_ROW = 1 << 63
+"""The pool index k of the probe's first direction z[k] (zorba_common/noise.py; the i-th
+direction it measures is z[PROBE_FIRST_ROW + i]). A run moves its blocks along z[k] for its
+pool rows k < run.pool_size only, and a table of 2**63 rows (8 bytes an entry) cannot exist,
+so whatever the run's seed, the probe never measures along a direction the run moves along:
+its curvature is that of directions independent of the run's."""
 
 
 @dataclass(frozen=True)
 class ProbeSettings:
     """Everything `probe` takes besides the model and batch: with them, its result is fixed
-    (a client keeps it across start-ups under a key of these, zorba_edge/client/state.py)."""
+    (a client keeps it across start-ups under a key of these, zorba_edge/client/state.py).
+    `seed` and `first_row` name its directions z[first_row + i] of run seed `seed`; the
+    field `first_row` came with the move from a torch.Generator's directions to the run's
+    (zorba_edge/engine/directions.py), so a result kept from the old directions has another
+    key and is measured again, not reused."""
 
     radius: float = PROBE_RADIUS
     directions: int = PROBE_DIRECTIONS
     seed: int = 0
+    first_row: int = PROBE_FIRST_ROW
     max_rise: float = MAX_QUADRATIC_RISE
     max_attempts: int = MAX_ATTEMPTS
 
@@ -84,38 +102,25 @@ class DriftProbe:
         return max(0.0, statistics.fmean(self.rises) / self.move ** 2)
 
 
-def perturb_(params: Sequence[torch.Tensor], step: float, seed: int) -> None:
-    """Add step x z to every parameter in place, z Rademacher (+-1) regenerated from `seed`
-    (the same seed gives the same direction: +s, -2s, +s returns to the start up to rounding)."""
-    generator = torch.Generator().manual_seed(seed)
-    for p in params:
-        z = torch.randint(0, 2, p.shape, generator=generator, dtype=torch.int8)
-        p.data.add_(z.to(p.dtype).to(p.device).mul_(2).sub_(1), alpha=step)
-
-
 @torch.no_grad()
-def probe(model: nn.Module, params: Sequence[torch.Tensor], batch: LMBatch, *,
+def probe(model: nn.Module, blocks: BlockTensors, batch: LMBatch, *,
           radius: float = PROBE_RADIUS, directions: int = PROBE_DIRECTIONS, seed: int = 0,
-          max_rise: float = MAX_QUADRATIC_RISE, max_attempts: int = MAX_ATTEMPTS) -> DriftProbe:
+          first_row: int = PROBE_FIRST_ROW, max_rise: float = MAX_QUADRATIC_RISE,
+          max_attempts: int = MAX_ATTEMPTS) -> DriftProbe:
     """The fluency curvature of `model` on `batch` (zorba_edge.engine.fluency.generic_batch),
-    moving all of `params` (every block's, held in a float dtype) at once. The first move per
-    parameter is `radius` x the RMS of their weights; 1 + 2 x
-    `directions` forwards per move tried. The parameters are back at their values up to
-    rounding afterwards."""
+    moving every tensor of `blocks` (every block's, held in a float dtype) at once along the
+    run's seeded directions z[first_row + i] of run seed `seed` (zorba_edge/engine/
+    directions.py). The first move per parameter is `radius` x the RMS of their weights;
+    1 + 2 x `directions` forwards per move tried. The parameters are back at their values up
+    to rounding afterwards (2 x `directions` + 1 fp32 roundings an element per move tried; a
+    caller that needs them bit for bit saves them, as the simulator does)."""
     if directions < 1 or radius <= 0:
         raise ValueError("the probe needs at least one direction and a radius > 0")
     base = generic_loss(model, batch)
-    move = radius * tensors_rms(params)
+    move = radius * tensors_rms(t for tensors in blocks.values() for _, t in tensors)
     for attempt in range(max_attempts + 1):
-        rises = []
-        for d in range(directions):
-            direction_seed = seed * 1_000_003 + attempt * 1009 + d
-            perturb_(params, move, direction_seed)
-            plus = generic_loss(model, batch)
-            perturb_(params, -2 * move, direction_seed)
-            minus = generic_loss(model, batch)
-            perturb_(params, move, direction_seed)
-            rises.append(((plus + minus) / 2 - base) / base)
+        rows = [first_row + attempt * directions + d for d in range(directions)]
+        rises = _antithetic_rises(model, batch, blocks, seed, rows, move, base)
         mean = statistics.fmean(rises)
         if mean <= max_rise or attempt == max_attempts:
             return DriftProbe(base, move, tuple(rises))
@@ -123,3 +128,28 @@ def probe(model: nn.Module, params: Sequence[torch.Tensor], batch: LMBatch, *,
         # (at most half this one), which saves Gemma 3 two of its ~25 s rounds of forwards.
         move *= min(0.5, math.sqrt(max_rise / 2 / mean))
     raise AssertionError("unreachable")
+
+
+def _antithetic_rises(model: nn.Module, batch: LMBatch, blocks: BlockTensors, seed: int,
+                      rows: Sequence[int], move: float, base: float) -> list[float]:
+    """Per direction z[k] (k in `rows`), ((L(theta + s z) + L(theta - s z)) / 2 - L0) / L0 at
+    s = `move`, and theta back at the end.
+
+    The pairs are visited as a chain, +s z_0, -s z_0, -s z_1, +s z_1, +s z_2, ...: the step
+    from one direction's point to the next one's, on the same side, is s (z_next - z_this), one
+    exact difference (`Term`), so each direction costs two moves instead of three (+s, -2s, +s
+    back) and elements where the two directions agree are not moved at all. Each direction is
+    hashed as a move reaches each block (held=False): two of them are at most one block's bits
+    beside the weights, not 1/16 of them."""
+    zs = [Direction(blocks, seed, k, held=False) for k in rows]
+    losses: dict[tuple[int, int], float] = {}
+    side = 1
+    for d, z in enumerate(zs):
+        # Arrive at theta + side s z_d: from theta (first) or from the last point, same side.
+        move_([Term(move, z)] if d == 0 else [Term(side * move, z, zs[d - 1])])
+        losses[d, side] = generic_loss(model, batch)
+        move_([Term(-2 * side * move, z)])
+        side = -side
+        losses[d, side] = generic_loss(model, batch)
+    move_([Term(-side * move, zs[-1])])
+    return [((losses[d, 1] + losses[d, -1]) / 2 - base) / base for d in range(len(zs))]
