@@ -18,8 +18,6 @@ from zorba_server.cli import main
 from zorba_server.config import config_from_dict
 from zorba_server.run_lock import RunLockedError
 
-pytestmark = pytest.mark.asyncio
-
 
 async def started(location: str | Path) -> web.AppRunner:
     runner = web.AppRunner(create_app(config_from_dict(config_dict(location))))  # type: ignore[arg-type]
@@ -39,10 +37,12 @@ async def second_is_refused_until_the_first_stops(location: str | Path, match: s
     await again.cleanup()
 
 
+@pytest.mark.asyncio
 async def test_a_second_server_on_one_sqlite_run_is_refused(tmp_path: Path) -> None:
     await second_is_refused_until_the_first_stops(tmp_path / "run.sqlite3", r"another zorba-server \(pid \d+")
 
 
+@pytest.mark.asyncio
 async def test_a_second_server_on_one_postgres_run_is_refused(
         postgres_server: PostgresServer) -> None:  # noqa: F811
     await second_is_refused_until_the_first_stops(postgres_server.new_database_url(),
@@ -75,6 +75,7 @@ def run_main(args: list[str]) -> int:
     return main([*args, "--log-level", "WARNING"])
 
 
+@pytest.mark.asyncio
 async def test_the_cli_refuses_a_locked_run_a_busy_port_and_a_missing_tls_file_in_one_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ZORBA_ENROLMENT_SECRET", "s" * 16)
